@@ -1,0 +1,1 @@
+"""cloud_bridge package of store-gateway."""

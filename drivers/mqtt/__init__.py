@@ -1,0 +1,1 @@
+"""drivers/mqtt package of store-gateway."""

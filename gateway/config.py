@@ -1,0 +1,178 @@
+"""The configuration models: one YAML file, validated by these pydantic models (``extra="forbid"``).
+
+The JSON Schema (``store-gateway config-schema``) is generated from these models; never write it twice.
+Loading, line numbers, secrets and error reporting live in :mod:`gateway.config_loader`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+from zoneinfo import available_timezones
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from drivers.registry import DriverConfig
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""Ids end up in MQTT topics: no '+', '#', '/', spaces or control characters."""
+
+Identifier = Annotated[str, Field(pattern=ID_PATTERN, description="Letters, digits, '.', '_' or '-'; max 64.")]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Location(StrictModel):
+    latitude: float = Field(ge=-90, le=90, description="WGS84 latitude of the store entrance.")
+    longitude: float = Field(ge=-180, le=180, description="WGS84 longitude of the store entrance.")
+    geofence_radius_m: float = Field(
+        default=100, gt=0, le=10_000, description="Check-ins count only within this radius, metres."
+    )
+
+
+class StoreConfig(StrictModel):
+    id: Identifier = Field(description="Store id, unique across the chain; part of every HQ topic.")
+    name: str = Field(min_length=1, max_length=200, description="Human-readable store name.")
+    timezone: str = Field(default="UTC", description="IANA timezone, for example 'Asia/Hong_Kong'.")
+    location: Location | None = Field(default=None, description="Where the store is; needed for check-in geofencing.")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        if value not in available_timezones():
+            raise ValueError(f"unknown IANA timezone {value!r} (for example 'Asia/Hong_Kong', 'Europe/Paris')")
+        return value
+
+
+class TlsConfig(StrictModel):
+    ca_file: Path | None = Field(default=None, description="CA bundle that signed the broker's certificate.")
+    cert_file: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
+    key_file: Path | None = Field(default=None, description="Client private key (mutual TLS).")
+    insecure_skip_verify: bool = Field(default=False, description="Do not verify the broker. Testing only.")
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: give both for mutual TLS, or neither")
+        return self
+
+
+class BrokerConfig(StrictModel):
+    host: str = Field(default="127.0.0.1", description="Broker host name or address.")
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker TCP port (8883 is usual with TLS).")
+    protocol: Literal["3.1.1", "5"] = Field(default="5", description="MQTT protocol version.")
+    client_id: Identifier | None = Field(
+        default=None, description="MQTT client id; default '<gateway_id>-<role>'. Must be stable for sessions."
+    )
+    username: str | None = Field(default=None, description="MQTT user name.")
+    password: SecretStr | None = Field(
+        default=None, description="MQTT password. Write {env: NAME} or {file: PATH} rather than the value."
+    )
+    tls: TlsConfig | None = Field(default=None, description="TLS settings; absent means plain TCP.")
+    keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive, seconds.")
+    receive_maximum: int = Field(
+        default=1000,
+        ge=1,
+        le=65535,
+        description="Max un-acknowledged QoS 1 messages the broker may send us (MQTT 5); bounds intake memory.",
+    )
+    session_expiry_s: int = Field(
+        default=7 * 24 * 3600,
+        ge=0,
+        description="How long the broker keeps our session (and queues QoS 1 messages) while we are away.",
+    )
+
+
+class HqConfig(BrokerConfig):
+    topic_prefix: str = Field(
+        default="retail", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$", description="First topic level(s) at HQ."
+    )
+    batch_max_events: int = Field(default=500, ge=1, le=10_000, description="Events per MQTT message to HQ.")
+    batch_max_bytes: int = Field(default=256 * 1024, ge=1024, le=8 * 1024 * 1024, description="Bytes per batch.")
+    inflight_batches: int = Field(default=8, ge=1, le=100, description="Batches awaiting PUBACK at once.")
+
+
+class StockItem(StrictModel):
+    sku: Annotated[str, Field(min_length=1, max_length=64)]
+    on_hand: float = Field(description="Initial on-hand units, applied once when the ledger first sees the SKU.")
+    safety_stock: float | None = Field(default=None, ge=0, description="At or below this, raise stock.low.")
+
+
+class StockConfig(StrictModel):
+    initial_csv: Path | None = Field(
+        default=None, description="CSV with columns sku,on_hand[,safety_stock]; imported once per SKU."
+    )
+    items: list[StockItem] = Field(default_factory=list, description="Initial levels and thresholds inline.")
+    default_safety_stock: float | None = Field(default=None, ge=0, description="Threshold for SKUs without one.")
+
+
+class DeviceConfig(StrictModel):
+    id: Identifier = Field(description="Device id as it appears in the device's topic.")
+    profile: Literal["pos_terminal"] = Field(description="What the device is; decides how its messages decode.")
+    name: str | None = Field(default=None, description="Free text for technicians.")
+
+
+class ApiConfig(StrictModel):
+    enabled: bool = True
+    host: str = Field(default="127.0.0.1", description="Bind address; keep loopback unless a proxy fronts it.")
+    port: int = Field(default=8080, ge=0, le=65535, description="TCP port; 0 picks a free one.")
+    token: SecretStr | None = Field(
+        default=None, description="Bearer token for everything but /health. {env: NAME} or {file: PATH}."
+    )
+
+    @model_validator(mode="after")
+    def _token_when_enabled(self) -> ApiConfig:
+        if self.enabled and (self.token is None or len(self.token.get_secret_value()) < 16):
+            raise ValueError("api.token is required (16+ characters) when the API is enabled")
+        return self
+
+
+class JournalConfig(StrictModel):
+    commit_max_events: int = Field(default=2000, ge=1, le=100_000, description="Events per group commit.")
+    commit_max_delay_ms: float = Field(
+        default=2.0, ge=0, le=1000, description="How long a commit waits for more events to join it."
+    )
+    synchronous: Literal["NORMAL", "FULL"] = Field(
+        default="FULL",
+        description="SQLite synchronous: FULL survives power loss after an ack; NORMAL only process crashes.",
+    )
+    max_payload_bytes: int = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)
+
+
+class LogConfig(StrictModel):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["plain", "json"] = "plain"
+
+
+class GatewayConfig(StrictModel):
+    """The whole gateway configuration file."""
+
+    gateway_id: Identifier = Field(description="This box's id, unique within the store; part of HQ topics.")
+    store: StoreConfig
+    data_dir: Path = Field(default=Path("/var/lib/store-gateway"), description="Journal and state live here.")
+    store_broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The store's MQTT broker.")
+    hq: HqConfig = Field(description="The HQ MQTT broker.")
+    drivers: list[DriverConfig] = Field(default_factory=list, description="Device intakes (MQTT for now).")
+    devices: list[DeviceConfig] = Field(default_factory=list, description="Known devices.")
+    stock: StockConfig = Field(default_factory=StockConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    journal: JournalConfig = Field(default_factory=JournalConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> GatewayConfig:
+        for label, ids in (
+            ("devices", [d.id for d in self.devices]),
+            ("drivers", [d.name for d in self.drivers]),
+        ):
+            dupes = sorted({i for i in ids if ids.count(i) > 1})
+            if dupes:
+                raise ValueError(f"{label}: duplicate id(s) {', '.join(dupes)}")
+        return self
+
+    def client_id(self, role: str, broker: BrokerConfig) -> str:
+        """The MQTT client id for one role; stable across restarts so persistent sessions survive."""
+        return broker.client_id or re.sub(r"[^A-Za-z0-9._-]", "-", f"{self.gateway_id}-{role}")

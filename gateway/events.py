@@ -1,0 +1,193 @@
+"""The event envelope and the typed payloads: the contract between a gateway and HQ.
+
+Every event a gateway commits has the same envelope (:class:`Envelope`); ``data`` is typed per ``kind``
+(:data:`PAYLOADS`). Envelopes are serialised once, at commit, with orjson and stored as bytes: the journal,
+the uplink and the local API all pass those bytes on untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+SCHEMA_VERSION: Final = 1
+"""Envelope schema version; bumped on any incompatible change to the envelope or a payload."""
+
+MAX_LINE_ITEMS: Final = 500
+
+Kind = Literal[
+    "pos.sale",
+    "pos.return",
+    "stock.level",
+    "alert.raised",
+    "device.status",
+    "gateway.status",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Sku = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")]
+Money = Annotated[Decimal, Field(max_digits=14, decimal_places=4)]
+Quantity = Annotated[Decimal, Field(gt=0, max_digits=12, decimal_places=3)]
+ShortText = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class LineItem(_Model):
+    """One line of a receipt."""
+
+    sku: Sku = Field(description="Store SKU; the stock ledger is keyed by it.")
+    gtin: Annotated[str, Field(pattern=r"^\d{8}$|^\d{12,14}$")] | None = Field(
+        default=None, description="GTIN-8/12/13/14 barcode, if the till scanned one."
+    )
+    quantity: Quantity = Field(description="Units sold (or returned); decimals allowed for weighed goods.")
+    unit_price: Money = Field(description="Price per unit, tax included, in the receipt's currency.")
+    discount: Money = Field(default=Decimal(0), ge=0, description="Discount on this line, total.")
+
+
+class Totals(_Model):
+    """Receipt totals as the till computed them; the gateway does not recompute them."""
+
+    subtotal: Money
+    tax: Money = Decimal(0)
+    total: Money
+
+
+class Payment(_Model):
+    method: Literal["cash", "card", "mobile", "voucher", "other"]
+    amount: Money
+
+
+class PosSale(_Model):
+    """``pos.sale``: a completed sale at a till."""
+
+    receipt_no: ShortText = Field(description="Receipt number, unique per register; the dedup key.")
+    register_id: ShortText = Field(description="Till/register id inside the store.")
+    cashier_id: ShortText | None = Field(default=None, description="Staff id; never a name.")
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = Field(description="ISO 4217 code.")
+    lines: list[LineItem] = Field(min_length=1, max_length=MAX_LINE_ITEMS)
+    totals: Totals
+    payments: list[Payment] = Field(default_factory=list, max_length=20)
+
+
+class PosReturn(PosSale):
+    """``pos.return``: goods returned; ``original_receipt_no`` links it to the sale."""
+
+    original_receipt_no: ShortText | None = Field(
+        default=None, description="Receipt number of the original sale, when the till knows it."
+    )
+    reason: Annotated[str, Field(max_length=200)] | None = None
+
+
+class StockLevel(_Model):
+    """``stock.level``: the on-hand after a commit changed it (one per SKU per group commit)."""
+
+    sku: Sku
+    on_hand: Decimal
+    delta: Decimal = Field(description="Change since the previous stock.level of this SKU.")
+    safety_stock: Decimal | None = None
+    cause_seqs: tuple[int, int] = Field(description="First and last seq of the events that moved it.")
+
+
+class AlertRaised(_Model):
+    """``alert.raised``: a local rule fired."""
+
+    rule: ShortText = Field(description="Rule type, for example 'stock.low'.")
+    severity: Literal["info", "warning", "critical"]
+    subject: ShortText = Field(description="What the alert is about: a SKU, a device id.")
+    message: Annotated[str, Field(max_length=500)]
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class DeviceStatus(_Model):
+    """``device.status``: a device's health changed."""
+
+    status: Literal["online", "offline", "error"]
+    reason: Annotated[str, Field(max_length=500)] | None = None
+
+
+class GatewayStatus(_Model):
+    """``gateway.status``: the gateway started or stopped (also sent as the retained status)."""
+
+    status: Literal["online", "offline"]
+    version: str
+    config_hash: str | None = None
+
+
+PAYLOADS: Final[dict[str, type[_Model]]] = {
+    "pos.sale": PosSale,
+    "pos.return": PosReturn,
+    "stock.level": StockLevel,
+    "alert.raised": AlertRaised,
+    "device.status": DeviceStatus,
+    "gateway.status": GatewayStatus,
+}
+
+
+class Envelope(_Model):
+    """The envelope every event carries. Documented for HQ in docs/EVENTS.md."""
+
+    id: uuid.UUID = Field(description="UUIDv7: time-ordered, unique; HQ deduplicates by it.")
+    store_id: str
+    gateway_id: str
+    seq: int = Field(ge=1, description="Per gateway: 1, 2, 3... at commit; never reused or skipped.")
+    kind: Kind
+    device_id: str | None = Field(description="The device that produced it; null for gateway-made events.")
+    occurred_at: datetime | None = Field(description="Device time, as the device sent it, if it did.")
+    recorded_at: datetime = Field(description="Gateway wall-clock time at commit (UTC).")
+    boot_id: str = Field(description="Random per gateway process start; groups events of one boot.")
+    clock_synced: bool = Field(description="False when recorded_at came from an unsynchronised clock.")
+    mono_ns: int = Field(description="Monotonic clock at commit, ns since boot (orders events in a boot).")
+    schema_: int = Field(alias="schema", description="Envelope schema version.")
+    data: PosSale | PosReturn | StockLevel | AlertRaised | DeviceStatus | GatewayStatus | dict[str, Any]
+
+
+def envelope_json_schema() -> dict[str, Any]:
+    """JSON Schema of the envelope and every payload, for `store-gateway config-schema --events`."""
+    schema = Envelope.model_json_schema(by_alias=True)
+    schema["title"] = "store-gateway event envelope"
+    schema["$comment"] = "data is typed by kind: " + ", ".join(f"{k} -> {v.__name__}" for k, v in PAYLOADS.items())
+    return schema
+
+
+_SALE_ADAPTER: Final = TypeAdapter(PosSale)
+_RETURN_ADAPTER: Final = TypeAdapter(PosReturn)
+
+
+def payload_adapter(kind: str) -> TypeAdapter[Any]:
+    """The validator for one kind's ``data``."""
+    if kind == "pos.sale":
+        return _SALE_ADAPTER
+    if kind == "pos.return":
+        return _RETURN_ADAPTER
+    return TypeAdapter(PAYLOADS[kind])
+
+
+_last_v7_ms = 0
+_last_v7_seq = 0
+
+
+def uuid7() -> uuid.UUID:
+    """A UUIDv7 (RFC 9562): 48-bit ms timestamp, 12-bit counter for monotonicity within a ms, 62 random bits."""
+    global _last_v7_ms, _last_v7_seq  # noqa: PLW0603 - process-wide monotonic counter, by design
+    ms = time.time_ns() // 1_000_000
+    if ms <= _last_v7_ms:
+        ms = _last_v7_ms
+        _last_v7_seq += 1
+        if _last_v7_seq > 0xFFF:
+            ms += 1
+            _last_v7_seq = 0
+    else:
+        _last_v7_seq = 0
+    _last_v7_ms = ms
+    rand = int.from_bytes(os.urandom(8), "big") & 0x3FFF_FFFF_FFFF_FFFF
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | _last_v7_seq << 64 | 0b10 << 62 | rand
+    return uuid.UUID(int=value)

@@ -1,0 +1,327 @@
+"""A small asyncio adapter over paho-mqtt, for MQTT 3.1.1 and 5.
+
+Why not aiomqtt: the gateway must send PUBACK only after an event is committed to disk, which needs paho's
+``manual_ack`` mode; aiomqtt (which wraps paho the same way) does not expose it. This adapter drives one
+paho client from the event loop (add_reader/add_writer, like aiomqtt), and gives:
+
+- ``publish()`` returning a future that completes on PUBACK (QoS 1) or when queued (QoS 0);
+- ``ack()`` for manual acknowledgement of received QoS 1 messages;
+- ``wait_closed()``, which completes when the connection drops, with the reason.
+
+One instance is one connection: on disconnect, create a new one (the supervisor does, with backoff).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
+from gateway.config import BrokerConfig
+
+_LOGGER = logging.getLogger(__name__)
+
+MAX_PACKET_BYTES: Final = 16 * 1024 * 1024
+"""Largest packet we accept (MQTT 5 Maximum Packet Size); the broker drops larger ones for us."""
+
+Message = paho.MQTTMessage
+
+
+class MqttError(Exception):
+    """Any MQTT failure: connect refused, connection lost, publish not acknowledged."""
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+def tls_context(broker: BrokerConfig) -> ssl.SSLContext | None:
+    """The TLS context for a broker config (CA, client certificate and key), or None for plain TCP."""
+    tls = broker.tls
+    if tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.cert_file and tls.key_file:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    if tls.insecure_skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class MqttClient:
+    """One MQTT connection driven by the running event loop."""
+
+    def __init__(
+        self,
+        broker: BrokerConfig,
+        client_id: str,
+        *,
+        clean_start: bool,
+        manual_ack: bool = False,
+        will: Will | None = None,
+        on_message: Callable[[Message], None] | None = None,
+    ) -> None:
+        self._broker = broker
+        self._name = client_id
+        self._loop = asyncio.get_running_loop()
+        self._v5 = broker.protocol == "5"
+        self._clean_start = clean_start
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if self._v5 else clean_start,
+            manual_ack=manual_ack,
+            reconnect_on_failure=False,
+        )
+        self._client.max_inflight_messages_set(65535)
+        self._client.max_queued_messages_set(0)
+        if broker.username is not None:
+            password = broker.password.get_secret_value() if broker.password else None
+            self._client.username_pw_set(broker.username, password)
+        ctx = tls_context(broker)
+        if ctx is not None:
+            self._client.tls_set_context(ctx)
+            if broker.tls is not None and broker.tls.insecure_skip_verify:
+                self._client.tls_insecure_set(True)
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, will.qos, will.retain)
+        self._connected: asyncio.Future[bool] = self._loop.create_future()
+        self._closed: asyncio.Future[str] = self._loop.create_future()
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._early_acks: set[int] = set()
+        self._subscribed: dict[int, asyncio.Future[list[ReasonCode]]] = {}
+        self._misc_task: asyncio.Task[None] | None = None
+        self._sock: socket.socket | None = None
+        self.on_message = on_message
+        self._wire_callbacks()
+
+    # --- public API -------------------------------------------------------------------------------
+
+    @property
+    def session_present(self) -> bool:
+        return self._connected.done() and not self._connected.exception() and self._connected.result()
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connected.done() and not self._closed.done()
+
+    async def connect(self, timeout: float = 10.0) -> bool:
+        """Connect and wait for CONNACK; returns whether the broker had a session for us."""
+        props: Properties | None = None
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 0 if self._clean_start else self._broker.session_expiry_s
+            props.ReceiveMaximum = self._broker.receive_maximum
+            props.MaximumPacketSize = MAX_PACKET_BYTES
+        try:
+            async with asyncio.timeout(timeout):
+                await self._loop.run_in_executor(None, self._blocking_connect, props)
+                return await asyncio.shield(self._connected)
+        except (OSError, TimeoutError, ssl.SSLError, ValueError) as err:
+            self._teardown(f"connect failed: {err!r}", force_close=True)
+            raise MqttError(f"cannot connect to {self._broker.host}:{self._broker.port}: {err}") from err
+        except MqttError:
+            self._teardown("connect refused", force_close=True)
+            raise
+
+    async def subscribe(self, filters: list[tuple[str, int]], timeout: float = 10.0) -> None:
+        result, mid = self._client.subscribe(filters)
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise MqttError(f"subscribe failed: {paho.error_string(result)}")
+        fut: asyncio.Future[list[ReasonCode]] = self._loop.create_future()
+        self._subscribed[mid] = fut
+        async with asyncio.timeout(timeout):
+            codes = await fut
+        bad = [str(c) for c in codes if c.is_failure]
+        if bad:
+            raise MqttError(f"subscription refused for {filters}: {bad}")
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> asyncio.Future[None]:
+        """Queue a publish; the future completes on PUBACK (QoS 1) and fails if the connection drops."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        if self._closed.done():
+            fut.set_exception(MqttError(f"not connected: {self._closed.result()}"))
+            return fut
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_QUEUE_SIZE):
+            fut.set_exception(MqttError(f"publish failed: {paho.error_string(info.rc)}"))
+        elif qos == 0 or info.mid in self._early_acks:
+            self._early_acks.discard(info.mid)
+            fut.set_result(None)
+        else:
+            self._pending[info.mid] = fut
+        return fut
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Send the PUBACK for a received message (manual-ack mode). A dead connection ignores it."""
+        if not self._closed.done():
+            self._client.ack(mid, qos)
+
+    async def wait_closed(self) -> str:
+        """Wait until the connection is gone; returns why."""
+        return await asyncio.shield(self._closed)
+
+    async def disconnect(self) -> None:
+        if not self._closed.done() and self._connected.done():
+            self._client.disconnect()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await asyncio.shield(self._closed)
+        self._teardown("disconnected by us", force_close=True)
+
+    # --- paho plumbing --------------------------------------------------------------------------------
+
+    def _blocking_connect(self, props: Properties | None) -> None:
+        self._client.connect(
+            self._broker.host,
+            self._broker.port,
+            keepalive=self._broker.keepalive_s,
+            clean_start=self._clean_start if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=props,
+        )
+
+    def _wire_callbacks(self) -> None:
+        c = self._client
+        c.on_socket_open = self._on_socket_open
+        c.on_socket_close = self._on_socket_close
+        c.on_socket_register_write = self._on_register_write
+        c.on_socket_unregister_write = self._on_unregister_write
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
+        c.on_message = self._on_message
+
+    def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """paho calls back from the executor thread during connect(); hop onto the loop."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            fn(*args)
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._call_soon(self._attach, sock)
+
+    def _attach(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._loop.add_reader(sock, self._read)
+        self._misc_task = self._loop.create_task(self._misc_loop(), name=f"mqtt-keepalive-{self._name}")
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._call_soon(self._detach, sock)
+
+    def _detach(self, sock: socket.socket) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+
+    def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._call_soon(self._add_writer, sock)
+
+    def _add_writer(self, sock: socket.socket) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.add_writer(sock, self._write)
+
+    def _on_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._call_soon(self._remove_writer, sock)
+
+    def _remove_writer(self, sock: socket.socket) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_writer(sock)
+
+    def _read(self) -> None:
+        rc = self._client.loop_read(max_packets=1000)
+        if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
+            self._teardown(f"read failed: {paho.error_string(rc)}")
+
+    def _write(self) -> None:
+        rc = self._client.loop_write()
+        if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
+            self._teardown(f"write failed: {paho.error_string(rc)}")
+
+    async def _misc_loop(self) -> None:
+        while not self._closed.done():
+            if self._client.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._teardown("keepalive timeout: broker stopped answering", force_close=True)
+                return
+            await asyncio.sleep(1)
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
+        self._call_soon(self._connack, bool(flags.session_present), rc)
+
+    def _connack(self, session_present: bool, rc: ReasonCode) -> None:
+        if self._connected.done():
+            return
+        if rc.is_failure:
+            self._connected.set_exception(MqttError(f"broker refused connection: {rc}"))
+        else:
+            self._connected.set_result(session_present)
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
+        self._call_soon(self._teardown, f"disconnected: {rc}")
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, rc: ReasonCode, props: Any) -> None:
+        fut = self._pending.pop(mid, None)
+        if fut is None:
+            self._early_acks.add(mid)
+        elif not fut.done():
+            if rc.is_failure:
+                fut.set_exception(MqttError(f"broker refused publish: {rc}"))
+            else:
+                fut.set_result(None)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, codes: list[ReasonCode], props: Any) -> None:
+        fut = self._subscribed.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(codes)
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: Message) -> None:
+        if self.on_message is not None:
+            self.on_message(message)
+
+    def _teardown(self, reason: str, force_close: bool = False) -> None:
+        if self._closed.done():
+            return
+        self._closed.set_result(reason)
+        if not self._connected.done():
+            self._connected.set_exception(MqttError(reason))
+            self._connected.exception()  # mark retrieved
+        error = MqttError(f"connection lost before PUBACK: {reason}")
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self._pending.clear()
+        for sub in self._subscribed.values():
+            if not sub.done():
+                sub.set_exception(MqttError(reason))
+        self._subscribed.clear()
+        if self._misc_task is not None and self._misc_task is not asyncio.current_task():
+            self._misc_task.cancel()
+        if self._sock is not None:
+            self._detach(self._sock)
+            if force_close:
+                # Only outside paho callbacks: paho holds its callback lock while calling us.
+                with contextlib.suppress(OSError):
+                    self._sock.close()
