@@ -14,15 +14,14 @@ from zoneinfo import available_timezones
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from drivers.registry import DriverConfig
+from gateway.events import ID_PATTERN
 
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-"""Ids end up in MQTT topics: no '+', '#', '/', spaces or control characters."""
 
 Identifier = Annotated[str, Field(pattern=ID_PATTERN, description="Letters, digits, '.', '_' or '-'; max 64.")]
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Location(StrictModel):
@@ -96,7 +95,7 @@ class HqConfig(BrokerConfig):
 
 
 class StockItem(StrictModel):
-    sku: Annotated[str, Field(min_length=1, max_length=64)]
+    sku: Annotated[str, Field(min_length=1, max_length=64)] = Field(description="SKU as the tills send it.")
     on_hand: float = Field(description="Initial on-hand units, applied once when the ledger first sees the SKU.")
     safety_stock: float | None = Field(default=None, ge=0, description="At or below this, raise stock.low.")
 
@@ -116,7 +115,7 @@ class DeviceConfig(StrictModel):
 
 
 class ApiConfig(StrictModel):
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="Serve the local HTTP API.")
     host: str = Field(default="127.0.0.1", description="Bind address; keep loopback unless a proxy fronts it.")
     port: int = Field(default=8080, ge=0, le=65535, description="TCP port; 0 picks a free one.")
     token: SecretStr | None = Field(
@@ -139,28 +138,30 @@ class JournalConfig(StrictModel):
         default="FULL",
         description="SQLite synchronous: FULL survives power loss after an ack; NORMAL only process crashes.",
     )
-    max_payload_bytes: int = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_payload_bytes: int = Field(
+        default=256 * 1024, ge=1024, le=16 * 1024 * 1024, description="Largest event body stored; larger is quarantined."
+    )
 
 
 class LogConfig(StrictModel):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    format: Literal["plain", "json"] = "plain"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Minimum log level.")
+    format: Literal["plain", "json"] = Field(default="plain", description="'plain' for people, 'json' for log shippers.")
 
 
 class GatewayConfig(StrictModel):
     """The whole gateway configuration file."""
 
     gateway_id: Identifier = Field(description="This box's id, unique within the store; part of HQ topics.")
-    store: StoreConfig
+    store: StoreConfig = Field(description="The store this gateway serves.")
     data_dir: Path = Field(default=Path("/var/lib/store-gateway"), description="Journal and state live here.")
     store_broker: BrokerConfig = Field(default_factory=BrokerConfig, description="The store's MQTT broker.")
     hq: HqConfig = Field(description="The HQ MQTT broker.")
     drivers: list[DriverConfig] = Field(default_factory=list, description="Device intakes (MQTT for now).")
     devices: list[DeviceConfig] = Field(default_factory=list, description="Known devices.")
-    stock: StockConfig = Field(default_factory=StockConfig)
-    api: ApiConfig = Field(default_factory=ApiConfig)
-    journal: JournalConfig = Field(default_factory=JournalConfig)
-    log: LogConfig = Field(default_factory=LogConfig)
+    stock: StockConfig = Field(default_factory=StockConfig, description="Initial stock levels and safety-stock thresholds.")
+    api: ApiConfig = Field(description="The local HTTP API (health, metrics, events, stock); needs a token when enabled.")
+    journal: JournalConfig = Field(default_factory=JournalConfig, description="SQLite journal tuning.")
+    log: LogConfig = Field(default_factory=LogConfig, description="Logging level and format.")
 
     @model_validator(mode="after")
     def _unique_ids(self) -> GatewayConfig:

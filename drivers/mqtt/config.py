@@ -43,7 +43,7 @@ class MqttDriverConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: Literal["mqtt"] = "mqtt"
+    type: Literal["mqtt"] = Field(default="mqtt", description="Driver family; selects this model.")
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = Field(
         default="store-mqtt", description="Driver instance name, used in metrics and logs."
     )

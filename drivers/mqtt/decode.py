@@ -1,0 +1,116 @@
+"""Pure decoding of store-broker MQTT messages into journal drafts (no I/O: tests call it with bytes).
+
+``decode_message`` returns a :class:`Decoded` or a :class:`Rejection` with a reason code (the label of the
+``storegw_messages_quarantined`` metric) and a human-readable detail.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+from pydantic import AwareDatetime, Field, TypeAdapter, ValidationError
+
+from drivers.mqtt.config import MqttDriverConfig
+from gateway.events import ID_PATTERN, PosReturn, PosSale
+
+_DEVICE_ID: Final = re.compile(ID_PATTERN)
+
+
+class PosSaleMessage(PosSale):
+    """A till's sale message: the ``pos.sale`` payload plus the till's own clock reading."""
+
+    occurred_at: AwareDatetime | None = Field(default=None, description="Till time, ISO 8601 with offset.")
+
+
+class PosReturnMessage(PosReturn):
+    occurred_at: AwareDatetime | None = Field(default=None, description="Till time, ISO 8601 with offset.")
+
+
+_ADAPTERS: Final[dict[str, TypeAdapter[PosSaleMessage] | TypeAdapter[PosReturnMessage]]] = {
+    "pos.sale": TypeAdapter(PosSaleMessage),
+    "pos.return": TypeAdapter(PosReturnMessage),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    kind: str
+    device_id: str
+    data: PosSale
+    """The validated message (a PosSale/PosReturn subclass); ``data_json`` is its payload without occurred_at."""
+    data_json: bytes
+    occurred_at: str | None
+    dedup_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    reason: str
+    detail: str
+    device_id: str | None = None
+
+
+class TopicRouter:
+    """Maps a topic to (kind, device id) using the driver's templates; built once per driver."""
+
+    def __init__(self, config: MqttDriverConfig, known_devices: frozenset[str]) -> None:
+        self._routes = config.topic_regexes()
+        self._known = known_devices
+        self._accept_unknown = config.unknown_devices == "accept"
+        self.max_payload = config.max_payload_bytes
+
+    def route(self, topic: str) -> tuple[str, str] | Rejection:
+        for regex, kind in self._routes:
+            match = regex.match(topic)
+            if match is not None:
+                device_id = match.group(1)
+                if not _DEVICE_ID.match(device_id):
+                    return Rejection("bad_device_id", f"device id {device_id[:80]!r} is not a valid id")
+                if not self._accept_unknown and device_id not in self._known:
+                    return Rejection("unknown_device", f"device {device_id!r} is not configured", device_id)
+                return kind, device_id
+        return Rejection("unknown_topic", f"no route matches topic {topic[:200]!r}")
+
+
+def decode_message(router: TopicRouter, topic: str, payload: bytes) -> Decoded | Rejection:
+    """Turn one MQTT message into an event draft, or say why it cannot be one."""
+    routed = router.route(topic)
+    if isinstance(routed, Rejection):
+        return routed
+    kind, device_id = routed
+    if len(payload) > router.max_payload:
+        return Rejection("too_large", f"{len(payload)} bytes > limit {router.max_payload}", device_id)
+    try:
+        message = _ADAPTERS[kind].validate_json(payload)
+    except ValidationError as err:
+        return Rejection(_reason(err), _summarise(err), device_id)
+    occurred = message.occurred_at
+    return Decoded(
+        kind=kind,
+        device_id=device_id,
+        data=message,
+        data_json=message.model_dump_json(exclude={"occurred_at"}).encode(),
+        occurred_at=None if occurred is None else _iso(occurred),
+        dedup_key=f"{device_id}/{kind}/{message.receipt_no}",
+    )
+
+
+def _iso(value: datetime) -> str:
+    return value.isoformat(timespec="milliseconds")
+
+
+def _reason(err: ValidationError) -> str:
+    first = err.errors(include_url=False)[0]
+    return "not_json" if first["type"] in ("json_invalid", "json_type") else "invalid"
+
+
+def _summarise(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors(include_url=False, include_input=False)[:5]:
+        loc = ".".join(str(p) for p in e["loc"]) or "(message)"
+        parts.append(f"{loc}: {e['msg']}")
+    more = err.error_count() - len(parts)
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")

@@ -1,0 +1,104 @@
+"""The MQTT intake driver: a persistent session on the store broker, PUBACK only after the journal commit.
+
+Memory is bounded by MQTT flow control: with QoS 1 the broker sends at most ``receive_maximum`` messages we
+have not acknowledged, and we acknowledge only after COMMIT. A gateway killed at any moment loses nothing the
+broker accepted: un-acked messages are redelivered to the persistent session, and the journal's dedup key
+(device, kind, receipt number) drops those that were committed just before the kill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+
+from drivers.mqtt.config import MqttDriverConfig
+from drivers.mqtt.decode import Rejection, TopicRouter, decode_message
+from gateway.config import BrokerConfig
+from gateway.journal import Draft, Journal, Rejected
+from gateway.metrics import Metrics
+from gateway.mqtt import Message, MqttClient, MqttError
+from gateway.supervise import reconnect_forever
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class MqttIntake:
+    """One driver instance: subscribes to its routes and feeds the journal."""
+
+    def __init__(
+        self,
+        config: MqttDriverConfig,
+        broker: BrokerConfig,
+        client_id: str,
+        journal: Journal,
+        metrics: Metrics,
+        known_devices: frozenset[str],
+    ) -> None:
+        self.name = config.name
+        self._config = config
+        self._broker = broker
+        self._client_id = client_id
+        self._journal = journal
+        self._metrics = metrics
+        self._router = TopicRouter(config, known_devices)
+        self._client: MqttClient | None = None
+        self._accepting = True
+        self._received = metrics.received.labels(self.name)
+
+    async def run(self) -> None:
+        """Stay connected until cancelled."""
+        await reconnect_forever(f"store broker ({self.name})", self._session, _LOGGER, (MqttError, OSError))
+
+    async def _session(self, up: Callable[[], None]) -> str:
+        client = MqttClient(
+            self._broker, self._client_id, clean_start=False, manual_ack=True, on_message=self._on_message
+        )
+        self._client = client
+        try:
+            session_present = await client.connect()
+            await client.subscribe([(r.subscription, self._config.qos) for r in self._config.routes])
+            _LOGGER.info(
+                "%s: connected to %s:%d (session %s)",
+                self.name, self._broker.host, self._broker.port, "resumed" if session_present else "new",
+            )
+            self._metrics.driver_connected.labels(self.name).set(1)
+            up()
+            return await client.wait_closed()
+        finally:
+            self._metrics.driver_connected.labels(self.name).set(0)
+            await client.disconnect()
+
+    def pause(self) -> None:
+        """Stop taking messages (shutdown): those not yet taken stay with the broker for the next start."""
+        self._accepting = False
+
+    async def disconnect(self) -> None:
+        if self._client is not None:
+            await self._client.disconnect()
+
+    def _on_message(self, message: Message) -> None:
+        client = self._client
+        if not self._accepting or client is None:
+            return
+        self._received.inc()
+        ack = functools.partial(client.ack, message.mid, message.qos) if message.qos else None
+        topic = message.topic
+        payload = message.payload
+        decoded = decode_message(self._router, topic, payload)
+        item: Draft | Rejected
+        if isinstance(decoded, Rejection):
+            item = Rejected(
+                self.name, decoded.reason, decoded.detail, len(payload), payload, topic, decoded.device_id, ack
+            )
+        else:
+            item = Draft(
+                decoded.kind, decoded.device_id, decoded.data_json, decoded.data, decoded.occurred_at,
+                decoded.dedup_key, ack, self.name,
+            )
+        if not self._journal.submit(item):
+            # Not acknowledged: the broker keeps it and redelivers it to our session.
+            self._metrics.dropped.labels(self.name, "journal_busy").inc()
+
+

@@ -1,0 +1,450 @@
+"""The local HTTP API: health for probes, Prometheus metrics, and read-only views of the journal.
+
+It runs inside the gateway's own event loop and TaskGroup (:func:`serve_api`): uvicorn installs no signal
+handlers, the gateway owns SIGINT/SIGTERM. Everything but ``/health`` needs ``Authorization: Bearer <token>``.
+Journal reads run in FastAPI's threadpool, each on a short-lived read-only SQLite connection beside the
+journal's writer (WAL lets readers and the writer run at once); event bodies are the stored envelope bytes,
+passed on untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import logging
+import os
+import socket
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Final
+
+import orjson
+import uvicorn
+from fastapi import FastAPI, HTTPException, Query, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.metrics import Metrics
+
+_LOGGER = logging.getLogger(__name__)
+
+MAX_BODY_BYTES: Final = 64 * 1024
+"""Largest request body accepted, on every route (present and future)."""
+
+MAX_EVENTS: Final = 1000
+"""Most events one ``/api/events`` call returns."""
+
+MAX_RESPONSE_BYTES: Final = 4 * 1024 * 1024
+"""Most event bytes one ``/api/events`` call returns: a page of big receipts must not exhaust a small box."""
+
+PREVIEW_BYTES: Final = 512
+"""How much of a quarantined payload ``/api/quarantine`` shows."""
+
+MAX_CONNECTIONS: Final = 64
+"""Concurrent connections before uvicorn answers 503: bounds the API's memory on a small box."""
+
+SHUTDOWN_GRACE_S: Final = 5
+"""How long a stopping server waits for requests in flight before cancelling them."""
+
+OPEN_PATHS: Final = frozenset({"/health"})
+"""Paths served without a token."""
+
+_JSON: Final = "application/json"
+
+
+class ApiError(Exception):
+    """The local API cannot start (for example, its port is taken)."""
+
+
+def create_app(
+    db_path: Path,
+    token: str,
+    metrics: Metrics,
+    health: Callable[[], dict[str, Any]],
+    *,
+    docs: bool = False,
+) -> FastAPI:
+    """The API application. ``health`` runs on the event loop thread, so it must be cheap and never block."""
+    if not token:
+        raise ValueError("the API token must not be empty")
+    db_uri = db_path.absolute().as_uri() + "?mode=ro"
+    app = FastAPI(
+        title="store-gateway local API",
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    # Added last, so outermost: an oversized request is refused before anything else looks at it.
+    app.add_middleware(BearerAuthMiddleware, token=token)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+
+    @app.get("/health")
+    async def get_health() -> Response:
+        try:
+            report = health()
+        except Exception:
+            _LOGGER.exception("health check failed")
+            report = {"status": "degraded", "error": "health check failed"}
+        status = 200 if report.get("status") == "ok" else 503
+        return Response(orjson.dumps(report, default=str), status_code=status, media_type=_JSON)
+
+    @app.get("/metrics")
+    def get_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/api/events")
+    def get_events(
+        kind: Annotated[str | None, Query(max_length=64)] = None,
+        device_id: Annotated[str | None, Query(max_length=64)] = None,
+        after_seq: Annotated[int | None, Query(ge=0)] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_EVENTS)] = 100,
+    ) -> Response:
+        """Newest first; with ``after_seq``, oldest first from just after it (for paging forward).
+
+        Stops early, after at least one event, once :data:`MAX_RESPONSE_BYTES` is reached.
+        """
+        where: list[str] = []
+        params: list[Any] = []
+        if kind is not None:
+            where.append("kind = ?")
+            params.append(kind)
+        if device_id is not None:
+            where.append("device_id = ?")
+            params.append(device_id)
+        if after_seq is not None:
+            where.append("seq > ?")
+            params.append(after_seq)
+        sql = "SELECT body FROM events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ?" if after_seq is None else " ORDER BY seq ASC LIMIT ?"
+        params.append(limit)
+        return _json_bytes(b"[" + b",".join(_read_bodies(db_uri, sql, params)) + b"]")
+
+    @app.get("/api/stock")
+    def get_stock(
+        sku: Annotated[str | None, Query(max_length=64)] = None,
+        low_only: bool = False,
+    ) -> Response:
+        sql = "SELECT sku, on_hand, safety_stock, updated_seq, low FROM stock"
+        where: list[str] = []
+        params: list[Any] = []
+        if sku is not None:
+            where.append("sku = ?")
+            params.append(sku)
+        if low_only:
+            where.append("low != 0")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = _read(db_uri, sql + " ORDER BY sku", params)
+        return _json_bytes(
+            orjson.dumps(
+                [
+                    {
+                        "sku": s,
+                        "on_hand": on_hand,
+                        "safety_stock": safety,
+                        "updated_seq": useq,
+                        "low": bool(low),
+                    }
+                    for s, on_hand, safety, useq, low in rows
+                ]
+            )
+        )
+
+    @app.get("/api/quarantine")
+    def get_quarantine(limit: Annotated[int, Query(ge=1, le=MAX_EVENTS)] = 100) -> Response:
+        """Most recent first; the payload is a preview, as text only when it is plain printable UTF-8."""
+        rows = _read(
+            db_uri,
+            "SELECT qid, received_at, driver, device_id, topic, reason, detail, size, payload"
+            " FROM quarantine ORDER BY qid DESC LIMIT ?",
+            (limit,),
+        )
+        return _json_bytes(
+            orjson.dumps(
+                [
+                    {
+                        "qid": qid,
+                        "received_at": received_at,
+                        "driver": driver,
+                        "device_id": device_id,
+                        "topic": topic,
+                        "reason": reason,
+                        "detail": detail,
+                        "size": size,
+                        "payload": payload_preview(None if payload is None else _as_bytes(payload), size),
+                    }
+                    for qid, received_at, driver, device_id, topic, reason, detail, size, payload in rows
+                ]
+            )
+        )
+
+    return app
+
+
+def payload_preview(payload: bytes | None, size: int) -> dict[str, Any] | None:
+    """The first :data:`PREVIEW_BYTES` of a payload, safe to show: printable UTF-8 text, otherwise base64."""
+    if payload is None:
+        return None
+    head = payload[:PREVIEW_BYTES]
+    truncated = max(size, len(payload)) > len(head)
+    text = _printable_text(head, cut=len(payload) > len(head))
+    if text is not None:
+        return {"encoding": "text", "data": text, "truncated": truncated}
+    return {"encoding": "base64", "data": base64.b64encode(head).decode("ascii"), "truncated": truncated}
+
+
+def _printable_text(data: bytes, *, cut: bool) -> str | None:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        # The cut may split the last character: drop that partial character, nothing else.
+        if not (cut and err.reason == "unexpected end of data" and err.end == len(data)):
+            return None
+        text = data[: err.start].decode("utf-8")
+    if all(ch.isprintable() or ch in "\t\n\r" for ch in text):
+        return text
+    return None
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value.encode("utf-8") if isinstance(value, str) else value
+
+
+def _json_bytes(content: bytes) -> Response:
+    return Response(content, media_type=_JSON, headers={"cache-control": "no-store"})
+
+
+@contextlib.contextmanager
+def _journal(db_uri: str) -> Iterator[sqlite3.Connection]:
+    """A fresh read-only connection (0.3 ms to open): no state shared between threads; errors become 503."""
+    try:
+        with contextlib.closing(sqlite3.connect(db_uri, uri=True, timeout=5.0)) as conn:
+            yield conn
+    except sqlite3.Error as err:
+        _LOGGER.warning("journal read failed: %s", err)
+        raise HTTPException(status_code=503, detail="journal not available") from err
+
+
+def _read(db_uri: str, sql: str, params: Sequence[Any]) -> list[Any]:
+    with _journal(db_uri) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def _read_bodies(db_uri: str, sql: str, params: Sequence[Any]) -> list[bytes]:
+    """The first column of each row, as bytes, until :data:`MAX_RESPONSE_BYTES` (at least one row)."""
+    bodies: list[bytes] = []
+    total = 0
+    with _journal(db_uri) as conn:
+        for (body,) in conn.execute(sql, params):
+            data = _as_bytes(body)
+            if bodies and total + len(data) > MAX_RESPONSE_BYTES:
+                break
+            bodies.append(data)
+            total += len(data)
+    return bodies
+
+
+class _BodyTooLarge(HTTPException):
+    def __init__(self) -> None:
+        super().__init__(status_code=413, detail="request body too large")
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over ``max_bytes`` with 413, whether or not they declare a Content-Length."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await _send_json(send, 413, {"detail": "request body too large"})
+            return
+        received = 0
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # Raised inside the endpoint's body read, so FastAPI answers 413 itself.
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            # Only when the body was read outside an endpoint (by another middleware).
+            if response_started:
+                raise
+            await _send_json(send, 413, {"detail": "request body too large"})
+
+
+class BearerAuthMiddleware:
+    """Requires ``Authorization: Bearer <token>`` on every path but :data:`OPEN_PATHS`, unknown paths too."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self._expected = b"bearer " + token.encode("utf-8")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = _header(scope, b"authorization")
+        if given is None:
+            await _send_json(
+                send,
+                401,
+                {"detail": "bearer token required"},
+                [(b"www-authenticate", b'Bearer realm="store-gateway"')],
+            )
+            return
+        # The scheme is case-insensitive; compare_digest takes the same time whatever the token's content.
+        scheme, _, rest = given.partition(b" ")
+        if not hmac.compare_digest(scheme.lower() + b" " + rest.strip(), self._expected):
+            await _send_json(
+                send,
+                401,
+                {"detail": "invalid bearer token"},
+                [(b"www-authenticate", b'Bearer realm="store-gateway", error="invalid_token"')],
+            )
+            return
+        await self.app(scope, receive, send)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+async def _send_json(
+    send: Send, status: int, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    content = orjson.dumps(body)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", _JSON.encode()),
+                (b"content-length", str(len(content)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": content})
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside someone else's event loop: installs no signal handlers, reports when it listens."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_started = on_started
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn would replace the process's SIGINT/SIGTERM handlers with its own; the gateway owns them.
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self._on_started()
+
+
+async def serve_api(
+    app: FastAPI,
+    host: str,
+    port: int,
+    started: asyncio.Event | None = None,
+    bound_port: list[int] | None = None,
+) -> None:
+    """Serve ``app`` until cancelled, then close the listener and the connections before re-raising.
+
+    Port 0 picks a free port; the port actually bound is appended to ``bound_port``, and ``started`` is set
+    once connections are accepted. Raises :class:`ApiError` when the address cannot be bound.
+    """
+    # Binding here rather than in uvicorn: uvicorn answers a bind failure with sys.exit(), which must not
+    # escape from one task of the gateway's TaskGroup.
+    sock = await _bind(host, port)
+    try:
+        actual_port = int(sock.getsockname()[1])
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=actual_port,
+            http="h11",
+            ws="none",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+            limit_concurrency=MAX_CONNECTIONS,
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        )
+
+        def on_started() -> None:
+            _LOGGER.info("local API listening on %s:%d", host, actual_port)
+            if bound_port is not None:
+                bound_port.append(actual_port)
+            if started is not None:
+                started.set()
+
+        server = _EmbeddedServer(config, on_started)
+        try:
+            await server.serve(sockets=[sock])
+        except asyncio.CancelledError:
+            # uvicorn's own shutdown runs only when its main loop ends by itself; run it for cancellation too.
+            if server.started:
+                await server.shutdown(sockets=[sock])
+                _LOGGER.info("local API stopped")
+            raise
+    finally:
+        sock.close()
+
+
+async def _bind(host: str, port: int) -> socket.socket:
+    """A bound TCP socket, made as asyncio's create_server makes it.
+
+    The protocol number must come from getaddrinfo: asyncio sets TCP_NODELAY only on sockets whose ``proto``
+    is IPPROTO_TCP, and without it every keep-alive response waits ~40 ms for a delayed ACK.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as err:
+        raise ApiError(f"local API cannot listen on {host}:{port}: {err}") from err
+    try:
+        if os.name == "posix":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise ApiError(f"local API cannot listen on {host}:{port}: {err}") from err
+    return sock

@@ -1,0 +1,69 @@
+"""Wall-clock trust: a Raspberry Pi has no real-time clock, so until NTP syncs, wall time may be years off.
+
+``clock_synced()`` asks the kernel (adjtimex, read-only) whether the clock is synchronised, the same flag
+``timedatectl`` shows as "System clock synchronized". Every event carries the answer, the boot id and a
+monotonic timestamp, so HQ can re-place events recorded before the sync (see docs/EVENTS.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import time
+import uuid
+from typing import Final
+
+BOOT_ID: Final = uuid.uuid4().hex[:16]
+"""Random per process start: groups the events of one run, whose mono_ns values are comparable."""
+
+_TIME_ERROR: Final = 5
+_STA_UNSYNC: Final = 0x0040
+
+
+class _Timex(ctypes.Structure):
+    # struct timex from <sys/timex.h> (Linux, 64-bit): the fields we read come first; the tail is padding.
+    _fields_ = [  # noqa: RUF012 - ctypes wants a plain list
+        ("modes", ctypes.c_uint),
+        ("offset", ctypes.c_long),
+        ("freq", ctypes.c_long),
+        ("maxerror", ctypes.c_long),
+        ("esterror", ctypes.c_long),
+        ("status", ctypes.c_int),
+        ("_rest", ctypes.c_byte * 256),
+    ]
+
+
+def _kernel_says_synced() -> bool | None:
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(libc_name, use_errno=True)
+        timex = _Timex()
+        state = libc.adjtimex(ctypes.byref(timex))
+    except (OSError, AttributeError):
+        return None
+    if state < 0:
+        return None
+    return state != _TIME_ERROR and not timex.status & _STA_UNSYNC
+
+
+class ClockState:
+    """Caches the kernel's answer; re-asks at most every ``refresh_s`` seconds."""
+
+    def __init__(self, refresh_s: float = 10.0, override: bool | None = None) -> None:
+        self._refresh_s = refresh_s
+        self._override = override
+        self._checked_at = -refresh_s
+        self._synced = False
+
+    def synced(self) -> bool:
+        if self._override is not None:
+            return self._override
+        now = time.monotonic()
+        if now - self._checked_at >= self._refresh_s:
+            answer = _kernel_says_synced()
+            # A kernel that cannot tell (not Linux, seccomp) is trusted: the flag is advisory there.
+            self._synced = True if answer is None else answer
+            self._checked_at = now
+        return self._synced

@@ -1,0 +1,142 @@
+"""The gateway runtime: wires journal, drivers, uplink and local API under one root TaskGroup.
+
+Shutdown order (SIGTERM/SIGINT): stop taking device messages, commit and acknowledge what is in hand, give
+the uplink a moment to deliver, leave a retained 'offline' status at HQ, close. Exit code 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from cloud_bridge.uplink import Uplink
+from drivers.mqtt.driver import MqttIntake
+from gateway import __version__
+from gateway.config import GatewayConfig
+from gateway.journal import Draft, Journal
+from gateway.logs import register_secret
+from gateway.metrics import Metrics
+from rules.stock import StockLedger
+
+_LOGGER = logging.getLogger(__name__)
+
+SHUTDOWN_DRAIN_S: Final = 3.0
+"""How long a clean shutdown waits for HQ to acknowledge what is committed."""
+
+
+def journal_path(data_dir: Path) -> Path:
+    return data_dir / "journal.db"
+
+
+class Gateway:
+    """One running gateway. ``run(stop)`` returns after ``stop`` is set and the shutdown is complete."""
+
+    def __init__(self, config: GatewayConfig, config_hash: str | None = None) -> None:
+        self.config = config
+        self.config_hash = config_hash
+        self.metrics = Metrics()
+        self.journal = Journal(
+            journal_path(config.data_dir),
+            config.store.id,
+            config.gateway_id,
+            config.journal,
+            self.metrics,
+            processors=[StockLedger(config.stock, self.metrics)],
+        )
+        known = frozenset(d.id for d in config.devices)
+        self.intakes = [
+            MqttIntake(d, config.store_broker, config.client_id(f"intake-{d.name}", config.store_broker),
+                       self.journal, self.metrics, known)
+            for d in config.drivers
+        ]
+        self.uplink = Uplink(config, self.journal, self.metrics, config_hash)
+        self.started = asyncio.Event()
+        self._api_bound: list[int] = []
+        self._api_started = asyncio.Event()
+        self._started_at = time.monotonic()
+        for broker in (config.store_broker, config.hq):
+            if broker.password is not None:
+                register_secret(broker.password.get_secret_value())
+        if config.api.token is not None:
+            register_secret(config.api.token.get_secret_value())
+
+    def health(self) -> dict[str, Any]:
+        drivers = {i.name: bool(self.metrics.driver_connected.labels(i.name)._value.get()) for i in self.intakes}
+        ok = all(drivers.values())
+        return {
+            "status": "ok" if ok else "degraded",
+            "version": __version__,
+            "store_id": self.config.store.id,
+            "gateway_id": self.config.gateway_id,
+            "uptime_s": round(time.monotonic() - self._started_at, 1),
+            "last_seq": self.journal.last_seq,
+            "delivered_seq": self.journal.delivered_seq,
+            "backlog": self.journal.last_seq - self.journal.delivered_seq,
+            "hq_connected": self.uplink.connected,
+            "drivers": drivers,
+        }
+
+    def _status_draft(self, status: str) -> Draft:
+        data = {"status": status, "version": __version__, "config_hash": self.config_hash}
+        return Draft("gateway.status", None, orjson.dumps(data))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.journal.open()
+        _LOGGER.info(
+            "journal %s: last seq %d, delivered to HQ up to %d",
+            self.journal.path, self.journal.last_seq, self.journal.delivered_seq,
+        )
+        self.journal.submit(self._status_draft("online"))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                writer = tg.create_task(self.journal.run(), name="journal-writer")
+                uplink = tg.create_task(self.uplink.run(), name="uplink")
+                drivers = [tg.create_task(i.run(), name=f"driver-{i.name}") for i in self.intakes]
+                api = tg.create_task(self._serve_api(), name="local-api") if self.config.api.enabled else None
+                self.started.set()
+                await stop.wait()
+                _LOGGER.info("stopping: taking no more device messages")
+                for intake in self.intakes:
+                    intake.pause()
+                await self.journal.flush()
+                for task in drivers:
+                    task.cancel()
+                self.journal.submit(self._status_draft("offline"))
+                await self.journal.flush()
+                delivered = await self.uplink.drain(SHUTDOWN_DRAIN_S)
+                _LOGGER.info(
+                    "stopping: HQ has everything up to seq %d%s", self.journal.delivered_seq,
+                    "" if delivered else f" (seq {self.journal.last_seq} is the last committed; it goes next start)",
+                )
+                self.uplink.stopping = True
+                uplink.cancel()
+                if api is not None:
+                    api.cancel()
+                writer.cancel()
+        finally:
+            await self.journal.close()
+        _LOGGER.info("stopped cleanly")
+
+    @property
+    def api_port(self) -> int | None:
+        """The local API's bound port, once it is listening (the config may say 0: any free port)."""
+        return self._api_bound[0] if self._api_bound else None
+
+    async def wait_api(self, timeout: float = 10.0) -> int:
+        async with asyncio.timeout(timeout):
+            await self._api_started.wait()
+        assert self._api_bound
+        return self._api_bound[0]
+
+    async def _serve_api(self) -> None:
+        from gateway.api import create_app, serve_api  # FastAPI is imported only when the API is on
+
+        token = self.config.api.token
+        assert token is not None  # the config model requires it when the API is enabled
+        app = create_app(self.journal.path, token.get_secret_value(), self.metrics, self.health)
+        await serve_api(app, self.config.api.host, self.config.api.port, self._api_started, self._api_bound)
