@@ -98,12 +98,14 @@ class HqReceiver:
         self._stopping = False
         self._executor: ThreadPoolExecutor | None = None
         self._client: MqttClient | None = None
+        self._subscribed = False
         self.connections = 0
         """How many times it has connected and subscribed (for tests and the status line)."""
 
     @property
     def connected(self) -> bool:
-        return self._client is not None and self._client.is_connected
+        """Connected and subscribed."""
+        return self._subscribed and self._client is not None and self._client.is_connected
 
     async def run(self, stop: asyncio.Event) -> None:
         """Receive until ``stop`` is set; then store and ack what is in hand, and disconnect."""
@@ -115,6 +117,9 @@ class HqReceiver:
                 await self._connection_loop(stop)
                 consumer.cancel()
         finally:
+            if self._client is not None:  # cancelled rather than stopped
+                await self._client.disconnect()
+                self._client = None
             # Waits for a transaction still running (it may commit; its messages were not acked, so the
             # broker resends them and they are deduplicated).
             self._executor = None
@@ -130,15 +135,16 @@ class HqReceiver:
     async def _connection_loop(self, stop: asyncio.Event) -> None:
         failures = 0
         while not stop.is_set():
-            client = MqttClient(self._broker, self._client_id, clean_start=False, manual_ack=True)
+            self._subscribed = False
+            self._client = client = MqttClient(
+                self._broker, self._client_id, clean_start=False, manual_ack=True
+            )
             client.on_message = functools.partial(self._enqueue, client)
             try:
                 session_present = await client.connect(timeout=5)
-                self._client = client
                 await client.subscribe([(topics.events_subscription(self._prefix), 1)])
             except (MqttError, TimeoutError) as err:
                 await client.disconnect()
-                self._client = None
                 self._log_failure(failures, f"cannot connect to HQ broker: {err}")
                 failures += 1
                 await self._backoff(stop, failures)
@@ -154,12 +160,15 @@ class HqReceiver:
                 "resumed" if session_present else "new",
             )
             failures = 0
+            self._subscribed = True
             closed = asyncio.create_task(client.wait_closed(), name="hq-receiver-wait-closed")
             stopping = asyncio.create_task(stop.wait(), name="hq-receiver-wait-stop")
-            await asyncio.wait((closed, stopping), return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            if not closed.done():
+            try:
+                done, _ = await asyncio.wait((closed, stopping), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
                 closed.cancel()
+            if closed not in done:
                 await self._flush(client)
                 return
             self._log_failure(failures, f"lost the HQ broker: {closed.result()}")

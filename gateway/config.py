@@ -130,7 +130,7 @@ class ApiConfig(StrictModel):
 
 
 class JournalConfig(StrictModel):
-    commit_max_events: int = Field(default=2000, ge=1, le=100_000, description="Events per group commit.")
+    commit_max_events: int = Field(default=1000, ge=1, le=100_000, description="Events per group commit; drivers pause reading at twice this backlog.")
     commit_max_delay_ms: float = Field(
         default=2.0, ge=0, le=1000, description="How long a commit waits for more events to join it."
     )

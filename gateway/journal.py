@@ -167,6 +167,7 @@ class Journal:
         self._stopping = False
         self._failing = False
         self._busy = False
+        self._resume_waiters: list[tuple[int, Callable[[], None]]] = []
         self.last_seq = 0
         self.delivered_seq = 0
         prefix = orjson.dumps({"store_id": store_id, "gateway_id": gateway_id})
@@ -219,6 +220,24 @@ class Journal:
     @property
     def pending(self) -> int:
         return len(self._queue)
+
+    @property
+    def high_water(self) -> int:
+        """Drivers stop reading from their devices while this many items wait for a commit."""
+        return 2 * self._config.commit_max_events
+
+    def when_below(self, level: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, after a commit leaves fewer than ``level`` items waiting."""
+        self._resume_waiters.append((level, callback))
+
+    def _wake_waiters(self) -> None:
+        if not self._resume_waiters:
+            return
+        pending = len(self._queue)
+        ready = [cb for level, cb in self._resume_waiters if pending < level]
+        self._resume_waiters = [(lv, cb) for lv, cb in self._resume_waiters if pending >= lv]
+        for callback in ready:
+            callback()
 
     def add_listener(self, listener: Callable[[Committed], None]) -> None:
         self._listeners.append(listener)
@@ -294,6 +313,7 @@ class Journal:
         for item in items:
             if item.ack is not None:
                 item.ack()
+        self._wake_waiters()
         if result is None:
             return
         self.last_seq = result.last_seq

@@ -247,6 +247,7 @@ class SimulationResult:
         return self.total / elapsed if elapsed > 0 else 0.0
 
     def record(self, message: PosMessage, acked_at: float) -> None:
+        """Count one message the broker acknowledged at ``acked_at`` (``time.monotonic()``)."""
         self.published[message.kind] += 1
         deltas = self.expected_deltas
         for sku, delta in message.deltas:

@@ -46,6 +46,7 @@ class MqttIntake:
         self._client: MqttClient | None = None
         self._accepting = True
         self._received = metrics.received.labels(self.name)
+        self._high_water = journal.high_water
 
     async def run(self) -> None:
         """Stay connected until cancelled."""
@@ -100,5 +101,10 @@ class MqttIntake:
         if not self._journal.submit(item):
             # Not acknowledged: the broker keeps it and redelivers it to our session.
             self._metrics.dropped.labels(self.name, "journal_busy").inc()
+        if self._journal.pending >= self._high_water:
+            # Bounded memory whatever the broker does with its in-flight window: stop reading the socket
+            # until the journal has committed most of what is waiting.
+            client.pause_reading()
+            self._journal.when_below(self._high_water // 2, client.resume_reading)
 
 

@@ -1,0 +1,175 @@
+"""End-to-end throughput: QoS 1 sales from simulated tills, through the gateway, to the HQ receiver.
+
+Every piece is a real, separate process: two mosquitto brokers (store and HQ), the gateway
+(`store-gateway run`), and the HQ receiver (`store-gateway hq-receiver`). Sales are realistic POS messages
+from the simulator's terminals, published QoS 1 by a lean MQTT publisher (bench/mqtt_load.py). The gateway
+acknowledges each message only after it is committed to SQLite (synchronous=FULL).
+
+Prints: events/s from the first device publish to the last HQ receipt, the gateway's peak RSS (VmHWM), and
+checks that HQ got every sale exactly once with no seq gap.
+
+    python bench/e2e_throughput.py --sales 50000 --terminals 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.mqtt_load import publish_all  # noqa: E402
+from simulators.pos import PosTerminal  # noqa: E402
+from tests.brokers import Mosquitto, free_port  # noqa: E402
+
+TOKEN = "bench-token-0123456789abcdef"  # noqa: S105 - a throwaway token for a loopback benchmark
+
+
+def gateway_config(data_dir: Path, store_port: int, hq_port: int, api_port: int, terminals: list[str],
+                   protocol: str) -> str:
+    devices = "\n".join(f"  - {{id: {t}, profile: pos_terminal}}" for t in terminals)
+    items = "\n".join(f"    - {{sku: SKU-{i:04d}, on_hand: 100000000, safety_stock: 10}}" for i in range(1, 21))
+    return f"""
+gateway_id: gw-bench
+store:
+  id: bench-001
+  name: Benchmark store
+  timezone: Asia/Hong_Kong
+data_dir: {data_dir}
+store_broker: {{host: 127.0.0.1, port: {store_port}, protocol: "{protocol}"}}
+hq: {{host: 127.0.0.1, port: {hq_port}, protocol: "{protocol}"}}
+drivers:
+  - type: mqtt
+    routes:
+      - {{pattern: "store/pos/{{device_id}}/sale", kind: pos.sale}}
+      - {{pattern: "store/pos/{{device_id}}/return", kind: pos.return}}
+devices:
+{devices}
+stock:
+  items:
+{items}
+api: {{host: 127.0.0.1, port: {api_port}, token: {{env: BENCH_API_TOKEN}}}}
+log: {{level: WARNING}}
+"""
+
+
+def wait_http(url: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - loopback URL we built
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def hq_sales(db: Path) -> tuple[int, str | None]:
+    if not db.exists():
+        return 0, None
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        n, last = conn.execute("SELECT COUNT(*), MAX(received_at) FROM events WHERE kind='pos.sale'").fetchone()
+    except sqlite3.OperationalError:
+        return 0, None
+    finally:
+        conn.close()
+    return int(n), last
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sales", type=int, default=50_000)
+    ap.add_argument("--terminals", type=int, default=10)
+    ap.add_argument("--window", type=int, default=200, help="QoS 1 messages awaiting PUBACK per terminal")
+    ap.add_argument("--protocol", choices=["3.1.1", "5"], default="5")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="sg-bench-"))
+    store, hq = Mosquitto().start(), Mosquitto().start()
+    terminals = [f"till-{i:02d}" for i in range(1, args.terminals + 1)]
+    api_port = free_port()
+    cfg = work / "store.yaml"
+    cfg.write_text(gateway_config(work / "data", store.port, hq.port, api_port, terminals, args.protocol))
+    env = {**os.environ, "BENCH_API_TOKEN": TOKEN}
+    hq_db = work / "hq.db"
+    receiver = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "hq-receiver", "--port", str(hq.port), "--db", str(hq_db),
+         "--summary-every", "0"], cwd=ROOT, env=env,
+    )
+    gateway = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", str(cfg)], cwd=ROOT, env=env)
+    try:
+        wait_http(f"http://127.0.0.1:{api_port}/health")
+        # Realistic sales from the simulator's terminals, generated before the clock starts.
+        per_terminal = args.sales // len(terminals)
+        messages: list[list[tuple[str, bytes]]] = []
+        for n, device in enumerate(terminals):
+            till = PosTerminal(device, seed=n, return_ratio=0.0)
+            count = per_terminal + (1 if n < args.sales % len(terminals) else 0)
+            messages.append([(f"store/pos/{device}/sale", till.make_sale().payload) for _ in range(count)])
+        time.sleep(1.0)  # let the gateway's connections settle (session, subscriptions, birth message)
+
+        async def publish() -> list[tuple[float, float, int]]:
+            return await asyncio.gather(*(
+                publish_all("127.0.0.1", store.port, f"bench-{d}", msgs, args.window)
+                for d, msgs in zip(terminals, messages, strict=True)
+            ))
+
+        wall_start = time.time()
+        results = asyncio.run(publish())
+        acked = sum(r[2] for r in results)
+        publish_s = max(r[1] for r in results) - min(r[0] for r in results)
+        deadline = time.monotonic() + 300
+        while (got := hq_sales(hq_db))[0] < args.sales and time.monotonic() < deadline:
+            time.sleep(0.05)
+        count, last = got
+        rss = peak_rss_mb(gateway.pid)
+        if last is None:
+            print("HQ received nothing", file=sys.stderr)
+            return 1
+        last_receipt = datetime.fromisoformat(last).timestamp()
+        elapsed = last_receipt - wall_start
+        gateway.send_signal(signal.SIGTERM)
+        code = gateway.wait(30)
+        report = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "hq-receiver", "--db", str(hq_db), "--report"],
+            cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+        )
+        print(f"sales published (PUBACKed by the store broker): {acked} in {publish_s:.2f} s")
+        print(f"sales at HQ: {count} (exactly once: {count == args.sales})")
+        print(f"first device publish -> last HQ receipt: {elapsed:.2f} s = {args.sales / elapsed:,.0f} events/s")
+        print(f"gateway peak RSS (VmHWM): {rss:.1f} MB")
+        print(f"gateway exit code after SIGTERM: {code}; HQ gap report exit code: {report.returncode} (0 = no gap)")
+        return 0 if count == args.sales and code == 0 and report.returncode == 0 else 1
+    finally:
+        for proc in (gateway, receiver):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        store.close()
+        hq.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
