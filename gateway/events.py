@@ -12,9 +12,10 @@ import time
 import uuid
 from datetime import datetime
 from decimal import Decimal
+from collections.abc import Callable
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 
 SCHEMA_VERSION: Final = 1
 """Envelope schema version; bumped on any incompatible change to the envelope or a payload."""
@@ -39,10 +40,23 @@ class _Model(BaseModel):
 
 
 Sku = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")]
-# Magnitude bounds rather than max_digits/decimal_places: the same protection, at a third of the
-# validation cost (measured: 26 us -> 10 us per sale; bench/README "Where the time goes").
-Money = Annotated[Decimal, Field(ge=-(10**10), le=10**10, allow_inf_nan=False)]
-Quantity = Annotated[Decimal, Field(gt=0, le=10**6, allow_inf_nan=False)]
+
+
+def _places(limit: int) -> Callable[[Decimal], Decimal]:
+    def check(value: Decimal) -> Decimal:
+        exponent = value.as_tuple().exponent
+        if isinstance(exponent, int) and exponent < -limit:
+            raise ValueError(f"at most {limit} decimal places")
+        return value
+
+    return check
+
+
+# Bounds plus a cheap exponent check rather than max_digits/decimal_places: the same protection at under
+# half the validation cost (measured: 26 us -> 11 us per sale; README "Where the time goes").
+Money = Annotated[Decimal, Field(ge=-(10**10), le=10**10, allow_inf_nan=False), AfterValidator(_places(4))]
+NonNegativeMoney = Annotated[Decimal, Field(ge=0, le=10**10, allow_inf_nan=False), AfterValidator(_places(4))]
+Quantity = Annotated[Decimal, Field(gt=0, le=10**6, allow_inf_nan=False), AfterValidator(_places(3))]
 ShortText = Annotated[str, Field(min_length=1, max_length=64)]
 
 
@@ -55,7 +69,7 @@ class LineItem(_Model):
     )
     quantity: Quantity = Field(description="Units sold (or returned); decimals allowed for weighed goods.")
     unit_price: Money = Field(description="Price per unit, tax included, in the receipt's currency.")
-    discount: Money = Field(default=Decimal(0), ge=0, description="Discount on this line, total.")
+    discount: NonNegativeMoney = Field(default=Decimal(0), description="Discount on this line, total.")
 
 
 class Totals(_Model):

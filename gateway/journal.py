@@ -103,6 +103,7 @@ class Committed:
     bodies: list[bytes] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     duplicates: int = 0
+    duplicates_by_driver: dict[str, int] = field(default_factory=dict)
 
 
 class Processor(Protocol):
@@ -212,6 +213,9 @@ class Journal:
         """Queue an item for the next commit. False (and nothing queued) if the journal is over its limit."""
         if len(self._queue) >= QUEUE_LIMIT or self._stopping:
             return False
+        if isinstance(item, Draft) and len(item.data_json) > self._config.max_payload_bytes:
+            detail = f"event body {len(item.data_json)} bytes > journal.max_payload_bytes {self._config.max_payload_bytes}"
+            item = _as_rejected(item, ValueError(detail), reason="too_large")
         self._queue.append(item)
         if not self._wakeup.is_set():
             self._wakeup.set()
@@ -292,7 +296,8 @@ class Journal:
         started = time.perf_counter()
         self._busy = True
         try:
-            result = await loop.run_in_executor(self._writer, self._commit_sync, items, delivered)
+            # Shielded: once the thread runs COMMIT, its acks must follow even if we are being cancelled.
+            result = await asyncio.shield(loop.run_in_executor(self._writer, self._commit_sync, items, delivered))
         except sqlite3.Error as err:
             # Nothing was acknowledged: put everything back in order and retry after a pause.
             self._queue.extendleft(reversed(items))
@@ -308,7 +313,6 @@ class Journal:
         if self._failing:
             _LOGGER.warning("journal commits work again")
             self._failing = False
-        self._busy = False
         self._metrics.commits.observe(time.perf_counter() - started)
         for item in items:
             if item.ack is not None:
@@ -320,10 +324,34 @@ class Journal:
         self._metrics.last_seq.set(result.last_seq)
         for kind, count in result.kinds.items():
             self._metrics.committed.labels(kind).inc(count)
+        for driver, count in result.duplicates_by_driver.items():
+            self._metrics.duplicates.labels(driver).inc(count)
+        for r in result.rejected:
+            self._metrics.quarantined.labels(r.driver, r.reason).inc()
         for listener in self._listeners:
             listener(result)
 
     def _commit_sync(self, items: list[Draft | Rejected], delivered: int | None) -> Committed | None:
+        try:
+            return self._commit_batch(items, delivered)
+        except sqlite3.Error:
+            raise
+        except Exception:
+            _LOGGER.exception("processing a batch of %d failed; committing its items one by one", len(items))
+        # A bug or a poison event must not hold back good data: commit each item alone, and quarantine
+        # (with the error) the ones that fail on their own.
+        merged: Committed | None = None
+        for index, item in enumerate(items):
+            try:
+                part = self._commit_batch([item], delivered if index == 0 else None)
+            except sqlite3.Error:
+                raise
+            except Exception as err:  # noqa: BLE001 - any processing error quarantines this one item
+                part = self._commit_batch([_as_rejected(item, err)], delivered if index == 0 else None)
+            merged = _merge(merged, part)
+        return merged
+
+    def _commit_batch(self, items: list[Draft | Rejected], delivered: int | None) -> Committed | None:
         conn = self._conn
         assert conn is not None
         drafts = [i for i in items if isinstance(i, Draft)]
@@ -356,18 +384,21 @@ class Journal:
             for proc in self._processors:
                 proc.rollback(conn)
             raise
+        self.last_seq = seq
         if not rows and not rejected and not duplicates:
             return None
         kinds: dict[str, int] = {}
         for row in rows:
             kinds[row[2]] = kinds.get(row[2], 0) + 1
-        self.last_seq = seq
-        return Committed(first, seq, kinds, [r[6] for r in rows], rejected, duplicates)
+        return Committed(first, seq, kinds, [r[6] for r in rows], rejected, sum(duplicates.values()), duplicates)
 
-    def _drop_redeliveries(self, conn: sqlite3.Connection, drafts: list[Draft]) -> tuple[list[Draft], int]:
+    def _drop_redeliveries(
+        self, conn: sqlite3.Connection, drafts: list[Draft]
+    ) -> tuple[list[Draft], dict[str, int]]:
+        """Drafts whose dedup key is not committed yet; and the count of those dropped, per driver."""
         keys = [d.dedup_key for d in drafts if d.dedup_key is not None]
         if not keys:
-            return drafts, 0
+            return drafts, {}
         seen: set[str] = set()
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
@@ -376,13 +407,12 @@ class Journal:
                 r[0] for r in conn.execute(f"SELECT dedup_key FROM events WHERE dedup_key IN ({marks})", chunk)  # noqa: S608
             )
         fresh: list[Draft] = []
-        duplicates = 0
+        duplicates: dict[str, int] = {}
         for draft in drafts:
             key = draft.dedup_key
             if key is not None:
                 if key in seen:
-                    duplicates += 1
-                    self._metrics.duplicates.labels(draft.driver).inc()
+                    duplicates[draft.driver] = duplicates.get(draft.driver, 0) + 1
                     continue
                 seen.add(key)
             fresh.append(draft)
@@ -433,8 +463,6 @@ class Journal:
                 for r in rejected
             ],
         )
-        for r in rejected:
-            self._metrics.quarantined.labels(r.driver, r.reason).inc()
 
     # --- reads (uplink, API) ----------------------------------------------------------------------
 
@@ -463,3 +491,27 @@ class Journal:
         assert rconn is not None
         return await loop.run_in_executor(self._reader, lambda: rconn.execute(sql, params).fetchall())
 
+
+
+def _as_rejected(draft: Draft | Rejected, error: Exception, reason: str = "processing_error") -> Rejected:
+    """An item that cannot be committed as an event, kept in quarantine with the error."""
+    if isinstance(draft, Rejected):
+        return Rejected(draft.driver, reason, f"{draft.reason}: {error!r}"[:1000], draft.size, draft.payload,
+                        draft.topic, draft.device_id, draft.ack)
+    return Rejected(draft.driver, reason, f"{draft.kind}: {error!r}"[:1000], len(draft.data_json),
+                    draft.data_json, None, draft.device_id, draft.ack)
+
+
+def _merge(total: Committed | None, part: Committed | None) -> Committed | None:
+    if total is None or part is None:
+        return part or total
+    for kind, count in part.kinds.items():
+        total.kinds[kind] = total.kinds.get(kind, 0) + count
+    for driver, count in part.duplicates_by_driver.items():
+        total.duplicates_by_driver[driver] = total.duplicates_by_driver.get(driver, 0) + count
+    total.first_seq = min(total.first_seq, part.first_seq) if total.bodies else part.first_seq
+    total.last_seq = max(total.last_seq, part.last_seq)
+    total.bodies += part.bodies
+    total.rejected += part.rejected
+    total.duplicates += part.duplicates
+    return total

@@ -21,7 +21,7 @@ import ssl
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -103,7 +103,7 @@ class _BufferedPaho(paho.Client):
         if sock is None:
             raise ConnectionError("socket closed")
         try:
-            return sock.recv_into(view)
+            return int(cast(socket.socket, sock).recv_into(view))
         except ssl.SSLWantReadError as err:
             raise BlockingIOError from err
         except ssl.SSLWantWriteError as err:
@@ -189,7 +189,7 @@ class MqttClient:
         """Connect and wait for CONNACK; returns whether the broker had a session for us."""
         props: Properties | None = None
         if self._v5:
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 0 if self._clean_start else self._broker.session_expiry_s
             props.ReceiveMaximum = self._broker.receive_maximum
             props.MaximumPacketSize = MAX_PACKET_BYTES

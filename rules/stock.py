@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import sqlite3
 from dataclasses import dataclass
 from decimal import Decimal
@@ -48,22 +49,28 @@ class _Level:
     safety_stock: Decimal | None
     low: bool
     reported: Decimal
+    default_threshold: bool = True
+    """The threshold is the configured default (stored as NULL), not the SKU's own."""
 
 
 def read_initial_csv(path: Path) -> list[tuple[str, float, float | None]]:
     """Rows of ``sku,on_hand[,safety_stock]`` (a header row is allowed)."""
     rows: list[tuple[str, float, float | None]] = []
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        # utf-8-sig: Excel's "CSV UTF-8" starts the file with a byte-order mark.
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             for lineno, row in enumerate(csv.reader(fh), start=1):
                 if not row or row[0].strip().lower() in ("", "sku") or row[0].startswith("#"):
                     continue
                 try:
                     safety = float(row[2]) if len(row) > 2 and row[2].strip() else None
-                    rows.append((row[0].strip(), float(row[1]), safety))
+                    on_hand = float(row[1])
+                    if not math.isfinite(on_hand) or (safety is not None and not (math.isfinite(safety) and safety >= 0)):
+                        raise ValueError("on_hand must be a finite number, safety_stock a finite number >= 0")
+                    rows.append((row[0].strip(), on_hand, safety))
                 except (IndexError, ValueError) as err:
                     raise StockConfigError(f"{path}:{lineno}: expected sku,on_hand[,safety_stock]: {err}") from err
-    except OSError as err:
+    except (OSError, UnicodeDecodeError) as err:
         raise StockConfigError(f"cannot read {path}: {err}") from err
     return rows
 
@@ -84,26 +91,25 @@ class StockLedger:
         if self._config.initial_csv is not None:
             initial += read_initial_csv(self._config.initial_csv)
         initial += [(i.sku, i.on_hand, i.safety_stock) for i in self._config.items]
-        default = self._config.default_safety_stock
         # Initial levels apply once per SKU: a restart must not reset stock that sales have moved since.
+        # safety_stock NULL means "the configured default", resolved at load, so changing the default works.
         conn.execute("BEGIN")
         conn.executemany(
             "INSERT OR IGNORE INTO stock(sku, on_hand, safety_stock, low) VALUES (?,?,?,0)",
-            [(sku, on_hand, safety if safety is not None else default) for sku, on_hand, safety in initial],
+            [(sku, on_hand, safety) for sku, on_hand, safety in initial],
         )
         # Thresholds from config always win: HQ changes them by changing config.
-        conn.executemany(
-            "UPDATE stock SET safety_stock=? WHERE sku=?",
-            [(safety, sku) for sku, _, safety in initial if safety is not None],
-        )
+        conn.executemany("UPDATE stock SET safety_stock=? WHERE sku=?", [(safety, sku) for sku, _, safety in initial])
         conn.execute("COMMIT")
         self._load(conn)
 
     def _load(self, conn: sqlite3.Connection) -> None:
-        self._levels = {
-            sku: _Level(_dec(on_hand), None if safety is None else _dec(safety), bool(low), _dec(on_hand))
-            for sku, on_hand, safety, low in conn.execute("SELECT sku, on_hand, safety_stock, low FROM stock")
-        }
+        default = self._config.default_safety_stock
+        self._levels = {}
+        for sku, on_hand, safety, low in conn.execute("SELECT sku, on_hand, safety_stock, low FROM stock"):
+            threshold = safety if safety is not None else default
+            level = _dec(on_hand)
+            self._levels[sku] = _Level(level, None if threshold is None else _dec(threshold), bool(low), level, safety is None)
         self._moved.clear()
         self._first_cause.clear()
 
@@ -120,7 +126,7 @@ class StockLedger:
             if level is None:
                 self._metrics.stock_unknown_sku.inc()
                 default = self._config.default_safety_stock
-                level = _Level(Decimal(0), None if default is None else _dec(default), False, Decimal(0))
+                level = _Level(Decimal(0), None if default is None else _dec(default), False, Decimal(0), True)
                 self._levels[line.sku] = level
             level.on_hand += sign * line.quantity
             self._moved[line.sku] = seq
@@ -136,7 +142,8 @@ class StockLedger:
             level = self._levels[sku]
             was_low = level.low
             level.low = level.safety_stock is not None and level.on_hand <= level.safety_stock
-            rows.append((sku, float(level.on_hand), _float(level.safety_stock), seq, int(level.low)))
+            own_threshold = None if level.default_threshold else _float(level.safety_stock)
+            rows.append((sku, float(level.on_hand), own_threshold, seq, int(level.low)))
             data = {
                 "sku": sku,
                 "on_hand": _text(level.on_hand),

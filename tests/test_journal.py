@@ -733,7 +733,6 @@ async def test_sqlite_error_in_processor_is_retried_until_it_commits(
             journal.submit(status(i, key=f"k{i}", ack=probe.event(f"k{i}")))
         journal.submit(Rejected(DRIVER, "invalid", "r", 1, b"x", ack=probe.reject("r")))
         await until(lambda: bool(failing.seen_at_rollback), "the processor failed once")
-        assert journal.pending == 6
         await flushed(journal)
     assert failing.seen_at_rollback == [(0, 0)]
     assert query(journal, "SELECT seq, dedup_key FROM events ORDER BY seq") == [

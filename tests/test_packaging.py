@@ -86,6 +86,14 @@ def example_secret_names() -> list[str]:
     return [name.lower() for name in env_secret_names(load_yaml(EXAMPLE))] + [TLS_KEY_SECRET]
 
 
+def write_secrets(folder: Path) -> Path:
+    """One file per secret, as compose's ``secrets/`` folder holds them (with the trailing newline)."""
+    folder.mkdir()
+    for name in example_secret_names():
+        (folder / name).write_text(f"{name}-value-0123456789\n")
+    return folder
+
+
 def write_config(path: Path, data: Any) -> Path:
     path.write_text(json.dumps(data, indent=2))  # JSON is YAML
     return path
@@ -318,10 +326,7 @@ def test_compose_broker_uses_the_shipped_mosquitto_conf(compose: dict[str, Any])
 
 def test_the_docker_shaped_config_checks_ok(tmp_path: Path) -> None:
     """The example, edited as docker/README.md says, validates with the secrets compose mounts."""
-    secrets = tmp_path / "secrets"
-    secrets.mkdir()
-    for name in example_secret_names():
-        (secrets / name).write_text(f"{name}-value-0123456789\n")
+    secrets = write_secrets(tmp_path / "secrets")
     data = env_to_file_refs(load_yaml(EXAMPLE), str(secrets))
     data["store_broker"]["host"] = "broker"
     data["api"]["host"] = "0.0.0.0"
@@ -350,10 +355,7 @@ def running_gateway(
     tmp_path: Path, store_broker: Mosquitto, hq_broker: Mosquitto
 ) -> Iterator[RunningGateway]:
     """``store-gateway run`` as the image runs it: the example config, secrets read from files."""
-    secrets = tmp_path / "secrets"
-    secrets.mkdir()
-    for name in example_secret_names():
-        (secrets / name).write_text(f"{name}-value-0123456789\n")
+    secrets = write_secrets(tmp_path / "secrets")
     data = env_to_file_refs(load_yaml(EXAMPLE), str(secrets))
     data["data_dir"] = str(tmp_path / "data")
     data["store_broker"] |= {"host": store_broker.host, "port": store_broker.port}
@@ -398,41 +400,31 @@ def test_image_healthcheck_follows_the_gateway_and_sigterm_stops_it(
 
 
 @pytest.fixture
-def compose_broker(tmp_path: Path) -> Iterator[Mosquitto]:
+def compose_broker() -> Iterator[Mosquitto]:
     """mosquitto running docker/mosquitto/mosquitto.conf, with paths moved to tmp and a loopback port."""
     broker = Mosquitto()
-    passwd = broker.dir / "passwd"
-    for user in ("gateway", "pos-01"):
-        subprocess.run(
-            [
-                "mosquitto_passwd",
-                "-b",
-                *(["-c"] if user == "gateway" else []),
-                str(passwd),
-                user,
-                f"{user}-pw",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-    conf = MOSQUITTO_CONF.read_text()
-    for old, new in {
-        "listener 1883\n": f"listener {broker.port} 127.0.0.1\n",
-        "/mosquitto/config/passwd": str(passwd),
-        "/mosquitto/data/": f"{broker.dir}/",
-    }.items():
-        assert old in conf, old
-        conf = conf.replace(old, new)
-    broker.conf.write_text(conf)
-    if os.geteuid() == 0:
-        # Started as root, mosquitto drops to its own user before it reads passwd and writes its queue;
-        # the image's entrypoint chowns /mosquitto for the same reason.
-        for path in (broker.dir, *broker.dir.iterdir()):
-            shutil.chown(path, user="mosquitto", group="mosquitto")
-    broker.start()
-    yield broker
-    broker.close()
+    try:
+        passwd = broker.dir / "passwd"
+        for flags, user in ((["-c"], "gateway"), ([], "pos-01")):
+            command = ["mosquitto_passwd", "-b", *flags, str(passwd), user, f"{user}-pw"]
+            subprocess.run(command, check=True, capture_output=True, timeout=30)
+        conf = MOSQUITTO_CONF.read_text()
+        for old, new in {
+            "listener 1883\n": f"listener {broker.port} 127.0.0.1\n",
+            "/mosquitto/config/passwd": str(passwd),
+            "/mosquitto/data/": f"{broker.dir}/",
+        }.items():
+            assert old in conf, old
+            conf = conf.replace(old, new)
+        broker.conf.write_text(conf)
+        if os.geteuid() == 0:
+            # Started as root, mosquitto drops to its own user before it reads passwd and writes its
+            # queue; the image's entrypoint chowns /mosquitto for the same reason.
+            for path in (broker.dir, *broker.dir.iterdir()):
+                shutil.chown(path, user="mosquitto", group="mosquitto")
+        yield broker.start()
+    finally:
+        broker.close()
 
 
 def broker_config(broker: Mosquitto, user: str | None) -> BrokerConfig:

@@ -64,10 +64,10 @@ class TopicRouter:
 
     def route(self, topic: str) -> tuple[str, str] | Rejection:
         for regex, kind in self._routes:
-            match = regex.match(topic)
+            match = regex.fullmatch(topic)
             if match is not None:
                 device_id = match.group(1)
-                if not _DEVICE_ID.match(device_id):
+                if not _DEVICE_ID.fullmatch(device_id):
                     return Rejection("bad_device_id", f"device id {device_id[:80]!r} is not a valid id")
                 if not self._accept_unknown and device_id not in self._known:
                     return Rejection("unknown_device", f"device {device_id!r} is not configured", device_id)
@@ -87,6 +87,8 @@ def decode_message(router: TopicRouter, topic: str, payload: bytes) -> Decoded |
         message = _ADAPTERS[kind].validate_json(payload)
     except ValidationError as err:
         return Rejection(_reason(err), _summarise(err), device_id)
+    except (ValueError, TypeError) as err:  # pydantic can leak these for odd inputs (pydantic#12284)
+        return Rejection("invalid", _printable(str(err)), device_id)
     occurred = message.occurred_at
     return Decoded(
         kind=kind,
@@ -94,7 +96,7 @@ def decode_message(router: TopicRouter, topic: str, payload: bytes) -> Decoded |
         data=message,
         data_json=message.model_dump_json(exclude={"occurred_at"}).encode(),
         occurred_at=None if occurred is None else _iso(occurred),
-        dedup_key=f"{device_id}/{kind}/{message.receipt_no}",
+        dedup_key=f"{device_id}/{kind}/{message.register_id}/{message.receipt_no}",
     )
 
 
@@ -110,7 +112,15 @@ def _reason(err: ValidationError) -> str:
 def _summarise(err: ValidationError) -> str:
     parts = []
     for e in err.errors(include_url=False, include_input=False)[:5]:
-        loc = ".".join(str(p) for p in e["loc"]) or "(message)"
-        parts.append(f"{loc}: {e['msg']}")
+        # An unknown key is part of loc: the sender chose it, so bound it and escape it (no log injection).
+        loc = ".".join(str(p) if isinstance(p, int) else _printable(p, 40) for p in e["loc"]) or "(message)"
+        parts.append(f"{loc}: {_printable(e['msg'], 200)}")
     more = err.error_count() - len(parts)
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """Text safe for a log line: control characters escaped, length bounded."""
+    if not text.isprintable():
+        text = repr(text)[1:-1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."

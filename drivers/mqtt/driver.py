@@ -86,7 +86,7 @@ class MqttIntake:
         self._received.inc()
         ack = functools.partial(client.ack, message.mid, message.qos) if message.qos else None
         topic = message.topic
-        payload = message.payload
+        payload = bytes(message.payload)
         decoded = decode_message(self._router, topic, payload)
         item: Draft | Rejected
         if isinstance(decoded, Rejection):
