@@ -131,9 +131,14 @@ def connect(path: Path, synchronous: str = "FULL", readonly: bool = False) -> sq
         conn = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
     else:
         conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.execute("PRAGMA busy_timeout=5000")
+    try:
+        if not readonly:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+        conn.execute("PRAGMA busy_timeout=5000")
+    except sqlite3.Error:
+        conn.close()
+        raise
     return conn
 
 
@@ -185,12 +190,19 @@ class Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = connect(self.path, self._config.synchronous)
+        except sqlite3.DatabaseError as err:
+            raise JournalError(f"cannot open journal {self.path}: {err}") from err
+        try:
             conn.executescript(SCHEMA)
             for proc in self._processors:
                 proc.setup(conn)
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as err:
+            conn.close()
             raise JournalError(f"cannot open journal {self.path}: {err}") from err
+        except BaseException:
+            conn.close()
+            raise
         max_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
         self.last_seq = max(int(meta.get("last_seq", 0)), int(max_seq))
         self.delivered_seq = int(meta.get("delivered_seq", 0))
@@ -295,22 +307,28 @@ class Journal:
             return
         started = time.perf_counter()
         self._busy = True
+        cancelled: asyncio.CancelledError | None = None
+        leftover: list[Draft | Rejected] = []
         try:
-            # Shielded: once the thread runs COMMIT, its acks must follow even if we are being cancelled.
-            result = await asyncio.shield(loop.run_in_executor(self._writer, self._commit_sync, items, delivered))
+            future = loop.run_in_executor(self._writer, self._commit_sync, items, delivered)
+            while True:
+                try:
+                    result, leftover = await asyncio.shield(future)
+                    break
+                except asyncio.CancelledError as err:
+                    # Once the thread may COMMIT, its acks must follow: finish the bookkeeping, then stop.
+                    cancelled = err
         except sqlite3.Error as err:
-            # Nothing was acknowledged: put everything back in order and retry after a pause.
-            self._queue.extendleft(reversed(items))
-            if delivered is not None and self._delivered_pending is None:
-                self._delivered_pending = delivered
-            if not self._failing:
-                _LOGGER.error("journal commit failed, retrying every second: %s", err)
-            self._failing = True
-            await asyncio.sleep(1)
-            return
+            result, leftover = None, items
+            self._commit_failed(err, delivered)
         finally:
             self._busy = False
-        if self._failing:
+        if leftover:
+            # Nothing of the leftover was committed or acknowledged: put it back in order, retry after a pause.
+            self._queue.extendleft(reversed(leftover))
+            items = items[: len(items) - len(leftover)]
+            self._failing = True
+        elif self._failing:
             _LOGGER.warning("journal commits work again")
             self._failing = False
         self._metrics.commits.observe(time.perf_counter() - started)
@@ -318,8 +336,22 @@ class Journal:
             if item.ack is not None:
                 item.ack()
         self._wake_waiters()
-        if result is None:
-            return
+        if result is not None:
+            self._publish(result)
+        if cancelled is not None:
+            raise cancelled
+        if leftover:
+            await asyncio.sleep(1)
+
+    def _commit_failed(self, err: sqlite3.Error, delivered: int | None) -> None:
+        if delivered is not None and self._delivered_pending is None:
+            self._delivered_pending = delivered
+        if not self._failing:
+            _LOGGER.error("journal commit failed, retrying every second: %s", err)
+        self._failing = True
+
+    def _publish(self, result: Committed) -> None:
+        """Metrics and listeners, after COMMIT."""
         self.last_seq = result.last_seq
         self._metrics.last_seq.set(result.last_seq)
         for kind, count in result.kinds.items():
@@ -331,9 +363,12 @@ class Journal:
         for listener in self._listeners:
             listener(result)
 
-    def _commit_sync(self, items: list[Draft | Rejected], delivered: int | None) -> Committed | None:
+    def _commit_sync(
+        self, items: list[Draft | Rejected], delivered: int | None
+    ) -> tuple[Committed | None, list[Draft | Rejected]]:
+        """Commit the batch; returns what was committed and the items NOT committed (a SQLite failure)."""
         try:
-            return self._commit_batch(items, delivered)
+            return self._commit_batch(items, delivered), []
         except sqlite3.Error:
             raise
         except Exception:
@@ -342,14 +377,21 @@ class Journal:
         # (with the error) the ones that fail on their own.
         merged: Committed | None = None
         for index, item in enumerate(items):
+            mark = delivered if index == 0 else None
             try:
-                part = self._commit_batch([item], delivered if index == 0 else None)
-            except sqlite3.Error:
-                raise
-            except Exception as err:  # noqa: BLE001 - any processing error quarantines this one item
-                part = self._commit_batch([_as_rejected(item, err)], delivered if index == 0 else None)
+                try:
+                    part = self._commit_batch([item], mark)
+                except sqlite3.Error:
+                    raise
+                except Exception as err:  # noqa: BLE001 - any processing error quarantines this one item
+                    part = self._commit_batch([_as_rejected(item, err)], mark)
+            except sqlite3.Error as err:
+                if index == 0:
+                    raise
+                _LOGGER.error("journal commit failed after %d of %d items: %s", index, len(items), err)
+                return merged, items[index:]
             merged = _merge(merged, part)
-        return merged
+        return merged, []
 
     def _commit_batch(self, items: list[Draft | Rejected], delivered: int | None) -> Committed | None:
         conn = self._conn

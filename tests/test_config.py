@@ -407,7 +407,7 @@ def test_demo_config() -> None:
     ]
     assert [(d.id, d.profile) for d in cfg.devices] == [(f"pos-0{n}", "pos_terminal") for n in (1, 2, 3)]
     assert [i.sku for i in cfg.stock.items] == [f"SKU-{n:04d}" for n in range(1, 21)]
-    assert {(i.on_hand, i.safety_stock) for i in cfg.stock.items} == {(200, 20)}
+    assert {(i.on_hand, i.safety_stock) for i in cfg.stock.items} == {(200, 20), (26, 20)}  # 3 SKUs start low
     assert cfg.api.port == 18080
     assert cfg.data_dir == Path("/tmp/demo-data")
     assert "demo-token-0123456789" not in repr(cfg)

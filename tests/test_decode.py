@@ -181,23 +181,15 @@ def test_valid_device_ids(device_id: str) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: drivers/mqtt/decode.py:70 uses re.match with ID_PATTERN ending in '$', which also matches "
-    "before a trailing newline, so 'pos1\\n' passes as a device id; use _DEVICE_ID.fullmatch (or \\Z)",
-)
 def test_device_id_with_trailing_newline_is_invalid() -> None:
+    """Python's '$' also matches before a final newline: the id check must match the whole id."""
     result = make_router(unknown_devices="accept").route("store/pos/pos1\n/sale")
     assert isinstance(result, Rejection)
     assert result.reason == "bad_device_id"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: drivers/mqtt/decode.py:67 / config.py:175 route regexes end in '$' and use regex.match, so"
-    " 'store/pos/pos1/sale\\n' is routed as a sale of pos1; use regex.fullmatch",
-)
 def test_topic_with_trailing_newline_is_unknown() -> None:
+    """Same '$' trap for the route regexes."""
     result = make_router().route("store/pos/pos1/sale\n")
     assert isinstance(result, Rejection)
     assert result.reason == "unknown_topic"
@@ -266,7 +258,7 @@ def test_valid_return() -> None:
     assert result.kind == "pos.return"
     assert isinstance(result.data, PosReturn)
     assert result.data.original_receipt_no == "R-0000"
-    assert result.dedup_key == "pos-2/pos.return/R-0001"
+    assert result.dedup_key == '["pos-2","pos.return","REG1","R-0001"]'
     assert orjson.loads(result.data_json)["reason"] == "damaged"
 
 
@@ -417,16 +409,10 @@ def test_invalid_payloads(changes: dict[str, Any], expected: str) -> None:
     assert len(result.detail) < 1000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: gateway/events.py:58 LineItem.discount is 'Money' (Annotated ge=-10**10) plus Field(ge=0);"
-    " pydantic applies both Ge constraints in order and the later ge=-10**10 replaces ge=0, so a "
-    "negative discount is accepted. Declare discount with its own Annotated[Decimal, Field(ge=0, "
-    "le=10**10, allow_inf_nan=False)].",
-)
 def test_negative_discount_is_invalid() -> None:
+    """The discount's own ge=0 must not be overridden by the Money bounds."""
     result = rejected(decode(sale(lines=[line(discount=-1)])))
-    assert "lines.0.discount" in result.detail
+    assert result.detail == "lines.0.discount: Input should be greater than or equal to 0"
 
 
 @pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e400", b"-1e400"])
@@ -460,21 +446,23 @@ def test_many_bad_lines_give_a_bounded_detail() -> None:
     assert len(result.detail) < 1000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: drivers/mqtt/decode.py:113 puts each error's loc into the detail verbatim; with "
-    "extra='forbid' the loc of an unknown key is the key itself, so a sender controls the detail's "
-    "length and can put newlines/escape codes in it (log injection). Truncate and repr() non-index "
-    "loc parts.",
-)
 @pytest.mark.parametrize(
     "key", ["k" * 5000, "evil\nINFO fake log line", "\x1b[31mred"], ids=["long", "newline", "escape"]
 )
 def test_detail_is_bounded_and_printable_whatever_the_keys(key: str) -> None:
+    """An unknown key is part of the error location: the sender chose it (log injection, huge details)."""
     result = rejected(decode(sale(**{key: 1})))
     assert result.reason == "invalid"
-    assert len(result.detail) <= 1000
+    assert len(result.detail) <= 300
     assert result.detail.isprintable()
+    assert result.detail.endswith(": Extra inputs are not permitted")
+
+
+def test_detail_of_many_long_unknown_keys_is_bounded() -> None:
+    body = sale(**{f"{i}" + "k" * 3000: 1 for i in range(50)})
+    result = rejected(decode(body, max_payload_bytes=4 * 1024 * 1024))
+    assert result.detail.endswith("; and 45 more")
+    assert len(result.detail) <= 1500
 
 
 # --- occurred_at ----------------------------------------------------------------------------------
@@ -559,7 +547,14 @@ def test_decoded_is_immutable() -> None:
 
 
 def test_dedup_key_format() -> None:
-    assert decoded(decode(sale(receipt_no="R/42 b"))).dedup_key == "pos1/pos.sale/R/42 b"
+    assert decoded(decode(sale(receipt_no="R/42 b"))).dedup_key == '["pos1","pos.sale","REG1","R/42 b"]'
+    assert decoded(decode(sale(), "store/pos/pos-2/return")).dedup_key == '["pos-2","pos.return","REG1","R-0001"]'
+
+
+def test_dedup_key_is_unambiguous() -> None:
+    first = decoded(decode(sale(register_id="A/B", receipt_no="C")))
+    second = decoded(decode(sale(register_id="A", receipt_no="B/C")))
+    assert first.dedup_key != second.dedup_key
 
 
 def test_dedup_key_separates_devices_and_kinds() -> None:
@@ -577,38 +572,44 @@ def test_dedup_key_ignores_occurred_at_and_content() -> None:
     assert first.dedup_key == again.dedup_key
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: drivers/mqtt/decode.py:97 builds the dedup key from device, kind and receipt_no only, but "
-    "PosSale.receipt_no is documented as 'unique per register'; two registers behind one device id "
-    "that reuse a receipt number lose the second sale as a 'duplicate'. Include register_id in the "
-    "key.",
-)
 def test_same_receipt_number_on_two_registers_are_different_sales() -> None:
+    """receipt_no is unique per register, so the register is part of the key."""
     first = decoded(decode(sale(register_id="REG1")))
     second = decoded(decode(sale(register_id="REG2")))
     assert first.dedup_key != second.dedup_key
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: gateway/events.py:45 Quantity has no bound on decimal places or exponent, so '1E-999990' "
-    "is a valid quantity; rules/stock.py:_text then renders on-hand as a ~1 MB string in "
-    "stock.level. Bound the exponent (e.g. decimal_places=3, or a cheap exponent check in a "
-    "validator).",
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"quantity": "1E-999990"}, "lines.0.quantity: Value error, at most 3 decimal places"),
+        ({"quantity": "0.0004"}, "lines.0.quantity: Value error, at most 3 decimal places"),
+        ({"quantity": [0, [1], -999999999]}, "lines.0.quantity: Value error, at most 3 decimal places"),
+    ],
 )
-def test_quantity_with_absurd_precision_is_invalid() -> None:
-    assert isinstance(decode(sale(lines=[line(quantity="1E-999990")])), Rejection)
+def test_absurd_precision_is_invalid(changes: dict[str, Any], expected: str) -> None:
+    """A 30-byte '1E-999990' would otherwise become a megabyte of on-hand text in stock.level."""
+    result = rejected(decode(sale(lines=[line(**changes)])))
+    assert result.detail == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: drivers/mqtt/decode.py:88 catches only ValidationError, but pydantic 2.13 feeds a JSON "
-    "array of 3 items given for a Decimal to decimal.Decimal((sign, digits, exp)) "
-    "(pydantic#12284/#12500) and a bad tuple escapes as a bare ValueError: one message raises out of"
-    " the MQTT on_message callback. Catch (ValidationError, ValueError, TypeError) -> "
-    "Rejection('invalid', ...).",
+@pytest.mark.parametrize(
+    ("changes", "kept"),
+    [
+        ({"quantity": "0.001"}, "0.001"),
+        ({"quantity": "1E+6"}, "1E+6"),
+        ({"unit_price": "0.00001"}, "0.00001"),
+    ],
 )
+def test_precision_at_the_limits_is_valid(changes: dict[str, Any], kept: str) -> None:
+    data = orjson.loads(decoded(decode(sale(lines=[line(**changes)]))).data_json)
+    assert data["lines"][0][next(iter(changes))] == kept
+
+
+def test_trailing_zeros_do_not_count_as_decimal_places() -> None:
+    assert isinstance(decode(sale(lines=[line(quantity="1.5000")])), Decoded)
+
+
 @pytest.mark.parametrize(
     ("where", "bad"),
     [
@@ -620,13 +621,17 @@ def test_quantity_with_absurd_precision_is_invalid() -> None:
     ],
 )
 def test_three_item_array_as_a_number_is_rejected_not_raised(where: str, bad: list[Any]) -> None:
+    """pydantic passes a 3-item array to Decimal((sign, digits, exp)) (pydantic#12284), which can raise a
+    bare ValueError; found by test_random_sale_shaped_json_never_raises."""
     if where == "total":
         body = sale(totals={"subtotal": 1, "total": bad})
     elif where == "amount":
         body = sale(payments=[{"method": "cash", "amount": bad}])
     else:
         body = sale(lines=[line(**{where: bad})])
-    assert rejected(decode(body)).reason == "invalid"
+    result = rejected(decode(body))
+    assert result.reason == "invalid"
+    assert result.detail.isprintable()
 
 
 # --- properties: nothing makes the decoder raise --------------------------------------------------
@@ -640,13 +645,10 @@ JSON_SCALARS = (
     | st.text(max_size=20)
     | st.sampled_from(["NaN", "1E-9999", "1e400", "-0", "2024-05-01T10:00:00+08:00", "HKD", "cash"])
 )
-# Arrays of exactly 3 items are left out: where a number is expected they make decode_message raise (the xfail
-# test above); with them in, these properties would only rediscover that bug.
 JSON_VALUES = st.recursive(
     JSON_SCALARS,
     lambda children: (
-        st.lists(children, max_size=5).filter(lambda items: len(items) != 3)
-        | st.dictionaries(st.text(max_size=12), children, max_size=6)
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=6)
     ),
     max_leaves=30,
 )
@@ -682,11 +684,16 @@ def check_result(result: Decoded | Rejection, topic: str) -> None:
         assert result.reason in REASONS
         assert isinstance(result.detail, str)
         assert result.detail
+        assert result.detail.isprintable()
+        assert len(result.detail) <= 2100
         return
     assert isinstance(result, Decoded)
     assert result.kind in ("pos.sale", "pos.return")
     assert f"/{result.device_id}/" in topic
-    assert result.dedup_key == f"{result.device_id}/{result.kind}/{result.data.receipt_no}"
+    assert (
+        result.dedup_key
+        == orjson.dumps((result.device_id, result.kind, result.data.register_id, result.data.receipt_no)).decode()
+    )
     data = orjson.loads(result.data_json)
     assert "occurred_at" not in data
     PosReturn.model_validate(data) if result.kind == "pos.return" else PosSale.model_validate(data)

@@ -166,6 +166,14 @@ class AckProbe:
 
         return ack
 
+    def quarantined(self, reason: str) -> Callable[[], None]:
+        def ack() -> None:
+            self.calls.append(reason)
+            found = query(self._journal, "SELECT COUNT(*) FROM quarantine WHERE reason=?", (reason,))[0][0]
+            self.committed_when_acked[reason] = found == 1
+
+        return ack
+
     def reject(self, detail: str) -> Callable[[], None]:
         def ack() -> None:
             self.calls.append(detail)
@@ -214,6 +222,48 @@ class FailingProcessor:
         with contextlib.closing(sqlite3.connect(self.path)) as other:
             events = other.execute("SELECT COUNT(*) FROM events").fetchone()[0]
         self.seen_at_rollback.append((events, len(self.probe.calls) if self.probe else 0))
+
+
+class PoisonProcessor:
+    """Raises on any draft whose data mentions 'poison' (an event the processor cannot handle)."""
+
+    def setup(self, conn: sqlite3.Connection) -> None:
+        del conn
+
+    def apply(self, seq: int, draft: Draft) -> None:
+        del seq
+        if b"poison" in draft.data_json:
+            raise RuntimeError("cannot process a poison event")
+
+    def flush(self, conn: sqlite3.Connection, first_seq: int, last_seq: int) -> list[Draft]:
+        del conn, first_seq, last_seq
+        return []
+
+    def rollback(self, conn: sqlite3.Connection) -> None:
+        del conn
+
+
+class ScriptedProcessor:
+    """On its n-th apply() raises the n-th error of the script (None: no error); fine after the script."""
+
+    def __init__(self, script: list[type[Exception] | None]) -> None:
+        self.script = list(script)
+
+    def setup(self, conn: sqlite3.Connection) -> None:
+        del conn
+
+    def apply(self, seq: int, draft: Draft) -> None:
+        del seq, draft
+        error = self.script.pop(0) if self.script else None
+        if error is not None:
+            raise error("scripted failure")
+
+    def flush(self, conn: sqlite3.Connection, first_seq: int, last_seq: int) -> list[Draft]:
+        del conn, first_seq, last_seq
+        return []
+
+    def rollback(self, conn: sqlite3.Connection) -> None:
+        del conn
 
 
 class BlockingProcessor:
@@ -373,7 +423,7 @@ async def test_every_body_is_a_valid_envelope(tmp_path: Path, synced: bool) -> N
         }
         payload_adapter(kind).validate_python(raw["data"])
         if kind.startswith("pos."):
-            assert dedup_key == f"{device_id}/{kind}/R1"
+            assert dedup_key == f'["{device_id}","{kind}","REG1","R1"]'
     assert [e.device_id for e in envelopes] == ["pos1", "pos-2", "pos1", None, None, None]
     assert envelopes[0].occurred_at == datetime.fromisoformat("2024-05-01T10:15:30.250+08:00")
     assert envelopes[1].occurred_at is None
@@ -435,7 +485,7 @@ async def test_dedup_within_a_batch_across_batches_and_after_reopen(tmp_path: Pa
     probe = AckProbe(journal)
     commits: list[Committed] = []
     journal.add_listener(commits.append)
-    sale = "pos1/pos.sale/R1"
+    sale = '["pos1","pos.sale","REG1","R1"]'
     async with running(journal):
         journal.submit(pos_draft("R1", [("TEA", "1")], ack=probe.event(sale)))
         journal.submit(pos_draft("R1", [("TEA", "1")], ack=probe.event(sale)))
@@ -456,12 +506,12 @@ async def test_dedup_within_a_batch_across_batches_and_after_reopen(tmp_path: Pa
     probe = AckProbe(journal)
     async with running(journal):
         journal.submit(pos_draft("R1", [("TEA", "9")], ack=probe.event(sale)))
-        journal.submit(pos_draft("R2", [("TEA", "1")], ack=probe.event("pos1/pos.sale/R2")))
-    assert probe.calls == [sale, "pos1/pos.sale/R2"]
+        journal.submit(pos_draft("R2", [("TEA", "1")], ack=probe.event('["pos1","pos.sale","REG1","R2"]')))
+    assert probe.calls == [sale, '["pos1","pos.sale","REG1","R2"]']
     assert sample(metrics, "storegw_messages_duplicate_total", driver=DRIVER) == 1
     assert query(journal, "SELECT seq, dedup_key FROM events ORDER BY seq") == [
         (1, sale),
-        (2, "pos1/pos.sale/R2"),
+        (2, '["pos1","pos.sale","REG1","R2"]'),
     ]
     body = query(journal, "SELECT body FROM events WHERE seq=1")[0][0]
     assert orjson.loads(body)["data"]["lines"][0]["quantity"] == "1"
@@ -546,20 +596,26 @@ async def test_rejected_items_are_quarantined_and_acked(tmp_path: Path) -> None:
     assert [len(c.rejected) for c in commits] == [2]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: gateway/config.py:141 JournalConfig.max_payload_bytes says 'Largest event body stored; "
-    "larger is quarantined' but gateway/journal.py never reads it: a draft of any size is committed."
-    " Check len(data_json) in _commit_sync (or submit) and quarantine it as 'too_large'.",
-)
 async def test_draft_over_max_payload_bytes_is_quarantined(tmp_path: Path) -> None:
-    journal = new_journal(tmp_path, config=JournalConfig(max_payload_bytes=1024))
+    metrics = Metrics()
+    journal = new_journal(tmp_path, metrics=metrics, config=JournalConfig(max_payload_bytes=1024))
+    probe = AckProbe(journal)
+    data = orjson.dumps({"status": "error", "reason": "x" * 5000})
     async with running(journal):
-        journal.submit(
-            Draft("device.status", "pos1", orjson.dumps({"status": "error", "reason": "x" * 5000}))
+        assert journal.submit(
+            Draft("device.status", "pos1", data, ack=probe.quarantined("too_large"), driver=DRIVER)
         )
-    assert query(journal, "SELECT COUNT(*) FROM events") == [(0,)]
-    assert query(journal, "SELECT COUNT(*) FROM quarantine") == [(1,)]
+        assert journal.submit(status(1, key="small", ack=probe.event("small")))
+    assert query(journal, "SELECT seq, dedup_key FROM events") == [(1, "small")]
+    [(driver, device_id, reason, detail, size, payload)] = query(
+        journal, "SELECT driver, device_id, reason, detail, size, payload FROM quarantine"
+    )
+    assert (driver, device_id, reason, size) == (DRIVER, "pos1", "too_large", len(data))
+    assert "1024" in detail
+    assert payload == data[:QUARANTINE_KEEP_BYTES]
+    assert probe.calls == ["too_large", "small"]
+    assert all(probe.committed_when_acked.values())
+    assert sample(metrics, "storegw_messages_quarantined_total", driver=DRIVER, reason="too_large") == 1
 
 
 # --- delivered seq --------------------------------------------------------------------------------
@@ -633,7 +689,7 @@ async def test_read_after_sees_new_commits(tmp_path: Path) -> None:
 
 async def test_group_commit_of_5000_drafts(tmp_path: Path) -> None:
     metrics = Metrics()
-    journal = new_journal(tmp_path, metrics=metrics)
+    journal = new_journal(tmp_path, metrics=metrics, config=JournalConfig(commit_max_events=2000))
     acked = 0
 
     def ack() -> None:
@@ -691,32 +747,34 @@ async def test_listener_sees_what_one_commit_wrote(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("error", [sqlite3.OperationalError, RuntimeError])
-async def test_processor_error_rolls_back_the_whole_batch(tmp_path: Path, error: type[Exception]) -> None:
-    """Whatever the error, at the moment of the failure nothing of the batch is visible and nothing is acked.
-
-    (What happens next differs: see the retry test and the xfail test below.)
-    """
+async def test_processor_error_rolls_back_the_batch_then_commits_it_once(
+    tmp_path: Path, error: type[Exception]
+) -> None:
+    """At the failure nothing of the batch is visible and nothing is acked; then (a retry after a
+    second for SQLite errors, one item at a time for other errors) everything is committed once."""
     failing = FailingProcessor(error, failures=1)
     journal = new_journal(tmp_path, processors=[failing])
     failing.path = journal.path
     probe = AckProbe(journal)
     failing.probe = probe
-    await journal.open()
-    writer = asyncio.create_task(journal.run(), name="journal-writer-under-test")
-    try:
+    commits: list[Committed] = []
+    journal.add_listener(commits.append)
+    async with running(journal):
         for i in range(5):
             journal.submit(status(i, key=f"k{i}", ack=probe.event(f"k{i}")))
         journal.submit(Rejected(DRIVER, "invalid", "r", 1, b"x", ack=probe.reject("r")))
         await until(lambda: bool(failing.seen_at_rollback), "the processor failed once")
-    finally:
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError, error):
-            await writer
-        await journal.close()
+        await flushed(journal)
+        assert journal.submit(status(5, key="k5", ack=probe.event("k5")))
     assert failing.seen_at_rollback == [(0, 0)]
+    expected = [(i + 1, f"k{i}") for i in range(6)]
+    assert query(journal, "SELECT seq, dedup_key FROM events ORDER BY seq") == expected
+    assert query(journal, "SELECT detail FROM quarantine") == [("r",)]
+    assert probe.calls == [f"k{i}" for i in range(5)] + ["r", "k5"]
     assert all(probe.committed_when_acked.values())
-    committed = query(journal, "SELECT COUNT(*) FROM events")[0][0]
-    assert committed == len([c for c in probe.calls if c != "r"])
+    bodies = [b for c in commits for b in c.bodies]
+    assert [orjson.loads(b)["seq"] for b in bodies] == list(range(1, 7))
+    assert all(c.first_seq <= c.last_seq for c in commits)
 
 
 async def test_sqlite_error_in_processor_is_retried_until_it_commits(
@@ -762,35 +820,32 @@ async def test_failed_commit_does_not_move_stock_twice(tmp_path: Path) -> None:
     assert (level["on_hand"], level["delta"]) == ("7", "-3")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: gateway/journal.py:277 requeues a failed batch only for sqlite3.Error. Any other exception"
-    " from a processor (a bug, decimal.InvalidOperation, ...) propagates out of run(): the batch is "
-    "dropped from the queue unacked, later items are drained and committed AHEAD of it, the writer "
-    "stops (submit() -> False) and flush() returns as if all were committed. Treat every Exception "
-    "like sqlite3.Error (rollback, requeue, retry).",
-)
-async def test_non_sqlite_error_in_processor_is_retried_too(tmp_path: Path) -> None:
-    failing = FailingProcessor(RuntimeError, failures=1)
-    journal = new_journal(tmp_path, processors=[failing])
-    failing.path = journal.path
+async def test_a_poison_event_is_quarantined_and_the_rest_committed(tmp_path: Path) -> None:
+    """A processor that fails on one event (a bug, a poison message) must not hold back the others."""
+    poison = PoisonProcessor()
+    journal = new_journal(tmp_path, processors=[poison])
     probe = AckProbe(journal)
     async with running(journal):
-        journal.submit(status(1, key="k1", ack=probe.event("k1")))
-        await until(lambda: bool(failing.seen_at_rollback), "the processor failed once")
-        await asyncio.sleep(0)
-        assert journal.submit(status(2, key="k2", ack=probe.event("k2")))
+        journal.submit(status(0, key="k0", ack=probe.event("k0")))
+        poisoned = b'{"status":"error","reason":"poison"}'
+        journal.submit(Draft("device.status", "pos1", poisoned, ack=probe.quarantined("processing_error")))
+        journal.submit(status(2, key="k2", ack=probe.event("k2")))
         await flushed(journal)
-    assert query(journal, "SELECT seq, dedup_key FROM events ORDER BY seq") == [(1, "k1"), (2, "k2")]
-    assert probe.calls == ["k1", "k2"]
+        journal.submit(status(3, key="k3", ack=probe.event("k3")))
+    assert query(journal, "SELECT seq, dedup_key FROM events ORDER BY seq") == [
+        (1, "k0"),
+        (2, "k2"),
+        (3, "k3"),
+    ]
+    [(reason, detail, payload)] = query(journal, "SELECT reason, detail, payload FROM quarantine")
+    assert reason == "processing_error"
+    assert "RuntimeError" in detail
+    assert "poison" in detail
+    assert b"poison" in payload
+    assert probe.calls == ["k0", "processing_error", "k2", "k3"]
+    assert all(probe.committed_when_acked.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: gateway/journal.py:365 counts storegw_messages_duplicate inside the transaction; when the "
-    "commit fails and the batch is retried, each duplicate is counted again. Count after COMMIT "
-    "(return the per-driver counts from _commit_sync).",
-)
 async def test_duplicate_metric_counts_once_when_the_commit_is_retried(tmp_path: Path) -> None:
     metrics = Metrics()
     failing = FailingProcessor(sqlite3.OperationalError, failures=0)
@@ -806,6 +861,19 @@ async def test_duplicate_metric_counts_once_when_the_commit_is_retried(tmp_path:
     assert len(failing.seen_at_rollback) == 1
     assert query(journal, "SELECT COUNT(*) FROM events") == [(2,)]
     assert sample(metrics, "storegw_messages_duplicate_total", driver=DRIVER) == 1
+
+
+async def test_sqlite_error_during_one_at_a_time_commits_duplicates_nothing(tmp_path: Path) -> None:
+    journal = new_journal(
+        tmp_path, processors=[ScriptedProcessor([RuntimeError, None, sqlite3.OperationalError])]
+    )
+    async with running(journal):
+        for i in range(3):
+            journal.submit(status(i))
+    reasons = [
+        orjson.loads(b)["data"]["reason"] for (b,) in query(journal, "SELECT body FROM events ORDER BY seq")
+    ]
+    assert reasons == ["reading 0", "reading 1", "reading 2"]
 
 
 # --- lifecycle ------------------------------------------------------------------------------------
@@ -872,18 +940,11 @@ async def test_query_reads_committed_rows(tmp_path: Path) -> None:
         journal.submit(pos_draft("R1", [("TEA", "1.5")]))
         await flushed(journal)
         rows = await journal.query("SELECT kind, device_id, dedup_key FROM events")
-        assert rows == [("pos.sale", "pos1", "pos1/pos.sale/R1")]
+        assert rows == [("pos.sale", "pos1", '["pos1","pos.sale","REG1","R1"]')]
         body = (await journal.query("SELECT body FROM events"))[0][0]
         assert Decimal(orjson.loads(body)["data"]["lines"][0]["quantity"]) == Decimal("1.5")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: gateway/journal.py:276 awaits the writer thread unshielded; cancelling run() while a "
-    "commit is in flight abandons the await, but the thread still COMMITs: the batch is stored yet "
-    "its acks, metrics and listeners never run (redelivered next start). Shield the executor future "
-    "(or await it in the finally).",
-)
 async def test_cancel_during_a_commit_still_acks_what_was_committed(tmp_path: Path) -> None:
     blocker = BlockingProcessor()
     journal = new_journal(tmp_path, processors=[blocker])

@@ -68,3 +68,68 @@ async def test_publish_future_fails_when_broker_dies(store_broker: Mosquitto) ->
         pass
     else:
         raise AssertionError("publish on a dead connection must fail")
+
+
+async def _collect(client: MqttClient, got: list[Message], count: int) -> None:
+    for _ in range(500):
+        if len(got) >= count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"only {len(got)} of {count} messages arrived")
+
+
+async def test_fast_path_and_pahos_path_agree(store_broker: Mosquitto) -> None:
+    """QoS 0 and 1, MQTT 5 messages with properties (left to paho's reader), payloads far larger than the
+    64 KiB read buffer, and a plain (auto-acking) subscriber: every message arrives intact, in order."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    got: list[Message] = []
+    sub = MqttClient(_cfg(store_broker), "fast-sub", clean_start=True, on_message=got.append)
+    await sub.connect()
+    await sub.subscribe([("f/#", 1)])
+    pub = MqttClient(_cfg(store_broker), "fast-pub", clean_start=True)
+    await pub.connect()
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.UserProperty = ("k", "v")
+    sent: list[tuple[str, bytes, int]] = []
+    for i in range(300):
+        size = 10 if i % 50 else 300_000  # some payloads span several buffer reads
+        payload = bytes([i % 256]) * size
+        qos = i % 2
+        sent.append((f"f/{i}", payload, qos))
+    futures = []
+    for i, (topic, payload, qos) in enumerate(sent):
+        if i % 7 == 0:
+            info = pub._client.publish(topic, payload, qos=qos, properties=props)  # with properties: paho's path
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            if qos:
+                pub._pending[info.mid] = fut
+            else:
+                fut.set_result(None)
+            futures.append(fut)
+        else:
+            futures.append(pub.publish(topic, payload, qos=qos))
+    await asyncio.gather(*futures)
+    await _collect(sub, got, len(sent))
+    assert [(m.topic, bytes(m.payload), m.qos) for m in got] == sent
+    await pub.disconnect()
+    await sub.disconnect()
+
+
+async def test_pause_reading_holds_messages_at_the_broker(store_broker: Mosquitto) -> None:
+    got: list[Message] = []
+    sub = MqttClient(_cfg(store_broker), "pausing", clean_start=True, on_message=got.append)
+    await sub.connect()
+    await sub.subscribe([("p/#", 1)])
+    sub.pause_reading()
+    pub = MqttClient(_cfg(store_broker), "p-pub", clean_start=True)
+    await pub.connect()
+    await asyncio.gather(*(pub.publish(f"p/{i}", b"x" * 100) for i in range(200)))
+    await asyncio.sleep(0.3)
+    assert got == []
+    sub.resume_reading()
+    await _collect(sub, got, 200)
+    assert sorted(int(m.topic.split("/")[1]) for m in got) == list(range(200))
+    await pub.disconnect()
+    await sub.disconnect()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
+import orjson
 from pydantic import AwareDatetime, Field, TypeAdapter, ValidationError
 
 from drivers.mqtt.config import MqttDriverConfig
@@ -96,8 +97,14 @@ def decode_message(router: TopicRouter, topic: str, payload: bytes) -> Decoded |
         data=message,
         data_json=message.model_dump_json(exclude={"occurred_at"}).encode(),
         occurred_at=None if occurred is None else _iso(occurred),
-        dedup_key=f"{device_id}/{kind}/{message.register_id}/{message.receipt_no}",
+        dedup_key=dedup_key(device_id, kind, message.register_id, message.receipt_no),
     )
+
+
+def dedup_key(device_id: str, kind: str, register_id: str, receipt_no: str) -> str:
+    """The identity of a sale or return: a redelivered message has the same key. JSON keeps it unambiguous
+    whatever characters the till puts in register or receipt numbers."""
+    return orjson.dumps((device_id, kind, register_id, receipt_no)).decode()
 
 
 def _iso(value: datetime) -> str:
