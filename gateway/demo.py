@@ -123,6 +123,7 @@ async def _demo(duration: float, rate: float, data_dir: Path) -> None:
     token = secrets.token_urlsafe(24)
     config = demo_config(data_dir, store_port, hq_port, 0, token)
     view = LiveView(sys.stdout)
+    data_dir.mkdir(parents=True, exist_ok=True)
     store_broker = await _start_broker(store_port)
     hq_broker = await _start_broker(hq_port)
     gateway = Gateway(config, config_hash(config))

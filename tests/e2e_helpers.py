@@ -15,11 +15,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any, Final, Literal
 
 import httpx
 import orjson
@@ -47,6 +47,10 @@ TERMINALS: Final = tuple(f"till-{n:02d}" for n in range(1, 6))
 INITIAL_ON_HAND: Final = 1_000_000
 """Large enough that no test sells a catalog SKU down to a threshold."""
 POS_KINDS: Final = ("pos.sale", "pos.return")
+
+
+MetricValues = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+"""Prometheus samples: {(sample name, sorted (label, value) pairs): value}."""
 
 
 class PollTimeoutError(AssertionError):
@@ -77,12 +81,11 @@ def write_config(
     devices: Sequence[str] = TERMINALS,
     stock: Sequence[StockSeed] | None = None,
     api_port: int = 0,
-    token_env: str = TOKEN_ENV,
     gateway_id: str = GATEWAY_ID,
     store_id: str = STORE_ID,
     log_level: str = "INFO",
 ) -> Path:
-    """Write a store config (YAML) for brokers on loopback; the API token is ``{env: token_env}``."""
+    """Write a store config (YAML) for brokers on loopback; the API token is read from ``$TOKEN_ENV``."""
     items: list[dict[str, Any]] = []
     for seed in catalog_stock() if stock is None else stock:
         item: dict[str, Any] = {"sku": seed.sku, "on_hand": seed.on_hand}
@@ -107,7 +110,7 @@ def write_config(
         ],
         "devices": [{"id": d, "profile": "pos_terminal"} for d in devices],
         "stock": {"items": items},
-        "api": {"enabled": True, "host": "127.0.0.1", "port": api_port, "token": {"env": token_env}},
+        "api": {"enabled": True, "host": "127.0.0.1", "port": api_port, "token": {"env": TOKEN_ENV}},
         "log": {"level": log_level},
     }
     yaml = YAML(typ="safe", pure=True)
@@ -127,8 +130,9 @@ def gateway_env() -> dict[str, str]:
     return {**os.environ, TOKEN_ENV: API_TOKEN}
 
 
-def broker_config(broker: Mosquitto, protocol: str = "3.1.1") -> BrokerConfig:
-    return BrokerConfig(host=broker.host, port=broker.port, protocol="5" if protocol == "5" else "3.1.1")
+def broker_config(broker: Mosquitto, protocol: Literal["3.1.1", "5"] = "3.1.1") -> BrokerConfig:
+    """How tills, the receiver and test clients reach a test broker (the gateway itself uses MQTT 5)."""
+    return BrokerConfig(host=broker.host, port=broker.port, protocol=protocol)
 
 
 # --- polling ------------------------------------------------------------------------------------------------
@@ -195,6 +199,24 @@ async def running_gateway(
         stop.set()
         async with asyncio.timeout(within):
             await task
+
+
+async def wait_handled(gateway: Gateway, hq: HqView, received: int, *, within: float = 60.0) -> None:
+    """Wait until an in-process gateway has received ``received`` device messages, committed (or quarantined)
+    all of them, and HQ holds every event committed so far: the outcome is final, assert on it."""
+    await poll_until(
+        lambda: metric_sum(own_metrics(gateway), "storegw_messages_received_total") >= received,
+        f"{received} device messages at the gateway",
+        within=within,
+        state=gateway.health,
+    )
+    await gateway.journal.flush()
+    await poll_until(
+        lambda: hq.max_seq() >= gateway.journal.last_seq,
+        "HQ to hold every committed event",
+        within=within,
+        state=lambda: {"hq": hq.state(), "gateway": gateway.health()},
+    )
 
 
 # --- the gateway as a subprocess ----------------------------------------------------------------------------
@@ -426,28 +448,29 @@ def journal_db(data_dir: Path) -> Path:
     return data_dir / "journal.db"
 
 
+@contextlib.contextmanager
+def _journal(data_dir: Path) -> Iterator[sqlite3.Connection]:
+    """A short-lived read-only connection to the journal (WAL: it may run beside the gateway's writer)."""
+    uri = journal_db(data_dir).absolute().as_uri() + "?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        yield db
+
+
 def read_ledger(data_dir: Path) -> dict[str, Decimal]:
     """The stock table: on_hand per SKU."""
-    with contextlib.closing(
-        sqlite3.connect(journal_db(data_dir).absolute().as_uri() + "?mode=ro", uri=True)
-    ) as db:
-        return {
-            str(sku): Decimal(repr(on_hand)) for sku, on_hand in db.execute("SELECT sku, on_hand FROM stock")
-        }
+    with _journal(data_dir) as db:
+        rows = db.execute("SELECT sku, on_hand FROM stock").fetchall()
+    return {str(sku): Decimal(repr(on_hand)) for sku, on_hand in rows}
 
 
 def read_quarantine(data_dir: Path) -> list[dict[str, Any]]:
-    with contextlib.closing(
-        sqlite3.connect(journal_db(data_dir).absolute().as_uri() + "?mode=ro", uri=True)
-    ) as db:
+    with _journal(data_dir) as db:
         db.row_factory = sqlite3.Row
         return [dict(r) for r in db.execute("SELECT * FROM quarantine ORDER BY qid")]
 
 
 def journal_kinds(data_dir: Path) -> dict[str, int]:
-    with contextlib.closing(
-        sqlite3.connect(journal_db(data_dir).absolute().as_uri() + "?mode=ro", uri=True)
-    ) as db:
+    with _journal(data_dir) as db:
         return {str(k): int(n) for k, n in db.execute("SELECT kind, count(*) FROM events GROUP BY kind")}
 
 
@@ -515,23 +538,21 @@ def gateway_status_topic(store_id: str = STORE_ID, gateway_id: str = GATEWAY_ID)
     return status_topic(HQ_PREFIX, store_id, gateway_id)
 
 
-def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Prometheus text -> {(sample name, sorted labels): value}."""
-    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+def parse_metrics(text: str) -> MetricValues:
+    """Prometheus text exposition -> :data:`MetricValues`."""
+    out: MetricValues = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             out[(sample.name, tuple(sorted(sample.labels.items())))] = float(sample.value)
     return out
 
 
-def own_metrics(gateway: Gateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def own_metrics(gateway: Gateway) -> MetricValues:
     """An in-process gateway's metrics, as /metrics would show them."""
     return parse_metrics(generate_latest(gateway.metrics.registry).decode())
 
 
-def metric_sum(
-    metrics: Mapping[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
-) -> float:
+def metric_sum(metrics: MetricValues, name: str, **labels: str) -> float:
     """Sum of the samples named ``name`` whose labels include ``labels``."""
     wanted = set(labels.items())
     return sum(v for (n, lbls), v in metrics.items() if n == name and wanted <= set(lbls))
