@@ -33,13 +33,16 @@ from bench.mqtt_load import publish_all  # noqa: E402
 from simulators.pos import PosTerminal  # noqa: E402
 from tests.brokers import Mosquitto, free_port  # noqa: E402
 
-TOKEN = "bench-token-0123456789abcdef"  # noqa: S105 - a throwaway token for a loopback benchmark
+TOKEN = "bench-token-0123456789abcdef"
 
 
-def gateway_config(data_dir: Path, store_port: int, hq_port: int, api_port: int, terminals: list[str],
-                   protocol: str) -> str:
+def gateway_config(
+    data_dir: Path, store_port: int, hq_port: int, api_port: int, terminals: list[str], protocol: str
+) -> str:
     devices = "\n".join(f"  - {{id: {t}, profile: pos_terminal}}" for t in terminals)
-    items = "\n".join(f"    - {{sku: SKU-{i:04d}, on_hand: 100000000, safety_stock: 10}}" for i in range(1, 21))
+    items = "\n".join(
+        f"    - {{sku: SKU-{i:04d}, on_hand: 100000000, safety_stock: 10}}" for i in range(1, 21)
+    )
     return f"""
 gateway_id: gw-bench
 store:
@@ -68,7 +71,7 @@ def wait_http(url: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - loopback URL we built
+            with urllib.request.urlopen(url, timeout=1):
                 return
         except OSError:
             time.sleep(0.1)
@@ -87,7 +90,9 @@ def hq_sales(db: Path) -> tuple[int, str | None]:
         return 0, None
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        n, last = conn.execute("SELECT COUNT(*), MAX(received_at) FROM events WHERE kind='pos.sale'").fetchone()
+        n, last = conn.execute(
+            "SELECT COUNT(*), MAX(received_at) FROM events WHERE kind='pos.sale'"
+        ).fetchone()
     except sqlite3.OperationalError:
         return 0, None
     finally:
@@ -112,10 +117,24 @@ def main() -> int:
     env = {**os.environ, "BENCH_API_TOKEN": TOKEN}
     hq_db = work / "hq.db"
     receiver = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "hq-receiver", "--port", str(hq.port), "--db", str(hq_db),
-         "--summary-every", "0"], cwd=ROOT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "hq-receiver",
+            "--port",
+            str(hq.port),
+            "--db",
+            str(hq_db),
+            "--summary-every",
+            "0",
+        ],
+        cwd=ROOT,
+        env=env,
     )
-    gateway = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", str(cfg)], cwd=ROOT, env=env)
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "run", "--config", str(cfg)], cwd=ROOT, env=env
+    )
     try:
         wait_http(f"http://127.0.0.1:{api_port}/health")
         # Realistic sales from the simulator's terminals, generated before the clock starts.
@@ -128,10 +147,12 @@ def main() -> int:
         time.sleep(1.0)  # let the gateway's connections settle (session, subscriptions, birth message)
 
         async def publish() -> list[tuple[float, float, int]]:
-            return await asyncio.gather(*(
-                publish_all("127.0.0.1", store.port, f"bench-{d}", msgs, args.window)
-                for d, msgs in zip(terminals, messages, strict=True)
-            ))
+            return await asyncio.gather(
+                *(
+                    publish_all("127.0.0.1", store.port, f"bench-{d}", msgs, args.window)
+                    for d, msgs in zip(terminals, messages, strict=True)
+                )
+            )
 
         wall_start = time.time()
         results = asyncio.run(publish())
@@ -151,13 +172,21 @@ def main() -> int:
         code = gateway.wait(30)
         report = subprocess.run(
             [sys.executable, "-m", "gateway.cli", "hq-receiver", "--db", str(hq_db), "--report"],
-            cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         print(f"sales published (PUBACKed by the store broker): {acked} in {publish_s:.2f} s")
         print(f"sales at HQ: {count} (exactly once: {count == args.sales})")
-        print(f"first device publish -> last HQ receipt: {elapsed:.2f} s = {args.sales / elapsed:,.0f} events/s")
+        print(
+            f"first device publish -> last HQ receipt: {elapsed:.2f} s = {args.sales / elapsed:,.0f} events/s"
+        )
         print(f"gateway peak RSS (VmHWM): {rss:.1f} MB")
-        print(f"gateway exit code after SIGTERM: {code}; HQ gap report exit code: {report.returncode} (0 = no gap)")
+        print(
+            f"gateway exit code after SIGTERM: {code}; HQ gap report exit code: {report.returncode} (0 = no gap)"
+        )
         return 0 if count == args.sales and code == 0 and report.returncode == 0 else 1
     finally:
         for proc in (gateway, receiver):

@@ -141,7 +141,7 @@ class HqReceiver:
             )
             client.on_message = functools.partial(self._enqueue, client)
             try:
-                session_present = await client.connect(timeout=5)
+                session_present = await client.connect(within_s=5)
                 await client.subscribe([(topics.events_subscription(self._prefix), 1)])
             except (MqttError, TimeoutError) as err:
                 await client.disconnect()

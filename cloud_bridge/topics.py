@@ -1,7 +1,7 @@
 """The HQ topic layout (documented in README, "Topics at HQ").
 
-    <prefix>/<store_id>/<gateway_id>/events   batches of events, QoS 1, not retained
-    <prefix>/<store_id>/<gateway_id>/status   retained gateway status: online/offline (birth and last will)
+<prefix>/<store_id>/<gateway_id>/events   batches of events, QoS 1, not retained
+<prefix>/<store_id>/<gateway_id>/status   retained gateway status: online/offline (birth and last will)
 """
 
 from __future__ import annotations

@@ -49,7 +49,9 @@ def status_payload(status: str, config_hash: str | None, reason: str | None = No
 class Uplink:
     """Delivers the journal to HQ; one connection at a time, reconnecting with backoff."""
 
-    def __init__(self, config: GatewayConfig, journal: Journal, metrics: Metrics, config_hash: str | None) -> None:
+    def __init__(
+        self, config: GatewayConfig, journal: Journal, metrics: Metrics, config_hash: str | None
+    ) -> None:
         self._hq = config.hq
         self._store_id = config.store.id
         self._gateway_id = config.gateway_id
@@ -101,7 +103,9 @@ class Uplink:
         try:
             while True:
                 while len(inflight) < self._hq.inflight_batches:
-                    rows = await self._journal.read_after(sent_upto, self._hq.batch_max_events, self._hq.batch_max_bytes)
+                    rows = await self._journal.read_after(
+                        sent_upto, self._hq.batch_max_events, self._hq.batch_max_bytes
+                    )
                     if not rows:
                         break
                     seqs = [r[0] for r in rows]
@@ -138,21 +142,21 @@ class Uplink:
                 elif not fut.cancelled():
                     fut.exception()
 
-    async def drain(self, timeout: float) -> bool:
-        """Wait (up to ``timeout`` s) until HQ has everything committed so far; True if it has."""
+    async def drain(self, within_s: float) -> bool:
+        """Wait (up to ``within_s`` seconds) until HQ has everything committed so far; True if it has."""
         if self._journal.delivered_seq >= self._journal.last_seq:
             return True
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(within_s):
                 while self._journal.delivered_seq < self._journal.last_seq:
                     self._caught_up.clear()
                     await self._caught_up.wait()
         return self._journal.delivered_seq >= self._journal.last_seq
 
-    async def _say_offline(self, client: MqttClient, timeout: float = 2.0) -> None:
+    async def _say_offline(self, client: MqttClient, within_s: float = 2.0) -> None:
         """The retained offline status of a clean shutdown (a clean DISCONNECT does not fire the last will)."""
         with contextlib.suppress(MqttError, TimeoutError):
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(within_s):
                 await client.publish(
                     self._status_topic, status_payload("offline", self._config_hash, "shutdown"), retain=True
                 )

@@ -72,7 +72,11 @@ def decode_batch(payload: bytes) -> Batch:
     if doc.get("count") != len(events) or not events:
         raise BatchError("'count' does not match the number of events")
     for event in events:
-        if not isinstance(event, dict) or not isinstance(event.get("seq"), int) or not isinstance(event.get("id"), str):
+        if (
+            not isinstance(event, dict)
+            or not isinstance(event.get("seq"), int)
+            or not isinstance(event.get("id"), str)
+        ):
             raise BatchError("every event needs an integer 'seq' and a string 'id'")
         if not first <= event["seq"] <= last:
             raise BatchError(f"event seq {event['seq']} outside the batch range {first}..{last}")

@@ -18,14 +18,20 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the gateway with a config file")
     run.add_argument("--config", "-c", type=Path, required=True, help="the store config (YAML)")
-    check = sub.add_parser("check-config", help="validate a config file; exit 0 if valid, 1 with every error if not")
+    check = sub.add_parser(
+        "check-config", help="validate a config file; exit 0 if valid, 1 with every error if not"
+    )
     check.add_argument("file", type=Path)
     schema = sub.add_parser("config-schema", help="print the JSON Schema of the config (or of events)")
     schema.add_argument("--events", action="store_true", help="print the event envelope schema instead")
     demo = sub.add_parser("demo", help="embedded brokers, simulated tills, the gateway and an HQ receiver")
-    demo.add_argument("--duration", type=float, default=0, help="stop after N seconds (default: until Ctrl-C)")
+    demo.add_argument(
+        "--duration", type=float, default=0, help="stop after N seconds (default: until Ctrl-C)"
+    )
     demo.add_argument("--rate", type=float, default=1.0, help="sales per second per till (default 1)")
-    demo.add_argument("--data-dir", type=Path, default=None, help="keep the journal here (default: a temp dir)")
+    demo.add_argument(
+        "--data-dir", type=Path, default=None, help="keep the journal here (default: a temp dir)"
+    )
     sub.add_parser("version", help="print the version")
     sub.add_parser("hq-receiver", help="HQ reference receiver (see 'hq-receiver --help')", add_help=False)
     sub.add_parser("simulate", help="device simulators (see 'simulate --help')", add_help=False)

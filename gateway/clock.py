@@ -22,7 +22,7 @@ _STA_UNSYNC: Final = 0x0040
 
 class _Timex(ctypes.Structure):
     # struct timex from <sys/timex.h> (Linux, 64-bit): the fields we read come first; the tail is padding.
-    _fields_ = [  # noqa: RUF012 - ctypes wants a plain list
+    _fields_ = [
         ("modes", ctypes.c_uint),
         ("offset", ctypes.c_long),
         ("freq", ctypes.c_long),

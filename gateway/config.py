@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from drivers.registry import DriverConfig
 from gateway.events import ID_PATTERN
 
-
-Identifier = Annotated[str, Field(pattern=ID_PATTERN, description="Letters, digits, '.', '_' or '-'; max 64.")]
+Identifier = Annotated[
+    str, Field(pattern=ID_PATTERN, description="Letters, digits, '.', '_' or '-'; max 64.")
+]
 
 
 class StrictModel(BaseModel):
@@ -36,13 +37,17 @@ class StoreConfig(StrictModel):
     id: Identifier = Field(description="Store id, unique across the chain; part of every HQ topic.")
     name: str = Field(min_length=1, max_length=200, description="Human-readable store name.")
     timezone: str = Field(default="UTC", description="IANA timezone, for example 'Asia/Hong_Kong'.")
-    location: Location | None = Field(default=None, description="Where the store is; needed for check-in geofencing.")
+    location: Location | None = Field(
+        default=None, description="Where the store is; needed for check-in geofencing."
+    )
 
     @field_validator("timezone")
     @classmethod
     def _known_timezone(cls, value: str) -> str:
         if value not in available_timezones():
-            raise ValueError(f"unknown IANA timezone {value!r} (for example 'Asia/Hong_Kong', 'Europe/Paris')")
+            raise ValueError(
+                f"unknown IANA timezone {value!r} (for example 'Asia/Hong_Kong', 'Europe/Paris')"
+            )
         return value
 
 
@@ -64,7 +69,8 @@ class BrokerConfig(StrictModel):
     port: int = Field(default=1883, ge=1, le=65535, description="Broker TCP port (8883 is usual with TLS).")
     protocol: Literal["3.1.1", "5"] = Field(default="5", description="MQTT protocol version.")
     client_id: Identifier | None = Field(
-        default=None, description="MQTT client id; default '<gateway_id>-<role>'. Must be stable for sessions."
+        default=None,
+        description="MQTT client id; default '<gateway_id>-<role>'. Must be stable for sessions.",
     )
     username: str | None = Field(default=None, description="MQTT user name.")
     password: SecretStr | None = Field(
@@ -87,16 +93,22 @@ class BrokerConfig(StrictModel):
 
 class HqConfig(BrokerConfig):
     topic_prefix: str = Field(
-        default="retail", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$", description="First topic level(s) at HQ."
+        default="retail",
+        pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$",
+        description="First topic level(s) at HQ.",
     )
     batch_max_events: int = Field(default=500, ge=1, le=10_000, description="Events per MQTT message to HQ.")
-    batch_max_bytes: int = Field(default=256 * 1024, ge=1024, le=8 * 1024 * 1024, description="Bytes per batch.")
+    batch_max_bytes: int = Field(
+        default=256 * 1024, ge=1024, le=8 * 1024 * 1024, description="Bytes per batch."
+    )
     inflight_batches: int = Field(default=8, ge=1, le=100, description="Batches awaiting PUBACK at once.")
 
 
 class StockItem(StrictModel):
     sku: Annotated[str, Field(min_length=1, max_length=64)] = Field(description="SKU as the tills send it.")
-    on_hand: float = Field(description="Initial on-hand units, applied once when the ledger first sees the SKU.")
+    on_hand: float = Field(
+        description="Initial on-hand units, applied once when the ledger first sees the SKU."
+    )
     safety_stock: float | None = Field(default=None, ge=0, description="At or below this, raise stock.low.")
 
 
@@ -105,18 +117,24 @@ class StockConfig(StrictModel):
         default=None, description="CSV with columns sku,on_hand[,safety_stock]; imported once per SKU."
     )
     items: list[StockItem] = Field(default_factory=list, description="Initial levels and thresholds inline.")
-    default_safety_stock: float | None = Field(default=None, ge=0, description="Threshold for SKUs without one.")
+    default_safety_stock: float | None = Field(
+        default=None, ge=0, description="Threshold for SKUs without one."
+    )
 
 
 class DeviceConfig(StrictModel):
     id: Identifier = Field(description="Device id as it appears in the device's topic.")
-    profile: Literal["pos_terminal"] = Field(description="What the device is; decides how its messages decode.")
+    profile: Literal["pos_terminal"] = Field(
+        description="What the device is; decides how its messages decode."
+    )
     name: str | None = Field(default=None, description="Free text for technicians.")
 
 
 class ApiConfig(StrictModel):
     enabled: bool = Field(default=True, description="Serve the local HTTP API.")
-    host: str = Field(default="127.0.0.1", description="Bind address; keep loopback unless a proxy fronts it.")
+    host: str = Field(
+        default="127.0.0.1", description="Bind address; keep loopback unless a proxy fronts it."
+    )
     port: int = Field(default=8080, ge=0, le=65535, description="TCP port; 0 picks a free one.")
     token: SecretStr | None = Field(
         default=None, description="Bearer token for everything but /health. {env: NAME} or {file: PATH}."
@@ -130,7 +148,12 @@ class ApiConfig(StrictModel):
 
 
 class JournalConfig(StrictModel):
-    commit_max_events: int = Field(default=1000, ge=1, le=100_000, description="Events per group commit; drivers pause reading at twice this backlog.")
+    commit_max_events: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="Events per group commit; drivers pause reading at twice this backlog.",
+    )
     commit_max_delay_ms: float = Field(
         default=2.0, ge=0, le=1000, description="How long a commit waits for more events to join it."
     )
@@ -139,13 +162,20 @@ class JournalConfig(StrictModel):
         description="SQLite synchronous: FULL survives power loss after an ack; NORMAL only process crashes.",
     )
     max_payload_bytes: int = Field(
-        default=256 * 1024, ge=1024, le=16 * 1024 * 1024, description="Largest event body stored; larger is quarantined."
+        default=256 * 1024,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="Largest event body stored; larger is quarantined.",
     )
 
 
 class LogConfig(StrictModel):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Minimum log level.")
-    format: Literal["plain", "json"] = Field(default="plain", description="'plain' for people, 'json' for log shippers.")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Minimum log level."
+    )
+    format: Literal["plain", "json"] = Field(
+        default="plain", description="'plain' for people, 'json' for log shippers."
+    )
 
 
 class GatewayConfig(StrictModel):
@@ -158,8 +188,12 @@ class GatewayConfig(StrictModel):
     hq: HqConfig = Field(description="The HQ MQTT broker.")
     drivers: list[DriverConfig] = Field(default_factory=list, description="Device intakes (MQTT for now).")
     devices: list[DeviceConfig] = Field(default_factory=list, description="Known devices.")
-    stock: StockConfig = Field(default_factory=StockConfig, description="Initial stock levels and safety-stock thresholds.")
-    api: ApiConfig = Field(description="The local HTTP API (health, metrics, events, stock); needs a token when enabled.")
+    stock: StockConfig = Field(
+        default_factory=StockConfig, description="Initial stock levels and safety-stock thresholds."
+    )
+    api: ApiConfig = Field(
+        description="The local HTTP API (health, metrics, events, stock); needs a token when enabled."
+    )
     journal: JournalConfig = Field(default_factory=JournalConfig, description="SQLite journal tuning.")
     log: LogConfig = Field(default_factory=LogConfig, description="Logging level and format.")
 

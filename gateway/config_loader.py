@@ -195,7 +195,8 @@ def demo_config(
             "stock": {
                 # Three SKUs start close to their safety stock, so the demo shows a stock.low alert soon.
                 "items": [
-                    {"sku": f"SKU-{n:04d}", "on_hand": 26 if n <= 3 else 200, "safety_stock": 20} for n in range(1, 21)
+                    {"sku": f"SKU-{n:04d}", "on_hand": 26 if n <= 3 else 200, "safety_stock": 20}
+                    for n in range(1, 21)
                 ]
             },
             "api": {"enabled": True, "host": "127.0.0.1", "port": api_port, "token": api_token},

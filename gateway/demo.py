@@ -78,7 +78,8 @@ class LiveView:
         doc = orjson.loads(message.payload)
         units = sum(int(line["quantity"]) for line in doc["lines"])
         self._line(
-            "till", "36",
+            "till",
+            "36",
             f"{message.device_id} {message.action:<6} {message.receipt_no}  {units} unit(s)  "
             f"{doc['currency']} {doc['totals']['total']}",
         )
@@ -104,13 +105,17 @@ class LiveView:
 
     def hq(self, store: str, gateway: str, first: int, last: int, new: int) -> None:
         self.hq_events += new
-        self._line("HQ", "32", f"{store}/{gateway} batch seq {first}..{last}: {new} new, {self.hq_events} in total")
+        self._line(
+            "HQ", "32", f"{store}/{gateway} batch seq {first}..{last}: {new} new, {self.hq_events} in total"
+        )
 
 
 def run_demo(duration: float = 0, rate: float = 1.0, data_dir: Path | None = None) -> int:
     setup_logging("WARNING")
     with tempfile.TemporaryDirectory(prefix="store-gateway-demo-") as tmp:
-        asyncio.run(_demo(duration, rate, data_dir or Path(tmp)))
+        directory = data_dir or Path(tmp)
+        directory.mkdir(parents=True, exist_ok=True)
+        asyncio.run(_demo(duration, rate, directory))
     return 0
 
 
@@ -123,7 +128,6 @@ async def _demo(duration: float, rate: float, data_dir: Path) -> None:
     token = secrets.token_urlsafe(24)
     config = demo_config(data_dir, store_port, hq_port, 0, token)
     view = LiveView(sys.stdout)
-    data_dir.mkdir(parents=True, exist_ok=True)
     store_broker = await _start_broker(store_port)
     hq_broker = await _start_broker(hq_port)
     gateway = Gateway(config, config_hash(config))
@@ -147,8 +151,12 @@ async def _demo(duration: float, rate: float, data_dir: Path) -> None:
             )
             tills = tg.create_task(
                 run_terminals(
-                    BrokerConfig(port=store_port, protocol="3.1.1"), TILLS, duration_s=duration or 10**9,
-                    rate_per_s=rate, return_ratio=0.15, on_publish=view.till,
+                    BrokerConfig(port=store_port, protocol="3.1.1"),
+                    TILLS,
+                    duration_s=duration or 10**9,
+                    rate_per_s=rate,
+                    return_ratio=0.15,
+                    on_publish=view.till,
                 ),
                 name="tills",
             )
@@ -163,7 +171,7 @@ async def _demo(duration: float, rate: float, data_dir: Path) -> None:
             # Give HQ a moment for the last batches, then stop it.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(3):
-                    while view.hq_events < gateway.journal.delivered_seq:
+                    while view.hq_events < gateway.journal.delivered_seq:  # noqa: ASYNC110 - bounded, 3 s
                         await asyncio.sleep(0.1)
             receiver_stop.set()
             await rx_task

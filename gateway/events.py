@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
-from collections.abc import Callable
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
@@ -178,7 +178,9 @@ def envelope_json_schema() -> dict[str, Any]:
     """JSON Schema of the envelope and every payload, for `store-gateway config-schema --events`."""
     schema = Envelope.model_json_schema(by_alias=True)
     schema["title"] = "store-gateway event envelope"
-    schema["$comment"] = "data is typed by kind: " + ", ".join(f"{k} -> {v.__name__}" for k, v in PAYLOADS.items())
+    schema["$comment"] = "data is typed by kind: " + ", ".join(
+        f"{k} -> {v.__name__}" for k, v in PAYLOADS.items()
+    )
     return schema
 
 
@@ -214,5 +216,7 @@ def uuid7() -> str:
         _last_v7_seq = 0
     _last_v7_ms = ms
     rand = int.from_bytes(os.urandom(8)) & 0x3FFF_FFFF_FFFF_FFFF
-    h = "%032x" % ((ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7000 << 64 | _last_v7_seq << 64 | 0x8000_0000_0000_0000 | rand)
+    h = "%032x" % (
+        (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7000 << 64 | _last_v7_seq << 64 | 0x8000_0000_0000_0000 | rand
+    )
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

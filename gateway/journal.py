@@ -128,7 +128,9 @@ class JournalError(Exception):
 
 def connect(path: Path, synchronous: str = "FULL", readonly: bool = False) -> sqlite3.Connection:
     if readonly:
-        conn = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
+        conn = sqlite3.connect(
+            path.absolute().as_uri() + "?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+        )
     else:
         conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     try:
@@ -174,6 +176,7 @@ class Journal:
         self._failing = False
         self._busy = False
         self._resume_waiters: list[tuple[int, Callable[[], None]]] = []
+        self._commit_done = asyncio.Event()
         self.last_seq = 0
         self.delivered_seq = 0
         prefix = orjson.dumps({"store_id": store_id, "gateway_id": gateway_id})
@@ -226,7 +229,8 @@ class Journal:
         if len(self._queue) >= QUEUE_LIMIT or self._stopping:
             return False
         if isinstance(item, Draft) and len(item.data_json) > self._config.max_payload_bytes:
-            detail = f"event body {len(item.data_json)} bytes > journal.max_payload_bytes {self._config.max_payload_bytes}"
+            limit = self._config.max_payload_bytes
+            detail = f"event body {len(item.data_json)} bytes > journal.max_payload_bytes {limit}"
             item = _as_rejected(item, ValueError(detail), reason="too_large")
         self._queue.append(item)
         if not self._wakeup.is_set():
@@ -267,9 +271,10 @@ class Journal:
             self._wakeup.set()
 
     async def flush(self) -> None:
-        """Wait until everything submitted so far is committed (and acknowledged)."""
+        """Wait until everything submitted so far is committed (and acknowledged). The writer must be running."""
         while self._queue or self._busy or self._delivered_pending is not None:
-            await asyncio.sleep(0.005)
+            self._commit_done.clear()
+            await self._commit_done.wait()
 
     # --- the writer ---------------------------------------------------------------------------------
 
@@ -336,6 +341,7 @@ class Journal:
             if item.ack is not None:
                 item.ack()
         self._wake_waiters()
+        self._commit_done.set()
         if result is not None:
             self._publish(result)
         if cancelled is not None:
@@ -383,7 +389,7 @@ class Journal:
                     part = self._commit_batch([item], mark)
                 except sqlite3.Error:
                     raise
-                except Exception as err:  # noqa: BLE001 - any processing error quarantines this one item
+                except Exception as err:
                     part = self._commit_batch([_as_rejected(item, err)], mark)
             except sqlite3.Error as err:
                 if index == 0:
@@ -432,7 +438,9 @@ class Journal:
         kinds: dict[str, int] = {}
         for row in rows:
             kinds[row[2]] = kinds.get(row[2], 0) + 1
-        return Committed(first, seq, kinds, [r[6] for r in rows], rejected, sum(duplicates.values()), duplicates)
+        return Committed(
+            first, seq, kinds, [r[6] for r in rows], rejected, sum(duplicates.values()), duplicates
+        )
 
     def _drop_redeliveries(
         self, conn: sqlite3.Connection, drafts: list[Draft]
@@ -446,7 +454,8 @@ class Journal:
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
             seen.update(
-                r[0] for r in conn.execute(f"SELECT dedup_key FROM events WHERE dedup_key IN ({marks})", chunk)  # noqa: S608
+                r[0]
+                for r in conn.execute(f"SELECT dedup_key FROM events WHERE dedup_key IN ({marks})", chunk)  # noqa: S608
             )
         fresh: list[Draft] = []
         duplicates: dict[str, int] = {}
@@ -468,7 +477,9 @@ class Journal:
         rows: list[tuple[int, str, str, str | None, str, str | None, bytes]],
     ) -> int:
         """Give each draft the next seq and build its envelope bytes (the data bytes are spliced in as they are)."""
-        recorded_at = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        recorded_at = (
+            datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        )
         common = b'"recorded_at":"%s","boot_id":"%s","clock_synced":%s,"schema":%d,' % (
             recorded_at.encode(),
             BOOT_ID.encode(),
@@ -500,8 +511,16 @@ class Journal:
             "INSERT INTO quarantine(received_at, driver, device_id, topic, reason, detail, size, payload)"
             " VALUES (?,?,?,?,?,?,?,?)",
             [
-                (received_at, r.driver, r.device_id, r.topic, r.reason, r.detail[:1000], r.size,
-                 r.payload[:QUARANTINE_KEEP_BYTES])
+                (
+                    received_at,
+                    r.driver,
+                    r.device_id,
+                    r.topic,
+                    r.reason,
+                    r.detail[:1000],
+                    r.size,
+                    r.payload[:QUARANTINE_KEEP_BYTES],
+                )
                 for r in rejected
             ],
         )
@@ -511,13 +530,17 @@ class Journal:
     async def read_after(self, after_seq: int, max_events: int, max_bytes: int) -> list[tuple[int, bytes]]:
         """Committed events with seq > after_seq, in order, within the count and byte budgets (at least one)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._reader, self._read_after_sync, after_seq, max_events, max_bytes)
+        return await loop.run_in_executor(
+            self._reader, self._read_after_sync, after_seq, max_events, max_bytes
+        )
 
     def _read_after_sync(self, after_seq: int, max_events: int, max_bytes: int) -> list[tuple[int, bytes]]:
         assert self._rconn is not None
         out: list[tuple[int, bytes]] = []
         total = 0
-        cur = self._rconn.execute("SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, max_events))
+        cur = self._rconn.execute(
+            "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, max_events)
+        )
         for seq, body in cur:
             if out and total + len(body) > max_bytes:
                 break
@@ -534,14 +557,29 @@ class Journal:
         return await loop.run_in_executor(self._reader, lambda: rconn.execute(sql, params).fetchall())
 
 
-
 def _as_rejected(draft: Draft | Rejected, error: Exception, reason: str = "processing_error") -> Rejected:
     """An item that cannot be committed as an event, kept in quarantine with the error."""
     if isinstance(draft, Rejected):
-        return Rejected(draft.driver, reason, f"{draft.reason}: {error!r}"[:1000], draft.size, draft.payload,
-                        draft.topic, draft.device_id, draft.ack)
-    return Rejected(draft.driver, reason, f"{draft.kind}: {error!r}"[:1000], len(draft.data_json),
-                    draft.data_json, None, draft.device_id, draft.ack)
+        return Rejected(
+            draft.driver,
+            reason,
+            f"{draft.reason}: {error!r}"[:1000],
+            draft.size,
+            draft.payload,
+            draft.topic,
+            draft.device_id,
+            draft.ack,
+        )
+    return Rejected(
+        draft.driver,
+        reason,
+        f"{draft.kind}: {error!r}"[:1000],
+        len(draft.data_json),
+        draft.data_json,
+        None,
+        draft.device_id,
+        draft.ack,
+    )
 
 
 def _merge(total: Committed | None, part: Committed | None) -> Committed | None:

@@ -19,31 +19,47 @@ class Metrics:
         self.received = Counter(
             "storegw_messages_received", "Device messages received, by driver.", ["driver"], registry=r
         )
-        self.committed = Counter("storegw_events_committed", "Events committed to the journal, by kind.", ["kind"], registry=r)
+        self.committed = Counter(
+            "storegw_events_committed", "Events committed to the journal, by kind.", ["kind"], registry=r
+        )
         self.duplicates = Counter(
-            "storegw_messages_duplicate", "Device messages already committed (redelivery), acked and skipped.",
-            ["driver"], registry=r,
+            "storegw_messages_duplicate",
+            "Device messages already committed (redelivery), acked and skipped.",
+            ["driver"],
+            registry=r,
         )
         self.quarantined = Counter(
-            "storegw_messages_quarantined", "Messages rejected and quarantined, by reason code.", ["driver", "reason"],
+            "storegw_messages_quarantined",
+            "Messages rejected and quarantined, by reason code.",
+            ["driver", "reason"],
             registry=r,
         )
         self.dropped = Counter(
-            "storegw_messages_dropped", "Messages dropped without being stored, by reason.", ["driver", "reason"],
+            "storegw_messages_dropped",
+            "Messages dropped without being stored, by reason.",
+            ["driver", "reason"],
             registry=r,
         )
         self.commits = Histogram(
-            "storegw_journal_commit_seconds", "Duration of one group commit.", registry=r,
+            "storegw_journal_commit_seconds",
+            "Duration of one group commit.",
+            registry=r,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
         )
         self.last_seq = Gauge("storegw_journal_last_seq", "Highest committed seq.", registry=r)
-        self.delivered_seq = Gauge("storegw_uplink_delivered_seq", "Every seq up to this one is acked by HQ.", registry=r)
+        self.delivered_seq = Gauge(
+            "storegw_uplink_delivered_seq", "Every seq up to this one is acked by HQ.", registry=r
+        )
         self.uplink_batches = Counter("storegw_uplink_batches", "Batches acknowledged by HQ.", registry=r)
         self.uplink_events = Counter("storegw_uplink_events", "Events acknowledged by HQ.", registry=r)
-        self.uplink_connected = Gauge("storegw_uplink_connected", "1 while connected to the HQ broker.", registry=r)
+        self.uplink_connected = Gauge(
+            "storegw_uplink_connected", "1 while connected to the HQ broker.", registry=r
+        )
         self.driver_connected = Gauge(
             "storegw_driver_connected", "1 while a driver is connected to its peer.", ["driver"], registry=r
         )
         self.stock_unknown_sku = Counter(
-            "storegw_stock_unknown_sku", "Sale or return lines for SKUs the ledger had no level for.", registry=r
+            "storegw_stock_unknown_sku",
+            "Sale or return lines for SKUs the ledger had no level for.",
+            registry=r,
         )

@@ -37,6 +37,7 @@ _LOGGER = logging.getLogger(__name__)
 MAX_PACKET_BYTES: Final = 16 * 1024 * 1024
 """Largest packet we accept (MQTT 5 Maximum Packet Size); the broker drops larger ones for us."""
 
+
 @dataclass(slots=True)
 class InboundMessage:
     """A received PUBLISH: the fields the gateway uses of paho's MQTTMessage, without its per-message lock."""
@@ -70,7 +71,9 @@ def tls_context(broker: BrokerConfig) -> ssl.SSLContext | None:
     tls = broker.tls
     if tls is None:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None)
+    ctx = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None
+    )
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if tls.cert_file and tls.key_file:
         ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
@@ -286,7 +289,7 @@ class MqttClient:
     def is_connected(self) -> bool:
         return self._connected.done() and not self._closed.done()
 
-    async def connect(self, timeout: float = 10.0) -> bool:
+    async def connect(self, within_s: float = 10.0) -> bool:
         """Connect and wait for CONNACK; returns whether the broker had a session for us."""
         props: Properties | None = None
         if self._v5:
@@ -295,7 +298,7 @@ class MqttClient:
             props.ReceiveMaximum = self._broker.receive_maximum
             props.MaximumPacketSize = MAX_PACKET_BYTES
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(within_s):
                 await self._loop.run_in_executor(None, self._blocking_connect, props)
                 return await asyncio.shield(self._connected)
         except (OSError, TimeoutError, ssl.SSLError, ValueError) as err:
@@ -305,13 +308,13 @@ class MqttClient:
             self._teardown("connect refused", force_close=True)
             raise
 
-    async def subscribe(self, filters: list[tuple[str, int]], timeout: float = 10.0) -> None:
+    async def subscribe(self, filters: list[tuple[str, int]], within_s: float = 10.0) -> None:
         result, mid = self._client.subscribe(filters)
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise MqttError(f"subscribe failed: {paho.error_string(result)}")
         fut: asyncio.Future[list[ReasonCode]] = self._loop.create_future()
         self._subscribed[mid] = fut
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within_s):
             codes = await fut
         bad = [str(c) for c in codes if c.is_failure]
         if bad:
@@ -478,7 +481,9 @@ class MqttClient:
         else:
             self._connected.set_result(session_present)
 
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
+    ) -> None:
         self._call_soon(self._teardown, f"disconnected: {rc}")
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, rc: ReasonCode, props: Any) -> None:
@@ -491,7 +496,9 @@ class MqttClient:
             else:
                 fut.set_result(None)
 
-    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, codes: list[ReasonCode], props: Any) -> None:
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, codes: list[ReasonCode], props: Any
+    ) -> None:
         fut = self._subscribed.pop(mid, None)
         if fut is not None and not fut.done():
             fut.set_result(codes)

@@ -50,8 +50,14 @@ class Gateway:
         )
         known = frozenset(d.id for d in config.devices)
         self.intakes = [
-            MqttIntake(d, config.store_broker, config.client_id(f"intake-{d.name}", config.store_broker),
-                       self.journal, self.metrics, known)
+            MqttIntake(
+                d,
+                config.store_broker,
+                config.client_id(f"intake-{d.name}", config.store_broker),
+                self.journal,
+                self.metrics,
+                known,
+            )
             for d in config.drivers
         ]
         self.uplink = Uplink(config, self.journal, self.metrics, config_hash)
@@ -66,7 +72,9 @@ class Gateway:
             register_secret(config.api.token.get_secret_value())
 
     def health(self) -> dict[str, Any]:
-        drivers = {i.name: bool(self.metrics.driver_connected.labels(i.name)._value.get()) for i in self.intakes}
+        drivers = {
+            i.name: bool(self.metrics.driver_connected.labels(i.name)._value.get()) for i in self.intakes
+        }
         ok = all(drivers.values())
         return {
             "status": "ok" if ok else "degraded",
@@ -89,7 +97,9 @@ class Gateway:
         await self.journal.open()
         _LOGGER.info(
             "journal %s: last seq %d, delivered to HQ up to %d",
-            self.journal.path, self.journal.last_seq, self.journal.delivered_seq,
+            self.journal.path,
+            self.journal.last_seq,
+            self.journal.delivered_seq,
         )
         self.journal.submit(self._status_draft("online"))
         try:
@@ -110,8 +120,11 @@ class Gateway:
                 await self.journal.flush()
                 delivered = await self.uplink.drain(SHUTDOWN_DRAIN_S)
                 _LOGGER.info(
-                    "stopping: HQ has everything up to seq %d%s", self.journal.delivered_seq,
-                    "" if delivered else f" (seq {self.journal.last_seq} is the last committed; it goes next start)",
+                    "stopping: HQ has everything up to seq %d%s",
+                    self.journal.delivered_seq,
+                    ""
+                    if delivered
+                    else f" (seq {self.journal.last_seq} is the last committed; it goes next start)",
                 )
                 self.uplink.stopping = True
                 uplink.cancel()
@@ -127,8 +140,8 @@ class Gateway:
         """The local API's bound port, once it is listening (the config may say 0: any free port)."""
         return self._api_bound[0] if self._api_bound else None
 
-    async def wait_api(self, timeout: float = 10.0) -> int:
-        async with asyncio.timeout(timeout):
+    async def wait_api(self, within_s: float = 10.0) -> int:
+        async with asyncio.timeout(within_s):
             await self._api_started.wait()
         assert self._api_bound
         return self._api_bound[0]

@@ -63,16 +63,22 @@ def read_initial_csv(path: Path) -> list[tuple[str, float, float | None]]:
                 if not row or row[0].strip().lower() in ("", "sku") or row[0].startswith("#"):
                     continue
                 try:
-                    safety = float(row[2]) if len(row) > 2 and row[2].strip() else None
-                    on_hand = float(row[1])
-                    if not math.isfinite(on_hand) or (safety is not None and not (math.isfinite(safety) and safety >= 0)):
-                        raise ValueError("on_hand must be a finite number, safety_stock a finite number >= 0")
-                    rows.append((row[0].strip(), on_hand, safety))
+                    rows.append(_parse_row(row))
                 except (IndexError, ValueError) as err:
-                    raise StockConfigError(f"{path}:{lineno}: expected sku,on_hand[,safety_stock]: {err}") from err
+                    raise StockConfigError(
+                        f"{path}:{lineno}: expected sku,on_hand[,safety_stock]: {err}"
+                    ) from err
     except (OSError, UnicodeDecodeError) as err:
         raise StockConfigError(f"cannot read {path}: {err}") from err
     return rows
+
+
+def _parse_row(row: list[str]) -> tuple[str, float, float | None]:
+    safety = float(row[2]) if len(row) > 2 and row[2].strip() else None
+    on_hand = float(row[1])
+    if not math.isfinite(on_hand) or (safety is not None and not (math.isfinite(safety) and safety >= 0)):
+        raise ValueError("on_hand must be a finite number, safety_stock a finite number >= 0")
+    return row[0].strip(), on_hand, safety
 
 
 class StockLedger:
@@ -99,7 +105,9 @@ class StockLedger:
             [(sku, on_hand, safety) for sku, on_hand, safety in initial],
         )
         # Thresholds from config always win: HQ changes them by changing config.
-        conn.executemany("UPDATE stock SET safety_stock=? WHERE sku=?", [(safety, sku) for sku, _, safety in initial])
+        conn.executemany(
+            "UPDATE stock SET safety_stock=? WHERE sku=?", [(safety, sku) for sku, _, safety in initial]
+        )
         conn.execute("COMMIT")
         self._load(conn)
 
@@ -109,7 +117,9 @@ class StockLedger:
         for sku, on_hand, safety, low in conn.execute("SELECT sku, on_hand, safety_stock, low FROM stock"):
             threshold = safety if safety is not None else default
             level = _dec(on_hand)
-            self._levels[sku] = _Level(level, None if threshold is None else _dec(threshold), bool(low), level, safety is None)
+            self._levels[sku] = _Level(
+                level, None if threshold is None else _dec(threshold), bool(low), level, safety is None
+            )
         self._moved.clear()
         self._first_cause.clear()
 
@@ -126,7 +136,9 @@ class StockLedger:
             if level is None:
                 self._metrics.stock_unknown_sku.inc()
                 default = self._config.default_safety_stock
-                level = _Level(Decimal(0), None if default is None else _dec(default), False, Decimal(0), True)
+                level = _Level(
+                    Decimal(0), None if default is None else _dec(default), False, Decimal(0), True
+                )
                 self._levels[line.sku] = level
             level.on_hand += sign * line.quantity
             self._moved[line.sku] = seq

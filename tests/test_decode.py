@@ -548,7 +548,10 @@ def test_decoded_is_immutable() -> None:
 
 def test_dedup_key_format() -> None:
     assert decoded(decode(sale(receipt_no="R/42 b"))).dedup_key == '["pos1","pos.sale","REG1","R/42 b"]'
-    assert decoded(decode(sale(), "store/pos/pos-2/return")).dedup_key == '["pos-2","pos.return","REG1","R-0001"]'
+    assert (
+        decoded(decode(sale(), "store/pos/pos-2/return")).dedup_key
+        == '["pos-2","pos.return","REG1","R-0001"]'
+    )
 
 
 def test_dedup_key_is_unambiguous() -> None:
@@ -692,7 +695,9 @@ def check_result(result: Decoded | Rejection, topic: str) -> None:
     assert f"/{result.device_id}/" in topic
     assert (
         result.dedup_key
-        == orjson.dumps((result.device_id, result.kind, result.data.register_id, result.data.receipt_no)).decode()
+        == orjson.dumps(
+            (result.device_id, result.kind, result.data.register_id, result.data.receipt_no)
+        ).decode()
     )
     data = orjson.loads(result.data_json)
     assert "occurred_at" not in data

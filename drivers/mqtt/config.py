@@ -16,7 +16,9 @@ class TopicRoute(BaseModel):
     pattern: Annotated[str, Field(pattern=TOPIC_TEMPLATE, max_length=200)] = Field(
         description="Topic template with exactly one '{device_id}' level, for example 'store/pos/{device_id}/sale'."
     )
-    kind: Literal["pos.sale", "pos.return"] = Field(description="Event kind that messages on this topic become.")
+    kind: Literal["pos.sale", "pos.return"] = Field(
+        description="Event kind that messages on this topic become."
+    )
 
     @field_validator("pattern")
     @classmethod
@@ -47,9 +49,13 @@ class MqttDriverConfig(BaseModel):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = Field(
         default="store-mqtt", description="Driver instance name, used in metrics and logs."
     )
-    routes: list[TopicRoute] = Field(min_length=1, description="Topic templates and the event kind each carries.")
+    routes: list[TopicRoute] = Field(
+        min_length=1, description="Topic templates and the event kind each carries."
+    )
     qos: Literal[0, 1] = Field(default=1, description="Subscription QoS; 1 gives acknowledge-after-commit.")
-    max_payload_bytes: int = Field(default=64 * 1024, ge=256, le=4 * 1024 * 1024, description="Larger is rejected.")
+    max_payload_bytes: int = Field(
+        default=64 * 1024, ge=256, le=4 * 1024 * 1024, description="Larger is rejected."
+    )
     unknown_devices: Literal["quarantine", "accept"] = Field(
         default="quarantine", description="What to do with a device id that is not under 'devices'."
     )

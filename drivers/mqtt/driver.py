@@ -8,7 +8,6 @@ broker accepted: un-acked messages are redelivered to the persistent session, an
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from collections.abc import Callable
@@ -62,7 +61,10 @@ class MqttIntake:
             await client.subscribe([(r.subscription, self._config.qos) for r in self._config.routes])
             _LOGGER.info(
                 "%s: connected to %s:%d (session %s)",
-                self.name, self._broker.host, self._broker.port, "resumed" if session_present else "new",
+                self.name,
+                self._broker.host,
+                self._broker.port,
+                "resumed" if session_present else "new",
             )
             self._metrics.driver_connected.labels(self.name).set(1)
             up()
@@ -91,12 +93,25 @@ class MqttIntake:
         item: Draft | Rejected
         if isinstance(decoded, Rejection):
             item = Rejected(
-                self.name, decoded.reason, decoded.detail, len(payload), payload, topic, decoded.device_id, ack
+                self.name,
+                decoded.reason,
+                decoded.detail,
+                len(payload),
+                payload,
+                topic,
+                decoded.device_id,
+                ack,
             )
         else:
             item = Draft(
-                decoded.kind, decoded.device_id, decoded.data_json, decoded.data, decoded.occurred_at,
-                decoded.dedup_key, ack, self.name,
+                decoded.kind,
+                decoded.device_id,
+                decoded.data_json,
+                decoded.data,
+                decoded.occurred_at,
+                decoded.dedup_key,
+                ack,
+                self.name,
             )
         if not self._journal.submit(item):
             # Not acknowledged: the broker keeps it and redelivers it to our session.
@@ -106,5 +121,3 @@ class MqttIntake:
             # until the journal has committed most of what is waiting.
             client.pause_reading()
             self._journal.when_below(self._high_water // 2, client.resume_reading)
-
-
