@@ -101,7 +101,7 @@ class HqConfig(BrokerConfig):
     batch_max_bytes: int = Field(
         default=256 * 1024, ge=1024, le=8 * 1024 * 1024, description="Bytes per batch."
     )
-    inflight_batches: int = Field(default=8, ge=1, le=100, description="Batches awaiting PUBACK at once.")
+    inflight_batches: int = Field(default=4, ge=1, le=100, description="Batches awaiting PUBACK at once.")
 
 
 class StockItem(StrictModel):
@@ -152,7 +152,7 @@ class JournalConfig(StrictModel):
         default=1000,
         ge=1,
         le=100_000,
-        description="Events per group commit; drivers pause reading at twice this backlog.",
+        description="Events per group commit; drivers pause reading while this many wait.",
     )
     commit_max_delay_ms: float = Field(
         default=2.0, ge=0, le=1000, description="How long a commit waits for more events to join it."

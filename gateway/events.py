@@ -201,9 +201,10 @@ _last_v7_ms = 0
 _last_v7_seq = 0
 
 
-def uuid7() -> str:
+def uuid7(random_bits: int | None = None) -> str:
     """A UUIDv7 (RFC 9562) as text: 48-bit ms timestamp, a 12-bit counter that keeps ids monotonic within a
-    millisecond (method 1 of RFC 9562 section 6.2), and 62 random bits from os.urandom."""
+    millisecond (method 1 of RFC 9562 section 6.2), and 62 random bits from os.urandom (or ``random_bits``,
+    which the journal draws for a whole commit with one os.urandom call)."""
     global _last_v7_ms, _last_v7_seq
     ms = time.time_ns() // 1_000_000
     if ms <= _last_v7_ms:
@@ -215,7 +216,7 @@ def uuid7() -> str:
     else:
         _last_v7_seq = 0
     _last_v7_ms = ms
-    rand = int.from_bytes(os.urandom(8)) & 0x3FFF_FFFF_FFFF_FFFF
+    rand = (int.from_bytes(os.urandom(8)) if random_bits is None else random_bits) & 0x3FFF_FFFF_FFFF_FFFF
     h = "%032x" % (
         (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7000 << 64 | _last_v7_seq << 64 | 0x8000_0000_0000_0000 | rand
     )

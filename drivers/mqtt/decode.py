@@ -18,6 +18,8 @@ from drivers.mqtt.config import MqttDriverConfig
 from gateway.events import ID_PATTERN, PosReturn, PosSale
 
 _DEVICE_ID: Final = re.compile(ID_PATTERN)
+ROUTE_CACHE_SIZE: Final = 4096
+"""Topics remembered by the router: a store has a few per device."""
 
 
 class PosSaleMessage(PosSale):
@@ -62,8 +64,19 @@ class TopicRouter:
         self._known = known_devices
         self._accept_unknown = config.unknown_devices == "accept"
         self.max_payload = config.max_payload_bytes
+        self._cache: dict[str, tuple[str, str] | Rejection] = {}
 
     def route(self, topic: str) -> tuple[str, str] | Rejection:
+        cached = self._cache.get(topic)
+        if cached is not None:
+            return cached
+        routed = self._route(topic)
+        if len(self._cache) >= ROUTE_CACHE_SIZE:
+            self._cache.clear()  # bounded: a flood of random topics cannot grow it
+        self._cache[topic] = routed
+        return routed
+
+    def _route(self, topic: str) -> tuple[str, str] | Rejection:
         for regex, kind in self._routes:
             match = regex.fullmatch(topic)
             if match is not None:

@@ -45,6 +45,8 @@ class MqttIntake:
         self._client: MqttClient | None = None
         self._accepting = True
         self._received = metrics.received.labels(self.name)
+        self._received_pending = 0
+        journal.add_listener(self._flush_received)
         self._high_water = journal.high_water
 
     async def run(self) -> None:
@@ -73,6 +75,11 @@ class MqttIntake:
             self._metrics.driver_connected.labels(self.name).set(0)
             await client.disconnect()
 
+    def _flush_received(self, _: object = None) -> None:
+        if self._received_pending:
+            self._received.inc(self._received_pending)
+            self._received_pending = 0
+
     def pause(self) -> None:
         """Stop taking messages (shutdown): those not yet taken stay with the broker for the next start."""
         self._accepting = False
@@ -85,7 +92,8 @@ class MqttIntake:
         client = self._client
         if not self._accepting or client is None:
             return
-        self._received.inc()
+        # Counted locally and added to the metric after each commit: a Prometheus inc takes a lock.
+        self._received_pending += 1
         ack = functools.partial(client.ack, message.mid, message.qos) if message.qos else None
         topic = message.topic
         payload = bytes(message.payload)
