@@ -62,7 +62,8 @@ def _places(limit: int) -> Callable[[Decimal], Decimal]:
 Money = Annotated[Decimal, Field(ge=-(10**10), le=10**10, allow_inf_nan=False)]
 NonNegativeMoney = Annotated[Decimal, Field(ge=0, le=10**10, allow_inf_nan=False)]
 Quantity = Annotated[Decimal, Field(gt=0, le=10**6, allow_inf_nan=False), AfterValidator(_places(3))]
-ShortText = Annotated[str, Field(min_length=1, max_length=64)]
+ShortText = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
+"""Ids and receipt numbers: no control characters (they end up in keys, logs and HQ's database)."""
 
 
 class LineItem(_Model):

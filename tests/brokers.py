@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -44,6 +45,8 @@ class Mosquitto:
         ]
         if persistence:
             lines += ["persistence true", f"persistence_location {self.dir}/", "autosave_interval 1"]
+            # As root, mosquitto drops to the 'mosquitto' user, which cannot write our temp dir: stay as us.
+            lines.append(f"user {getpass.getuser()}")
         self.conf.write_text("\n".join(lines) + "\n" + extra_conf)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.dir / "mosquitto.log"

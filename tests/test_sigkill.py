@@ -28,6 +28,7 @@ from tests.e2e_helpers import (
     expected_ledger,
     gateway_status_topic,
     journal_kinds,
+    last_stock_levels,
     poll_until,
     read_ledger,
     read_retained,
@@ -166,4 +167,8 @@ async def test_sigkill_three_times_loses_and_duplicates_nothing(
     assert gaps == []
     assert [e["seq"] for e in hq_events] == list(range(1, max_seq + 1))
     assert journal_kinds(data_dir)["pos.sale"] == result.total
-    assert read_ledger(data_dir) == expected_ledger(stock, result.expected_deltas)
+    ledger = read_ledger(data_dir)
+    assert ledger == expected_ledger(stock, result.expected_deltas)
+    levels = last_stock_levels(hq_events)  # what HQ was told matches the ledger, crashes or not
+    assert levels == {sku: ledger[sku] for sku in levels}
+    assert set(levels) == set(result.expected_deltas)

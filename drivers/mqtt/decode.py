@@ -25,11 +25,15 @@ ROUTE_CACHE_SIZE: Final = 4096
 class PosSaleMessage(PosSale):
     """A till's sale message: the ``pos.sale`` payload plus the till's own clock reading."""
 
-    occurred_at: AwareDatetime | None = Field(default=None, description="Till time, ISO 8601 with offset.")
+    occurred_at: AwareDatetime | None = Field(
+        default=None, strict=True, description="Till time, ISO 8601 with offset (a number is refused)."
+    )
 
 
 class PosReturnMessage(PosReturn):
-    occurred_at: AwareDatetime | None = Field(default=None, description="Till time, ISO 8601 with offset.")
+    occurred_at: AwareDatetime | None = Field(
+        default=None, strict=True, description="Till time, ISO 8601 with offset (a number is refused)."
+    )
 
 
 _ADAPTERS: Final[dict[str, TypeAdapter[PosSaleMessage] | TypeAdapter[PosReturnMessage]]] = {
