@@ -85,6 +85,20 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def hq_total(db: Path) -> int:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def hq_sales(db: Path) -> tuple[int, str | None]:
     if not db.exists():
         return 0, None
@@ -154,6 +168,13 @@ def main() -> int:
                 )
             )
 
+        pids = {
+            "gateway": gateway.pid,
+            "hq-receiver": receiver.pid,
+            "store broker": store.pid,
+            "HQ broker": hq.pid,
+        }
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         wall_start = time.time()
         results = asyncio.run(publish())
         acked = sum(r[2] for r in results)
@@ -163,6 +184,7 @@ def main() -> int:
             time.sleep(0.05)
         count, last = got
         rss = peak_rss_mb(gateway.pid)
+        cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
         if last is None:
             print("HQ received nothing", file=sys.stderr)
             return 1
@@ -183,7 +205,10 @@ def main() -> int:
         print(
             f"first device publish -> last HQ receipt: {elapsed:.2f} s = {args.sales / elapsed:,.0f} events/s"
         )
+        print(f"events at HQ, all kinds (sales + stock levels + alerts + status): {hq_total(hq_db)}")
         print(f"gateway peak RSS (VmHWM): {rss:.1f} MB")
+        print("CPU seconds during the run: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
+        print(f"gateway CPU per sale: {cpu['gateway'] / args.sales * 1e6:.0f} us")
         print(
             f"gateway exit code after SIGTERM: {code}; HQ gap report exit code: {report.returncode} (0 = no gap)"
         )

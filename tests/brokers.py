@@ -65,6 +65,11 @@ class Mosquitto:
                 time.sleep(0.02)
         raise RuntimeError("mosquitto did not start listening within 10 s")
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
