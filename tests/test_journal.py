@@ -19,8 +19,6 @@ from typing import Any
 import orjson
 import pytest
 
-from drivers.mqtt.config import MqttDriverConfig, TopicRoute
-from drivers.mqtt.decode import Decoded, TopicRouter, decode_message
 from gateway.clock import BOOT_ID, ClockState
 from gateway.config import JournalConfig, StockConfig, StockItem
 from gateway.events import SCHEMA_VERSION, Envelope, payload_adapter
@@ -36,20 +34,10 @@ from gateway.journal import (
 )
 from gateway.metrics import Metrics
 from rules.stock import StockLedger
+from tests.pos_drafts import DRIVER, pos_draft
 
 STORE_ID = "hk-0042"
 GATEWAY_ID = "gw-1"
-DRIVER = "store-mqtt"
-ROUTER = TopicRouter(
-    MqttDriverConfig(
-        routes=[
-            TopicRoute(pattern="store/pos/{device_id}/sale", kind="pos.sale"),
-            TopicRoute(pattern="store/pos/{device_id}/return", kind="pos.return"),
-        ],
-        unknown_devices="accept",
-    ),
-    frozenset(),
-)
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -118,38 +106,6 @@ def status(i: int, key: str | None = None, ack: Callable[[], None] | None = None
     return Draft("device.status", f"pos{i % 3}", data, dedup_key=key, ack=ack, driver=DRIVER)
 
 
-def pos_draft(
-    receipt: str,
-    lines: Sequence[tuple[str, str]],
-    *,
-    kind: str = "sale",
-    device: str = "pos1",
-    occurred_at: str | None = None,
-    ack: Callable[[], None] | None = None,
-) -> Draft:
-    """A draft built the way the MQTT driver builds it: through the real decoder."""
-    body: dict[str, Any] = {
-        "receipt_no": receipt,
-        "register_id": "REG1",
-        "currency": "HKD",
-        "lines": [{"sku": sku, "quantity": qty, "unit_price": "10"} for sku, qty in lines],
-        "totals": {"subtotal": "10", "total": "10"},
-        "occurred_at": occurred_at,
-    }
-    decoded = decode_message(ROUTER, f"store/pos/{device}/{kind}", orjson.dumps(body))
-    assert isinstance(decoded, Decoded), decoded
-    return Draft(
-        decoded.kind,
-        decoded.device_id,
-        decoded.data_json,
-        decoded.data,
-        decoded.occurred_at,
-        decoded.dedup_key,
-        ack,
-        DRIVER,
-    )
-
-
 class AckProbe:
     """Acks that look for what they acknowledge through their own SQLite connection (ack-after-commit)."""
 
@@ -159,26 +115,20 @@ class AckProbe:
         self.committed_when_acked: dict[str, bool] = {}
 
     def event(self, key: str) -> Callable[[], None]:
-        def ack() -> None:
-            self.calls.append(key)
-            found = query(self._journal, "SELECT COUNT(*) FROM events WHERE dedup_key=?", (key,))[0][0]
-            self.committed_when_acked[key] = found == 1
-
-        return ack
+        return self._probe(key, "SELECT COUNT(*) FROM events WHERE dedup_key=?")
 
     def quarantined(self, reason: str) -> Callable[[], None]:
-        def ack() -> None:
-            self.calls.append(reason)
-            found = query(self._journal, "SELECT COUNT(*) FROM quarantine WHERE reason=?", (reason,))[0][0]
-            self.committed_when_acked[reason] = found == 1
-
-        return ack
+        return self._probe(reason, "SELECT COUNT(*) FROM quarantine WHERE reason=?")
 
     def reject(self, detail: str) -> Callable[[], None]:
+        return self._probe(detail, "SELECT COUNT(*) FROM quarantine WHERE detail=?")
+
+    def _probe(self, key: str, count_sql: str) -> Callable[[], None]:
+        """An ack that records whether its row was already committed (visible to another connection)."""
+
         def ack() -> None:
-            self.calls.append(detail)
-            found = query(self._journal, "SELECT COUNT(*) FROM quarantine WHERE detail=?", (detail,))[0][0]
-            self.committed_when_acked[detail] = found == 1
+            self.calls.append(key)
+            self.committed_when_acked[key] = query(self._journal, count_sql, (key,))[0][0] == 1
 
         return ack
 

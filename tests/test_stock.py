@@ -15,27 +15,13 @@ from typing import Any
 import orjson
 import pytest
 
-from drivers.mqtt.config import MqttDriverConfig, TopicRoute
-from drivers.mqtt.decode import Decoded, TopicRouter, decode_message
 from gateway.clock import ClockState
 from gateway.config import JournalConfig, StockConfig, StockItem
 from gateway.events import AlertRaised, StockLevel
 from gateway.journal import Draft, Journal
 from gateway.metrics import Metrics
 from rules.stock import StockConfigError, StockLedger, read_initial_csv
-
-DRIVER = "store-mqtt"
-ROUTER = TopicRouter(
-    MqttDriverConfig(
-        routes=[
-            TopicRoute(pattern="store/pos/{device_id}/sale", kind="pos.sale"),
-            TopicRoute(pattern="store/pos/{device_id}/return", kind="pos.return"),
-        ],
-        unknown_devices="accept",
-    ),
-    frozenset(),
-)
-
+from tests.pos_drafts import pos_draft
 
 # --- helpers --------------------------------------------------------------------------------------
 
@@ -123,26 +109,7 @@ async def store(path: Path, stock: StockConfig) -> AsyncIterator[Store]:
 
 
 def pos(receipt: str, *lines: tuple[str, str], kind: str = "sale", device: str = "pos1") -> Draft:
-    """A draft built the way the MQTT driver builds it: through the real decoder."""
-    body = {
-        "receipt_no": receipt,
-        "register_id": "REG1",
-        "currency": "HKD",
-        "lines": [{"sku": sku, "quantity": qty, "unit_price": "10"} for sku, qty in lines],
-        "totals": {"subtotal": "10", "total": "10"},
-    }
-    decoded = decode_message(ROUTER, f"store/pos/{device}/{kind}", orjson.dumps(body))
-    assert isinstance(decoded, Decoded), decoded
-    return Draft(
-        decoded.kind,
-        decoded.device_id,
-        decoded.data_json,
-        decoded.data,
-        decoded.occurred_at,
-        decoded.dedup_key,
-        None,
-        DRIVER,
-    )
+    return pos_draft(receipt, lines, kind=kind, device=device)
 
 
 def ret(receipt: str, *lines: tuple[str, str]) -> Draft:

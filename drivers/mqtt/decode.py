@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
@@ -16,6 +17,7 @@ from pydantic import AwareDatetime, Field, TypeAdapter, ValidationError
 
 from drivers.mqtt.config import MqttDriverConfig
 from gateway.events import ID_PATTERN, PosReturn, PosSale
+from gateway.journal import Draft
 
 _DEVICE_ID: Final = re.compile(ID_PATTERN)
 ROUTE_CACHE_SIZE: Final = 4096
@@ -51,6 +53,19 @@ class Decoded:
     data_json: bytes
     occurred_at: str | None
     dedup_key: str
+
+    def to_draft(self, ack: Callable[[], None] | None, driver: str) -> Draft:
+        """The journal item for this message; ``ack`` runs after its commit."""
+        return Draft(
+            self.kind,
+            self.device_id,
+            self.data_json,
+            self.data,
+            self.occurred_at,
+            self.dedup_key,
+            ack,
+            driver,
+        )
 
 
 @dataclass(frozen=True, slots=True)

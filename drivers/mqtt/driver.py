@@ -111,16 +111,7 @@ class MqttIntake:
                 ack,
             )
         else:
-            item = Draft(
-                decoded.kind,
-                decoded.device_id,
-                decoded.data_json,
-                decoded.data,
-                decoded.occurred_at,
-                decoded.dedup_key,
-                ack,
-                self.name,
-            )
+            item = decoded.to_draft(ack, self.name)
         if not self._journal.submit(item):
             # Not acknowledged: the broker keeps it and redelivers it to our session.
             self._metrics.dropped.labels(self.name, "journal_busy").inc()
