@@ -88,15 +88,18 @@ class Uplink:
             await client.publish(self._status_topic, status_payload("online", self._config_hash), retain=True)
             _LOGGER.info("uplink: connected to HQ %s:%d", self._hq.host, self._hq.port)
             self._metrics.uplink_connected.set(1)
-            up()
-            return await self._deliver(client)
+            return await self._deliver(client, up)
         finally:
             self._metrics.uplink_connected.set(0)
             if self.stopping and client.is_connected:
                 await self._say_offline(client)
             await client.disconnect()
 
-    async def _deliver(self, client: MqttClient) -> str:
+    async def _deliver(self, client: MqttClient, up: Callable[[], None]) -> str:
+        """Send batches until the connection ends. ``up()`` (which resets the reconnect backoff) is called once
+        HQ has acknowledged a batch or there is nothing to send: a broker that refuses every batch (an ACL
+        mistake) keeps us backing off instead of reconnecting several times a second."""
+        healthy = False
         sent_upto = self._journal.delivered_seq
         inflight: deque[tuple[int, int, asyncio.Future[None]]] = deque()
         closed = asyncio.ensure_future(client.wait_closed())
@@ -113,6 +116,9 @@ class Uplink:
                     inflight.append((seqs[0], seqs[-1], client.publish(self._events_topic, payload, qos=1)))
                     sent_upto = seqs[-1]
                 if not inflight:
+                    if not healthy:
+                        healthy = True
+                        up()
                     if self._journal.delivered_seq >= self._journal.last_seq:
                         self._caught_up.set()
                     self._new_data.clear()
@@ -131,6 +137,9 @@ class Uplink:
                 if fut.exception() is not None:
                     raise MqttError(f"batch {first}..{last} not acknowledged: {fut.exception()}")
                 inflight.popleft()
+                if not healthy:
+                    healthy = True
+                    up()
                 self._journal.note_delivered(last)
                 self._metrics.uplink_batches.inc()
                 self._metrics.uplink_events.inc(last - first + 1)

@@ -81,6 +81,8 @@ class Draft:
     dedup_key: str | None = None
     ack: Callable[[], None] | None = None
     driver: str = "gateway"
+    origin: object = None
+    """The connection it came in on; its items are dropped if that connection dies before they commit."""
 
 
 @dataclass(slots=True)
@@ -95,6 +97,7 @@ class Rejected:
     topic: str | None = None
     device_id: str | None = None
     ack: Callable[[], None] | None = None
+    origin: object = None
 
 
 @dataclass(slots=True)
@@ -182,6 +185,9 @@ class Journal:
         self._busy = False
         self._resume_waiters: list[tuple[int, Callable[[], None]]] = []
         self._commit_done = asyncio.Event()
+        self._submitted = 0
+        self._finished = 0
+        self._delivered_persisted = 0
         self.last_seq = 0
         self.delivered_seq = 0
         prefix = orjson.dumps({"store_id": store_id, "gateway_id": gateway_id})
@@ -214,6 +220,7 @@ class Journal:
         max_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
         self.last_seq = max(int(meta.get("last_seq", 0)), int(max_seq))
         self.delivered_seq = int(meta.get("delivered_seq", 0))
+        self._delivered_persisted = self.delivered_seq
         self._conn = conn
         self._metrics.last_seq.set(self.last_seq)
         self._metrics.delivered_seq.set(self.delivered_seq)
@@ -238,9 +245,21 @@ class Journal:
             detail = f"event body {len(item.data_json)} bytes > journal.max_payload_bytes {limit}"
             item = _as_rejected(item, ValueError(detail), reason="too_large")
         self._queue.append(item)
+        self._submitted += 1
         if not self._wakeup.is_set():
             self._wakeup.set()
         return True
+
+    def discard(self, origin: object) -> int:
+        """Drop queued items that came in on ``origin``, a connection that died: their acknowledgements can no
+        longer reach the broker, which redelivers them to the next session. Returns how many were dropped."""
+        kept = deque(item for item in self._queue if item.origin is not origin or origin is None)
+        dropped = len(self._queue) - len(kept)
+        if dropped:
+            self._queue = kept
+            self._finished += dropped
+            self._commit_done.set()
+        return dropped
 
     @property
     def pending(self) -> int:
@@ -276,8 +295,11 @@ class Journal:
             self._wakeup.set()
 
     async def flush(self) -> None:
-        """Wait until everything submitted so far is committed (and acknowledged). The writer must be running."""
-        while self._queue or self._busy or self._delivered_pending is not None:
+        """Wait until everything submitted before this call is committed (and acknowledged), or discarded.
+        Later submissions do not extend the wait. The writer must be running."""
+        target = self._submitted
+        delivered = self.delivered_seq
+        while self._finished < target or self._delivered_persisted < delivered:
             self._commit_done.clear()
             await self._commit_done.wait()
 
@@ -324,6 +346,8 @@ class Journal:
             while True:
                 try:
                     result, leftover = await asyncio.shield(future)
+                    if delivered is not None:  # written by the first transaction, which committed
+                        self._delivered_persisted = max(self._delivered_persisted, delivered)
                     break
                 except asyncio.CancelledError as err:
                     # Once the thread may COMMIT, its acks must follow: finish the bookkeeping, then stop.
@@ -345,6 +369,7 @@ class Journal:
         for item in items:
             if item.ack is not None:
                 item.ack()
+        self._finished += len(items)
         self._wake_waiters()
         self._commit_done.set()
         if result is not None:
@@ -433,9 +458,16 @@ class Journal:
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('delivered_seq', ?)", (str(delivered),))
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
-            for proc in self._processors:
-                proc.rollback(conn)
+            # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR): a ROLLBACK then fails,
+            # and must neither hide the real error nor skip reloading the processors' in-memory state.
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                _LOGGER.debug("ROLLBACK after a failed commit failed too", exc_info=True)
+            finally:
+                for proc in self._processors:
+                    proc.rollback(conn)
             raise
         self.last_seq = seq
         if not rows and not rejected and not duplicates:
@@ -575,16 +607,18 @@ def _as_rejected(draft: Draft | Rejected, error: Exception, reason: str = "proce
             draft.topic,
             draft.device_id,
             draft.ack,
+            draft.origin,
         )
     return Rejected(
         draft.driver,
         reason,
         f"{draft.kind}: {error!r}"[:1000],
         len(draft.data_json),
-        draft.data_json,
+        draft.data_json[:QUARANTINE_KEEP_BYTES],
         None,
         draft.device_id,
         draft.ack,
+        draft.origin,
     )
 
 

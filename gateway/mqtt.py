@@ -401,6 +401,12 @@ class MqttClient:
         self._call_soon(self._attach, sock)
 
     def _attach(self, sock: socket.socket) -> None:
+        if self._closed.done():
+            # connect() gave up (timeout) but paho's thread finished later: this connection must not come to
+            # life, or it would take over our persistent session behind the back of its successor.
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
         self._sock = sock
         self._loop.add_reader(sock, self._read)
         self._misc_task = self._loop.create_task(self._misc_loop(), name=f"mqtt-keepalive-{self._name}")
@@ -449,7 +455,12 @@ class MqttClient:
         for _ in range(PACKETS_PER_WAKEUP):
             if self._paused:
                 return
-            rc = client.loop_read()
+            try:
+                rc = client.loop_read()
+            except Exception as err:  # never let a parsing surprise escape into the event loop
+                _LOGGER.exception("MQTT read failed; dropping the connection")
+                self._teardown(f"read failed: {err!r}", force_close=True)
+                return
             if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
                 self._teardown(f"read failed: {paho.error_string(rc)}")
                 return
@@ -465,7 +476,9 @@ class MqttClient:
 
     async def _misc_loop(self) -> None:
         while not self._closed.done():
-            if self._client.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            # While we deliberately stop reading (backpressure), PINGRESPs wait unread: do not call that a dead
+            # broker. The PUBACKs we keep sending show the broker we are alive.
+            if not self._paused and self._client.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self._teardown("keepalive timeout: broker stopped answering", force_close=True)
                 return
             await asyncio.sleep(1)
@@ -504,8 +517,12 @@ class MqttClient:
             fut.set_result(codes)
 
     def _on_message_fast(self, message: Message) -> None:
-        if self.on_message is not None:
+        if self.on_message is None:
+            return
+        try:
             self.on_message(message)
+        except Exception:  # a handler bug must not wedge paho's reader on the same packet forever
+            _LOGGER.exception("message handler failed on %r; the message stays unacknowledged", message.topic)
 
     def _teardown(self, reason: str, force_close: bool = False) -> None:
         if self._closed.done():

@@ -26,6 +26,8 @@ from rules.stock import StockLedger
 _LOGGER = logging.getLogger(__name__)
 
 SHUTDOWN_DRAIN_S: Final = 3.0
+SHUTDOWN_FLUSH_S: Final = 10.0
+"""How long a clean shutdown waits for the journal to commit what is in hand."""
 """How long a clean shutdown waits for HQ to acknowledge what is committed."""
 
 
@@ -113,11 +115,11 @@ class Gateway:
                 _LOGGER.info("stopping: taking no more device messages")
                 for intake in self.intakes:
                     intake.pause()
-                await self.journal.flush()
+                await self._flush_for_shutdown()
                 for task in drivers:
                     task.cancel()
                 self.journal.submit(self._status_draft("offline"))
-                await self.journal.flush()
+                await self._flush_for_shutdown()
                 delivered = await self.uplink.drain(SHUTDOWN_DRAIN_S)
                 _LOGGER.info(
                     "stopping: HQ has everything up to seq %d%s",
@@ -134,6 +136,18 @@ class Gateway:
         finally:
             await self.journal.close()
         _LOGGER.info("stopped cleanly")
+
+    async def _flush_for_shutdown(self) -> None:
+        """Commit and acknowledge what is in hand, but never hang a shutdown on a failing disk."""
+        try:
+            async with asyncio.timeout(SHUTDOWN_FLUSH_S):
+                await self.journal.flush()
+        except TimeoutError:
+            _LOGGER.error(
+                "stopping: %d items could not be committed within %.0f s; the devices will resend them",
+                self.journal.pending,
+                SHUTDOWN_FLUSH_S,
+            )
 
     @property
     def api_port(self) -> int | None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from drivers.mqtt.config import MqttDriverConfig
 from drivers.mqtt.decode import Rejection, TopicRouter, decode_message
 from gateway.config import BrokerConfig
-from gateway.journal import Draft, Journal, Rejected
+from gateway.journal import QUARANTINE_KEEP_BYTES, Draft, Journal, Rejected
 from gateway.metrics import Metrics
 from gateway.mqtt import Message, MqttClient, MqttError
 from gateway.supervise import reconnect_forever
@@ -54,9 +54,9 @@ class MqttIntake:
         await reconnect_forever(f"store broker ({self.name})", self._session, _LOGGER, (MqttError, OSError))
 
     async def _session(self, up: Callable[[], None]) -> str:
-        client = MqttClient(
-            self._broker, self._client_id, clean_start=False, manual_ack=True, on_message=self._on_message
-        )
+        client = MqttClient(self._broker, self._client_id, clean_start=False, manual_ack=True)
+        # Acks are bound to the connection a message came in on: a mid means nothing on another connection.
+        client.on_message = functools.partial(self._on_message, client)
         self._client = client
         try:
             session_present = await client.connect()
@@ -74,6 +74,13 @@ class MqttIntake:
         finally:
             self._metrics.driver_connected.labels(self.name).set(0)
             await client.disconnect()
+            # What this connection delivered but we did not commit yet can no longer be acknowledged; the broker
+            # redelivers it to the next session, so holding it would only duplicate it.
+            dropped = self._journal.discard(client)
+            if dropped:
+                _LOGGER.info(
+                    "%s: %d uncommitted messages left for the broker to redeliver", self.name, dropped
+                )
 
     def _flush_received(self, _: object = None) -> None:
         if self._received_pending:
@@ -88,16 +95,19 @@ class MqttIntake:
         if self._client is not None:
             await self._client.disconnect()
 
-    def _on_message(self, message: Message) -> None:
-        client = self._client
-        if not self._accepting or client is None:
+    def _on_message(self, client: MqttClient, message: Message) -> None:
+        if not self._accepting:
             return
         # Counted locally and added to the metric after each commit: a Prometheus inc takes a lock.
         self._received_pending += 1
         ack = functools.partial(client.ack, message.mid, message.qos) if message.qos else None
         topic = message.topic
         payload = bytes(message.payload)
-        decoded = decode_message(self._router, topic, payload)
+        try:
+            decoded = decode_message(self._router, topic, payload)
+        except Exception as err:  # a decoder bug: quarantine this message, never jam the connection
+            _LOGGER.exception("%s: decoding a message on %r failed", self.name, topic[:200])
+            decoded = Rejection("internal_error", repr(err)[:300])
         item: Draft | Rejected
         if isinstance(decoded, Rejection):
             item = Rejected(
@@ -105,13 +115,16 @@ class MqttIntake:
                 decoded.reason,
                 decoded.detail,
                 len(payload),
-                payload,
+                payload[:QUARANTINE_KEEP_BYTES],
                 topic,
                 decoded.device_id,
                 ack,
+                client if message.qos else None,
             )
         else:
             item = decoded.to_draft(ack, self.name)
+            if message.qos:
+                item.origin = client
         if not self._journal.submit(item):
             # Not acknowledged: the broker keeps it and redelivers it to our session.
             self._metrics.dropped.labels(self.name, "journal_busy").inc()
@@ -119,4 +132,4 @@ class MqttIntake:
             # Bounded memory whatever the broker does with its in-flight window: stop reading the socket
             # until the journal has committed most of what is waiting.
             client.pause_reading()
-            self._journal.when_below(self._high_water // 2, client.resume_reading)
+            self._journal.when_below(max(1, self._high_water // 2), client.resume_reading)

@@ -1,0 +1,146 @@
+"""Failure paths found in review: a full disk, a tiny commit size, a crashing message handler, a moving flush."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.config import BrokerConfig, JournalConfig, StockConfig, StockItem
+from gateway.journal import Journal
+from gateway.metrics import Metrics
+from gateway.mqtt import Message, MqttClient
+from rules.stock import StockLedger
+from tests.brokers import Mosquitto
+from tests.pos_drafts import pos_draft
+
+
+@contextlib.asynccontextmanager
+async def writer(journal: Journal) -> AsyncIterator[None]:
+    await journal.open()
+    task = asyncio.create_task(journal.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await journal.close()
+
+
+async def test_a_full_disk_never_moves_stock_twice(tmp_path: Path) -> None:
+    """SQLITE_FULL rolls the transaction back by itself; the ledger must reload, not re-apply on each retry."""
+    metrics = Metrics()
+    ledger = StockLedger(StockConfig(items=[StockItem(sku="TEA", on_hand=1000)]), metrics)
+    journal = Journal(tmp_path / "j.db", "s", "g", JournalConfig(commit_max_delay_ms=0), metrics, [ledger])
+    async with writer(journal):
+        conn = journal._conn
+        assert conn is not None
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count={pages}")  # the "disk" is full from now on
+        for i in range(30):
+            journal.submit(pos_draft(f"R{i}", [("TEA", "1")]))
+        for _ in range(300):  # at least one failed commit and one retry
+            if journal._failing:
+                break
+            await asyncio.sleep(0.01)
+        assert journal._failing
+        await asyncio.sleep(1.2)
+        conn.execute("PRAGMA max_page_count=1000000")  # space again
+        async with asyncio.timeout(30):
+            await journal.flush()
+        assert await journal.query("SELECT on_hand FROM stock WHERE sku='TEA'") == [(970.0,)]
+        assert await journal.query("SELECT COUNT(*) FROM events WHERE kind='pos.sale'") == [(30,)]
+
+
+async def test_flush_does_not_chase_a_moving_delivered_mark(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.db", "s", "g", JournalConfig(commit_max_delay_ms=0), Metrics())
+    async with writer(journal):
+        for i in range(50):
+            journal.submit(pos_draft(f"R{i}", [("TEA", "1")]))
+
+        async def hq_keeps_acking() -> None:
+            for seq in range(1, 10_000):
+                journal.note_delivered(seq)
+                await asyncio.sleep(0.001)
+
+        acker = asyncio.create_task(hq_keeps_acking())
+        async with asyncio.timeout(30):  # a hang detector, not a speed check
+            await journal.flush()
+        acker.cancel()
+        assert journal.last_seq >= 50
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_a_crashing_handler_does_not_jam_the_connection(store_broker: Mosquitto, protocol: str) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    got: list[str] = []
+
+    def handler(message: Message) -> None:
+        if message.topic.endswith("/boom"):
+            raise RuntimeError("handler bug")
+        got.append(message.topic)
+
+    cfg = BrokerConfig(host=store_broker.host, port=store_broker.port, protocol=protocol)  # type: ignore[arg-type]
+    sub = MqttClient(cfg, "crashy", clean_start=True, on_message=handler)
+    await sub.connect()
+    await sub.subscribe([("c/#", 1)])
+    pub = MqttClient(cfg, "crash-pub", clean_start=True)
+    await pub.connect()
+    await pub.publish("c/boom", b"x")
+    if protocol == "5":  # the same through paho's own reader (a packet with properties)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.UserProperty = ("k", "v")
+        pub._client.publish("c/boom", b"x", qos=0, properties=props)
+    for i in range(3):
+        await pub.publish(f"c/ok{i}", b"fine")
+    for _ in range(250):
+        if len(got) == 3:
+            break
+        await asyncio.sleep(0.02)
+    assert got == ["c/ok0", "c/ok1", "c/ok2"]
+    await pub.disconnect()
+    await sub.disconnect()
+
+
+async def test_commit_size_one_still_drains_the_broker(store_broker: Mosquitto, tmp_path: Path) -> None:
+    """The smallest valid commit size: intake pauses at a backlog of 1 and must resume, not stall."""
+    from drivers.mqtt.config import MqttDriverConfig, TopicRoute
+    from drivers.mqtt.driver import MqttIntake
+
+    metrics = Metrics()
+    journal = Journal(tmp_path / "j.db", "s", "g", JournalConfig(commit_max_events=1), metrics)
+    broker = BrokerConfig(host=store_broker.host, port=store_broker.port)
+    driver_config = MqttDriverConfig(
+        routes=[TopicRoute(pattern="store/pos/{device_id}/sale", kind="pos.sale")], unknown_devices="accept"
+    )
+    intake = MqttIntake(driver_config, broker, "tiny-commits", journal, metrics, frozenset())
+    async with writer(journal):
+        task = asyncio.create_task(intake.run())
+        for _ in range(500):
+            if metrics.driver_connected.labels(intake.name)._value.get():
+                break
+            await asyncio.sleep(0.01)
+        pub = MqttClient(broker, "tiny-pub", clean_start=True)
+        await pub.connect()
+        import orjson
+
+        for i in range(100):
+            body = {"receipt_no": f"R{i}", "register_id": "1", "currency": "HKD",
+                    "lines": [{"sku": "TEA", "quantity": 1, "unit_price": "1"}],
+                    "totals": {"subtotal": "1", "total": "1"}}  # fmt: skip
+            await pub.publish("store/pos/till-1/sale", orjson.dumps(body))
+        for _ in range(1500):
+            if journal.last_seq >= 100:
+                break
+            await asyncio.sleep(0.01)
+        assert journal.last_seq == 100
+        await pub.disconnect()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
