@@ -248,7 +248,10 @@ class HqReceiver:
 
         def prepared() -> Iterator[BatchToStore | Rejection]:
             for item in group:
-                ready = self._prepare(item)
+                try:
+                    ready = self._prepare(item)
+                except Exception as err:
+                    ready = Rejection(item.topic, f"cannot decode: {err!r}"[:500], len(item.payload))
                 if isinstance(ready, BatchToStore):
                     ranges.append(
                         (ready.store_id, ready.gateway_id, ready.batch.first_seq, ready.batch.last_seq)
@@ -344,12 +347,18 @@ def print_summary(rows: Sequence[GatewaySummary], file: TextIO | None = None) ->
 
 
 def _print_report(store: ReceiverStore, out: TextIO, max_gaps: int = 20) -> bool:
-    """Summary plus each gateway's gaps; returns whether there is any gap."""
+    """Summary plus each gateway's gaps; returns whether anything is missing or conflicting."""
     rows = store.summary()
     print_summary(rows, out)
     any_gap = False
     for row in rows:
-        gaps = store.gaps(row.gateway_id)
+        if row.conflicts:
+            any_gap = True
+            print(
+                f"conflicts {row.store_id}/{row.gateway_id}: {row.conflicts} (same seq, different event id)",
+                file=out,
+            )
+        gaps = store.gaps(row.gateway_id, row.store_id)
         if not gaps:
             continue
         any_gap = True

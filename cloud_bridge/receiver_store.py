@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS events (
     received_at TEXT NOT NULL,
     body BLOB NOT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS events_gateway_seq ON events (gateway_id, seq);
+DROP INDEX IF EXISTS events_gateway_seq;
+CREATE UNIQUE INDEX IF NOT EXISTS events_store_gateway_seq ON events (store_id, gateway_id, seq);
 CREATE TABLE IF NOT EXISTS gateways (
     store_id TEXT NOT NULL,
     gateway_id TEXT NOT NULL,
@@ -76,7 +77,7 @@ ON CONFLICT (store_id, gateway_id) DO UPDATE SET
 """
 _GAPS: Final = """
 SELECT prev + 1, seq - 1 FROM (
-    SELECT seq, LAG(seq, 1, 0) OVER (ORDER BY seq) AS prev FROM events WHERE gateway_id = ?
+    SELECT seq, LAG(seq, 1, 0) OVER (ORDER BY seq) AS prev FROM events WHERE store_id = ? AND gateway_id = ?
 ) WHERE seq > prev + 1 ORDER BY seq
 """
 
@@ -230,11 +231,19 @@ class ReceiverStore:
         with self._transaction() as db:
             for item in items:
                 if isinstance(item, BatchToStore):
+                    db.execute("SAVEPOINT batch")
                     try:
                         result = self._insert(db, item.store_id, item.gateway_id, item.batch, received_at)
                     except BatchRejectedError as err:
+                        db.execute("ROLLBACK TO batch")
                         rejection = Rejection(item.topic, str(err), item.size)
+                    except sqlite3.Error:
+                        raise
+                    except Exception as err:
+                        db.execute("ROLLBACK TO batch")
+                        rejection = Rejection(item.topic, f"cannot store: {err!r}"[:500], item.size)
                     else:
+                        db.execute("RELEASE batch")
                         results.append(result)
                         continue
                 else:
@@ -287,7 +296,8 @@ class ReceiverStore:
                 continue
             conflicts += 1
             kept = db.execute(
-                "SELECT id FROM events WHERE gateway_id = ? AND seq = ?", (row[2], row[3])
+                "SELECT id FROM events WHERE store_id = ? AND gateway_id = ? AND seq = ?",
+                (row[1], row[2], row[3]),
             ).fetchone()
             _LOGGER.warning(
                 "conflict: store %s gateway %s seq %d already holds event %s; kept it and dropped event %s",
@@ -306,17 +316,33 @@ class ReceiverStore:
             (n,) = self._db.execute("SELECT count(*) FROM events").fetchone()
         return int(n)
 
-    def gaps(self, gateway_id: str) -> list[tuple[int, int]]:
+    def _store_of(self, gateway_id: str, store_id: str | None) -> str:
+        """Gateway ids are unique within a store only: name the store, or let us find the one that has it."""
+        if store_id is not None:
+            return store_id
+        stores = [
+            s
+            for (s,) in self._db.execute("SELECT store_id FROM gateways WHERE gateway_id = ?", (gateway_id,))
+        ]
+        if len(stores) > 1:
+            raise ValueError(f"gateway {gateway_id!r} exists in stores {stores}: name the store")
+        return stores[0] if stores else ""
+
+    def gaps(self, gateway_id: str, store_id: str | None = None) -> list[tuple[int, int]]:
         """Missing seq ranges (first, last), inclusive, between 1 and the gateway's highest stored seq."""
         with self._lock:
-            return [(int(a), int(b)) for a, b in self._db.execute(_GAPS, (gateway_id,))]
+            store = self._store_of(gateway_id, store_id)
+            return [(int(a), int(b)) for a, b in self._db.execute(_GAPS, (store, gateway_id))]
 
-    def events(self, gateway_id: str, after_seq: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+    def events(
+        self, gateway_id: str, after_seq: int = 0, limit: int = 1000, store_id: str | None = None
+    ) -> list[dict[str, Any]]:
         """Stored envelopes of a gateway in seq order, parsed."""
         with self._lock:
+            store = self._store_of(gateway_id, store_id)
             cur = self._db.execute(
-                "SELECT body FROM events WHERE gateway_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (gateway_id, after_seq, limit),
+                "SELECT body FROM events WHERE store_id = ? AND gateway_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (store, gateway_id, after_seq, limit),
             )
             bodies = [body for (body,) in cur]
         return [orjson.loads(body) for body in bodies]
@@ -347,10 +373,10 @@ class ReceiverStore:
             for store_id, gateway_id, events, max_seq, duplicates, conflicts, last_received in gateways:
                 # Every stored event has its own seq in 1..max_seq, so the counters show a complete gateway
                 # without scanning it; only an incomplete one needs the window query.
-                gaps = [] if events >= max_seq else self._db.execute(_GAPS, (gateway_id,)).fetchall()
+                gaps = [] if events >= max_seq else self._db.execute(_GAPS, (store_id, gateway_id)).fetchall()
                 newest = self._db.execute(
-                    "SELECT recorded_at FROM events WHERE gateway_id = ? ORDER BY seq DESC LIMIT 1",
-                    (gateway_id,),
+                    "SELECT recorded_at FROM events WHERE store_id = ? AND gateway_id = ? ORDER BY seq DESC LIMIT 1",
+                    (store_id, gateway_id),
                 ).fetchone()
                 recorded = _parse_time(newest[0]) if newest else None
                 out.append(

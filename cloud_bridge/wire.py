@@ -74,7 +74,7 @@ def decode_batch(payload: bytes) -> Batch:
     for event in events:
         if (
             not isinstance(event, dict)
-            or not isinstance(event.get("seq"), int)
+            or type(event.get("seq")) is not int  # not bool
             or not isinstance(event.get("id"), str)
         ):
             raise BatchError("every event needs an integer 'seq' and a string 'id'")

@@ -55,6 +55,10 @@ OPEN_PATHS: Final = frozenset({"/health"})
 _JSON: Final = "application/json"
 
 
+MAX_STOCK_ROWS = 5000
+"""Largest page of /api/stock (a convenience store carries a few thousand SKUs)."""
+
+
 class ApiError(Exception):
     """The local API cannot start (for example, its port is taken)."""
 
@@ -128,7 +132,10 @@ def create_app(
     def get_stock(
         sku: Annotated[str | None, Query(max_length=64)] = None,
         low_only: bool = False,
+        after_sku: Annotated[str | None, Query(max_length=64)] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_STOCK_ROWS)] = MAX_STOCK_ROWS,
     ) -> Response:
+        """One page of the ledger in SKU order; page on with ``after_sku`` = the last SKU received."""
         sql = "SELECT sku, on_hand, safety_stock, updated_seq, low FROM stock"
         where: list[str] = []
         params: list[Any] = []
@@ -137,9 +144,12 @@ def create_app(
             params.append(sku)
         if low_only:
             where.append("low != 0")
+        if after_sku is not None:
+            where.append("sku > ?")
+            params.append(after_sku)
         if where:
             sql += " WHERE " + " AND ".join(where)
-        rows = _read(db_uri, sql + " ORDER BY sku", params)
+        rows = _read(db_uri, sql + " ORDER BY sku LIMIT ?", [*params, limit])
         return _json_bytes(
             orjson.dumps(
                 [

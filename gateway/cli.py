@@ -9,8 +9,12 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway import __version__
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,6 +92,11 @@ def _run(config_path: Path) -> int:
         print(err, file=sys.stderr)
         return 1
     setup_logging(config.log.level, config.log.format)
+    problems = _preflight(config)
+    if problems:
+        for problem in problems:
+            print(f"store-gateway: {problem}", file=sys.stderr)
+        return 1
 
     async def _main() -> None:
         stop = asyncio.Event()
@@ -96,8 +105,44 @@ def _run(config_path: Path) -> int:
             loop.add_signal_handler(sig, stop.set)
         await Gateway(config, config_hash(config)).run(stop)
 
-    asyncio.run(_main())
+    try:
+        asyncio.run(_main())
+    except BaseException as err:
+        known = _startup_failures(err)
+        if not known:
+            raise
+        for failure in known:
+            print(f"store-gateway: cannot start: {failure}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _preflight(config: GatewayConfig) -> list[str]:
+    """What the config names but the machine lacks (TLS files), said now rather than retried forever."""
+    import ssl
+
+    from gateway.mqtt import tls_context
+
+    problems = []
+    for label, broker in (("store_broker", config.store_broker), ("hq", config.hq)):
+        try:
+            tls_context(broker)
+        except (OSError, ssl.SSLError) as err:
+            problems.append(f"{label}.tls: cannot load the CA, certificate or key: {err}")
+    return problems
+
+
+def _startup_failures(err: BaseException) -> list[BaseException]:
+    """The known ways a start fails (port taken, journal unreadable, bad stock CSV), out of exception groups."""
+    from gateway.api import ApiError
+    from gateway.journal import JournalError
+    from rules.stock import StockConfigError
+
+    known = (ApiError, JournalError, StockConfigError)
+    if isinstance(err, BaseExceptionGroup):
+        found = [f for sub in err.exceptions for f in _startup_failures(sub)]
+        return found if len(found) == len(err.exceptions) else []
+    return [err] if isinstance(err, known) else []
 
 
 if __name__ == "__main__":

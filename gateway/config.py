@@ -149,7 +149,7 @@ class ApiConfig(StrictModel):
 
 class JournalConfig(StrictModel):
     commit_max_events: int = Field(
-        default=1000,
+        default=500,
         ge=1,
         le=100_000,
         description="Events per group commit; drivers pause reading while this many wait.",
@@ -206,8 +206,15 @@ class GatewayConfig(StrictModel):
             dupes = sorted({i for i in ids if ids.count(i) > 1})
             if dupes:
                 raise ValueError(f"{label}: duplicate id(s) {', '.join(dupes)}")
+        if self.store_broker.client_id is not None and len(self.drivers) > 1:
+            raise ValueError(
+                "store_broker.client_id is shared by every driver and they would take over each other's session:"
+                " leave it out (each driver gets '<store>-<gateway>-intake-<driver>') when there are several drivers"
+            )
         return self
 
     def client_id(self, role: str, broker: BrokerConfig) -> str:
         """The MQTT client id for one role; stable across restarts so persistent sessions survive."""
-        return broker.client_id or re.sub(r"[^A-Za-z0-9._-]", "-", f"{self.gateway_id}-{role}")
+        return broker.client_id or re.sub(
+            r"[^A-Za-z0-9._-]", "-", f"{self.store.id}-{self.gateway_id}-{role}"
+        )

@@ -36,6 +36,8 @@ _LOGGER = logging.getLogger(__name__)
 
 QUARANTINE_KEEP_BYTES: Final = 4096
 """How much of a rejected payload is kept for debugging."""
+QUARANTINE_TOPIC_CHARS: Final = 256
+"""How much of a rejected message's topic is kept (MQTT allows 64 KiB)."""
 
 CACHE_KIB: Final = 1024
 """SQLite page cache per connection. Appends and tail reads touch few pages; the default 2 MiB is RSS we skip."""
@@ -553,7 +555,7 @@ class Journal:
                     received_at,
                     r.driver,
                     r.device_id,
-                    r.topic,
+                    None if r.topic is None else r.topic[:QUARANTINE_TOPIC_CHARS],
                     r.reason,
                     r.detail[:1000],
                     r.size,

@@ -42,15 +42,16 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and the exception if any."""
 
     def format(self, record: logging.LogRecord) -> str:
+        # Mask before encoding: JSON escapes quotes and backslashes, and an escaped secret would not match.
         doc: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": _mask(record.getMessage()),
         }
         if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
-        return _mask(orjson.dumps(doc).decode())
+            doc["exception"] = _mask(self.formatException(record.exc_info))
+        return orjson.dumps(doc).decode()
 
 
 def setup_logging(level: str = "INFO", fmt: str = "plain") -> None:

@@ -144,3 +144,72 @@ async def test_commit_size_one_still_drains_the_broker(store_broker: Mosquitto, 
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def _batch(store: str, gateway: str, seqs: list[int], data: object = None) -> bytes:
+    from cloud_bridge.wire import encode_batch
+    from gateway.events import uuid7
+
+    bodies = [
+        orjson_dumps(
+            {
+                "id": uuid7(),
+                "store_id": store,
+                "gateway_id": gateway,
+                "seq": seq,
+                "kind": "pos.sale",
+                "device_id": "pos-1",
+                "recorded_at": "2026-11-22T02:00:00.000Z",
+                "data": data or {},
+            }
+        )
+        for seq in seqs
+    ]
+    return encode_batch(store, gateway, seqs, bodies)
+
+
+def orjson_dumps(value: object) -> bytes:
+    import orjson
+
+    return orjson.dumps(value)
+
+
+def test_two_stores_may_use_the_same_gateway_id(tmp_path: Path) -> None:
+    from cloud_bridge.receiver_store import ReceiverStore, StoreResult
+    from cloud_bridge.wire import decode_batch
+
+    store = ReceiverStore(tmp_path / "hq.db")
+    try:
+        first = store.store_batch("hk-001", "gw-01", decode_batch(_batch("hk-001", "gw-01", [1, 2])))
+        second = store.store_batch("hk-002", "gw-01", decode_batch(_batch("hk-002", "gw-01", [1, 2])))
+        assert first == second == StoreResult(new=2, duplicates=0, conflicts=0)
+        assert store.count() == 4
+        assert store.gaps("gw-01", "hk-002") == []
+        assert [e["seq"] for e in store.events("gw-01", store_id="hk-002")] == [1, 2]
+        with pytest.raises(ValueError, match="name the store"):
+            store.gaps("gw-01")
+    finally:
+        store.close()
+
+
+def test_a_pathological_batch_is_rejected_not_fatal(tmp_path: Path) -> None:
+    from cloud_bridge.receiver_store import BatchToStore, ReceiverStore, Rejection, StoreResult
+    from cloud_bridge.wire import decode_batch
+
+    nested = b'{"n":' * 300 + b'"x"' + b"}" * 300  # orjson reads this, but cannot write it back
+    bad = _batch("hk-001", "gw-01", [1], "NESTED").replace(b'"NESTED"', nested)
+    good = _batch("hk-001", "gw-01", [2])
+    store = ReceiverStore(tmp_path / "hq.db")
+    try:
+        results = store.apply(
+            [
+                BatchToStore("retail/hk-001/gw-01/events", len(bad), "hk-001", "gw-01", decode_batch(bad)),
+                BatchToStore("retail/hk-001/gw-01/events", len(good), "hk-001", "gw-01", decode_batch(good)),
+            ]
+        )
+        assert isinstance(results[0], Rejection)
+        assert "cannot store" in results[0].reason
+        assert results[1] == StoreResult(new=1, duplicates=0, conflicts=0)
+        assert store.count() == 1
+    finally:
+        store.close()

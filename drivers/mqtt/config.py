@@ -45,7 +45,9 @@ class MqttDriverConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: Literal["mqtt"] = Field(default="mqtt", description="Driver family; selects this model.")
+    type: Literal["mqtt"] = Field(
+        default="mqtt", description="Driver family; selects this driver's settings. Always write it in YAML."
+    )
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = Field(
         default="store-mqtt", description="Driver instance name, used in metrics and logs."
     )
