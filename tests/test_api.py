@@ -335,6 +335,13 @@ async def test_stock_rows_and_low_only(journal: tuple[Path, sqlite3.Connection])
         ]
         assert [r["on_hand"] for r in await get_json(client, "/api/stock?sku=SKU-D")] == [12.5]
         assert await get_json(client, "/api/stock?sku=SKU-A&low_only=1") == []
+        # Paging in SKU order: limit, then on from the last SKU received.
+        assert [r["sku"] for r in await get_json(client, "/api/stock?limit=2")] == ["SKU-A", "SKU-B"]
+        assert [r["sku"] for r in await get_json(client, "/api/stock?limit=2&after_sku=SKU-B")] == [
+            "SKU-C",
+            "SKU-D",
+        ]
+        assert (await client.get("/api/stock?limit=0", headers=AUTH)).status_code == 422
 
 
 async def test_quarantine_previews(journal: tuple[Path, sqlite3.Connection]) -> None:
