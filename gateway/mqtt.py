@@ -150,6 +150,22 @@ class _BufferedPaho(paho.Client):
     fast_on_message: Callable[[Message], None] | None = None
     fast_path_enabled = True
 
+    def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
+        """paho's version leaks the TLS socket when the handshake fails (a wrong CA, a refused client
+        certificate). Our contexts always check the host name themselves (or are explicitly insecure), so the
+        rest of paho's version, a second host-name check, never applies."""
+        context = self._ssl_context
+        if context is None:
+            raise ValueError("TLS requested without a context")
+        ssl_sock = context.wrap_socket(tcp_sock, server_hostname=self._host, do_handshake_on_connect=False)
+        try:
+            ssl_sock.settimeout(self._connect_timeout)
+            ssl_sock.do_handshake()
+        except BaseException:
+            ssl_sock.close()
+            raise
+        return ssl_sock
+
     def _packet_read(self) -> MQTTErrorCode:
         if self._in_packet["command"] == 0 and self.fast_path_enabled and self._read_publishes() > 0:
             return MQTTErrorCode.MQTT_ERR_SUCCESS

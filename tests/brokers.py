@@ -42,11 +42,12 @@ class Mosquitto:
             "log_dest stderr",
             "log_type error",
             "log_type warning",
+            # As root, mosquitto drops to user 'mosquitto', which cannot read or write the tests' private temp
+            # dirs (persistence files, TLS keys): stay as whoever runs the tests.
+            f"user {getpass.getuser()}",
         ]
         if persistence:
             lines += ["persistence true", f"persistence_location {self.dir}/", "autosave_interval 1"]
-            # As root, mosquitto drops to the 'mosquitto' user, which cannot write our temp dir: stay as us.
-            lines.append(f"user {getpass.getuser()}")
         self.conf.write_text("\n".join(lines) + "\n" + extra_conf)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.dir / "mosquitto.log"
