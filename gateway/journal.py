@@ -111,8 +111,12 @@ class Committed:
     kinds: dict[str, int] = field(default_factory=dict)
     bodies: list[bytes] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
-    duplicates: int = 0
     duplicates_by_driver: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def duplicates(self) -> int:
+        """Redeliveries dropped by this commit."""
+        return sum(self.duplicates_by_driver.values())
 
 
 class Processor(Protocol):
@@ -477,9 +481,7 @@ class Journal:
         kinds: dict[str, int] = {}
         for row in rows:
             kinds[row[2]] = kinds.get(row[2], 0) + 1
-        return Committed(
-            first, seq, kinds, [r[6] for r in rows], rejected, sum(duplicates.values()), duplicates
-        )
+        return Committed(first, seq, kinds, [r[6] for r in rows], rejected, duplicates)
 
     def _drop_redeliveries(
         self, conn: sqlite3.Connection, drafts: list[Draft]
@@ -635,5 +637,4 @@ def _merge(total: Committed | None, part: Committed | None) -> Committed | None:
     total.last_seq = max(total.last_seq, part.last_seq)
     total.bodies += part.bodies
     total.rejected += part.rejected
-    total.duplicates += part.duplicates
     return total

@@ -148,7 +148,6 @@ class _BufferedPaho(paho.Client):
         self._packet_queue(PUBACK, packet, mids[-1], 1)
 
     fast_on_message: Callable[[Message], None] | None = None
-    fast_path_enabled = True
 
     def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
         """paho's version leaks the TLS socket when the handshake fails (a wrong CA, a refused client
@@ -167,7 +166,7 @@ class _BufferedPaho(paho.Client):
         return ssl_sock
 
     def _packet_read(self) -> MQTTErrorCode:
-        if self._in_packet["command"] == 0 and self.fast_path_enabled and self._read_publishes() > 0:
+        if self._in_packet["command"] == 0 and self._read_publishes() > 0:
             return MQTTErrorCode.MQTT_ERR_SUCCESS
         return super()._packet_read()
 
@@ -286,7 +285,6 @@ class MqttClient:
         self._connected: asyncio.Future[bool] = self._loop.create_future()
         self._closed: asyncio.Future[str] = self._loop.create_future()
         self._pending: dict[int, asyncio.Future[None]] = {}
-        self._early_acks: set[int] = set()
         self._acks: list[int] = []
         self._paused = False
         self._subscribed: dict[int, asyncio.Future[list[ReasonCode]]] = {}
@@ -345,8 +343,7 @@ class MqttClient:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_QUEUE_SIZE):
             fut.set_exception(MqttError(f"publish failed: {paho.error_string(info.rc)}"))
-        elif qos == 0 or info.mid in self._early_acks:
-            self._early_acks.discard(info.mid)
+        elif qos == 0:
             fut.set_result(None)
         else:
             self._pending[info.mid] = fut
@@ -516,10 +513,10 @@ class MqttClient:
         self._call_soon(self._teardown, f"disconnected: {rc}")
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, rc: ReasonCode, props: Any) -> None:
+        # QoS 0 publishes (resolved when queued) report here too, unknown: nothing to do for them. A QoS 1
+        # PUBACK cannot beat publish() registering its mid: paho writes only on a later loop turn.
         fut = self._pending.pop(mid, None)
-        if fut is None:
-            self._early_acks.add(mid)
-        elif not fut.done():
+        if fut is not None and not fut.done():
             if rc.is_failure:
                 fut.set_exception(MqttError(f"broker refused publish: {rc}"))
             else:
