@@ -1,26 +1,45 @@
-"""The batch format on the wire to HQ: one MQTT message carries a run of events with consecutive seqs.
+"""The batch format on the wire to HQ (documented in docs/OUTBOX.md, "Batches on the wire").
 
-A batch is a JSON object, self-describing::
+One MQTT message carries a batch: events of ONE outbox class, ascending ``seq`` (not necessarily consecutive:
+other classes interleave). The message is a one-line JSON header, a newline, then the body::
 
-    {"format": "store-gateway.batch", "schema": 1, "encoding": "json",
-     "store_id": "...", "gateway_id": "...", "first_seq": 41, "last_seq": 45, "count": 5,
-     "events": [<envelope>, ...]}
+    {"format":"store-gateway.batch","schema":2,"encoding":"zstd","class":"transaction",
+     "store_id":"hk-001","gateway_id":"gw-1","count":3,"first_seq":41,"last_seq":45,
+     "ranges":[[41,42],[45,45]],"complete_through":40,"resend":false,"raw_bytes":1234}
+    <body>
 
-Events are the envelopes exactly as committed (see docs/EVENTS.md). ``first_seq``..``last_seq`` covers every
-event in the batch; a batch never skips a seq inside its range. Encoding the batch does not re-serialise
-events: the stored envelope bytes are joined as they are.
+The body is a JSON array of envelopes, exactly as committed (docs/EVENTS.md), compressed as ``encoding`` says:
+``json`` (none), ``gzip`` (RFC 1952) or ``zstd`` (RFC 8878). ``ranges`` lists every seq in the batch as
+inclusive runs. ``complete_through`` is the gateway's promise at send time: every event with a seq at or below
+it was acknowledged by HQ's broker before, or is in an ``outbox.evicted`` report; HQ can call a missing seq at
+or below it lost, and one above it not yet delivered. ``resend`` batches answer a ``resend`` command and carry
+``"class": null``. Schema 1 batches (one JSON object, consecutive seqs) are still accepted by the decoder.
+
+Encoding never re-serialises events: the stored envelope bytes are joined as they are.
 """
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import orjson
+import zstandard
 
 BATCH_FORMAT: Final = "store-gateway.batch"
-BATCH_SCHEMA: Final = 1
+BATCH_SCHEMA: Final = 2
+ENCODINGS: Final = ("json", "gzip", "zstd")
+CLASSES: Final = ("critical", "transaction", "state", "telemetry")
+"""Outbox classes, highest priority first; the index is the class number stored in the journal."""
+
+MAX_HEADER_BYTES: Final = 64 * 1024
+MAX_DECODED_BYTES: Final = 64 * 1024 * 1024
+"""A batch that inflates beyond this is refused (a decompression bomb, or not ours)."""
+
+Encoding = Literal["json", "gzip", "zstd"]
 
 
 class BatchError(ValueError):
@@ -34,42 +53,107 @@ class Batch:
     first_seq: int
     last_seq: int
     events: list[dict[str, Any]]
+    cls: str | None = None
+    """Outbox class name; None for resend batches and schema 1."""
+    complete_through: int | None = None
+    resend: bool = False
+    encoding: str = "json"
+    raw_bytes: int = 0
+    """Size of the uncompressed body."""
 
 
-def encode_batch(store_id: str, gateway_id: str, seqs: Sequence[int], bodies: Sequence[bytes]) -> bytes:
+def seq_ranges(seqs: Sequence[int]) -> list[list[int]]:
+    """Ascending seqs as inclusive runs: [1,2,3,7] -> [[1,3],[7,7]]."""
+    out: list[list[int]] = []
+    for seq in seqs:
+        if out and seq == out[-1][1] + 1:
+            out[-1][1] = seq
+        else:
+            out.append([seq, seq])
+    return out
+
+
+class Compressor:
+    """Reusable compressor for one encoding (a zstd context is worth keeping)."""
+
+    def __init__(self, encoding: Encoding = "zstd", level: int | None = None) -> None:
+        if encoding not in ENCODINGS:
+            raise ValueError(f"unknown encoding {encoding!r}")
+        self.encoding: Encoding = encoding
+        self._level = level
+        self._zstd = zstandard.ZstdCompressor(level=level if level is not None else 3)
+
+    def compress(self, body: bytes) -> bytes:
+        if self.encoding == "zstd":
+            return self._zstd.compress(body)
+        if self.encoding == "gzip":
+            return gzip.compress(body, compresslevel=self._level if self._level is not None else 6, mtime=0)
+        return body
+
+
+def encode_batch(
+    store_id: str,
+    gateway_id: str,
+    seqs: Sequence[int],
+    bodies: Sequence[bytes],
+    *,
+    cls: str | None,
+    complete_through: int,
+    compressor: Compressor | None = None,
+    resend: bool = False,
+) -> bytes:
     """Join committed envelope bytes into one batch message."""
     if not bodies or len(seqs) != len(bodies):
         raise ValueError("a batch needs one seq per event body, and at least one event")
+    raw = b"".join((b"[", b",".join(bodies), b"]"))
+    encoding: Encoding = "json" if compressor is None else compressor.encoding
+    body = raw if compressor is None else compressor.compress(raw)
     header = orjson.dumps(
         {
             "format": BATCH_FORMAT,
             "schema": BATCH_SCHEMA,
-            "encoding": "json",
+            "encoding": encoding,
+            "class": cls,
             "store_id": store_id,
             "gateway_id": gateway_id,
+            "count": len(bodies),
             "first_seq": seqs[0],
             "last_seq": seqs[-1],
-            "count": len(bodies),
+            "ranges": seq_ranges(seqs),
+            "complete_through": complete_through,
+            "resend": resend,
+            "raw_bytes": len(raw),
         }
     )
-    return b"".join((header[:-1], b',"events":[', b",".join(bodies), b"]}"))
+    return b"".join((header, b"\n", body))
 
 
-def decode_batch(payload: bytes) -> Batch:
-    """Parse and check a batch; raises :class:`BatchError` with a reason."""
-    try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError as err:
-        raise BatchError(f"not JSON: {err}") from err
-    if not isinstance(doc, dict) or doc.get("format") != BATCH_FORMAT:
-        raise BatchError("not a store-gateway batch (missing or wrong 'format')")
-    if doc.get("schema") != BATCH_SCHEMA or doc.get("encoding") != "json":
-        raise BatchError(f"unsupported batch schema/encoding: {doc.get('schema')!r}/{doc.get('encoding')!r}")
-    events = doc.get("events")
-    first, last = doc.get("first_seq"), doc.get("last_seq")
-    if not isinstance(events, list) or not isinstance(first, int) or not isinstance(last, int):
-        raise BatchError("batch needs 'events' (list), 'first_seq' and 'last_seq' (integers)")
-    if doc.get("count") != len(events) or not events:
+def _inflate(encoding: str, body: bytes) -> bytes:
+    if encoding == "json":
+        return body
+    if encoding == "zstd":
+        try:
+            reader = zstandard.ZstdDecompressor().stream_reader(body)
+            out = reader.read(MAX_DECODED_BYTES + 1)
+        except zstandard.ZstdError as err:
+            raise BatchError(f"zstd body does not decompress: {err}") from err
+    elif encoding == "gzip":
+        try:
+            inflater = zlib.decompressobj(wbits=31)
+            out = inflater.decompress(body, MAX_DECODED_BYTES + 1)
+        except zlib.error as err:
+            raise BatchError(f"gzip body does not decompress: {err}") from err
+    else:
+        raise BatchError(f"unsupported encoding {encoding!r} (expected one of {', '.join(ENCODINGS)})")
+    if len(out) > MAX_DECODED_BYTES:
+        raise BatchError(f"body inflates beyond {MAX_DECODED_BYTES} bytes")
+    return out
+
+
+def _check_events(events: object, count: object, allowed: set[int] | None, first: int, last: int) -> None:
+    if not isinstance(events, list) or not events:
+        raise BatchError("batch needs a non-empty 'events' list")
+    if count != len(events):
         raise BatchError("'count' does not match the number of events")
     for event in events:
         if (
@@ -78,6 +162,100 @@ def decode_batch(payload: bytes) -> Batch:
             or not isinstance(event.get("id"), str)
         ):
             raise BatchError("every event needs an integer 'seq' and a string 'id'")
-        if not first <= event["seq"] <= last:
-            raise BatchError(f"event seq {event['seq']} outside the batch range {first}..{last}")
-    return Batch(str(doc.get("store_id")), str(doc.get("gateway_id")), first, last, events)
+        seq = event["seq"]
+        if allowed is not None and seq not in allowed:
+            raise BatchError(f"event seq {seq} not in the batch's ranges")
+        if not first <= seq <= last:
+            raise BatchError(f"event seq {seq} outside the batch range {first}..{last}")
+
+
+def _int(doc: dict[str, Any], key: str) -> int:
+    value = doc.get(key)
+    if type(value) is not int:
+        raise BatchError(f"batch header needs an integer {key!r}")
+    return value
+
+
+def decode_batch(payload: bytes) -> Batch:
+    """Parse and check a batch (schema 2, or schema 1); raises :class:`BatchError` with a reason."""
+    newline = payload.find(b"\n", 0, MAX_HEADER_BYTES)
+    if newline < 0:
+        return _decode_v1(payload)
+    try:
+        head = orjson.loads(payload[:newline])
+    except orjson.JSONDecodeError as err:
+        return _decode_v1(payload) if payload[:1] == b"{" else _raise(f"header is not JSON: {err}")
+    if not isinstance(head, dict) or head.get("format") != BATCH_FORMAT:
+        raise BatchError("not a store-gateway batch (missing or wrong 'format')")
+    if head.get("schema") != BATCH_SCHEMA:
+        raise BatchError(f"unsupported batch schema {head.get('schema')!r}")
+    encoding = head.get("encoding")
+    if not isinstance(encoding, str):
+        raise BatchError("batch header needs an 'encoding'")
+    raw = _inflate(encoding, payload[newline + 1 :])
+    try:
+        events = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise BatchError(f"body is not JSON: {err}") from err
+    first, last, count = _int(head, "first_seq"), _int(head, "last_seq"), _int(head, "count")
+    ranges = head.get("ranges")
+    if not isinstance(ranges, list) or not ranges:
+        raise BatchError("batch header needs 'ranges'")
+    allowed: set[int] = set()
+    for pair in ranges:
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or type(pair[0]) is not int
+            or type(pair[1]) is not int
+            or not first <= pair[0] <= pair[1] <= last
+            or pair[1] - pair[0] >= count
+        ):
+            raise BatchError(f"bad seq range {pair!r}")
+        allowed.update(range(pair[0], pair[1] + 1))
+    if len(allowed) != count:
+        raise BatchError("'ranges' do not cover exactly 'count' seqs")
+    _check_events(events, count, allowed, first, last)
+    if len({e["seq"] for e in events}) != count:
+        raise BatchError("a seq appears twice in the batch")
+    cls = head.get("class")
+    if cls is not None and cls not in CLASSES:
+        raise BatchError(f"unknown class {cls!r}")
+    through = head.get("complete_through")
+    if through is not None and type(through) is not int:
+        raise BatchError("'complete_through' must be an integer")
+    return Batch(
+        str(head.get("store_id")),
+        str(head.get("gateway_id")),
+        first,
+        last,
+        events,
+        cls,
+        through,
+        head.get("resend") is True,
+        encoding,
+        len(raw),
+    )
+
+
+def _raise(reason: str) -> Batch:
+    raise BatchError(reason)
+
+
+def _decode_v1(payload: bytes) -> Batch:
+    """Schema 1: one JSON object with consecutive seqs (gateways before the outbox)."""
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as err:
+        raise BatchError(f"not JSON: {err}") from err
+    if not isinstance(doc, dict) or doc.get("format") != BATCH_FORMAT:
+        raise BatchError("not a store-gateway batch (missing or wrong 'format')")
+    if doc.get("schema") != 1 or doc.get("encoding") != "json":
+        raise BatchError(f"unsupported batch schema/encoding: {doc.get('schema')!r}/{doc.get('encoding')!r}")
+    first, last = _int(doc, "first_seq"), _int(doc, "last_seq")
+    events = doc.get("events")
+    _check_events(events, doc.get("count"), None, first, last)
+    assert isinstance(events, list)
+    return Batch(
+        str(doc.get("store_id")), str(doc.get("gateway_id")), first, last, events, raw_bytes=len(payload)
+    )

@@ -32,6 +32,11 @@ Kind = Literal[
     "alert.raised",
     "device.status",
     "gateway.status",
+    "stock.adjusted",
+    "document.updated",
+    "outbox.evicted",
+    "clock.synced",
+    "sensor.reading",
 ]
 
 
@@ -147,6 +152,59 @@ class GatewayStatus(_Model):
     config_hash: str | None = None
 
 
+class StockAdjusted(_Model):
+    """``stock.adjusted``: HQ moved stock outside a sale (receiving, transfers, stock-take corrections)."""
+
+    sku: Sku
+    delta: Annotated[Decimal, Field(ge=-(10**6), le=10**6, allow_inf_nan=False)] | None = Field(
+        default=None, description="Units added (negative: removed). Exactly one of delta and set."
+    )
+    set: Annotated[Decimal, Field(ge=-(10**6), le=10**6, allow_inf_nan=False)] | None = Field(
+        default=None, description="New on-hand (a stock-take count). Exactly one of delta and set."
+    )
+    reason: Literal["receiving", "transfer_in", "transfer_out", "stocktake", "correction"]
+    note: Annotated[str, Field(max_length=500)] | None = None
+    request_id: ShortText = Field(
+        description="The HQ command's request id; the adjustment applies once per id."
+    )
+
+
+class DocumentUpdated(_Model):
+    """``document.updated``: HQ replaced a stored document (roster, planogram, rules)."""
+
+    name: Literal["roster", "planogram", "rules"]
+    version: int = Field(ge=1, description="1, 2, 3... per document name.")
+    count: int = Field(ge=0, description="Entries in the new document.")
+    request_id: ShortText
+
+
+class OutboxEvicted(_Model):
+    """``outbox.evicted``: undelivered events were dropped from the disk (or refused); explains gaps at HQ."""
+
+    class_: Literal["critical", "transaction", "state", "telemetry"] = Field(alias="class")
+    reason: Literal["disk_budget", "class_budget", "ttl", "disk_low"]
+    count: int = Field(ge=0, description="Events evicted (or refused, for disk_low).")
+    bytes: int = Field(ge=0)
+    ranges: list[tuple[int, int]] = Field(description="Inclusive runs of the exact seqs evicted.")
+
+
+class ClockSynced(_Model):
+    """``clock.synced``: an anchor pairing this boot's monotonic clock with true UTC (see docs/OUTBOX.md)."""
+
+    boot_id: str
+    mono_ns: int
+    utc: datetime
+    step_s: float | None = Field(description="How far the wall clock jumped at sync, if measured.")
+
+
+class SensorReading(_Model):
+    """``sensor.reading``: one raw reading (telemetry class)."""
+
+    metric: ShortText = Field(description="What was measured, for example 'temperature'.")
+    value: float = Field(allow_inf_nan=False)
+    unit: Annotated[str, Field(max_length=16)] | None = None
+
+
 PAYLOADS: Final[dict[str, type[_Model]]] = {
     "pos.sale": PosSale,
     "pos.return": PosReturn,
@@ -154,6 +212,11 @@ PAYLOADS: Final[dict[str, type[_Model]]] = {
     "alert.raised": AlertRaised,
     "device.status": DeviceStatus,
     "gateway.status": GatewayStatus,
+    "stock.adjusted": StockAdjusted,
+    "document.updated": DocumentUpdated,
+    "outbox.evicted": OutboxEvicted,
+    "clock.synced": ClockSynced,
+    "sensor.reading": SensorReading,
 }
 
 
@@ -172,7 +235,20 @@ class Envelope(_Model):
     clock_synced: bool = Field(description="False when recorded_at came from an unsynchronised clock.")
     mono_ns: int = Field(description="Monotonic clock at commit, ns since boot (orders events in a boot).")
     schema_: int = Field(alias="schema", description="Envelope schema version.")
-    data: PosSale | PosReturn | StockLevel | AlertRaised | DeviceStatus | GatewayStatus | dict[str, Any]
+    data: (
+        PosSale
+        | PosReturn
+        | StockLevel
+        | AlertRaised
+        | DeviceStatus
+        | GatewayStatus
+        | StockAdjusted
+        | DocumentUpdated
+        | OutboxEvicted
+        | ClockSynced
+        | SensorReading
+        | dict[str, Any]
+    )
 
 
 def envelope_json_schema() -> dict[str, Any]:
