@@ -1,0 +1,402 @@
+"""Start-up recovery from a corrupt journal (docs/OUTBOX.md, "Corrupt journal on start").
+
+An SD card that loses power mid-write, a full disk or a bad sector can leave ``journal.db`` unreadable. The
+gateway must not refuse to start for ever: :func:`probe` says cheaply whether the journal can be used,
+:func:`move_aside` keeps the broken files for a technician, and :class:`SeqReservation` makes sure the fresh
+journal's seqs start above anything the old one may have sent, so HQ never sees a seq twice.
+:func:`corrupt_alert` builds the ``alert.raised`` payload that explains the gap at HQ.
+
+The intended start-up sequence (on the journal's writer thread)::
+
+    reservation = SeqReservation(path.parent)
+    reservation.load()
+    reason = probe(path)
+    if reason is not None:
+        moved = move_aside(path)
+        delivered = salvage_delivered(moved)
+        start = reservation.start_after_corruption(salvage_last_seq(moved))
+        # open a fresh journal whose first seq is ``start`` (meta last_seq = start - 1), then commit
+        # Draft("alert.raised", None, orjson.dumps(corrupt_alert(path, moved, reason, delivered, start)))
+    # after the open, and after every commit: reservation.ensure(journal.last_seq)
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from gateway.events import AlertRaised
+
+_LOGGER = logging.getLogger(__name__)
+
+SEQ_FILE: Final = "journal.seq"
+"""The reservation sidecar, next to the journal."""
+SEQ_BLOCK: Final = 1_000_000
+"""Seqs reserved per write of the sidecar."""
+SIDECARS: Final = ("-wal", "-shm", "-journal")
+"""SQLite's companion files of a database; they belong to it and move with it."""
+TAIL_ROWS: Final = 1000
+"""Rows read from the end of each table and index: the pages the writer touches next."""
+
+_HEADER: Final = b"SQLite format 3\x00"
+_HEADER_BYTES: Final = 100
+_WAL_HEADER_BYTES: Final = 32
+_SQLITE_CORRUPT: Final = 11
+_SQLITE_NOTADB: Final = 26
+_SQLITE_IOERR_READ: Final = 266
+_SEQ_META_KEYS: Final = ("last_seq", "delivered_seq")
+
+
+# --- probe ----------------------------------------------------------------------------------------
+
+
+def probe(path: Path, busy_timeout_s: float = 5.0) -> str | None:
+    """Whether the journal at ``path`` can be used: None if it can (or does not exist, or is empty), else a
+    short reason why it cannot ("file is not a database", "database disk image is malformed", ...).
+
+    Cheap on purpose (milliseconds on a million-event journal): it checks the header against the file size
+    and reads the schema, ``meta``, ``outbox_state`` and the last rows of every table and index, which are the
+    pages the writer touches next. It does not run ``integrity_check``: that reads the whole file, too slow
+    for a start-up, and a corrupt page deep in the delivered history harms nobody until it is read.
+
+    A reason is returned only for evidence of damage (SQLite's CORRUPT and NOTADB errors, a read error, a
+    header that contradicts the file). Anything else (the database is locked by another process, permission
+    denied, a foreign database without our columns) raises ``sqlite3.Error`` or ``OSError``: such a file
+    must not be moved aside.
+    """
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None
+    wal_frames = _has_wal_frames(path)
+    if size == 0 and not wal_frames:
+        return None  # SQLite treats an empty file as an empty database
+    reason = _check_header(path, size, wal_frames)
+    if reason is not None:
+        return reason
+    try:
+        with _open_readonly(path, busy_timeout_s) as conn:
+            return _check_contents(conn)
+    except sqlite3.DatabaseError as err:
+        if _is_damage(err):
+            return str(err)
+        raise
+
+
+def _has_wal_frames(path: Path) -> bool:
+    """A write-ahead log with at least one frame: pages newer than the main file may live there."""
+    try:
+        return _sidecar(path, "-wal").stat().st_size > _WAL_HEADER_BYTES
+    except FileNotFoundError:
+        return False
+
+
+def _check_header(path: Path, size: int, wal_frames: bool) -> str | None:
+    """The 100-byte header against the file size: catches garbage and truncation without SQLite."""
+    try:
+        with path.open("rb") as f:
+            header = f.read(_HEADER_BYTES)
+    except OSError as err:
+        if err.errno != errno.EIO:
+            raise
+        return f"cannot read the header: {err.strerror}"
+    if size == 0:
+        return None  # empty main file, pages in the WAL: SQLite's checks decide
+    if len(header) < _HEADER_BYTES:
+        return f"file is not a database (truncated header: {size} bytes)"
+    if not header.startswith(_HEADER):
+        return "file is not a database (no SQLite header)"
+    page_size = int.from_bytes(header[16:18])
+    if page_size == 1:
+        page_size = 65536
+    if page_size < 512 or page_size & (page_size - 1):
+        return f"file is not a database (bad page size {page_size})"
+    if size % page_size:
+        return f"database file truncated mid-page ({size} bytes, pages of {page_size})"
+    pages = int.from_bytes(header[28:32])
+    size_valid = pages > 0 and header[24:28] == header[92:96]
+    # A checkpoint interrupted by a power cut may have written page 1 (the new size) before the pages past
+    # the old end of the file; the WAL still holds them, so the size only proves truncation without a WAL.
+    if size_valid and not wal_frames and size < pages * page_size:
+        return f"database file truncated ({size} bytes, header says {pages} pages of {page_size})"
+    return None
+
+
+@contextmanager
+def _open_readonly(path: Path, busy_timeout_s: float) -> Iterator[sqlite3.Connection]:
+    """A read-only connection that leaves no files behind when it can.
+
+    Without a ``-wal`` file no other connection is open (WAL mode keeps it while any is), and the main file
+    alone is the database: ``immutable=1`` then reads it without locks or ``-shm``/``-wal`` side files. With a
+    ``-wal`` SQLite must read it (and lock), so a plain ``mode=ro`` connection is used.
+    """
+    uri = path.absolute().as_uri() + "?mode=ro"
+    if not _sidecar(path, "-wal").exists():
+        uri += "&immutable=1"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=busy_timeout_s)
+    with closing(conn):
+        yield conn
+
+
+def _check_contents(conn: sqlite3.Connection) -> str | None:
+    schema = conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_schema").fetchall()
+    tables = {
+        name: sql or "" for kind, name, _, sql in schema if kind == "table" and not name.startswith("sqlite_")
+    }
+    if "events" in tables:
+        conn.execute("SELECT MAX(seq) FROM events").fetchone()
+    for table, sql in tables.items():
+        order = "" if "WITHOUT ROWID" in sql.upper() else " ORDER BY rowid DESC"
+        _consume(conn.execute(f"SELECT * FROM {_quote(table)}{order} LIMIT {TAIL_ROWS}"))  # noqa: S608
+    for kind, index, table, sql in schema:
+        if kind == "index" and table in tables and " WHERE " not in (sql or "").upper():
+            _walk_index_tail(conn, index, table)
+    if "meta" in tables:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        for key in _SEQ_META_KEYS:
+            if key in meta and not _is_seq(meta[key]):
+                return f"meta {key} is not a seq: {str(meta[key])[:40]!r}"
+    return None
+
+
+def _walk_index_tail(conn: sqlite3.Connection, index: str, table: str) -> None:
+    """Read the last entries of an index: its right-most pages, where ascending keys are inserted."""
+    info = conn.execute(f"PRAGMA index_info({_quote(index)})").fetchall()
+    if not info or info[0][2] is None:
+        return  # an expression index: no column to order by
+    col = _quote(info[0][2])
+    _consume(
+        conn.execute(
+            f"SELECT {col} FROM {_quote(table)} INDEXED BY {_quote(index)} ORDER BY {col} DESC LIMIT {TAIL_ROWS}"  # noqa: S608
+        )
+    )
+
+
+def _consume(cursor: sqlite3.Cursor) -> None:
+    for _ in cursor:
+        pass
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _is_seq(value: object) -> bool:
+    try:
+        return int(str(value)) >= 0
+    except ValueError:
+        return False
+
+
+def _is_damage(err: sqlite3.DatabaseError) -> bool:
+    """SQLite's own verdict that the file is damaged, as opposed to locked, forbidden or foreign."""
+    code = getattr(err, "sqlite_errorcode", None)
+    if code is None:
+        return False
+    return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or code == _SQLITE_IOERR_READ
+
+
+# --- move aside and salvage -----------------------------------------------------------------------
+
+
+def move_aside(path: Path, now: datetime | None = None) -> Path:
+    """Rename the journal and its ``-wal``/``-shm``/``-journal`` to ``<name>.corrupt-<UTC time>`` (the
+    companions keep their suffix after the new name, so SQLite still pairs them), fsync the directory and
+    return the new path of the main file. An existing file is never overwritten: ``.2``, ``.3``... are added.
+
+    The companions move first: a ``-wal`` left behind next to a fresh database would be replayed into it.
+    Raises ``OSError`` if a rename fails (the journal itself missing included).
+    """
+    when = (now or datetime.now(UTC)).astimezone(UTC)
+    base = f"{path.name}.corrupt-{when:%Y%m%dT%H%M%SZ}"
+    names = [""] + [s for s in SIDECARS if _sidecar(path, s).exists()]
+    target = path.with_name(base)
+    counter = 1
+    while any(_sidecar(target, s).exists() for s in ("", *SIDECARS)):
+        counter += 1
+        target = path.with_name(f"{base}.{counter}")
+    for suffix in reversed(names):
+        os.rename(_sidecar(path, suffix), _sidecar(target, suffix))
+    fsync_dir(path.parent)
+    _LOGGER.warning("moved the unreadable journal %s aside to %s", path, target.name)
+    return target
+
+
+def salvage_last_seq(path: Path) -> int | None:
+    """The highest seq the (damaged) journal at ``path`` shows, if anything of it can be read; best effort."""
+    found: list[int] = []
+    for sql in ("SELECT MAX(seq) FROM events", "SELECT value FROM meta WHERE key = 'last_seq'"):
+        value = _read_one(path, sql)
+        if value is not None:
+            found.append(value)
+    return max(found) if found else None
+
+
+def salvage_delivered(path: Path) -> int | None:
+    """The delivered watermark (``meta.delivered_seq``) of the damaged journal, if readable; best effort."""
+    return _read_one(path, "SELECT value FROM meta WHERE key = 'delivered_seq'")
+
+
+def _read_one(path: Path, sql: str) -> int | None:
+    try:
+        with _open_readonly(path, 0.5) as conn:
+            row = conn.execute(sql).fetchone()
+    except (sqlite3.Error, OSError) as err:
+        _LOGGER.debug("salvage from %s failed (%s): %s", path.name, sql, err)
+        return None
+    if row is None or row[0] is None or not _is_seq(row[0]):
+        return None
+    return int(str(row[0]))
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make renames and new files in ``directory`` durable (POSIX: the directory entry is its own write)."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sidecar(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+# --- seq reservation ------------------------------------------------------------------------------
+
+
+class SeqReservation:
+    """Seqs never go backwards, even when the journal is lost: ``<data_dir>/journal.seq`` records a seq the
+    journal has not reached yet (``{"reserved_through": N}``), and a fresh journal starts above it.
+
+    Written atomically (temporary file, fsync, rename, fsync of the directory) once per block of
+    ``block`` seqs, so it costs one small write per ~900,000 events. Not thread-safe: use it from the
+    journal's writer thread only.
+    """
+
+    def __init__(self, data_dir: Path, block: int = SEQ_BLOCK) -> None:
+        if block < 10:
+            raise ValueError(f"block must be at least 10, not {block}")
+        self.path = data_dir / SEQ_FILE
+        self._block = block
+        self._headroom = block // 10
+        self._reserved = 0
+        self._loaded = False
+        self._failing = False
+
+    @property
+    def reserved_through(self) -> int:
+        """The highest seq reserved on disk (0: nothing yet)."""
+        return self._reserved
+
+    def load(self) -> int:
+        """Read the sidecar; 0 if it is missing, or unreadable (logged: the guarantee is then weaker)."""
+        self._loaded = True
+        self._reserved = 0
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        except OSError as err:
+            _LOGGER.error("cannot read the seq reservation %s: %s", self.path, err)
+            return 0
+        try:
+            value = json.loads(raw)["reserved_through"]
+        except (ValueError, KeyError, TypeError):
+            value = None
+        if type(value) is not int or value < 0:
+            _LOGGER.error("the seq reservation %s is unreadable (%r): ignored", self.path, raw[:80])
+            return 0
+        self._reserved = value
+        return value
+
+    def ensure(self, last_seq: int) -> None:
+        """Keep the reservation a tenth of a block ahead of ``last_seq`` (the journal's last committed seq).
+
+        Call it once the journal is open and after every commit. One commit must add fewer than ``block/10``
+        seqs, so no committed seq ever passes the reservation on disk. A failed write (disk full) is logged
+        and retried on the next call; it never raises, so it cannot stall the writer.
+        """
+        if last_seq + self._headroom <= self._reserved:
+            return
+        if not self._loaded:
+            self.load()
+            if last_seq + self._headroom <= self._reserved:
+                return
+        target = last_seq + self._block
+        try:
+            self._write(target)
+        except OSError as err:
+            if not self._failing:
+                _LOGGER.error("cannot write the seq reservation %s (will retry): %s", self.path, err)
+            else:
+                _LOGGER.debug("seq reservation write failed again: %s", err)
+            self._failing = True
+            return
+        if self._failing:
+            _LOGGER.warning("the seq reservation %s is written again", self.path)
+            self._failing = False
+        self._reserved = target
+
+    def start_after_corruption(self, salvaged_last_seq: int | None = None) -> int:
+        """The first seq of a fresh journal replacing a lost one: above the reservation, and above whatever
+        seq could be salvaged from the old journal (in case the sidecar was lost too); 1 if there is neither.
+        """
+        if not self._loaded:
+            self.load()
+        return max(self._reserved, salvaged_last_seq or 0) + 1
+
+    def _write(self, reserved_through: int) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        data = json.dumps({"reserved_through": reserved_through}).encode() + b"\n"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)
+
+
+# --- the alert ------------------------------------------------------------------------------------
+
+
+def _printable(text: str) -> str:
+    """File names may hold control characters; the alert's subject may not."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def corrupt_alert(
+    path: Path, moved_to: Path, reason: str, delivered_seq: int | None, start_seq: int
+) -> dict[str, Any]:
+    """The ``alert.raised`` payload (validated against :class:`~gateway.events.AlertRaised`) that reports a
+    journal moved aside. ``details.possibly_lost`` is ``[first, last]``: every seq after the last one HQ
+    acknowledged up to the one before the fresh journal's first; null when no seq can have been used."""
+    first = (delivered_seq or 0) + 1
+    last = start_seq - 1
+    message = (
+        f"journal {path.name} could not be read ({reason}); moved aside to {moved_to.name}, "
+        f"a fresh journal starts at seq {start_seq}"
+    )
+    payload: dict[str, Any] = {
+        "rule": "journal.corrupt",
+        "severity": "critical",
+        "subject": _printable(path.name)[:64] or "journal",
+        "message": message[:500],
+        "details": {
+            "moved_to": str(moved_to),
+            "reason": reason,
+            "possibly_lost": [first, last] if last >= first else None,
+        },
+    }
+    AlertRaised.model_validate(payload)
+    return payload

@@ -1,0 +1,380 @@
+"""Recovery from a corrupt journal, on real SQLite files: probe (garbage, truncation, damaged tail pages, a
+locked file, a healthy multi-MB journal), move aside, salvage, the seq reservation sidecar, and the alert."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sqlite3
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from gateway import journal as journal_module
+from gateway.events import AlertRaised
+from gateway.journal import JournalError
+from gateway.recovery import (
+    SEQ_FILE,
+    SeqReservation,
+    corrupt_alert,
+    move_aside,
+    probe,
+    salvage_delivered,
+    salvage_last_seq,
+)
+from tests.pos_drafts import pos_draft
+from tests.test_journal import new_journal, running
+
+PAGE = 4096
+COLUMNS = "seq, id, kind, device_id, recorded_at, dedup_key, body"
+
+
+def fill(conn: sqlite3.Connection, first: int, last: int, body_bytes: int = 300) -> None:
+    """Events first..last (one transaction), with their meta, the way the journal lays them out."""
+    rows = [
+        (
+            seq,
+            f"id-{seq:012d}",
+            "pos.sale",
+            "pos1",
+            "2026-01-01T00:00:00.000Z",
+            f"k-{seq}",
+            os.urandom(body_bytes),
+        )
+        for seq in range(first, last + 1)
+    ]
+    conn.execute("BEGIN")
+    conn.executemany(f"INSERT INTO events({COLUMNS}) VALUES (?,?,?,?,?,?,?)", rows)
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(last),))
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('delivered_seq', ?)", (str(last // 2),))
+    conn.execute("COMMIT")
+
+
+def open_journal_db(path: Path) -> sqlite3.Connection:
+    conn = journal_module.connect(path)
+    conn.executescript(journal_module.SCHEMA)
+    return conn
+
+
+def make_journal(path: Path, events: int, body_bytes: int = 300) -> Path:
+    """A cleanly closed journal (no -wal left) holding seqs 1..events."""
+    conn = open_journal_db(path)
+    fill(conn, 1, events, body_bytes)
+    conn.close()
+    assert not Path(f"{path}-wal").exists()
+    return path
+
+
+@pytest.fixture(scope="module")
+def healthy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ~9 MB journal of 20,000 events, built once; tests copy it before damaging it."""
+    return make_journal(tmp_path_factory.mktemp("healthy") / "journal.db", 20_000)
+
+
+@pytest.fixture
+def copy(healthy: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "journal.db"
+    shutil.copyfile(healthy, target)
+    return target
+
+
+def names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+# --- probe ------------------------------------------------------------------------------------------
+
+
+def test_probe_accepts_a_missing_an_empty_and_a_healthy_journal(copy: Path, tmp_path: Path) -> None:
+    assert copy.stat().st_size > 8 * 1024 * 1024
+    assert probe(copy) is None
+    assert probe(tmp_path / "nothing.db") is None
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    assert probe(empty) is None
+    # Reading a cleanly closed journal leaves no -wal/-shm behind.
+    assert names(tmp_path) == ["empty.db", "journal.db"]
+
+
+def test_probe_rejects_garbage(tmp_path: Path) -> None:
+    garbage = tmp_path / "journal.db"
+    garbage.write_bytes(os.urandom(64 * 1024))
+    assert probe(garbage) == "file is not a database (no SQLite header)"
+    tiny = tmp_path / "tiny.db"
+    tiny.write_bytes(b"SQLite format 3\x00garbage")
+    assert probe(tiny) == "file is not a database (truncated header: 23 bytes)"
+    text = tmp_path / "text.db"
+    text.write_text("journal_mode=wal\n" * 1000)
+    assert probe(text) == "file is not a database (no SQLite header)"
+
+
+def test_probe_rejects_a_header_with_garbage_behind_it(copy: Path) -> None:
+    """A valid first 100 bytes is not enough: SQLite's own verdict on the pages is reported."""
+    with copy.open("r+b") as f:
+        f.seek(100)
+        f.write(os.urandom(PAGE - 100))
+    reason = probe(copy)
+    assert reason is not None
+    assert "malformed" in reason
+
+
+@pytest.mark.parametrize(
+    ("cut", "expected"),
+    [
+        (lambda size: size // 2 // PAGE * PAGE, "database file truncated ("),
+        (lambda size: size - 100, "database file truncated mid-page"),
+        (lambda size: PAGE + 1000, "database file truncated mid-page"),
+        (lambda size: 60, "file is not a database (truncated header: 60 bytes)"),
+    ],
+    ids=["mid-file", "mid-last-page", "mid-second-page", "mid-header"],
+)
+def test_probe_rejects_a_truncated_journal(copy: Path, cut: Callable[[int], int], expected: str) -> None:
+    os.truncate(copy, cut(copy.stat().st_size))
+    reason = probe(copy)
+    assert reason is not None
+    assert reason.startswith(expected)
+
+
+def test_probe_finds_damaged_tail_pages_that_the_header_cannot_show(copy: Path) -> None:
+    """Same size, same header: the last pages (where the writer appends) are garbage."""
+    size = copy.stat().st_size
+    with copy.open("r+b") as f:
+        f.seek(size - 8 * PAGE)
+        f.write(os.urandom(8 * PAGE))
+    reason = probe(copy)
+    assert reason is not None
+    assert "malformed" in reason
+
+
+def test_probe_rejects_a_meta_seq_that_is_not_a_number(copy: Path) -> None:
+    conn = sqlite3.connect(copy)
+    conn.execute("UPDATE meta SET value = 'x17' WHERE key = 'last_seq'")
+    conn.commit()
+    conn.close()
+    Path(f"{copy}-wal").unlink(missing_ok=True)
+    assert probe(copy) == "meta last_seq is not a seq: 'x17'"
+
+
+def test_probe_reads_a_journal_left_with_its_wal_after_a_crash(tmp_path: Path) -> None:
+    """After a SIGKILL the newest events live only in the -wal: still a healthy journal, salvage sees them."""
+    live = tmp_path / "live"
+    live.mkdir()
+    conn = open_journal_db(live / "journal.db")
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    fill(conn, 1, 300)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    fill(conn, 301, 500)
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for suffix in ("", "-wal"):
+        shutil.copyfile(live / f"journal.db{suffix}", crashed / f"journal.db{suffix}")
+    conn.close()
+    assert Path(crashed / "journal.db-wal").stat().st_size > 0
+    assert probe(crashed / "journal.db") is None
+    assert salvage_last_seq(crashed / "journal.db") == 500
+
+
+def test_probe_does_not_call_a_locked_journal_corrupt(copy: Path) -> None:
+    """Another process holding the journal is no evidence of damage: an error, never a reason to move it."""
+    holder = journal_module.connect(copy)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            probe(copy, busy_timeout_s=0.05)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def wreck(path: Path) -> None:
+    """Overwrite a journal with garbage behind a zeroed header, and drop its companions."""
+    path.write_bytes(b"\x00" * 100 + os.urandom(PAGE * 3))
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+async def test_probe_agrees_with_the_journal(tmp_path: Path) -> None:
+    """What the real Journal writes, probe accepts; what the Journal cannot open, probe reports."""
+    journal = new_journal(tmp_path)
+    async with running(journal):
+        for n in range(20):
+            assert journal.submit(pos_draft(f"R{n}", [("SKU-1", "1")]))
+    assert probe(journal.path) is None
+
+    wreck(journal.path)
+    assert probe(journal.path) is not None
+    broken = new_journal(tmp_path)
+    with pytest.raises(JournalError):
+        await broken.open()
+    await broken.close()
+
+
+# --- move aside and salvage -------------------------------------------------------------------------
+
+
+def test_move_aside_renames_the_journal_and_its_companions(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    for suffix, content in (("", b"main"), ("-wal", b"wal"), ("-shm", b"shm")):
+        Path(f"{path}{suffix}").write_bytes(content)
+    (tmp_path / SEQ_FILE).write_text('{"reserved_through": 5}')
+    hk = timezone(timedelta(hours=8))
+    moved = move_aside(path, datetime(2026, 11, 22, 18, 0, 5, tzinfo=hk))
+    assert moved == tmp_path / "journal.db.corrupt-20261122T100005Z"
+    assert names(tmp_path) == [
+        "journal.db.corrupt-20261122T100005Z",
+        "journal.db.corrupt-20261122T100005Z-shm",
+        "journal.db.corrupt-20261122T100005Z-wal",
+        SEQ_FILE,
+    ]
+    assert Path(f"{moved}-wal").read_bytes() == b"wal"
+    assert moved.read_bytes() == b"main"
+
+
+def test_move_aside_never_overwrites(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    moved = []
+    for n in range(3):
+        path.write_bytes(b"main %d" % n)
+        if n == 1:
+            Path(f"{path}-wal").write_bytes(b"wal 1")
+        moved.append(move_aside(path, now))
+    assert [m.name for m in moved] == [
+        "journal.db.corrupt-20260102T030405Z",
+        "journal.db.corrupt-20260102T030405Z.2",
+        "journal.db.corrupt-20260102T030405Z.3",
+    ]
+    assert [m.read_bytes() for m in moved] == [b"main 0", b"main 1", b"main 2"]
+    assert Path(f"{moved[1]}-wal").read_bytes() == b"wal 1"
+    assert not path.exists()
+
+
+def test_move_aside_uses_the_current_utc_time(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    path.write_bytes(b"x")
+    before = datetime.now(UTC).replace(microsecond=0)
+    moved = move_aside(path)
+    stamp = moved.name.removeprefix("journal.db.corrupt-")
+    assert datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC) >= before
+
+
+def test_salvage_reads_what_it_can(copy: Path, tmp_path: Path) -> None:
+    assert salvage_last_seq(copy) == 20_000
+    assert salvage_delivered(copy) == 10_000
+    # The events' tail is garbage but meta (an early page) is still readable.
+    size = copy.stat().st_size
+    with copy.open("r+b") as f:
+        f.seek(size - 8 * PAGE)
+        f.write(os.urandom(8 * PAGE))
+    assert salvage_last_seq(copy) == 20_000
+    assert salvage_delivered(copy) == 10_000
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(os.urandom(PAGE))
+    assert salvage_last_seq(garbage) is None
+    assert salvage_delivered(garbage) is None
+    assert salvage_last_seq(tmp_path / "missing.db") is None
+    assert not (tmp_path / "missing.db").exists()
+
+
+# --- the seq reservation ----------------------------------------------------------------------------
+
+
+def reservation_on_disk(directory: Path) -> object:
+    return json.loads((directory / SEQ_FILE).read_text())
+
+
+def test_reservation_writes_a_block_ahead_and_only_when_needed(tmp_path: Path) -> None:
+    res = SeqReservation(tmp_path)
+    assert res.load() == 0
+    res.ensure(0)
+    assert reservation_on_disk(tmp_path) == {"reserved_through": 1_000_000}
+    inode = (tmp_path / SEQ_FILE).stat().st_ino
+    for seq in (1, 500_000, 900_000):
+        res.ensure(seq)
+    assert (tmp_path / SEQ_FILE).stat().st_ino == inode, "rewritten before the headroom ran out"
+    res.ensure(900_001)
+    assert reservation_on_disk(tmp_path) == {"reserved_through": 1_900_001}
+    assert res.reserved_through == 1_900_001
+    assert names(tmp_path) == [SEQ_FILE]
+
+
+def test_reservation_survives_a_restart_and_a_lost_journal(tmp_path: Path) -> None:
+    assert SeqReservation(tmp_path).start_after_corruption() == 1
+    SeqReservation(tmp_path).ensure(42)
+    again = SeqReservation(tmp_path)
+    assert again.load() == 1_000_042
+    assert again.start_after_corruption() == 1_000_043
+    # A sidecar that was lost or lags behind: the seq salvaged from the old journal still wins.
+    assert again.start_after_corruption(salvaged_last_seq=2_000_000) == 2_000_001
+    # ensure() before load() reads the file first: it never lowers a reservation.
+    lazy = SeqReservation(tmp_path)
+    lazy.ensure(7)
+    assert reservation_on_disk(tmp_path) == {"reserved_through": 1_000_042}
+
+
+def test_a_fresh_journal_after_corruption_reserves_above_its_start(tmp_path: Path) -> None:
+    res = SeqReservation(tmp_path, block=1000)
+    res.ensure(950)
+    assert res.reserved_through == 1950
+    start = SeqReservation(tmp_path, block=1000).start_after_corruption()
+    assert start == 1951
+    fresh = SeqReservation(tmp_path, block=1000)
+    fresh.ensure(start - 1)
+    assert reservation_on_disk(tmp_path) == {"reserved_through": 2950}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\x00\xff garbage", b'{"reserved_through": -5}', b'{"reserved_through": "7"}', b"[1]", b"true"],
+)
+def test_an_unreadable_reservation_counts_as_none_and_is_logged(
+    tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / SEQ_FILE).write_bytes(content)
+    res = SeqReservation(tmp_path)
+    with caplog.at_level(logging.ERROR, logger="gateway.recovery"):
+        assert res.load() == 0
+    assert "unreadable" in caplog.text
+    res.ensure(10)
+    assert reservation_on_disk(tmp_path) == {"reserved_through": 1_000_010}
+
+
+def test_a_failed_reservation_write_is_retried_and_never_raises(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data_dir = tmp_path / "not-yet"
+    res = SeqReservation(data_dir)
+    with caplog.at_level(logging.ERROR, logger="gateway.recovery"):
+        res.ensure(5)
+        res.ensure(6)
+    assert caplog.text.count("cannot write the seq reservation") == 1
+    assert res.reserved_through == 0
+    data_dir.mkdir()
+    res.ensure(7)
+    assert reservation_on_disk(data_dir) == {"reserved_through": 1_000_007}
+
+
+# --- the alert ----------------------------------------------------------------------------------------
+
+
+def test_the_alert_names_the_file_and_the_seqs_possibly_lost(tmp_path: Path) -> None:
+    path = tmp_path / "journal.db"
+    moved = tmp_path / "journal.db.corrupt-20261122T100005Z"
+    payload = corrupt_alert(path, moved, "database disk image is malformed", 10_000, 1_000_043)
+    alert = AlertRaised.model_validate(payload)
+    assert (alert.rule, alert.severity, alert.subject) == ("journal.corrupt", "critical", "journal.db")
+    assert alert.details == {
+        "moved_to": str(moved),
+        "reason": "database disk image is malformed",
+        "possibly_lost": [10_001, 1_000_042],
+    }
+    assert "journal.db.corrupt-20261122T100005Z" in alert.message
+    assert corrupt_alert(path, moved, "x", None, 500)["details"]["possibly_lost"] == [1, 499]
+    assert corrupt_alert(path, moved, "x", None, 1)["details"]["possibly_lost"] is None
+    odd = corrupt_alert(tmp_path / "j\x01.db", moved, "r" * 2000, None, 5)
+    assert AlertRaised.model_validate(odd).subject == "j?.db"
