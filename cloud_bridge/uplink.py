@@ -1,12 +1,14 @@
-"""The HQ uplink: publishes committed events to the HQ broker in batches (QoS 1), oldest first.
+"""The HQ uplink: publishes the outbox to HQ's broker in batches (QoS 1), by class priority (docs/OUTBOX.md).
 
-An event counts as delivered only when HQ's broker has acknowledged (PUBACK) the batch holding it and every
-batch before it; the delivered watermark is persisted by the journal. After a reconnect or a restart, delivery
-resumes from the first event not acknowledged, so HQ may see a batch twice (it deduplicates by event id) but
-never misses one. At most ``inflight_batches`` batches await PUBACK at once.
+Each batch holds events of one class in seq order. The in-flight window counts batches from publish until
+their PUBACK is *recorded on disk* by the journal, so a SIGKILL makes HQ see at most one window twice (it
+deduplicates by event id) and never miss one. Free slots go to the highest class with events waiting, except
+every ``low_class_every``-th, which goes to the lowest waiting class (no class starves). ``critical`` has one
+extra slot and is exempt from the drain rate limit, so a live alert overtakes any backlog.
 
 The connection carries a retained birth message on ``.../status`` (online, version, config hash) and a
-last will (offline), so HQ sees a gateway that vanished.
+last will (offline), so HQ sees a gateway that vanished. While HQ is unreachable, a TCP probe ends the
+reconnect backoff as soon as the port answers again (delivery resumes within about a second).
 """
 
 from __future__ import annotations
@@ -17,20 +19,27 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
 from cloud_bridge.topics import events_topic, status_topic
-from cloud_bridge.wire import encode_batch
+from cloud_bridge.wire import CLASSES, Compressor, encode_batch, seq_ranges
 from gateway import __version__
 from gateway.clock import BOOT_ID
 from gateway.config import GatewayConfig
 from gateway.journal import Committed, Journal
 from gateway.metrics import Metrics
 from gateway.mqtt import MqttClient, MqttError, Will
-from gateway.supervise import reconnect_forever
+from gateway.outbox import CRITICAL
+from gateway.supervise import Backoff, reconnect_forever, tcp_reachable
 
 _LOGGER = logging.getLogger(__name__)
+
+MAX_RESEND_SEQS = 100_000
+"""Largest seq range one ``resend`` command may ask for."""
 
 
 def status_payload(status: str, config_hash: str | None, reason: str | None = None) -> bytes:
@@ -46,8 +55,47 @@ def status_payload(status: str, config_hash: str | None, reason: str | None = No
     )
 
 
+class TokenBucket:
+    """Rate limit in events/s and bytes/s (0 = unlimited). A batch may overdraw; the debt is waited out."""
+
+    def __init__(self, events_per_s: int, bytes_per_s: int) -> None:
+        self._rates = (events_per_s, bytes_per_s)
+        self._tokens = [float(events_per_s), float(bytes_per_s)]
+        self._at = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        elapsed, self._at = now - self._at, now
+        for i, rate in enumerate(self._rates):
+            if rate:
+                self._tokens[i] = min(float(rate), self._tokens[i] + elapsed * rate)
+
+    def delay(self) -> float:
+        """Seconds until a batch may be sent (0: now)."""
+        self._refill()
+        return max(
+            [0.0]
+            + [-self._tokens[i] / rate for i, rate in enumerate(self._rates) if rate and self._tokens[i] < 0]
+        )
+
+    def take(self, events: int, nbytes: int) -> None:
+        self._refill()
+        self._tokens[0] -= events
+        self._tokens[1] -= nbytes
+
+
+@dataclass(slots=True)
+class _Sent:
+    cls: int | None
+    """None: a resend batch (no watermark moves)."""
+    first: int
+    last: int
+    count: int
+    future: asyncio.Future[None]
+
+
 class Uplink:
-    """Delivers the journal to HQ; one connection at a time, reconnecting with backoff."""
+    """Delivers the outbox to HQ; one connection at a time, reconnecting with backoff."""
 
     def __init__(
         self, config: GatewayConfig, journal: Journal, metrics: Metrics, config_hash: str | None
@@ -61,19 +109,39 @@ class Uplink:
         self._config_hash = config_hash
         self._events_topic = events_topic(self._hq.topic_prefix, self._store_id, self._gateway_id)
         self._status_topic = status_topic(self._hq.topic_prefix, self._store_id, self._gateway_id)
-        self._new_data = asyncio.Event()
+        self._compressor = (
+            None
+            if self._hq.compression == "none"
+            else Compressor(self._hq.compression, self._hq.compression_level)
+        )
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uplink-encode")
+        self._limiter = TokenBucket(self._hq.drain_max_events_per_s, self._hq.drain_max_bytes_per_s)
+        self._wake = asyncio.Event()
         self._caught_up = asyncio.Event()
+        self._resends: deque[list[int]] = deque()
         self._client: MqttClient | None = None
+        self._picks = 0
         self.stopping = False
         """Set before cancelling run(): the session then leaves a retained 'offline' status behind."""
         journal.add_listener(self._on_commit)
+        journal.add_persist_listener(self._wake.set)
 
     def _on_commit(self, committed: Committed) -> None:
         self._caught_up.clear()
-        self._new_data.set()
+        self._wake.set()
 
     async def run(self) -> None:
-        await reconnect_forever("HQ broker", self._session, _LOGGER, (MqttError, OSError))
+        try:
+            await reconnect_forever(
+                "HQ broker",
+                self._session,
+                _LOGGER,
+                (MqttError, OSError),
+                Backoff(cap=self._hq.reconnect_max_s),
+                probe=lambda: tcp_reachable(self._hq.host, self._hq.port),
+            )
+        finally:
+            self._encoder.shutdown(wait=False)
 
     @property
     def connected(self) -> bool:
@@ -95,72 +163,194 @@ class Uplink:
                 await self._say_offline(client)
             await client.disconnect()
 
+    # --- resend (downlink command) ------------------------------------------------------------------
+
+    async def resend(self, first: int, last: int) -> dict[str, list[list[int]]]:
+        """Queue a resend of seqs first..last still on disk; answers which ranges will go and which are gone."""
+        if not 1 <= first <= last or last - first >= MAX_RESEND_SEQS:
+            raise ValueError(f"resend needs 1 <= from_seq <= to_seq and at most {MAX_RESEND_SEQS} seqs")
+        present = [seq for seq, _ in await self._journal.read_range(first, last, MAX_RESEND_SEQS, 2**62)]
+        have = set(present)
+        missing = [seq for seq in range(first, last + 1) if seq not in have]
+        if present:
+            self._resends.append([present[0], present[-1]])
+            self._wake.set()
+        return {"resent": seq_ranges(present), "missing": seq_ranges(missing)}
+
+    # --- delivery -----------------------------------------------------------------------------------
+
+    def _pick(self, pos: dict[int, int], used: int) -> int | None:
+        """The class whose batch goes next, or None (window full, or nothing waiting)."""
+        last = self._journal.class_last_seq
+        waiting = [c for c in pos if last[c] > pos[c]]
+        if not waiting:
+            return None
+        window = self._hq.inflight_batches
+        if used >= window:
+            return CRITICAL if CRITICAL in waiting and used < window + 1 else None
+        every = self._hq.low_class_every
+        if len(waiting) > 1 and self._picks % every == every - 1:
+            return max(waiting)
+        return min(waiting)
+
+    @staticmethod
+    def _complete_through(
+        pos: dict[int, int], last: dict[int, int], inflight: dict[int, deque[_Sent]]
+    ) -> int:
+        """Every seq below the first unacknowledged event of every class is delivered or evicted."""
+        heads = []
+        for cls, sent in inflight.items():
+            if sent:
+                heads.append(sent[0].first)
+            elif last[cls] > pos[cls]:
+                heads.append(pos[cls] + 1)
+        return min(heads) - 1 if heads else max(last.values())
+
     async def _deliver(self, client: MqttClient, up: Callable[[], None]) -> str:
         """Send batches until the connection ends. ``up()`` (which resets the reconnect backoff) is called once
         HQ has acknowledged a batch or there is nothing to send: a broker that refuses every batch (an ACL
         mistake) keeps us backing off instead of reconnecting several times a second."""
+        journal = self._journal
         healthy = False
-        sent_upto = self._journal.delivered_seq
-        inflight: deque[tuple[int, int, asyncio.Future[None]]] = deque()
+        pos = dict(journal.delivered)
+        inflight: dict[int, deque[_Sent]] = {c: deque() for c in pos}
+        resending: deque[_Sent] = deque()
+        settling = 0
+        """Batches acknowledged whose watermark the journal has not yet written: they still hold a slot."""
         closed = asyncio.ensure_future(client.wait_closed())
+        timer: asyncio.Future[None] | None = None
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                while len(inflight) < self._hq.inflight_batches:
-                    rows = await self._journal.read_after(
-                        sent_upto, self._hq.batch_max_events, self._hq.batch_max_bytes
+                self._wake.clear()
+                for cls, sent in inflight.items():
+                    while sent and sent[0].future.done():
+                        batch = sent.popleft()
+                        self._settle(batch)
+                        journal.note_delivered(cls, batch.last)
+                        settling += 1
+                        if not healthy:
+                            healthy = True
+                            up()
+                while resending and resending[0].future.done():
+                    self._settle(resending.popleft())
+                if journal.acks_persisted:
+                    settling = 0
+                # Fill the window.
+                while True:
+                    used = sum(map(len, inflight.values())) + len(resending) + settling
+                    picked = self._pick(pos, used)
+                    if picked is None and self._resends and used < self._hq.inflight_batches:
+                        picked = -1
+                    if picked is None:
+                        break
+                    cls = picked
+                    if cls != CRITICAL and (wait := self._limiter.delay()) > 0:
+                        if timer is None or timer.done():
+                            timer = asyncio.ensure_future(asyncio.sleep(wait))
+                        break
+                    if cls == -1:
+                        resent = await self._send_resend(client, loop)
+                        if resent is not None:
+                            resending.append(resent)
+                        continue
+                    seen = journal.class_last_seq[cls]
+                    rows = await journal.read_class(
+                        cls, pos[cls], self._hq.batch_max_events, self._hq.batch_max_bytes
                     )
                     if not rows:
-                        break
-                    seqs = [r[0] for r in rows]
-                    payload = encode_batch(self._store_id, self._gateway_id, seqs, [r[1] for r in rows])
-                    inflight.append((seqs[0], seqs[-1], client.publish(self._events_topic, payload, qos=1)))
-                    sent_upto = seqs[-1]
-                if not inflight:
+                        pos[cls] = max(pos[cls], seen)  # evicted meanwhile
+                        continue
+                    through = self._complete_through(pos, journal.class_last_seq, inflight)
+                    batch = await self._send(client, loop, cls, rows, through)
+                    inflight[cls].append(batch)
+                    pos[cls] = batch.last
+                    self._picks += 1
+                busy = any(inflight.values()) or resending
+                if not busy and not self._resends and all(journal.class_last_seq[c] <= pos[c] for c in pos):
                     if not healthy:
                         healthy = True
                         up()
-                    if self._journal.delivered_seq >= self._journal.last_seq:
+                    if journal.caught_up:
                         self._caught_up.set()
-                    self._new_data.clear()
-                    if self._journal.last_seq > sent_upto:
-                        continue
-                    waiter = asyncio.ensure_future(self._new_data.wait())
-                    await asyncio.wait((waiter, closed), return_when=asyncio.FIRST_COMPLETED)
-                    waiter.cancel()
-                    if closed.done():
-                        return closed.result()
-                    continue
-                first, last, fut = inflight[0]
-                await asyncio.wait((fut, closed), return_when=asyncio.FIRST_COMPLETED)
-                if not fut.done():
+                waits: list[asyncio.Future[Any]] = [closed, asyncio.ensure_future(self._wake.wait())]
+                waits += [s[0].future for s in inflight.values() if s]
+                if resending:
+                    waits.append(resending[0].future)
+                if timer is not None and not timer.done():
+                    waits.append(timer)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                waits[1].cancel()
+                if closed.done():
                     return closed.result()
-                if fut.exception() is not None:
-                    raise MqttError(f"batch {first}..{last} not acknowledged: {fut.exception()}")
-                inflight.popleft()
-                if not healthy:
-                    healthy = True
-                    up()
-                self._journal.note_delivered(last)
-                self._metrics.uplink_batches.inc()
-                self._metrics.uplink_events.inc(last - first + 1)
         finally:
             closed.cancel()
-            for _, _, fut in inflight:
-                if not fut.done():
-                    fut.cancel()
-                elif not fut.cancelled():
-                    fut.exception()
+            if timer is not None:
+                timer.cancel()
+            for batch in [b for s in inflight.values() for b in s] + list(resending):
+                if not batch.future.done():
+                    batch.future.cancel()
+                elif not batch.future.cancelled():
+                    batch.future.exception()
+
+    def _settle(self, batch: _Sent) -> None:
+        error = batch.future.exception()
+        if error is not None:
+            raise MqttError(f"batch {batch.first}..{batch.last} not acknowledged: {error}")
+        self._metrics.uplink_batches.inc()
+        if batch.cls is not None:
+            self._metrics.uplink_events.inc(batch.count)
+
+    async def _send(
+        self,
+        client: MqttClient,
+        loop: asyncio.AbstractEventLoop,
+        cls: int | None,
+        rows: list[tuple[int, bytes]],
+        through: int,
+    ) -> _Sent:
+        seqs = [r[0] for r in rows]
+        payload = await loop.run_in_executor(
+            self._encoder,
+            lambda: encode_batch(
+                self._store_id,
+                self._gateway_id,
+                seqs,
+                [r[1] for r in rows],
+                cls=None if cls is None else CLASSES[cls],
+                complete_through=through,
+                compressor=self._compressor,
+                resend=cls is None,
+            ),
+        )
+        if cls != CRITICAL:
+            self._limiter.take(len(rows), len(payload))
+        self._metrics.uplink_bytes.inc(len(payload))
+        return _Sent(cls, seqs[0], seqs[-1], len(seqs), client.publish(self._events_topic, payload, qos=1))
+
+    async def _send_resend(self, client: MqttClient, loop: asyncio.AbstractEventLoop) -> _Sent | None:
+        span = self._resends[0]
+        rows = await self._journal.read_range(
+            span[0], span[1], self._hq.batch_max_events, self._hq.batch_max_bytes
+        )
+        if not rows or rows[-1][0] >= span[1]:
+            self._resends.popleft()
+        else:
+            span[0] = rows[-1][0] + 1
+        if not rows:
+            return None
+        return await self._send(client, loop, None, rows, self._journal.delivered_seq)
 
     async def drain(self, within_s: float) -> bool:
         """Wait (up to ``within_s`` seconds) until HQ has everything committed so far; True if it has."""
-        if self._journal.delivered_seq >= self._journal.last_seq:
+        if self._journal.caught_up:
             return True
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within_s):
-                while self._journal.delivered_seq < self._journal.last_seq:
+                while not self._journal.caught_up:
                     self._caught_up.clear()
                     await self._caught_up.wait()
-        return self._journal.delivered_seq >= self._journal.last_seq
+        return self._journal.caught_up
 
     async def _say_offline(self, client: MqttClient, within_s: float = 2.0) -> None:
         """The retained offline status of a clean shutdown (a clean DISCONNECT does not fire the last will)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 from zoneinfo import available_timezones
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -101,7 +101,28 @@ class HqConfig(BrokerConfig):
     batch_max_bytes: int = Field(
         default=256 * 1024, ge=1024, le=8 * 1024 * 1024, description="Bytes per batch."
     )
-    inflight_batches: int = Field(default=4, ge=1, le=100, description="Batches awaiting PUBACK at once.")
+    inflight_batches: int = Field(
+        default=4,
+        ge=1,
+        le=100,
+        description="Batches sent but not yet acknowledged-and-recorded; a SIGKILL resends at most these.",
+    )
+    compression: Literal["zstd", "gzip", "none"] = Field(
+        default="zstd", description="Batch body compression on the wire (docs/OUTBOX.md)."
+    )
+    compression_level: int | None = Field(
+        default=None, ge=1, le=19, description="zstd 1-19 (default 3) or gzip 1-9 (default 6)."
+    )
+    drain_max_events_per_s: int = Field(
+        default=5000, ge=0, description="Drain rate limit, events/s; 0 = none. Critical events are exempt."
+    )
+    drain_max_bytes_per_s: int = Field(
+        default=4 * 1024 * 1024, ge=0, description="Drain rate limit, bytes/s on the wire; 0 = none."
+    )
+    low_class_every: int = Field(
+        default=8, ge=2, le=1000, description="Every Nth batch goes to the lowest waiting class (anti-starvation)."
+    )
+    reconnect_max_s: float = Field(default=30.0, ge=1, le=3600, description="Reconnect backoff cap, seconds.")
 
 
 class StockItem(StrictModel):
@@ -169,6 +190,50 @@ class JournalConfig(StrictModel):
     )
 
 
+OutboxClass = Literal["critical", "transaction", "state", "telemetry"]
+
+GIB: Final = 1024**3
+MIB: Final = 1024**2
+
+
+class ClassBudget(StrictModel):
+    max_bytes: int | None = Field(default=None, ge=1024, description="Event bytes of this class; null = no cap.")
+    ttl_days: float | None = Field(default=None, gt=0, description="Events older than this are dropped.")
+
+
+def _default_classes() -> dict[OutboxClass, ClassBudget]:
+    return {
+        "critical": ClassBudget(ttl_days=365),
+        "transaction": ClassBudget(ttl_days=90),
+        "state": ClassBudget(max_bytes=256 * MIB, ttl_days=30),
+        "telemetry": ClassBudget(max_bytes=1 * GIB, ttl_days=7),
+    }
+
+
+class OutboxConfig(StrictModel):
+    max_bytes: int = Field(
+        default=4 * GIB, ge=1024 * 1024, description="Cap on the journal database's used pages, bytes."
+    )
+    min_free_bytes: int = Field(
+        default=256 * MIB, ge=0, description="Below this much free disk, new telemetry is refused."
+    )
+    classes: dict[OutboxClass, ClassBudget] = Field(
+        default_factory=_default_classes, description="Per-class byte cap and TTL (docs/OUTBOX.md)."
+    )
+    kinds: dict[str, OutboxClass] = Field(
+        default_factory=dict, description="Move an event kind to another class, e.g. {device.status: critical}."
+    )
+    housekeeping_interval_s: float = Field(
+        default=60, ge=0.1, le=86_400, description="How often TTLs and budgets are enforced, seconds."
+    )
+    quarantine_max_rows: int = Field(default=10_000, ge=100, description="Quarantined messages kept.")
+
+    @field_validator("classes")
+    @classmethod
+    def _all_classes(cls, value: dict[OutboxClass, ClassBudget]) -> dict[OutboxClass, ClassBudget]:
+        return {**_default_classes(), **value}
+
+
 class LogConfig(StrictModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Minimum log level."
@@ -195,6 +260,9 @@ class GatewayConfig(StrictModel):
         description="The local HTTP API (health, metrics, events, stock); needs a token when enabled."
     )
     journal: JournalConfig = Field(default_factory=JournalConfig, description="SQLite journal tuning.")
+    outbox: OutboxConfig = Field(
+        default_factory=OutboxConfig, description="Outbox classes, disk budget and TTLs (docs/OUTBOX.md)."
+    )
     log: LogConfig = Field(default_factory=LogConfig, description="Logging level and format.")
 
     @model_validator(mode="after")

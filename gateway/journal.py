@@ -13,6 +13,8 @@ second connection on their own thread (WAL lets readers run beside the writer).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -23,16 +25,27 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import orjson
 
+from cloud_bridge.wire import CLASSES
 from gateway.clock import BOOT_ID, ClockState
-from gateway.config import JournalConfig
+from gateway.config import JournalConfig, OutboxConfig
 from gateway.events import SCHEMA_VERSION, uuid7
 from gateway.metrics import Metrics
+from gateway.outbox import (
+    DEFAULT_KIND_CLASSES,
+    TELEMETRY,
+    ClassState,
+    KindClasses,
+    eviction_order,
+    eviction_reports,
+)
 
 _LOGGER = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 QUARANTINE_KEEP_BYTES: Final = 4096
 """How much of a rejected payload is kept for debugging."""
@@ -53,9 +66,18 @@ CREATE TABLE IF NOT EXISTS events(
     device_id TEXT,
     recorded_at TEXT NOT NULL,
     dedup_key TEXT UNIQUE,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    cls INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS events_kind ON events(kind, seq);
+CREATE TABLE IF NOT EXISTS outbox_state(
+    cls INTEGER PRIMARY KEY,
+    delivered_seq INTEGER NOT NULL,
+    stored_events INTEGER NOT NULL,
+    stored_bytes INTEGER NOT NULL,
+    pending_events INTEGER NOT NULL,
+    evicted_events INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS quarantine(
     qid INTEGER PRIMARY KEY,
     received_at TEXT NOT NULL,
@@ -69,6 +91,19 @@ CREATE TABLE IF NOT EXISTS quarantine(
 );
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+CLASS_INDEX: Final = "CREATE INDEX IF NOT EXISTS events_cls ON events(cls, seq)"
+
+EVICT_CHUNK: Final = 2000
+"""Rows deleted per eviction step (one transaction each, so intake never waits long)."""
+BUDGET_HEADROOM: Final = 0.95
+"""Eviction frees space down to this share of a cap, so it does not run again at the next commit."""
+DISK_CHECK_S: Final = 1.0
+"""How often free disk space is read (statvfs)."""
+
+Row = tuple[int, str, str, str | None, str, str | None, bytes, int]
+Extra = Callable[[sqlite3.Connection, dict[int, ClassState], dict[int, int]], list["Draft"]]
+"""Work run inside a commit transaction: may change the class counters (second argument, in place) and record
+delivered watermarks that moved past evicted events (third argument); returns drafts to commit with it."""
 
 
 @dataclass(slots=True)
@@ -85,6 +120,8 @@ class Draft:
     driver: str = "gateway"
     origin: object = None
     """The connection it came in on; its items are dropped if that connection dies before they commit."""
+    done: Callable[[int | None], None] | None = None
+    """Called after COMMIT with the event's seq, or None when it was a redelivery (dedup key seen before)."""
 
 
 @dataclass(slots=True)
@@ -112,6 +149,10 @@ class Committed:
     bodies: list[bytes] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     duplicates_by_driver: dict[str, int] = field(default_factory=dict)
+    classes: set[int] = field(default_factory=set)
+    """Outbox classes that got new events."""
+    evicted_through: dict[int, int] = field(default_factory=dict)
+    """Per class: undelivered events up to this seq were evicted (the delivered watermark moves past them)."""
 
     @property
     def duplicates(self) -> int:
@@ -159,7 +200,7 @@ def connect(path: Path, synchronous: str = "FULL", readonly: bool = False) -> sq
 
 
 class Journal:
-    """The gateway's durable, ordered event log."""
+    """The gateway's durable, ordered event log, and the outbox HQ is fed from (docs/OUTBOX.md)."""
 
     def __init__(
         self,
@@ -170,11 +211,14 @@ class Journal:
         metrics: Metrics,
         processors: Sequence[Processor] = (),
         clock: ClockState | None = None,
+        outbox: OutboxConfig | None = None,
     ) -> None:
         self.path = path
         self._store_id = store_id
         self._gateway_id = gateway_id
         self._config = config
+        self._outbox = outbox or OutboxConfig()
+        self.kind_class = KindClasses(self._outbox.kinds)
         self._metrics = metrics
         self._processors = list(processors)
         self._clock = clock or ClockState()
@@ -185,7 +229,7 @@ class Journal:
         self._conn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._listeners: list[Callable[[Committed], None]] = []
-        self._delivered_pending: int | None = None
+        self._persist_listeners: list[Callable[[], None]] = []
         self._stopping = False
         self._failing = False
         self._busy = False
@@ -193,9 +237,25 @@ class Journal:
         self._commit_done = asyncio.Event()
         self._submitted = 0
         self._finished = 0
-        self._delivered_persisted = 0
+        self.seq_floor = 0
+        """A fresh journal's first seq is above this (seqs never go backwards, see gateway/recovery.py)."""
         self.last_seq = 0
-        self.delivered_seq = 0
+        self.state: dict[int, ClassState] = {c: ClassState() for c in range(len(CLASSES))}
+        """Per-class outbox counters as of the last COMMIT (owned by the writer thread)."""
+        self.delivered: dict[int, int] = dict.fromkeys(range(len(CLASSES)), 0)
+        """Per-class delivered watermark as the uplink knows it (may be ahead of what is persisted)."""
+        self.class_last_seq: dict[int, int] = dict.fromkeys(range(len(CLASSES)), 0)
+        self._acks: dict[int, int] = {}
+        self._ack_gen = 0
+        self._ack_gen_persisted = 0
+        self._refused = 0
+        self._refused_bytes = 0
+        self.disk_low = False
+        self._disk_checked = 0.0
+        self._budget_checked_bytes = 0
+        self._next_housekeeping = 0.0
+        self._progress = 0
+        self._overall_evicting = False
         prefix = orjson.dumps({"store_id": store_id, "gateway_id": gateway_id})
         self._ids_json = prefix[1:-1]
 
@@ -214,22 +274,68 @@ class Journal:
             raise JournalError(f"cannot open journal {self.path}: {err}") from err
         try:
             conn.executescript(SCHEMA)
+            self._migrate(conn)
             for proc in self._processors:
                 proc.setup(conn)
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            max_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+            self.last_seq = max(int(meta.get("last_seq", 0)), int(max_seq), self.seq_floor)
+            self._load_state(conn, int(meta.get("delivered_seq", 0)))
         except sqlite3.DatabaseError as err:
             conn.close()
             raise JournalError(f"cannot open journal {self.path}: {err}") from err
         except BaseException:
             conn.close()
             raise
-        max_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
-        self.last_seq = max(int(meta.get("last_seq", 0)), int(max_seq))
-        self.delivered_seq = int(meta.get("delivered_seq", 0))
-        self._delivered_persisted = self.delivered_seq
         self._conn = conn
         self._metrics.last_seq.set(self.last_seq)
         self._metrics.delivered_seq.set(self.delivered_seq)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Journals from before the outbox have no ``cls`` column: add it and classify their events once."""
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+        if "cls" not in columns:
+            conn.execute("ALTER TABLE events ADD COLUMN cls INTEGER NOT NULL DEFAULT 1")
+            for kind, cls in DEFAULT_KIND_CLASSES.items():
+                conn.execute("UPDATE events SET cls=? WHERE kind=?", (cls, kind))
+        conn.execute(CLASS_INDEX)
+
+    def _load_state(self, conn: sqlite3.Connection, legacy_delivered: int) -> None:
+        """Per-class counters: read in O(1) from ``outbox_state``; built by one scan only the first time."""
+        rows = conn.execute(
+            "SELECT cls, delivered_seq, stored_events, stored_bytes, pending_events, evicted_events FROM outbox_state"
+        ).fetchall()
+        if rows:
+            for cls, *values in rows:
+                self.state[cls] = ClassState(*values)
+        else:
+            conn.execute("BEGIN IMMEDIATE")
+            for cls in self.state:
+                stored, nbytes = conn.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(length(body)), 0) FROM events WHERE cls=?", (cls,)
+                ).fetchone()
+                pending = conn.execute(
+                    "SELECT COUNT(*) FROM events WHERE cls=? AND seq>?", (cls, legacy_delivered)
+                ).fetchone()[0]
+                self.state[cls] = ClassState(legacy_delivered, stored, nbytes, pending, 0)
+            self._write_state(conn, self.state)
+            conn.execute("COMMIT")
+        for cls in self.state:
+            self.delivered[cls] = self.state[cls].delivered_seq
+            self.class_last_seq[cls] = conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM events WHERE cls=?", (cls,)
+            ).fetchone()[0]
+        self._budget_checked_bytes = self.stored_bytes
+
+    @staticmethod
+    def _write_state(conn: sqlite3.Connection, states: dict[int, ClassState]) -> None:
+        conn.executemany(
+            "INSERT OR REPLACE INTO outbox_state VALUES (?,?,?,?,?,?)",
+            [
+                (cls, s.delivered_seq, s.stored_events, s.stored_bytes, s.pending_events, s.evicted_events)
+                for cls, s in states.items()
+            ],
+        )
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
@@ -240,16 +346,54 @@ class Journal:
         self._writer.shutdown(wait=True)
         self._reader.shutdown(wait=True)
 
+    # --- outbox views -------------------------------------------------------------------------------
+
+    @property
+    def delivered_seq(self) -> int:
+        """Every event with a seq at or below this is delivered (or evicted): a conservative global watermark."""
+        waiting = [self.delivered[c] for c in self.delivered if self.class_last_seq[c] > self.delivered[c]]
+        return min(waiting) if waiting else self.last_seq
+
+    @property
+    def caught_up(self) -> bool:
+        return all(self.class_last_seq[c] <= self.delivered[c] for c in self.delivered)
+
+    @property
+    def backlog(self) -> int:
+        """Events waiting for HQ, as of the last commit."""
+        return sum(s.pending_events for s in self.state.values())
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(s.stored_bytes for s in self.state.values())
+
+    def add_persist_listener(self, listener: Callable[[], None]) -> None:
+        """Called after a commit that recorded acknowledgements (the uplink frees window slots then)."""
+        self._persist_listeners.append(listener)
+
+    @property
+    def acks_persisted(self) -> bool:
+        return self._ack_gen_persisted >= self._ack_gen
+
     # --- intake -----------------------------------------------------------------------------------
 
     def submit(self, item: Draft | Rejected) -> bool:
         """Queue an item for the next commit. False (and nothing queued) if the journal is over its limit."""
         if len(self._queue) >= QUEUE_LIMIT or self._stopping:
             return False
-        if isinstance(item, Draft) and len(item.data_json) > self._config.max_payload_bytes:
-            limit = self._config.max_payload_bytes
-            detail = f"event body {len(item.data_json)} bytes > journal.max_payload_bytes {limit}"
-            item = _as_rejected(item, ValueError(detail), reason="too_large")
+        if isinstance(item, Draft):
+            if len(item.data_json) > self._config.max_payload_bytes:
+                limit = self._config.max_payload_bytes
+                detail = f"event body {len(item.data_json)} bytes > journal.max_payload_bytes {limit}"
+                item = _as_rejected(item, ValueError(detail), reason="too_large")
+            elif self.disk_low and self.kind_class(item.kind) == TELEMETRY:
+                # Low disk: telemetry gives way to transactions. Acknowledged, counted, reported to HQ.
+                self._refused += 1
+                self._refused_bytes += len(item.data_json)
+                self._metrics.outbox_refused.inc()
+                if item.ack is not None:
+                    item.ack()
+                return True
         self._queue.append(item)
         self._submitted += 1
         if not self._wakeup.is_set():
@@ -292,36 +436,69 @@ class Journal:
     def add_listener(self, listener: Callable[[Committed], None]) -> None:
         self._listeners.append(listener)
 
-    def note_delivered(self, seq: int) -> None:
-        """HQ acknowledged everything up to ``seq``; persisted with the next commit (or on its own)."""
-        if seq > self.delivered_seq:
-            self.delivered_seq = seq
-            self._delivered_pending = seq
-            self._metrics.delivered_seq.set(seq)
+    def note_delivered(self, cls: int, seq: int) -> None:
+        """HQ acknowledged every event of class ``cls`` up to ``seq``; persisted by the next commit."""
+        if seq > self.delivered[cls]:
+            self.delivered[cls] = seq
+            self._acks[cls] = seq
+            self._ack_gen += 1
+            self._metrics.delivered_seq.set(self.delivered_seq)
             self._wakeup.set()
 
     async def flush(self) -> None:
-        """Wait until everything submitted before this call is committed (and acknowledged), or discarded.
-        Later submissions do not extend the wait. The writer must be running."""
+        """Wait until everything submitted before this call is committed (and acknowledged), or discarded, and
+        the acknowledgements noted so far are persisted. Later submissions do not extend the wait. The writer
+        must be running."""
         target = self._submitted
-        delivered = self.delivered_seq
-        while self._finished < target or self._delivered_persisted < delivered:
+        acks = self._ack_gen
+        while self._finished < target or self._ack_gen_persisted < acks:
             self._commit_done.clear()
             await self._commit_done.wait()
+
+    async def transact(self, work: Callable[[sqlite3.Connection], tuple[T, list[Draft]]]) -> T:
+        """Run ``work(conn)`` in its own transaction on the writer thread, between group commits; the drafts it
+        returns are committed in the same transaction. On any error everything rolls back (processors reload
+        their state) and the error is raised. After success, processors reload too (``work`` may have changed
+        their tables, e.g. stock thresholds)."""
+        loop = asyncio.get_running_loop()
+        box: list[T] = []
+
+        def run(conn: sqlite3.Connection) -> list[Draft]:
+            result, drafts = work(conn)
+            box.append(result)
+            return drafts
+
+        committed = await loop.run_in_executor(self._writer, self._transact_sync, run)
+        if committed is not None:
+            self._publish(committed)
+        return box[0]
+
+    def _transact_sync(self, run: Callable[[sqlite3.Connection], list[Draft]]) -> Committed | None:
+        committed = self._commit_batch([], {}, lambda conn, _work, _moved: run(conn))
+        conn = self._conn
+        assert conn is not None
+        for proc in self._processors:
+            proc.rollback(conn)
+        return committed
 
     # --- the writer ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """The writer loop: group-commit what has queued until cancelled; then commit what is left."""
+        """The writer loop: group-commit what has queued until cancelled; then commit what is left. Between
+        commits it enforces the disk budget and, every ``housekeeping_interval_s``, TTLs and the quarantine cap."""
         loop = asyncio.get_running_loop()
         delay = self._config.commit_max_delay_ms / 1000
         try:
             while True:
-                await self._wakeup.wait()
-                if delay and len(self._queue) < self._config.commit_max_events:
-                    await asyncio.sleep(delay)
-                self._wakeup.clear()
-                await self._commit_once(loop)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(DISK_CHECK_S):
+                        await self._wakeup.wait()
+                if self._wakeup.is_set():
+                    if delay and len(self._queue) < self._config.commit_max_events:
+                        await asyncio.sleep(delay)
+                    self._wakeup.clear()
+                    await self._commit_once(loop)
+                await self._maintain(loop)
                 if self._queue:
                     self._wakeup.set()
         finally:
@@ -330,37 +507,44 @@ class Journal:
 
     async def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         for _ in range(3 + len(self._queue) // self._config.commit_max_events):
-            if not self._queue and self._delivered_pending is None:
+            if not self._queue and not self._acks:
                 return
             await self._commit_once(loop)
         if self._queue:
             _LOGGER.error("journal stopped with %d uncommitted items (never acknowledged)", len(self._queue))
 
-    async def _commit_once(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _commit_once(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        extra: Extra | None = None,
+    ) -> None:
         n = min(len(self._queue), self._config.commit_max_events)
         items = [self._queue.popleft() for _ in range(n)]
-        delivered = self._delivered_pending
-        self._delivered_pending = None
-        if not items and delivered is None:
+        acks, self._acks = self._acks, {}
+        ack_gen = self._ack_gen
+        if not items and not acks and extra is None:
             return
         started = time.perf_counter()
         self._busy = True
         cancelled: asyncio.CancelledError | None = None
         leftover: list[Draft | Rejected] = []
+        result: Committed | None = None
+        acks_written = False
         try:
-            future = loop.run_in_executor(self._writer, self._commit_sync, items, delivered)
+            future = loop.run_in_executor(self._writer, self._commit_sync, items, acks, extra)
             while True:
                 try:
                     result, leftover = await asyncio.shield(future)
-                    if delivered is not None:  # written by the first transaction, which committed
-                        self._delivered_persisted = max(self._delivered_persisted, delivered)
+                    # Acks were written by the first transaction, which committed.
+                    self._ack_gen_persisted = max(self._ack_gen_persisted, ack_gen)
+                    acks_written = bool(acks)
                     break
                 except asyncio.CancelledError as err:
                     # Once the thread may COMMIT, its acks must follow: finish the bookkeeping, then stop.
                     cancelled = err
         except sqlite3.Error as err:
             result, leftover = None, items
-            self._commit_failed(err, delivered)
+            self._commit_failed(err, acks)
         finally:
             self._busy = False
         if leftover:
@@ -380,53 +564,68 @@ class Journal:
         self._commit_done.set()
         if result is not None:
             self._publish(result)
+        if acks_written:
+            for listener in self._persist_listeners:
+                listener()
         if cancelled is not None:
             raise cancelled
         if leftover:
             await asyncio.sleep(1)
 
-    def _commit_failed(self, err: sqlite3.Error, delivered: int | None) -> None:
-        if delivered is not None and self._delivered_pending is None:
-            self._delivered_pending = delivered
+    def _commit_failed(self, err: sqlite3.Error, acks: dict[int, int]) -> None:
+        for cls, seq in acks.items():  # not persisted: written again by the next commit
+            self._acks[cls] = max(seq, self._acks.get(cls, 0))
         if not self._failing:
             _LOGGER.error("journal commit failed, retrying every second: %s", err)
         self._failing = True
 
     def _publish(self, result: Committed) -> None:
-        """Metrics and listeners, after COMMIT."""
-        self.last_seq = result.last_seq
-        self._metrics.last_seq.set(result.last_seq)
+        """Metrics, listeners and ``done`` callbacks, after COMMIT."""
+        self.last_seq = max(self.last_seq, result.last_seq)
+        for cls, through in result.evicted_through.items():
+            self.delivered[cls] = max(self.delivered[cls], through)
+        self._metrics.last_seq.set(self.last_seq)
+        self._metrics.delivered_seq.set(self.delivered_seq)
         for kind, count in result.kinds.items():
             self._metrics.committed.labels(kind).inc(count)
         for driver, count in result.duplicates_by_driver.items():
             self._metrics.duplicates.labels(driver).inc(count)
         for r in result.rejected:
             self._metrics.quarantined.labels(r.driver, r.reason).inc()
+        for cls, state in self.state.items():
+            name = CLASSES[cls]
+            self._metrics.outbox_pending.labels(name).set(state.pending_events)
+            self._metrics.outbox_bytes.labels(name).set(state.stored_bytes)
         for listener in self._listeners:
             listener(result)
 
     def _commit_sync(
-        self, items: list[Draft | Rejected], delivered: int | None
+        self,
+        items: list[Draft | Rejected],
+        acks: dict[int, int],
+        extra: Extra | None = None,
     ) -> tuple[Committed | None, list[Draft | Rejected]]:
         """Commit the batch; returns what was committed and the items NOT committed (a SQLite failure)."""
         try:
-            return self._commit_batch(items, delivered), []
+            return self._commit_batch(items, acks, extra), []
         except sqlite3.Error:
             raise
         except Exception:
+            if extra is not None and not items:
+                raise
             _LOGGER.exception("processing a batch of %d failed; committing its items one by one", len(items))
         # A bug or a poison event must not hold back good data: commit each item alone, and quarantine
         # (with the error) the ones that fail on their own.
         merged: Committed | None = None
         for index, item in enumerate(items):
-            mark = delivered if index == 0 else None
+            marks = acks if index == 0 else {}
             try:
                 try:
-                    part = self._commit_batch([item], mark)
+                    part = self._commit_batch([item], marks)
                 except sqlite3.Error:
                     raise
                 except Exception as err:
-                    part = self._commit_batch([_as_rejected(item, err)], mark)
+                    part = self._commit_batch([_as_rejected(item, err)], marks)
             except sqlite3.Error as err:
                 if index == 0:
                     raise
@@ -435,18 +634,30 @@ class Journal:
             merged = _merge(merged, part)
         return merged, []
 
-    def _commit_batch(self, items: list[Draft | Rejected], delivered: int | None) -> Committed | None:
+    def _commit_batch(
+        self,
+        items: list[Draft | Rejected],
+        acks: dict[int, int],
+        extra: Extra | None = None,
+    ) -> Committed | None:
         conn = self._conn
         assert conn is not None
         drafts = [i for i in items if isinstance(i, Draft)]
         rejected = [i for i in items if isinstance(i, Rejected)]
+        work = dict(self.state)
         conn.execute("BEGIN IMMEDIATE")
         try:
+            for cls, seq in acks.items():
+                on_disk = conn.execute(
+                    "SELECT COUNT(*) FROM events WHERE cls=? AND seq>? AND seq<=?",
+                    (cls, work[cls].delivered_seq, seq),
+                ).fetchone()[0]
+                work[cls] = work[cls].acknowledged(seq, on_disk)
             fresh, duplicates = self._drop_redeliveries(conn, drafts)
             first = self.last_seq + 1
             seq = self.last_seq
             now = time.time()
-            rows: list[tuple[int, str, str, str | None, str, str | None, bytes]] = []
+            rows: list[Row] = []
             seq = self._envelopes(fresh, seq, now, rows)
             for proc in self._processors:
                 for row_draft, row in zip(fresh, rows, strict=True):
@@ -455,13 +666,22 @@ class Journal:
                 derived = proc.flush(conn, first, seq)
                 if derived:
                     seq = self._envelopes(derived, seq, now, rows)
-            conn.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?)", rows)
+            moved: dict[int, int] = {}
+            if extra is not None:
+                seq = self._envelopes(extra(conn, work, moved), seq, now, rows)
+            conn.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?,?)", rows)
+            classes: set[int] = set()
+            for row in rows:
+                cls = row[7]
+                work[cls] = work[cls].stored(1, len(row[6]))
+                classes.add(cls)
             if rejected:
                 self._quarantine(conn, rejected, now)
             if rows:
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(seq),))
-            if delivered is not None:
-                conn.execute("INSERT OR REPLACE INTO meta VALUES ('delivered_seq', ?)", (str(delivered),))
+            changed = {c: s for c, s in work.items() if s is not self.state[c]}
+            if changed:
+                self._write_state(conn, changed)
             conn.execute("COMMIT")
         except BaseException:
             # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR): a ROLLBACK then fails,
@@ -475,13 +695,20 @@ class Journal:
                 for proc in self._processors:
                     proc.rollback(conn)
             raise
+        self.state = work
         self.last_seq = seq
+        for row in rows:
+            self.class_last_seq[row[7]] = row[0]
+        seq_of = {id(d): r[0] for d, r in zip(fresh, rows, strict=False)}
+        for draft in drafts:
+            if draft.done is not None:
+                draft.done(seq_of.get(id(draft)))
         if not rows and not rejected and not duplicates:
             return None
         kinds: dict[str, int] = {}
         for row in rows:
             kinds[row[2]] = kinds.get(row[2], 0) + 1
-        return Committed(first, seq, kinds, [r[6] for r in rows], rejected, duplicates)
+        return Committed(first, seq, kinds, [r[6] for r in rows], rejected, duplicates, classes, moved)
 
     def _drop_redeliveries(
         self, conn: sqlite3.Connection, drafts: list[Draft]
@@ -510,13 +737,7 @@ class Journal:
             fresh.append(draft)
         return fresh, duplicates
 
-    def _envelopes(
-        self,
-        drafts: list[Draft],
-        seq: int,
-        now: float,
-        rows: list[tuple[int, str, str, str | None, str, str | None, bytes]],
-    ) -> int:
+    def _envelopes(self, drafts: list[Draft], seq: int, now: float, rows: list[Row]) -> int:
         """Give each draft the next seq and build its envelope bytes (the data bytes are spliced in as they are)."""
         recorded_at = (
             datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -529,6 +750,7 @@ class Journal:
         )
         mono = time.monotonic_ns()
         ids = self._ids_json
+        kind_class = self.kind_class
         entropy = os.urandom(8 * len(drafts))
         for n, draft in enumerate(drafts):
             seq += 1
@@ -544,7 +766,18 @@ class Journal:
                 }
             )
             body = b"".join((head[:-1], b",", ids, b",", common, b'"data":', draft.data_json, b"}"))
-            rows.append((seq, event_id, draft.kind, draft.device_id, recorded_at, draft.dedup_key, body))
+            rows.append(
+                (
+                    seq,
+                    event_id,
+                    draft.kind,
+                    draft.device_id,
+                    recorded_at,
+                    draft.dedup_key,
+                    body,
+                    kind_class(draft.kind),
+                )
+            )
         return seq
 
     def _quarantine(self, conn: sqlite3.Connection, rejected: list[Rejected], now: float) -> None:
@@ -567,22 +800,260 @@ class Journal:
             ],
         )
 
+    # --- disk budget, TTL, low disk -----------------------------------------------------------------
+
+    async def _maintain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Between commits: read free disk space (each second), enforce budgets when they may be exceeded, run
+        TTL and quarantine housekeeping on its interval. Each step is its own short transaction."""
+        now = time.monotonic()
+        if now - self._disk_checked >= DISK_CHECK_S:
+            self._disk_checked = now
+            self._check_disk()
+        housekeeping = now >= self._next_housekeeping
+        if housekeeping:
+            self._next_housekeeping = now + self._outbox.housekeeping_interval_s
+        over = self._over_class_budget() is not None
+        grown = self.stored_bytes - self._budget_checked_bytes > min(
+            1024 * 1024, self._outbox.max_bytes // 100
+        )
+        if self._refused and (housekeeping or not self.disk_low):
+            await self._commit_once(loop, self._report_refused)
+        if not (housekeeping or over or grown):
+            return
+        self._budget_checked_bytes = self.stored_bytes
+        for _ in range(100_000):  # bounded: each step evicts a chunk or stops
+            step = await loop.run_in_executor(self._writer, self._plan_eviction, housekeeping)
+            if step is None:
+                break
+            progress = self._progress
+            await self._commit_once(loop, step)
+            if self._progress == progress:
+                break  # nothing removed (or the commit failed): try again later
+            if self._queue:
+                await self._commit_once(loop)  # intake keeps flowing between eviction steps
+        if housekeeping:
+            await loop.run_in_executor(self._writer, self._trim_quarantine)
+
+    def _check_disk(self) -> None:
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        self._metrics.disk_free.set(free)
+        low = free < self._outbox.min_free_bytes
+        if low != self.disk_low:
+            if low:
+                _LOGGER.warning("disk low: %d MiB free; refusing new telemetry", free // 2**20)
+            else:
+                _LOGGER.info("disk space recovered: %d MiB free; accepting telemetry again", free // 2**20)
+            self.disk_low = low
+
+    def _report_refused(
+        self, conn: sqlite3.Connection, work: dict[int, ClassState], moved: dict[int, int]
+    ) -> list[Draft]:
+        count, nbytes = self._refused, self._refused_bytes
+        self._refused = self._refused_bytes = 0
+        reports = eviction_reports(TELEMETRY, "disk_low", [], nbytes, refused=count)
+        self._metrics.outbox_evicted.labels("telemetry", "disk_low").inc(count)
+        return [Draft("outbox.evicted", None, orjson.dumps(r)) for r in reports]
+
+    def _over_class_budget(self) -> int | None:
+        for name, budget in self._outbox.classes.items():
+            cls = CLASSES.index(name)
+            if budget.max_bytes is not None and self.state[cls].stored_bytes > budget.max_bytes:
+                return cls
+        return None
+
+    def _used_bytes(self) -> int:
+        conn = self._conn
+        assert conn is not None
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return int((pages - free) * page_size)
+
+    def _plan_eviction(self, housekeeping: bool) -> Extra | None:
+        """On the writer thread: the next eviction step (a function run inside a commit), or None if within
+        every budget and TTL."""
+        if housekeeping:
+            for name, budget in self._outbox.classes.items():
+                if budget.ttl_days is None:
+                    continue
+                cutoff = datetime.fromtimestamp(time.time() - budget.ttl_days * 86400, UTC)
+                text = cutoff.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+                step = self._ttl_step(CLASSES.index(name), text)
+                if step is not None:
+                    return step
+        cls = self._over_class_budget()
+        if cls is not None:
+            budget_bytes = self._outbox.classes[CLASSES[cls]].max_bytes
+            assert budget_bytes is not None
+            delivered = self.state[cls].stored_events > self.state[cls].pending_events
+            return functools.partial(
+                self._evict, cls, delivered, "class_budget", int(budget_bytes * BUDGET_HEADROOM)
+            )
+        limit = self._outbox.max_bytes
+        used = self._used_bytes()
+        if used > limit or (self._overall_evicting and used > limit * BUDGET_HEADROOM):
+            self._overall_evicting = True
+            for victim in eviction_order(self.state):
+                if self._has_rows(victim.cls, victim.delivered):
+                    return functools.partial(self._evict, victim.cls, victim.delivered, "disk_budget", None)
+        self._overall_evicting = False
+        return None
+
+    def _has_rows(self, cls: int, delivered: bool) -> bool:
+        conn = self._conn
+        assert conn is not None
+        op = "<=" if delivered else ">"
+        sql = f"SELECT 1 FROM events WHERE cls=? AND seq{op}? LIMIT 1"  # noqa: S608 - op is one of two literals
+        return conn.execute(sql, (cls, self.state[cls].delivered_seq)).fetchone() is not None
+
+    def _ttl_step(self, cls: int, cutoff: str) -> Extra | None:
+        conn = self._conn
+        assert conn is not None
+        oldest = conn.execute(
+            "SELECT recorded_at FROM events WHERE cls=? ORDER BY seq LIMIT 1", (cls,)
+        ).fetchone()
+        if oldest is None or oldest[0] >= cutoff:
+            return None
+        return functools.partial(self._evict_expired, cls, cutoff)
+
+    def _evict_expired(
+        self,
+        cls: int,
+        cutoff: str,
+        conn: sqlite3.Connection,
+        work: dict[int, ClassState],
+        moved: dict[int, int],
+    ) -> list[Draft]:
+        rows = conn.execute(
+            "SELECT seq, length(body), recorded_at FROM events WHERE cls=? ORDER BY seq LIMIT ?",
+            (cls, EVICT_CHUNK),
+        ).fetchall()
+        expired = [(seq, size) for seq, size, at in rows if at < cutoff]
+        # Rows are in seq order and recorded_at grows with seq: expired ones form a prefix.
+        if not expired:
+            return []
+        return self._remove(conn, work, moved, cls, expired, "ttl")
+
+    def _evict(
+        self,
+        cls: int,
+        delivered: bool,
+        reason: str,
+        down_to: int | None,
+        conn: sqlite3.Connection,
+        work: dict[int, ClassState],
+        moved: dict[int, int],
+    ) -> list[Draft]:
+        state = work[cls]
+        if delivered:
+            sql = "SELECT seq, length(body) FROM events WHERE cls=? AND seq<=? ORDER BY seq LIMIT ?"
+        else:
+            sql = "SELECT seq, length(body) FROM events WHERE cls=? AND seq>? ORDER BY seq LIMIT ?"
+        rows = conn.execute(sql, (cls, state.delivered_seq, EVICT_CHUNK)).fetchall()
+        if down_to is not None:
+            excess = state.stored_bytes - down_to
+            total = 0
+            for n, (_, size) in enumerate(rows):
+                total += size
+                if total >= excess:
+                    rows = rows[: n + 1]
+                    break
+        if not rows:
+            return []
+        return self._remove(conn, work, moved, cls, rows, reason)
+
+    def _remove(
+        self,
+        conn: sqlite3.Connection,
+        work: dict[int, ClassState],
+        moved: dict[int, int],
+        cls: int,
+        rows: list[tuple[int, int]],
+        reason: str,
+    ) -> list[Draft]:
+        """Delete these rows of class ``cls`` (a seq-ordered prefix of the class). Undelivered ones are counted
+        and reported in ``outbox.evicted`` drafts, committed in the same transaction."""
+        state = work[cls]
+        first, last = rows[0][0], rows[-1][0]
+        conn.execute("DELETE FROM events WHERE cls=? AND seq>=? AND seq<=?", (cls, first, last))
+        lost = [(seq, size) for seq, size in rows if seq > state.delivered_seq]
+        nbytes = sum(size for _, size in rows)
+        new = state.removed(len(rows), nbytes, len(lost), last if lost else None)
+        work[cls] = new
+        self._progress += 1
+        if not lost:
+            self._metrics.outbox_pruned.labels(CLASSES[cls]).inc(len(rows))
+            return []
+        moved[cls] = last
+        self._metrics.outbox_evicted.labels(CLASSES[cls], reason).inc(len(lost))
+        _LOGGER.warning(
+            "outbox: evicted %d undelivered %s events (seq %d..%d, %s)",
+            len(lost),
+            CLASSES[cls],
+            lost[0][0],
+            last,
+            reason,
+        )
+        reports = eviction_reports(cls, reason, [s for s, _ in lost], sum(size for _, size in lost))
+        return [Draft("outbox.evicted", None, orjson.dumps(r)) for r in reports]
+
+    def _trim_quarantine(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        keep = self._outbox.quarantine_max_rows
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "DELETE FROM quarantine WHERE qid <= (SELECT COALESCE(MAX(qid), 0) FROM quarantine) - ?",
+                (keep,),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
     # --- reads (uplink, API) ----------------------------------------------------------------------
+
+    async def read_class(
+        self, cls: int, after_seq: int, max_events: int, max_bytes: int
+    ) -> list[tuple[int, bytes]]:
+        """Committed events of one class with seq > after_seq, in order, within the budgets (at least one)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._reader,
+            self._read_sync,
+            "SELECT seq, body FROM events WHERE cls=? AND seq>? ORDER BY seq LIMIT ?",
+            (cls, after_seq, max_events),
+            max_bytes,
+        )
+
+    async def read_range(
+        self, first: int, last: int, max_events: int, max_bytes: int
+    ) -> list[tuple[int, bytes]]:
+        """Events (any class) with first <= seq <= last still on disk, in order, within the budgets."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._reader,
+            self._read_sync,
+            "SELECT seq, body FROM events WHERE seq>=? AND seq<=? ORDER BY seq LIMIT ?",
+            (first, last, max_events),
+            max_bytes,
+        )
 
     async def read_after(self, after_seq: int, max_events: int, max_bytes: int) -> list[tuple[int, bytes]]:
         """Committed events with seq > after_seq, in order, within the count and byte budgets (at least one)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._reader, self._read_after_sync, after_seq, max_events, max_bytes
-        )
+        return await self.read_range(after_seq + 1, 2**63 - 1, max_events, max_bytes)
 
-    def _read_after_sync(self, after_seq: int, max_events: int, max_bytes: int) -> list[tuple[int, bytes]]:
+    def _read_sync(self, sql: str, params: tuple[int, ...], max_bytes: int) -> list[tuple[int, bytes]]:
         assert self._rconn is not None
         out: list[tuple[int, bytes]] = []
         total = 0
-        cur = self._rconn.execute(
-            "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, max_events)
-        )
+        cur = self._rconn.execute(sql, params)
         for seq, body in cur:
             if out and total + len(body) > max_bytes:
                 break
@@ -637,4 +1108,5 @@ def _merge(total: Committed | None, part: Committed | None) -> Committed | None:
     total.last_seq = max(total.last_seq, part.last_seq)
     total.bodies += part.bodies
     total.rejected += part.rejected
+    total.classes |= part.classes
     return total

@@ -63,3 +63,36 @@ class Metrics:
             "Sale or return lines for SKUs the ledger had no level for.",
             registry=r,
         )
+        self.outbox_pending = Gauge(
+            "storegw_outbox_pending", "Events waiting for HQ, by class.", ["class"], registry=r
+        )
+        self.outbox_bytes = Gauge(
+            "storegw_outbox_bytes", "Event bytes on disk (delivered or not), by class.", ["class"], registry=r
+        )
+        self.outbox_evicted = Counter(
+            "storegw_outbox_evicted",
+            "Undelivered events evicted (disk budget, class budget, TTL) or refused (disk_low), reported to HQ.",
+            ["class", "reason"],
+            registry=r,
+        )
+        self.outbox_pruned = Counter(
+            "storegw_outbox_pruned",
+            "Delivered events removed to stay within budgets (no loss).",
+            ["class"],
+            registry=r,
+        )
+        self.outbox_refused = Counter(
+            "storegw_outbox_refused", "Telemetry refused because the disk is low.", registry=r
+        )
+        self.disk_free = Gauge(
+            "storegw_disk_free_bytes", "Free bytes on the journal's filesystem.", registry=r
+        )
+        self.uplink_bytes = Counter(
+            "storegw_uplink_bytes", "Batch bytes sent to HQ (on the wire).", registry=r
+        )
+        self.commands = Counter(
+            "storegw_commands",
+            "HQ commands handled, by command and status.",
+            ["command", "status"],
+            registry=r,
+        )

@@ -15,6 +15,7 @@ from typing import Any, Final
 import orjson
 
 from cloud_bridge.uplink import Uplink
+from cloud_bridge.wire import CLASSES
 from drivers.mqtt.driver import MqttIntake
 from gateway import __version__
 from gateway.config import GatewayConfig
@@ -49,6 +50,7 @@ class Gateway:
             config.journal,
             self.metrics,
             processors=[StockLedger(config.stock, self.metrics)],
+            outbox=config.outbox,
         )
         known = frozenset(d.id for d in config.devices)
         self.intakes = [
@@ -86,7 +88,16 @@ class Gateway:
             "uptime_s": round(time.monotonic() - self._started_at, 1),
             "last_seq": self.journal.last_seq,
             "delivered_seq": self.journal.delivered_seq,
-            "backlog": self.journal.last_seq - self.journal.delivered_seq,
+            "backlog": self.journal.backlog,
+            "outbox": {
+                CLASSES[c]: {
+                    "pending": s.pending_events,
+                    "bytes": s.stored_bytes,
+                    "evicted": s.evicted_events,
+                }
+                for c, s in self.journal.state.items()
+            },
+            "disk_low": self.journal.disk_low,
             "hq_connected": self.uplink.connected,
             "drivers": drivers,
         }

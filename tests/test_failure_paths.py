@@ -165,7 +165,7 @@ def _batch(store: str, gateway: str, seqs: list[int], data: object = None) -> by
         )
         for seq in seqs
     ]
-    return encode_batch(store, gateway, seqs, bodies)
+    return encode_batch(store, gateway, seqs, bodies, cls="transaction", complete_through=0)
 
 
 def orjson_dumps(value: object) -> bytes:

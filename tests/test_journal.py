@@ -33,6 +33,7 @@ from gateway.journal import (
     Rejected,
 )
 from gateway.metrics import Metrics
+from gateway.outbox import STATE
 from rules.stock import StockLedger
 from tests.pos_drafts import DRIVER, pos_draft
 
@@ -578,10 +579,12 @@ async def test_note_delivered_persists_across_reopen(tmp_path: Path) -> None:
         for i in range(5):
             journal.submit(status(i))
         await flushed(journal)
-        journal.note_delivered(3)
+        journal.note_delivered(STATE, 3)
         await flushed(journal)
-        assert query(journal, "SELECT value FROM meta WHERE key='delivered_seq'") == [("3",)]
-        journal.note_delivered(2)
+        assert query(
+            journal, "SELECT delivered_seq, pending_events FROM outbox_state WHERE cls=?", (STATE,)
+        ) == [(3, 2)]
+        journal.note_delivered(STATE, 2)
         assert journal.delivered_seq == 3
         assert sample(metrics, "storegw_uplink_delivered_seq") == 3
 
@@ -590,11 +593,12 @@ async def test_note_delivered_persists_across_reopen(tmp_path: Path) -> None:
     async with running(journal):
         assert journal.delivered_seq == 3
         assert sample(metrics, "storegw_uplink_delivered_seq") == 3
-        journal.note_delivered(5)
+        journal.note_delivered(STATE, 5)
         journal.submit(status(9))
     journal = new_journal(tmp_path)
     async with running(journal):
         assert (journal.last_seq, journal.delivered_seq) == (6, 5)
+        assert journal.backlog == 1 and not journal.caught_up
 
 
 # --- reads for the uplink -------------------------------------------------------------------------
