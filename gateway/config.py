@@ -120,7 +120,10 @@ class HqConfig(BrokerConfig):
         default=4 * 1024 * 1024, ge=0, description="Drain rate limit, bytes/s on the wire; 0 = none."
     )
     low_class_every: int = Field(
-        default=8, ge=2, le=1000, description="Every Nth batch goes to the lowest waiting class (anti-starvation)."
+        default=8,
+        ge=2,
+        le=1000,
+        description="Every Nth batch goes to the lowest waiting class (anti-starvation).",
     )
     reconnect_max_s: float = Field(default=30.0, ge=1, le=3600, description="Reconnect backoff cap, seconds.")
 
@@ -145,7 +148,7 @@ class StockConfig(StrictModel):
 
 class DeviceConfig(StrictModel):
     id: Identifier = Field(description="Device id as it appears in the device's topic.")
-    profile: Literal["pos_terminal"] = Field(
+    profile: Literal["pos_terminal", "sensor"] = Field(
         description="What the device is; decides how its messages decode."
     )
     name: str | None = Field(default=None, description="Free text for technicians.")
@@ -197,7 +200,9 @@ MIB: Final = 1024**2
 
 
 class ClassBudget(StrictModel):
-    max_bytes: int | None = Field(default=None, ge=1024, description="Event bytes of this class; null = no cap.")
+    max_bytes: int | None = Field(
+        default=None, ge=1024, description="Event bytes of this class; null = no cap."
+    )
     ttl_days: float | None = Field(default=None, gt=0, description="Events older than this are dropped.")
 
 
@@ -221,7 +226,8 @@ class OutboxConfig(StrictModel):
         default_factory=_default_classes, description="Per-class byte cap and TTL (docs/OUTBOX.md)."
     )
     kinds: dict[str, OutboxClass] = Field(
-        default_factory=dict, description="Move an event kind to another class, e.g. {device.status: critical}."
+        default_factory=dict,
+        description="Move an event kind to another class, e.g. {device.status: critical}.",
     )
     housekeeping_interval_s: float = Field(
         default=60, ge=0.1, le=86_400, description="How often TTLs and budgets are enforced, seconds."

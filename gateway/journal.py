@@ -42,6 +42,14 @@ from gateway.outbox import (
     eviction_order,
     eviction_reports,
 )
+from gateway.recovery import (
+    SeqReservation,
+    corrupt_alert,
+    move_aside,
+    probe,
+    salvage_delivered,
+    salvage_last_seq,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -239,6 +247,9 @@ class Journal:
         self._finished = 0
         self.seq_floor = 0
         """A fresh journal's first seq is above this (seqs never go backwards, see gateway/recovery.py)."""
+        self._reservation = SeqReservation(path.parent)
+        self.replaced: dict[str, Any] | None = None
+        """The ``alert.raised`` payload when a corrupt journal was moved aside at open."""
         self.last_seq = 0
         self.state: dict[int, ClassState] = {c: ClassState() for c in range(len(CLASSES))}
         """Per-class outbox counters as of the last COMMIT (owned by the writer thread)."""
@@ -268,6 +279,13 @@ class Journal:
 
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._reservation.load()
+        try:
+            reason = probe(self.path)
+        except (sqlite3.Error, OSError) as err:  # locked, permissions: not damage, never moved aside
+            raise JournalError(f"cannot open journal {self.path}: {err}") from err
+        if reason is not None:
+            self._replace_corrupt(reason)
         try:
             conn = connect(self.path, self._config.synchronous)
         except sqlite3.DatabaseError as err:
@@ -288,8 +306,25 @@ class Journal:
             conn.close()
             raise
         self._conn = conn
+        self._reservation.ensure(self.last_seq)
         self._metrics.last_seq.set(self.last_seq)
         self._metrics.delivered_seq.set(self.delivered_seq)
+
+    def _replace_corrupt(self, reason: str) -> None:
+        """Move an unreadable journal aside and start a fresh one above every seq the old one may have used;
+        the alert (``self.replaced``) is committed first thing by the runtime."""
+        moved = move_aside(self.path)
+        delivered = salvage_delivered(moved)
+        start = self._reservation.start_after_corruption(salvage_last_seq(moved))
+        self.seq_floor = max(self.seq_floor, start - 1)
+        self.replaced = corrupt_alert(self.path, moved, reason, delivered, start)
+        _LOGGER.critical(
+            "journal %s is corrupt (%s): moved aside to %s; a fresh journal starts at seq %d",
+            self.path,
+            reason,
+            moved.name,
+            start,
+        )
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         """Journals from before the outbox have no ``cls`` column: add it and classify their events once."""
@@ -697,6 +732,7 @@ class Journal:
             raise
         self.state = work
         self.last_seq = seq
+        self._reservation.ensure(seq)
         for row in rows:
             self.class_last_seq[row[7]] = row[0]
         seq_of = {id(d): r[0] for d, r in zip(fresh, rows, strict=False)}

@@ -241,7 +241,11 @@ def salvage_last_seq(path: Path) -> int | None:
 
 
 def salvage_delivered(path: Path) -> int | None:
-    """The delivered watermark (``meta.delivered_seq``) of the damaged journal, if readable; best effort."""
+    """A delivered watermark of the damaged journal, if readable; best effort: the lowest per-class watermark
+    (``outbox_state``), else the older global one (``meta.delivered_seq``). Every seq at or below it reached HQ."""
+    lowest = _read_one(path, "SELECT MIN(delivered_seq) FROM outbox_state")
+    if lowest is not None:
+        return lowest
     return _read_one(path, "SELECT value FROM meta WHERE key = 'delivered_seq'")
 
 

@@ -18,6 +18,8 @@ from cloud_bridge.uplink import Uplink
 from cloud_bridge.wire import CLASSES
 from drivers.mqtt.driver import MqttIntake
 from gateway import __version__
+from gateway.clock import ClockState
+from gateway.clock_watch import ClockWatcher
 from gateway.config import GatewayConfig
 from gateway.journal import Draft, Journal
 from gateway.logs import register_secret
@@ -43,6 +45,7 @@ class Gateway:
         self.config = config
         self.config_hash = config_hash
         self.metrics = Metrics()
+        self.clock = ClockState()
         self.journal = Journal(
             journal_path(config.data_dir),
             config.store.id,
@@ -50,6 +53,7 @@ class Gateway:
             config.journal,
             self.metrics,
             processors=[StockLedger(config.stock, self.metrics)],
+            clock=self.clock,
             outbox=config.outbox,
         )
         known = frozenset(d.id for d in config.devices)
@@ -114,11 +118,17 @@ class Gateway:
             self.journal.last_seq,
             self.journal.delivered_seq,
         )
+        if self.journal.replaced is not None:
+            alert = self.journal.replaced
+            self.journal.submit(Draft("alert.raised", None, orjson.dumps(alert)))
         self.journal.submit(self._status_draft("online"))
         try:
             async with asyncio.TaskGroup() as tg:
                 writer = tg.create_task(self.journal.run(), name="journal-writer")
                 uplink = tg.create_task(self.uplink.run(), name="uplink")
+                clock = tg.create_task(
+                    ClockWatcher(self.clock, self.journal.submit).run(), name="clock-watch"
+                )
                 drivers = [tg.create_task(i.run(), name=f"driver-{i.name}") for i in self.intakes]
                 api = tg.create_task(self._serve_api(), name="local-api") if self.config.api.enabled else None
                 self.started.set()
@@ -141,6 +151,7 @@ class Gateway:
                 )
                 self.uplink.stopping = True
                 uplink.cancel()
+                clock.cancel()
                 if api is not None:
                     api.cancel()
                 writer.cancel()

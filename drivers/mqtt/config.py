@@ -16,7 +16,7 @@ class TopicRoute(BaseModel):
     pattern: Annotated[str, Field(pattern=TOPIC_TEMPLATE, max_length=200)] = Field(
         description="Topic template with exactly one '{device_id}' level, for example 'store/pos/{device_id}/sale'."
     )
-    kind: Literal["pos.sale", "pos.return"] = Field(
+    kind: Literal["pos.sale", "pos.return", "sensor.reading"] = Field(
         description="Event kind that messages on this topic become."
     )
 

@@ -10,13 +10,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 import orjson
 from pydantic import AwareDatetime, Field, TypeAdapter, ValidationError
 
 from drivers.mqtt.config import MqttDriverConfig
-from gateway.events import ID_PATTERN, PosReturn, PosSale
+from gateway.events import ID_PATTERN, PosReturn, PosSale, SensorReading
 from gateway.journal import Draft
 
 _DEVICE_ID: Final = re.compile(ID_PATTERN)
@@ -38,9 +38,20 @@ class PosReturnMessage(PosReturn):
     )
 
 
-_ADAPTERS: Final[dict[str, TypeAdapter[PosSaleMessage] | TypeAdapter[PosReturnMessage]]] = {
+class SensorReadingMessage(SensorReading):
+    """A sensor's reading (telemetry): the ``sensor.reading`` payload plus the sensor's clock reading."""
+
+    occurred_at: AwareDatetime | None = Field(
+        default=None, strict=True, description="Sensor time, ISO 8601 with offset (a number is refused)."
+    )
+
+
+Message = PosSaleMessage | PosReturnMessage | SensorReadingMessage
+
+_ADAPTERS: Final[dict[str, TypeAdapter[Any]]] = {
     "pos.sale": TypeAdapter(PosSaleMessage),
     "pos.return": TypeAdapter(PosReturnMessage),
+    "sensor.reading": TypeAdapter(SensorReadingMessage),
 }
 
 
@@ -48,11 +59,12 @@ _ADAPTERS: Final[dict[str, TypeAdapter[PosSaleMessage] | TypeAdapter[PosReturnMe
 class Decoded:
     kind: str
     device_id: str
-    data: PosSale
-    """The validated message (a PosSale/PosReturn subclass); ``data_json`` is its payload without occurred_at."""
+    data: PosSale | SensorReading
+    """The validated message (a payload subclass); ``data_json`` is its payload without occurred_at."""
     data_json: bytes
     occurred_at: str | None
-    dedup_key: str
+    dedup_key: str | None
+    """Sales and returns: their identity. Telemetry has none (a redelivered reading may repeat: harmless)."""
 
     def to_draft(self, ack: Callable[[], None] | None, driver: str) -> Draft:
         """The journal item for this message; ``ack`` runs after its commit."""
@@ -129,7 +141,9 @@ def decode_message(router: TopicRouter, topic: str, payload: bytes) -> Decoded |
         data=message,
         data_json=message.model_dump_json(exclude={"occurred_at"}).encode(),
         occurred_at=None if occurred is None else _iso(occurred),
-        dedup_key=dedup_key(device_id, kind, message.register_id, message.receipt_no),
+        dedup_key=None
+        if isinstance(message, SensorReading)
+        else dedup_key(device_id, kind, message.register_id, message.receipt_no),
     )
 
 
