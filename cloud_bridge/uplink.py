@@ -215,8 +215,9 @@ class Uplink:
         pos = dict(journal.delivered)
         inflight: dict[int, deque[_Sent]] = {c: deque() for c in pos}
         resending: deque[_Sent] = deque()
-        settling = 0
-        """Batches acknowledged whose watermark the journal has not yet written: they still hold a slot."""
+        settling: deque[int] = deque()
+        """Acknowledged batches (by ack generation) whose watermark the journal has not yet written: they still
+        hold a window slot, so a SIGKILL resends at most one window."""
         closed = asyncio.ensure_future(client.wait_closed())
         timer: asyncio.Future[None] | None = None
         loop = asyncio.get_running_loop()
@@ -228,17 +229,17 @@ class Uplink:
                         batch = sent.popleft()
                         self._settle(batch)
                         journal.note_delivered(cls, batch.last)
-                        settling += 1
+                        settling.append(journal.ack_generation[0])
                         if not healthy:
                             healthy = True
                             up()
                 while resending and resending[0].future.done():
                     self._settle(resending.popleft())
                 if journal.acks_persisted:
-                    settling = 0
+                    settling: deque[int] = deque()
                 # Fill the window.
                 while True:
-                    used = sum(map(len, inflight.values())) + len(resending) + settling
+                    used = sum(map(len, inflight.values())) + len(resending) + len(settling)
                     picked = self._pick(pos, used)
                     if picked is None and self._resends and used < self._hq.inflight_batches:
                         picked = -1

@@ -410,6 +410,11 @@ class Journal:
     def acks_persisted(self) -> bool:
         return self._ack_gen_persisted >= self._ack_gen
 
+    @property
+    def ack_generation(self) -> tuple[int, int]:
+        """(acknowledgements noted, acknowledgements persisted): each note_delivered adds one to the first."""
+        return self._ack_gen, self._ack_gen_persisted
+
     # --- intake -----------------------------------------------------------------------------------
 
     def submit(self, item: Draft | Rejected) -> bool:
