@@ -235,8 +235,9 @@ class Uplink:
                             up()
                 while resending and resending[0].future.done():
                     self._settle(resending.popleft())
-                if journal.acks_persisted:
-                    settling: deque[int] = deque()
+                persisted = journal.ack_generation[1]
+                while settling and settling[0] <= persisted:
+                    settling.popleft()
                 # Fill the window.
                 while True:
                     used = sum(map(len, inflight.values())) + len(resending) + len(settling)
