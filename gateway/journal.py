@@ -538,7 +538,12 @@ class Journal:
                         await asyncio.sleep(delay)
                     self._wakeup.clear()
                     await self._commit_once(loop)
-                await self._maintain(loop)
+                try:
+                    await self._maintain(loop)
+                except sqlite3.Error as err:
+                    _LOGGER.error("outbox housekeeping failed, retrying later: %s", err)
+                except Exception:  # a bug here must not stop the journal: log it, keep committing
+                    _LOGGER.exception("outbox housekeeping failed, retrying later")
                 if self._queue:
                     self._wakeup.set()
         finally:
