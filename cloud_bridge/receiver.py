@@ -1,9 +1,13 @@
 """The HQ reference receiver: takes every gateway's batches, stores each event once, acks after commit.
 
 It keeps a persistent MQTT session (fixed client id, ``clean_start=False``) so the broker queues batches while
-it is away, and sends each PUBACK only after the batch is committed to SQLite: a crash loses nothing, the
-broker redelivers, and the store deduplicates. SQLite work runs on one worker thread; messages that queue up
-while a commit is running are stored together in the next transaction.
+it is away, and sends each PUBACK only after the batch is committed: a crash loses nothing, the broker
+redelivers, and the store deduplicates. Database work runs on one worker thread; messages that queue up while
+a commit is running are stored together in the next transaction.
+
+Several receivers split the load with an MQTT shared subscription (``$share/<group>/...``) and one PostgreSQL
+database; each message goes to one of them. With ``resend_interval_s`` the receiver also asks gateways for
+lost seqs (``resend`` commands, docs/OUTBOX.md).
 
 ``store-gateway hq-receiver`` runs :func:`receiver_main`.
 """
@@ -17,34 +21,47 @@ import functools
 import logging
 import random
 import signal
-import sqlite3
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
-from typing import Final, TextIO
+from typing import Final
+
+from pydantic import SecretStr, ValidationError
 
 from cloud_bridge import topics
-from cloud_bridge.receiver_store import (
+from cloud_bridge.receiver_model import (
     BatchToStore,
     GatewaySummary,
-    ReceiverStore,
+    ReceiverBackend,
     Rejection,
+    ResendRequest,
     StoreResult,
+    StoreUnavailableError,
+    resend_command,
 )
+from cloud_bridge.receiver_report import print_report, print_summary
+from cloud_bridge.receiver_sql import SqlReceiverStore
+from cloud_bridge.receiver_store import ReceiverStore
 from cloud_bridge.wire import BatchError, decode_batch
-from gateway.config import BrokerConfig
+from gateway.config import BrokerConfig, TlsConfig
+from gateway.events import uuid7
 from gateway.mqtt import Message, MqttClient, MqttError
 
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_CLIENT_ID: Final = "hq-receiver"
+DEFAULT_SHARE_GROUP: Final = "hq-receivers"
 MAX_GROUP_MESSAGES: Final = 64
 MAX_GROUP_BYTES: Final = 1024 * 1024
 """A transaction takes waiting messages up to these limits: many small batches share one commit (one fsync),
 while big ones go about alone (holding many decoded batches at once costs more than the commits saved)."""
+RESEND_CHECK_S: Final = 5.0
+"""How often lost ranges are looked for; each gateway is asked at most once per resend interval."""
+MAX_RESEND_COMMANDS: Final = 10
+"""Commands per gateway per round (each at most 100,000 seqs): a forged huge gap cannot flood a gateway."""
+PUBLISH_TIMEOUT_S: Final = 10.0
 
 OnBatch = Callable[[str, str, int, int, int], None]
 """Called after each stored batch is acked: (store_id, gateway_id, first_seq, last_seq, new events)."""
@@ -71,15 +88,21 @@ class _Incoming:
 
 
 class HqReceiver:
-    """Receives batches from the HQ broker into a :class:`ReceiverStore`, reconnecting on its own."""
+    """Receives batches from the HQ broker into a :class:`ReceiverBackend`, reconnecting on its own.
+
+    ``share_group`` subscribes through an MQTT shared subscription (the CLI's default; the library's is
+    unshared, for brokers without ``$share``). ``resend_interval_s`` turns on resend requests for lost seqs.
+    """
 
     def __init__(
         self,
         broker: BrokerConfig,
-        store: ReceiverStore,
+        store: ReceiverBackend,
         *,
         prefix: str = "retail",
         client_id: str = DEFAULT_CLIENT_ID,
+        share_group: str | None = None,
+        resend_interval_s: float | None = None,
         on_batch: OnBatch | None = None,
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 30.0,
@@ -89,6 +112,8 @@ class HqReceiver:
         self._store = store
         self._prefix = prefix
         self._client_id = client_id
+        self._subscription = topics.events_subscription(prefix, share_group)
+        self._resend_interval = resend_interval_s
         self._on_batch = on_batch
         self._backoff_base = backoff_base_s
         self._backoff_cap = backoff_cap_s
@@ -101,6 +126,8 @@ class HqReceiver:
         self._subscribed = False
         self.connections = 0
         """How many times it has connected and subscribed (for tests and the status line)."""
+        self.resend_commands = 0
+        """Resend commands acknowledged by the broker."""
 
     @property
     def connected(self) -> bool:
@@ -110,12 +137,21 @@ class HqReceiver:
     async def run(self, stop: asyncio.Event) -> None:
         """Receive until ``stop`` is set; then store and ack what is in hand, and disconnect."""
         self._stopping = False
-        self._executor = executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hq-receiver-db")
+        self._executor = executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"hq-receiver-db-{self._client_id}"
+        )
         try:
             async with asyncio.TaskGroup() as tg:
-                consumer = tg.create_task(self._consume(), name="hq-receiver-store")
+                helpers = [tg.create_task(self._consume(), name="hq-receiver-store")]
+                if self._resend_interval is not None:
+                    helpers.append(
+                        tg.create_task(
+                            self._resend_loop(stop, self._resend_interval), name="hq-receiver-resend"
+                        )
+                    )
                 await self._connection_loop(stop)
-                consumer.cancel()
+                for task in helpers:
+                    task.cancel()
         finally:
             if self._client is not None:  # cancelled rather than stopped
                 await self._client.disconnect()
@@ -142,7 +178,7 @@ class HqReceiver:
             client.on_message = functools.partial(self._enqueue, client)
             try:
                 session_present = await client.connect(within_s=5)
-                await client.subscribe([(topics.events_subscription(self._prefix), 1)])
+                await client.subscribe([(self._subscription, 1)])
             except (MqttError, TimeoutError) as err:
                 await client.disconnect()
                 self._log_failure(failures, f"cannot connect to HQ broker: {err}")
@@ -154,7 +190,7 @@ class HqReceiver:
                 _LOGGER.info("reconnected to HQ broker after %d failed attempt(s)", failures)
             _LOGGER.info(
                 "receiving %s from %s:%d (session %s)",
-                topics.events_subscription(self._prefix),
+                self._subscription,
                 self._broker.host,
                 self._broker.port,
                 "resumed" if session_present else "new",
@@ -184,10 +220,7 @@ class HqReceiver:
         return self._random.uniform(0, min(self._backoff_cap, self._backoff_base * 2 ** min(failures, 30)))
 
     async def _backoff(self, stop: asyncio.Event, failures: int) -> None:
-        """Wait the backoff delay, or less if ``stop`` is set meanwhile."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._backoff_delay(failures)):
-                await stop.wait()
+        await _sleep_unless(stop, self._backoff_delay(failures))
 
     async def _flush(self, client: MqttClient) -> None:
         """Stop taking messages, store and ack those in hand, then disconnect."""
@@ -219,18 +252,20 @@ class HqReceiver:
             while len(group) < MAX_GROUP_MESSAGES and size < MAX_GROUP_BYTES and not self._queue.empty():
                 group.append(self._queue.get_nowait())
                 size += len(group[-1].payload)
+            # One order for every receiver: concurrent transactions lock gateways in the same order.
+            group.sort(key=self._gateway_key)
             failures = 0
             while True:
                 try:
                     outcomes = await loop.run_in_executor(self._executor, self._store_group, group)
                     break
-                except sqlite3.Error:
+                except StoreUnavailableError as err:
                     if failures == 0:
-                        _LOGGER.exception(
-                            "cannot store received batches; retrying, acking nothing until it works"
+                        _LOGGER.warning(
+                            "cannot store received batches (%s); retrying, acking nothing until it works", err
                         )
                     else:
-                        _LOGGER.debug("storing received batches still fails", exc_info=True)
+                        _LOGGER.debug("storing received batches still fails: %s", err)
                     failures += 1
                     await asyncio.sleep(self._backoff_delay(failures))
             for item, outcome in zip(group, outcomes, strict=True):
@@ -238,6 +273,9 @@ class HqReceiver:
                 self._queue.task_done()
                 if isinstance(outcome.result, StoreResult):
                     self._report(outcome, outcome.result)
+
+    def _gateway_key(self, item: _Incoming) -> tuple[str, str]:
+        return topics.parse_events_topic(self._prefix, item.topic) or ("", "")
 
     def _store_group(self, group: Sequence[_Incoming]) -> list[_Outcome]:
         """Worker thread: decode each message and store them all in one transaction.
@@ -293,96 +331,110 @@ class HqReceiver:
         except Exception:
             _LOGGER.exception("on_batch callback failed")
 
+    # --- resend requests --------------------------------------------------------------------------------
 
-# --- rendering and CLI ------------------------------------------------------------------------------------
+    async def _resend_loop(self, stop: asyncio.Event, interval: float) -> None:
+        """Ask gateways for their lost ranges; a still-lost range is asked again after ``interval``."""
+        loop = asyncio.get_running_loop()
+        claim = functools.partial(self._store.claim_resends, interval, MAX_RESEND_COMMANDS)
+        while not await _sleep_unless(stop, min(interval, RESEND_CHECK_S)):
+            client = self._client
+            if client is None or not self.connected:
+                continue  # claim nothing we cannot send
+            try:
+                requests = await loop.run_in_executor(self._executor, claim)
+            except StoreUnavailableError as err:
+                _LOGGER.debug("cannot look for lost seqs: %s", err)
+                continue
+            for request in requests:
+                await self._ask_resend(client, request)
 
-
-def _format_lag(lag: timedelta | None) -> str:
-    if lag is None:
-        return "-"
-    seconds = lag.total_seconds()
-    sign, seconds = ("-", -seconds) if seconds < 0 else ("", seconds)
-    if seconds < 60:
-        return f"{sign}{seconds:.1f}s"
-    if seconds < 3600:
-        return f"{sign}{int(seconds // 60)}m{int(seconds % 60):02d}s"
-    if seconds < 86400:
-        return f"{sign}{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
-    return f"{sign}{int(seconds // 86400)}d{int(seconds % 86400 // 3600):02d}h"
-
-
-def format_summary(rows: Sequence[GatewaySummary]) -> str:
-    """The per-gateway summary as a small text table."""
-    header = ("store", "gateway", "events", "max_seq", "gaps", "missing", "dups", "conflicts", "lag")
-    table = [header] + [
-        (
-            r.store_id,
-            r.gateway_id,
-            str(r.events),
-            str(r.max_seq),
-            str(r.gaps),
-            str(r.missing),
-            str(r.duplicates),
-            str(r.conflicts),
-            _format_lag(r.lag),
-        )
-        for r in rows
-    ]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            cell.ljust(w) if i < 2 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in table
-    ]
-    if not rows:
-        lines.append("(no events received yet)")
-    return "\n".join(lines)
-
-
-def print_summary(rows: Sequence[GatewaySummary], file: TextIO | None = None) -> None:
-    """Print :func:`format_summary` (CLI helper)."""
-    print(format_summary(rows), file=file or sys.stdout, flush=True)
-
-
-def _print_report(store: ReceiverStore, out: TextIO, max_gaps: int = 20) -> bool:
-    """Summary plus each gateway's gaps; returns whether anything is missing or conflicting."""
-    rows = store.summary()
-    print_summary(rows, out)
-    any_gap = False
-    for row in rows:
-        if row.conflicts:
-            any_gap = True
-            print(
-                f"conflicts {row.store_id}/{row.gateway_id}: {row.conflicts} (same seq, different event id)",
-                file=out,
+    async def _ask_resend(self, client: MqttClient, request: ResendRequest) -> None:
+        topic = topics.commands_topic(self._prefix, request.store_id, request.gateway_id)
+        for first, last in request.ranges:
+            payload = resend_command(f"resend-{uuid7()}", first, last)
+            try:
+                async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                    await client.publish(topic, payload, qos=1)
+            except (MqttError, TimeoutError) as err:
+                _LOGGER.warning(
+                    "could not ask %s/%s to resend %d..%d (%s); asking again later",
+                    request.store_id,
+                    request.gateway_id,
+                    first,
+                    last,
+                    err,
+                )
+                return
+            self.resend_commands += 1
+            _LOGGER.info(
+                "asked %s/%s to resend lost seqs %d..%d", request.store_id, request.gateway_id, first, last
             )
-        gaps = store.gaps(row.gateway_id, row.store_id)
-        if not gaps:
-            continue
-        any_gap = True
-        shown = ", ".join(f"{a}" if a == b else f"{a}..{b}" for a, b in gaps[:max_gaps])
-        more = f" and {len(gaps) - max_gaps} more" if len(gaps) > max_gaps else ""
-        print(f"gaps {row.store_id}/{row.gateway_id}: {shown}{more}", file=out)
-    rejected = store.count_rejected()
-    if rejected:
-        newest = store.rejections(limit=1)[0]
-        print(f"rejected messages: {rejected} (newest, on {newest.topic}: {newest.reason})", file=out)
-    return any_gap
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait ``seconds`` or until ``stop`` is set; returns whether it is set."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+    return stop.is_set()
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------
+
+
+class CliError(Exception):
+    """A receiver option that cannot be used; the message is the one line the user sees."""
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="store-gateway hq-receiver",
-        description="HQ reference receiver: stores every gateway's batches once, in SQLite; reports gaps.",
+        description=(
+            "HQ reference receiver: stores every gateway's batches once (SQLite, or PostgreSQL for several"
+            " receivers), classifies missing seqs (explained, lost, pending) and can ask for lost ones."
+        ),
     )
-    parser.add_argument("--host", default="127.0.0.1", help="HQ broker host (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=1883, help="HQ broker port (default: %(default)s)")
-    parser.add_argument("--prefix", default="retail", help="HQ topic prefix (default: %(default)s)")
-    parser.add_argument("--db", type=Path, default=Path("hq.db"), help="SQLite file (default: ./%(default)s)")
+    broker = parser.add_argument_group("HQ broker")
+    broker.add_argument("--host", default="127.0.0.1", help="HQ broker host (default: %(default)s)")
+    broker.add_argument("--port", type=int, default=1883, help="HQ broker port (default: %(default)s)")
+    broker.add_argument("--protocol", choices=("5", "3.1.1"), default="5", help="MQTT version (default: 5)")
+    broker.add_argument("--prefix", default="retail", help="HQ topic prefix (default: %(default)s)")
+    broker.add_argument(
+        "--client-id",
+        default=DEFAULT_CLIENT_ID,
+        help="MQTT client id: fixed across restarts, and different for each receiver (default: %(default)s)",
+    )
+    broker.add_argument(
+        "--share-group",
+        default=DEFAULT_SHARE_GROUP,
+        help="MQTT shared subscription group: receivers of one group split the batches (default: %(default)s)",
+    )
+    broker.add_argument("--no-share", action="store_true", help="subscribe without a shared subscription")
+    broker.add_argument("--ca-file", type=Path, help="CA bundle that signed the broker's certificate (TLS)")
+    broker.add_argument("--cert-file", type=Path, help="client certificate (mutual TLS), with --key-file")
+    broker.add_argument("--key-file", type=Path, help="client private key (mutual TLS), with --cert-file")
+    broker.add_argument("--username", help="MQTT user name")
+    broker.add_argument("--password-file", type=Path, help="file holding the MQTT password (never logged)")
+    db = parser.add_argument_group("database").add_mutually_exclusive_group()
+    db.add_argument("--db", type=Path, default=Path("hq.db"), help="SQLite file (default: ./%(default)s)")
+    db.add_argument(
+        "--postgres",
+        metavar="DSN",
+        help="PostgreSQL connection string, for several receivers sharing one database"
+        " (keep the password in PGPASSFILE or PGPASSWORD)",
+    )
     parser.add_argument(
-        "--client-id", default=DEFAULT_CLIENT_ID, help="MQTT client id; keep it fixed (default: %(default)s)"
+        "--resend",
+        action="store_true",
+        help="publish a 'resend' command to a gateway for its lost seqs",
+    )
+    parser.add_argument(
+        "--resend-interval",
+        type=_positive,
+        default=30.0,
+        metavar="SECONDS",
+        help="ask again for a still-lost range after SECONDS (default: %(default)s)",
     )
     parser.add_argument(
         "--summary-every",
@@ -394,19 +446,76 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--report",
         action="store_true",
-        help="print the summary and gaps of --db and exit: 0, or 2 if any gap",
+        help="print the summary and the missing seqs by class, and exit: 0, or 2 if any seq is lost or conflicts",
     )
     return parser
 
 
-async def _serve(args: argparse.Namespace) -> None:
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
+
+
+def broker_config(args: argparse.Namespace) -> BrokerConfig:
+    """The HQ broker settings from the command line; raises :class:`CliError`."""
+    password: SecretStr | None = None
+    if args.password_file is not None:
+        if args.username is None:
+            raise CliError("--password-file needs --username")
+        try:
+            text = args.password_file.read_text(encoding="utf-8")
+        except OSError as err:
+            raise CliError(f"cannot read --password-file: {err.strerror} ({args.password_file})") from err
+        password = SecretStr(text.rstrip("\r\n"))
+        if not password.get_secret_value():
+            raise CliError(f"--password-file {args.password_file} is empty")
+    for option in ("ca_file", "cert_file", "key_file"):
+        path = getattr(args, option)
+        if path is not None and not path.is_file():
+            raise CliError(f"--{option.replace('_', '-')} {path}: no such file")
+    try:
+        tls = None
+        if args.ca_file or args.cert_file or args.key_file:
+            tls = TlsConfig(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
+        return BrokerConfig(
+            host=args.host,
+            port=args.port,
+            protocol=args.protocol,
+            username=args.username,
+            password=password,
+            tls=tls,
+        )
+    except ValidationError as err:
+        raise CliError("; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())) from err
+
+
+def open_store(args: argparse.Namespace) -> SqlReceiverStore:
+    """The database the options name; raises :class:`StoreUnavailableError`."""
+    if args.postgres:
+        from cloud_bridge.receiver_pg import PgReceiverStore  # psycopg only when asked for
+
+        return PgReceiverStore(args.postgres)
+    try:
+        return ReceiverStore(args.db)
+    except OSError as err:
+        raise StoreUnavailableError(f"cannot open {args.db}: {err}") from err
+
+
+async def _serve(args: argparse.Namespace, broker: BrokerConfig, store: SqlReceiverStore) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    store = ReceiverStore(args.db)
-    broker = BrokerConfig(host=args.host, port=args.port)
-    receiver = HqReceiver(broker, store, prefix=args.prefix, client_id=args.client_id)
+    receiver = HqReceiver(
+        broker,
+        store,
+        prefix=args.prefix,
+        client_id=args.client_id,
+        share_group=None if args.no_share else args.share_group,
+        resend_interval_s=args.resend_interval if args.resend else None,
+    )
     try:
         async with asyncio.TaskGroup() as tg:
             if args.summary_every > 0:
@@ -418,31 +527,38 @@ async def _serve(args: argparse.Namespace) -> None:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        store.close()
 
 
 async def _print_summaries(receiver: HqReceiver, stop: asyncio.Event, every: float) -> None:
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(every):
-                await stop.wait()
-        if not stop.is_set():
+    while not await _sleep_unless(stop, every):
+        try:
             print_summary(await receiver.summary())
+        except StoreUnavailableError as err:
+            _LOGGER.warning("cannot read the summary: %s", err)
 
 
 def receiver_main(argv: list[str]) -> int:
     """``store-gateway hq-receiver``: run the receiver, or ``--report`` on an existing database."""
     args = _parser().parse_args(argv)
-    if args.report:
-        if not args.db.exists():
-            print(f"no database at {args.db}", file=sys.stderr)
-            return 1
-        store = ReceiverStore(args.db)
-        try:
-            return 2 if _print_report(store, sys.stdout) else 0
-        finally:
-            store.close()
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_serve(args))
-    return 0
+    if args.report and not args.postgres and not args.db.exists():
+        print(f"no database at {args.db}", file=sys.stderr)
+        return 1
+    try:
+        broker = None if args.report else broker_config(args)
+        store = open_store(args)
+    except (CliError, StoreUnavailableError) as err:
+        print(f"hq-receiver: {err}", file=sys.stderr)
+        return 1
+    try:
+        if broker is None:
+            return 2 if print_report(store, sys.stdout) else 0
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        asyncio.run(_serve(args, broker, store))
+    except StoreUnavailableError as err:
+        print(f"hq-receiver: {err}", file=sys.stderr)
+        return 1
+    else:
+        return 0
+    finally:
+        store.close()

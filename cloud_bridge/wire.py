@@ -35,6 +35,8 @@ ENCODINGS: Final = ("json", "gzip", "zstd")
 CLASSES: Final = ("critical", "transaction", "state", "telemetry")
 """Outbox classes, highest priority first; the index is the class number stored in the journal."""
 
+MAX_SEQ: Final = 2**63 - 1
+"""Seqs and watermarks are signed 64-bit integers in every database HQ might use."""
 MAX_HEADER_BYTES: Final = 64 * 1024
 MAX_DECODED_BYTES: Final = 64 * 1024 * 1024
 """A batch that inflates beyond this is refused (a decompression bomb, or not ours)."""
@@ -129,25 +131,43 @@ def encode_batch(
 
 
 def _inflate(encoding: str, body: bytes) -> bytes:
+    """The body as JSON bytes; never more than MAX_DECODED_BYTES + 1 bytes are produced."""
     if encoding == "json":
-        return body
-    if encoding == "zstd":
+        out = body
+    elif encoding == "zstd":
         try:
-            reader = zstandard.ZstdDecompressor().stream_reader(body)
+            # Across frames: a streaming compressor may emit several; anything after them is an error.
+            reader = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True)
             out = reader.read(MAX_DECODED_BYTES + 1)
         except zstandard.ZstdError as err:
             raise BatchError(f"zstd body does not decompress: {err}") from err
     elif encoding == "gzip":
-        try:
-            inflater = zlib.decompressobj(wbits=31)
-            out = inflater.decompress(body, MAX_DECODED_BYTES + 1)
-        except zlib.error as err:
-            raise BatchError(f"gzip body does not decompress: {err}") from err
+        out = _gunzip(body)
     else:
         raise BatchError(f"unsupported encoding {encoding!r} (expected one of {', '.join(ENCODINGS)})")
     if len(out) > MAX_DECODED_BYTES:
         raise BatchError(f"body inflates beyond {MAX_DECODED_BYTES} bytes")
     return out
+
+
+def _gunzip(body: bytes) -> bytes:
+    """RFC 1952, one or more members, bounded; a truncated member is an error, not a shorter body."""
+    parts: list[bytes] = []
+    size, rest = 0, body
+    try:
+        while rest and size <= MAX_DECODED_BYTES:
+            inflater = zlib.decompressobj(wbits=31)
+            part = inflater.decompress(rest, MAX_DECODED_BYTES + 1 - size)
+            parts.append(part)
+            size += len(part)
+            if size > MAX_DECODED_BYTES:
+                break
+            if not inflater.eof:
+                raise BatchError("gzip body is truncated")
+            rest = inflater.unused_data
+    except zlib.error as err:
+        raise BatchError(f"gzip body does not decompress: {err}") from err
+    return b"".join(parts)
 
 
 def _check_events(events: object, count: object, allowed: set[int] | None, first: int, last: int) -> None:
@@ -198,23 +218,11 @@ def decode_batch(payload: bytes) -> Batch:
     except orjson.JSONDecodeError as err:
         raise BatchError(f"body is not JSON: {err}") from err
     first, last, count = _int(head, "first_seq"), _int(head, "last_seq"), _int(head, "count")
-    ranges = head.get("ranges")
-    if not isinstance(ranges, list) or not ranges:
-        raise BatchError("batch header needs 'ranges'")
-    allowed: set[int] = set()
-    for pair in ranges:
-        if (
-            not isinstance(pair, list)
-            or len(pair) != 2
-            or type(pair[0]) is not int
-            or type(pair[1]) is not int
-            or not first <= pair[0] <= pair[1] <= last
-            or pair[1] - pair[0] >= count
-        ):
-            raise BatchError(f"bad seq range {pair!r}")
-        allowed.update(range(pair[0], pair[1] + 1))
-    if len(allowed) != count:
-        raise BatchError("'ranges' do not cover exactly 'count' seqs")
+    if not isinstance(events, list) or not events:
+        raise BatchError("body must be a non-empty JSON array of events")
+    if count != len(events):
+        raise BatchError("'count' does not match the number of events")
+    allowed = _allowed_seqs(head.get("ranges"), first, last, count)
     _check_events(events, count, allowed, first, last)
     if len({e["seq"] for e in events}) != count:
         raise BatchError("a seq appears twice in the batch")
@@ -222,8 +230,8 @@ def decode_batch(payload: bytes) -> Batch:
     if cls is not None and cls not in CLASSES:
         raise BatchError(f"unknown class {cls!r}")
     through = head.get("complete_through")
-    if through is not None and type(through) is not int:
-        raise BatchError("'complete_through' must be an integer")
+    if through is not None and (type(through) is not int or not 0 <= through <= MAX_SEQ):
+        raise BatchError(f"'complete_through' must be an integer in 0..{MAX_SEQ}")
     return Batch(
         str(head.get("store_id")),
         str(head.get("gateway_id")),
@@ -236,6 +244,34 @@ def decode_batch(payload: bytes) -> Batch:
         encoding,
         len(raw),
     )
+
+
+def _allowed_seqs(ranges: object, first: int, last: int, count: int) -> set[int]:
+    """The seqs ``ranges`` lists, checked to be exactly ``count`` seqs within first..last.
+
+    Lengths are added up before any set is built, so a header cannot make us enumerate more than ``count``
+    seqs (a forged range of a billion seqs is refused, not expanded)."""
+    if not isinstance(ranges, list) or not ranges:
+        raise BatchError("batch header needs 'ranges'")
+    total = 0
+    for pair in ranges:
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or type(pair[0]) is not int
+            or type(pair[1]) is not int
+            or not first <= pair[0] <= pair[1] <= last
+        ):
+            raise BatchError(f"bad seq range {pair!r}")
+        total += pair[1] - pair[0] + 1
+        if total > count:
+            raise BatchError("'ranges' list more seqs than 'count'")
+    allowed: set[int] = set()
+    for a, b in ranges:
+        allowed.update(range(a, b + 1))
+    if len(allowed) != count:
+        raise BatchError("'ranges' do not cover exactly 'count' seqs")
+    return allowed
 
 
 def _raise(reason: str) -> Batch:

@@ -1,9 +1,12 @@
-"""The HQ reference receiver against a real mosquitto and a real SQLite file: store, dedup, gaps, outages."""
+"""The HQ reference receiver against a real mosquitto and a real SQLite file: schema 2 batches, dedup, bad
+input, outages, shared subscriptions, resend commands and the CLI (TLS, password). The database logic itself,
+on SQLite and PostgreSQL alike, is in test_receiver_store.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import logging
 import os
 import signal
@@ -18,50 +21,114 @@ from typing import Any, Literal
 
 import orjson
 import pytest
+from pydantic import SecretStr
 
 from cloud_bridge import topics
-from cloud_bridge.receiver import HqReceiver, format_summary, receiver_main
-from cloud_bridge.receiver_store import BatchRejectedError, GatewaySummary, ReceiverStore, StoreResult
-from cloud_bridge.wire import Batch, decode_batch, encode_batch
-from gateway.config import BrokerConfig
+from cloud_bridge.receiver import HqReceiver, receiver_main
+from cloud_bridge.receiver_model import GatewaySummary, ReceiverBackend, StoreUnavailableError
+from cloud_bridge.receiver_report import format_summary
+from cloud_bridge.receiver_store import ReceiverStore
+from cloud_bridge.wire import MAX_DECODED_BYTES, Batch, Compressor, Encoding, decode_batch, encode_batch
+from gateway.config import BrokerConfig, TlsConfig
 from gateway.events import uuid7
 from gateway.mqtt import MqttClient
 from tests.brokers import Mosquitto
+from tests.test_tls import _cert, _key, _write
 
 PREFIX = "retail"
 DEADLINE_S = 15.0
 
 
-def envelope(store_id: str, gateway_id: str, seq: int, event_id: str | None = None) -> bytes:
+def envelope(
+    store_id: str,
+    gateway_id: str,
+    seq: int,
+    event_id: str | None = None,
+    *,
+    kind: str = "device.status",
+    data: dict[str, Any] | None = None,
+    boot_id: str = "boot-1",
+    clock_synced: bool = True,
+    mono_ns: int | None = None,
+) -> bytes:
     return orjson.dumps(
         {
             "id": event_id or str(uuid7()),
             "store_id": store_id,
             "gateway_id": gateway_id,
             "seq": seq,
-            "kind": "device.status",
+            "kind": kind,
             "device_id": "till-1",
             "occurred_at": None,
             "recorded_at": datetime.now(UTC).isoformat(),
-            "boot_id": "boot-1",
-            "clock_synced": True,
-            "mono_ns": seq,
+            "boot_id": boot_id,
+            "clock_synced": clock_synced,
+            "mono_ns": seq if mono_ns is None else mono_ns,
             "schema": 1,
-            "data": {"status": "online"},
+            "data": {"status": "online"} if data is None else data,
         }
     )
 
 
 def batch_bytes(
-    store_id: str, gateway_id: str, seqs: Sequence[int], ids: dict[int, str] | None = None
+    store_id: str,
+    gateway_id: str,
+    seqs: Sequence[int],
+    ids: dict[int, str] | None = None,
+    *,
+    complete_through: int = 0,
+    encoding: Encoding = "zstd",
+    cls: str | None = "state",
 ) -> bytes:
+    """A schema 2 batch as a gateway sends it (zstd by default)."""
     ids = ids or {}
     bodies = [envelope(store_id, gateway_id, s, ids.get(s)) for s in seqs]
-    return encode_batch(store_id, gateway_id, list(seqs), bodies)
+    return encode_batch(
+        store_id,
+        gateway_id,
+        list(seqs),
+        bodies,
+        cls=cls,
+        complete_through=complete_through,
+        compressor=None if encoding == "json" else Compressor(encoding),
+    )
 
 
-def batch(store_id: str, gateway_id: str, seqs: Sequence[int], ids: dict[int, str] | None = None) -> Batch:
-    return decode_batch(batch_bytes(store_id, gateway_id, seqs, ids))
+def batch(
+    store_id: str,
+    gateway_id: str,
+    seqs: Sequence[int],
+    ids: dict[int, str] | None = None,
+    *,
+    complete_through: int = 0,
+) -> Batch:
+    return decode_batch(batch_bytes(store_id, gateway_id, seqs, ids, complete_through=complete_through))
+
+
+def batch_of(store_id: str, gateway_id: str, bodies: Sequence[bytes], *, complete_through: int = 0) -> Batch:
+    """A decoded batch of ready-made envelopes (their seqs ascending)."""
+    seqs = [orjson.loads(b)["seq"] for b in bodies]
+    return decode_batch(
+        encode_batch(store_id, gateway_id, seqs, bodies, cls="critical", complete_through=complete_through)
+    )
+
+
+def schema1_bytes(store_id: str, gateway_id: str, seqs: Sequence[int]) -> bytes:
+    """A batch from a gateway before the outbox: one JSON object, consecutive seqs, no compression."""
+    events = [orjson.loads(envelope(store_id, gateway_id, s)) for s in seqs]
+    return orjson.dumps(
+        {
+            "format": "store-gateway.batch",
+            "schema": 1,
+            "encoding": "json",
+            "store_id": store_id,
+            "gateway_id": gateway_id,
+            "count": len(events),
+            "first_seq": seqs[0],
+            "last_seq": seqs[-1],
+            "events": events,
+        }
+    )
 
 
 Protocol = Literal["3.1.1", "5"]
@@ -91,14 +158,13 @@ async def running(receiver: HqReceiver) -> AsyncIterator[HqReceiver]:
     finally:
         stop.set()
         await asyncio.wait_for(task, DEADLINE_S)
-    assert not [t for t in threading.enumerate() if t.name.startswith("hq-receiver-db")], (
-        "worker thread leaked"
-    )
+    name = f"hq-receiver-db-{receiver._client_id}"
+    assert not [t for t in threading.enumerate() if t.name.startswith(name)], "worker thread leaked"
 
 
 @contextlib.asynccontextmanager
-async def publisher(broker: Mosquitto) -> AsyncIterator[MqttClient]:
-    client = MqttClient(cfg(broker), f"pub-{uuid7()}", clean_start=True)
+async def publisher(broker: Mosquitto, protocol: Protocol = "5") -> AsyncIterator[MqttClient]:
+    client = MqttClient(cfg(broker, protocol), f"pub-{uuid7()}", clean_start=True)
     await client.connect()
     try:
         yield client
@@ -111,18 +177,22 @@ async def publish(client: MqttClient, store_id: str, gateway_id: str, payload: b
 
 
 def make_receiver(
-    broker: Mosquitto,
-    store: ReceiverStore,
+    broker: Mosquitto | BrokerConfig,
+    store: ReceiverBackend,
     client_id: str = "hq-test",
     protocol: Protocol = "5",
     on_batch: Callable[[str, str, int, int, int], None] | None = None,
     flush_timeout_s: float = 10.0,
+    share_group: str | None = None,
+    resend_interval_s: float | None = None,
 ) -> HqReceiver:
     return HqReceiver(
-        cfg(broker, protocol),
+        broker if isinstance(broker, BrokerConfig) else cfg(broker, protocol),
         store,
         prefix=PREFIX,
         client_id=client_id,
+        share_group=share_group,
+        resend_interval_s=resend_interval_s,
         on_batch=on_batch,
         backoff_base_s=0.05,
         backoff_cap_s=0.5,
@@ -137,7 +207,7 @@ def store(tmp_path: Path) -> Iterator[ReceiverStore]:
     db.close()
 
 
-def summary_of(store: ReceiverStore, gateway_id: str) -> GatewaySummary:
+def summary_of(store: ReceiverBackend, gateway_id: str) -> GatewaySummary:
     (row,) = [s for s in store.summary() if s.gateway_id == gateway_id]
     return row
 
@@ -148,10 +218,12 @@ def summary_of(store: ReceiverStore, gateway_id: str) -> GatewaySummary:
 async def test_batches_arrive_and_are_stored(hq_broker: Mosquitto, store: ReceiverStore) -> None:
     seen: list[tuple[str, str, int, int, int]] = []
     on_batch = lambda *args: seen.append(args)  # noqa: E731
+    encodings: list[Encoding] = ["zstd", "gzip", "json"]
     async with running(make_receiver(hq_broker, store, on_batch=on_batch)), publisher(hq_broker) as pub:
-        for first in range(1, 101, 10):
-            await publish(pub, "hk-001", "gw-a", batch_bytes("hk-001", "gw-a", range(first, first + 10)))
-        await publish(pub, "mo-002", "gw-b", batch_bytes("mo-002", "gw-b", [1, 2, 3]))
+        for n, first in enumerate(range(1, 101, 10)):
+            payload = batch_bytes("hk-001", "gw-a", range(first, first + 10), encoding=encodings[n % 3])
+            await publish(pub, "hk-001", "gw-a", payload)
+        await publish(pub, "mo-002", "gw-b", schema1_bytes("mo-002", "gw-b", [1, 2, 3]))  # an older gateway
         await eventually(lambda: store.count() == 103, "103 events stored")
         await eventually(lambda: len(seen) == 11, "on_batch called for each batch")
     events = store.events("gw-a", after_seq=95)
@@ -167,7 +239,7 @@ async def test_batches_arrive_and_are_stored(hq_broker: Mosquitto, store: Receiv
         0,
         0,
     )
-    assert (b.store_id, b.events, b.duplicates, b.conflicts) == ("mo-002", 3, 0, 0)
+    assert (b.store_id, b.events, b.duplicates, b.conflicts, b.complete_through) == ("mo-002", 3, 0, 0, None)
     assert a.lag is not None
     assert timedelta(0) <= a.lag < timedelta(minutes=5)
     assert store.gaps("gw-a") == []
@@ -181,6 +253,9 @@ async def test_duplicate_batches_are_stored_once(hq_broker: Mosquitto, store: Re
         list(range(6, 16)),
         [orjson.dumps(e) for e in decode_batch(first).events[5:]]
         + [envelope("hk-001", "gw-a", s) for s in range(11, 16)],
+        cls="state",
+        complete_through=5,
+        compressor=Compressor("gzip"),
     )
     async with running(make_receiver(hq_broker, store)), publisher(hq_broker) as pub:
         await publish(pub, "hk-001", "gw-a", first)
@@ -192,23 +267,54 @@ async def test_duplicate_batches_are_stored_once(hq_broker: Mosquitto, store: Re
     assert [e["seq"] for e in store.events("gw-a")] == list(range(1, 16))
 
 
-async def test_garbage_and_wrong_topic_are_rejected_and_receiving_goes_on(
+def _bad_payloads() -> dict[str, tuple[str, str, bytes]]:
+    """name -> (topic store, topic gateway, payload), each refused for the reason its name says."""
+    good = batch_bytes("hk-001", "gw-a", [1, 2])
+    head, _, body = good.partition(b"\n")
+    zstd_bomb = Compressor("zstd").compress(b"[" + b" " * (MAX_DECODED_BYTES + 10) + b"]")
+    gzip_bomb = gzip.compress(b"[" + b" " * (MAX_DECODED_BYTES + 10) + b"]")
+    huge_ranges = head.replace(b'"ranges":[[1,2]]', b'"ranges":[[1,1],[1,2000000000]]').replace(
+        b'"last_seq":2', b'"last_seq":2000000000'
+    )
+    return {
+        "not JSON": ("hk-001", "gw-a", b"\x00not json"),
+        "not a store-gateway batch": ("hk-001", "gw-a", b'{"format": "something else"}'),
+        "zstd bomb": ("hk-001", "gw-a", head.replace(b'"zstd"', b'"zstd"') + b"\n" + zstd_bomb),
+        "gzip bomb": ("hk-001", "gw-a", head.replace(b'"zstd"', b'"gzip"') + b"\n" + gzip_bomb),
+        "zstd garbage": ("hk-001", "gw-a", head + b"\n" + b"\x28\xb5\x2f\xfd garbage"),
+        "truncated gzip": (
+            "hk-001",
+            "gw-a",
+            head.replace(b'"zstd"', b'"gzip"') + b"\n" + gzip.compress(b"[1]")[:-6],
+        ),
+        "ranges bomb": ("hk-001", "gw-a", huge_ranges + b"\n" + body),
+        "another gateway's batch": ("hk-001", "gw-b", good),
+        "another store's batch": ("hk-002", "gw-a", good),
+    }
+
+
+async def test_bad_messages_are_rejected_counted_and_receiving_goes_on(
     hq_broker: Mosquitto, store: ReceiverStore
 ) -> None:
-    async with running(make_receiver(hq_broker, store)), publisher(hq_broker) as pub:
-        await publish(pub, "hk-001", "gw-a", b"\x00not json")
-        await publish(pub, "hk-001", "gw-a", b'{"format": "something else"}')
-        await publish(pub, "hk-001", "gw-b", batch_bytes("hk-001", "gw-a", [1, 2]))  # another gateway's batch
-        await publish(pub, "hk-002", "gw-a", batch_bytes("hk-001", "gw-a", [1, 2]))  # another store's batch
+    bad = _bad_payloads()
+    async with running(receiver := make_receiver(hq_broker, store)), publisher(hq_broker) as pub:
+        for store_id, gateway_id, payload in bad.values():
+            await publish(pub, store_id, gateway_id, payload)
         await publish(pub, "hk-001", "gw-a", batch_bytes("hk-001", "gw-a", [1, 2, 3]))
-        await eventually(lambda: store.count() == 3 and store.count_rejected() == 4, "3 stored, 4 rejected")
-    reasons = {(r.topic, r.reason.split(":")[0].split(" (")[0]) for r in store.rejections()}
-    assert ("retail/hk-001/gw-a/events", "not JSON") in reasons
-    assert ("retail/hk-001/gw-a/events", "not a store-gateway batch") in reasons
-    by_topic = {r.topic: r for r in store.rejections()}
-    assert "topic says store 'hk-001' gateway 'gw-b'" in by_topic["retail/hk-001/gw-b/events"].reason
-    assert "topic says store 'hk-002' gateway 'gw-a'" in by_topic["retail/hk-002/gw-a/events"].reason
-    assert by_topic["retail/hk-001/gw-b/events"].size > 0
+        await eventually(
+            lambda: store.count() == 3 and store.count_rejected() == len(bad), "3 stored, the rest rejected"
+        )
+        assert receiver.connected
+    reasons = [r.reason for r in reversed(store.rejections())]
+    assert reasons[0].startswith("not JSON")
+    assert reasons[1].startswith("not a store-gateway batch")
+    assert reasons[2] == reasons[3] == f"body inflates beyond {MAX_DECODED_BYTES} bytes"
+    assert reasons[4].startswith("zstd body does not decompress")
+    assert reasons[5] == "gzip body is truncated"
+    assert reasons[6] == "'ranges' list more seqs than 'count'"
+    assert "topic says store 'hk-001' gateway 'gw-b'" in reasons[7]
+    assert "topic says store 'hk-002' gateway 'gw-a'" in reasons[8]
+    assert all(r.size > 0 for r in store.rejections())
     assert [s.gateway_id for s in store.summary()] == ["gw-a"]
 
 
@@ -241,16 +347,17 @@ async def test_survives_broker_restart_on_the_same_port(
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+@pytest.mark.parametrize("share_group", [None, "hq-receivers"])
 async def test_batches_sent_while_away_arrive_after_reconnect(
-    hq_broker: Mosquitto, store: ReceiverStore, protocol: Protocol
+    hq_broker: Mosquitto, store: ReceiverStore, protocol: Protocol, share_group: str | None
 ) -> None:
-    async with running(make_receiver(hq_broker, store, protocol=protocol)):
+    async with running(make_receiver(hq_broker, store, protocol=protocol, share_group=share_group)):
         pass  # creates the persistent session and its subscription
     async with publisher(hq_broker) as pub:
         for first in (1, 4, 7):
             await publish(pub, "hk-001", "gw-a", batch_bytes("hk-001", "gw-a", range(first, first + 3)))
     assert store.count() == 0
-    async with running(make_receiver(hq_broker, store, protocol=protocol)):
+    async with running(make_receiver(hq_broker, store, protocol=protocol, share_group=share_group)):
         await eventually(lambda: store.count() == 9, "queued batches delivered")
     assert store.gaps("gw-a") == []
 
@@ -294,82 +401,85 @@ async def test_many_batches_in_a_burst(hq_broker: Mosquitto, store: ReceiverStor
     assert (row.events, row.max_seq, row.gaps, row.duplicates) == (3000, 3000, 0, 0)
 
 
-# --- the store on its own ---------------------------------------------------------------------------------
-
-
-def test_gaps_are_reported(store: ReceiverStore) -> None:
-    assert store.store_batch("hk-001", "gw-a", batch("hk-001", "gw-a", range(1, 6))) == StoreResult(5, 0, 0)
-    assert store.store_batch("hk-001", "gw-a", batch("hk-001", "gw-a", range(8, 11))) == StoreResult(3, 0, 0)
-    store.store_batch("hk-001", "gw-b", batch("hk-001", "gw-b", [3, 4, 9]))
-    assert store.gaps("gw-a") == [(6, 7)]
-    assert store.gaps("gw-b") == [(1, 2), (5, 8)]
-    assert store.gaps("nobody") == []
-    a = summary_of(store, "gw-a")
-    assert (a.events, a.max_seq, a.gaps, a.missing) == (8, 10, 1, 2)
-    b = summary_of(store, "gw-b")
-    assert (b.events, b.max_seq, b.gaps, b.missing) == (3, 9, 2, 6)
-    store.store_batch("hk-001", "gw-a", batch("hk-001", "gw-a", [6, 7]))
-    assert store.gaps("gw-a") == []
-
-
-def test_conflict_is_counted_and_the_first_event_kept(
-    store: ReceiverStore, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_mosquitto_shared_subscription_splits_and_delivers_the_real_topic(
+    hq_broker: Mosquitto, protocol: Protocol
 ) -> None:
-    first = batch("hk-001", "gw-a", [1, 2, 3])
-    store.store_batch("hk-001", "gw-a", first)
-    other_id = str(uuid7())
-    with caplog.at_level(logging.WARNING, logger="cloud_bridge.receiver_store"):
-        result = store.store_batch("hk-001", "gw-a", batch("hk-001", "gw-a", [3, 4], ids={3: other_id}))
-    assert result == StoreResult(new=1, duplicates=0, conflicts=1)
-    assert [e["id"] for e in store.events("gw-a")][:3] == [e["id"] for e in first.events]
-    row = summary_of(store, "gw-a")
-    assert (row.events, row.conflicts, row.duplicates, row.max_seq) == (4, 1, 0, 4)
-    assert any("conflict" in r.getMessage() and other_id in r.getMessage() for r in caplog.records)
-    assert all(r.levelno == logging.WARNING for r in caplog.records if "conflict" in r.getMessage())
+    """The broker behaviour the receiver relies on: each message goes to ONE member of the group, and its
+    topic is the one it was published to (no ``$share/<group>/`` prefix)."""
+    got: dict[str, list[str]] = {"a": [], "b": []}
+    members = []
+    for name in got:
+        member = MqttClient(cfg(hq_broker, protocol), f"member-{name}", clean_start=True)
+        member.on_message = lambda m, name=name: got[name].append(m.topic)
+        await member.connect()
+        await member.subscribe([(topics.events_subscription(PREFIX, "g1"), 1)])
+        members.append(member)
+    try:
+        async with publisher(hq_broker, protocol) as pub:
+            for n in range(20):
+                await publish(pub, "hk-001", f"gw-{n % 4}", b"x")
+            await eventually(lambda: len(got["a"]) + len(got["b"]) == 20, "20 messages, each delivered once")
+    finally:
+        for member in members:
+            await member.disconnect()
+    assert got["a"], "each member got a share"
+    assert got["b"], "each member got a share"
+    assert {t for ts in got.values() for t in ts} == {f"{PREFIX}/hk-001/gw-{n}/events" for n in range(4)}
 
 
-def test_duplicate_inside_one_batch(store: ReceiverStore) -> None:
-    event = envelope("hk-001", "gw-a", 1)
-    doubled = decode_batch(encode_batch("hk-001", "gw-a", [1, 1], [event, event]))
-    assert store.store_batch("hk-001", "gw-a", doubled) == StoreResult(new=1, duplicates=1, conflicts=0)
+async def test_lost_range_is_asked_for_again_until_it_arrives(
+    hq_broker: Mosquitto, store: ReceiverStore
+) -> None:
+    commands: list[dict[str, Any]] = []
+    gateway = MqttClient(cfg(hq_broker), "gw-a-downlink", clean_start=True)
+    gateway.on_message = lambda m: commands.append(orjson.loads(m.payload))
+    await gateway.connect()
+    await gateway.subscribe([(topics.commands_topic(PREFIX, "hk-001", "gw-a"), 1)])
+    receiver = make_receiver(hq_broker, store, share_group="hq-receivers", resend_interval_s=0.2)
+    try:
+        async with running(receiver), publisher(hq_broker) as pub:
+            await publish(pub, "hk-001", "gw-a", batch_bytes("hk-001", "gw-a", [1, 2, 3, 4, 5]))
+            await publish(pub, "hk-001", "gw-a", batch_bytes("hk-001", "gw-a", [8, 9], complete_through=7))
+            await eventually(lambda: len(commands) >= 2, "the lost range asked for, twice")
+            await publish(pub, "hk-001", "gw-a", batch_bytes("hk-001", "gw-a", [6, 7], complete_through=9))
+            await eventually(lambda: store.classes("gw-a").lost == [], "the lost range arrived")
+    finally:
+        await gateway.disconnect()
+    first = commands[0]
+    assert first["command"] == "resend"
+    assert first["args"] == {"from_seq": 6, "to_seq": 7}
+    assert first["request_id"].startswith("resend-")
+    assert commands[1]["args"] == first["args"]
+    assert commands[1]["request_id"] != first["request_id"]
+    assert receiver.resend_commands >= 2
+    assert store.claim_resends(0.0, 10) == []
 
 
-def test_mismatched_batch_is_rejected_and_nothing_stored(store: ReceiverStore) -> None:
-    with pytest.raises(BatchRejectedError, match="topic says store 'hk-001' gateway 'gw-b'"):
-        store.store_batch("hk-001", "gw-b", batch("hk-001", "gw-a", [1]))
-    forged: dict[str, Any] = orjson.loads(envelope("hk-009", "gw-a", 2))
-    mixed = encode_batch("hk-001", "gw-a", [1, 2], [envelope("hk-001", "gw-a", 1), orjson.dumps(forged)])
-    with pytest.raises(BatchRejectedError, match="event seq 2 says store 'hk-009'"):
-        store.store_batch("hk-001", "gw-a", decode_batch(mixed))
-    forged = orjson.loads(envelope("hk-001", "gw-a", 1))
-    forged["recorded_at"] = "2024-01-01T00:00:00"  # no UTC offset
-    naive = encode_batch("hk-001", "gw-a", [1], [orjson.dumps(forged)])
-    with pytest.raises(BatchRejectedError, match="recorded_at"):
-        store.store_batch("hk-001", "gw-a", decode_batch(naive))
-    assert store.count() == 0
-    assert store.summary() == []
+# --- rendering and CLI --------------------------------------------------------------------------------------
 
 
 def test_format_summary() -> None:
-    row = GatewaySummary("hk-001", "gw-a", 8, 10, 1, 2, 3, 0, timedelta(seconds=75), None)
-    text = format_summary([row])
-    header, line = text.splitlines()
-    assert header.split() == [
-        "store",
-        "gateway",
-        "events",
-        "max_seq",
-        "gaps",
-        "missing",
-        "dups",
-        "conflicts",
-        "lag",
-    ]
-    assert line.split() == ["hk-001", "gw-a", "8", "10", "1", "2", "3", "0", "1m15s"]
+    row = GatewaySummary(
+        "hk-001",
+        "gw-a",
+        8,
+        10,
+        1,
+        2,
+        3,
+        0,
+        timedelta(seconds=75),
+        None,
+        complete_through=9,
+        lost=1,
+        pending=1,
+    )
+    header, line = format_summary([row]).splitlines()
+    columns = "store gateway events max_seq through pending lost explained dups conflicts lag"
+    assert header.split() == columns.split(" ")
+    assert line.split() == ["hk-001", "gw-a", "8", "10", "9", "1", "1", "0", "3", "0", "1m15s"]
     assert "no events" in format_summary([])
-
-
-# --- CLI ----------------------------------------------------------------------------------------------------
 
 
 def test_report_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -379,34 +489,31 @@ def test_report_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     store.store_batch("hk-001", "gw-a", batch("hk-001", "gw-a", range(1, 6)))
     assert receiver_main(["--db", str(db), "--report"]) == 0
     assert "gw-a" in capsys.readouterr().out
-    store.store_batch("hk-001", "gw-a", batch("hk-001", "gw-a", range(8, 11)))
+    store.store_batch("hk-001", "gw-a", batch("hk-001", "gw-a", range(8, 11), complete_through=5))
+    assert receiver_main(["--db", str(db), "--report"]) == 0  # 6..7 may still come
+    assert "pending hk-001/gw-a: 6..7" in capsys.readouterr().out
+    store.store_batch("hk-001", "gw-a", batch("hk-001", "gw-a", [11], complete_through=10))
     store.close()
     assert receiver_main(["--db", str(db), "--report"]) == 2
-    out = capsys.readouterr().out
-    assert "gaps hk-001/gw-a: 6..7" in out
+    assert "lost hk-001/gw-a: 6..7" in capsys.readouterr().out
 
 
-def test_cli_receives_and_stops_on_sigterm(hq_broker: Mosquitto, tmp_path: Path) -> None:
-    db = tmp_path / "hq.db"
+def _cli(args: Sequence[str]) -> subprocess.Popen[bytes]:
     code = (
         "import sys; from cloud_bridge.receiver import receiver_main; sys.exit(receiver_main(sys.argv[1:]))"
     )
-    args = [
-        "--host",
-        hq_broker.host,
-        "--port",
-        str(hq_broker.port),
-        "--db",
-        str(db),
-        "--summary-every",
-        "0.2",
-    ]
     env = {**os.environ, "PYTHONWARNINGS": "error"}
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
     )
+
+
+def _run_cli_until_stored(
+    proc: subprocess.Popen[bytes], broker: BrokerConfig, db: Path
+) -> tuple[bytes, bytes]:
+    """Publish until the CLI stored a batch and its live summary shows it; SIGTERM; its output."""
     try:
-        asyncio.run(_publish_until_stored(hq_broker, db))
+        asyncio.run(_publish_until_stored(broker, db))
         assert proc.stdout is not None
         seen = b""
         while b"gw-a" not in seen:  # the live summary shows the gateway (the per-test timeout bounds this)
@@ -420,31 +527,126 @@ def test_cli_receives_and_stops_on_sigterm(hq_broker: Mosquitto, tmp_path: Path)
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err.decode()
-    assert b"max_seq" in seen + out
     assert b"Traceback" not in err
+    return seen + out, err
 
 
-async def _publish_until_stored(broker: Mosquitto, db: Path) -> None:
+def test_cli_receives_and_stops_on_sigterm(hq_broker: Mosquitto, tmp_path: Path) -> None:
+    db = tmp_path / "hq.db"
+    args = [
+        "--host",
+        hq_broker.host,
+        "--port",
+        str(hq_broker.port),
+        "--db",
+        str(db),
+        "--summary-every",
+        "0.2",
+    ]
+    out, err = _run_cli_until_stored(_cli(args), cfg(hq_broker), db)
+    assert b"max_seq" in out
+    assert b"$share/hq-receivers/retail/+/+/events" in err  # shared by default
+
+
+async def _publish_until_stored(broker: BrokerConfig, db: Path) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + DEADLINE_S
-    async with publisher(broker) as pub:
+    client = MqttClient(broker, f"pub-{uuid7()}", clean_start=True)
+    await client.connect()
+    try:
         while True:
             # Until the receiver has subscribed, publishes are dropped: resend until the batch is stored.
-            await publish(
-                pub, "hk-001", "gw-a", batch_bytes("hk-001", "gw-a", [1, 2], ids={1: "e1", 2: "e2"})
-            )
+            payload = batch_bytes("hk-001", "gw-a", [1, 2], ids={1: "e1", 2: "e2"})
+            await publish(client, "hk-001", "gw-a", payload)
             if _cli_stored_batch(db):
                 return
             if loop.time() > deadline:
                 raise AssertionError("the CLI receiver did not store the batch")
             await asyncio.sleep(0.1)
+    finally:
+        await client.disconnect()
 
 
 def _cli_stored_batch(db: Path) -> bool:
     if not db.exists():
         return False
-    store = ReceiverStore(db)
+    try:
+        store = ReceiverStore(db)
+    except StoreUnavailableError:
+        return False  # the CLI is creating it right now
     try:
         return store.count() == 2 and bool(store.summary())
     finally:
         store.close()
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (test_tls's helpers)."""
+    ca_key, server_key, client_key = _key(), _key(), _key()
+    ca = _cert("test CA", ca_key, None, ca_key, ca=True)
+    files = {
+        "ca": _write(tmp_path / "ca.pem", ca),
+        "server": _write(
+            tmp_path / "server.pem", _cert("hq", server_key, ca, ca_key, ip="127.0.0.1"), server_key
+        ),
+        "client": _write(tmp_path / "client.pem", _cert("hq-receiver", client_key, ca, ca_key), client_key),
+    }
+    for path in tmp_path.iterdir():
+        path.chmod(0o644)
+    return files
+
+
+@pytest.fixture
+def tls_auth_broker(pki: dict[str, Path], tmp_path: Path) -> Iterator[Mosquitto]:
+    """A mosquitto that wants TLS with a client certificate and a user name and password."""
+    passwords = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwords), "hq", "s3cret-pw"], check=True)
+    passwords.chmod(0o644)
+    broker = Mosquitto(
+        extra_conf=(
+            f"cafile {pki['ca']}\ncertfile {pki['server']}\nkeyfile {pki['server'].with_suffix('.key')}\n"
+            f"require_certificate true\npassword_file {passwords}\n"
+        )
+    )
+    broker.conf.write_text(broker.conf.read_text().replace("allow_anonymous true", "allow_anonymous false"))
+    yield broker.start()
+    broker.close()
+
+
+def test_cli_tls_and_password(tls_auth_broker: Mosquitto, pki: dict[str, Path], tmp_path: Path) -> None:
+    db = tmp_path / "hq.db"
+    password_file = tmp_path / "password"
+    password_file.write_text("s3cret-pw\n")
+    key = pki["client"].with_suffix(".key")
+    tls = ["--ca-file", str(pki["ca"]), "--cert-file", str(pki["client"]), "--key-file", str(key)]
+    args = ["--port", str(tls_auth_broker.port), "--db", str(db), "--summary-every", "0.2", *tls]
+    broker = BrokerConfig(
+        host=tls_auth_broker.host,
+        port=tls_auth_broker.port,
+        username="hq",
+        password=SecretStr("s3cret-pw"),
+        tls=TlsConfig(ca_file=pki["ca"], cert_file=pki["client"], key_file=key),
+    )
+    out, err = _run_cli_until_stored(
+        _cli([*args, "--username", "hq", "--password-file", str(password_file)]), broker, db
+    )
+    assert b"s3cret-pw" not in out + err
+
+
+def test_cli_refuses_unusable_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("pw\n")
+    cases = {
+        ("--password-file", str(secret)): "--password-file needs --username",
+        ("--username", "hq", "--password-file", str(tmp_path / "nope")): "cannot read --password-file",
+        ("--cert-file", str(secret)): "cert_file and key_file go together",
+        ("--ca-file", str(tmp_path / "nope.pem")): "--ca-file",
+    }
+    for args, message in cases.items():
+        assert receiver_main(["--db", str(tmp_path / "hq.db"), *args]) == 1
+        err = capsys.readouterr().err
+        assert message in err
+        assert err.count("\n") == 1, err
+    with pytest.raises(SystemExit):
+        receiver_main(["--resend-interval", "0"])

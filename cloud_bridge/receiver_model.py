@@ -1,0 +1,319 @@
+"""What the HQ receiver stores, whatever the database: records, event checks and the reports events carry.
+
+Pure code, no I/O. ``event_rows`` checks a decoded batch against its topic and turns each event into the
+columns every backend stores; ``parse_report`` reads the events that change how HQ sees a gateway's seqs
+(``outbox.evicted`` and ``journal.corrupt`` explain gaps, ``clock.synced`` anchors the clock). A backend
+implements :class:`ReceiverBackend`; the receiver talks to nothing else.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Protocol
+
+import orjson
+
+from cloud_bridge.receiver_ranges import GapClasses, Range, merge
+from cloud_bridge.wire import MAX_SEQ, Batch, BatchError
+
+MAX_MONO_NS: Final = 10**18
+"""A monotonic reading above this (31 years of uptime) is not believed; it also keeps the clock arithmetic
+inside 64 bits."""
+MIN_UTC: Final = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_UTC: Final = datetime(2200, 1, 1, tzinfo=UTC)
+MAX_EVICTED_RANGES: Final = 2000
+"""Per ``outbox.evicted`` event (docs/OUTBOX.md); more is not a gateway of ours."""
+REPORT_KINDS: Final = frozenset({"outbox.evicted", "alert.raised", "clock.synced"})
+RESEND_MAX_SEQS: Final = 100_000
+"""Per ``resend`` command (docs/OUTBOX.md, "Downlink commands")."""
+
+
+class BatchRejectedError(BatchError):
+    """A well-formed batch the receiver will not store: it disagrees with its topic, or an event is bad."""
+
+
+class StoreUnavailableError(Exception):
+    """The database cannot take the work now (locked, down, connection lost): ack nothing, retry later."""
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one log or terminal line (libpq's messages span several)."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
+class ReportError(ValueError):
+    """A report event (eviction, corrupt journal, clock anchor) whose data cannot be used; stored anyway."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    new: int
+    duplicates: int
+    conflicts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A message that was not stored, and why; recorded in the ``rejected`` table."""
+
+    topic: str
+    reason: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchToStore:
+    """A decoded batch and the store/gateway its topic names."""
+
+    topic: str
+    size: int
+    store_id: str
+    gateway_id: str
+    batch: Batch
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySummary:
+    store_id: str
+    gateway_id: str
+    events: int
+    max_seq: int
+    gaps: int
+    """Missing ranges, whatever their class."""
+    missing: int
+    """Missing seqs: explained + lost + pending."""
+    duplicates: int
+    conflicts: int
+    lag: timedelta | None
+    """Now minus ``recorded_at`` of the newest (highest seq) event."""
+    last_received_at: datetime | None
+    complete_through: int | None = None
+    explained: int = 0
+    lost: int = 0
+    pending: int = 0
+    bad_reports: int = 0
+    """Eviction, corrupt-journal or clock reports whose data could not be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedRow:
+    received_at: datetime
+    topic: str
+    reason: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventTime:
+    """When an event happened as far as HQ can tell: ``corrected_at`` is set for unsynced events of a boot
+    that has a ``clock.synced`` anchor."""
+
+    seq: int
+    recorded_at: datetime
+    clock_synced: bool | None
+    corrected_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ResendRequest:
+    """Lost ranges to ask one gateway for, each at most RESEND_MAX_SEQS seqs (one command each)."""
+
+    store_id: str
+    gateway_id: str
+    ranges: list[Range]
+
+
+@dataclass(slots=True)
+class EventRow:
+    """One event as every backend stores it (not frozen: thousands are made per second)."""
+
+    id: str
+    seq: int
+    kind: str
+    device_id: str | None
+    recorded_at: str
+    boot_id: str | None
+    mono_ns: int | None
+    clock_synced: bool | None
+    body: bytes
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """Seqs a gateway says it will never send; ``source`` says why (``outbox.evicted:<reason>``, ...)."""
+
+    source: str
+    ranges: list[Range]
+
+
+@dataclass(frozen=True, slots=True)
+class Anchor:
+    """A ``clock.synced`` anchor: this boot's monotonic clock read ``mono_ns`` at true time ``utc_ns``."""
+
+    boot_id: str
+    mono_ns: int
+    utc_ns: int
+
+
+def utc_ns(value: datetime) -> int:
+    """Nanoseconds since the epoch, exactly (no float)."""
+    delta = value - MIN_UTC
+    return (delta.days * 86_400 + delta.seconds) * 10**9 + delta.microseconds * 1000
+
+
+def from_utc_ns(ns: int) -> datetime:
+    return MIN_UTC + timedelta(microseconds=ns // 1000)
+
+
+def parse_time(text: object) -> datetime | None:
+    """An ISO 8601 time with a UTC offset, or None."""
+    if not isinstance(text, str):
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return value if value.tzinfo is not None else None
+
+
+def _has_nul(*texts: str | None) -> bool:
+    return any(t is not None and "\x00" in t for t in texts)
+
+
+def event_rows(store_id: str, gateway_id: str, batch: Batch) -> list[EventRow]:
+    """The rows to store for a batch; raises :class:`BatchRejectedError` before anything is written."""
+    if batch.store_id != store_id or batch.gateway_id != gateway_id:
+        raise BatchRejectedError(
+            f"batch says store {batch.store_id!r} gateway {batch.gateway_id!r}"
+            f" but the topic says store {store_id!r} gateway {gateway_id!r}"
+        )
+    rows: list[EventRow] = []
+    for event in batch.events:
+        seq, event_id = event["seq"], event["id"]
+        if event.get("store_id") != store_id or event.get("gateway_id") != gateway_id:
+            raise BatchRejectedError(
+                f"event seq {seq} says store {event.get('store_id')!r} gateway {event.get('gateway_id')!r}"
+                f" but the topic says store {store_id!r} gateway {gateway_id!r}"
+            )
+        if not 1 <= seq <= MAX_SEQ:
+            raise BatchRejectedError(f"event seq {seq} out of range 1..{MAX_SEQ}")
+        kind, device_id, recorded_at = event.get("kind"), event.get("device_id"), event.get("recorded_at")
+        if not isinstance(kind, str) or not (device_id is None or isinstance(device_id, str)):
+            raise BatchRejectedError(
+                f"event seq {seq} needs a string 'kind' and a string or null 'device_id'"
+            )
+        if not isinstance(recorded_at, str) or parse_time(recorded_at) is None:
+            raise BatchRejectedError(
+                f"event seq {seq} needs 'recorded_at' as an ISO 8601 time with a UTC offset"
+            )
+        boot_id = event.get("boot_id")
+        boot_id = boot_id if isinstance(boot_id, str) and boot_id else None
+        if "\x00" in event_id or "\x00" in kind or _has_nul(device_id, boot_id):
+            raise BatchRejectedError(f"event seq {seq} has a NUL character in a text field")
+        mono = event.get("mono_ns")
+        synced = event.get("clock_synced")
+        rows.append(
+            EventRow(
+                id=event_id,
+                seq=seq,
+                kind=kind,
+                device_id=device_id,
+                recorded_at=recorded_at,
+                boot_id=boot_id,
+                mono_ns=mono if type(mono) is int and 0 <= mono <= MAX_MONO_NS else None,
+                clock_synced=synced if isinstance(synced, bool) else None,
+                body=orjson.dumps(event),
+                event=event,
+            )
+        )
+    return rows
+
+
+def _seq_range(value: object, what: str) -> Range:
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or type(value[0]) is not int
+        or type(value[1]) is not int
+        or not 1 <= value[0] <= value[1] <= MAX_SEQ
+    ):
+        raise ReportError(f"{what} must be [first, last] with 1 <= first <= last <= {MAX_SEQ}, got {value!r}")
+    return (value[0], value[1])
+
+
+def parse_report(row: EventRow) -> Explanation | Anchor | None:
+    """What a report event says, None for other events; :class:`ReportError` if its data is unusable."""
+    data = row.event.get("data")
+    if row.kind == "outbox.evicted":
+        if not isinstance(data, dict) or not isinstance(data.get("ranges"), list):
+            raise ReportError("outbox.evicted needs data.ranges")
+        ranges = data["ranges"]
+        if len(ranges) > MAX_EVICTED_RANGES:
+            raise ReportError(f"outbox.evicted lists {len(ranges)} ranges (at most {MAX_EVICTED_RANGES})")
+        reason = data.get("reason")
+        source = f"outbox.evicted:{reason}" if isinstance(reason, str) else "outbox.evicted"
+        return Explanation(source[:100], merge(_seq_range(r, "an evicted range") for r in ranges))
+    if row.kind == "alert.raised" and isinstance(data, dict) and data.get("rule") == "journal.corrupt":
+        details = data.get("details")
+        lost = details.get("possibly_lost") if isinstance(details, dict) else None
+        if lost is None:
+            return None  # nothing was at risk (no seqs reserved before the corruption)
+        return Explanation("journal.corrupt", [_seq_range(lost, "details.possibly_lost")])
+    if row.kind == "clock.synced":
+        if not isinstance(data, dict):
+            raise ReportError("clock.synced needs data")
+        boot_id, mono, utc = data.get("boot_id"), data.get("mono_ns"), parse_time(data.get("utc"))
+        if not isinstance(boot_id, str) or not boot_id or _has_nul(boot_id):
+            raise ReportError("clock.synced needs a string data.boot_id")
+        if type(mono) is not int or not 0 <= mono <= MAX_MONO_NS:
+            raise ReportError(f"clock.synced needs data.mono_ns as an integer in 0..{MAX_MONO_NS}")
+        if utc is None or not MIN_UTC <= utc < MAX_UTC:
+            raise ReportError("clock.synced needs data.utc as an ISO 8601 time with a UTC offset, 1970..2200")
+        return Anchor(boot_id, mono, utc_ns(utc))
+    return None
+
+
+def nearest_anchor(anchors: Sequence[tuple[int, int]], mono_ns: int) -> tuple[int, int]:
+    """The (mono_ns, utc_ns) anchor closest to ``mono_ns`` (least drift); on a tie the earlier one.
+
+    ``anchors`` is sorted by mono_ns and not empty. The SQL that applies a new anchor to stored events uses
+    the same rule, so the result does not depend on the order events and anchors arrive in."""
+    i = bisect.bisect_left(anchors, (mono_ns, -(2**63)))
+    candidates = anchors[max(0, i - 1) : i + 1]
+    return min(candidates, key=lambda a: (abs(a[0] - mono_ns), a[0]))
+
+
+def corrected_ns(anchor: tuple[int, int], mono_ns: int) -> int:
+    """``anchor.utc - (anchor.mono_ns - event.mono_ns)``, in ns (docs/OUTBOX.md, "Clock")."""
+    return anchor[1] - (anchor[0] - mono_ns)
+
+
+def resend_command(request_id: str, first: int, last: int) -> bytes:
+    """A ``resend`` downlink command (docs/OUTBOX.md, "Downlink commands")."""
+    return orjson.dumps(
+        {"request_id": request_id, "command": "resend", "args": {"from_seq": first, "to_seq": last}}
+    )
+
+
+class ReceiverBackend(Protocol):
+    """What the receiver needs from a database; SQLite (receiver_store) and PostgreSQL (receiver_pg)."""
+
+    def apply(self, items: Iterable[BatchToStore | Rejection]) -> list[StoreResult | Rejection]:
+        """Store several messages in one transaction; raises :class:`StoreUnavailableError` to retry."""
+
+    def summary(self, now: datetime | None = None) -> list[GatewaySummary]: ...
+
+    def classes(self, gateway_id: str, store_id: str | None = None) -> GapClasses: ...
+
+    def claim_resends(self, interval_s: float, max_commands: int) -> list[ResendRequest]:
+        """Lost ranges of gateways not asked within ``interval_s``; claims them (shared by receivers)."""
+
+    def count_rejected(self) -> int: ...
+
+    def rejections(self, limit: int = 100) -> list[RejectedRow]: ...
+
+    def close(self) -> None: ...

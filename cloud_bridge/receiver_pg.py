@@ -1,0 +1,76 @@
+"""The HQ reference receiver's PostgreSQL database, for several receivers sharing the load (``--postgres``).
+
+Same tables and logic as SQLite (receiver_sql); what differs is here: types, snapshot reads, ``= ANY`` for
+lists, an advisory lock while the schema is created, reconnecting after a lost connection, and which errors
+mean "this batch's data" (rejected) rather than "the database" (retried). Needs the ``postgres`` extra
+(psycopg 3).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Final
+
+import psycopg
+
+from cloud_bridge.receiver_model import StoreUnavailableError, one_line
+from cloud_bridge.receiver_sql import Cursor, Dialect, SqlReceiverStore
+
+_LOGGER = logging.getLogger(__name__)
+
+POSTGRES: Final = Dialect(
+    begin_write="BEGIN",
+    begin_read="BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+    types={
+        "int": "BIGINT",
+        "bool": "BOOLEAN",
+        "time": "TIMESTAMPTZ",
+        "blob": "BYTEA",
+        "identity": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+        "corrected_at": "TIMESTAMPTZ GENERATED ALWAYS AS (to_timestamp(corrected_ns / 1e9)) STORED",
+    },
+    placeholder="%s",
+)
+SCHEMA_LOCK_KEY: Final = 0x5354_4757_4851  # any constant shared by all receivers
+CONNECT_TIMEOUT_S: Final = 10
+
+
+class PgReceiverStore(SqlReceiverStore):
+    """The receiver's PostgreSQL database. ``dsn`` is a libpq connection string or URI; keep the password
+    out of it (PGPASSFILE or PGPASSWORD), it is never logged either way."""
+
+    dialect = POSTGRES
+    db_errors = (psycopg.Error,)
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        try:
+            super().__init__()
+        except psycopg.Error as err:
+            raise StoreUnavailableError(f"cannot open the PostgreSQL database: {one_line(err)}") from err
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self._dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
+
+    def _ensure_connected(self) -> None:
+        if self._conn.closed or self._conn.broken:
+            _LOGGER.info("reconnecting to PostgreSQL")
+            self._conn.close()
+            self._conn = self._connect()
+
+    def _is_data_error(self, err: Exception) -> bool:
+        return isinstance(err, psycopg.DataError | psycopg.IntegrityError) and not self._conn.broken
+
+    def _time_param(self, value: datetime) -> Any:
+        return value
+
+    def _in_list(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        return f"{column} = ANY(?)", [list(values)]
+
+    def _schema_lock(self, cur: Cursor) -> None:
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
+
+    def _table_exists(self, cur: Cursor, name: str) -> bool:
+        return bool(self._rows(cur, "SELECT to_regclass(?) IS NOT NULL", (name,))[0][0])

@@ -1,0 +1,736 @@
+"""The HQ receiver's database logic, written once for SQLite and PostgreSQL (their modules add a dialect).
+
+Tables: ``events`` (every event once: primary key ``id``, unique ``(store_id, gateway_id, seq)``), ``gateways``
+(per-gateway counters, ``max_seq``, ``complete_through``, resend bookkeeping), ``runs`` (the stored seqs of each
+gateway as contiguous runs, kept merged on every insert, so gaps cost the number of gaps, not of events),
+``explained`` (ranges a gateway reported evicted or possibly lost), ``anchors`` (``clock.synced`` anchors) and
+``rejected`` (messages not stored, and why).
+
+Several receivers may share one PostgreSQL database. Each batch first locks its gateway's row (an upsert),
+so the events, runs and counters of one gateway are changed by one transaction at a time; the receiver
+gives a transaction's batches sorted by (store, gateway), so two receivers take their locks in the same
+order, and a deadlock (possible only through an event id forged into another gateway) is retried. Events
+go in with ``ON CONFLICT DO NOTHING``: whoever inserts an event first stores it; everyone else counts a
+duplicate (same id at that seq) or a conflict (a different id holds the seq, or the id is elsewhere).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Final, Protocol
+
+import orjson
+
+from cloud_bridge.receiver_model import (
+    REPORT_KINDS,
+    RESEND_MAX_SEQS,
+    Anchor,
+    BatchRejectedError,
+    BatchToStore,
+    EventRow,
+    EventTime,
+    Explanation,
+    GatewaySummary,
+    RejectedRow,
+    Rejection,
+    ReportError,
+    ResendRequest,
+    StoreResult,
+    StoreUnavailableError,
+    corrected_ns,
+    event_rows,
+    from_utc_ns,
+    nearest_anchor,
+    one_line,
+    parse_report,
+    parse_time,
+)
+from cloud_bridge.receiver_ranges import GapClasses, Range, chunk, classify, merge, size
+from cloud_bridge.wire import MAX_SEQ, Batch, seq_ranges
+
+_LOGGER = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 2
+IN_CHUNK: Final = 500
+"""Seqs per ``IN (...)`` list (SQLite limits bound parameters)."""
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    id TEXT PRIMARY KEY,
+    store_id TEXT NOT NULL,
+    gateway_id TEXT NOT NULL,
+    seq {int} NOT NULL,
+    kind TEXT NOT NULL,
+    device_id TEXT,
+    recorded_at {time} NOT NULL,
+    received_at {time} NOT NULL,
+    boot_id TEXT,
+    mono_ns {int},
+    clock_synced {bool},
+    corrected_ns {int},
+    anchor_mono_ns {int},
+    corrected_at {corrected_at},
+    body {blob} NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_store_gateway_seq ON events (store_id, gateway_id, seq);
+CREATE INDEX IF NOT EXISTS events_unsynced ON events (store_id, gateway_id, boot_id) WHERE NOT clock_synced;
+CREATE TABLE IF NOT EXISTS gateways (
+    store_id TEXT NOT NULL,
+    gateway_id TEXT NOT NULL,
+    max_seq {int} NOT NULL DEFAULT 0,
+    complete_through {int},
+    events {int} NOT NULL DEFAULT 0,
+    duplicates {int} NOT NULL DEFAULT 0,
+    conflicts {int} NOT NULL DEFAULT 0,
+    bad_reports {int} NOT NULL DEFAULT 0,
+    newest_recorded_at {time},
+    last_received_at {time},
+    resend_at_ms {int},
+    resend_commands {int} NOT NULL DEFAULT 0,
+    PRIMARY KEY (store_id, gateway_id)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    store_id TEXT NOT NULL,
+    gateway_id TEXT NOT NULL,
+    first_seq {int} NOT NULL,
+    last_seq {int} NOT NULL,
+    PRIMARY KEY (store_id, gateway_id, first_seq)
+);
+CREATE INDEX IF NOT EXISTS runs_last ON runs (store_id, gateway_id, last_seq);
+CREATE TABLE IF NOT EXISTS explained (
+    event_id TEXT NOT NULL,
+    first_seq {int} NOT NULL,
+    last_seq {int} NOT NULL,
+    store_id TEXT NOT NULL,
+    gateway_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    PRIMARY KEY (event_id, first_seq)
+);
+CREATE INDEX IF NOT EXISTS explained_gateway ON explained (store_id, gateway_id, first_seq);
+CREATE TABLE IF NOT EXISTS anchors (
+    event_id TEXT PRIMARY KEY,
+    store_id TEXT NOT NULL,
+    gateway_id TEXT NOT NULL,
+    boot_id TEXT NOT NULL,
+    mono_ns {int} NOT NULL,
+    utc_ns {int} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS anchors_boot ON anchors (store_id, gateway_id, boot_id);
+CREATE TABLE IF NOT EXISTS rejected (
+    id {identity},
+    received_at {time} NOT NULL,
+    topic TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    size {int} NOT NULL
+)
+"""
+
+_LOCK_GATEWAY: Final = (
+    "INSERT INTO gateways (store_id, gateway_id) VALUES (?, ?)"
+    " ON CONFLICT (store_id, gateway_id) DO UPDATE SET store_id = excluded.store_id"
+    " RETURNING max_seq, complete_through"
+)
+"""Creates the gateway's row or locks it (a no-op update takes the row lock) and reads its watermarks."""
+_INSERT_EVENT: Final = (
+    "INSERT INTO events (id, store_id, gateway_id, seq, kind, device_id, recorded_at, received_at,"
+    " boot_id, mono_ns, clock_synced, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+)
+_UPDATE_GATEWAY: Final = (
+    "UPDATE gateways SET max_seq = ?, complete_through = ?, events = events + ?, duplicates = duplicates + ?,"
+    " conflicts = conflicts + ?, bad_reports = bad_reports + ?,"
+    " newest_recorded_at = coalesce(?, newest_recorded_at), last_received_at = ?"
+    " WHERE store_id = ? AND gateway_id = ?"
+)
+_APPLY_ANCHOR: Final = """
+UPDATE events SET corrected_ns = ? - (? - mono_ns), anchor_mono_ns = ?
+WHERE store_id = ? AND gateway_id = ? AND boot_id = ? AND NOT clock_synced AND mono_ns IS NOT NULL
+  AND (anchor_mono_ns IS NULL OR abs(anchor_mono_ns - mono_ns) > abs(? - mono_ns)
+       OR (abs(anchor_mono_ns - mono_ns) = abs(? - mono_ns) AND anchor_mono_ns > ?))
+"""
+"""Applies an anchor to every unsynced event of its boot it is nearer to than their current one (the rule of
+``nearest_anchor``), so anchors and events may arrive in any order."""
+_CLAIM_RESEND: Final = (
+    "UPDATE gateways SET resend_at_ms = ?, resend_commands = resend_commands + ?"
+    " WHERE store_id = ? AND gateway_id = ? AND (resend_at_ms IS NULL OR resend_at_ms <= ?)"
+)
+_GATEWAYS: Final = (
+    "SELECT store_id, gateway_id, events, max_seq, complete_through, duplicates, conflicts, bad_reports,"
+    " newest_recorded_at, last_received_at FROM gateways ORDER BY store_id, gateway_id"
+)
+_TOUCHED_RUNS: Final = (
+    "SELECT first_seq, last_seq FROM runs"
+    " WHERE store_id = ? AND gateway_id = ? AND last_seq >= ? AND first_seq <= ?"
+)
+_DELETE_TOUCHED_RUNS: Final = (
+    "DELETE FROM runs WHERE store_id = ? AND gateway_id = ? AND last_seq >= ? AND first_seq <= ?"
+)
+
+
+class Cursor(Protocol):
+    """The DB-API cursor surface both drivers share."""
+
+    rowcount: int
+
+    def execute(self, sql: Any, params: Any = ..., /) -> Any: ...
+
+    def executemany(self, sql: Any, params: Any, /) -> Any: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """What differs between the databases; the SQL above is written with ``?`` placeholders."""
+
+    begin_write: str
+    begin_read: str
+    types: dict[str, str]
+    placeholder: str = "?"
+
+
+@dataclass(frozen=True, slots=True)
+class _GatewayRow:
+    store_id: str
+    gateway_id: str
+    events: int
+    max_seq: int
+    complete_through: int | None
+
+    @property
+    def upper(self) -> int:
+        """Seqs 1..upper should be at HQ: up to the highest stored, or promised complete if higher."""
+        return max(self.max_seq, self.complete_through or 0)
+
+
+class SqlReceiverStore:
+    """Receiver storage over a DB-API connection; subclasses connect and name their :class:`Dialect`.
+
+    All methods are thread-safe (one lock around the one connection): the receiver calls them from a worker
+    thread, reports may come from any thread.
+    """
+
+    dialect: ClassVar[Dialect]
+    db_errors: ClassVar[tuple[type[Exception], ...]]
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sql_cache: dict[str, str] = {}
+        self._conn: Any = None
+        with self._lock:
+            self._conn = self._connect()
+        self._create_schema()
+
+    # --- what a backend provides ------------------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _ensure_connected(self) -> None:
+        """Reconnect if the connection was lost (PostgreSQL); SQLite has nothing to do."""
+
+    def _is_data_error(self, err: Exception) -> bool:
+        """Whether a database error is about one batch's data (reject it), not the database (retry)."""
+        raise NotImplementedError
+
+    def _time_param(self, value: datetime) -> Any:
+        raise NotImplementedError
+
+    def _in_list(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        """SQL testing ``column`` against values, and its parameters (at most IN_CHUNK values)."""
+        return f"{column} IN ({', '.join('?' * len(values))})", list(values)
+
+    def _schema_lock(self, cur: Cursor) -> None:
+        """Serialise schema creation between receivers starting together (PostgreSQL)."""
+
+    # --- plumbing ---------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def _sql(self, text: str) -> str:
+        cached = self._sql_cache.get(text)
+        if cached is None:
+            cached = self._sql_cache[text] = text.replace("?", self.dialect.placeholder)
+        return cached
+
+    def _x(self, cur: Cursor, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        cur.execute(self._sql(sql), params)
+        return cur
+
+    def _rows(self, cur: Cursor, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return self._x(cur, sql, params).fetchall()
+
+    @contextmanager
+    def _session(self) -> Iterator[Cursor]:
+        """The connection under the lock; database failures become :class:`StoreUnavailableError`."""
+        with self._lock:
+            try:
+                self._ensure_connected()
+                yield self._conn.cursor()
+            except self.db_errors as err:
+                raise StoreUnavailableError(one_line(err)) from err
+
+    @contextmanager
+    def _transaction(self, begin: str) -> Iterator[Cursor]:
+        with self._session() as cur:
+            cur.execute(begin)
+            try:
+                yield cur
+                cur.execute("COMMIT")
+            except BaseException:
+                self._rollback(cur)
+                raise
+
+    def _rollback(self, cur: Cursor) -> None:
+        try:
+            cur.execute("ROLLBACK")
+        except self.db_errors:
+            _LOGGER.debug("rollback failed (the connection is gone?)", exc_info=True)
+
+    def _create_schema(self) -> None:
+        with self._transaction(self.dialect.begin_write) as cur:
+            self._schema_lock(cur)
+            row = None
+            if self._table_exists(cur, "meta"):
+                row = self._x(cur, "SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            elif self._table_exists(cur, "events"):
+                raise StoreUnavailableError(
+                    "this database was written by an older receiver (schema 1): keep it for its --report and"
+                    " point this receiver at a new database"
+                )
+            if row is not None and int(row[0]) != SCHEMA_VERSION:
+                raise StoreUnavailableError(f"database schema {row[0]}, this receiver needs {SCHEMA_VERSION}")
+            for statement in _SCHEMA.format(**self.dialect.types).split(";"):
+                cur.execute(statement)
+            if row is None:
+                self._x(cur, "INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+
+    def _table_exists(self, cur: Cursor, name: str) -> bool:
+        raise NotImplementedError
+
+    # --- writing ----------------------------------------------------------------------------------------
+
+    def store_batch(self, topic_store_id: str, topic_gateway_id: str, batch: Batch) -> StoreResult:
+        """Store one batch in one transaction; a bad batch raises :class:`BatchRejectedError`."""
+        with self._transaction(self.dialect.begin_write) as cur:
+            item = BatchToStore("", 0, topic_store_id, topic_gateway_id, batch)
+            return self._store(cur, item, self._time_param(datetime.now(UTC)))
+
+    def record_rejected(self, topic: str, reason: str, size: int) -> None:
+        self.apply([Rejection(topic, reason, size)])
+
+    def apply(self, items: Iterable[BatchToStore | Rejection]) -> list[StoreResult | Rejection]:
+        """Store several messages in one transaction: batches are stored or rejected, rejections recorded.
+
+        ``items`` is consumed inside the transaction, so a generator can decode one batch at a time. Give
+        them sorted by (store, gateway) when several receivers share the database (see the module docstring).
+        """
+        received_at = self._time_param(datetime.now(UTC))
+        results: list[StoreResult | Rejection] = []
+        with self._transaction(self.dialect.begin_write) as cur:
+            for item in items:
+                result = self._apply_one(cur, item, received_at) if isinstance(item, BatchToStore) else item
+                if isinstance(result, Rejection):
+                    self._record(cur, result, received_at)
+                results.append(result)
+        return results
+
+    def _apply_one(self, cur: Cursor, item: BatchToStore, received_at: Any) -> StoreResult | Rejection:
+        """One batch inside a savepoint: a batch that cannot be stored leaves no trace but its rejection."""
+        cur.execute("SAVEPOINT batch")
+        try:
+            result = self._store(cur, item, received_at)
+        except BatchRejectedError as err:
+            reason = str(err)
+        except self.db_errors as err:
+            if not self._is_data_error(err):
+                raise
+            reason = f"cannot store: {one_line(err)}"[:500]
+        except Exception as err:
+            reason = f"cannot store: {err!r}"[:500]
+        else:
+            cur.execute("RELEASE SAVEPOINT batch")
+            return result
+        cur.execute("ROLLBACK TO SAVEPOINT batch")
+        cur.execute("RELEASE SAVEPOINT batch")
+        return Rejection(item.topic, reason, item.size)
+
+    def _record(self, cur: Cursor, rejection: Rejection, received_at: Any) -> None:
+        topic, reason = (text.replace("\x00", "\\x00") for text in (rejection.topic, rejection.reason))
+        self._x(
+            cur,
+            "INSERT INTO rejected (received_at, topic, reason, size) VALUES (?, ?, ?, ?)",
+            (received_at, topic, reason, rejection.size),
+        )
+        _LOGGER.info("rejected a message on %s (%d bytes): %s", topic, rejection.size, reason)
+
+    def _store(self, cur: Cursor, item: BatchToStore, received_at: Any) -> StoreResult:
+        key = (item.store_id, item.gateway_id)
+        rows = event_rows(item.store_id, item.gateway_id, item.batch)
+        max_seq, complete_through = self._x(cur, _LOCK_GATEWAY, key).fetchone()
+        unique: dict[int, EventRow] = {}
+        duplicates = conflicts = 0
+        for row in rows:  # schema 1 batches may repeat a seq
+            kept = unique.setdefault(row.seq, row)
+            if kept is not row:
+                duplicates += kept.id == row.id
+                conflicts += kept.id != row.id
+        reports = [r for r in unique.values() if r.kind in REPORT_KINDS]
+        known = self._known_ids(cur, [r.id for r in reports])
+        cur.executemany(
+            self._sql(_INSERT_EVENT), [self._event_params(key, r, received_at) for r in unique.values()]
+        )
+        new = cur.rowcount
+        if new == len(unique):  # the usual case: everything was new, so everything is ours
+            stored = {seq: row.id for seq, row in unique.items()}
+        else:
+            stored = self._stored_ids(cur, key, sorted(unique))
+        ours = [r for r in unique.values() if stored.get(r.seq) == r.id]
+        for row in unique.values():
+            if stored.get(row.seq) != row.id:
+                conflicts += 1
+                self._log_conflict(key, row, stored.get(row.seq))
+        duplicates += len(ours) - new
+        ours_ids = {r.id for r in ours}
+        bad = sum(self._apply_report(cur, key, r) for r in reports if r.id not in known and r.id in ours_ids)
+        self._correct_clock(cur, key, [r for r in ours if r.clock_synced is False and r.mono_ns is not None])
+        newest: str | None = None
+        if stored:
+            self._merge_runs(cur, key, sorted(stored))
+            top = max(stored)
+            if top > max_seq:
+                max_seq = top
+                newest = unique[top].recorded_at if stored[top] == unique[top].id else None
+        through = item.batch.complete_through
+        if through is not None and (complete_through is None or through > complete_through):
+            complete_through = through
+        self._x(
+            cur,
+            _UPDATE_GATEWAY,
+            (max_seq, complete_through, new, duplicates, conflicts, bad, newest, received_at, *key),
+        )
+        return StoreResult(new, duplicates, conflicts)
+
+    def _event_params(self, key: tuple[str, str], row: EventRow, received_at: Any) -> tuple[Any, ...]:
+        return (
+            row.id,
+            *key,
+            row.seq,
+            row.kind,
+            row.device_id,
+            row.recorded_at,
+            received_at,
+            row.boot_id,
+            row.mono_ns,
+            row.clock_synced,
+            row.body,
+        )
+
+    def _known_ids(self, cur: Cursor, ids: Sequence[str]) -> set[str]:
+        known: set[str] = set()
+        for i in range(0, len(ids), IN_CHUNK):
+            test, params = self._in_list("id", ids[i : i + IN_CHUNK])
+            known.update(r[0] for r in self._rows(cur, f"SELECT id FROM events WHERE {test}", params))  # noqa: S608 - placeholders only
+        return known
+
+    def _stored_ids(self, cur: Cursor, key: tuple[str, str], seqs: Sequence[int]) -> dict[int, str]:
+        """seq -> id of what is stored now at these seqs of the gateway."""
+        stored: dict[int, str] = {}
+        for i in range(0, len(seqs), IN_CHUNK):
+            test, params = self._in_list("seq", seqs[i : i + IN_CHUNK])
+            sql = f"SELECT seq, id FROM events WHERE store_id = ? AND gateway_id = ? AND {test}"  # noqa: S608
+            stored.update((int(s), str(e)) for s, e in self._rows(cur, sql, [*key, *params]))
+        return stored
+
+    @staticmethod
+    def _log_conflict(key: tuple[str, str], row: EventRow, kept: str | None) -> None:
+        if kept is None:
+            _LOGGER.warning(
+                "conflict: store %s gateway %s seq %d: event id %s is already stored elsewhere; dropped it",
+                *key,
+                row.seq,
+                row.id,
+            )
+        else:
+            _LOGGER.warning(
+                "conflict: store %s gateway %s seq %d already holds event %s; kept it and dropped event %s",
+                *key,
+                row.seq,
+                kept,
+                row.id,
+            )
+
+    def _apply_report(self, cur: Cursor, key: tuple[str, str], row: EventRow) -> int:
+        """Store what a new report event says; returns 1 if its data is unusable (counted), else 0."""
+        try:
+            report = parse_report(row)
+        except ReportError as err:
+            _LOGGER.warning("store %s gateway %s seq %d (%s): %s", *key, row.seq, row.kind, err)
+            return 1
+        if isinstance(report, Explanation):
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO explained (event_id, first_seq, last_seq, store_id, gateway_id, source)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+                ),
+                [(row.id, a, b, *key, report.source) for a, b in report.ranges],
+            )
+        elif isinstance(report, Anchor):
+            self._x(
+                cur,
+                "INSERT INTO anchors (event_id, store_id, gateway_id, boot_id, mono_ns, utc_ns)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (row.id, *key, report.boot_id, report.mono_ns, report.utc_ns),
+            )
+            mono = report.mono_ns
+            self._x(cur, _APPLY_ANCHOR, (report.utc_ns, mono, mono, *key, report.boot_id, mono, mono, mono))
+        return 0
+
+    def _correct_clock(self, cur: Cursor, key: tuple[str, str], rows: Sequence[EventRow]) -> None:
+        """Corrected times for unsynced events whose boot already has anchors (anchor first, events later)."""
+        by_boot: dict[str, list[EventRow]] = defaultdict(list)
+        for row in rows:
+            if row.boot_id is not None:
+                by_boot[row.boot_id].append(row)
+        for boot_id, boot_rows in by_boot.items():
+            anchors = [
+                (int(m), int(u))
+                for m, u in self._rows(
+                    cur,
+                    "SELECT mono_ns, utc_ns FROM anchors WHERE store_id = ? AND gateway_id = ? AND boot_id = ?"
+                    " ORDER BY mono_ns",
+                    (*key, boot_id),
+                )
+            ]
+            if not anchors:
+                continue
+            updates = []
+            for row in boot_rows:
+                assert row.mono_ns is not None
+                anchor = nearest_anchor(anchors, row.mono_ns)
+                updates.append((corrected_ns(anchor, row.mono_ns), anchor[0], row.id))
+            cur.executemany(
+                self._sql("UPDATE events SET corrected_ns = ?, anchor_mono_ns = ? WHERE id = ?"), updates
+            )
+
+    def _merge_runs(self, cur: Cursor, key: tuple[str, str], seqs: Sequence[int]) -> None:
+        """Add stored seqs to the gateway's runs: read the runs they touch, write back the merged ones."""
+        added = [(a, b) for a, b in seq_ranges(seqs)]
+        low, high = max(added[0][0] - 1, 0), min(added[-1][1] + 1, MAX_SEQ)
+        old = [(int(a), int(b)) for a, b in self._rows(cur, _TOUCHED_RUNS, (*key, low, high))]
+        merged = merge([*old, *added])
+        if merged == sorted(old):
+            return
+        self._x(cur, _DELETE_TOUCHED_RUNS, (*key, low, high))
+        cur.executemany(
+            self._sql("INSERT INTO runs (store_id, gateway_id, first_seq, last_seq) VALUES (?, ?, ?, ?)"),
+            [(*key, a, b) for a, b in merged],
+        )
+
+    # --- reading ----------------------------------------------------------------------------------------
+
+    def count(self) -> int:
+        with self._session() as cur:
+            (n,) = self._x(cur, "SELECT count(*) FROM events").fetchone()
+        return int(n)
+
+    def _store_of(self, cur: Cursor, gateway_id: str, store_id: str | None) -> str:
+        """Gateway ids are unique within a store only: name the store, or let us find the one that has it."""
+        if store_id is not None:
+            return store_id
+        stores = [
+            s for (s,) in self._rows(cur, "SELECT store_id FROM gateways WHERE gateway_id = ?", (gateway_id,))
+        ]
+        if len(stores) > 1:
+            raise ValueError(f"gateway {gateway_id!r} exists in stores {sorted(stores)}: name the store")
+        return str(stores[0]) if stores else ""
+
+    def _gateway(self, cur: Cursor, gateway_id: str, store_id: str | None) -> _GatewayRow | None:
+        store = self._store_of(cur, gateway_id, store_id)
+        row = self._x(
+            cur,
+            "SELECT events, max_seq, complete_through FROM gateways WHERE store_id = ? AND gateway_id = ?",
+            (store, gateway_id),
+        ).fetchone()
+        return None if row is None else _GatewayRow(store, gateway_id, int(row[0]), int(row[1]), row[2])
+
+    def _classes(self, cur: Cursor, gw: _GatewayRow) -> GapClasses:
+        """Classify a gateway's missing seqs; a gateway with every seq stored costs no query."""
+        if gw.events >= gw.upper:
+            return GapClasses()
+        key = (gw.store_id, gw.gateway_id)
+        runs = self._rows(
+            cur,
+            "SELECT first_seq, last_seq FROM runs WHERE store_id = ? AND gateway_id = ? ORDER BY first_seq",
+            key,
+        )
+        explained = self._rows(
+            cur,
+            "SELECT first_seq, last_seq FROM explained WHERE store_id = ? AND gateway_id = ? AND first_seq <= ?",
+            (*key, gw.upper),
+        )
+        return classify(
+            [(int(a), int(b)) for a, b in runs],
+            [(int(a), int(b)) for a, b in explained],
+            gw.upper,
+            gw.complete_through or 0,
+        )
+
+    def classes(self, gateway_id: str, store_id: str | None = None) -> GapClasses:
+        """A gateway's missing seqs: explained, lost and pending ranges."""
+        with self._transaction(self.dialect.begin_read) as cur:
+            gw = self._gateway(cur, gateway_id, store_id)
+            return GapClasses() if gw is None else self._classes(cur, gw)
+
+    def gaps(self, gateway_id: str, store_id: str | None = None) -> list[Range]:
+        """Missing seq ranges (first, last), inclusive, in 1..max(highest stored seq, complete_through)."""
+        return self.classes(gateway_id, store_id).gaps
+
+    def events(
+        self, gateway_id: str, after_seq: int = 0, limit: int = 1000, store_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Stored envelopes of a gateway in seq order, parsed."""
+        with self._session() as cur:
+            store = self._store_of(cur, gateway_id, store_id)
+            bodies = self._rows(
+                cur,
+                "SELECT body FROM events WHERE store_id = ? AND gateway_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (store, gateway_id, after_seq, limit),
+            )
+        return [orjson.loads(bytes(body)) for (body,) in bodies]
+
+    def event_times(
+        self, gateway_id: str, after_seq: int = 0, limit: int = 1000, store_id: str | None = None
+    ) -> list[EventTime]:
+        """recorded_at, clock_synced and corrected_at of a gateway's events in seq order."""
+        with self._session() as cur:
+            store = self._store_of(cur, gateway_id, store_id)
+            rows = self._rows(
+                cur,
+                "SELECT seq, recorded_at, clock_synced, corrected_ns FROM events"
+                " WHERE store_id = ? AND gateway_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (store, gateway_id, after_seq, limit),
+            )
+        return [
+            EventTime(
+                int(seq),
+                self._time_value(recorded),
+                None if synced is None else bool(synced),
+                None if ns is None else from_utc_ns(int(ns)),
+            )
+            for seq, recorded, synced, ns in rows
+        ]
+
+    @staticmethod
+    def _time_value(value: Any) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        parsed = parse_time(value)
+        if parsed is None:
+            raise ValueError(f"stored time {value!r} is not ISO 8601 with an offset")
+        return parsed
+
+    def count_rejected(self) -> int:
+        with self._session() as cur:
+            (n,) = self._x(cur, "SELECT count(*) FROM rejected").fetchone()
+        return int(n)
+
+    def rejections(self, limit: int = 100) -> list[RejectedRow]:
+        """The most recent rejected messages, newest first."""
+        with self._session() as cur:
+            rows = self._rows(
+                cur,
+                "SELECT received_at, topic, reason, size FROM rejected ORDER BY id DESC LIMIT ?",
+                (limit,),
+            )
+        return [RejectedRow(self._time_value(r[0]), r[1], r[2], int(r[3])) for r in rows]
+
+    def summary(self, now: datetime | None = None) -> list[GatewaySummary]:
+        """One line per (store, gateway): counts, gap classes and lag, from one snapshot."""
+        now = now or datetime.now(UTC)
+        out: list[GatewaySummary] = []
+        with self._transaction(self.dialect.begin_read) as cur:
+            rows = self._rows(cur, _GATEWAYS)
+            for (
+                store_id,
+                gateway_id,
+                events,
+                max_seq,
+                through,
+                dups,
+                conflicts,
+                bad,
+                newest,
+                received,
+            ) in rows:
+                gw = _GatewayRow(store_id, gateway_id, int(events), int(max_seq), through)
+                classes = self._classes(cur, gw)
+                gaps = classes.gaps
+                recorded = None if newest is None else self._time_value(newest)
+                out.append(
+                    GatewaySummary(
+                        store_id=store_id,
+                        gateway_id=gateway_id,
+                        events=gw.events,
+                        max_seq=gw.max_seq,
+                        gaps=len(gaps),
+                        missing=size(gaps),
+                        duplicates=int(dups),
+                        conflicts=int(conflicts),
+                        lag=None if recorded is None else now - recorded,
+                        last_received_at=None if received is None else self._time_value(received),
+                        complete_through=None if through is None else int(through),
+                        explained=size(classes.explained),
+                        lost=size(classes.lost),
+                        pending=size(classes.pending),
+                        bad_reports=int(bad),
+                    )
+                )
+        return out
+
+    # --- resend -----------------------------------------------------------------------------------------
+
+    def claim_resends(self, interval_s: float, max_commands: int) -> list[ResendRequest]:
+        """Lost ranges to ask for, per gateway not asked within ``interval_s``, at most ``max_commands``
+        commands of RESEND_MAX_SEQS seqs each per gateway.
+
+        Each gateway is claimed by a single-row conditional update, so of several receivers sharing the
+        database one asks and the others skip it until the interval has passed again.
+        """
+        now_ms = int(datetime.now(UTC).timestamp() * 1000)
+        due = now_ms - int(interval_s * 1000)
+        out: list[ResendRequest] = []
+        with self._session() as cur:
+            candidates = self._rows(
+                cur,
+                "SELECT store_id, gateway_id, events, max_seq, complete_through FROM gateways"
+                " WHERE complete_through > 0 AND (resend_at_ms IS NULL OR resend_at_ms <= ?)"
+                " ORDER BY store_id, gateway_id",
+                (due,),
+            )
+            for store_id, gateway_id, events, max_seq, through in candidates:
+                gw = _GatewayRow(store_id, gateway_id, int(events), int(max_seq), int(through))
+                if gw.events >= gw.upper:
+                    continue
+                cur.execute(self.dialect.begin_read)
+                try:
+                    lost = self._classes(cur, gw).lost
+                finally:
+                    cur.execute("COMMIT")
+                ranges = chunk(lost, RESEND_MAX_SEQS, max_commands)
+                if not ranges:
+                    continue
+                self._x(cur, _CLAIM_RESEND, (now_ms, len(ranges), store_id, gateway_id, due))
+                if cur.rowcount == 1:
+                    out.append(ResendRequest(store_id, gateway_id, ranges))
+        return out

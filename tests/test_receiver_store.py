@@ -1,0 +1,281 @@
+"""The receiver's database logic on both backends, a real SQLite file and a real PostgreSQL server: dedup,
+conflicts, gap classes (explained, lost, pending), resend claims, clock correction, bad reports, and several
+writers on one PostgreSQL database."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from cloud_bridge.receiver_model import (
+    BatchRejectedError,
+    BatchToStore,
+    Rejection,
+    StoreResult,
+    StoreUnavailableError,
+)
+from cloud_bridge.receiver_pg import PgReceiverStore
+from cloud_bridge.receiver_ranges import GapClasses
+from cloud_bridge.receiver_sql import SqlReceiverStore
+from cloud_bridge.receiver_store import ReceiverStore
+from cloud_bridge.wire import decode_batch
+from gateway.events import uuid7
+from tests.pg import PostgresServer, session_server
+from tests.test_receiver import batch, batch_of, envelope, schema1_bytes, summary_of
+
+S, G = "hk-001", "gw-a"
+BOOT = "boot-1"
+ANCHOR_UTC = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    yield from session_server()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlReceiverStore]:
+    if request.param == "sqlite":
+        db: SqlReceiverStore = ReceiverStore(tmp_path / "hq.db")
+    else:
+        db = PgReceiverStore(request.getfixturevalue("postgres").fresh_schema())
+    yield db
+    db.close()
+
+
+def report(seq: int, kind: str, data: dict[str, Any], **fields: Any) -> bytes:
+    return envelope(S, G, seq, kind=kind, data=data, **fields)
+
+
+def evicted(seq: int, *ranges: list[int]) -> bytes:
+    data = {"class": "telemetry", "reason": "disk_budget", "count": 0, "bytes": 0, "ranges": list(ranges)}
+    return report(seq, "outbox.evicted", data)
+
+
+def anchor(seq: int, mono_s: float, boot_id: str = BOOT) -> bytes:
+    data = {"boot_id": boot_id, "mono_ns": int(mono_s * 1e9), "utc": ANCHOR_UTC.isoformat(), "step_s": 12.5}
+    return report(seq, "clock.synced", data)
+
+
+def unsynced(seq: int, mono_s: float, boot_id: str = BOOT) -> bytes:
+    return envelope(S, G, seq, clock_synced=False, mono_ns=int(mono_s * 1e9), boot_id=boot_id)
+
+
+# --- dedup and conflicts -------------------------------------------------------------------------------------
+
+
+def test_duplicates_and_conflicts(store: SqlReceiverStore, caplog: pytest.LogCaptureFixture) -> None:
+    first = batch(S, G, [1, 2, 3])
+    assert store.store_batch(S, G, first) == StoreResult(3, 0, 0)
+    assert store.store_batch(S, G, first) == StoreResult(0, 3, 0)
+    other_id = str(uuid7())
+    with caplog.at_level(logging.WARNING, logger="cloud_bridge.receiver_sql"):
+        result = store.store_batch(S, G, batch(S, G, [3, 4], ids={3: other_id}))
+        assert result == StoreResult(new=1, duplicates=0, conflicts=1)
+        # An id already stored at another seq (or gateway) is a conflict too, and its seq stays missing.
+        assert store.store_batch(S, G, batch(S, G, [5, 6], ids={6: first.events[0]["id"]})) == StoreResult(
+            1, 0, 1
+        )
+    assert [e["id"] for e in store.events(G)][:3] == [e["id"] for e in first.events]
+    row = summary_of(store, G)
+    assert (row.events, row.conflicts, row.duplicates, row.max_seq) == (5, 2, 3, 5)
+    assert any("conflict" in r.getMessage() and other_id in r.getMessage() for r in caplog.records)
+
+
+def test_a_schema_1_batch_may_repeat_a_seq(store: SqlReceiverStore) -> None:
+    doubled = orjson.loads(schema1_bytes(S, G, [1, 2]))
+    doubled["events"][1] = doubled["events"][0]
+    doubled["last_seq"] = 1
+    assert store.store_batch(S, G, decode_batch(orjson.dumps(doubled))) == StoreResult(1, 1, 0)
+
+
+def test_a_bad_batch_is_rejected_and_leaves_no_trace(store: SqlReceiverStore) -> None:
+    good = batch(S, G, [1])
+    with pytest.raises(BatchRejectedError, match="topic says store 'hk-001' gateway 'gw-b'"):
+        store.store_batch(S, "gw-b", good)
+    forged = orjson.loads(envelope("hk-009", G, 2))
+    with pytest.raises(BatchRejectedError, match="event seq 2 says store 'hk-009'"):
+        store.store_batch(S, G, batch_of(S, G, [envelope(S, G, 1), orjson.dumps(forged)]))
+    naive = orjson.loads(envelope(S, G, 1))
+    naive["recorded_at"] = "2024-01-01T00:00:00"  # no UTC offset
+    with pytest.raises(BatchRejectedError, match="recorded_at"):
+        store.store_batch(S, G, batch_of(S, G, [orjson.dumps(naive)]))
+    nul = orjson.loads(envelope(S, G, 1))
+    nul["device_id"] = "till\x00"  # PostgreSQL text cannot hold it: refused on both backends
+    with pytest.raises(BatchRejectedError, match="NUL"):
+        store.store_batch(S, G, batch_of(S, G, [orjson.dumps(nul)]))
+    results = store.apply(
+        [
+            BatchToStore("t/1", 10, S, "gw-b", good),
+            Rejection("t/\x002", "garbage\x00", 3),
+            BatchToStore("t/3", 10, S, G, good),
+        ]
+    )
+    assert isinstance(results[0], Rejection)
+    assert results[2] == StoreResult(1, 0, 0)
+    newest = store.rejections(limit=1)[0]
+    assert (newest.topic, newest.reason) == ("t/\\x002", "garbage\\x00")
+    assert (store.count(), store.count_rejected()) == (1, 2)
+    assert [s.gateway_id for s in store.summary()] == [G]
+
+
+# --- gap classes --------------------------------------------------------------------------------------------
+
+
+def test_gaps_explained_lost_and_pending(store: SqlReceiverStore) -> None:
+    store.store_batch(S, G, batch(S, G, [1, 2, 3]))
+    store.store_batch(S, G, batch(S, G, [10, 11], complete_through=3))
+    assert store.classes(G) == GapClasses(pending=[(4, 9)])
+    # The gateway evicted 4..5 and reports it; 6..7 are acked at its end but never arrived; 8..9 on the way.
+    store.store_batch(S, G, batch_of(S, G, [evicted(12, [4, 5])], complete_through=7))
+    assert store.classes(G) == GapClasses(explained=[(4, 5)], lost=[(6, 7)], pending=[(8, 9)])
+    row = summary_of(store, G)
+    assert (row.explained, row.lost, row.pending, row.missing, row.gaps) == (2, 2, 2, 6, 1)
+    assert (row.events, row.max_seq, row.complete_through) == (6, 12, 7)
+    # A journal.corrupt alert's possibly_lost explains too, and complete_through beyond max_seq counts.
+    corrupt = {
+        "rule": "journal.corrupt",
+        "severity": "critical",
+        "subject": "journal",
+        "message": "moved aside",
+    }
+    alert = report(1_000_013, "alert.raised", {**corrupt, "details": {"possibly_lost": [13, 1_000_012]}})
+    store.store_batch(S, G, batch_of(S, G, [alert], complete_through=1_000_020))
+    classes = store.classes(G)
+    assert classes.explained == [(4, 5), (13, 1_000_012)]
+    assert classes.lost == [(6, 9), (1_000_014, 1_000_020)]
+    assert classes.pending == []
+    store.store_batch(S, G, batch(S, G, [6, 7, 8, 9]))
+    assert store.classes(G).lost == [(1_000_014, 1_000_020)]
+    assert store.gaps(G) == [(4, 5), (13, 1_000_012), (1_000_014, 1_000_020)]
+
+
+def test_resend_claims_are_chunked_and_shared(store: SqlReceiverStore) -> None:
+    store.store_batch(S, G, batch(S, G, [1]))
+    store.store_batch(S, G, batch(S, G, [250_003], complete_through=250_002))
+    (request,) = store.claim_resends(interval_s=60, max_commands=10)
+    assert (request.store_id, request.gateway_id) == (S, G)
+    assert request.ranges == [(2, 100_001), (100_002, 200_001), (200_002, 250_002)]
+    assert store.claim_resends(interval_s=60, max_commands=10) == []  # asked already: not again for 60 s
+    (again,) = store.claim_resends(interval_s=0, max_commands=2)
+    assert again.ranges == [(2, 100_001), (100_002, 200_001)]
+
+
+def test_resend_claims_cost_nothing_for_complete_gateways(store: SqlReceiverStore) -> None:
+    store.store_batch(S, G, batch(S, G, [1, 2, 3], complete_through=3))
+    store.store_batch(S, "gw-b", batch(S, "gw-b", [1, 3], complete_through=1))  # 2 is pending
+    assert store.claim_resends(interval_s=0, max_commands=10) == []
+
+
+def test_many_small_gaps_stay_cheap_and_exact(store: SqlReceiverStore) -> None:
+    """Interleaved classes: odd seqs first (one batch), then the even ones in two batches, out of order."""
+    store.store_batch(S, G, batch(S, G, range(1, 400, 2)))
+    assert len(store.gaps(G)) == 199
+    store.store_batch(S, G, batch(S, G, range(200, 400, 2)))
+    store.store_batch(S, G, batch(S, G, range(2, 200, 2)))
+    assert store.gaps(G) == []
+    assert summary_of(store, G).events == 399
+
+
+# --- clock --------------------------------------------------------------------------------------------------
+
+
+def _corrected(store: SqlReceiverStore) -> dict[int, datetime | None]:
+    return {t.seq: t.corrected_at for t in store.event_times(G)}
+
+
+@pytest.mark.parametrize("anchor_first", [False, True])
+def test_clock_correction_in_either_order(store: SqlReceiverStore, anchor_first: bool) -> None:
+    events = batch_of(S, G, [unsynced(1, 10.0), unsynced(2, 70.5), unsynced(3, 80.0, boot_id="boot-0")])
+    sync = batch_of(S, G, [anchor(4, 100.0)])
+    for b in (sync, events) if anchor_first else (events, sync):
+        store.store_batch(S, G, b)
+    assert _corrected(store) == {
+        1: ANCHOR_UTC - timedelta(seconds=90),
+        2: ANCHOR_UTC - timedelta(seconds=29.5),
+        3: None,  # another boot: its monotonic clock is not comparable
+        4: None,  # synced events keep their recorded_at
+    }
+
+
+def test_the_nearest_anchor_wins_whatever_the_order(store: SqlReceiverStore) -> None:
+    store.store_batch(S, G, batch_of(S, G, [unsynced(1, 10.0), unsynced(5, 1000.0)]))
+    store.store_batch(S, G, batch_of(S, G, [anchor(6, 1001.0)]))
+    store.store_batch(S, G, batch_of(S, G, [anchor(2, 11.0)]))  # arrives later, nearer to seq 1
+    store.store_batch(S, G, batch_of(S, G, [unsynced(3, 12.0)]))
+    corrected = _corrected(store)
+    assert corrected[1] == ANCHOR_UTC - timedelta(seconds=1)
+    assert corrected[3] == ANCHOR_UTC + timedelta(seconds=1)
+    assert corrected[5] == ANCHOR_UTC - timedelta(seconds=1)
+
+
+def test_unusable_reports_are_stored_and_counted(
+    store: SqlReceiverStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad_anchor = report(2, "clock.synced", {"boot_id": BOOT, "mono_ns": -5, "utc": "yesterday"})
+    bad_ranges = evicted(3, [9, 4])
+    huge = evicted(4, *([[5, 5]] * 2001))
+    with caplog.at_level(logging.WARNING, logger="cloud_bridge.receiver_sql"):
+        result = store.store_batch(S, G, batch_of(S, G, [unsynced(1, 1.0), bad_anchor, bad_ranges, huge]))
+        assert result == StoreResult(4, 0, 0)
+        assert store.store_batch(S, G, batch_of(S, G, [bad_ranges])) == StoreResult(0, 1, 0)  # counted once
+    assert summary_of(store, G).bad_reports == 3
+    assert _corrected(store)[1] is None
+    assert store.classes(G) == GapClasses()
+    assert sum("clock.synced needs data.mono_ns" in r.getMessage() for r in caplog.records) == 1
+
+
+# --- several writers ----------------------------------------------------------------------------------------
+
+
+def test_concurrent_writers_store_every_event_once(postgres: PostgresServer) -> None:
+    """Two connections apply the same batches in opposite orders, several gateways per transaction."""
+    dsn = postgres.fresh_schema()
+    stores = [PgReceiverStore(dsn), PgReceiverStore(dsn)]
+    gateways = [f"gw-{n}" for n in range(4)]
+    batches = [
+        BatchToStore("t", 1, S, gw, batch(S, gw, range(first, first + 20), complete_through=first - 1))
+        for first in range(1, 201, 20)
+        for gw in gateways
+    ]
+    groups = [batches[i : i + 8] for i in range(0, len(batches), 8)]
+    results: list[list[StoreResult | Rejection]] = [[], []]
+
+    def writer(n: int) -> None:
+        for group in groups if n == 0 else groups[::-1]:
+            ordered = sorted(group, key=lambda b: (b.store_id, b.gateway_id))
+            results[n].extend(stores[n].apply(ordered))
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        flat = [r for rs in results for r in rs]
+        assert all(isinstance(r, StoreResult) for r in flat)
+        assert sum(r.new for r in flat if isinstance(r, StoreResult)) == 800
+        assert sum(r.duplicates for r in flat if isinstance(r, StoreResult)) == 800
+        assert stores[0].count() == 800
+        for row in stores[1].summary():
+            assert (row.events, row.duplicates, row.conflicts, row.missing) == (200, 200, 0, 0)
+            assert row.complete_through == 180
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_an_old_schema_is_refused_with_a_reason(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "hq.db")
+    db.execute("CREATE TABLE events (id TEXT PRIMARY KEY)")
+    db.close()
+    with pytest.raises(StoreUnavailableError, match="older receiver"):
+        ReceiverStore(tmp_path / "hq.db")
