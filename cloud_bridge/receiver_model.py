@@ -184,6 +184,16 @@ def _has_nul(*texts: str | None) -> bool:
     return any(t is not None and "\x00" in t for t in texts)
 
 
+def clock_fields(event: dict[str, Any]) -> tuple[str | None, int | None, bool | None]:
+    """(boot_id, mono_ns, clock_synced) of an envelope, each None when missing or not believable."""
+    boot_id, mono, synced = event.get("boot_id"), event.get("mono_ns"), event.get("clock_synced")
+    return (
+        boot_id if isinstance(boot_id, str) and boot_id else None,
+        mono if type(mono) is int and 0 <= mono <= MAX_MONO_NS else None,
+        synced if isinstance(synced, bool) else None,
+    )
+
+
 def event_rows(store_id: str, gateway_id: str, batch: Batch) -> list[EventRow]:
     """The rows to store for a batch; raises :class:`BatchRejectedError` before anything is written."""
     if batch.store_id != store_id or batch.gateway_id != gateway_id:
@@ -210,12 +220,9 @@ def event_rows(store_id: str, gateway_id: str, batch: Batch) -> list[EventRow]:
             raise BatchRejectedError(
                 f"event seq {seq} needs 'recorded_at' as an ISO 8601 time with a UTC offset"
             )
-        boot_id = event.get("boot_id")
-        boot_id = boot_id if isinstance(boot_id, str) and boot_id else None
+        boot_id, mono_ns, clock_synced = clock_fields(event)
         if "\x00" in event_id or "\x00" in kind or _has_nul(device_id, boot_id):
             raise BatchRejectedError(f"event seq {seq} has a NUL character in a text field")
-        mono = event.get("mono_ns")
-        synced = event.get("clock_synced")
         rows.append(
             EventRow(
                 id=event_id,
@@ -224,8 +231,8 @@ def event_rows(store_id: str, gateway_id: str, batch: Batch) -> list[EventRow]:
                 device_id=device_id,
                 recorded_at=recorded_at,
                 boot_id=boot_id,
-                mono_ns=mono if type(mono) is int and 0 <= mono <= MAX_MONO_NS else None,
-                clock_synced=synced if isinstance(synced, bool) else None,
+                mono_ns=mono_ns,
+                clock_synced=clock_synced,
                 body=orjson.dumps(event),
                 event=event,
             )

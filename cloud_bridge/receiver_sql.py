@@ -303,17 +303,22 @@ class SqlReceiverStore:
             row = None
             if self._table_exists(cur, "meta"):
                 row = self._x(cur, "SELECT value FROM meta WHERE key = 'schema'").fetchone()
-            elif self._table_exists(cur, "events"):
-                raise StoreUnavailableError(
-                    "this database was written by an older receiver (schema 1): keep it for its --report and"
-                    " point this receiver at a new database"
-                )
             if row is not None and int(row[0]) != SCHEMA_VERSION:
                 raise StoreUnavailableError(f"database schema {row[0]}, this receiver needs {SCHEMA_VERSION}")
-            for statement in _SCHEMA.format(**self.dialect.types).split(";"):
-                cur.execute(statement)
+            if row is None and self._table_exists(cur, "events"):
+                self._upgrade_v1(cur)
+            else:
+                self._create_tables(cur)
             if row is None:
                 self._x(cur, "INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+
+    def _create_tables(self, cur: Cursor) -> None:
+        for statement in _SCHEMA.format(**self.dialect.types).split(";"):
+            cur.execute(statement)
+
+    def _upgrade_v1(self, cur: Cursor) -> None:
+        """Bring a database of the receiver before issue #3 (schema 1, SQLite only) up to date."""
+        raise StoreUnavailableError("this database has an events table but no schema version: not ours?")
 
     def _table_exists(self, cur: Cursor, name: str) -> bool:
         raise NotImplementedError

@@ -7,10 +7,13 @@ snapshot. The tables and the logic are shared with PostgreSQL (receiver_sql).
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
+
+import orjson
 
 from cloud_bridge.receiver_model import (
     BatchRejectedError,
@@ -21,8 +24,11 @@ from cloud_bridge.receiver_model import (
     Rejection,
     StoreResult,
     StoreUnavailableError,
+    clock_fields,
 )
 from cloud_bridge.receiver_sql import Cursor, Dialect, SqlReceiverStore
+
+_LOGGER = logging.getLogger(__name__)
 
 __all__ = [
     "BatchRejectedError",
@@ -53,6 +59,30 @@ SQLITE: Final = Dialect(
 )
 
 
+_V1_EVENT_COLUMNS: Final = (
+    "boot_id TEXT",
+    "mono_ns INTEGER",
+    "clock_synced INTEGER",
+    "corrected_ns INTEGER",
+    "anchor_mono_ns INTEGER",
+    f"corrected_at {SQLITE.types['corrected_at']}",
+)
+_V1_COPIES: Final = (
+    "INSERT INTO gateways (store_id, gateway_id, max_seq, events, duplicates, conflicts, last_received_at)"
+    " SELECT store_id, gateway_id, max_seq, events, duplicates, conflicts, last_received_at FROM gateways_v1",
+    "INSERT INTO rejected (received_at, topic, reason, size)"
+    " SELECT received_at, topic, reason, size FROM rejected_v1 ORDER BY rowid",
+)
+_V1_RUNS: Final = """
+INSERT INTO runs (store_id, gateway_id, first_seq, last_seq)
+SELECT store_id, gateway_id, min(seq), max(seq) FROM (
+    SELECT store_id, gateway_id, seq, seq - row_number() OVER (PARTITION BY store_id, gateway_id ORDER BY seq) AS island
+    FROM events
+) GROUP BY store_id, gateway_id, island
+"""
+"""Contiguous seqs share ``seq - row_number()``: one run per island."""
+
+
 class ReceiverStore(SqlReceiverStore):
     """The receiver's SQLite database (see the module docstring)."""
 
@@ -77,6 +107,33 @@ class ReceiverStore(SqlReceiverStore):
 
     def _time_param(self, value: datetime) -> Any:
         return value.isoformat(timespec="milliseconds")
+
+    def _upgrade_v1(self, cur: Cursor) -> None:
+        """Schema 1 (the receiver before issue #3) to 2, in place and in one transaction: new columns (the
+        clock ones read from the stored envelopes), runs and newest times computed, rejections kept."""
+        for column in _V1_EVENT_COLUMNS:
+            cur.execute(f"ALTER TABLE events ADD COLUMN {column}")
+        for table in ("gateways", "rejected"):  # their columns change more than ADD COLUMN can do
+            cur.execute(f"ALTER TABLE {table} RENAME TO {table}_v1")
+        self._create_tables(cur)
+        for copy in _V1_COPIES:
+            cur.execute(copy)
+        cur.execute("DROP TABLE gateways_v1")
+        cur.execute("DROP TABLE rejected_v1")
+        bodies, upgraded = self._conn.cursor(), 0
+        bodies.execute("SELECT id, body FROM events")
+        while chunk := bodies.fetchmany(10_000):  # a big database need not fit in memory
+            cur.executemany(
+                "UPDATE events SET boot_id = ?, mono_ns = ?, clock_synced = ? WHERE id = ?",
+                [(*clock_fields(orjson.loads(body)), event_id) for event_id, body in chunk],
+            )
+            upgraded += len(chunk)
+        cur.execute(_V1_RUNS)
+        cur.execute(
+            "UPDATE gateways SET newest_recorded_at = (SELECT recorded_at FROM events e WHERE"
+            " e.store_id = gateways.store_id AND e.gateway_id = gateways.gateway_id AND e.seq = gateways.max_seq)"
+        )
+        _LOGGER.info("upgraded %s from receiver schema 1 (%d events)", self.path, upgraded)
 
     def _table_exists(self, cur: Cursor, name: str) -> bool:
         return bool(self._rows(cur, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)))

@@ -273,9 +273,63 @@ def test_concurrent_writers_store_every_event_once(postgres: PostgresServer) -> 
             s.close()
 
 
-def test_an_old_schema_is_refused_with_a_reason(tmp_path: Path) -> None:
+_SCHEMA_1 = """
+CREATE TABLE events (id TEXT PRIMARY KEY, store_id TEXT NOT NULL, gateway_id TEXT NOT NULL, seq INTEGER NOT NULL,
+    kind TEXT NOT NULL, device_id TEXT, recorded_at TEXT NOT NULL, received_at TEXT NOT NULL, body BLOB NOT NULL);
+CREATE UNIQUE INDEX events_store_gateway_seq ON events (store_id, gateway_id, seq);
+CREATE TABLE gateways (store_id TEXT NOT NULL, gateway_id TEXT NOT NULL, max_seq INTEGER NOT NULL,
+    events INTEGER NOT NULL, duplicates INTEGER NOT NULL, conflicts INTEGER NOT NULL,
+    last_received_at TEXT NOT NULL, PRIMARY KEY (store_id, gateway_id));
+CREATE TABLE rejected (received_at TEXT NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL, size INTEGER NOT NULL);
+PRAGMA user_version=1;
+"""
+"""The receiver's database before issue #3 (git history: cloud_bridge/receiver_store.py)."""
+
+
+def test_a_schema_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "hq.db"
+    old = sqlite3.connect(path)
+    old.executescript(_SCHEMA_1)
+    received = "2026-11-22T02:00:00.000+00:00"
+    for seq in (1, 2, 3, 5):
+        body = envelope(S, G, seq, clock_synced=seq != 5, mono_ns=seq * 10**9)
+        event = orjson.loads(body)
+        old.execute(
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (event["id"], S, G, seq, event["kind"], "till-1", event["recorded_at"], received, body),
+        )
+    old.execute("INSERT INTO gateways VALUES (?, ?, 5, 4, 1, 0, ?)", (S, G, received))
+    old.execute("INSERT INTO rejected VALUES (?, 'retail/x/y/events', 'not JSON', 3)", (received,))
+    old.commit()
+    old.close()
+    store = ReceiverStore(path)
+    try:
+        row = summary_of(store, G)
+        assert (row.events, row.max_seq, row.duplicates, row.missing, row.pending, row.lost) == (
+            4,
+            5,
+            1,
+            1,
+            1,
+            0,
+        )
+        assert row.lag is not None
+        assert [(r.topic, r.reason) for r in store.rejections()] == [("retail/x/y/events", "not JSON")]
+        store.store_batch(S, G, batch_of(S, G, [anchor(6, 10.0)], complete_through=5))
+        assert store.classes(G) == GapClasses(lost=[(4, 4)])
+        assert _corrected(store)[5] == ANCHOR_UTC - timedelta(seconds=5)
+        assert store.store_batch(S, G, batch(S, G, [4])) == StoreResult(1, 0, 0)
+        assert store.gaps(G) == []
+    finally:
+        store.close()
+    ReceiverStore(path).close()  # opens as schema 2 now
+
+
+def test_a_newer_schema_is_refused_with_a_reason(tmp_path: Path) -> None:
+    ReceiverStore(tmp_path / "hq.db").close()
     db = sqlite3.connect(tmp_path / "hq.db")
-    db.execute("CREATE TABLE events (id TEXT PRIMARY KEY)")
+    db.execute("UPDATE meta SET value = '3' WHERE key = 'schema'")
+    db.commit()
     db.close()
-    with pytest.raises(StoreUnavailableError, match="older receiver"):
+    with pytest.raises(StoreUnavailableError, match="database schema 3, this receiver needs 2"):
         ReceiverStore(tmp_path / "hq.db")
