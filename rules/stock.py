@@ -3,9 +3,18 @@
 Because the ledger is updated in the same SQLite transaction that stores the sale, a sale moves stock exactly
 once: a crash before COMMIT undoes both, a redelivered sale after COMMIT is dropped by the journal's dedup.
 
+HQ's ``stock.adjust`` commands arrive as ``stock.adjusted`` events and move stock the same way, in seq order
+with the sales around them: ``delta`` adds (or removes) units, ``set`` is a stock-take count that replaces the
+on-hand. They apply once per request id, by the journal's dedup key.
+
 After each group commit the ledger emits one ``stock.level`` per SKU it moved, and an ``alert.raised``
 (rule ``stock.low``) when a SKU falls to or below its safety stock. The alert fires once per crossing; the SKU
 re-arms when stock rises above the threshold again.
+
+A SKU's threshold is, first found: its HQ rule (the ``rules`` document, see :mod:`rules.documents`), its
+configured ``safety_stock`` (config items or CSV), the rules' default, the config's ``default_safety_stock``.
+The ``stock`` table keeps the SKU's own threshold in ``safety_stock`` (NULL: the default applies) and the
+configured one in ``base_safety_stock``, so a rule that HQ removes gives the configured threshold back.
 """
 
 from __future__ import annotations
@@ -22,9 +31,10 @@ from typing import Final
 import orjson
 
 from gateway.config import StockConfig
-from gateway.events import PosReturn, PosSale
+from gateway.events import PosReturn, PosSale, StockAdjusted
 from gateway.journal import Draft
 from gateway.metrics import Metrics
+from rules.documents import RuleSet, create_table, read_rules
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -34,7 +44,8 @@ CREATE TABLE IF NOT EXISTS stock(
     on_hand REAL NOT NULL,
     safety_stock REAL,
     updated_seq INTEGER,
-    low INTEGER NOT NULL DEFAULT 0
+    low INTEGER NOT NULL DEFAULT 0,
+    base_safety_stock REAL
 );
 """
 
@@ -88,11 +99,15 @@ class StockLedger:
         self._config = config
         self._metrics = metrics
         self._levels: dict[str, _Level] = {}
+        self._sku_rules: dict[str, Decimal] = {}
+        """HQ's per-SKU thresholds, for SKUs the ledger has not seen yet."""
+        self._default: Decimal | None = None
         self._moved: dict[str, int] = {}
         self._first_cause: dict[str, int] = {}
 
     def setup(self, conn: sqlite3.Connection) -> None:
         conn.executescript(SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(stock)")}
         initial: list[tuple[str, float, float | None]] = []
         if self._config.initial_csv is not None:
             initial += read_initial_csv(self._config.initial_csv)
@@ -100,19 +115,32 @@ class StockLedger:
         # Initial levels apply once per SKU: a restart must not reset stock that sales have moved since.
         # safety_stock NULL means "the configured default", resolved at load, so changing the default works.
         conn.execute("BEGIN")
+        if "base_safety_stock" not in columns:
+            # A journal from before HQ rules: every threshold it holds was configured.
+            conn.execute("ALTER TABLE stock ADD COLUMN base_safety_stock REAL")
+            conn.execute("UPDATE stock SET base_safety_stock=safety_stock")
+        create_table(conn)
         conn.executemany(
-            "INSERT OR IGNORE INTO stock(sku, on_hand, safety_stock, low) VALUES (?,?,?,0)",
-            [(sku, on_hand, safety) for sku, on_hand, safety in initial],
+            "INSERT OR IGNORE INTO stock(sku, on_hand, low) VALUES (?,?,0)",
+            [(sku, on_hand) for sku, on_hand, _ in initial],
         )
-        # Thresholds from config always win: HQ changes them by changing config.
+        # Configured thresholds are read again at every start; HQ's rules (kept in the journal) override them.
         conn.executemany(
-            "UPDATE stock SET safety_stock=? WHERE sku=?", [(safety, sku) for sku, _, safety in initial]
+            "UPDATE stock SET base_safety_stock=? WHERE sku=?", [(safety, sku) for sku, _, safety in initial]
         )
+        apply_rule_thresholds(conn, read_rules(conn))
         conn.execute("COMMIT")
         self._load(conn)
 
     def _load(self, conn: sqlite3.Connection) -> None:
+        rules = read_rules(conn)
         default = self._config.default_safety_stock
+        self._sku_rules = {}
+        if rules is not None:
+            self._sku_rules = {sku: _dec(threshold) for sku, threshold in rules.sku_thresholds.items()}
+            if rules.default_threshold is not None:
+                default = rules.default_threshold
+        self._default = None if default is None else _dec(default)
         self._levels = {}
         for sku, on_hand, safety, low in conn.execute("SELECT sku, on_hand, safety_stock, low FROM stock"):
             threshold = safety if safety is not None else default
@@ -125,6 +153,9 @@ class StockLedger:
 
     def apply(self, seq: int, draft: Draft) -> None:
         model = draft.model
+        if draft.kind == "stock.adjusted":
+            self._adjust(seq, model if isinstance(model, StockAdjusted) else _adjustment(draft.data_json))
+            return
         if isinstance(model, PosReturn):
             sign = 1
         elif isinstance(model, PosSale):
@@ -135,14 +166,31 @@ class StockLedger:
             level = self._levels.get(line.sku)
             if level is None:
                 self._metrics.stock_unknown_sku.inc()
-                default = self._config.default_safety_stock
-                level = _Level(
-                    Decimal(0), None if default is None else _dec(default), False, Decimal(0), True
-                )
-                self._levels[line.sku] = level
+                level = self._new_level(line.sku)
             level.on_hand += sign * line.quantity
             self._moved[line.sku] = seq
             self._first_cause.setdefault(line.sku, seq)
+
+    def _adjust(self, seq: int, adjustment: StockAdjusted) -> None:
+        """HQ receiving, transfers and stock-takes. A SKU new to the ledger is expected here (new goods)."""
+        level = self._levels.get(adjustment.sku)
+        if level is None:
+            level = self._new_level(adjustment.sku)
+        if adjustment.set is not None:
+            level.on_hand = adjustment.set
+        elif adjustment.delta is not None:
+            level.on_hand += adjustment.delta
+        else:
+            return
+        self._moved[adjustment.sku] = seq
+        self._first_cause.setdefault(adjustment.sku, seq)
+
+    def _new_level(self, sku: str) -> _Level:
+        own = self._sku_rules.get(sku)
+        threshold = own if own is not None else self._default
+        level = _Level(Decimal(0), threshold, False, Decimal(0), own is None)
+        self._levels[sku] = level
+        return level
 
     def flush(self, conn: sqlite3.Connection, first_seq: int, last_seq: int) -> list[Draft]:
         if not self._moved:
@@ -191,6 +239,30 @@ class StockLedger:
             "details": {"on_hand": _text(level.on_hand), "safety_stock": safety},
         }
         return Draft("alert.raised", None, orjson.dumps(data))
+
+
+def apply_rule_thresholds(conn: sqlite3.Connection, rules: RuleSet | None) -> None:
+    """Make the ``stock`` table's thresholds those of ``rules`` (configured ones where no rule names the SKU).
+
+    Runs inside the caller's transaction: at start-up, and in ``rules.set`` together with storing the rules, so
+    both commit or neither does. The ledger reloads afterwards (the journal's ``transact`` does that)."""
+    conn.execute(
+        "UPDATE stock SET safety_stock=base_safety_stock WHERE safety_stock IS NOT base_safety_stock"
+    )
+    if rules is not None:
+        conn.executemany(
+            "UPDATE stock SET safety_stock=? WHERE sku=?",
+            [(threshold, sku) for sku, threshold in rules.sku_thresholds.items()],
+        )
+
+
+def _adjustment(data_json: bytes) -> StockAdjusted:
+    return StockAdjusted.model_validate_json(data_json)
+
+
+def quantity_text(value: float) -> str:
+    """A stock quantity read from the ``stock`` table, as events carry it: 12.5 -> '12.5', 3.0 -> '3'."""
+    return _text(_dec(value))
 
 
 def _dec(value: float) -> Decimal:

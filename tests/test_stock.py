@@ -583,3 +583,40 @@ async def test_ledger_after_kill_9_equals_the_sum_of_committed_events(tmp_path: 
         await s.commit(pos("AFTER", ("TEA", "1"), ("RICE", "1"), ("SOAP", "1")))
         after = {lv["sku"]: Decimal(lv["on_hand"]) for lv in s.levels(after=last)}
         assert after == {sku: v - 1 for sku, v in expected.items()}
+
+
+# --- HQ adjustments and rules (downlink commands; the full path is in tests/test_downlink.py) --------------
+
+
+def adjusted(request_id: str, sku: str, *, delta: str | None = None, count: str | None = None) -> Draft:
+    """A ``stock.adjusted`` draft as it may come back from disk: JSON only, no parsed model."""
+    data = {"sku": sku, "delta": delta, "set": count, "reason": "correction", "request_id": request_id}
+    return Draft("stock.adjusted", None, orjson.dumps(data), dedup_key=f"cmd:{request_id}")
+
+
+async def test_adjustments_move_stock_in_seq_order_once_per_request(tmp_path: Path) -> None:
+    async with store(tmp_path, config(("TEA", 10, 4))) as s:
+        await s.commit(pos("R1", ("TEA", "1")), adjusted("a-1", "TEA", delta="5"), pos("R2", ("TEA", "2")))
+        assert s.stock()["TEA"] == (12.0, 4.0, 0)
+        await s.commit(adjusted("a-1", "TEA", delta="5"))  # a replay: the journal drops it by its dedup key
+        await s.commit(adjusted("a-2", "TEA", count="3.5"), adjusted("a-3", "NEW", delta="2"))
+        assert s.stock() == {"TEA": (3.5, 4.0, 1), "NEW": (2.0, None, 0)}
+        assert [(lv["sku"], lv["on_hand"], lv["delta"]) for lv in s.levels()] == [
+            ("TEA", "12", "2"),
+            ("TEA", "3.5", "-8.5"),
+            ("NEW", "2", "2"),
+        ]
+        assert [a["subject"] for a in s.alerts()] == ["TEA"]
+        assert s.unknown_sku_count() == 0  # new goods arriving are no surprise
+
+
+async def test_a_journal_from_before_hq_rules_keeps_its_thresholds(tmp_path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(tmp_path / "journal.db", isolation_level=None)) as conn:
+        conn.execute(
+            "CREATE TABLE stock(sku TEXT PRIMARY KEY, on_hand REAL NOT NULL, safety_stock REAL, "
+            "updated_seq INTEGER, low INTEGER NOT NULL DEFAULT 0)"
+        )
+        conn.executemany("INSERT INTO stock VALUES (?,?,?,?,?)", [("TEA", 7, 5, 3, 0), ("OLD", 1, 0.5, 2, 0)])
+    async with store(tmp_path, config(("TEA", 10, 4))) as s:
+        assert s.stock() == {"TEA": (7.0, 4.0, 0), "OLD": (1.0, 0.5, 0)}
+        assert s.rows("SELECT sku, base_safety_stock FROM stock ORDER BY sku") == [("OLD", 0.5), ("TEA", 4.0)]

@@ -1,0 +1,217 @@
+"""Downlink commands from HQ: parsing, validation and responses (docs/OUTBOX.md, "Downlink commands").
+
+Pure code: bytes and a topic in, a typed :class:`Request` or a :class:`Refusal` out; and the response bytes.
+The I/O (MQTT session, journal) is :mod:`cloud_bridge.downlink`. Nothing here raises on bad input: every
+malformed command becomes a refusal with a code HQ can act on and a message that names the problem without
+echoing the values (a roster carries staff names).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Final, Literal
+
+import orjson
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cloud_bridge.topics import commands_topic
+from gateway.events import Sku
+from rules.documents import Planogram, Roster, RuleSet
+
+MAX_COMMAND_BYTES: Final = 256 * 1024
+MAX_RESEND_SEQS: Final = 100_000
+MAX_ERRORS_SHOWN: Final = 10
+
+ErrorCode = Literal["bad_json", "bad_request", "unknown_command", "invalid_args", "forbidden", "failed"]
+Status = Literal["ok", "duplicate", "error"]
+
+_REQUEST_ID: Final = re.compile(r"^[^\x00-\x1f\x7f]{1,64}$")
+_COMMAND_NAME: Final = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+"""Only a name of this shape is echoed back in a response (an unknown one included)."""
+_ENVELOPE_KEYS: Final = frozenset({"request_id", "command", "args"})
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class NoArgs(_Args):
+    """``ping`` and ``config.get`` take no arguments."""
+
+
+def _three_places(value: Decimal) -> Decimal:
+    if value != value.quantize(Decimal("0.001")):
+        raise ValueError("at most 3 decimal places (the stock ledger keeps 3)")
+    return value
+
+
+Adjustment = Annotated[
+    Decimal, Field(ge=-(10**6), le=10**6, allow_inf_nan=False), AfterValidator(_three_places)
+]
+
+
+class StockAdjust(_Args):
+    sku: Sku
+    delta: Adjustment | None = Field(default=None, description="Units added (negative: removed).")
+    set: Adjustment | None = Field(default=None, description="The counted on-hand (a stock-take).")
+    reason: Literal["receiving", "transfer_in", "transfer_out", "stocktake", "correction"]
+    note: Annotated[str, Field(max_length=500)] | None = None
+
+    @model_validator(mode="after")
+    def _delta_or_set(self) -> StockAdjust:
+        if (self.delta is None) == (self.set is None):
+            raise ValueError("give exactly one of delta and set")
+        return self
+
+
+class Resend(_Args):
+    from_seq: int = Field(ge=1, le=2**63 - 1)
+    to_seq: int = Field(ge=1, le=2**63 - 1)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Resend:
+        if self.from_seq > self.to_seq:
+            raise ValueError("from_seq must not be above to_seq")
+        if self.to_seq - self.from_seq >= MAX_RESEND_SEQS:
+            raise ValueError(f"at most {MAX_RESEND_SEQS} seqs per resend")
+        return self
+
+
+Args = NoArgs | StockAdjust | Roster | Planogram | RuleSet | Resend
+
+ARGS: Final[dict[str, type[Args]]] = {
+    "ping": NoArgs,
+    "config.get": NoArgs,
+    "stock.adjust": StockAdjust,
+    "roster.set": Roster,
+    "planogram.set": Planogram,
+    "rules.set": RuleSet,
+    "resend": Resend,
+}
+COMMANDS: Final = tuple(ARGS)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A command that passed every check: from HQ's own topic, well formed, with valid args."""
+
+    request_id: str
+    command: str
+    args: Args
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A command that is answered with an error and changes nothing."""
+
+    request_id: str | None
+    command: str | None
+    code: ErrorCode
+    message: str
+
+
+def authorised(topic: str, prefix: str, store_id: str, gateway_id: str) -> bool:
+    """Only this gateway's own command topic: a command for another store or gateway is never obeyed, whatever
+    route it took here (a stale persistent subscription, a broker ACL mistake)."""
+    return topic == commands_topic(prefix, store_id, gateway_id)
+
+
+def parse_command(
+    payload: bytes, topic: str, prefix: str, store_id: str, gateway_id: str
+) -> Request | Refusal:
+    """Check a command in the order that lets the most useful answer go back: size, JSON, envelope, topic,
+    command name, args. The request id and command are read as early as possible, so a refusal carries them
+    when they are readable (null otherwise)."""
+    allowed = authorised(topic, prefix, store_id, gateway_id)
+    if len(payload) > MAX_COMMAND_BYTES:
+        code: ErrorCode = "bad_request" if allowed else "forbidden"
+        return Refusal(None, None, code, f"command is {len(payload)} bytes; at most {MAX_COMMAND_BYTES}")
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError as err:
+        return Refusal(None, None, "bad_json" if allowed else "forbidden", f"not JSON: {str(err)[:200]}")
+    if not isinstance(body, dict):
+        return Refusal(None, None, "bad_request" if allowed else "forbidden", "a command is a JSON object")
+    raw_id, raw_command = body.get("request_id"), body.get("command")
+    request_id = raw_id if isinstance(raw_id, str) and _REQUEST_ID.match(raw_id) else None
+    command = raw_command if isinstance(raw_command, str) and _COMMAND_NAME.match(raw_command) else None
+    if not allowed:
+        return Refusal(
+            request_id, command, "forbidden", "commands are accepted only on this gateway's own topic"
+        )
+    if request_id is None:
+        return Refusal(None, command, "bad_request", "request_id must be a string of 1-64 characters")
+    if not isinstance(raw_command, str):
+        return Refusal(request_id, None, "bad_request", "command must be a string")
+    if command not in ARGS:
+        return Refusal(request_id, command, "unknown_command", f"known commands: {', '.join(COMMANDS)}")
+    extra = sorted(str(k)[:64] for k in body.keys() - _ENVELOPE_KEYS)
+    if extra:
+        return Refusal(request_id, command, "bad_request", f"unknown field(s): {', '.join(extra[:5])}")
+    args = body.get("args", {})
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        return Refusal(request_id, command, "invalid_args", "args must be a JSON object")
+    try:
+        return Request(request_id, command, ARGS[command].model_validate(args))
+    except ValidationError as err:
+        return Refusal(request_id, command, "invalid_args", describe(err))
+
+
+def describe(err: ValidationError) -> str:
+    """The validation errors as ``path: message``, without the offending values."""
+    parts = []
+    for e in err.errors(include_url=False, include_input=False, include_context=False)[:MAX_ERRORS_SHOWN]:
+        where = ".".join(str(p) for p in e["loc"])
+        parts.append(f"{where}: {e['msg']}" if where else str(e["msg"]))
+    more = err.error_count() - MAX_ERRORS_SHOWN
+    return "; ".join(parts)[:1000] + (f" (+{more} more)" if more > 0 else "")
+
+
+def metric_command(command: str | None) -> str:
+    """The ``command`` label of the commands metric: a known name, or 'other' (labels stay bounded)."""
+    return command if command in ARGS else "other"
+
+
+def build_response(
+    *,
+    request_id: str | None,
+    command: str | None,
+    status: Status,
+    store_id: str,
+    gateway_id: str,
+    result: Any = None,
+    error: tuple[ErrorCode, str] | None = None,
+    at: datetime | None = None,
+) -> bytes:
+    """The response JSON (docs/OUTBOX.md): ``error`` is null unless ``status`` is 'error'."""
+    stamp = (
+        (at or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+    return orjson.dumps(
+        {
+            "request_id": request_id,
+            "command": command,
+            "status": status,
+            "error": None if error is None else {"code": error[0], "message": error[1]},
+            "result": result,
+            "store_id": store_id,
+            "gateway_id": gateway_id,
+            "at": stamp,
+        }
+    )
+
+
+def refusal_response(refusal: Refusal, store_id: str, gateway_id: str) -> bytes:
+    return build_response(
+        request_id=refusal.request_id,
+        command=refusal.command,
+        status="error",
+        store_id=store_id,
+        gateway_id=gateway_id,
+        error=(refusal.code, refusal.message),
+    )
