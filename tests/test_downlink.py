@@ -428,7 +428,7 @@ async def test_a_command_from_a_stale_subscription_is_forbidden(
     to another store and kept its client id): what arrives there is refused, answered and counted."""
     config = gateway_config(rig.journal.path.parent, hq_broker.port, client_id="moved-box")
     other = commands_topic(PREFIX, "hk-002", GW)
-    stale = MqttClient(config.hq, "moved-box", clean_start=False)
+    stale = MqttClient(config.hq, config.client_id("downlink", config.hq), clean_start=False)
     await stale.connect()
     await stale.subscribe([(other, 1)])
     await stale.disconnect()
