@@ -289,6 +289,9 @@ class GatewayConfig(StrictModel):
 
     def client_id(self, role: str, broker: BrokerConfig) -> str:
         """The MQTT client id for one role; stable across restarts so persistent sessions survive."""
-        return broker.client_id or re.sub(
-            r"[^A-Za-z0-9._-]", "-", f"{self.store.id}-{self.gateway_id}-{role}"
-        )
+        if broker.client_id is not None:
+            # The configured id is the main connection's; a second connection to the same broker (the HQ
+            # downlink beside the uplink) must not take over its session, so it gets the role appended.
+            main = role == "uplink" or role.startswith("intake-")
+            return broker.client_id if main else f"{broker.client_id}-{role}"
+        return re.sub(r"[^A-Za-z0-9._-]", "-", f"{self.store.id}-{self.gateway_id}-{role}")

@@ -14,6 +14,7 @@ from typing import Any, Final
 
 import orjson
 
+from cloud_bridge.downlink import Downlink
 from cloud_bridge.uplink import Uplink
 from cloud_bridge.wire import CLASSES
 from drivers.mqtt.driver import MqttIntake
@@ -69,6 +70,9 @@ class Gateway:
             for d in config.drivers
         ]
         self.uplink = Uplink(config, self.journal, self.metrics, config_hash)
+        self.downlink = Downlink(
+            config, self.journal, self.metrics, config_hash, self.uplink.resend, self.health
+        )
         self.started = asyncio.Event()
         self._api_bound: list[int] = []
         self._api_started = asyncio.Event()
@@ -103,6 +107,7 @@ class Gateway:
             },
             "disk_low": self.journal.disk_low,
             "hq_connected": self.uplink.connected,
+            "hq_commands_connected": self.downlink.connected,
             "drivers": drivers,
         }
 
@@ -126,6 +131,7 @@ class Gateway:
             async with asyncio.TaskGroup() as tg:
                 writer = tg.create_task(self.journal.run(), name="journal-writer")
                 uplink = tg.create_task(self.uplink.run(), name="uplink")
+                downlink = tg.create_task(self.downlink.run(), name="downlink")
                 clock = tg.create_task(
                     ClockWatcher(self.clock, self.journal.submit).run(), name="clock-watch"
                 )
@@ -136,6 +142,7 @@ class Gateway:
                 _LOGGER.info("stopping: taking no more device messages")
                 for intake in self.intakes:
                     intake.pause()
+                downlink.cancel()  # a command in progress still commits below; it is answered again next start
                 await self._flush_for_shutdown()
                 for task in drivers:
                     task.cancel()
