@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import sqlite3
@@ -35,7 +36,6 @@ from gateway.config import JournalConfig, OutboxConfig
 from gateway.events import SCHEMA_VERSION, uuid7
 from gateway.metrics import Metrics
 from gateway.outbox import (
-    DEFAULT_KIND_CLASSES,
     TELEMETRY,
     ClassState,
     KindClasses,
@@ -129,7 +129,8 @@ class Draft:
     origin: object = None
     """The connection it came in on; its items are dropped if that connection dies before they commit."""
     done: Callable[[int | None], None] | None = None
-    """Called after COMMIT with the event's seq, or None when it was a redelivery (dedup key seen before)."""
+    """Called after COMMIT, on the journal's writer thread, with the event's seq, or None when it was a redelivery
+    (dedup key seen before). Keep it tiny; ``ack`` runs on the event loop afterwards."""
 
 
 @dataclass(slots=True)
@@ -266,6 +267,10 @@ class Journal:
         self._budget_checked_bytes = 0
         self._next_housekeeping = 0.0
         self._progress = 0
+        """Eviction steps committed (read by the loop between steps to tell progress from a failed commit)."""
+        self._after_commit: list[Callable[[], None]] = []
+        """Bookkeeping of work done inside the current transaction (writer thread): run after its COMMIT,
+        dropped on rollback, so metrics and counters never count what was rolled back."""
         self._overall_evicting = False
         prefix = orjson.dumps({"store_id": store_id, "gateway_id": gateway_id})
         self._ids_json = prefix[1:-1]
@@ -309,6 +314,7 @@ class Journal:
         self._reservation.ensure(self.last_seq)
         self._metrics.last_seq.set(self.last_seq)
         self._metrics.delivered_seq.set(self.delivered_seq)
+        self._outbox_gauges()
 
     def _replace_corrupt(self, reason: str) -> None:
         """Move an unreadable journal aside and start a fresh one above every seq the old one may have used;
@@ -327,12 +333,22 @@ class Journal:
         )
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        """Journals from before the outbox have no ``cls`` column: add it and classify their events once."""
+        """Journals from before the outbox have no ``cls`` column: add it and classify their events once, with
+        the same mapping new events get (config overrides; unknown kinds are telemetry). One transaction: a
+        crash half-way must not leave a column whose presence says the events are classified when they are not."""
         columns = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
         if "cls" not in columns:
-            conn.execute("ALTER TABLE events ADD COLUMN cls INTEGER NOT NULL DEFAULT 1")
-            for kind, cls in DEFAULT_KIND_CLASSES.items():
-                conn.execute("UPDATE events SET cls=? WHERE kind=?", (cls, kind))
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("ALTER TABLE events ADD COLUMN cls INTEGER NOT NULL DEFAULT 1")
+                kinds = [row[0] for row in conn.execute("SELECT DISTINCT kind FROM events")]
+                conn.executemany(
+                    "UPDATE events SET cls=? WHERE kind=?", [(self.kind_class(kind), kind) for kind in kinds]
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
         conn.execute(CLASS_INDEX)
 
     def _load_state(self, conn: sqlite3.Connection, legacy_delivered: int) -> None:
@@ -528,16 +544,10 @@ class Journal:
         commits it enforces the disk budget and, every ``housekeeping_interval_s``, TTLs and the quarantine cap."""
         loop = asyncio.get_running_loop()
         delay = self._config.commit_max_delay_ms / 1000
+        idle = min(DISK_CHECK_S, self._outbox.housekeeping_interval_s)
         try:
             while True:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(DISK_CHECK_S):
-                        await self._wakeup.wait()
-                if self._wakeup.is_set():
-                    if delay and len(self._queue) < self._config.commit_max_events:
-                        await asyncio.sleep(delay)
-                    self._wakeup.clear()
-                    await self._commit_once(loop)
+                # First thing at start (disk check, TTL), then after every commit or idle second.
                 try:
                     await self._maintain(loop)
                 except sqlite3.Error as err:
@@ -546,6 +556,14 @@ class Journal:
                     _LOGGER.exception("outbox housekeeping failed, retrying later")
                 if self._queue:
                     self._wakeup.set()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(idle):
+                        await self._wakeup.wait()
+                if self._wakeup.is_set():
+                    if delay and len(self._queue) < self._config.commit_max_events:
+                        await asyncio.sleep(delay)
+                    self._wakeup.clear()
+                    await self._commit_once(loop)
         finally:
             self._stopping = True
             await asyncio.shield(self._drain(loop))
@@ -609,6 +627,8 @@ class Journal:
         self._commit_done.set()
         if result is not None:
             self._publish(result)
+        elif not leftover:
+            self._outbox_gauges()
         if acks_written:
             for listener in self._persist_listeners:
                 listener()
@@ -637,12 +657,16 @@ class Journal:
             self._metrics.duplicates.labels(driver).inc(count)
         for r in result.rejected:
             self._metrics.quarantined.labels(r.driver, r.reason).inc()
+        self._outbox_gauges()
+        for listener in self._listeners:
+            listener(result)
+
+    def _outbox_gauges(self) -> None:
+        """After every COMMIT, also those that wrote no event (acknowledgements, pruning delivered events)."""
         for cls, state in self.state.items():
             name = CLASSES[cls]
             self._metrics.outbox_pending.labels(name).set(state.pending_events)
             self._metrics.outbox_bytes.labels(name).set(state.stored_bytes)
-        for listener in self._listeners:
-            listener(result)
 
     def _commit_sync(
         self,
@@ -729,6 +753,7 @@ class Journal:
                 self._write_state(conn, changed)
             conn.execute("COMMIT")
         except BaseException:
+            self._after_commit.clear()
             # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR): a ROLLBACK then fails,
             # and must neither hide the real error nor skip reloading the processors' in-memory state.
             try:
@@ -742,6 +767,9 @@ class Journal:
             raise
         self.state = work
         self.last_seq = seq
+        hooks, self._after_commit = self._after_commit, []
+        for hook in hooks:
+            hook()
         self._reservation.ensure(seq)
         for row in rows:
             self.class_last_seq[row[7]] = row[0]
@@ -863,10 +891,14 @@ class Journal:
             1024 * 1024, self._outbox.max_bytes // 100
         )
         if self._refused and (housekeeping or not self.disk_low):
-            await self._commit_once(loop, self._report_refused)
+            count, nbytes = self._refused, self._refused_bytes
+            reported: list[bool] = []
+            await self._commit_once(loop, functools.partial(self._report_refused, count, nbytes, reported))
+            if reported:  # else the commit failed: the refusals stay counted for the next try
+                self._refused -= count
+                self._refused_bytes -= nbytes
         if not (housekeeping or over or grown):
             return
-        self._budget_checked_bytes = self.stored_bytes
         for _ in range(100_000):  # bounded: each step evicts a chunk or stops
             step = await loop.run_in_executor(self._writer, self._plan_eviction, housekeeping)
             if step is None:
@@ -877,6 +909,9 @@ class Journal:
                 break  # nothing removed (or the commit failed): try again later
             if self._queue:
                 await self._commit_once(loop)  # intake keeps flowing between eviction steps
+        # Growth is measured from what is left after evicting: measured from before, whatever was freed would
+        # have to be written again before the next check, and the journal would overshoot its cap by that much.
+        self._budget_checked_bytes = self.stored_bytes
         if housekeeping:
             await loop.run_in_executor(self._writer, self._trim_quarantine)
 
@@ -896,12 +931,21 @@ class Journal:
             self.disk_low = low
 
     def _report_refused(
-        self, conn: sqlite3.Connection, work: dict[int, ClassState], moved: dict[int, int]
+        self,
+        count: int,
+        nbytes: int,
+        reported: list[bool],
+        conn: sqlite3.Connection,
+        work: dict[int, ClassState],
+        moved: dict[int, int],
     ) -> list[Draft]:
-        count, nbytes = self._refused, self._refused_bytes
-        self._refused = self._refused_bytes = 0
-        reports = eviction_reports(TELEMETRY, "disk_low", [], nbytes, refused=count)
-        self._metrics.outbox_evicted.labels("telemetry", "disk_low").inc(count)
+        reports = eviction_reports(TELEMETRY, "disk_low", [], refused=count, refused_bytes=nbytes)
+
+        def committed() -> None:
+            self._metrics.outbox_evicted.labels("telemetry", "disk_low").inc(count)
+            reported.append(True)
+
+        self._after_commit.append(committed)
         return [Draft("outbox.evicted", None, orjson.dumps(r)) for r in reports]
 
     def _over_class_budget(self) -> int | None:
@@ -937,15 +981,18 @@ class Journal:
             assert budget_bytes is not None
             delivered = self.state[cls].stored_events > self.state[cls].pending_events
             return functools.partial(
-                self._evict, cls, delivered, "class_budget", int(budget_bytes * BUDGET_HEADROOM)
+                self._evict, cls, delivered, "class_budget", int(budget_bytes * BUDGET_HEADROOM), None
             )
         limit = self._outbox.max_bytes
         used = self._used_bytes()
         if used > limit or (self._overall_evicting and used > limit * BUDGET_HEADROOM):
             self._overall_evicting = True
-            for victim in eviction_order(self.state):
-                if self._has_rows(victim.cls, victim.delivered):
-                    return functools.partial(self._evict, victim.cls, victim.delivered, "disk_budget", None)
+            # Event bytes stand in for pages (a row frees at least its body, plus index entries); each step frees
+            # about the excess and the next one measures again, so eviction stops near 5% under the cap
+            # instead of removing whole chunks.
+            free = max(1, used - int(limit * BUDGET_HEADROOM))
+            if any(self._has_rows(v.cls, v.delivered) for v in eviction_order(self.state)):
+                return functools.partial(self._evict_for_disk, free)
         self._overall_evicting = False
         return None
 
@@ -978,11 +1025,33 @@ class Journal:
             "SELECT seq, length(body), recorded_at FROM events WHERE cls=? ORDER BY seq LIMIT ?",
             (cls, EVICT_CHUNK),
         ).fetchall()
-        expired = [(seq, size) for seq, size, at in rows if at < cutoff]
-        # Rows are in seq order and recorded_at grows with seq: expired ones form a prefix.
+        # Only the expired prefix: a wall-clock step back makes recorded_at non-monotonic in seq, and eviction
+        # removes a seq range and moves the delivered watermark past it, so it must never skip a live row.
+        expired = [(seq, size) for seq, size, _ in itertools.takewhile(lambda r: r[2] < cutoff, rows)]
         if not expired:
             return []
         return self._remove(conn, work, moved, cls, expired, "ttl")
+
+    def _evict_for_disk(
+        self, free_bytes: int, conn: sqlite3.Connection, work: dict[int, ClassState], moved: dict[int, int]
+    ) -> list[Draft]:
+        """One disk-budget step: free ``free_bytes`` going down the eviction order, at most EVICT_CHUNK rows.
+
+        The whole order in one step: intake commits between steps, and a step that took only its first victim
+        would find fresh telemetry every time and never reach ``state`` while the journal grows past its cap."""
+        drafts: list[Draft] = []
+        left = EVICT_CHUNK
+        for victim in eviction_order(work):
+            if free_bytes <= 0 or left <= 0:
+                break
+            before = work[victim.cls].stored_bytes
+            stored = work[victim.cls].stored_events
+            drafts += self._evict(
+                victim.cls, victim.delivered, "disk_budget", None, free_bytes, conn, work, moved, left
+            )
+            free_bytes -= before - work[victim.cls].stored_bytes
+            left -= stored - work[victim.cls].stored_events
+        return drafts
 
     def _evict(
         self,
@@ -990,18 +1059,22 @@ class Journal:
         delivered: bool,
         reason: str,
         down_to: int | None,
+        free_bytes: int | None,
         conn: sqlite3.Connection,
         work: dict[int, ClassState],
         moved: dict[int, int],
+        max_rows: int = EVICT_CHUNK,
     ) -> list[Draft]:
+        """Remove the oldest events of ``cls`` (delivered ones, or undelivered ones) in one chunk: just enough to
+        bring the class's bytes down to ``down_to`` (class budget), or to free ``free_bytes`` (disk budget)."""
         state = work[cls]
         if delivered:
             sql = "SELECT seq, length(body) FROM events WHERE cls=? AND seq<=? ORDER BY seq LIMIT ?"
         else:
             sql = "SELECT seq, length(body) FROM events WHERE cls=? AND seq>? ORDER BY seq LIMIT ?"
-        rows = conn.execute(sql, (cls, state.delivered_seq, EVICT_CHUNK)).fetchall()
-        if down_to is not None:
-            excess = state.stored_bytes - down_to
+        rows = conn.execute(sql, (cls, state.delivered_seq, max_rows)).fetchall()
+        excess = state.stored_bytes - down_to if down_to is not None else free_bytes
+        if excess is not None:
             total = 0
             for n, (_, size) in enumerate(rows):
                 total += size
@@ -1030,21 +1103,28 @@ class Journal:
         nbytes = sum(size for _, size in rows)
         new = state.removed(len(rows), nbytes, len(lost), last if lost else None)
         work[cls] = new
-        self._progress += 1
+        name = CLASSES[cls]
+
+        def committed() -> None:
+            self._progress += 1
+            if len(rows) > len(lost):  # a chunk may hold both (TTL): delivered ones are pruned, not lost
+                self._metrics.outbox_pruned.labels(name).inc(len(rows) - len(lost))
+            if lost:
+                self._metrics.outbox_evicted.labels(name, reason).inc(len(lost))
+                _LOGGER.warning(
+                    "outbox: evicted %d undelivered %s events (seq %d..%d, %s)",
+                    len(lost),
+                    name,
+                    lost[0][0],
+                    last,
+                    reason,
+                )
+
+        self._after_commit.append(committed)
         if not lost:
-            self._metrics.outbox_pruned.labels(CLASSES[cls]).inc(len(rows))
             return []
         moved[cls] = last
-        self._metrics.outbox_evicted.labels(CLASSES[cls], reason).inc(len(lost))
-        _LOGGER.warning(
-            "outbox: evicted %d undelivered %s events (seq %d..%d, %s)",
-            len(lost),
-            CLASSES[cls],
-            lost[0][0],
-            last,
-            reason,
-        )
-        reports = eviction_reports(cls, reason, [s for s, _ in lost], sum(size for _, size in lost))
+        reports = eviction_reports(cls, reason, lost)
         return [Draft("outbox.evicted", None, orjson.dumps(r)) for r in reports]
 
     def _trim_quarantine(self) -> None:

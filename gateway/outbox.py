@@ -6,7 +6,7 @@ contract is docs/OUTBOX.md.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
@@ -119,18 +119,30 @@ def eviction_order(states: Mapping[int, ClassState]) -> Iterable[Victim]:
 
 
 def eviction_reports(
-    cls: int, reason: str, seqs: list[int], nbytes: int, refused: int = 0
+    cls: int, reason: str, evicted: Sequence[tuple[int, int]], refused: int = 0, refused_bytes: int = 0
 ) -> list[dict[str, object]]:
-    """``outbox.evicted`` payloads for evicted seqs (ascending), at most MAX_RANGES_PER_REPORT runs each."""
-    runs = seq_ranges(seqs)
+    """``outbox.evicted`` payloads for evicted ``(seq, bytes)`` rows (ascending seq), at most
+    MAX_RANGES_PER_REPORT runs each; each part carries the exact bytes of its own seqs. With no rows: one
+    report of ``refused`` events (``disk_low``)."""
+    runs = seq_ranges([seq for seq, _ in evicted])
     if not runs:
-        return [{"class": class_name(cls), "reason": reason, "count": refused, "bytes": nbytes, "ranges": []}]
+        return [
+            {
+                "class": class_name(cls),
+                "reason": reason,
+                "count": refused,
+                "bytes": refused_bytes,
+                "ranges": [],
+            }
+        ]
     reports: list[dict[str, object]] = []
+    done = 0
     for start in range(0, len(runs), MAX_RANGES_PER_REPORT):
         part = runs[start : start + MAX_RANGES_PER_REPORT]
         count = sum(b - a + 1 for a, b in part)
-        share = nbytes * count // max(1, len(seqs))
+        nbytes = sum(size for _, size in evicted[done : done + count])
+        done += count
         reports.append(
-            {"class": class_name(cls), "reason": reason, "count": count, "bytes": share, "ranges": part}
+            {"class": class_name(cls), "reason": reason, "count": count, "bytes": nbytes, "ranges": part}
         )
     return reports
