@@ -460,6 +460,8 @@ def _positive(text: str) -> float:
 
 def broker_config(args: argparse.Namespace) -> BrokerConfig:
     """The HQ broker settings from the command line; raises :class:`CliError`."""
+    if not args.no_share and (not args.share_group or any(c in args.share_group for c in "/+#")):
+        raise CliError(f"--share-group {args.share_group!r}: a share group is one topic level (no / + #)")
     password: SecretStr | None = None
     if args.password_file is not None:
         if args.username is None:

@@ -642,6 +642,7 @@ def test_cli_refuses_unusable_options(tmp_path: Path, capsys: pytest.CaptureFixt
         ("--username", "hq", "--password-file", str(tmp_path / "nope")): "cannot read --password-file",
         ("--cert-file", str(secret)): "cert_file and key_file go together",
         ("--ca-file", str(tmp_path / "nope.pem")): "--ca-file",
+        ("--share-group", "a/b"): "a share group is one topic level",
     }
     for args, message in cases.items():
         assert receiver_main(["--db", str(tmp_path / "hq.db"), *args]) == 1
