@@ -872,12 +872,24 @@ async def test_flush_with_nothing_pending_returns(tmp_path: Path) -> None:
         assert journal.last_seq == 0
 
 
-async def test_open_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+async def test_open_moves_a_file_that_is_not_a_database_aside(tmp_path: Path) -> None:
     (tmp_path / "journal.db").write_bytes(b"this is not sqlite" * 100)
+    journal = new_journal(tmp_path)
+    async with running(journal):
+        assert journal.replaced is not None
+        assert journal.replaced["rule"] == "journal.corrupt"
+        journal.submit(status(1))
+    assert [p.name for p in tmp_path.glob("journal.db.corrupt-*")]
+    assert journal.last_seq == 1  # nothing was ever reserved: a fresh journal starts at 1
+
+
+async def test_open_refuses_a_journal_it_cannot_read_for_other_reasons(tmp_path: Path) -> None:
+    (tmp_path / "journal.db").mkdir()  # not damage (a directory): never moved aside
     journal = new_journal(tmp_path)
     with pytest.raises(JournalError, match=r"cannot open journal .*journal\.db"):
         await journal.open()
     await journal.close()
+    assert (tmp_path / "journal.db").is_dir()
 
 
 async def test_open_creates_the_data_directory(tmp_path: Path) -> None:

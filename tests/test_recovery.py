@@ -206,12 +206,17 @@ async def test_probe_agrees_with_the_journal(tmp_path: Path) -> None:
             assert journal.submit(pos_draft(f"R{n}", [("SKU-1", "1")]))
     assert probe(journal.path) is None
 
+    last = journal.last_seq
     wreck(journal.path)
     assert probe(journal.path) is not None
-    broken = new_journal(tmp_path)
-    with pytest.raises(JournalError):
-        await broken.open()
-    await broken.close()
+    fresh = new_journal(tmp_path)
+    async with running(fresh):
+        # Moved aside, started above every seq the old journal may have used, with the alert to send.
+        assert fresh.replaced is not None
+        assert fresh.replaced["details"]["possibly_lost"] == [1, fresh.last_seq]
+        assert fresh.last_seq > last
+        assert fresh.submit(pos_draft("R-new", [("SKU-1", "1")]))
+    assert probe(fresh.path) is None
 
 
 # --- move aside and salvage -------------------------------------------------------------------------
