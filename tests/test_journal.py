@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import sqlite3
 import threading
 import uuid
@@ -598,7 +599,8 @@ async def test_note_delivered_persists_across_reopen(tmp_path: Path) -> None:
     journal = new_journal(tmp_path)
     async with running(journal):
         assert (journal.last_seq, journal.delivered_seq) == (6, 5)
-        assert journal.backlog == 1 and not journal.caught_up
+        assert journal.backlog == 1
+        assert not journal.caught_up
 
 
 # --- reads for the uplink -------------------------------------------------------------------------
@@ -879,7 +881,7 @@ async def test_open_moves_a_file_that_is_not_a_database_aside(tmp_path: Path) ->
         assert journal.replaced is not None
         assert journal.replaced["rule"] == "journal.corrupt"
         journal.submit(status(1))
-    assert [p.name for p in tmp_path.glob("journal.db.corrupt-*")]
+    assert any(p.name.startswith("journal.db.corrupt-") for p in os.scandir(tmp_path))
     assert journal.last_seq == 1  # nothing was ever reserved: a fresh journal starts at 1
 
 

@@ -16,7 +16,6 @@ import pytest
 
 from gateway import journal as journal_module
 from gateway.events import AlertRaised
-from gateway.journal import JournalError
 from gateway.recovery import (
     SEQ_FILE,
     SeqReservation,
