@@ -881,7 +881,7 @@ async def test_open_moves_a_file_that_is_not_a_database_aside(tmp_path: Path) ->
         assert journal.replaced is not None
         assert journal.replaced["rule"] == "journal.corrupt"
         journal.submit(status(1))
-    assert any(p.name.startswith("journal.db.corrupt-") for p in os.scandir(tmp_path))
+    assert any(name.startswith("journal.db.corrupt-") for name in os.listdir(tmp_path))
     assert journal.last_seq == 1  # nothing was ever reserved: a fresh journal starts at 1
 
 
