@@ -58,13 +58,16 @@ def status_payload(status: str, config_hash: str | None, reason: str | None = No
 class TokenBucket:
     """Rate limit in events/s and bytes/s (0 = unlimited). A batch may overdraw; the debt is waited out."""
 
-    def __init__(self, events_per_s: int, bytes_per_s: int) -> None:
+    def __init__(
+        self, events_per_s: int, bytes_per_s: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._rates = (events_per_s, bytes_per_s)
         self._tokens = [float(events_per_s), float(bytes_per_s)]
-        self._at = time.monotonic()
+        self._clock = clock
+        self._at = clock()
 
     def _refill(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         elapsed, self._at = now - self._at, now
         for i, rate in enumerate(self._rates):
             if rate:
@@ -169,7 +172,11 @@ class Uplink:
         """Queue a resend of seqs first..last still on disk; answers which ranges will go and which are gone."""
         if not 1 <= first <= last or last - first >= MAX_RESEND_SEQS:
             raise ValueError(f"resend needs 1 <= from_seq <= to_seq and at most {MAX_RESEND_SEQS} seqs")
-        present = [seq for seq, _ in await self._journal.read_range(first, last, MAX_RESEND_SEQS, 2**62)]
+        # Seqs only: the bodies (up to 100,000 of them) are read batch by batch when they are sent.
+        rows = await self._journal.query(
+            "SELECT seq FROM events WHERE seq>=? AND seq<=? ORDER BY seq", (first, last)
+        )
+        present = [row[0] for row in rows]
         have = set(present)
         missing = [seq for seq in range(first, last + 1) if seq not in have]
         if present:
@@ -180,14 +187,20 @@ class Uplink:
     # --- delivery -----------------------------------------------------------------------------------
 
     def _pick(self, pos: dict[int, int], used: int) -> int | None:
-        """The class whose batch goes next, or None (window full, or nothing waiting)."""
+        """The class whose batch goes next, or None (window full, or nothing waiting).
+
+        Critical first, always, with one slot beyond the window: an anti-starvation turn taken while an alert
+        waits would put the alert behind that batch and behind the drain rate limit it is exempt from. The
+        turns count non-critical batches only, so alerts do not take telemetry's turn either."""
         last = self._journal.class_last_seq
         waiting = [c for c in pos if last[c] > pos[c]]
         if not waiting:
             return None
         window = self._hq.inflight_batches
+        if CRITICAL in waiting:
+            return CRITICAL if used < window + 1 else None
         if used >= window:
-            return CRITICAL if CRITICAL in waiting and used < window + 1 else None
+            return None
         every = self._hq.low_class_every
         if len(waiting) > 1 and self._picks % every == every - 1:
             return max(waiting)
@@ -263,11 +276,16 @@ class Uplink:
                     if not rows:
                         pos[cls] = max(pos[cls], seen)  # evicted meanwhile
                         continue
-                    through = self._complete_through(pos, journal.class_last_seq, inflight)
+                    # This class's head is the batch's own first seq: anything of the class below it and above pos
+                    # was evicted, and its report (critical, sent first) is already on its way.
+                    through = self._complete_through(
+                        {**pos, cls: rows[0][0] - 1}, journal.class_last_seq, inflight
+                    )
                     batch = await self._send(client, loop, cls, rows, through)
                     inflight[cls].append(batch)
                     pos[cls] = batch.last
-                    self._picks += 1
+                    if cls != CRITICAL:
+                        self._picks += 1
                 busy = any(inflight.values()) or resending
                 if not busy and not self._resends and all(journal.class_last_seq[c] <= pos[c] for c in pos):
                     if not healthy:
