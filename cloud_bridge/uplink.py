@@ -124,6 +124,10 @@ class Uplink:
         self._resends: deque[list[int]] = deque()
         self._client: MqttClient | None = None
         self._picks = 0
+        self._settling: deque[int] = deque()
+        """Acknowledged batches (by ack generation) whose watermark the journal has not yet written: they still
+        hold a window slot, so a SIGKILL resends at most one window. Kept across sessions: a link that flaps
+        while the journal cannot write (disk full) must not get a fresh window per connection."""
         self.stopping = False
         """Set before cancelling run(): the session then leaves a retained 'offline' status behind."""
         journal.add_listener(self._on_commit)
@@ -228,9 +232,6 @@ class Uplink:
         pos = dict(journal.delivered)
         inflight: dict[int, deque[_Sent]] = {c: deque() for c in pos}
         resending: deque[_Sent] = deque()
-        settling: deque[int] = deque()
-        """Acknowledged batches (by ack generation) whose watermark the journal has not yet written: they still
-        hold a window slot, so a SIGKILL resends at most one window."""
         closed = asyncio.ensure_future(client.wait_closed())
         timer: asyncio.Future[None] | None = None
         loop = asyncio.get_running_loop()
@@ -242,18 +243,18 @@ class Uplink:
                         batch = sent.popleft()
                         self._settle(batch)
                         journal.note_delivered(cls, batch.last)
-                        settling.append(journal.ack_generation[0])
+                        self._settling.append(journal.ack_generation[0])
                         if not healthy:
                             healthy = True
                             up()
                 while resending and resending[0].future.done():
                     self._settle(resending.popleft())
                 persisted = journal.ack_generation[1]
-                while settling and settling[0] <= persisted:
-                    settling.popleft()
+                while self._settling and self._settling[0] <= persisted:
+                    self._settling.popleft()
                 # Fill the window.
                 while True:
-                    used = sum(map(len, inflight.values())) + len(resending) + len(settling)
+                    used = sum(map(len, inflight.values())) + len(resending) + len(self._settling)
                     picked = self._pick(pos, used)
                     if picked is None and self._resends and used < self._hq.inflight_batches:
                         picked = -1

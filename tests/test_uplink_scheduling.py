@@ -243,6 +243,45 @@ async def test_an_alert_overtakes_a_rate_limited_backlog(
         hq.check_complete_through()
 
 
+async def test_a_reconnect_does_not_open_a_new_window_while_acks_are_not_on_disk(
+    tmp_path: Path, hq_broker: Mosquitto
+) -> None:
+    """The journal cannot write (here: its writer is stopped), so HQ's acks stay in memory; the window holds
+    them. A dropped connection must not give the next session a fresh window on top (a SIGKILL would then
+    resend both), and once the writer persists them, delivery goes on."""
+    journal = outbox_journal(tmp_path)
+    config = gateway_config(tmp_path, hq_broker, batch_max_events=5, inflight_batches=2)
+    await journal.open()
+    writer = asyncio.create_task(journal.run())
+    submit_all(journal, [sale(i) for i in range(40)])
+    await flushed(journal)
+    writer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await writer
+    try:
+        async with hq_subscriber(hq_broker) as hq:
+            uplink = Uplink(config, journal, Metrics(), None)
+            async with uplink_running(uplink):
+                await until(lambda: journal.delivered[TRANSACTION] == 10, "two batches acknowledged")
+                assert not journal.acks_persisted
+                first = uplink._client
+                assert first is not None
+                await first.disconnect()
+                await until(lambda: uplink._client is not first and uplink.connected, "a new session")
+                await asyncio.sleep(0.3)  # room for a wrong second window (an absence cannot be awaited)
+                assert len(hq.batches) == 2
+
+                writer = asyncio.create_task(journal.run())  # the journal writes again: acks land, slots free
+                await until(lambda: len(hq.seqs()) == 40, "the rest at HQ")
+                await until(lambda: journal.caught_up and journal.acks_persisted, "watermarks on disk")
+            assert hq.seqs() == list(range(1, 41))
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        await journal.close()
+
+
 # --- complete_through and eviction ----------------------------------------------------------------
 
 
