@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -23,6 +24,7 @@ from typing import IO, Any, Final, Literal
 
 import httpx
 import orjson
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from ruamel.yaml import YAML
@@ -35,6 +37,7 @@ from gateway.config_loader import config_hash, load_config
 from gateway.mqtt import Message, MqttClient
 from gateway.runtime import Gateway
 from simulators.catalog import CATALOG, CURRENCY
+from simulators.sensors import DEFAULT_TOPIC_TEMPLATE as SENSOR_TOPIC_TEMPLATE
 from tests.brokers import Mosquitto
 
 TOKEN_ENV: Final = "STOREGW_E2E_API_TOKEN"
@@ -84,8 +87,16 @@ def write_config(
     gateway_id: str = GATEWAY_ID,
     store_id: str = STORE_ID,
     log_level: str = "INFO",
+    sensors: Sequence[str] = (),
+    hq: Mapping[str, Any] | None = None,
+    outbox: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a store config (YAML) for brokers on loopback; the API token is read from ``$TOKEN_ENV``."""
+    """Write a store config (YAML) for brokers on loopback; the API token is read from ``$TOKEN_ENV``.
+
+    ``sensors`` adds devices with the ``sensor`` profile and the ``sensor.reading`` route of
+    simulators/sensors.py; ``hq`` adds settings to the ``hq`` section (``inflight_batches``, ``keepalive_s``...)
+    and ``outbox`` is the ``outbox`` section (docs/OUTBOX.md).
+    """
     items: list[dict[str, Any]] = []
     for seed in catalog_stock() if stock is None else stock:
         item: dict[str, Any] = {"sku": seed.sku, "on_hand": seed.on_hand}
@@ -97,7 +108,7 @@ def write_config(
         "store": {"id": store_id, "name": "E2E test store", "timezone": "Asia/Hong_Kong"},
         "data_dir": str(data_dir),
         "store_broker": {"host": "127.0.0.1", "port": store_port},
-        "hq": {"host": "127.0.0.1", "port": hq_port, "topic_prefix": HQ_PREFIX},
+        "hq": {"host": "127.0.0.1", "port": hq_port, "topic_prefix": HQ_PREFIX, **(hq or {})},
         "drivers": [
             {
                 "type": "mqtt",
@@ -105,14 +116,18 @@ def write_config(
                 "routes": [
                     {"pattern": "store/pos/{device_id}/sale", "kind": "pos.sale"},
                     {"pattern": "store/pos/{device_id}/return", "kind": "pos.return"},
-                ],
+                ]
+                + ([{"pattern": SENSOR_TOPIC_TEMPLATE, "kind": "sensor.reading"}] if sensors else []),
             }
         ],
-        "devices": [{"id": d, "profile": "pos_terminal"} for d in devices],
+        "devices": [{"id": d, "profile": "pos_terminal"} for d in devices]
+        + [{"id": d, "profile": "sensor"} for d in sensors],
         "stock": {"items": items},
         "api": {"enabled": True, "host": "127.0.0.1", "port": api_port, "token": {"env": TOKEN_ENV}},
         "log": {"level": log_level},
     }
+    if outbox is not None:
+        doc["outbox"] = dict(outbox)
     yaml = YAML(typ="safe", pure=True)
     yaml.default_flow_style = False
     with path.open("w", encoding="utf-8") as fh:
@@ -159,6 +174,38 @@ async def poll_until(
             shown = state() if state is not None else "(no state given)"
             raise PollTimeoutError(f"gave up after {within:.0f} s waiting for {what}; state: {shown}")
         await asyncio.sleep(interval)
+
+
+async def time_until(
+    condition: Callable[[], bool | Awaitable[bool]],
+    what: str,
+    *,
+    within: float = 60.0,
+    interval: float = 0.02,
+    state: Callable[[], object] | None = None,
+) -> float:
+    """:func:`poll_until`, returning the ``time.monotonic()`` at which the condition was first seen true (for
+    figures a test prints: never assert on them)."""
+    await poll_until(condition, what, within=within, interval=interval, state=state)
+    return time.monotonic()
+
+
+def report_figures(
+    record_property: Callable[[str, object], None],
+    capsys: pytest.CaptureFixture[str],
+    title: str,
+    figures: Mapping[str, object],
+) -> None:
+    """Show a test's measured figures on the terminal even when pytest captures output, and record each as a
+    property (JUnit XML). Figures are for people: tests never assert on durations."""
+    line = ", ".join(
+        f"{name}={value:.3f}" if isinstance(value, float) else f"{name}={value}"
+        for name, value in figures.items()
+    )
+    with capsys.disabled():
+        print(f"\n[figures] {title}: {line}")
+    for name, value in figures.items():
+        record_property(name, value)
 
 
 # --- the gateway in-process ---------------------------------------------------------------------------------
@@ -292,6 +339,13 @@ class GatewayProcess:
         result: dict[str, Any] = response.json()
         return result
 
+    async def metrics(self) -> MetricValues:
+        """The gateway's /metrics (with the API token), parsed."""
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"{self.base_url}/metrics", headers=AUTH, timeout=5.0)
+        response.raise_for_status()
+        return parse_metrics(response.text)
+
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs at all."""
         if self.proc is not None and self.proc.poll() is None:
@@ -341,17 +395,23 @@ class GatewayProcess:
 
 @contextlib.asynccontextmanager
 async def running_receiver(
-    broker: Mosquitto, db_path: Path, *, client_id: str = "hq-receiver-e2e", within: float = 30.0
+    broker: Mosquitto,
+    db_path: Path,
+    *,
+    client_id: str = "hq-receiver-e2e",
+    within: float = 30.0,
+    backoff_cap_s: float = 1.0,
 ) -> AsyncIterator[ReceiverStore]:
-    """The HQ reference receiver in this loop, subscribed before it yields; stopped and closed on exit."""
+    """The HQ reference receiver in this loop, subscribed before it yields; stopped and closed on exit.
+    ``backoff_cap_s`` caps its reconnect backoff (after an HQ outage)."""
     store = ReceiverStore(db_path)
     receiver = HqReceiver(
         broker_config(broker),
         store,
         prefix=HQ_PREFIX,
         client_id=client_id,
-        backoff_base_s=0.1,
-        backoff_cap_s=1.0,
+        backoff_base_s=min(0.1, backoff_cap_s),
+        backoff_cap_s=backoff_cap_s,
     )
     stop = asyncio.Event()
     task = asyncio.create_task(receiver.run(stop), name="e2e-hq-receiver")
@@ -422,6 +482,37 @@ class HqView:
             params += kinds
         return [orjson.loads(body) for (body,) in self._db.execute(sql + " ORDER BY seq", params)]
 
+    def seqs(self) -> list[int]:
+        """Every stored seq of the gateway, ascending."""
+        rows = self._db.execute(
+            "SELECT seq FROM events WHERE gateway_id = ? ORDER BY seq", (self.gateway_id,)
+        )
+        return [int(seq) for (seq,) in rows]
+
+    def unexplained_gaps(self, through: int | None = None) -> list[Run]:
+        """Seqs in 1..``through`` (default: the highest stored) missing here and not explained by the gateway's
+        own reports (:func:`explained_runs`)."""
+        seqs = self.seqs()
+        last = through if through is not None else (seqs[-1] if seqs else 0)
+        return subtract_runs(gap_runs(seqs, last), explained_runs(self.events(*EXPLAINING_KINDS)))
+
+    def count_above(self, seq: int) -> int:
+        """Stored events with a seq above ``seq``."""
+        (n,) = self._db.execute(
+            "SELECT count(*) FROM events WHERE gateway_id = ? AND seq > ?", (self.gateway_id, seq)
+        ).fetchone()
+        return int(n)
+
+    def counters(self) -> dict[str, int]:
+        """The receiver's per-gateway counters: ``duplicates`` (events received again, before dedup) and
+        ``conflicts`` (a different event id at a seq already stored)."""
+        row = self._db.execute(
+            "SELECT duplicates, conflicts FROM gateways WHERE gateway_id = ?", (self.gateway_id,)
+        ).fetchone()
+        return (
+            {"duplicates": 0, "conflicts": 0} if row is None else {"duplicates": row[0], "conflicts": row[1]}
+        )
+
     def state(self) -> dict[str, Any]:
         """What a failed poll prints."""
         return {"kinds": self.kinds(), "max_seq": self.max_seq(), "count": self.count()}
@@ -430,6 +521,85 @@ class HqView:
 def receipts(events: Iterable[Mapping[str, Any]]) -> list[str]:
     """The receipt numbers of pos.sale/pos.return envelopes."""
     return [str(e["data"]["receipt_no"]) for e in events if e["kind"] in POS_KINDS]
+
+
+Run = tuple[int, int]
+"""An inclusive run of seqs, (first, last)."""
+
+
+def merge_runs(runs: Iterable[Sequence[int]]) -> list[Run]:
+    """Sorted, overlapping or touching runs joined."""
+    out: list[Run] = []
+    for first, last in sorted((int(r[0]), int(r[1])) for r in runs):
+        if out and first <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], last))
+        else:
+            out.append((first, last))
+    return out
+
+
+def gap_runs(seqs: Iterable[int], through: int) -> list[Run]:
+    """The runs of 1..``through`` missing from ``seqs`` (ascending)."""
+    gaps: list[Run] = []
+    expect = 1
+    for seq in seqs:
+        if seq > through:
+            break
+        if seq > expect:
+            gaps.append((expect, seq - 1))
+        expect = max(expect, seq + 1)
+    if expect <= through:
+        gaps.append((expect, through))
+    return gaps
+
+
+def subtract_runs(runs: Iterable[Run], minus: Iterable[Sequence[int]]) -> list[Run]:
+    """What of ``runs`` no run of ``minus`` covers."""
+    holes = merge_runs(minus)
+    out: list[Run] = []
+    for first, last in runs:
+        at = first
+        for a, b in holes:
+            if b < at:
+                continue
+            if a > last:
+                break
+            if a > at:
+                out.append((at, a - 1))
+            at = b + 1
+            if at > last:
+                break
+        if at <= last:
+            out.append((at, last))
+    return out
+
+
+EXPLAINING_KINDS: Final = ("outbox.evicted", "alert.raised")
+
+
+def explained_runs(events: Iterable[Mapping[str, Any]]) -> list[Run]:
+    """The seqs a gateway told HQ it will never deliver: the ``ranges`` of its ``outbox.evicted`` events and
+    the ``possibly_lost`` of its ``journal.corrupt`` alerts (docs/OUTBOX.md), merged."""
+    runs: list[Sequence[int]] = []
+    for event in events:
+        data = event["data"]
+        if event["kind"] == "outbox.evicted":
+            runs += data["ranges"]
+        elif event["kind"] == "alert.raised" and data.get("rule") == "journal.corrupt":
+            lost = data["details"]["possibly_lost"]
+            runs += [] if lost is None else [lost]
+    return merge_runs(runs)
+
+
+async def hq_holds_everything(gateway: GatewayProcess, hq: HqView, sales: int = 0) -> bool:
+    """The outcome is final: the gateway has nothing left to deliver, and HQ holds at least ``sales`` sales and
+    returns and every seq the gateway has committed, except those it reported evicted or lost. (HQ's broker
+    acknowledges before the receiver stores, and classes travel in priority order, so neither the gateway's
+    backlog nor HQ's highest seq alone says that HQ is complete.)"""
+    health = await gateway.health()
+    if health["backlog"] != 0 or hq.count(*POS_KINDS) < sales:
+        return False
+    return hq.unexplained_gaps(int(health["last_seq"])) == []
 
 
 def last_stock_levels(events: Iterable[Mapping[str, Any]]) -> dict[str, Decimal]:
@@ -472,6 +642,15 @@ def read_quarantine(data_dir: Path) -> list[dict[str, Any]]:
 def journal_kinds(data_dir: Path) -> dict[str, int]:
     with _journal(data_dir) as db:
         return {str(k): int(n) for k, n in db.execute("SELECT kind, count(*) FROM events GROUP BY kind")}
+
+
+def journal_used_bytes(data_dir: Path) -> int:
+    """Pages in use x page size: what ``outbox.max_bytes`` caps (the file itself does not shrink)."""
+    with _journal(data_dir) as db:
+        (pages,) = db.execute("PRAGMA page_count").fetchone()
+        (free,) = db.execute("PRAGMA freelist_count").fetchone()
+        (size,) = db.execute("PRAGMA page_size").fetchone()
+    return int((pages - free) * size)
 
 
 def expected_ledger(stock: Iterable[StockSeed], deltas: Mapping[str, int]) -> dict[str, Decimal]:
