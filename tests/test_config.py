@@ -148,7 +148,10 @@ def test_several_errors_are_all_reported_with_lines_and_key_paths() -> None:
         "(hint: Broker TCP port (8883 is usual with TLS).)"
     )
     assert issues["hq.protocol"].hint == "allowed values: '3.1.1', '5'"
-    assert issues["drivers[0].routes[0].kind"].hint == "allowed values: 'pos.sale', 'pos.return', 'sensor.reading'"
+    assert (
+        issues["drivers[0].routes[0].kind"].hint
+        == "allowed values: 'pos.sale', 'pos.return', 'sensor.reading'"
+    )
     missing = issues["devices[1].profile"]
     assert missing.value_repr is None
     assert missing.hint is not None
