@@ -256,8 +256,8 @@ class Uplink:
                 while True:
                     used = sum(map(len, inflight.values())) + len(resending) + len(self._settling)
                     picked = self._pick(pos, used)
-                    if picked is None and self._resends and used < self._hq.inflight_batches:
-                        picked = -1
+                    if self._resends and picked != CRITICAL and used < self._hq.inflight_batches:
+                        picked = -1  # HQ asked for these: after live alerts, before any backlog
                     if picked is None:
                         break
                     cls = picked

@@ -390,10 +390,12 @@ class Journal:
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._conn is not None:
-            await loop.run_in_executor(self._writer, self._conn.close)
+        # The reader first: SQLite checkpoints the WAL into the main file when the LAST connection closes, and
+        # only a writable connection can; a clean stop then leaves a self-contained journal.db behind.
         if self._rconn is not None:
             await loop.run_in_executor(self._reader, self._rconn.close)
+        if self._conn is not None:
+            await loop.run_in_executor(self._writer, self._conn.close)
         self._writer.shutdown(wait=True)
         self._reader.shutdown(wait=True)
 
