@@ -88,7 +88,8 @@ def test_example_config_validates() -> None:
     assert cfg.hq.tls.ca_file == EXAMPLE.parent / "tls" / "hq-ca.pem"
     assert cfg.hq.tls.key_file == EXAMPLE.parent / "tls" / "gateway.key"
     assert [d.id for d in cfg.devices] == ["pos-01", "pos-02", "pos-03", "fridge-01"]
-    assert cfg.outbox.classes["telemetry"].max_bytes == 2**30 and cfg.hq.compression == "zstd"
+    assert cfg.outbox.classes["telemetry"].max_bytes == 2**30
+    assert cfg.hq.compression == "zstd"
     assert all(item.sku for item in cfg.stock.items)
 
 
