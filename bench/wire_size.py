@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -58,16 +59,19 @@ def journal_rows(
 ) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
     """(sales, transaction class) rows as (seq, envelope bytes), in seq order, from a real journal."""
     data = Path(tempfile.mkdtemp(prefix="sg-wire-"))
-    pool = decoded_sales(sales, terminals(10), catalog=catalog)
-    asyncio.run(fill_journal(data, sale_drafts(sales, pool), commit_events=commit_events))
-    conn = sqlite3.connect(data / "journal.db")
     try:
-        only_sales = conn.execute(
-            "SELECT seq, body FROM events WHERE kind='pos.sale' ORDER BY seq"
-        ).fetchall()
-        txn = conn.execute("SELECT seq, body FROM events WHERE cls=1 ORDER BY seq").fetchall()
+        pool = decoded_sales(sales, terminals(10), catalog=catalog)
+        asyncio.run(fill_journal(data, sale_drafts(sales, pool), commit_events=commit_events))
+        conn = sqlite3.connect(data / "journal.db")
+        try:
+            only_sales = conn.execute(
+                "SELECT seq, body FROM events WHERE kind='pos.sale' ORDER BY seq"
+            ).fetchall()
+            txn = conn.execute("SELECT seq, body FROM events WHERE cls=1 ORDER BY seq").fetchall()
+        finally:
+            conn.close()
     finally:
-        conn.close()
+        shutil.rmtree(data, ignore_errors=True)
     return only_sales, txn
 
 
