@@ -102,7 +102,7 @@ class HqConfig(BrokerConfig):
         default=256 * 1024, ge=1024, le=8 * 1024 * 1024, description="Bytes per batch."
     )
     inflight_batches: int = Field(
-        default=4,
+        default=16,
         ge=1,
         le=100,
         description="Batches sent but not yet acknowledged-and-recorded; a SIGKILL resends at most these.",

@@ -105,6 +105,8 @@ EVICT_CHUNK: Final = 2000
 """Rows deleted per eviction step (one transaction each, so intake never waits long)."""
 BUDGET_HEADROOM: Final = 0.95
 """Eviction frees space down to this share of a cap, so it does not run again at the next commit."""
+ACK_ONLY_DELAY_S: Final = 0.05
+"""A commit that would only record HQ acknowledgements waits this long for intake to join it (SD wear)."""
 DISK_CHECK_S: Final = 1.0
 """How often free disk space is read (statvfs)."""
 
@@ -302,8 +304,13 @@ class Journal:
                 proc.setup(conn)
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             max_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
-            self.last_seq = max(int(meta.get("last_seq", 0)), int(max_seq), self.seq_floor)
             self._load_state(conn, int(meta.get("delivered_seq", 0)))
+            # No per-commit write of the last seq (SD wear): the highest stored seq, or, when the newest
+            # events were evicted or pruned, their class's delivered watermark, which moved past them.
+            watermarks = max(s.delivered_seq for s in self.state.values())
+            self.last_seq = max(int(meta.get("last_seq", 0)), int(max_seq), watermarks, self.seq_floor)
+            if self.seq_floor and self.seq_floor >= max(int(max_seq), watermarks):
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(self.last_seq),))
         except sqlite3.DatabaseError as err:
             conn.close()
             raise JournalError(f"cannot open journal {self.path}: {err}") from err
@@ -562,6 +569,10 @@ class Journal:
                     async with asyncio.timeout(idle):
                         await self._wakeup.wait()
                 if self._wakeup.is_set():
+                    if not self._queue and self._acks and not self._stopping:
+                        # Only HQ acknowledgements to record: give intake a moment to share the commit
+                        # (one fsync instead of two; the uplink's window holds those batches meanwhile).
+                        await asyncio.sleep(ACK_ONLY_DELAY_S)
                     if delay and len(self._queue) < self._config.commit_max_events:
                         await asyncio.sleep(delay)
                     self._wakeup.clear()
@@ -748,8 +759,6 @@ class Journal:
                 classes.add(cls)
             if rejected:
                 self._quarantine(conn, rejected, now)
-            if rows:
-                conn.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(seq),))
             changed = {c: s for c, s in work.items() if s is not self.state[c]}
             if changed:
                 self._write_state(conn, changed)

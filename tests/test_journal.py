@@ -261,7 +261,7 @@ async def test_seq_starts_at_one_and_has_no_gaps(tmp_path: Path) -> None:
             assert journal.last_seq == 10 * (batch + 1)
     seqs = [row[0] for row in query(journal, "SELECT seq FROM events ORDER BY seq")]
     assert seqs == list(range(1, 31))
-    assert query(journal, "SELECT value FROM meta WHERE key='last_seq'") == [("30",)]
+    assert query(journal, "SELECT value FROM meta WHERE key='last_seq'") == []  # not written per commit
     assert sample(metrics, "storegw_journal_last_seq") == 30
     assert sample(metrics, "storegw_events_committed_total", kind="device.status") == 30
 
@@ -931,3 +931,23 @@ async def test_cancel_during_a_commit_still_acks_what_was_committed(tmp_path: Pa
         await journal.close()
     assert query(journal, "SELECT dedup_key FROM events") == [("k1",)]
     assert probe.calls == ["k1"]
+
+
+async def test_last_seq_survives_when_the_newest_events_were_removed(tmp_path: Path) -> None:
+    """The last seq is not written per commit: after the newest events were pruned (delivered) or evicted, the
+    delivered watermark that moved past them keeps seqs from being reused."""
+    journal = new_journal(tmp_path)
+    async with running(journal):
+        for i in range(10):
+            journal.submit(status(i))
+        await flushed(journal)
+        journal.note_delivered(STATE, 10)
+        await flushed(journal)
+    with contextlib.closing(sqlite3.connect(journal.path)) as conn:
+        conn.execute("DELETE FROM events")  # as a prune of delivered events would
+        conn.commit()
+    journal = new_journal(tmp_path)
+    async with running(journal):
+        assert journal.last_seq == 10
+        journal.submit(status(11))
+    assert query(journal, "SELECT seq FROM events") == [(11,)]
