@@ -190,6 +190,11 @@ class Uplink:
 
     # --- delivery -----------------------------------------------------------------------------------
 
+    def _draining(self) -> bool:
+        """Whether a backlog is draining (more than two windows of events wait): only then does the drain rate
+        limit apply, so live traffic is never throttled, only the catch-up after an outage."""
+        return self._journal.backlog > 2 * self._hq.inflight_batches * self._hq.batch_max_events
+
     def _pick(self, pos: dict[int, int], used: int) -> int | None:
         """The class whose batch goes next, or None (window full, or nothing waiting).
 
@@ -261,7 +266,7 @@ class Uplink:
                     if picked is None:
                         break
                     cls = picked
-                    if cls != CRITICAL and (wait := self._limiter.delay()) > 0:
+                    if cls != CRITICAL and self._draining() and (wait := self._limiter.delay()) > 0:
                         if timer is None or timer.done():
                             timer = asyncio.ensure_future(asyncio.sleep(wait))
                         break
@@ -344,7 +349,7 @@ class Uplink:
                 resend=cls is None,
             ),
         )
-        if cls != CRITICAL:
+        if cls != CRITICAL and self._draining():
             self._limiter.take(len(rows), len(payload))
         self._metrics.uplink_bytes.inc(len(payload))
         return _Sent(cls, seqs[0], seqs[-1], len(seqs), client.publish(self._events_topic, payload, qos=1))

@@ -235,6 +235,8 @@ class Journal:
         self._clock = clock or ClockState()
         self._queue: deque[Draft | Rejected] = deque()
         self._wakeup = asyncio.Event()
+        self._intake = asyncio.Event()
+        """Set when an item arrives in an empty queue (ends an acks-only commit's wait for company)."""
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-writer")
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-reader")
         self._conn: sqlite3.Connection | None = None
@@ -463,6 +465,8 @@ class Journal:
         self._submitted += 1
         if not self._wakeup.is_set():
             self._wakeup.set()
+        if len(self._queue) == 1:
+            self._intake.set()
         return True
 
     def discard(self, origin: object) -> int:
@@ -572,7 +576,10 @@ class Journal:
                     if not self._queue and self._acks and not self._stopping:
                         # Only HQ acknowledgements to record: give intake a moment to share the commit
                         # (one fsync instead of two; the uplink's window holds those batches meanwhile).
-                        await asyncio.sleep(ACK_ONLY_DELAY_S)
+                        self._intake.clear()
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(ACK_ONLY_DELAY_S):
+                                await self._intake.wait()  # the first intake item ends the wait
                     if delay and len(self._queue) < self._config.commit_max_events:
                         await asyncio.sleep(delay)
                     self._wakeup.clear()

@@ -225,6 +225,7 @@ async def test_an_alert_overtakes_a_rate_limited_backlog(
         tmp_path,
         hq_broker,
         batch_max_events=60,
+        inflight_batches=2,  # the limit applies while more than two windows (240 events) wait
         drain_max_events_per_s=10,
         drain_max_bytes_per_s=0,
         low_class_every=low_class_every,
@@ -453,3 +454,19 @@ async def test_sleep_or_probe_without_a_probe_just_sleeps() -> None:
     order.append("returned")
     await marker
     assert order == ["timer", "returned"]
+
+
+async def test_live_traffic_below_two_windows_is_not_rate_limited(
+    tmp_path: Path, hq_broker: Mosquitto
+) -> None:
+    """The drain limit is for the catch-up after an outage: 600 waiting events are under two windows
+    (2 x 16 x 60), so all of them go at once although the limit says 10 events/s."""
+    journal = outbox_journal(tmp_path)
+    config = gateway_config(tmp_path, hq_broker, batch_max_events=60, drain_max_events_per_s=10)
+    async with running(journal), hq_subscriber(hq_broker) as hq:
+        submit_all(journal, [reading(i) for i in range(600)])
+        await flushed(journal)
+        uplink = Uplink(config, journal, Metrics(), None)
+        async with uplink_running(uplink):
+            await until(lambda: len(hq.batches) == 10, "all ten batches, unthrottled")
+        assert sorted(hq.seqs()) == list(range(1, 601))
