@@ -17,7 +17,7 @@ import re
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,21 +58,6 @@ from tests.e2e_helpers import (
 from tests.test_blackhole import BlackholeProxy
 
 RecordProperty = Callable[[str, object], None]
-
-
-@pytest.fixture
-def persistent_hq_broker() -> Iterator[Mosquitto]:
-    """An HQ broker that keeps sessions and queued messages across stop()/start(), as a production one does:
-    the receiver's persistent session (and subscription) survives the outage, so what the gateway delivers
-    before the receiver has reconnected is queued for it rather than dropped (a harness loss otherwise)."""
-    broker = Mosquitto(persistence=True).start()
-    try:
-        yield broker
-        broker.stop()
-        log = broker.log.read_text(errors="replace")
-        assert "Error" not in log, f"the HQ broker failed (persistence?):\n{log[-2000:]}"
-    finally:
-        broker.close()
 
 
 async def _create_receiver_session(hq_broker: Mosquitto, hq_db: Path) -> None:

@@ -11,7 +11,6 @@ import asyncio
 import itertools
 import signal
 from collections import Counter
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -55,24 +54,6 @@ from tests.e2e_helpers import (
     wait_handled,
     write_config,
 )
-
-
-@pytest.fixture
-def persistent_hq_broker() -> Iterator[Mosquitto]:
-    """An HQ broker that keeps sessions and queued messages across stop()/start(), as a production one does.
-
-    The outage test needs it: without persistence a restarted mosquitto forgets the receiver's subscription,
-    and what the gateway delivers before the receiver is back would go nowhere (a harness loss, not the
-    gateway's). The log check catches a broker that could not save its state.
-    """
-    broker = Mosquitto(persistence=True).start()
-    try:
-        yield broker
-        broker.stop()
-        log = broker.log.read_text(errors="replace")
-        assert "Error" not in log, f"the HQ broker failed (persistence?):\n{log[-2000:]}"
-    finally:
-        broker.close()
 
 
 @pytest.mark.slow
