@@ -160,6 +160,8 @@ def parse_command(
         return Request(request_id, command, ARGS[command].model_validate(args))
     except ValidationError as err:
         return Refusal(request_id, command, "invalid_args", describe(err))
+    except RecursionError:  # args nested deeper than any validator walks (orjson parses up to 1024 levels)
+        return Refusal(request_id, command, "invalid_args", "args are nested too deeply")
 
 
 def describe(err: ValidationError) -> str:

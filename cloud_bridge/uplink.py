@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
@@ -143,7 +144,8 @@ class Uplink:
                 "HQ broker",
                 self._session,
                 _LOGGER,
-                (MqttError, OSError),
+                # sqlite3.Error: a damaged page in the backlog must not take the gateway (and intake) down.
+                (MqttError, OSError, sqlite3.Error),
                 Backoff(cap=self._hq.reconnect_max_s),
                 probe=lambda: tcp_reachable(self._hq.host, self._hq.port),
             )

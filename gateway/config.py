@@ -234,6 +234,13 @@ class OutboxConfig(StrictModel):
     )
     quarantine_max_rows: int = Field(default=10_000, ge=100, description="Quarantined messages kept.")
 
+    @field_validator("kinds")
+    @classmethod
+    def _reports_stay_critical(cls, value: dict[str, OutboxClass]) -> dict[str, OutboxClass]:
+        if value.get("outbox.evicted", "critical") != "critical":
+            raise ValueError("outbox.evicted explains gaps at HQ and must stay in the critical class")
+        return value
+
     @field_validator("classes")
     @classmethod
     def _all_classes(cls, value: dict[OutboxClass, ClassBudget]) -> dict[OutboxClass, ClassBudget]:

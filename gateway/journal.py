@@ -105,6 +105,9 @@ EVICT_CHUNK: Final = 2000
 """Rows deleted per eviction step (one transaction each, so intake never waits long)."""
 BUDGET_HEADROOM: Final = 0.95
 """Eviction frees space down to this share of a cap, so it does not run again at the next commit."""
+PAGE_OVERHEAD: Final = 1.5
+"""Pages a journal needs per byte of events (table and indexes), for telling data over the cap from
+fragmented pages."""
 ACK_ONLY_DELAY_S: Final = 0.05
 """A commit that would only record HQ acknowledgements waits this long for intake to join it (SD wear)."""
 DISK_CHECK_S: Final = 1.0
@@ -276,6 +279,7 @@ class Journal:
         """Bookkeeping of work done inside the current transaction (writer thread): run after its COMMIT,
         dropped on rollback, so metrics and counters never count what was rolled back."""
         self._overall_evicting = False
+        self._fragmented_warned = False
         prefix = orjson.dumps({"store_id": store_id, "gateway_id": gateway_id})
         self._ids_json = prefix[1:-1]
 
@@ -666,7 +670,6 @@ class Journal:
 
     def _publish(self, result: Committed) -> None:
         """Metrics, listeners and ``done`` callbacks, after COMMIT."""
-        self.last_seq = max(self.last_seq, result.last_seq)
         for cls, through in result.evicted_through.items():
             self.delivered[cls] = max(self.delivered[cls], through)
         self._metrics.last_seq.set(self.last_seq)
@@ -784,13 +787,13 @@ class Journal:
                     proc.rollback(conn)
             raise
         self.state = work
+        for row in rows:  # before last_seq: delivered_seq reads last_seq when no class seems to wait
+            self.class_last_seq[row[7]] = row[0]
         self.last_seq = seq
         hooks, self._after_commit = self._after_commit, []
         for hook in hooks:
             hook()
         self._reservation.ensure(seq)
-        for row in rows:
-            self.class_last_seq[row[7]] = row[0]
         seq_of = {id(d): r[0] for d, r in zip(fresh, rows, strict=False)}
         for draft in drafts:
             if draft.done is not None:
@@ -1009,8 +1012,21 @@ class Journal:
             # about the excess and the next one measures again, so eviction stops near 5% under the cap
             # instead of removing whole chunks.
             free = max(1, used - int(limit * BUDGET_HEADROOM))
-            if any(self._has_rows(v.cls, v.delivered) for v in eviction_order(self.state)):
-                return functools.partial(self._evict_for_disk, free)
+            # Classes share the table's pages: evicting one leaves pages part-full, which SQLite does not give
+            # back. Undelivered events go only while the event bytes themselves could fill the cap; otherwise
+            # the pages are fragmented, and dropping sales would not shrink them (min_free_bytes still guards
+            # the disk).
+            undelivered = self.stored_bytes * PAGE_OVERHEAD > limit * BUDGET_HEADROOM
+            if any(self._has_rows(v.cls, v.delivered) for v in eviction_order(self.state, undelivered)):
+                return functools.partial(self._evict_for_disk, free, undelivered)
+            if not undelivered and not self._fragmented_warned:
+                self._fragmented_warned = True
+                _LOGGER.warning(
+                    "journal uses %d MiB of pages for %d MiB of events (over outbox.max_bytes, fragmented): "
+                    "keeping undelivered events; stop the gateway and VACUUM the journal to compact it",
+                    used // 2**20,
+                    self.stored_bytes // 2**20,
+                )
         self._overall_evicting = False
         return None
 
@@ -1040,18 +1056,32 @@ class Journal:
         moved: dict[int, int],
     ) -> list[Draft]:
         rows = conn.execute(
-            "SELECT seq, length(body), recorded_at FROM events WHERE cls=? ORDER BY seq LIMIT ?",
+            "SELECT seq, length(body), recorded_at, instr(body, '\"clock_synced\":false') > 0"
+            " FROM events WHERE cls=? ORDER BY seq LIMIT ?",
             (cls, EVICT_CHUNK),
         ).fetchall()
+        delivered = work[cls].delivered_seq
         # Only the expired prefix: a wall-clock step back makes recorded_at non-monotonic in seq, and eviction
-        # removes a seq range and moves the delivered watermark past it, so it must never skip a live row.
-        expired = [(seq, size) for seq, size, _ in itertools.takewhile(lambda r: r[2] < cutoff, rows)]
+        # removes a seq range and moves the delivered watermark past it, so it must never skip a live row. An
+        # undelivered event stamped by an unsynchronised clock is never "expired": a Pi without a real-time
+        # clock may have stamped today's sale with last year's date.
+        expired = [
+            (seq, size)
+            for seq, size, _, _ in itertools.takewhile(
+                lambda r: r[2] < cutoff and not (r[3] and r[0] > delivered), rows
+            )
+        ]
         if not expired:
             return []
         return self._remove(conn, work, moved, cls, expired, "ttl")
 
     def _evict_for_disk(
-        self, free_bytes: int, conn: sqlite3.Connection, work: dict[int, ClassState], moved: dict[int, int]
+        self,
+        free_bytes: int,
+        undelivered: bool,
+        conn: sqlite3.Connection,
+        work: dict[int, ClassState],
+        moved: dict[int, int],
     ) -> list[Draft]:
         """One disk-budget step: free ``free_bytes`` going down the eviction order, at most EVICT_CHUNK rows.
 
@@ -1059,9 +1089,12 @@ class Journal:
         would find fresh telemetry every time and never reach ``state`` while the journal grows past its cap."""
         drafts: list[Draft] = []
         left = EVICT_CHUNK
-        for victim in eviction_order(work):
+        limit = self._outbox.max_bytes * BUDGET_HEADROOM
+        for victim in eviction_order(work, undelivered):
             if free_bytes <= 0 or left <= 0:
                 break
+            if not victim.delivered and sum(s.stored_bytes for s in work.values()) * PAGE_OVERHEAD <= limit:
+                break  # what is left fits: the rest of the excess is part-full pages (see _plan_eviction)
             before = work[victim.cls].stored_bytes
             stored = work[victim.cls].stored_events
             drafts += self._evict(

@@ -105,13 +105,16 @@ class Victim:
     delivered: bool
 
 
-def eviction_order(states: Mapping[int, ClassState]) -> Iterable[Victim]:
-    """For the overall disk budget: delivered events first (lowest class first: no loss), then undelivered
-    telemetry and state, and only when nothing else is left, transactions, then critical."""
+def eviction_order(states: Mapping[int, ClassState], undelivered: bool = True) -> Iterable[Victim]:
+    """For the overall disk budget: delivered events first (lowest class first: no loss), then (if
+    ``undelivered``) undelivered telemetry and state, and only when nothing else is left, transactions, then
+    critical."""
     for cls in (TELEMETRY, STATE, TRANSACTION, CRITICAL):
         state = states.get(cls)
         if state is not None and state.stored_events > state.pending_events:
             yield Victim(cls, delivered=True)
+    if not undelivered:
+        return
     for cls in (TELEMETRY, STATE, TRANSACTION, CRITICAL):
         state = states.get(cls)
         if state is not None and state.pending_events > 0:

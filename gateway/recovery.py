@@ -233,7 +233,12 @@ def move_aside(path: Path, now: datetime | None = None) -> Path:
 def salvage_last_seq(path: Path) -> int | None:
     """The highest seq the (damaged) journal at ``path`` shows, if anything of it can be read; best effort."""
     found: list[int] = []
-    for sql in ("SELECT MAX(seq) FROM events", "SELECT value FROM meta WHERE key = 'last_seq'"):
+    for sql in (
+        "SELECT MAX(seq) FROM events",
+        "SELECT value FROM meta WHERE key = 'last_seq'",
+        # The newest events may have been evicted or pruned: their class's watermark moved past them.
+        "SELECT MAX(delivered_seq) FROM outbox_state",
+    ):
         value = _read_one(path, sql)
         if value is not None:
             found.append(value)
@@ -243,9 +248,13 @@ def salvage_last_seq(path: Path) -> int | None:
 def salvage_delivered(path: Path) -> int | None:
     """A delivered watermark of the damaged journal, if readable; best effort: the lowest per-class watermark
     (``outbox_state``), else the older global one (``meta.delivered_seq``). Every seq at or below it reached HQ."""
-    lowest = _read_one(path, "SELECT MIN(delivered_seq) FROM outbox_state")
+    # Classes with nothing waiting do not hold it back (a class that never had an event stays at 0).
+    lowest = _read_one(path, "SELECT MIN(delivered_seq) FROM outbox_state WHERE pending_events > 0")
     if lowest is not None:
         return lowest
+    highest = _read_one(path, "SELECT MAX(delivered_seq) FROM outbox_state")
+    if highest is not None:
+        return highest
     return _read_one(path, "SELECT value FROM meta WHERE key = 'delivered_seq'")
 
 

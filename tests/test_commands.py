@@ -421,3 +421,15 @@ def test_any_input_gets_a_well_formed_answer(payload: bytes, topic: str) -> None
     assert response["request_id"] is None or isinstance(response["request_id"], str)
     if topic != OWN:
         assert response["error"]["code"] == "forbidden"
+
+
+@pytest.mark.parametrize("depth", [100, 900])
+def test_deeply_nested_args_are_refused_not_raised(depth: int) -> None:
+    inner = '{"face":' * depth + "null" + "}" * depth
+    payload = (
+        '{"request_id":"r1","command":"roster.set","args":{"staff":[{"staff_id":"a","name":"b","role":"c",'
+        f'"x":{inner}}}]}}}}'
+    ).encode()
+    refusal = parse_command(payload, "retail/hk-001/gw-1/commands", "retail", "hk-001", "gw-1")
+    assert isinstance(refusal, Refusal)
+    assert refusal.code == "invalid_args"

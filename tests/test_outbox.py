@@ -610,3 +610,53 @@ async def test_flush_with_acks_only_waits_for_their_commit(tmp_path: Path, on_di
             await journal.flush()
         assert query(journal, "SELECT delivered_seq FROM outbox_state WHERE cls=?", (TELEMETRY,)) == [(1,)]
         check_counters(journal)
+
+
+async def test_ttl_never_expires_undelivered_events_stamped_by_an_unsynced_clock(tmp_path: Path) -> None:
+    """A Pi without a real-time clock may stamp today's sales with last year's date while it waits for NTP:
+    undelivered ones must not look expired (delivered ones may go: HQ has them)."""
+    journal = Journal(
+        tmp_path / "journal.db",
+        STORE_ID,
+        GATEWAY_ID,
+        JournalConfig(),
+        Metrics(),
+        (),
+        ClockState(override=False),  # the kernel says: not synchronised
+        OutboxConfig(min_free_bytes=0),
+    )
+    async with running(journal):
+        for i in range(6):
+            journal.submit(sale(i))
+        await flushed(journal)
+        journal.note_delivered(TRANSACTION, 2)
+        await flushed(journal)
+    await _age(journal, range(1, 7))
+
+    journal = outbox_journal(tmp_path, OutboxConfig(min_free_bytes=0, housekeeping_interval_s=0.1))
+    async with running(journal):
+        await until(lambda: seqs_of(journal, TRANSACTION) == [3, 4, 5, 6], "the delivered ones pruned")
+        await flushed(journal)
+        assert reports(journal) == []  # nothing undelivered was evicted
+        assert check_counters(journal)[TRANSACTION].pending_events == 4
+
+
+async def test_fragmented_pages_never_cost_undelivered_sales(tmp_path: Path) -> None:
+    """Telemetry and sales interleave in the table's pages; evicting telemetry leaves part-full pages that
+    SQLite keeps. Once the events left are well under the cap, no undelivered sale is evicted to chase pages."""
+    cap = 2 * 1024 * 1024
+    journal = outbox_journal(tmp_path, OutboxConfig(max_bytes=cap, min_free_bytes=0))
+    async with running(journal):
+        for i in range(3000):
+            journal.submit(reading(i, pad=700))
+            journal.submit(sale(i, pad=100))  # the sales alone (~1 MB with indexes) fit the 2 MiB cap
+            if i % 250 == 249:
+                await flushed(journal)
+        await flushed(journal)
+        await until(
+            lambda: journal.stored_bytes * 1.5 <= cap * 0.95 or used_bytes(journal) <= cap, "eviction"
+        )
+        await flushed(journal)
+        lost_sales = [r for _, r in reports(journal) if r["class"] == "transaction"]
+        assert lost_sales == []
+        assert len(seqs_of(journal, TRANSACTION)) == 3000
