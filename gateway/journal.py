@@ -105,6 +105,9 @@ EVICT_CHUNK: Final = 2000
 """Rows deleted per eviction step (one transaction each, so intake never waits long)."""
 BUDGET_HEADROOM: Final = 0.95
 """Eviction frees space down to this share of a cap, so it does not run again at the next commit."""
+BALLAST_FILE: Final = "journal.reserve"
+BALLAST_BYTES: Final = 8 * 1024 * 1024
+"""Disk space kept in reserve next to the journal for a full disk (see :class:`Ballast`)."""
 PAGE_OVERHEAD: Final = 1.5
 """Pages a journal needs per byte of events (table and indexes), for telling data over the cap from
 fragmented pages."""
@@ -256,6 +259,7 @@ class Journal:
         self.seq_floor = 0
         """A fresh journal's first seq is above this (seqs never go backwards, see gateway/recovery.py)."""
         self._reservation = SeqReservation(path.parent)
+        self._ballast = Ballast(path.parent / BALLAST_FILE)
         self.replaced: dict[str, Any] | None = None
         """The ``alert.raised`` payload when a corrupt journal was moved aside at open."""
         self.last_seq = 0
@@ -291,8 +295,21 @@ class Journal:
         self._rconn = await loop.run_in_executor(self._reader, connect, self.path, "NORMAL", True)
 
     def _open_sync(self) -> None:
+        try:
+            self._open_once()
+        except JournalError as err:
+            # A full disk must not keep the gateway from starting (and restarting for ever under systemd):
+            # give back the space kept for this moment, and try once more.
+            if not (isinstance(err.__cause__, sqlite3.Error) and _disk_full(err.__cause__)):
+                raise
+            if not self._ballast.release("the journal could not open on a full disk"):
+                raise
+            self._open_once()
+
+    def _open_once(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._reservation.load()
+        self._ballast.ensure(self._outbox.min_free_bytes)
         try:
             reason = probe(self.path)
         except (sqlite3.Error, OSError) as err:  # locked, permissions: not damage, never moved aside
@@ -664,6 +681,8 @@ class Journal:
     def _commit_failed(self, err: sqlite3.Error, acks: dict[int, int]) -> None:
         for cls, seq in acks.items():  # not persisted: written again by the next commit
             self._acks[cls] = max(seq, self._acks.get(cls, 0))
+        if _disk_full(err):
+            self._ballast.release("a commit found the disk full")
         if not self._failing:
             _LOGGER.error("journal commit failed, retrying every second: %s", err)
         self._failing = True
@@ -1245,6 +1264,49 @@ class Journal:
         rconn = self._rconn
         assert rconn is not None
         return await loop.run_in_executor(self._reader, lambda: rconn.execute(sql, params).fetchall())
+
+
+def _disk_full(err: sqlite3.Error) -> bool:
+    """SQLITE_FULL, or the I/O error SQLite reports when it cannot even create its -wal/-shm files."""
+    code = getattr(err, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or (code is not None and code & 0xFF == sqlite3.SQLITE_IOERR)
+
+
+class Ballast:
+    """A file of reserved space next to the journal (``BALLAST_BYTES``), released when the disk is full: the
+    journal can then still open (start-up) and commit for a while (transactions, alerts) before it must pause."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def ensure(self, min_free_bytes: int) -> None:
+        """Create it if missing and the disk has room to spare (never the file that fills it)."""
+        if self.path.exists():
+            return
+        try:
+            st = os.statvfs(self.path.parent)
+            if st.f_bavail * st.f_frsize < BALLAST_BYTES + min_free_bytes + BALLAST_BYTES:
+                return
+            with self.path.open("wb") as fh:
+                try:  # real blocks, not a sparse file; allocated without writing them (no SD wear)
+                    os.posix_fallocate(fh.fileno(), 0, BALLAST_BYTES)
+                except OSError:  # a filesystem without fallocate
+                    fh.write(bytes(BALLAST_BYTES))
+        except OSError as err:
+            _LOGGER.warning("cannot reserve %d MiB of disk in %s: %s", BALLAST_BYTES // 2**20, self.path, err)
+            self.path.unlink(missing_ok=True)
+
+    def release(self, why: str) -> bool:
+        """Delete it; True if there was one to delete."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            _LOGGER.error("cannot release the disk reserve %s: %s", self.path, err)
+            return False
+        _LOGGER.critical("%s: released the %d MiB disk reserve %s", why, BALLAST_BYTES // 2**20, self.path)
+        return True
 
 
 def _as_rejected(draft: Draft | Rejected, error: Exception, reason: str = "processing_error") -> Rejected:

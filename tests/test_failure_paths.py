@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import BrokerConfig, JournalConfig, StockConfig, StockItem
-from gateway.journal import Journal
+from gateway.journal import BALLAST_BYTES, BALLAST_FILE, Ballast, Journal
 from gateway.metrics import Metrics
 from gateway.mqtt import Message, MqttClient
 from rules.stock import StockLedger
@@ -54,6 +54,20 @@ async def test_a_full_disk_never_moves_stock_twice(tmp_path: Path) -> None:
             await journal.flush()
         assert await journal.query("SELECT on_hand FROM stock WHERE sku='TEA'") == [(970.0,)]
         assert await journal.query("SELECT COUNT(*) FROM events WHERE kind='pos.sale'") == [(30,)]
+    # The disk reserve kept next to the journal was given back when the disk filled up.
+    assert not (tmp_path / BALLAST_FILE).exists()
+
+
+async def test_the_disk_reserve_is_kept_next_to_the_journal_and_given_back_once(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.db", "s", "g", JournalConfig(), Metrics())
+    async with writer(journal):
+        pass
+    reserve = tmp_path / BALLAST_FILE
+    assert reserve.stat().st_size == BALLAST_BYTES
+    assert reserve.stat().st_blocks * 512 >= BALLAST_BYTES  # allocated, not sparse: it really frees space
+    ballast = Ballast(reserve)
+    assert ballast.release("test")
+    assert not ballast.release("test")  # nothing left to give
 
 
 async def test_flush_does_not_chase_a_moving_delivered_mark(tmp_path: Path) -> None:
