@@ -284,6 +284,10 @@ class Uplink:
                     if not rows:
                         pos[cls] = max(pos[cls], seen)  # evicted meanwhile
                         continue
+                    if cls != CRITICAL and journal.class_last_seq[CRITICAL] > pos[CRITICAL]:
+                        # A critical event (maybe the report of an eviction that ran during this read) goes
+                        # first: this batch's complete_through must not cover seqs HQ cannot explain yet.
+                        continue
                     # This class's head is the batch's own first seq: anything of the class below it and above pos
                     # was evicted, and its report (critical, sent first) is already on its way.
                     through = self._complete_through(
