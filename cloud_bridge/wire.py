@@ -38,8 +38,14 @@ CLASSES: Final = ("critical", "transaction", "state", "telemetry")
 MAX_SEQ: Final = 2**63 - 1
 """Seqs and watermarks are signed 64-bit integers in every database HQ might use."""
 MAX_HEADER_BYTES: Final = 64 * 1024
-MAX_DECODED_BYTES: Final = 64 * 1024 * 1024
-"""A batch that inflates beyond this is refused (a decompression bomb, or not ours)."""
+MAX_DECODED_BYTES: Final = 16 * 1024 * 1024
+"""A batch that inflates beyond this is refused (a decompression bomb, or not ours). Gateways send at most
+8 MiB (``hq.batch_max_bytes``); parsed JSON takes up to ~25 times its size in memory, so this bounds what one
+message can make the receiver hold."""
+MAX_BATCH_EVENTS: Final = 10_000
+"""Events per batch (the gateway's ``hq.batch_max_events`` allows no more); checked before inflating."""
+MAX_ZSTD_WINDOW: Final = 8 * 1024 * 1024
+"""zstd level 19 on an 8 MiB body needs this window; a frame asking for more is refused, not allocated."""
 
 Encoding = Literal["json", "gzip", "zstd"]
 
@@ -130,37 +136,34 @@ def encode_batch(
     return b"".join((header, b"\n", body))
 
 
-def _inflate(encoding: str, body: bytes) -> bytes:
-    """The body as JSON bytes; never more than MAX_DECODED_BYTES + 1 bytes are produced."""
+def _inflate(encoding: str, body: bytes, limit: int) -> bytes:
+    """The body as JSON bytes; never more than ``limit + 1`` bytes are produced, whatever the body says."""
     if encoding == "json":
-        out = body
-    elif encoding == "zstd":
+        return body
+    if encoding == "zstd":
         try:
-            # Across frames: a streaming compressor may emit several; anything after them is an error.
-            reader = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True)
-            out = reader.read(MAX_DECODED_BYTES + 1)
+            # Across frames: a streaming compressor may emit several; anything after them is an error. A
+            # truncated frame ends the output early without an error: the caller's raw_bytes check sees it.
+            decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
+            return decompressor.stream_reader(body, read_across_frames=True).read(limit + 1)
         except zstandard.ZstdError as err:
             raise BatchError(f"zstd body does not decompress: {err}") from err
-    elif encoding == "gzip":
-        out = _gunzip(body)
-    else:
-        raise BatchError(f"unsupported encoding {encoding!r} (expected one of {', '.join(ENCODINGS)})")
-    if len(out) > MAX_DECODED_BYTES:
-        raise BatchError(f"body inflates beyond {MAX_DECODED_BYTES} bytes")
-    return out
+    if encoding == "gzip":
+        return _gunzip(body, limit)
+    raise BatchError(f"unsupported encoding {encoding!r} (expected one of {', '.join(ENCODINGS)})")
 
 
-def _gunzip(body: bytes) -> bytes:
+def _gunzip(body: bytes, limit: int) -> bytes:
     """RFC 1952, one or more members, bounded; a truncated member is an error, not a shorter body."""
     parts: list[bytes] = []
     size, rest = 0, body
     try:
-        while rest and size <= MAX_DECODED_BYTES:
+        while rest and size <= limit:
             inflater = zlib.decompressobj(wbits=31)
-            part = inflater.decompress(rest, MAX_DECODED_BYTES + 1 - size)
+            part = inflater.decompress(rest, limit + 1 - size)
             parts.append(part)
             size += len(part)
-            if size > MAX_DECODED_BYTES:
+            if size > limit:
                 break
             if not inflater.eof:
                 raise BatchError("gzip body is truncated")
@@ -170,9 +173,33 @@ def _gunzip(body: bytes) -> bytes:
     return b"".join(parts)
 
 
+def _body(head: dict[str, Any], body: bytes) -> bytes:
+    """The inflated body, its size checked against the header before and after inflating.
+
+    ``raw_bytes`` is checked first (and ``count`` by the caller), so a small message cannot make us inflate,
+    and then parse, more than its header admits; the inflated size must then be exactly ``raw_bytes`` when
+    the header gives it (it always does from our gateways)."""
+    encoding = head.get("encoding")
+    if not isinstance(encoding, str):
+        raise BatchError("batch header needs an 'encoding'")
+    raw_bytes = head.get("raw_bytes")
+    if raw_bytes is not None and (type(raw_bytes) is not int or not 0 <= raw_bytes <= MAX_DECODED_BYTES):
+        raise BatchError(f"'raw_bytes' must be an integer in 0..{MAX_DECODED_BYTES} (the body limit)")
+    raw = _inflate(encoding, body, MAX_DECODED_BYTES if raw_bytes is None else raw_bytes)
+    if len(raw) > MAX_DECODED_BYTES:
+        raise BatchError(f"body inflates beyond {MAX_DECODED_BYTES} bytes")
+    if raw_bytes is not None and len(raw) > raw_bytes:
+        raise BatchError(f"body inflates beyond the {raw_bytes} bytes of its 'raw_bytes'")
+    if raw_bytes is not None and len(raw) < raw_bytes:
+        raise BatchError(f"{encoding} body is truncated: {len(raw)} bytes where 'raw_bytes' says {raw_bytes}")
+    return raw
+
+
 def _check_events(events: object, count: object, allowed: set[int] | None, first: int, last: int) -> None:
     if not isinstance(events, list) or not events:
         raise BatchError("batch needs a non-empty 'events' list")
+    if len(events) > MAX_BATCH_EVENTS:
+        raise BatchError(f"more than {MAX_BATCH_EVENTS} events in a batch")
     if count != len(events):
         raise BatchError("'count' does not match the number of events")
     for event in events:
@@ -209,20 +236,19 @@ def decode_batch(payload: bytes) -> Batch:
         raise BatchError("not a store-gateway batch (missing or wrong 'format')")
     if head.get("schema") != BATCH_SCHEMA:
         raise BatchError(f"unsupported batch schema {head.get('schema')!r}")
-    encoding = head.get("encoding")
-    if not isinstance(encoding, str):
-        raise BatchError("batch header needs an 'encoding'")
-    raw = _inflate(encoding, payload[newline + 1 :])
+    first, last, count = _int(head, "first_seq"), _int(head, "last_seq"), _int(head, "count")
+    if not 1 <= count <= MAX_BATCH_EVENTS:
+        raise BatchError(f"'count' must be in 1..{MAX_BATCH_EVENTS}, not {count}")
+    allowed = _allowed_seqs(head.get("ranges"), first, last, count)
+    raw = _body(head, payload[newline + 1 :])
     try:
         events = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
         raise BatchError(f"body is not JSON: {err}") from err
-    first, last, count = _int(head, "first_seq"), _int(head, "last_seq"), _int(head, "count")
     if not isinstance(events, list) or not events:
         raise BatchError("body must be a non-empty JSON array of events")
     if count != len(events):
         raise BatchError("'count' does not match the number of events")
-    allowed = _allowed_seqs(head.get("ranges"), first, last, count)
     _check_events(events, count, allowed, first, last)
     if len({e["seq"] for e in events}) != count:
         raise BatchError("a seq appears twice in the batch")
@@ -241,7 +267,7 @@ def decode_batch(payload: bytes) -> Batch:
         cls,
         through,
         head.get("resend") is True,
-        encoding,
+        str(head["encoding"]),
         len(raw),
     )
 
@@ -280,6 +306,8 @@ def _raise(reason: str) -> Batch:
 
 def _decode_v1(payload: bytes) -> Batch:
     """Schema 1: one JSON object with consecutive seqs (gateways before the outbox)."""
+    if len(payload) > MAX_DECODED_BYTES:
+        raise BatchError(f"schema 1 batch larger than {MAX_DECODED_BYTES} bytes")
     try:
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError as err:

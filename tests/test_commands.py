@@ -193,6 +193,7 @@ def test_forbidden_wins_over_every_other_error() -> None:
         refused(body, "forbidden", other)
 
 
+@settings(deadline=None)
 @given(st.text(max_size=80))
 def test_any_other_topic_is_forbidden(topic: str) -> None:
     assert authorised(topic, PREFIX, STORE, GW) == (topic == OWN)

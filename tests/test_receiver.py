@@ -308,7 +308,8 @@ async def test_bad_messages_are_rejected_counted_and_receiving_goes_on(
     reasons = [r.reason for r in reversed(store.rejections())]
     assert reasons[0].startswith("not JSON")
     assert reasons[1].startswith("not a store-gateway batch")
-    assert reasons[2] == reasons[3] == f"body inflates beyond {MAX_DECODED_BYTES} bytes"
+    raw_bytes = decode_batch(bad["another gateway's batch"][2]).raw_bytes  # the bombs' header
+    assert reasons[2] == reasons[3] == f"body inflates beyond the {raw_bytes} bytes of its 'raw_bytes'"
     assert reasons[4].startswith("zstd body does not decompress")
     assert reasons[5] == "gzip body is truncated"
     assert reasons[6] == "'ranges' list more seqs than 'count'"

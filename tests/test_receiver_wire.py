@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 import zstandard
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloud_bridge.receiver_model import (
@@ -26,7 +27,15 @@ from cloud_bridge.receiver_model import (
     utc_ns,
 )
 from cloud_bridge.receiver_ranges import GapClasses, chunk, classify, complement, merge, size
-from cloud_bridge.wire import MAX_DECODED_BYTES, BatchError, Compressor, Encoding, decode_batch, encode_batch
+from cloud_bridge.wire import (
+    MAX_BATCH_EVENTS,
+    MAX_DECODED_BYTES,
+    BatchError,
+    Compressor,
+    Encoding,
+    decode_batch,
+    encode_batch,
+)
 from tests.test_receiver import batch_bytes, batch_of, envelope, schema1_bytes
 
 S, G = "hk-001", "gw-a"
@@ -87,7 +96,23 @@ def test_several_zstd_frames_and_gzip_members_are_one_body() -> None:
             "gzip body does not decompress",
         ),
         (lambda h, b: (h.replace(b'"zstd"', b'"brotli"'), b), "unsupported encoding"),
-        (lambda h, b: (h.replace(b'"count":2', b'"count":3'), b), "'count' does not match"),
+        (
+            lambda h, b: (
+                h.replace(b'"count":2', b'"count":3')
+                .replace(b'"last_seq":2', b'"last_seq":3')
+                .replace(b'"ranges":[[1,2]]', b'"ranges":[[1,3]]'),
+                b,
+            ),
+            "'count' does not match",
+        ),
+        (lambda h, b: (h, zstandard.ZstdCompressor().compress(b)[:-3]), "zstd body is truncated"),
+        (lambda h, b: (h.replace(b'"zstd"', b'"json"'), b[:-1]), "json body is truncated"),
+        (lambda h, b: (re.sub(rb'"raw_bytes":\d+', b'"raw_bytes":10', h), b), "beyond the 10 bytes of its"),
+        (
+            lambda h, b: (h.replace(b'"zstd"', b'"gzip"'), gzip.compress(b + b" ")),
+            "beyond the .* 'raw_bytes'",
+        ),
+        (lambda h, b: (h, _zstd_window(24, b)), "Frame requires too much memory"),
         (lambda h, b: (h.replace(b'"ranges":[[1,2]]', b'"ranges":[[1,1],[1,2]]'), b), "list more seqs"),
         (lambda h, b: (h.replace(b'"ranges":[[1,2]]', b'"ranges":[[1,1],[1,1]]'), b), "do not cover exactly"),
         (lambda h, b: (h.replace(b'"ranges":[[1,2]]', b'"ranges":[[0,1]]'), b), "bad seq range"),
@@ -98,7 +123,13 @@ def test_several_zstd_frames_and_gzip_members_are_one_body() -> None:
         ),
         (lambda h, b: (h.replace(b'"class":"state"', b'"class":"gold"'), b), "unknown class"),
         (lambda h, b: (h.replace(b'"schema":2', b'"schema":3'), b), "unsupported batch schema"),
-        (lambda h, b: (h, zstandard.ZstdCompressor().compress(b"{}")), "non-empty JSON array"),
+        (
+            lambda h, b: (
+                re.sub(rb'"raw_bytes":\d+', b'"raw_bytes":2', h),
+                zstandard.ZstdCompressor().compress(b"{}"),
+            ),
+            "non-empty JSON array",
+        ),
     ],
 )
 def test_bad_batches_are_refused_with_a_reason(mutate: Mutation, reason: str) -> None:
@@ -109,6 +140,55 @@ def test_bad_batches_are_refused_with_a_reason(mutate: Mutation, reason: str) ->
         new_body = zstandard.ZstdCompressor().compress(body)
     with pytest.raises(BatchError, match=reason):
         decode_batch(new_head + b"\n" + new_body)
+
+
+def _zstd_window(window_log: int, body: bytes) -> bytes:
+    """A streamed zstd frame (no content size, so the window is not shrunk to fit) with this window."""
+    params = zstandard.ZstdCompressionParameters(window_log=window_log)
+    stream = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    return stream.compress(body) + stream.flush()
+
+
+def _bomb_head(**fields: object) -> bytes:
+    head = orjson.loads(_split(batch_bytes(S, G, [1, 2]))[0])
+    head.update(fields)
+    return orjson.dumps({k: v for k, v in head.items() if v is not None})
+
+
+BOMB_RAW = 64 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def zstd_bomb() -> bytes:
+    """~6 KB of zstd that inflates to 64 MiB of ``{},`` (orjson would build ~2 GB of dicts from it)."""
+    raw = b"[" + b"{}," * (BOMB_RAW // 3 - 1) + b"{}]"
+    return zstandard.ZstdCompressor(level=19).compress(raw)
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"raw_bytes": BOMB_RAW}, f"'raw_bytes' must be an integer in 0..{MAX_DECODED_BYTES}"),
+        ({"raw_bytes": 20}, "body inflates beyond the 20 bytes of its 'raw_bytes'"),
+        ({"raw_bytes": None}, f"body inflates beyond {MAX_DECODED_BYTES} bytes"),
+        ({"raw_bytes": "big"}, "'raw_bytes' must be an integer"),
+        ({"count": 22_369_621}, f"'count' must be in 1..{MAX_BATCH_EVENTS}"),
+        ({"count": 0}, f"'count' must be in 1..{MAX_BATCH_EVENTS}"),
+    ],
+)
+def test_a_zstd_bomb_is_refused_before_it_is_parsed(
+    zstd_bomb: bytes, fields: dict[str, object], reason: str
+) -> None:
+    assert len(zstd_bomb) < 10_000
+    with pytest.raises(BatchError, match=re.escape(reason)):
+        decode_batch(_bomb_head(**fields) + b"\n" + zstd_bomb)
+
+
+def test_a_large_schema_1_batch_is_refused_unparsed() -> None:
+    events = b"[" + b"{}," * (MAX_DECODED_BYTES // 3) + b"{}]"
+    payload = b'{"format":"store-gateway.batch","schema":1,"encoding":"json","events":' + events + b"}"
+    with pytest.raises(BatchError, match="schema 1 batch larger than"):
+        decode_batch(payload)
 
 
 def test_a_forged_billion_seq_range_is_refused_without_expanding_it() -> None:
@@ -139,6 +219,7 @@ def test_range_arithmetic() -> None:
 small_ranges = st.lists(st.tuples(st.integers(1, 60), st.integers(0, 5)).map(lambda t: (t[0], t[0] + t[1])))
 
 
+@settings(deadline=None)
 @given(stored=st.sets(st.integers(1, 60)), explained=small_ranges, through=st.integers(0, 70))
 def test_classify_partitions_the_missing_seqs(
     stored: set[int], explained: list[tuple[int, int]], through: int

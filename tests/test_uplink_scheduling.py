@@ -218,20 +218,21 @@ async def test_telemetry_is_not_starved_by_continuous_transactions(
 async def test_an_alert_overtakes_a_rate_limited_backlog(
     tmp_path: Path, hq_broker: Mosquitto, low_class_every: int
 ) -> None:
-    """The drain is limited to 10 events/s and a batch is 60 events: after the first batch the limiter holds the
-    backlog for 5 s. An alert committed then goes out at once, also on an anti-starvation turn (every=2)."""
+    """The drain is limited to 1 event/s and a batch is 60 events: after the first batch the limiter holds the
+    backlog for about a minute. An alert committed then goes out at once, also on an anti-starvation turn
+    (every=2)."""
     journal = outbox_journal(tmp_path)
     config = gateway_config(
         tmp_path,
         hq_broker,
         batch_max_events=60,
         inflight_batches=2,  # the limit applies while more than two windows (240 events) wait
-        drain_max_events_per_s=10,
+        drain_max_events_per_s=1,
         drain_max_bytes_per_s=0,
         low_class_every=low_class_every,
     )
     async with running(journal), hq_subscriber(hq_broker) as hq:
-        submit_all(journal, [reading(i) for i in range(600)])  # 10 batches: a minute at this rate
+        submit_all(journal, [reading(i) for i in range(600)])  # 10 batches: ten minutes at this rate
         await flushed(journal)
         uplink = Uplink(config, journal, Metrics(), None)
         async with uplink_running(uplink):
