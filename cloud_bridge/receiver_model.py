@@ -9,6 +9,7 @@ implements :class:`ReceiverBackend`; the receiver talks to nothing else.
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,12 +19,19 @@ import orjson
 
 from cloud_bridge.receiver_ranges import GapClasses, Range, merge
 from cloud_bridge.wire import MAX_SEQ, Batch, BatchError
+from gateway.events import ID_PATTERN
 
 MAX_MONO_NS: Final = 10**18
 """A monotonic reading above this (31 years of uptime) is not believed; it also keeps the clock arithmetic
 inside 64 bits."""
 MIN_UTC: Final = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_UTC: Final = datetime(2200, 1, 1, tzinfo=UTC)
+"""Times outside MIN_UTC..MAX_UTC are not believed: a year-10000 ``recorded_at`` stored in PostgreSQL would
+break every later read of it ("timestamp too large")."""
+MAX_TEXT_ID: Final = 64
+"""Longest event id, kind, device id and boot id stored. Gateways send UUIDs, ID_PATTERN ids and 16-hex boot
+ids; a longer one is not ours, and in PostgreSQL an indexed text of kilobytes fails the insert."""
+_STORE_OR_GATEWAY_ID: Final = re.compile(ID_PATTERN)
 MAX_EVICTED_RANGES: Final = 2000
 """Per ``outbox.evicted`` event (docs/OUTBOX.md); more is not a gateway of ours."""
 REPORT_KINDS: Final = frozenset({"outbox.evicted", "alert.raised", "clock.synced"})
@@ -195,10 +203,16 @@ def clock_fields(event: dict[str, Any]) -> tuple[str | None, int | None, bool | 
 
 
 def event_rows(store_id: str, gateway_id: str, batch: Batch) -> list[EventRow]:
-    """The rows to store for a batch; raises :class:`BatchRejectedError` before anything is written."""
+    """The rows to store for a batch; raises :class:`BatchRejectedError` before anything is written.
+
+    Everything a database would refuse for its size or value is refused here, with a reason: a database
+    error is taken for the database being unwell, and the batch would be retried forever."""
+    for what, value in (("store", store_id), ("gateway", gateway_id)):
+        if not _STORE_OR_GATEWAY_ID.fullmatch(value):
+            raise BatchRejectedError(f"the topic's {what} id {value[:80]!r} is not a valid id (ID_PATTERN)")
     if batch.store_id != store_id or batch.gateway_id != gateway_id:
         raise BatchRejectedError(
-            f"batch says store {batch.store_id!r} gateway {batch.gateway_id!r}"
+            f"batch says store {batch.store_id[:80]!r} gateway {batch.gateway_id[:80]!r}"
             f" but the topic says store {store_id!r} gateway {gateway_id!r}"
         )
     rows: list[EventRow] = []
@@ -206,7 +220,8 @@ def event_rows(store_id: str, gateway_id: str, batch: Batch) -> list[EventRow]:
         seq, event_id = event["seq"], event["id"]
         if event.get("store_id") != store_id or event.get("gateway_id") != gateway_id:
             raise BatchRejectedError(
-                f"event seq {seq} says store {event.get('store_id')!r} gateway {event.get('gateway_id')!r}"
+                f"event seq {seq} says store {_short(event.get('store_id'))}"
+                f" gateway {_short(event.get('gateway_id'))}"
                 f" but the topic says store {store_id!r} gateway {gateway_id!r}"
             )
         if not 1 <= seq <= MAX_SEQ:
@@ -216,11 +231,19 @@ def event_rows(store_id: str, gateway_id: str, batch: Batch) -> list[EventRow]:
             raise BatchRejectedError(
                 f"event seq {seq} needs a string 'kind' and a string or null 'device_id'"
             )
-        if not isinstance(recorded_at, str) or parse_time(recorded_at) is None:
+        recorded = parse_time(recorded_at)
+        if recorded is None:
             raise BatchRejectedError(
                 f"event seq {seq} needs 'recorded_at' as an ISO 8601 time with a UTC offset"
             )
+        if not MIN_UTC <= recorded < MAX_UTC:
+            raise BatchRejectedError(f"event seq {seq} has 'recorded_at' {recorded_at!r} outside 1970..2199")
         boot_id, mono_ns, clock_synced = clock_fields(event)
+        for name, text in (("id", event_id), ("kind", kind), ("device_id", device_id), ("boot_id", boot_id)):
+            if text is not None and len(text) > MAX_TEXT_ID:
+                raise BatchRejectedError(
+                    f"event seq {seq} has a {name!r} longer than {MAX_TEXT_ID} characters"
+                )
         if "\x00" in event_id or "\x00" in kind or _has_nul(device_id, boot_id):
             raise BatchRejectedError(f"event seq {seq} has a NUL character in a text field")
         rows.append(
@@ -229,7 +252,7 @@ def event_rows(store_id: str, gateway_id: str, batch: Batch) -> list[EventRow]:
                 seq=seq,
                 kind=kind,
                 device_id=device_id,
-                recorded_at=recorded_at,
+                recorded_at=str(recorded_at),
                 boot_id=boot_id,
                 mono_ns=mono_ns,
                 clock_synced=clock_synced,
@@ -238,6 +261,12 @@ def event_rows(store_id: str, gateway_id: str, batch: Batch) -> list[EventRow]:
             )
         )
     return rows
+
+
+def _short(value: object) -> str:
+    """A value for a reason: its repr, cut (a forged id may be kilobytes)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _seq_range(value: object, what: str) -> Range:
@@ -274,8 +303,8 @@ def parse_report(row: EventRow) -> Explanation | Anchor | None:
         if not isinstance(data, dict):
             raise ReportError("clock.synced needs data")
         boot_id, mono, utc = data.get("boot_id"), data.get("mono_ns"), parse_time(data.get("utc"))
-        if not isinstance(boot_id, str) or not boot_id or _has_nul(boot_id):
-            raise ReportError("clock.synced needs a string data.boot_id")
+        if not isinstance(boot_id, str) or not boot_id or len(boot_id) > MAX_TEXT_ID or _has_nul(boot_id):
+            raise ReportError(f"clock.synced needs data.boot_id as a string of 1..{MAX_TEXT_ID} characters")
         if type(mono) is not int or not 0 <= mono <= MAX_MONO_NS:
             raise ReportError(f"clock.synced needs data.mono_ns as an integer in 0..{MAX_MONO_NS}")
         if utc is None or not MIN_UTC <= utc < MAX_UTC:

@@ -61,7 +61,11 @@ class PgReceiverStore(SqlReceiverStore):
             self._conn = self._connect()
 
     def _is_data_error(self, err: Exception) -> bool:
-        return isinstance(err, psycopg.DataError | psycopg.IntegrityError) and not self._conn.broken
+        # ProgramLimitExceeded ("index row requires ... maximum size is 8191") is an OperationalError, but
+        # about one value: event_rows refuses such values first, this keeps one that slips by from being
+        # retried forever.
+        data = psycopg.DataError | psycopg.IntegrityError | psycopg.errors.ProgramLimitExceeded
+        return isinstance(err, data) and not self._conn.broken
 
     def _time_param(self, value: datetime) -> Any:
         return value

@@ -127,6 +127,74 @@ def test_a_bad_batch_is_rejected_and_leaves_no_trace(store: SqlReceiverStore) ->
     assert [s.gateway_id for s in store.summary()] == [G]
 
 
+def _with(seq: int, **fields: Any) -> bytes:
+    event = orjson.loads(envelope(S, G, seq))
+    event.update(fields)
+    return orjson.dumps(event)
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"id": "e" * 9000}, "'id' longer than 64"),
+        ({"kind": "k" * 65}, "'kind' longer than 64"),
+        ({"device_id": "d" * 3000}, "'device_id' longer than 64"),
+        ({"boot_id": "b" * 3000}, "'boot_id' longer than 64"),
+        ({"recorded_at": "9999-12-31T23:59:59-01:00"}, "outside 1970..2199"),  # year 10000 in UTC
+        ({"recorded_at": "1969-12-31T23:59:59Z"}, "outside 1970..2199"),
+    ],
+)
+def test_values_a_database_cannot_hold_are_rejected_not_retried(
+    store: SqlReceiverStore, fields: dict[str, Any], reason: str
+) -> None:
+    """On PostgreSQL a 9,000-character id fails the index ("maximum size is 8191") and a year-10000 time breaks
+    every later read; both would otherwise be taken for the database failing and retried forever."""
+    bad = batch_of(S, G, [_with(1, **fields)])
+    results = store.apply(
+        [BatchToStore("t/bad", 10, S, G, bad), BatchToStore("t/good", 10, S, G, batch(S, G, [2]))]
+    )
+    assert isinstance(results[0], Rejection)
+    assert reason in results[0].reason
+    assert results[1] == StoreResult(1, 0, 0)
+    assert store.count_rejected() == 1
+    assert summary_of(store, G).events == 1  # and the summary still reads
+
+
+@pytest.mark.parametrize(
+    "gateway_id", ["g" * 3000, "gw a", "gw+", "-gw"], ids=["3000-chars", "space", "plus", "dash-first"]
+)
+def test_a_gateway_id_that_is_not_an_id_is_rejected(store: SqlReceiverStore, gateway_id: str) -> None:
+    forged = batch_of(S, gateway_id, [envelope(S, gateway_id, 1)])
+    (result,) = store.apply([BatchToStore("t", 10, S, gateway_id, forged)])
+    assert isinstance(result, Rejection)
+    assert "gateway id" in result.reason
+    assert len(result.reason) < 300
+    assert store.summary() == []
+
+
+def test_a_database_size_limit_rejects_the_batch_only(postgres: PostgresServer) -> None:
+    """Backstop: should a value get past event_rows and hit a PostgreSQL limit (ProgramLimitExceeded), that
+    batch is rejected and counted; the database is fine, so nothing is retried. An index on ~3 KB of
+    incompressible text per event makes every insert exceed the btree row limit (2704 bytes)."""
+    store = PgReceiverStore(postgres.fresh_schema())
+    try:
+        wide = " || ".join(f"md5(id || '{i}')" for i in range(100))
+        with store._session() as cur:
+            cur.execute(f"CREATE INDEX events_too_wide ON events (({wide})) WHERE kind = 'stock.level'")
+        results = store.apply(
+            [
+                BatchToStore("t/1", 10, S, G, batch_of(S, G, [envelope(S, G, 1, kind="stock.level")])),
+                BatchToStore("t/2", 10, S, G, batch(S, G, [2])),
+            ]
+        )
+        assert isinstance(results[0], Rejection)
+        assert "ProgramLimitExceeded" in results[0].reason
+        assert results[1] == StoreResult(1, 0, 0)
+        assert (store.count(), store.count_rejected()) == (1, 1)
+    finally:
+        store.close()
+
+
 # --- gap classes --------------------------------------------------------------------------------------------
 
 
