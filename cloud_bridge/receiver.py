@@ -494,10 +494,16 @@ def broker_config(args: argparse.Namespace) -> BrokerConfig:
 
 
 def open_store(args: argparse.Namespace) -> SqlReceiverStore:
-    """The database the options name; raises :class:`StoreUnavailableError`."""
+    """The database the options name; raises :class:`StoreUnavailableError`, or :class:`CliError` when
+    ``--postgres`` is asked for without psycopg installed."""
     if args.postgres:
-        from cloud_bridge.receiver_pg import PgReceiverStore  # psycopg only when asked for
-
+        try:
+            from cloud_bridge.receiver_pg import PgReceiverStore  # psycopg only when asked for
+        except ImportError as err:
+            raise CliError(
+                f"--postgres needs psycopg ({err}): install the postgres extra,"
+                " pip install 'store-gateway[postgres]'"
+            ) from err
         return PgReceiverStore(args.postgres)
     try:
         return ReceiverStore(args.db)
@@ -543,7 +549,7 @@ def receiver_main(argv: list[str]) -> int:
     """``store-gateway hq-receiver``: run the receiver, or ``--report`` on an existing database."""
     args = _parser().parse_args(argv)
     if args.report and not args.postgres and not args.db.exists():
-        print(f"no database at {args.db}", file=sys.stderr)
+        print(f"hq-receiver: no database at {args.db}", file=sys.stderr)
         return 1
     try:
         broker = None if args.report else broker_config(args)

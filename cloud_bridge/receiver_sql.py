@@ -227,7 +227,11 @@ class SqlReceiverStore:
         self._conn: Any = None
         with self._lock:
             self._conn = self._connect()
-        self._create_schema()
+        try:
+            self._create_schema()
+        except BaseException:
+            self._conn.close()
+            raise
 
     # --- what a backend provides ------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from cloud_bridge.receiver_model import (
     StoreResult,
     StoreUnavailableError,
     clock_fields,
+    one_line,
 )
 from cloud_bridge.receiver_sql import Cursor, Dialect, SqlReceiverStore
 
@@ -92,13 +93,20 @@ class ReceiverStore(SqlReceiverStore):
     def __init__(self, path: Path | str, *, busy_timeout_s: float = 5.0) -> None:
         self.path = Path(path)
         self._busy_timeout_s = busy_timeout_s
-        super().__init__()
+        try:
+            super().__init__()
+        except sqlite3.Error as err:  # no such directory, not a database, ...
+            raise StoreUnavailableError(f"cannot open {self.path}: {one_line(err)}") from err
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_s * 1000)}")
+        try:
+            db.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_s * 1000)}")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            db.close()
+            raise
         return db
 
     def _is_data_error(self, err: Exception) -> bool:

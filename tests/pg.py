@@ -3,7 +3,8 @@
 One server per test session, tuned for speed (no fsync: a crashed test server is thrown away anyway). initdb
 and the server refuse to run as root, so as root they run as the ``postgres`` user the Debian package creates.
 Each test gets its own schema (``fresh_schema``), much cheaper than a database per test. Tests that use it are
-skipped, with the reason, only when PostgreSQL is not installed (.ci/run installs it).
+skipped, with the reason, only when PostgreSQL is not installed (.ci/run installs it) or, as root, when there is
+no ``postgres`` user to run it as.
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ class PostgresServer:
     """One postgres process; ``dsn()`` connects as the superuser ``postgres`` (trust auth, loopback only)."""
 
     def __init__(self, bin_dir: Path) -> None:
+        self._as: dict[str, Any] = {}
+        owner = None
+        if os.geteuid() == 0:
+            try:
+                owner = pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.skip("running as root, and there is no 'postgres' user to run PostgreSQL as")
+            self._as = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
         self.bin_dir = bin_dir
         self.port = free_port()
         self.host = "127.0.0.1"
@@ -49,14 +58,21 @@ class PostgresServer:
         self.data = self.dir / "data"
         self.log = self.dir / "postgres.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self._as: dict[str, Any] = {}
-        if os.geteuid() == 0:
-            user = pwd.getpwnam("postgres")
-            os.chown(self.dir, user.pw_uid, user.pw_gid)
-            self._as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        if owner is not None:
+            os.chown(self.dir, owner.pw_uid, owner.pw_gid)
 
     def start(self) -> PostgresServer:
-        subprocess.run(
+        """initdb and start; on any failure the process and the directory are removed before raising."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        # cwd: the server user may not be allowed into the directory pytest runs in.
+        initdb = subprocess.run(
             [
                 str(self.bin_dir / "initdb"),
                 "-D",
@@ -68,10 +84,12 @@ class PostgresServer:
                 "--encoding=UTF8",
                 "--no-sync",
             ],
-            check=True,
             capture_output=True,
+            cwd=self.dir,
             **self._as,
         )
+        if initdb.returncode != 0:
+            raise RuntimeError(f"initdb failed: {initdb.stderr.decode(errors='replace')}")
         settings = {
             "listen_addresses": self.host,
             "port": str(self.port),
@@ -88,12 +106,12 @@ class PostgresServer:
         for key, value in settings.items():
             args += ["-c", f"{key}={value}"]
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=log, **self._as)
+            self.proc = subprocess.Popen(args, stdout=log, stderr=log, cwd=self.dir, **self._as)
         deadline = time.monotonic() + 30
         while True:
             try:
                 with psycopg.connect(self.dsn(), connect_timeout=2):
-                    return self
+                    return
             except psycopg.OperationalError:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"postgres exited: {self.log.read_text()}") from None

@@ -652,3 +652,29 @@ def test_cli_refuses_unusable_options(tmp_path: Path, capsys: pytest.CaptureFixt
         assert err.count("\n") == 1, err
     with pytest.raises(SystemExit):
         receiver_main(["--resend-interval", "0"])
+
+
+def test_cli_says_in_one_line_when_the_database_cannot_be_opened(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database, " * 512)
+    cases = {
+        ("--db", str(tmp_path / "no-such-dir" / "hq.db")): "cannot open",
+        ("--db", str(tmp_path / "no-such-dir" / "hq.db"), "--report"): "no database at",
+        ("--db", str(garbage)): "file is not a database",
+        ("--db", str(garbage), "--report"): "file is not a database",
+    }
+    for args, message in cases.items():
+        assert receiver_main(list(args)) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("hq-receiver: "), err
+        assert message in err, err
+        assert err.count("\n") == 1, err
+    # As without the postgres extra installed: the import of psycopg fails.
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    monkeypatch.delitem(sys.modules, "cloud_bridge.receiver_pg", raising=False)
+    assert receiver_main(["--postgres", "host=127.0.0.1", "--report"]) == 1
+    err = capsys.readouterr().err
+    assert "install the postgres extra" in err
+    assert err.count("\n") == 1, err

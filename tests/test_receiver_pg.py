@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -106,3 +108,42 @@ def test_report_on_postgres(postgres: PostgresServer, capsys: pytest.CaptureFixt
     err = capsys.readouterr().err
     assert err.startswith("hq-receiver: cannot open the PostgreSQL database")
     assert err.count("\n") == 1
+
+
+def _socket_options(store: PgReceiverStore) -> tuple[int, int, int, int, int]:
+    """(SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT, TCP_USER_TIMEOUT) of the store's connection."""
+    sock = socket.socket(fileno=socket.dup(store._conn.pgconn.socket))
+    try:
+        return (
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+        )
+    finally:
+        sock.close()
+
+
+def test_the_connection_has_tcp_keepalives_unless_the_dsn_says_otherwise(postgres: PostgresServer) -> None:
+    """A vanished database host sends no reset: keepalives and a TCP user timeout end the connection."""
+    dsn = postgres.fresh_schema()
+    store = PgReceiverStore(dsn)
+    try:
+        assert _socket_options(store) == (1, 30, 10, 3, 60_000)
+    finally:
+        store.close()
+    store = PgReceiverStore(f"{dsn} keepalives_idle=7 tcp_user_timeout=9000")
+    try:
+        assert _socket_options(store) == (1, 7, 10, 3, 9000)
+    finally:
+        store.close()
+
+
+def test_a_server_that_fails_to_start_leaves_nothing_behind(tmp_path: Path) -> None:
+    """tests/pg.py itself: a start that fails (here: no initdb where it looks) removes the server's directory."""
+    server = PostgresServer(tmp_path / "no-such-bin")
+    with pytest.raises(OSError):
+        server.start()
+    assert not server.dir.exists()
+    assert server.proc is None
