@@ -32,6 +32,7 @@ from pydantic import SecretStr, ValidationError
 
 from cloud_bridge import topics
 from cloud_bridge.receiver_model import (
+    LOST_GRACE_S,
     BatchToStore,
     GatewaySummary,
     ReceiverBackend,
@@ -334,7 +335,9 @@ class HqReceiver:
     # --- resend requests --------------------------------------------------------------------------------
 
     async def _resend_loop(self, stop: asyncio.Event, interval: float) -> None:
-        """Ask gateways for their lost ranges; a still-lost range is asked again after ``interval``."""
+        """Ask gateways for their lost ranges; a still-lost range is asked again after ``interval``, and
+        only of a gateway that sent a batch within ``interval`` (one that is away is not asked: commands
+        would pile up in its session)."""
         loop = asyncio.get_running_loop()
         claim = functools.partial(self._store.claim_resends, interval, MAX_RESEND_COMMANDS)
         while not await _sleep_unless(stop, min(interval, RESEND_CHECK_S)):
@@ -437,6 +440,14 @@ def _parser() -> argparse.ArgumentParser:
         help="ask again for a still-lost range after SECONDS (default: %(default)s)",
     )
     parser.add_argument(
+        "--lost-grace",
+        type=_not_negative,
+        default=LOST_GRACE_S,
+        metavar="SECONDS",
+        help="call a missing seq lost only once the gateway's complete_through covering it is SECONDS old:"
+        " another receiver may still hold the batch (default: %(default)s; 0 with a single receiver)",
+    )
+    parser.add_argument(
         "--summary-every",
         type=float,
         default=10.0,
@@ -455,6 +466,13 @@ def _positive(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
+
+
+def _not_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
     return value
 
 
@@ -504,9 +522,9 @@ def open_store(args: argparse.Namespace) -> SqlReceiverStore:
                 f"--postgres needs psycopg ({err}): install the postgres extra,"
                 " pip install 'store-gateway[postgres]'"
             ) from err
-        return PgReceiverStore(args.postgres)
+        return PgReceiverStore(args.postgres, lost_grace_s=args.lost_grace)
     try:
-        return ReceiverStore(args.db)
+        return ReceiverStore(args.db, lost_grace_s=args.lost_grace)
     except OSError as err:
         raise StoreUnavailableError(f"cannot open {args.db}: {err}") from err
 

@@ -37,6 +37,9 @@ MAX_EVICTED_RANGES: Final = 2000
 REPORT_KINDS: Final = frozenset({"outbox.evicted", "alert.raised", "clock.synced"})
 RESEND_MAX_SEQS: Final = 100_000
 """Per ``resend`` command (docs/OUTBOX.md, "Downlink commands")."""
+LOST_GRACE_S: Final = 60.0
+"""How long a seq missing at or below ``complete_through`` is still called pending: with several receivers the
+batch holding it may still wait in another receiver's queue (see :class:`LostWatermark`)."""
 
 
 class BatchRejectedError(BatchError):
@@ -165,6 +168,43 @@ class Anchor:
     boot_id: str
     mono_ns: int
     utc_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class LostWatermark:
+    """Up to which seq a gateway's missing seqs are *lost*: a ``complete_through`` HQ has known for at least a
+    grace period, so a batch that another receiver still holds has had time to be stored.
+
+    Three stored values give it without a history of watermarks: ``complete_through`` with the time of the
+    gateway's last batch (a newer value cannot be older than that), a *mark* (the value and time taken at most
+    once per grace period) and ``lost_through`` (the answer at the last batch, so it never goes back).
+    While batches keep coming, a seq is called lost within two grace periods; once they stop, within one.
+    Pure: the database stores the fields, this computes them.
+    """
+
+    complete_through: int = 0
+    received_at: datetime | None = None
+    """When the gateway's last batch was stored (``last_received_at``)."""
+    mark_through: int = 0
+    mark_at: datetime | None = None
+    lost_through: int = 0
+
+    def at(self, now: datetime, grace: timedelta) -> int:
+        """The highest seq that can be called lost at ``now``."""
+        if grace <= timedelta(0):
+            return self.complete_through
+        if self.received_at is not None and now - self.received_at >= grace:
+            return self.complete_through
+        if self.mark_at is not None and now - self.mark_at >= grace:
+            return max(self.mark_through, self.lost_through)
+        return self.lost_through
+
+    def after_batch(self, complete_through: int, now: datetime, grace: timedelta) -> LostWatermark:
+        """The fields once a batch is stored at ``now`` (``complete_through`` is the gateway's, after it)."""
+        lost = self.at(now, grace)
+        if self.mark_at is None or now - self.mark_at >= grace:
+            return LostWatermark(complete_through, now, complete_through, now, lost)
+        return LostWatermark(complete_through, now, self.mark_through, self.mark_at, lost)
 
 
 def utc_ns(value: datetime) -> int:
@@ -343,10 +383,20 @@ class ReceiverBackend(Protocol):
 
     def summary(self, now: datetime | None = None) -> list[GatewaySummary]: ...
 
-    def classes(self, gateway_id: str, store_id: str | None = None) -> GapClasses: ...
+    def classes(
+        self, gateway_id: str, store_id: str | None = None, now: datetime | None = None
+    ) -> GapClasses: ...
 
-    def claim_resends(self, interval_s: float, max_commands: int) -> list[ResendRequest]:
-        """Lost ranges of gateways not asked within ``interval_s``; claims them (shared by receivers)."""
+    def claim_resends(
+        self,
+        interval_s: float,
+        max_commands: int,
+        *,
+        online_s: float | None = None,
+        now: datetime | None = None,
+    ) -> list[ResendRequest]:
+        """Lost ranges of gateways heard from but not asked within ``interval_s``; claims them (shared by
+        receivers)."""
 
     def count_rejected(self) -> int: ...
 

@@ -17,7 +17,7 @@ from typing import Any, Final
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from cloud_bridge.receiver_model import StoreUnavailableError, one_line
+from cloud_bridge.receiver_model import LOST_GRACE_S, StoreUnavailableError, one_line
 from cloud_bridge.receiver_sql import Cursor, Dialect, SqlReceiverStore
 
 _LOGGER = logging.getLogger(__name__)
@@ -58,10 +58,10 @@ class PgReceiverStore(SqlReceiverStore):
     dialect = POSTGRES
     db_errors = (psycopg.Error,)
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, *, lost_grace_s: float = LOST_GRACE_S) -> None:
         self._dsn = dsn
         try:
-            super().__init__()
+            super().__init__(lost_grace_s=lost_grace_s)
         except psycopg.Error as err:
             raise StoreUnavailableError(f"cannot open the PostgreSQL database: {one_line(err)}") from err
 

@@ -83,9 +83,9 @@ class GapClasses:
     explained: list[Range] = field(default_factory=list)
     """Covered by an ``outbox.evicted`` range or a ``journal.corrupt`` alert's ``possibly_lost``."""
     lost: list[Range] = field(default_factory=list)
-    """At or below the gateway's ``complete_through`` and not explained."""
+    """At or below the gateway's ``complete_through`` (known for a grace period) and not explained."""
     pending: list[Range] = field(default_factory=list)
-    """Above ``complete_through``: still on the way."""
+    """Above it: still on the way."""
 
     @property
     def gaps(self) -> list[Range]:
@@ -93,23 +93,33 @@ class GapClasses:
         return merge([*self.explained, *self.lost, *self.pending])
 
 
-def classify(
-    runs: Sequence[Range], explained: Iterable[Range], upper: int, complete_through: int
-) -> GapClasses:
-    """Class of every seq in 1..upper that ``runs`` (the stored seqs) miss.
+def split_gaps(
+    runs: Sequence[Range], explained: Iterable[Range], upper: int
+) -> tuple[list[Range], list[Range]]:
+    """The seqs in 1..upper that ``runs`` (the stored seqs) miss, as (explained, unexplained) ranges.
 
-    Explained wins over lost and pending: a gateway that reported an eviction will never send those seqs.
-    """
+    Explained wins: a gateway that reported an eviction will never send those seqs."""
     gaps = complement(runs, 1, upper)
     if not gaps:
-        return GapClasses()
+        return [], []
     covered = intersect(gaps, merge(explained))
-    rest = subtract(gaps, covered)
+    return covered, subtract(gaps, covered)
+
+
+def classify_split(covered: list[Range], rest: Sequence[Range], upper: int, lost_through: int) -> GapClasses:
+    """Classes from :func:`split_gaps`: unexplained seqs up to ``lost_through`` are lost, the others pending."""
     return GapClasses(
-        explained=covered,
-        lost=clip(rest, 1, complete_through),
-        pending=clip(rest, complete_through + 1, upper),
+        explained=list(covered),  # a copy: the receiver keeps these lists
+        lost=clip(rest, 1, lost_through),
+        pending=clip(rest, lost_through + 1, upper),
     )
+
+
+def classify(runs: Sequence[Range], explained: Iterable[Range], upper: int, lost_through: int) -> GapClasses:
+    """Class of every seq in 1..upper that ``runs`` (the stored seqs) miss; ``lost_through`` is the gateway's
+    ``complete_through`` (or, with several receivers, the one HQ has known for a grace period)."""
+    covered, rest = split_gaps(runs, explained, upper)
+    return classify_split(covered, rest, upper, lost_through)
 
 
 def chunk(ranges: Sequence[Range], max_seqs: int, max_chunks: int) -> list[Range]:

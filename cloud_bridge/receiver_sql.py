@@ -1,10 +1,10 @@
 """The HQ receiver's database logic, written once for SQLite and PostgreSQL (their modules add a dialect).
 
 Tables: ``events`` (every event once: primary key ``id``, unique ``(store_id, gateway_id, seq)``), ``gateways``
-(per-gateway counters, ``max_seq``, ``complete_through``, resend bookkeeping), ``runs`` (the stored seqs of each
-gateway as contiguous runs, kept merged on every insert, so gaps cost the number of gaps, not of events),
-``explained`` (ranges a gateway reported evicted or possibly lost), ``anchors`` (``clock.synced`` anchors) and
-``rejected`` (messages not stored, and why).
+(per-gateway counters, ``max_seq``, ``complete_through`` and the lost watermark, resend bookkeeping), ``runs``
+(the stored seqs of each gateway as contiguous runs, kept merged on every insert, so gaps cost the number of
+gaps, not of events), ``explained`` (ranges a gateway reported evicted or possibly lost), ``anchors``
+(``clock.synced`` anchors) and ``rejected`` (messages not stored, and why).
 
 Several receivers may share one PostgreSQL database. Each batch first locks its gateway's row (an upsert),
 so the events, runs and counters of one gateway are changed by one transaction at a time; the receiver
@@ -12,6 +12,11 @@ gives a transaction's batches sorted by (store, gateway), so two receivers take 
 order, and a deadlock (possible only through an event id forged into another gateway) is retried. Events
 go in with ``ON CONFLICT DO NOTHING``: whoever inserts an event first stores it; everyone else counts a
 duplicate (same id at that seq) or a conflict (a different id holds the seq, or the id is elsewhere).
+
+A missing seq at or below ``complete_through`` is called lost only once HQ has known that watermark for a
+grace period (:class:`LostWatermark`): with several receivers, the batch holding it may still be in another
+receiver's queue. Classifying a gateway's gaps reads its runs and explained ranges; the result is kept per
+gateway for as long as its event count and upper bound stay the same (both change with every stored event).
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Final, Protocol
 
 import orjson
 
 from cloud_bridge.receiver_model import (
+    LOST_GRACE_S,
     REPORT_KINDS,
     RESEND_MAX_SEQS,
     Anchor,
@@ -37,6 +43,7 @@ from cloud_bridge.receiver_model import (
     EventTime,
     Explanation,
     GatewaySummary,
+    LostWatermark,
     RejectedRow,
     Rejection,
     ReportError,
@@ -51,14 +58,17 @@ from cloud_bridge.receiver_model import (
     parse_report,
     parse_time,
 )
-from cloud_bridge.receiver_ranges import GapClasses, Range, chunk, classify, merge, size
+from cloud_bridge.receiver_ranges import GapClasses, Range, chunk, classify_split, merge, size, split_gaps
 from cloud_bridge.wire import MAX_SEQ, Batch, seq_ranges
 
 _LOGGER = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 IN_CHUNK: Final = 500
 """Seqs per ``IN (...)`` list (SQLite limits bound parameters)."""
+GAP_CACHE_MAX_RANGES: Final = 1000
+"""A gateway's classified gaps are kept in memory up to this many ranges (a forged pattern of a million gaps
+is read again each time rather than held)."""
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -94,6 +104,9 @@ CREATE TABLE IF NOT EXISTS gateways (
     last_received_at {time},
     resend_at_ms {int},
     resend_commands {int} NOT NULL DEFAULT 0,
+    mark_through {int} NOT NULL DEFAULT 0,
+    mark_at {time},
+    lost_through {int} NOT NULL DEFAULT 0,
     PRIMARY KEY (store_id, gateway_id)
 );
 CREATE TABLE IF NOT EXISTS runs (
@@ -132,10 +145,12 @@ CREATE TABLE IF NOT EXISTS rejected (
 )
 """
 
+_WATERMARK_COLUMNS: Final = "complete_through, last_received_at, mark_through, mark_at, lost_through"
+"""The columns of :class:`LostWatermark`, in its order (``_LOCK_GATEWAY`` returns them after max_seq)."""
 _LOCK_GATEWAY: Final = (
     "INSERT INTO gateways (store_id, gateway_id) VALUES (?, ?)"
     " ON CONFLICT (store_id, gateway_id) DO UPDATE SET store_id = excluded.store_id"
-    " RETURNING max_seq, complete_through"
+    " RETURNING max_seq, complete_through, last_received_at, mark_through, mark_at, lost_through"
 )
 """Creates the gateway's row or locks it (a no-op update takes the row lock) and reads its watermarks."""
 _INSERT_EVENT: Final = (
@@ -145,7 +160,8 @@ _INSERT_EVENT: Final = (
 _UPDATE_GATEWAY: Final = (
     "UPDATE gateways SET max_seq = ?, complete_through = ?, events = events + ?, duplicates = duplicates + ?,"
     " conflicts = conflicts + ?, bad_reports = bad_reports + ?,"
-    " newest_recorded_at = coalesce(?, newest_recorded_at), last_received_at = ?"
+    " newest_recorded_at = coalesce(?, newest_recorded_at), last_received_at = ?,"
+    " mark_through = ?, mark_at = ?, lost_through = ?"
     " WHERE store_id = ? AND gateway_id = ?"
 )
 _APPLY_ANCHOR: Final = """
@@ -160,10 +176,20 @@ _CLAIM_RESEND: Final = (
     "UPDATE gateways SET resend_at_ms = ?, resend_commands = resend_commands + ?"
     " WHERE store_id = ? AND gateway_id = ? AND (resend_at_ms IS NULL OR resend_at_ms <= ?)"
 )
+_GATEWAY_ROW: Final = f"store_id, gateway_id, events, max_seq, {_WATERMARK_COLUMNS}"
+"""The columns of :class:`_GatewayRow`, in its order."""
 _GATEWAYS: Final = (
-    "SELECT store_id, gateway_id, events, max_seq, complete_through, duplicates, conflicts, bad_reports,"
-    " newest_recorded_at, last_received_at FROM gateways ORDER BY store_id, gateway_id"
+    f"SELECT {_GATEWAY_ROW}, duplicates, conflicts, bad_reports, newest_recorded_at"  # noqa: S608 - constants
+    " FROM gateways ORDER BY store_id, gateway_id"
 )
+_UPGRADE_2: Final = (
+    "ALTER TABLE gateways ADD COLUMN mark_through {int} NOT NULL DEFAULT 0",
+    "ALTER TABLE gateways ADD COLUMN mark_at {time}",
+    "ALTER TABLE gateways ADD COLUMN lost_through {int} NOT NULL DEFAULT 0",
+    "UPDATE gateways SET lost_through = coalesce(complete_through, 0)",  # what schema 2 called lost
+    "UPDATE meta SET value = '3' WHERE key = 'schema'",
+)
+"""Schema 2 to 3: when missing seqs count as lost (issue #3 review)."""
 _TOUCHED_RUNS: Final = (
     "SELECT first_seq, last_seq FROM runs"
     " WHERE store_id = ? AND gateway_id = ? AND last_seq >= ? AND first_seq <= ?"
@@ -204,11 +230,16 @@ class _GatewayRow:
     events: int
     max_seq: int
     complete_through: int | None
+    watermark: LostWatermark
 
     @property
     def upper(self) -> int:
         """Seqs 1..upper should be at HQ: up to the highest stored, or promised complete if higher."""
         return max(self.max_seq, self.complete_through or 0)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.store_id, self.gateway_id
 
 
 class SqlReceiverStore:
@@ -221,9 +252,12 @@ class SqlReceiverStore:
     dialect: ClassVar[Dialect]
     db_errors: ClassVar[tuple[type[Exception], ...]]
 
-    def __init__(self) -> None:
+    def __init__(self, *, lost_grace_s: float = LOST_GRACE_S) -> None:
         self._lock = threading.Lock()
         self._sql_cache: dict[str, str] = {}
+        self._grace = timedelta(seconds=lost_grace_s)
+        self._gaps: dict[tuple[str, str], tuple[tuple[int, int], list[Range], list[Range]]] = {}
+        """(store, gateway) -> ((events, upper) they were read at, explained gaps, other gaps)."""
         self._conn: Any = None
         with self._lock:
             self._conn = self._connect()
@@ -307,7 +341,11 @@ class SqlReceiverStore:
             row = None
             if self._table_exists(cur, "meta"):
                 row = self._x(cur, "SELECT value FROM meta WHERE key = 'schema'").fetchone()
-            if row is not None and int(row[0]) != SCHEMA_VERSION:
+            if row is not None and int(row[0]) == 2:
+                for statement in _UPGRADE_2:
+                    cur.execute(statement.format(**self.dialect.types))
+                _LOGGER.info("upgraded the receiver database from schema 2 to %d", SCHEMA_VERSION)
+            elif row is not None and int(row[0]) != SCHEMA_VERSION:
                 raise StoreUnavailableError(f"database schema {row[0]}, this receiver needs {SCHEMA_VERSION}")
             if row is None and self._table_exists(cur, "events"):
                 self._upgrade_v1(cur)
@@ -333,7 +371,8 @@ class SqlReceiverStore:
         """Store one batch in one transaction; a bad batch raises :class:`BatchRejectedError`."""
         with self._transaction(self.dialect.begin_write) as cur:
             item = BatchToStore("", 0, topic_store_id, topic_gateway_id, batch)
-            return self._store(cur, item, self._time_param(datetime.now(UTC)))
+            now = datetime.now(UTC)
+            return self._store(cur, item, now, self._time_param(now))
 
     def record_rejected(self, topic: str, reason: str, size: int) -> None:
         self.apply([Rejection(topic, reason, size)])
@@ -344,21 +383,26 @@ class SqlReceiverStore:
         ``items`` is consumed inside the transaction, so a generator can decode one batch at a time. Give
         them sorted by (store, gateway) when several receivers share the database (see the module docstring).
         """
-        received_at = self._time_param(datetime.now(UTC))
+        now = datetime.now(UTC)
+        received_at = self._time_param(now)
         results: list[StoreResult | Rejection] = []
         with self._transaction(self.dialect.begin_write) as cur:
             for item in items:
-                result = self._apply_one(cur, item, received_at) if isinstance(item, BatchToStore) else item
+                result = (
+                    self._apply_one(cur, item, now, received_at) if isinstance(item, BatchToStore) else item
+                )
                 if isinstance(result, Rejection):
                     self._record(cur, result, received_at)
                 results.append(result)
         return results
 
-    def _apply_one(self, cur: Cursor, item: BatchToStore, received_at: Any) -> StoreResult | Rejection:
+    def _apply_one(
+        self, cur: Cursor, item: BatchToStore, now: datetime, received_at: Any
+    ) -> StoreResult | Rejection:
         """One batch inside a savepoint: a batch that cannot be stored leaves no trace but its rejection."""
         cur.execute("SAVEPOINT batch")
         try:
-            result = self._store(cur, item, received_at)
+            result = self._store(cur, item, now, received_at)
         except BatchRejectedError as err:
             reason = str(err)
         except self.db_errors as err:
@@ -383,10 +427,13 @@ class SqlReceiverStore:
         )
         _LOGGER.info("rejected a message on %s (%d bytes): %s", topic, rejection.size, reason)
 
-    def _store(self, cur: Cursor, item: BatchToStore, received_at: Any) -> StoreResult:
+    def _store(self, cur: Cursor, item: BatchToStore, now: datetime, received_at: Any) -> StoreResult:
+        """One batch; ``received_at`` is ``now`` as the database takes it."""
         key = (item.store_id, item.gateway_id)
         rows = event_rows(item.store_id, item.gateway_id, item.batch)
-        max_seq, complete_through = self._x(cur, _LOCK_GATEWAY, key).fetchone()
+        max_seq, *marks = self._x(cur, _LOCK_GATEWAY, key).fetchone()
+        watermark = self._watermark(marks)
+        complete_through = watermark.complete_through if marks[0] is not None else None
         unique: dict[int, EventRow] = {}
         duplicates = conflicts = 0
         for row in rows:  # schema 1 batches may repeat a seq
@@ -423,12 +470,50 @@ class SqlReceiverStore:
         through = item.batch.complete_through
         if through is not None and (complete_through is None or through > complete_through):
             complete_through = through
+        after = watermark.after_batch(complete_through or 0, now, self._grace)
+        mark_at = received_at if after.mark_at is now else marks[3]  # as stored, or now
         self._x(
             cur,
             _UPDATE_GATEWAY,
-            (max_seq, complete_through, new, duplicates, conflicts, bad, newest, received_at, *key),
+            (
+                max_seq,
+                complete_through,
+                new,
+                duplicates,
+                conflicts,
+                bad,
+                newest,
+                received_at,
+                after.mark_through,
+                mark_at,
+                after.lost_through,
+                *key,
+            ),
         )
         return StoreResult(new, duplicates, conflicts)
+
+    def _watermark(self, columns: Sequence[Any]) -> LostWatermark:
+        """A :class:`LostWatermark` from the ``_WATERMARK_COLUMNS`` of a gateway row."""
+        through, received, mark_through, mark_at, lost_through = columns
+        return LostWatermark(
+            int(through or 0),
+            None if received is None else self._time_value(received),
+            int(mark_through),
+            None if mark_at is None else self._time_value(mark_at),
+            int(lost_through),
+        )
+
+    def _gateway_row(self, row: Sequence[Any]) -> _GatewayRow:
+        """A :class:`_GatewayRow` from the ``_GATEWAY_ROW`` columns."""
+        store_id, gateway_id, events, max_seq, through = row[:5]
+        return _GatewayRow(
+            store_id,
+            gateway_id,
+            int(events),
+            int(max_seq),
+            None if through is None else int(through),
+            self._watermark(row[4:9]),
+        )
 
     def _event_params(self, key: tuple[str, str], row: EventRow, received_at: Any) -> tuple[Any, ...]:
         return (
@@ -568,38 +653,49 @@ class SqlReceiverStore:
         store = self._store_of(cur, gateway_id, store_id)
         row = self._x(
             cur,
-            "SELECT events, max_seq, complete_through FROM gateways WHERE store_id = ? AND gateway_id = ?",
+            f"SELECT {_GATEWAY_ROW} FROM gateways WHERE store_id = ? AND gateway_id = ?",  # noqa: S608
             (store, gateway_id),
         ).fetchone()
-        return None if row is None else _GatewayRow(store, gateway_id, int(row[0]), int(row[1]), row[2])
+        return None if row is None else self._gateway_row(row)
 
-    def _classes(self, cur: Cursor, gw: _GatewayRow) -> GapClasses:
-        """Classify a gateway's missing seqs; a gateway with every seq stored costs no query."""
+    def _classes(self, cur: Cursor, gw: _GatewayRow, now: datetime) -> GapClasses:
+        """Classify a gateway's missing seqs; a gateway with every seq stored costs no query, and one whose
+        events did not change since the last time costs none either (its gaps are kept)."""
         if gw.events >= gw.upper:
+            self._gaps.pop(gw.key, None)
             return GapClasses()
-        key = (gw.store_id, gw.gateway_id)
-        runs = self._rows(
-            cur,
-            "SELECT first_seq, last_seq FROM runs WHERE store_id = ? AND gateway_id = ? ORDER BY first_seq",
-            key,
-        )
-        explained = self._rows(
-            cur,
-            "SELECT first_seq, last_seq FROM explained WHERE store_id = ? AND gateway_id = ? AND first_seq <= ?",
-            (*key, gw.upper),
-        )
-        return classify(
-            [(int(a), int(b)) for a, b in runs],
-            [(int(a), int(b)) for a, b in explained],
-            gw.upper,
-            gw.complete_through or 0,
-        )
+        version = (gw.events, gw.upper)
+        kept = self._gaps.get(gw.key)
+        if kept is not None and kept[0] == version:
+            covered, rest = kept[1], kept[2]
+        else:
+            runs = self._rows(
+                cur,
+                "SELECT first_seq, last_seq FROM runs WHERE store_id = ? AND gateway_id = ? ORDER BY first_seq",
+                gw.key,
+            )
+            explained = self._rows(
+                cur,
+                "SELECT first_seq, last_seq FROM explained"
+                " WHERE store_id = ? AND gateway_id = ? AND first_seq <= ?",
+                (*gw.key, gw.upper),
+            )
+            covered, rest = split_gaps(
+                [(int(a), int(b)) for a, b in runs], [(int(a), int(b)) for a, b in explained], gw.upper
+            )
+            if len(covered) + len(rest) <= GAP_CACHE_MAX_RANGES:
+                self._gaps[gw.key] = (version, covered, rest)
+            else:
+                self._gaps.pop(gw.key, None)
+        return classify_split(covered, rest, gw.upper, gw.watermark.at(now, self._grace))
 
-    def classes(self, gateway_id: str, store_id: str | None = None) -> GapClasses:
-        """A gateway's missing seqs: explained, lost and pending ranges."""
+    def classes(
+        self, gateway_id: str, store_id: str | None = None, now: datetime | None = None
+    ) -> GapClasses:
+        """A gateway's missing seqs at ``now`` (default: now): explained, lost and pending ranges."""
         with self._transaction(self.dialect.begin_read) as cur:
             gw = self._gateway(cur, gateway_id, store_id)
-            return GapClasses() if gw is None else self._classes(cur, gw)
+            return GapClasses() if gw is None else self._classes(cur, gw, now or datetime.now(UTC))
 
     def gaps(self, gateway_id: str, store_id: str | None = None) -> list[Range]:
         """Missing seq ranges (first, last), inclusive, in 1..max(highest stored seq, complete_through)."""
@@ -669,27 +765,16 @@ class SqlReceiverStore:
         now = now or datetime.now(UTC)
         out: list[GatewaySummary] = []
         with self._transaction(self.dialect.begin_read) as cur:
-            rows = self._rows(cur, _GATEWAYS)
-            for (
-                store_id,
-                gateway_id,
-                events,
-                max_seq,
-                through,
-                dups,
-                conflicts,
-                bad,
-                newest,
-                received,
-            ) in rows:
-                gw = _GatewayRow(store_id, gateway_id, int(events), int(max_seq), through)
-                classes = self._classes(cur, gw)
+            for row in self._rows(cur, _GATEWAYS):
+                gw = self._gateway_row(row)
+                dups, conflicts, bad, newest = row[9:]
+                classes = self._classes(cur, gw, now)
                 gaps = classes.gaps
                 recorded = None if newest is None else self._time_value(newest)
                 out.append(
                     GatewaySummary(
-                        store_id=store_id,
-                        gateway_id=gateway_id,
+                        store_id=gw.store_id,
+                        gateway_id=gw.gateway_id,
                         events=gw.events,
                         max_seq=gw.max_seq,
                         gaps=len(gaps),
@@ -697,8 +782,8 @@ class SqlReceiverStore:
                         duplicates=int(dups),
                         conflicts=int(conflicts),
                         lag=None if recorded is None else now - recorded,
-                        last_received_at=None if received is None else self._time_value(received),
-                        complete_through=None if through is None else int(through),
+                        last_received_at=gw.watermark.received_at,
+                        complete_through=gw.complete_through,
                         explained=size(classes.explained),
                         lost=size(classes.lost),
                         pending=size(classes.pending),
@@ -709,37 +794,49 @@ class SqlReceiverStore:
 
     # --- resend -----------------------------------------------------------------------------------------
 
-    def claim_resends(self, interval_s: float, max_commands: int) -> list[ResendRequest]:
+    def claim_resends(
+        self,
+        interval_s: float,
+        max_commands: int,
+        *,
+        online_s: float | None = None,
+        now: datetime | None = None,
+    ) -> list[ResendRequest]:
         """Lost ranges to ask for, per gateway not asked within ``interval_s``, at most ``max_commands``
         commands of RESEND_MAX_SEQS seqs each per gateway.
 
+        Only gateways with a batch stored within ``online_s`` (default: ``interval_s``) are asked: commands to
+        a gateway that is away wait in its MQTT session, and it would find one per interval it was away.
         Each gateway is claimed by a single-row conditional update, so of several receivers sharing the
         database one asks and the others skip it until the interval has passed again.
         """
-        now_ms = int(datetime.now(UTC).timestamp() * 1000)
+        now = now or datetime.now(UTC)
+        now_ms = int(now.timestamp() * 1000)
         due = now_ms - int(interval_s * 1000)
+        heard_since = self._time_param(now - timedelta(seconds=interval_s if online_s is None else online_s))
         out: list[ResendRequest] = []
         with self._session() as cur:
             candidates = self._rows(
                 cur,
-                "SELECT store_id, gateway_id, events, max_seq, complete_through FROM gateways"
+                f"SELECT {_GATEWAY_ROW} FROM gateways"  # noqa: S608 - constants
                 " WHERE complete_through > 0 AND (resend_at_ms IS NULL OR resend_at_ms <= ?)"
-                " ORDER BY store_id, gateway_id",
-                (due,),
+                " AND last_received_at >= ? ORDER BY store_id, gateway_id",
+                (due, heard_since),
             )
-            for store_id, gateway_id, events, max_seq, through in candidates:
-                gw = _GatewayRow(store_id, gateway_id, int(events), int(max_seq), int(through))
+            for row in candidates:
+                gw = self._gateway_row(row)
                 if gw.events >= gw.upper:
                     continue
                 cur.execute(self.dialect.begin_read)
-                try:
-                    lost = self._classes(cur, gw).lost
+                try:  # the row again, in the snapshot its runs are read from
+                    fresh = self._gateway(cur, gw.gateway_id, gw.store_id)
+                    lost = [] if fresh is None else self._classes(cur, fresh, now).lost
                 finally:
                     cur.execute("COMMIT")
                 ranges = chunk(lost, RESEND_MAX_SEQS, max_commands)
                 if not ranges:
                     continue
-                self._x(cur, _CLAIM_RESEND, (now_ms, len(ranges), store_id, gateway_id, due))
+                self._x(cur, _CLAIM_RESEND, (now_ms, len(ranges), *gw.key, due))
                 if cur.rowcount == 1:
-                    out.append(ResendRequest(store_id, gateway_id, ranges))
+                    out.append(ResendRequest(*gw.key, ranges))
         return out

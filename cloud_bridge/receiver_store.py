@@ -16,6 +16,7 @@ from typing import Any, Final
 import orjson
 
 from cloud_bridge.receiver_model import (
+    LOST_GRACE_S,
     BatchRejectedError,
     BatchToStore,
     EventTime,
@@ -90,11 +91,13 @@ class ReceiverStore(SqlReceiverStore):
     dialect = SQLITE
     db_errors = (sqlite3.Error,)
 
-    def __init__(self, path: Path | str, *, busy_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, path: Path | str, *, busy_timeout_s: float = 5.0, lost_grace_s: float = LOST_GRACE_S
+    ) -> None:
         self.path = Path(path)
         self._busy_timeout_s = busy_timeout_s
         try:
-            super().__init__()
+            super().__init__(lost_grace_s=lost_grace_s)
         except sqlite3.Error as err:  # no such directory, not a database, ...
             raise StoreUnavailableError(f"cannot open {self.path}: {one_line(err)}") from err
 

@@ -202,7 +202,7 @@ def make_receiver(
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[ReceiverStore]:
-    db = ReceiverStore(tmp_path / "hq.db")
+    db = ReceiverStore(tmp_path / "hq.db", lost_grace_s=0)  # one receiver: no grace before "lost"
     yield db
     db.close()
 
@@ -441,8 +441,21 @@ async def test_lost_range_is_asked_for_again_until_it_arrives(
     try:
         async with running(receiver), publisher(hq_broker) as pub:
             await publish(pub, "hk-001", "gw-a", batch_bytes("hk-001", "gw-a", [1, 2, 3, 4, 5]))
-            await publish(pub, "hk-001", "gw-a", batch_bytes("hk-001", "gw-a", [8, 9], complete_through=7))
-            await eventually(lambda: len(commands) >= 2, "the lost range asked for, twice")
+            latest = batch_bytes("hk-001", "gw-a", [8, 9], complete_through=7)
+
+            async def online() -> None:
+                """Only a gateway heard from within the interval is asked: it sends again and again."""
+                while True:
+                    await publish(pub, "hk-001", "gw-a", latest)
+                    await asyncio.sleep(0.05)
+
+            sending = asyncio.create_task(online())
+            try:
+                await eventually(lambda: len(commands) >= 2, "the lost range asked for, twice")
+            finally:
+                sending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sending
             await publish(pub, "hk-001", "gw-a", batch_bytes("hk-001", "gw-a", [6, 7], complete_through=9))
             await eventually(lambda: store.classes("gw-a").lost == [], "the lost range arrived")
     finally:
@@ -454,7 +467,7 @@ async def test_lost_range_is_asked_for_again_until_it_arrives(
     assert commands[1]["args"] == first["args"]
     assert commands[1]["request_id"] != first["request_id"]
     assert receiver.resend_commands >= 2
-    assert store.claim_resends(0.0, 10) == []
+    assert store.claim_resends(0.0, 10, online_s=60) == []
 
 
 # --- rendering and CLI --------------------------------------------------------------------------------------
@@ -495,7 +508,9 @@ def test_report_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "pending hk-001/gw-a: 6..7" in capsys.readouterr().out
     store.store_batch("hk-001", "gw-a", batch("hk-001", "gw-a", [11], complete_through=10))
     store.close()
-    assert receiver_main(["--db", str(db), "--report"]) == 2
+    assert receiver_main(["--db", str(db), "--report"]) == 0  # lost only once that is a minute old
+    assert "pending hk-001/gw-a: 6..7" in capsys.readouterr().out
+    assert receiver_main(["--db", str(db), "--report", "--lost-grace", "0"]) == 2
     assert "lost hk-001/gw-a: 6..7" in capsys.readouterr().out
 
 

@@ -102,7 +102,7 @@ def test_report_on_postgres(postgres: PostgresServer, capsys: pytest.CaptureFixt
     store = PgReceiverStore(dsn)
     store.store_batch("hk-001", "gw-1", batch("hk-001", "gw-1", [1, 4], complete_through=3))
     store.close()
-    assert receiver_main(["--postgres", dsn, "--report"]) == 2
+    assert receiver_main(["--postgres", dsn, "--report", "--lost-grace", "0"]) == 2
     assert "lost hk-001/gw-1: 2..3" in capsys.readouterr().out
     assert receiver_main(["--postgres", "host=127.0.0.1 port=1 connect_timeout=1", "--report"]) == 1
     err = capsys.readouterr().err

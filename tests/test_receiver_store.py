@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -43,10 +43,11 @@ def postgres() -> Iterator[PostgresServer]:
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlReceiverStore]:
+    """The database of a single receiver: a missing seq below complete_through is lost at once (no grace)."""
     if request.param == "sqlite":
-        db: SqlReceiverStore = ReceiverStore(tmp_path / "hq.db")
+        db: SqlReceiverStore = ReceiverStore(tmp_path / "hq.db", lost_grace_s=0)
     else:
-        db = PgReceiverStore(request.getfixturevalue("postgres").fresh_schema())
+        db = PgReceiverStore(request.getfixturevalue("postgres").fresh_schema(), lost_grace_s=0)
     yield db
     db.close()
 
@@ -233,14 +234,102 @@ def test_resend_claims_are_chunked_and_shared(store: SqlReceiverStore) -> None:
     assert (request.store_id, request.gateway_id) == (S, G)
     assert request.ranges == [(2, 100_001), (100_002, 200_001), (200_002, 250_002)]
     assert store.claim_resends(interval_s=60, max_commands=10) == []  # asked already: not again for 60 s
-    (again,) = store.claim_resends(interval_s=0, max_commands=2)
+    (again,) = store.claim_resends(interval_s=0, max_commands=2, online_s=60)
     assert again.ranges == [(2, 100_001), (100_002, 200_001)]
 
 
 def test_resend_claims_cost_nothing_for_complete_gateways(store: SqlReceiverStore) -> None:
     store.store_batch(S, G, batch(S, G, [1, 2, 3], complete_through=3))
     store.store_batch(S, "gw-b", batch(S, "gw-b", [1, 3], complete_through=1))  # 2 is pending
-    assert store.claim_resends(interval_s=0, max_commands=10) == []
+    assert store.claim_resends(interval_s=0, max_commands=10, online_s=60) == []
+
+
+def _opener(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], SqlReceiverStore]:
+    """Opens a store of this kind (default options), each time on the same database."""
+    if kind == "sqlite":
+        return lambda: ReceiverStore(tmp_path / "hq.db")
+    dsn = request.getfixturevalue("postgres").fresh_schema()
+    return lambda: PgReceiverStore(dsn)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_missing_seq_is_lost_only_once_its_watermark_is_a_grace_period_old(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """With several receivers the batch holding 6..7 may still wait in another's queue when complete_through
+    7 arrives: 6..7 stay pending for the grace period (60 s by default), then are lost, in the summary and
+    for resend requests alike."""
+    store = _opener(kind, request, tmp_path)()
+    try:
+        store.store_batch(S, G, batch(S, G, [1, 2, 3, 4, 5]))
+        store.store_batch(S, G, batch(S, G, [8, 9], complete_through=7))
+        later = datetime.now(UTC) + timedelta(seconds=61)
+        assert store.classes(G) == GapClasses(pending=[(6, 7)])
+        assert store.classes(G, now=later) == GapClasses(lost=[(6, 7)])
+        assert (summary_of(store, G).lost, summary_of(store, G).pending) == (0, 2)
+        (row,) = store.summary(now=later)
+        assert (row.lost, row.pending, row.complete_through) == (2, 0, 7)
+        assert store.claim_resends(90, 10) == []  # not lost yet
+        assert store.claim_resends(30, 10, now=later) == []  # lost, but the gateway is away (61 s > 30 s)
+        (request_,) = store.claim_resends(90, 10, now=later)
+        assert request_.ranges == [(6, 7)]
+    finally:
+        store.close()
+
+
+def test_an_offline_gateway_is_not_asked_to_resend(store: SqlReceiverStore) -> None:
+    """Commands to a gateway that is away wait in its MQTT session (days): it would find one per resend
+    interval it was away. Only a gateway that sent a batch within the interval is asked."""
+    store.store_batch(S, G, batch(S, G, [1, 4], complete_through=3))
+    heard = datetime.now(UTC)
+    assert store.claim_resends(30, 10, now=heard + timedelta(seconds=31)) == []
+    (request_,) = store.claim_resends(30, 10, now=heard + timedelta(seconds=29))
+    assert request_.ranges == [(2, 3)]
+
+
+def test_the_summary_reads_a_gateways_gaps_again_only_when_it_changed(tmp_path: Path) -> None:
+    store = ReceiverStore(tmp_path / "hq.db", lost_grace_s=0)
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)
+    try:
+        store.store_batch(S, G, batch(S, G, [1, 3]))
+        store.store_batch(S, "gw-b", batch(S, "gw-b", [1, 2]))
+
+        def reads_of_runs() -> int:
+            before = len(statements)
+            store.summary()
+            return sum("FROM runs" in q for q in statements[before:])
+
+        assert reads_of_runs() == 1  # gw-a has a gap; gw-b has none and costs nothing
+        assert reads_of_runs() == 0
+        store.store_batch(S, G, batch(S, G, [5], complete_through=4))
+        assert reads_of_runs() == 1
+        assert store.classes(G) == GapClasses(lost=[(2, 2), (4, 4)])
+        store.store_batch(S, G, batch(S, G, [2, 4]))
+        assert store.classes(G) == GapClasses()
+        assert reads_of_runs() == 0
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_schema_2_database_is_upgraded(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Schema 2 had no lost watermark: what it called lost (below complete_through) stays lost."""
+    reopen = _opener(kind, request, tmp_path)
+    store = reopen()
+    store.store_batch(S, G, batch(S, G, [1, 4], complete_through=3))
+    with store._session() as cur:
+        for column in ("mark_through", "mark_at", "lost_through"):
+            cur.execute(f"ALTER TABLE gateways DROP COLUMN {column}")
+        cur.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+    store.close()
+    store = reopen()
+    try:
+        assert store.classes(G) == GapClasses(lost=[(2, 3)])
+        store.store_batch(S, G, batch(S, G, [2, 3]))
+        assert store.gaps(G) == []
+    finally:
+        store.close()
 
 
 def test_many_small_gaps_stay_cheap_and_exact(store: SqlReceiverStore) -> None:
@@ -370,7 +459,7 @@ def test_a_schema_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     old.execute("INSERT INTO rejected VALUES (?, 'retail/x/y/events', 'not JSON', 3)", (received,))
     old.commit()
     old.close()
-    store = ReceiverStore(path)
+    store = ReceiverStore(path, lost_grace_s=0)
     try:
         row = summary_of(store, G)
         assert (row.events, row.max_seq, row.duplicates, row.missing, row.pending, row.lost) == (
@@ -396,8 +485,8 @@ def test_a_schema_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
 def test_a_newer_schema_is_refused_with_a_reason(tmp_path: Path) -> None:
     ReceiverStore(tmp_path / "hq.db").close()
     db = sqlite3.connect(tmp_path / "hq.db")
-    db.execute("UPDATE meta SET value = '3' WHERE key = 'schema'")
+    db.execute("UPDATE meta SET value = '9' WHERE key = 'schema'")
     db.commit()
     db.close()
-    with pytest.raises(StoreUnavailableError, match="database schema 3, this receiver needs 2"):
+    with pytest.raises(StoreUnavailableError, match="database schema 9, this receiver needs 3"):
         ReceiverStore(tmp_path / "hq.db")

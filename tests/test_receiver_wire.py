@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -18,6 +19,7 @@ from cloud_bridge.receiver_model import (
     Anchor,
     EventRow,
     Explanation,
+    LostWatermark,
     ReportError,
     corrected_ns,
     event_rows,
@@ -237,6 +239,54 @@ def test_classify_partitions_the_missing_seqs(
     assert seqs(classes.lost) == {s for s in missing - covered if s <= through}
     assert seqs(classes.pending) == {s for s in missing - covered if s > through}
     assert size(classes.gaps) == len(missing)
+
+
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+GRACE = timedelta(seconds=60)
+
+
+def _at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def test_lost_watermark_waits_a_grace_period() -> None:
+    mark = LostWatermark().after_batch(7, _at(0), GRACE)
+    assert [mark.at(_at(t), GRACE) for t in (0, 59, 60)] == [0, 0, 7]
+    # Batches every 10 s, complete_through rising with each: the mark taken at 0 s ages at 60 s, the one
+    # taken at 60 s (value 13) at 120 s, while the latest value always looks new.
+    for t in range(10, 130, 10):
+        mark = mark.after_batch(7 + t // 10, _at(t), GRACE)
+    assert (mark.complete_through, mark.mark_through, mark.mark_at) == (19, 19, _at(120))
+    assert [mark.at(_at(t), GRACE) for t in (120, 179, 180)] == [13, 13, 19]
+    assert mark.at(_at(0), timedelta(0)) == 19  # no grace: complete_through itself
+
+
+@settings(deadline=None)
+@given(
+    steps=st.lists(st.tuples(st.integers(0, 150), st.integers(0, 5)), min_size=1, max_size=40),
+    after=st.integers(0, 200),
+)
+def test_lost_watermark_is_never_early_never_goes_back_and_catches_up(
+    steps: list[tuple[int, int]], after: int
+) -> None:
+    """Batches at growing times (gaps up to 2.5 grace periods), complete_through growing. At any later time:
+    never a value HQ has known for less than the grace period; never lower than before; and every value known
+    for two grace periods plus the largest gap between batches."""
+    mark, t, through = LostWatermark(), 0, 0
+    known: list[tuple[int, int]] = []  # (time, complete_through)
+    previous = 0
+    for gap, rise in steps:
+        t, through = t + gap, through + rise
+        mark = mark.after_batch(through, _at(t), GRACE)
+        known.append((t, through))
+        assert mark.lost_through >= previous
+        previous = mark.lost_through
+    largest_gap = max([0] + [b[0] - a[0] for a, b in itertools.pairwise(known)])
+    for now in (t, t + after):
+        lost = mark.at(_at(now), GRACE)
+        assert lost >= mark.lost_through
+        assert lost <= max([0] + [v for at, v in known if at <= now - 60])
+        assert lost >= max([0] + [v for at, v in known if at <= now - 120 - largest_gap])
 
 
 # --- reports and the clock ----------------------------------------------------------------------------------
