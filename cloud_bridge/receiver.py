@@ -54,6 +54,7 @@ _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_CLIENT_ID: Final = "hq-receiver"
 DEFAULT_SHARE_GROUP: Final = "hq-receivers"
+DEFAULT_SESSION_EXPIRY_S: Final = 7 * 24 * 3600
 MAX_GROUP_MESSAGES: Final = 64
 MAX_GROUP_BYTES: Final = 1024 * 1024
 """A transaction takes waiting messages up to these limits: many small batches share one commit (one fsync),
@@ -414,6 +415,14 @@ def _parser() -> argparse.ArgumentParser:
         help="MQTT shared subscription group: receivers of one group split the batches (default: %(default)s)",
     )
     broker.add_argument("--no-share", action="store_true", help="subscribe without a shared subscription")
+    broker.add_argument(
+        "--session-expiry",
+        type=int,
+        default=DEFAULT_SESSION_EXPIRY_S,
+        metavar="SECONDS",
+        help="how long the broker keeps this receiver's session, and queues its share of the batches, while it"
+        " is away (MQTT 5; default: %(default)s, 7 days). Shorter for a receiver that may be retired",
+    )
     broker.add_argument("--ca-file", type=Path, help="CA bundle that signed the broker's certificate (TLS)")
     broker.add_argument("--cert-file", type=Path, help="client certificate (mutual TLS), with --key-file")
     broker.add_argument("--key-file", type=Path, help="client private key (mutual TLS), with --cert-file")
@@ -506,9 +515,16 @@ def broker_config(args: argparse.Namespace) -> BrokerConfig:
             username=args.username,
             password=password,
             tls=tls,
+            session_expiry_s=args.session_expiry,
         )
     except ValidationError as err:
-        raise CliError("; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())) from err
+        raise CliError("; ".join(_problem(e["loc"], e["msg"]) for e in err.errors())) from err
+
+
+def _problem(loc: tuple[int | str, ...], message: str) -> str:
+    """A pydantic error as "field: message" (a whole-model check has no field)."""
+    message = message.removeprefix("Value error, ")
+    return f"{'.'.join(map(str, loc))}: {message}" if loc else message
 
 
 def open_store(args: argparse.Namespace) -> SqlReceiverStore:

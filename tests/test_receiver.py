@@ -24,7 +24,7 @@ import pytest
 from pydantic import SecretStr
 
 from cloud_bridge import topics
-from cloud_bridge.receiver import HqReceiver, receiver_main
+from cloud_bridge.receiver import HqReceiver, _parser, broker_config, receiver_main
 from cloud_bridge.receiver_model import GatewaySummary, ReceiverBackend, StoreUnavailableError
 from cloud_bridge.receiver_report import format_summary
 from cloud_bridge.receiver_store import ReceiverStore
@@ -659,6 +659,7 @@ def test_cli_refuses_unusable_options(tmp_path: Path, capsys: pytest.CaptureFixt
         ("--cert-file", str(secret)): "cert_file and key_file go together",
         ("--ca-file", str(tmp_path / "nope.pem")): "--ca-file",
         ("--share-group", "a/b"): "a share group is one topic level",
+        ("--session-expiry", "-1"): "session_expiry_s",
     }
     for args, message in cases.items():
         assert receiver_main(["--db", str(tmp_path / "hq.db"), *args]) == 1
@@ -667,6 +668,7 @@ def test_cli_refuses_unusable_options(tmp_path: Path, capsys: pytest.CaptureFixt
         assert err.count("\n") == 1, err
     with pytest.raises(SystemExit):
         receiver_main(["--resend-interval", "0"])
+    assert broker_config(_parser().parse_args(["--session-expiry", "600"])).session_expiry_s == 600
 
 
 def test_cli_says_in_one_line_when_the_database_cannot_be_opened(
