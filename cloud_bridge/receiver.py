@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import random
 import signal
 import sys
@@ -359,7 +360,10 @@ class HqReceiver:
             payload = resend_command(f"resend-{uuid7()}", first, last)
             try:
                 async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-                    await client.publish(topic, payload, qos=1)
+                    # Expires with the interval (MQTT 5): a gateway that is away must not find a pile of
+                    # resends in its session, crowding out real commands; a fresh one follows if still lost.
+                    expiry = max(1, math.ceil(self._resend_interval or 1))
+                    await client.publish(topic, payload, qos=1, message_expiry_s=expiry)
             except (MqttError, TimeoutError) as err:
                 _LOGGER.warning(
                     "could not ask %s/%s to resend %d..%d (%s); asking again later",

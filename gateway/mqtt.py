@@ -334,13 +334,26 @@ class MqttClient:
         if bad:
             raise MqttError(f"subscription refused for {filters}: {bad}")
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> asyncio.Future[None]:
-        """Queue a publish; the future completes on PUBACK (QoS 1) and fails if the connection drops."""
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        message_expiry_s: int | None = None,
+    ) -> asyncio.Future[None]:
+        """Queue a publish; the future completes on PUBACK (QoS 1) and fails if the connection drops.
+        ``message_expiry_s`` (MQTT 5 only; ignored on 3.1.1): the broker drops the message if it is still
+        queued for a subscriber after that long."""
         fut: asyncio.Future[None] = self._loop.create_future()
         if self._closed.done():
             fut.set_exception(MqttError(f"not connected: {self._closed.result()}"))
             return fut
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        props: Properties | None = None
+        if message_expiry_s is not None and self._v5:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.MessageExpiryInterval = message_expiry_s
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_QUEUE_SIZE):
             fut.set_exception(MqttError(f"publish failed: {paho.error_string(info.rc)}"))
         elif qos == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -211,7 +212,9 @@ def test_a_pathological_batch_is_rejected_not_fatal(tmp_path: Path) -> None:
     from cloud_bridge.wire import decode_batch
 
     nested = b'{"n":' * 300 + b'"x"' + b"}" * 300  # orjson reads this, but cannot write it back
-    bad = _batch("hk-001", "gw-01", [1], "NESTED").replace(b'"NESTED"', nested)
+    head, _, body = _batch("hk-001", "gw-01", [1], "NESTED").partition(b"\n")
+    body = body.replace(b'"NESTED"', nested)
+    bad = re.sub(rb'"raw_bytes":\d+', b'"raw_bytes":%d' % len(body), head) + b"\n" + body
     good = _batch("hk-001", "gw-01", [2])
     store = ReceiverStore(tmp_path / "hq.db")
     try:

@@ -135,3 +135,28 @@ async def test_pause_reading_holds_messages_at_the_broker(store_broker: Mosquitt
     assert sorted(int(m.topic.split("/")[1]) for m in got) == list(range(200))
     await pub.disconnect()
     await sub.disconnect()
+
+
+async def test_an_expired_message_is_not_delivered_to_a_returning_session(store_broker: Mosquitto) -> None:
+    """MQTT 5 message expiry: what waited in an offline session longer than its expiry is dropped by the broker
+    (the HQ receiver's resend commands use it), what did not expire is delivered."""
+    sub = MqttClient(_cfg(store_broker), "sub-expiry", clean_start=False)
+    await sub.connect()
+    await sub.subscribe([("cmd/#", 1)])
+    await sub.disconnect()
+    pub = MqttClient(_cfg(store_broker), "pub-expiry", clean_start=True)
+    await pub.connect()
+    await pub.publish("cmd/old", b"old", message_expiry_s=1)
+    await pub.publish("cmd/kept", b"kept", message_expiry_s=3600)
+    await asyncio.sleep(2.2)  # past the first message's expiry (whole seconds at the broker)
+    await pub.publish("cmd/marker", b"marker")
+    got: list[Message] = []
+    sub2 = MqttClient(_cfg(store_broker), "sub-expiry", clean_start=False, on_message=got.append)
+    await sub2.connect()
+    for _ in range(250):
+        if any(m.payload == b"marker" for m in got):
+            break
+        await asyncio.sleep(0.02)
+    assert [m.payload for m in got] == [b"kept", b"marker"]
+    await sub2.disconnect()
+    await pub.disconnect()
