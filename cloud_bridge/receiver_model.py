@@ -35,8 +35,6 @@ _STORE_OR_GATEWAY_ID: Final = re.compile(ID_PATTERN)
 MAX_EVICTED_RANGES: Final = 2000
 """Per ``outbox.evicted`` event (docs/OUTBOX.md); more is not a gateway of ours."""
 REPORT_KINDS: Final = frozenset({"outbox.evicted", "alert.raised", "clock.synced"})
-RESEND_MAX_SEQS: Final = 100_000
-"""Per ``resend`` command (docs/OUTBOX.md, "Downlink commands")."""
 LOST_GRACE_S: Final = 60.0
 """How long a seq missing at or below ``complete_through`` is still called pending: with several receivers the
 batch holding it may still wait in another receiver's queue (see :class:`LostWatermark`)."""

@@ -32,10 +32,10 @@ from typing import Any, ClassVar, Final, Protocol
 
 import orjson
 
+from cloud_bridge.commands import MAX_RESEND_SEQS as RESEND_MAX_SEQS
 from cloud_bridge.receiver_model import (
     LOST_GRACE_S,
     REPORT_KINDS,
-    RESEND_MAX_SEQS,
     Anchor,
     BatchRejectedError,
     BatchToStore,

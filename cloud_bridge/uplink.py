@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from cloud_bridge.commands import MAX_RESEND_SEQS
 from cloud_bridge.topics import events_topic, status_topic
 from cloud_bridge.wire import CLASSES, Compressor, encode_batch, seq_ranges
 from gateway import __version__
@@ -38,9 +39,6 @@ from gateway.outbox import CRITICAL
 from gateway.supervise import Backoff, reconnect_forever, tcp_reachable
 
 _LOGGER = logging.getLogger(__name__)
-
-MAX_RESEND_SEQS = 100_000
-"""Largest seq range one ``resend`` command may ask for."""
 
 
 def status_payload(status: str, config_hash: str | None, reason: str | None = None) -> bytes:
