@@ -743,3 +743,11 @@ def test_random_device_levels_never_raise(device: str, suffix: str) -> None:
     check_result(result, topic)
     if isinstance(result, Decoded):
         assert re.match(ID_PATTERN, result.device_id)
+
+
+def test_an_integer_beyond_64_bits_where_a_decimal_goes_is_rejected() -> None:
+    """Found by hypothesis: pydantic raised OverflowError (not a ValidationError) for this quantity."""
+    value = sale(lines=[line(sku=None, gtin=None, quantity=[9223372036854775808, None, None])])
+    result = decode_message(ROUTER, "store/pos/pos1/sale", json.dumps(value).encode())
+    assert isinstance(result, Rejection)
+    assert result.reason == "invalid"

@@ -132,7 +132,9 @@ def decode_message(router: TopicRouter, topic: str, payload: bytes) -> Decoded |
         message = _ADAPTERS[kind].validate_json(payload)
     except ValidationError as err:
         return Rejection(_reason(err), _summarise(err), device_id)
-    except (ValueError, TypeError) as err:  # pydantic can leak these for odd inputs (pydantic#12284)
+    except (ValueError, TypeError, ArithmeticError) as err:
+        # pydantic can leak these for odd inputs (pydantic#12284); an integer beyond 64 bits inside a list where
+        # a Decimal is expected raises OverflowError (found by hypothesis).
         return Rejection("invalid", _printable(str(err)), device_id)
     occurred = message.occurred_at
     return Decoded(
