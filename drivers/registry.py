@@ -1,6 +1,7 @@
 """The explicit registry of drivers: a new driver is one folder under drivers/ plus one line here.
 
-``DriverConfig`` is the discriminated union (by ``type``) the gateway config uses for ``drivers:``.
+``DriverConfig`` is the discriminated union (by ``type``) the gateway config uses for ``drivers:``. Each
+member's ``create(ctx)`` builds its running driver (see :mod:`drivers.base`).
 """
 
 from __future__ import annotations
@@ -11,5 +12,8 @@ from pydantic import Field
 
 from drivers.mqtt.config import MqttDriverConfig
 
-DriverConfig = Annotated[MqttDriverConfig, Field(discriminator="type")]
-"""Union of every driver's config model. Add a driver: ``MqttDriverConfig | NewDriverConfig``."""
+DriverConfig = Annotated[
+    MqttDriverConfig,
+    Field(discriminator="type"),
+]
+"""Union of every driver's config model: one line per driver."""

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Final
 
 import orjson
 import uvicorn
-from fastapi import FastAPI, HTTPException, Query, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -50,6 +50,8 @@ SHUTDOWN_GRACE_S: Final = 5
 """How long a stopping server waits for requests in flight before cancelling them."""
 
 OPEN_PATHS: Final = frozenset({"/health"})
+WEBHOOK_PREFIX: Final = "/webhooks/"
+"""Paths under this prefix skip the bearer token: HTTP intake verifies each source's HMAC signature."""
 """Paths served without a token."""
 
 _JSON: Final = "application/json"
@@ -70,6 +72,8 @@ def create_app(
     health: Callable[[], dict[str, Any]],
     *,
     docs: bool = False,
+    devices: Callable[[], list[dict[str, Any]]] | None = None,
+    routers: Sequence[APIRouter] = (),
 ) -> FastAPI:
     """The API application. ``health`` runs on the event loop thread, so it must be cheap and never block."""
     if not token:
@@ -84,6 +88,14 @@ def create_app(
     # Added last, so outermost: an oversized request is refused before anything else looks at it.
     app.add_middleware(BearerAuthMiddleware, token=token)
     app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+
+    for router in routers:
+        app.include_router(router)
+
+    @app.get("/api/devices")
+    async def get_devices() -> Response:
+        """Every configured device's health: status, last seen, message/error/quarantine/rate-limit counts."""
+        return Response(orjson.dumps(devices() if devices else []), media_type=_JSON)
 
     @app.get("/health")
     async def get_health() -> Response:
@@ -315,7 +327,10 @@ class BearerAuthMiddleware:
         self._expected = b"bearer " + token.encode("utf-8")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(WEBHOOK_PREFIX):
+            # Webhooks come from cloud POS services that cannot hold our token: each source's HMAC
+            # signature authenticates them instead (drivers/http).
             await self.app(scope, receive, send)
             return
         given = _header(scope, b"authorization")

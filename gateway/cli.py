@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return receiver_main(args_list[1:])
     if args_list[:1] == ["simulate"]:
-        from simulators.pos import simulate_main
+        from simulators.cli import simulate_main
 
         return simulate_main(args_list[1:])
     args = _parser().parse_args(args_list)

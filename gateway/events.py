@@ -37,6 +37,9 @@ Kind = Literal[
     "outbox.evicted",
     "clock.synced",
     "sensor.reading",
+    "sensor.sample",
+    "rfid.inventory",
+    "staff.checkin",
 ]
 
 
@@ -138,10 +141,18 @@ class AlertRaised(_Model):
 
 
 class DeviceStatus(_Model):
-    """``device.status``: a device's health changed."""
+    """``device.status``: a device's health changed (emitted on every change, never periodically)."""
 
-    status: Literal["online", "offline", "error"]
+    status: Literal["online", "offline", "error", "rate_limited"]
     reason: Annotated[str, Field(max_length=500)] | None = None
+    driver: ShortText | None = Field(default=None, description="The driver instance that owns the device.")
+    last_seen: datetime | None = Field(default=None, description="Gateway time of the last good message.")
+    messages: int | None = Field(default=None, ge=0, description="Good messages since the gateway started.")
+    errors: int | None = Field(default=None, ge=0, description="I/O errors and timeouts since start.")
+    quarantined: int | None = Field(default=None, ge=0, description="Messages quarantined since start.")
+    rate_limited: int | None = Field(
+        default=None, ge=0, description="Messages dropped by the device's rate limit since start."
+    )
 
 
 class GatewayStatus(_Model):
@@ -205,6 +216,73 @@ class SensorReading(_Model):
     unit: Annotated[str, Field(max_length=16)] | None = None
 
 
+Metric = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,47}$")]
+"""A measurement name: 'temperature', 'humidity', 'door_open', 'probe_2', 'alarm_high_temp'."""
+
+
+class SensorSample(_Model):
+    """``sensor.sample``: one decoded reading of a device that measures several things (telemetry class).
+
+    Booleans (door open, defrost running, alarm bits) are 0 or 1. A metric the device reported as faulty (a
+    Modbus error sentinel, a Ruuvi "not available") is absent from ``values`` and named in ``faults``."""
+
+    values: dict[Metric, float] = Field(max_length=64, description="Metric -> value, in ``units``.")
+    units: dict[Metric, Annotated[str, Field(max_length=16)]] = Field(
+        default_factory=dict, max_length=64, description="Metric -> unit, for example '°C', '%', 'V'."
+    )
+    faults: dict[Metric, Annotated[str, Field(max_length=200)]] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Metrics the device reported as unavailable, and why.",
+    )
+    source: ShortText | None = Field(
+        default=None, description="Format or profile that decoded it, for example 'bthome.v2', 'dixell-xr'."
+    )
+    rssi_dbm: int | None = Field(default=None, ge=-127, le=20, description="Radio signal strength (BLE).")
+    battery_pct: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
+    counter: int | None = Field(
+        default=None, ge=0, description="The device's own frame counter or packet id, if it sends one."
+    )
+
+
+Epc = Annotated[str, Field(pattern=r"^[0-9A-F]{4,124}$", description="EPC as upper-case hex.")]
+
+
+class RfidTag(_Model):
+    epc: Epc
+    gtin: Annotated[str, Field(pattern=r"^\d{14}$")] | None = Field(
+        default=None, description="GTIN-14 when the EPC is an SGTIN."
+    )
+    serial: Annotated[str, Field(max_length=32)] | None = Field(default=None, description="SGTIN serial.")
+    reads: int = Field(ge=1, description="Reads of this tag in the window.")
+    rssi_max: float | None = Field(default=None, ge=-128, le=128, allow_inf_nan=False)
+    antenna: int | None = Field(default=None, ge=0, le=255, description="Antenna of the strongest read.")
+
+
+class RfidInventory(_Model):
+    """``rfid.inventory``: what one reader or shelf saw in one window, and what changed since the last one."""
+
+    window_s: float = Field(gt=0, le=3600, allow_inf_nan=False, description="Length of the window.")
+    reads: int = Field(ge=0, description="Raw tag reads in the window.")
+    tags: list[RfidTag] = Field(max_length=5000, description="Tags seen in the window.")
+    appeared: list[Epc] = Field(default_factory=list, max_length=5000, description="New since last window.")
+    departed: list[Epc] = Field(
+        default_factory=list, max_length=5000, description="Not seen for the reader's departure time."
+    )
+    truncated: int = Field(default=0, ge=0, description="Tags left out because the window had too many.")
+
+
+class StaffCheckin(_Model):
+    """``staff.checkin``: a kiosk check-in or check-out. Never a face image or template: only the score."""
+
+    employee_id: ShortText
+    direction: Literal["in", "out"] = "in"
+    latitude: float = Field(ge=-90, le=90, allow_inf_nan=False)
+    longitude: float = Field(ge=-180, le=180, allow_inf_nan=False)
+    accuracy_m: float = Field(ge=0, le=100_000, allow_inf_nan=False, description="GPS accuracy radius.")
+    face_match_score: float = Field(ge=0, le=1, allow_inf_nan=False, description="Kiosk's match score, 0..1.")
+
+
 PAYLOADS: Final[dict[str, type[_Model]]] = {
     "pos.sale": PosSale,
     "pos.return": PosReturn,
@@ -217,6 +295,9 @@ PAYLOADS: Final[dict[str, type[_Model]]] = {
     "outbox.evicted": OutboxEvicted,
     "clock.synced": ClockSynced,
     "sensor.reading": SensorReading,
+    "sensor.sample": SensorSample,
+    "rfid.inventory": RfidInventory,
+    "staff.checkin": StaffCheckin,
 }
 
 
@@ -247,6 +328,9 @@ class Envelope(_Model):
         | OutboxEvicted
         | ClockSynced
         | SensorReading
+        | SensorSample
+        | RfidInventory
+        | StaffCheckin
         | dict[str, Any]
     )
 

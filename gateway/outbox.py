@@ -29,6 +29,9 @@ DEFAULT_KIND_CLASSES: Final[Mapping[str, int]] = {
     "gateway.status": STATE,
     "document.updated": STATE,
     "sensor.reading": TELEMETRY,
+    "sensor.sample": TELEMETRY,
+    "rfid.inventory": STATE,
+    "staff.checkin": TRANSACTION,
 }
 
 MAX_RANGES_PER_REPORT: Final = 2000

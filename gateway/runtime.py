@@ -17,7 +17,8 @@ import orjson
 from cloud_bridge.downlink import Downlink
 from cloud_bridge.uplink import Uplink
 from cloud_bridge.wire import CLASSES
-from drivers.mqtt.driver import MqttIntake
+from drivers.base import Driver, DriverContext
+from drivers.devices import DeviceRegistry
 from gateway import __version__
 from gateway.clock import ClockState
 from gateway.clock_watch import ClockWatcher
@@ -57,18 +58,9 @@ class Gateway:
             clock=self.clock,
             outbox=config.outbox,
         )
-        known = frozenset(d.id for d in config.devices)
-        self.intakes = [
-            MqttIntake(
-                d,
-                config.store_broker,
-                config.client_id(f"intake-{d.name}", config.store_broker),
-                self.journal,
-                self.metrics,
-                known,
-            )
-            for d in config.drivers
-        ]
+        self.devices = DeviceRegistry(self.journal.submit)
+        self.drivers_ctx = DriverContext(self.journal, self.metrics, self.devices, config)
+        self.intakes: list[Driver] = [d.create(self.drivers_ctx) for d in config.drivers]
         self.uplink = Uplink(config, self.journal, self.metrics, config_hash)
         self.downlink = Downlink(
             config, self.journal, self.metrics, config_hash, self.uplink.resend, self.health
@@ -84,9 +76,9 @@ class Gateway:
             register_secret(config.api.token.get_secret_value())
 
     def health(self) -> dict[str, Any]:
-        drivers = {
-            i.name: bool(self.metrics.driver_connected.labels(i.name)._value.get()) for i in self.intakes
-        }
+        states = self.drivers_ctx.states
+        drivers = {i.name: states[i.name].connected if i.name in states else False for i in self.intakes}
+        errors = {name: s.error for name, s in states.items() if s.error}
         ok = all(drivers.values())
         return {
             "status": "ok" if ok else "degraded",
@@ -109,6 +101,11 @@ class Gateway:
             "hq_connected": self.uplink.connected,
             "hq_commands_connected": self.downlink.connected,
             "drivers": drivers,
+            "driver_errors": errors,
+            "devices": {
+                status: sum(1 for d in self.devices if d.health.status == status)
+                for status in ("unknown", "online", "offline", "error", "rate_limited")
+            },
         }
 
     def _status_draft(self, status: str) -> Draft:
@@ -136,6 +133,7 @@ class Gateway:
                     ClockWatcher(self.clock, self.journal.submit).run(), name="clock-watch"
                 )
                 drivers = [tg.create_task(i.run(), name=f"driver-{i.name}") for i in self.intakes]
+                watchdog = tg.create_task(self.devices.run(), name="device-watchdog")
                 api = tg.create_task(self._serve_api(), name="local-api") if self.config.api.enabled else None
                 self.started.set()
                 await stop.wait()
@@ -146,6 +144,7 @@ class Gateway:
                 await self._flush_for_shutdown()
                 for task in drivers:
                     task.cancel()
+                watchdog.cancel()
                 self.journal.submit(self._status_draft("offline"))
                 await self._flush_for_shutdown()
                 delivered = await self.uplink.drain(SHUTDOWN_DRAIN_S)
@@ -194,5 +193,12 @@ class Gateway:
 
         token = self.config.api.token
         assert token is not None  # the config model requires it when the API is enabled
-        app = create_app(self.journal.path, token.get_secret_value(), self.metrics, self.health)
+        app = create_app(
+            self.journal.path,
+            token.get_secret_value(),
+            self.metrics,
+            self.health,
+            devices=self.devices.snapshot,
+            routers=self.drivers_ctx.api_routers,
+        )
         await serve_api(app, self.config.api.host, self.config.api.port, self._api_started, self._api_bound)

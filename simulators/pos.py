@@ -471,6 +471,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def main(argv: Sequence[str]) -> int:
+    """``store-gateway simulate pos ...`` (see :mod:`simulators.cli`)."""
+    return simulate_main(["pos", *argv])
+
+
 def simulate_main(argv: Sequence[str]) -> int:
     """``store-gateway simulate pos ...``: run the simulator and print a summary; 0 if all went through."""
     args = _parser().parse_args(list(argv))

@@ -178,7 +178,9 @@ def without_secret_env() -> dict[str, str]:
 # --- the installed package
 
 
-@pytest.mark.parametrize("name", ["gateway", "drivers", "rules", "cloud_bridge", "simulators"])
+@pytest.mark.parametrize(
+    "name", ["gateway", "drivers", "rules", "cloud_bridge", "simulators", "firmware_configs"]
+)
 def test_top_level_packages_are_this_repository(name: str) -> None:
     # Generic names such as 'rules' and 'drivers' are also packages on PyPI.
     module = importlib.import_module(name)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    from drivers.base import Driver, DriverContext
 
 TOPIC_TEMPLATE = r"^[^#+]*\{device_id\}[^#+]*$"
 
@@ -61,6 +64,11 @@ class MqttDriverConfig(BaseModel):
     unknown_devices: Literal["quarantine", "accept"] = Field(
         default="quarantine", description="What to do with a device id that is not under 'devices'."
     )
+
+    def create(self, ctx: DriverContext) -> Driver:
+        from drivers.mqtt.driver import MqttIntake
+
+        return MqttIntake(self, ctx)
 
     def topic_regexes(self) -> list[tuple[re.Pattern[str], str]]:
         return [

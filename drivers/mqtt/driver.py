@@ -12,11 +12,10 @@ import functools
 import logging
 from collections.abc import Callable
 
+from drivers.base import DriverContext
 from drivers.mqtt.config import MqttDriverConfig
 from drivers.mqtt.decode import Rejection, TopicRouter, decode_message
-from gateway.config import BrokerConfig
-from gateway.journal import QUARANTINE_KEEP_BYTES, Draft, Journal, Rejected
-from gateway.metrics import Metrics
+from gateway.journal import QUARANTINE_KEEP_BYTES, Draft, Rejected
 from gateway.mqtt import Message, MqttClient, MqttError
 from gateway.supervise import reconnect_forever
 
@@ -26,22 +25,15 @@ _LOGGER = logging.getLogger(__name__)
 class MqttIntake:
     """One driver instance: subscribes to its routes and feeds the journal."""
 
-    def __init__(
-        self,
-        config: MqttDriverConfig,
-        broker: BrokerConfig,
-        client_id: str,
-        journal: Journal,
-        metrics: Metrics,
-        known_devices: frozenset[str],
-    ) -> None:
+    def __init__(self, config: MqttDriverConfig, ctx: DriverContext) -> None:
         self.name = config.name
         self._config = config
-        self._broker = broker
-        self._client_id = client_id
-        self._journal = journal
-        self._metrics = metrics
-        self._router = TopicRouter(config, known_devices)
+        self._broker = ctx.config.store_broker
+        self._client_id = ctx.client_id(f"intake-{config.name}")
+        self._journal = journal = ctx.journal
+        self._metrics = metrics = ctx.metrics
+        self._router = TopicRouter(config, frozenset(d.id for d in ctx.config.devices))
+        self._ctx = ctx
         self._client: MqttClient | None = None
         self._accepting = True
         self._received = metrics.received.labels(self.name)
@@ -68,11 +60,11 @@ class MqttIntake:
                 self._broker.port,
                 "resumed" if session_present else "new",
             )
-            self._metrics.driver_connected.labels(self.name).set(1)
+            self._ctx.set_state(self.name, True)
             up()
             return await client.wait_closed()
         finally:
-            self._metrics.driver_connected.labels(self.name).set(0)
+            self._ctx.set_state(self.name, False, "disconnected from the store broker")
             await client.disconnect()
             # What this connection delivered but we did not commit yet can no longer be acknowledged; the broker
             # redelivers it to the next session, so holding it would only duplicate it.

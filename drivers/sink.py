@@ -1,0 +1,118 @@
+"""The one way a driver hands what it read to the gateway: limits, health, quarantine, then the journal.
+
+A driver's I/O loop reads bytes, calls its pure decoder, and then calls exactly one of
+:meth:`DeviceSink.emit` (a good reading), :meth:`DeviceSink.reject` (bytes that could not be decoded:
+quarantined with a reason) or :meth:`DeviceSink.failed` (an I/O error or timeout after the driver's own
+retries). ``ack`` callbacks run only after the event is committed to disk (or quarantined).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Final
+
+import orjson
+from pydantic import BaseModel
+
+from drivers.devices import Device
+from gateway.journal import QUARANTINE_KEEP_BYTES, Draft, Journal, Rejected
+from gateway.metrics import Metrics
+
+_LOGGER = logging.getLogger(__name__)
+
+REDACTED: Final = b"<redacted: the payload may hold biometric or personal data>"
+
+
+class DeviceSink:
+    """One driver instance's path into the journal."""
+
+    def __init__(self, driver: str, journal: Journal, metrics: Metrics) -> None:
+        self.driver = driver
+        self._journal = journal
+        self._metrics = metrics
+        self._received = metrics.received.labels(driver)
+        self._rate_limited = metrics.dropped.labels(driver, "rate_limited")
+        self._journal_busy = metrics.dropped.labels(driver, "journal_busy")
+
+    def emit(
+        self,
+        device: Device,
+        kind: str,
+        data: BaseModel | bytes,
+        *,
+        size: int,
+        occurred_at: str | None = None,
+        dedup_key: str | None = None,
+        ack: Callable[[], None] | None = None,
+        raw: bytes = b"",
+        origin: object = None,
+    ) -> bool:
+        """Submit one good reading of ``device``. ``data`` is a validated payload model (or its JSON bytes);
+        ``size`` is what came off the wire (the device's payload limit applies to it). False when the reading
+        was not taken: rate-limited (counted, reported, and acked), too large (quarantined), or the journal
+        is full (not acked: the caller keeps it or the device resends)."""
+        self._received.inc()
+        verdict = device.admit(size)
+        if verdict == "rate_limited":
+            self._rate_limited.inc()
+            if ack is not None:
+                ack()
+            return False
+        if verdict == "too_large":
+            limit = device.limits.max_payload_bytes
+            self.reject(
+                device, "too_large", f"{size} bytes > max_payload_bytes {limit}", raw, ack=ack, size=size
+            )
+            return False
+        body = (
+            data if isinstance(data, bytes) else orjson.dumps(data.model_dump(mode="json", exclude_none=True))
+        )
+        draft = Draft(kind, device.id, body, data, occurred_at, dedup_key, ack, self.driver, origin)
+        if not self._journal.submit(draft):
+            self._journal_busy.inc()
+            return False
+        device.seen()
+        return True
+
+    def reject(
+        self,
+        device: Device | None,
+        reason: str,
+        detail: str,
+        raw: bytes,
+        *,
+        topic: str | None = None,
+        device_id: str | None = None,
+        ack: Callable[[], None] | None = None,
+        size: int | None = None,
+        redact: bool = False,
+        origin: object = None,
+    ) -> None:
+        """Quarantine bytes that could not become an event, with a reason code and a human-readable detail.
+        ``redact`` keeps the payload out of the quarantine (it may hold biometric or personal data)."""
+        if device is not None:
+            device.quarantined()
+        kept = REDACTED if redact else raw[:QUARANTINE_KEEP_BYTES]
+        rejected = Rejected(
+            self.driver,
+            reason,
+            detail[:500],
+            len(raw) if size is None else size,
+            kept,
+            topic,
+            device.id if device is not None else device_id,
+            ack,
+            origin,
+        )
+        if not self._journal.submit(rejected):
+            self._journal_busy.inc()
+
+    def failed(self, device: Device, reason: str) -> None:
+        """An I/O error or timeout talking to ``device``, after the driver's own retries."""
+        device.failed(reason)
+
+    @property
+    def backlogged(self) -> bool:
+        """True while the journal has a commit's worth waiting: a polling driver may skip a round."""
+        return self._journal.pending >= self._journal.high_water

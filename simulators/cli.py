@@ -1,0 +1,36 @@
+"""``store-gateway simulate NAME ...``: one entry per simulator; each module has ``main(argv) -> int``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+SIMULATORS: Final[dict[str, tuple[str, str]]] = {
+    "pos": ("simulators.pos", "POS terminals publishing sales and returns to the store broker (MQTT)."),
+}
+"""Simulator name -> (module with ``main(argv) -> int``, one-line help). A new simulator is one line here."""
+
+
+def usage() -> str:
+    width = max(len(name) for name in SIMULATORS)
+    lines = [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in SIMULATORS.items()]
+    return (
+        "usage: store-gateway simulate NAME [options]   ('simulate NAME --help' for a simulator's options)\n\n"
+        "simulators:\n" + "\n".join(lines)
+    )
+
+
+def simulate_main(argv: Sequence[str]) -> int:
+    args = list(argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if args else 2
+    entry = SIMULATORS.get(args[0])
+    if entry is None:
+        print(f"store-gateway simulate: unknown simulator {args[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(entry[0])
+    code: int = module.main(args[1:])
+    return code
