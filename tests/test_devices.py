@@ -116,7 +116,8 @@ async def test_rate_limit_drops_the_excess_counts_it_and_reports_it(harness: Har
     assert 45 <= taken <= 51
     assert noisy.health.rate_limited == 300 - taken
     assert len(acked) == 300  # dropped messages are acknowledged too: counted and reported, not redelivered
-    assert quiet.health.rate_limited == 0 and quiet.health.messages == 15
+    assert quiet.health.rate_limited == 0
+    assert quiet.health.messages == 15
     assert harness.metrics.dropped.labels("drv", "rate_limited")._value.get() == 300 - taken
     statuses = harness.statuses("noisy")
     assert [s["status"] for s in statuses] == ["online", "rate_limited"]
@@ -126,7 +127,8 @@ async def test_rate_limit_drops_the_excess_counts_it_and_reports_it(harness: Har
         device.watch(harness.clock.now)
     await harness.flush()
     back = harness.statuses("noisy")[-1]
-    assert back["status"] == "online" and back["rate_limited"] == 300 - taken
+    assert back["status"] == "online"
+    assert back["rate_limited"] == 300 - taken
     assert [s["status"] for s in harness.statuses("quiet")] == ["online"]
 
 
@@ -145,9 +147,11 @@ async def test_oversized_and_rejected_payloads_are_quarantined_with_a_reason(har
         ("kiosk-1", "bad_json"),
         ("kiosk-1", "biometric_refused"),
     ]
-    assert rows[0][2] == "500 bytes > max_payload_bytes 100" and rows[0][3] == 500
+    assert rows[0][2] == "500 bytes > max_payload_bytes 100"
+    assert rows[0][3] == 500
     assert rows[1][4] == b'{"a'
-    assert rows[2][4] == REDACTED and rows[2][3] == 6
+    assert rows[2][4] == REDACTED
+    assert rows[2][3] == 6
     assert device.health.quarantined == 3
     assert harness.rows("SELECT count(*) FROM events WHERE kind='sensor.sample'") == [(0,)]
 
@@ -167,7 +171,8 @@ async def test_errors_and_recovery_are_reported_on_change_only(harness: Harness)
         ("error", "CRC error"),
         ("online", None),
     ]
-    assert statuses[-1]["errors"] == 4 and device.health.last_error == "CRC error"
+    assert statuses[-1]["errors"] == 4
+    assert device.health.last_error == "CRC error"
 
 
 async def test_watchdog_reports_a_silent_device_offline_and_back(harness: Harness) -> None:
@@ -195,7 +200,8 @@ async def test_watchdog_reports_a_silent_device_offline_and_back(harness: Harnes
     assert [s["status"] for s in statuses] == ["offline", "online"]
     assert statuses[0]["reason"] == "nothing received for 0.2 s"
     snapshot = {row["device_id"]: row for row in harness.registry.snapshot()}
-    assert snapshot["probe-1"]["status"] == "online" and snapshot["probe-1"]["last_seen"] is not None
+    assert snapshot["probe-1"]["status"] == "online"
+    assert snapshot["probe-1"]["last_seen"] is not None
     assert snapshot["probe-2"]["messages"] > 0
 
 
