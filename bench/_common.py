@@ -65,8 +65,12 @@ def gateway_config(
     *,
     tills: list[str],
     hq: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A gateway config as a dict (written as JSON, which YAML reads); ``hq`` overrides HQ settings."""
+    """A gateway config as a dict (written as JSON, which YAML reads); ``hq`` overrides HQ settings, ``extra``
+    adds drivers (``extra["drivers"]`` is appended) and top-level sections."""
+    extra = dict(extra or {})
+    more_drivers = extra.pop("drivers", [])
     return {
         "gateway_id": GATEWAY_ID,
         "store": {"id": STORE_ID, "name": "Benchmark store", "timezone": "Asia/Hong_Kong"},
@@ -75,11 +79,13 @@ def gateway_config(
         "hq": {"host": "127.0.0.1", "port": hq_port, **(hq or {})},
         "drivers": [
             {"type": "mqtt", "routes": [{"pattern": p, "kind": k} for k, p in ROUTES.items()]},
+            *more_drivers,
         ],
         "devices": [{"id": t, "profile": "pos_terminal"} for t in tills],
         "stock": {"items": [{"sku": s, "on_hand": 100_000_000, "safety_stock": 10} for s in SKUS]},
         "api": {"host": "127.0.0.1", "port": api_port, "token": {"env": "BENCH_API_TOKEN"}},
         "log": {"level": "WARNING"},
+        **extra,
     }
 
 
@@ -109,11 +115,14 @@ class GatewayProcess:
         tills: list[str],
         hq: dict[str, Any] | None = None,
         data_dir: Path | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         self.api_port = free_port()
         self.data_dir = data_dir or work / "data"
         self.config_path = work / "store.yaml"
-        cfg = gateway_config(self.data_dir, store_port, hq_port, self.api_port, tills=tills, hq=hq)
+        cfg = gateway_config(
+            self.data_dir, store_port, hq_port, self.api_port, tills=tills, hq=hq, extra=extra
+        )
         self.config_path.write_text(json.dumps(cfg, indent=1))
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_wall = 0.0
