@@ -11,9 +11,10 @@ from typing import Annotated
 from pydantic import Field
 
 from drivers.mqtt.config import MqttDriverConfig
+from drivers.serial.config import SerialDriverConfig
 
 DriverConfig = Annotated[
-    MqttDriverConfig,
+    MqttDriverConfig | SerialDriverConfig,
     Field(discriminator="type"),
 ]
 """Union of every driver's config model: one line per driver."""

@@ -1,0 +1,390 @@
+"""The serial driver: one task per port, each reopening its port when the USB adapter comes back.
+
+Per device: open the port (a stable ``/dev/serial/by-id/...`` path survives replugging), feed what arrives
+to the profile's framer, and hand frames to its codec: a Chafon RFID reader is polled for inventories and
+its reads aggregated by :class:`drivers.rfid.InventoryTracker` into ``rfid.inventory``; a scale's stable
+weights become ``sensor.sample``; barcode scans are quarantined with reason ``no_event_kind`` (the gateway
+has no barcode event kind yet). Garbage is quarantined at most once per second per device, aggregated.
+A port that vanishes (EIO, ENXIO, SerialException) is reported with ``sink.failed`` and reopened with
+full-jitter backoff, without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections import Counter
+from typing import Final
+
+import serial_asyncio_fast
+
+from drivers.base import DriverContext
+from drivers.devices import Device
+from drivers.rfid import InventoryTracker
+from drivers.serial import chafon
+from drivers.serial.config import (
+    FixedFraming,
+    LengthCrcFraming,
+    LineFraming,
+    SerialDevice,
+    SerialDriverConfig,
+    SerialProfile,
+    StxEtxFraming,
+)
+from drivers.serial.framing import (
+    FixedFramer,
+    Frame,
+    FrameError,
+    Framer,
+    LengthCrcFramer,
+    LineFramer,
+    StxEtxFramer,
+)
+from drivers.serial.lines import Barcode, ScaleFormat, parse_barcode, parse_scale
+from drivers.sink import DeviceSink
+from gateway.events import RfidInventory, SensorSample
+from gateway.supervise import Backoff, QuietLog
+
+_LOGGER = logging.getLogger(__name__)
+
+GARBAGE_REPORT_S: Final = 1.0
+"""Garbage of one device is quarantined at most this often, as one aggregated entry."""
+PORT_ERRORS: Final = (OSError, ValueError)
+"""What opening or reading a port raises when it is missing, gone (pyserial's SerialException is an OSError)
+or misconfigured."""
+
+
+def make_framer(profile: SerialProfile) -> Framer:
+    """The framer a profile describes."""
+    framing = profile.framing
+    if isinstance(framing, LineFraming):
+        return LineFramer(framing.max_line)
+    if isinstance(framing, StxEtxFraming):
+        return StxEtxFramer(framing.max_payload, framing.bcc)
+    if isinstance(framing, LengthCrcFraming):
+        return LengthCrcFramer(
+            framing.crc,
+            header=bytes.fromhex(framing.header),
+            len_offset=framing.len_offset,
+            len_width=framing.len_width,
+            len_order=framing.len_order,
+            len_adjust=framing.len_adjust,
+            crc_order=framing.crc_order,
+            min_frame=framing.min_frame,
+            max_frame=framing.max_frame,
+        )
+    assert isinstance(framing, FixedFraming)
+    return FixedFramer(framing.size, bytes.fromhex(framing.header))
+
+
+class SerialDriver:
+    """One driver instance: a task per configured port."""
+
+    def __init__(self, config: SerialDriverConfig, ctx: DriverContext) -> None:
+        self.name = config.name
+        self._ctx = ctx
+        sink = ctx.sink(config.name)
+        self.ports = [
+            _Port(
+                self,
+                d,
+                ctx.devices.add(d.device_id, config.name, d, d.profile),
+                sink,
+                config.reopen_backoff_cap_s,
+            )
+            for d in config.devices
+        ]
+        self._rate_limited = ctx.metrics.dropped.labels(config.name, "rate_limited")
+        self.accepting = True
+
+    async def run(self) -> None:
+        self.port_changed()
+        async with asyncio.TaskGroup() as tg:
+            for port in self.ports:
+                tg.create_task(port.run(), name=f"serial-{self.name}-{port.device.id}")
+
+    def pause(self) -> None:
+        self.accepting = False
+
+    def port_changed(self) -> None:
+        down = [f"{p.device.id}: {p.error}" for p in self.ports if not p.open]
+        self._ctx.set_state(self.name, not down, "; ".join(down)[:500] or None)
+
+    def count_rate_limited(self) -> None:
+        self._rate_limited.inc()
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, port: _Port) -> None:
+        self._port = port
+        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self._port.on_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+class _Port:
+    """One device on one serial port: open, read, poll, reopen."""
+
+    def __init__(
+        self,
+        driver: SerialDriver,
+        config: SerialDevice,
+        device: Device,
+        sink: DeviceSink,
+        backoff_cap_s: float,
+    ) -> None:
+        self.driver = driver
+        self.config = config
+        self.device = device
+        self.sink = sink
+        self.profile = profile = config.profile_model
+        self.framer = make_framer(profile)
+        self.open = False
+        self.error: str | None = "not opened yet"
+        self._backoff = Backoff(base=0.5, cap=backoff_cap_s)
+        self._quiet = QuietLog(_LOGGER, f"serial port {config.port} ({config.device_id})")
+        self._transport: asyncio.Transport | None = None
+        self._garbage: Counter[str] = Counter()
+        self._garbage_bytes = 0
+        self._garbage_sample = b""
+        self._garbage_timer: asyncio.TimerHandle | None = None
+        self.timeouts = 0
+        """Polls without an answer, since start."""
+        self._consecutive_timeouts = 0
+        self._answered = asyncio.Event()
+        self._answered_in_window = False
+        self._window_bytes = 0
+        self._last_emit: float | None = None
+        self.tracker = (
+            InventoryTracker(config.window_s, config.depart_after_s, config.max_tags)
+            if profile.codec == "chafon"
+            else None
+        )
+        self._scale = (
+            ScaleFormat(
+                re.compile(profile.scale.pattern),
+                profile.scale.default_unit,
+                frozenset(profile.scale.stable),
+                frozenset(profile.scale.overload),
+            )
+            if profile.scale is not None
+            else None
+        )
+
+    async def run(self) -> None:
+        """Open the port, serve it until it goes away, report it, back off, reopen: until cancelled."""
+        while True:
+            try:
+                reason = await self._session()
+            except PORT_ERRORS as err:
+                reason = str(err) or type(err).__name__
+            self._quiet.failed(reason)
+            self.open = False
+            self.error = reason[:300]
+            self.driver.port_changed()
+            self.sink.failed(self.device, f"serial port {self.config.port}: {reason}")
+            await asyncio.sleep(self._backoff.next_delay())
+
+    async def _session(self) -> str:
+        loop = asyncio.get_running_loop()
+        profile, config = self.profile, self.config
+        protocol = _Protocol(self)
+        transport, _ = await serial_asyncio_fast.create_serial_connection(
+            loop,
+            lambda: protocol,
+            config.port,
+            baudrate=config.baudrate or profile.baudrate,
+            bytesize=config.bytesize or profile.bytesize,
+            parity=config.parity or profile.parity,
+            stopbits=config.stopbits or profile.stopbits,
+        )
+        self._transport = transport
+        self.framer.flush()
+        self.open = True
+        self.error = None
+        self._backoff.reset()
+        self._quiet.recovered()
+        self.driver.port_changed()
+        _LOGGER.info("%s: opened %s", config.device_id, config.port)
+        try:
+            if self.tracker is not None:
+                poller = asyncio.create_task(self._poll(transport), name=f"serial-poll-{config.device_id}")
+                try:
+                    exc = await protocol.lost
+                finally:
+                    poller.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await poller
+            else:
+                exc = await protocol.lost
+            return f"port lost: {exc}" if exc else "port closed"
+        finally:
+            self._transport = None
+            self._flush_garbage()
+            transport.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await asyncio.shield(protocol.lost)
+
+    async def _poll(self, transport: asyncio.Transport) -> None:
+        """Chafon: one inventory per poll interval; answers are handled in :meth:`on_data`."""
+        loop = asyncio.get_running_loop()
+        interval = self.config.poll_interval_s or self.profile.poll_interval_s or 1.0
+        timeout = self.config.response_timeout_s or self.profile.response_timeout_s
+        command = chafon.encode_inventory()
+        while True:
+            if self.driver.accepting:
+                self._answered.clear()
+                transport.write(command)
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self._answered.wait()
+                except TimeoutError:
+                    self._timed_out(timeout)
+                else:
+                    self._consecutive_timeouts = 0
+            self._maybe_close_window(loop.time())
+            await asyncio.sleep(interval)
+
+    def _timed_out(self, timeout: float) -> None:
+        self.timeouts += 1
+        self._consecutive_timeouts += 1
+        for item in self.framer.flush():  # a half answer will not be completed: it is garbage
+            if isinstance(item, FrameError):
+                self._add_garbage(item.reason, item.size, item.raw)
+        limit = self.config.error_after_timeouts
+        _LOGGER.debug(
+            "%s: no answer within %.1f s (%d in a row)", self.device.id, timeout, self._consecutive_timeouts
+        )
+        if self._consecutive_timeouts >= limit:
+            self.sink.failed(
+                self.device,
+                f"no answer to {self._consecutive_timeouts} polls in a row (timeout {timeout:g} s)",
+            )
+
+    def _maybe_close_window(self, now: float) -> None:
+        tracker = self.tracker
+        if tracker is None or not tracker.due(now):
+            return
+        inventory = tracker.close_window(now)
+        answered, self._answered_in_window = self._answered_in_window, False
+        size, self._window_bytes = self._window_bytes, 0
+        if inventory is None:
+            # Nothing read and nothing left: still say the reader is alive, but not every window.
+            quiet_for = now - (self._last_emit if self._last_emit is not None else now - 1e9)
+            if not answered or quiet_for < self.device.limits.offline_after_s / 2:
+                return
+            inventory = RfidInventory(window_s=min(3600.0, quiet_for), reads=0, tags=[])
+        self._last_emit = now
+        self.sink.emit(
+            self.device, "rfid.inventory", inventory, size=min(size, self.device.limits.max_payload_bytes)
+        )
+
+    def on_data(self, data: bytes) -> None:
+        if not self.driver.accepting:
+            return
+        for item in self.framer.feed(data):
+            if isinstance(item, FrameError):
+                self._add_garbage(item.reason, item.size, item.raw)
+            else:
+                try:
+                    self._on_frame(item)
+                except Exception:  # a codec bug: quarantine-worthy, never fatal to the port
+                    _LOGGER.exception("%s: handling a frame failed", self.device.id)
+                    self._add_garbage("internal_error", len(item.raw), item.raw)
+
+    def _on_frame(self, frame: Frame) -> None:
+        codec = self.profile.codec
+        if codec == "chafon":
+            self._on_chafon(frame)
+        elif codec == "scale":
+            assert self._scale is not None
+            reading = parse_scale(frame.payload, self._scale)
+            if isinstance(reading, Exception):
+                self._add_garbage(reading.reason, len(frame.raw), frame.raw)
+                return
+            assert self.profile.scale is not None
+            if not reading.stable and self.profile.scale.only_stable:
+                return
+            sample = SensorSample(
+                values={"weight": reading.weight_kg, "stable": 1.0 if reading.stable else 0.0},
+                units={"weight": "kg"},
+                source=self.profile.profile,
+            )
+            self.sink.emit(self.device, "sensor.sample", sample, size=len(frame.raw), raw=frame.raw)
+        else:
+            scan = parse_barcode(frame.payload)
+            if isinstance(scan, Exception):
+                self._add_garbage(scan.reason, len(frame.raw), frame.raw)
+                return
+            self._on_barcode(scan, frame.raw)
+
+    def _on_barcode(self, scan: Barcode, raw: bytes) -> None:
+        verdict = self.device.admit(len(raw))
+        if verdict == "rate_limited":
+            self.driver.count_rate_limited()
+            return
+        gtin = f" (GTIN {scan.gtin})" if scan.gtin else ""
+        self.sink.reject(
+            self.device,
+            "no_event_kind",
+            f"barcode {scan.code!r}{gtin}: the gateway has no barcode event kind yet",
+            raw,
+        )
+
+    def _on_chafon(self, frame: Frame) -> None:
+        response = chafon.decode_response(frame.payload)
+        if isinstance(response, Exception):
+            self._add_garbage(response.reason, len(frame.raw), frame.raw)
+            return
+        if response.command != chafon.CMD_INVENTORY:
+            self._add_garbage("unexpected_command", len(frame.raw), frame.raw)
+            return
+        inventory = chafon.decode_inventory(response)
+        self._window_bytes += len(frame.raw)
+        self._answered_in_window = True
+        if isinstance(inventory, Exception):
+            self._add_garbage(inventory.reason, len(frame.raw), frame.raw)
+            self._answered.set()
+            return
+        tracker = self.tracker
+        assert tracker is not None
+        now = asyncio.get_running_loop().time()
+        for epc in inventory.epcs:
+            tracker.read(epc.hex().upper(), None, None, now)
+        if not inventory.more:
+            self._answered.set()
+
+    def _add_garbage(self, reason: str, size: int, raw: bytes) -> None:
+        self._garbage[reason] += 1
+        self._garbage_bytes += size
+        if not self._garbage_sample:
+            self._garbage_sample = raw
+        if self._garbage_timer is None:
+            self._garbage_timer = asyncio.get_running_loop().call_later(GARBAGE_REPORT_S, self._flush_garbage)
+
+    def _flush_garbage(self) -> None:
+        if self._garbage_timer is not None:
+            self._garbage_timer.cancel()
+            self._garbage_timer = None
+        if not self._garbage:
+            return
+        reason = self._garbage.most_common(1)[0][0] if len(self._garbage) == 1 else "garbage"
+        counts = ", ".join(f"{n} {r}" for r, n in self._garbage.most_common())
+        self.sink.reject(
+            self.device,
+            reason,
+            f"{self._garbage_bytes} bytes that did not decode ({counts}); first bytes kept",
+            self._garbage_sample,
+            size=self._garbage_bytes,
+        )
+        self._garbage.clear()
+        self._garbage_bytes = 0
+        self._garbage_sample = b""
