@@ -13,6 +13,9 @@ from zoneinfo import available_timezones
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from drivers.limits import DeviceLimits
+from drivers.mqtt.profile import SENSOR_READING_PROFILE, MqttProfile, resolve_profile
+from drivers.profiles import check_profile
 from drivers.registry import DriverConfig
 from gateway.events import ID_PATTERN
 
@@ -146,12 +149,28 @@ class StockConfig(StrictModel):
     )
 
 
-class DeviceConfig(StrictModel):
+class DeviceConfig(DeviceLimits):
+    """An MQTT device; limits not written here come from its profile's ``limits``."""
+
     id: Identifier = Field(description="Device id as it appears in the device's topic.")
-    profile: Literal["pos_terminal", "sensor"] = Field(
-        description="What the device is; decides how its messages decode."
+    profile: str = Field(
+        description="What the device is: an MQTT profile (pos-terminal, checkin-kiosk, rfid-shelf-mqtt,"
+        " generic-json-sensor...; 'pos_terminal' is pos-terminal) or 'sensor' (sensor.reading messages)."
     )
     name: str | None = Field(default=None, description="Free text for technicians.")
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, value: str) -> str:
+        if value == SENSOR_READING_PROFILE:
+            return value
+        check_profile(resolve_profile(value), MqttProfile)
+        return value
+
+    def limits_over(self, defaults: DeviceLimits) -> DeviceLimits:
+        """The device's limits: what it sets here, the profile's ``defaults`` for the rest."""
+        own = {k: getattr(self, k) for k in self.model_fields_set if k in DeviceLimits.model_fields}
+        return defaults.model_copy(update=own)
 
 
 class ApiConfig(StrictModel):

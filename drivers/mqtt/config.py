@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from drivers.mqtt.profile import SENSOR_READING_PROFILE, MqttProfile, PayloadMapping
+from drivers.profiles import check_profile, get_profile
 
 if TYPE_CHECKING:
     from drivers.base import Driver, DriverContext
@@ -19,9 +22,51 @@ class TopicRoute(BaseModel):
     pattern: Annotated[str, Field(pattern=TOPIC_TEMPLATE, max_length=200)] = Field(
         description="Topic template with exactly one '{device_id}' level, for example 'store/pos/{device_id}/sale'."
     )
-    kind: Literal["pos.sale", "pos.return", "sensor.reading"] = Field(
-        description="Event kind that messages on this topic become."
+    kind: Literal["pos.sale", "pos.return", "sensor.reading"] | None = Field(
+        default=None,
+        description="Event kind of a till's messages (pos.sale, pos.return) or of the legacy sensor.reading;"
+        " other devices' kinds come from their profile.",
     )
+    profile: str | None = Field(
+        default=None,
+        description="MQTT profile of the devices publishing here (firmware_configs/profiles), e.g."
+        " 'checkin-kiosk', 'rfid-shelf-mqtt', 'generic-json-sensor'. Without it: pos-terminal for pos kinds.",
+    )
+    mapping: PayloadMapping | None = Field(
+        default=None,
+        description="Payload mapping for this route, instead of the profile's (sensor profiles).",
+    )
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, value: str | None) -> str | None:
+        return None if value is None else check_profile(value, MqttProfile)
+
+    @model_validator(mode="after")
+    def _kind_or_profile(self) -> TopicRoute:
+        if self.profile is None:
+            if self.kind is None:
+                raise ValueError("give the route a 'profile' (or a 'kind' for tills: pos.sale, pos.return)")
+            if self.mapping is not None:
+                raise ValueError("'mapping' needs a sensor 'profile' (e.g. generic-json-sensor)")
+            return self
+        decoder = get_profile(self.profile, MqttProfile).decoder
+        if decoder == "pos" and self.kind not in ("pos.sale", "pos.return"):
+            raise ValueError(
+                f"profile {self.profile!r} carries sales and returns: give kind pos.sale or pos.return"
+            )
+        if decoder != "pos" and self.kind is not None:
+            raise ValueError(f"profile {self.profile!r} decides the event kind: leave 'kind' out")
+        if self.mapping is not None and decoder != "sample":
+            raise ValueError(f"'mapping' is for sensor profiles; {self.profile!r} has decoder {decoder!r}")
+        return self
+
+    @property
+    def device_profile(self) -> str:
+        """The profile of the devices on this route (the legacy kinds imply one)."""
+        if self.profile is not None:
+            return self.profile
+        return SENSOR_READING_PROFILE if self.kind == "sensor.reading" else "pos-terminal"
 
     @field_validator("pattern")
     @classmethod
@@ -70,8 +115,12 @@ class MqttDriverConfig(BaseModel):
 
         return MqttIntake(self, ctx)
 
-    def topic_regexes(self) -> list[tuple[re.Pattern[str], str]]:
+    def topic_regexes(self) -> list[tuple[re.Pattern[str], TopicRoute]]:
         return [
-            (re.compile("^" + re.escape(r.pattern).replace(r"\{device_id\}", "([^/]+)") + "$"), r.kind)
+            (re.compile("^" + re.escape(r.pattern).replace(r"\{device_id\}", "([^/]+)") + "$"), r)
             for r in self.routes
         ]
+
+    def profiles(self) -> set[str]:
+        """The device profiles this driver has routes for."""
+        return {r.device_profile for r in self.routes}

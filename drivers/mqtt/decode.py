@@ -7,16 +7,22 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
 import orjson
-from pydantic import AwareDatetime, Field, TypeAdapter, ValidationError
+from pydantic import AwareDatetime, BaseModel, Field, TypeAdapter, ValidationError
 
-from drivers.mqtt.config import MqttDriverConfig
-from gateway.events import ID_PATTERN, PosReturn, PosSale, SensorReading
+from drivers.base import DecodeError
+from drivers.mqtt.checkin import decode_checkin
+from drivers.mqtt.config import MqttDriverConfig, TopicRoute
+from drivers.mqtt.mapping import Mapper, compile_mapping
+from drivers.mqtt.profile import MqttProfile
+from drivers.mqtt.rfid_reads import TagRead, decode_reads
+from drivers.profiles import get_profile
+from gateway.events import ID_PATTERN, PosReturn, PosSale, SensorReading, SensorSample, StaffCheckin
 from gateway.journal import Draft
 
 _DEVICE_ID: Final = re.compile(ID_PATTERN)
@@ -59,7 +65,7 @@ _ADAPTERS: Final[dict[str, TypeAdapter[Any]]] = {
 class Decoded:
     kind: str
     device_id: str
-    data: PosSale | SensorReading
+    data: PosSale | SensorReading | SensorSample | StaffCheckin
     """The validated message (a payload subclass); ``data_json`` is its payload without occurred_at."""
     data_json: bytes
     occurred_at: str | None
@@ -87,47 +93,102 @@ class Rejection:
     device_id: str | None = None
 
 
-class TopicRouter:
-    """Maps a topic to (kind, device id) using the driver's templates; built once per driver."""
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """What a matched route means: the event kind, its decoder, the device profile, and (sensors) the mapper."""
 
-    def __init__(self, config: MqttDriverConfig, known_devices: frozenset[str]) -> None:
-        self._routes = config.topic_regexes()
+    kind: str
+    decoder: str
+    """'pos', 'reading' (legacy sensor.reading), 'checkin', 'rfid' or 'sample'."""
+    profile: str
+    mapper: Mapper | None = None
+    redact: bool = False
+    """Quarantine this route's messages without their payload (kiosks: personal and maybe biometric data)."""
+
+
+def route_spec(route: TopicRoute) -> RouteSpec:
+    if route.profile is None:
+        kind = route.kind or "pos.sale"
+        return RouteSpec(kind, "reading" if kind == "sensor.reading" else "pos", route.device_profile)
+    profile = get_profile(route.profile, MqttProfile)
+    if profile.decoder == "pos":
+        return RouteSpec(route.kind or "pos.sale", "pos", route.profile)
+    if profile.decoder == "checkin":
+        return RouteSpec("staff.checkin", "checkin", route.profile, redact=True)
+    if profile.decoder == "rfid":
+        return RouteSpec("rfid.inventory", "rfid", route.profile)
+    mapping = route.mapping or profile.mapping
+    assert mapping is not None  # the profile model requires a mapping for decoder 'sample'
+    return RouteSpec("sensor.sample", "sample", route.profile, compile_mapping(mapping, route.profile))
+
+
+class TopicRouter:
+    """Maps a topic to (route, device id) using the driver's templates; built once per driver.
+
+    ``known_devices`` is the configured device ids, or device id -> profile: then a device publishing on a
+    route of another profile is refused (``wrong_profile``)."""
+
+    def __init__(self, config: MqttDriverConfig, known_devices: frozenset[str] | Mapping[str, str]) -> None:
+        self._routes = [(regex, route_spec(route)) for regex, route in config.topic_regexes()]
         self._known = known_devices
+        self._profiles = known_devices if isinstance(known_devices, Mapping) else None
         self._accept_unknown = config.unknown_devices == "accept"
         self.max_payload = config.max_payload_bytes
-        self._cache: dict[str, tuple[str, str] | Rejection] = {}
+        self._cache: dict[str, tuple[RouteSpec, str] | Rejection] = {}
 
     def route(self, topic: str) -> tuple[str, str] | Rejection:
+        """(event kind, device id) of a topic."""
+        matched = self.match(topic)
+        return matched if isinstance(matched, Rejection) else (matched[0].kind, matched[1])
+
+    def match(self, topic: str) -> tuple[RouteSpec, str] | Rejection:
         cached = self._cache.get(topic)
         if cached is not None:
             return cached
-        routed = self._route(topic)
+        routed = self._match(topic)
         if len(self._cache) >= ROUTE_CACHE_SIZE:
             self._cache.clear()  # bounded: a flood of random topics cannot grow it
         self._cache[topic] = routed
         return routed
 
-    def _route(self, topic: str) -> tuple[str, str] | Rejection:
-        for regex, kind in self._routes:
+    def _match(self, topic: str) -> tuple[RouteSpec, str] | Rejection:
+        for regex, spec in self._routes:
             match = regex.fullmatch(topic)
             if match is not None:
                 device_id = match.group(1)
                 if not _DEVICE_ID.fullmatch(device_id):
                     return Rejection("bad_device_id", f"device id {device_id[:80]!r} is not a valid id")
-                if not self._accept_unknown and device_id not in self._known:
-                    return Rejection("unknown_device", f"device {device_id!r} is not configured", device_id)
-                return kind, device_id
+                if device_id not in self._known:
+                    if not self._accept_unknown:
+                        return Rejection(
+                            "unknown_device", f"device {device_id!r} is not configured", device_id
+                        )
+                elif self._profiles is not None and self._profiles[device_id] != spec.profile:
+                    return Rejection(
+                        "wrong_profile",
+                        f"device {device_id!r} is a {self._profiles[device_id]!r}, this topic is for {spec.profile!r}",
+                        device_id,
+                    )
+                return spec, device_id
         return Rejection("unknown_topic", f"no route matches topic {topic[:200]!r}")
 
 
 def decode_message(router: TopicRouter, topic: str, payload: bytes) -> Decoded | Rejection:
-    """Turn one MQTT message into an event draft, or say why it cannot be one."""
-    routed = router.route(topic)
+    """Turn one MQTT message of a till (or legacy sensor.reading) route into an event draft, or say why it cannot
+    be one. Kiosk, RFID and mapped sensor routes decode with :func:`decode_routed`."""
+    routed = router.match(topic)
     if isinstance(routed, Rejection):
         return routed
-    kind, device_id = routed
+    spec, device_id = routed
     if len(payload) > router.max_payload:
         return Rejection("too_large", f"{len(payload)} bytes > limit {router.max_payload}", device_id)
+    if spec.decoder not in ("pos", "reading"):
+        return Rejection("internal_error", f"a {spec.decoder!r} route decodes with decode_routed", device_id)
+    return decode_pos(spec.kind, device_id, payload)
+
+
+def decode_pos(kind: str, device_id: str, payload: bytes) -> Decoded | Rejection:
+    """A till's sale or return (or a legacy sensor.reading): validated straight from the JSON bytes."""
     try:
         message = _ADAPTERS[kind].validate_json(payload)
     except ValidationError as err:
@@ -147,6 +208,42 @@ def decode_message(router: TopicRouter, topic: str, payload: bytes) -> Decoded |
         if isinstance(message, SensorReading)
         else dedup_key(device_id, kind, message.register_id, message.receipt_no),
     )
+
+
+def decode_routed(spec: RouteSpec, device_id: str, payload: bytes) -> list[Decoded] | Rejection:
+    """A kiosk or mapped sensor message: its events (a CSV message may hold several lines), or why not."""
+    try:
+        if spec.decoder == "checkin":
+            checkin = decode_checkin(payload)
+            data = checkin.data
+            key = (
+                None
+                if checkin.occurred_at is None
+                else orjson.dumps((device_id, spec.kind, data.employee_id, checkin.occurred_at)).decode()
+            )
+            return [Decoded(spec.kind, device_id, data, _json(data), checkin.occurred_at, key)]
+        if spec.mapper is not None:
+            return [
+                Decoded(spec.kind, device_id, m.sample, _json(m.sample), m.occurred_at, None)
+                for m in spec.mapper.map(payload)
+            ]
+    except DecodeError as err:
+        return Rejection(err.reason, _printable(err.detail), device_id)
+    except ValidationError as err:
+        return Rejection("invalid", _summarise(err), device_id)
+    return Rejection("internal_error", f"route decoder {spec.decoder!r} has no events", device_id)
+
+
+def decode_tag_reads(device_id: str, payload: bytes) -> list[TagRead] | Rejection:
+    """An RFID shelf's message: its tag reads, or why not."""
+    try:
+        return decode_reads(payload)
+    except DecodeError as err:
+        return Rejection(err.reason, _printable(err.detail), device_id)
+
+
+def _json(data: BaseModel) -> bytes:
+    return orjson.dumps(data.model_dump(mode="json", exclude_none=True))
 
 
 def dedup_key(device_id: str, kind: str, register_id: str, receipt_no: str) -> str:

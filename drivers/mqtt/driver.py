@@ -1,5 +1,11 @@
 """The MQTT intake driver: a persistent session on the store broker, PUBACK only after the journal commit.
 
+Every message goes through its device's limits (payload size, rate) before it is decoded: the device registry
+(drivers/devices.py) counts and reports what a device's rate limit drops (``device.status`` rate_limited),
+and a dropped QoS 1 message is still acknowledged so that a flooding device cannot jam the session. Each
+configured device is registered once, by the first driver (in config order) with a route for its profile;
+any MQTT driver may then take its messages.
+
 Memory is bounded by MQTT flow control: with QoS 1 the broker sends at most ``receive_maximum`` messages we
 have not acknowledged, and we acknowledge only after COMMIT. A gateway killed at any moment loses nothing the
 broker accepted: un-acked messages are redelivered to the persistent session, and the journal's dedup key
@@ -8,18 +14,40 @@ broker accepted: un-acked messages are redelivered to the persistent session, an
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+import orjson
 
 from drivers.base import DriverContext
+from drivers.devices import Device
 from drivers.mqtt.config import MqttDriverConfig
-from drivers.mqtt.decode import Rejection, TopicRouter, decode_message
-from gateway.journal import QUARANTINE_KEEP_BYTES, Draft, Rejected
+from drivers.mqtt.decode import (
+    Decoded,
+    Rejection,
+    RouteSpec,
+    TopicRouter,
+    decode_pos,
+    decode_routed,
+    decode_tag_reads,
+)
+from drivers.mqtt.profile import MqttProfile, RfidWindow, profile_limits, resolve_profile
+from drivers.profiles import get_profile
+from gateway.journal import Draft
 from gateway.mqtt import Message, MqttClient, MqttError
 from gateway.supervise import reconnect_forever
 
+if TYPE_CHECKING:
+    from drivers.rfid import InventoryTracker
+
 _LOGGER = logging.getLogger(__name__)
+
+MAX_UNLISTED_DEVICES: Final = 1000
+"""With ``unknown_devices: accept``, devices not under ``devices`` that one driver tracks, at most."""
+WINDOW_TICK_MAX_S: Final = 1.0
 
 
 class MqttIntake:
@@ -32,18 +60,42 @@ class MqttIntake:
         self._client_id = ctx.client_id(f"intake-{config.name}")
         self._journal = journal = ctx.journal
         self._metrics = metrics = ctx.metrics
-        self._router = TopicRouter(config, frozenset(d.id for d in ctx.config.devices))
+        self._registry = ctx.devices
+        profiles = {d.id: resolve_profile(d.profile) for d in ctx.config.devices}
+        self._router = TopicRouter(config, profiles)
+        self._sink = ctx.sink(self.name)
         self._ctx = ctx
         self._client: MqttClient | None = None
         self._accepting = True
         self._received = metrics.received.labels(self.name)
         self._received_pending = 0
+        self._rate_limited = metrics.dropped.labels(self.name, "rate_limited")
+        self._rate_limited_pending = 0
+        self._journal_busy = metrics.dropped.labels(self.name, "journal_busy")
         journal.add_listener(self._flush_received)
         self._high_water = journal.high_water
+        self._devices: dict[str, Device] = {}
+        self._unlisted = 0
+        ours = config.profiles()
+        for device in ctx.config.devices:
+            profile = profiles[device.id]
+            if profile in ours and ctx.devices.get(device.id) is None:
+                limits = device.limits_over(profile_limits(profile))
+                self._devices[device.id] = ctx.devices.add(device.id, self.name, limits, profile)
+        self._rfid_windows = _rfid_windows(config)
+        self._trackers: dict[str, InventoryTracker] = {}
 
     async def run(self) -> None:
-        """Stay connected until cancelled."""
-        await reconnect_forever(f"store broker ({self.name})", self._session, _LOGGER, (MqttError, OSError))
+        """Stay connected until cancelled (and close RFID windows on time, when a route carries tag reads)."""
+        connect = reconnect_forever(
+            f"store broker ({self.name})", self._session, _LOGGER, (MqttError, OSError)
+        )
+        if not self._rfid_windows:
+            await connect
+            return
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(connect, name=f"{self.name}-session")
+            tg.create_task(self._close_windows(), name=f"{self.name}-rfid-windows")
 
     async def _session(self, up: Callable[[], None]) -> str:
         client = MqttClient(self._broker, self._client_id, clean_start=False, manual_ack=True)
@@ -78,6 +130,9 @@ class MqttIntake:
         if self._received_pending:
             self._received.inc(self._received_pending)
             self._received_pending = 0
+        if self._rate_limited_pending:
+            self._rate_limited.inc(self._rate_limited_pending)
+            self._rate_limited_pending = 0
 
     def pause(self) -> None:
         """Stop taking messages (shutdown): those not yet taken stay with the broker for the next start."""
@@ -92,36 +147,178 @@ class MqttIntake:
             return
         # Counted locally and added to the metric after each commit: a Prometheus inc takes a lock.
         self._received_pending += 1
-        ack = functools.partial(client.ack, message.mid, message.qos) if message.qos else None
+        qos = message.qos
+        ack = functools.partial(client.ack, message.mid, qos) if qos else None
         topic = message.topic
         payload = bytes(message.payload)
         try:
-            decoded = decode_message(self._router, topic, payload)
+            self._take(topic, payload, ack, client if qos else None)
         except Exception as err:  # a decoder bug: quarantine this message, never jam the connection
             _LOGGER.exception("%s: decoding a message on %r failed", self.name, topic[:200])
-            decoded = Rejection("internal_error", repr(err)[:300])
-        item: Draft | Rejected
-        if isinstance(decoded, Rejection):
-            item = Rejected(
-                self.name,
-                decoded.reason,
-                decoded.detail,
-                len(payload),
-                payload[:QUARANTINE_KEEP_BYTES],
-                topic,
-                decoded.device_id,
-                ack,
-                client if message.qos else None,
+            self._sink.reject(
+                None,
+                "internal_error",
+                repr(err)[:300],
+                payload,
+                topic=topic,
+                ack=ack,
+                origin=client if qos else None,
             )
-        else:
-            item = decoded.to_draft(ack, self.name)
-            if message.qos:
-                item.origin = client
-        if not self._journal.submit(item):
-            # Not acknowledged: the broker keeps it and redelivers it to our session.
-            self._metrics.dropped.labels(self.name, "journal_busy").inc()
         if self._journal.pending >= self._high_water:
             # Bounded memory whatever the broker does with its in-flight window: stop reading the socket
             # until the journal has committed most of what is waiting.
             client.pause_reading()
             self._journal.when_below(max(1, self._high_water // 2), client.resume_reading)
+
+    def _take(self, topic: str, payload: bytes, ack: Callable[[], None] | None, origin: object) -> None:
+        routed = self._router.match(topic)
+        if isinstance(routed, Rejection):
+            self._sink.reject(
+                None,
+                routed.reason,
+                routed.detail,
+                payload,
+                topic=topic,
+                device_id=routed.device_id,
+                ack=ack,
+                origin=origin,
+            )
+            return
+        spec, device_id = routed
+        device = self._devices.get(device_id) or self._device(device_id, spec)
+        if device is None:
+            self._sink.reject(
+                None,
+                "too_many_devices",
+                f"more than {MAX_UNLISTED_DEVICES} devices not under 'devices'",
+                payload,
+                topic=topic,
+                device_id=device_id,
+                ack=ack,
+                redact=spec.redact,
+                origin=origin,
+            )
+            return
+        size = len(payload)
+        limit = min(self._router.max_payload, device.limits.max_payload_bytes)
+        verdict = "too_large" if size > self._router.max_payload else device.admit(size)
+        if verdict != "ok":
+            if verdict == "rate_limited":
+                self._rate_limited_pending += 1
+                if ack is not None:
+                    ack()
+                return
+            self._sink.reject(
+                device,
+                "too_large",
+                f"{size} bytes > limit {limit}",
+                payload,
+                topic=topic,
+                ack=ack,
+                redact=spec.redact,
+                origin=origin,
+            )
+            return
+        if spec.decoder == "rfid":
+            self._take_reads(device, spec, payload, topic, ack, origin)
+            return
+        if spec.decoder == "pos" or spec.decoder == "reading":
+            decoded: Decoded | list[Decoded] | Rejection = decode_pos(spec.kind, device_id, payload)
+        else:
+            decoded = decode_routed(spec, device_id, payload)
+        if isinstance(decoded, Rejection):
+            self._sink.reject(
+                device,
+                decoded.reason,
+                decoded.detail,
+                payload,
+                topic=topic,
+                ack=ack,
+                redact=spec.redact,
+                origin=origin,
+            )
+        elif isinstance(decoded, Decoded):
+            self._submit(device, decoded.to_draft(ack, self.name), origin)
+        else:
+            last = len(decoded) - 1
+            for n, item in enumerate(decoded):
+                # One ack for the message, on its last event: the journal commits in order.
+                if not self._submit(device, item.to_draft(ack if n == last else None, self.name), origin):
+                    return
+
+    def _submit(self, device: Device, draft: Draft, origin: object) -> bool:
+        if origin is not None:
+            draft.origin = origin
+        if not self._journal.submit(draft):
+            # Not acknowledged: the broker keeps it and redelivers it to our session.
+            self._journal_busy.inc()
+            return False
+        device.seen()
+        return True
+
+    def _take_reads(
+        self,
+        device: Device,
+        spec: RouteSpec,
+        payload: bytes,
+        topic: str,
+        ack: Callable[[], None] | None,
+        origin: object,
+    ) -> None:
+        reads = decode_tag_reads(device.id, payload)
+        if isinstance(reads, Rejection):
+            self._sink.reject(
+                device, reads.reason, reads.detail, payload, topic=topic, ack=ack, origin=origin
+            )
+            return
+        tracker = self._trackers.get(device.id)
+        if tracker is None:
+            from drivers.rfid import InventoryTracker
+
+            window = self._rfid_windows[spec.profile]
+            tracker = InventoryTracker(window.window_s, window.depart_after_s, max_tags=window.max_tags)
+            self._trackers[device.id] = tracker
+        now = self._registry.monotonic()
+        for read in reads:
+            tracker.read(read.epc, read.rssi, read.antenna, now)
+        if ack is not None:
+            ack()  # reads live in the shelf's window, not the journal: a window lost in a crash is re-read
+        device.seen()
+
+    def _device(self, device_id: str, spec: RouteSpec) -> Device | None:
+        """A device not registered by this driver: registered by another one, or (accept mode) a new one."""
+        device = self._registry.get(device_id)
+        if device is None:
+            if self._unlisted >= MAX_UNLISTED_DEVICES:
+                return None
+            self._unlisted += 1
+            device = self._registry.add(device_id, self.name, profile_limits(spec.profile), spec.profile)
+        self._devices[device_id] = device
+        return device
+
+    async def _close_windows(self) -> None:
+        """One ``rfid.inventory`` per shelf per window, committed when the window is due."""
+        tick = min(WINDOW_TICK_MAX_S, min(w.window_s for w in self._rfid_windows.values()) / 4)
+        while True:
+            await asyncio.sleep(tick)
+            now = self._registry.monotonic()
+            for device_id, tracker in list(self._trackers.items()):
+                if not tracker.due(now):
+                    continue
+                inventory = tracker.close_window(now)
+                if inventory is not None:
+                    body = orjson.dumps(inventory.model_dump(mode="json", exclude_none=True))
+                    draft = Draft("rfid.inventory", device_id, body, inventory, driver=self.name)
+                    if not self._journal.submit(draft):
+                        self._journal_busy.inc()
+
+
+def _rfid_windows(config: MqttDriverConfig) -> dict[str, RfidWindow]:
+    """Profile -> inventory window, for this driver's RFID shelf routes."""
+    out = {}
+    for route in config.routes:
+        if route.profile is not None:
+            profile = get_profile(route.profile, MqttProfile)
+            if profile.decoder == "rfid":
+                out[route.profile] = profile.rfid or RfidWindow()
+    return out
