@@ -59,12 +59,12 @@ def decode_epc(epc_hex: str) -> EpcInfo | DecodeError:
         raw = binascii.unhexlify(epc_hex)
     except (binascii.Error, ValueError):
         return DecodeError("bad_epc", f"not an even-length hex string: {epc_hex[:64]!r}")
-    if not raw:
-        return DecodeError("bad_epc", "empty EPC")
     return decode_epc_bytes(raw)
 
 
 def decode_epc_bytes(raw: bytes) -> EpcInfo | DecodeError:
+    if not raw:
+        return DecodeError("bad_epc", "empty EPC")
     epc = raw.hex().upper()
     header = raw[0]
     if header == SGTIN_96:
@@ -122,3 +122,25 @@ def _serial_198(value: int) -> str | DecodeError:
     if not chars:
         return DecodeError("bad_epc", "SGTIN-198 serial is empty")
     return "".join(chars)
+
+
+def encode_sgtin96(gtin14: str, serial: int, company_digits: int = 7, filter_value: int = 1) -> bytes:
+    """The SGTIN-96 EPC of a GTIN-14 and serial (for simulators and tests). Raises ValueError on bad input."""
+    if len(gtin14) != 14 or not gtin14.isdigit() or gs1_check_digit(gtin14[:13]) != int(gtin14[13]):
+        raise ValueError(f"not a GTIN-14 with a valid check digit: {gtin14!r}")
+    partition = next((n for n, p in enumerate(_PARTITIONS) if p[1] == company_digits), None)
+    if partition is None or not 0 <= serial <= _SERIAL_96_MAX or not 0 <= filter_value <= 7:
+        raise ValueError("company prefix of 6..12 digits, serial of 38 bits, filter 0..7")
+    cp_bits, cp_digits, ir_bits, _ = _PARTITIONS[partition]
+    company = int(gtin14[1 : 1 + cp_digits])
+    item = int(gtin14[0] + gtin14[1 + cp_digits : 13])
+    value = SGTIN_96
+    for field, width in (
+        (filter_value, 3),
+        (partition, 3),
+        (company, cp_bits),
+        (item, ir_bits),
+        (serial, 38),
+    ):
+        value = (value << width) | field
+    return value.to_bytes(12, "big")

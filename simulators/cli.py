@@ -9,6 +9,10 @@ from typing import Final
 
 SIMULATORS: Final[dict[str, tuple[str, str]]] = {
     "pos": ("simulators.pos", "POS terminals publishing sales and returns to the store broker (MQTT)."),
+    "kiosk": ("simulators.kiosk", "A staff check-in kiosk publishing check-ins (MQTT; never an image)."),
+    "rfid-shelf": ("simulators.rfid_shelf", "An RFID shelf publishing tag reads, tags coming and going (MQTT)."),
+    "ble": ("simulators.ble", "BLE fridge sensors: advertisement bytes in BTHome, Ruuvi, ATC1441 or pvvx format."),
+    "rfid-reader": ("simulators.rfid_reader", "A Chafon-style UHF RFID reader on a pty, tags coming and going."),
 }
 """Simulator name -> (module with ``main(argv) -> int``, one-line help). A new simulator is one line here."""
 

@@ -246,19 +246,39 @@ class LengthCrcFramer:
                 pos += 1
                 continue
             if len(buf) - pos < total:
-                break
-            body_end = pos + total - 2
-            sent = int.from_bytes(buf[body_end : pos + total], self._crc_order)
-            if self._crc(memoryview(buf)[pos:body_end]) != sent:
+                # Either a frame still arriving or a garbage byte that looks like a long length: if a whole,
+                # valid frame starts further on, the candidate was garbage (frames do not overlap).
+                later = next((p for p in range(pos + 1, len(buf) - self._min + 1) if self._valid_at(p)), None)
+                if later is None:
+                    break
+                self._garbage.add(buf[pos:later], "bad_length")
+                pos = later
+                continue
+            if not self._valid_at(pos, total):
                 self._garbage.add(buf[pos : pos + 1], "bad_crc")
                 pos += 1
                 continue
             self._garbage.take(out)
-            out.append(Frame(bytes(buf[pos:body_end]), bytes(buf[pos : pos + total])))
+            out.append(Frame(bytes(buf[pos : pos + total - 2]), bytes(buf[pos : pos + total])))
             pos += total
         del buf[:pos]
         self._garbage.take(out)
         return out
+
+    def _valid_at(self, pos: int, total: int | None = None) -> bool:
+        """Whether a whole frame with a good CRC starts at ``pos`` (``total``: its size, if already read)."""
+        buf = self._buf
+        if total is None:
+            if self._header and not buf.startswith(self._header, pos):
+                return False
+            total = (
+                int.from_bytes(buf[pos + self._len_at : pos + self._len_end], self._len_order) + self._adjust
+            )
+            if not self._min <= total <= self._max or len(buf) - pos < total:
+                return False
+        body_end = pos + total - 2
+        sent = int.from_bytes(buf[body_end : pos + total], self._crc_order)
+        return self._crc(memoryview(buf)[pos:body_end]) == sent
 
     def flush(self) -> Output:
         out: Output = []
