@@ -6,37 +6,14 @@ by company id); a format names which entry it reads.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from typing import Final, Literal
 
 from drivers.base import DecodeError
 from drivers.ble import ruuvi
 from drivers.ble.bthome import decode_bthome
+from drivers.ble.formats import BTHOME_UUID, ENVIRONMENTAL_SENSING_UUID, RUUVI_COMPANY_ID, BleFormat
 from drivers.ble.xiaomi import decode_atc1441, decode_pvvx
 from gateway.events import SensorSample
-
-BleFormat = Literal["bthome.v2", "ruuvi.rawv2", "atc1441", "pvvx"]
-FORMATS: Final[tuple[BleFormat, ...]] = ("bthome.v2", "ruuvi.rawv2", "atc1441", "pvvx")
-MAC_PATTERN: Final = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"
-_MAC_RE: Final = re.compile(MAC_PATTERN)
-
-
-def uuid16(short: int) -> str:
-    """The 128-bit UUID string bleak uses as the service data key of a 16-bit UUID."""
-    return f"0000{short:04x}-0000-1000-8000-00805f9b34fb"
-
-
-BTHOME_UUID: Final = uuid16(0xFCD2)
-ENVIRONMENTAL_SENSING_UUID: Final = uuid16(0x181A)
-"""Service data UUID of the ATC1441 and pvvx formats."""
-
-
-def mac_bytes(mac: str) -> bytes:
-    """'A4:C1:38:8D:18:B2' -> its 6 bytes, in the order written."""
-    if not _MAC_RE.match(mac):
-        raise ValueError(f"not a MAC address: {mac!r} (want six hex pairs separated by ':')")
-    return bytes.fromhex(mac.replace(":", ""))
 
 
 def decode_advertisement(
@@ -48,7 +25,7 @@ def decode_advertisement(
 ) -> SensorSample:
     """Decode the part of one advertisement that ``fmt`` reads; DecodeError when it is missing or bad."""
     if fmt == "ruuvi.rawv2":
-        data = manufacturer_data.get(ruuvi.COMPANY_ID)
+        data = manufacturer_data.get(RUUVI_COMPANY_ID)
         if data is None:
             raise DecodeError(
                 "no_payload", "no Ruuvi manufacturer data (company 0x0499) in the advertisement"
@@ -70,5 +47,5 @@ def payload_of(
 ) -> bytes:
     """The bytes ``fmt`` reads from an advertisement (empty if absent): what repeats are compared on."""
     if fmt == "ruuvi.rawv2":
-        return manufacturer_data.get(ruuvi.COMPANY_ID, b"")
+        return manufacturer_data.get(RUUVI_COMPANY_ID, b"")
     return service_data.get(BTHOME_UUID if fmt == "bthome.v2" else ENVIRONMENTAL_SENSING_UUID, b"")

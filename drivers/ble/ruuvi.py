@@ -16,7 +16,6 @@ from drivers.ble._common import sample
 from gateway.events import SensorSample
 
 SOURCE: Final = "ruuvi.rawv2"
-COMPANY_ID: Final = 0x0499
 FORMAT: Final = 5
 LENGTH: Final = 24
 NOT_AVAILABLE: Final = "not available (the sensor sent the format's invalid marker)"
