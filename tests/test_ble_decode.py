@@ -346,13 +346,12 @@ def test_bthome_random_bytes_only_decode_error(data: bytes, mac: bytes, key: byt
 @given(data=st.binary(max_size=40), mac=MACS, key=KEYS)
 def test_other_decoders_random_bytes_only_decode_error(data: bytes, mac: bytes, key: bytes | None) -> None:
     for frame in (data, b"\x05" + data[:23], data[:11], data[:13], data[:15]):
-        for call in (
-            lambda f: decode_ruuvi(f, mac),
-            lambda f: decode_atc1441(f, mac),
-            lambda f: decode_pvvx(f, mac, key),
-        ):
-            with contextlib.suppress(DecodeError):
-                call(frame)
+        with contextlib.suppress(DecodeError):
+            decode_ruuvi(frame, mac)
+        with contextlib.suppress(DecodeError):
+            decode_atc1441(frame, mac)
+        with contextlib.suppress(DecodeError):
+            decode_pvvx(frame, mac, key)
 
 
 @settings(max_examples=200, deadline=None)
@@ -367,7 +366,5 @@ def test_other_decoders_random_bytes_only_decode_error(data: bytes, mac: bytes, 
 def test_dispatch_random_adverts_only_decode_error(
     fmt: str, service: dict[str, bytes], maker: dict[int, bytes], key: bytes | None
 ) -> None:
-    try:
+    with contextlib.suppress(DecodeError):
         decode_advertisement(fmt, bytes(6), service, maker, key)  # type: ignore[arg-type]
-    except DecodeError:
-        pass
