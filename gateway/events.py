@@ -40,6 +40,7 @@ Kind = Literal[
     "sensor.sample",
     "rfid.inventory",
     "staff.checkin",
+    "barcode.scanned",
 ]
 
 
@@ -283,6 +284,17 @@ class StaffCheckin(_Model):
     face_match_score: float = Field(ge=0, le=1, allow_inf_nan=False, description="Kiosk's match score, 0..1.")
 
 
+class BarcodeScanned(_Model):
+    """``barcode.scanned``: a scanner read one code (a receiving or stock-take scanner, not a till's sale)."""
+
+    code: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\x20-\x7e]+$")] = Field(
+        description="The code as read, printable ASCII (a prefix/suffix the scanner adds is stripped)."
+    )
+    gtin: Annotated[str, Field(pattern=r"^\d{14}$")] | None = Field(
+        default=None, description="GTIN-14 when the code is a GTIN-8/12/13/14 with a valid check digit."
+    )
+
+
 PAYLOADS: Final[dict[str, type[_Model]]] = {
     "pos.sale": PosSale,
     "pos.return": PosReturn,
@@ -298,6 +310,7 @@ PAYLOADS: Final[dict[str, type[_Model]]] = {
     "sensor.sample": SensorSample,
     "rfid.inventory": RfidInventory,
     "staff.checkin": StaffCheckin,
+    "barcode.scanned": BarcodeScanned,
 }
 
 
@@ -331,6 +344,7 @@ class Envelope(_Model):
         | SensorSample
         | RfidInventory
         | StaffCheckin
+        | BarcodeScanned
         | dict[str, Any]
     )
 

@@ -32,6 +32,7 @@ DEFAULT_KIND_CLASSES: Final[Mapping[str, int]] = {
     "sensor.sample": TELEMETRY,
     "rfid.inventory": STATE,
     "staff.checkin": TRANSACTION,
+    "barcode.scanned": STATE,
 }
 
 MAX_RANGES_PER_REPORT: Final = 2000
