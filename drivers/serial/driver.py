@@ -185,6 +185,9 @@ class _Port:
                 reason = await self._session()
             except PORT_ERRORS as err:
                 reason = str(err) or type(err).__name__
+            except Exception as err:  # termios.error, or anything unforeseen: this port fails, not the driver
+                _LOGGER.debug("%s: port failure", self.device.id, exc_info=True)
+                reason = f"{type(err).__name__}: {err}"
             self._quiet.failed(reason)
             self.open = False
             self.error = reason[:300]

@@ -1,0 +1,325 @@
+"""The serial driver against real pseudo-terminals (os.openpty): a simulated Chafon reader and scales on the
+master side, the driver on the slave side through a symlink standing in for /dev/serial/by-id/..., a real
+SQLite journal. Covers normal operation, unplug/replug without restart, timeouts, garbage and a flood."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import tty
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from drivers.base import DriverContext
+from drivers.devices import DeviceRegistry
+from drivers.epc import encode_sgtin96
+from drivers.serial.config import SerialDriverConfig
+from drivers.serial.driver import SerialDriver
+from gateway.clock import ClockState
+from gateway.config import GatewayConfig, JournalConfig
+from gateway.journal import Journal
+from gateway.metrics import Metrics
+from simulators.rfid_reader import PtyReader, TagField
+from tests.e2e_helpers import poll_until
+
+GTIN = "80614141123458"  # GS1 TDS worked example (company prefix 0614141)
+EPCS = [encode_sgtin96(GTIN, serial, 7, 3) for serial in (6789, 6790, 6791)]
+
+
+@dataclass
+class Harness:
+    journal: Journal
+    ctx: DriverContext
+    db: Path
+    tmp: Path
+
+    def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        with contextlib.closing(sqlite3.connect(self.db)) as db:
+            return db.execute(sql, params).fetchall()
+
+    def events(self, kind: str, device_id: str) -> list[dict[str, Any]]:
+        rows = self.rows("SELECT body FROM events WHERE kind=? AND device_id=? ORDER BY seq", kind, device_id)
+        return [orjson.loads(body)["data"] for (body,) in rows]
+
+    def quarantine(self, device_id: str) -> list[tuple[str, str, int]]:
+        return [
+            (str(r), str(d), int(s))
+            for r, d, s in self.rows(
+                "SELECT reason, detail, size FROM quarantine WHERE device_id=? ORDER BY qid", device_id
+            )
+        ]
+
+    def driver(self, devices: list[dict[str, Any]], **extra: Any) -> SerialDriver:
+        config = SerialDriverConfig.model_validate(
+            {"type": "serial", "name": "serial", "reopen_backoff_cap_s": 0.5, "devices": devices, **extra}
+        )
+        return SerialDriver(config, self.ctx)
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    metrics = Metrics()
+    db = tmp_path / "journal.db"
+    journal = Journal(db, "hk-0042", "gw-1", JournalConfig(), metrics, (), ClockState(override=True))
+    await journal.open()
+    writer = asyncio.create_task(journal.run(), name="journal-writer-under-test")
+    config = GatewayConfig.model_validate(
+        {
+            "gateway_id": "gw-1",
+            "store": {"id": "hk-0042", "name": "Test store", "timezone": "Asia/Hong_Kong"},
+            "hq": {"host": "127.0.0.1", "port": 1},
+            "api": {"enabled": False},
+            "data_dir": str(tmp_path),
+        }
+    )
+    ctx = DriverContext(journal, metrics, DeviceRegistry(journal.submit), config)
+    try:
+        yield Harness(journal, ctx, db, tmp_path)
+    finally:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(20):
+                await journal.flush()
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        await journal.close()
+
+
+@contextlib.asynccontextmanager
+async def running(driver: SerialDriver) -> AsyncIterator[SerialDriver]:
+    task = asyncio.create_task(driver.run(), name="serial-driver-under-test")
+    try:
+        yield driver
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@contextlib.contextmanager
+def reader(link: Path, epcs: list[bytes]) -> Iterator[PtyReader]:
+    field = TagField(epcs, present_ratio=1.0)
+    sim = PtyReader(field, link=link)
+    sim.open()
+    try:
+        yield sim
+    finally:
+        sim.close()
+
+
+class LinePeer:
+    """A line device (scale, scanner) on the master side of a pty, reached through a symlink."""
+
+    def __init__(self, link: Path) -> None:
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        link.symlink_to(os.ttyname(self.slave))
+        self.link = link
+
+    def write(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def close(self) -> None:
+        os.close(self.master)
+        os.close(self.slave)
+        self.link.unlink()
+
+
+def rfid_device(link: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "device_id": "rfid-1",
+        "port": str(link),
+        "profile": "chafon-cf-ru5102",
+        "poll_interval_s": 0.05,
+        "response_timeout_s": 0.3,
+        "window_s": 0.3,
+        "depart_after_s": 0.6,
+        **extra,
+    }
+
+
+async def flushed(harness: Harness) -> None:
+    async with asyncio.timeout(20):
+        await harness.journal.flush()
+
+
+async def test_reader_inventories_with_gtins_and_departures(harness: Harness) -> None:
+    link = harness.tmp / "usb-Chafon_CF-RU5102-if00-port0"
+    with reader(link, EPCS) as sim:
+        async with running(harness.driver([rfid_device(link)])):
+
+            async def inventories() -> list[dict[str, Any]]:
+                await flushed(harness)
+                return harness.events("rfid.inventory", "rfid-1")
+
+            await poll_until(lambda: _any(inventories(), lambda i: bool(i.get("tags"))), "a first inventory")
+            first = next(i for i in await inventories() if i.get("tags"))
+            assert sorted(t["epc"] for t in first["tags"]) == sorted(e.hex().upper() for e in EPCS)
+            assert {t["gtin"] for t in first["tags"]} == {GTIN}
+            assert {t["serial"] for t in first["tags"]} == {"6789", "6790", "6791"}
+            assert sorted(first["appeared"]) == sorted(e.hex().upper() for e in EPCS)
+            sim.field.present.discard(EPCS[0])
+            gone = EPCS[0].hex().upper()
+            await poll_until(
+                lambda: _any(inventories(), lambda i: gone in i.get("departed", [])), "the tag departs"
+            )
+    device = harness.ctx.devices.get("rfid-1")
+    assert device is not None
+    assert device.health.errors == 0 or device.health.last_error is not None
+
+
+async def _any(rows: Any, predicate: Any) -> bool:
+    return any(predicate(r) for r in await rows)
+
+
+async def test_unplug_and_replug_reopens_without_restart(harness: Harness) -> None:
+    link = harness.tmp / "usb-Chafon-if00"
+    driver = harness.driver([rfid_device(link)])
+    device = harness.ctx.devices.get("rfid-1")
+    assert device is not None
+    state = harness.ctx.state("serial")
+    with reader(link, EPCS) as sim:
+        async with running(driver):
+            await poll_until(lambda: device.health.status == "online", "the reader online")
+            assert state.connected
+            sim.close()  # the USB adapter is pulled: the pty and its by-id link vanish
+            await poll_until(lambda: device.health.status == "error", "the device reported failing")
+            assert not state.connected
+            assert state.error is not None
+            assert "rfid-1" in state.error
+            assert device.health.errors >= 1
+            before = len(harness.events("rfid.inventory", "rfid-1"))
+            sim.open()  # plugged back: a new pty behind the same link
+            await poll_until(lambda: state.connected, "the port reopened", within=20)
+            await poll_until(lambda: device.health.status == "online", "the reader back online", within=20)
+
+            async def more() -> bool:
+                await flushed(harness)
+                return len(harness.events("rfid.inventory", "rfid-1")) > before
+
+            await poll_until(more, "inventories after the replug")
+    await flushed(harness)
+    statuses = [s["status"] for s in harness.events("device.status", "rfid-1")]
+    assert statuses[:3] == ["online", "error", "online"]
+
+
+async def test_a_reader_that_stops_answering_is_an_error_after_n_timeouts(harness: Harness) -> None:
+    link = harness.tmp / "usb-Chafon-if00"
+    driver = harness.driver([rfid_device(link, error_after_timeouts=3, response_timeout_s=0.1)])
+    device = harness.ctx.devices.get("rfid-1")
+    assert device is not None
+    with reader(link, EPCS) as sim:
+        async with running(driver):
+            await poll_until(lambda: device.health.status == "online", "the reader online")
+            sim.answering = False
+            await poll_until(lambda: device.health.status == "error", "the reader reported silent")
+            port = driver.ports[0]
+            assert port.timeouts >= 3
+            assert device.health.last_error is not None
+            assert "no answer to 3 polls" in device.health.last_error
+            assert harness.ctx.state("serial").connected  # the port itself is fine
+            sim.answering = True
+            await poll_until(lambda: device.health.status == "online", "the reader answering again")
+
+
+async def test_garbage_is_quarantined_aggregated_and_reads_go_on(harness: Harness) -> None:
+    link = harness.tmp / "usb-Chafon-if00"
+    driver = harness.driver([rfid_device(link)])
+    with reader(link, EPCS) as sim:
+        sim.garbage = bytes(range(0xF0, 0x100)) * 4 + b"\x05\x00\x01\xfb\x00\x00"  # noise and a bad CRC
+        async with running(driver):
+
+            async def quarantined() -> bool:
+                await flushed(harness)
+                return len(harness.quarantine("rfid-1")) >= 2
+
+            await poll_until(quarantined, "garbage quarantined")
+
+            async def inventories() -> bool:
+                await flushed(harness)
+                return any(i.get("tags") for i in harness.events("rfid.inventory", "rfid-1"))
+
+            await poll_until(inventories, "inventories despite the garbage")
+            commands = sim.commands
+    rows = harness.quarantine("rfid-1")
+    # One entry per second at most, each counting many garbage runs (one per answer).
+    assert len(rows) < commands
+    assert all("bytes that did not decode" in detail for _, detail, _ in rows)
+    assert sum(size for _, _, size in rows) >= len(rows) * len(sim.garbage)
+
+
+async def test_a_flood_is_rate_limited_counted_and_other_devices_unaffected(harness: Harness) -> None:
+    noisy = LinePeer(harness.tmp / "usb-scale-noisy")
+    quiet = LinePeer(harness.tmp / "usb-scale-quiet")
+    # A pty refuses 7E1 (termios EINVAL): the line settings of the profile are overridden to 8N1.
+    limits = {"rate_limit_per_s": 10, "rate_burst": 10, "bytesize": 8, "parity": "N"}
+    devices = [
+        {"device_id": "scale-noisy", "port": str(noisy.link), "profile": "scale-line", **limits},
+        {"device_id": "scale-quiet", "port": str(quiet.link), "profile": "scale-line", **limits},
+    ]
+    driver = harness.driver(devices)
+    registry = harness.ctx.devices
+    sent = 0
+    try:
+        async with running(driver):
+            await poll_until(lambda: harness.ctx.state("serial").connected, "both ports open")
+            for step in range(10):  # 100 lines/s for about a second: 10x the limit
+                noisy.write(b"".join(b"ST,GS,+0001.%03d kg\r\n" % (step * 10 + n) for n in range(10)))
+                sent += 10
+                if step % 2 == 0:
+                    quiet.write(b"ST,GS,+0002.500 kg\r\n")
+                await asyncio.sleep(0.1)
+            noisy.write(b"US,GS,+0009.000 kg\r\n")  # unstable: not emitted
+
+            def counted() -> bool:
+                loud = registry.get("scale-noisy")
+                calm = registry.get("scale-quiet")
+                assert loud is not None
+                assert calm is not None
+                return loud.health.messages + loud.health.rate_limited == sent and calm.health.messages == 5
+
+            await poll_until(counted, "every line counted")
+    finally:
+        noisy.close()
+        quiet.close()
+    loud, calm = registry.get("scale-noisy"), registry.get("scale-quiet")
+    assert loud is not None
+    assert calm is not None
+    assert loud.health.rate_limited > 0
+    assert loud.health.status == "rate_limited"
+    assert calm.health.rate_limited == 0
+    assert calm.health.status == "online"
+    await flushed(harness)
+    samples = harness.events("sensor.sample", "scale-quiet")
+    assert [s["values"]["weight"] for s in samples] == [2.5] * 5
+    assert samples[0]["units"] == {"weight": "kg"}
+    assert "rate_limited" in [s["status"] for s in harness.events("device.status", "scale-noisy")]
+
+
+async def test_barcodes_are_quarantined_until_there_is_a_barcode_event_kind(harness: Harness) -> None:
+    scanner = LinePeer(harness.tmp / "usb-scanner")
+    driver = harness.driver(
+        [{"device_id": "scanner-1", "port": str(scanner.link), "profile": "barcode-scanner-line"}]
+    )
+    try:
+        async with running(driver):
+            await poll_until(lambda: harness.ctx.state("serial").connected, "the port open")
+            scanner.write(b"]E04899999000018\r\nABC-123\r\n")
+
+            async def quarantined() -> bool:
+                await flushed(harness)
+                return len(harness.quarantine("scanner-1")) == 2
+
+            await poll_until(quarantined, "both scans kept in the quarantine")
+    finally:
+        scanner.close()
+    (first, _, _), (second, _, _) = harness.quarantine("scanner-1")
+    assert first == second == "no_event_kind"
+    assert "GTIN 04899999000018" in harness.quarantine("scanner-1")[0][1]
