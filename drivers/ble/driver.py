@@ -150,8 +150,8 @@ class BleDriver:
         if self._config.adapter is not None:
             bluez["adapter"] = self._config.adapter
         if self._config.scanning_mode == "passive":
-            scanner = BleakScanner(self.on_advertisement, scanning_mode="passive", bluez=bluez)
             try:
+                scanner = BleakScanner(self.on_advertisement, scanning_mode="passive", bluez=bluez)
                 await scanner.start()
             except BleakBluetoothNotAvailableError:
                 raise
