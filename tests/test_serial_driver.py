@@ -303,7 +303,7 @@ async def test_a_flood_is_rate_limited_counted_and_other_devices_unaffected(harn
     assert "rate_limited" in [s["status"] for s in harness.events("device.status", "scale-noisy")]
 
 
-async def test_barcodes_are_quarantined_until_there_is_a_barcode_event_kind(harness: Harness) -> None:
+async def test_barcode_scans_become_barcode_scanned_events(harness: Harness) -> None:
     scanner = LinePeer(harness.tmp / "usb-scanner")
     driver = harness.driver(
         [{"device_id": "scanner-1", "port": str(scanner.link), "profile": "barcode-scanner-line"}]
@@ -311,15 +311,22 @@ async def test_barcodes_are_quarantined_until_there_is_a_barcode_event_kind(harn
     try:
         async with running(driver):
             await poll_until(lambda: harness.ctx.state("serial").connected, "the port open")
-            scanner.write(b"]E04899999000018\r\nABC-123\r\n")
+            # ]E0: AIM symbology identifier of EAN-13 (ISO/IEC 15424); 4899999000018 has a valid GS1 check digit.
+            scanner.write(b"]E04899999000018\r\nABC-123\r\n\x01\x02\r\n")
+
+            async def scanned() -> bool:
+                await flushed(harness)
+                return len(harness.events("barcode.scanned", "scanner-1")) == 2
+
+            await poll_until(scanned, "both scans committed")
 
             async def quarantined() -> bool:
                 await flushed(harness)
-                return len(harness.quarantine("scanner-1")) == 2
+                return len(harness.quarantine("scanner-1")) == 1
 
-            await poll_until(quarantined, "both scans kept in the quarantine")
+            await poll_until(quarantined, "the non-printable line quarantined")
     finally:
         scanner.close()
-    (first, _, _), (second, _, _) = harness.quarantine("scanner-1")
-    assert first == second == "no_event_kind"
-    assert "GTIN 04899999000018" in harness.quarantine("scanner-1")[0][1]
+    scans = harness.events("barcode.scanned", "scanner-1")
+    assert scans == [{"code": "4899999000018", "gtin": "04899999000018"}, {"code": "ABC-123"}]
+    assert harness.quarantine("scanner-1")[0][0] == "bad_barcode"

@@ -3,8 +3,8 @@
 Per device: open the port (a stable ``/dev/serial/by-id/...`` path survives replugging), feed what arrives
 to the profile's framer, and hand frames to its codec: a Chafon RFID reader is polled for inventories and
 its reads aggregated by :class:`drivers.rfid.InventoryTracker` into ``rfid.inventory``; a scale's stable
-weights become ``sensor.sample``; barcode scans are quarantined with reason ``no_event_kind`` (the gateway
-has no barcode event kind yet). Garbage is quarantined at most once per second per device, aggregated.
+weights become ``sensor.sample``; barcode scans become ``barcode.scanned``. Garbage is quarantined at most
+once per second per device, aggregated.
 A port that vanishes (EIO, ENXIO, SerialException) is reported with ``sink.failed`` and reopened with
 full-jitter backoff, without a restart.
 """
@@ -44,7 +44,7 @@ from drivers.serial.framing import (
 )
 from drivers.serial.lines import Barcode, ScaleFormat, parse_barcode, parse_scale
 from drivers.sink import DeviceSink
-from gateway.events import RfidInventory, SensorSample
+from gateway.events import BarcodeScanned, RfidInventory, SensorSample
 from gateway.supervise import Backoff, QuietLog
 
 _LOGGER = logging.getLogger(__name__)
@@ -96,7 +96,6 @@ class SerialDriver:
             )
             for d in config.devices
         ]
-        self._rate_limited = ctx.metrics.dropped.labels(config.name, "rate_limited")
         self.accepting = True
 
     async def run(self) -> None:
@@ -111,9 +110,6 @@ class SerialDriver:
     def port_changed(self) -> None:
         down = [f"{p.device.id}: {p.error}" for p in self.ports if not p.open]
         self._ctx.set_state(self.name, not down, "; ".join(down)[:500] or None)
-
-    def count_rate_limited(self) -> None:
-        self._rate_limited.inc()
 
 
 class _Protocol(asyncio.Protocol):
@@ -330,17 +326,8 @@ class _Port:
             self._on_barcode(scan, frame.raw)
 
     def _on_barcode(self, scan: Barcode, raw: bytes) -> None:
-        verdict = self.device.admit(len(raw))
-        if verdict == "rate_limited":
-            self.driver.count_rate_limited()
-            return
-        gtin = f" (GTIN {scan.gtin})" if scan.gtin else ""
-        self.sink.reject(
-            self.device,
-            "no_event_kind",
-            f"barcode {scan.code!r}{gtin}: the gateway has no barcode event kind yet",
-            raw,
-        )
+        event = BarcodeScanned(code=scan.code, gtin=scan.gtin)
+        self.sink.emit(self.device, "barcode.scanned", event, size=len(raw), raw=raw)
 
     def _on_chafon(self, frame: Frame) -> None:
         response = chafon.decode_response(frame.payload)
