@@ -11,11 +11,12 @@ from typing import Annotated
 from pydantic import Field
 
 from drivers.ble.config import BleDriverConfig
+from drivers.http.config import HttpDriverConfig
 from drivers.mqtt.config import MqttDriverConfig
 from drivers.serial.config import SerialDriverConfig
 
 DriverConfig = Annotated[
-    MqttDriverConfig | SerialDriverConfig | BleDriverConfig,
+    MqttDriverConfig | SerialDriverConfig | BleDriverConfig | HttpDriverConfig,
     Field(discriminator="type"),
 ]
 """Union of every driver's config model: one line per driver."""

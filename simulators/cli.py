@@ -13,6 +13,7 @@ SIMULATORS: Final[dict[str, tuple[str, str]]] = {
     "rfid-shelf": ("simulators.rfid_shelf", "An RFID shelf publishing tag reads, tags coming and going (MQTT)."),
     "ble": ("simulators.ble", "BLE fridge sensors: advertisement bytes in BTHome, Ruuvi, ATC1441 or pvvx format."),
     "rfid-reader": ("simulators.rfid_reader", "A Chafon-style UHF RFID reader on a pty, tags coming and going."),
+    "webhooks": ("simulators.webhooks", "A cloud POS sending signed webhooks: Lightspeed, Square, generic (HTTP)."),
 }
 """Simulator name -> (module with ``main(argv) -> int``, one-line help). A new simulator is one line here."""
 

@@ -1,0 +1,1 @@
+"""HTTP intake: cloud POS webhooks (generic JSON, Lightspeed Retail X-Series, Square) on the local API."""

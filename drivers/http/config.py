@@ -1,0 +1,139 @@
+"""Config of the HTTP webhook intake: one source per cloud POS account, each at ``POST /webhooks/<id>``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from drivers.limits import DeviceLimits
+from drivers.profiles import ProfileBase, check_profile
+from gateway.events import ID_PATTERN
+
+if TYPE_CHECKING:
+    from drivers.base import Driver, DriverContext
+
+Format = Literal["generic", "lightspeed", "square"]
+
+DEFAULT_PROFILES: Final[dict[str, str]] = {
+    "generic": "webhook-generic-json",
+    "lightspeed": "webhook-lightspeed-x-series",
+    "square": "webhook-square",
+}
+"""The profile a source gets when it names none."""
+
+SIGNATURE_HEADERS: Final[dict[str, str]] = {
+    "generic": "X-Signature-256",
+    "lightspeed": "X-Signature",
+    "square": "x-square-hmacsha256-signature",
+}
+"""Where each format's sender puts its signature (see drivers/http/signatures.py)."""
+
+
+class HttpProfile(ProfileBase):
+    """A cloud POS webhook profile: which signature scheme and which payload mapping a source speaks."""
+
+    family: Literal["http"] = "http"
+    format: Format = Field(description="The payload mapping (drivers/http/<format>.py).")
+    signature: str = Field(min_length=1, max_length=500, description="The signature scheme, in words.")
+    signature_header: str = Field(min_length=1, max_length=100, description="The header holding it.")
+    events: dict[str, str] = Field(
+        default_factory=dict, description="Webhook event types and what the gateway makes of them."
+    )
+    limits: DeviceLimits = Field(default_factory=DeviceLimits, description="Suggested limits of a source.")
+
+
+class HttpSource(DeviceLimits):
+    """One webhook sender (a cloud POS account or store). Its id is the device id and the URL path."""
+
+    id: Annotated[str, Field(pattern=ID_PATTERN)] = Field(
+        description="Device id; the webhook URL is POST /webhooks/<id> on the local API."
+    )
+    format: Format = Field(description="generic (the gateway's JSON), lightspeed (X-Series), square.")
+    secret: SecretStr = Field(
+        description="HMAC key: the generic sender's secret, the Lightspeed app's client secret, or the Square"
+        " subscription's signature key. Write {env: NAME} or {file: PATH}."
+    )
+    signature_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,100}$")] | None = Field(
+        default=None, description="Header with the signature, when not the format's usual one."
+    )
+    notification_url: (
+        Annotated[str, Field(min_length=8, max_length=2000, pattern=r"^https?://\S+$")] | None
+    ) = Field(
+        default=None,
+        description="square: the subscription's notification URL exactly as registered (Square signs URL + body).",
+    )
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] | None = Field(
+        default=None, description="lightspeed: the store's ISO 4217 currency (X-Series payloads carry none)."
+    )
+    register_id: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+        default=None, description="square: register id for its sales (default: the order's location_id)."
+    )
+    profile: str | None = Field(default=None, description="Profile name (default: the format's own).")
+    offline_after_s: float = Field(
+        default=86_400,
+        gt=0,
+        le=7 * 86_400,
+        description="Silent this long: reported offline (a quiet night is normal).",
+    )
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, value: str | None) -> str | None:
+        return None if value is None else check_profile(value, HttpProfile)
+
+    @field_validator("secret")
+    @classmethod
+    def _long_secret(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < 8:
+            raise ValueError("a webhook secret shorter than 8 characters can be guessed")
+        return value
+
+    @model_validator(mode="after")
+    def _format_settings(self) -> HttpSource:
+        if self.format == "square" and self.notification_url is None:
+            raise ValueError("a square source needs 'notification_url': Square signs the URL with the body")
+        if self.format == "lightspeed" and self.currency is None:
+            raise ValueError("a lightspeed source needs 'currency' (ISO 4217): X-Series payloads carry none")
+        return self
+
+    @property
+    def header(self) -> str:
+        return self.signature_header or SIGNATURE_HEADERS[self.format]
+
+    @property
+    def profile_name(self) -> str:
+        return self.profile or DEFAULT_PROFILES[self.format]
+
+
+class HttpDriverConfig(BaseModel):
+    """Receives cloud POS webhooks on the local API (``api.enabled`` must be true)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["http"] = Field(
+        default="http", description="Driver family; selects this driver's settings. Always write it in YAML."
+    )
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = Field(
+        default="webhooks", description="Driver instance name, used in metrics and logs."
+    )
+    sources: list[HttpSource] = Field(min_length=1, max_length=100, description="The webhook senders.")
+    ack_timeout_s: float = Field(
+        default=4.0,
+        gt=0,
+        le=60,
+        description="Longest wait for the journal commit before answering 503 (X-Series gives up after 5 s).",
+    )
+
+    @model_validator(mode="after")
+    def _unique_sources(self) -> HttpDriverConfig:
+        ids = [s.id for s in self.sources]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"sources: duplicate id(s) {', '.join(dupes)}")
+        return self
+
+    def create(self, ctx: DriverContext) -> Driver:
+        from drivers.http.driver import HttpIntake
+
+        return HttpIntake(self, ctx)

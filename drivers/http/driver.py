@@ -1,0 +1,194 @@
+"""The HTTP intake driver: one ``POST /webhooks/<source id>`` route per source on the local API.
+
+Each request is checked in this order: the source's HMAC signature (401, counted, and at most a bounded
+note in the quarantine: never the body of a request nobody authenticated), its size (413), its mapping
+(400 and quarantined with the reason), then the journal. The answer is 200 only once every event the
+webhook carries is committed to disk; 429 (the source's rate limit) and 503 (journal busy, commit slower
+than ``ack_timeout_s``, or the gateway stopping) carry ``Retry-After`` so the cloud POS sends it again.
+A webhook sent again is harmless: its dedup key (source, kind, register, the sale's identity) makes the
+journal drop it, and the answer is 200 again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+from fastapi import APIRouter, Request, Response
+
+from drivers.base import DecodeError, DriverContext
+from drivers.devices import Device, TokenBucket
+from drivers.http.config import HttpDriverConfig, HttpSource
+from drivers.http.generic import map_generic
+from drivers.http.lightspeed import map_lightspeed
+from drivers.http.mapped import Ignored, Mapper
+from drivers.http.signatures import verify
+from drivers.http.square import map_square
+from gateway.api import WEBHOOK_PREFIX
+from gateway.logs import register_secret
+
+_LOGGER = logging.getLogger(__name__)
+
+NOTE_RATE_PER_S: Final = 0.2
+NOTE_BURST: Final = 5
+"""Quarantine notes about unauthenticated requests, per source: a flood of them cannot wash out the rest."""
+STOPPING_RETRY_S: Final = 5
+
+
+@dataclass(slots=True)
+class _Source:
+    config: HttpSource
+    device: Device
+    mapper: Mapper
+    secret: str
+    notes: TokenBucket
+
+
+class HttpIntake:
+    """One driver instance: its routes are mounted by the local API; ``run`` only keeps its state."""
+
+    def __init__(self, config: HttpDriverConfig, ctx: DriverContext) -> None:
+        self.name = config.name
+        self._ctx = ctx
+        self._sink = ctx.sink(config.name)
+        self._ack_timeout = config.ack_timeout_s
+        self._accepting = True
+        self._dropped: Callable[[str], Any] = functools.partial(ctx.metrics.dropped.labels, config.name)
+        router = APIRouter()
+        for source in config.sources:
+            secret = source.secret.get_secret_value()
+            register_secret(secret)
+            entry = _Source(
+                source,
+                ctx.devices.add(source.id, config.name, source, source.profile_name),
+                _mapper(source),
+                secret,
+                TokenBucket(NOTE_RATE_PER_S, NOTE_BURST, ctx.devices.monotonic()),
+            )
+            router.add_api_route(
+                f"{WEBHOOK_PREFIX}{source.id}",
+                self._endpoint(entry),
+                methods=["POST"],
+                name=f"webhook-{source.id}",
+            )
+        ctx.api_routers.append(router)
+
+    async def run(self) -> None:
+        """Nothing to connect to: requests come through the local API. Waits until cancelled."""
+        if self._ctx.config.api.enabled:
+            self._ctx.set_state(self.name, True)
+        else:
+            _LOGGER.error("%s: the local API is disabled (api.enabled), so no webhook can arrive", self.name)
+            self._ctx.set_state(self.name, False, "the local API is disabled: webhooks cannot arrive")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self._ctx.set_state(self.name, False, "stopped")
+
+    def pause(self) -> None:
+        """Shutdown: answer 503 from now on (the cloud POS retries later); requests in hand still commit."""
+        self._accepting = False
+
+    def _endpoint(self, source: _Source) -> Callable[[Request], Any]:
+        async def endpoint(request: Request) -> Response:
+            return await self._handle(source, request)
+
+        return endpoint
+
+    async def _handle(self, source: _Source, request: Request) -> Response:
+        if not self._accepting:
+            return _reply(503, {"status": "stopping"}, retry_after=STOPPING_RETRY_S)
+        body = await request.body()
+        config, device = source.config, source.device
+        try:
+            verify(
+                config.format,
+                source.secret,
+                request.headers.get(config.header),
+                body,
+                config.notification_url,
+            )
+        except DecodeError as err:
+            self._unauthenticated(source, err, len(body), request.client.host if request.client else "?")
+            return _reply(401, {"status": "unauthenticated", "reason": err.reason})
+        if len(body) > config.max_payload_bytes:
+            detail = f"{len(body)} bytes > max_payload_bytes {config.max_payload_bytes}"
+            self._sink.reject(device, "too_large", detail, body, size=len(body))
+            return _reply(413, {"status": "too_large", "detail": detail})
+        try:
+            outcome = source.mapper(body)
+        except DecodeError as err:
+            return self._quarantine(device, err.reason, err.detail, body)
+        except Exception as err:  # a mapper bug: quarantine the body, never a 500
+            _LOGGER.exception("%s: mapping a webhook of %s failed", self.name, config.id)
+            return self._quarantine(device, "internal_error", repr(err)[:300], body)
+        if isinstance(outcome, Ignored):
+            self._dropped("ignored").inc()
+            device.seen()
+            return _reply(200, {"status": "ignored", "reason": outcome.reason})
+        loop = asyncio.get_running_loop()
+        committed: list[asyncio.Future[None]] = []
+        for event in outcome:
+            future: asyncio.Future[None] = loop.create_future()
+            taken = self._sink.emit(
+                device,
+                event.kind,
+                event.data,
+                size=len(body),
+                occurred_at=event.occurred_at,
+                dedup_key=event.dedup_key(config.id),
+                ack=functools.partial(_resolve, future),
+                raw=body,
+            )
+            if not taken:
+                if future.done():  # acknowledged at once: the source's rate limit dropped it
+                    retry = max(1, math.ceil(1 / config.rate_limit_per_s))
+                    return _reply(429, {"status": "rate_limited"}, retry_after=retry)
+                return _reply(503, {"status": "journal_busy"}, retry_after=1)
+            committed.append(future)
+        try:
+            async with asyncio.timeout(self._ack_timeout):
+                await asyncio.gather(*committed)
+        except TimeoutError:
+            # Still queued: it commits, and the retry is then dropped as a replay.
+            return _reply(503, {"status": "not_committed_yet"}, retry_after=1)
+        return _reply(200, {"status": "committed", "events": len(committed)})
+
+    def _quarantine(self, device: Device, reason: str, detail: str, body: bytes) -> Response:
+        self._sink.reject(device, reason, detail, body)
+        return _reply(400, {"status": "quarantined", "reason": reason, "detail": detail})
+
+    def _unauthenticated(self, source: _Source, err: DecodeError, size: int, client: str) -> None:
+        """Counted always; a quarantine note (reason, size, client address; no body) at most every few s."""
+        self._dropped(err.reason).inc()
+        if source.notes.take(self._ctx.devices.monotonic()):
+            detail = f"{err.detail} (from {client}, {size} bytes; the body is not kept)"
+            _LOGGER.warning("%s: webhook for %s refused: %s", self.name, source.config.id, detail)
+            self._sink.reject(source.device, err.reason, detail, b"", size=size)
+        else:
+            _LOGGER.debug("%s: webhook for %s refused: %s", self.name, source.config.id, err.detail)
+
+
+def _mapper(source: HttpSource) -> Mapper:
+    if source.format == "lightspeed":
+        assert source.currency is not None  # the config requires it for lightspeed
+        return functools.partial(map_lightspeed, currency=source.currency)
+    if source.format == "square":
+        return functools.partial(map_square, register_id=source.register_id)
+    return map_generic
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _reply(status: int, body: dict[str, Any], retry_after: int | None = None) -> Response:
+    headers = {"retry-after": str(retry_after)} if retry_after is not None else None
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)

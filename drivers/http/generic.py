@@ -1,0 +1,53 @@
+"""The generic webhook: the gateway's own ``pos.sale`` / ``pos.return`` JSON, for any cloud POS or relay.
+
+The body is one JSON object: ``kind`` (``"pos.sale"`` or ``"pos.return"``), every field of
+:class:`gateway.events.PosSale` (returns: :class:`gateway.events.PosReturn`), and optionally ``occurred_at``
+(ISO 8601 with offset). It is the MQTT till contract (firmware_configs/profiles/pos-terminal.yaml) plus
+``kind``; the identity of a sale is its register and receipt number, as on MQTT.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import Field, TypeAdapter, ValidationError
+
+from drivers.base import DecodeError
+from drivers.http.mapped import Mapped, Outcome, load_json, printable, summarise
+from drivers.mqtt.decode import PosReturnMessage, PosSaleMessage
+from gateway.events import PosReturn, PosSale
+
+
+class GenericSale(PosSaleMessage):
+    kind: Literal["pos.sale"] = Field(description="What the body is.")
+
+
+class GenericReturn(PosReturnMessage):
+    kind: Literal["pos.return"] = Field(description="What the body is.")
+
+
+_ADAPTER: Final[TypeAdapter[GenericSale | GenericReturn]] = TypeAdapter(
+    Annotated[GenericSale | GenericReturn, Field(discriminator="kind")]
+)
+
+
+def map_generic(raw: bytes) -> Outcome:
+    """One generic webhook body -> one event."""
+    data: Any = load_json(raw)
+    try:
+        message = _ADAPTER.validate_python(data)
+    except ValidationError as err:
+        raise DecodeError("invalid", summarise(err)) from err
+    except (ValueError, TypeError, ArithmeticError) as err:  # pydantic can leak these for odd inputs
+        raise DecodeError("invalid", printable(str(err))) from err
+    payload_model = PosSale if isinstance(message, GenericSale) else PosReturn
+    payload = payload_model.model_validate(message.model_dump(exclude={"kind", "occurred_at"}))
+    occurred = message.occurred_at
+    return [
+        Mapped(
+            kind=message.kind,
+            data=payload,
+            identity=message.receipt_no,
+            occurred_at=None if occurred is None else occurred.isoformat(timespec="milliseconds"),
+        )
+    ]
