@@ -13,7 +13,8 @@ SIMULATORS: Final[dict[str, tuple[str, str]]] = {
     "rfid-shelf": ("simulators.rfid_shelf", "An RFID shelf publishing tag reads, tags coming and going (MQTT)."),
     "ble": ("simulators.ble", "BLE fridge sensors: advertisement bytes in BTHome, Ruuvi, ATC1441 or pvvx format."),
     "rfid-reader": ("simulators.rfid_reader", "A Chafon-style UHF RFID reader on a pty, tags coming and going."),
-    "webhooks": ("simulators.webhooks", "A cloud POS sending signed webhooks: Lightspeed, Square, generic (HTTP)."),
+    "fridge": ("simulators.fridge", "A fridge controller on Modbus TCP or RTU over a pty, with temperature dynamics."),
+    "webhooks": ("simulators.webhooks", "Cloud POS sending signed webhooks (Lightspeed, Square, generic)."),
 }
 """Simulator name -> (module with ``main(argv) -> int``, one-line help). A new simulator is one line here."""
 
