@@ -12,11 +12,12 @@ from pydantic import Field
 
 from drivers.ble.config import BleDriverConfig
 from drivers.http.config import HttpDriverConfig
+from drivers.modbus.config import ModbusDriverConfig
 from drivers.mqtt.config import MqttDriverConfig
 from drivers.serial.config import SerialDriverConfig
 
 DriverConfig = Annotated[
-    MqttDriverConfig | SerialDriverConfig | BleDriverConfig | HttpDriverConfig,
+    MqttDriverConfig | SerialDriverConfig | BleDriverConfig | HttpDriverConfig | ModbusDriverConfig,
     Field(discriminator="type"),
 ]
 """Union of every driver's config model: one line per driver."""

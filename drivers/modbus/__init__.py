@@ -1,0 +1,1 @@
+"""Modbus TCP and RTU polling driver: register maps from profiles, polling groups, writes."""
