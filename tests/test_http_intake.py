@@ -5,6 +5,7 @@ A 200 is only sent after the commit, so the journal and the ledger are asserted 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import httpx
+import pytest
 from ruamel.yaml import YAML
 
 from drivers.http.config import Format
@@ -20,6 +22,7 @@ from gateway.config_loader import load_config
 from gateway.runtime import Gateway
 from simulators.catalog import CATALOG
 from simulators.webhooks import Webhook, generic_sale, headers, lightspeed_sale, square_order
+from simulators.webhooks import run as simulate
 from tests.brokers import Mosquitto
 from tests.e2e_helpers import (
     API_TOKEN,
@@ -269,3 +272,24 @@ async def test_a_flood_is_rate_limited_with_429_and_other_sources_are_unaffected
             len(limited),
         )
         assert devices["ls-main"]["status"] == "online"
+
+
+async def test_the_simulator_is_accepted_replays_included(
+    tmp_path: Path, store_broker: Mosquitto, hq_broker: Mosquitto, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with webhook_gateway(tmp_path, store_broker, hq_broker) as (gateway, client):
+        for source, fmt in FORMATS.items():
+            args = argparse.Namespace(
+                gateway=str(client.base_url),
+                source=source,
+                format=fmt,
+                notification_url=SQUARE_URL if fmt == "square" else None,
+                count=12,
+                rate=1000.0,
+                replay_ratio=0.3,
+                return_ratio=0.2,
+                seed=3,
+            )
+            assert await simulate(args, SECRETS[source]) == 0
+        assert "replay 200" in capsys.readouterr().out
+        assert journal_kinds(gateway.config.data_dir).get("pos.sale", 0) > 0
