@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from hypothesis import given, settings
@@ -72,7 +72,9 @@ def test_float32_in_every_byte_and_word_order(words: list[int], byte_order: str,
     [(0x3F800000, 1.0), (0xC0200000, -2.5), (0x42F6E979, 123.456)],  # IEEE 754 binary32 encodings
 )
 @pytest.mark.parametrize("word_order", ["big", "little"])
-def test_float32_matches_pymodbus_reference(raw: int, value: float, word_order: str) -> None:
+def test_float32_matches_pymodbus_reference(
+    raw: int, value: float, word_order: Literal["big", "little"]
+) -> None:
     words = [raw >> 16, raw & 0xFFFF] if word_order == "big" else [raw & 0xFFFF, raw >> 16]
     reference = AsyncModbusTcpClient.convert_from_registers(
         words, AsyncModbusTcpClient.DATATYPE.FLOAT32, word_order=word_order
