@@ -18,7 +18,7 @@ import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cloud_bridge.topics import commands_topic
-from gateway.events import Sku
+from gateway.events import ID_PATTERN, Sku
 from rules.documents import Planogram, Roster, RuleSet
 
 MAX_COMMAND_BYTES: Final = 256 * 1024
@@ -80,7 +80,16 @@ class Resend(_Args):
         return self
 
 
-Args = NoArgs | StockAdjust | Roster | Planogram | RuleSet | Resend
+class DeviceWrite(_Args):
+    """Write one point of one device (a fridge setpoint, a defrost start); the device's profile says which
+    points are writable and their range."""
+
+    device_id: Annotated[str, Field(pattern=ID_PATTERN)]
+    point: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,47}$")]
+    value: float = Field(description="In the point's engineering units (booleans: 0 or 1).")
+
+
+Args = NoArgs | StockAdjust | Roster | Planogram | RuleSet | Resend | DeviceWrite
 
 ARGS: Final[dict[str, type[Args]]] = {
     "ping": NoArgs,
@@ -90,6 +99,7 @@ ARGS: Final[dict[str, type[Args]]] = {
     "planogram.set": Planogram,
     "rules.set": RuleSet,
     "resend": Resend,
+    "device.write": DeviceWrite,
 }
 COMMANDS: Final = tuple(ARGS)
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 from cloud_bridge.commands import (
+    DeviceWrite,
     ErrorCode,
     NoArgs,
     Refusal,
@@ -34,6 +35,7 @@ from cloud_bridge.commands import (
     refusal_response,
 )
 from cloud_bridge.topics import commands_topic, responses_topic
+from drivers.base import DriverError
 from gateway import __version__
 from gateway.clock import BOOT_ID
 from gateway.config import GatewayConfig
@@ -51,6 +53,9 @@ INBOX_HIGH: Final = 32
 """Commands received and waiting: above this we stop reading the socket (TCP holds the rest at the broker)."""
 
 Resender = Callable[[int, int], Awaitable[dict[str, list[list[int]]]]]
+DeviceWriter = Callable[[str, str, float], Awaitable[None]]
+DEVICE_WRITE_TIMEOUT_S: Final = 30.0
+"""A ``device.write`` that has not finished by then (a bus busy with retries) is answered as failed."""
 
 
 class CommandError(Exception):
@@ -77,8 +82,11 @@ class Downlink:
         config_hash: str | None,
         resend: Resender,
         status: Callable[[], dict[str, Any]],
+        writers: Mapping[str, DeviceWriter] | None = None,
     ) -> None:
         self._config = config
+        self._writers: Mapping[str, DeviceWriter] = writers if writers is not None else {}
+        """Device id -> write function of its driver (``DriverContext.device_writers``)."""
         self._hq = config.hq
         self._store_id = config.store.id
         self._gateway_id = config.gateway_id
@@ -207,6 +215,8 @@ class Downlink:
             return "ok", self._ping() if request.command == "ping" else self._config_view()
         if isinstance(args, StockAdjust):
             return await self._adjust(request.request_id, args)
+        if isinstance(args, DeviceWrite):
+            return await self._write(args)
         if isinstance(args, Resend):
             try:
                 return "ok", await self._resend(args.from_seq, args.to_seq)
@@ -227,6 +237,25 @@ class Downlink:
     def _config_view(self) -> dict[str, Any]:
         # JSON mode renders every SecretStr (broker passwords, the API token) as '**********'.
         return {"config": self._config.model_dump(mode="json"), "config_hash": self._config_hash}
+
+    async def _write(self, args: DeviceWrite) -> tuple[Status, dict[str, Any]]:
+        """Write a device point through its driver; a refused write (unknown point, out of range) is
+        invalid_args, a device that cannot be reached is failed."""
+        writer = self._writers.get(args.device_id)
+        if writer is None:
+            raise CommandError("invalid_args", f"no writable device {args.device_id!r} on this gateway")
+        try:
+            async with asyncio.timeout(DEVICE_WRITE_TIMEOUT_S):
+                await writer(args.device_id, args.point, args.value)
+        except TimeoutError as err:
+            raise CommandError(
+                "failed", f"the write did not finish within {DEVICE_WRITE_TIMEOUT_S:g} s"
+            ) from err
+        except ValueError as err:  # the driver's refusal of an invalid write
+            raise CommandError("invalid_args", str(err)[:300]) from err
+        except DriverError as err:
+            raise CommandError("failed", str(err)[:300]) from err
+        return "ok", {"device_id": args.device_id, "point": args.point, "value": args.value}
 
     async def _adjust(self, request_id: str, args: StockAdjust) -> tuple[Status, dict[str, Any]]:
         """Commit a ``stock.adjusted`` event (the ledger moves stock in the same transaction); wait for COMMIT."""

@@ -101,6 +101,7 @@ def test_every_command_has_a_valid_example() -> None:
             ]
         },
         "resend": {"from_seq": 10, "to_seq": 20},
+        "device.write": {"device_id": "fridge-1", "point": "setpoint", "value": -2.5},
     }
     assert set(examples) == set(COMMANDS)
     for name, args in examples.items():
@@ -108,6 +109,20 @@ def test_every_command_has_a_valid_example() -> None:
     rules = accepted(command("rules.set", examples["rules.set"])).args
     assert isinstance(rules, RuleSet)
     assert (rules.default_threshold, rules.sku_thresholds) == (5, {"TEA": 2.5})
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"device_id": "fridge-1", "point": "setpoint"},
+        {"device_id": "fridge/1", "point": "setpoint", "value": 1},
+        {"device_id": "fridge-1", "point": "Setpoint", "value": 1},
+        {"device_id": "fridge-1", "point": "setpoint", "value": "cold"},
+        {"device_id": "fridge-1", "point": "setpoint", "value": 1, "unit": "C"},
+    ],
+)
+def test_bad_device_write_args(args: dict[str, Any]) -> None:
+    refused(command("device.write", args), "invalid_args")
 
 
 # --- envelope errors ------------------------------------------------------------------------------------

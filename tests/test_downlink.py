@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,8 +16,12 @@ from typing import Any
 import orjson
 import pytest
 
-from cloud_bridge.downlink import Downlink
+from cloud_bridge.downlink import DeviceWriter, Downlink
 from cloud_bridge.topics import commands_topic, responses_topic
+from drivers.base import DriverContext
+from drivers.devices import DeviceRegistry
+from drivers.modbus.config import ModbusDriverConfig
+from drivers.modbus.driver import ModbusDriver
 from gateway import __version__
 from gateway.clock import BOOT_ID, ClockState
 from gateway.config import BrokerConfig, GatewayConfig
@@ -24,6 +29,7 @@ from gateway.journal import Journal
 from gateway.metrics import Metrics
 from gateway.mqtt import Message, MqttClient
 from rules.stock import StockLedger
+from simulators.fridge import FridgeServer
 from tests.brokers import Mosquitto
 from tests.pos_drafts import pos_draft
 
@@ -62,7 +68,9 @@ class Rig:
     metrics: Metrics
     resends: list[tuple[int, int]] = field(default_factory=list)
 
-    def downlink(self, config: GatewayConfig | None = None) -> Downlink:
+    def downlink(
+        self, config: GatewayConfig | None = None, writers: dict[str, DeviceWriter] | None = None
+    ) -> Downlink:
         return Downlink(
             config or self.config,
             self.journal,
@@ -70,6 +78,7 @@ class Rig:
             "cfg-hash-1",
             self.resend,
             lambda: {"last_seq": self.journal.last_seq, "backlog": self.journal.backlog, "extra": 1},
+            writers,
         )
 
     async def resend(self, first: int, last: int) -> dict[str, list[list[int]]]:
@@ -373,6 +382,54 @@ async def test_resend_calls_the_uplink(rig: Rig, hq: Hq) -> None:
             await hq.ask("resend", {"from_seq": 2000, "to_seq": 2001}), "invalid_args"
         )
     assert rig.resends == [(2, 9)]
+
+
+async def test_device_write_sets_a_fridge_setpoint_over_modbus(rig: Rig, hq: Hq) -> None:
+    """HQ's device.write goes through the Modbus driver to a real pymodbus server (the fridge simulator)."""
+    server = FridgeServer([1], speed=0.0)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    await server.start_tcp("127.0.0.1", port)
+    ctx = DriverContext(rig.journal, rig.metrics, DeviceRegistry(rig.journal.submit), rig.config)
+    driver = ModbusDriver(
+        ModbusDriverConfig.model_validate(
+            {
+                "type": "modbus",
+                "transport": "tcp",
+                "host": "127.0.0.1",
+                "port": port,
+                "timeout_s": 0.3,
+                "retries": 0,
+                "devices": [{"id": "fridge-1", "unit": 1, "profile": "dixell-xr"}],
+            }
+        ),
+        ctx,
+    )
+    polling = asyncio.create_task(driver.run(), name="modbus-under-test")
+    try:
+        async with asyncio.timeout(WITHIN):
+            while not ctx.states.get("modbus") or not ctx.states["modbus"].connected:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        async with running(rig.downlink(writers=ctx.device_writers)):
+            args = {"device_id": "fridge-1", "point": "setpoint", "value": -2.5}
+            assert ok(await hq.ask("device.write", args)) == args
+            assert await server.read_point(1, "setpoint") == -2.5
+            too_warm = {"device_id": "fridge-1", "point": "setpoint", "value": 40}
+            assert "outside" in error(await hq.ask("device.write", too_warm), "invalid_args")
+            read_only = {"device_id": "fridge-1", "point": "air_temperature", "value": 1}
+            assert "not writable" in error(await hq.ask("device.write", read_only), "invalid_args")
+            nobody = {"device_id": "fridge-9", "point": "setpoint", "value": 1}
+            assert "no writable device" in error(await hq.ask("device.write", nobody), "invalid_args")
+            server.muted.add(1)
+            assert "no response" in error(await hq.ask("device.write", args), "failed")
+    finally:
+        polling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await polling
+        await server.stop()
+    assert rig.count("device.write", "ok") == 1
+    assert rig.count("device.write", "invalid_args") == 3
 
 
 # --- bad input -------------------------------------------------------------------------------------------

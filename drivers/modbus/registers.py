@@ -32,8 +32,9 @@ _STRUCT: Final[dict[str, str]] = {
 }
 
 
-class WriteRefusedError(DriverError):
-    """A write that is not sent: unknown point, read-only, out of range, not representable."""
+class WriteRefusedError(DriverError, ValueError):
+    """A write that is not sent: unknown point, read-only, out of range, not representable. Also a
+    ValueError, so callers outside the driver (the HQ downlink) tell it from an I/O failure."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
