@@ -32,6 +32,9 @@ from gateway.metrics import Metrics
 _LOGGER = logging.getLogger(__name__)
 
 MAX_BODY_BYTES: Final = 64 * 1024
+WEBHOOK_MAX_BODY_BYTES: Final = 512 * 1024
+"""Cloud POS webhooks carry whole receipts (about 1-1.5 KB per line, form-encoded); each HTTP source also has
+its own ``max_payload_bytes``, checked after its signature."""
 """Largest request body accepted, on every route (present and future)."""
 
 MAX_EVENTS: Final = 1000
@@ -279,16 +282,18 @@ class _BodyTooLarge(HTTPException):
 class BodyLimitMiddleware:
     """Refuses request bodies over ``max_bytes`` with 413, whether or not they declare a Content-Length."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, webhook_max_bytes: int = WEBHOOK_MAX_BODY_BYTES) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.webhook_max_bytes = webhook_max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.webhook_max_bytes if scope.get("path", "").startswith(WEBHOOK_PREFIX) else self.max_bytes
         declared = _header(scope, b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
             await _send_json(send, 413, {"detail": "request body too large"})
             return
         received = 0
@@ -299,7 +304,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     # Raised inside the endpoint's body read, so FastAPI answers 413 itself.
                     raise _BodyTooLarge
             return message

@@ -238,7 +238,7 @@ async def test_oversized_bodies_are_413(
         assert len(over_source_limit.body) > 2048
         reply = await post(client, "web-shop", over_source_limit)
         assert (reply.status_code, reply.json()["status"]) == (413, "too_large")
-        over_api_limit = Webhook(b" " * (65 * 1024), "application/json", ())
+        over_api_limit = Webhook(b" " * (513 * 1024), "application/json", ())
         assert (await post(client, "web-shop", over_api_limit)).status_code == 413
         await poll_until(
             lambda: len(read_quarantine(gateway.config.data_dir)) == 1, "the too_large quarantine"
