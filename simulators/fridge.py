@@ -348,10 +348,10 @@ async def _scenario(server: FridgeServer, args: argparse.Namespace) -> None:
     while True:
         await asyncio.sleep(TICK_S)
         clock += TICK_S * server.speed
-        for model in server.models.values():
+        for unit, model in server.models.items():
             if args.fail_after is not None and clock >= args.fail_after and not model.failed:
                 model.failed = True
-                print(f"t={clock:.0f}s: compressor failed", flush=True)
+                print(f"t={clock:.0f}s: unit {unit}: compressor failed", flush=True)
             if next_door is not None and clock >= next_door:
                 model.door_open = True
                 door_closes = clock + args.door_for
