@@ -423,3 +423,21 @@ def test_rtu_frame_gap_is_three_and_a_half_characters() -> None:
 def test_bad_driver_configs_are_refused(extra: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         ModbusDriverConfig.model_validate(driver_doc(**extra))
+
+
+def test_the_gateway_config_takes_a_modbus_driver() -> None:
+    from gateway.config import GatewayConfig
+
+    config = GatewayConfig.model_validate(
+        {
+            "gateway_id": "gw-1",
+            "store": {"id": "hk-0042", "name": "t", "timezone": "Asia/Hong_Kong"},
+            "store_broker": {"host": "127.0.0.1", "port": 1883},
+            "hq": {"host": "127.0.0.1", "port": 1883},
+            "api": {"enabled": False},
+            "drivers": [driver_doc(name="cold-room-bus")],
+        }
+    )
+    (driver,) = config.drivers
+    assert isinstance(driver, ModbusDriverConfig)
+    assert driver.devices[0].profile == "dixell-xr"
