@@ -129,12 +129,20 @@ class Device:
     def quarantined(self) -> None:
         self.health.quarantined += 1
 
+    def reachable(self) -> None:
+        """The device answered (a poll with nothing to report, a port that opened): online again if it was in
+        error or offline, without counting a message."""
+        self._last_seen_mono = self._registry.monotonic()
+        if self.health.status in ("unknown", "offline", "error"):
+            self._set("online", None)
+
     def failed(self, reason: str) -> None:
-        """An I/O error or timeout talking to the device (after the driver's own retries)."""
+        """An I/O error or timeout talking to the device (after the driver's own retries). Reported once per
+        spell: a device that keeps failing updates ``last_error`` and the count, not the journal."""
         health = self.health
         health.errors += 1
         health.last_error = reason[:500]
-        if health.status != "error" or health.reason != health.last_error:
+        if health.status != "error":
             self._set("error", health.last_error)
 
     def _set(self, status: Status, reason: str | None) -> None:

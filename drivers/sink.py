@@ -112,6 +112,10 @@ class DeviceSink:
         """An I/O error or timeout talking to ``device``, after the driver's own retries."""
         device.failed(reason)
 
+    def reachable(self, device: Device) -> None:
+        """``device`` answered but had nothing to report: it is alive (clears error/offline)."""
+        device.reachable()
+
     @property
     def backlogged(self) -> bool:
         """True while the journal has a commit's worth waiting: a polling driver may skip a round."""

@@ -63,7 +63,13 @@ class Gateway:
         self.intakes: list[Driver] = [d.create(self.drivers_ctx) for d in config.drivers]
         self.uplink = Uplink(config, self.journal, self.metrics, config_hash)
         self.downlink = Downlink(
-            config, self.journal, self.metrics, config_hash, self.uplink.resend, self.health
+            config,
+            self.journal,
+            self.metrics,
+            config_hash,
+            self.uplink.resend,
+            self.health,
+            writers=self.drivers_ctx.device_writers,
         )
         self.started = asyncio.Event()
         self._api_bound: list[int] = []

@@ -19,6 +19,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from bleak.backends.device import BLEDevice
+from bleak.backends.scanner import AdvertisementData
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 
 from drivers.ble.bthome import MIC_BYTES, UUID16
@@ -158,6 +160,19 @@ class Advert:
     service_data: dict[str, bytes] = field(default_factory=dict)
     manufacturer_data: dict[int, bytes] = field(default_factory=dict)
 
+    def to_bleak(self) -> tuple[BLEDevice, AdvertisementData]:
+        """What bleak's BlueZ backend hands a detection callback for this advertisement."""
+        data = AdvertisementData(
+            local_name=None,
+            manufacturer_data=dict(self.manufacturer_data),
+            service_data=dict(self.service_data),
+            service_uuids=list(self.service_data),
+            tx_power=None,
+            rssi=self.rssi,
+            platform_data=(),
+        )
+        return BLEDevice(self.address, None, None), data
+
     def as_json(self) -> str:
         return json.dumps(
             {
@@ -190,12 +205,15 @@ class SimulatedSensor:
 
     def step(self, dt: float) -> None:
         """Advance the sensor's physics by ``dt`` seconds."""
+        # Relaxation towards the room (door open) or the setpoint, stable for any dt (scenarios compress time).
         if self.door_open:
-            self.temperature += 0.05 * dt * (18.0 - self.temperature) / 14.0
+            self.temperature += min(1.0, 0.05 * dt / 14.0) * (18.0 - self.temperature)
             if self.rng.random() < dt / 30:
                 self.door_open = False
         else:
-            self.temperature += 0.02 * dt * (self.setpoint - self.temperature) + self.rng.gauss(0, 0.02)
+            self.temperature += min(1.0, 0.02 * dt) * (self.setpoint - self.temperature) + self.rng.gauss(
+                0, 0.02
+            )
             if self.rng.random() < dt / 600:
                 self.door_open = True
         self.humidity = min(99.0, max(20.0, self.humidity + self.rng.gauss(0, 0.2)))

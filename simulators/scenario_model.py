@@ -28,6 +28,12 @@ class Tills(_Model):
         default=1.0, gt=0, le=1000, description="Sales and returns per second per till."
     )
     return_ratio: float = Field(default=0.1, ge=0, le=1)
+    rate_limit_per_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="The tills' rate limit in the gateway config (default: the profile's).",
+    )
+    rate_burst: int | None = Field(default=None, ge=1)
 
     def ids(self) -> list[str]:
         return [f"pos-{n:02d}" for n in range(1, self.count + 1)]

@@ -159,19 +159,24 @@ async def test_oversized_and_rejected_payloads_are_quarantined_with_a_reason(har
 async def test_errors_and_recovery_are_reported_on_change_only(harness: Harness) -> None:
     device = harness.registry.add("fridge-2", "drv")
     harness.sink.emit(device, "sensor.sample", sample(), size=10)
-    for _ in range(3):
-        harness.sink.failed(device, "no answer from unit 2 after 3 tries")
+    for n in range(3):
+        harness.sink.failed(device, f"no answer from unit 2 after {n + 3} tries")
+    harness.sink.failed(device, "CRC error")
+    harness.sink.reachable(device)
     harness.sink.failed(device, "CRC error")
     harness.sink.emit(device, "sensor.sample", sample(), size=10)
     await harness.flush()
     statuses = harness.statuses("fridge-2")
+    # One event per spell, however often and however differently it fails; the last error is in the health.
     assert [(s["status"], s.get("reason")) for s in statuses] == [
         ("online", None),
         ("error", "no answer from unit 2 after 3 tries"),
+        ("online", None),
         ("error", "CRC error"),
         ("online", None),
     ]
-    assert statuses[-1]["errors"] == 4
+    assert statuses[-1]["errors"] == 5
+    assert statuses[-1]["messages"] == 2
     assert device.health.last_error == "CRC error"
 
 
