@@ -28,7 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path)
     schema = sub.add_parser("config-schema", help="print the JSON Schema of the config (or of events)")
     schema.add_argument("--events", action="store_true", help="print the event envelope schema instead")
-    demo = sub.add_parser("demo", help="embedded brokers, simulated tills, the gateway and an HQ receiver")
+    demo = sub.add_parser("demo", help="embedded brokers, a simulated store, the gateway and an HQ receiver")
+    demo.add_argument(
+        "--scenario",
+        default="normal-day",
+        help="a shipped scenario (normal-day, fridge-failure-night, garbage-flood, device-unplugged) or a file",
+    )
     demo.add_argument(
         "--duration", type=float, default=0, help="stop after N seconds (default: until Ctrl-C)"
     )
@@ -77,7 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from gateway.demo import run_demo
 
-        return run_demo(duration=args.duration, rate=args.rate, data_dir=args.data_dir)
+        return run_demo(
+            duration=args.duration, rate=args.rate, data_dir=args.data_dir, scenario=args.scenario
+        )
     return 2
 
 

@@ -164,9 +164,15 @@ def check_config(path: Path) -> tuple[int, str]:
 
 
 def demo_config(
-    data_dir: Path, store_port: int, hq_port: int, api_port: int, api_token: str
+    data_dir: Path,
+    store_port: int,
+    hq_port: int,
+    api_port: int,
+    api_token: str,
+    sections: Mapping[str, Any] | None = None,
 ) -> GatewayConfig:
-    """The embedded-defaults config of ``store-gateway demo``: one Hong Kong store, three tills, 20 SKUs."""
+    """The embedded-defaults config of ``store-gateway demo``: one Hong Kong store, three tills, 20 SKUs.
+    ``sections`` replaces top-level sections (a scenario's ``drivers`` and ``devices``)."""
     return GatewayConfig.model_validate(
         {
             "gateway_id": "gw-demo",
@@ -200,6 +206,7 @@ def demo_config(
                 ]
             },
             "api": {"enabled": True, "host": "127.0.0.1", "port": api_port, "token": api_token},
+            **(sections or {}),
         }
     )
 

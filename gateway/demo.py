@@ -1,9 +1,11 @@
 """``store-gateway demo``: the whole chain on one machine, with nothing installed but this package.
 
-Two embedded MQTT brokers (amqtt: one for the store, one standing in for HQ), three simulated tills selling
-and taking returns, the gateway itself (journal, stock ledger, uplink, local API) and the HQ reference
-receiver. The terminal shows live what the tills send, what the gateway commits and what HQ receives.
-Ctrl-C stops everything cleanly and prints a summary.
+Two embedded MQTT brokers (amqtt: one for the store, one standing in for HQ), a simulated store played from a
+scenario file (``--scenario``, default ``normal-day``: tills, fridge controllers over Modbus TCP and RTU, BLE
+thermometers, an RFID reader on a pseudo-terminal, an RFID shelf and a check-in kiosk over MQTT), the gateway
+itself (drivers, journal, stock ledger, uplink, local API) and the HQ reference receiver. The terminal shows
+live what the tills send, what the gateway commits and what HQ receives. The scenario repeats until Ctrl-C (or
+``--duration``), which stops everything cleanly and prints a summary.
 """
 
 from __future__ import annotations
@@ -23,16 +25,19 @@ import orjson
 
 from cloud_bridge.receiver import HqReceiver
 from cloud_bridge.receiver_store import ReceiverStore
+from drivers.ble.driver import BleDriver
 from gateway.config import BrokerConfig
 from gateway.config_loader import config_hash, demo_config
 from gateway.journal import Committed
 from gateway.logs import setup_logging
 from gateway.runtime import Gateway
-from simulators.pos import PosMessage, run_terminals
+from simulators.pos import PosMessage
+from simulators.scenario import ScenarioRun, StepLog
+from simulators.scenario_model import Scenario, load_scenario
 
 _LOGGER = logging.getLogger(__name__)
 
-TILLS = ("pos-01", "pos-02", "pos-03")
+DEFAULT_SCENARIO = "normal-day"
 
 
 def _free_port() -> int:
@@ -88,20 +93,46 @@ class LiveView:
         self.committed += len(committed.bodies)
         for body in committed.bodies:
             event = orjson.loads(body)
-            kind, data = event["kind"], event["data"]
+            kind, data, device = event["kind"], event["data"], event["device_id"]
+            color = "33"
             if kind == "stock.level":
                 delta = data["delta"] if data["delta"].startswith("-") else "+" + data["delta"]
                 text = f"stock  {data['sku']} on hand {data['on_hand']} ({delta})"
             elif kind == "alert.raised":
                 self.alerts += 1
+                color = "31"
                 text = f"ALERT  {data['rule']}: {data['message']}"
             elif kind in ("pos.sale", "pos.return"):
-                text = f"{kind:<10} {event['device_id']} receipt {data['receipt_no']}"
+                text = f"{kind:<10} {device} receipt {data['receipt_no']}"
+            elif kind == "sensor.sample":
+                values = ", ".join(
+                    f"{name} {value:g}{data.get('units', {}).get(name, '')}"
+                    for name, value in list(data["values"].items())[:4]
+                )
+                faults = f"  faults: {', '.join(data['faults'])}" if data.get("faults") else ""
+                text = f"sample {device}: {values}{faults}"
+            elif kind == "rfid.inventory":
+                text = (
+                    f"rfid   {device}: {len(data['tags'])} tags, {data['reads']} reads, "
+                    f"+{len(data.get('appeared', []))} -{len(data.get('departed', []))}"
+                )
+            elif kind == "staff.checkin":
+                text = f"checkin {data['employee_id']} {data['direction']} (face match {data['face_match_score']})"
+            elif kind == "device.status":
+                color = "35" if data["status"] != "online" else "33"
+                text = f"device {device}: {data['status']}" + (
+                    f" ({data['reason']})" if data.get("reason") else ""
+                )
             else:
                 text = f"{kind} {data.get('status', '')}"
-            self._line("gateway", "33" if kind != "alert.raised" else "31", f"seq {event['seq']:>5}  {text}")
+            self._line("gateway", color, f"seq {event['seq']:>5}  {text}")
         for rejected in committed.rejected:
-            self._line("gateway", "31", f"quarantined from {rejected.topic}: {rejected.reason}")
+            self._line(
+                "gateway", "31", f"quarantined from {rejected.device_id or rejected.topic}: {rejected.reason}"
+            )
+
+    def step(self, entry: StepLog) -> None:
+        self._line("scenario", "34", f"{entry.action} {entry.device or ''} {entry.detail}")
 
     def hq(self, store: str, gateway: str, first: int, last: int, new: int) -> None:
         self.hq_events += new
@@ -110,26 +141,39 @@ class LiveView:
         )
 
 
-def run_demo(duration: float = 0, rate: float = 1.0, data_dir: Path | None = None) -> int:
+def run_demo(
+    duration: float = 0, rate: float = 1.0, data_dir: Path | None = None, scenario: str = DEFAULT_SCENARIO
+) -> int:
     setup_logging("WARNING")
+    try:
+        played = load_scenario(scenario)
+    except (OSError, ValueError) as err:
+        print(f"store-gateway demo: {err}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="store-gateway-demo-") as tmp:
         directory = data_dir or Path(tmp)
         directory.mkdir(parents=True, exist_ok=True)
-        asyncio.run(_demo(duration, rate, directory))
+        asyncio.run(_demo(duration, rate, directory, played, Path(tmp)))
     return 0
 
 
-async def _demo(duration: float, rate: float, data_dir: Path) -> None:
+async def _demo(duration: float, rate: float, data_dir: Path, scenario: Scenario, work: Path) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     store_port, hq_port = _free_port(), _free_port()
     token = secrets.token_urlsafe(24)
-    config = demo_config(data_dir, store_port, hq_port, 0, token)
     view = LiveView(sys.stdout)
+    tills = scenario.devices.tills.model_copy(update={"rate_per_s": rate})
+    scenario = scenario.model_copy(update={"devices": scenario.devices.model_copy(update={"tills": tills})})
+    store = ScenarioRun(
+        scenario, BrokerConfig(port=store_port, protocol="3.1.1"), work, on_step=view.step, on_till=view.till
+    )
     store_broker = await _start_broker(store_port)
     hq_broker = await _start_broker(hq_port)
+    await store.prepare()
+    config = demo_config(data_dir, store_port, hq_port, 0, token, sections=store.gateway_config())
     gateway = Gateway(config, config_hash(config))
     gateway.journal.add_listener(view.gateway)
     hq_store = ReceiverStore(data_dir / "hq.db")
@@ -144,28 +188,17 @@ async def _demo(duration: float, rate: float, data_dir: Path) -> None:
             rx_task = tg.create_task(receiver.run(receiver_stop), name="hq-receiver")
             api_port = await gateway.wait_api()
             print(
-                f"store-gateway demo: store broker 127.0.0.1:{store_port}, HQ broker 127.0.0.1:{hq_port} "
-                f"(embedded)\nlocal API: http://127.0.0.1:{api_port}/health  (token for /api/*, /metrics: {token})\n"
+                f"store-gateway demo: scenario {scenario.scenario!r} ({scenario.description})\n"
+                f"store broker 127.0.0.1:{store_port}, HQ broker 127.0.0.1:{hq_port} (embedded)\n"
+                f"local API: http://127.0.0.1:{api_port}/health  (token for /api/*, /metrics: {token})\n"
                 f"journal: {data_dir / 'journal.db'}   Ctrl-C stops.\n",
                 flush=True,
             )
-            tills = tg.create_task(
-                run_terminals(
-                    BrokerConfig(port=store_port, protocol="3.1.1"),
-                    TILLS,
-                    duration_s=duration or 10**9,
-                    rate_per_s=rate,
-                    return_ratio=0.15,
-                    on_publish=view.till,
-                ),
-                name="tills",
-            )
-            waiter = asyncio.ensure_future(stop.wait())
-            await asyncio.wait((waiter, tills, gw_task), return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            tills.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await tills
+            if duration:
+                loop.call_later(duration, stop.set)
+            ble = next((d for d in gateway.intakes if isinstance(d, BleDriver)), None)
+            while not stop.is_set() and not gw_task.done():
+                await store.run(ble, stop)
             gateway_stop.set()
             await gw_task
             # Give HQ a moment for the last batches, then stop it.
@@ -176,6 +209,7 @@ async def _demo(duration: float, rate: float, data_dir: Path) -> None:
             receiver_stop.set()
             await rx_task
     finally:
+        await store.close()
         await store_broker.shutdown()
         await hq_broker.shutdown()
         summary = hq_store.summary()

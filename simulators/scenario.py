@@ -98,6 +98,8 @@ class ScenarioRun:
     store_broker: BrokerConfig
     work_dir: Path
     on_step: Callable[[StepLog], None] | None = None
+    on_till: Callable[[PosMessage], None] | None = None
+    """Called for each till message the store broker acknowledged (the demo's live view)."""
     seed: int = 1
     log: list[StepLog] = field(default_factory=list)
     published: dict[str, int] = field(default_factory=dict)
@@ -314,8 +316,10 @@ class ScenarioRun:
     def _count(self, what: str, n: int = 1) -> None:
         self.published[what] = self.published.get(what, 0) + n
 
-    def _count_till(self, _: PosMessage) -> None:
+    def _count_till(self, message: PosMessage) -> None:
         self._count("tills")
+        if self.on_till is not None:
+            self.on_till(message)
 
     def _note(self, step: Step, detail: str = "") -> None:
         entry = StepLog(step.at_s, step.action, step.device, detail)
