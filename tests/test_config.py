@@ -32,6 +32,10 @@ EXAMPLE_ENV = {
     "STORE_MQTT_PASSWORD": "store-broker-pass",
     "HQ_MQTT_PASSWORD": "hq-broker-pass-7f3a",
     "GATEWAY_API_TOKEN": "api-token-0123456789abcdef",
+    "CHILLER_PROBE_KEY": "231d39c1d7cc1ab1aee224cd096db932",
+    "LIGHTSPEED_CLIENT_SECRET": "ls-client-secret-0123",
+    "SQUARE_SIGNATURE_KEY": "sq-signature-key-0123",
+    "WEB_SHOP_WEBHOOK_SECRET": "web-shop-secret-0123",
 }
 TOKEN = "api-token-0123456789abcdef"
 
@@ -87,7 +91,16 @@ def test_example_config_validates() -> None:
     assert cfg.hq.tls is not None
     assert cfg.hq.tls.ca_file == EXAMPLE.parent / "tls" / "hq-ca.pem"
     assert cfg.hq.tls.key_file == EXAMPLE.parent / "tls" / "gateway.key"
-    assert [d.id for d in cfg.devices] == ["pos-01", "pos-02", "pos-03", "fridge-01"]
+    assert [d.id for d in cfg.devices] == [
+        "pos-01",
+        "pos-02",
+        "pos-03",
+        "kiosk-staff",
+        "shelf-a1",
+        "fridge-01",
+        "humidity-01",
+    ]
+    assert [d.type for d in cfg.drivers] == ["mqtt", "modbus", "modbus", "ble", "serial", "http"]
     assert cfg.outbox.classes["telemetry"].max_bytes == 2**30
     assert cfg.hq.compression == "zstd"
     assert all(item.sku for item in cfg.stock.items)
@@ -226,7 +239,7 @@ def test_a_driver_without_type_is_told_which_types_exist(tmp_path: Path) -> None
     path = write(tmp_path, MINIMAL + "drivers:\n  - routes: []\n")
     [issue] = issues_of(path, env={"API_TOKEN": TOKEN})
     assert (issue.key_path, issue.line) == ("drivers[0]", 10)
-    assert issue.hint == "add 'type: mqtt' (one of: 'mqtt')"
+    assert issue.hint == "add 'type: mqtt' (one of: 'mqtt', 'serial', 'ble', 'http', 'modbus')"
 
 
 def test_a_number_where_text_is_expected_suggests_quotes(tmp_path: Path) -> None:
