@@ -85,7 +85,10 @@ class Gateway:
         states = self.drivers_ctx.states
         drivers = {i.name: states[i.name].connected if i.name in states else False for i in self.intakes}
         errors = {name: s.error for name, s in states.items() if s.error}
-        ok = all(drivers.values())
+        # The store broker carries every till: without it the gateway is not doing its job (503, and Docker's
+        # health check says so). A missing BLE adapter, an unplugged bus or a silent controller is a device
+        # problem, not the gateway's: restarting it would not help. Those are reported, with status "ok".
+        ok = all(drivers[c.name] for c in self.config.drivers if c.type == "mqtt")
         return {
             "status": "ok" if ok else "degraded",
             "version": __version__,
@@ -107,6 +110,7 @@ class Gateway:
             "hq_connected": self.uplink.connected,
             "hq_commands_connected": self.downlink.connected,
             "drivers": drivers,
+            "device_drivers_ok": all(drivers[c.name] for c in self.config.drivers if c.type != "mqtt"),
             "driver_errors": errors,
             "devices": {
                 status: sum(1 for d in self.devices if d.health.status == status)

@@ -32,7 +32,7 @@ EXAMPLE_ENV = {
     "STORE_MQTT_PASSWORD": "store-broker-pass",
     "HQ_MQTT_PASSWORD": "hq-broker-pass-7f3a",
     "GATEWAY_API_TOKEN": "api-token-0123456789abcdef",
-    "CHILLER_PROBE_KEY": "231d39c1d7cc1ab1aee224cd096db932",
+    "CHILLER_PROBE_BINDKEY": "231d39c1d7cc1ab1aee224cd096db932",
     "LIGHTSPEED_CLIENT_SECRET": "ls-client-secret-0123",
     "SQUARE_SIGNATURE_KEY": "sq-signature-key-0123",
     "WEB_SHOP_WEBHOOK_SECRET": "web-shop-secret-0123",

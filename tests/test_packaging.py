@@ -90,7 +90,9 @@ def write_secrets(folder: Path) -> Path:
     """One file per secret, as compose's ``secrets/`` folder holds them (with the trailing newline)."""
     folder.mkdir()
     for name in example_secret_names():
-        (folder / name).write_text(f"{name}-value-0123456789\n")
+        # A BLE bindkey is 16 bytes in hex; other secrets are free text.
+        value = "231d39c1d7cc1ab1aee224cd096db932" if name.endswith("_bindkey") else f"{name}-value-0123456789"
+        (folder / name).write_text(f"{value}\n")
     return folder
 
 
@@ -202,7 +204,15 @@ def test_config_schema_is_json() -> None:
 
 def test_check_config_of_the_example_needs_its_secrets() -> None:
     names = env_secret_names(load_yaml(EXAMPLE))
-    assert names == ["STORE_MQTT_PASSWORD", "HQ_MQTT_PASSWORD", "GATEWAY_API_TOKEN"]
+    assert names == [
+        "STORE_MQTT_PASSWORD",
+        "HQ_MQTT_PASSWORD",
+        "CHILLER_PROBE_BINDKEY",
+        "LIGHTSPEED_CLIENT_SECRET",
+        "SQUARE_SIGNATURE_KEY",
+        "WEB_SHOP_WEBHOOK_SECRET",
+        "GATEWAY_API_TOKEN",
+    ]
     command = [SCRIPT, "check-config", str(EXAMPLE)]
     env = without_secret_env()
     missing = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, check=False)
@@ -210,6 +220,7 @@ def test_check_config_of_the_example_needs_its_secrets() -> None:
     for name in names:
         assert f"environment variable {name} is not set" in missing.stdout
     env |= {name: f"{name.lower()}-value-0123456789" for name in names}
+    env["CHILLER_PROBE_BINDKEY"] = "231d39c1d7cc1ab1aee224cd096db932"
     ok = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, check=False)
     assert ok.returncode == 0, ok.stdout
     assert ok.stdout.startswith(f"OK: {EXAMPLE}")
