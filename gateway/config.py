@@ -300,18 +300,27 @@ class GatewayConfig(StrictModel):
     @model_validator(mode="after")
     def _unique_ids(self) -> GatewayConfig:
         for label, ids in (
-            ("devices", [d.id for d in self.devices]),
+            ("device ids (across devices and every driver's devices and sources)", self.device_ids()),
             ("drivers", [d.name for d in self.drivers]),
         ):
             dupes = sorted({i for i in ids if ids.count(i) > 1})
             if dupes:
                 raise ValueError(f"{label}: duplicate id(s) {', '.join(dupes)}")
-        if self.store_broker.client_id is not None and len(self.drivers) > 1:
+        if self.store_broker.client_id is not None and sum(d.type == "mqtt" for d in self.drivers) > 1:
             raise ValueError(
                 "store_broker.client_id is shared by every driver and they would take over each other's session:"
                 " leave it out (each driver gets '<store>-<gateway>-intake-<driver>') when there are several drivers"
             )
         return self
+
+    def device_ids(self) -> list[str]:
+        """Every device id the gateway knows: MQTT devices and the devices (or webhook sources) of each driver.
+        They share one registry, so they must be unique across drivers."""
+        ids = [d.id for d in self.devices]
+        for driver in self.drivers:
+            for entry in [*getattr(driver, "devices", ()), *getattr(driver, "sources", ())]:
+                ids.append(str(getattr(entry, "id", None) or getattr(entry, "device_id", "")))
+        return ids
 
     def client_id(self, role: str, broker: BrokerConfig) -> str:
         """The MQTT client id for one role; stable across restarts so persistent sessions survive."""

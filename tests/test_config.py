@@ -492,3 +492,15 @@ def test_random_yaml_never_raises_anything_but_config_error(
         return
     assert error.issues
     assert "fuzz-secret-value" not in str(error)
+
+
+def test_a_device_id_used_by_two_drivers_is_refused(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        MINIMAL
+        + "drivers:\n"
+        + '  - {type: ble, devices: [{id: pos-01, mac: "A4:C1:38:00:00:01", profile: bthome-v2}]}\n'
+        + "devices:\n  - {id: pos-01, profile: pos-terminal}\n",
+    )
+    [issue] = issues_of(path, env={"API_TOKEN": TOKEN})
+    assert "duplicate id(s) pos-01" in issue.message
