@@ -21,7 +21,7 @@ from drivers.base import DriverContext
 from drivers.devices import DeviceRegistry
 from drivers.epc import encode_sgtin96
 from drivers.serial.config import SerialDriverConfig
-from drivers.serial.driver import SerialDriver
+from drivers.serial.driver import NOT_ANSWERING, SerialDriver
 from gateway.clock import ClockState
 from gateway.config import GatewayConfig, JournalConfig
 from gateway.journal import Journal
@@ -222,11 +222,32 @@ async def test_a_reader_that_stops_answering_is_an_error_after_n_timeouts(harnes
             await poll_until(lambda: device.health.status == "error", "the reader reported silent")
             port = driver.ports[0]
             assert port.timeouts >= 3
-            assert device.health.last_error is not None
-            assert "no answer to 3 polls" in device.health.last_error
+            assert device.health.last_error == NOT_ANSWERING
             assert harness.ctx.state("serial").connected  # the port itself is fine
             sim.answering = True
             await poll_until(lambda: device.health.status == "online", "the reader answering again")
+
+
+async def test_a_silent_reader_is_reported_once_however_long_it_stays_silent(harness: Harness) -> None:
+    link = harness.tmp / "usb-Chafon-if00"
+    # depart_after_s long: this test is about status events, not departures.
+    device_config = rfid_device(link, error_after_timeouts=2, response_timeout_s=0.05, depart_after_s=60)
+    driver = harness.driver([device_config])
+    device = harness.ctx.devices.get("rfid-1")
+    assert device is not None
+    port = driver.ports[0]
+    with reader(link, EPCS) as sim:
+        async with running(driver):
+            await poll_until(lambda: device.health.status == "online", "the reader online")
+            sim.answering = False
+            await poll_until(lambda: port.consecutive_timeouts >= 8, "eight polls unanswered")
+            assert device.health.status == "error"
+            assert device.health.errors >= 8 - 2 + 1  # the running count: one per poll from the limit on
+            assert device.health.last_error == NOT_ANSWERING
+    await flushed(harness)
+    statuses = [s["status"] for s in harness.events("device.status", "rfid-1")]
+    assert statuses.count("error") == 1
+    assert statuses[-1] == "error"
 
 
 async def test_garbage_is_quarantined_aggregated_and_reads_go_on(harness: Harness) -> None:

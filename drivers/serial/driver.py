@@ -51,6 +51,8 @@ _LOGGER = logging.getLogger(__name__)
 
 GARBAGE_REPORT_S: Final = 1.0
 """Garbage of one device is quarantined at most this often, as one aggregated entry."""
+NOT_ANSWERING: Final = "reader not answering polls"
+"""The error of a polled reader after ``error_after_timeouts`` polls in a row without an answer."""
 PORT_ERRORS: Final = (OSError, ValueError)
 """What opening or reading a port raises when it is missing, gone (pyserial's SerialException is an OSError)
 or misconfigured."""
@@ -153,7 +155,8 @@ class _Port:
         self._garbage_timer: asyncio.TimerHandle | None = None
         self.timeouts = 0
         """Polls without an answer, since start."""
-        self._consecutive_timeouts = 0
+        self.consecutive_timeouts = 0
+        """Polls without an answer in a row (0 once the reader answers)."""
         self._answered = asyncio.Event()
         self._answered_in_window = False
         self._window_bytes = 0
@@ -248,25 +251,24 @@ class _Port:
                 except TimeoutError:
                     self._timed_out(timeout)
                 else:
-                    self._consecutive_timeouts = 0
+                    self.consecutive_timeouts = 0
             self._maybe_close_window(loop.time())
             await asyncio.sleep(interval)
 
     def _timed_out(self, timeout: float) -> None:
         self.timeouts += 1
-        self._consecutive_timeouts += 1
+        self.consecutive_timeouts += 1
         for item in self.framer.flush():  # a half answer will not be completed: it is garbage
             if isinstance(item, FrameError):
                 self._add_garbage(item.reason, item.size, item.raw)
         limit = self.config.error_after_timeouts
         _LOGGER.debug(
-            "%s: no answer within %.1f s (%d in a row)", self.device.id, timeout, self._consecutive_timeouts
+            "%s: no answer within %.1f s (%d in a row)", self.device.id, timeout, self.consecutive_timeouts
         )
-        if self._consecutive_timeouts >= limit:
-            self.sink.failed(
-                self.device,
-                f"no answer to {self._consecutive_timeouts} polls in a row (timeout {timeout:g} s)",
-            )
+        if self.consecutive_timeouts >= limit:
+            # Fixed text: the device reports 'error' once per spell; the running count is in health.errors
+            # (one per unanswered poll from here on) and in `timeouts` / `consecutive_timeouts`.
+            self.sink.failed(self.device, NOT_ANSWERING)
 
     def _maybe_close_window(self, now: float) -> None:
         tracker = self.tracker
