@@ -92,8 +92,10 @@ class InventoryTracker:
             return False
         return now - self._started >= self.window_s
 
-    def close_window(self, now: float) -> RfidInventory | None:
-        """The window's inventory, and start the next one; None when nothing was read and nothing departed."""
+    def close_window(self, now: float, *, departures: bool = True) -> RfidInventory | None:
+        """The window's inventory, and start the next one; None when nothing was read and nothing departed.
+        ``departures=False`` holds departures (the reader was not answering, or has not answered for a whole
+        ``depart_after_s`` yet): a tag not read while nobody could read it has not left."""
         started = now if self._started is None else self._started
         self._started = now
         present = self._present
@@ -102,7 +104,7 @@ class InventoryTracker:
             if epc in present or len(present) < self.max_tags:
                 present[epc] = now
         cutoff = now - self.depart_after_s
-        departed = [epc for epc, seen in present.items() if seen <= cutoff]
+        departed = [epc for epc, seen in present.items() if seen <= cutoff] if departures else []
         for epc in departed:
             del present[epc]
             self._decoded.pop(epc, None)

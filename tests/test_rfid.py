@@ -57,6 +57,17 @@ def test_appeared_once_departed_after_the_departure_time() -> None:
     assert back.appeared == [SGTIN]
 
 
+def test_held_departures_are_not_lost_only_postponed() -> None:
+    tracker = InventoryTracker(window_s=5, depart_after_s=10)
+    tracker.read(SGTIN, None, None, 0)
+    assert tracker.close_window(5) is not None
+    assert tracker.close_window(60, departures=False) is None  # the reader was silent: nothing departs
+    assert tracker.present == 1
+    gone = tracker.close_window(65)
+    assert gone is not None
+    assert gone.departed == [SGTIN]
+
+
 def test_memory_is_bounded_and_truncation_counted() -> None:
     tracker = InventoryTracker(window_s=1, depart_after_s=10, max_tags=10)
     for n in range(50):

@@ -351,3 +351,76 @@ async def test_barcode_scans_become_barcode_scanned_events(harness: Harness) -> 
     scans = harness.events("barcode.scanned", "scanner-1")
     assert scans == [{"code": "4899999000018", "gtin": "04899999000018"}, {"code": "ABC-123"}]
     assert harness.quarantine("scanner-1")[0][0] == "bad_barcode"
+
+
+def _departed(inventories: list[dict[str, Any]]) -> set[str]:
+    return {epc for i in inventories for epc in i.get("departed", [])}
+
+
+async def test_a_silent_reader_departs_no_tags_and_is_not_flipped_online(harness: Harness) -> None:
+    link = harness.tmp / "usb-Chafon-if00"
+    device_config = rfid_device(
+        link, error_after_timeouts=2, response_timeout_s=0.05, window_s=0.2, depart_after_s=0.3
+    )
+    driver = harness.driver([device_config])
+    device = harness.ctx.devices.get("rfid-1")
+    assert device is not None
+    port = driver.ports[0]
+
+    async def inventories() -> list[dict[str, Any]]:
+        await flushed(harness)
+        return harness.events("rfid.inventory", "rfid-1")
+
+    with reader(link, EPCS) as sim:
+        async with running(driver):
+            await poll_until(lambda: _any(inventories(), lambda i: bool(i.get("tags"))), "a first inventory")
+            sim.answering = False
+            await poll_until(lambda: device.health.status == "error", "the reader reported silent")
+            silent_since = len(await inventories())
+            # Silent for many times depart_after_s: every tag is unread for that long.
+            await poll_until(lambda: port.consecutive_timeouts >= 20, "twenty polls unanswered")
+            assert len(await inventories()) == silent_since
+            assert device.health.status == "error"
+            sim.answering = True
+            commands = sim.commands
+
+            async def answered_for_a_while() -> bool:
+                return len(await inventories()) >= silent_since + 4 and sim.commands >= commands + 20
+
+            await poll_until(answered_for_a_while, "inventories after the reader answers again")
+    rows = await inventories()
+    assert _departed(rows) == set()
+    statuses = [s["status"] for s in harness.events("device.status", "rfid-1")]
+    assert statuses == ["online", "error", "online"]
+
+
+async def test_after_a_reopen_only_tags_really_gone_depart(harness: Harness) -> None:
+    link = harness.tmp / "usb-Chafon-if00"
+    device_config = rfid_device(link, response_timeout_s=0.05, window_s=0.2, depart_after_s=0.4)
+    driver = harness.driver([device_config])
+    device = harness.ctx.devices.get("rfid-1")
+    assert device is not None
+    port = driver.ports[0]
+    stays, leaves = EPCS[0].hex().upper(), EPCS[1].hex().upper()
+
+    async def inventories() -> list[dict[str, Any]]:
+        await flushed(harness)
+        return harness.events("rfid.inventory", "rfid-1")
+
+    with reader(link, EPCS) as sim:
+        async with running(driver):
+            await poll_until(lambda: _any(inventories(), lambda i: bool(i.get("tags"))), "a first inventory")
+            sim.close()
+            await poll_until(lambda: not port.open, "the port lost")
+            await asyncio.sleep(0.5)  # unplugged longer than depart_after_s
+            sim.field.present.discard(EPCS[1])
+            sim.answering = False  # a reader that takes a few polls to answer after power-up
+            timeouts = port.timeouts
+            sim.open()
+            await poll_until(lambda: port.timeouts >= timeouts + 5, "five polls unanswered after the replug")
+            sim.answering = True
+            await poll_until(
+                lambda: _any(inventories(), lambda i: leaves in i.get("departed", [])), "departs"
+            )
+    assert _departed(await inventories()) == {leaves}
+    assert stays not in _departed(await inventories())

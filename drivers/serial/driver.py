@@ -159,6 +159,8 @@ class _Port:
         """Polls without an answer in a row (0 once the reader answers)."""
         self._answered = asyncio.Event()
         self._answered_in_window = False
+        self._answering_since: float | None = None
+        """When the reader started answering (None: since the port opened, or since it went silent)."""
         self._window_bytes = 0
         self._last_emit: float | None = None
         self.tracker = (
@@ -209,6 +211,7 @@ class _Port:
         )
         self._transport = transport
         self.framer.flush()
+        self._answering_since = None
         self.open = True
         self.error = None
         self._backoff.reset()
@@ -266,6 +269,7 @@ class _Port:
             "%s: no answer within %.1f s (%d in a row)", self.device.id, timeout, self.consecutive_timeouts
         )
         if self.consecutive_timeouts >= limit:
+            self._answering_since = None
             # Fixed text: the device reports 'error' once per spell; the running count is in health.errors
             # (one per unanswered poll from here on) and in `timeouts` / `consecutive_timeouts`.
             self.sink.failed(self.device, NOT_ANSWERING)
@@ -274,9 +278,15 @@ class _Port:
         tracker = self.tracker
         if tracker is None or not tracker.due(now):
             return
-        inventory = tracker.close_window(now)
         answered, self._answered_in_window = self._answered_in_window, False
         size, self._window_bytes = self._window_bytes, 0
+        since = self._answering_since
+        # Departures only after a whole depart_after_s of a reader answering: a silent or just (re)opened
+        # reader has not read the tags, which does not make them gone.
+        departures = answered and since is not None and now - since >= tracker.depart_after_s
+        inventory = tracker.close_window(now, departures=departures)
+        if not answered:
+            return  # nothing was read (nothing can be in the window); saying so would claim the reader is up
         if inventory is None:
             # Nothing read and nothing left: still say the reader is alive, but not every window.
             quiet_for = now - (self._last_emit if self._last_emit is not None else now - 1e9)
@@ -342,13 +352,15 @@ class _Port:
         inventory = chafon.decode_inventory(response)
         self._window_bytes += len(frame.raw)
         self._answered_in_window = True
+        now = asyncio.get_running_loop().time()
+        if self._answering_since is None:
+            self._answering_since = now
         if isinstance(inventory, Exception):
             self._add_garbage(inventory.reason, len(frame.raw), frame.raw)
             self._answered.set()
             return
         tracker = self.tracker
         assert tracker is not None
-        now = asyncio.get_running_loop().time()
         for epc in inventory.epcs:
             tracker.read(epc.hex().upper(), None, None, now)
         if not inventory.more:
