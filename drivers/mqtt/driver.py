@@ -204,7 +204,9 @@ class MqttIntake:
         verdict = "too_large" if size > self._router.max_payload else device.admit(size)
         if verdict != "ok":
             if verdict == "rate_limited":
+                # Counted now: nothing may commit while a device floods, and the counts must show it.
                 self._rate_limited_pending += 1
+                self._flush_received()
                 if ack is not None:
                     ack()
                 return

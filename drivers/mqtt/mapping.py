@@ -60,7 +60,11 @@ class _Metric:
     optional: bool
 
     def value(self, raw: float, *, boolean: bool = False) -> float:
-        value = raw if boolean else raw * self.scale + self.offset
+        if boolean or (self.scale == 1.0 and self.offset == 0.0):
+            value = raw
+        else:
+            # 12 significant digits: 5055 * 0.01 is 50.55, not 50.550000000000004 (sensors have far fewer).
+            value = float(f"{raw * self.scale + self.offset:.12g}")
         if not math.isfinite(value):
             raise DecodeError("out_of_range", f"{self.metric}: {raw!r} scaled is not a finite number")
         return value
