@@ -197,6 +197,59 @@ def test_chafon_frames_in_garbage_are_found(
     assert b"".join(wire) in text
 
 
+def _length_crc_framers() -> list[LengthCrcFramer]:
+    return [
+        chafon.framer(),
+        LengthCrcFramer("modbus", header=b"\xaa\x55", len_offset=2, len_adjust=5, max_frame=64),
+    ]
+
+
+def _modbus_with_header(body: bytes) -> bytes:
+    frame = b"\xaa\x55" + bytes([len(body)]) + body
+    return frame + crc16_modbus(frame).to_bytes(2, "little")
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.binary(max_size=120), st.lists(st.binary(min_size=1, max_size=40), max_size=3)),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_bytes_one_at_a_time_give_the_same_frames_as_one_bulk_feed(
+    parts: list[tuple[bytes, list[bytes]]],
+) -> None:
+    # Garbage and frames interleaved; the look-ahead keeps its progress between feeds, so chunking changes
+    # when a frame is found, never which.
+    for n, make in enumerate(_length_crc_framers()):
+        stream = b"".join(
+            garbage
+            + b"".join(
+                chafon.encode_response(0, chafon.CMD_INVENTORY, 0x01, b) if n == 0 else _modbus_with_header(b)
+                for b in bodies
+            )
+            for garbage, bodies in parts
+        )
+        bulk = [i.raw for i in make.feed(stream) + make.flush() if isinstance(i, Frame)]
+        single = _length_crc_framers()[n]
+        trickled: list[bytes] = []
+        for byte in stream:
+            trickled += [i.raw for i in single.feed(bytes([byte])) if isinstance(i, Frame)]
+        trickled += [i.raw for i in single.flush() if isinstance(i, Frame)]
+        assert trickled == bulk
+
+
+def test_a_long_false_length_fed_one_byte_at_a_time_does_not_hide_the_frames_after_it() -> None:
+    # 0xFF claims a 256-byte frame; the real answers behind it are found as they complete, not after 256 bytes.
+    wire = chafon.encode_inventory_responses(0, [bytes(range(12))])[0]
+    framer = chafon.framer()
+    got: list[bytes] = []
+    for byte in b"\xff" + wire:
+        got += [i.raw for i in framer.feed(bytes([byte])) if isinstance(i, Frame)]
+    assert got == [wire]
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=200), st.lists(st.text("0123456789ABCDEF", min_size=1, max_size=20), max_size=5))
 def test_lines_in_garbage_are_found(garbage: bytes, lines: list[str]) -> None:

@@ -9,6 +9,7 @@ a framer accepts.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
@@ -224,6 +225,14 @@ class LengthCrcFramer:
         self._max = max_frame
         self._buf = bytearray()
         self._garbage = _Garbage()
+        # The look-ahead's memory, in absolute stream offsets (buf[0] is at _base), so that bytes arriving one
+        # at a time are each classified once: positions below _seen are classified; _pending holds
+        # (end, start) of plausible frames not complete yet, _found the starts of complete frames with a
+        # good CRC.
+        self._base = 0
+        self._seen = 0
+        self._pending: list[tuple[int, int]] = []
+        self._found: list[int] = []
 
     def feed(self, data: bytes) -> Output:
         out: Output = []
@@ -238,23 +247,21 @@ class LengthCrcFramer:
                 self._garbage.add(buf[pos:stop])
                 pos = stop
                 continue
-            total = (
-                int.from_bytes(buf[pos + self._len_at : pos + self._len_end], self._len_order) + self._adjust
-            )
-            if not self._min <= total <= self._max:
+            total = self._total_at(pos)
+            if total is None:
                 self._garbage.add(buf[pos : pos + 1], "bad_length")
                 pos += 1
                 continue
             if len(buf) - pos < total:
                 # Either a frame still arriving or a garbage byte that looks like a long length: if a whole,
                 # valid frame starts further on, the candidate was garbage (frames do not overlap).
-                later = next((p for p in range(pos + 1, len(buf) - self._min + 1) if self._valid_at(p)), None)
+                later = self._look_ahead(pos)
                 if later is None:
                     break
                 self._garbage.add(buf[pos:later], "bad_length")
                 pos = later
                 continue
-            if not self._valid_at(pos, total):
+            if not self._crc_ok(pos, total):
                 self._garbage.add(buf[pos : pos + 1], "bad_crc")
                 pos += 1
                 continue
@@ -262,27 +269,57 @@ class LengthCrcFramer:
             out.append(Frame(bytes(buf[pos : pos + total - 2]), bytes(buf[pos : pos + total])))
             pos += total
         del buf[:pos]
+        self._base += pos
         self._garbage.take(out)
         return out
 
-    def _valid_at(self, pos: int, total: int | None = None) -> bool:
-        """Whether a whole frame with a good CRC starts at ``pos`` (``total``: its size, if already read)."""
+    def _total_at(self, pos: int) -> int | None:
+        """The size the frame starting at ``pos`` claims (None: no header there, or a size out of range);
+        the length field must be in the buffer."""
         buf = self._buf
-        if total is None:
-            if self._header and not buf.startswith(self._header, pos):
-                return False
-            total = (
-                int.from_bytes(buf[pos + self._len_at : pos + self._len_end], self._len_order) + self._adjust
-            )
-            if not self._min <= total <= self._max or len(buf) - pos < total:
-                return False
+        if self._header and not buf.startswith(self._header, pos):
+            return None
+        total = int.from_bytes(buf[pos + self._len_at : pos + self._len_end], self._len_order) + self._adjust
+        return total if self._min <= total <= self._max else None
+
+    def _crc_ok(self, pos: int, total: int) -> bool:
+        buf = self._buf
         body_end = pos + total - 2
         sent = int.from_bytes(buf[body_end : pos + total], self._crc_order)
         return self._crc(memoryview(buf)[pos:body_end]) == sent
 
+    def _look_ahead(self, pos: int) -> int | None:
+        """The first position after ``pos`` where a whole frame with a good CRC starts, if any. Each position
+        is classified once (and checked once more when its claimed frame completes): linear, however the
+        bytes are chunked."""
+        buf, base = self._buf, self._base
+        size = len(buf)
+        for p in range(max(self._seen - base, pos + 1), size - self._min + 1):
+            total = self._total_at(p)
+            if total is None:
+                continue
+            if size - p >= total:
+                if self._crc_ok(p, total):
+                    heapq.heappush(self._found, base + p)
+            else:
+                heapq.heappush(self._pending, (base + p + total, base + p))
+        self._seen = max(self._seen, base + size - self._min + 1)
+        pending, found = self._pending, self._found
+        while pending and pending[0][0] <= base + size:
+            end, start = heapq.heappop(pending)
+            if start > base + pos and self._crc_ok(start - base, end - start):
+                heapq.heappush(found, start)
+        while found and found[0] <= base + pos:
+            heapq.heappop(found)
+        return found[0] - base if found else None
+
     def flush(self) -> Output:
         out: Output = []
         self._garbage.add(self._buf, "incomplete")
+        self._base += len(self._buf)
+        self._seen = self._base
+        self._pending.clear()
+        self._found.clear()
         self._buf.clear()
         self._garbage.take(out)
         return out
