@@ -47,11 +47,14 @@ class DeviceSink:
         ack: Callable[[], None] | None = None,
         raw: bytes = b"",
         origin: object = None,
+        done: Callable[[int | None], None] | None = None,
     ) -> bool:
         """Submit one good reading of ``device``. ``data`` is a validated payload model (or its JSON bytes);
         ``size`` is what came off the wire (the device's payload limit applies to it). False when the reading
         was not taken: rate-limited (counted, reported, and acked), too large (quarantined), or the journal
-        is full (not acked: the caller keeps it or the device resends)."""
+        is full (not acked: the caller keeps it or the device resends). ``done`` (see :class:`Draft`) runs on
+        the journal's writer thread after COMMIT with the event's seq, or None for a redelivery; a reading the
+        journal itself quarantined (too large, a processor failing on it) is acked without ``done``."""
         self._received.inc()
         verdict = device.admit(size)
         if verdict == "rate_limited":
@@ -68,7 +71,7 @@ class DeviceSink:
         body = (
             data if isinstance(data, bytes) else orjson.dumps(data.model_dump(mode="json", exclude_none=True))
         )
-        draft = Draft(kind, device.id, body, data, occurred_at, dedup_key, ack, self.driver, origin)
+        draft = Draft(kind, device.id, body, data, occurred_at, dedup_key, ack, self.driver, origin, done)
         if not self._journal.submit(draft):
             self._journal_busy.inc()
             return False
