@@ -200,7 +200,6 @@ class MqttIntake:
             )
             return
         size = len(payload)
-        limit = min(self._router.max_payload, device.limits.max_payload_bytes)
         verdict = "too_large" if size > self._router.max_payload else device.admit(size)
         if verdict != "ok":
             if verdict == "rate_limited":
@@ -210,6 +209,7 @@ class MqttIntake:
                 if ack is not None:
                     ack()
                 return
+            limit = min(self._router.max_payload, device.limits.max_payload_bytes)
             self._sink.reject(
                 device,
                 "too_large",
