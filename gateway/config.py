@@ -302,6 +302,7 @@ class GatewayConfig(StrictModel):
         for label, ids in (
             ("device ids (across devices and every driver's devices and sources)", self.device_ids()),
             ("drivers", [d.name for d in self.drivers]),
+            ("serial ports (one driver opens a port, exclusively)", self.serial_ports()),
         ):
             dupes = sorted({i for i in ids if ids.count(i) > 1})
             if dupes:
@@ -321,6 +322,14 @@ class GatewayConfig(StrictModel):
             for entry in [*getattr(driver, "devices", ()), *getattr(driver, "sources", ())]:
                 ids.append(str(getattr(entry, "id", None) or getattr(entry, "device_id", "")))
         return ids
+
+    def serial_ports(self) -> list[str]:
+        """The serial ports the drivers open (Modbus RTU buses and serial devices)."""
+        ports = [str(p) for d in self.drivers if (p := getattr(d, "serial_port", None))]
+        for driver in self.drivers:
+            if driver.type == "serial":
+                ports += [str(getattr(device, "port", "")) for device in getattr(driver, "devices", ())]
+        return ports
 
     def client_id(self, role: str, broker: BrokerConfig) -> str:
         """The MQTT client id for one role; stable across restarts so persistent sessions survive."""

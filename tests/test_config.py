@@ -504,3 +504,17 @@ def test_a_device_id_used_by_two_drivers_is_refused(tmp_path: Path) -> None:
     )
     [issue] = issues_of(path, env={"API_TOKEN": TOKEN})
     assert "duplicate id(s) pos-01" in issue.message
+
+
+def test_a_serial_port_opened_by_two_drivers_is_refused(tmp_path: Path) -> None:
+    port = "/dev/serial/by-id/usb-FTDI-if00-port0"
+    path = write(
+        tmp_path,
+        MINIMAL
+        + "drivers:\n"
+        + f"  - {{type: modbus, transport: rtu, serial_port: {port},\n"
+        + "     devices: [{id: f1, unit: 1, profile: dixell-xr}]}\n"
+        + f"  - {{type: serial, devices: [{{device_id: rfid-1, port: {port}, profile: chafon-cf-ru5102}}]}}\n",
+    )
+    [issue] = issues_of(path, env={"API_TOKEN": TOKEN})
+    assert f"duplicate id(s) {port}" in issue.message
