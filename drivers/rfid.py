@@ -158,3 +158,42 @@ def _rssi(value: float | None) -> float | None:
 
 def _antenna(value: int | None) -> int | None:
     return value if value is not None and 0 <= value <= 255 else None
+
+
+def merge_inventories(
+    earlier: RfidInventory, later: RfidInventory, max_tags: int = MAX_TAGS_LIMIT
+) -> RfidInventory:
+    """One inventory for two consecutive windows, as if they had been one: for a window that could not be
+    sent (journal full, rate-limited, reader silent) so that its appeared/departed are not lost. A tag that
+    departed and came back (or appeared and left) across the two cancels out: nobody was told the first half."""
+    tags: dict[str, RfidTag] = {t.epc: t for t in earlier.tags}
+    for tag in later.tags:
+        old = tags.get(tag.epc)
+        if old is None:
+            tags[tag.epc] = tag
+            continue
+        stronger = (
+            old
+            if tag.rssi_max is None or (old.rssi_max is not None and old.rssi_max >= tag.rssi_max)
+            else tag
+        )
+        tags[tag.epc] = tag.model_copy(
+            update={
+                "reads": old.reads + tag.reads,
+                "rssi_max": stronger.rssi_max,
+                "antenna": stronger.antenna,
+            }
+        )
+    came_back = set(earlier.departed) & set(later.appeared)
+    left_again = set(earlier.appeared) & set(later.departed)
+    appeared = (set(earlier.appeared) | set(later.appeared)) - came_back - left_again
+    departed = (set(earlier.departed) | set(later.departed)) - came_back - left_again
+    kept = sorted(tags)[:max_tags]
+    return RfidInventory(
+        window_s=min(3600.0, earlier.window_s + later.window_s),
+        reads=earlier.reads + later.reads,
+        tags=[tags[epc] for epc in kept],
+        appeared=sorted(appeared)[:max_tags],
+        departed=sorted(departed)[:max_tags],
+        truncated=earlier.truncated + later.truncated + len(tags) - len(kept),
+    )

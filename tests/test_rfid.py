@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers.rfid import InventoryTracker
+from drivers.rfid import InventoryTracker, merge_inventories
 from gateway.events import RfidInventory
 
 SGTIN = "3074257BF7194E4000001A85"  # GS1 TDS worked example: GTIN 80614141123458, serial 6789
@@ -103,3 +103,28 @@ def test_any_reads_give_valid_inventories(reads: list[tuple[str, float | None, i
             inventory = tracker.close_window(now)
             if inventory is not None:
                 RfidInventory.model_validate(inventory.model_dump())
+
+
+def test_merged_windows_keep_changes_and_cancel_round_trips() -> None:
+    tracker = InventoryTracker(window_s=5, depart_after_s=8)
+    tracker.read(SGTIN, -70.0, 1, 0)
+    tracker.read(OTHER, None, None, 0)
+    first = tracker.close_window(5)
+    tracker.read(SGTIN, -50.0, 2, 6)
+    second = tracker.close_window(10)  # OTHER departs
+    tracker.read(OTHER, None, None, 11)
+    third = tracker.close_window(15)  # OTHER is back
+    assert first is not None
+    assert second is not None
+    assert third is not None
+    merged = merge_inventories(first, second)
+    assert merged.appeared == sorted([SGTIN, OTHER])
+    assert merged.departed == []  # OTHER appeared and departed within the merged span: nobody was told
+    assert merged.reads == 3
+    assert merged.window_s == 10
+    by_epc = {t.epc: t for t in merged.tags}
+    assert (by_epc[SGTIN].reads, by_epc[SGTIN].rssi_max, by_epc[SGTIN].antenna) == (2, -50.0, 2)
+    later = merge_inventories(second, third)
+    assert later.departed == []
+    assert later.appeared == []
+    RfidInventory.model_validate(later.model_dump())

@@ -231,7 +231,7 @@ async def test_a_reader_that_stops_answering_is_an_error_after_n_timeouts(harnes
 async def test_a_silent_reader_is_reported_once_however_long_it_stays_silent(harness: Harness) -> None:
     link = harness.tmp / "usb-Chafon-if00"
     # depart_after_s long: this test is about status events, not departures.
-    device_config = rfid_device(link, error_after_timeouts=2, response_timeout_s=0.05, depart_after_s=60)
+    device_config = rfid_device(link, error_after_timeouts=2, response_timeout_s=0.1, depart_after_s=60)
     driver = harness.driver([device_config])
     device = harness.ctx.devices.get("rfid-1")
     assert device is not None
@@ -239,15 +239,17 @@ async def test_a_silent_reader_is_reported_once_however_long_it_stays_silent(har
     with reader(link, EPCS) as sim:
         async with running(driver):
             await poll_until(lambda: device.health.status == "online", "the reader online")
+            await flushed(harness)
+            # A busy machine may have made an answer late before: count from the silence on.
+            before = len(harness.events("device.status", "rfid-1"))
             sim.answering = False
             await poll_until(lambda: port.consecutive_timeouts >= 8, "eight polls unanswered")
             assert device.health.status == "error"
             assert device.health.errors >= 8 - 2 + 1  # the running count: one per poll from the limit on
             assert device.health.last_error == NOT_ANSWERING
     await flushed(harness)
-    statuses = [s["status"] for s in harness.events("device.status", "rfid-1")]
-    assert statuses.count("error") == 1
-    assert statuses[-1] == "error"
+    statuses = [s["status"] for s in harness.events("device.status", "rfid-1")][before:]
+    assert statuses == ["error"]
 
 
 async def test_garbage_is_quarantined_aggregated_and_reads_go_on(harness: Harness) -> None:
@@ -424,3 +426,68 @@ async def test_after_a_reopen_only_tags_really_gone_depart(harness: Harness) -> 
             )
     assert _departed(await inventories()) == {leaves}
     assert stays not in _departed(await inventories())
+
+
+@contextlib.asynccontextmanager
+async def watchdog(registry: DeviceRegistry) -> AsyncIterator[None]:
+    task = asyncio.create_task(registry.run(), name="device-watchdog-under-test")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_an_idle_scanner_on_an_open_port_and_a_reader_with_no_tags_stay_online(
+    harness: Harness,
+) -> None:
+    scanner = LinePeer(harness.tmp / "usb-scanner")
+    link = harness.tmp / "usb-Chafon-if00"
+    quick = {"offline_after_s": 0.3}
+    driver = harness.driver(
+        [
+            {"device_id": "scanner-1", "port": str(scanner.link), "profile": "barcode-scanner-line", **quick},
+            rfid_device(link, **quick),
+        ]
+    )
+    registry = harness.ctx.devices
+    idle, empty = registry.get("scanner-1"), registry.get("rfid-1")
+    assert idle is not None
+    assert empty is not None
+    try:
+        with reader(link, []) as sim:
+            async with watchdog(registry), running(driver):
+                await poll_until(lambda: sim.commands >= 3, "the empty field polled")
+                await asyncio.sleep(1.2)  # four times offline_after_s without a scan or a tag
+                assert idle.health.status == "online"
+                assert empty.health.status == "online"
+                assert idle.health.messages == 0
+    finally:
+        scanner.close()
+    await flushed(harness)
+    assert [s["status"] for s in harness.events("device.status", "scanner-1")] == ["online"]
+    assert [s["status"] for s in harness.events("device.status", "rfid-1")] == ["online"]
+
+
+async def test_windows_not_taken_are_merged_so_a_departure_is_not_lost(harness: Harness) -> None:
+    link = harness.tmp / "usb-Chafon-if00"
+    # Windows every 0.1 s, one inventory per second taken: most windows are rate-limited.
+    device_config = rfid_device(link, window_s=0.1, depart_after_s=0.3, rate_limit_per_s=1, rate_burst=1)
+    driver = harness.driver([device_config])
+    gone = EPCS[2].hex().upper()
+
+    async def inventories() -> list[dict[str, Any]]:
+        await flushed(harness)
+        return harness.events("rfid.inventory", "rfid-1")
+
+    with reader(link, EPCS) as sim:
+        async with running(driver):
+            await poll_until(lambda: _any(inventories(), lambda i: bool(i.get("appeared"))), "tags appear")
+            sim.field.present.discard(EPCS[2])
+            await poll_until(lambda: _any(inventories(), lambda i: gone in i.get("departed", [])), "departs")
+    device = harness.ctx.devices.get("rfid-1")
+    assert device is not None
+    assert device.health.rate_limited > 0
+    rows = await inventories()
+    assert sorted({e for i in rows for e in i.get("appeared", [])}) == sorted(e.hex().upper() for e in EPCS)

@@ -22,7 +22,7 @@ import serial_asyncio_fast
 
 from drivers.base import DriverContext
 from drivers.devices import Device
-from drivers.rfid import InventoryTracker
+from drivers.rfid import InventoryTracker, merge_inventories
 from drivers.serial import chafon
 from drivers.serial.config import (
     FixedFraming,
@@ -53,6 +53,8 @@ GARBAGE_REPORT_S: Final = 1.0
 """Garbage of one device is quarantined at most this often, as one aggregated entry."""
 NOT_ANSWERING: Final = "reader not answering polls"
 """The error of a polled reader after ``error_after_timeouts`` polls in a row without an answer."""
+STABLE_OPEN_S: Final = 10.0
+"""A port open this long (or one good frame) counts as recovered: the reopen backoff and the quiet log reset."""
 PORT_ERRORS: Final = (OSError, ValueError)
 """What opening or reading a port raises when it is missing, gone (pyserial's SerialException is an OSError)
 or misconfigured."""
@@ -147,6 +149,7 @@ class _Port:
         self.open = False
         self.error: str | None = "not opened yet"
         self._backoff = Backoff(base=0.5, cap=backoff_cap_s)
+        self._stable = False
         self._quiet = QuietLog(_LOGGER, f"serial port {config.port} ({config.device_id})")
         self._transport: asyncio.Transport | None = None
         self._garbage: Counter[str] = Counter()
@@ -159,6 +162,9 @@ class _Port:
         """Polls without an answer in a row (0 once the reader answers)."""
         self._answered = asyncio.Event()
         self._answered_in_window = False
+        self._held: RfidInventory | None = None
+        """A window not sent (reader silent, journal full, rate-limited): merged into the next one."""
+        self._held_bytes = 0
         self._answering_since: float | None = None
         """When the reader started answering (None: since the port opened, or since it went silent)."""
         self._window_bytes = 0
@@ -208,35 +214,50 @@ class _Port:
             bytesize=config.bytesize or profile.bytesize,
             parity=config.parity or profile.parity,
             stopbits=config.stopbits or profile.stopbits,
+            exclusive=True,  # a second process on the same reader would garble both conversations
         )
         self._transport = transport
         self.framer.flush()
         self._answering_since = None
         self.open = True
         self.error = None
-        self._backoff.reset()
-        self._quiet.recovered()
+        self._stable = False
+        stable_timer = loop.call_later(STABLE_OPEN_S, self._port_stable)
         self.driver.port_changed()
+        self.sink.reachable(self.device)
         _LOGGER.info("%s: opened %s", config.device_id, config.port)
+        # A polled reader proves itself by answering; a passive scanner or scale has nothing to say while
+        # idle, so its open port is its liveness.
+        helper = self._poll(transport) if self.tracker is not None else self._keep_alive()
+        task = asyncio.create_task(helper, name=f"serial-port-{config.device_id}")
         try:
-            if self.tracker is not None:
-                poller = asyncio.create_task(self._poll(transport), name=f"serial-poll-{config.device_id}")
-                try:
-                    exc = await protocol.lost
-                finally:
-                    poller.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await poller
-            else:
-                exc = await protocol.lost
+            exc = await protocol.lost
             return f"port lost: {exc}" if exc else "port closed"
         finally:
+            stable_timer.cancel()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
             self._transport = None
             self._flush_garbage()
             transport.close()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
                     await asyncio.shield(protocol.lost)
+
+    def _port_stable(self) -> None:
+        """The port has been open a while or gave a good frame: a later loss starts the backoff afresh."""
+        if not self._stable:
+            self._stable = True
+            self._backoff.reset()
+            self._quiet.recovered()
+
+    async def _keep_alive(self) -> None:
+        """Passive devices: reachable while the port is open (idle silence is not 'offline')."""
+        every = self.device.limits.offline_after_s / 2
+        while True:
+            self.sink.reachable(self.device)
+            await asyncio.sleep(every)
 
     async def _poll(self, transport: asyncio.Transport) -> None:
         """Chafon: one inventory per poll interval; answers are handled in :meth:`on_data`."""
@@ -285,8 +306,15 @@ class _Port:
         # reader has not read the tags, which does not make them gone.
         departures = answered and since is not None and now - since >= tracker.depart_after_s
         inventory = tracker.close_window(now, departures=departures)
-        if not answered:
-            return  # nothing was read (nothing can be in the window); saying so would claim the reader is up
+        held, self._held = self._held, None
+        if held is not None:
+            inventory = held if inventory is None else merge_inventories(held, inventory, tracker.max_tags)
+            size += self._held_bytes
+        if not answered or self.consecutive_timeouts >= self.config.error_after_timeouts:
+            # Reads from before the reader went silent are real but sending them now would call it online:
+            # they go out, merged, with the first window it answers in.
+            self._held, self._held_bytes = inventory, size
+            return
         if inventory is None:
             # Nothing read and nothing left: still say the reader is alive, but not every window.
             quiet_for = now - (self._last_emit if self._last_emit is not None else now - 1e9)
@@ -294,9 +322,14 @@ class _Port:
                 return
             inventory = RfidInventory(window_s=min(3600.0, quiet_for), reads=0, tags=[])
         self._last_emit = now
-        self.sink.emit(
+        sent = self.sink.emit(
             self.device, "rfid.inventory", inventory, size=min(size, self.device.limits.max_payload_bytes)
         )
+        if not sent and (inventory.tags or inventory.appeared or inventory.departed or inventory.truncated):
+            self._held, self._held_bytes = (
+                inventory,
+                size,
+            )  # journal full or rate-limited: into the next window
 
     def on_data(self, data: bytes) -> None:
         if not self.driver.accepting:
@@ -305,6 +338,7 @@ class _Port:
             if isinstance(item, FrameError):
                 self._add_garbage(item.reason, item.size, item.raw)
             else:
+                self._port_stable()
                 try:
                     self._on_frame(item)
                 except Exception:  # a codec bug: quarantine-worthy, never fatal to the port
@@ -349,6 +383,7 @@ class _Port:
         if response.command != chafon.CMD_INVENTORY:
             self._add_garbage("unexpected_command", len(frame.raw), frame.raw)
             return
+        self.sink.reachable(self.device)  # it answered, even if with "no tag" or a reader status
         inventory = chafon.decode_inventory(response)
         self._window_bytes += len(frame.raw)
         self._answered_in_window = True
