@@ -2,21 +2,47 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from collections.abc import Sequence
 from typing import Final
 
+from gateway.config import BrokerConfig
+
 SIMULATORS: Final[dict[str, tuple[str, str]]] = {
     "pos": ("simulators.pos", "POS terminals publishing sales and returns to the store broker (MQTT)."),
     "kiosk": ("simulators.kiosk", "A staff check-in kiosk publishing check-ins (MQTT; never an image)."),
-    "rfid-shelf": ("simulators.rfid_shelf", "An RFID shelf publishing tag reads, tags coming and going (MQTT)."),
-    "ble": ("simulators.ble", "BLE fridge sensors: advertisement bytes in BTHome, Ruuvi, ATC1441 or pvvx format."),
-    "rfid-reader": ("simulators.rfid_reader", "A Chafon-style UHF RFID reader on a pty, tags coming and going."),
-    "fridge": ("simulators.fridge", "A fridge controller on Modbus TCP or RTU over a pty, with temperature dynamics."),
+    "rfid-shelf": (
+        "simulators.rfid_shelf",
+        "An RFID shelf publishing tag reads, tags coming and going (MQTT).",
+    ),
+    "ble": (
+        "simulators.ble",
+        "BLE fridge sensors: advertisement bytes in BTHome, Ruuvi, ATC1441 or pvvx format.",
+    ),
+    "rfid-reader": (
+        "simulators.rfid_reader",
+        "A Chafon-style UHF RFID reader on a pty, tags coming and going.",
+    ),
+    "fridge": (
+        "simulators.fridge",
+        "A fridge controller on Modbus TCP or RTU over a pty, with temperature dynamics.",
+    ),
     "webhooks": ("simulators.webhooks", "Cloud POS sending signed webhooks (Lightspeed, Square, generic)."),
 }
 """Simulator name -> (module with ``main(argv) -> int``, one-line help). A new simulator is one line here."""
+
+
+def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--host``, ``--port`` and ``--protocol`` of the store broker, for simulators that publish over MQTT."""
+    parser.add_argument("--host", default="127.0.0.1", help="Store broker host (default 127.0.0.1).")
+    parser.add_argument("--port", type=int, default=1883, help="Store broker port (default 1883).")
+    parser.add_argument("--protocol", choices=["3.1.1", "5"], default="5", help="MQTT version (default 5).")
+
+
+def broker_from(args: argparse.Namespace) -> BrokerConfig:
+    return BrokerConfig(host=args.host, port=args.port, protocol=args.protocol)
 
 
 def usage() -> str:

@@ -22,6 +22,7 @@ import orjson
 
 from gateway.config import BrokerConfig
 from gateway.mqtt import MqttClient, MqttError
+from simulators.cli import add_broker_arguments, broker_from
 
 DEFAULT_TOPIC_TEMPLATE: Final = "store/kiosk/{device_id}/checkin"
 HKT: Final = timezone(timedelta(hours=8), "HKT")
@@ -113,9 +114,7 @@ async def run_kiosk(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="store-gateway simulate kiosk", description=__doc__.split("\n")[0])
-    parser.add_argument("--host", default="127.0.0.1", help="Store broker host (default 127.0.0.1).")
-    parser.add_argument("--port", type=int, default=1883, help="Store broker port (default 1883).")
-    parser.add_argument("--protocol", choices=["3.1.1", "5"], default="5", help="MQTT version (default 5).")
+    add_broker_arguments(parser)
     parser.add_argument("--device-id", default="kiosk-01", help="Kiosk device id (default kiosk-01).")
     parser.add_argument("--count", type=int, default=20, help="Check-ins to send (default 20).")
     parser.add_argument("--rate", type=float, default=1.0, help="Check-ins per second; 0 = flat out.")
@@ -128,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
     """``store-gateway simulate kiosk ...``: 0 when every check-in was acknowledged by the broker."""
     args = _parser().parse_args(list(argv))
-    broker = BrokerConfig(host=args.host, port=args.port, protocol=args.protocol)
+    broker = broker_from(args)
     try:
         acked = asyncio.run(
             run_kiosk(

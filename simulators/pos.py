@@ -31,6 +31,7 @@ import orjson
 from gateway.config import BrokerConfig
 from gateway.mqtt import MqttClient, MqttError
 from simulators.catalog import CATALOG, CURRENCY, CatalogItem, format_cents
+from simulators.cli import add_broker_arguments, broker_from
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -451,9 +452,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="simulator", required=True)
     pos = sub.add_parser("pos", help="POS terminals publishing sales and returns to the store broker.")
-    pos.add_argument("--host", default="127.0.0.1", help="Store broker host (default 127.0.0.1).")
-    pos.add_argument("--port", type=int, default=1883, help="Store broker port (default 1883).")
-    pos.add_argument("--protocol", choices=["3.1.1", "5"], default="5", help="MQTT version (default 5).")
+    add_broker_arguments(pos)
     pos.add_argument(
         "--terminals", type=int, default=1, help="Number of terminals, named till-01, till-02..."
     )
@@ -484,7 +483,7 @@ def simulate_main(argv: Sequence[str]) -> int:
     else:
         device_ids = [f"till-{i:02d}" for i in range(1, args.terminals + 1)]
     count = args.count if args.count is not None or args.duration is not None else 100
-    broker = BrokerConfig(host=args.host, port=args.port, protocol=args.protocol)
+    broker = broker_from(args)
     try:
         result = asyncio.run(
             run_terminals(

@@ -21,6 +21,7 @@ import orjson
 from drivers.epc import encode_sgtin96
 from gateway.config import BrokerConfig
 from gateway.mqtt import MqttClient, MqttError
+from simulators.cli import add_broker_arguments, broker_from
 
 DEFAULT_TOPIC_TEMPLATE: Final = "store/rfid/{device_id}/reads"
 GTINS: Final = ("80614141123458", "04890008100309", "09501101530003")
@@ -110,9 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="store-gateway simulate rfid-shelf", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--host", default="127.0.0.1", help="Store broker host (default 127.0.0.1).")
-    parser.add_argument("--port", type=int, default=1883, help="Store broker port (default 1883).")
-    parser.add_argument("--protocol", choices=["3.1.1", "5"], default="5", help="MQTT version (default 5).")
+    add_broker_arguments(parser)
     parser.add_argument("--device-id", default="shelf-01", help="Shelf device id (default shelf-01).")
     parser.add_argument("--scans", type=int, default=30, help="Scans to publish (default 30).")
     parser.add_argument("--interval", type=float, default=1.0, help="Seconds between scans (default 1).")
@@ -125,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
     """``store-gateway simulate rfid-shelf ...``: 0 when every scan was acknowledged by the broker."""
     args = _parser().parse_args(list(argv))
-    broker = BrokerConfig(host=args.host, port=args.port, protocol=args.protocol)
+    broker = broker_from(args)
     try:
         acked = asyncio.run(
             run_shelf(
