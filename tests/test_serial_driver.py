@@ -297,7 +297,7 @@ async def test_a_flood_is_rate_limited_counted_and_other_devices_unaffected(harn
                 noisy.write(b"".join(b"ST,GS,+0001.%03d kg\r\n" % (step * 10 + n) for n in range(10)))
                 sent += 10
                 if step % 2 == 0:
-                    quiet.write(b"ST,GS,+0002.500 kg\r\n")
+                    quiet.write(b"ST,GS,+0002.%03d kg\r\n" % step)
                 await asyncio.sleep(0.1)
             noisy.write(b"US,GS,+0009.000 kg\r\n")  # unstable: not emitted
 
@@ -321,7 +321,7 @@ async def test_a_flood_is_rate_limited_counted_and_other_devices_unaffected(harn
     assert calm.health.status == "online"
     await flushed(harness)
     samples = harness.events("sensor.sample", "scale-quiet")
-    assert [s["values"]["weight"] for s in samples] == [2.5] * 5
+    assert [s["values"]["weight"] for s in samples] == [2.0, 2.002, 2.004, 2.006, 2.008]
     assert samples[0]["units"] == {"weight": "kg"}
     assert "rate_limited" in [s["status"] for s in harness.events("device.status", "scale-noisy")]
 
@@ -491,3 +491,36 @@ async def test_windows_not_taken_are_merged_so_a_departure_is_not_lost(harness: 
     assert device.health.rate_limited > 0
     rows = await inventories()
     assert sorted({e for i in rows for e in i.get("appeared", [])}) == sorted(e.hex().upper() for e in EPCS)
+
+
+async def test_a_streaming_scale_sends_a_reading_once_until_it_changes(harness: Harness) -> None:
+    scale = LinePeer(harness.tmp / "usb-scale")
+    line = {"bytesize": 8, "parity": "N"}  # a pty refuses 7E1
+    driver = harness.driver(
+        [{"device_id": "scale-1", "port": str(scale.link), "profile": "scale-line", **line}]
+    )
+    device = harness.ctx.devices.get("scale-1")
+    assert device is not None
+    try:
+        async with running(driver):
+            await poll_until(lambda: harness.ctx.state("serial").connected, "the port open")
+            # Stream mode, A&D standard format (no GS/NT field): the same weight over and over, a wobble, a
+            # new weight, then overload.
+            scale.write(b"ST,+00123.45  g\r\n" * 20)
+            scale.write(b"US,+00130.00  g\r\nST,+00123.45  g\r\nST,+00500.00  g\r\n" * 3)
+            scale.write(b"OL,+9999999E+19\r\n")
+
+            async def done() -> bool:
+                await flushed(harness)
+                return len(harness.events("sensor.sample", "scale-1")) >= 2 and bool(
+                    harness.quarantine("scale-1")
+                )
+
+            await poll_until(done, "the readings and the overload")
+    finally:
+        scale.close()
+    await flushed(harness)
+    weights = [s["values"]["weight"] for s in harness.events("sensor.sample", "scale-1")]
+    # 20 identical lines: one sample; unstable lines are skipped; each change of weight is one sample.
+    assert weights == [0.12345, 0.5] * 3
+    assert harness.quarantine("scale-1")[0][0] == "overload"

@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drivers.base import DecodeError
+from drivers.profiles import get_profile
 from drivers.serial import chafon
+from drivers.serial.config import SerialProfile
 from drivers.serial.crc import crc16_mcrf4xx, crc16_modbus
 from drivers.serial.framing import (
     ETX,
@@ -23,7 +25,7 @@ from drivers.serial.framing import (
     Output,
     StxEtxFramer,
 )
-from drivers.serial.lines import ScaleFormat, parse_barcode, parse_scale
+from drivers.serial.lines import ScaleFormat, ScaleReading, parse_barcode, parse_scale
 
 CHECK = b"123456789"
 
@@ -305,3 +307,23 @@ def test_chafon_decoders_never_raise(data: bytes) -> None:
         chafon.decode_inventory(response)
     chafon.decode_command(data)
     chafon.decode_inventory(chafon.Response(0, 1, data[0] if data else 1, data[1:]))
+
+
+def test_scale_line_profile_reads_the_a_and_d_manual_examples() -> None:
+    profile = get_profile("scale-line", SerialProfile)
+    assert profile.scale is not None
+    fmt = ScaleFormat(
+        re.compile(profile.scale.pattern),
+        profile.scale.default_unit,
+        frozenset(profile.scale.stable),
+        frozenset(profile.scale.overload),
+    )
+    # A&D GH-252 instruction manual, 10.6 "Data Format Examples" (A&D standard format: no GS/NT field).
+    assert parse_scale(b"ST,+00081.72  g", fmt) == ScaleReading(0.08172, True)
+    assert parse_scale(b"US,-00183.96  g", fmt) == ScaleReading(-0.18396, False)
+    for overload in (b"OL,+9999999E+19", b"OL,-9999999E+19"):
+        error = parse_scale(overload, fmt)
+        assert isinstance(error, DecodeError)
+        assert error.reason == "overload"
+    # Indicators (AD-4329A manual 11.1.1) add header 2: GS gross, NT net, TR tare, PT preset tare.
+    assert parse_scale(b"ST,NT,+0001.234 kg", fmt) == ScaleReading(1.234, True)

@@ -3,8 +3,8 @@
 Per device: open the port (a stable ``/dev/serial/by-id/...`` path survives replugging), feed what arrives
 to the profile's framer, and hand frames to its codec: a Chafon RFID reader is polled for inventories and
 its reads aggregated by :class:`drivers.rfid.InventoryTracker` into ``rfid.inventory``; a scale's stable
-weights become ``sensor.sample``; barcode scans become ``barcode.scanned``. Garbage is quarantined at most
-once per second per device, aggregated.
+weights become ``sensor.sample`` (on a change, and every SCALE_HEARTBEAT_S while the same); barcode scans
+become ``barcode.scanned``. Garbage is quarantined at most once per second per device, aggregated.
 A port that vanishes (EIO, ENXIO, SerialException) is reported with ``sink.failed`` and reopened with
 full-jitter backoff, without a restart.
 """
@@ -53,6 +53,8 @@ GARBAGE_REPORT_S: Final = 1.0
 """Garbage of one device is quarantined at most this often, as one aggregated entry."""
 NOT_ANSWERING: Final = "reader not answering polls"
 """The error of a polled reader after ``error_after_timeouts`` polls in a row without an answer."""
+SCALE_HEARTBEAT_S: Final = 60.0
+"""A streaming scale repeats its reading several times a second: the same reading is sent again this often."""
 STABLE_OPEN_S: Final = 10.0
 """A port open this long (or one good frame) counts as recovered: the reopen backoff and the quiet log reset."""
 PORT_ERRORS: Final = (OSError, ValueError)
@@ -162,6 +164,8 @@ class _Port:
         """Polls without an answer in a row (0 once the reader answers)."""
         self._answered = asyncio.Event()
         self._answered_in_window = False
+        self._scale_last: tuple[float, bool] | None = None
+        self._scale_sent_at = 0.0
         self._held: RfidInventory | None = None
         """A window not sent (reader silent, journal full, rate-limited): merged into the next one."""
         self._held_bytes = 0
@@ -358,12 +362,17 @@ class _Port:
             assert self.profile.scale is not None
             if not reading.stable and self.profile.scale.only_stable:
                 return
+            now = asyncio.get_running_loop().time()
+            key = (reading.weight_kg, reading.stable)
+            if key == self._scale_last and now - self._scale_sent_at < SCALE_HEARTBEAT_S:
+                return  # the same reading again: only a change or the heartbeat goes out
             sample = SensorSample(
                 values={"weight": reading.weight_kg, "stable": 1.0 if reading.stable else 0.0},
                 units={"weight": "kg"},
                 source=self.profile.profile,
             )
-            self.sink.emit(self.device, "sensor.sample", sample, size=len(frame.raw), raw=frame.raw)
+            if self.sink.emit(self.device, "sensor.sample", sample, size=len(frame.raw), raw=frame.raw):
+                self._scale_last, self._scale_sent_at = key, now
         else:
             scan = parse_barcode(frame.payload)
             if isinstance(scan, Exception):
