@@ -21,11 +21,15 @@ import sys
 import tty
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 from drivers.epc import encode_sgtin96
 from drivers.serial import chafon
 from drivers.serial.framing import Frame
 from simulators.catalog import CATALOG
+
+MAX_QUEUED: Final = 1 << 20
+"""Bytes of answers the simulated reader keeps while the pty is full."""
 
 
 def catalog_epcs(count: int, seed: int = 1) -> list[bytes]:
@@ -69,6 +73,7 @@ class PtyReader:
         self._master: int | None = None
         self._slave: int | None = None
         self._framer = chafon.framer()
+        self._out = bytearray()
         self.port = ""
 
     def open(self) -> str:
@@ -92,8 +97,10 @@ class PtyReader:
 
     def close(self) -> None:
         """Pull the plug: the pty pair goes away (and the link with it, as udev removes by-id links)."""
+        self._out.clear()
         if self._master is not None:
             asyncio.get_running_loop().remove_reader(self._master)
+            asyncio.get_running_loop().remove_writer(self._master)
             os.close(self._master)
             self._master = None
         if self._slave is not None:
@@ -104,10 +111,29 @@ class PtyReader:
                 self.link.unlink()
 
     def write(self, data: bytes) -> None:
-        """Write raw bytes on the line (garbage, floods); dropped when the pty buffer is full."""
-        if self._master is not None:
+        """Write raw bytes on the line (answers, garbage, floods). What the pty does not take at once is
+        queued and written as it drains (a large inventory is many frames); beyond MAX_QUEUED it is dropped,
+        as a reader's own buffer would overflow."""
+        if self._master is None:
+            return
+        if not self._out:
             with contextlib.suppress(BlockingIOError):
-                os.write(self._master, data)
+                data = data[os.write(self._master, data) :]
+            if not data:
+                return
+            asyncio.get_running_loop().add_writer(self._master, self._writable)
+        self._out += data[: MAX_QUEUED - len(self._out)]
+
+    def _writable(self) -> None:
+        assert self._master is not None
+        try:
+            del self._out[: os.write(self._master, self._out)]
+        except BlockingIOError:
+            return
+        except OSError:
+            self._out.clear()
+        if not self._out:
+            asyncio.get_running_loop().remove_writer(self._master)
 
     def _readable(self) -> None:
         assert self._master is not None
