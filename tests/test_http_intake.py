@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from drivers.http.config import Format
+from drivers.http.driver import NOTE_BURST, NOTE_RATE_PER_S
 from gateway.config_loader import load_config
 from gateway.runtime import Gateway
 from simulators.catalog import CATALOG
@@ -62,15 +64,21 @@ def _sources(overrides: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 @contextlib.asynccontextmanager
 async def webhook_gateway(
-    tmp_path: Path, store: Mosquitto, hq: Mosquitto, overrides: dict[str, dict[str, Any]] | None = None
+    tmp_path: Path,
+    store: Mosquitto,
+    hq: Mosquitto,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    journal: dict[str, Any] | None = None,
 ) -> AsyncIterator[tuple[Gateway, httpx.AsyncClient]]:
-    """A gateway with the three sources (secrets from the environment, as in production) and a client."""
+    """A gateway with the three sources (secrets from the environment, as in production) and a client;
+    ``journal`` adds settings to the config's ``journal`` section."""
     path = write_config(
         tmp_path / "store.yaml", store_port=store.port, hq_port=hq.port, data_dir=tmp_path / "data"
     )
     yaml = YAML(typ="safe", pure=True)
     doc = yaml.load(path.read_text(encoding="utf-8"))
     doc["drivers"].append({"type": "http", "name": "webhooks", "sources": _sources(overrides or {})})
+    doc.setdefault("journal", {}).update(journal or {})
     with path.open("w", encoding="utf-8") as fh:
         yaml.dump(doc, fh)
     env = {
@@ -293,3 +301,100 @@ async def test_the_simulator_is_accepted_replays_included(
             assert await simulate(args, SECRETS[source]) == 0
         assert "replay 200" in capsys.readouterr().out
         assert journal_kinds(gateway.config.data_dir).get("pos.sale", 0) > 0
+
+
+async def test_a_default_source_takes_the_profiles_payload_limit(
+    tmp_path: Path, store_broker: Mosquitto, hq_broker: Mosquitto
+) -> None:
+    # The X-Series profile allows 512 KiB (firmware_configs/profiles/webhook-lightspeed-x-series.yaml), not the
+    # 64 KiB DeviceLimits default: a big sale is taken, not answered 413 forever.
+    async with webhook_gateway(tmp_path, store_broker, hq_broker) as (gateway, client):
+        big = sale_for("ls-main", 1, [(item, 1) for item in CATALOG] * 10)
+        assert 100 * 1024 < len(big.body) < 512 * 1024
+        reply = await post(client, "ls-main", big)
+        assert (reply.status_code, reply.json()) == (200, {"status": "committed", "events": 1})
+        assert journal_kinds(gateway.config.data_dir)["pos.sale"] == 1
+        assert on_hand(gateway, WATER.sku) == INITIAL_ON_HAND - 10
+
+
+async def test_an_event_the_journal_quarantines_is_not_answered_committed(
+    tmp_path: Path, store_broker: Mosquitto, hq_broker: Mosquitto
+) -> None:
+    # Within the source's limit (64 KiB), over the journal's (1 KiB): the journal keeps it in quarantine.
+    async with webhook_gateway(tmp_path, store_broker, hq_broker, journal={"max_payload_bytes": 1024}) as (
+        gateway,
+        client,
+    ):
+        webhook = sale_for("web-shop", 1, [(item, 1) for item in CATALOG])
+        assert 1024 < len(webhook.body) < 64 * 1024
+        replies = [await post(client, "web-shop", webhook) for _ in range(2)]
+        assert [(r.status_code, r.json()["status"]) for r in replies] == [(422, "quarantined")] * 2
+        rows = read_quarantine(gateway.config.data_dir)
+        assert [(r["device_id"], r["reason"]) for r in rows] == [("web-shop", "too_large")] * 2
+        assert "pos.sale" not in journal_kinds(gateway.config.data_dir)
+        assert on_hand(gateway, WATER.sku) == INITIAL_ON_HAND
+        small = await post(client, "web-shop", sale_for("web-shop", 2, [(WATER, 1)]))
+        assert (small.status_code, small.json()["status"]) == (200, "committed")
+
+
+async def test_a_flood_of_bad_signatures_leaves_a_bounded_number_of_notes(
+    tmp_path: Path, store_broker: Mosquitto, hq_broker: Mosquitto
+) -> None:
+    async with webhook_gateway(tmp_path, store_broker, hq_broker) as (gateway, client):
+        webhook = sale_for("web-shop", 1, [(WATER, 1)])
+        started = asyncio.get_running_loop().time()
+        replies = [await post(client, "web-shop", webhook, secret="not-the-secret-at-all") for _ in range(50)]
+        elapsed = asyncio.get_running_loop().time() - started
+        assert {r.status_code for r in replies} == {401}
+        await gateway.journal.flush()
+        notes = read_quarantine(gateway.config.data_dir)
+        # The bucket: NOTE_BURST at once, NOTE_RATE_PER_S after that (one more for the refill at the edges).
+        assert NOTE_BURST <= len(notes) <= NOTE_BURST + math.ceil(elapsed * NOTE_RATE_PER_S) + 1
+        assert all(bytes(n["payload"]) == b"" for n in notes)
+        metrics = own_metrics(gateway)
+        assert metric_sum(metrics, "storegw_messages_dropped_total", reason="bad_signature") == 50
+
+
+async def test_a_chunked_body_without_content_length_is_taken(
+    tmp_path: Path, store_broker: Mosquitto, hq_broker: Mosquitto
+) -> None:
+    async with webhook_gateway(tmp_path, store_broker, hq_broker) as (gateway, client):
+        webhook = sale_for("sq-main", 1, [(WATER, 2)])
+        signed = headers("square", SECRETS["sq-main"], webhook, SQUARE_URL)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, len(webhook.body), 100):
+                yield webhook.body[start : start + 100]
+
+        request = client.build_request("POST", "/webhooks/sq-main", content=chunks(), headers=signed)
+        assert "content-length" not in request.headers
+        assert request.headers["transfer-encoding"] == "chunked"
+        reply = await client.send(request)
+        assert (reply.status_code, reply.json()) == (200, {"status": "committed", "events": 1})
+        assert on_hand(gateway, WATER.sku) == INITIAL_ON_HAND - 2
+
+
+async def test_an_exchange_whose_return_is_rate_limited_commits_on_the_retry(
+    tmp_path: Path, store_broker: Mosquitto, hq_broker: Mosquitto
+) -> None:
+    limits = {"rate_limit_per_s": 1, "rate_burst": 2}
+    async with webhook_gateway(tmp_path, store_broker, hq_broker, {"ls-main": limits}) as (gateway, client):
+        assert (await post(client, "ls-main", sale_for("ls-main", 1, [(TEA, 1)]))).status_code == 200
+        exchange = sale_for("ls-main", 2, [(WATER, 1), (TEA, -1)])  # a sale and a return: one token left
+        limited = await post(client, "ls-main", exchange)
+        assert (limited.status_code, limited.json()["status"]) == (429, "rate_limited")
+        retry_after = int(limited.headers["retry-after"])
+        replies: list[httpx.Response] = []
+
+        async def retried() -> bool:
+            await asyncio.sleep(retry_after)
+            replies.append(await post(client, "ls-main", exchange))
+            return replies[-1].status_code == 200
+
+        await poll_until(retried, "the retried exchange committed")
+        assert replies[-1].json() == {"status": "committed", "events": 2}
+        assert {r.status_code for r in replies[:-1]} <= {429}
+        kinds = journal_kinds(gateway.config.data_dir)
+        assert (kinds["pos.sale"], kinds["pos.return"]) == (2, 1)  # the sale of the first try is not doubled
+        assert on_hand(gateway, WATER.sku) == INITIAL_ON_HAND - 1
+        assert on_hand(gateway, TEA.sku) == INITIAL_ON_HAND

@@ -74,7 +74,8 @@ class HttpSource(DeviceLimits):
         default=86_400,
         gt=0,
         le=7 * 86_400,
-        description="Silent this long: reported offline (a quiet night is normal).",
+        description="Silent this long: reported offline (a quiet night is normal). Limits not written here"
+        " come from the profile's ``limits``.",
     )
 
     @field_validator("profile")
@@ -104,6 +105,11 @@ class HttpSource(DeviceLimits):
     @property
     def profile_name(self) -> str:
         return self.profile or DEFAULT_PROFILES[self.format]
+
+    def limits_over(self, defaults: DeviceLimits) -> DeviceLimits:
+        """The source's limits: what it sets here, its profile's ``defaults`` for the rest."""
+        own = {k: getattr(self, k) for k in self.model_fields_set if k in DeviceLimits.model_fields}
+        return DeviceLimits.model_validate({**defaults.model_dump(), **own})
 
 
 class HttpDriverConfig(BaseModel):

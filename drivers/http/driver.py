@@ -3,7 +3,8 @@
 Each request is checked in this order: the source's HMAC signature (401, counted, and at most a bounded
 note in the quarantine: never the body of a request nobody authenticated), its size (413), its mapping
 (400 and quarantined with the reason), then the journal. The answer is 200 only once every event the
-webhook carries is committed to disk; 429 (the source's rate limit) and 503 (journal busy, commit slower
+webhook carries is committed to disk (422 when the journal quarantined one: too large for it, or a
+processor failed on it); 429 (the source's rate limit) and 503 (journal busy, commit slower
 than ``ack_timeout_s``, or the gateway stopping) carry ``Retry-After`` so the cloud POS sends it again.
 A webhook sent again is harmless: its dedup key (source, kind, register, the sale's identity) makes the
 journal drop it, and the answer is 200 again.
@@ -17,19 +18,20 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import orjson
 from fastapi import APIRouter, Request, Response
 
 from drivers.base import DecodeError, DriverContext
 from drivers.devices import Device, TokenBucket
-from drivers.http.config import HttpDriverConfig, HttpSource
+from drivers.http.config import HttpDriverConfig, HttpProfile, HttpSource
 from drivers.http.generic import map_generic
 from drivers.http.lightspeed import map_lightspeed
 from drivers.http.mapped import Ignored, Mapper
 from drivers.http.signatures import verify
 from drivers.http.square import map_square
+from drivers.profiles import get_profile
 from gateway.api import WEBHOOK_PREFIX
 from gateway.logs import register_secret
 
@@ -39,6 +41,8 @@ NOTE_RATE_PER_S: Final = 0.2
 NOTE_BURST: Final = 5
 """Quarantine notes about unauthenticated requests, per source: a flood of them cannot wash out the rest."""
 STOPPING_RETRY_S: Final = 5
+
+_Outcome = Literal["committed", "duplicate", "quarantined"]
 
 
 @dataclass(slots=True)
@@ -66,7 +70,12 @@ class HttpIntake:
             register_secret(secret)
             entry = _Source(
                 source,
-                ctx.devices.add(source.id, config.name, source, source.profile_name),
+                ctx.devices.add(
+                    source.id,
+                    config.name,
+                    source.limits_over(get_profile(source.profile_name, HttpProfile).limits),
+                    source.profile_name,
+                ),
                 _mapper(source),
                 secret,
                 TokenBucket(NOTE_RATE_PER_S, NOTE_BURST, ctx.devices.monotonic()),
@@ -117,8 +126,9 @@ class HttpIntake:
         except DecodeError as err:
             self._unauthenticated(source, err, len(body), request.client.host if request.client else "?")
             return _reply(401, {"status": "unauthenticated", "reason": err.reason})
-        if len(body) > config.max_payload_bytes:
-            detail = f"{len(body)} bytes > max_payload_bytes {config.max_payload_bytes}"
+        limits = device.limits
+        if len(body) > limits.max_payload_bytes:
+            detail = f"{len(body)} bytes > max_payload_bytes {limits.max_payload_bytes}"
             self._sink.reject(device, "too_large", detail, body, size=len(body))
             return _reply(413, {"status": "too_large", "detail": detail})
         try:
@@ -133,9 +143,9 @@ class HttpIntake:
             device.seen()
             return _reply(200, {"status": "ignored", "reason": outcome.reason})
         loop = asyncio.get_running_loop()
-        committed: list[asyncio.Future[None]] = []
+        outcomes: list[asyncio.Future[_Outcome]] = []
         for event in outcome:
-            future: asyncio.Future[None] = loop.create_future()
+            pending = _Pending(loop, loop.create_future())
             taken = self._sink.emit(
                 device,
                 event.kind,
@@ -143,22 +153,29 @@ class HttpIntake:
                 size=len(body),
                 occurred_at=event.occurred_at,
                 dedup_key=event.dedup_key(config.id),
-                ack=functools.partial(_resolve, future),
+                ack=pending.acked,
                 raw=body,
+                done=pending.done,
             )
             if not taken:
-                if future.done():  # acknowledged at once: the source's rate limit dropped it
-                    retry = max(1, math.ceil(1 / config.rate_limit_per_s))
+                if pending.future.done():  # acknowledged at once: the source's rate limit dropped it
+                    retry = max(1, math.ceil(1 / limits.rate_limit_per_s))
                     return _reply(429, {"status": "rate_limited"}, retry_after=retry)
                 return _reply(503, {"status": "journal_busy"}, retry_after=1)
-            committed.append(future)
+            outcomes.append(pending.future)
         try:
             async with asyncio.timeout(self._ack_timeout):
-                await asyncio.gather(*committed)
+                results = await asyncio.gather(*outcomes)
         except TimeoutError:
             # Still queued: it commits, and the retry is then dropped as a replay.
             return _reply(503, {"status": "not_committed_yet"}, retry_after=1)
-        return _reply(200, {"status": "committed", "events": len(committed)})
+        quarantined = results.count("quarantined")
+        if quarantined:
+            # The journal kept the event in quarantine (too large for it, or a processor failed on it): it is
+            # not in the ledger, and sending it again would not change that.
+            _LOGGER.warning("%s: a webhook of %s was quarantined by the journal", self.name, config.id)
+            return _reply(422, {"status": "quarantined", "events": len(results), "quarantined": quarantined})
+        return _reply(200, {"status": "committed", "events": len(results)})
 
     def _quarantine(self, device: Device, reason: str, detail: str, body: bytes) -> Response:
         self._sink.reject(device, reason, detail, body)
@@ -184,9 +201,25 @@ def _mapper(source: HttpSource) -> Mapper:
     return map_generic
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+@dataclass(slots=True)
+class _Pending:
+    """One event in the journal's hands. Its ``done`` (writer thread, after COMMIT; brought to the loop with
+    call_soon_threadsafe, so before the ack) notes the outcome; the ack resolves the future, after the
+    journal's own bookkeeping. An ack without ``done``: rate-limited, or quarantined by the journal."""
+
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[_Outcome]
+    outcome: _Outcome = "quarantined"
+
+    def done(self, seq: int | None) -> None:
+        self.loop.call_soon_threadsafe(self._note, "committed" if seq is not None else "duplicate")
+
+    def _note(self, outcome: _Outcome) -> None:
+        self.outcome = outcome
+
+    def acked(self) -> None:
+        if not self.future.done():
+            self.future.set_result(self.outcome)
 
 
 def _reply(status: int, body: dict[str, Any], retry_after: int | None = None) -> Response:
