@@ -523,6 +523,55 @@ def test_mappers_on_random_json_raise_only_decode_error(doc: Any, products: list
             _survives(mapper(body))
 
 
+DECIMAL_TEXT = st.one_of(
+    st.decimals(allow_nan=True, allow_infinity=True).map(str),
+    st.from_regex(r"-?[0-9]{1,4}(\.[0-9]{1,4})?[eE][+-]?[0-9]{1,10}", fullmatch=True),
+    st.sampled_from(["1e999999999", "-1e999999999", "1e-999999999", "9" * 20, "sNaN", "-Infinity", "0"]),
+)
+"""Decimal strings, the huge and tiny exponents included ("1e999999999" once overflowed Square's mapper)."""
+
+
+def _with_number(doc: Any, text: str) -> list[bytes]:
+    """``doc`` (JSON with the string "@N@" in places) with the number as a string and as a bare literal."""
+    body = json.dumps(doc)
+    return [body.replace('"@N@"', json.dumps(text)).encode(), body.replace('"@N@"', text).encode()]
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(number=DECIMAL_TEXT, where=st.sampled_from(["quantity", "price", "tax", "discount"]))
+def test_mappers_on_decimal_strings_raise_only_decode_error(number: str, where: str) -> None:
+    line = {"product_id": "p-1", "sku": "SKU-0001", "quantity": 1, "price": 2, "tax": 0, "discount": 0}
+    sale = _ls_sale(register_sale_products=[dict(line, **{where: "@N@"})], total_price="@N@")
+    generic = orjson.loads(generic_sale("W-1", "web-01", [(WATER, 2)]).body)
+    generic["lines"][0]["quantity" if where == "quantity" else "unit_price"] = "@N@"
+    square_line = {"catalog_object_id": "SKU-0004", "quantity": number, "base_price_money": _money_of(2890)}
+    priced = dict(square_line, quantity="2", base_price_money={"amount": "@N@", "currency": "HKD"})
+    cases: list[tuple[Any, bytes]] = [(map_square, _sq_event({"order": _order(line_items=[square_line])}))]
+    square = json.loads(_sq_event({"order": _order(line_items=[priced])}))
+    cases += [(map_square, body) for body in _with_number(square, number)]
+    cases += [(map_generic, body) for body in _with_number(generic, number)]
+    cases += [
+        (lambda b: map_lightspeed(b, "HKD"), _ls(json.loads(text)))
+        for text in _with_number(sale, number)
+        if _json_ok(text)
+    ]
+    for mapper, body in cases:
+        with contextlib.suppress(DecodeError):
+            _survives(mapper(body))
+
+
+def _money_of(amount: int) -> dict[str, Any]:
+    return {"amount": amount, "currency": "HKD"}
+
+
+def _json_ok(text: bytes) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 # --- config -----------------------------------------------------------------------------------------------
 
 

@@ -111,7 +111,10 @@ def map_lightspeed(raw: bytes, currency: str) -> Outcome:
     halves: tuple[tuple[Kind, list[SaleProduct]], ...] = (("pos.sale", sold), ("pos.return", returned))
     for kind, lines in halves:
         if lines:
-            out.append(_event(sale, kind, lines, currency, occurred_at, exact_totals=not exchange))
+            try:
+                out.append(_event(sale, kind, lines, currency, occurred_at, exact_totals=not exchange))
+            except ArithmeticError as err:  # the Number bounds should leave none: still only DecodeError
+                raise DecodeError("invalid", f"payload: arithmetic: {err!r}") from err
     return out
 
 

@@ -27,6 +27,9 @@ from drivers.http.mapped import Ignored, Kind, Mapped, Outcome, load_json, parse
 from gateway.events import PosReturn, PosSale
 
 ORDER_EVENTS: Final = frozenset({"order.created", "order.updated"})
+MAX_QUANTITY: Final = Decimal(10**6)
+MIN_QUANTITY_EXPONENT: Final = -12
+"""A line's quantity is at most a million units (gateway.events.Quantity) with a few decimals."""
 MINOR_UNITS: Final[dict[str, int]] = {
     **dict.fromkeys(
         (
@@ -136,7 +139,10 @@ def map_square(raw: bytes, register_id: str | None = None) -> Outcome:
     halves: tuple[tuple[Kind, list[LineItem]], ...] = (("pos.sale", sold), ("pos.return", returned))
     for kind, lines in halves:
         if lines:
-            out.append(_event(order, kind, lines, register, occurred_at, exact_totals=not exchange))
+            try:
+                out.append(_event(order, kind, lines, register, occurred_at, exact_totals=not exchange))
+            except ArithmeticError as err:  # the bounds below should leave none: still only DecodeError
+                raise DecodeError("invalid", f"data.object.order: arithmetic: {err!r}") from err
     return out
 
 
@@ -205,4 +211,7 @@ def _quantity(text: str) -> Decimal:
         raise DecodeError("invalid", f"quantity {printable(text, 20)!r} is not a number") from err
     if not value.is_finite():
         raise DecodeError("invalid", f"quantity {printable(text, 20)!r} is not a number")
+    # Bounded before any arithmetic: "1e999999999" would overflow the decimal context, "1e-999999999" underflow.
+    if value.copy_abs() > MAX_QUANTITY or int(value.as_tuple().exponent) < MIN_QUANTITY_EXPONENT:
+        raise DecodeError("invalid", f"quantity {printable(text, 20)!r} is out of range")
     return value
