@@ -123,11 +123,29 @@ def test_bthome_refusals() -> None:
         == "bindkey_missing"
     )
     assert reason(decode_bthome, bytes.fromhex("4004138a01"), SHELLY_MAC, BTHOME_KEY) == "not_encrypted"
-    # Truncated object (temperature needs 2 bytes) and an unknown object id (its length is unknown).
+    # Truncated object (temperature needs 2 bytes), and an unknown object id before anything was read.
     assert reason(decode_bthome, bytes.fromhex("4002c4"), SHELLY_MAC) == "truncated"
     with pytest.raises(DecodeError, match="0x9f"):
-        decode_bthome(bytes.fromhex("4002c4099f01"), SHELLY_MAC)
+        decode_bthome(bytes.fromhex("409f0102c409"), SHELLY_MAC)
     assert reason(decode_bthome, bytes.fromhex("41a47266"), SHELLY_MAC, BTHOME_KEY) == "truncated"
+
+
+def test_bthome_unknown_object_keeps_what_came_before_it() -> None:
+    # bthome-ble (parser.py, V2): an object id not in MEAS_TYPES ends parsing ("break"), the objects before it
+    # are reported. Derived: temperature 25.00 °C (02 c409), then id 0x9f, unknown, so its length too.
+    got = decode_bthome(bytes.fromhex("4002c4099f01"), SHELLY_MAC)
+    assert got.values == {"temperature": 25.0}
+    assert list(got.faults) == ["object_9f"]
+    assert "0x9f" in got.faults["object_9f"]
+    assert "2 bytes not read" in got.faults["object_9f"]
+
+
+def test_a_battery_above_100_is_a_fault_and_the_rest_is_kept() -> None:
+    # Derived from the bthome.io/format table: battery (0x01) 0xC8 = 200 %, temperature (0x02) 25.00 °C.
+    got = decode_bthome(bytes.fromhex("4001c802c409"), SHELLY_MAC)
+    assert got.values == {"temperature": 25.0}
+    assert got.battery_pct is None
+    assert "200 %" in got.faults["battery_pct"]
 
 
 def test_bthome_every_object_id_has_a_usable_metric_name() -> None:
@@ -235,15 +253,12 @@ def test_atc1441_negative_temperature() -> None:
 
 def test_pvvx_reference_vectors() -> None:
     # ble_monitor tests/test_atc_parser.py test_atc_custom: 17.05 °C, 44.57 %, 2.998 V, 88 %, packet 247.
-    got = decode_pvvx(bytes.fromhex("f4830238c1a4a9066911b60b58f70d"), ATC_MAC)
-    assert got.values == {
-        "temperature": 17.05,
-        "humidity": 44.57,
-        "voltage": 2.998,
-        "battery_pct": 88,
-        "opening": 0,
-    }
+    frame = bytes.fromhex("f4830238c1a4a9066911b60b58f70d")
+    got = decode_pvvx(frame, ATC_MAC)
+    assert got.values == {"temperature": 17.05, "humidity": 44.57, "voltage": 2.998, "battery_pct": 88}
     assert got.counter == 247
+    # Its flags byte 0x0d has bit 0 set: with a reed switch fitted, the contact is closed (opening 0).
+    assert decode_pvvx(frame, ATC_MAC, reed_switch=True).values["opening"] == 0
     # ble_monitor test_atc_custom_v2_9: 20.91 °C, 44.96 %, 2.807 V, 67 %, packet 32.
     got = decode_pvvx(bytes.fromhex("b2188d38c1a42b089011f70a43200f"), PVVX_ENC_MAC)
     assert (got.values["temperature"], got.values["humidity"], got.values["voltage"]) == (20.91, 44.96, 2.807)
@@ -253,9 +268,11 @@ def test_pvvx_reference_vectors() -> None:
 def test_pvvx_encrypted_reference_vector() -> None:
     # ble_monitor tests/test_atc_parser.py test_atc_custom_encrypted (key b9ea895f..., MAC A4:C1:38:8D:18:B2):
     # 23.45 °C, 41.73 %, battery 61 %, packet 17.
-    got = decode_pvvx(bytes.fromhex("11d603fbfa7b6dfb1e26fd"), PVVX_ENC_MAC, PVVX_KEY)
+    got = decode_pvvx(bytes.fromhex("11d603fbfa7b6dfb1e26fd"), PVVX_ENC_MAC, PVVX_KEY, reed_switch=True)
     assert got.values == {"temperature": 23.45, "humidity": 41.73, "battery_pct": 61, "opening": 1}
     assert got.counter == 17
+    without = decode_pvvx(bytes.fromhex("11d603fbfa7b6dfb1e26fd"), PVVX_ENC_MAC, PVVX_KEY)
+    assert "opening" not in without.values
 
 
 def test_pvvx_negative_temperature_round_trip_plain_and_encrypted() -> None:
@@ -264,12 +281,12 @@ def test_pvvx_negative_temperature_round_trip_plain_and_encrypted() -> None:
         ATC_MAC, temperature=-18.5, humidity=70.0, millivolts=2900, battery_pct=80, counter=9, door_open=True
     )
     assert plain[6:8] == (-1850).to_bytes(2, "little", signed=True)
-    got = decode_pvvx(plain, ATC_MAC)
+    got = decode_pvvx(plain, ATC_MAC, reed_switch=True)
     assert (got.values["temperature"], got.values["opening"], got.counter) == (-18.5, 1, 9)
     sealed = enc.pvvx_encrypted(
         ATC_MAC, PVVX_KEY, temperature=-18.5, humidity=70.0, battery_pct=80, counter=10
     )
-    got = decode_pvvx(sealed, ATC_MAC, PVVX_KEY)
+    got = decode_pvvx(sealed, ATC_MAC, PVVX_KEY, reed_switch=True)
     assert (got.values["temperature"], got.values["opening"], got.counter) == (-18.5, 0, 10)
 
 
@@ -288,8 +305,9 @@ def test_xiaomi_refusals() -> None:
         reason(decode_pvvx, bytes.fromhex("f4830238c1a4a9066911b60b58f70d"), PVVX_ENC_MAC) == "mac_mismatch"
     )
     assert reason(decode_atc1441, bytes.fromhex("a4c1380283f400a22f5f0bf8"), ATC_MAC) == "bad_length"
-    # Battery 255 % cannot be: refused rather than reported.
-    assert reason(decode_atc1441, bytes.fromhex("a4c1380283f400a22fff0bf819"), ATC_MAC) == "invalid_value"
+    # Battery 255 % cannot be: a fault of the battery, the temperature is kept.
+    got = decode_atc1441(bytes.fromhex("a4c1380283f400a22fff0bf819"), ATC_MAC)
+    assert (got.values["temperature"], got.battery_pct, "battery_pct" in got.faults) == (16.2, None, True)
 
 
 # --- dispatch and encoders ----------------------------------------------------------------------------------

@@ -9,20 +9,22 @@ import contextlib
 import logging
 import sqlite3
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import orjson
 import pytest
+from bleak.args.bluez import BlueZScannerArgs
 from bleak.backends.device import BLEDevice
-from bleak.backends.scanner import AdvertisementData
+from bleak.backends.scanner import AdvertisementData, AdvertisementDataCallback
+from bleak.exc import BleakError
 from ruamel.yaml import YAML
 
 from drivers.base import DriverContext
 from drivers.ble.config import BleDriverConfig
-from drivers.ble.driver import BleDriver
+from drivers.ble.driver import RESYNC_AFTER_S, BleDriver, Scanner, ScannerFactory
 from drivers.ble.formats import BTHOME_UUID, ENVIRONMENTAL_SENSING_UUID, RUUVI_COMPANY_ID
 from drivers.devices import DeviceRegistry
 from gateway.clock import ClockState
@@ -78,9 +80,43 @@ def advert(
     return BLEDevice(address, None, None), data
 
 
+class StandInScanner:
+    """Our own scanner seam (BleDriver's scanner_factory), for start failures no real adapter produces on cue."""
+
+    def __init__(self, error: type[Exception] | None) -> None:
+        self._error = error
+
+    async def start(self) -> None:
+        if self._error is not None:
+            raise self._error("raised by the stand-in scanner")
+
+    async def stop(self) -> None:
+        return None
+
+
+@dataclass
+class Scanners:
+    """A scanner factory: what each new scanner's start raises, by mode; the modes asked for, in order."""
+
+    passive_error: type[Exception] | None = None
+    active_error: type[Exception] | None = None
+    made: list[str] = field(default_factory=list)
+
+    def __call__(
+        self,
+        detection_callback: AdvertisementDataCallback | None,
+        *,
+        scanning_mode: Literal["active", "passive"],
+        bluez: BlueZScannerArgs,
+    ) -> Scanner:
+        self.made.append(scanning_mode)
+        return StandInScanner(self.passive_error if scanning_mode == "passive" else self.active_error)
+
+
 @dataclass
 class Harness:
     driver: BleDriver
+    ctx: DriverContext
     journal: Journal
     registry: DeviceRegistry
     metrics: Metrics
@@ -91,6 +127,8 @@ class Harness:
         self.driver.on_advertisement(*advert(address, **kwargs))
 
     async def flush(self) -> None:
+        """Quarantine the held garbage now (not in a second) and wait for the journal to write everything."""
+        self.driver.flush_garbage()
         async with asyncio.timeout(20):
             await self.journal.flush()
 
@@ -126,7 +164,14 @@ DEVICES: list[dict[str, Any]] = [
 ]
 
 
-async def make_harness(tmp_path: Path, devices: list[dict[str, Any]]) -> AsyncIterator[Harness]:
+@contextlib.asynccontextmanager
+async def make_harness(
+    tmp_path: Path,
+    devices: list[dict[str, Any]],
+    factory: dict[str, ScannerFactory] | None = None,
+    **kwargs: Any,
+) -> AsyncIterator[Harness]:
+    factory = factory or {}
     metrics = Metrics()
     db = tmp_path / "journal.db"
     journal = Journal(db, "hk-0042", "gw-1", JournalConfig(), metrics, (), ClockState(override=True))
@@ -136,11 +181,11 @@ async def make_harness(tmp_path: Path, devices: list[dict[str, Any]]) -> AsyncIt
     registry = DeviceRegistry(journal.submit, monotonic=clock)
     config = load(write_config(tmp_path / "store.yaml", store_port=1, hq_port=1, data_dir=tmp_path / "data"))
     ctx = DriverContext(journal, metrics, registry, config)
-    driver = BleDriverConfig(devices=devices).create(ctx)
-    assert isinstance(driver, BleDriver)
+    driver = BleDriver(BleDriverConfig(devices=devices, **kwargs), ctx, **factory)
     try:
-        yield Harness(driver, journal, registry, metrics, clock, db)
+        yield Harness(driver, ctx, journal, registry, metrics, clock, db)
     finally:
+        driver.pause()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(20):
                 await journal.flush()
@@ -152,7 +197,7 @@ async def make_harness(tmp_path: Path, devices: list[dict[str, Any]]) -> AsyncIt
 
 @pytest.fixture
 async def ble(tmp_path: Path) -> AsyncIterator[Harness]:
-    async for harness in make_harness(tmp_path, DEVICES):
+    async with make_harness(tmp_path, DEVICES) as harness:
         yield harness
 
 
@@ -188,7 +233,7 @@ async def test_wrong_key_and_garbage_from_a_known_mac_are_quarantined_with_a_rea
         {"id": "garbage", "mac": RUUVI_MAC, "profile": "ruuvi-rawv2"},
         {"id": "downgrade", "mac": PVVX_MAC, "profile": "pvvx-lywsd03mmc", "bindkey": PVVX_KEY},
     ]
-    async for ble in make_harness(tmp_path, devices):
+    async with make_harness(tmp_path, devices) as ble:
         ble.hear(BTHOME_MAC, service={BTHOME_UUID: BTHOME_FRAME})
         ble.hear(RUUVI_MAC, maker={RUUVI_COMPANY_ID: b"\x05\xde\xad\xbe\xef"})
         ble.hear(RUUVI_MAC, maker={RUUVI_COMPANY_ID: b"\x05\xde\xad\xbe\xef"})  # a repeat: skipped
@@ -246,7 +291,7 @@ async def test_repeated_advertisements_make_one_event(ble: Harness) -> None:
 async def test_min_interval_keeps_one_reading_per_interval(tmp_path: Path) -> None:
     devices = [{"id": "slow", "mac": ATC_MAC, "profile": "atc1441-lywsd03mmc", "min_interval_s": 60}]
     mac = bytes.fromhex(ATC_MAC.replace(":", ""))
-    async for ble in make_harness(tmp_path, devices):
+    async with make_harness(tmp_path, devices) as ble:
         for n in range(30):  # a new measurement every 10 s for 5 minutes
             frame = enc.atc1441(mac, temperature=4.0, humidity=50, battery_pct=90, millivolts=3000, counter=n)
             ble.hear(ATC_MAC, service={ENVIRONMENTAL_SENSING_UUID: frame})
@@ -264,7 +309,7 @@ async def test_a_flood_of_ten_times_the_rate_is_limited_counted_and_others_unaff
     ]
     atc_mac = bytes.fromhex(ATC_MAC.replace(":", ""))
     ruuvi_mac = bytes.fromhex(RUUVI_MAC.replace(":", ""))
-    async for ble in make_harness(tmp_path, devices):
+    async with make_harness(tmp_path, devices) as ble:
         # 20 new frames/s (10x the limit) for 3 s from one sensor, 1/s from the other.
         for step in range(60):
             frame = enc.atc1441(
@@ -289,24 +334,75 @@ async def test_a_flood_of_ten_times_the_rate_is_limited_counted_and_others_unaff
         assert ble.statuses("calm") == ["online"]
 
 
-async def test_a_garbage_flood_is_quarantined_only_within_the_rate_limit(tmp_path: Path) -> None:
+async def test_garbage_is_one_quarantine_row_per_device_per_second(tmp_path: Path) -> None:
     devices = [
-        {
-            "id": "broken",
-            "mac": ATC_MAC,
-            "profile": "atc1441-lywsd03mmc",
-            "rate_limit_per_s": 1,
-            "rate_burst": 3,
-        }
+        {"id": "broken", "mac": ATC_MAC, "profile": "atc1441-lywsd03mmc"},
+        {"id": "mis-keyed", "mac": BTHOME_MAC, "profile": "bthome-v2", "bindkey": "00" * 16},
+        {"id": "fine", "mac": RUUVI_MAC, "profile": "ruuvi-rawv2"},
     ]
-    async for ble in make_harness(tmp_path, devices):
+    async with make_harness(tmp_path, devices) as ble:
         for n in range(100):
             ble.hear(ATC_MAC, service={ENVIRONMENTAL_SENSING_UUID: bytes([n]) * 5})
-        await ble.flush()
-        assert len(ble.quarantine()) == 3
+            ble.hear(BTHOME_MAC, service={BTHOME_UUID: BTHOME_FRAME[:-1] + bytes([n])})
+        ble.hear(RUUVI_MAC, maker={RUUVI_COMPANY_ID: RUUVI_FRAME})
+        # No explicit flush: the driver's own timer writes each device's row about a second later.
+        await poll_until(
+            lambda: len(ble.quarantine()) == 2, "one row per device", within=20, state=ble.quarantine
+        )
+        rows = {device_id: (reason, detail) for device_id, reason, detail in ble.quarantine()}
+        assert rows["broken"][0] == "bad_length"
+        assert rows["broken"][1].startswith("100 advertisement(s) that did not decode (100 bad_length)")
+        assert "13 bytes, got 5" in rows["broken"][1]
+        assert rows["mis-keyed"][0] == "decrypt_failed"
+        assert ble.rows("SELECT size FROM quarantine WHERE device_id='broken'") == [(500,)]
         broken = ble.registry.get("broken")
         assert broken is not None
-        assert broken.health.rate_limited == 97
+        assert broken.health.quarantined == 1
+        # The next second's garbage is the next row; the good sensor was never held up.
+        ble.hear(ATC_MAC, service={ENVIRONMENTAL_SENSING_UUID: b"\x01\x02"})
+        await poll_until(lambda: len(ble.quarantine()) == 3, "a second row", within=20, state=ble.quarantine)
+        assert len(ble.samples("fine")) == 1
+
+
+async def test_replayed_encrypted_frames_are_dropped_and_counted(ble: Harness) -> None:
+    mac = bytes.fromhex(BTHOME_MAC.replace(":", ""))
+    key = bytes.fromhex(BTHOME_KEY)
+
+    def bthome(counter: int, temperature: float) -> None:
+        frame = enc.bthome_encrypted(enc.bthome_objects(temperature=temperature), mac, key, counter)
+        ble.hear(BTHOME_MAC, service={BTHOME_UUID: frame})
+        ble.clock.now += 10
+
+    bthome(1000, 4.0)
+    bthome(1001, 4.1)
+    bthome(1000, 4.0)  # a recorded frame sent again
+    bthome(1002, 4.2)
+    await ble.flush()
+    assert [s["counter"] for s in ble.samples("fridge-bthome")] == [1000, 1001, 1002]
+    assert ble.metric("storegw_messages_dropped_total", driver="ble", reason="replayed") == 1
+    assert ble.quarantine() == []
+    # The sensor restarts (counter from 0): refused until its frames have been behind for RESYNC_AFTER_S.
+    for counter in range(round(RESYNC_AFTER_S / 10) + 1):
+        bthome(counter, 5.0 + counter / 100)
+    await ble.flush()
+    counters = [s["counter"] for s in ble.samples("fridge-bthome")]
+    assert counters == [1000, 1001, 1002, round(RESYNC_AFTER_S / 10)]
+
+    pvvx_mac = bytes.fromhex(PVVX_MAC.replace(":", ""))
+    pvvx_key = bytes.fromhex(PVVX_KEY)
+
+    def pvvx(counter: int) -> None:
+        frame = enc.pvvx_encrypted(
+            pvvx_mac, pvvx_key, temperature=4.0, humidity=50.0, battery_pct=90, counter=counter
+        )
+        ble.hear(PVVX_MAC, service={ENVIRONMENTAL_SENSING_UUID: frame})
+        ble.clock.now += 10
+
+    for counter in (250, 251, 4, 200, 3, 5):  # 4 and 5 are after the 8-bit wrap; 200 and 3 are behind
+        pvvx(counter)
+    await ble.flush()
+    assert [s["counter"] for s in ble.samples("fridge-pvvx")] == [250, 251, 4, 5]
+    assert ble.metric("storegw_messages_dropped_total", driver="ble", reason="replayed") == 1 + 12 + 2
 
 
 async def test_a_silent_sensor_goes_offline(tmp_path: Path) -> None:
@@ -315,7 +411,7 @@ async def test_a_silent_sensor_goes_offline(tmp_path: Path) -> None:
         {"id": "chatty", "mac": RUUVI_MAC, "profile": "ruuvi-rawv2", "offline_after_s": 120},
     ]
     ruuvi_mac = bytes.fromhex(RUUVI_MAC.replace(":", ""))
-    async for ble in make_harness(tmp_path, devices):
+    async with make_harness(tmp_path, devices) as ble:
         ble.hear(ATC_MAC, service={ENVIRONMENTAL_SENSING_UUID: ATC_FRAME})
         for n in range(14):  # chatty keeps talking every 10 s, quiet says nothing more
             ble.clock.now += 10
@@ -373,3 +469,62 @@ async def test_no_adapter_is_one_clear_driver_error_and_the_gateway_runs(
     warnings = [r for r in caplog.records if "no Bluetooth adapter" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].levelno == logging.WARNING
+
+
+@contextlib.asynccontextmanager
+async def running(driver: BleDriver) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(driver.run(), name="ble-driver-under-test")
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_an_unexpected_scanner_error_is_logged_once_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    scanners = Scanners(passive_error=AssertionError)  # what a bleak or dbus_fast bug would raise
+    caplog.set_level(logging.DEBUG, logger="drivers.ble.driver")
+    async with (
+        make_harness(tmp_path, DEVICES[:1], {"scanner_factory": scanners}, retry_max_s=1) as ble,
+        running(ble.driver) as task,
+    ):
+        await poll_until(lambda: len(scanners.made) >= 3, "three attempts to start", within=30)
+        assert not task.done()
+        state = ble.ctx.state("ble")
+        assert not state.connected
+        assert "AssertionError" in (state.error or "")
+        scanners.passive_error = None
+        await poll_until(lambda: ble.ctx.state("ble").connected, "the scanner to start", within=30)
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1
+    assert tracebacks[0].levelno == logging.ERROR
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == tracebacks
+    assert any("is back" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_silent_restart_is_quiet_and_keeps_the_driver_connected(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    scanners = Scanners(passive_error=BleakError)  # BlueZ without the advertisement monitor
+    caplog.set_level(logging.DEBUG, logger="drivers.ble.driver")
+    async with make_harness(tmp_path, DEVICES[:1], {"scanner_factory": scanners}) as ble:
+        ble.driver.silent_restart_s = 0.5
+        seen: list[bool] = []
+        async with running(ble.driver):
+            await poll_until(lambda: ble.ctx.state("ble").connected, "the scanner to start", within=30)
+            while scanners.made.count("active") < 4:  # dead sensors: nothing heard, restart after restart
+                ble.clock.now += 1
+                seen.append(ble.ctx.state("ble").connected)
+                await asyncio.sleep(0.02)
+            ble.hear(BTHOME_MAC, service={BTHOME_UUID: BTHOME_FRAME})
+        assert all(seen)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2
+    assert "passive scanning is not available" in warnings[0]
+    assert "advertisements unavailable" in warnings[1]
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert sum("scanning (active)" in m for m in infos) == 1
+    assert any("advertisements is back" in m for m in infos)

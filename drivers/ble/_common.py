@@ -10,6 +10,7 @@ from drivers.base import DecodeError
 from gateway.events import SensorSample
 
 BINDKEY_BYTES: Final = 16
+BATTERY_RANGE: Final = (0.0, 100.0)
 
 
 def need_key(bindkey: bytes | None, what: str) -> bytes:
@@ -30,12 +31,18 @@ def sample(
     counter: int | None = None,
     battery_pct: float | None = None,
 ) -> SensorSample:
-    """A validated ``SensorSample``; a value the model refuses (battery over 100 %) is a DecodeError."""
+    """A validated ``SensorSample``. A battery outside 0-100 % is a fault of ``battery_pct`` (the other readings
+    are kept); anything else the model refuses is a DecodeError."""
+    faults = dict(faults or {})
+    if battery_pct is not None and not BATTERY_RANGE[0] <= battery_pct <= BATTERY_RANGE[1]:
+        faults["battery_pct"] = f"out of range: {battery_pct:g} % (0-100)"
+        values = {k: v for k, v in values.items() if k != "battery_pct"}
+        battery_pct = None
     try:
         return SensorSample(
             values=values,
             units={k: units[k] for k in values if k in units},
-            faults=faults or {},
+            faults=faults,
             source=source,
             counter=counter,
             battery_pct=battery_pct,

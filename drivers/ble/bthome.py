@@ -1,10 +1,14 @@
 """BTHome v2 (https://bthome.io/format/, https://bthome.io/encryption/): service data under UUID 0xFCD2.
 
 The service data is a device-information byte (bit 0 encrypted, bit 2 trigger-based, bits 5-7 version 2) and
-objects: an object id then a value whose length the id fixes. An unknown id ends decoding with a DecodeError:
-its length is unknown, so nothing after it can be read. The spec asks senders to order objects by id; receivers
-(bthome-ble) accept any order, and so do we. Encrypted frames are AES-128-CCM with a 4-byte MIC: the objects,
-then a 4-byte counter, then the MIC; nonce = MAC (6) + UUID ``D2 FC`` + info byte + counter.
+objects: an object id then a value whose length the id fixes. An unknown id ends decoding (its length is
+unknown, so nothing after it can be read): the objects before it are kept and the rest is named in ``faults``
+(bthome-ble's parser also stops at an unknown id and keeps what it read); an unknown id first is a DecodeError.
+The spec asks senders to order objects by id; receivers (bthome-ble) accept any order, and so do we.
+
+Encrypted frames are AES-128-CCM with a 4-byte MIC: the objects, then a 4-byte counter, then the MIC; nonce =
+MAC (6) + UUID ``D2 FC`` + info byte + counter. The ``counter`` of an encrypted frame's sample is that 32-bit
+encryption counter (authenticated, so the driver can refuse replays); of a plain frame, the packet id (0x00).
 """
 
 from __future__ import annotations
@@ -182,15 +186,15 @@ def decode_bthome(data: bytes, mac: bytes, bindkey: bytes | None = None) -> Sens
         raise DecodeError("not_encrypted", "the device has a bindkey but sent an unencrypted BTHome frame")
     else:
         body = data[1:]
-    values, units = _objects(body)
+    values, units, faults = _objects(body)
     packet_id = values.pop("packet_id", None)
-    if packet_id is not None:
+    if packet_id is not None and counter is None:
         counter = int(packet_id)
     battery = values.get("battery_pct")
-    return sample(SOURCE, values, units, counter=counter, battery_pct=battery)
+    return sample(SOURCE, values, units, faults=faults, counter=counter, battery_pct=battery)
 
 
-def _objects(body: bytes) -> tuple[dict[str, float], dict[str, str]]:
+def _objects(body: bytes) -> tuple[dict[str, float], dict[str, str], dict[str, str]]:
     values: dict[str, float] = {}
     units: dict[str, str] = {}
     pos = 0
@@ -199,9 +203,10 @@ def _objects(body: bytes) -> tuple[dict[str, float], dict[str, str]]:
         oid = body[pos]
         obj = OBJECTS.get(oid)
         if obj is None:
-            raise DecodeError(
-                "unknown_object", f"BTHome object id {oid:#04x} at byte {pos}: unknown, so its length is too"
-            )
+            detail = f"BTHome object id {oid:#04x} at byte {pos}: unknown, so its length is too"
+            if not values:
+                raise DecodeError("unknown_object", detail)
+            return values, units, {f"object_{oid:02x}": f"{detail}; {end - pos} bytes not read"}
         pos += 1
         length = obj.length
         if length == VARIABLE:
@@ -229,4 +234,4 @@ def _objects(body: bytes) -> tuple[dict[str, float], dict[str, str]]:
         values[name] = value
         if obj.unit:
             units[name] = obj.unit
-    return values, units
+    return values, units, {}

@@ -41,6 +41,10 @@ class BleDeviceConfig(DeviceLimits):
         description="AES-128 key, 32 hex digits, for encrypted frames. Write {env: NAME} or {file: PATH}. With a"
         " bindkey, unencrypted frames from this MAC are refused.",
     )
+    reed_switch: bool = Field(
+        default=False,
+        description="A reed switch (door contact) is wired to the sensor: report it as 'opening' (pvvx only).",
+    )
     min_interval_s: float = Field(
         default=0,
         ge=0,
@@ -69,8 +73,11 @@ class BleDeviceConfig(DeviceLimits):
 
     @model_validator(mode="after")
     def _key_fits_profile(self) -> BleDeviceConfig:
-        if self.bindkey is not None and get_profile(self.profile, BleProfile).encryption == "none":
+        profile = get_profile(self.profile, BleProfile)
+        if self.bindkey is not None and profile.encryption == "none":
             raise ValueError(f"profile {self.profile!r} has no encrypted format: remove the bindkey")
+        if self.reed_switch and profile.format != "pvvx":
+            raise ValueError(f"profile {self.profile!r} reports no reed switch input: remove reed_switch")
         return self
 
     @property

@@ -22,8 +22,11 @@ def decode_advertisement(
     service_data: Mapping[str, bytes],
     manufacturer_data: Mapping[int, bytes],
     bindkey: bytes | None = None,
+    *,
+    reed_switch: bool = False,
 ) -> SensorSample:
-    """Decode the part of one advertisement that ``fmt`` reads; DecodeError when it is missing or bad."""
+    """Decode the part of one advertisement that ``fmt`` reads; DecodeError when it is missing or bad.
+    ``reed_switch``: the sensor has one fitted (pvvx reports it as ``opening``)."""
     if fmt == "ruuvi.rawv2":
         data = manufacturer_data.get(RUUVI_COMPANY_ID)
         if data is None:
@@ -39,7 +42,7 @@ def decode_advertisement(
         return decode_bthome(data, mac, bindkey)
     if fmt == "atc1441":
         return decode_atc1441(data, mac)
-    return decode_pvvx(data, mac, bindkey)
+    return decode_pvvx(data, mac, bindkey, reed_switch=reed_switch)
 
 
 def payload_of(

@@ -10,7 +10,8 @@ parser does (custom-components/ble_monitor ``ble_parser/atc.py``):
   uint16 * 0.01, battery %, flags, then a 4-byte MIC. Nonce = MAC reversed (6) + the AD header of the frame
   (length, 0x16, ``1A 18``) + counter; associated data is the single byte 0x11.
 
-The reed switch follows ble_monitor: bit 0 set means the contact is closed, so ``opening`` = 1 - bit 0.
+The reed switch follows ble_monitor: bit 0 set means the contact is closed, so ``opening`` = 1 - bit 0. The bit
+is sent whether or not a switch is wired to the sensor, so ``opening`` is reported only with ``reed_switch``.
 """
 
 from __future__ import annotations
@@ -64,12 +65,15 @@ def decode_atc1441(data: bytes, mac: bytes) -> SensorSample:
     return sample(SOURCE_ATC1441, values, _UNITS, counter=counter, battery_pct=battery)
 
 
-def decode_pvvx(data: bytes, mac: bytes, bindkey: bytes | None = None) -> SensorSample:
+def decode_pvvx(
+    data: bytes, mac: bytes, bindkey: bytes | None = None, *, reed_switch: bool = False
+) -> SensorSample:
     """Decode pvvx custom service data, plain (15 bytes) or encrypted (11 bytes), from address ``mac``.
 
-    A device with a ``bindkey`` must send encrypted frames; a plain one from it is refused (``not_encrypted``)."""
+    A device with a ``bindkey`` must send encrypted frames; a plain one from it is refused (``not_encrypted``).
+    ``reed_switch``: a reed switch is fitted, so the flags' bit 0 is reported as ``opening``."""
     if len(data) == PVVX_ENCRYPTED_LENGTH:
-        return _decrypt_pvvx(data, mac, need_key(bindkey, "pvvx"))
+        return _decrypt_pvvx(data, mac, need_key(bindkey, "pvvx"), reed_switch)
     if len(data) != PVVX_LENGTH:
         raise DecodeError(
             "bad_length",
@@ -84,8 +88,9 @@ def decode_pvvx(data: bytes, mac: bytes, bindkey: bytes | None = None) -> Sensor
         "humidity": hum / 100,
         "voltage": millivolts / 1000,
         "battery_pct": float(battery),
-        "opening": float(1 - (flags & 1)),
     }
+    if reed_switch:
+        values["opening"] = float(1 - (flags & 1))
     return sample(SOURCE_PVVX, values, _UNITS, counter=counter, battery_pct=battery)
 
 
@@ -94,7 +99,7 @@ def pvvx_nonce(mac: bytes, size: int, counter: int) -> bytes:
     return mac[::-1] + bytes((size + 3, AD_SERVICE_DATA_16)) + UUID16 + bytes((counter,))
 
 
-def _decrypt_pvvx(data: bytes, mac: bytes, key: bytes) -> SensorSample:
+def _decrypt_pvvx(data: bytes, mac: bytes, key: bytes, reed_switch: bool) -> SensorSample:
     counter = data[0]
     nonce = pvvx_nonce(mac, len(data), counter)
     try:
@@ -106,6 +111,7 @@ def _decrypt_pvvx(data: bytes, mac: bytes, key: bytes) -> SensorSample:
         "temperature": temp / 100,
         "humidity": hum / 100,
         "battery_pct": float(battery),
-        "opening": float(1 - (flags & 1)),
     }
+    if reed_switch:
+        values["opening"] = float(1 - (flags & 1))
     return sample(SOURCE_PVVX, values, _UNITS, counter=counter, battery_pct=battery)
