@@ -528,3 +528,28 @@ async def test_a_silent_restart_is_quiet_and_keeps_the_driver_connected(
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert sum("scanning (active)" in m for m in infos) == 1
     assert any("advertisements is back" in m for m in infos)
+
+
+async def test_opening_only_from_a_pvvx_with_a_reed_switch(tmp_path: Path) -> None:
+    other_mac = "A4:C1:38:00:00:09"
+    devices: list[dict[str, Any]] = [
+        {"id": "door-fitted", "mac": ATC_MAC, "profile": "pvvx-lywsd03mmc", "reed_switch": True},
+        {"id": "no-switch", "mac": other_mac, "profile": "pvvx-lywsd03mmc"},
+    ]
+    async with make_harness(tmp_path, devices) as ble:
+        for address in (ATC_MAC, other_mac):
+            frame = enc.pvvx_plain(
+                bytes.fromhex(address.replace(":", "")),
+                temperature=4.0,
+                humidity=50.0,
+                millivolts=3000,
+                battery_pct=90,
+                counter=1,
+                door_open=True,
+            )
+            ble.hear(address, service={ENVIRONMENTAL_SENSING_UUID: frame})
+        await ble.flush()
+        assert ble.samples("door-fitted")[0]["values"]["opening"] == 1
+        assert "opening" not in ble.samples("no-switch")[0]["values"]
+    with pytest.raises(ValueError, match="reed_switch"):
+        BleDriverConfig(devices=[{"id": "x", "mac": BTHOME_MAC, "profile": "bthome-v2", "reed_switch": True}])
