@@ -25,7 +25,7 @@ from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from drivers.modbus.profile import ModbusProfile, Point
-from drivers.modbus.registers import Decoded, decode_point, encode_value
+from drivers.modbus.registers import Decoded, bytes_to_registers, decode_point, encode_value
 from drivers.profiles import get_profile
 
 TICK_S: Final = 0.05
@@ -130,7 +130,7 @@ def registers_for(point: Point, metrics: dict[str, float | None]) -> list[int] |
         for bit in point.bits:
             on = bool(metrics.get(bit.name) or 0.0) != bit.invert
             raw |= int(on) << bit.bit
-        return [raw] if point.width == 1 else [raw >> 16, raw & 0xFFFF]
+        return _raw_registers(point, raw)
     if point.name not in metrics:
         return None
     value = metrics[point.name]
@@ -138,10 +138,15 @@ def registers_for(point: Point, metrics: dict[str, float | None]) -> list[int] |
         if not point.sentinels:
             return None
         raw = min(point.sentinels)
-        return [raw] if point.width == 1 else [raw >> 16, raw & 0xFFFF]
+        return _raw_registers(point, raw)
     if point.type != "float32" and point.type != "bool":
         value = round((value - point.offset) / point.scale) * point.scale + point.offset
     return list(encode_value(point, value))
+
+
+def _raw_registers(point: Point, raw: int) -> list[int]:
+    """The registers holding the unsigned ``raw`` (a bit field, a sentinel), in the point's byte and word order."""
+    return bytes_to_registers(raw.to_bytes(2 * point.width, "big"), point.byte_order, point.word_order)
 
 
 class PtyLine:

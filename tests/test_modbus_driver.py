@@ -495,3 +495,19 @@ def test_line_closes_its_descriptors() -> None:
     line = PtyLine()
     line.close()
     line.close()
+
+
+async def test_one_device_bus_with_the_cable_cut_goes_to_error(rig: Rig) -> None:
+    server = FridgeServer([1], speed=0.0)
+    line = await server.start_rtu(19200)
+    try:
+        config = rtu_config(line.driver_path, [fridge("fridge-1", 1)]) | {"timeout_s": 0.3, "retries": 1}
+        driver = rig.start(config)
+        await until(lambda: rig.status("fridge-1") == "online", "fridge-1 online")
+        line.cut = True
+        await until(lambda: rig.status("fridge-1") == "error", f"error with the cable cut ({driver.stats})")
+        line.cut = False
+        await until(lambda: rig.status("fridge-1") == "online", "online with the cable back")
+    finally:
+        await rig.stop_drivers()
+        await server.stop()

@@ -1,8 +1,9 @@
-"""One lock and one inter-frame gap per RTU bus, shared by every device (and driver) on that bus.
+"""One lock and one inter-frame gap per RTU bus, shared by every device on that bus.
 
 RS-485 is half duplex with one master: a request may go out only after the previous exchange ended and the
-line stayed silent for 3.5 character times (Modbus over Serial Line v1.02, 2.5.1.1). Two driver instances
-naming the same serial port share one :class:`BusLock`.
+line stayed silent for 3.5 character times (Modbus over Serial Line v1.02, 2.5.1.1). One driver per serial
+port: pymodbus opens the port exclusively, so a second driver naming it could never open it. A TCP link is
+keyed too (one lock per host:port), which serialises the requests of one driver's devices.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from pydantic import ValidationError
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
@@ -54,7 +55,13 @@ EXCEPTION_NAMES: Final = {
     11: "gateway target failed to respond",
 }
 """Modbus Application Protocol v1.1b, section 7: exception codes."""
+CONFIG_ERROR_CODES: Final = frozenset({1, 2, 3})
+"""Exceptions that will not go away by asking again: the profile does not fit this controller."""
 DEAD_LINK_MIN_FAILURES: Final = 3
+NO_PYMODBUS_DISCONNECT: Final = 1 << 30
+"""pymodbus closes a connection after ``retries + 3`` unanswered requests in a row, counted over every unit
+on it; one muted controller behind a TCP gateway would then cut off the healthy ones. Our own dead-link
+rule (:data:`DEAD_LINK_MIN_FAILURES`, per link) decides instead."""
 
 
 class LinkDownError(DriverError):
@@ -63,6 +70,15 @@ class LinkDownError(DriverError):
 
 class NoAnswerError(DriverError):
     """One device did not answer (timeout after the retries) or answered with a Modbus exception."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        """The Modbus exception code, None for no (valid) answer."""
+
+
+class WrongAnswerError(ModbusException):
+    """An answer that is not to the request just sent (an RTU reply arriving after its timeout)."""
 
 
 @dataclass
@@ -88,6 +104,9 @@ class _Group:
     interval_s: float
     blocks: list[ReadBlock]
     due: float = 0.0
+    failing: bool = False
+    misconfigured: bool = False
+    """A Modbus exception 1-3 was reported for this group (once; it is still polled)."""
 
 
 @dataclass
@@ -118,6 +137,9 @@ class ModbusDriver:
         self._outage_reported = False
         self._rx_seen = 0
         self._rx_last = 0
+        self._answered = False
+        self._up: Callable[[], None] | None = None
+        self._crash_logged = False
         self._polled: list[_Polled] = []
         now = time.monotonic()
         for dev in config.devices:
@@ -228,22 +250,49 @@ class ModbusDriver:
             self._client = None
 
     async def _session(self, up: Callable[[], None]) -> str:
-        client = self._make_client()
-        self._client = client
+        self._up = up
         try:
+            return await self._connected_session()
+        except (ModbusException, DriverError, OSError):
+            raise
+        except Exception as err:
+            # A bug or an unexpected library error (pyserial raises ValueError for a baud rate or RS-485 setting
+            # the adapter refuses): never let it stop the gateway; report, back off, try again.
+            if not self._crash_logged:
+                self._crash_logged = True
+                _LOGGER.exception("%s: unexpected error on %s", self.name, self.where)
+            reason = f"unexpected error on {self.where}: {type(err).__name__}: {err}"[:200]
+            self._report_outage(reason)
+            raise LinkDownError(reason) from err
+        finally:
+            self._up = None
+
+    async def _connected_session(self) -> str:
+        self._answered = False
+        try:
+            client = self._make_client()
+            client.set_max_no_responses(NO_PYMODBUS_DISCONNECT)
+            self._client = client
             if not await client.connect():
                 self._report_outage(f"cannot connect to {self.where}")
                 raise LinkDownError(f"cannot connect to {self.where}")
             _LOGGER.info("%s: connected to %s", self.name, self.where)
-            self._ctx.set_state(self.name, True)
-            self._failures_in_a_row = 0
-            self._outage_reported = False
-            up()
             return await self._poll_forever()
         finally:
             self._ctx.set_state(self.name, False, f"not connected to {self.where}")
             self._close()
             self.stats.reconnects += 1
+
+    def _first_answer(self) -> None:
+        """The link is up once something on it answered, not when the connection opened (a peer that accepts
+        and then drops every connection must keep the backoff growing)."""
+        self._answered = True
+        self._failures_in_a_row = 0
+        self._outage_reported = False
+        self._crash_logged = False
+        self._ctx.set_state(self.name, True)
+        if self._up is not None:
+            self._up()
 
     def _report_outage(self, reason: str) -> None:
         """Each device goes to error once per outage (not at every reconnect attempt)."""
@@ -251,6 +300,8 @@ class ModbusDriver:
             return
         self._outage_reported = True
         for polled in self._polled:
+            for group in polled.groups:
+                group.failing = True
             self._sink.failed(polled.device, reason)
 
     async def _poll_forever(self) -> str:
@@ -281,19 +332,44 @@ class ModbusDriver:
             try:
                 data = await self._read(polled.config.unit, block)
             except NoAnswerError as err:
-                self._sink.failed(polled.device, f"{group.name}: {err}")
+                self._group_failed(polled, group, err)
                 return
             raw += _raw_bytes(block, data)
             try:
                 decode_block(block, data, decoded)
             except DecodeError as err:
                 self.stats.bad_responses += 1
+                group.failing = False
                 self._sink.reject(polled.device, err.reason, err.detail, bytes(raw))
                 return
-        sample = SensorSample(
-            values=decoded.values, units=decoded.units, faults=decoded.faults, source=polled.profile.profile
-        )
+        group.failing = False
+        group.misconfigured = False
+        try:
+            sample = SensorSample(
+                values=decoded.values,
+                units=decoded.units,
+                faults=decoded.faults,
+                source=polled.profile.profile,
+            )
+        except ValidationError as err:
+            self._sink.reject(polled.device, "invalid_sample", str(err)[:500], bytes(raw))
+            return
         self._sink.emit(polled.device, "sensor.sample", sample, size=len(raw), raw=bytes(raw))
+
+    def _group_failed(self, polled: _Polled, group: _Group, err: NoAnswerError) -> None:
+        """The device is in error only when every one of its groups fails; an exception 1-3 (the profile
+        does not fit the controller) is reported once, and the device, which answered, stays online."""
+        if err.code in CONFIG_ERROR_CODES:
+            group.failing = False
+            if not group.misconfigured:
+                group.misconfigured = True
+                _LOGGER.warning("%s: %s, group %s: %s", self.name, polled.config.id, group.name, err)
+                self._sink.reject(polled.device, "modbus_exception", f"{group.name}: {err}", b"")
+            self._sink.reachable(polled.device)
+            return
+        group.failing = True
+        if all(g.failing for g in polled.groups):
+            self._sink.failed(polled.device, f"{group.name}: {err}")
 
     async def _read(self, unit: int, block: ReadBlock) -> Sequence[int] | Sequence[bool]:
         client = self._client
@@ -310,7 +386,12 @@ class ModbusDriver:
         async def call() -> Any:
             if reader is None:
                 raise LinkDownError(f"not connected to {self.where}")
-            return await reader(block.start, count=block.count, device_id=unit)
+            response = await reader(block.start, count=block.count, device_id=unit)
+            if not response.isError() and response.function_code != block.function:
+                raise WrongAnswerError(
+                    f"answer with function {response.function_code} to a request with function {block.function}"
+                )
+            return response
 
         size = 5 + ((block.count + 7) // 8 if block.function in (1, 2) else 2 * block.count)
         response = await self._exchange(
@@ -323,13 +404,22 @@ class ModbusDriver:
         return registers
 
     async def _exchange(
-        self, unit: int, call: Callable[[], Awaitable[Any]], what: str, answer_bytes: int
+        self,
+        unit: int,
+        call: Callable[[], Awaitable[Any]],
+        what: str,
+        answer_bytes: int,
+        *,
+        idempotent: bool = True,
     ) -> Any:
         """One request with retries, each on the bus lock; LinkDownError when the link itself has failed.
-        ``answer_bytes`` is the RTU answer's size: what else arrives during the turn is counted as noise."""
+        ``answer_bytes`` is the RTU answer's size: what else arrives during the turn is counted as noise.
+        A request that is not ``idempotent`` (a write) is not sent again after a timeout: it may have been
+        carried out."""
         cfg = self._config
         last = "no response"
-        for attempt in range(cfg.retries + 1):
+        retries = cfg.retries
+        for attempt in range(retries + 1):
             if attempt:
                 self.stats.retries += 1
                 await asyncio.sleep(cfg.retry_backoff_s * attempt)
@@ -349,7 +439,15 @@ class ModbusDriver:
                     last = f"no response from unit {unit} within {cfg.timeout_s:g} s ({type(err).__name__})"
                     self.stats.timeouts += 1
                     self._dropped.labels(self.name, "timeout").inc()
+                    if cfg.transport == "rtu":
+                        # A late answer may still be on its way: let it arrive (and be dropped) before the next
+                        # frame, or it would be taken for that frame's answer.
+                        await asyncio.sleep(cfg.timeout_s)
                     self._count_noise(self._rx_seen)
+                    if not idempotent:
+                        retries = attempt
+                        last += "; outcome unknown (not retried: it may have been carried out)"
+                        break
                     continue
                 except ModbusException as err:
                     last = f"bad response from unit {unit}: {err}"
@@ -361,20 +459,21 @@ class ModbusDriver:
                 if self.keep_latencies:
                     self.stats.latencies_s.append(time.perf_counter() - started)
                 self._count_noise(self._rx_seen - (5 if response.isError() else answer_bytes))
+            self._failures_in_a_row = 0  # the device answered: the link works
+            if not self._answered:
+                self._first_answer()
             if response.isError():
                 self.stats.exceptions += 1
-                self._failures_in_a_row = 0  # the device answered: the link works
                 code = getattr(response, "exception_code", 0)
                 name = EXCEPTION_NAMES.get(code, "unknown")
-                raise NoAnswerError(f"{what}: Modbus exception {code} ({name})")
-            self._failures_in_a_row = 0
+                raise NoAnswerError(f"{what}: Modbus exception {code} ({name})", code)
             return response
         self._failures_in_a_row += 1
         if self._failures_in_a_row >= max(DEAD_LINK_MIN_FAILURES, 2 * len(self._polled)):
             raise LinkDownError(
                 f"nothing on {self.where} answered {self._failures_in_a_row} requests in a row"
             )
-        raise NoAnswerError(f"{what}: {last} after {cfg.retries} retries")
+        raise NoAnswerError(f"{what}: {last} after {retries} retries")
 
     async def write(self, device_id: str, point_name: str, value: float) -> None:
         """Write one point of one device (HQ commands, rules). WriteRefusedError for an invalid write, DriverError
@@ -402,7 +501,7 @@ class ModbusDriver:
             return await client.write_registers(request.address, list(request.values), device_id=unit)
 
         try:
-            await self._exchange(unit, call, f"write {point_name}", 8)
+            await self._exchange(unit, call, f"write {point_name}", 8, idempotent=False)
         except LinkDownError as err:
             raise DriverError(f"{device_id}: {err}") from err
         except NoAnswerError as err:

@@ -22,6 +22,8 @@ WIDTH: Final[dict[str, int]] = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2
 """Registers (or bits, for coils and discrete inputs) a value of each type takes."""
 MAX_METRICS_PER_GROUP: Final = 64
 """A ``sensor.sample`` carries at most this many values (gateway.events.SensorSample)."""
+MAX_REASON: Final = 180
+"""A sentinel's reason, short enough that with " (raw 0x...)" it fits SensorSample.faults' 200 characters."""
 
 
 class _Strict(BaseModel):
@@ -73,7 +75,7 @@ class Point(_Strict):
         max_length=32,
         description="Report these bits as boolean metrics instead of the register's value.",
     )
-    sentinels: dict[int, Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+    sentinels: dict[int, Annotated[str, Field(min_length=1, max_length=MAX_REASON)]] = Field(
         default_factory=dict,
         description="Raw values (as unsigned) that mean 'no reading', e.g. 0x8000: probe fault.",
     )

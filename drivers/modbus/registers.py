@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from drivers.base import DecodeError, DriverError
-from drivers.modbus.profile import Point
+from drivers.modbus.profile import MAX_REASON, Point
 
 MAX_REGISTERS: Final = 125
 """Modbus Application Protocol v1.1b, 6.3: at most 125 registers per read (function 3 and 4)."""
@@ -100,10 +100,14 @@ def plan_reads(
 
 
 def decode_block(block: ReadBlock, data: Sequence[int] | Sequence[bool], into: Decoded) -> None:
-    """Decode one block's response into ``into``. A response shorter than asked is a DecodeError; bit
-    responses are padded to a multiple of 8 by the protocol, so extra bits are ignored."""
+    """Decode one block's response into ``into``. A response shorter or longer than asked is a DecodeError
+    (a longer one answers another request: a late RTU reply); bit responses are padded to a multiple of 8
+    by the protocol, so up to 7 extra bits are ignored."""
+    longest = (block.count + 7) // 8 * 8 if block.function in (1, 2) else block.count
     if len(data) < block.count:
         raise DecodeError("short_response", f"asked {block.count} values at {block.start}, got {len(data)}")
+    if len(data) > longest:
+        raise DecodeError("long_response", f"asked {block.count} values at {block.start}, got {len(data)}")
     for point in block.points:
         at = point.address - block.start
         if point.is_bit:
@@ -125,7 +129,7 @@ def decode_point(point: Point, words: Sequence[int], into: Decoded) -> None:
     reason = point.sentinels.get(unsigned)
     if reason is not None:
         for metric in point.metric_names():
-            into.faults[metric] = f"{reason} (raw {unsigned:#0{2 + 4 * point.width}x})"
+            into.faults[metric] = f"{reason[:MAX_REASON]} (raw {unsigned:#0{2 + 4 * point.width}x})"
         return
     if point.bits:
         for bit in point.bits:
