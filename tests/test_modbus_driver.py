@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import sqlite3
 import tty
 from collections.abc import AsyncIterator, Callable
@@ -35,16 +34,10 @@ from gateway.config import GatewayConfig, JournalConfig
 from gateway.journal import Journal
 from gateway.metrics import Metrics
 from simulators.fridge import FridgeModel, FridgeServer, PtyLine
+from tests.brokers import free_port
 
 FAST = {"temperatures": 0.1, "alarms": 0.1, "parameters": 0.2}
 WITHIN_S = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def gateway_config() -> GatewayConfig:
@@ -161,7 +154,9 @@ def tcp_config(port: int, devices: list[dict[str, Any]], **extra: Any) -> dict[s
 
 
 def fridge(device_id: str, unit: int, **extra: Any) -> dict[str, Any]:
-    return {"id": device_id, "unit": unit, "profile": "dixell-xr", "poll_intervals": FAST, **extra}
+    """A fast-polled fridge; its rate limit is far above FAST's ~25 samples/s (the flood test sets its own)."""
+    limits = {"rate_limit_per_s": 10_000, "rate_burst": 10_000}
+    return {"id": device_id, "unit": unit, "profile": "dixell-xr", "poll_intervals": FAST, **limits, **extra}
 
 
 @pytest.fixture
@@ -422,10 +417,20 @@ async def test_rtu_request_on_the_wire_is_the_spec_vector(
         device = {"id": "probe-1", "unit": 1, "profile": "test-one-register"}
         rig.start(rtu_config(os.ttyname(slave), [device]))
         loop = asyncio.get_running_loop()
-        request = b""
-        async with asyncio.timeout(WITHIN_S):
-            while len(request) < 8:
-                request += await loop.run_in_executor(None, os.read, master, 64)
+        request = bytearray()
+        enough = asyncio.Event()
+
+        def readable() -> None:
+            request.extend(os.read(master, 64))
+            if len(request) >= 8:
+                enough.set()
+
+        loop.add_reader(master, readable)
+        try:
+            async with asyncio.timeout(WITHIN_S):
+                await enough.wait()
+        finally:
+            loop.remove_reader(master)
         # shared/vectors/README.md: read one holding register at address 0 of unit 1.
         assert request[:8] == bytes.fromhex("010300000001840A")
         # A response of -20.0 degC: 01 03 02 FF 38 + CRC (int16 -200 x 0.1).
@@ -501,7 +506,9 @@ async def test_one_device_bus_with_the_cable_cut_goes_to_error(rig: Rig) -> None
     server = FridgeServer([1], speed=0.0)
     line = await server.start_rtu(19200)
     try:
-        config = rtu_config(line.driver_path, [fridge("fridge-1", 1)]) | {"timeout_s": 0.3, "retries": 1}
+        slow = {"temperatures": 2.0, "alarms": 2.0, "parameters": 2.0}
+        config = rtu_config(line.driver_path, [fridge("fridge-1", 1, poll_intervals=slow)])
+        config |= {"timeout_s": 0.5, "retries": 1, "reconnect_max_s": 2}
         driver = rig.start(config)
         await until(lambda: rig.status("fridge-1") == "online", "fridge-1 online")
         line.cut = True
@@ -511,3 +518,26 @@ async def test_one_device_bus_with_the_cable_cut_goes_to_error(rig: Rig) -> None
     finally:
         await rig.stop_drivers()
         await server.stop()
+
+
+async def test_two_muted_units_behind_one_tcp_gateway_do_not_cut_off_the_third(rig: Rig) -> None:
+    """pymodbus alone would close the connection after retries + 3 unanswered requests across all units."""
+    tcp_server = FridgeServer([1, 2, 3], speed=0.0)
+    await tcp_server.start_tcp("127.0.0.1", free_port())
+    try:
+        devices = [fridge("fridge-1", 1), fridge("fridge-2", 2), fridge("fridge-3", 3)]
+        driver = rig.start(tcp_config(server_port(tcp_server), devices, retries=2))
+        await until(lambda: rig.status("fridge-1") == "online", "fridge-1 online")
+        tcp_server.muted.update({2, 3})
+        await until(lambda: driver.stats.timeouts >= 30, "many timeouts on the muted units")
+        before = len(await rig.samples("fridge-1"))
+
+        async def healthy_goes_on() -> bool:
+            return len(await rig.samples("fridge-1")) > before + 5
+
+        await until_async(healthy_goes_on, "the healthy unit keeps being polled")
+        assert driver.stats.reconnects == 0
+        assert "error" not in await rig.statuses("fridge-1")
+    finally:
+        await rig.stop_drivers()
+        await tcp_server.stop()

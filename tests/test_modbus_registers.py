@@ -441,3 +441,14 @@ def test_the_gateway_config_takes_a_modbus_driver() -> None:
     (driver,) = config.drivers
     assert isinstance(driver, ModbusDriverConfig)
     assert driver.devices[0].profile == "dixell-xr"
+
+
+def test_a_sentinel_reason_fits_the_sample_fault_limit() -> None:
+    """SensorSample.faults holds 200 characters: a reason is at most 180, with " (raw 0x...)" it fits."""
+    base = {"name": "t", "address": 0, "type": "uint32", "group": "g"}
+    with pytest.raises(ValidationError):
+        Point.model_validate(base | {"sentinels": {0x80000000: "x" * 181}})
+    point = Point.model_validate(base | {"sentinels": {0x80000000: "x" * 180}})
+    into = Decoded()
+    decode_point(point, [0x8000, 0x0000], into)
+    assert 0 < len(into.faults["t"]) <= 200
