@@ -541,3 +541,38 @@ async def test_two_muted_units_behind_one_tcp_gateway_do_not_cut_off_the_third(r
     finally:
         await rig.stop_drivers()
         await tcp_server.stop()
+
+
+ONE_BAD_GROUP_PROFILE = """\
+profile: test-one-bad-group
+family: modbus
+vendor: test
+model: a map with one group the controller does not have
+source: tests/test_modbus_driver.py
+confidence: "third-party map: verify"
+groups:
+  temperatures: {interval_s: 0.1}
+  missing: {interval_s: 0.1}
+points:
+  - {name: air_temperature, address: 0x0100, type: int16, scale: 0.1, unit: "°C", group: temperatures}
+  - {name: nowhere, address: 0x7000, type: int16, group: missing}
+"""
+
+
+async def test_an_illegal_address_in_one_group_is_reported_once_and_the_device_stays_online(
+    rig: Rig, tcp_server: FridgeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "test-one-bad-group.yaml").write_text(ONE_BAD_GROUP_PROFILE, encoding="utf-8")
+    monkeypatch.setenv(PROFILES_ENV, str(tmp_path / "profiles"))
+    device = {"id": "fridge-1", "unit": 1, "profile": "test-one-bad-group", "rate_limit_per_s": 10_000}
+    driver = rig.start(tcp_config(server_port(tcp_server), [device]))
+    await until(lambda: driver.stats.exceptions >= 20, "the missing group is polled many times")
+    statuses = await rig.statuses("fridge-1")
+    assert "error" not in statuses
+    assert statuses[-1] == "online"
+    assert len(await rig.samples("fridge-1")) > 5
+    rows = await rig.rows("SELECT reason, detail FROM quarantine WHERE device_id='fridge-1'")
+    assert len(rows) == 1
+    assert rows[0][0] == "modbus_exception"
+    assert "exception 2" in rows[0][1]
