@@ -134,6 +134,8 @@ class ModbusDriver:
         self._client: Client | None = None
         self._paused = False
         self._failures_in_a_row = 0
+        self._silent_units: set[int] = set()
+        """Units that failed since anything on the link last answered: the link is dead when it is all of them."""
         self._outage_reported = False
         self._rx_seen = 0
         self._rx_last = 0
@@ -288,6 +290,7 @@ class ModbusDriver:
         and then drops every connection must keep the backoff growing)."""
         self._answered = True
         self._failures_in_a_row = 0
+        self._silent_units.clear()
         self._outage_reported = False
         self._crash_logged = False
         self._ctx.set_state(self.name, True)
@@ -440,9 +443,7 @@ class ModbusDriver:
                     self.stats.timeouts += 1
                     self._dropped.labels(self.name, "timeout").inc()
                     if cfg.transport == "rtu":
-                        # A late answer may still be on its way: let it arrive (and be dropped) before the next
-                        # frame, or it would be taken for that frame's answer.
-                        await asyncio.sleep(cfg.timeout_s)
+                        await self._await_silence()
                     self._count_noise(self._rx_seen)
                     if not idempotent:
                         retries = attempt
@@ -460,6 +461,7 @@ class ModbusDriver:
                     self.stats.latencies_s.append(time.perf_counter() - started)
                 self._count_noise(self._rx_seen - (5 if response.isError() else answer_bytes))
             self._failures_in_a_row = 0  # the device answered: the link works
+            self._silent_units.clear()
             if not self._answered:
                 self._first_answer()
             if response.isError():
@@ -469,11 +471,26 @@ class ModbusDriver:
                 raise NoAnswerError(f"{what}: Modbus exception {code} ({name})", code)
             return response
         self._failures_in_a_row += 1
-        if self._failures_in_a_row >= max(DEAD_LINK_MIN_FAILURES, 2 * len(self._polled)):
+        self._silent_units.add(unit)
+        every_unit = {p.config.unit for p in self._polled}
+        if self._failures_in_a_row >= DEAD_LINK_MIN_FAILURES and self._silent_units >= every_unit:
             raise LinkDownError(
                 f"nothing on {self.where} answered {self._failures_in_a_row} requests in a row"
             )
         raise NoAnswerError(f"{what}: {last} after {retries} retries")
+
+    async def _await_silence(self) -> None:
+        """After an RTU timeout a late answer may still be on its way: wait (still holding the bus) until the
+        line has been silent for a while, at most one more timeout, so it is not taken for the next answer."""
+        cfg = self._config
+        quiet = min(cfg.timeout_s, max(4 * cfg.frame_gap_s, 0.05))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.timeout_s
+        while True:
+            seen = self._rx_seen
+            await asyncio.sleep(quiet)
+            if self._rx_seen == seen or loop.time() >= deadline:
+                return
 
     async def write(self, device_id: str, point_name: str, value: float) -> None:
         """Write one point of one device (HQ commands, rules). WriteRefusedError for an invalid write, DriverError
