@@ -35,6 +35,7 @@ from drivers.modbus.registers import (
     plan_reads,
 )
 from drivers.profiles import available, get_profile
+from simulators.fridge import registers_for
 
 MODBUS_PROFILES = ("dixell-xr", "carel-ir33", "danfoss-ekc-202d", "eliwell-idplus-9xx")
 
@@ -452,3 +453,30 @@ def test_a_sentinel_reason_fits_the_sample_fault_limit() -> None:
     into = Decoded()
     decode_point(point, [0x8000, 0x0000], into)
     assert 0 < len(into.faults["t"]) <= 200
+
+
+@pytest.mark.parametrize("word_order", ["big", "little"])
+@pytest.mark.parametrize("byte_order", ["big", "little"])
+def test_the_simulator_serves_32_bit_raw_registers_in_the_point_order(
+    word_order: str, byte_order: str
+) -> None:
+    """A 32-bit bit field and sentinel decode back to what the simulator meant, whatever the orders."""
+    orders = {"word_order": word_order, "byte_order": byte_order}
+    bits = [{"name": "low", "bit": 0}, {"name": "high", "bit": 31}]
+    field_point = Point.model_validate(
+        {"name": "f", "address": 0, "type": "uint32", "group": "g", "bits": bits} | orders
+    )
+    words = registers_for(field_point, {"low": 1.0, "high": 1.0})
+    assert words is not None
+    into = Decoded()
+    decode_point(field_point, words, into)
+    assert into.values == {"low": 1.0, "high": 1.0}
+    sentinel = {0x80000001: "probe fault"}
+    probe = Point.model_validate(
+        {"name": "t", "address": 0, "type": "int32", "group": "g", "sentinels": sentinel} | orders
+    )
+    words = registers_for(probe, {"t": None})
+    assert words is not None
+    into = Decoded()
+    decode_point(probe, words, into)
+    assert into.faults["t"].startswith("probe fault")
