@@ -91,7 +91,9 @@ def write_secrets(folder: Path) -> Path:
     folder.mkdir()
     for name in example_secret_names():
         # A BLE bindkey is 16 bytes in hex; other secrets are free text.
-        value = "231d39c1d7cc1ab1aee224cd096db932" if name.endswith("_bindkey") else f"{name}-value-0123456789"
+        value = (
+            "231d39c1d7cc1ab1aee224cd096db932" if name.endswith("_bindkey") else f"{name}-value-0123456789"
+        )
         (folder / name).write_text(f"{value}\n")
     return folder
 
