@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +26,11 @@ from drivers.ble.config import BleDriverConfig
 from drivers.ble.driver import RESYNC_AFTER_S, BleDriver, Scanner, ScannerFactory
 from drivers.ble.formats import BTHOME_UUID, ENVIRONMENTAL_SENSING_UUID, RUUVI_COMPANY_ID
 from drivers.devices import DeviceRegistry
-from gateway.clock import ClockState
-from gateway.config import JournalConfig
 from gateway.journal import Journal
 from gateway.metrics import Metrics
 from simulators import ble as enc
 from tests.brokers import Mosquitto, free_port
+from tests.driver_harness import query, running_journal
 from tests.e2e_helpers import load, poll_until, running_gateway, write_config
 
 BTHOME_MAC = "54:48:E6:8F:80:A5"
@@ -133,8 +131,7 @@ class Harness:
             await self.journal.flush()
 
     def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        with contextlib.closing(sqlite3.connect(self.db)) as db:
-            return db.execute(sql, params).fetchall()
+        return query(self.db, sql, *params)
 
     def samples(self, device_id: str) -> list[dict[str, Any]]:
         rows = self.rows(
@@ -174,25 +171,16 @@ async def make_harness(
     factory = factory or {}
     metrics = Metrics()
     db = tmp_path / "journal.db"
-    journal = Journal(db, "hk-0042", "gw-1", JournalConfig(), metrics, (), ClockState(override=True))
-    await journal.open()
-    writer = asyncio.create_task(journal.run(), name="journal-writer-under-test")
-    clock = FakeClock()
-    registry = DeviceRegistry(journal.submit, monotonic=clock)
     config = load(write_config(tmp_path / "store.yaml", store_port=1, hq_port=1, data_dir=tmp_path / "data"))
-    ctx = DriverContext(journal, metrics, registry, config)
-    driver = BleDriver(BleDriverConfig(devices=devices, **kwargs), ctx, **factory)
-    try:
-        yield Harness(driver, ctx, journal, registry, metrics, clock, db)
-    finally:
-        driver.pause()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(20):
-                await journal.flush()
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
-        await journal.close()
+    async with running_journal(db, metrics) as journal:
+        clock = FakeClock()
+        registry = DeviceRegistry(journal.submit, monotonic=clock)
+        ctx = DriverContext(journal, metrics, registry, config)
+        driver = BleDriver(BleDriverConfig(devices=devices, **kwargs), ctx, **factory)
+        try:
+            yield Harness(driver, ctx, journal, registry, metrics, clock, db)
+        finally:
+            driver.pause()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,10 @@ from hypothesis import strategies as st
 from drivers.devices import RATE_LIMIT_QUIET_S, DeviceRegistry, TokenBucket
 from drivers.limits import DeviceLimits
 from drivers.sink import REDACTED, DeviceSink
-from gateway.clock import ClockState
-from gateway.config import JournalConfig
 from gateway.events import DeviceStatus, SensorSample
 from gateway.journal import Journal
 from gateway.metrics import Metrics
+from tests.driver_harness import query, running_journal
 
 
 class FakeClock:
@@ -48,8 +46,7 @@ class Harness:
             await self.journal.flush()
 
     def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        with contextlib.closing(sqlite3.connect(self.db)) as db:
-            return db.execute(sql, params).fetchall()
+        return query(self.db, sql, *params)
 
     def statuses(self, device_id: str) -> list[dict[str, Any]]:
         rows = self.rows(
@@ -61,25 +58,12 @@ class Harness:
 @pytest.fixture
 async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     metrics = Metrics()
-    journal = Journal(
-        tmp_path / "journal.db", "hk-0042", "gw-1", JournalConfig(), metrics, (), ClockState(override=True)
-    )
-    await journal.open()
-    writer = asyncio.create_task(journal.run(), name="journal-writer-under-test")
-    clock = FakeClock()
-    registry = DeviceRegistry(journal.submit, monotonic=clock)
-    try:
+    async with running_journal(tmp_path / "journal.db", metrics) as journal:
+        clock = FakeClock()
+        registry = DeviceRegistry(journal.submit, monotonic=clock)
         yield Harness(
             journal, registry, DeviceSink("drv", journal, metrics), clock, metrics, tmp_path / "journal.db"
         )
-    finally:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(20):
-                await journal.flush()
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
-        await journal.close()
 
 
 def sample(value: float = 4.0) -> SensorSample:

@@ -29,12 +29,12 @@ from drivers.modbus.config import ModbusDriverConfig
 from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.registers import WriteRefusedError
 from drivers.profiles import PROFILES_ENV
-from gateway.clock import ClockState
-from gateway.config import GatewayConfig, JournalConfig
+from gateway.config import GatewayConfig
 from gateway.journal import Journal
 from gateway.metrics import Metrics
 from simulators.fridge import FridgeModel, FridgeServer, PtyLine
 from tests.brokers import free_port
+from tests.driver_harness import running_journal
 
 FAST = {"temperatures": 0.1, "alarms": 0.1, "parameters": 0.2}
 WITHIN_S = 20.0
@@ -100,22 +100,13 @@ class Rig:
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     metrics = Metrics()
     db = tmp_path / "journal.db"
-    journal = Journal(db, "hk-0042", "gw-1", JournalConfig(), metrics, (), ClockState(override=True))
-    await journal.open()
-    writer = asyncio.create_task(journal.run(), name="journal-writer-under-test")
-    ctx = DriverContext(journal, metrics, DeviceRegistry(journal.submit), gateway_config())
-    rig = Rig(ctx, journal, db, [])
-    try:
-        yield rig
-    finally:
-        await rig.stop_drivers()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(WITHIN_S):
-                await journal.flush()
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
-        await journal.close()
+    async with running_journal(db, metrics) as journal:
+        ctx = DriverContext(journal, metrics, DeviceRegistry(journal.submit), gateway_config())
+        rig = Rig(ctx, journal, db, [])
+        try:
+            yield rig
+        finally:
+            await rig.stop_drivers()
 
 
 async def until(condition: Callable[[], bool], what: str, within: float = WITHIN_S) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import sqlite3
 import tty
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -22,11 +21,11 @@ from drivers.devices import DeviceRegistry
 from drivers.epc import encode_sgtin96
 from drivers.serial.config import SerialDriverConfig
 from drivers.serial.driver import GARBAGE_REPORT_S, NOT_ANSWERING, SerialDriver
-from gateway.clock import ClockState
-from gateway.config import GatewayConfig, JournalConfig
+from gateway.config import GatewayConfig
 from gateway.journal import Journal
 from gateway.metrics import Metrics
 from simulators.rfid_reader import PtyReader, TagField
+from tests.driver_harness import query, running_journal
 from tests.e2e_helpers import poll_until
 
 GTIN = "80614141123458"  # GS1 TDS worked example (company prefix 0614141)
@@ -41,8 +40,7 @@ class Harness:
     tmp: Path
 
     def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        with contextlib.closing(sqlite3.connect(self.db)) as db:
-            return db.execute(sql, params).fetchall()
+        return query(self.db, sql, *params)
 
     def events(self, kind: str, device_id: str) -> list[dict[str, Any]]:
         rows = self.rows("SELECT body FROM events WHERE kind=? AND device_id=? ORDER BY seq", kind, device_id)
@@ -67,9 +65,6 @@ class Harness:
 async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     metrics = Metrics()
     db = tmp_path / "journal.db"
-    journal = Journal(db, "hk-0042", "gw-1", JournalConfig(), metrics, (), ClockState(override=True))
-    await journal.open()
-    writer = asyncio.create_task(journal.run(), name="journal-writer-under-test")
     config = GatewayConfig.model_validate(
         {
             "gateway_id": "gw-1",
@@ -79,17 +74,9 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
             "data_dir": str(tmp_path),
         }
     )
-    ctx = DriverContext(journal, metrics, DeviceRegistry(journal.submit), config)
-    try:
+    async with running_journal(db, metrics) as journal:
+        ctx = DriverContext(journal, metrics, DeviceRegistry(journal.submit), config)
         yield Harness(journal, ctx, db, tmp_path)
-    finally:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(20):
-                await journal.flush()
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
-        await journal.close()
 
 
 @contextlib.asynccontextmanager
