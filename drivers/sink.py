@@ -8,9 +8,11 @@ retries). ``ack`` callbacks run only after the event is committed to disk (or qu
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Literal
 
 import orjson
 from pydantic import BaseModel
@@ -123,3 +125,61 @@ class DeviceSink:
     def backlogged(self) -> bool:
         """True while the journal has a commit's worth waiting: a polling driver may skip a round."""
         return self._journal.pending >= self._journal.high_water
+
+
+class GarbageBatch:
+    """One device's undecodable input, quarantined as one row per ``interval_s``: counts by reason, the total
+    size and the first item's bytes (and its error), so a noisy line or a mis-keyed sensor cannot fill the
+    quarantine and push out other devices' rows. ``counted_in`` says what the row's headline counts."""
+
+    def __init__(
+        self,
+        sink: DeviceSink,
+        device: Device,
+        unit: str,
+        counted_in: Literal["items", "bytes"],
+        interval_s: float,
+    ) -> None:
+        self._sink = sink
+        self._device = device
+        self._unit = unit
+        self._counted_in = counted_in
+        self._interval_s = interval_s
+        self._reasons: Counter[str] = Counter()
+        self._bytes = 0
+        self._sample = b""
+        self._detail = ""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, reason: str, raw: bytes, size: int | None = None, detail: str = "") -> None:
+        self._reasons[reason] += 1
+        self._bytes += len(raw) if size is None else size
+        if not self._sample:
+            self._sample = raw
+            self._detail = detail
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._interval_s, self.flush)
+
+    def flush(self) -> None:
+        """Quarantine what is held now (the timer does it a second after the first item)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._reasons:
+            return
+        reasons = self._reasons
+        reason = reasons.most_common(1)[0][0] if len(reasons) == 1 else "garbage"
+        counts = ", ".join(f"{n} {r}" for r, n in reasons.most_common())
+        headline = reasons.total() if self._counted_in == "items" else self._bytes
+        kept = f"the first, kept: {self._detail}" if self._detail else "first bytes kept"
+        self._sink.reject(
+            self._device,
+            reason,
+            f"{headline} {self._unit} that did not decode ({counts}); {kept}",
+            self._sample,
+            size=self._bytes,
+        )
+        reasons.clear()
+        self._bytes = 0
+        self._sample = b""
+        self._detail = ""

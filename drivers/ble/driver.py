@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Final, Literal, Protocol
 
@@ -40,6 +39,7 @@ from drivers.ble.formats import RUUVI_COMPANY_ID, BleFormat, mac_bytes
 from drivers.devices import Device
 from drivers.limits import DeviceLimits
 from drivers.profiles import get_profile
+from drivers.sink import GarbageBatch
 from gateway.supervise import Backoff, QuietLog
 
 _LOGGER = logging.getLogger(__name__)
@@ -124,11 +124,8 @@ class _Tracked:
     last_taken_at: float = float("-inf")
     behind_since: float | None = None
     """When encrypted frames started arriving behind ``last_counter`` (None: in order)."""
-    garbage: Counter[str] = field(default_factory=Counter)
-    garbage_bytes: int = 0
-    garbage_sample: bytes = b""
-    garbage_detail: str = ""
-    garbage_timer: asyncio.TimerHandle | None = None
+    garbage: GarbageBatch = field(kw_only=True)
+    """Its undecodable advertisements, quarantined as one row a second."""
 
 
 class BleDriver:
@@ -172,6 +169,7 @@ class BleDriver:
             config.key,
             config.reed_switch,
             config.min_interval_s,
+            garbage=GarbageBatch(self._sink, device, "advertisement(s)", "items", GARBAGE_REPORT_S),
         )
 
     def pause(self) -> None:
@@ -181,7 +179,7 @@ class BleDriver:
     def flush_garbage(self) -> None:
         """Quarantine what is held of every device's undecodable advertisements now."""
         for tracked in self._by_mac.values():
-            self._flush_garbage(tracked)
+            tracked.garbage.flush()
 
     async def run(self) -> None:
         """Scan until cancelled; without an adapter, say so once and retry with a backoff up to ``retry_max_s``.
@@ -295,11 +293,11 @@ class BleDriver:
                 reed_switch=tracked.reed_switch,
             )
         except DecodeError as err:
-            self._add_garbage(tracked, err.reason, err.detail, raw)
+            tracked.garbage.add(err.reason, raw, detail=err.detail)
             return
         except Exception as err:  # a decoder bug: quarantine this advertisement, keep scanning
             _LOGGER.exception("%s: decoding an advertisement of %s failed", self.name, device.id)
-            self._add_garbage(tracked, "internal_error", repr(err)[:300], raw)
+            tracked.garbage.add("internal_error", raw, detail=repr(err)[:300])
             return
         if reading.counter is not None:
             if reading.counter == tracked.last_counter:
@@ -343,36 +341,3 @@ class BleDriver:
         )
         tracked.behind_since = None
         return True
-
-    def _add_garbage(self, tracked: _Tracked, reason: str, detail: str, raw: bytes) -> None:
-        """Hold an undecodable advertisement; the device's held ones are quarantined as one row a second."""
-        tracked.garbage[reason] += 1
-        tracked.garbage_bytes += len(raw)
-        if not tracked.garbage_sample:
-            tracked.garbage_sample = raw
-            tracked.garbage_detail = detail
-        if tracked.garbage_timer is None:
-            tracked.garbage_timer = asyncio.get_running_loop().call_later(
-                GARBAGE_REPORT_S, self._flush_garbage, tracked
-            )
-
-    def _flush_garbage(self, tracked: _Tracked) -> None:
-        if tracked.garbage_timer is not None:
-            tracked.garbage_timer.cancel()
-            tracked.garbage_timer = None
-        if not tracked.garbage:
-            return
-        reason = tracked.garbage.most_common(1)[0][0] if len(tracked.garbage) == 1 else "garbage"
-        counts = ", ".join(f"{n} {r}" for r, n in tracked.garbage.most_common())
-        total = tracked.garbage.total()
-        self._sink.reject(
-            tracked.device,
-            reason,
-            f"{total} advertisement(s) that did not decode ({counts}); the first, kept: {tracked.garbage_detail}",
-            tracked.garbage_sample,
-            size=tracked.garbage_bytes,
-        )
-        tracked.garbage.clear()
-        tracked.garbage_bytes = 0
-        tracked.garbage_sample = b""
-        tracked.garbage_detail = ""

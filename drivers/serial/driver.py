@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections import Counter
 from typing import Final
 
 import serial_asyncio_fast
@@ -43,7 +42,7 @@ from drivers.serial.framing import (
     StxEtxFramer,
 )
 from drivers.serial.lines import Barcode, ScaleFormat, parse_barcode, parse_scale
-from drivers.sink import DeviceSink
+from drivers.sink import DeviceSink, GarbageBatch
 from gateway.events import BarcodeScanned, RfidInventory, SensorSample
 from gateway.supervise import Backoff, QuietLog
 
@@ -154,10 +153,7 @@ class _Port:
         self._stable = False
         self._quiet = QuietLog(_LOGGER, f"serial port {config.port} ({config.device_id})")
         self._transport: asyncio.Transport | None = None
-        self._garbage: Counter[str] = Counter()
-        self._garbage_bytes = 0
-        self._garbage_sample = b""
-        self._garbage_timer: asyncio.TimerHandle | None = None
+        self._garbage = GarbageBatch(sink, self.device, "bytes", "bytes", GARBAGE_REPORT_S)
         self.timeouts = 0
         """Polls without an answer, since start."""
         self.consecutive_timeouts = 0
@@ -243,7 +239,7 @@ class _Port:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             self._transport = None
-            self._flush_garbage()
+            self._garbage.flush()
             transport.close()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
@@ -288,7 +284,7 @@ class _Port:
         self.consecutive_timeouts += 1
         for item in self.framer.flush():  # a half answer will not be completed: it is garbage
             if isinstance(item, FrameError):
-                self._add_garbage(item.reason, item.size, item.raw)
+                self._garbage.add(item.reason, item.raw, item.size)
         limit = self.config.error_after_timeouts
         _LOGGER.debug(
             "%s: no answer within %.1f s (%d in a row)", self.device.id, timeout, self.consecutive_timeouts
@@ -340,14 +336,14 @@ class _Port:
             return
         for item in self.framer.feed(data):
             if isinstance(item, FrameError):
-                self._add_garbage(item.reason, item.size, item.raw)
+                self._garbage.add(item.reason, item.raw, item.size)
             else:
                 self._port_stable()
                 try:
                     self._on_frame(item)
                 except Exception:  # a codec bug: quarantine-worthy, never fatal to the port
                     _LOGGER.exception("%s: handling a frame failed", self.device.id)
-                    self._add_garbage("internal_error", len(item.raw), item.raw)
+                    self._garbage.add("internal_error", item.raw)
 
     def _on_frame(self, frame: Frame) -> None:
         codec = self.profile.codec
@@ -357,7 +353,7 @@ class _Port:
             assert self._scale is not None
             reading = parse_scale(frame.payload, self._scale)
             if isinstance(reading, Exception):
-                self._add_garbage(reading.reason, len(frame.raw), frame.raw)
+                self._garbage.add(reading.reason, frame.raw)
                 return
             assert self.profile.scale is not None
             if not reading.stable and self.profile.scale.only_stable:
@@ -376,7 +372,7 @@ class _Port:
         else:
             scan = parse_barcode(frame.payload)
             if isinstance(scan, Exception):
-                self._add_garbage(scan.reason, len(frame.raw), frame.raw)
+                self._garbage.add(scan.reason, frame.raw)
                 return
             self._on_barcode(scan, frame.raw)
 
@@ -387,10 +383,10 @@ class _Port:
     def _on_chafon(self, frame: Frame) -> None:
         response = chafon.decode_response(frame.payload)
         if isinstance(response, Exception):
-            self._add_garbage(response.reason, len(frame.raw), frame.raw)
+            self._garbage.add(response.reason, frame.raw)
             return
         if response.command != chafon.CMD_INVENTORY:
-            self._add_garbage("unexpected_command", len(frame.raw), frame.raw)
+            self._garbage.add("unexpected_command", frame.raw)
             return
         self.sink.reachable(self.device)  # it answered, even if with "no tag" or a reader status
         inventory = chafon.decode_inventory(response)
@@ -400,7 +396,7 @@ class _Port:
         if self._answering_since is None:
             self._answering_since = now
         if isinstance(inventory, Exception):
-            self._add_garbage(inventory.reason, len(frame.raw), frame.raw)
+            self._garbage.add(inventory.reason, frame.raw)
             self._answered.set()
             return
         tracker = self.tracker
@@ -409,30 +405,3 @@ class _Port:
             tracker.read(epc.hex().upper(), None, None, now)
         if not inventory.more:
             self._answered.set()
-
-    def _add_garbage(self, reason: str, size: int, raw: bytes) -> None:
-        self._garbage[reason] += 1
-        self._garbage_bytes += size
-        if not self._garbage_sample:
-            self._garbage_sample = raw
-        if self._garbage_timer is None:
-            self._garbage_timer = asyncio.get_running_loop().call_later(GARBAGE_REPORT_S, self._flush_garbage)
-
-    def _flush_garbage(self) -> None:
-        if self._garbage_timer is not None:
-            self._garbage_timer.cancel()
-            self._garbage_timer = None
-        if not self._garbage:
-            return
-        reason = self._garbage.most_common(1)[0][0] if len(self._garbage) == 1 else "garbage"
-        counts = ", ".join(f"{n} {r}" for r, n in self._garbage.most_common())
-        self.sink.reject(
-            self.device,
-            reason,
-            f"{self._garbage_bytes} bytes that did not decode ({counts}); first bytes kept",
-            self._garbage_sample,
-            size=self._garbage_bytes,
-        )
-        self._garbage.clear()
-        self._garbage_bytes = 0
-        self._garbage_sample = b""
