@@ -45,7 +45,8 @@ class TokenBucket:
         self._at = now
 
     def take(self, now: float) -> bool:
-        tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        # max(): a clock that went back (a caller switching clocks) refills nothing rather than draining.
+        tokens = min(self._burst, self._tokens + max(0.0, now - self._at) * self._rate)
         self._at = now
         if tokens >= 1.0:
             self._tokens = tokens - 1.0

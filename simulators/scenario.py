@@ -30,7 +30,9 @@ from drivers.profiles import get_profile
 from gateway.config import BrokerConfig
 from gateway.mqtt import MqttClient
 from simulators.ble import SimulatedSensor
+from simulators.catalog import CATALOG
 from simulators.fridge import FridgeModel, FridgeServer, PtyLine
+from simulators.hq import SimulatedHq
 from simulators.kiosk import DEFAULT_TOPIC_TEMPLATE as KIOSK_TOPIC
 from simulators.kiosk import Kiosk
 from simulators.pos import DEFAULT_TOPIC_TEMPLATE as TILL_TOPIC
@@ -50,6 +52,8 @@ BLE_FORMATS: Final[dict[str, BleFormat]] = {
 }
 FREEZER_BELOW_C: Final = -5.0
 """A simulated cabinet with a setpoint below this behaves as a freezer."""
+CASE_UNITS: Final = 12
+"""Units in one delivered case (one RFID tag on the case)."""
 SHELF_SCAN_S: Final = 2.0
 """Real seconds between two scans of a simulated RFID shelf."""
 GARBAGE_SKIPPED: Final = frozenset({"too_large"})
@@ -100,12 +104,15 @@ class ScenarioRun:
     on_step: Callable[[StepLog], None] | None = None
     on_till: Callable[[PosMessage], None] | None = None
     """Called for each till message the store broker acknowledged (the demo's live view)."""
+    hq: SimulatedHq | None = None
+    """Books deliveries (``delivery`` steps) as HQ receiving; without it they only move tags."""
     seed: int = 1
     log: list[StepLog] = field(default_factory=list)
     published: dict[str, int] = field(default_factory=dict)
     """Messages acknowledged by the store broker, by device kind (tills, kiosk, shelf, garbage, flood)."""
     _fridges: dict[str, _FridgeRig] = field(default_factory=dict)
     _readers: dict[str, PtyReader] = field(default_factory=dict)
+    _tag_skus: dict[bytes, str] = field(default_factory=dict)
     _shelves: dict[str, Shelf] = field(default_factory=dict)
     _kiosks: dict[str, Kiosk] = field(default_factory=dict)
     _sensors: dict[str, tuple[BleSensor, SimulatedSensor]] = field(default_factory=dict)
@@ -133,6 +140,9 @@ class ScenarioRun:
             self._fridges[spec.id] = rig
         for n, reader_spec in enumerate(devices.rfid_readers):
             population = catalog_epcs(reader_spec.tags + reader_spec.tags // 2 + 10, seed=self.seed + n)
+            self._tag_skus.update(
+                (epc, CATALOG[i % len(CATALOG)].sku) for i, epc in enumerate(population)
+            )  # catalog_epcs gives item i % len(CATALOG) the i-th EPC
             tag_field = TagField(
                 population, present_ratio=reader_spec.tags / max(1, len(population)), seed=self.seed
             )
@@ -405,9 +415,16 @@ class ScenarioRun:
         elif step.action == "tags_leave":
             leaving = sorted(tag_field.present)[: step.count]
             tag_field.present.difference_update(leaving)
-        elif step.action == "tags_arrive":
+        elif step.action in ("tags_arrive", "delivery"):
             absent = [epc for epc in tag_field.population if epc not in tag_field.present]
-            tag_field.present.update(absent[: step.count])
+            arriving = absent[: step.count]
+            tag_field.present.update(arriving)
+            if step.action == "delivery" and self.hq is not None:
+                units: dict[str, int] = {}
+                for epc in arriving:
+                    sku = self._tag_skus[epc]
+                    units[sku] = units.get(sku, 0) + CASE_UNITS
+                self.hq.deliver(units, f"delivery of {len(arriving)} case(s) at {step.device}")
         else:
             self._note(step, "not applicable to an RFID reader: skipped")
             return
@@ -486,7 +503,11 @@ class ScenarioRun:
             now = loop.time()
             for device_id, (spec, sensor) in self._sensors.items():
                 if now >= next_at[device_id]:
-                    sensor.step(spec.interval_s * self.scenario.time_scale)
+                    if spec.inside is not None:
+                        cabinet = self._fridges[spec.inside].model
+                        sensor.follow(cabinet.air, cabinet.door_open)
+                    else:
+                        sensor.step(spec.interval_s * self.scenario.time_scale)
                     ble.on_advertisement(*sensor.advert().to_bleak())
                     self._count("ble")
                     next_at[device_id] = now + spec.interval_s

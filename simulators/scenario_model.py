@@ -54,6 +54,9 @@ class BleSensor(_Model):
     encrypted: bool = Field(default=False, description="BTHome and pvvx only: AES-CCM with a bindkey.")
     temperature_c: float = Field(default=4.0, ge=-40, le=60)
     interval_s: float = Field(default=5.0, gt=0, le=3600, description="Seconds between advertisements.")
+    inside: DeviceId | None = Field(
+        default=None, description="The simulated fridge this logger sits in: it reads that cabinet's air."
+    )
 
 
 class RfidReader(_Model):
@@ -101,6 +104,7 @@ Action = Literal[
     "plug",
     "tags_leave",
     "tags_arrive",
+    "delivery",
     "garbage",
     "flood",
     "checkin_wave",
@@ -113,7 +117,9 @@ class Step(_Model):
     device: DeviceId | None = Field(
         default=None, description="The device acted on; none for store-wide ones."
     )
-    count: int = Field(default=1, ge=1, le=100_000, description="Tags, garbage messages, check-ins...")
+    count: int = Field(
+        default=1, ge=1, le=100_000, description="Tags, cases delivered, garbage messages, check-ins..."
+    )
     rate_per_s: float | None = Field(default=None, gt=0, le=100_000, description="For 'flood'.")
     for_s: float | None = Field(default=None, gt=0, description="For 'flood' and 'door_open': how long.")
 
@@ -145,6 +151,13 @@ class Scenario(_Model):
                 )
             if step.at_s > self.duration_s:
                 raise ValueError(f"steps[{n}]: at_s {step.at_s:g} is after the end ({self.duration_s:g} s)")
+        fridges = {f.id for f in self.devices.fridges}
+        for n, sensor in enumerate(self.devices.ble):
+            if sensor.inside is not None and sensor.inside not in fridges:
+                raise ValueError(
+                    f"devices.ble[{n}].inside: {sensor.inside!r} is not a fridge of this scenario"
+                    f" (fridges: {', '.join(sorted(fridges)) or 'none'})"
+                )
         return self
 
 

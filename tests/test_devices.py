@@ -166,11 +166,11 @@ async def test_errors_and_recovery_are_reported_on_change_only(harness: Harness)
 
 async def test_watchdog_reports_a_silent_device_offline_and_back(harness: Harness) -> None:
     limits = DeviceLimits(offline_after_s=0.2)
+    # The watchdog runs on real time here: switch before any device exists, so its token bucket and silence
+    # timer start on the same clock (the fake one starts at 1000 s, above a freshly booted machine's uptime).
+    harness.registry.monotonic = asyncio.get_running_loop().time
     silent = harness.registry.add("probe-1", "drv", limits)
     talking = harness.registry.add("probe-2", "drv", limits)
-    harness.registry.monotonic = asyncio.get_running_loop().time  # the watchdog runs on real time here
-    for device in (silent, talking):
-        device._last_seen_mono = harness.registry.monotonic()
     watchdog = asyncio.create_task(harness.registry.run(), name="watchdog-under-test")
     try:
         async with asyncio.timeout(20):

@@ -442,7 +442,11 @@ async def test_disk_budget_while_hq_is_down_evicts_telemetry_then_state_and_keep
     lost = {cls: [s for s in sorted(missing) if kinds[s] == cls] for cls in range(4)}
     if states_per_round == 25:
         assert evicted_classes == {"telemetry"}
-        assert len(kept[TELEMETRY]) > 200, "eviction frees the excess, not every telemetry event"
+        # Eviction frees about the excess, not every telemetry event: the newest readings stay and the journal
+        # ends near its cap. (How many readings that is depends on their size, and so on the digits of the
+        # monotonic clock in each envelope: 177 to 419 here. Bound it by bytes, not by a count.)
+        assert max(kept[TELEMETRY]) == max(s for s, c in kinds.items() if c == TELEMETRY)
+        assert used_bytes(journal) > cap * 0.8, "eviction freed far more than the excess"
     else:
         assert evicted_classes == {"telemetry", "state"}
     # Transactions and alerts all survive while anything else is left.

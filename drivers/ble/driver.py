@@ -137,7 +137,8 @@ class BleDriver:
         self.name = config.name
         self._config = config
         self._ctx = ctx
-        self._scanner_factory = scanner_factory
+        self.scanner_factory = scanner_factory
+        """Makes the scanner at each (re)start: bleak's, or a simulated radio (the demo) set before ``run()``."""
         self._sink = ctx.sink(config.name)
         self._monotonic = ctx.devices.monotonic
         metrics = ctx.metrics
@@ -235,7 +236,7 @@ class BleDriver:
             bluez["adapter"] = self._config.adapter
         if self._config.scanning_mode == "passive":
             try:
-                scanner = self._scanner_factory(self.on_advertisement, scanning_mode="passive", bluez=bluez)
+                scanner = self.scanner_factory(self.on_advertisement, scanning_mode="passive", bluez=bluez)
                 await scanner.start()
             except BleakBluetoothNotAvailableError:
                 raise
@@ -247,7 +248,7 @@ class BleDriver:
                 self.scanning_mode = "passive"
                 return scanner
         active: BlueZScannerArgs = {"adapter": bluez["adapter"]} if "adapter" in bluez else {}
-        scanner = self._scanner_factory(self.on_advertisement, scanning_mode="active", bluez=active)
+        scanner = self.scanner_factory(self.on_advertisement, scanning_mode="active", bluez=active)
         await scanner.start()
         self.scanning_mode = "active"
         return scanner

@@ -1,0 +1,132 @@
+"""The simulated store's head office: it books the goods the store receives, as a real HQ does.
+
+A store's stock rises only when goods are received. In a real chain HQ's ERP books the delivery and sends the
+gateway a ``stock.adjust`` command with reason ``receiving``; :class:`SimulatedHq` does the same, over the HQ
+broker on the gateway's commands topic, so the gateway's downlink applies it like any other HQ command:
+
+- **replenishment**: when the gateway raises ``stock.low`` for a SKU, HQ orders it up to ``order_up_to`` units;
+  the goods arrive ``lead_time_s`` (real seconds) later, and HQ books them then;
+- **deliveries** a scenario plays (the ``delivery`` step): cases whose tags the back-room reader sees arrive.
+
+Without it a simulated store only sells, and its stock runs negative within minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+
+from cloud_bridge.topics import commands_topic
+from gateway.config import BrokerConfig
+from gateway.mqtt import MqttClient, MqttError
+
+_LOGGER = logging.getLogger(__name__)
+
+ORDER_UP_TO: Final = 200
+"""Units a replenishment order brings a SKU up to (the demo's shelves start at 200)."""
+LEAD_TIME_S: Final = 5.0
+"""Real seconds between HQ seeing a SKU low and the goods being booked in."""
+
+
+@dataclass
+class Delivery:
+    """Goods booked in: what the live view shows."""
+
+    sku: str
+    units: int
+    why: str
+
+
+@dataclass
+class SimulatedHq:
+    """Books receiving for one gateway: ``start()``, then ``observe()`` each committed event; ``close()``."""
+
+    broker: BrokerConfig
+    prefix: str
+    store_id: str
+    gateway_id: str
+    order_up_to: int = ORDER_UP_TO
+    lead_time_s: float = LEAD_TIME_S
+    on_delivery: Callable[[Delivery], None] | None = None
+    booked: list[Delivery] = field(default_factory=list)
+    _client: MqttClient | None = None
+    _ordered: set[str] = field(default_factory=set)
+    """SKUs with an order on its way: a SKU is ordered once until its goods arrive."""
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def start(self) -> None:
+        self._client = MqttClient(self.broker, f"sim-hq-{self.store_id}-{self.gateway_id}", clean_start=True)
+        await self._client.connect()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        client, self._client = self._client, None
+        if client is not None:
+            await client.disconnect()
+
+    def observe(self, event: Mapping[str, Any]) -> None:
+        """An event the gateway committed (HQ receives it too): a ``stock.low`` alert places an order."""
+        if event.get("kind") != "alert.raised":
+            return
+        data = event.get("data") or {}
+        sku = data.get("subject")
+        if data.get("rule") != "stock.low" or not isinstance(sku, str) or sku in self._ordered:
+            return
+        try:
+            on_hand = float((data.get("details") or {}).get("on_hand"))
+        except (TypeError, ValueError):
+            return
+        units = self.order_up_to - math.floor(on_hand)
+        if units <= 0:
+            return
+        self._ordered.add(sku)
+        self._spawn(self._arrive_later(sku, units), f"sim-hq-order-{sku}")
+
+    def deliver(self, units_by_sku: Mapping[str, int], why: str) -> None:
+        """Goods that arrived now (a scenario's delivery): book them at once."""
+        for sku, units in units_by_sku.items():
+            if units > 0:
+                self._spawn(self._book(sku, units, why), f"sim-hq-delivery-{sku}")
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _arrive_later(self, sku: str, units: int) -> None:
+        try:
+            await asyncio.sleep(self.lead_time_s)
+            await self._book(sku, units, "replenishment")
+        finally:
+            self._ordered.discard(sku)
+
+    async def _book(self, sku: str, units: int, why: str) -> None:
+        if self._client is None:
+            raise RuntimeError("SimulatedHq.start() was not called")
+        command = {
+            "request_id": f"sim-{uuid.uuid4()}",
+            "command": "stock.adjust",
+            "args": {"sku": sku, "delta": units, "reason": "receiving", "note": why},
+        }
+        topic = commands_topic(self.prefix, self.store_id, self.gateway_id)
+        try:
+            await self._client.publish(topic, orjson.dumps(command), qos=1)
+        except MqttError as err:
+            _LOGGER.warning("simulated HQ: could not book %d x %s: %s", units, sku, err)
+            return
+        delivery = Delivery(sku, units, why)
+        self.booked.append(delivery)
+        if self.on_delivery is not None:
+            self.on_delivery(delivery)
