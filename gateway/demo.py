@@ -181,7 +181,7 @@ class LiveView:
                 color = "31" if event["kind"].startswith("alert") or text.startswith("ALARM") else "33"
                 self._line("gateway", color, f"seq {event['seq']:>5}  {text}")
         for rejected in committed.rejected:
-            who = rejected.device_id or rejected.topic
+            who = rejected.device_id or rejected.topic or "unknown"
             self._did(who, "quarantined", rejected.reason)
             if self._verbose:
                 self._line("gateway", "31", f"quarantined from {who}: {rejected.reason}")

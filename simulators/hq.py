@@ -85,7 +85,7 @@ class SimulatedHq:
         if data.get("rule") != "stock.low" or not isinstance(sku, str) or sku in self._ordered:
             return
         try:
-            on_hand = float((data.get("details") or {}).get("on_hand"))
+            on_hand = float(str((data.get("details") or {}).get("on_hand")))
         except (TypeError, ValueError):
             return
         units = self.order_up_to - math.floor(on_hand)
