@@ -9,26 +9,124 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from gateway import __version__
 
-if TYPE_CHECKING:
-    from gateway.config import GatewayConfig
+_FORMATTER = argparse.RawDescriptionHelpFormatter
+
+_RUN_HELP = """\
+Run the gateway with one config file, until SIGTERM or Ctrl-C.
+
+First the config is loaded and checked exactly as 'check-config' does, files included (TLS CA, certificate
+and key; the stock CSV): on any problem, every one is printed (file:line:column, key path, hint) and
+nothing starts. Then the journal opens, the drivers start and events flow to HQ.
+
+exit codes:
+  0  stopped by SIGTERM or SIGINT (Ctrl-C)
+  1  the config has problems, or the gateway cannot start (API port taken, journal unreadable, ...)
+  2  usage error
+
+example:
+  store-gateway run --config /etc/store-gateway/store.yaml
+"""
+
+_CHECK_HELP = """\
+Check a config file without starting anything: YAML syntax, every key and value, the secrets
+({env: NAME}, {file: PATH}) and the files the config names: TLS CA, certificate and key (each must exist,
+be readable and be PEM, and the key must match the certificate) and the stock CSV. Every problem is
+printed at once, each with file:line:column, the key path and a hint. Serial ports are not opened: a
+device may be unplugged while you check.
+
+exit codes:
+  0  valid: prints 'OK: FILE: ' and a summary
+  1  not valid: prints every problem, then 'N problem(s) in FILE'
+  2  usage error
+
+examples:
+  store-gateway check-config /etc/store-gateway/store.yaml
+  store-gateway check-config --no-secrets firmware_configs/store-example.yaml
+"""
+
+_SCHEMA_HELP = """\
+Print the JSON Schema of the config file (generated from the models), for editor completion and
+validation; with --events, the schema of the event envelope sent to HQ instead.
+
+exit codes:
+  0  printed
+
+example:
+  store-gateway config-schema > store-gateway.schema.json
+"""
+
+_DEMO_HELP = """\
+Play a simulated store on this machine: embedded MQTT brokers (store and HQ), simulated devices, the
+gateway itself and an HQ receiver, with a live view of what flows. Nothing outside is touched; the journal
+goes to a temporary folder unless --data-dir is given.
+
+exit codes:
+  0  finished (--duration reached, or Ctrl-C)
+  2  unknown scenario or usage error
+
+examples:
+  store-gateway demo
+  store-gateway demo --scenario fridge-failure-night --duration 60 --verbose
+"""
+
+_VERSION_HELP = """\
+Print 'store-gateway VERSION' (the same as 'store-gateway --version').
+
+exit codes:
+  0  printed
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="store-gateway", description="Edge IoT gateway for retail stores.")
+    parser = argparse.ArgumentParser(
+        prog="store-gateway",
+        description="Edge IoT gateway for retail stores.",
+        epilog="Run 'store-gateway COMMAND --help' for what a command does, its options and exit codes.\n\n"
+        "example:\n  store-gateway check-config /etc/store-gateway/store.yaml\n"
+        "  store-gateway run --config /etc/store-gateway/store.yaml",
+        formatter_class=_FORMATTER,
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"store-gateway {__version__}",
+        help="print 'store-gateway VERSION' and exit",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="run the gateway with a config file")
+    run = sub.add_parser(
+        "run", help="run the gateway with a config file", description=_RUN_HELP, formatter_class=_FORMATTER
+    )
     run.add_argument("--config", "-c", type=Path, required=True, help="the store config (YAML)")
     check = sub.add_parser(
-        "check-config", help="validate a config file; exit 0 if valid, 1 with every error if not"
+        "check-config",
+        help="validate a config file; exit 0 if valid, 1 with every error if not",
+        description=_CHECK_HELP,
+        formatter_class=_FORMATTER,
     )
-    check.add_argument("file", type=Path)
-    schema = sub.add_parser("config-schema", help="print the JSON Schema of the config (or of events)")
+    check.add_argument("file", type=Path, help="the store config (YAML)")
+    check.add_argument(
+        "--no-secrets",
+        action="store_true",
+        help="check a config away from its box: secrets this machine lacks (unset {env: NAME}, missing or "
+        "unreadable {file: PATH}) and missing or unreadable TLS files are counted as not checked, not "
+        "errors; everything else is checked",
+    )
+    schema = sub.add_parser(
+        "config-schema",
+        help="print the JSON Schema of the config (or of events)",
+        description=_SCHEMA_HELP,
+        formatter_class=_FORMATTER,
+    )
     schema.add_argument("--events", action="store_true", help="print the event envelope schema instead")
-    demo = sub.add_parser("demo", help="embedded brokers, a simulated store, the gateway and an HQ receiver")
+    demo = sub.add_parser(
+        "demo",
+        help="embedded brokers, a simulated store, the gateway and an HQ receiver",
+        description=_DEMO_HELP,
+        formatter_class=_FORMATTER,
+    )
     demo.add_argument(
         "--scenario",
         default="normal-day",
@@ -41,7 +139,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--data-dir", type=Path, default=None, help="keep the journal here (default: a temp dir)"
     )
-    sub.add_parser("version", help="print the version")
+    demo.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print every device message, commit and HQ batch as a line stream instead of the live view",
+    )
+    sub.add_parser("version", help="print the version", description=_VERSION_HELP, formatter_class=_FORMATTER)
     sub.add_parser("hq-receiver", help="HQ reference receiver (see 'hq-receiver --help')", add_help=False)
     sub.add_parser("simulate", help="device simulators (see 'simulate --help')", add_help=False)
     return parser
@@ -57,14 +160,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from simulators.cli import simulate_main
 
         return simulate_main(args_list[1:])
-    args = _parser().parse_args(args_list)
+    parser = _parser()
+    if not args_list:
+        parser.print_help()
+        return 0
+    args = parser.parse_args(args_list)
     if args.command == "version":
         print(f"store-gateway {__version__}")
         return 0
     if args.command == "check-config":
         from gateway.config_loader import check_config
 
-        code, text = check_config(args.file)
+        code, text = check_config(args.file, no_secrets=args.no_secrets)
         print(text)
         return code
     if args.command == "config-schema":
@@ -83,7 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gateway.demo import run_demo
 
         return run_demo(
-            duration=args.duration, rate=args.rate, data_dir=args.data_dir, scenario=args.scenario
+            duration=args.duration,
+            rate=args.rate,
+            data_dir=args.data_dir,
+            scenario=args.scenario,
+            verbose=args.verbose,
         )
     return 2
 
@@ -94,16 +205,15 @@ def _run(config_path: Path) -> int:
     from gateway.runtime import Gateway
 
     try:
-        config = load_config(config_path)
+        # check_files: what the config names but the machine lacks (a TLS file missing, unreadable, not PEM,
+        # a key that does not match its certificate; an unreadable stock CSV) is said now, with the line of
+        # the key, rather than retried forever. The same check as check-config.
+        config = load_config(config_path, check_files=True)
     except ConfigError as err:
         print(err, file=sys.stderr)
+        print(f"store-gateway: {len(err.issues)} problem(s) in {config_path}: not started", file=sys.stderr)
         return 1
     setup_logging(config.log.level, config.log.format)
-    problems = _preflight(config)
-    if problems:
-        for problem in problems:
-            print(f"store-gateway: {problem}", file=sys.stderr)
-        return 1
 
     async def _main() -> None:
         stop = asyncio.Event()
@@ -122,21 +232,6 @@ def _run(config_path: Path) -> int:
             print(f"store-gateway: cannot start: {failure}", file=sys.stderr)
         return 1
     return 0
-
-
-def _preflight(config: GatewayConfig) -> list[str]:
-    """What the config names but the machine lacks (TLS files), said now rather than retried forever."""
-    import ssl
-
-    from gateway.mqtt import tls_context
-
-    problems = []
-    for label, broker in (("store_broker", config.store_broker), ("hq", config.hq)):
-        try:
-            tls_context(broker)
-        except (OSError, ssl.SSLError) as err:
-            problems.append(f"{label}.tls: cannot load the CA, certificate or key: {err}")
-    return problems
 
 
 def _startup_failures(err: BaseException) -> list[BaseException]:

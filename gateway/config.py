@@ -319,8 +319,7 @@ class GatewayConfig(StrictModel):
         They share one registry, so they must be unique across drivers."""
         ids = [d.id for d in self.devices]
         for driver in self.drivers:
-            for entry in [*getattr(driver, "devices", ()), *getattr(driver, "sources", ())]:
-                ids.append(str(getattr(entry, "id", None) or getattr(entry, "device_id", "")))
+            ids += [entry.id for entry in [*getattr(driver, "devices", ()), *getattr(driver, "sources", ())]]
         return ids
 
     def serial_ports(self) -> list[str]:

@@ -7,6 +7,10 @@ single :class:`ConfigError`.
 
 Secrets are written as ``{env: NAME}`` or ``{file: PATH}`` and resolved at load time. Their values, and the
 value of any secret field, never appear in an error, a log line or ``repr()`` of the config.
+
+``check-config`` and ``run`` also check the files the config names (TLS CA, certificate and key; the stock
+CSV) with :func:`tls_file_problems` and :func:`stock_csv_problems`: a file that is missing, unreadable or not
+what it should be is an issue at the line of the key that names it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePath
 from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, Field, SecretBytes, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretBytes, SecretStr, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
@@ -61,6 +65,10 @@ _SECRET_NAME_PARTS: Final = (
 )
 _SECRET_REF_KEYS: Final = frozenset({"env", "file"})
 _UNRESOLVED: Final = "<unresolved secret>"
+_PLACEHOLDER: Final = "0123456789abcdef" * 2
+"""Stands in for a secret that ``check-config --no-secrets`` does not check: 32 hex digits satisfy the rules of
+every secret field (API token length, webhook secret length, BLE bindkey format), so the rest is checked."""
+TLS_FILE_KEYS: Final = ("ca_file", "cert_file", "key_file")
 _MERGE_TAG: Final = "tag:yaml.org,2002:merge"
 _STANDARD_TAGS: Final = frozenset(
     f"tag:yaml.org,2002:{name}"
@@ -110,9 +118,14 @@ class ConfigError(Exception):
         return "\n".join(str(issue) for issue in self.issues)
 
 
-def load_config(path: Path, env: Mapping[str, str] | None = None) -> GatewayConfig:
-    """Read, resolve and validate one config file; raise :class:`ConfigError` listing every problem."""
-    loader = _Loader(Path(path), os.environ if env is None else env)
+def load_config(
+    path: Path, env: Mapping[str, str] | None = None, *, check_files: bool = False
+) -> GatewayConfig:
+    """Read, resolve and validate one config file; raise :class:`ConfigError` listing every problem.
+
+    With ``check_files`` (``run`` and ``check-config``), the files the config names must also be usable:
+    see :func:`tls_file_problems` and :func:`stock_csv_problems`."""
+    loader = _Loader(Path(path), os.environ if env is None else env, check_files=check_files)
     cfg = loader.load()
     _LOGGER.debug("loaded config %s (hash %s)", path, config_hash(cfg))
     return cfg
@@ -154,13 +167,161 @@ def json_schema() -> dict[str, Any]:
     return result
 
 
-def check_config(path: Path) -> tuple[int, str]:
-    """Exit code and text of ``store-gateway check-config``: 0 and a summary, or 1 and every problem."""
+def check_config(
+    path: Path, *, no_secrets: bool = False, env: Mapping[str, str] | None = None
+) -> tuple[int, str]:
+    """Exit code and text of ``store-gateway check-config``: 0 and a summary, or 1 and every problem.
+
+    The files the config names are checked too. With ``no_secrets`` (checking a config away from the box it
+    runs on), secrets this machine lacks (an unset variable, a missing or unreadable secret file) and TLS files
+    it lacks (missing or unreadable) are counted as not checked instead of being errors; a secret or a file
+    that is there but wrong is still an error, and so is everything else."""
+    loader = _Loader(Path(path), os.environ if env is None else env, check_files=True, no_secrets=no_secrets)
     try:
-        cfg = load_config(path)
+        cfg = loader.load()
     except ConfigError as exc:
         return 1, f"{exc}\n{len(exc.issues)} problem(s) in {path}"
-    return 0, f"OK: {path}: {_summary(cfg)}"
+    text = f"OK: {path}: {_summary(cfg)}"
+    if no_secrets:
+        secrets = f"{len(loader.unchecked_secrets)} secret(s)"
+        files = f" and {loader.unchecked_files} TLS file(s)" if loader.unchecked_files else ""
+        text += f"; --no-secrets: {secrets}{files} not checked"
+    return 0, text
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FileProblem:
+    """Why a file the config names cannot be used; ``message`` names the file, ``hint`` says what to do."""
+
+    key: str
+    """The config key naming the file: ca_file, cert_file, key_file or initial_csv."""
+    path: Path
+    kind: Literal["missing", "unreadable", "not a file", "not PEM", "encrypted", "key mismatch", "invalid"]
+    message: str
+    hint: str | None
+
+    @property
+    def absent(self) -> bool:
+        """The file is not there for this user (as opposed to there but wrong)."""
+        return self.kind in ("missing", "unreadable")
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}" + (f" (hint: {self.hint})" if self.hint else "")
+
+
+def tls_file_problems(
+    ca_file: Path | None, cert_file: Path | None, key_file: Path | None, folder: Path | None = None
+) -> list[FileProblem]:
+    """Why the TLS files cannot be used, or [] if they can: each must exist, be readable and be PEM (a CA
+    certificate, a certificate, an unencrypted private key), the key must match the certificate, and OpenSSL
+    must load them the way ``gateway.mqtt.tls_context`` does. ``folder``: the config file's, for the hint.
+
+    One function for ``check-config``, ``run`` (before anything starts) and ``tls_context`` (on a failure)."""
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    problems: list[FileProblem] = []
+    ca_data = _read_named_file("ca_file", ca_file, folder, problems)
+    cert_data = _read_named_file("cert_file", cert_file, folder, problems)
+    key_data = _read_named_file("key_file", key_file, folder, problems)
+    if ca_file is not None and ca_data is not None:
+        try:
+            ssl.create_default_context(ssl.Purpose.SERVER_AUTH).load_verify_locations(cafile=str(ca_file))
+        except ssl.SSLError:
+            problems.append(_not_pem("ca_file", ca_file, ca_data, "no CA certificate in it"))
+    cert: x509.Certificate | None = None
+    if cert_file is not None and cert_data is not None:
+        try:
+            cert = x509.load_pem_x509_certificates(cert_data)[0]
+        except ValueError:
+            problems.append(_not_pem("cert_file", cert_file, cert_data, "no certificate in it"))
+    key_public: bytes | None = None
+    if key_file is not None and key_data is not None:
+        try:
+            key = serialization.load_pem_private_key(key_data, password=None)
+            key_public = key.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        except TypeError:  # "Password was not given but private key is encrypted"
+            problems.append(
+                FileProblem(
+                    "key_file",
+                    key_file,
+                    "encrypted",
+                    f"{key_file}: encrypted with a passphrase, which the gateway cannot give",
+                    f"write it decrypted, readable only by the gateway's user: openssl pkey -in {key_file} -out "
+                    f"{key_file.with_suffix('.plain.key')}",
+                )
+            )
+        except ValueError:
+            problems.append(_not_pem("key_file", key_file, key_data, "no private key in it"))
+        except Exception as exc:  # cryptography's UnsupportedAlgorithm and the like
+            problems.append(
+                FileProblem(
+                    "key_file", key_file, "invalid", f"{key_file}: not a usable private key: {exc}", None
+                )
+            )
+    if cert is not None and key_file is not None and key_public is not None:
+        cert_public = cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        if cert_public != key_public:
+            problems.append(
+                FileProblem(
+                    "key_file",
+                    key_file,
+                    "key mismatch",
+                    f"{key_file}: the key does not match the certificate {cert_file}",
+                    "cert_file and key_file must be a pair: the key the certificate was issued for",
+                )
+            )
+    if not problems and (ca_file is not None or cert_file is not None):
+        # OpenSSL has the last word: what it refuses here, the gateway's connection would refuse too.
+        try:
+            ctx = ssl.create_default_context(
+                ssl.Purpose.SERVER_AUTH, cafile=str(ca_file) if ca_file else None
+            )
+            if cert_file is not None and key_file is not None:
+                ctx.load_cert_chain(str(cert_file), str(key_file), password=no_passphrase)
+        except (OSError, ValueError) as exc:
+            named, path = ("cert_file", cert_file) if cert_file is not None else ("ca_file", ca_file)
+            assert path is not None
+            problems.append(
+                FileProblem(named, path, "invalid", f"{path}: OpenSSL cannot load it: {exc}", None)
+            )
+    return problems
+
+
+def stock_csv_problems(path: Path, folder: Path | None = None) -> list[FileProblem]:
+    """Why the stock CSV cannot be imported at start, or [] if it can (the same reader ``run`` uses)."""
+    from rules.stock import StockConfigError, read_initial_csv
+
+    problems: list[FileProblem] = []
+    if _read_named_file("initial_csv", path, folder, problems) is None:
+        return problems
+    try:
+        read_initial_csv(path)
+    except StockConfigError as exc:
+        detail = str(exc)
+        if detail.startswith(f"{path}:"):
+            detail = "line " + detail.removeprefix(f"{path}:")
+        problems.append(
+            FileProblem(
+                "initial_csv",
+                path,
+                "invalid",
+                f"{path}: not a valid stock CSV: {detail}",
+                "one 'sku,on_hand[,safety_stock]' row per SKU, UTF-8; a header row is allowed",
+            )
+        )
+    return problems
+
+
+def no_passphrase() -> str:
+    """The ``password`` callback of ``load_cert_chain``: without one, OpenSSL would prompt on the terminal."""
+    raise ValueError("the private key is encrypted with a passphrase, which the gateway cannot give")
 
 
 def demo_config(
@@ -221,8 +382,20 @@ class _AbortLoadError(Exception):
 class _Loader:
     """One load: gathers issues across parsing, secret resolution and validation."""
 
-    def __init__(self, path: Path, env: Mapping[str, str]) -> None:
+    def __init__(
+        self, path: Path, env: Mapping[str, str], *, check_files: bool = False, no_secrets: bool = False
+    ) -> None:
         self.path = path
+        self.check_files = check_files
+        self.no_secrets = no_secrets
+        self.unchecked_secrets: list[KeyPath] = []
+        """--no-secrets: secret references this machine cannot resolve; not errors, and not validated."""
+        self.unchecked_files = 0
+        """--no-secrets: TLS files this machine lacks."""
+        self.fields: dict[KeyPath, FieldInfo] = {}
+        """The model field at each path read so far (for the placeholder of an unchecked secret)."""
+        self.renamed: dict[KeyPath, KeyPath] = {}
+        """Where a deprecated key was read under its new name: new path -> the path written in the file."""
         self.label = str(path)
         self.base_dir = path.absolute().parent
         self.env = env
@@ -240,6 +413,8 @@ class _Loader:
             data = self._build(self.root, GatewayConfig, (), 0)
         except _AbortLoadError:
             data = None
+        if data is not None and self.check_files:
+            self._check_files(data)
         cfg: GatewayConfig | None = None
         if data is not None:
             try:
@@ -250,6 +425,16 @@ class _Loader:
                 prefix = _default_factory_path(GatewayConfig, exc.title) or ()
                 for error in exc.errors(include_url=False):
                     self._add_validation_issue(error, prefix)
+        if cfg is None and not self.issues and self.unchecked_secrets:
+            # Every validation error was about a placeholder (a secret in a field no placeholder fits).
+            for path in self.unchecked_secrets:
+                self._issue_at(
+                    self._position(path),
+                    path,
+                    None,
+                    "the config cannot be validated without this secret",
+                    "set it and check without --no-secrets",
+                )
         if self.issues or cfg is None:
             self.issues.sort(key=lambda i: (i.line or 0, i.column or 0))
             raise ConfigError(self.issues)
@@ -263,7 +448,11 @@ class _Loader:
                 raw = fh.read(MAX_CONFIG_BYTES + 1)
         except OSError as exc:
             self._issue_at(
-                None, (), None, f"cannot read the config file: {exc.strerror or exc}", _hint_for_os(exc)
+                None,
+                (),
+                None,
+                f"cannot read the config file: {exc.strerror or exc}",
+                self._hint_for_config(exc),
             )
             raise _AbortLoadError from exc
         if len(raw) > MAX_CONFIG_BYTES:
@@ -276,6 +465,14 @@ class _Loader:
             column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
             self._issue_at((line, column), (), None, "the file is not valid UTF-8", "save it as UTF-8")
             raise _AbortLoadError from exc
+
+    def _hint_for_config(self, exc: OSError) -> str | None:
+        """The config file itself is named on the command line: a relative path is the current directory's."""
+        if isinstance(exc, FileNotFoundError):
+            if self.path.is_absolute():
+                return "check the path"
+            return f"check the path; it is relative to the current directory {Path.cwd()}"
+        return _hint_for_os(exc)
 
     def _parse(self, text: str) -> Any:
         """Compose first (syntax, duplicate keys, tags: all reported with lines), then construct."""
@@ -390,8 +587,14 @@ class _Loader:
             if info.scalar and set(node) and set(node) <= _SECRET_REF_KEYS:
                 return self._resolve_secret(node, path)
             model = info.model_for(node)
+            renames: Mapping[str, str] = getattr(model, "DEPRECATED_KEYS", {}) if model is not None else {}
             out: dict[str, Any] = {}
-            for key, value in node.items():
+            for written, value in node.items():
+                key = written
+                if isinstance(written, str) and written in renames:
+                    key = renames[written]
+                    if not self._rename(node, path, written, key):
+                        continue
                 if not isinstance(key, str):
                     # Dropped, not a field: nothing downstream to suppress.
                     self._issue_at(
@@ -407,6 +610,7 @@ class _Loader:
                     field = model.model_fields.get(key)
                     if field is not None:
                         child = _field_type(field)
+                        self.fields[(*path, key)] = field
                         if _is_secret_field(key, field):
                             self.secret_paths.add((*path, key))
                     elif _looks_secret(key) or _looks_secret(_closest(key, list(model.model_fields)) or ""):
@@ -435,7 +639,27 @@ class _Loader:
             return node
         return self._problem(path, f"unsupported YAML value of type {type(node).__name__}", None)
 
-    def _resolve_secret(self, ref: Mapping[Any, Any], path: KeyPath) -> str:
+    def _rename(self, node: Mapping[Any, Any], path: KeyPath, old: str, new: str) -> bool:
+        """A deprecated key (a model's ``DEPRECATED_KEYS``) is read as its new name, with a warning naming
+        file:line; False (and an issue) when both names are given."""
+        position = _key_position(node, old)
+        if new in node:
+            self._issue_at(
+                position or self._position(path),
+                (*path, old),
+                None,
+                f"'{old}' is the old name of '{new}', which is given too",
+                f"keep only '{new}'",
+            )
+            return False
+        self.renamed[(*path, new)] = (*path, old)
+        where = f"{self.label}:{position[0]}:{position[1]}" if position else self.label
+        _LOGGER.warning(
+            "%s: %s: '%s' is deprecated: rename it to '%s'", where, _format_path((*path, old)), old, new
+        )
+        return True
+
+    def _resolve_secret(self, ref: Mapping[Any, Any], path: KeyPath) -> Any:
         self.secret_paths.add(path)
         if len(ref) != 1:
             self._problem(path, "a secret reference has exactly one key", "write {env: NAME} or {file: PATH}")
@@ -447,6 +671,8 @@ class _Loader:
         target = str(target)
         if kind == "env":
             value = self.env.get(target)
+            if value is None and self.no_secrets:
+                return self._unchecked(path)
             if value is None:
                 self._problem(
                     path,
@@ -459,12 +685,32 @@ class _Loader:
                 self._problem(path, f"environment variable {target} is empty", f"give {target} a value")
                 return _UNRESOLVED
         else:
-            value_or_none = self._read_secret_file(path, Path(_absolute(self.base_dir, target)))
+            file = Path(_absolute(self.base_dir, target))
+            if self.no_secrets and not _exists_for_us(file):
+                return self._unchecked(path)
+            value_or_none = self._read_secret_file(path, file)
             if value_or_none is None:
                 return _UNRESOLVED
             value = value_or_none
         self.secret_values.add(value)
         return value
+
+    def _unchecked(self, path: KeyPath) -> Any:
+        """--no-secrets: a secret this machine lacks; a placeholder lets everything else be validated."""
+        self.unchecked_secrets.append(path)
+        field = self.fields.get(path)
+        if field is None:
+            return _PLACEHOLDER
+        expected: Any = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+        adapter: TypeAdapter[Any] = TypeAdapter(expected)
+        default = [] if field.is_required() else [field.get_default(call_default_factory=True)]
+        for candidate in (_PLACEHOLDER, *default, 1, 1.0, True):
+            try:
+                adapter.validate_python(candidate)
+            except ValidationError:
+                continue
+            return candidate
+        return _PLACEHOLDER
 
     def _read_secret_file(self, path: KeyPath, file: Path) -> str | None:
         try:
@@ -523,6 +769,8 @@ class _Loader:
         loc = _LocInfo.walk((*prefix, *error["loc"]))
         if any(_related(loc.data_path, p) for p in self.problem_paths):
             return
+        if any(loc.data_path[: len(p)] == p for p in self.unchecked_secrets):
+            return  # about the placeholder of a secret --no-secrets does not check
         kind = str(error["type"])
         message = str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
         value_repr = None
@@ -532,7 +780,49 @@ class _Loader:
             hint = _hint(kind, error, loc)
             if kind != "missing" and loc.data_path:
                 value_repr = self._value_repr(error.get("input"), loc.data_path)
-        self._issue_at(self._position(loc.data_path), loc.data_path, value_repr, message, hint)
+        written = self._written_path(loc.data_path)
+        self._issue_at(self._position(written), written, value_repr, message, hint)
+
+    def _written_path(self, path: KeyPath) -> KeyPath:
+        """The path as written in the file: a deprecated key read under its new name gets its old one back."""
+        for end in range(len(path), 0, -1):
+            old = self.renamed.get(path[:end])
+            if old is not None:
+                return (*old, *path[end:])
+        return path
+
+    # -- the files the config names
+
+    def _check_files(self, data: Mapping[str, Any]) -> None:
+        for section in ("store_broker", "hq"):
+            tls = _section(data, section, "tls")
+            if tls is None:
+                continue
+            named = {key: self._named_path(tls, (section, "tls", key)) for key in TLS_FILE_KEYS}
+            problems = tls_file_problems(
+                named["ca_file"], named["cert_file"], named["key_file"], self.base_dir
+            )
+            for problem in problems:
+                if self.no_secrets and problem.absent:
+                    self.unchecked_files += 1
+                else:
+                    self._file_issue((section, "tls", problem.key), problem)
+        stock = _section(data, "stock")
+        csv = self._named_path(stock, ("stock", "initial_csv")) if stock is not None else None
+        if csv is not None:
+            for problem in stock_csv_problems(csv, self.base_dir):
+                self._file_issue(("stock", "initial_csv"), problem)
+
+    def _named_path(self, section: Mapping[str, Any], path: KeyPath) -> Path | None:
+        value = section.get(str(path[-1]))
+        if not isinstance(value, str) or not value or path in self.unchecked_secrets:
+            return None
+        if any(path[: len(p)] == p for p in self.problem_paths):
+            return None  # an unresolved secret or an unreadable value: already reported
+        return Path(value)
+
+    def _file_issue(self, path: KeyPath, problem: FileProblem) -> None:
+        self._issue_at(self._position(path), path, None, problem.message, problem.hint)
 
     def _value_repr(self, value: Any, path: KeyPath) -> str:
         redacted = self._redact(value, path)
@@ -829,6 +1119,102 @@ def _syntax_hint(problem: str) -> str | None:
     if "second YAML document" in problem:
         return "one config per file: remove the extra '---'"
     return None
+
+
+def _read_named_file(
+    key: str, path: Path | None, folder: Path | None, problems: list[FileProblem]
+) -> bytes | None:
+    """The bytes of a file the config names, or None (and a problem appended) if it cannot be read."""
+    if path is None:
+        return None
+    try:
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            problems.append(
+                FileProblem(
+                    key, path, "not a file", f"{path}: a folder, not a file", "give the path of a file"
+                )
+            )
+            return None
+        if not stat.S_ISREG(info.st_mode):
+            problems.append(FileProblem(key, path, "not a file", f"{path}: not a regular file", None))
+            return None
+        with path.open("rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        where = f"; relative paths in the config are relative to its folder, {folder}" if folder else ""
+        problems.append(FileProblem(key, path, "missing", f"{path}: missing", f"check the path{where}"))
+    except OSError as exc:
+        problems.append(
+            FileProblem(
+                key,
+                path,
+                "unreadable",
+                f"{path}: unreadable ({exc.strerror or exc})",
+                "the gateway's user must be able to read it (and to enter its folders)",
+            )
+        )
+    return None
+
+
+_WHAT: Final = {
+    "ca_file": "the CA certificate(s) that signed the broker's certificate (-----BEGIN CERTIFICATE-----)",
+    "cert_file": "this gateway's certificate (-----BEGIN CERTIFICATE-----)",
+    "key_file": "this gateway's private key (-----BEGIN PRIVATE KEY-----)",
+}
+
+
+def _not_pem(key: str, path: Path, data: bytes, nothing: str) -> FileProblem:
+    """A TLS file that is not the PEM it should be, and what it seems to be instead."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    has_cert = b"-----BEGIN CERTIFICATE-----" in data
+    has_key = b"PRIVATE KEY-----" in data
+    swapped = "cert_file and key_file swapped? " if key != "ca_file" else ""
+    if key == "key_file" and has_cert and not has_key:
+        return FileProblem(
+            key, path, "not PEM", f"{path}: not PEM: a certificate, no private key", f"{swapped}{_WHAT[key]}"
+        )
+    if key != "key_file" and has_key and not has_cert:
+        return FileProblem(
+            key, path, "not PEM", f"{path}: not PEM: a private key, no certificate", f"{swapped}{_WHAT[key]}"
+        )
+    try:
+        if key == "key_file":
+            serialization.load_der_private_key(data, password=None)
+        else:
+            x509.load_der_x509_certificate(data)
+    except Exception:  # not DER either (cryptography raises ValueError, TypeError or UnsupportedAlgorithm)
+        return FileProblem(key, path, "not PEM", f"{path}: not PEM: {nothing}", f"{key} is {_WHAT[key]}")
+    tool = "pkey" if key == "key_file" else "x509"
+    out = path.with_suffix(".pem") if path.suffix != ".pem" else path.with_name(f"{path.stem}-converted.pem")
+    return FileProblem(
+        key,
+        path,
+        "not PEM",
+        f"{path}: not PEM: binary DER",
+        f"convert it: openssl {tool} -inform DER -in {path} -out {out}",
+    )
+
+
+def _section(data: Mapping[str, Any], *keys: str) -> Mapping[str, Any] | None:
+    """data[keys[0]][keys[1]]... if every step is a mapping, else None."""
+    node: Any = data
+    for key in keys:
+        node = node.get(key) if isinstance(node, Mapping) else None
+    return node if isinstance(node, Mapping) else None
+
+
+def _exists_for_us(file: Path) -> bool:
+    """False if the file is missing or this user may not read it (what --no-secrets does not check)."""
+    try:
+        info = file.stat()
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return False
+    except OSError:
+        return True  # there but odd: reported when read
+    return not stat.S_ISREG(info.st_mode) or os.access(file, os.R_OK)
 
 
 def _hint_for_os(exc: Exception) -> str | None:

@@ -66,17 +66,35 @@ class Will:
     retain: bool = True
 
 
+class TlsFilesError(ssl.SSLError):
+    """The CA, certificate or key cannot be loaded; the message names each file and why (missing, unreadable,
+    not PEM, the key does not match the certificate), as ``check-config`` does."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else super().__str__()
+
+
 def tls_context(broker: BrokerConfig) -> ssl.SSLContext | None:
-    """The TLS context for a broker config (CA, client certificate and key), or None for plain TCP."""
+    """The TLS context for a broker config (CA, client certificate and key), or None for plain TCP.
+
+    Raises :class:`TlsFilesError` (an ``ssl.SSLError``, so an ``OSError``) naming the file and the reason."""
+    from gateway.config_loader import no_passphrase, tls_file_problems
+
     tls = broker.tls
     if tls is None:
         return None
-    ctx = ssl.create_default_context(
-        ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None
-    )
+    try:
+        ctx = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None
+        )
+        if tls.cert_file and tls.key_file:
+            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file), password=no_passphrase)
+    except (OSError, ValueError) as err:
+        problems = tls_file_problems(tls.ca_file, tls.cert_file, tls.key_file)
+        raise TlsFilesError(
+            "; ".join(str(p) for p in problems) or f"cannot load the TLS files: {err}"
+        ) from err
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if tls.cert_file and tls.key_file:
-        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
     if tls.insecure_skip_verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, get_args
@@ -11,8 +12,9 @@ from typing import Any, get_args
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from drivers.serial.config import SerialDriverConfig
 from gateway.config import GatewayConfig
 from gateway.config_loader import (
     ConfigError,
@@ -23,6 +25,7 @@ from gateway.config_loader import (
     json_schema,
     load_config,
 )
+from tests.test_config_files import write_pki
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "firmware_configs" / "store-example.yaml"
@@ -106,14 +109,52 @@ def test_example_config_validates() -> None:
     assert all(item.sku for item in cfg.stock.items)
 
 
-def test_check_config_on_the_example(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in EXAMPLE_ENV.items():
-        monkeypatch.setenv(name, value)
-    code, text = check_config(EXAMPLE)
-    assert code == 0
+def test_check_config_on_the_example_with_its_secrets_and_tls_files(tmp_path: Path) -> None:
+    """As on the box: the secrets set, and the TLS files it names (tls/ beside it) real PEM files."""
+    example = shutil.copy(EXAMPLE, tmp_path / "store.yaml")
+    pki = write_pki(tmp_path / "tls")
+    pki["ca"].rename(tmp_path / "tls" / "hq-ca.pem")
+    code, text = check_config(example, env=EXAMPLE_ENV)
+    assert code == 0, text
     assert text.startswith("OK: ")
     assert "hk-cwb-012" in text
     assert all(secret not in text for secret in EXAMPLE_ENV.values())
+
+
+def test_check_config_on_the_example_without_its_tls_files(tmp_path: Path) -> None:
+    code, text = check_config(EXAMPLE, env=EXAMPLE_ENV)
+    assert code == 1
+    assert [line.split(": ")[1] for line in text.splitlines()[:-1]] == [
+        "hq.tls.ca_file",
+        "hq.tls.cert_file",
+        "hq.tls.key_file",
+    ]
+    assert text.splitlines()[0].endswith(
+        f"{EXAMPLE.parent / 'tls' / 'hq-ca.pem'}: missing (hint: check the path; relative paths in the config "
+        f"are relative to its folder, {EXAMPLE.parent})"
+    )
+
+
+def test_check_config_no_secrets_on_the_example() -> None:
+    code, text = check_config(EXAMPLE, env={}, no_secrets=True)
+    assert code == 0, text
+    assert re.search(r"; --no-secrets: 7 secret\(s\)( and \d TLS file\(s\))? not checked$", text), text
+
+
+def test_no_secrets_fits_the_placeholder_to_the_field(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "  port: {env: API_PORT}\n")
+    code, text = check_config(path, env={}, no_secrets=True)
+    assert code == 0, text
+    assert text.endswith("; --no-secrets: 2 secret(s) not checked")
+    assert "0123456789abcdef" not in text
+
+
+def test_no_secrets_does_not_hide_errors_of_the_section_of_a_secret(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "  port: 70000\n")
+    code, text = check_config(path, env={}, no_secrets=True)
+    assert code == 1
+    assert "api.port: 70000 -> Input should be less than or equal to 65535" in text
+    assert "API_TOKEN" not in text
 
 
 def test_check_config_reports_problems_with_exit_code_1(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -281,6 +322,13 @@ def test_a_missing_file(tmp_path: Path) -> None:
     [issue] = issues_of(tmp_path / "nope.yaml")
     assert issue.line is None
     assert str(issue).startswith(f"{tmp_path / 'nope.yaml'}: cannot read the config file")
+    assert issue.hint == "check the path"
+
+
+def test_a_missing_file_given_by_a_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    [issue] = issues_of(Path("conf") / "nope.yaml")
+    assert issue.hint == f"check the path; it is relative to the current directory {tmp_path}"
 
 
 # --- secrets
@@ -514,7 +562,78 @@ def test_a_serial_port_opened_by_two_drivers_is_refused(tmp_path: Path) -> None:
         + "drivers:\n"
         + f"  - {{type: modbus, transport: rtu, serial_port: {port},\n"
         + "     devices: [{id: f1, unit: 1, profile: dixell-xr}]}\n"
-        + f"  - {{type: serial, devices: [{{device_id: rfid-1, port: {port}, profile: chafon-cf-ru5102}}]}}\n",
+        + f"  - {{type: serial, devices: [{{id: rfid-1, port: {port}, profile: chafon-cf-ru5102}}]}}\n",
     )
     [issue] = issues_of(path, env={"API_TOKEN": TOKEN})
     assert f"duplicate id(s) {port}" in issue.message
+
+
+# --- serial devices: 'id' like every other device list; 'device_id' still read, with a warning
+
+SERIAL = """\
+drivers:
+  - type: serial
+    devices:
+      - id: rfid-1
+        port: /dev/serial/by-id/usb-a
+        profile: chafon-cf-ru5102
+"""
+
+
+def test_serial_devices_take_id(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL + SERIAL), env={"API_TOKEN": TOKEN})
+    [driver] = cfg.drivers
+    assert isinstance(driver, SerialDriverConfig)
+    assert [d.id for d in driver.devices] == ["rfid-1"]
+    assert "rfid-1" in cfg.device_ids()
+    assert "deprecated" not in caplog.text
+
+
+def test_serial_device_id_still_works_with_a_warning_naming_its_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path, MINIMAL + SERIAL.replace("- id: rfid-1", "- device_id: rfid-1"))
+    with caplog.at_level(logging.WARNING, logger="gateway.config_loader"):
+        cfg = load_config(path, env={"API_TOKEN": TOKEN})
+    [driver] = cfg.drivers
+    assert isinstance(driver, SerialDriverConfig)
+    assert [d.id for d in driver.devices] == ["rfid-1"]
+    [record] = [r for r in caplog.records if "deprecated" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    line = line_of(path, "device_id: rfid-1")
+    assert record.getMessage() == (
+        f"{path}:{line}:9: drivers[0].devices[0].device_id: 'device_id' is deprecated: rename it to 'id'"
+    )
+
+
+def test_serial_id_and_device_id_together_are_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + SERIAL + "        device_id: rfid-2\n")
+    [issue] = issues_of(path, env={"API_TOKEN": TOKEN})
+    assert (issue.key_path, issue.line) == ("drivers[0].devices[0].device_id", line_of(path, "device_id"))
+    assert issue.message == "'device_id' is the old name of 'id', which is given too"
+    assert issue.hint == "keep only 'id'"
+
+
+def test_an_invalid_old_device_id_is_reported_under_its_own_name(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + SERIAL.replace("- id: rfid-1", "- device_id: rfid 1"))
+    [issue] = issues_of(path, env={"API_TOKEN": TOKEN})
+    assert (issue.key_path, issue.line) == ("drivers[0].devices[0].device_id", line_of(path, "device_id"))
+    assert issue.value_repr == "'rfid 1'"
+
+
+def test_serial_configs_built_in_code_take_both_spellings(caplog: pytest.LogCaptureFixture) -> None:
+    device = {"port": "/dev/serial/by-id/usb-a", "profile": "barcode-scanner-line"}
+    new = SerialDriverConfig.model_validate({"devices": [{"id": "scanner-1", **device}]})
+    assert "deprecated" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="drivers.serial.config"):
+        old = SerialDriverConfig.model_validate({"devices": [{"device_id": "scanner-1", **device}]})
+    assert old == new
+    assert "serial device 'scanner-1': 'device_id' is deprecated: rename it to 'id'" in caplog.text
+    with pytest.raises(ValidationError, match="'device_id' is the old name of 'id', which is given too"):
+        SerialDriverConfig.model_validate({"devices": [{"id": "a", "device_id": "b", **device}]})
+
+
+def test_serial_devices_must_have_unique_ids(tmp_path: Path) -> None:
+    second = "      - {id: rfid-1, port: /dev/serial/by-id/usb-b, profile: chafon-cf-ru5102}\n"
+    [issue] = issues_of(write(tmp_path, MINIMAL + SERIAL + second), env={"API_TOKEN": TOKEN})
+    assert "each id once: rfid-1 repeated" in issue.message

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import re
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Final, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -13,6 +14,8 @@ from gateway.events import ID_PATTERN
 
 if TYPE_CHECKING:
     from drivers.base import Driver, DriverContext
+
+_LOGGER = logging.getLogger(__name__)
 
 Parity = Literal["N", "E", "O", "M", "S"]
 
@@ -143,10 +146,17 @@ class SerialProfile(ProfileBase):
         return self
 
 
+OLD_ID_KEY: Final = "device_id"
+"""The serial driver's old name of a device's ``id`` (every other device list says ``id``); still read."""
+
+
 class SerialDevice(DeviceLimits):
     """One device on its own serial port."""
 
-    device_id: Annotated[str, Field(pattern=ID_PATTERN)] = Field(description="Device id in events.")
+    DEPRECATED_KEYS: ClassVar[dict[str, str]] = {OLD_ID_KEY: "id"}
+    """Old key -> new key; the config loader reads the old one with a warning that names file:line."""
+
+    id: Annotated[str, Field(pattern=ID_PATTERN)] = Field(description="Device id used in events.")
     port: str = Field(
         min_length=1,
         max_length=500,
@@ -169,6 +179,19 @@ class SerialDevice(DeviceLimits):
         default=30.0, gt=0, le=86_400, description="RFID: unseen this long: departed."
     )
     max_tags: int = Field(default=5000, ge=1, le=5000, description="RFID: tags per window (more: truncated).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_id_key(cls, data: object) -> object:
+        """``device_id`` is read as ``id`` (with a warning); both at once is an error. The config loader
+        renames it itself, naming file:line; this covers configs built in code."""
+        if not isinstance(data, dict) or OLD_ID_KEY not in data:
+            return data
+        if "id" in data:
+            raise ValueError(f"'{OLD_ID_KEY}' is the old name of 'id', which is given too: keep only 'id'")
+        renamed = {("id" if k == OLD_ID_KEY else k): v for k, v in data.items()}
+        _LOGGER.warning("serial device %r: '%s' is deprecated: rename it to 'id'", renamed["id"], OLD_ID_KEY)
+        return renamed
 
     @model_validator(mode="before")
     @classmethod
@@ -217,7 +240,7 @@ class SerialDriverConfig(BaseModel):
     @model_validator(mode="after")
     def _unique(self) -> SerialDriverConfig:
         for what, values in (
-            ("device_id", [d.device_id for d in self.devices]),
+            ("id", [d.id for d in self.devices]),
             ("port", [d.port for d in self.devices]),
         ):
             seen = {v for v in values if values.count(v) > 1}

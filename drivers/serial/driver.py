@@ -95,7 +95,7 @@ class SerialDriver:
             _Port(
                 self,
                 d,
-                ctx.devices.add(d.device_id, config.name, d, d.profile),
+                ctx.devices.add(d.id, config.name, d, d.profile),
                 sink,
                 config.reopen_backoff_cap_s,
             )
@@ -151,7 +151,7 @@ class _Port:
         self.error: str | None = "not opened yet"
         self._backoff = Backoff(base=0.5, cap=backoff_cap_s)
         self._stable = False
-        self._quiet = QuietLog(_LOGGER, f"serial port {config.port} ({config.device_id})")
+        self._quiet = QuietLog(_LOGGER, f"serial port {config.port} ({config.id})")
         self._transport: asyncio.Transport | None = None
         self._garbage = GarbageBatch(sink, self.device, "bytes", "bytes", GARBAGE_REPORT_S)
         self.timeouts = 0
@@ -225,11 +225,11 @@ class _Port:
         stable_timer = loop.call_later(STABLE_OPEN_S, self._port_stable)
         self.driver.port_changed()
         self.sink.reachable(self.device)
-        _LOGGER.info("%s: opened %s", config.device_id, config.port)
+        _LOGGER.info("%s: opened %s", config.id, config.port)
         # A polled reader proves itself by answering; a passive scanner or scale has nothing to say while
         # idle, so its open port is its liveness.
         helper = self._poll(transport) if self.tracker is not None else self._keep_alive()
-        task = asyncio.create_task(helper, name=f"serial-port-{config.device_id}")
+        task = asyncio.create_task(helper, name=f"serial-port-{config.id}")
         try:
             exc = await protocol.lost
             return f"port lost: {exc}" if exc else "port closed"
