@@ -9,7 +9,8 @@ Several receivers split the load with an MQTT shared subscription (``$share/<gro
 database; each message goes to one of them. With ``resend_interval_s`` the receiver also asks gateways for
 lost seqs (``resend`` commands, docs/OUTBOX.md).
 
-``store-gateway hq-receiver`` runs :func:`receiver_main`.
+``store-gateway hq-receiver`` runs :func:`receiver_main`; ``store-gateway hq-receiver receipt`` proves that a
+receipt reached HQ (:func:`receipt_main`).
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ import functools
 import logging
 import math
 import random
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
+import orjson
 from pydantic import SecretStr, ValidationError
 
 from cloud_bridge import topics
@@ -43,12 +47,18 @@ from cloud_bridge.receiver_model import (
     StoreUnavailableError,
     resend_command,
 )
-from cloud_bridge.receiver_report import print_report, print_summary
-from cloud_bridge.receiver_sql import SqlReceiverStore
+from cloud_bridge.receiver_report import format_ranges, print_report, print_summary
+from cloud_bridge.receiver_sql import (
+    RECEIPT_MATCH,
+    GatewayCompleteness,
+    ReceiptEvent,
+    ReceiptProof,
+    SqlReceiverStore,
+)
 from cloud_bridge.receiver_store import ReceiverStore
 from cloud_bridge.wire import BatchError, decode_batch
 from gateway.config import BrokerConfig, TlsConfig
-from gateway.events import uuid7
+from gateway.events import ID_PATTERN, uuid7
 from gateway.mqtt import Message, MqttClient, MqttError
 
 _LOGGER = logging.getLogger(__name__)
@@ -402,6 +412,7 @@ def _parser() -> argparse.ArgumentParser:
             "HQ reference receiver: stores every gateway's batches once (SQLite, or PostgreSQL for several"
             " receivers), classifies missing seqs (explained, lost, pending) and can ask for lost ones."
         ),
+        epilog="'store-gateway hq-receiver receipt --help': prove that a receipt reached HQ.",
     )
     broker = parser.add_argument_group("HQ broker")
     broker.add_argument("--host", default="127.0.0.1", help="HQ broker host (default: %(default)s)")
@@ -432,14 +443,7 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--key-file", type=Path, help="client private key (mutual TLS), with --cert-file")
     broker.add_argument("--username", help="MQTT user name")
     broker.add_argument("--password-file", type=Path, help="file holding the MQTT password (never logged)")
-    db = parser.add_argument_group("database").add_mutually_exclusive_group()
-    db.add_argument("--db", type=Path, default=Path("hq.db"), help="SQLite file (default: ./%(default)s)")
-    db.add_argument(
-        "--postgres",
-        metavar="DSN",
-        help="PostgreSQL connection string, for several receivers sharing one database"
-        " (keep the password in PGPASSFILE or PGPASSWORD)",
-    )
+    _database_options(parser)
     parser.add_argument(
         "--resend",
         action="store_true",
@@ -452,14 +456,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="ask again for a still-lost range after SECONDS (default: %(default)s)",
     )
-    parser.add_argument(
-        "--lost-grace",
-        type=_not_negative,
-        default=LOST_GRACE_S,
-        metavar="SECONDS",
-        help="call a missing seq lost only once the gateway's complete_through covering it is SECONDS old:"
-        " another receiver may still hold the batch (default: %(default)s; 0 with a single receiver)",
-    )
+    _lost_grace_option(parser)
     parser.add_argument(
         "--summary-every",
         type=float,
@@ -473,6 +470,28 @@ def _parser() -> argparse.ArgumentParser:
         help="print the summary and the missing seqs by class, and exit: 0, or 2 if any seq is lost or conflicts",
     )
     return parser
+
+
+def _database_options(parser: argparse.ArgumentParser) -> None:
+    db = parser.add_argument_group("database").add_mutually_exclusive_group()
+    db.add_argument("--db", type=Path, default=Path("hq.db"), help="SQLite file (default: ./%(default)s)")
+    db.add_argument(
+        "--postgres",
+        metavar="DSN",
+        help="PostgreSQL connection string, for several receivers sharing one database"
+        " (keep the password in PGPASSFILE or PGPASSWORD)",
+    )
+
+
+def _lost_grace_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lost-grace",
+        type=_not_negative,
+        default=LOST_GRACE_S,
+        metavar="SECONDS",
+        help="call a missing seq lost only once the gateway's complete_through covering it is SECONDS old:"
+        " another receiver may still hold the batch (default: %(default)s; 0 with a single receiver)",
+    )
 
 
 def _positive(text: str) -> float:
@@ -584,7 +603,10 @@ async def _print_summaries(receiver: HqReceiver, stop: asyncio.Event, every: flo
 
 
 def receiver_main(argv: list[str]) -> int:
-    """``store-gateway hq-receiver``: run the receiver, or ``--report`` on an existing database."""
+    """``store-gateway hq-receiver``: run the receiver, or ``--report`` on an existing database, or
+    ``receipt ...`` (:func:`receipt_main`)."""
+    if argv[:1] == ["receipt"]:
+        return receipt_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.report and not args.postgres and not args.db.exists():
         print(f"hq-receiver: no database at {args.db}", file=sys.stderr)
@@ -608,3 +630,190 @@ def receiver_main(argv: list[str]) -> int:
         return 0
     finally:
         store.close()
+
+
+# --- receipt proof ------------------------------------------------------------------------------------------
+
+RECEIPT_FOUND: Final = 0
+RECEIPT_NOT_FOUND: Final = 1
+RECEIPT_LOST_BELOW: Final = 2
+_RECEIPT_STATUS: Final = {
+    RECEIPT_FOUND: "found",
+    RECEIPT_NOT_FOUND: "not_found",
+    RECEIPT_LOST_BELOW: "lost_below",
+}
+_RECEIPT_NO: Final = re.compile(r"[^\x00-\x1f\x7f]{1,64}")
+"""A receipt number as gateways accept it (gateway/events.py ``ShortText``)."""
+_ID: Final = re.compile(ID_PATTERN)
+
+_RECEIPT_EPILOG: Final = """\
+A receipt is the pos.sale or pos.return that DEVICE sent with this receipt_no; returns from any device
+of the store naming it as original_receipt_no are listed too. For each gateway holding the receipt, the
+seqs HQ misses up to the receipt's seq are shown by class: lost (the gateway said it delivered them),
+pending (still on the way) and explained (the gateway reported them evicted). When HQ has no such receipt,
+every gateway of the store is shown up to its highest seq: a pending gap may still bring it.
+
+exit status:
+  0  HQ holds the receipt, and no seq of its gateway up to it is lost
+  1  HQ has no such receipt (or the database cannot be read)
+  2  HQ holds the receipt, but seqs of its gateway below it are lost (as --report counts them)
+     (argparse also exits 2 for a bad command line, with a usage message on stderr)
+"""
+
+
+def _receipt_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="store-gateway hq-receiver receipt",
+        description="Prove that a receipt reached HQ: print what HQ holds for it (gateway, seq, kind,\n"
+        "event id, occurred_at, recorded_at, when HQ received it) and whether HQ has every event of its\n"
+        "gateway up to it.",
+        epilog=_RECEIPT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--store", required=True, type=_checked_id, help="store id")
+    parser.add_argument("--device", required=True, type=_checked_id, help="the till's device id")
+    parser.add_argument(
+        "--receipt", required=True, type=_checked_receipt_no, metavar="RECEIPT_NO", help="receipt number"
+    )
+    _database_options(parser)
+    _lost_grace_option(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    return parser
+
+
+def _checked_id(text: str) -> str:
+    if not _ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r} is not an id ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}})")
+    return text
+
+
+def _checked_receipt_no(text: str) -> str:
+    if not _RECEIPT_NO.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text[:80]!r} is not a receipt number (1 to 64 characters, no control characters)"
+        )
+    return text
+
+
+def receipt_status(proof: ReceiptProof) -> int:
+    """The exit status of ``hq-receiver receipt`` (see its epilog)."""
+    if not proof.found:
+        return RECEIPT_NOT_FOUND
+    return RECEIPT_LOST_BELOW if proof.lost_below else RECEIPT_FOUND
+
+
+def _utc_text(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _event_document(event: ReceiptEvent) -> dict[str, Any]:
+    return {
+        "match": event.match,
+        "store_id": event.store_id,
+        "gateway_id": event.gateway_id,
+        "seq": event.seq,
+        "kind": event.kind,
+        "id": event.id,
+        "device_id": event.device_id,
+        "receipt_no": event.receipt_no,
+        "original_receipt_no": event.original_receipt_no,
+        "register_id": event.register_id,
+        "occurred_at": event.occurred_at,
+        "recorded_at": event.recorded_at,
+        "corrected_at": None if event.corrected_at is None else _utc_text(event.corrected_at),
+        "received_at": _utc_text(event.received_at),
+    }
+
+
+def _gateway_document(gateway: GatewayCompleteness) -> dict[str, Any]:
+    gaps = gateway.gaps
+    return {
+        "store_id": gateway.store_id,
+        "gateway_id": gateway.gateway_id,
+        "holds_receipt": gateway.holds_receipt,
+        "through_seq": gateway.through_seq,
+        "missing": gateway.missing,
+        "lost": [list(r) for r in gaps.lost],
+        "pending": [list(r) for r in gaps.pending],
+        "explained": [list(r) for r in gaps.explained],
+    }
+
+
+def receipt_document(proof: ReceiptProof) -> dict[str, Any]:
+    """``hq-receiver receipt --json``: ``status`` is found, lost_below or not_found (exit 0, 2, 1)."""
+    return {
+        "store_id": proof.store_id,
+        "device_id": proof.device_id,
+        "receipt_no": proof.receipt_no,
+        "found": proof.found,
+        "status": _RECEIPT_STATUS[receipt_status(proof)],
+        "events": [_event_document(e) for e in proof.events],
+        "gateways": [_gateway_document(g) for g in proof.gateways],
+    }
+
+
+def format_completeness(gateway: GatewayCompleteness) -> str:
+    """ "HQ has every event of gateway G up to seq N; 0 missing", or what it misses up to N, by class."""
+    name, through = gateway.gateway_id, gateway.through_seq
+    if not gateway.missing:
+        return f"HQ has every event of gateway {name} up to seq {through}; 0 missing"
+    parts = [
+        f"{label} {format_ranges(ranges)}"
+        for label, ranges in (
+            ("lost", gateway.gaps.lost),
+            ("pending", gateway.gaps.pending),
+            ("explained", gateway.gaps.explained),
+        )
+        if ranges
+    ]
+    return (
+        f"HQ is missing {gateway.missing} event(s) of gateway {name} up to seq {through}: {'; '.join(parts)}"
+    )
+
+
+def format_receipt(proof: ReceiptProof) -> str:
+    """The text ``hq-receiver receipt`` prints."""
+    own = sum(e.match == RECEIPT_MATCH for e in proof.events)
+    verdict = f"at HQ ({own} event(s))" if proof.found else "HQ has no such receipt"
+    lines = [f"receipt {proof.receipt_no} of device {proof.device_id} in store {proof.store_id}: {verdict}"]
+    for e in proof.events:
+        if e.match == RECEIPT_MATCH:
+            what = "the receipt"
+        else:
+            what = f"receipt {e.receipt_no} of device {e.device_id} returns it"
+        lines.append(f"  {e.kind:<10}  gateway {e.gateway_id} seq {e.seq}  event {e.id}  ({what})")
+        times = [f"occurred_at {e.occurred_at or '-'}", f"recorded_at {e.recorded_at}"]
+        if e.corrected_at is not None:
+            times.append(f"corrected_at {_utc_text(e.corrected_at)}")
+        times.append(f"received_at {_utc_text(e.received_at)}")
+        lines.append("      " + "  ".join(times))
+    lines += [format_completeness(g) for g in proof.gateways]
+    if not proof.found and not proof.gateways:
+        lines.append(f"HQ has no event of store {proof.store_id}")
+    return "\n".join(lines)
+
+
+def receipt_main(argv: list[str]) -> int:
+    """``store-gateway hq-receiver receipt``: what HQ holds for a receipt; exit 0, 1 or 2 (see the epilog)."""
+    args = _receipt_parser().parse_args(argv)
+    if not args.postgres and not args.db.exists():
+        print(f"hq-receiver: no database at {args.db}", file=sys.stderr)
+        return 1
+    try:
+        store = open_store(args)
+    except (CliError, StoreUnavailableError) as err:
+        print(f"hq-receiver: {err}", file=sys.stderr)
+        return 1
+    try:
+        proof = store.receipt(args.store, args.device, args.receipt)
+    except StoreUnavailableError as err:
+        print(f"hq-receiver: {err}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    if args.json:
+        sys.stdout.write(orjson.dumps(receipt_document(proof), option=orjson.OPT_APPEND_NEWLINE).decode())
+        sys.stdout.flush()
+    else:
+        print(format_receipt(proof), flush=True)
+    return receipt_status(proof)

@@ -96,3 +96,14 @@ class PgReceiverStore(SqlReceiverStore):
 
     def _table_exists(self, cur: Cursor, name: str) -> bool:
         return bool(self._rows(cur, "SELECT to_regclass(?) IS NOT NULL", (name,))[0][0])
+
+    def _column_exists(self, cur: Cursor, table: str, column: str) -> bool:
+        # The table the schema search path finds (as to_regclass does), not a namesake in another schema.
+        return bool(
+            self._rows(
+                cur,
+                "SELECT 1 FROM pg_attribute"
+                " WHERE attrelid = to_regclass(?) AND attname = ? AND NOT attisdropped",
+                (table, column),
+            )
+        )

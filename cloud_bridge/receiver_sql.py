@@ -6,6 +6,15 @@ Tables: ``events`` (every event once: primary key ``id``, unique ``(store_id, ga
 gaps, not of events), ``explained`` (ranges a gateway reported evicted or possibly lost), ``anchors``
 (``clock.synced`` anchors) and ``rejected`` (messages not stored, and why).
 
+Receipts: ``events.receipt_no`` and ``events.original_receipt_no`` hold what a ``pos.sale`` or ``pos.return``
+says (``data.receipt_no``; ``data.original_receipt_no`` of a return), filled from the envelope at insert, with
+partial indexes, so proving that a receipt reached HQ (:meth:`SqlReceiverStore.receipt`) is an index lookup.
+The columns came after schema 3 without a new schema number: they only add to it, so a receiver of before them
+still opens the database and stores into it (leaving them NULL), and the first receiver with them adds and
+fills them in its schema transaction (one pass over the events: during it, other receivers wait). Sales and
+returns with ``receipt_no`` NULL (stored by such an older receiver) are read from their bodies by every
+receipt lookup of their store (index ``events_receipt_unfilled``), so a lookup never misses one.
+
 Several receivers may share one PostgreSQL database. Each batch first locks its gateway's row (an upsert),
 so the events, runs and counters of one gateway are changed by one transaction at a time; the receiver
 gives a transaction's batches sorted by (store, gateway), so two receivers take their locks in the same
@@ -35,6 +44,7 @@ import orjson
 from cloud_bridge.commands import MAX_RESEND_SEQS as RESEND_MAX_SEQS
 from cloud_bridge.receiver_model import (
     LOST_GRACE_S,
+    MAX_TEXT_ID,
     REPORT_KINDS,
     Anchor,
     BatchRejectedError,
@@ -58,7 +68,16 @@ from cloud_bridge.receiver_model import (
     parse_report,
     parse_time,
 )
-from cloud_bridge.receiver_ranges import GapClasses, Range, chunk, classify_split, merge, size, split_gaps
+from cloud_bridge.receiver_ranges import (
+    GapClasses,
+    Range,
+    chunk,
+    classify_split,
+    clip,
+    merge,
+    size,
+    split_gaps,
+)
 from cloud_bridge.wire import MAX_SEQ, Batch, seq_ranges
 
 _LOGGER = logging.getLogger(__name__)
@@ -87,7 +106,9 @@ CREATE TABLE IF NOT EXISTS events (
     corrected_ns {int},
     anchor_mono_ns {int},
     corrected_at {corrected_at},
-    body {blob} NOT NULL
+    body {blob} NOT NULL,
+    receipt_no TEXT,
+    original_receipt_no TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS events_store_gateway_seq ON events (store_id, gateway_id, seq);
 CREATE INDEX IF NOT EXISTS events_unsynced ON events (store_id, gateway_id, boot_id) WHERE NOT clock_synced;
@@ -145,6 +166,40 @@ CREATE TABLE IF NOT EXISTS rejected (
 )
 """
 
+POS_KINDS: Final = ("pos.sale", "pos.return")
+"""The kinds that carry a receipt (docs/EVENTS.md)."""
+_IS_POS: Final = "kind IN ('pos.sale', 'pos.return')"
+"""The one spelling of "a sale or a return", in the unfilled index and the query that must match it."""
+RECEIPT_COLUMNS: Final = ("receipt_no", "original_receipt_no")
+_RECEIPT_INDEXES: Final = (
+    "CREATE INDEX IF NOT EXISTS events_receipt ON events (store_id, device_id, receipt_no)"
+    " WHERE receipt_no IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS events_original_receipt ON events (store_id, original_receipt_no)"
+    " WHERE original_receipt_no IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS events_receipt_unfilled ON events (store_id)"
+    f" WHERE receipt_no IS NULL AND {_IS_POS}",
+)
+"""Created after the columns are filled (module docstring); ``IF NOT EXISTS``: every open runs them."""
+RECEIPT_FILL_CHUNK: Final = 5000
+"""Events read per step when the receipt columns are filled for an existing database."""
+MAX_RECEIPT_EVENTS: Final = 100
+"""Most events one receipt lookup returns per way of matching (a receipt has a sale and a few returns; more is
+forged, and which ones come back then is arbitrary)."""
+_RECEIPT_EVENT: Final = "id, store_id, gateway_id, seq, kind, device_id, received_at, corrected_ns, body"
+"""The columns of a receipt lookup row (:meth:`SqlReceiverStore._receipt_event`)."""
+_BY_RECEIPT: Final = (
+    f"SELECT {_RECEIPT_EVENT} FROM events"  # noqa: S608 - constants
+    " WHERE store_id = ? AND device_id = ? AND receipt_no = ? LIMIT ?"
+)
+_BY_ORIGINAL: Final = (
+    f"SELECT {_RECEIPT_EVENT} FROM events"  # noqa: S608 - constants
+    " WHERE store_id = ? AND original_receipt_no = ? LIMIT ?"
+)
+_UNFILLED: Final = (
+    f"SELECT {_RECEIPT_EVENT} FROM events"  # noqa: S608 - constants
+    f" WHERE store_id = ? AND receipt_no IS NULL AND {_IS_POS}"
+)
+
 _WATERMARK_COLUMNS: Final = "complete_through, last_received_at, mark_through, mark_at, lost_through"
 """The columns of :class:`LostWatermark`, in its order (``_LOCK_GATEWAY`` returns them after max_seq)."""
 _LOCK_GATEWAY: Final = (
@@ -155,7 +210,8 @@ _LOCK_GATEWAY: Final = (
 """Creates the gateway's row or locks it (a no-op update takes the row lock) and reads its watermarks."""
 _INSERT_EVENT: Final = (
     "INSERT INTO events (id, store_id, gateway_id, seq, kind, device_id, recorded_at, received_at,"
-    " boot_id, mono_ns, clock_synced, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+    " boot_id, mono_ns, clock_synced, body, receipt_no, original_receipt_no)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
 )
 _UPDATE_GATEWAY: Final = (
     "UPDATE gateways SET max_seq = ?, complete_through = ?, events = events + ?, duplicates = duplicates + ?,"
@@ -242,6 +298,96 @@ class _GatewayRow:
         return self.store_id, self.gateway_id
 
 
+RECEIPT_MATCH: Final = "receipt_no"
+"""How an event matched a receipt lookup: it is the receipt (its device and ``receipt_no``)..."""
+RETURN_MATCH: Final = "original_receipt_no"
+"""... or a ``pos.return`` of the store (any device) whose ``original_receipt_no`` names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptEvent:
+    """One stored event a receipt lookup found; times as HQ holds them."""
+
+    match: str
+    """:data:`RECEIPT_MATCH` or :data:`RETURN_MATCH`."""
+    store_id: str
+    gateway_id: str
+    seq: int
+    kind: str
+    id: str
+    device_id: str | None
+    receipt_no: str | None
+    original_receipt_no: str | None
+    register_id: str | None
+    occurred_at: str | None
+    """The till's clock, as the envelope says (with the till's UTC offset)."""
+    recorded_at: str
+    """The gateway's clock at commit, as the envelope says."""
+    corrected_at: datetime | None
+    """``recorded_at`` corrected by a ``clock.synced`` anchor (an event committed before the clock synced)."""
+    received_at: datetime
+    """When HQ stored it (the receiver's clock)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayCompleteness:
+    """What HQ is missing of one gateway's seqs 1..``through_seq``."""
+
+    store_id: str
+    gateway_id: str
+    holds_receipt: bool
+    """Whether the receipt itself is among this gateway's events: ``through_seq`` is then its (highest) seq;
+    otherwise the highest seq of a return naming it, or, when HQ has no such receipt, the gateway's upper
+    bound (highest stored or promised seq)."""
+    through_seq: int
+    gaps: GapClasses
+    """Missing seqs in 1..through_seq, by class."""
+
+    @property
+    def missing(self) -> int:
+        return size(self.gaps.gaps)
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptProof:
+    """What HQ holds for one receipt of one device of a store (:meth:`SqlReceiverStore.receipt`)."""
+
+    store_id: str
+    device_id: str
+    receipt_no: str
+    events: list[ReceiptEvent]
+    """Its own events (``match`` = receipt_no) and returns naming it, by gateway and seq."""
+    gateways: list[GatewayCompleteness]
+    """Each gateway holding one of ``events``; when the receipt is not found, every gateway of the store."""
+
+    @property
+    def found(self) -> bool:
+        return any(e.match == RECEIPT_MATCH for e in self.events)
+
+    @property
+    def lost_below(self) -> bool:
+        """A seq up to the receipt's own, of a gateway holding it, is lost (not explained or pending)."""
+        return any(g.gaps.lost for g in self.gateways if g.holds_receipt)
+
+
+def receipt_fields(kind: str, event: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(receipt_no, original_receipt_no) of a sale or return, each None when absent or not a receipt number
+    (a string of 1..64 characters without NUL): what the receipt columns hold."""
+    if kind not in POS_KINDS:
+        return None, None
+    data = event.get("data")
+    if not isinstance(data, dict):
+        return None, None
+    original = data.get("original_receipt_no") if kind == "pos.return" else None
+    return _receipt_text(data.get("receipt_no")), _receipt_text(original)
+
+
+def _receipt_text(value: object) -> str | None:
+    if isinstance(value, str) and 0 < len(value) <= MAX_TEXT_ID and "\x00" not in value:
+        return value
+    return None
+
+
 class SqlReceiverStore:
     """Receiver storage over a DB-API connection; subclasses connect and name their :class:`Dialect`.
 
@@ -288,6 +434,9 @@ class SqlReceiverStore:
 
     def _schema_lock(self, cur: Cursor) -> None:
         """Serialise schema creation between receivers starting together (PostgreSQL)."""
+
+    def _column_exists(self, cur: Cursor, table: str, column: str) -> bool:
+        raise NotImplementedError
 
     # --- plumbing ---------------------------------------------------------------------------------------
 
@@ -353,6 +502,46 @@ class SqlReceiverStore:
                 self._create_tables(cur)
             if row is None:
                 self._x(cur, "INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            self._add_receipt_columns(cur)
+
+    def _add_receipt_columns(self, cur: Cursor) -> None:
+        """Add and fill the receipt columns of a database made before them, then (always) their indexes."""
+        if not self._column_exists(cur, "events", "receipt_no"):
+            for column in RECEIPT_COLUMNS:
+                cur.execute(f"ALTER TABLE events ADD COLUMN {column} TEXT")
+            filled = self._fill_receipt_columns(cur)
+            _LOGGER.info("added the receipt columns to the receiver database (%d sales and returns)", filled)
+        for statement in _RECEIPT_INDEXES:
+            cur.execute(statement)
+
+    def _fill_receipt_columns(self, cur: Cursor) -> int:
+        """One pass over the events in id order, a chunk at a time (a big database need not fit in memory)."""
+        after, filled = "", 0
+        while True:
+            rows = self._rows(
+                cur,
+                f"SELECT id, kind, body FROM events WHERE id > ? AND {_IS_POS}"  # noqa: S608 - constants
+                " ORDER BY id LIMIT ?",
+                (after, RECEIPT_FILL_CHUNK),
+            )
+            if not rows:
+                return filled
+            updates = []
+            for event_id, kind, body in rows:
+                try:
+                    event = orjson.loads(bytes(body))
+                except orjson.JSONDecodeError:
+                    continue  # not ours to judge now: it stays unfilled, and lookups read it
+                fields = receipt_fields(kind, event) if isinstance(event, dict) else (None, None)
+                if fields != (None, None):
+                    updates.append((*fields, event_id))
+            if updates:
+                cur.executemany(
+                    self._sql("UPDATE events SET receipt_no = ?, original_receipt_no = ? WHERE id = ?"),
+                    updates,
+                )
+            filled += len(rows)
+            after = rows[-1][0]
 
     def _create_tables(self, cur: Cursor) -> None:
         for statement in _SCHEMA.format(**self.dialect.types).split(";"):
@@ -528,6 +717,7 @@ class SqlReceiverStore:
             row.mono_ns,
             row.clock_synced,
             row.body,
+            *receipt_fields(row.kind, row.event),
         )
 
     def _known_ids(self, cur: Cursor, ids: Sequence[str]) -> set[str]:
@@ -735,6 +925,96 @@ class SqlReceiverStore:
             )
             for seq, recorded, synced, ns in rows
         ]
+
+    def receipt(
+        self, store_id: str, device_id: str, receipt_no: str, now: datetime | None = None
+    ) -> ReceiptProof:
+        """What HQ holds for a receipt: the device's sales and returns with this ``receipt_no``, the store's
+        returns naming it as ``original_receipt_no``, and what HQ misses of the seqs of each gateway holding
+        them up to the receipt (gap classes at ``now``), all from one snapshot.
+
+        Index lookups (events_receipt, events_original_receipt), plus the bodies of the store's sales and
+        returns an older receiver stored without the receipt columns (events_receipt_unfilled; usually
+        none)."""
+        now = now or datetime.now(UTC)
+        with self._transaction(self.dialect.begin_read) as cur:
+            rows: dict[str, Sequence[Any]] = {}
+            for sql, params in (
+                (_BY_RECEIPT, (store_id, device_id, receipt_no, MAX_RECEIPT_EVENTS)),
+                (_BY_ORIGINAL, (store_id, receipt_no, MAX_RECEIPT_EVENTS)),
+                (_UNFILLED, (store_id,)),
+            ):
+                for row in self._rows(cur, sql, params):
+                    rows.setdefault(str(row[0]), row)
+            found = [self._receipt_event(row, device_id, receipt_no) for row in rows.values()]
+            events = sorted((e for e in found if e is not None), key=lambda e: (e.gateway_id, e.seq, e.id))
+            gateways = self._receipt_gateways(cur, store_id, events, now)
+        return ReceiptProof(store_id, device_id, receipt_no, events, gateways)
+
+    def _receipt_event(self, row: Sequence[Any], device_id: str, receipt_no: str) -> ReceiptEvent | None:
+        """The row as a :class:`ReceiptEvent` if its body matches the lookup (an unfilled row may not)."""
+        event_id, store_id, gateway_id, seq, kind, device, received_at, corrected, body = row
+        try:
+            event = orjson.loads(bytes(body))
+        except orjson.JSONDecodeError:
+            return None
+        if kind not in POS_KINDS or not isinstance(event, dict):
+            return None
+        own, original = receipt_fields(kind, event)
+        if device == device_id and own == receipt_no:
+            match = RECEIPT_MATCH
+        elif original == receipt_no:
+            match = RETURN_MATCH
+        else:
+            return None
+        data = event["data"]
+        register, occurred, recorded = (
+            data.get("register_id"),
+            event.get("occurred_at"),
+            event.get("recorded_at"),
+        )
+        return ReceiptEvent(
+            match=match,
+            store_id=str(store_id),
+            gateway_id=str(gateway_id),
+            seq=int(seq),
+            kind=str(kind),
+            id=str(event_id),
+            device_id=None if device is None else str(device),
+            receipt_no=own,
+            original_receipt_no=original,
+            register_id=register if isinstance(register, str) else None,
+            occurred_at=occurred if isinstance(occurred, str) else None,
+            recorded_at=str(recorded),
+            corrected_at=None if corrected is None else from_utc_ns(int(corrected)),
+            received_at=self._time_value(received_at),
+        )
+
+    def _receipt_gateways(
+        self, cur: Cursor, store_id: str, events: Sequence[ReceiptEvent], now: datetime
+    ) -> list[GatewayCompleteness]:
+        """The gap state up to the receipt of each gateway holding a found event; when the receipt itself is
+        not found, of every gateway of the store up to its upper bound (the receipt may be in a gap)."""
+        found = any(e.match == RECEIPT_MATCH for e in events)
+        gateways = self._rows(
+            cur,
+            f"SELECT {_GATEWAY_ROW} FROM gateways WHERE store_id = ? ORDER BY gateway_id",  # noqa: S608
+            (store_id,),
+        )
+        holding = {e.gateway_id for e in events}
+        out: list[GatewayCompleteness] = []
+        for gw in map(self._gateway_row, gateways):
+            if found and gw.gateway_id not in holding:
+                continue
+            seqs = [e.seq for e in events if e.gateway_id == gw.gateway_id]
+            own = [e.seq for e in events if e.gateway_id == gw.gateway_id and e.match == RECEIPT_MATCH]
+            through = max(own or seqs) if found else gw.upper
+            classes = self._classes(cur, gw, now)
+            gaps = GapClasses(
+                *(clip(ranges, 1, through) for ranges in (classes.explained, classes.lost, classes.pending))
+            )
+            out.append(GatewayCompleteness(gw.store_id, gw.gateway_id, bool(own), through, gaps))
+        return out
 
     @staticmethod
     def _time_value(value: Any) -> datetime:

@@ -148,3 +148,6 @@ class ReceiverStore(SqlReceiverStore):
 
     def _table_exists(self, cur: Cursor, name: str) -> bool:
         return bool(self._rows(cur, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)))
+
+    def _column_exists(self, cur: Cursor, table: str, column: str) -> bool:
+        return bool(self._rows(cur, "SELECT 1 FROM pragma_table_info(?) WHERE name = ?", (table, column)))

@@ -1,5 +1,9 @@
 """The local HTTP API: health for probes, Prometheus metrics, and read-only views of the journal.
 
+``/api/receipts/{device_id}/{receipt_no}`` answers whether a receipt was committed and whether HQ's broker has
+acknowledged it (the per-class delivered watermark, docs/OUTBOX.md); ``store-gateway hq-receiver receipt``
+proves at HQ that it is stored there.
+
 It runs inside the gateway's own event loop and TaskGroup (:func:`serve_api`): uvicorn installs no signal
 handlers, the gateway owns SIGINT/SIGTERM. Everything but ``/health`` needs ``Authorization: Bearer <token>``.
 Journal reads run in FastAPI's threadpool, each on a short-lived read-only SQLite connection beside the
@@ -24,9 +28,12 @@ from typing import Annotated, Any, Final
 import orjson
 import uvicorn
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Response
+from fastapi import Path as PathParam
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cloud_bridge.wire import CLASSES
+from gateway.events import ID_PATTERN
 from gateway.metrics import Metrics
 
 _LOGGER = logging.getLogger(__name__)
@@ -62,6 +69,25 @@ _JSON: Final = "application/json"
 
 MAX_STOCK_ROWS = 5000
 """Largest page of /api/stock (a convenience store carries a few thousand SKUs)."""
+
+RECEIPT_NO_PATTERN: Final = r"^[^\x00-\x1f\x7f]+$"
+MAX_RECEIPT_NO: Final = 64
+"""A receipt number as the gateway accepts it (gateway/events.py ``ShortText``): 1-64 characters, no control
+characters. It may hold ``/``: the route takes the rest of the path (``%2F`` works too)."""
+MAX_RECEIPT_EVENTS: Final = 100
+"""Most events ``/api/receipts`` returns per way of matching (a receipt has a sale and a few returns)."""
+_RECEIPT_EVENTS: Final = (
+    "SELECT e.seq, e.id, e.kind, e.device_id, e.recorded_at, e.cls, e.body, s.delivered_seq"
+    " FROM events e LEFT JOIN outbox_state s ON s.cls = e.cls"
+    " WHERE e.kind IN ('pos.sale', 'pos.return') AND {test} ORDER BY e.seq LIMIT ?"
+)
+"""Sales and returns (index events_kind), matched on their body, with their class's delivered watermark."""
+_OWN_RECEIPT: Final = _RECEIPT_EVENTS.format(
+    test="e.device_id = ? AND json_extract(CAST(e.body AS TEXT), '$.data.receipt_no') = ?"
+)
+_RETURNS_OF: Final = _RECEIPT_EVENTS.format(
+    test="e.kind = 'pos.return' AND json_extract(CAST(e.body AS TEXT), '$.data.original_receipt_no') = ?"
+)
 
 
 class ApiError(Exception):
@@ -180,6 +206,19 @@ def create_app(
             )
         )
 
+    @app.get("/api/receipts/{device_id}/{receipt_no:path}")
+    def get_receipt(
+        device_id: Annotated[str, PathParam(pattern=ID_PATTERN, max_length=64)],
+        receipt_no: Annotated[
+            str, PathParam(min_length=1, max_length=MAX_RECEIPT_NO, pattern=RECEIPT_NO_PATTERN)
+        ],
+    ) -> Response:
+        """The committed ``pos.sale`` or ``pos.return`` of ``device_id`` with this receipt number, and the
+        returns (any device) naming it as ``original_receipt_no``, each with ``delivered_to_hq``: HQ's broker
+        has acknowledged it (its seq is at or below its class's delivered watermark, as persisted). 404 when
+        the journal holds no such receipt."""
+        return _json_bytes(orjson.dumps(receipt_report(db_uri, device_id, receipt_no)))
+
     @app.get("/api/quarantine")
     def get_quarantine(limit: Annotated[int, Query(ge=1, le=MAX_EVENTS)] = 100) -> Response:
         """Most recent first; the payload is a preview, as text only when it is plain printable UTF-8."""
@@ -209,6 +248,51 @@ def create_app(
         )
 
     return app
+
+
+def receipt_report(db_uri: str, device_id: str, receipt_no: str) -> dict[str, Any]:
+    """The body of ``/api/receipts/{device_id}/{receipt_no}`` from one snapshot of the journal; raises 404."""
+    with _journal(db_uri) as conn:
+        conn.execute("BEGIN")  # one snapshot for both reads and the watermarks
+        own = conn.execute(_OWN_RECEIPT, (device_id, receipt_no, MAX_RECEIPT_EVENTS)).fetchall()
+        returns = conn.execute(_RETURNS_OF, (receipt_no, MAX_RECEIPT_EVENTS)).fetchall() if own else []
+    if not own:
+        raise HTTPException(
+            status_code=404,
+            detail=f"no pos.sale or pos.return with receipt_no {receipt_no!r} from device {device_id!r}"
+            " in the journal: never received (or quarantined: see /api/quarantine), or removed after"
+            " delivery (outbox TTL)",
+        )
+    seen = {row[0] for row in own}
+    events = [_receipt_event(row, "receipt_no") for row in own]
+    events += [_receipt_event(row, "original_receipt_no") for row in returns if row[0] not in seen]
+    events.sort(key=lambda e: int(e["seq"]))
+    return {
+        "device_id": device_id,
+        "receipt_no": receipt_no,
+        "delivered_to_hq": all(e["delivered_to_hq"] for e in events if e["match"] == "receipt_no"),
+        "events": events,
+    }
+
+
+def _receipt_event(row: Sequence[Any], match: str) -> dict[str, Any]:
+    seq, event_id, kind, device_id, recorded_at, cls, body, delivered_seq = row
+    envelope = orjson.loads(body)
+    data = envelope.get("data") or {}
+    return {
+        "seq": seq,
+        "id": event_id,
+        "kind": kind,
+        "match": match,
+        "device_id": device_id,
+        "receipt_no": data.get("receipt_no"),
+        "original_receipt_no": data.get("original_receipt_no"),
+        "occurred_at": envelope.get("occurred_at"),
+        "recorded_at": recorded_at,
+        "class": CLASSES[cls] if 0 <= cls < len(CLASSES) else str(cls),
+        "delivered_seq": delivered_seq,
+        "delivered_to_hq": delivered_seq is not None and seq <= delivered_seq,
+    }
 
 
 def payload_preview(payload: bytes | None, size: int) -> dict[str, Any] | None:
