@@ -89,7 +89,7 @@ def sample_text(data: dict[str, Any]) -> str:
     ][:3]
     if values.get("door_open") or values.get("opening"):
         parts.append("door OPEN")
-    if values.get("defrost"):
+    if values.get("defrost") or values.get("defrost_active"):
         parts.append("defrosting")
     if "battery" in values and values["battery"] < 20:
         parts.append(f"battery {values['battery']:g} %")
@@ -405,7 +405,12 @@ async def _demo(
     scenario = scenario.model_copy(update={"devices": scenario.devices.model_copy(update={"tills": tills})})
     hq_broker_config = BrokerConfig(port=hq_port, protocol="3.1.1")
     store = ScenarioRun(
-        scenario, BrokerConfig(port=store_port, protocol="3.1.1"), work, on_step=view.step, on_till=view.till
+        scenario,
+        BrokerConfig(port=store_port, protocol="3.1.1"),
+        work,
+        on_step=view.step,
+        on_till=view.till,
+        modbus_timeout_s=2.0,
     )
     store_broker = await _start_broker(store_port)
     hq_broker = await _start_broker(hq_port)

@@ -53,6 +53,11 @@ class FridgeModel:
     heating_per_s: float = 0.004
     high_alarm_delta: float = 6.0
     low_alarm_delta: float = 5.0
+    alarm_delay_s: float = 900.0
+    """A temperature alarm sets only after this long beyond its limit (controllers' alarm delay, e.g. 15 min),
+    so a door opened for a delivery does not alarm; it clears as soon as the temperature is back."""
+    high_for_s: float = 0.0
+    low_for_s: float = 0.0
 
     @property
     def defrosting(self) -> bool:
@@ -62,6 +67,12 @@ class FridgeModel:
         self.defrost_left_s = self.defrost_duration_s
 
     def step(self, dt: float) -> None:
+        self._physics(dt)
+        too_warm = not self.defrosting and self.air > self.setpoint + self.high_alarm_delta
+        self.high_for_s = self.high_for_s + dt if too_warm else 0.0
+        self.low_for_s = self.low_for_s + dt if self.air < self.setpoint - self.low_alarm_delta else 0.0
+
+    def _physics(self, dt: float) -> None:
         leak = self.leak_per_s * (6.0 if self.door_open else 1.0) * (self.ambient - self.air)
         if self.defrosting:
             self.compressor_on = False
@@ -80,7 +91,6 @@ class FridgeModel:
 
     def metrics(self) -> dict[str, float | None]:
         """Metric -> value (None: a probe that is not fitted, served as the profile's sentinel)."""
-        high = not self.defrosting and self.air > self.setpoint + self.high_alarm_delta
         return {
             "air_temperature": self.air,
             "evaporator_temperature": self.evaporator if self.evaporator_fitted else None,
@@ -89,8 +99,8 @@ class FridgeModel:
             "defrost_active": float(self.defrosting),
             "fan_on": float(not self.door_open and not self.defrosting),
             "door_open": float(self.door_open),
-            "high_temp_alarm": float(high),
-            "low_temp_alarm": float(self.air < self.setpoint - self.low_alarm_delta),
+            "high_temp_alarm": float(self.high_for_s >= self.alarm_delay_s),
+            "low_temp_alarm": float(self.low_for_s >= self.alarm_delay_s),
             "probe2_fault": float(not self.evaporator_fitted),
             "defrost_start": 0.0,
         }

@@ -106,6 +106,9 @@ class ScenarioRun:
     """Called for each till message the store broker acknowledged (the demo's live view)."""
     hq: SimulatedHq | None = None
     """Books deliveries (``delivery`` steps) as HQ receiving; without it they only move tags."""
+    modbus_timeout_s: float = 0.5
+    """The gateway's Modbus timeout for the simulated controllers. Short, so an unplugged one is seen fast; the
+    demo, whose controllers share one event loop with the gateway starting up, gives them longer."""
     seed: int = 1
     log: list[StepLog] = field(default_factory=list)
     published: dict[str, int] = field(default_factory=dict)
@@ -204,7 +207,7 @@ class ScenarioRun:
                     "type": "modbus",
                     "name": f"modbus-{spec.id}",
                     **bus,
-                    "timeout_s": 0.5,
+                    "timeout_s": self.modbus_timeout_s,
                     "retries": 1,
                     "reconnect_max_s": 2,
                     "devices": [
@@ -224,7 +227,7 @@ class ScenarioRun:
                     "name": "serial",
                     "devices": [
                         {
-                            "device_id": rid,
+                            "id": rid,
                             "port": str(reader.link),
                             "profile": "chafon-cf-ru5102",
                             "window_s": 2,

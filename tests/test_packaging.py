@@ -33,6 +33,7 @@ import gateway
 from gateway.config import BrokerConfig, GatewayConfig
 from gateway.mqtt import Message, MqttClient, MqttError
 from tests.brokers import Mosquitto, free_port
+from tests.pki import write_pki
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -96,6 +97,13 @@ def write_secrets(folder: Path) -> Path:
         )
         (folder / name).write_text(f"{value}\n")
     return folder
+
+
+def tls_files(folder: Path) -> dict[str, Path]:
+    """The TLS files the example names (tls/hq-ca.pem, tls/gateway.crt, tls/gateway.key), made for real."""
+    pki = write_pki(folder)
+    shutil.copy(pki["ca"], folder / "hq-ca.pem")
+    return pki
 
 
 def write_config(path: Path, data: Any) -> Path:
@@ -204,7 +212,7 @@ def test_config_schema_is_json() -> None:
     assert {"gateway_id", "store", "hq", "api", "data_dir"} <= set(schema["properties"])
 
 
-def test_check_config_of_the_example_needs_its_secrets() -> None:
+def test_check_config_of_the_example_needs_its_secrets(tmp_path: Path) -> None:
     names = env_secret_names(load_yaml(EXAMPLE))
     assert names == [
         "STORE_MQTT_PASSWORD",
@@ -215,7 +223,11 @@ def test_check_config_of_the_example_needs_its_secrets() -> None:
         "WEB_SHOP_WEBHOOK_SECRET",
         "GATEWAY_API_TOKEN",
     ]
-    command = [SCRIPT, "check-config", str(EXAMPLE)]
+    # The example beside the TLS files it names (tls/ next to it), as a technician's copy would be.
+    example = tmp_path / "store.yaml"
+    shutil.copy(EXAMPLE, example)
+    tls_files(tmp_path / "tls")
+    command = [SCRIPT, "check-config", str(example)]
     env = without_secret_env()
     missing = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, check=False)
     assert missing.returncode == 1, missing.stdout
@@ -225,7 +237,7 @@ def test_check_config_of_the_example_needs_its_secrets() -> None:
     env["CHILLER_PROBE_BINDKEY"] = "231d39c1d7cc1ab1aee224cd096db932"
     ok = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, check=False)
     assert ok.returncode == 0, ok.stdout
-    assert ok.stdout.startswith(f"OK: {EXAMPLE}")
+    assert ok.stdout.startswith(f"OK: {example}")
 
 
 # --- the Docker image
@@ -348,6 +360,7 @@ def test_the_docker_shaped_config_checks_ok(tmp_path: Path) -> None:
     data["store_broker"]["host"] = "broker"
     data["api"]["host"] = "0.0.0.0"
     data["hq"]["tls"]["key_file"] = str(secrets / TLS_KEY_SECRET)
+    shutil.copy(tls_files(tmp_path / "tls")["key"], secrets / TLS_KEY_SECRET)
     config = write_config(tmp_path / "store.yaml", data)
     result = subprocess.run(
         [SCRIPT, "check-config", str(config)],

@@ -17,6 +17,7 @@ import orjson
 from drivers.ble.driver import BleDriver
 from gateway.config import GatewayConfig
 from gateway.runtime import Gateway
+from simulators.hq import SimulatedHq
 from simulators.scenario import ScenarioRun
 from simulators.scenario_model import Scenario, available, load_scenario
 from tests.brokers import Mosquitto
@@ -64,8 +65,10 @@ def compressed(name: str) -> Scenario:
 async def scenario_store(
     tmp_path: Path, scenario: Scenario, store_broker: Mosquitto, hq_broker: Mosquitto
 ) -> AsyncIterator[tuple[ScenarioRun, Gateway]]:
+    """The scenario's store, its gateway, and a simulated HQ that books the store's deliveries."""
     run = ScenarioRun(scenario, broker_config(store_broker), tmp_path)
     await run.prepare()
+    hq: SimulatedHq | None = None
     try:
         sections = run.gateway_config()
         config = GatewayConfig.model_validate(
@@ -76,15 +79,38 @@ async def scenario_store(
                 "store_broker": {"host": "127.0.0.1", "port": store_broker.port, "protocol": "3.1.1"},
                 "hq": {"host": "127.0.0.1", "port": hq_broker.port},
                 "api": {"enabled": True, "host": "127.0.0.1", "port": 0, "token": API_TOKEN},
+                "stock": {
+                    "items": [
+                        {"sku": f"SKU-{n:04d}", "on_hand": 60, "safety_stock": 20} for n in range(1, 21)
+                    ]
+                },
                 **sections,
             }
         )
+        hq = SimulatedHq(
+            broker_config(hq_broker),
+            config.hq.topic_prefix,
+            config.store.id,
+            config.gateway_id,
+            lead_time_s=1800 / scenario.time_scale,
+        )
+        run.hq = hq
         async with running_gateway(config, wait_drivers=False) as gateway:
+
+            def on_commit(committed: Any) -> None:
+                for body in committed.bodies:
+                    hq.observe(orjson.loads(body))
+
+            gateway.journal.add_listener(on_commit)
+            await hq.start()
             await poll_until(
                 lambda: gateway.health()["drivers"].get("store-mqtt", True), "the MQTT intake to subscribe"
             )
             yield run, gateway
+            await hq.close()
     finally:
+        if hq is not None:
+            await hq.close()
         await run.close()
 
 
@@ -102,6 +128,13 @@ async def test_normal_day(tmp_path: Path, store_broker: Mosquitto, hq_broker: Mo
     scenario = compressed("normal-day")
     async with scenario_store(tmp_path, scenario, store_broker, hq_broker) as (run, gateway):
         await run.run(ble_driver(gateway))
+        await poll_until(
+            lambda: any(
+                "delivery of 40" in (e["data"].get("note") or "")
+                for e in events(tmp_path / "data", "stock.adjusted")
+            ),
+            "HQ's booking of the delivery to be applied",
+        )
         await poll_until(
             lambda: gateway.journal.delivered_seq == gateway.journal.last_seq, "HQ to have every event"
         )
@@ -126,10 +159,23 @@ async def test_normal_day(tmp_path: Path, store_broker: Mosquitto, hq_broker: Mo
     backroom = events(data, "rfid.inventory", "rfid-backroom")
     assert sum(len(e["data"]["appeared"]) for e in backroom) >= 40
     assert not quarantined(data)
+    # The delivery of 40 cases is booked in by HQ (stock.adjust receiving, 12 units a case), and no level goes
+    # below zero: stock arrives the way a real store's does.
+    receiving = [e["data"] for e in events(data, "stock.adjusted") if e["data"]["reason"] == "receiving"]
+    deliveries = [r for r in receiving if "delivery of 40 case(s)" in (r.get("note") or "")]
+    assert sum(float(r["delta"]) for r in deliveries) == 40 * 12
+    levels = events(data, "stock.level")
+    assert levels
+    assert all(float(e["data"]["on_hand"]) >= 0 for e in levels), [
+        e["data"] for e in levels if float(e["data"]["on_hand"]) < 0
+    ]
 
 
 async def test_fridge_failure_at_night(tmp_path: Path, store_broker: Mosquitto, hq_broker: Mosquitto) -> None:
     scenario = compressed("fridge-failure-night")
+    # A logger advertises every 5 real seconds; at this compression that is three readings a night: more.
+    loggers = [b.model_copy(update={"interval_s": 0.5}) for b in scenario.devices.ble]
+    scenario = scenario.model_copy(update={"devices": scenario.devices.model_copy(update={"ble": loggers})})
     async with scenario_store(tmp_path, scenario, store_broker, hq_broker) as (run, gateway):
         await run.run(ble_driver(gateway))
     data = tmp_path / "data"
@@ -154,7 +200,23 @@ async def test_fridge_failure_at_night(tmp_path: Path, store_broker: Mosquitto, 
     assert max(failing) > 9, "the temperature did not climb while the compressor was down"
     assert air(dairy[-1]) < max(failing), "the temperature did not come down after the repair"
     assert all(-25 < t < -10 for t in air_temperatures(data, "freezer-1"))
-    assert events(data, "sensor.sample", "dairy-logger")
+    # The controller's own alarm bit: set while the cabinet is too warm, cleared once it is cold again.
+    alarm = [
+        (store_time(e), e["data"]["values"]["high_temp_alarm"])
+        for e in events(data, "sensor.sample", "fridge-dairy")
+        if "high_temp_alarm" in e["data"]["values"]
+    ]
+    assert not any(bit for t, bit in alarm if t < 6000)
+    assert any(bit for t, bit in alarm if 9000 < t < 21600), "the high-temperature alarm bit never went on"
+    assert alarm[-1][1] == 0, "the alarm bit did not clear after the repair"
+    # The BLE logger inside the fridge follows its air: cold, warm while the compressor is down, cold again.
+    logger = [
+        (store_time(e), e["data"]["values"]["temperature"])
+        for e in events(data, "sensor.sample", "dairy-logger")
+    ]
+    assert max(t for at, t in logger if at < 6000) < 8
+    assert max(t for at, t in logger if 9000 < at < 21600) > 9
+    assert logger[-1][1] < max(t for _, t in logger)
     assert "error" not in statuses(data, "fridge-dairy")
 
 
@@ -201,17 +263,46 @@ async def test_device_unplugged_and_plugged_back(
     assert len(events(data, "pos.sale")) + len(events(data, "pos.return")) == run.published["tills"]
 
 
-def test_demo_runs_the_default_scenario_and_loses_nothing(tmp_path: Path) -> None:
-    """The README's first command, bounded: every kind of simulated device reaches the journal and HQ."""
+def run_demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "demo", "--duration", "8", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "gateway.cli", "demo", "--data-dir", str(tmp_path), *args],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def demo_summary(out: str) -> tuple[int, int]:
+    """Committed and received counts from the demo's last line, which must report no gap at HQ."""
+    summary = out.strip().splitlines()[-1]
+    assert summary.endswith("seq gaps at HQ: 0"), summary
+    assert "negative stock" not in summary, summary
+    committed = int(summary.split("committed ")[1].split(" ")[0])
+    received = int(summary.split("HQ received ")[1].split(",")[0])
+    return committed, received
+
+
+def test_demo_shows_a_calm_view_and_loses_nothing(tmp_path: Path) -> None:
+    """The README's first command, bounded: a view of every simulated device, the stock, and what HQ has."""
+    result = run_demo(tmp_path, "--duration", "8")
     out = result.stdout
+    # No alarm about the host's Bluetooth adapter: the demo feeds the BLE driver through a simulated radio.
+    assert "WARNING" not in out + result.stderr, result.stderr[-3000:]
+    assert "Bluetooth" not in out + result.stderr
+    for what in ("Devices (last", "Stock that moved", "Alerts", "HQ has everything up to seq "):
+        assert what in out, f"{what!r} missing from the demo's view"
+    view = out.split("Devices (last")[-1]
+    for device in ("pos-01", "fridge-dairy", "chiller-probe", "rfid-backroom", "shelf-a1", "kiosk-staff"):
+        assert f"  {device} " in view, f"{device} missing from the demo's last view"
+    committed, received = demo_summary(out)
+    assert received == committed
+
+
+def test_demo_verbose_streams_every_commit(tmp_path: Path) -> None:
+    out = run_demo(tmp_path, "--duration", "6", "--verbose").stdout
     for what in (
         "pos.sale",
         "sample fridge-dairy",
@@ -220,8 +311,13 @@ def test_demo_runs_the_default_scenario_and_loses_nothing(tmp_path: Path) -> Non
         "checkin ",
     ):
         assert what in out, f"{what!r} missing from the demo's output"
-    summary = out.strip().splitlines()[-1]
-    assert summary.endswith("seq gaps at HQ: 0"), summary
-    committed = int(summary.split("committed ")[1].split(" ")[0])
-    received = int(summary.split("HQ received ")[1].split(",")[0])
+    committed, received = demo_summary(out)
     assert received == committed
+
+
+def test_demo_shows_the_fridge_controllers_alarm(tmp_path: Path) -> None:
+    """fridge-failure-night: the dairy fridge's own high-temperature alarm bit is shown as an alert."""
+    out = run_demo(tmp_path, "--scenario", "fridge-failure-night", "--duration", "30").stdout
+    assert "fridge-dairy controller ALARM high_temp_alarm" in out
+    summary = out.strip().splitlines()[-1]
+    assert "1 controller alarm(s)" in summary or "2 controller alarm(s)" in summary, summary

@@ -121,7 +121,7 @@ class LinePeer:
 
 def rfid_device(link: Path, **extra: Any) -> dict[str, Any]:
     return {
-        "device_id": "rfid-1",
+        "id": "rfid-1",
         "port": str(link),
         "profile": "chafon-cf-ru5102",
         "poll_interval_s": 0.05,
@@ -280,8 +280,8 @@ async def test_a_flood_is_rate_limited_counted_and_other_devices_unaffected(harn
     # A pty refuses 7E1 (termios EINVAL): the line settings of the profile are overridden to 8N1.
     limits = {"rate_limit_per_s": 10, "rate_burst": 10, "bytesize": 8, "parity": "N"}
     devices = [
-        {"device_id": "scale-noisy", "port": str(noisy.link), "profile": "scale-line", **limits},
-        {"device_id": "scale-quiet", "port": str(quiet.link), "profile": "scale-line", **limits},
+        {"id": "scale-noisy", "port": str(noisy.link), "profile": "scale-line", **limits},
+        {"id": "scale-quiet", "port": str(quiet.link), "profile": "scale-line", **limits},
     ]
     driver = harness.driver(devices)
     registry = harness.ctx.devices
@@ -325,7 +325,7 @@ async def test_a_flood_is_rate_limited_counted_and_other_devices_unaffected(harn
 async def test_barcode_scans_become_barcode_scanned_events(harness: Harness) -> None:
     scanner = LinePeer(harness.tmp / "usb-scanner")
     driver = harness.driver(
-        [{"device_id": "scanner-1", "port": str(scanner.link), "profile": "barcode-scanner-line"}]
+        [{"id": "scanner-1", "port": str(scanner.link), "profile": "barcode-scanner-line"}]
     )
     try:
         async with running(driver):
@@ -443,7 +443,7 @@ async def test_an_idle_scanner_on_an_open_port_and_a_reader_with_no_tags_stay_on
     quick = {"offline_after_s": 0.3}
     driver = harness.driver(
         [
-            {"device_id": "scanner-1", "port": str(scanner.link), "profile": "barcode-scanner-line", **quick},
+            {"id": "scanner-1", "port": str(scanner.link), "profile": "barcode-scanner-line", **quick},
             rfid_device(link, **quick),
         ]
     )
@@ -492,9 +492,7 @@ async def test_windows_not_taken_are_merged_so_a_departure_is_not_lost(harness: 
 async def test_a_streaming_scale_sends_a_reading_once_until_it_changes(harness: Harness) -> None:
     scale = LinePeer(harness.tmp / "usb-scale")
     line = {"bytesize": 8, "parity": "N"}  # a pty refuses 7E1
-    driver = harness.driver(
-        [{"device_id": "scale-1", "port": str(scale.link), "profile": "scale-line", **line}]
-    )
+    driver = harness.driver([{"id": "scale-1", "port": str(scale.link), "profile": "scale-line", **line}])
     device = harness.ctx.devices.get("scale-1")
     assert device is not None
     try:
