@@ -39,3 +39,26 @@ def persistent_hq_broker() -> Iterator[Mosquitto]:
         assert "Error" not in log, f"the HQ broker failed (persistence?):\n{log[-2000:]}"
     finally:
         broker.close()
+
+
+CLOCK_MODULES = frozenset(
+    {
+        "test_ble_driver",
+        "test_clock_watch",
+        "test_devices",
+        "test_journal",
+        "test_outbox",
+        "test_serial_driver",
+        "test_stock",
+        "test_uplink_scheduling",
+    }
+)
+"""Modules whose code under test reads the monotonic clock in this process (token buckets, silence watchdogs,
+eviction, uplink pacing, clock anchors, event sizes). They are marked ``clock``: CI runs them again with the
+clock shifted to a freshly booted machine's uptime (``pytest -m clock --uptime 30``; see tests/uptime.py)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rpartition(".")[2] in CLOCK_MODULES:
+            item.add_marker(pytest.mark.clock)

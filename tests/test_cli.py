@@ -11,24 +11,12 @@ from pathlib import Path
 import pytest
 
 import gateway
-from tests.test_config_files import write_pki
+from tests.pki import write_pki
+from tests.test_config import EXAMPLE, MINIMAL, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "firmware_configs" / "store-example.yaml"
 SCRIPT = str(Path(sysconfig.get_path("scripts")) / "store-gateway")
 """The console script installed with this interpreter (not whichever one is first on PATH)."""
 ENV_REF = re.compile(r"\{env: ([A-Z0-9_]+)\}")
-
-MINIMAL = """\
-gateway_id: gw-01
-store:
-  id: hk-001
-  name: Test Store
-hq:
-  host: hq.example.com
-api:
-  token: {env: API_TOKEN}
-"""
 
 
 def example_secret_names() -> list[str]:

@@ -25,7 +25,7 @@ from gateway.config_loader import (
     json_schema,
     load_config,
 )
-from tests.test_config_files import write_pki
+from tests.pki import write_pki
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "firmware_configs" / "store-example.yaml"
