@@ -435,8 +435,9 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_SESSION_EXPIRY_S,
         metavar="SECONDS",
-        help="how long the broker keeps this receiver's session, and queues its share of the batches, while it"
-        " is away (MQTT 5; default: %(default)s, 7 days). Shorter for a receiver that may be retired",
+        help="how long the broker keeps this receiver's session, and queues its batches, while it is away (MQTT"
+        " 5; default: %(default)s, 7 days). Shorter for a receiver that may be retired. mosquitto 2.0 forgets an"
+        " absent member's shared subscription when the broker restarts: with it, use --no-share or --resend",
     )
     broker.add_argument("--ca-file", type=Path, help="CA bundle that signed the broker's certificate (TLS)")
     broker.add_argument("--cert-file", type=Path, help="client certificate (mutual TLS), with --key-file")

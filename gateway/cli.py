@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -135,7 +136,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--duration", type=float, default=0, help="stop after N seconds (default: until Ctrl-C)"
     )
-    demo.add_argument("--rate", type=float, default=1.0, help="sales per second per till (default 1)")
+    demo.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="sales per second per till (default: the scenario's own rate)",
+    )
     demo.add_argument(
         "--data-dir", type=Path, default=None, help="keep the journal here (default: a temp dir)"
     )
@@ -151,6 +157,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader of our output went away (``store-gateway config-schema | head``): not an error of ours.
+        # Point stdout at /dev/null so Python's own flush at exit does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["hq-receiver"]:
         from cloud_bridge.receiver import receiver_main

@@ -1317,6 +1317,6 @@ def _summary(cfg: GatewayConfig) -> str:
         f"gateway {cfg.gateway_id}, store {cfg.store.id} ({cfg.store.name}, {cfg.store.timezone}); "
         f"store broker {cfg.store_broker.host}:{cfg.store_broker.port}; "
         f"HQ {hq.host}:{hq.port} {'TLS' if hq.tls else 'plain TCP'}, prefix {hq.topic_prefix}; "
-        f"{len(cfg.drivers)} driver(s), {len(cfg.devices)} device(s), {len(cfg.stock.items)} stock item(s); "
+        f"{len(cfg.drivers)} driver(s), {len(cfg.device_ids())} device(s), {len(cfg.stock.items)} stock item(s); "
         f"{api}; data in {cfg.data_dir}; config hash {config_hash(cfg)}"
     )

@@ -352,7 +352,7 @@ class LiveView:
 
 def run_demo(
     duration: float = 0,
-    rate: float = 1.0,
+    rate: float | None = None,
     data_dir: Path | None = None,
     scenario: str = DEFAULT_SCENARIO,
     verbose: bool = False,
@@ -392,7 +392,7 @@ async def _watch_hq(view: LiveView, store: ReceiverStore, gateway: Gateway, stop
 
 
 async def _demo(
-    duration: float, rate: float, data_dir: Path, scenario: Scenario, work: Path, verbose: bool
+    duration: float, rate: float | None, data_dir: Path, scenario: Scenario, work: Path, verbose: bool
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -401,8 +401,11 @@ async def _demo(
     store_port, hq_port = _free_port(), _free_port()
     token = secrets.token_urlsafe(24)
     view = LiveView(sys.stdout, scenario, verbose)
-    tills = scenario.devices.tills.model_copy(update={"rate_per_s": rate})
-    scenario = scenario.model_copy(update={"devices": scenario.devices.model_copy(update={"tills": tills})})
+    if rate is not None:
+        tills = scenario.devices.tills.model_copy(update={"rate_per_s": rate})
+        scenario = scenario.model_copy(
+            update={"devices": scenario.devices.model_copy(update={"tills": tills})}
+        )
     hq_broker_config = BrokerConfig(port=hq_port, protocol="3.1.1")
     store = ScenarioRun(
         scenario,
@@ -453,7 +456,8 @@ async def _demo(
                 f"store-gateway demo: scenario {scenario.scenario!r} ({scenario.description})\n"
                 f"store broker 127.0.0.1:{store_port}, HQ broker 127.0.0.1:{hq_port} (embedded)\n"
                 f"local API: http://127.0.0.1:{api_port}/health  (token for /api/*, /metrics: {token})\n"
-                f"journal: {data_dir / 'journal.db'}   Ctrl-C stops.\n",
+                f"journal: {data_dir / 'journal.db'}   Ctrl-C stops.\n"
+                + "".join(f"  expect: {line}\n" for line in scenario.expect),
                 flush=True,
             )
             view_task = tg.create_task(_watch_hq(view, view_store, gateway, view_stop), name="demo-view")
