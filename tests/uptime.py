@@ -31,20 +31,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+class _Shifted:
+    """The real monotonic clock minus an offset, in ns or in seconds. An instance, not a function: code that
+    keeps ``time.monotonic`` as a class attribute (pyserial's transport does) must not get it bound as a
+    method."""
+
+    def __init__(self, offset_ns: int, in_ns: bool) -> None:
+        self._offset_ns = offset_ns
+        self._in_ns = in_ns
+
+    def __call__(self) -> float:
+        elapsed = _real_monotonic_ns() - self._offset_ns
+        return elapsed if self._in_ns else elapsed / 1e9
+
+
 def shift_monotonic(uptime_s: float) -> None:
     """From now on, time.monotonic() and time.monotonic_ns() read ``uptime_s`` plus the time elapsed since."""
     if uptime_s < 0:
         raise pytest.UsageError("--uptime must be 0 or more")
     offset_ns = _real_monotonic_ns() - int(uptime_s * 1e9)
-
-    def monotonic_ns() -> int:
-        return _real_monotonic_ns() - offset_ns
-
-    def monotonic() -> float:
-        return (_real_monotonic_ns() - offset_ns) / 1e9
-
-    time.monotonic_ns = monotonic_ns
-    time.monotonic = monotonic
+    time.monotonic_ns = _Shifted(offset_ns, in_ns=True)  # type: ignore[assignment]
+    time.monotonic = _Shifted(offset_ns, in_ns=False)
 
 
 @pytest.hookimpl(tryfirst=True)
