@@ -136,12 +136,14 @@ class LiveView:
         self._activity: dict[str, deque[tuple[float, str, str]]] = {}
         self._status: dict[str, str] = {}
         self._stock: dict[str, tuple[str, str | None]] = {}
-        self._moved: dict[str, float] = {}
+        self._moves: deque[tuple[float, str, float]] = deque(maxlen=10_000)
         self._alarm_bits: dict[tuple[str, str], _Alert] = {}
         self._alert_log: deque[_Alert] = deque(maxlen=ALERTS_SHOWN)
         self._notes: deque[str] = deque(maxlen=4)
         self._last_step = ""
         self._values: dict[str, dict[str, dict[str, Any]]] = {}
+        self.footer: list[str] = []
+        """Lines under the view: where the local API is, how to stop."""
 
     # --- feeds --------------------------------------------------------------------------------------------
 
@@ -192,7 +194,7 @@ class LiveView:
         if kind == "stock.level":
             sku, on_hand = data["sku"], data["on_hand"]
             self._stock[sku] = (on_hand, data.get("safety_stock"))
-            self._moved[sku] = self._moved.get(sku, 0.0) + float(data["delta"])
+            self._moves.append((self._now(), sku, float(data["delta"])))
             if float(on_hand) < 0:
                 self.negative_stock.add(sku)
             delta = data["delta"] if data["delta"].startswith("-") else "+" + data["delta"]
@@ -297,8 +299,8 @@ class LiveView:
         off = "\033[0m" if self._color else ""
         lines = [
             f"{bold}store-gateway demo{off}  {scenario.scenario}  {now:5.0f} s running, scenario time"
-            f" {hh:02d}:{mm:02d} of {scenario.duration_s / 3600:g} h"
-            + (f"   last step: {self._last_step}" if self._last_step else ""),
+            f" {hh:02d}:{mm:02d} of {scenario.duration_s / 3600:g} h",
+            f"last step: {self._last_step}" if self._last_step else "",
             "",
             f"{bold}Devices{off} (last {WINDOW_S:g} s)",
         ]
@@ -313,8 +315,12 @@ class LiveView:
             flag = red if status and not status.startswith("online") else ""
             lines.append(f"  {device:<15} {flag}{status.split(' (')[0]:<12}{off} {did:<22} {last}")
         lines += ["", f"{bold}Stock that moved{off} (last {WINDOW_S:g} s)"]
-        moved = sorted(self._moved.items())
-        self._moved = {}
+        while self._moves and self._moves[0][0] < now - WINDOW_S:
+            self._moves.popleft()
+        by_sku: dict[str, float] = {}
+        for _, sku, delta in self._moves:
+            by_sku[sku] = by_sku.get(sku, 0.0) + delta
+        moved = sorted(by_sku.items())
         for sku, delta in moved[:8]:
             on_hand, safety = self._stock[sku]
             low = safety is not None and float(on_hand) <= float(safety)
@@ -335,7 +341,7 @@ class LiveView:
             lines.append(f"  {red}{len(active)} controller alarm(s) active{off}")
         if self._notes:
             lines += ["", f"{bold}Notes{off}"] + [f"  {note}" for note in self._notes]
-        lines += ["", f"{bold}{self.hq_line}{off}"]
+        lines += ["", f"{bold}{self.hq_line}{off}", *self.footer]
         return lines
 
     def summary(self, last_seq: int, gaps: int) -> str:
@@ -460,6 +466,7 @@ async def _demo(
                 + "".join(f"  expect: {line}\n" for line in scenario.expect),
                 flush=True,
             )
+            view.footer = ["", f"local API http://127.0.0.1:{api_port}/health (token {token})   Ctrl-C stops"]
             view_task = tg.create_task(_watch_hq(view, view_store, gateway, view_stop), name="demo-view")
             if duration:
                 loop.call_later(duration, stop.set)
