@@ -47,6 +47,7 @@ CLOCK_MODULES = frozenset(
         "test_clock_watch",
         "test_devices",
         "test_journal",
+        "test_modbus_driver",
         "test_outbox",
         "test_serial_driver",
         "test_stock",
@@ -54,7 +55,7 @@ CLOCK_MODULES = frozenset(
     }
 )
 """Modules whose code under test reads the monotonic clock in this process (token buckets, silence watchdogs,
-eviction, uplink pacing, clock anchors, event sizes). They are marked ``clock``: CI runs them again with the
+eviction, uplink pacing, clock anchors, event sizes, serial framing timeouts). They are marked ``clock``: CI runs them again with the
 clock shifted to a freshly booted machine's uptime (``pytest -m clock --uptime 30``; see tests/uptime.py)."""
 
 
