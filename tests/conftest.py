@@ -55,8 +55,9 @@ CLOCK_MODULES = frozenset(
     }
 )
 """Modules whose code under test reads the monotonic clock in this process (token buckets, silence watchdogs,
-eviction, uplink pacing, clock anchors, event sizes, serial framing timeouts). They are marked ``clock``: CI runs them again with the
-clock shifted to a freshly booted machine's uptime (``pytest -m clock --uptime 30``; see tests/uptime.py)."""
+eviction, uplink pacing, clock anchors, event sizes, serial framing timeouts). They are marked ``clock``: CI
+runs them again with the clock shifted to a freshly booted machine's uptime (``pytest -m clock --uptime 30``;
+see tests/uptime.py)."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
