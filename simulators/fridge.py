@@ -56,8 +56,11 @@ class FridgeModel:
     alarm_delay_s: float = 900.0
     """A temperature alarm sets only after this long beyond its limit (controllers' alarm delay, e.g. 15 min),
     so a door opened for a delivery does not alarm; it clears as soon as the temperature is back."""
+    post_defrost_delay_s: float = 3600.0
+    """No high-temperature alarm for this long after a defrost ends (controllers' post-defrost delay)."""
     high_for_s: float = 0.0
     low_for_s: float = 0.0
+    since_defrost_s: float = 1e9
 
     @property
     def defrosting(self) -> bool:
@@ -68,7 +71,9 @@ class FridgeModel:
 
     def step(self, dt: float) -> None:
         self._physics(dt)
-        too_warm = not self.defrosting and self.air > self.setpoint + self.high_alarm_delta
+        self.since_defrost_s = 0.0 if self.defrosting else self.since_defrost_s + dt
+        recovering = self.since_defrost_s < self.post_defrost_delay_s
+        too_warm = not recovering and self.air > self.setpoint + self.high_alarm_delta
         self.high_for_s = self.high_for_s + dt if too_warm else 0.0
         self.low_for_s = self.low_for_s + dt if self.air < self.setpoint - self.low_alarm_delta else 0.0
 
