@@ -28,6 +28,8 @@ from drivers.modbus.profile import ModbusProfile, Point
 from drivers.modbus.registers import Decoded, bytes_to_registers, decode_point, encode_value
 from drivers.profiles import get_profile
 
+MAX_STEP_S: Final = 10.0
+"""The longest simulated time one model step covers."""
 TICK_S: Final = 0.05
 """Wall-clock seconds between two model steps and register refreshes."""
 
@@ -70,6 +72,14 @@ class FridgeModel:
         self.defrost_left_s = self.defrost_duration_s
 
     def step(self, dt: float) -> None:
+        """Advance ``dt`` simulated seconds, in steps of at most :data:`MAX_STEP_S` (a stalled event loop under a
+        compressed clock hands over hours at once; one Euler step that long would overshoot wildly)."""
+        while dt > MAX_STEP_S:
+            self._step(MAX_STEP_S)
+            dt -= MAX_STEP_S
+        self._step(dt)
+
+    def _step(self, dt: float) -> None:
         self._physics(dt)
         self.since_defrost_s = 0.0 if self.defrosting else self.since_defrost_s + dt
         recovering = self.since_defrost_s < self.post_defrost_delay_s

@@ -106,6 +106,8 @@ class ScenarioRun:
     """Called for each till message the store broker acknowledged (the demo's live view)."""
     hq: SimulatedHq | None = None
     """Books deliveries (``delivery`` steps) as HQ receiving; without it they only move tags."""
+    started_at: float | None = None
+    """The event loop's clock (the monotonic clock) when ``run()`` began playing: scenario time 0."""
     modbus_timeout_s: float = 0.5
     """The gateway's Modbus timeout for the simulated controllers. Short, so an unplugged one is seen fast; the
     demo, whose controllers share one event loop with the gateway starting up, gives them longer."""
@@ -268,7 +270,7 @@ class ScenarioRun:
         end_real = self.scenario.duration_s / scale
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
-        start = loop.time()
+        start = self.started_at = loop.time()
         tills = self.scenario.devices.tills
         if tills.count:
             self._spawn(
