@@ -13,6 +13,9 @@ from pathlib import Path
 
 from gateway import __version__
 
+MAX_DEMO_RATE = 100.0
+"""The demo's fastest till, in sales per second."""
+
 _FORMATTER = argparse.RawDescriptionHelpFormatter
 
 _RUN_HELP = """\
@@ -138,9 +141,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--rate",
-        type=float,
+        type=_till_rate,
         default=None,
-        help="sales per second per till (default: the scenario's own rate)",
+        help="sales per second per till, above 0 and at most 100 (default: the scenario's own rate). Above"
+        " about 2 the simulated HQ's reorders cannot keep up and stock may go negative",
     )
     demo.add_argument(
         "--data-dir", type=Path, default=None, help="keep the journal here (default: a temp dir)"
@@ -154,6 +158,16 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("hq-receiver", help="HQ reference receiver (see 'hq-receiver --help')", add_help=False)
     sub.add_parser("simulate", help="device simulators (see 'simulate --help')", add_help=False)
     return parser
+
+
+def _till_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= MAX_DEMO_RATE:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most {MAX_DEMO_RATE:g}, got {text}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -442,7 +442,7 @@ async def _demo(
     def on_commit(committed: Committed) -> None:
         view.gateway(committed)
         for body in committed.bodies:
-            if b'"alert.raised"' in body:
+            if b'"stock.level"' in body:
                 hq.observe(orjson.loads(body))
 
     gateway.journal.add_listener(on_commit)

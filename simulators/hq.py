@@ -34,6 +34,9 @@ ORDER_UP_TO: Final = 200
 """Units a replenishment order brings a SKU up to (the demo's shelves start at 200)."""
 LEAD_TIME_S: Final = 5.0
 """Real seconds between HQ seeing a SKU low and the goods being booked in."""
+RETRY_FIRST_S: Final = 0.5
+RETRY_MAX_S: Final = 10.0
+"""A booking that could not be published is retried after 0.5 s, doubling up to this."""
 
 
 @dataclass
@@ -47,7 +50,12 @@ class Delivery:
 
 @dataclass
 class SimulatedHq:
-    """Books receiving for one gateway: ``start()``, then ``observe()`` each committed event; ``close()``."""
+    """Books receiving for one gateway: ``start()``, then ``observe()`` each committed event; ``close()``.
+
+    A SKU seen at or below its safety stock (any ``stock.level``, so a restart or a missed alert cannot leave it
+    unstocked) is ordered once: it stays ordered until a level above its safety stock shows the goods arrived.
+    A booking that cannot be published is retried, on a new connection, until it is: with the same request id,
+    so the gateway applies it once."""
 
     broker: BrokerConfig
     prefix: str
@@ -59,14 +67,24 @@ class SimulatedHq:
     booked: list[Delivery] = field(default_factory=list)
     _client: MqttClient | None = None
     _ordered: set[str] = field(default_factory=set)
-    """SKUs with an order on its way: a SKU is ordered once until its goods arrive."""
+    """SKUs with an order on its way or not yet seen above their safety stock."""
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _closed: bool = False
 
     async def start(self) -> None:
+        await self._connect()
+
+    async def _connect(self) -> MqttClient:
+        if self._client is not None and self._client.is_connected:
+            return self._client
+        if self._client is not None:
+            await self._client.disconnect()
         self._client = MqttClient(self.broker, f"sim-hq-{self.store_id}-{self.gateway_id}", clean_start=True)
         await self._client.connect()
+        return self._client
 
     async def close(self) -> None:
+        self._closed = True
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -77,19 +95,22 @@ class SimulatedHq:
             await client.disconnect()
 
     def observe(self, event: Mapping[str, Any]) -> None:
-        """An event the gateway committed (HQ receives it too): a ``stock.low`` alert places an order."""
-        if event.get("kind") != "alert.raised":
+        """An event the gateway committed (HQ receives it too): a low ``stock.level`` places an order."""
+        if event.get("kind") != "stock.level" or self._closed:
             return
         data = event.get("data") or {}
-        sku = data.get("subject")
-        if data.get("rule") != "stock.low" or not isinstance(sku, str) or sku in self._ordered:
+        sku, safety = data.get("sku"), data.get("safety_stock")
+        if not isinstance(sku, str) or safety is None:
             return
         try:
-            on_hand = float(str((data.get("details") or {}).get("on_hand")))
-        except (TypeError, ValueError):
+            on_hand, threshold = float(str(data.get("on_hand"))), float(str(safety))
+        except ValueError:
+            return
+        if on_hand > threshold:
+            self._ordered.discard(sku)  # the goods are in (or it never ran low): a later fall orders again
             return
         units = self.order_up_to - math.floor(on_hand)
-        if units <= 0:
+        if units <= 0 or sku in self._ordered:
             return
         self._ordered.add(sku)
         self._spawn(self._arrive_later(sku, units), f"sim-hq-order-{sku}")
@@ -97,7 +118,7 @@ class SimulatedHq:
     def deliver(self, units_by_sku: Mapping[str, int], why: str) -> None:
         """Goods that arrived now (a scenario's delivery): book them at once."""
         for sku, units in units_by_sku.items():
-            if units > 0:
+            if units > 0 and not self._closed:
                 self._spawn(self._book(sku, units, why), f"sim-hq-delivery-{sku}")
 
     def _spawn(self, coro: Any, name: str) -> None:
@@ -106,26 +127,29 @@ class SimulatedHq:
         task.add_done_callback(self._tasks.discard)
 
     async def _arrive_later(self, sku: str, units: int) -> None:
-        try:
-            await asyncio.sleep(self.lead_time_s)
-            await self._book(sku, units, "replenishment")
-        finally:
-            self._ordered.discard(sku)
+        await asyncio.sleep(self.lead_time_s)
+        await self._book(sku, units, "replenishment")
 
     async def _book(self, sku: str, units: int, why: str) -> None:
-        if self._client is None:
-            raise RuntimeError("SimulatedHq.start() was not called")
-        command = {
-            "request_id": f"sim-{uuid.uuid4()}",
-            "command": "stock.adjust",
-            "args": {"sku": sku, "delta": units, "reason": "receiving", "note": why},
-        }
+        command = orjson.dumps(
+            {
+                "request_id": f"sim-{uuid.uuid4()}",
+                "command": "stock.adjust",
+                "args": {"sku": sku, "delta": units, "reason": "receiving", "note": why},
+            }
+        )
         topic = commands_topic(self.prefix, self.store_id, self.gateway_id)
-        try:
-            await self._client.publish(topic, orjson.dumps(command), qos=1)
-        except MqttError as err:
-            _LOGGER.warning("simulated HQ: could not book %d x %s: %s", units, sku, err)
-            return
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                client = await self._connect()
+                await client.publish(topic, command, qos=1)
+                break
+            except MqttError as err:
+                log = _LOGGER.warning if delay == RETRY_FIRST_S else _LOGGER.debug
+                log("simulated HQ: could not book %d x %s yet (retrying): %s", units, sku, err)
+                await asyncio.sleep(delay)
+                delay = min(RETRY_MAX_S, delay * 2)
         delivery = Delivery(sku, units, why)
         self.booked.append(delivery)
         if self.on_delivery is not None:

@@ -25,6 +25,7 @@ from typing import Any, Final
 
 from drivers.ble.driver import BleDriver
 from drivers.ble.formats import BleFormat
+from drivers.epc import encode_sgtin96
 from drivers.modbus.profile import ModbusProfile
 from drivers.profiles import get_profile
 from gateway.config import BrokerConfig
@@ -52,6 +53,8 @@ BLE_FORMATS: Final[dict[str, BleFormat]] = {
 }
 FREEZER_BELOW_C: Final = -5.0
 """A simulated cabinet with a setpoint below this behaves as a freezer."""
+CASE_SERIAL_BASE: Final = 10_000_000
+"""Serials of delivered cases' tags start here, far from the item tags' serials."""
 CASE_UNITS: Final = 12
 """Units in one delivered case (one RFID tag on the case)."""
 SHELF_SCAN_S: Final = 2.0
@@ -118,6 +121,9 @@ class ScenarioRun:
     _fridges: dict[str, _FridgeRig] = field(default_factory=dict)
     _readers: dict[str, PtyReader] = field(default_factory=dict)
     _tag_skus: dict[bytes, str] = field(default_factory=dict)
+    _delivered: dict[str, list[bytes]] = field(default_factory=dict)
+    """The cases of each reader's last delivery."""
+    _cases: int = 0
     _shelves: dict[str, Shelf] = field(default_factory=dict)
     _kiosks: dict[str, Kiosk] = field(default_factory=dict)
     _sensors: dict[str, tuple[BleSensor, SimulatedSensor]] = field(default_factory=dict)
@@ -420,11 +426,12 @@ class ScenarioRun:
         elif step.action == "tags_leave":
             leaving = sorted(tag_field.present)[: step.count]
             tag_field.present.difference_update(leaving)
-        elif step.action in ("tags_arrive", "delivery"):
+        elif step.action == "tags_arrive":
             absent = [epc for epc in tag_field.population if epc not in tag_field.present]
-            arriving = absent[: step.count]
-            tag_field.present.update(arriving)
-            if step.action == "delivery" and self.hq is not None:
+            tag_field.present.update(absent[: step.count])
+        elif step.action == "delivery":
+            arriving = self._deliver_cases(step.device or "", tag_field, step.count)
+            if self.hq is not None:
                 units: dict[str, int] = {}
                 for epc in arriving:
                     sku = self._tag_skus[epc]
@@ -434,6 +441,25 @@ class ScenarioRun:
             self._note(step, "not applicable to an RFID reader: skipped")
             return
         self._note(step, f"{len(tag_field.present)} tags in the field")
+
+    def _deliver_cases(self, reader: str, tag_field: TagField, count: int) -> list[bytes]:
+        """New cases, each with its own tag, arrive in the reader's field; the previous delivery's cases have
+        been unpacked by now and leave it (so the field stays bounded however long the demo runs)."""
+        for epc in self._delivered.pop(reader, []):
+            tag_field.present.discard(epc)
+            tag_field.population.remove(epc)
+            del self._tag_skus[epc]
+        arriving = []
+        for _ in range(count):
+            self._cases += 1
+            item = CATALOG[self._cases % len(CATALOG)]
+            epc = encode_sgtin96("0" + item.gtin.zfill(13), CASE_SERIAL_BASE + self._cases)
+            self._tag_skus[epc] = item.sku
+            tag_field.population.append(epc)
+            arriving.append(epc)
+        tag_field.present.update(arriving)
+        self._delivered[reader] = arriving
+        return arriving
 
     def _act_shelf(self, shelf: Shelf, step: Step) -> None:
         if step.action == "tags_leave":

@@ -52,6 +52,10 @@ CLOCK_MODULES = frozenset(
         "test_serial_driver",
         "test_stock",
         "test_uplink_scheduling",
+        "test_uptime",
+        "test_mqtt_devices",
+        "test_http_intake",
+        "test_api",
     }
 )
 """Modules whose code under test reads the monotonic clock in this process (token buckets, silence watchdogs,

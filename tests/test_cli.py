@@ -235,3 +235,10 @@ def test_check_config_warns_about_device_id_with_its_line(tmp_path: Path) -> Non
     assert result.stderr.splitlines() == [
         f"{config}:12:10: drivers[0].devices[0].device_id: 'device_id' is deprecated: rename it to 'id'"
     ]
+
+
+@pytest.mark.parametrize("rate", ["0", "-1", "nan", "inf", "101", "abc"])
+def test_the_demo_refuses_a_till_rate_it_cannot_play(rate: str) -> None:
+    result = cli("demo", "--rate", rate, "--duration", "1")
+    assert result.returncode == 2
+    assert "argument --rate" in result.stderr

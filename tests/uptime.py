@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 
 _real_monotonic_ns = time.monotonic_ns
+shifted_at_ns: int | None = None
+"""The real monotonic clock when ``--uptime`` shifted it (None: not shifted)."""
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -49,7 +51,9 @@ def shift_monotonic(uptime_s: float) -> None:
     """From now on, time.monotonic() and time.monotonic_ns() read ``uptime_s`` plus the time elapsed since."""
     if uptime_s < 0:
         raise pytest.UsageError("--uptime must be 0 or more")
-    offset_ns = _real_monotonic_ns() - int(uptime_s * 1e9)
+    global shifted_at_ns
+    shifted_at_ns = _real_monotonic_ns()
+    offset_ns = shifted_at_ns - int(uptime_s * 1e9)
     time.monotonic_ns = _Shifted(offset_ns, in_ns=True)  # type: ignore[assignment]
     time.monotonic = _Shifted(offset_ns, in_ns=False)
 
