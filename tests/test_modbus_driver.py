@@ -348,7 +348,9 @@ async def test_rtu_bus_polling_survives_garbage_and_a_cut_cable(rig: Rig) -> Non
             line.inject(bytes([0xFF, 0x00, 0x55, n & 0xFF]) * 4)
             await asyncio.sleep(0.005)
         await until(lambda: driver.stats.noise_bytes >= 800, "the noise is counted")
-        assert driver.stats.noise_bytes <= 1600  # 100 bursts of 16 bytes: never more than was sent
+        # 100 bursts of 16 bytes; an answer the noise ran into is garbled and counted with it (a few frames of at
+        # most 256 bytes at most), so the count is what was sent plus at most that, never the whole stream.
+        assert driver.stats.noise_bytes <= 1600 + 2 * 256
         assert rig.ctx.metrics.dropped.labels("rs485", "line_noise")._value.get() > 0
         before = len(await rig.samples("fridge-2"))
 
