@@ -23,6 +23,9 @@ from rules.documents import Planogram, Roster, RuleSet
 
 MAX_COMMAND_BYTES: Final = 256 * 1024
 MAX_RESEND_SEQS: Final = 100_000
+MAX_RESEND_RANGES: Final = 1000
+"""Ranges in one ``resend`` command: a full disk's scattered holes fit a few commands, and one command still
+costs the gateway a bounded number of journal reads."""
 MAX_ERRORS_SHOWN: Final = 10
 
 ErrorCode = Literal["bad_json", "bad_request", "unknown_command", "invalid_args", "forbidden", "failed"]
@@ -67,17 +70,57 @@ class StockAdjust(_Args):
         return self
 
 
+SeqNumber = Annotated[int, Field(ge=1, le=2**63 - 1)]
+SeqSpan = tuple[SeqNumber, SeqNumber]
+
+
 class Resend(_Args):
-    from_seq: int = Field(ge=1, le=2**63 - 1)
-    to_seq: int = Field(ge=1, le=2**63 - 1)
+    """Seqs HQ is missing: one range (``from_seq``/``to_seq``, the original form, which every gateway takes)
+    or many (``ranges``: ``[[a, b], ...]``), so one command heals scattered holes (a full disk leaves
+    hundreds) instead of one command per hole. Either way at most MAX_RESEND_RANGES ranges and
+    MAX_RESEND_SEQS seqs in all: what one command can make the gateway read and send is bounded."""
+
+    from_seq: SeqNumber | None = None
+    to_seq: SeqNumber | None = None
+    ranges: Annotated[list[SeqSpan], Field(min_length=1, max_length=MAX_RESEND_RANGES)] | None = None
 
     @model_validator(mode="after")
     def _bounded(self) -> Resend:
-        if self.from_seq > self.to_seq:
-            raise ValueError("from_seq must not be above to_seq")
-        if self.to_seq - self.from_seq >= MAX_RESEND_SEQS:
+        single = self.from_seq is not None or self.to_seq is not None
+        if single == (self.ranges is not None):
+            raise ValueError("give either from_seq and to_seq, or ranges")
+        if single and (self.from_seq is None or self.to_seq is None):
+            raise ValueError("from_seq and to_seq go together")
+        spans = self.spans
+        if any(a > b for a, b in spans):
+            raise ValueError("from_seq must not be above to_seq" if single else "each range is [first, last]")
+        if sum(b - a + 1 for a, b in _merged(spans)) > MAX_RESEND_SEQS:
             raise ValueError(f"at most {MAX_RESEND_SEQS} seqs per resend")
         return self
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        """The ranges asked for, as given (one for the from_seq/to_seq form)."""
+        if self.ranges is not None:
+            return [(a, b) for a, b in self.ranges]
+        if self.from_seq is None or self.to_seq is None:  # refused by _bounded
+            return []
+        return [(self.from_seq, self.to_seq)]
+
+    @property
+    def merged(self) -> list[tuple[int, int]]:
+        """The ranges sorted, overlapping and adjacent ones joined: each seq is read and sent once."""
+        return _merged(self.spans)
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(b, out[-1][1]))
+        else:
+            out.append((a, b))
+    return out
 
 
 class DeviceWrite(_Args):

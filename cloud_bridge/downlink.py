@@ -218,11 +218,23 @@ class Downlink:
         if isinstance(args, DeviceWrite):
             return await self._write(args)
         if isinstance(args, Resend):
+            return "ok", await self._resend_all(args)
+        return await self._store(request.request_id, args)
+
+    async def _resend_all(self, args: Resend) -> dict[str, list[list[int]]]:
+        """Every range of one command in one go, answered once: ``resent`` and ``missing`` list the ranges of
+        all of them (merged), so HQ learns the whole outcome from one response. The uplink queues each range;
+        the command's bounds (ranges, seqs) bound what is queued."""
+        resent: list[list[int]] = []
+        missing: list[list[int]] = []
+        for first, last in args.merged:
             try:
-                return "ok", await self._resend(args.from_seq, args.to_seq)
+                answer = await self._resend(first, last)
             except ValueError as err:
                 raise CommandError("invalid_args", str(err)[:300]) from err
-        return await self._store(request.request_id, args)
+            resent += answer.get("resent", [])
+            missing += answer.get("missing", [])
+        return {"resent": _joined(resent), "missing": _joined(missing)}
 
     def _ping(self) -> dict[str, Any]:
         status = self._status()
@@ -324,6 +336,17 @@ class Downlink:
             # transact rolled everything back: the document, its event and (for rules) the thresholds.
             raise CommandError("failed", f"not applied, nothing changed: {_reason(err)}") from err
         return ("duplicate" if stored.duplicate else "ok"), {"version": stored.version, "count": stored.count}
+
+
+def _joined(ranges: list[list[int]]) -> list[list[int]]:
+    """Sorted ranges with adjacent ones joined ([[2, 3], [4, 6]] -> [[2, 6]]), as one range's answer reads."""
+    out: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1] + 1:
+            out[-1][1] = max(b, out[-1][1])
+        else:
+            out.append([a, b])
+    return out
 
 
 def _reason(err: BaseException) -> str:

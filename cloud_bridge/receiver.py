@@ -5,9 +5,12 @@ it is away, and sends each PUBACK only after the batch is committed: a crash los
 redelivers, and the store deduplicates. Database work runs on one worker thread; messages that queue up while
 a commit is running are stored together in the next transaction.
 
-Several receivers split the load with an MQTT shared subscription (``$share/<group>/...``) and one PostgreSQL
-database; each message goes to one of them. With ``resend_interval_s`` the receiver also asks gateways for
-lost seqs (``resend`` commands, docs/OUTBOX.md).
+Several receivers split the load by store (``stores``: plain subscriptions to their stores' topics, each with
+a persistent session) into one PostgreSQL database. That is the default because it survives a restart of
+mosquitto; an MQTT shared subscription (``share_group``, ``$share/<group>/...``) does not there: mosquitto 2.0
+drops an absent member's shared subscription when it restarts (docs/HQ-RECEIVER.md, "HQ topology"). With
+``resend_interval_s`` the receiver also asks gateways, quiet ones included, for lost seqs (multi-range
+``resend`` commands, docs/OUTBOX.md).
 
 ``store-gateway hq-receiver`` runs :func:`receiver_main`; ``store-gateway hq-receiver receipt`` proves that a
 receipt reached HQ (:func:`receipt_main`).
@@ -30,12 +33,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 import orjson
 from pydantic import SecretStr, ValidationError
 
 from cloud_bridge import topics
+from cloud_bridge.commands import MAX_RESEND_RANGES
 from cloud_bridge.receiver_model import (
     LOST_GRACE_S,
     BatchToStore,
@@ -45,8 +49,9 @@ from cloud_bridge.receiver_model import (
     ResendRequest,
     StoreResult,
     StoreUnavailableError,
-    resend_command,
+    resend_ranges_command,
 )
+from cloud_bridge.receiver_ranges import size
 from cloud_bridge.receiver_report import format_ranges, print_report, print_summary
 from cloud_bridge.receiver_sql import (
     RECEIPT_MATCH,
@@ -73,8 +78,12 @@ while big ones go about alone (holding many decoded batches at once costs more t
 RESEND_CHECK_S: Final = 5.0
 """How often lost ranges are looked for; each gateway is asked at most once per resend interval."""
 MAX_RESEND_COMMANDS: Final = 10
-"""Commands per gateway per round (each at most 100,000 seqs): a forged huge gap cannot flood a gateway."""
+"""Single-range commands per gateway per round with ``resend_ranges=1`` (gateways of before multi-range
+resends); otherwise one command of up to ``resend_ranges`` ranges, at most 100,000 seqs in all."""
 PUBLISH_TIMEOUT_S: Final = 10.0
+MAX_STORES_PER_RECEIVER: Final = 1000
+"""``--stores`` entries: one subscription each (brokers cap the topics of one SUBSCRIBE packet and a client's
+subscriptions); more stores per receiver means one receiver for all of them, without ``--stores``."""
 
 OnBatch = Callable[[str, str, int, int, int], None]
 """Called after each stored batch is acked: (store_id, gateway_id, first_seq, last_seq, new events)."""
@@ -103,8 +112,10 @@ class _Incoming:
 class HqReceiver:
     """Receives batches from the HQ broker into a :class:`ReceiverBackend`, reconnecting on its own.
 
-    ``share_group`` subscribes through an MQTT shared subscription (the CLI's default; the library's is
-    unshared, for brokers without ``$share``). ``resend_interval_s`` turns on resend requests for lost seqs.
+    ``stores`` limits it to those stores' batches (receivers split the stores); ``share_group`` subscribes
+    through an MQTT shared subscription instead of a plain one (not on mosquitto 2.0: see the module docstring).
+    ``resend_interval_s`` turns on resend requests for lost seqs, ``resend_ranges`` ranges per command (1: the
+    single-range form, for gateways of before multi-range resends).
     """
 
     def __init__(
@@ -116,6 +127,8 @@ class HqReceiver:
         client_id: str = DEFAULT_CLIENT_ID,
         share_group: str | None = None,
         resend_interval_s: float | None = None,
+        resend_ranges: int = MAX_RESEND_RANGES,
+        stores: Sequence[str] | None = None,
         on_batch: OnBatch | None = None,
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 30.0,
@@ -125,8 +138,11 @@ class HqReceiver:
         self._store = store
         self._prefix = prefix
         self._client_id = client_id
-        self._subscription = topics.events_subscription(prefix, share_group)
+        self._subscriptions = topics.events_subscriptions(prefix, share_group, stores)
         self._resend_interval = resend_interval_s
+        if not 1 <= resend_ranges <= MAX_RESEND_RANGES:
+            raise ValueError(f"resend_ranges must be 1..{MAX_RESEND_RANGES}")
+        self._resend_ranges = resend_ranges
         self._on_batch = on_batch
         self._backoff_base = backoff_base_s
         self._backoff_cap = backoff_cap_s
@@ -141,6 +157,8 @@ class HqReceiver:
         """How many times it has connected and subscribed (for tests and the status line)."""
         self.resend_commands = 0
         """Resend commands acknowledged by the broker."""
+        self.resend_ranges_asked = 0
+        """Ranges those commands asked for."""
 
     @property
     def connected(self) -> bool:
@@ -191,7 +209,7 @@ class HqReceiver:
             client.on_message = functools.partial(self._enqueue, client)
             try:
                 session_present = await client.connect(within_s=5)
-                await client.subscribe([(self._subscription, 1)])
+                await client.subscribe([(topic, 1) for topic in self._subscriptions])
             except (MqttError, TimeoutError) as err:
                 await client.disconnect()
                 self._log_failure(failures, f"cannot connect to HQ broker: {err}")
@@ -203,7 +221,7 @@ class HqReceiver:
                 _LOGGER.info("reconnected to HQ broker after %d failed attempt(s)", failures)
             _LOGGER.info(
                 "receiving %s from %s:%d (session %s)",
-                self._subscription,
+                " ".join(self._subscriptions),
                 self._broker.host,
                 self._broker.port,
                 "resumed" if session_present else "new",
@@ -347,11 +365,15 @@ class HqReceiver:
     # --- resend requests --------------------------------------------------------------------------------
 
     async def _resend_loop(self, stop: asyncio.Event, interval: float) -> None:
-        """Ask gateways for their lost ranges; a still-lost range is asked again after ``interval``, and
-        only of a gateway that sent a batch within ``interval`` (one that is away is not asked: commands
-        would pile up in its session)."""
+        """Ask every gateway with lost seqs for them, quiet gateways included; a gateway is asked at most once
+        per ``interval``, with one command carrying up to MAX_RESEND_RANGES ranges (its lowest lost ones),
+        which expires after ``interval``: at most about one waits in the session of a gateway that is away."""
         loop = asyncio.get_running_loop()
-        claim = functools.partial(self._store.claim_resends, interval, MAX_RESEND_COMMANDS)
+        per_round = self._resend_ranges if self._resend_ranges > 1 else MAX_RESEND_COMMANDS
+        # Without MQTT 5 a command cannot expire: one to a gateway that is away would wait in its session with
+        # every later one. Then only gateways heard from within the interval are asked (as before MQTT 5).
+        online_s = None if self._broker.protocol == "5" else interval
+        claim = functools.partial(self._store.claim_resends, interval, per_round, online_s=online_s)
         while not await _sleep_unless(stop, min(interval, RESEND_CHECK_S)):
             client = self._client
             if client is None or not self.connected:
@@ -365,9 +387,13 @@ class HqReceiver:
                 await self._ask_resend(client, request)
 
     async def _ask_resend(self, client: MqttClient, request: ResendRequest) -> None:
+        """One multi-range command (or, with ``resend_ranges`` 1, one single-range command per range, for
+        gateways of before multi-range resends)."""
         topic = topics.commands_topic(self._prefix, request.store_id, request.gateway_id)
-        for first, last in request.ranges:
-            payload = resend_command(f"resend-{uuid7()}", first, last)
+        batches = [request.ranges] if self._resend_ranges > 1 else [[r] for r in request.ranges]
+        for ranges in batches:
+            payload = resend_ranges_command(f"resend-{uuid7()}", ranges)
+            shown = format_ranges(ranges, limit=5)
             try:
                 async with asyncio.timeout(PUBLISH_TIMEOUT_S):
                     # Expires with the interval (MQTT 5): a gateway that is away must not find a pile of
@@ -376,17 +402,22 @@ class HqReceiver:
                     await client.publish(topic, payload, qos=1, message_expiry_s=expiry)
             except (MqttError, TimeoutError) as err:
                 _LOGGER.warning(
-                    "could not ask %s/%s to resend %d..%d (%s); asking again later",
+                    "could not ask %s/%s to resend %s (%s); asking again later",
                     request.store_id,
                     request.gateway_id,
-                    first,
-                    last,
+                    shown,
                     err,
                 )
                 return
             self.resend_commands += 1
+            self.resend_ranges_asked += len(ranges)
             _LOGGER.info(
-                "asked %s/%s to resend lost seqs %d..%d", request.store_id, request.gateway_id, first, last
+                "asked %s/%s to resend %d lost seq(s) in %d range(s): %s",
+                request.store_id,
+                request.gateway_id,
+                size(ranges),
+                len(ranges),
+                shown,
             )
 
 
@@ -426,10 +457,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     broker.add_argument(
         "--share-group",
-        default=DEFAULT_SHARE_GROUP,
-        help="MQTT shared subscription group: receivers of one group split the batches (default: %(default)s)",
+        metavar="GROUP",
+        help="subscribe through the MQTT shared subscription $share/GROUP/...: receivers of one group split the"
+        " batches. Not with mosquitto 2.0, which forgets an absent member's shared subscription when the broker"
+        " restarts (the batches of that time are lost to HQ); default: a plain subscription",
     )
-    broker.add_argument("--no-share", action="store_true", help="subscribe without a shared subscription")
+    broker.add_argument(
+        "--no-share", action="store_true", help="a plain subscription (the default; overrides --share-group)"
+    )
+    broker.add_argument(
+        "--stores",
+        type=_store_list,
+        metavar="ID[,ID...]",
+        help="only these stores' batches (<prefix>/<store>/+/events each): receivers with plain subscriptions"
+        " split the stores between them, every store in exactly one receiver's list (default: every store)",
+    )
+    parser.add_argument(
+        "--resend-ranges",
+        type=_ranges_per_command,
+        default=MAX_RESEND_RANGES,
+        metavar=f"1..{MAX_RESEND_RANGES}",
+        help="ranges per resend command (default: %(default)s); 1 sends single-range commands, up to"
+        f" {MAX_RESEND_COMMANDS} per round, for gateways of before multi-range resends",
+    )
     broker.add_argument(
         "--session-expiry",
         type=int,
@@ -437,7 +487,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long the broker keeps this receiver's session, and queues its batches, while it is away (MQTT"
         " 5; default: %(default)s, 7 days). Shorter for a receiver that may be retired. mosquitto 2.0 forgets an"
-        " absent member's shared subscription when the broker restarts: with it, use --no-share or --resend",
+        " absent member's shared subscription when the broker restarts: with it, do not use --share-group",
     )
     broker.add_argument("--ca-file", type=Path, help="CA bundle that signed the broker's certificate (TLS)")
     broker.add_argument("--cert-file", type=Path, help="client certificate (mutual TLS), with --key-file")
@@ -495,6 +545,29 @@ def _lost_grace_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _store_list(text: str) -> list[str]:
+    """``--stores a,b``: store ids (ID_PATTERN), at most MAX_STORES_PER_RECEIVER of them."""
+    stores = [part.strip() for part in text.split(",") if part.strip()]
+    if not stores or len(stores) > MAX_STORES_PER_RECEIVER:
+        raise argparse.ArgumentTypeError(f"give 1 to {MAX_STORES_PER_RECEIVER} store ids, comma separated")
+    for store in stores:
+        if not _ID.fullmatch(store):
+            raise argparse.ArgumentTypeError(
+                f"{store[:80]!r} is not a store id ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}})"
+            )
+    return stores
+
+
+def _ranges_per_command(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_RESEND_RANGES:
+        raise argparse.ArgumentTypeError(f"must be a whole number 1..{MAX_RESEND_RANGES}, not {text[:20]!r}")
+    return value
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -511,7 +584,11 @@ def _not_negative(text: str) -> float:
 
 def broker_config(args: argparse.Namespace) -> BrokerConfig:
     """The HQ broker settings from the command line; raises :class:`CliError`."""
-    if not args.no_share and (not args.share_group or any(c in args.share_group for c in "/+#")):
+    if (
+        not args.no_share
+        and args.share_group is not None
+        and (not args.share_group or any(c in args.share_group for c in "/+#"))
+    ):
         raise CliError(f"--share-group {args.share_group!r}: a share group is one topic level (no / + #)")
     password: SecretStr | None = None
     if args.password_file is not None:
@@ -581,7 +658,20 @@ async def _serve(args: argparse.Namespace, broker: BrokerConfig, store: SqlRecei
         client_id=args.client_id,
         share_group=None if args.no_share else args.share_group,
         resend_interval_s=args.resend_interval if args.resend else None,
+        resend_ranges=args.resend_ranges,
+        stores=args.stores,
     )
+    if args.share_group is not None and not args.no_share:
+        _LOGGER.warning(
+            "SHARED SUBSCRIPTION (--share-group %s): mosquitto 2.0 drops the shared subscription of a member that"
+            " is away when the broker restarts, and the batches of that time reach no receiver (the gateways"
+            " count them delivered). Use it only on a broker that persists shared subscriptions (EMQX), or run"
+            " with --resend; with mosquitto, split the stores with --stores instead (docs/HQ-RECEIVER.md,"
+            " 'HQ topology')",
+            args.share_group,
+        )
+    if not args.resend:
+        _LOGGER.warning("--resend is off: lost seqs are reported (--report) but not asked for again")
     try:
         async with asyncio.TaskGroup() as tg:
             if args.summary_every > 0:
@@ -596,11 +686,50 @@ async def _serve(args: argparse.Namespace, broker: BrokerConfig, store: SqlRecei
 
 
 async def _print_summaries(receiver: HqReceiver, stop: asyncio.Event, every: float) -> None:
+    seen: dict[tuple[str, str], int] = {}
     while not await _sleep_unless(stop, every):
         try:
-            print_summary(await receiver.summary())
+            rows = await receiver.summary()
         except StoreUnavailableError as err:
             _LOGGER.warning("cannot read the summary: %s", err)
+            continue
+        print_summary(rows)
+        for line in conflict_alarms(rows, seen):
+            print(line, flush=True)
+            _LOGGER.warning("%s", line)
+
+
+def conflict_alarms(rows: Sequence[GatewaySummary], seen: dict[tuple[str, str], int]) -> list[str]:
+    """A CONFLICT line per gateway whose conflict count went up since the last summary (``seen`` is updated):
+    a conflict means two different events under one seq, which a person must look at, so the live summary
+    says it in words rather than only as a number in a column."""
+    lines = []
+    for row in rows:
+        key = (row.store_id, row.gateway_id)
+        if row.conflicts > seen.get(key, 0):
+            lines.append(
+                f"CONFLICT {row.store_id}/{row.gateway_id}: {row.conflicts} event(s) came under a seq another"
+                " event id holds; both are kept (table conflicts): see --report"
+            )
+        seen[key] = row.conflicts
+    return lines
+
+
+def print_conflicts(store: ReceiverBackend, out: TextIO, limit: int = 20) -> bool:
+    """The conflicting events kept, for ``--report``; returns whether there are any."""
+    rows = store.conflicts(limit + 1)
+    for c in rows[:limit]:
+        held = (
+            f"seq {c.seq} holds event {c.kept_id}" if c.kept_id else f"event {c.id} is stored at another seq"
+        )
+        print(
+            f"conflict {c.store_id}/{c.gateway_id} seq {c.seq}: {held}; also kept {c.kind} event {c.id}"
+            f" (received {c.received_at.astimezone(UTC).isoformat(timespec='seconds')})",
+            file=out,
+        )
+    if len(rows) > limit:
+        print(f"(more conflicting events in table conflicts than the {limit} shown)", file=out)
+    return bool(rows)
 
 
 def receiver_main(argv: list[str]) -> int:
@@ -620,7 +749,9 @@ def receiver_main(argv: list[str]) -> int:
         return 1
     try:
         if broker is None:
-            return 2 if print_report(store, sys.stdout) else 0
+            failed = print_report(store, sys.stdout)
+            conflicting = print_conflicts(store, sys.stdout)
+            return 2 if failed or conflicting else 0
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         asyncio.run(_serve(args, broker, store))

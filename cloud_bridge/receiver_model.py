@@ -116,6 +116,20 @@ class RejectedRow:
 
 
 @dataclass(frozen=True, slots=True)
+class ConflictRow:
+    """An event that came under a seq held by another event id (``kept_id``), or whose id is stored at another
+    seq (``kept_id`` None): stored in ``conflicts``, beside the event that holds the seq."""
+
+    store_id: str
+    gateway_id: str
+    seq: int
+    id: str
+    kept_id: str | None
+    kind: str
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class EventTime:
     """When an event happened as far as HQ can tell: ``corrected_at`` is set for unsynced events of a boot
     that has a ``clock.synced`` anchor."""
@@ -128,7 +142,8 @@ class EventTime:
 
 @dataclass(frozen=True, slots=True)
 class ResendRequest:
-    """Lost ranges to ask one gateway for, each at most RESEND_MAX_SEQS seqs (one command each)."""
+    """Lost ranges to ask one gateway for in one round: at most MAX_RESEND_RANGES ranges and MAX_RESEND_SEQS
+    seqs in all, so they fit one multi-range ``resend`` command."""
 
     store_id: str
     gateway_id: str
@@ -367,9 +382,20 @@ def corrected_ns(anchor: tuple[int, int], mono_ns: int) -> int:
 
 
 def resend_command(request_id: str, first: int, last: int) -> bytes:
-    """A ``resend`` downlink command (docs/OUTBOX.md, "Downlink commands")."""
+    """A ``resend`` downlink command for one range (docs/OUTBOX.md, "Downlink commands"): the form every
+    gateway takes."""
     return orjson.dumps(
         {"request_id": request_id, "command": "resend", "args": {"from_seq": first, "to_seq": last}}
+    )
+
+
+def resend_ranges_command(request_id: str, ranges: Sequence[Range]) -> bytes:
+    """A ``resend`` command for several ranges (``args.ranges``); one range goes in the original
+    ``from_seq``/``to_seq`` form, so a gateway of before multi-range resends still answers it."""
+    if len(ranges) == 1:
+        return resend_command(request_id, *ranges[0])
+    return orjson.dumps(
+        {"request_id": request_id, "command": "resend", "args": {"ranges": [list(r) for r in ranges]}}
     )
 
 
@@ -388,15 +414,19 @@ class ReceiverBackend(Protocol):
     def claim_resends(
         self,
         interval_s: float,
-        max_commands: int,
+        max_ranges: int,
         *,
+        max_seqs: int = ...,
         online_s: float | None = None,
+        max_gateways: int = ...,
         now: datetime | None = None,
     ) -> list[ResendRequest]:
-        """Lost ranges of gateways heard from but not asked within ``interval_s``; claims them (shared by
-        receivers)."""
+        """Lost ranges of every gateway not asked within ``interval_s`` (quiet ones included; ``online_s``
+        limits it to those heard from within it); claims them (shared by receivers)."""
 
     def count_rejected(self) -> int: ...
+
+    def conflicts(self, limit: int = 100) -> list[ConflictRow]: ...
 
     def rejections(self, limit: int = 100) -> list[RejectedRow]: ...
 

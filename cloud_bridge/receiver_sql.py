@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Final, Protocol
 
 import orjson
 
+from cloud_bridge.commands import MAX_RESEND_RANGES as RESEND_MAX_RANGES
 from cloud_bridge.commands import MAX_RESEND_SEQS as RESEND_MAX_SEQS
 from cloud_bridge.receiver_model import (
     LOST_GRACE_S,
@@ -49,6 +50,7 @@ from cloud_bridge.receiver_model import (
     Anchor,
     BatchRejectedError,
     BatchToStore,
+    ConflictRow,
     EventRow,
     EventTime,
     Explanation,
@@ -71,7 +73,6 @@ from cloud_bridge.receiver_model import (
 from cloud_bridge.receiver_ranges import (
     GapClasses,
     Range,
-    chunk,
     classify_split,
     clip,
     merge,
@@ -85,6 +86,9 @@ _LOGGER = logging.getLogger(__name__)
 SCHEMA_VERSION: Final = 3
 IN_CHUNK: Final = 500
 """Seqs per ``IN (...)`` list (SQLite limits bound parameters)."""
+MAX_RESEND_GATEWAYS: Final = 1000
+"""Gateways claimed per resend round: a round's work stays bounded with thousands of stores; the others are
+claimed in the next round (oldest claim first)."""
 GAP_CACHE_MAX_RANGES: Final = 1000
 """A gateway's classified gaps are kept in memory up to this many ranges (a forged pattern of a million gaps
 is read again each time rather than held)."""
@@ -198,6 +202,29 @@ _BY_ORIGINAL: Final = (
 _UNFILLED: Final = (
     f"SELECT {_RECEIPT_EVENT} FROM events"  # noqa: S608 - constants
     f" WHERE store_id = ? AND receipt_no IS NULL AND {_IS_POS}"
+)
+
+_CONFLICTS: Final = """
+CREATE TABLE IF NOT EXISTS conflicts (
+    store_id TEXT NOT NULL,
+    gateway_id TEXT NOT NULL,
+    seq {int} NOT NULL,
+    id TEXT NOT NULL,
+    kept_id TEXT,
+    kind TEXT NOT NULL,
+    received_at {time} NOT NULL,
+    body {blob} NOT NULL,
+    PRIMARY KEY (store_id, gateway_id, seq, id)
+)"""
+"""Events that came under a seq another event id already holds (or whose id is stored at another seq): kept
+here beside the stored one, never dropped. Created on every open (``IF NOT EXISTS``) rather than by a schema
+number: it only adds, so an older receiver still opens the database (and does not fill it)."""
+MAX_CONFLICTS_KEPT: Final = 10_000
+"""Conflicting events kept per gateway: past this (a forged or broken gateway), they are counted and logged,
+and the table stops growing for it."""
+_INSERT_CONFLICT: Final = (
+    "INSERT INTO conflicts (store_id, gateway_id, seq, id, kept_id, kind, received_at, body)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
 )
 
 _WATERMARK_COLUMNS: Final = "complete_through, last_received_at, mark_through, mark_at, lost_through"
@@ -503,6 +530,7 @@ class SqlReceiverStore:
             if row is None:
                 self._x(cur, "INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             self._add_receipt_columns(cur)
+            cur.execute(_CONFLICTS.format(**self.dialect.types))
 
     def _add_receipt_columns(self, cur: Cursor) -> None:
         """Add and fill the receipt columns of a database made before them, then (always) their indexes."""
@@ -625,11 +653,14 @@ class SqlReceiverStore:
         complete_through = watermark.complete_through if marks[0] is not None else None
         unique: dict[int, EventRow] = {}
         duplicates = conflicts = 0
+        clashes: list[tuple[EventRow, str | None]] = []
         for row in rows:  # schema 1 batches may repeat a seq
             kept = unique.setdefault(row.seq, row)
             if kept is not row:
                 duplicates += kept.id == row.id
-                conflicts += kept.id != row.id
+                if kept.id != row.id:
+                    conflicts += 1
+                    clashes.append((row, kept.id))
         reports = [r for r in unique.values() if r.kind in REPORT_KINDS]
         known = self._known_ids(cur, [r.id for r in reports])
         cur.executemany(
@@ -645,6 +676,9 @@ class SqlReceiverStore:
             if stored.get(row.seq) != row.id:
                 conflicts += 1
                 self._log_conflict(key, row, stored.get(row.seq))
+                clashes.append((row, stored.get(row.seq)))
+        if clashes:
+            self._keep_conflicts(cur, key, clashes, received_at)
         duplicates += len(ours) - new
         ours_ids = {r.id for r in ours}
         bad = sum(self._apply_report(cur, key, r) for r in reports if r.id not in known and r.id in ours_ids)
@@ -736,18 +770,61 @@ class SqlReceiverStore:
             stored.update((int(s), str(e)) for s, e in self._rows(cur, sql, [*key, *params]))
         return stored
 
+    def _keep_conflicts(
+        self,
+        cur: Cursor,
+        key: tuple[str, str],
+        clashes: Sequence[tuple[EventRow, str | None]],
+        received_at: Any,
+    ) -> None:
+        """Store conflicting events beside the kept ones (table ``conflicts``), up to MAX_CONFLICTS_KEPT per
+        gateway; the same conflicting event received again is stored once."""
+        (held,) = self._x(
+            cur, "SELECT count(*) FROM conflicts WHERE store_id = ? AND gateway_id = ?", key
+        ).fetchone()
+        room = MAX_CONFLICTS_KEPT - int(held)
+        if room < len(clashes):
+            _LOGGER.warning(
+                "conflict: store %s gateway %s has %d conflicting events kept already; counting, not keeping,"
+                " %d more",
+                *key,
+                int(held),
+                len(clashes) - max(room, 0),
+            )
+        cur.executemany(
+            self._sql(_INSERT_CONFLICT),
+            [(*key, r.seq, r.id, kept, r.kind, received_at, r.body) for r, kept in clashes[: max(room, 0)]],
+        )
+
+    def conflicts(self, limit: int = 100) -> list[ConflictRow]:
+        """Conflicting events kept (newest seqs first per gateway), at most ``limit``."""
+        with self._session() as cur:
+            rows = self._rows(
+                cur,
+                "SELECT store_id, gateway_id, seq, id, kept_id, kind, received_at FROM conflicts"
+                " ORDER BY store_id, gateway_id, seq LIMIT ?",
+                (limit,),
+            )
+        return [
+            ConflictRow(
+                str(a), str(b), int(c), str(d), None if e is None else str(e), str(f), self._time_value(g)
+            )
+            for a, b, c, d, e, f, g in rows
+        ]
+
     @staticmethod
     def _log_conflict(key: tuple[str, str], row: EventRow, kept: str | None) -> None:
         if kept is None:
             _LOGGER.warning(
-                "conflict: store %s gateway %s seq %d: event id %s is already stored elsewhere; dropped it",
+                "conflict: store %s gateway %s seq %d: event id %s is already stored elsewhere; kept it in"
+                " conflicts",
                 *key,
                 row.seq,
                 row.id,
             )
         else:
             _LOGGER.warning(
-                "conflict: store %s gateway %s seq %d already holds event %s; kept it and dropped event %s",
+                "conflict: store %s gateway %s seq %d already holds event %s; kept event %s in conflicts",
                 *key,
                 row.seq,
                 kept,
@@ -1077,46 +1154,68 @@ class SqlReceiverStore:
     def claim_resends(
         self,
         interval_s: float,
-        max_commands: int,
+        max_ranges: int = RESEND_MAX_RANGES,
         *,
+        max_seqs: int = RESEND_MAX_SEQS,
         online_s: float | None = None,
+        max_gateways: int = MAX_RESEND_GATEWAYS,
         now: datetime | None = None,
     ) -> list[ResendRequest]:
-        """Lost ranges to ask for, per gateway not asked within ``interval_s``, at most ``max_commands``
-        commands of RESEND_MAX_SEQS seqs each per gateway.
+        """Lost ranges to ask for: per gateway not asked within ``interval_s``, its lowest lost ranges, at most
+        ``max_ranges`` of them and ``max_seqs`` seqs in all (one multi-range command), for at most
+        ``max_gateways`` gateways per call (the rest come in the next round).
 
-        Only gateways with a batch stored within ``online_s`` (default: ``interval_s``) are asked: commands to
-        a gateway that is away wait in its MQTT session, and it would find one per interval it was away.
+        Every gateway with lost seqs is asked, quiet ones included: a gateway that sends nothing new must heal
+        too (a till closed for the night, a gateway whose only traffic was the lost burst). The budget follows
+        the gaps (one command carries up to a thousand holes), and each gateway has at most one claim per
+        interval, so with the command's expiry (the receiver sets it to the interval) at most about one waits
+        in a quiet gateway's session. ``online_s`` restricts it to gateways heard from within that time.
         Each gateway is claimed by a single-row conditional update, so of several receivers sharing the
         database one asks and the others skip it until the interval has passed again.
         """
         now = now or datetime.now(UTC)
         now_ms = int(now.timestamp() * 1000)
         due = now_ms - int(interval_s * 1000)
-        heard_since = self._time_param(now - timedelta(seconds=interval_s if online_s is None else online_s))
+        sql = (
+            f"SELECT {_GATEWAY_ROW} FROM gateways"  # noqa: S608 - constants
+            " WHERE complete_through > 0 AND (resend_at_ms IS NULL OR resend_at_ms <= ?)"
+            " AND (events < max_seq OR events < complete_through)"
+        )
+        params: list[Any] = [due]
+        if online_s is not None:
+            sql += " AND last_received_at >= ?"
+            params.append(self._time_param(now - timedelta(seconds=online_s)))
+        sql += " ORDER BY coalesce(resend_at_ms, 0), store_id, gateway_id"
         out: list[ResendRequest] = []
         with self._session() as cur:
-            candidates = self._rows(
-                cur,
-                f"SELECT {_GATEWAY_ROW} FROM gateways"  # noqa: S608 - constants
-                " WHERE complete_through > 0 AND (resend_at_ms IS NULL OR resend_at_ms <= ?)"
-                " AND last_received_at >= ? ORDER BY store_id, gateway_id",
-                (due, heard_since),
-            )
+            candidates = self._rows(cur, sql, params)
             for row in candidates:
+                if len(out) >= max_gateways:
+                    break
                 gw = self._gateway_row(row)
-                if gw.events >= gw.upper:
-                    continue
                 cur.execute(self.dialect.begin_read)
                 try:  # the row again, in the snapshot its runs are read from
                     fresh = self._gateway(cur, gw.gateway_id, gw.store_id)
                     lost = [] if fresh is None else self._classes(cur, fresh, now).lost
                 finally:
                     cur.execute("COMMIT")
-                ranges = chunk(lost, RESEND_MAX_SEQS, max_commands)
+                ranges = take_ranges(lost, max_ranges, max_seqs)
                 if not ranges:
                     continue
-                self._x(cur, _CLAIM_RESEND, (now_ms, len(ranges), *gw.key, due))
+                self._x(cur, _CLAIM_RESEND, (now_ms, 1, *gw.key, due))
                 if cur.rowcount == 1:
                     out.append(ResendRequest(*gw.key, ranges))
         return out
+
+
+def take_ranges(ranges: Sequence[Range], max_ranges: int, max_seqs: int) -> list[Range]:
+    """The lowest ``ranges``, at most ``max_ranges`` of them and ``max_seqs`` seqs in all (the last one cut)."""
+    out: list[Range] = []
+    budget = max_seqs
+    for a, b in ranges:
+        if len(out) >= max_ranges or budget <= 0:
+            break
+        end = min(b, a + budget - 1)
+        out.append((a, end))
+        budget -= end - a + 1
+    return out

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 def events_topic(prefix: str, store_id: str, gateway_id: str) -> str:
     return f"{prefix}/{store_id}/{gateway_id}/events"
@@ -30,6 +32,18 @@ def events_subscription(prefix: str, share_group: str | None = None) -> str:
     shared subscription, so the receivers of one group split the messages between them."""
     topic = f"{prefix}/+/+/events"
     return topic if share_group is None else f"$share/{share_group}/{topic}"
+
+
+def events_subscriptions(
+    prefix: str, share_group: str | None = None, stores: Sequence[str] | None = None
+) -> list[str]:
+    """What an HQ receiver subscribes to: every store's batches, or with ``stores`` only those stores'
+    (``<prefix>/<store>/+/events`` each), so receivers with plain subscriptions split the stores between
+    them; with ``share_group``, each as a shared subscription."""
+    if not stores:
+        return [events_subscription(prefix, share_group)]
+    topics = [f"{prefix}/{store}/+/events" for store in dict.fromkeys(stores)]
+    return topics if share_group is None else [f"$share/{share_group}/{t}" for t in topics]
 
 
 def parse_events_topic(prefix: str, topic: str) -> tuple[str, str] | None:

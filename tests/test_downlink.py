@@ -384,6 +384,42 @@ async def test_resend_calls_the_uplink(rig: Rig, hq: Hq) -> None:
     assert rig.resends == [(2, 9)]
 
 
+async def test_a_resend_of_many_ranges_is_answered_in_one_response(rig: Rig, hq: Hq) -> None:
+    """HQ asks for scattered holes in one command; the gateway resends each range (sorted, overlapping and
+    adjacent ones joined, so each seq is read once) and answers once, listing every resent and missing range."""
+    async with running(rig.downlink()):
+        answer = ok(await hq.ask("resend", {"ranges": [[3, 9], [1, 1], [3, 4]]}))
+        assert answer == {"resent": [[1, 1], [3, 5]], "missing": [[6, 9]]}
+        assert ok(await hq.ask("resend", {"ranges": [[1, 2], [2, 3], [4, 4]]})) == {
+            "resent": [[1, 4]],
+            "missing": [],
+        }
+    assert rig.resends == [(1, 1), (3, 9), (1, 4)]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        ({"ranges": [[1, 2]] * 1001}, "at most 1000"),
+        ({"ranges": [[1, 60_000], [70_000, 110_000]]}, "at most 100000 seqs"),
+        ({"ranges": []}, "at least 1"),
+        ({"ranges": [[5, 4]]}, "each range is [first, last]"),
+        ({"ranges": [[0, 4]]}, "greater than or equal to 1"),
+        ({"ranges": [[1, 2, 3]]}, "ranges.0"),
+        ({"ranges": "1-2"}, "ranges"),
+        ({"ranges": [[1, 2]], "from_seq": 1, "to_seq": 2}, "either from_seq and to_seq, or ranges"),
+        ({"from_seq": 1}, "from_seq and to_seq go together"),
+        ({}, "either from_seq and to_seq, or ranges"),
+    ],
+)
+async def test_a_bad_multi_range_resend_is_refused_and_resends_nothing(
+    rig: Rig, hq: Hq, args: dict[str, Any], words: str
+) -> None:
+    async with running(rig.downlink()):
+        assert words in error(await hq.ask("resend", args), "invalid_args")
+    assert rig.resends == []
+
+
 async def test_device_write_sets_a_fridge_setpoint_over_modbus(rig: Rig, hq: Hq) -> None:
     """HQ's device.write goes through the Modbus driver to a real pymodbus server (the fridge simulator)."""
     server = FridgeServer([1], speed=0.0)

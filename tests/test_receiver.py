@@ -24,7 +24,7 @@ import pytest
 from pydantic import SecretStr
 
 from cloud_bridge import topics
-from cloud_bridge.receiver import HqReceiver, _parser, broker_config, receiver_main
+from cloud_bridge.receiver import HqReceiver, _parser, broker_config, conflict_alarms, receiver_main
 from cloud_bridge.receiver_model import GatewaySummary, ReceiverBackend, StoreUnavailableError
 from cloud_bridge.receiver_report import format_summary
 from cloud_bridge.receiver_store import ReceiverStore
@@ -363,6 +363,62 @@ async def test_batches_sent_while_away_arrive_after_reconnect(
     assert store.gaps("gw-a") == []
 
 
+async def test_receivers_split_by_store_each_keep_their_stores_across_a_broker_restart(
+    persistent_hq_broker: Mosquitto, tmp_path: Path
+) -> None:
+    """The mosquitto topology: plain subscriptions with persistent sessions, the stores split between receivers
+    (``stores``). Each receiver gets only its stores, and what is published while both are away and the broker
+    restarts is queued for each of them and arrives when they return (a shared subscription loses it)."""
+    broker = persistent_hq_broker
+    stores = {"a": ReceiverStore(tmp_path / "a.db", lost_grace_s=0), "b": ReceiverStore(tmp_path / "b.db")}
+
+    def receiver(name: str, store_ids: list[str]) -> HqReceiver:
+        return HqReceiver(
+            cfg(broker, "5"), stores[name], prefix=PREFIX, client_id=f"hq-{name}", stores=store_ids
+        )
+
+    try:
+        async with running(receiver("a", ["hk-001", "hk-002"])), running(receiver("b", ["hk-003"])):
+            pass  # the persistent sessions and their subscriptions
+        await asyncio.to_thread(broker.stop)
+        await asyncio.to_thread(broker.start)
+        async with publisher(broker) as pub:
+            for store_id in ("hk-001", "hk-002", "hk-003", "hk-004"):
+                await publish(pub, store_id, "gw-a", batch_bytes(store_id, "gw-a", [1, 2]))
+        await asyncio.to_thread(broker.stop)
+        await asyncio.to_thread(broker.start)
+        async with running(receiver("a", ["hk-001", "hk-002"])), running(receiver("b", ["hk-003"])):
+            await eventually(
+                lambda: stores["a"].count() == 4 and stores["b"].count() == 2, "each receiver's stores"
+            )
+        assert {(r.store_id, r.events) for r in stores["a"].summary()} == {("hk-001", 2), ("hk-002", 2)}
+        assert {(r.store_id, r.events) for r in stores["b"].summary()} == {("hk-003", 2)}
+    finally:
+        for store in stores.values():
+            store.close()
+
+
+def test_events_subscriptions() -> None:
+    assert topics.events_subscriptions("retail") == ["retail/+/+/events"]
+    assert topics.events_subscriptions("retail", "g") == ["$share/g/retail/+/+/events"]
+    assert topics.events_subscriptions("retail", None, ["s1", "s2", "s1"]) == [
+        "retail/s1/+/events",
+        "retail/s2/+/events",
+    ]
+    assert topics.events_subscriptions("retail", "g", ["s1"]) == ["$share/g/retail/s1/+/events"]
+
+
+def test_cli_store_and_resend_range_options() -> None:
+    args = _parser().parse_args(["--stores", "hk-001, hk-002", "--resend-ranges", "1"])
+    assert (args.stores, args.resend_ranges, args.share_group) == (["hk-001", "hk-002"], 1, None)
+    assert _parser().parse_args([]).resend_ranges == 1000
+    for bad in (["--stores", "a/b"], ["--stores", ","], ["--stores", "+"], ["--resend-ranges", "0"]):
+        with pytest.raises(SystemExit):
+            _parser().parse_args(bad)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--resend-ranges", "1001"])
+
+
 async def test_no_ack_before_commit(
     hq_broker: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -470,6 +526,68 @@ async def test_lost_range_is_asked_for_again_until_it_arrives(
     assert store.claim_resends(0.0, 10, online_s=60) == []
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_a_gateway_away_finds_at_most_a_couple_of_resends_in_its_session(
+    hq_broker: Mosquitto, store: ReceiverStore, protocol: Protocol
+) -> None:
+    """The receiver asks quiet gateways too, so commands must not pile up in the persistent session of one
+    that is away: on MQTT 5 each expires after the interval (at most about one is outstanding); on 3.1.1
+    (no expiry) a gateway not heard from within the interval is not asked at all."""
+    topic = topics.commands_topic(PREFIX, "hk-001", "gw-a")
+    seen: list[dict[str, Any]] = []
+
+    def downlink() -> MqttClient:
+        client = MqttClient(cfg(hq_broker), "gw-a-downlink", clean_start=False)
+        client.on_message = lambda m: seen.append(orjson.loads(m.payload))
+        return client
+
+    gateway = downlink()
+    await gateway.connect()
+    await gateway.subscribe([(topic, 1)])
+    await gateway.disconnect()  # its session (and subscription) stays at the broker: the gateway is away
+    # One-second expiry (the smallest MQTT has; mosquitto counts it in whole seconds, so a command lives up to
+    # about two): asked every second, an absent gateway finds two or three, not one per ask.
+    receiver = make_receiver(hq_broker, store, protocol=protocol, resend_interval_s=1.0)
+    async with running(receiver), publisher(hq_broker) as pub:
+        await publish(pub, "hk-001", "gw-a", batch_bytes("hk-001", "gw-a", [1, 4], complete_through=4))
+        await eventually(lambda: store.classes("gw-a").lost == [(2, 3)], "2..3 lost")
+        if protocol == "5":
+            await eventually(lambda: receiver.resend_commands >= 5, "five asks of the absent gateway")
+        else:
+
+            async def heard_from() -> None:
+                while True:
+                    await publish(
+                        pub, "hk-001", "gw-a", batch_bytes("hk-001", "gw-a", [4], complete_through=4)
+                    )
+                    await asyncio.sleep(0.05)
+
+            sending = asyncio.create_task(heard_from())
+            try:
+                await eventually(
+                    lambda: receiver.resend_commands >= 1, "an ask while the gateway is heard from"
+                )
+            finally:
+                sending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sending
+            # Then nothing new from it for longer than the interval: no claim picks it any more.
+            heard = datetime.now(UTC)
+            await eventually(lambda: (datetime.now(UTC) - heard).total_seconds() > 3.0, "three intervals")
+        asked = receiver.resend_commands
+        gateway = downlink()
+        await gateway.connect()  # back: the session delivers what is still queued, then the marker
+        await pub.publish(topic, orjson.dumps({"request_id": "marker", "command": "ping"}), qos=1)
+        await eventually(lambda: any(c["request_id"] == "marker" for c in seen), "the marker")
+        await gateway.disconnect()
+    queued = [c for c in seen[: [c["request_id"] for c in seen].index("marker")] if c["command"] == "resend"]
+    assert all(c["args"] == {"from_seq": 2, "to_seq": 3} for c in queued)
+    if protocol == "5":
+        assert len(queued) <= 3 < asked, (len(queued), asked)
+    else:
+        assert len(queued) == asked, (len(queued), asked)  # only the asks made while it was heard from
+
+
 # --- rendering and CLI --------------------------------------------------------------------------------------
 
 
@@ -512,6 +630,35 @@ def test_report_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "pending hk-001/gw-a: 6..7" in capsys.readouterr().out
     assert receiver_main(["--db", str(db), "--report", "--lost-grace", "0"]) == 2
     assert "lost hk-001/gw-a: 6..7" in capsys.readouterr().out
+
+
+def test_report_lists_conflicts_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "hq.db"
+    store = ReceiverStore(db)
+    first = batch("hk-001", "gw-a", range(1, 4), complete_through=3)
+    store.store_batch("hk-001", "gw-a", first)
+    assert receiver_main(["--db", str(db), "--report"]) == 0
+    other = batch("hk-001", "gw-a", [2])
+    other_id = other.events[0]["id"]
+    store.store_batch("hk-001", "gw-a", other)
+    store.close()
+    assert receiver_main(["--db", str(db), "--report"]) == 2
+    out = capsys.readouterr().out
+    assert "conflicts hk-001/gw-a: 1" in out
+    assert f"conflict hk-001/gw-a seq 2: seq 2 holds event {first.events[1]['id']}" in out
+    assert f"also kept {other.events[0]['kind']} event {other_id}" in out
+
+
+def test_the_live_summary_raises_a_conflict_once_per_new_conflict() -> None:
+    def row(conflicts: int) -> GatewaySummary:
+        return GatewaySummary("hk-001", "gw-a", 3, 3, 0, 0, 0, conflicts, None, None)
+
+    seen: dict[tuple[str, str], int] = {}
+    assert conflict_alarms([row(0)], seen) == []
+    (line,) = conflict_alarms([row(2)], seen)
+    assert line.startswith("CONFLICT hk-001/gw-a: 2 event(s)")
+    assert conflict_alarms([row(2)], seen) == []
+    assert len(conflict_alarms([row(3)], seen)) == 1
 
 
 def _cli(args: Sequence[str]) -> subprocess.Popen[bytes]:
@@ -561,7 +708,27 @@ def test_cli_receives_and_stops_on_sigterm(hq_broker: Mosquitto, tmp_path: Path)
     ]
     out, err = _run_cli_until_stored(_cli(args), cfg(hq_broker), db)
     assert b"max_seq" in out
-    assert b"$share/hq-receivers/retail/+/+/events" in err  # shared by default
+    assert (
+        b"receiving retail/+/+/events" in err
+    )  # a plain subscription by default: it survives a broker restart
+    assert b"SHARED SUBSCRIPTION" not in err
+
+
+def test_cli_warns_loudly_about_a_shared_subscription(hq_broker: Mosquitto, tmp_path: Path) -> None:
+    db = tmp_path / "hq.db"
+    args = [
+        "--host",
+        hq_broker.host,
+        "--port",
+        str(hq_broker.port),
+        "--db",
+        str(db),
+        "--summary-every",
+        "0.2",
+    ]
+    _, err = _run_cli_until_stored(_cli([*args, "--share-group", "hq-receivers"]), cfg(hq_broker), db)
+    assert b"$share/hq-receivers/retail/+/+/events" in err
+    assert b"SHARED SUBSCRIPTION (--share-group hq-receivers)" in err
 
 
 async def _publish_until_stored(broker: BrokerConfig, db: Path) -> None:

@@ -4,6 +4,7 @@ writers on one PostgreSQL database."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -89,6 +90,42 @@ def test_duplicates_and_conflicts(store: SqlReceiverStore, caplog: pytest.LogCap
     row = summary_of(store, G)
     assert (row.events, row.conflicts, row.duplicates, row.max_seq) == (5, 2, 3, 5)
     assert any("conflict" in r.getMessage() and other_id in r.getMessage() for r in caplog.records)
+
+
+def test_a_conflicting_event_is_kept_beside_the_stored_one(store: SqlReceiverStore) -> None:
+    """A seq conflict is never a silent drop: the event that holds the seq stays in events, the other goes to
+    the conflicts table (once, however often it is received), and both can be read back."""
+    first = batch(S, G, [1, 2, 3])
+    store.store_batch(S, G, first)
+    other_id = str(uuid7())
+    clash = batch(S, G, [3, 4], ids={3: other_id})
+    assert store.store_batch(S, G, clash).conflicts == 1
+    assert store.store_batch(S, G, clash).conflicts == 1  # received again: counted, kept once
+    moved = batch(S, G, [5], ids={5: first.events[0]["id"]})  # an id already held at seq 1
+    assert store.store_batch(S, G, moved).conflicts == 1
+    kept = store.conflicts()
+    assert [(c.seq, c.id, c.kept_id, c.kind) for c in kept] == [
+        (3, other_id, first.events[2]["id"], clash.events[0]["kind"]),
+        (5, first.events[0]["id"], None, moved.events[0]["kind"]),
+    ]
+    assert [e["id"] for e in store.events(G)][2] == first.events[2]["id"]
+    assert summary_of(store, G).conflicts == 3
+    assert store.conflicts(limit=1) == kept[:1]
+
+
+def test_a_database_of_before_the_conflicts_table_gets_it(tmp_path: Path) -> None:
+    db = tmp_path / "hq.db"
+    ReceiverStore(db).close()
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("DROP TABLE conflicts")
+        conn.commit()
+    store = ReceiverStore(db)
+    try:
+        store.store_batch(S, G, batch(S, G, [1]))
+        store.store_batch(S, G, batch(S, G, [1], ids={1: str(uuid7())}))
+        assert len(store.conflicts()) == 1
+    finally:
+        store.close()
 
 
 def test_a_schema_1_batch_may_repeat_a_seq(store: SqlReceiverStore) -> None:
@@ -227,21 +264,36 @@ def test_gaps_explained_lost_and_pending(store: SqlReceiverStore) -> None:
     assert store.gaps(G) == [(4, 5), (13, 1_000_012), (1_000_014, 1_000_020)]
 
 
-def test_resend_claims_are_chunked_and_shared(store: SqlReceiverStore) -> None:
+def test_resend_claims_are_bounded_and_shared(store: SqlReceiverStore) -> None:
+    """One claim per gateway per interval: its lowest lost ranges, at most 100,000 seqs in all (one command)."""
     store.store_batch(S, G, batch(S, G, [1]))
     store.store_batch(S, G, batch(S, G, [250_003], complete_through=250_002))
-    (request,) = store.claim_resends(interval_s=60, max_commands=10)
+    (request,) = store.claim_resends(interval_s=60)
     assert (request.store_id, request.gateway_id) == (S, G)
-    assert request.ranges == [(2, 100_001), (100_002, 200_001), (200_002, 250_002)]
-    assert store.claim_resends(interval_s=60, max_commands=10) == []  # asked already: not again for 60 s
-    (again,) = store.claim_resends(interval_s=0, max_commands=2, online_s=60)
-    assert again.ranges == [(2, 100_001), (100_002, 200_001)]
+    assert request.ranges == [(2, 100_001)]
+    assert store.claim_resends(interval_s=60) == []  # asked already: not again for 60 s
+    (again,) = store.claim_resends(0, 10, max_seqs=5, online_s=60)
+    assert again.ranges == [(2, 6)]
+
+
+def test_one_claim_carries_many_scattered_holes_up_to_the_range_limit(store: SqlReceiverStore) -> None:
+    """A full disk leaves hundreds of scattered holes: they go in one claim (one command), not one each."""
+    present = [s for s in range(1, 3001) if s % 2]  # every even seq missing: 1500 holes
+    store.store_batch(S, G, batch(S, G, present, complete_through=3000))
+    (request,) = store.claim_resends(0)
+    assert len(request.ranges) == 1000  # MAX_RESEND_RANGES
+    assert request.ranges[:2] == [(2, 2), (4, 4)]
+    (rest,) = store.claim_resends(0)  # the interval has passed (0 s): the same lowest ones again
+    assert rest.ranges == request.ranges
+    (few,) = store.claim_resends(0, 3)
+    assert few.ranges == [(2, 2), (4, 4), (6, 6)]
 
 
 def test_resend_claims_cost_nothing_for_complete_gateways(store: SqlReceiverStore) -> None:
     store.store_batch(S, G, batch(S, G, [1, 2, 3], complete_through=3))
     store.store_batch(S, "gw-b", batch(S, "gw-b", [1, 3], complete_through=1))  # 2 is pending
-    assert store.claim_resends(interval_s=0, max_commands=10, online_s=60) == []
+    assert store.claim_resends(interval_s=0, online_s=60) == []
+    assert store.claim_resends(interval_s=0) == []
 
 
 def _opener(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], SqlReceiverStore]:
@@ -270,21 +322,25 @@ def test_a_missing_seq_is_lost_only_once_its_watermark_is_a_grace_period_old(
         (row,) = store.summary(now=later)
         assert (row.lost, row.pending, row.complete_through) == (2, 0, 7)
         assert store.claim_resends(90, 10) == []  # not lost yet
-        assert store.claim_resends(30, 10, now=later) == []  # lost, but the gateway is away (61 s > 30 s)
+        assert store.claim_resends(30, 10, online_s=30, now=later) == []  # away 61 s > online_s
         (request_,) = store.claim_resends(90, 10, now=later)
         assert request_.ranges == [(6, 7)]
     finally:
         store.close()
 
 
-def test_an_offline_gateway_is_not_asked_to_resend(store: SqlReceiverStore) -> None:
-    """Commands to a gateway that is away wait in its MQTT session (days): it would find one per resend
-    interval it was away. Only a gateway that sent a batch within the interval is asked."""
+def test_a_quiet_gateway_is_asked_to_resend_once_per_interval(store: SqlReceiverStore) -> None:
+    """A gateway that sends nothing new still has its lost seqs asked for (it would never heal otherwise),
+    but once per interval: with the command's expiry (the interval) at most about one waits in its session."""
     store.store_batch(S, G, batch(S, G, [1, 4], complete_through=3))
     heard = datetime.now(UTC)
-    assert store.claim_resends(30, 10, now=heard + timedelta(seconds=31)) == []
-    (request_,) = store.claim_resends(30, 10, now=heard + timedelta(seconds=29))
+    (request_,) = store.claim_resends(30, 10, now=heard + timedelta(hours=5))
     assert request_.ranges == [(2, 3)]
+    assert store.claim_resends(30, 10, now=heard + timedelta(hours=5, seconds=29)) == []
+    (again,) = store.claim_resends(30, 10, now=heard + timedelta(hours=5, seconds=31))
+    assert again.ranges == [(2, 3)]
+    # online_s keeps the old behaviour: only gateways heard from within it.
+    assert store.claim_resends(0, 10, online_s=30, now=heard + timedelta(hours=6)) == []
 
 
 def test_the_summary_reads_a_gateways_gaps_again_only_when_it_changed(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from cloud_bridge.receiver_model import (
     nearest_anchor,
     parse_report,
     resend_command,
+    resend_ranges_command,
     utc_ns,
 )
 from cloud_bridge.receiver_ranges import GapClasses, chunk, classify, complement, merge, size
@@ -340,6 +341,16 @@ def test_resend_command_format() -> None:
         "command": "resend",
         "args": {"from_seq": 6, "to_seq": 7},
     }
+
+
+def test_resend_ranges_command_format() -> None:
+    """Several ranges go in ``args.ranges``; one range in the original form, which every gateway takes."""
+    assert orjson.loads(resend_ranges_command("r-2", [(2, 2), (4, 9)])) == {
+        "request_id": "r-2",
+        "command": "resend",
+        "args": {"ranges": [[2, 2], [4, 9]]},
+    }
+    assert orjson.loads(resend_ranges_command("r-3", [(6, 7)]))["args"] == {"from_seq": 6, "to_seq": 7}
 
 
 def test_encode_batch_output_is_what_the_receiver_reads() -> None:
