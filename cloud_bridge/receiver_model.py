@@ -2,8 +2,8 @@
 
 Pure code, no I/O. ``event_rows`` checks a decoded batch against its topic and turns each event into the
 columns every backend stores; ``parse_report`` reads the events that change how HQ sees a gateway's seqs
-(``outbox.evicted`` and ``journal.corrupt`` explain gaps, ``clock.synced`` anchors the clock). A backend
-implements :class:`ReceiverBackend`; the receiver talks to nothing else.
+(``outbox.evicted``, ``journal.corrupt`` and ``journal.missing`` explain gaps, ``clock.synced`` anchors the
+clock). A backend implements :class:`ReceiverBackend`; the receiver talks to nothing else.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ REPORT_KINDS: Final = frozenset({"outbox.evicted", "alert.raised", "clock.synced
 LOST_GRACE_S: Final = 60.0
 """How long a seq missing at or below ``complete_through`` is still called pending: with several receivers the
 batch holding it may still wait in another receiver's queue (see :class:`LostWatermark`)."""
+
+JOURNAL_LOSS_RULES: Final = frozenset({"journal.corrupt", "journal.missing"})
+"""Alerts whose ``details.possibly_lost`` range the gateway may never deliver: its journal was damaged or lost."""
 
 
 class BatchRejectedError(BatchError):
@@ -346,12 +349,13 @@ def parse_report(row: EventRow) -> Explanation | Anchor | None:
         reason = data.get("reason")
         source = f"outbox.evicted:{reason}" if isinstance(reason, str) else "outbox.evicted"
         return Explanation(source[:100], merge(_seq_range(r, "an evicted range") for r in ranges))
-    if row.kind == "alert.raised" and isinstance(data, dict) and data.get("rule") == "journal.corrupt":
+    rule = data.get("rule") if isinstance(data, dict) else None
+    if row.kind == "alert.raised" and isinstance(data, dict) and rule in JOURNAL_LOSS_RULES:
         details = data.get("details")
         lost = details.get("possibly_lost") if isinstance(details, dict) else None
         if lost is None:
-            return None  # nothing was at risk (no seqs reserved before the corruption)
-        return Explanation("journal.corrupt", [_seq_range(lost, "details.possibly_lost")])
+            return None  # nothing was at risk (no seqs reserved before the corruption or the loss)
+        return Explanation(str(rule), [_seq_range(lost, "details.possibly_lost")])
     if row.kind == "clock.synced":
         if not isinstance(data, dict):
             raise ReportError("clock.synced needs data")

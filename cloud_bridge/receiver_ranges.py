@@ -81,7 +81,7 @@ class GapClasses:
     """A gateway's missing seqs in 1..max(max_seq, complete_through), by class (docs/OUTBOX.md)."""
 
     explained: list[Range] = field(default_factory=list)
-    """Covered by an ``outbox.evicted`` range or a ``journal.corrupt`` alert's ``possibly_lost``."""
+    """Covered by an ``outbox.evicted`` range or a ``journal.corrupt``/``journal.missing`` alert's ``possibly_lost``."""
     lost: list[Range] = field(default_factory=list)
     """At or below the gateway's ``complete_through`` (known for a grace period) and not explained."""
     pending: list[Range] = field(default_factory=list)

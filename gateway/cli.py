@@ -27,8 +27,11 @@ nothing starts. Then the journal opens, the drivers start and events flow to HQ.
 
 exit codes:
   0  stopped by SIGTERM or SIGINT (Ctrl-C)
-  1  the config has problems, or the gateway cannot start (API port taken, journal unreadable, ...)
+  1  the config has problems, or the gateway cannot start (API port taken, journal unreadable, data
+     directory in use by another gateway, journal and journal.seq both lost without --new-journal, ...)
   2  usage error
+  3  the journal was found damaged while running: restart it; the next start moves the file aside and
+     salvages it (docs/OUTBOX.md, "Corruption found while running")
 
 example:
   store-gateway run --config /etc/store-gateway/store.yaml
@@ -104,6 +107,13 @@ def _parser() -> argparse.ArgumentParser:
         "run", help="run the gateway with a config file", description=_RUN_HELP, formatter_class=_FORMATTER
     )
     run.add_argument("--config", "-c", type=Path, required=True, help="the store config (YAML)")
+    run.add_argument(
+        "--new-journal",
+        action="store_true",
+        help="start a new journal at seq 1 when both the journal and its seq reservation (journal.seq) are "
+        "missing from a data directory used before; without it the gateway refuses to start then, since HQ "
+        "would refuse the reused seqs (docs/OUTBOX.md, 'Lost journal')",
+    )
     check = sub.add_parser(
         "check-config",
         help="validate a config file; exit 0 if valid, 1 with every error if not",
@@ -215,7 +225,7 @@ def _main(argv: Sequence[str] | None) -> int:
             print(json.dumps(json_schema(), indent=2))
         return 0
     if args.command == "run":
-        return _run(args.config)
+        return _run(args.config, new_journal=args.new_journal)
     if args.command == "demo":
         from gateway.demo import run_demo
 
@@ -229,7 +239,7 @@ def _main(argv: Sequence[str] | None) -> int:
     return 2
 
 
-def _run(config_path: Path) -> int:
+def _run(config_path: Path, *, new_journal: bool = False) -> int:
     from gateway.config_loader import ConfigError, config_hash, load_config
     from gateway.logs import setup_logging
     from gateway.runtime import Gateway
@@ -250,7 +260,7 @@ def _run(config_path: Path) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await Gateway(config, config_hash(config)).run(stop)
+        await Gateway(config, config_hash(config), new_journal=new_journal).run(stop)
 
     try:
         asyncio.run(_main())

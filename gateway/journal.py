@@ -43,12 +43,24 @@ from gateway.outbox import (
     eviction_reports,
 )
 from gateway.recovery import (
+    SalvagedRow,
     SeqReservation,
+    clear_damage_mark,
     corrupt_alert,
+    is_blank,
+    is_damage,
+    mark_damaged,
+    missing_alert,
     move_aside,
+    move_orphans_aside,
     probe,
+    quick_check,
+    ranges_for_alert,
+    read_damage_mark,
     salvage_delivered,
+    salvage_events,
     salvage_last_seq,
+    salvage_watermarks,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -115,6 +127,13 @@ ACK_ONLY_DELAY_S: Final = 0.05
 """A commit that would only record HQ acknowledgements waits this long for intake to join it (SD wear)."""
 DISK_CHECK_S: Final = 1.0
 """How often free disk space is read (statvfs)."""
+QUICK_CHECK_S: Final = 600.0
+"""How often a background ``PRAGMA quick_check`` looks for damaged pages before a commit trips on them."""
+DISK_SHARE: Final = 0.8
+"""``outbox.max_bytes`` is lowered to this share of the space the journal can have at start (its pages plus the
+free space above ``min_free_bytes``): a cap larger than the disk is no cap, and SQLITE_FULL comes first."""
+STALL_S: Final = 10.0
+"""A journal that has not been able to commit for this long makes /health say so (503)."""
 
 Row = tuple[int, str, str, str | None, str, str | None, bytes, int]
 Extra = Callable[[sqlite3.Connection, dict[int, ClassState], dict[int, int]], list["Draft"]]
@@ -197,6 +216,11 @@ class JournalError(Exception):
     """The journal cannot open or write its database."""
 
 
+class JournalCorruptError(JournalError):
+    """The running journal found its database damaged. Nothing more is acknowledged; the process exits and the
+    next start moves the file aside, salvages what it can and goes on (docs/OUTBOX.md, "Corrupt journal")."""
+
+
 def connect(path: Path, synchronous: str = "FULL", readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(
@@ -261,7 +285,19 @@ class Journal:
         self._reservation = SeqReservation(path.parent)
         self._ballast = Ballast(path.parent / BALLAST_FILE)
         self.replaced: dict[str, Any] | None = None
-        """The ``alert.raised`` payload when a corrupt journal was moved aside at open."""
+        """The ``alert.raised`` payload when a corrupt journal was moved aside, or a missing one replaced, at open."""
+        self.corrupt: str | None = None
+        """Why the database was found damaged while running (then nothing more is committed or acknowledged)."""
+        self.quick_check_interval_s = QUICK_CHECK_S
+        self._failing_since: float | None = None
+        self._failure = "journal_stalled"
+        self._damaged: tuple[Path, str, int] | None = None
+        """A journal moved aside at open, whose events are salvaged into the fresh one once it exists."""
+        self.used_before = False
+        """Set by the runtime when the data directory was used before (its lock file was there): a journal missing
+        together with its seq reservation is then a loss, not a first start, and the open refuses it."""
+        self.new_journal = False
+        """``run --new-journal``: the operator accepts a fresh journal from seq 1 after losing both files."""
         self.last_seq = 0
         self.state: dict[int, ClassState] = {c: ClassState() for c in range(len(CLASSES))}
         """Per-class outbox counters as of the last COMMIT (owned by the writer thread)."""
@@ -274,6 +310,8 @@ class Journal:
         self._refused = 0
         self._refused_bytes = 0
         self.disk_low = False
+        self.max_bytes = self._outbox.max_bytes
+        """The cap in force: ``outbox.max_bytes``, lowered at open to what the disk can hold (DISK_SHARE)."""
         self._disk_checked = 0.0
         self._budget_checked_bytes = 0
         self._next_housekeeping = 0.0
@@ -314,8 +352,20 @@ class Journal:
             reason = probe(self.path)
         except (sqlite3.Error, OSError) as err:  # locked, permissions: not damage, never moved aside
             raise JournalError(f"cannot open journal {self.path}: {err}") from err
+        mark = read_damage_mark(self.path)
+        if reason is None and mark is not None and self.path.exists():
+            reason = f"found damaged while running: {mark}"
         if reason is not None:
             self._replace_corrupt(reason)
+        elif not self.path.exists():
+            self._replace_missing()
+        elif is_blank(self.path) and self._reservation.reserved_through > 0:
+            # Zero bytes and no WAL, yet seqs were reserved: the schema (committed before the first reservation)
+            # is gone, so the file lost its contents. Kept aside for a technician, then treated as missing.
+            move_aside(self.path)
+            self._replace_missing()
+        if mark is not None:
+            clear_damage_mark(self.path)  # the damaged file is aside (or was gone): the mark did its job
         try:
             conn = connect(self.path, self._config.synchronous)
         except sqlite3.DatabaseError as err:
@@ -325,6 +375,9 @@ class Journal:
             self._migrate(conn)
             for proc in self._processors:
                 proc.setup(conn)
+            if self._damaged is not None:
+                self._salvage_into(conn, *self._damaged)
+                self._damaged = None
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             max_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
             self._load_state(conn, int(meta.get("delivered_seq", 0)))
@@ -341,19 +394,40 @@ class Journal:
             conn.close()
             raise
         self._conn = conn
+        self._cap_to_disk()
         self._reservation.ensure(self.last_seq)
         self._metrics.last_seq.set(self.last_seq)
         self._metrics.delivered_seq.set(self.delivered_seq)
         self._outbox_gauges()
 
+    def _cap_to_disk(self) -> None:
+        """Lower the cap in force to a safe share of what this disk can give the journal (seen at start)."""
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        room = self._used_bytes() + max(0, free - self._outbox.min_free_bytes)
+        safe = max(1024 * 1024, int(room * DISK_SHARE))
+        if safe < self._outbox.max_bytes:
+            _LOGGER.warning(
+                "outbox.max_bytes %d MiB is more than this disk can hold: capping the journal at %d MiB "
+                "(%d%% of its pages plus the free space above outbox.min_free_bytes)",
+                self._outbox.max_bytes // 2**20,
+                safe // 2**20,
+                int(DISK_SHARE * 100),
+            )
+            self.max_bytes = safe
+
     def _replace_corrupt(self, reason: str) -> None:
-        """Move an unreadable journal aside and start a fresh one above every seq the old one may have used;
-        the alert (``self.replaced``) is committed first thing by the runtime."""
+        """Move an unreadable journal aside; the fresh one starts above every seq the old one may have used, with
+        the old one's readable undelivered events copied in (:meth:`_salvage_into`), and the alert
+        (``self.replaced``) is committed first thing by the runtime."""
         moved = move_aside(self.path)
-        delivered = salvage_delivered(moved)
-        start = self._reservation.start_after_corruption(salvage_last_seq(moved))
+        last = salvage_last_seq(moved)
+        start = self._reservation.start_after_corruption(last)
         self.seq_floor = max(self.seq_floor, start - 1)
-        self.replaced = corrupt_alert(self.path, moved, reason, delivered, start)
+        self._damaged = (moved, reason, last or self.seq_floor)
         _LOGGER.critical(
             "journal %s is corrupt (%s): moved aside to %s; a fresh journal starts at seq %d",
             self.path,
@@ -361,6 +435,84 @@ class Journal:
             moved.name,
             start,
         )
+
+    def _salvage_into(self, conn: sqlite3.Connection, moved: Path, reason: str, through: int) -> None:
+        """Copy the undelivered events still readable in the damaged journal into the fresh one, keeping their
+        seqs (all below the fresh start), ids and dedup keys, so the uplink sends them and redeliveries of them
+        are still dropped. The per-class delivered watermarks come along; the alert lists the seqs that could
+        not be read. One transaction: a crash half-way leaves a fresh journal without the copies (the damaged
+        file stays aside for a technician), still above the reservation, so seqs stay safe."""
+        watermarks = salvage_watermarks(moved)
+        fallback = salvage_delivered(moved) or 0
+        delivered = {c: watermarks.get(c, fallback) for c in self.state}
+        floor = min(delivered.values())
+        work = {c: ClassState(delivered[c], 0, 0, 0, 0) for c in self.state}
+
+        def keep(row: SalvagedRow) -> bool:
+            return row[7] in delivered and row[0] > delivered[row[7]]
+
+        def sink(rows: list[SalvagedRow]) -> None:
+            conn.executemany("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?)", rows)
+            for row in rows:
+                work[row[7]] = work[row[7]].stored(1, len(row[6]))
+
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = salvage_events(moved, floor, through, keep, sink)
+            if result.count:
+                self._write_state(conn, work)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        start = max(self.seq_floor, result.last_seq) + 1
+        self.seq_floor = start - 1
+        unreadable = [r for r in result.unreadable if r[1] > floor]
+        # Lost, possibly: the unreadable seqs, and whatever the file no longer shows above the highest seq read
+        # (a WAL cut short); the salvaged ones are not lost (they are sent again from the fresh journal).
+        first_lost = min([r[0] for r in unreadable] + [max(floor, result.last_seq) + 1])
+        alert = corrupt_alert(self.path, moved, reason, first_lost - 1, start)
+        alert["details"]["salvaged"] = result.count
+        alert["details"]["salvaged_seqs"] = ranges_for_alert(result.copied)
+        alert["details"]["unreadable_seqs"] = ranges_for_alert(unreadable)
+        self.replaced = alert
+        _LOGGER.critical(
+            "salvaged %d undelivered events from %s; unreadable seqs: %s",
+            result.count,
+            moved.name,
+            ranges_for_alert(unreadable)[:20] or "none",
+        )
+
+    def _replace_missing(self) -> None:
+        """No journal file. A first start, or a journal lost (deleted, a wiped card, a restore that missed it):
+        seqs must not start again at 1, or HQ refuses the new events as seq conflicts. The reservation sidecar
+        says how far the lost journal may have gone; with neither file, a data directory used before cannot
+        know, and the open refuses unless the operator asked for a new journal."""
+        move_orphans_aside(self.path)
+        reserved = self._reservation.reserved_through
+        if reserved > 0:
+            start = reserved + 1
+            self.seq_floor = max(self.seq_floor, reserved)
+            self.replaced = missing_alert(self.path, reserved, start)
+            _LOGGER.critical(
+                "journal %s is missing; a fresh journal starts at seq %d, above the seq reservation",
+                self.path,
+                start,
+            )
+        elif self.used_before:
+            if not self.new_journal:
+                raise JournalError(
+                    f"journal {self.path} and its seq reservation {self._reservation.path.name} are both missing "
+                    f"from a data directory used before: the seqs already sent to HQ are unknown. Restore "
+                    f"them, or run 'store-gateway run --new-journal' to start a new journal at seq 1 "
+                    f"(HQ may refuse seqs it has seen)"
+                )
+            start = self.seq_floor + 1
+            self.replaced = missing_alert(self.path, 0, start, forced=True)
+            _LOGGER.critical(
+                "journal %s and its seq reservation are missing: new journal (--new-journal)", self.path
+            )
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         """Journals from before the outbox have no ``cls`` column: add it and classify their events once, with
@@ -467,7 +619,7 @@ class Journal:
 
     def submit(self, item: Draft | Rejected) -> bool:
         """Queue an item for the next commit. False (and nothing queued) if the journal is over its limit."""
-        if len(self._queue) >= QUEUE_LIMIT or self._stopping:
+        if len(self._queue) >= QUEUE_LIMIT or self._stopping or self.corrupt is not None:
             return False
         if isinstance(item, Draft):
             if len(item.data_json) > self._config.max_payload_bytes:
@@ -581,10 +733,15 @@ class Journal:
         idle = min(DISK_CHECK_S, self._outbox.housekeeping_interval_s)
         try:
             while True:
+                if self.corrupt is not None:
+                    raise JournalCorruptError(f"journal {self.path} is damaged: {self.corrupt}")
                 # First thing at start (disk check, TTL), then after every commit or idle second.
                 try:
                     await self._maintain(loop)
                 except sqlite3.Error as err:
+                    if is_damage(err):
+                        self.declare_corrupt(str(err))
+                        continue
                     _LOGGER.error("outbox housekeeping failed, retrying later: %s", err)
                 except Exception:  # a bug here must not stop the journal: log it, keep committing
                     _LOGGER.exception("outbox housekeeping failed, retrying later")
@@ -610,6 +767,9 @@ class Journal:
             await asyncio.shield(self._drain(loop))
 
     async def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.corrupt is not None:
+            _LOGGER.error("journal damaged: %d uncommitted items left (never acknowledged)", len(self._queue))
+            return
         for _ in range(3 + len(self._queue) // self._config.commit_max_events):
             if not self._queue and not self._acks:
                 return
@@ -621,8 +781,13 @@ class Journal:
         self,
         loop: asyncio.AbstractEventLoop,
         extra: Extra | None = None,
+        intake: bool = True,
     ) -> None:
-        n = min(len(self._queue), self._config.commit_max_events)
+        """One group commit. ``intake=False`` leaves queued items for the next one (a pruning step on a low
+        disk must not fail for the space the sales would take)."""
+        if self.corrupt is not None:
+            return  # a damaged file commits nothing more: what waits is never acknowledged, and is redelivered
+        n = min(len(self._queue), self._config.commit_max_events) if intake else 0
         items = [self._queue.popleft() for _ in range(n)]
         acks, self._acks = self._acks, {}
         ack_gen = self._ack_gen
@@ -648,7 +813,14 @@ class Journal:
                     cancelled = err
         except sqlite3.Error as err:
             result, leftover = None, items
-            self._commit_failed(err, acks)
+            if acks and items and _disk_full(err) and not is_damage(err):
+                # HQ's acknowledgements must get to disk even when intake cannot: they are what lets the uplink
+                # move on and the delivered events be pruned to make room. Tried alone, they need one page.
+                acks_written, stop = await self._commit_acks_alone(loop, acks)
+                cancelled = cancelled or stop
+                if acks_written:
+                    self._ack_gen_persisted = max(self._ack_gen_persisted, ack_gen)
+            self._commit_failed(err, {} if acks_written else acks)
         finally:
             self._busy = False
         if leftover:
@@ -656,9 +828,11 @@ class Journal:
             self._queue.extendleft(reversed(leftover))
             items = items[: len(items) - len(leftover)]
             self._failing = True
-        elif self._failing:
-            _LOGGER.warning("journal commits work again")
-            self._failing = False
+        elif items or not self._queue:  # a pruning step alone does not show that intake commits again
+            self._failing_since = None
+            if self._failing:
+                _LOGGER.warning("journal commits work again")
+                self._failing = False
         self._metrics.commits.observe(time.perf_counter() - started)
         for item in items:
             if item.ack is not None:
@@ -678,14 +852,78 @@ class Journal:
         if leftover:
             await asyncio.sleep(1)
 
+    async def _commit_acks_alone(
+        self, loop: asyncio.AbstractEventLoop, acks: dict[int, int]
+    ) -> tuple[bool, asyncio.CancelledError | None]:
+        """Commit only ``acks`` (after a combined commit failed on a full disk): (written, a cancellation that
+        arrived meanwhile, to re-raise once the bookkeeping is done)."""
+        future = loop.run_in_executor(self._writer, self._commit_batch, [], acks)
+        cancelled: asyncio.CancelledError | None = None
+        while True:
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError as err:
+                cancelled = err
+                continue
+            except sqlite3.Error as err:
+                _LOGGER.debug("recording HQ acknowledgements alone failed too: %s", err)
+                return False, cancelled
+            _LOGGER.info("disk full: recorded HQ acknowledgements in a commit of their own")
+            return True, cancelled
+
     def _commit_failed(self, err: sqlite3.Error, acks: dict[int, int]) -> None:
         for cls, seq in acks.items():  # not persisted: written again by the next commit
             self._acks[cls] = max(seq, self._acks.get(cls, 0))
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+        if is_damage(err):
+            self._failure = "journal_corrupt"
+            self.declare_corrupt(str(err))
+            return
+        self._failure = "disk_full" if _disk_full(err) else "journal_stalled"
         if _disk_full(err):
             self._ballast.release("a commit found the disk full")
         if not self._failing:
             _LOGGER.error("journal commit failed, retrying every second: %s", err)
         self._failing = True
+
+    def declare_corrupt(self, reason: str) -> None:
+        """The database is damaged (a commit, a read or the integrity check said so): acknowledge nothing more,
+        leave the mark for the next start, and wake the writer, which stops (the runtime exits, the supervisor
+        restarts, the start-up path moves the file aside and salvages). Event loop only."""
+        if self.corrupt is not None:
+            return
+        self.corrupt = reason
+        self._failure = "journal_corrupt"
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+        _LOGGER.critical(
+            "journal %s is damaged (%s): stopping; the next start replaces it", self.path, reason
+        )
+        mark_damaged(self.path, reason)
+        self._wakeup.set()
+
+    @property
+    def stall(self) -> tuple[str, float] | None:
+        """(reason, seconds) while commits fail: ``journal_corrupt``, ``disk_full`` or ``journal_stalled``."""
+        if self._failing_since is None:
+            return None
+        return self._failure, time.monotonic() - self._failing_since
+
+    async def watch_integrity(self) -> None:
+        """Every ``quick_check_interval_s``, run ``PRAGMA quick_check`` on its own read-only connection and
+        thread: a damaged page deep in the file is found before a commit or the uplink trips on it."""
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-check") as pool:
+            while self.corrupt is None:
+                await asyncio.sleep(self.quick_check_interval_s)
+                try:
+                    problem = await loop.run_in_executor(pool, quick_check, self.path)
+                except (sqlite3.Error, OSError) as err:
+                    _LOGGER.warning("journal integrity check could not run: %s", err)
+                    continue
+                if problem is not None:
+                    self.declare_corrupt(f"quick_check: {problem}")
 
     def _publish(self, result: Committed) -> None:
         """Metrics, listeners and ``done`` callbacks, after COMMIT."""
@@ -755,6 +993,8 @@ class Journal:
         assert conn is not None
         drafts = [i for i in items if isinstance(i, Draft)]
         rejected = [i for i in items if isinstance(i, Rejected)]
+        if items:
+            self._check_intake_room(conn, items)
         work = dict(self.state)
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -823,6 +1063,38 @@ class Journal:
         for row in rows:
             kinds[row[2]] = kinds.get(row[2], 0) + 1
         return Committed(first, seq, kinds, [r[6] for r in rows], rejected, duplicates, classes, moved)
+
+    def _check_intake_room(self, conn: sqlite3.Connection, items: Sequence[Draft | Rejected]) -> None:
+        """Raise :class:`IntakeReserveError` when committing ``items`` would eat into the last
+        :meth:`_intake_reserve` bytes of the disk and the file has too few free pages of its own to hold them.
+
+        That space is kept for HQ's acknowledgements, pruning steps and the WAL checkpoint: if sales took it,
+        nothing could be pruned and the disk would stay full after HQ is back."""
+        try:
+            st = os.statvfs(self.path.parent)  # now, not at the last check: one commit can take megabytes
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        if free >= self._intake_reserve():
+            return
+        need = 64 * 1024 + 3 * sum(
+            len(i.data_json) if isinstance(i, Draft) else min(i.size, QUARANTINE_KEEP_BYTES) for i in items
+        )
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        reusable = conn.execute("PRAGMA freelist_count").fetchone()[0] * page_size
+        if reusable < need:
+            raise IntakeReserveError(
+                f"disk full: {free} bytes free, kept for acknowledgements and pruning; "
+                f"{reusable} bytes of free pages in the journal"
+            )
+
+    def _checkpoint(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def _intake_reserve(self) -> int:
+        return max(1024 * 1024, min(self._outbox.min_free_bytes // 2, BALLAST_BYTES))
 
     def _drop_redeliveries(
         self, conn: sqlite3.Connection, drafts: list[Draft]
@@ -927,9 +1199,7 @@ class Journal:
         if housekeeping:
             self._next_housekeeping = now + self._outbox.housekeeping_interval_s
         over = self._over_class_budget() is not None
-        grown = self.stored_bytes - self._budget_checked_bytes > min(
-            1024 * 1024, self._outbox.max_bytes // 100
-        )
+        grown = self.stored_bytes - self._budget_checked_bytes > min(1024 * 1024, self.max_bytes // 100)
         if self._refused and (housekeeping or not self.disk_low):
             count, nbytes = self._refused, self._refused_bytes
             reported: list[bool] = []
@@ -937,14 +1207,18 @@ class Journal:
             if reported:  # else the commit failed: the refusals stay counted for the next try
                 self._refused -= count
                 self._refused_bytes -= nbytes
-        if not (housekeeping or over or grown):
+        if self.disk_low:
+            # SQLite checkpoints only once the WAL holds 1000 pages (4 MiB more disk); on a low disk, checkpoint
+            # now, so the next commit writes the WAL from its start again, in blocks the file already has.
+            await loop.run_in_executor(self._writer, self._checkpoint)
+        if not (housekeeping or over or grown or self.disk_low):
             return
         for _ in range(100_000):  # bounded: each step evicts a chunk or stops
             step = await loop.run_in_executor(self._writer, self._plan_eviction, housekeeping)
             if step is None:
                 break
             progress = self._progress
-            await self._commit_once(loop, step)
+            await self._commit_once(loop, step, intake=not self.disk_low)
             if self._progress == progress:
                 break  # nothing removed (or the commit failed): try again later
             if self._queue:
@@ -1015,6 +1289,14 @@ class Journal:
                 step = self._ttl_step(CLASSES.index(name), text)
                 if step is not None:
                     return step
+        if self.disk_low:
+            # Low disk: events HQ already has go first, to make room (pages freed inside the file are reused by
+            # the next commits, so the file stops growing). Nothing undelivered is touched here.
+            for victim in eviction_order(self.state, False):
+                if self._has_rows(victim.cls, True):
+                    return functools.partial(
+                        self._evict, victim.cls, True, "disk_low", None, self._outbox.min_free_bytes
+                    )
         cls = self._over_class_budget()
         if cls is not None:
             budget_bytes = self._outbox.classes[CLASSES[cls]].max_bytes
@@ -1023,7 +1305,7 @@ class Journal:
             return functools.partial(
                 self._evict, cls, delivered, "class_budget", int(budget_bytes * BUDGET_HEADROOM), None
             )
-        limit = self._outbox.max_bytes
+        limit = self.max_bytes
         used = self._used_bytes()
         if used > limit or (self._overall_evicting and used > limit * BUDGET_HEADROOM):
             self._overall_evicting = True
@@ -1108,7 +1390,7 @@ class Journal:
         would find fresh telemetry every time and never reach ``state`` while the journal grows past its cap."""
         drafts: list[Draft] = []
         left = EVICT_CHUNK
-        limit = self._outbox.max_bytes * BUDGET_HEADROOM
+        limit = self.max_bytes * BUDGET_HEADROOM
         for victim in eviction_order(work, undelivered):
             if free_bytes <= 0 or left <= 0:
                 break
@@ -1266,8 +1548,14 @@ class Journal:
         return await loop.run_in_executor(self._reader, lambda: rconn.execute(sql, params).fetchall())
 
 
+class IntakeReserveError(sqlite3.OperationalError):
+    """Intake would take the disk space kept for acknowledgements and pruning: handled like SQLITE_FULL."""
+
+
 def _disk_full(err: sqlite3.Error) -> bool:
     """SQLITE_FULL, or the I/O error SQLite reports when it cannot even create its -wal/-shm files."""
+    if isinstance(err, IntakeReserveError):
+        return True
     code = getattr(err, "sqlite_errorcode", None)
     return code == sqlite3.SQLITE_FULL or (code is not None and code & 0xFF == sqlite3.SQLITE_IOERR)
 

@@ -27,8 +27,9 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -89,6 +90,14 @@ def probe(path: Path, busy_timeout_s: float = 5.0) -> str | None:
         if _is_damage(err):
             return str(err)
         raise
+
+
+def is_blank(path: Path) -> bool:
+    """A journal file of zero bytes with no WAL frames: SQLite would open it as an empty database."""
+    try:
+        return path.stat().st_size == 0 and not _has_wal_frames(path)
+    except FileNotFoundError:
+        return False
 
 
 def _has_wal_frames(path: Path) -> bool:
@@ -413,3 +422,301 @@ def corrupt_alert(
     }
     AlertRaised.model_validate(payload)
     return payload
+
+
+def missing_alert(
+    path: Path, reserved_through: int, start_seq: int, *, forced: bool = False
+) -> dict[str, Any]:
+    """The ``alert.raised`` payload for a journal that was gone at start (deleted, a wiped card, a restore that
+    missed it). HQ's acknowledgements went with it, so every seq up to the reservation may be lost:
+    ``details.possibly_lost`` is ``[1, reserved_through]`` (null when nothing was reserved: ``--new-journal``
+    on a data directory that lost its reservation too, where the old seqs cannot be known)."""
+    if forced:
+        message = (
+            f"journal {path.name} and its seq reservation {SEQ_FILE} were both missing; started a new journal "
+            f"at seq {start_seq} as asked (--new-journal): HQ may refuse seqs it has seen before"
+        )
+    else:
+        message = (
+            f"journal {path.name} was missing; a fresh journal starts at seq {start_seq}, above the seq "
+            f"reservation {SEQ_FILE} ({reserved_through})"
+        )
+    payload: dict[str, Any] = {
+        "rule": "journal.missing",
+        "severity": "critical",
+        "subject": _printable(path.name)[:64] or "journal",
+        "message": message[:500],
+        "details": {
+            "reserved_through": reserved_through,
+            "possibly_lost": [1, reserved_through] if reserved_through >= 1 else None,
+        },
+    }
+    AlertRaised.model_validate(payload)
+    return payload
+
+
+def move_orphans_aside(path: Path, now: datetime | None = None) -> list[Path]:
+    """A ``-wal``/``-shm``/``-journal`` left without its main file belongs to a journal that is gone: SQLite
+    would replay such a WAL into the fresh database. Rename each to ``<name>.orphan-<UTC time><suffix>``."""
+    when = (now or datetime.now(UTC)).astimezone(UTC)
+    moved: list[Path] = []
+    for suffix in SIDECARS:
+        source = _sidecar(path, suffix)
+        if not source.exists():
+            continue
+        target = path.with_name(f"{path.name}.orphan-{when:%Y%m%dT%H%M%SZ}{suffix}")
+        counter = 1
+        while target.exists():
+            counter += 1
+            target = path.with_name(f"{path.name}.orphan-{when:%Y%m%dT%H%M%SZ}.{counter}{suffix}")
+        os.rename(source, target)
+        moved.append(target)
+    if moved:
+        fsync_dir(path.parent)
+        _LOGGER.warning("moved %s, left without their journal, aside", ", ".join(p.name for p in moved))
+    return moved
+
+
+# --- one gateway per data directory ---------------------------------------------------------------
+
+LOCK_FILE: Final = "gateway.lock"
+"""Held (``flock``) by the running gateway; its existence also marks a data directory that was used before."""
+
+
+class DataDirBusyError(Exception):
+    """Another process holds the data directory's lock."""
+
+
+class DataDirLock:
+    """An exclusive ``flock`` on ``<data_dir>/gateway.lock`` for the life of the process.
+
+    Two gateways on one data directory would both hand out seqs from the same journal and fail with
+    ``UNIQUE constraint failed: events.seq`` (or worse, interleave). ``flock`` is released by the kernel when the
+    holder dies, SIGKILL included, so a stale lock file never blocks a restart. The file is never deleted: its
+    presence tells a data directory that was used before from a first start (docs/OUTBOX.md, "Lost journal").
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / LOCK_FILE
+        self.existed = False
+        """The lock file was there before this process: the data directory was used before."""
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`DataDirBusyError` naming the holder's pid."""
+        import fcntl  # POSIX only; imported here so the module still imports elsewhere (tests of probe)
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.existed = self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise DataDirBusyError(
+                f"another store-gateway is using {self.path.parent} (pid {holder}); lock file {self.path}"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if not self.existed:
+            fsync_dir(self.path.parent)  # the first-start marker must survive a power cut
+        self._fd = fd
+
+    def release(self) -> None:
+        """Unlock (the file stays: it marks the directory as used)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# --- corruption found at run time -----------------------------------------------------------------
+
+DAMAGE_MARK: Final = "journal.damaged"
+"""Written when the running gateway finds the journal damaged; the next start moves the journal aside even if
+:func:`probe` (which reads only the tail) finds nothing wrong."""
+SALVAGE_CHUNK: Final = 500
+"""Rows copied per step from a damaged journal: memory stays bounded however long the outage was."""
+SALVAGE_MAX_LOOKUPS: Final = 2_000_000
+"""Seq-by-seq reads past damaged pages, at most (a damaged interior page hides a whole subtree)."""
+MAX_RANGES: Final = 2000
+"""Seq ranges listed in an alert, at most (the rest are summarised by the count)."""
+
+SalvagedRow = tuple[int, str, str, str | None, str, str | None, bytes, int]
+
+
+def is_damage(err: sqlite3.Error) -> bool:
+    """SQLite says the file is damaged (CORRUPT, NOTADB, a read error): not locked, full or forbidden."""
+    return isinstance(err, sqlite3.DatabaseError) and _is_damage(err)
+
+
+def mark_damaged(path: Path, reason: str) -> None:
+    """Leave the reason next to the journal for the next start; best effort (the disk may be failing too)."""
+    mark = path.with_name(DAMAGE_MARK)
+    try:
+        mark.write_text(json.dumps({"reason": reason[:500], "at": datetime.now(UTC).isoformat()}) + "\n")
+        fd = os.open(mark, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(path.parent)
+    except OSError as err:
+        _LOGGER.error("cannot write %s: %s", mark, err)
+
+
+def read_damage_mark(path: Path) -> str | None:
+    """The reason the running gateway left in ``journal.damaged``, or None if there is no mark."""
+    mark = path.with_name(DAMAGE_MARK)
+    try:
+        raw = mark.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        return f"damage mark unreadable: {err}"
+    try:
+        reason = json.loads(raw)["reason"]
+    except (ValueError, KeyError, TypeError):
+        reason = None
+    return str(reason) if reason else "damage found while running"
+
+
+def clear_damage_mark(path: Path) -> None:
+    path.with_name(DAMAGE_MARK).unlink(missing_ok=True)
+
+
+def quick_check(path: Path) -> str | None:
+    """``PRAGMA quick_check`` on a separate read-only connection: None if the journal is sound, else the first
+    problem SQLite reports. O(size) but no index cross-check: seconds on a large journal, so run it off the event
+    loop and rarely. Raises ``sqlite3.Error``/``OSError`` for anything that is not damage (locked, missing)."""
+    uri = path.absolute().as_uri() + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
+        with closing(conn):
+            conn.execute(f"PRAGMA cache_size=-{256}")
+            rows = conn.execute("PRAGMA quick_check(1)").fetchall()
+    except sqlite3.DatabaseError as err:
+        if _is_damage(err):
+            return str(err)
+        raise
+    if rows == [("ok",)]:
+        return None
+    return str(rows[0][0] if rows else "quick_check returned nothing")[:300]
+
+
+def salvage_watermarks(path: Path) -> dict[int, int]:
+    """Per class, the delivered watermark of the damaged journal (``outbox_state``), if readable."""
+    try:
+        with _open_readonly(path, 0.5) as conn:
+            rows = conn.execute("SELECT cls, delivered_seq FROM outbox_state").fetchall()
+    except (sqlite3.Error, OSError) as err:
+        _LOGGER.debug("salvage of the watermarks from %s failed: %s", path.name, err)
+        return {}
+    return {int(c): int(s) for c, s in rows if _is_seq(c) and _is_seq(s)}
+
+
+@dataclass(slots=True)
+class Salvage:
+    """What :func:`salvage_events` read from a damaged journal."""
+
+    copied: list[tuple[int, int]] = field(default_factory=list)
+    """Seq ranges copied into the fresh journal."""
+    unreadable: list[tuple[int, int]] = field(default_factory=list)
+    """Seq ranges on damaged pages: those events, if they existed, could not be read."""
+    last_seq: int = 0
+    """The highest seq read."""
+    count: int = 0
+
+
+def _add(runs: list[tuple[int, int]], seq: int) -> None:
+    if runs and runs[-1][1] == seq - 1:
+        runs[-1] = (runs[-1][0], seq)
+    else:
+        runs.append((seq, seq))
+
+
+_SALVAGE_COLUMNS: Final = "seq, id, kind, device_id, recorded_at, dedup_key, body, cls"
+
+
+def salvage_events(
+    path: Path,
+    after: int,
+    through: int,
+    keep: Callable[[SalvagedRow], bool],
+    sink: Callable[[list[SalvagedRow]], None],
+) -> Salvage:
+    """Copy the readable events with seq > ``after`` of a damaged journal, in chunks, to ``sink`` (those ``keep``
+    accepts: the undelivered ones); note the seqs up to ``through`` that sit on damaged pages.
+
+    The events table is a b-tree on seq, so a scan stops at a damaged page; the scan then reads seq by seq until
+    a row reads again (a damaged leaf holds a run of consecutive seqs) and resumes. Best effort: a journal that
+    cannot be opened at all gives an empty result and ``unreadable`` = ``[after+1, through]``.
+    """
+    result = Salvage()
+    chunk: list[SalvagedRow] = []
+
+    def take(row: SalvagedRow) -> None:
+        result.last_seq = max(result.last_seq, row[0])
+        if keep(row):
+            chunk.append(row)
+            result.count += 1
+            _add(result.copied, row[0])
+            if len(chunk) >= SALVAGE_CHUNK:
+                sink(chunk[:])
+                chunk.clear()
+
+    try:
+        with _open_readonly(path, 0.5) as conn:
+            cur = after
+            lookups = 0
+            while True:
+                try:
+                    for row in conn.execute(
+                        f"SELECT {_SALVAGE_COLUMNS} FROM events WHERE seq > ? ORDER BY seq",  # noqa: S608
+                        (cur,),
+                    ):
+                        take(row)
+                        cur = row[0]
+                    break  # the scan reached the end
+                except sqlite3.DatabaseError as err:
+                    if not _is_damage(err):
+                        raise
+                # Step over the damaged pages one seq at a time.
+                resumed = False
+                while cur < through and lookups < SALVAGE_MAX_LOOKUPS:
+                    cur += 1
+                    lookups += 1
+                    try:
+                        row = conn.execute(
+                            f"SELECT {_SALVAGE_COLUMNS} FROM events WHERE seq = ?",  # noqa: S608
+                            (cur,),
+                        ).fetchone()
+                    except sqlite3.DatabaseError as err:
+                        if not _is_damage(err):
+                            raise
+                        _add(result.unreadable, cur)
+                        continue
+                    if row is not None:
+                        take(row)
+                        resumed = True
+                        break
+                if not resumed:
+                    if cur < through:
+                        result.unreadable.append((cur + 1, through))
+                    break
+    except (sqlite3.Error, OSError) as err:
+        _LOGGER.error("salvage from %s stopped: %s", path.name, err)
+        start = max(after, result.last_seq) + 1
+        if start <= through:
+            result.unreadable.append((start, through))
+    if chunk:
+        sink(chunk)
+    return result
+
+
+def ranges_for_alert(runs: list[tuple[int, int]]) -> list[list[int]]:
+    """Runs as JSON lists, at most MAX_RANGES (the alert's size stays bounded)."""
+    return [[a, b] for a, b in runs[:MAX_RANGES]]

@@ -23,13 +23,17 @@ from gateway import __version__
 from gateway.clock import ClockState
 from gateway.clock_watch import ClockWatcher
 from gateway.config import GatewayConfig
-from gateway.journal import Draft, Journal
+from gateway.journal import STALL_S, Draft, Journal, JournalCorruptError, JournalError
 from gateway.logs import register_secret
 from gateway.metrics import Metrics
+from gateway.recovery import DataDirBusyError, DataDirLock
 from rules.stock import StockLedger
 
 _LOGGER = logging.getLogger(__name__)
 
+EXIT_JOURNAL_CORRUPT: Final = 3
+"""Exit code after the journal was found damaged while running: the supervisor restarts the gateway, and the
+start-up path moves the file aside, salvages it and goes on (docs/OUTBOX.md, "Corrupt journal")."""
 SHUTDOWN_DRAIN_S: Final = 3.0
 SHUTDOWN_FLUSH_S: Final = 10.0
 """How long a clean shutdown waits for the journal to commit what is in hand."""
@@ -43,8 +47,11 @@ def journal_path(data_dir: Path) -> Path:
 class Gateway:
     """One running gateway. ``run(stop)`` returns after ``stop`` is set and the shutdown is complete."""
 
-    def __init__(self, config: GatewayConfig, config_hash: str | None = None) -> None:
+    def __init__(
+        self, config: GatewayConfig, config_hash: str | None = None, *, new_journal: bool = False
+    ) -> None:
         self.config = config
+        self.lock = DataDirLock(config.data_dir)
         self.config_hash = config_hash
         self.metrics = Metrics()
         self.clock = ClockState()
@@ -58,6 +65,7 @@ class Gateway:
             clock=self.clock,
             outbox=config.outbox,
         )
+        self.journal.new_journal = new_journal
         self.devices = DeviceRegistry(self.journal.submit)
         self.drivers_ctx = DriverContext(self.journal, self.metrics, self.devices, config)
         self.intakes: list[Driver] = [d.create(self.drivers_ctx) for d in config.drivers]
@@ -89,8 +97,16 @@ class Gateway:
         # health check says so). A missing BLE adapter, an unplugged bus or a silent controller is a device
         # problem, not the gateway's: restarting it would not help. Those are reported, with status "ok".
         ok = all(drivers[c.name] for c in self.config.drivers if c.type == "mqtt")
+        # A journal that cannot commit acknowledges nothing: every till waits. A blip (a busy SD card) is not
+        # worth a 503; STALL_S of failures is.
+        stall = self.journal.stall
+        reason = None
+        if stall is not None and (stall[1] >= STALL_S or stall[0] == "journal_corrupt"):
+            reason = stall[0]
         return {
-            "status": "ok" if ok else "degraded",
+            "status": "ok" if ok and reason is None else "degraded",
+            "reason": reason,
+            "journal_failing_s": None if stall is None else round(stall[1], 1),
             "version": __version__,
             "store_id": self.config.store.id,
             "gateway_id": self.config.gateway_id,
@@ -123,6 +139,30 @@ class Gateway:
         return Draft("gateway.status", None, orjson.dumps(data))
 
     async def run(self, stop: asyncio.Event) -> None:
+        try:
+            self.lock.acquire()
+        except DataDirBusyError as err:
+            raise JournalError(str(err)) from err
+        except OSError as err:
+            raise JournalError(f"cannot lock the data directory {self.config.data_dir}: {err}") from err
+        try:
+            await self._run_locked(stop)
+        except BaseExceptionGroup as group:
+            corrupt, rest = group.split(JournalCorruptError)
+            if corrupt is None or rest is not None:
+                raise
+            # Replacing the database under the uplink, the drivers and the stock ledger in this process would
+            # touch every component's state; a restart runs the one tested replacement path instead. Nothing
+            # uncommitted was acknowledged, so the devices' broker redelivers it to the next process.
+            _LOGGER.critical(
+                "journal damaged while running: exiting with code %d to be restarted", EXIT_JOURNAL_CORRUPT
+            )
+            raise SystemExit(EXIT_JOURNAL_CORRUPT) from group
+        finally:
+            self.lock.release()
+
+    async def _run_locked(self, stop: asyncio.Event) -> None:
+        self.journal.used_before = self.lock.existed
         await self.journal.open()
         _LOGGER.info(
             "journal %s: last seq %d, delivered to HQ up to %d",
@@ -139,6 +179,7 @@ class Gateway:
                 writer = tg.create_task(self.journal.run(), name="journal-writer")
                 uplink = tg.create_task(self.uplink.run(), name="uplink")
                 downlink = tg.create_task(self.downlink.run(), name="downlink")
+                integrity = tg.create_task(self.journal.watch_integrity(), name="journal-integrity")
                 clock = tg.create_task(
                     ClockWatcher(self.clock, self.journal.submit).run(), name="clock-watch"
                 )
@@ -168,6 +209,7 @@ class Gateway:
                 self.uplink.stopping = True
                 uplink.cancel()
                 clock.cancel()
+                integrity.cancel()
                 if api is not None:
                     api.cancel()
                 writer.cancel()

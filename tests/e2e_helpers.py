@@ -579,13 +579,13 @@ EXPLAINING_KINDS: Final = ("outbox.evicted", "alert.raised")
 
 def explained_runs(events: Iterable[Mapping[str, Any]]) -> list[Run]:
     """The seqs a gateway told HQ it will never deliver: the ``ranges`` of its ``outbox.evicted`` events and
-    the ``possibly_lost`` of its ``journal.corrupt`` alerts (docs/OUTBOX.md), merged."""
+    the ``possibly_lost`` of its ``journal.corrupt`` and ``journal.missing`` alerts (docs/OUTBOX.md), merged."""
     runs: list[Sequence[int]] = []
     for event in events:
         data = event["data"]
         if event["kind"] == "outbox.evicted":
             runs += data["ranges"]
-        elif event["kind"] == "alert.raised" and data.get("rule") == "journal.corrupt":
+        elif event["kind"] == "alert.raised" and data.get("rule") in ("journal.corrupt", "journal.missing"):
             lost = data["details"]["possibly_lost"]
             runs += [] if lost is None else [lost]
     return merge_runs(runs)

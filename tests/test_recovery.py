@@ -3,6 +3,8 @@ locked file, a healthy multi-MB journal), move aside, salvage, the seq reservati
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -16,12 +18,19 @@ import pytest
 
 from gateway import journal as journal_module
 from gateway.events import AlertRaised
+from gateway.journal import JournalCorruptError, JournalError
 from gateway.recovery import (
+    DAMAGE_MARK,
+    LOCK_FILE,
     SEQ_FILE,
+    DataDirBusyError,
+    DataDirLock,
     SeqReservation,
     corrupt_alert,
+    mark_damaged,
     move_aside,
     probe,
+    read_damage_mark,
     salvage_delivered,
     salvage_last_seq,
 )
@@ -382,3 +391,199 @@ def test_the_alert_names_the_file_and_the_seqs_possibly_lost(tmp_path: Path) -> 
     assert corrupt_alert(path, moved, "x", None, 1)["details"]["possibly_lost"] is None
     odd = corrupt_alert(tmp_path / "j\x01.db", moved, "r" * 2000, None, 5)
     assert AlertRaised.model_validate(odd).subject == "j?.db"
+
+
+# --- a lost journal, and one gateway per data directory ------------------------------------------------
+
+
+async def _commit_sales(tmp_path: Path, count: int) -> int:
+    journal = new_journal(tmp_path)
+    async with running(journal):
+        for n in range(count):
+            assert journal.submit(pos_draft(f"R{n}", [("SKU-1", "1")]))
+    return journal.last_seq
+
+
+def _delete_journal_files(directory: Path) -> None:
+    for name in ("journal.db", "journal.db-wal", "journal.db-shm"):
+        (directory / name).unlink(missing_ok=True)
+
+
+async def test_a_missing_journal_starts_above_the_reservation_with_an_alert(tmp_path: Path) -> None:
+    last = await _commit_sales(tmp_path, 5)
+    reserved = SeqReservation(tmp_path).load()
+    assert reserved > last
+    _delete_journal_files(tmp_path)
+    fresh = new_journal(tmp_path)
+    async with running(fresh):
+        assert fresh.last_seq == reserved
+        assert fresh.replaced is not None
+        AlertRaised.model_validate(fresh.replaced)
+        assert fresh.replaced["rule"] == "journal.missing"
+        assert fresh.replaced["severity"] == "critical"
+        assert fresh.replaced["details"]["possibly_lost"] == [1, reserved]
+        assert fresh.submit(pos_draft("R-new", [("SKU-1", "1")]))
+    assert fresh.last_seq == reserved + 1
+    # The next start is an ordinary one: the fresh journal remembers where it is.
+    again = new_journal(tmp_path)
+    async with running(again):
+        assert again.replaced is None
+        assert again.last_seq == reserved + 1
+
+
+async def test_a_journal_emptied_to_zero_bytes_counts_as_missing(tmp_path: Path) -> None:
+    await _commit_sales(tmp_path, 3)
+    reserved = SeqReservation(tmp_path).load()
+    _delete_journal_files(tmp_path)
+    (tmp_path / "journal.db").write_bytes(b"")
+    fresh = new_journal(tmp_path)
+    async with running(fresh):
+        assert fresh.replaced is not None
+        assert fresh.replaced["rule"] == "journal.missing"
+        assert fresh.last_seq == reserved
+    assert any(name.startswith("journal.db.corrupt-") for name in names(tmp_path))
+
+
+async def test_a_wal_left_without_its_journal_is_moved_aside_not_replayed(tmp_path: Path) -> None:
+    await _commit_sales(tmp_path, 3)
+    (tmp_path / "journal.db").unlink()
+    (tmp_path / "journal.db-wal").write_bytes(b"\x37\x7f\x06\x82" + bytes(4096))
+    fresh = new_journal(tmp_path)
+    async with running(fresh):
+        assert fresh.replaced is not None
+    assert any(".orphan-" in name and name.endswith("-wal") for name in names(tmp_path))
+    assert probe(fresh.path) is None
+
+
+async def test_a_journal_lost_with_its_reservation_is_refused_in_a_used_data_dir(tmp_path: Path) -> None:
+    await _commit_sales(tmp_path, 3)
+    _delete_journal_files(tmp_path)
+    (tmp_path / SEQ_FILE).unlink()
+    refused = new_journal(tmp_path)
+    refused.used_before = True
+    with pytest.raises(JournalError, match=r"both missing .* --new-journal"):
+        await refused.open()
+    await refused.close()
+    assert not (tmp_path / "journal.db").exists()
+
+    forced = new_journal(tmp_path)
+    forced.used_before = True
+    forced.new_journal = True
+    async with running(forced):
+        assert forced.replaced is not None
+        assert forced.replaced["rule"] == "journal.missing"
+        assert forced.replaced["details"]["possibly_lost"] is None
+    # A first start (the runtime found no lock file) needs no flag.
+    first = new_journal(tmp_path / "new")
+    async with running(first):
+        assert first.replaced is None
+        assert first.last_seq == 0
+
+
+def test_the_data_dir_lock_is_exclusive_and_marks_a_used_directory(tmp_path: Path) -> None:
+    first = DataDirLock(tmp_path / "data")
+    first.acquire()
+    assert not first.existed
+    assert (tmp_path / "data" / LOCK_FILE).read_text().strip() == str(os.getpid())
+    second = DataDirLock(tmp_path / "data")
+    with pytest.raises(
+        DataDirBusyError, match=rf"another store-gateway is using .*data \(pid {os.getpid()}\)"
+    ):
+        second.acquire()
+    first.release()
+    second.acquire()
+    assert second.existed
+    second.release()
+
+
+# --- corruption found at run time -------------------------------------------------------------------------
+
+
+def _garble_page(db: Path, pageno: int) -> None:
+    with open_journal_db(db) as conn:
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+    with db.open("r+b") as fh:
+        fh.seek((pageno - 1) * page_size)
+        fh.write(b"\xa5" * page_size)
+
+
+def _middle_events_leaf(db: Path) -> int:
+    with open_journal_db(db) as conn:
+        leaves = [
+            r[0] for r in conn.execute("SELECT pageno FROM dbstat WHERE name='events' AND pagetype='leaf'")
+        ]
+    assert len(leaves) > 4
+    return int(sorted(leaves)[len(leaves) // 2])
+
+
+async def test_a_journal_damaged_while_running_is_salvaged_at_the_next_start(tmp_path: Path) -> None:
+    """A leaf of the events table is garbage: the next start moves the file aside, copies every readable
+    undelivered event (same seq, id and dedup key) and lists exactly the seqs it could not read."""
+    journal = new_journal(tmp_path)
+    async with running(journal):
+        for n in range(300):
+            assert journal.submit(pos_draft(f"R{n}", [("SKU-1", "1")]))
+    with open_journal_db(journal.path) as conn:
+        before = {int(s): (i, k) for s, i, k in conn.execute("SELECT seq, id, dedup_key FROM events")}
+    _garble_page(journal.path, _middle_events_leaf(journal.path))
+    mark_damaged(journal.path, "database disk image is malformed")
+
+    fresh = new_journal(tmp_path)
+    async with running(fresh):
+        alert = fresh.replaced
+        assert alert is not None
+        AlertRaised.model_validate(alert)
+        assert alert["rule"] == "journal.corrupt"
+        assert fresh.backlog == alert["details"]["salvaged"]
+        # Redeliveries of salvaged sales are still recognised.
+        assert fresh.submit(pos_draft("R1", [("SKU-1", "1")]))
+    assert not (tmp_path / DAMAGE_MARK).exists()
+    with open_journal_db(fresh.path) as conn:
+        after = {
+            int(s): (i, k)
+            for s, i, k in conn.execute(
+                "SELECT seq, id, dedup_key FROM events WHERE seq < ?", (fresh.seq_floor + 1,)
+            )
+        }
+    unreadable = {s for a, b in alert["details"]["unreadable_seqs"] for s in range(a, b + 1)}
+    assert unreadable, "a whole leaf of events was garbage"
+    assert unreadable <= set(before)
+    assert after == {s: v for s, v in before.items() if s not in unreadable}
+    assert alert["details"]["salvaged"] == len(after)
+    assert alert["details"]["possibly_lost"][0] == min(unreadable)
+    assert fresh.last_seq > max(before)
+
+
+async def test_the_integrity_check_finds_a_damaged_page_and_the_journal_stops_acknowledging(
+    tmp_path: Path,
+) -> None:
+    journal = new_journal(tmp_path)
+    await journal.open()
+    writer = asyncio.create_task(journal.run(), name="journal-writer-under-test")
+    try:
+        for n in range(300):
+            assert journal.submit(pos_draft(f"R{n}", [("SKU-1", "1")]))
+        async with asyncio.timeout(20):
+            await journal.flush()
+        with open_journal_db(journal.path) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        _garble_page(journal.path, _middle_events_leaf(journal.path))
+        journal.quick_check_interval_s = 0.01
+        watch = asyncio.create_task(journal.watch_integrity(), name="journal-integrity-under-test")
+        async with asyncio.timeout(20):
+            await watch
+        assert journal.corrupt is not None
+        assert journal.stall is not None
+        assert journal.stall[0] == "journal_corrupt"
+        acked: list[bool] = []
+        journal.submit(pos_draft("R-late", [("SKU-1", "1")], ack=lambda: acked.append(True)))
+        with pytest.raises(JournalCorruptError):
+            async with asyncio.timeout(20):
+                await writer
+        assert acked == [], "nothing is acknowledged once the journal is known damaged"
+        assert read_damage_mark(journal.path) is not None
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, JournalCorruptError):
+            await writer
+        await journal.close()
