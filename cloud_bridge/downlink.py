@@ -227,6 +227,7 @@ class Downlink:
         the command's bounds (ranges, seqs) bound what is queued."""
         resent: list[list[int]] = []
         missing: list[list[int]] = []
+        busy: list[list[int]] = []
         for first, last in args.merged:
             try:
                 answer = await self._resend(first, last)
@@ -234,7 +235,11 @@ class Downlink:
                 raise CommandError("invalid_args", str(err)[:300]) from err
             resent += answer.get("resent", [])
             missing += answer.get("missing", [])
-        return {"resent": _joined(resent), "missing": _joined(missing)}
+            busy += answer.get("busy", [])
+        result = {"resent": _joined(resent), "missing": _joined(missing)}
+        if busy:
+            result["busy"] = _joined(busy)  # already queued in full: not queued again, HQ may ask later
+        return result
 
     def _ping(self) -> dict[str, Any]:
         status = self._status()

@@ -366,8 +366,8 @@ class HqReceiver:
 
     async def _resend_loop(self, stop: asyncio.Event, interval: float) -> None:
         """Ask every gateway with lost seqs for them, quiet gateways included; a gateway is asked at most once
-        per ``interval``, with one command carrying up to MAX_RESEND_RANGES ranges (its lowest lost ones),
-        which expires after ``interval``: at most about one waits in the session of a gateway that is away."""
+        per ``interval`` (once an hour when it has been quiet a while: it may be away, and what is asked waits
+        in its session), with one command carrying up to MAX_RESEND_RANGES ranges (its lowest lost ones)."""
         loop = asyncio.get_running_loop()
         per_round = self._resend_ranges if self._resend_ranges > 1 else MAX_RESEND_COMMANDS
         # Without MQTT 5 a command cannot expire: one to a gateway that is away would wait in its session with

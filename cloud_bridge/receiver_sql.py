@@ -1176,12 +1176,18 @@ class SqlReceiverStore:
         now = now or datetime.now(UTC)
         now_ms = int(now.timestamp() * 1000)
         due = now_ms - int(interval_s * 1000)
+        # A gateway not heard from for QUIET_AFTER_S may be away: its commands wait in its session at the broker
+        # (mosquitto keeps even expired ones queued until it reconnects, counted against its queue limit), so
+        # it is asked again only every QUIET_RESEND_S, not every interval.
+        quiet_due = now_ms - int(max(interval_s, QUIET_RESEND_S) * 1000)
+        heard_since = self._time_param(now - timedelta(seconds=max(interval_s, QUIET_AFTER_S)))
         sql = (
             f"SELECT {_GATEWAY_ROW} FROM gateways"  # noqa: S608 - constants
-            " WHERE complete_through > 0 AND (resend_at_ms IS NULL OR resend_at_ms <= ?)"
+            " WHERE complete_through > 0 AND (resend_at_ms IS NULL OR resend_at_ms <= ?"
+            " OR (resend_at_ms <= ? AND last_received_at >= ?))"
             " AND (events < max_seq OR events < complete_through)"
         )
-        params: list[Any] = [due]
+        params: list[Any] = [quiet_due, due, heard_since]
         if online_s is not None:
             sql += " AND last_received_at >= ?"
             params.append(self._time_param(now - timedelta(seconds=online_s)))
@@ -1206,6 +1212,13 @@ class SqlReceiverStore:
                 if cur.rowcount == 1:
                     out.append(ResendRequest(*gw.key, ranges))
         return out
+
+
+QUIET_AFTER_S: Final = 300.0
+"""A gateway whose last batch is older than this (or than the resend interval) counts as quiet."""
+QUIET_RESEND_S: Final = 3600.0
+"""How often a gateway not heard from within the resend interval is asked again (at most 24 commands a day wait
+in an away gateway's session, far below a broker's queue limit)."""
 
 
 def take_ranges(ranges: Sequence[Range], max_ranges: int, max_seqs: int) -> list[Range]:

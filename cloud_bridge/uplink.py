@@ -19,7 +19,7 @@ import logging
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -183,10 +183,26 @@ class Uplink:
         present = [row[0] for row in rows]
         have = set(present)
         missing = [seq for seq in range(first, last + 1) if seq not in have]
+        answer: dict[str, list[list[int]]] = {"resent": seq_ranges(present), "missing": seq_ranges(missing)}
         if present:
-            self._resends.append([present[0], present[-1]])
+            # HQ asks again while an earlier resend is still on its way: queue only what is not queued yet, and
+            # never more than MAX_RESEND_SEQS seqs in all (the rest is answered "busy": HQ asks again later).
+            queued = sum(b - a + 1 for a, b in self._resends)
+            busy: list[list[int]] = []
+            for a, b in uncovered(present[0], present[-1], self._resends):
+                room = MAX_RESEND_SEQS - queued
+                if room <= 0:
+                    busy.append([a, b])
+                    continue
+                take = min(b, a + room - 1)
+                self._resends.append([a, take])
+                queued += take - a + 1
+                if take < b:
+                    busy.append([take + 1, b])
+            if busy:
+                answer["busy"] = busy
             self._wake.set()
-        return {"resent": seq_ranges(present), "missing": seq_ranges(missing)}
+        return answer
 
     # --- delivery -----------------------------------------------------------------------------------
 
@@ -389,3 +405,20 @@ class Uplink:
                 await client.publish(
                     self._status_topic, status_payload("offline", self._config_hash, "shutdown"), retain=True
                 )
+
+
+def uncovered(first: int, last: int, spans: Iterable[Sequence[int]]) -> list[list[int]]:
+    """The parts of first..last (inclusive) that no span [a, b] in ``spans`` covers, in order."""
+    pieces = [[first, last]]
+    for a, b in spans:
+        cut: list[list[int]] = []
+        for lo, hi in pieces:
+            if b < lo or a > hi:
+                cut.append([lo, hi])
+                continue
+            if lo < a:
+                cut.append([lo, a - 1])
+            if hi > b:
+                cut.append([b + 1, hi])
+        pieces = cut
+    return pieces

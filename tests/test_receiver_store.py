@@ -25,7 +25,7 @@ from cloud_bridge.receiver_model import (
 )
 from cloud_bridge.receiver_pg import PgReceiverStore
 from cloud_bridge.receiver_ranges import GapClasses
-from cloud_bridge.receiver_sql import SqlReceiverStore
+from cloud_bridge.receiver_sql import QUIET_RESEND_S, SqlReceiverStore
 from cloud_bridge.receiver_store import ReceiverStore
 from cloud_bridge.wire import decode_batch
 from gateway.events import uuid7
@@ -330,15 +330,20 @@ def test_a_missing_seq_is_lost_only_once_its_watermark_is_a_grace_period_old(
 
 
 def test_a_quiet_gateway_is_asked_to_resend_once_per_interval(store: SqlReceiverStore) -> None:
-    """A gateway that sends nothing new still has its lost seqs asked for (it would never heal otherwise),
-    but once per interval: with the command's expiry (the interval) at most about one waits in its session."""
+    """A gateway that sends nothing new still has its lost seqs asked for (it would never heal otherwise): at
+    once, then every interval while it was heard from lately, and only every QUIET_RESEND_S once it has been
+    quiet for QUIET_AFTER_S (it may be away: what HQ asks waits in its session at the broker)."""
     store.store_batch(S, G, batch(S, G, [1, 4], complete_through=3))
     heard = datetime.now(UTC)
-    (request_,) = store.claim_resends(30, 10, now=heard + timedelta(hours=5))
-    assert request_.ranges == [(2, 3)]
-    assert store.claim_resends(30, 10, now=heard + timedelta(hours=5, seconds=29)) == []
-    (again,) = store.claim_resends(30, 10, now=heard + timedelta(hours=5, seconds=31))
+    (first,) = store.claim_resends(30, 10, now=heard + timedelta(seconds=1))
+    assert first.ranges == [(2, 3)]
+    assert store.claim_resends(30, 10, now=heard + timedelta(seconds=30)) == []
+    (again,) = store.claim_resends(30, 10, now=heard + timedelta(seconds=32))
     assert again.ranges == [(2, 3)]
+    quiet = heard + timedelta(seconds=32)
+    assert store.claim_resends(30, 10, now=quiet + timedelta(seconds=QUIET_RESEND_S - 1)) == []
+    (late,) = store.claim_resends(30, 10, now=quiet + timedelta(seconds=QUIET_RESEND_S + 1))
+    assert late.ranges == [(2, 3)]
     # online_s keeps the old behaviour: only gateways heard from within it.
     assert store.claim_resends(0, 10, online_s=30, now=heard + timedelta(hours=6)) == []
 
