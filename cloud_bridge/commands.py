@@ -70,7 +70,8 @@ class StockAdjust(_Args):
         return self
 
 
-SeqNumber = Annotated[int, Field(ge=1, le=2**63 - 1)]
+SeqNumber = Annotated[int, Field(ge=1, le=2**63 - 1, strict=True)]
+"""A seq in a command: a JSON integer (not true, "3" or 3.0)."""
 SeqSpan = tuple[SeqNumber, SeqNumber]
 
 

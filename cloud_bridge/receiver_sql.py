@@ -1205,7 +1205,16 @@ class SqlReceiverStore:
                     lost = [] if fresh is None else self._classes(cur, fresh, now).lost
                 finally:
                     cur.execute("COMMIT")
-                ranges = take_ranges(lost, max_ranges, max_seqs)
+                if len(lost) > max_ranges or size(lost) > max_seqs:
+                    # More holes than one command carries: start each ask where the previous one stopped, so
+                    # low seqs the gateway no longer has (answered missing, never explained) cannot hide the
+                    # recoverable holes above them forever.
+                    (asked,) = self._rows(
+                        cur, "SELECT resend_commands FROM gateways WHERE store_id = ? AND gateway_id = ?", gw.key
+                    )[0]
+                    start = (int(asked or 0) * max_ranges) % len(lost)
+                    lost = [*lost[start:], *lost[:start]]
+                ranges = sorted(take_ranges(lost, max_ranges, max_seqs))
                 if not ranges:
                     continue
                 self._x(cur, _CLAIM_RESEND, (now_ms, 1, *gw.key, due))
