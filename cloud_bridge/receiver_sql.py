@@ -1210,7 +1210,9 @@ class SqlReceiverStore:
                     # low seqs the gateway no longer has (answered missing, never explained) cannot hide the
                     # recoverable holes above them forever.
                     (asked,) = self._rows(
-                        cur, "SELECT resend_commands FROM gateways WHERE store_id = ? AND gateway_id = ?", gw.key
+                        cur,
+                        "SELECT resend_commands FROM gateways WHERE store_id = ? AND gateway_id = ?",
+                        gw.key,
                     )[0]
                     start = (int(asked or 0) * max_ranges) % len(lost)
                     lost = [*lost[start:], *lost[:start]]
