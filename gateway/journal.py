@@ -364,14 +364,21 @@ class Journal:
             # is gone, so the file lost its contents. Kept aside for a technician, then treated as missing.
             move_aside(self.path)
             self._replace_missing()
-        if mark is not None:
-            clear_damage_mark(self.path)  # the damaged file is aside (or was gone): the mark did its job
         try:
             conn = connect(self.path, self._config.synchronous)
         except sqlite3.DatabaseError as err:
             raise JournalError(f"cannot open journal {self.path}: {err}") from err
         try:
             conn.executescript(SCHEMA)
+            if self.seq_floor:
+                # Durable before anything else is copied in: a crash during the salvage below must not leave a
+                # sound, empty journal that a restart would number from 1.
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)",
+                    (str(max(self.seq_floor, _meta_last_seq(conn))),),
+                )
+                if conn.in_transaction:
+                    conn.commit()
             self._migrate(conn)
             for proc in self._processors:
                 proc.setup(conn)
@@ -393,6 +400,10 @@ class Journal:
         except BaseException:
             conn.close()
             raise
+        if mark is not None:
+            # Only now: the damaged file is aside and what could be salvaged is committed. A crash before this
+            # line finds the mark again and moves this journal aside too, above every seq either may have used.
+            clear_damage_mark(self.path)
         self._conn = conn
         self._cap_to_disk()
         self._reservation.ensure(self.last_seq)
@@ -407,8 +418,11 @@ class Journal:
         except OSError:
             return
         free = st.f_bavail * st.f_frsize
-        room = self._used_bytes() + max(0, free - self._outbox.min_free_bytes)
-        safe = max(1024 * 1024, int(room * DISK_SHARE))
+        used = self._used_bytes()
+        room = used + max(0, free - self._outbox.min_free_bytes)
+        # Never below what is stored already: a cap under it would make the budget evict undelivered sales at
+        # every start on a full disk. It only stops further growth; pruning delivered events makes room.
+        safe = max(1024 * 1024, int(room * DISK_SHARE), used)
         if safe < self._outbox.max_bytes:
             _LOGGER.warning(
                 "outbox.max_bytes %d MiB is more than this disk can hold: capping the journal at %d MiB "
@@ -914,7 +928,8 @@ class Journal:
         """Every ``quick_check_interval_s``, run ``PRAGMA quick_check`` on its own read-only connection and
         thread: a damaged page deep in the file is found before a commit or the uplink trips on it."""
         loop = asyncio.get_running_loop()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-check") as pool:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-check")
+        try:
             while self.corrupt is None:
                 await asyncio.sleep(self.quick_check_interval_s)
                 try:
@@ -924,6 +939,10 @@ class Journal:
                     continue
                 if problem is not None:
                     self.declare_corrupt(f"quick_check: {problem}")
+        finally:
+            # Never wait here for a check still running (it may take minutes on a large journal): the event
+            # loop would stall with it. The thread ends with its check; its read-only connection is its own.
+            pool.shutdown(wait=False)
 
     def _publish(self, result: Committed) -> None:
         """Metrics, listeners and ``done`` callbacks, after COMMIT."""
@@ -1637,3 +1656,8 @@ def _merge(total: Committed | None, part: Committed | None) -> Committed | None:
     total.rejected += part.rejected
     total.classes |= part.classes
     return total
+
+
+def _meta_last_seq(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
+    return int(row[0]) if row else 0

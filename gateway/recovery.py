@@ -22,6 +22,7 @@ The intended start-up sequence (on the journal's writer thread)::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -501,24 +502,48 @@ class DataDirLock:
         self.existed = False
         """The lock file was there before this process: the data directory was used before."""
         self._fd: int | None = None
+        self._dir_fd: int | None = None
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`DataDirBusyError` naming the holder's pid."""
         import fcntl  # POSIX only; imported here so the module still imports elsewhere (tests of probe)
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The directory itself is locked too: deleting the lock file while a gateway runs must not let a second
+        # one in (it would lock a new file of the same name).
+        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(dir_fd)
+            holder = "unknown"
+            with contextlib.suppress(OSError):
+                holder = self.path.read_text(encoding="ascii", errors="replace").strip() or holder
+            raise DataDirBusyError(
+                f"another store-gateway is using {self.path.parent} (pid {holder}); lock file {self.path}"
+            ) from None
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        self._dir_fd = dir_fd
         self.existed = self.path.exists()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except BaseException:
+            self.release()
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
+            self.release()
             raise DataDirBusyError(
                 f"another store-gateway is using {self.path.parent} (pid {holder}); lock file {self.path}"
             ) from None
         except BaseException:
             os.close(fd)
+            self.release()
             raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -531,6 +556,9 @@ class DataDirLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
 
 # --- corruption found at run time -----------------------------------------------------------------

@@ -587,3 +587,76 @@ async def test_the_integrity_check_finds_a_damaged_page_and_the_journal_stops_ac
         with contextlib.suppress(asyncio.CancelledError, JournalCorruptError):
             await writer
         await journal.close()
+
+
+def test_deleting_the_lock_file_does_not_let_a_second_gateway_in(tmp_path: Path) -> None:
+    """The directory is locked too: a second lock, after someone deleted gateway.lock, is still refused."""
+    first = DataDirLock(tmp_path)
+    first.acquire()
+    try:
+        first.path.unlink()
+        second = DataDirLock(tmp_path)
+        with pytest.raises(DataDirBusyError, match="another store-gateway is using"):
+            second.acquire()
+    finally:
+        first.release()
+    third = DataDirLock(tmp_path)
+    third.acquire()  # released: free again
+    third.release()
+
+
+async def test_a_crash_during_the_salvage_never_lets_seqs_start_again_at_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Power lost while the salvage copies into the fresh journal (injected: the copy raises): the fresh file is
+    sound but may hold nothing yet. The next start must still number above every seq the old journal used."""
+    journal = new_journal(tmp_path)
+    async with running(journal):
+        for n in range(300):
+            assert journal.submit(pos_draft(f"R{n}", [("SKU-1", "1")]))
+    old_last = journal.last_seq
+    _garble_page(journal.path, _middle_events_leaf(journal.path))
+    mark_damaged(journal.path, "database disk image is malformed")
+
+    def power_cut(*_: object) -> None:
+        raise KeyboardInterrupt("power cut during the salvage")
+
+    monkeypatch.setattr(journal_module.Journal, "_salvage_into", power_cut)
+    with pytest.raises(KeyboardInterrupt):
+        await new_journal(tmp_path).open()
+    monkeypatch.undo()
+    assert (tmp_path / DAMAGE_MARK).exists(), "the mark stays until the salvage has committed"
+    again = new_journal(tmp_path)
+    async with running(again):
+        assert again.last_seq > old_last
+        assert again.submit(pos_draft("NEW", [("SKU-1", "1")]))
+        await again.flush()
+        assert again.last_seq > old_last + 1
+    assert not (tmp_path / DAMAGE_MARK).exists()
+
+
+async def test_a_start_on_a_full_disk_never_caps_the_journal_below_what_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk has no room left (statvfs says 0 bytes free, injected): the cap taken from the disk must not fall
+    under what the journal already stores, or the budget would evict undelivered sales at every restart."""
+    journal = new_journal(tmp_path)
+    async with running(journal):
+        for n in range(2000):
+            assert journal.submit(pos_draft(f"R{n}", [("SKU-1", "1")]))
+    real = os.statvfs
+
+    def no_room(path: object) -> os.statvfs_result:
+        st = real(path)  # type: ignore[arg-type]
+        return os.statvfs_result(
+            (st.f_bsize, st.f_frsize, st.f_blocks, 0, 0, st.f_files, 0, 0, 0, st.f_namemax)
+        )
+
+    monkeypatch.setattr(journal_module.os, "statvfs", no_room)
+    for _ in range(3):
+        again = new_journal(tmp_path)
+        async with running(again):
+            await again.flush()
+            assert again.max_bytes >= again._used_bytes()
+        with contextlib.closing(sqlite3.connect(again.path)) as db:
+            assert db.execute("SELECT count(*) FROM events WHERE kind='pos.sale'").fetchone() == (2000,)
