@@ -279,6 +279,8 @@ class GatewayProcess:
     env: Mapping[str, str] = field(default_factory=gateway_env)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    extra_args: list[str] = field(default_factory=list)
+    """More ``run`` options (``--new-journal``), used from the next ``start()``."""
     _log: IO[bytes] | None = None
 
     @property
@@ -294,10 +296,11 @@ class GatewayProcess:
             raise RuntimeError("the gateway is already running")
         self._close_log()
         self._log = self.log_path.open("ab")
-        self._log.write(f"\n===== start {self.starts + 1} =====\n".encode())
+        extra = f" {self.extra_args}" if self.extra_args else ""
+        self._log.write(f"\n===== start {self.starts + 1}{extra} =====\n".encode())
         self._log.flush()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "run", "--config", str(self.config_path)],
+            [sys.executable, "-m", "gateway.cli", "run", "--config", str(self.config_path), *self.extra_args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

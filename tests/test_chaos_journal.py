@@ -21,7 +21,6 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,31 +52,7 @@ RecordProperty = Callable[[str, object], None]
 SALES_PER_TERMINAL = 60
 
 
-@dataclass
-class FlaggedGatewayProcess(GatewayProcess):
-    """A :class:`GatewayProcess` started with extra ``run`` options (``--new-journal``)."""
-
-    extra_args: list[str] = field(default_factory=list)
-
-    def start(self) -> None:
-        if self.running:
-            raise RuntimeError("the gateway is already running")
-        self._close_log()
-        self._log = self.log_path.open("ab")
-        self._log.write(f"\n===== start {self.starts + 1} {self.extra_args} =====\n".encode())
-        self._log.flush()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "run", "--config", str(self.config_path), *self.extra_args],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=dict(self.env),
-            cwd=self.config_path.parent,
-        )
-        self.starts += 1
-
-
-def _gateway(tmp_path: Path, store: Mosquitto, hq: Mosquitto) -> FlaggedGatewayProcess:
+def _gateway(tmp_path: Path, store: Mosquitto, hq: Mosquitto) -> GatewayProcess:
     api_port = free_port()
     path = write_config(
         tmp_path / "store.yaml",
@@ -86,7 +61,7 @@ def _gateway(tmp_path: Path, store: Mosquitto, hq: Mosquitto) -> FlaggedGatewayP
         data_dir=tmp_path / "data",
         api_port=api_port,
     )
-    return FlaggedGatewayProcess(path, api_port, tmp_path / "gateway.log")
+    return GatewayProcess(path, api_port, tmp_path / "gateway.log")
 
 
 def _run_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
