@@ -10,7 +10,10 @@ a persistent session) into one PostgreSQL database. That is the default because 
 mosquitto; an MQTT shared subscription (``share_group``, ``$share/<group>/...``) does not there: mosquitto 2.0
 drops an absent member's shared subscription when it restarts (docs/HQ-RECEIVER.md, "HQ topology"). With
 ``resend_interval_s`` the receiver also asks gateways, quiet ones included, for lost seqs (multi-range
-``resend`` commands, docs/OUTBOX.md).
+``resend`` commands, docs/OUTBOX.md), and reads their answers: a gateway that refuses ``ranges`` (a release of
+before them) is asked one range per command from then on. The subscriptions it makes are recorded in its
+database, so a restart with other ``stores`` or share group unsubscribes what it no longer wants (a persistent
+session keeps its subscriptions).
 
 ``store-gateway hq-receiver`` runs :func:`receiver_main`; ``store-gateway hq-receiver receipt`` proves that a
 receipt reached HQ (:func:`receipt_main`).
@@ -28,6 +31,7 @@ import random
 import re
 import signal
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,6 +46,7 @@ from cloud_bridge import topics
 from cloud_bridge.commands import MAX_RESEND_RANGES
 from cloud_bridge.receiver_model import (
     LOST_GRACE_S,
+    SINGLE_RANGE_COMMANDS,
     BatchToStore,
     GatewaySummary,
     ReceiverBackend,
@@ -77,9 +82,13 @@ MAX_GROUP_BYTES: Final = 1024 * 1024
 while big ones go about alone (holding many decoded batches at once costs more than the commits saved)."""
 RESEND_CHECK_S: Final = 5.0
 """How often lost ranges are looked for; each gateway is asked at most once per resend interval."""
-MAX_RESEND_COMMANDS: Final = 10
-"""Single-range commands per gateway per round with ``resend_ranges=1`` (gateways of before multi-range
-resends); otherwise one command of up to ``resend_ranges`` ranges, at most 100,000 seqs in all."""
+MAX_RESEND_COMMANDS: Final = SINGLE_RANGE_COMMANDS
+"""Single-range commands per gateway per round with ``resend_ranges=1``, or for a gateway that refused a
+multi-range command (one of before multi-range resends); otherwise one command of up to ``resend_ranges``
+ranges, at most 100,000 seqs in all."""
+MAX_TRACKED_ASKS: Final = 10_000
+"""Multi-range resend commands remembered (request id -> gateway and ranges) until their answer comes; the
+oldest are forgotten past this (an answer that comes later is ignored, and the next ask is refused again)."""
 PUBLISH_TIMEOUT_S: Final = 10.0
 MAX_STORES_PER_RECEIVER: Final = 1000
 """``--stores`` entries: one subscription each (brokers cap the topics of one SUBSCRIBE packet and a client's
@@ -138,11 +147,23 @@ class HqReceiver:
         self._store = store
         self._prefix = prefix
         self._client_id = client_id
-        self._subscriptions = topics.events_subscriptions(prefix, share_group, stores)
+        self._subscriptions = [(t, 1) for t in topics.events_subscriptions(prefix, share_group, stores)]
         self._resend_interval = resend_interval_s
         if not 1 <= resend_ranges <= MAX_RESEND_RANGES:
             raise ValueError(f"resend_ranges must be 1..{MAX_RESEND_RANGES}")
         self._resend_ranges = resend_ranges
+        if resend_interval_s is not None and resend_ranges > 1:
+            # The gateways' answers, to learn which refuse multi-range resends. QoS 0 and never shared: only
+            # answers that come while connected matter (a refused ask is refused again at the next one), and
+            # the persistent session must not queue every answer of every gateway while the receiver is away.
+            self._subscriptions += [(t, 0) for t in responses_subscriptions(prefix, stores)]
+        self._asked: OrderedDict[str, ResendRequest] = OrderedDict()
+        """Multi-range resend commands whose answer has not come, by request id."""
+        self._to_mark: dict[tuple[str, str], str] = {}
+        """Gateways that refused a multi-range resend, not yet recorded in the store (which then flags their
+        claims ``single_range``): (store, gateway) -> the gateway's error message."""
+        self._retry: list[ResendRequest] = []
+        """Refused multi-range asks, to ask again one range at a time in the next round."""
         self._on_batch = on_batch
         self._backoff_base = backoff_base_s
         self._backoff_cap = backoff_cap_s
@@ -209,8 +230,8 @@ class HqReceiver:
             client.on_message = functools.partial(self._enqueue, client)
             try:
                 session_present = await client.connect(within_s=5)
-                await client.subscribe([(topic, 1) for topic in self._subscriptions])
-            except (MqttError, TimeoutError) as err:
+                await self._subscribe(client)
+            except (MqttError, TimeoutError, StoreUnavailableError) as err:
                 await client.disconnect()
                 self._log_failure(failures, f"cannot connect to HQ broker: {err}")
                 failures += 1
@@ -221,7 +242,7 @@ class HqReceiver:
                 _LOGGER.info("reconnected to HQ broker after %d failed attempt(s)", failures)
             _LOGGER.info(
                 "receiving %s from %s:%d (session %s)",
-                " ".join(self._subscriptions),
+                " ".join(t for t, _ in self._subscriptions),
                 self._broker.host,
                 self._broker.port,
                 "resumed" if session_present else "new",
@@ -241,6 +262,53 @@ class HqReceiver:
             self._log_failure(failures, f"lost the HQ broker: {closed.result()}")
             failures += 1
             await self._backoff(stop, failures)
+
+    async def _subscribe(self, client: MqttClient) -> None:
+        """Subscribe, and unsubscribe what this client id subscribed before but does not want now (other
+        ``stores`` or share group): the broker keeps a persistent session's subscriptions, and would go on
+        queueing and delivering other stores' batches to it. The filters subscribed are recorded in the store
+        before subscribing, and replaced by the wanted ones once the rest is unsubscribed, so a failure at any
+        step leaves nothing subscribed unrecorded. Before anything is recorded, the all-stores filters (the
+        default ones, plain and shared) are taken as possibly subscribed: unsubscribing a filter that is not
+        subscribed does nothing."""
+        loop = asyncio.get_running_loop()
+        wanted = [t for t, _ in self._subscriptions]
+        recorded = await loop.run_in_executor(self._executor, self._store.subscriptions, self._client_id)
+        previous = recorded or [
+            topics.events_subscription(self._prefix),
+            topics.events_subscription(self._prefix, DEFAULT_SHARE_GROUP),
+        ]
+        if set(recorded) != set(wanted):
+            record = functools.partial(
+                self._store.record_subscriptions, self._client_id, wanted, replace=False
+            )
+            await loop.run_in_executor(self._executor, record)
+        await client.subscribe([(t, qos) for t, qos in self._subscriptions if qos == 1])
+        answers = [(t, qos) for t, qos in self._subscriptions if qos == 0]
+        if answers:
+            try:
+                await client.subscribe(answers)
+            except MqttError as err:
+                if not client.is_connected:
+                    raise
+                # A broker ACL that lets the receiver read batches only: it works on, without learning which
+                # gateways refuse multi-range resends.
+                _LOGGER.warning(
+                    "cannot read the gateways' command answers (%s): a gateway of before multi-range resends"
+                    " is not detected; allow the receiver to read <prefix>/<store>/+/responses, or use"
+                    " --resend-ranges 1",
+                    err,
+                )
+        stale = [t for t in previous if t not in wanted]
+        if stale:
+            await _unsubscribe(client, stale)
+            if recorded:
+                _LOGGER.info("unsubscribed %s: this receiver no longer takes them", " ".join(stale))
+        if set(recorded) != set(wanted):
+            record = functools.partial(
+                self._store.record_subscriptions, self._client_id, wanted, replace=True
+            )
+            await loop.run_in_executor(self._executor, record)
 
     def _log_failure(self, failures: int, message: str) -> None:
         """The first failure of an outage at WARNING, the rest at DEBUG until it recovers."""
@@ -267,6 +335,11 @@ class HqReceiver:
         self._client = None
 
     def _enqueue(self, client: MqttClient, message: Message) -> None:
+        if message.topic.endswith("/responses"):
+            # Subscribed at QoS 0: nothing to ack (a QoS 1 delivery would be acked here, never stored).
+            client.ack(message.mid, message.qos)
+            self._on_response(message.topic, bytes(message.payload))
+            return
         if self._stopping:
             return  # not acked: the broker resends it in our next session
         self._queue.put_nowait(
@@ -364,6 +437,49 @@ class HqReceiver:
 
     # --- resend requests --------------------------------------------------------------------------------
 
+    def _on_response(self, topic: str, payload: bytes) -> None:
+        """A gateway's answer to a command: an ``invalid_args`` refusal of a multi-range resend this receiver
+        sent means a gateway of before multi-range resends (it takes only from_seq/to_seq): it is asked one
+        range at a time from then on, starting with the refused ranges in the next round."""
+        try:
+            answer = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(answer, dict) or answer.get("command") != "resend":
+            return
+        request_id = answer.get("request_id")
+        request = self._asked.pop(request_id, None) if isinstance(request_id, str) else None
+        if request is None or topic != topics.responses_topic(
+            self._prefix, request.store_id, request.gateway_id
+        ):
+            return
+        error = answer.get("error")
+        if (
+            answer.get("status") != "error"
+            or not isinstance(error, dict)
+            or error.get("code") != "invalid_args"
+        ):
+            return
+        key = (request.store_id, request.gateway_id)
+        self._to_mark[key] = str(error.get("message"))[:300]
+        self._retry.append(ResendRequest(*key, request.ranges[:MAX_RESEND_COMMANDS], single_range=True))
+
+    async def _record_refusals(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Record in the store the gateways that refused multi-range resends (so every receiver sharing it,
+        and this one after a restart, asks them one range at a time)."""
+        while self._to_mark:
+            key, message = next(iter(self._to_mark.items()))
+            mark = functools.partial(self._store.mark_single_range, *key, f"invalid_args: {message}")
+            if await loop.run_in_executor(self._executor, mark):
+                _LOGGER.warning(
+                    "%s/%s refused a multi-range resend (invalid_args: %s): a gateway of before multi-range"
+                    " resends; asking it one range per command from now on",
+                    *key,
+                    message,
+                )
+            if self._to_mark.get(key) == message:
+                del self._to_mark[key]
+
     async def _resend_loop(self, stop: asyncio.Event, interval: float) -> None:
         """Ask every gateway with lost seqs for them, quiet gateways included; a gateway is asked at most once
         per ``interval`` (once an hour when it has been quiet a while: it may be away, and what is asked waits
@@ -373,26 +489,45 @@ class HqReceiver:
         # Without MQTT 5 a command cannot expire: one to a gateway that is away would wait in its session with
         # every later one. Then only gateways heard from within the interval are asked (as before MQTT 5).
         online_s = None if self._broker.protocol == "5" else interval
-        claim = functools.partial(self._store.claim_resends, interval, per_round, online_s=online_s)
+        claim = functools.partial(
+            self._store.claim_resends,
+            interval,
+            per_round,
+            online_s=online_s,
+            single_ranges=MAX_RESEND_COMMANDS,
+        )
         while not await _sleep_unless(stop, min(interval, RESEND_CHECK_S)):
             client = self._client
             if client is None or not self.connected:
                 continue  # claim nothing we cannot send
+            retry, self._retry = self._retry, []
             try:
+                await self._record_refusals(loop)
                 requests = await loop.run_in_executor(self._executor, claim)
             except StoreUnavailableError as err:
                 _LOGGER.debug("cannot look for lost seqs: %s", err)
+                self._retry = retry + self._retry
                 continue
-            for request in requests:
+            for request in retry + requests:
                 await self._ask_resend(client, request)
 
     async def _ask_resend(self, client: MqttClient, request: ResendRequest) -> None:
-        """One multi-range command (or, with ``resend_ranges`` 1, one single-range command per range, for
-        gateways of before multi-range resends)."""
+        """One multi-range command (or one single-range command per range, at most MAX_RESEND_COMMANDS, for
+        a gateway of before multi-range resends, or all gateways with ``resend_ranges`` 1)."""
         topic = topics.commands_topic(self._prefix, request.store_id, request.gateway_id)
-        batches = [request.ranges] if self._resend_ranges > 1 else [[r] for r in request.ranges]
+        single = (
+            self._resend_ranges == 1
+            or request.single_range
+            or (request.store_id, request.gateway_id) in self._to_mark
+        )
+        batches = [[r] for r in request.ranges[:MAX_RESEND_COMMANDS]] if single else [request.ranges]
         for ranges in batches:
-            payload = resend_ranges_command(f"resend-{uuid7()}", ranges)
+            request_id = f"resend-{uuid7()}"
+            payload = resend_ranges_command(request_id, ranges)
+            if len(ranges) > 1 and self._resend_interval is not None:
+                self._asked[request_id] = request  # its answer may say the gateway takes one range only
+                while len(self._asked) > MAX_TRACKED_ASKS:
+                    self._asked.popitem(last=False)
             shown = format_ranges(ranges, limit=5)
             try:
                 async with asyncio.timeout(PUBLISH_TIMEOUT_S):
@@ -419,6 +554,48 @@ class HqReceiver:
                 len(ranges),
                 shown,
             )
+
+
+def responses_subscriptions(prefix: str, stores: Sequence[str] | None = None) -> list[str]:
+    """The gateways' command answers a receiver reads: every store's, or only ``stores``'."""
+    if not stores:
+        return [topics.responses_topic(prefix, "+", "+")]
+    return [topics.responses_topic(prefix, store, "+") for store in dict.fromkeys(stores)]
+
+
+async def _unsubscribe(client: MqttClient, filters: list[str], within_s: float = 10.0) -> None:
+    """UNSUBSCRIBE and wait for the broker's UNSUBACK (``MqttClient`` has no unsubscribe of its own, so this
+    goes to its paho client). "No subscription existed" is not a failure."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[list[Any]] = loop.create_future()
+    paho = client._client
+    mid_box: list[int] = []
+
+    def on_unsubscribe(_c: Any, _u: Any, mid: int, codes: list[Any], _p: Any) -> None:
+        def settle() -> None:
+            if mid_box and mid == mid_box[0] and not done.done():
+                done.set_result(list(codes))
+
+        loop.call_soon_threadsafe(settle)
+
+    paho.on_unsubscribe = on_unsubscribe
+    try:
+        result, mid = paho.unsubscribe(filters)
+        if result != 0 or mid is None:
+            raise MqttError(f"unsubscribe failed: {result}")
+        mid_box.append(mid)
+        closed = asyncio.ensure_future(client.wait_closed())
+        try:
+            await asyncio.wait((done, closed), timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
+            if not done.done():
+                raise MqttError("no UNSUBACK: " + (closed.result() if closed.done() else "timed out"))
+        finally:
+            closed.cancel()
+    finally:
+        paho.on_unsubscribe = None
+    bad = [str(c) for c in done.result() if getattr(c, "is_failure", False)]
+    if bad:
+        raise MqttError(f"unsubscribe refused for {filters}: {bad}")
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> bool:

@@ -143,14 +143,21 @@ class EventTime:
     corrected_at: datetime | None
 
 
+SINGLE_RANGE_COMMANDS: Final = 10
+"""Single-range ``resend`` commands per gateway per round, for a gateway asked one range at a time (one of before
+multi-range resends)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ResendRequest:
     """Lost ranges to ask one gateway for in one round: at most MAX_RESEND_RANGES ranges and MAX_RESEND_SEQS
-    seqs in all, so they fit one multi-range ``resend`` command."""
+    seqs in all, so they fit one multi-range ``resend`` command; ``single_range``: the gateway takes one range
+    per command (at most SINGLE_RANGE_COMMANDS ranges then)."""
 
     store_id: str
     gateway_id: str
     ranges: list[Range]
+    single_range: bool = False
 
 
 @dataclass(slots=True)
@@ -423,10 +430,22 @@ class ReceiverBackend(Protocol):
         max_seqs: int = ...,
         online_s: float | None = None,
         max_gateways: int = ...,
+        single_ranges: int = ...,
         now: datetime | None = None,
     ) -> list[ResendRequest]:
         """Lost ranges of every gateway not asked within ``interval_s`` (quiet ones included; ``online_s``
         limits it to those heard from within it); claims them (shared by receivers)."""
+
+    def mark_single_range(
+        self, store_id: str, gateway_id: str, reason: str, now: datetime | None = None
+    ) -> bool:
+        """Ask this gateway one range per command from now on; returns whether it was not marked yet."""
+
+    def subscriptions(self, client_id: str) -> list[str]:
+        """The topic filters recorded as subscribed in the MQTT session of ``client_id``."""
+
+    def record_subscriptions(self, client_id: str, topics: Sequence[str], *, replace: bool) -> None:
+        """Record ``topics`` as subscribed by ``client_id`` (added, or with ``replace`` as all of them)."""
 
     def count_rejected(self) -> int: ...
 

@@ -4,7 +4,9 @@ Tables: ``events`` (every event once: primary key ``id``, unique ``(store_id, ga
 (per-gateway counters, ``max_seq``, ``complete_through`` and the lost watermark, resend bookkeeping), ``runs``
 (the stored seqs of each gateway as contiguous runs, kept merged on every insert, so gaps cost the number of
 gaps, not of events), ``explained`` (ranges a gateway reported evicted or possibly lost), ``anchors``
-(``clock.synced`` anchors) and ``rejected`` (messages not stored, and why).
+(``clock.synced`` anchors) and ``rejected`` (messages not stored, and why); beside them ``conflicts`` (events
+that came under a seq another event holds), ``single_range`` (gateways asked one range per resend command) and
+``subscriptions`` (each receiver's MQTT subscriptions, to drop the ones it no longer wants).
 
 Receipts: ``events.receipt_no`` and ``events.original_receipt_no`` hold what a ``pos.sale`` or ``pos.return``
 says (``data.receipt_no``; ``data.original_receipt_no`` of a return), filled from the envelope at insert, with
@@ -47,6 +49,7 @@ from cloud_bridge.receiver_model import (
     LOST_GRACE_S,
     MAX_TEXT_ID,
     REPORT_KINDS,
+    SINGLE_RANGE_COMMANDS,
     Anchor,
     BatchRejectedError,
     BatchToStore,
@@ -222,6 +225,31 @@ number: it only adds, so an older receiver still opens the database (and does no
 MAX_CONFLICTS_KEPT: Final = 10_000
 """Conflicting events kept per gateway: past this (a forged or broken gateway), they are counted and logged,
 and the table stops growing for it."""
+MAX_CONFLICT_BYTES_KEPT: Final = 64 * 1024 * 1024
+"""Bytes of conflicting event bodies kept per gateway, the other cap: a body goes in whole while the gateway's
+kept bodies stay within it; past it, conflicts are counted and logged, not kept (as past MAX_CONFLICTS_KEPT)."""
+_SINGLE_RANGE: Final = """
+CREATE TABLE IF NOT EXISTS single_range (
+    store_id TEXT NOT NULL,
+    gateway_id TEXT NOT NULL,
+    marked_at_ms {int} NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (store_id, gateway_id)
+)"""
+"""Gateways that refused a multi-range ``resend`` (a release of before ``ranges``): asked one range per command.
+Created on every open, like ``conflicts``."""
+SINGLE_RANGE_RECHECK_S: Final = 7 * 24 * 3600.0
+"""A gateway marked single-range is tried with a multi-range command again after this (it may have been
+upgraded); refused again, it is marked again."""
+_SUBSCRIPTIONS: Final = """
+CREATE TABLE IF NOT EXISTS subscriptions (
+    client_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    PRIMARY KEY (client_id, topic)
+)"""
+"""The topic filters each receiver (by MQTT client id) has subscribed in its persistent session, so a receiver
+started with other ``--stores`` (or share group) unsubscribes the ones it no longer wants: a broker keeps a
+session's subscriptions, and MQTT cannot list them."""
 _INSERT_CONFLICT: Final = (
     "INSERT INTO conflicts (store_id, gateway_id, seq, id, kept_id, kind, received_at, body)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
@@ -431,6 +459,9 @@ class SqlReceiverStore:
         self._grace = timedelta(seconds=lost_grace_s)
         self._gaps: dict[tuple[str, str], tuple[tuple[int, int], list[Range], list[Range]]] = {}
         """(store, gateway) -> ((events, upper) they were read at, explained gaps, other gaps)."""
+        self._nothing_lost: dict[tuple[str, str], tuple[_GatewayRow, datetime | None]] = {}
+        """(store, gateway) -> (its row when a resend round found none of its missing seqs lost, the time up to
+        which that holds unless the row changes): later rounds skip it without reading its gaps."""
         self._conn: Any = None
         with self._lock:
             self._conn = self._connect()
@@ -530,7 +561,8 @@ class SqlReceiverStore:
             if row is None:
                 self._x(cur, "INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             self._add_receipt_columns(cur)
-            cur.execute(_CONFLICTS.format(**self.dialect.types))
+            for table in (_CONFLICTS, _SINGLE_RANGE, _SUBSCRIPTIONS):
+                cur.execute(table.format(**self.dialect.types))
 
     def _add_receipt_columns(self, cur: Cursor) -> None:
         """Add and fill the receipt columns of a database made before them, then (always) their indexes."""
@@ -777,24 +809,31 @@ class SqlReceiverStore:
         clashes: Sequence[tuple[EventRow, str | None]],
         received_at: Any,
     ) -> None:
-        """Store conflicting events beside the kept ones (table ``conflicts``), up to MAX_CONFLICTS_KEPT per
-        gateway; the same conflicting event received again is stored once."""
-        (held,) = self._x(
-            cur, "SELECT count(*) FROM conflicts WHERE store_id = ? AND gateway_id = ?", key
+        """Store conflicting events beside the kept ones (table ``conflicts``), up to MAX_CONFLICTS_KEPT events
+        and MAX_CONFLICT_BYTES_KEPT bytes of bodies per gateway; the same conflicting event received again is
+        stored once."""
+        held, held_bytes = self._x(
+            cur,
+            "SELECT count(*), coalesce(sum(length(body)), 0) FROM conflicts WHERE store_id = ? AND gateway_id = ?",
+            key,
         ).fetchone()
-        room = MAX_CONFLICTS_KEPT - int(held)
-        if room < len(clashes):
+        rows: list[tuple[Any, ...]] = []
+        room, budget = MAX_CONFLICTS_KEPT - int(held), MAX_CONFLICT_BYTES_KEPT - int(held_bytes)
+        for r, kept in clashes:
+            if len(rows) >= room or len(r.body) > budget:
+                break
+            rows.append((*key, r.seq, r.id, kept, r.kind, received_at, r.body))
+            budget -= len(r.body)
+        if len(rows) < len(clashes):
             _LOGGER.warning(
-                "conflict: store %s gateway %s has %d conflicting events kept already; counting, not keeping,"
-                " %d more",
+                "conflict: store %s gateway %s has %d conflicting events (%d bytes) kept already; counting, not"
+                " keeping, %d more",
                 *key,
                 int(held),
-                len(clashes) - max(room, 0),
+                int(held_bytes),
+                len(clashes) - len(rows),
             )
-        cur.executemany(
-            self._sql(_INSERT_CONFLICT),
-            [(*key, r.seq, r.id, kept, r.kind, received_at, r.body) for r, kept in clashes[: max(room, 0)]],
-        )
+        cur.executemany(self._sql(_INSERT_CONFLICT), rows)
 
     def conflicts(self, limit: int = 100) -> list[ConflictRow]:
         """Conflicting events kept (newest seqs first per gateway), at most ``limit``."""
@@ -1159,11 +1198,14 @@ class SqlReceiverStore:
         max_seqs: int = RESEND_MAX_SEQS,
         online_s: float | None = None,
         max_gateways: int = MAX_RESEND_GATEWAYS,
+        single_ranges: int = SINGLE_RANGE_COMMANDS,
         now: datetime | None = None,
     ) -> list[ResendRequest]:
         """Lost ranges to ask for: per gateway not asked within ``interval_s``, its lowest lost ranges, at most
         ``max_ranges`` of them and ``max_seqs`` seqs in all (one multi-range command), for at most
-        ``max_gateways`` gateways per call (the rest come in the next round).
+        ``max_gateways`` gateways per call (the rest come in the next round). A gateway marked single-range
+        (:meth:`mark_single_range`) gets at most ``single_ranges`` ranges, flagged ``single_range``: one command
+        each.
 
         Every gateway with lost seqs is asked, quiet ones included: a gateway that sends nothing new must heal
         too (a till closed for the night, a gateway whose only traffic was the lost burst). The budget follows
@@ -1171,7 +1213,9 @@ class SqlReceiverStore:
         interval, so with the command's expiry (the receiver sets it to the interval) at most about one waits
         in a quiet gateway's session. ``online_s`` restricts it to gateways heard from within that time.
         Each gateway is claimed by a single-row conditional update, so of several receivers sharing the
-        database one asks and the others skip it until the interval has passed again.
+        database one asks and the others skip it until the interval has passed again. A gateway whose missing
+        seqs were all explained or pending at the last round is skipped without reading its gaps until its row
+        changes or its lost watermark can move (:meth:`_nothing_lost_until`).
         """
         now = now or datetime.now(UTC)
         now_ms = int(now.timestamp() * 1000)
@@ -1195,17 +1239,34 @@ class SqlReceiverStore:
         out: list[ResendRequest] = []
         with self._session() as cur:
             candidates = self._rows(cur, sql, params)
+            singles = {
+                (str(a), str(b))
+                for a, b in self._rows(
+                    cur,
+                    "SELECT store_id, gateway_id FROM single_range WHERE marked_at_ms > ?",
+                    (now_ms - int(SINGLE_RANGE_RECHECK_S * 1000),),
+                )
+            }
             for row in candidates:
                 if len(out) >= max_gateways:
                     break
                 gw = self._gateway_row(row)
+                skip = self._nothing_lost.get(gw.key)
+                if skip is not None and skip[0] == gw and (skip[1] is None or now < skip[1]):
+                    continue
                 cur.execute(self.dialect.begin_read)
                 try:  # the row again, in the snapshot its runs are read from
                     fresh = self._gateway(cur, gw.gateway_id, gw.store_id)
                     lost = [] if fresh is None else self._classes(cur, fresh, now).lost
                 finally:
                     cur.execute("COMMIT")
-                if len(lost) > max_ranges or size(lost) > max_seqs:
+                if fresh is not None and not lost:
+                    self._nothing_lost[gw.key] = (fresh, self._nothing_lost_until(fresh, now))
+                    continue
+                self._nothing_lost.pop(gw.key, None)
+                single = gw.key in singles
+                per_gateway = min(max_ranges, single_ranges) if single else max_ranges
+                if len(lost) > per_gateway or size(lost) > max_seqs:
                     # More holes than one command carries: start each ask where the previous one stopped, so
                     # low seqs the gateway no longer has (answered missing, never explained) cannot hide the
                     # recoverable holes above them forever.
@@ -1214,15 +1275,76 @@ class SqlReceiverStore:
                         "SELECT resend_commands FROM gateways WHERE store_id = ? AND gateway_id = ?",
                         gw.key,
                     )[0]
-                    start = (int(asked or 0) * max_ranges) % len(lost)
+                    start = (int(asked or 0) * per_gateway) % len(lost)
                     lost = [*lost[start:], *lost[:start]]
-                ranges = sorted(take_ranges(lost, max_ranges, max_seqs))
+                ranges = sorted(take_ranges(lost, per_gateway, max_seqs))
                 if not ranges:
                     continue
                 self._x(cur, _CLAIM_RESEND, (now_ms, 1, *gw.key, due))
                 if cur.rowcount == 1:
-                    out.append(ResendRequest(*gw.key, ranges))
+                    out.append(ResendRequest(*gw.key, ranges, single_range=single))
         return out
+
+    def _nothing_lost_until(self, gw: _GatewayRow, now: datetime) -> datetime | None:
+        """Until when a gateway with nothing lost at ``now`` stays so while its row does not change: the next
+        time its lost watermark can move (a grace period after its last batch or its mark), None for never."""
+        if self._grace <= timedelta(0):
+            return None
+        mark = gw.watermark
+        times = [t + self._grace for t in (mark.received_at, mark.mark_at) if t is not None]
+        return min((t for t in times if t > now), default=None)
+
+    def mark_single_range(
+        self, store_id: str, gateway_id: str, reason: str, now: datetime | None = None
+    ) -> bool:
+        """Remember that a gateway refused a multi-range ``resend`` (``reason``: its answer): it is asked one
+        range per command from now on, for SINGLE_RANGE_RECHECK_S. Returns whether it was not marked yet."""
+        now_ms = int((now or datetime.now(UTC)).timestamp() * 1000)
+        with self._transaction(self.dialect.begin_write) as cur:
+            before = self._rows(
+                cur,
+                "SELECT marked_at_ms FROM single_range WHERE store_id = ? AND gateway_id = ?",
+                (store_id, gateway_id),
+            )
+            self._x(
+                cur,
+                "INSERT INTO single_range (store_id, gateway_id, marked_at_ms, reason) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (store_id, gateway_id) DO UPDATE"
+                " SET marked_at_ms = excluded.marked_at_ms, reason = excluded.reason",
+                (store_id, gateway_id, now_ms, reason.replace("\x00", "")[:500]),
+            )
+        return not before or int(before[0][0]) <= now_ms - int(SINGLE_RANGE_RECHECK_S * 1000)
+
+    def single_range_gateways(self) -> list[tuple[str, str]]:
+        """The gateways marked single-range (whatever the age of the mark), by store and gateway."""
+        with self._session() as cur:
+            rows = self._rows(
+                cur, "SELECT store_id, gateway_id FROM single_range ORDER BY store_id, gateway_id"
+            )
+        return [(str(a), str(b)) for a, b in rows]
+
+    # --- subscriptions ----------------------------------------------------------------------------------
+
+    def subscriptions(self, client_id: str) -> list[str]:
+        """The topic filters recorded as subscribed in the session of MQTT client ``client_id``."""
+        with self._session() as cur:
+            rows = self._rows(
+                cur, "SELECT topic FROM subscriptions WHERE client_id = ? ORDER BY topic", (client_id,)
+            )
+        return [str(t) for (t,) in rows]
+
+    def record_subscriptions(self, client_id: str, topics: Sequence[str], *, replace: bool) -> None:
+        """Record ``topics`` as subscribed by ``client_id``: added to what is recorded, or (``replace``) as all
+        of it."""
+        with self._transaction(self.dialect.begin_write) as cur:
+            if replace:
+                self._x(cur, "DELETE FROM subscriptions WHERE client_id = ?", (client_id,))
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO subscriptions (client_id, topic) VALUES (?, ?) ON CONFLICT DO NOTHING"
+                ),
+                [(client_id, t) for t in dict.fromkeys(topics)],
+            )
 
 
 QUIET_AFTER_S: Final = 300.0

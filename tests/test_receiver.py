@@ -21,9 +21,10 @@ from typing import Any, Literal
 
 import orjson
 import pytest
-from pydantic import SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from cloud_bridge import topics
+from cloud_bridge.commands import Refusal, build_response, describe, refusal_response
 from cloud_bridge.receiver import HqReceiver, _parser, broker_config, conflict_alarms, receiver_main
 from cloud_bridge.receiver_model import GatewaySummary, ReceiverBackend, StoreUnavailableError
 from cloud_bridge.receiver_report import format_summary
@@ -587,6 +588,135 @@ async def test_a_gateway_away_finds_at_most_a_couple_of_resends_in_its_session(
     assert 1 <= len(queued) <= asked, (len(queued), asked)
     if protocol == "5":
         assert len(queued) < asked, (len(queued), asked)
+
+
+class _OldResendArgs(BaseModel):
+    """``resend`` args as a gateway of before multi-range resends validated them (cloud_bridge/commands.py of
+    then: from_seq and to_seq only, anything else refused as invalid_args)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    from_seq: int = Field(ge=1, le=2**63 - 1)
+    to_seq: int = Field(ge=1, le=2**63 - 1)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> _OldResendArgs:
+        if self.from_seq > self.to_seq:
+            raise ValueError("from_seq must not be above to_seq")
+        return self
+
+
+@contextlib.asynccontextmanager
+async def old_gateway(
+    broker: Mosquitto, store_id: str, gateway_id: str, commands: list[dict[str, Any]]
+) -> AsyncIterator[None]:
+    """A stand-in for a gateway of before multi-range resends: it answers every command on its topic as that
+    release did (an invalid_args refusal for ``ranges``), and resends what a single-range command asks."""
+    client = MqttClient(cfg(broker), f"{gateway_id}-downlink", clean_start=True)
+    inbox: asyncio.Queue[bytes] = asyncio.Queue()
+    client.on_message = lambda m: inbox.put_nowait(bytes(m.payload))
+    await client.connect()
+    await client.subscribe([(topics.commands_topic(PREFIX, store_id, gateway_id), 1)])
+
+    async def serve() -> None:
+        while True:
+            command = orjson.loads(await inbox.get())
+            commands.append(command)
+            request_id = command["request_id"]
+            try:
+                args = _OldResendArgs.model_validate(command["args"])
+            except ValidationError as err:
+                refusal = Refusal(request_id, "resend", "invalid_args", describe(err))
+                answer = refusal_response(refusal, store_id, gateway_id)
+            else:
+                seqs = list(range(args.from_seq, args.to_seq + 1))
+                await publish(client, store_id, gateway_id, batch_bytes(store_id, gateway_id, seqs, cls=None))
+                answer = build_response(
+                    request_id=request_id,
+                    command="resend",
+                    status="ok",
+                    store_id=store_id,
+                    gateway_id=gateway_id,
+                    result={"resent": [[args.from_seq, args.to_seq]], "missing": []},
+                )
+            await client.publish(topics.responses_topic(PREFIX, store_id, gateway_id), answer, qos=1)
+
+    task = asyncio.create_task(serve())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await client.disconnect()
+
+
+async def test_a_gateway_that_refuses_multi_range_resends_is_asked_one_range_at_a_time(
+    hq_broker: Mosquitto, store: ReceiverStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway of an older release refuses a multi-range resend (invalid_args): the receiver reads the answer,
+    records the gateway as single-range (in its database, for every receiver and restart), logs it once, and
+    asks it one range per command, starting with the refused ranges: its gaps heal."""
+    commands: list[dict[str, Any]] = []
+    receiver = make_receiver(hq_broker, store, resend_interval_s=0.2)
+    with caplog.at_level(logging.INFO, logger="cloud_bridge.receiver"):
+        async with old_gateway(hq_broker, "hk-001", "gw-a", commands), running(receiver):
+            async with publisher(hq_broker) as pub:
+                await publish(
+                    pub, "hk-001", "gw-a", batch_bytes("hk-001", "gw-a", [1, 3, 5, 7], complete_through=8)
+                )
+            await eventually(lambda: store.count() == 8, "every lost seq resent, one range per command")
+    assert commands[0]["args"] == {"ranges": [[2, 2], [4, 4], [6, 6], [8, 8]]}
+    first_single = next(i for i, c in enumerate(commands) if "ranges" not in c["args"])
+    assert all("ranges" in c["args"] for c in commands[:first_single])
+    assert all("ranges" not in c["args"] for c in commands[first_single:]), "multi-range after the refusal"
+    assert {(c["args"]["from_seq"], c["args"]["to_seq"]) for c in commands[first_single:]} >= {
+        (2, 2),
+        (4, 4),
+        (6, 6),
+        (8, 8),
+    }
+    assert store.single_range_gateways() == [("hk-001", "gw-a")]
+    refused = [r for r in caplog.records if "refused a multi-range resend" in r.getMessage()]
+    assert len(refused) == 1
+    assert "ranges: Extra inputs are not permitted" in refused[0].getMessage()
+    assert store.rejections() == []  # the answers are not taken for batches
+
+
+async def test_a_receiver_restarted_with_other_stores_unsubscribes_the_old_ones(
+    hq_broker: Mosquitto, tmp_path: Path
+) -> None:
+    """The broker keeps a persistent session's subscriptions: a receiver restarted with fewer ``stores`` must
+    unsubscribe the others (recorded in its database), or it goes on storing their batches. A session made
+    before the record (nothing recorded) may hold the default all-stores subscription: that goes too."""
+    stores = [ReceiverStore(tmp_path / "split.db", lost_grace_s=0), ReceiverStore(tmp_path / "old.db")]
+
+    def receiver(store: ReceiverStore, client_id: str, store_ids: list[str]) -> HqReceiver:
+        return HqReceiver(cfg(hq_broker), store, prefix=PREFIX, client_id=client_id, stores=store_ids)
+
+    async def only_a_arrives(store: ReceiverStore) -> None:
+        async with publisher(hq_broker) as pub:
+            await publish(pub, "hk-b", "gw-1", batch_bytes("hk-b", "gw-1", [1]))
+            await publish(pub, "hk-a", "gw-1", batch_bytes("hk-a", "gw-1", [1]))
+        await eventually(lambda: store.count() >= 1, "hk-a's batch, published after hk-b's")
+        assert [r.store_id for r in store.summary()] == ["hk-a"]
+
+    try:
+        async with running(receiver(stores[0], "hq-split", ["hk-a", "hk-b"])):
+            pass
+        assert stores[0].subscriptions("hq-split") == ["retail/hk-a/+/events", "retail/hk-b/+/events"]
+        async with running(receiver(stores[0], "hq-split", ["hk-a"])):
+            await only_a_arrives(stores[0])
+        assert stores[0].subscriptions("hq-split") == ["retail/hk-a/+/events"]
+
+        before = MqttClient(cfg(hq_broker), "hq-old", clean_start=False)
+        await before.connect()
+        await before.subscribe([(topics.events_subscription(PREFIX), 1)])
+        await before.disconnect()
+        async with running(receiver(stores[1], "hq-old", ["hk-a"])):
+            await only_a_arrives(stores[1])
+    finally:
+        for store in stores:
+            store.close()
 
 
 # --- rendering and CLI --------------------------------------------------------------------------------------

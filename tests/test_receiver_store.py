@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
+from cloud_bridge import receiver_sql
 from cloud_bridge.receiver_model import (
     BatchRejectedError,
     BatchToStore,
@@ -556,3 +557,93 @@ def test_a_newer_schema_is_refused_with_a_reason(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(StoreUnavailableError, match="database schema 9, this receiver needs 3"):
         ReceiverStore(tmp_path / "hq.db")
+
+
+def test_conflicting_bodies_are_kept_up_to_a_byte_cap_then_counted(
+    store: SqlReceiverStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Besides the row cap, a byte cap per gateway: bodies go in whole while they fit, past it they are
+    counted, not kept; another gateway has its own budget."""
+    first = batch(S, G, [1, 2, 3])
+    store.store_batch(S, G, first)
+    clash = batch(S, G, [1, 2, 3], ids={s: str(uuid7()) for s in (1, 2, 3)})
+    body = len(orjson.dumps(clash.events[0]))
+    monkeypatch.setattr(receiver_sql, "MAX_CONFLICT_BYTES_KEPT", 2 * body + body // 2)
+    assert store.store_batch(S, G, clash).conflicts == 3
+    assert [c.seq for c in store.conflicts()] == [1, 2]
+    assert summary_of(store, G).conflicts == 3
+    assert store.store_batch(S, G, batch(S, G, [4], ids={4: first.events[0]["id"]})).conflicts == 1
+    assert [c.seq for c in store.conflicts()] == [1, 2]
+    store.store_batch(S, "gw-b", batch(S, "gw-b", [1]))
+    store.store_batch(S, "gw-b", batch(S, "gw-b", [1], ids={1: str(uuid7())}))
+    assert [(c.gateway_id, c.seq) for c in store.conflicts()] == [(G, 1), (G, 2), ("gw-b", 1)]
+
+
+def test_a_gateway_marked_single_range_is_claimed_a_few_ranges_at_a_time(store: SqlReceiverStore) -> None:
+    """A gateway that refused a multi-range resend gets claims flagged single_range, at most single_ranges
+    ranges; the mark is shared through the database and tried again after SINGLE_RANGE_RECHECK_S."""
+    present = [s for s in range(1, 41) if s % 2]  # 20 holes
+    store.store_batch(S, G, batch(S, G, present, complete_through=40))
+    now = datetime.now(UTC)
+    (multi,) = store.claim_resends(0, now=now)
+    assert (len(multi.ranges), multi.single_range) == (20, False)
+    assert store.mark_single_range(S, G, "invalid_args: ranges: Extra inputs are not permitted", now=now)
+    assert not store.mark_single_range(S, G, "invalid_args: again", now=now)  # known: said once
+    assert store.single_range_gateways() == [(S, G)]
+    (single,) = store.claim_resends(0, single_ranges=4, now=now)
+    assert single.single_range
+    assert len(single.ranges) == 4
+    recheck = now + timedelta(seconds=receiver_sql.SINGLE_RANGE_RECHECK_S + 1)
+    (retried,) = store.claim_resends(0, now=recheck)
+    assert (len(retried.ranges), retried.single_range) == (20, False)
+    assert store.mark_single_range(S, G, "invalid_args: still old", now=recheck)
+
+
+def test_subscriptions_are_recorded_per_client_id(store: SqlReceiverStore) -> None:
+    assert store.subscriptions("hq-a") == []
+    store.record_subscriptions("hq-a", ["retail/s1/+/events", "retail/s2/+/events"], replace=False)
+    store.record_subscriptions("hq-a", ["retail/s3/+/events", "retail/s1/+/events"], replace=False)
+    store.record_subscriptions("hq-b", ["retail/s9/+/events"], replace=True)
+    assert store.subscriptions("hq-a") == ["retail/s1/+/events", "retail/s2/+/events", "retail/s3/+/events"]
+    store.record_subscriptions("hq-a", ["retail/s3/+/events"], replace=True)
+    assert store.subscriptions("hq-a") == ["retail/s3/+/events"]
+    assert store.subscriptions("hq-b") == ["retail/s9/+/events"]
+
+
+def test_a_resend_round_skips_gateways_with_nothing_lost_until_they_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway whose missing seqs are all explained or pending is not read again by each resend round: only
+    once its row changes (a batch) or its lost watermark can move (a grace period later)."""
+    monkeypatch.setattr(receiver_sql, "GAP_CACHE_MAX_RANGES", 0)  # every classification reads the runs
+    store = ReceiverStore(tmp_path / "hq.db", lost_grace_s=60)
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)
+    try:
+        store.store_batch(S, G, batch(S, G, [1, 2, 5]))
+        store.store_batch(S, G, batch_of(S, G, [evicted(6, [3, 4])], complete_through=6))  # 3..4 explained
+        store.store_batch(S, "gw-b", batch(S, "gw-b", [1, 4], complete_through=4))  # 2..3 pending (grace)
+        now = datetime.now(UTC)
+
+        def reads_of_runs(at: datetime) -> int:
+            before = len(statements)
+            assert store.claim_resends(0, now=at) == []
+            return sum("FROM runs" in q for q in statements[before:])
+
+        assert reads_of_runs(now) == 2
+        assert reads_of_runs(now + timedelta(seconds=1)) == 0
+        assert reads_of_runs(now + timedelta(seconds=30)) == 0
+        store.store_batch(S, G, batch(S, G, [7]))  # gw-a changed: read again (still nothing lost)
+        assert reads_of_runs(now + timedelta(seconds=31)) == 1
+        # A grace period after their last batches both watermarks may have moved: both are read again, and
+        # gw-b's 2..3 are lost now, and claimed; gw-a's watermark cannot move any more: it is skipped for good.
+        later = datetime.now(UTC) + timedelta(seconds=61)
+        before = len(statements)
+        (request,) = store.claim_resends(0, now=later)
+        assert (request.gateway_id, request.ranges) == ("gw-b", [(2, 3)])
+        assert sum("FROM runs" in q for q in statements[before:]) == 2
+        before = len(statements)
+        assert store.claim_resends(60, now=later + timedelta(minutes=10)) == []  # gw-b: asked, quiet
+        assert sum("FROM runs" in q for q in statements[before:]) == 0
+    finally:
+        store.close()
