@@ -301,7 +301,7 @@ class HqReceiver:
                 )
         stale = [t for t in previous if t not in wanted]
         if stale:
-            await _unsubscribe(client, stale)
+            await client.unsubscribe(stale)
             if recorded:
                 _LOGGER.info("unsubscribed %s: this receiver no longer takes them", " ".join(stale))
         if set(recorded) != set(wanted):
@@ -561,41 +561,6 @@ def responses_subscriptions(prefix: str, stores: Sequence[str] | None = None) ->
     if not stores:
         return [topics.responses_topic(prefix, "+", "+")]
     return [topics.responses_topic(prefix, store, "+") for store in dict.fromkeys(stores)]
-
-
-async def _unsubscribe(client: MqttClient, filters: list[str], within_s: float = 10.0) -> None:
-    """UNSUBSCRIBE and wait for the broker's UNSUBACK (``MqttClient`` has no unsubscribe of its own, so this
-    goes to its paho client). "No subscription existed" is not a failure."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[list[Any]] = loop.create_future()
-    paho = client._client
-    mid_box: list[int] = []
-
-    def on_unsubscribe(_c: Any, _u: Any, mid: int, codes: list[Any], _p: Any) -> None:
-        def settle() -> None:
-            if mid_box and mid == mid_box[0] and not done.done():
-                done.set_result(list(codes))
-
-        loop.call_soon_threadsafe(settle)
-
-    paho.on_unsubscribe = on_unsubscribe
-    try:
-        result, mid = paho.unsubscribe(filters)
-        if result != 0 or mid is None:
-            raise MqttError(f"unsubscribe failed: {result}")
-        mid_box.append(mid)
-        closed = asyncio.ensure_future(client.wait_closed())
-        try:
-            await asyncio.wait((done, closed), timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
-            if not done.done():
-                raise MqttError("no UNSUBACK: " + (closed.result() if closed.done() else "timed out"))
-        finally:
-            closed.cancel()
-    finally:
-        paho.on_unsubscribe = None
-    bad = [str(c) for c in done.result() if getattr(c, "is_failure", False)]
-    if bad:
-        raise MqttError(f"unsubscribe refused for {filters}: {bad}")
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> bool:

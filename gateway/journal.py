@@ -36,6 +36,7 @@ from gateway.config import JournalConfig, OutboxConfig
 from gateway.events import SCHEMA_VERSION, uuid7
 from gateway.metrics import Metrics
 from gateway.outbox import (
+    STATE,
     TELEMETRY,
     ClassState,
     KindClasses,
@@ -43,6 +44,7 @@ from gateway.outbox import (
     eviction_reports,
 )
 from gateway.recovery import (
+    Salvage,
     SalvagedRow,
     SeqReservation,
     clear_damage_mark,
@@ -57,6 +59,7 @@ from gateway.recovery import (
     quick_check,
     ranges_for_alert,
     read_damage_mark,
+    read_meta,
     salvage_delivered,
     salvage_events,
     salvage_last_seq,
@@ -132,8 +135,19 @@ QUICK_CHECK_S: Final = 600.0
 DISK_SHARE: Final = 0.8
 """``outbox.max_bytes`` is lowered to this share of the space the journal can have at start (its pages plus the
 free space above ``min_free_bytes``): a cap larger than the disk is no cap, and SQLITE_FULL comes first."""
+QUICK_CHECK_FIRST_S: Final = 30.0
+"""The first background check runs this soon after start: a damaged page the start-up probe missed (and whose
+damage mark could not be written) is found before the process has run long on it."""
+URGENT_EVICT_BYTES: Final = 512 * 1024
+"""Undelivered telemetry evicted per step to make room for sales on a full disk."""
+SALVAGE_PENDING: Final = "salvage_pending"
+"""``meta`` key of a fresh journal whose salvage from the damaged one (named in it) has not committed yet."""
+PENDING_ALERT: Final = "pending_alert"
+"""``meta`` key of the replacement alert until it is committed as an event (a crash in between loses neither)."""
 STALL_S: Final = 10.0
 """A journal that has not been able to commit for this long makes /health say so (503)."""
+RECOVERED_S: Final = 10.0
+"""A stall ends after this long of commits without a failure (not at the first one that succeeds)."""
 
 Row = tuple[int, str, str, str | None, str, str | None, bytes, int]
 Extra = Callable[[sqlite3.Connection, dict[int, ClassState], dict[int, int]], list["Draft"]]
@@ -284,6 +298,7 @@ class Journal:
         """A fresh journal's first seq is above this (seqs never go backwards, see gateway/recovery.py)."""
         self._reservation = SeqReservation(path.parent)
         self._ballast = Ballast(path.parent / BALLAST_FILE)
+        self._replaced_draft: Draft | None = None
         self.replaced: dict[str, Any] | None = None
         """The ``alert.raised`` payload when a corrupt journal was moved aside, or a missing one replaced, at open."""
         self.corrupt: str | None = None
@@ -291,11 +306,18 @@ class Journal:
         self.quick_check_interval_s = QUICK_CHECK_S
         self._failing_since: float | None = None
         self._failure = "journal_stalled"
+        self._ok_since: float | None = None
+        """First intake commit that succeeded since the last failure: the stall ends RECOVERED_S after it."""
+        self._busy_since: float | None = None
+        """When the commit in progress started (a commit hung in fsync on a dying card is a stall too)."""
         self._damaged: tuple[Path, str, int] | None = None
         """A journal moved aside at open, whose events are salvaged into the fresh one once it exists."""
         self.used_before = False
         """Set by the runtime when the data directory was used before (its lock file was there): a journal missing
         together with its seq reservation is then a loss, not a first start, and the open refuses it."""
+        self.damage_hint: str | None = None
+        """Set by the runtime when the data directory's lock file says a run stopped on a damaged journal: handled
+        like the damage mark (which a failing disk may not have taken)."""
         self.new_journal = False
         """``run --new-journal``: the operator accepts a fresh journal from seq 1 after losing both files."""
         self.last_seq = 0
@@ -353,6 +375,13 @@ class Journal:
         except (sqlite3.Error, OSError) as err:  # locked, permissions: not damage, never moved aside
             raise JournalError(f"cannot open journal {self.path}: {err}") from err
         mark = read_damage_mark(self.path)
+        if mark is None and self.damage_hint is not None:
+            mark = self.damage_hint
+        marked = mark is not None
+        if mark is not None and reason is None and read_meta(self.path, SALVAGE_PENDING) is not None:
+            # This is the fresh journal that replaced the damaged one, and the start that made it stopped before
+            # its salvage finished: the mark is about the file moved aside. The salvage resumes below.
+            mark = None
         if reason is None and mark is not None and self.path.exists():
             reason = f"found damaged while running: {mark}"
         if reason is not None:
@@ -372,20 +401,48 @@ class Journal:
             conn.executescript(SCHEMA)
             if self.seq_floor:
                 # Durable before anything else is copied in: a crash during the salvage below must not leave a
-                # sound, empty journal that a restart would number from 1.
+                # sound, empty journal that a restart would number from 1. With it, what the next start must
+                # finish: the salvage (from the file moved aside), or the alert.
+                conn.execute("BEGIN IMMEDIATE")
                 conn.execute(
                     "INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)",
                     (str(max(self.seq_floor, _meta_last_seq(conn))),),
                 )
-                if conn.in_transaction:
-                    conn.commit()
+                if self._damaged is not None:
+                    moved, why, through = self._damaged
+                    pending = {"moved": moved.name, "reason": why, "through": through}
+                    conn.execute(
+                        "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                        (SALVAGE_PENDING, orjson.dumps(pending).decode()),
+                    )
+                elif self.replaced is not None:
+                    conn.execute(
+                        "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                        (PENDING_ALERT, orjson.dumps(self.replaced).decode()),
+                    )
+                conn.execute("COMMIT")
             self._migrate(conn)
             for proc in self._processors:
                 proc.setup(conn)
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            if self._damaged is None and SALVAGE_PENDING in meta:
+                pending = orjson.loads(meta[SALVAGE_PENDING])
+                self._damaged = (
+                    self.path.with_name(pending["moved"]),
+                    pending["reason"],
+                    int(pending["through"]),
+                )
+                self.seq_floor = max(self.seq_floor, int(meta.get("last_seq", 0)))
+                _LOGGER.critical(
+                    "resuming the salvage from %s, cut short by the last start", pending["moved"]
+                )
             if self._damaged is not None:
                 self._salvage_into(conn, *self._damaged)
                 self._damaged = None
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            if self.replaced is None and PENDING_ALERT in meta:
+                # The alert of a replacement whose start stopped before committing it.
+                self.replaced = orjson.loads(meta[PENDING_ALERT])
             max_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
             self._load_state(conn, int(meta.get("delivered_seq", 0)))
             # No per-commit write of the last seq (SD wear): the highest stored seq, or, when the newest
@@ -400,9 +457,9 @@ class Journal:
         except BaseException:
             conn.close()
             raise
-        if mark is not None:
+        if marked:
             # Only now: the damaged file is aside and what could be salvaged is committed. A crash before this
-            # line finds the mark again and moves this journal aside too, above every seq either may have used.
+            # line finds the mark again, and the fresh journal's record of its pending salvage.
             clear_damage_mark(self.path)
         self._conn = conn
         self._cap_to_disk()
@@ -475,13 +532,29 @@ class Journal:
             result = salvage_events(moved, floor, through, keep, sink)
             if result.count:
                 self._write_state(conn, work)
+            start = max(self.seq_floor, result.last_seq) + 1
+            alert = self._salvage_alert(moved, reason, floor, start, result)
+            conn.execute("DELETE FROM meta WHERE key = ?", (SALVAGE_PENDING,))
+            conn.execute(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)", (PENDING_ALERT, orjson.dumps(alert).decode())
+            )
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        start = max(self.seq_floor, result.last_seq) + 1
         self.seq_floor = start - 1
+        self.replaced = alert
+        _LOGGER.critical(
+            "salvaged %d undelivered events from %s; unreadable seqs: %s",
+            result.count,
+            moved.name,
+            alert["details"]["unreadable_seqs"][:20] or "none",
+        )
+
+    def _salvage_alert(
+        self, moved: Path, reason: str, floor: int, start: int, result: Salvage
+    ) -> dict[str, Any]:
         unreadable = [r for r in result.unreadable if r[1] > floor]
         # Lost, possibly: the unreadable seqs, and whatever the file no longer shows above the highest seq read
         # (a WAL cut short); the salvaged ones are not lost (they are sent again from the fresh journal).
@@ -490,13 +563,7 @@ class Journal:
         alert["details"]["salvaged"] = result.count
         alert["details"]["salvaged_seqs"] = ranges_for_alert(result.copied)
         alert["details"]["unreadable_seqs"] = ranges_for_alert(unreadable)
-        self.replaced = alert
-        _LOGGER.critical(
-            "salvaged %d undelivered events from %s; unreadable seqs: %s",
-            result.count,
-            moved.name,
-            ranges_for_alert(unreadable)[:20] or "none",
-        )
+        return alert
 
     def _replace_missing(self) -> None:
         """No journal file. A first start, or a journal lost (deleted, a wiped card, a restore that missed it):
@@ -583,6 +650,12 @@ class Journal:
                 for cls, s in states.items()
             ],
         )
+
+    def replaced_draft(self) -> Draft:
+        """The ``alert.raised`` event for :attr:`replaced`; committing it clears the alert kept in ``meta``."""
+        assert self.replaced is not None
+        self._replaced_draft = Draft("alert.raised", None, orjson.dumps(self.replaced))
+        return self._replaced_draft
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
@@ -809,6 +882,7 @@ class Journal:
             return
         started = time.perf_counter()
         self._busy = True
+        self._busy_since = time.monotonic()
         cancelled: asyncio.CancelledError | None = None
         leftover: list[Draft | Rejected] = []
         result: Committed | None = None
@@ -837,13 +911,15 @@ class Journal:
             self._commit_failed(err, {} if acks_written else acks)
         finally:
             self._busy = False
+            self._busy_since = None
         if leftover:
             # Nothing of the leftover was committed or acknowledged: put it back in order, retry after a pause.
             self._queue.extendleft(reversed(leftover))
             items = items[: len(items) - len(leftover)]
             self._failing = True
         elif items or not self._queue:  # a pruning step alone does not show that intake commits again
-            self._failing_since = None
+            if self._failing_since is not None and self._ok_since is None:
+                self._ok_since = time.monotonic()
             if self._failing:
                 _LOGGER.warning("journal commits work again")
                 self._failing = False
@@ -888,8 +964,7 @@ class Journal:
     def _commit_failed(self, err: sqlite3.Error, acks: dict[int, int]) -> None:
         for cls, seq in acks.items():  # not persisted: written again by the next commit
             self._acks[cls] = max(seq, self._acks.get(cls, 0))
-        if self._failing_since is None:
-            self._failing_since = time.monotonic()
+        self._note_failure()
         if is_damage(err):
             self._failure = "journal_corrupt"
             self.declare_corrupt(str(err))
@@ -909,20 +984,34 @@ class Journal:
             return
         self.corrupt = reason
         self._failure = "journal_corrupt"
-        if self._failing_since is None:
-            self._failing_since = time.monotonic()
+        self._note_failure()
         _LOGGER.critical(
             "journal %s is damaged (%s): stopping; the next start replaces it", self.path, reason
         )
         mark_damaged(self.path, reason)
         self._wakeup.set()
 
+    def _note_failure(self) -> None:
+        now = time.monotonic()
+        if self._failing_since is None or self._recovered(now):
+            self._failing_since = now
+        self._ok_since = None
+
+    def _recovered(self, now: float) -> bool:
+        return self.corrupt is None and self._ok_since is not None and now - self._ok_since >= RECOVERED_S
+
     @property
     def stall(self) -> tuple[str, float] | None:
-        """(reason, seconds) while commits fail: ``journal_corrupt``, ``disk_full`` or ``journal_stalled``."""
-        if self._failing_since is None:
-            return None
-        return self._failure, time.monotonic() - self._failing_since
+        """(reason, seconds) while commits fail, or one has not returned for a second: ``journal_corrupt``,
+        ``disk_full`` or ``journal_stalled``. A stall ends only after RECOVERED_S of commits without a failure:
+        a disk that takes one small commit in three is still failing, and /health must not flap."""
+        now = time.monotonic()
+        hung = None if self._busy_since is None else now - self._busy_since
+        if self._failing_since is not None and not self._recovered(now):
+            return self._failure, now - self._failing_since
+        if hung is not None and hung >= 1.0:
+            return "journal_stalled", hung
+        return None
 
     async def watch_integrity(self) -> None:
         """Every ``quick_check_interval_s``, run ``PRAGMA quick_check`` on its own read-only connection and
@@ -930,8 +1019,10 @@ class Journal:
         loop = asyncio.get_running_loop()
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-check")
         try:
+            wait = min(QUICK_CHECK_FIRST_S, self.quick_check_interval_s)
             while self.corrupt is None:
-                await asyncio.sleep(self.quick_check_interval_s)
+                await asyncio.sleep(wait)
+                wait = self.quick_check_interval_s
                 try:
                     problem = await loop.run_in_executor(pool, quick_check, self.path)
                 except (sqlite3.Error, OSError) as err:
@@ -1047,9 +1138,14 @@ class Journal:
                 classes.add(cls)
             if rejected:
                 self._quarantine(conn, rejected, now)
+            if self._replaced_draft is not None and any(d is self._replaced_draft for d in fresh):
+                conn.execute("DELETE FROM meta WHERE key = ?", (PENDING_ALERT,))
+                self._after_commit.append(functools.partial(setattr, self, "_replaced_draft", None))
             changed = {c: s for c, s in work.items() if s is not self.state[c]}
             if changed:
                 self._write_state(conn, changed)
+            if seq > self.last_seq:
+                self._within_reservation(seq)
             conn.execute("COMMIT")
         except BaseException:
             self._after_commit.clear()
@@ -1082,6 +1178,19 @@ class Journal:
         for row in rows:
             kinds[row[2]] = kinds.get(row[2], 0) + 1
         return Committed(first, seq, kinds, [r[6] for r in rows], rejected, duplicates, classes, moved)
+
+    def _within_reservation(self, seq: int) -> None:
+        """Never commit a seq the reservation on disk does not cover: a journal lost after this commit would
+        restart below it and hand the seq out twice. The reservation is normally a tenth of a block ahead; it
+        runs out only when writing it has kept failing, and then intake waits (a stall /health reports)."""
+        if seq <= self._reservation.reserved_through:
+            return
+        self._reservation.ensure(seq)
+        if seq > self._reservation.reserved_through:
+            raise SeqReservationError(
+                f"seq {seq} is past the seq reservation ({self._reservation.reserved_through}) and "
+                f"{self._reservation.path.name} cannot be written: holding intake back"
+            )
 
     def _check_intake_room(self, conn: sqlite3.Connection, items: Sequence[Draft | Rejected]) -> None:
         """Raise :class:`IntakeReserveError` when committing ``items`` would eat into the last
@@ -1229,11 +1338,18 @@ class Journal:
         if self.disk_low:
             # SQLite checkpoints only once the WAL holds 1000 pages (4 MiB more disk); on a low disk, checkpoint
             # now, so the next commit writes the WAL from its start again, in blocks the file already has.
-            await loop.run_in_executor(self._writer, self._checkpoint)
+            try:
+                await loop.run_in_executor(self._writer, self._checkpoint)
+            except sqlite3.Error as err:
+                if is_damage(err):
+                    raise
+                # The main file may have to grow to take the WAL's pages: pruning below can still free some.
+                _LOGGER.debug("checkpoint on a low disk failed: %s", err)
         if not (housekeeping or over or grown or self.disk_low):
             return
+        urgent = self._refused_class()
         for _ in range(100_000):  # bounded: each step evicts a chunk or stops
-            step = await loop.run_in_executor(self._writer, self._plan_eviction, housekeeping)
+            step = await loop.run_in_executor(self._writer, self._plan_eviction, housekeeping, urgent)
             if step is None:
                 break
             progress = self._progress
@@ -1296,9 +1412,17 @@ class Journal:
         free = conn.execute("PRAGMA freelist_count").fetchone()[0]
         return int((pages - free) * page_size)
 
-    def _plan_eviction(self, housekeeping: bool) -> Extra | None:
+    def _refused_class(self) -> int | None:
+        """The highest class (lowest number) waiting in the queue while the disk refuses intake; else None."""
+        if not (self._failing and self._failure == "disk_full" and self._queue):
+            return None
+        classes = [self.kind_class(item.kind) for item in self._queue if isinstance(item, Draft)]
+        return min(classes, default=None)
+
+    def _plan_eviction(self, housekeeping: bool, urgent: int | None = None) -> Extra | None:
         """On the writer thread: the next eviction step (a function run inside a commit), or None if within
-        every budget and TTL."""
+        every budget and TTL. ``urgent``: a class the full disk keeps out (sales waiting); undelivered events of
+        lower classes then make room for it, when nothing delivered is left to prune."""
         if housekeeping:
             for name, budget in self._outbox.classes.items():
                 if budget.ttl_days is None:
@@ -1316,6 +1440,12 @@ class Journal:
                     return functools.partial(
                         self._evict, victim.cls, True, "disk_low", None, self._outbox.min_free_bytes
                     )
+            # The disk filled (with HQ away, or by something else on it) and sales wait while telemetry HQ has not
+            # taken yet is kept: the lower classes go first, oldest first, counted and reported like any eviction.
+            for lower in (TELEMETRY, STATE):
+                if urgent is not None and lower > urgent and self._has_rows(lower, False):
+                    # Small steps: each one's WAL pages must fit on the nearly full disk.
+                    return functools.partial(self._evict, lower, False, "disk_low", None, URGENT_EVICT_BYTES)
         cls = self._over_class_budget()
         if cls is not None:
             budget_bytes = self._outbox.classes[CLASSES[cls]].max_bytes
@@ -1520,10 +1650,7 @@ class Journal:
         self, cls: int, after_seq: int, max_events: int, max_bytes: int
     ) -> list[tuple[int, bytes]]:
         """Committed events of one class with seq > after_seq, in order, within the budgets (at least one)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._reader,
-            self._read_sync,
+        return await self._read(
             "SELECT seq, body FROM events WHERE cls=? AND seq>? ORDER BY seq LIMIT ?",
             (cls, after_seq, max_events),
             max_bytes,
@@ -1533,10 +1660,7 @@ class Journal:
         self, first: int, last: int, max_events: int, max_bytes: int
     ) -> list[tuple[int, bytes]]:
         """Events (any class) with first <= seq <= last still on disk, in order, within the budgets."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._reader,
-            self._read_sync,
+        return await self._read(
             "SELECT seq, body FROM events WHERE seq>=? AND seq<=? ORDER BY seq LIMIT ?",
             (first, last, max_events),
             max_bytes,
@@ -1545,6 +1669,17 @@ class Journal:
     async def read_after(self, after_seq: int, max_events: int, max_bytes: int) -> list[tuple[int, bytes]]:
         """Committed events with seq > after_seq, in order, within the count and byte budgets (at least one)."""
         return await self.read_range(after_seq + 1, 2**63 - 1, max_events, max_bytes)
+
+    async def _read(self, sql: str, params: tuple[int, ...], max_bytes: int) -> list[tuple[int, bytes]]:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._reader, self._read_sync, sql, params, max_bytes)
+        except sqlite3.Error as err:
+            # A damaged page in the backlog: retrying the read for ever would hold HQ's copy back silently. The
+            # journal is replaced like one damaged under a commit (what is still readable is salvaged).
+            if is_damage(err):
+                self.declare_corrupt(f"reading events: {err}")
+            raise
 
     def _read_sync(self, sql: str, params: tuple[int, ...], max_bytes: int) -> list[tuple[int, bytes]]:
         assert self._rconn is not None
@@ -1565,6 +1700,10 @@ class Journal:
         rconn = self._rconn
         assert rconn is not None
         return await loop.run_in_executor(self._reader, lambda: rconn.execute(sql, params).fetchall())
+
+
+class SeqReservationError(sqlite3.OperationalError):
+    """A commit would pass the seq reservation on disk, which cannot be written (a transient failure: retried)."""
 
 
 class IntakeReserveError(sqlite3.OperationalError):

@@ -352,6 +352,19 @@ class MqttClient:
         if bad:
             raise MqttError(f"subscription refused for {filters}: {bad}")
 
+    async def unsubscribe(self, filters: list[str], within_s: float = 10.0) -> None:
+        """UNSUBSCRIBE and wait for the broker's UNSUBACK; "no subscription existed" is not a failure."""
+        result, mid = self._client.unsubscribe(filters)
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise MqttError(f"unsubscribe failed: {paho.error_string(result)}")
+        fut: asyncio.Future[list[ReasonCode]] = self._loop.create_future()
+        self._subscribed[mid] = fut  # SUBACK and UNSUBACK share the packet-id space
+        async with asyncio.timeout(within_s):
+            codes = await fut
+        bad = [str(c) for c in codes if c.is_failure]  # 0x11 "no subscription existed" is not one
+        if bad:
+            raise MqttError(f"unsubscribe refused for {filters}: {bad}")
+
     def publish(
         self,
         topic: str,
@@ -428,6 +441,7 @@ class MqttClient:
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
+        c.on_unsubscribe = self._on_subscribe
         self._client.fast_on_message = self._on_message_fast
 
     def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:

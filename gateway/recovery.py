@@ -280,6 +280,17 @@ def _read_one(path: Path, sql: str) -> int | None:
     return int(str(row[0]))
 
 
+def read_meta(path: Path, key: str) -> str | None:
+    """One ``meta`` value of the (sound) journal at ``path``, or None; best effort, read-only."""
+    try:
+        with _open_readonly(path, 0.5) as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    except (sqlite3.Error, OSError) as err:
+        _LOGGER.debug("reading meta %s from %s failed: %s", key, path.name, err)
+        return None
+    return None if row is None or row[0] is None else str(row[0])
+
+
 def fsync_dir(directory: Path) -> None:
     """Make renames and new files in ``directory`` durable (POSIX: the directory entry is its own write)."""
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -493,14 +504,23 @@ class DataDirLock:
 
     Two gateways on one data directory would both hand out seqs from the same journal and fail with
     ``UNIQUE constraint failed: events.seq`` (or worse, interleave). ``flock`` is released by the kernel when the
-    holder dies, SIGKILL included, so a stale lock file never blocks a restart. The file is never deleted: its
-    presence tells a data directory that was used before from a first start (docs/OUTBOX.md, "Lost journal").
+    holder dies, SIGKILL included, so a stale lock file never blocks a restart. The file is never deleted.
+
+    Its lines: the holder's pid; ``state: fresh`` until a journal has been opened in the directory, then
+    ``state: used`` (a journal missing together with its seq reservation is then a loss, not a first start:
+    docs/OUTBOX.md, "Lost journal"); and ``damaged: <reason>`` from a run that stopped on a damaged journal
+    until a start has replaced it (a second record beside ``journal.damaged``, which a failing disk may not
+    have taken). A lock file without a ``state`` line is from an older release: the directory was used.
     """
 
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / LOCK_FILE
         self.existed = False
-        """The lock file was there before this process: the data directory was used before."""
+        """The lock file was there before this process."""
+        self.used = False
+        """A journal was opened in this directory before (see the class docstring)."""
+        self.damaged: str | None = None
+        """Why a previous run stopped on a damaged journal, if no start has replaced it since."""
         self._fd: int | None = None
         self._dir_fd: int | None = None
 
@@ -516,12 +536,7 @@ class DataDirLock:
             fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(dir_fd)
-            holder = "unknown"
-            with contextlib.suppress(OSError):
-                holder = self.path.read_text(encoding="ascii", errors="replace").strip() or holder
-            raise DataDirBusyError(
-                f"another store-gateway is using {self.path.parent} (pid {holder}); lock file {self.path}"
-            ) from None
+            raise DataDirBusyError(self._busy_message(self._holder())) from None
         except BaseException:
             os.close(dir_fd)
             raise
@@ -535,21 +550,63 @@ class DataDirLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
             self.release()
-            raise DataDirBusyError(
-                f"another store-gateway is using {self.path.parent} (pid {holder}); lock file {self.path}"
-            ) from None
+            raise DataDirBusyError(self._busy_message(self._holder())) from None
         except BaseException:
             os.close(fd)
             self.release()
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        previous = os.pread(fd, 4096, 0).decode("utf-8", "replace").splitlines()
+        states = [line[len("state: ") :].strip() for line in previous if line.startswith("state: ")]
+        # No state line: an older release's lock file (a pid), so used; an empty one is a first start cut short.
+        self.used = states[0] == "used" if states else any(line.strip() for line in previous)
+        damaged = [line[len("damaged: ") :] for line in previous if line.startswith("damaged: ")]
+        self.damaged = damaged[0] if damaged else None
+        self._write()
         if not self.existed:
             fsync_dir(self.path.parent)  # the first-start marker must survive a power cut
-        self._fd = fd
+
+    def mark_used(self) -> None:
+        """A journal is open in the directory: from now on, losing it with its reservation is a loss."""
+        if not self.used:
+            self.used = True
+            self._write()
+
+    def note_damaged(self, reason: str) -> None:
+        """Best effort (the disk may be failing): the next start replaces the journal even without its mark."""
+        self.damaged = " ".join(reason.split())[:300] or "damaged"
+        try:
+            self._write()
+        except OSError as err:
+            _LOGGER.error("cannot record the damaged journal in %s: %s", self.path, err)
+
+    def clear_damaged(self) -> None:
+        if self.damaged is not None:
+            self.damaged = None
+            self._write()
+
+    def _write(self) -> None:
+        if self._fd is None:
+            return
+        lines = [str(os.getpid()), f"state: {'used' if self.used else 'fresh'}"]
+        if self.damaged is not None:
+            lines.append(f"damaged: {self.damaged}")
+        data = ("\n".join(lines) + "\n").encode()
+        # Overwritten in place (never truncated first: a crash in between must not lose the state lines).
+        os.pwrite(self._fd, data.ljust(max(len(data), os.fstat(self._fd).st_size)), 0)
+        os.fsync(self._fd)
+
+    def _holder(self) -> str:
+        with contextlib.suppress(OSError):
+            return (
+                self.path.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0].strip() or "unknown"
+            )
+        return "unknown"
+
+    def _busy_message(self, holder: str) -> str:
+        return f"another store-gateway is using {self.path.parent} (pid {holder}); lock file {self.path}"
 
     def release(self) -> None:
         """Unlock (the file stays: it marks the directory as used)."""

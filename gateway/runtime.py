@@ -157,13 +157,19 @@ class Gateway:
             _LOGGER.critical(
                 "journal damaged while running: exiting with code %d to be restarted", EXIT_JOURNAL_CORRUPT
             )
+            self.lock.note_damaged(self.journal.corrupt or "damaged")
             raise SystemExit(EXIT_JOURNAL_CORRUPT) from group
         finally:
             self.lock.release()
 
     async def _run_locked(self, stop: asyncio.Event) -> None:
-        self.journal.used_before = self.lock.existed
+        self.journal.used_before = self.lock.used
+        self.journal.damage_hint = self.lock.damaged
         await self.journal.open()
+        # Only once the journal is open (and a damaged one replaced): a crash before leaves the directory fresh,
+        # or the damage on record for the next start.
+        self.lock.mark_used()
+        self.lock.clear_damaged()
         _LOGGER.info(
             "journal %s: last seq %d, delivered to HQ up to %d",
             self.journal.path,
@@ -171,8 +177,7 @@ class Gateway:
             self.journal.delivered_seq,
         )
         if self.journal.replaced is not None:
-            alert = self.journal.replaced
-            self.journal.submit(Draft("alert.raised", None, orjson.dumps(alert)))
+            self.journal.submit(self.journal.replaced_draft())
         self.journal.submit(self._status_draft("online"))
         try:
             async with asyncio.TaskGroup() as tg:

@@ -613,3 +613,51 @@ async def test_a_full_disk_still_records_hq_acks_prunes_and_delivers_every_sale_
             "hq_duplicates": counters["duplicates"],
         },
     )
+
+
+async def test_a_disk_filled_by_another_program_makes_room_for_sales_by_evicting_undelivered_telemetry(
+    tmp_path: Path,
+) -> None:
+    """HQ away, so nothing is delivered and nothing can be pruned; another program fills the disk. Sales must
+    not wait behind telemetry HQ has not taken: the oldest undelivered telemetry is evicted (counted, reported
+    with its seqs) until the sales commit. No transaction is ever evicted for it."""
+    from gateway.config import OutboxConfig
+    from gateway.journal import Draft
+    from tests.pos_drafts import pos_draft
+    from tests.test_journal import new_journal, running
+
+    # 22 MiB with min_free_bytes 8 MiB: too small for the 8 MiB reserve file (one used up before, in effect).
+    with _small_filesystem(tmp_path / "disk", size="22m") as disk:
+        journal = new_journal(disk)
+        journal._outbox = OutboxConfig(min_free_bytes=8 * 2**20)
+        journal.max_bytes = journal._outbox.max_bytes
+        reading = orjson.dumps({"temperature_c": 4.25, "note": "x" * 900})
+        acked: list[str] = []
+        async with running(journal):
+            for _ in range(4000):
+                assert journal.submit(Draft("sensor.sample", "probe-1", reading))
+            await journal.flush()
+            telemetry = journal.last_seq
+            _fill(disk, leave=3 * 2**20)
+            for n in range(200):
+                journal.submit(pos_draft(f"F{n}", [("SKU-1", "1")], ack=lambda n=n: acked.append(f"F{n}")))
+
+            async def all_sales_committed() -> bool:
+                return len(acked) == 200
+
+            await poll_until(all_sales_committed, "every sale committed on the full disk", within=120)
+            (disk / "filler.bin").unlink()
+        with closing(sqlite3.connect(journal.path)) as db:
+            sales = db.execute("SELECT COUNT(*) FROM events WHERE kind = 'pos.sale'").fetchone()[0]
+            left = db.execute("SELECT COUNT(*) FROM events WHERE kind = 'sensor.sample'").fetchone()[0]
+            reports = [
+                orjson.loads(body)
+                for (body,) in db.execute("SELECT body FROM events WHERE kind = 'outbox.evicted'")
+            ]
+    assert sales == 200
+    evicted = [r["data"] for r in reports if r["data"]["class"] == "telemetry" and r["data"]["ranges"]]
+    assert evicted, reports
+    assert all(r["reason"] == "disk_low" for r in evicted)
+    assert sum(r["count"] for r in evicted) == 4000 - left
+    assert all(1 <= first <= last <= telemetry for r in evicted for first, last in r["ranges"])
+    assert not [r for r in reports if r["data"]["class"] == "transaction"]

@@ -424,11 +424,17 @@ async def test_a_missing_journal_starts_above_the_reservation_with_an_alert(tmp_
         assert fresh.replaced["details"]["possibly_lost"] == [1, reserved]
         assert fresh.submit(pos_draft("R-new", [("SKU-1", "1")]))
     assert fresh.last_seq == reserved + 1
-    # The next start is an ordinary one: the fresh journal remembers where it is.
+    # Stopped before the alert was committed: the next start still has it, and commits it.
+    pending = new_journal(tmp_path)
+    async with running(pending):
+        assert pending.replaced == fresh.replaced
+        assert pending.submit(pending.replaced_draft())
+    assert pending.last_seq == reserved + 2
+    # The next start is an ordinary one: the fresh journal remembers where it is, and the alert is sent once.
     again = new_journal(tmp_path)
     async with running(again):
         assert again.replaced is None
-        assert again.last_seq == reserved + 1
+        assert again.last_seq == reserved + 2
 
 
 async def test_a_journal_emptied_to_zero_bytes_counts_as_missing(tmp_path: Path) -> None:
@@ -484,7 +490,8 @@ def test_the_data_dir_lock_is_exclusive_and_marks_a_used_directory(tmp_path: Pat
     first = DataDirLock(tmp_path / "data")
     first.acquire()
     assert not first.existed
-    assert (tmp_path / "data" / LOCK_FILE).read_text().strip() == str(os.getpid())
+    assert (tmp_path / "data" / LOCK_FILE).read_text().split("\n")[0] == str(os.getpid())
+    assert not first.used
     second = DataDirLock(tmp_path / "data")
     with pytest.raises(
         DataDirBusyError, match=rf"another store-gateway is using .*data \(pid {os.getpid()}\)"
@@ -629,6 +636,15 @@ async def test_a_crash_during_the_salvage_never_lets_seqs_start_again_at_1(
     again = new_journal(tmp_path)
     async with running(again):
         assert again.last_seq > old_last
+        # The salvage resumed from the file moved aside by the first start (the fresh one was not moved too).
+        moved = [
+            p
+            for p in os.listdir(tmp_path)
+            if p.startswith("journal.db.corrupt-") and p[-4:] not in ("-wal", "-shm")
+        ]
+        assert len(moved) == 1
+        assert again.replaced is not None
+        assert again.replaced["details"]["salvaged"] > 0
         assert again.submit(pos_draft("NEW", [("SKU-1", "1")]))
         await again.flush()
         assert again.last_seq > old_last + 1
@@ -660,3 +676,134 @@ async def test_a_start_on_a_full_disk_never_caps_the_journal_below_what_it_holds
             assert again.max_bytes >= again._used_bytes()
         with contextlib.closing(sqlite3.connect(again.path)) as db:
             assert db.execute("SELECT count(*) FROM events WHERE kind='pos.sale'").fetchone() == (2000,)
+
+
+# --- the reservation holds commits back; the lock file's records; stalls; damaged reads ---------------------
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Wait (polling: the journal has no event for these conditions) until ``condition`` holds."""
+    async with asyncio.timeout(30):
+        while not condition():  # noqa: ASYNC110 - polled state, not an event
+            await asyncio.sleep(0.02)
+
+
+async def test_no_seq_is_committed_past_a_reservation_that_cannot_be_written(tmp_path: Path) -> None:
+    """The sidecar cannot be written (its temporary file's name is taken by a directory, which no open for
+    writing gets past, root included): commits go on inside the reservation already on disk, then intake waits
+    unacknowledged, and resumes once the file can be written."""
+    journal = new_journal(tmp_path)
+    journal._reservation = SeqReservation(tmp_path, block=10)
+    blocker = tmp_path / (SEQ_FILE + ".tmp")
+    acked: list[str] = []
+    async with running(journal):
+        assert journal.submit(pos_draft("R0", [("SKU-1", "1")], ack=lambda: acked.append("R0")))
+        await journal.flush()
+        reserved = SeqReservation(tmp_path).load()
+        blocker.mkdir()
+        for n in range(1, 40):
+            journal.submit(pos_draft(f"R{n}", [("SKU-1", "1")], ack=lambda n=n: acked.append(f"R{n}")))
+        await _until(lambda: journal.stall is not None and journal.pending > 0)
+        assert journal.last_seq <= reserved, "never a committed seq above the reservation on disk"
+        assert journal.stall is not None
+        assert journal.stall[0] == "journal_stalled"
+        assert len(acked) < 40
+        blocker.rmdir()
+        await _until(lambda: len(acked) == 40)
+    assert SeqReservation(tmp_path).load() >= journal.last_seq
+
+
+def test_the_lock_file_tells_a_first_start_cut_short_from_a_used_directory(tmp_path: Path) -> None:
+    lock = DataDirLock(tmp_path)
+    lock.acquire()
+    lock.release()  # stopped before any journal was opened
+    again = DataDirLock(tmp_path)
+    again.acquire()
+    assert again.existed
+    assert not again.used, "a first start cut short is still a first start"
+    again.mark_used()
+    again.note_damaged("database disk image\nis malformed")
+    again.release()
+    third = DataDirLock(tmp_path)
+    third.acquire()
+    assert third.used
+    assert third.damaged == "database disk image is malformed"
+    third.clear_damaged()
+    third.release()
+    fourth = DataDirLock(tmp_path)
+    fourth.acquire()
+    assert fourth.used
+    assert fourth.damaged is None
+    fourth.release()
+    # A lock file of an older release holds only a pid: that directory was used.
+    (tmp_path / LOCK_FILE).write_text("12345\n")
+    older = DataDirLock(tmp_path)
+    older.acquire()
+    assert older.used
+    older.release()
+
+
+async def test_damage_recorded_only_in_the_lock_file_replaces_the_journal(tmp_path: Path) -> None:
+    """The disk did not take ``journal.damaged``; the lock file's record is enough for the next start."""
+    journal = new_journal(tmp_path)
+    async with running(journal):
+        for n in range(300):
+            assert journal.submit(pos_draft(f"R{n}", [("SKU-1", "1")]))
+    last = journal.last_seq
+    _garble_page(journal.path, _middle_events_leaf(journal.path))
+    assert read_damage_mark(journal.path) is None
+    fresh = new_journal(tmp_path)
+    fresh.damage_hint = "database disk image is malformed"
+    async with running(fresh):
+        assert fresh.replaced is not None
+        assert fresh.replaced["rule"] == "journal.corrupt"
+        assert fresh.last_seq > last
+
+
+async def test_a_damaged_page_read_by_the_uplink_stops_the_journal(tmp_path: Path) -> None:
+    journal = new_journal(tmp_path)
+    async with running(journal):
+        for n in range(300):
+            assert journal.submit(pos_draft(f"R{n}", [("SKU-1", "1")]))
+    with open_journal_db(journal.path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    damaged = new_journal(tmp_path)
+    await damaged.open()
+    _garble_page(damaged.path, _middle_events_leaf(damaged.path))  # after the start-up probe
+    try:
+        with pytest.raises(sqlite3.DatabaseError):
+            await damaged.read_class(journal_module.CLASSES.index("transaction"), 0, 1000, 10**8)
+        assert damaged.corrupt is not None
+        assert damaged.stall is not None
+        assert damaged.stall[0] == "journal_corrupt"
+        assert read_damage_mark(damaged.path) is not None
+    finally:
+        await damaged.close()
+
+
+async def test_health_stays_stalled_until_commits_have_worked_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holds the write lock (a technician's sqlite3 shell): the commit hangs, then fails, and
+    the stall shows; once the lock goes, the stall ends only after RECOVERED_S of good commits."""
+    monkeypatch.setattr(journal_module, "RECOVERED_S", 0.5)
+    journal = new_journal(tmp_path)
+    async with running(journal):
+        assert journal.submit(pos_draft("R0", [("SKU-1", "1")]))
+        await journal.flush()
+        other = sqlite3.connect(journal.path, isolation_level=None, timeout=0)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            acked: list[bool] = []
+            journal.submit(pos_draft("R1", [("SKU-1", "1")], ack=lambda: acked.append(True)))
+            await _until(lambda: journal.stall is not None)
+            assert journal.stall is not None
+            assert journal.stall[0] == "journal_stalled"
+            assert not acked
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        await _until(lambda: bool(acked))
+        assert journal.submit(pos_draft("R2", [("SKU-1", "1")]))
+        await journal.flush()
+        await _until(lambda: journal.stall is None)
