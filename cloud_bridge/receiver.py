@@ -301,9 +301,17 @@ class HqReceiver:
                 )
         stale = [t for t in previous if t not in wanted]
         if stale:
-            await client.unsubscribe(stale)
-            if recorded:
-                _LOGGER.info("unsubscribed %s: this receiver no longer takes them", " ".join(stale))
+            try:
+                await client.unsubscribe(stale)
+            except MqttError as err:
+                if not client.is_connected:
+                    raise
+                # A broker ACL may forbid even unsubscribing a filter the receiver never held: not a reason to
+                # stop receiving; the old subscription (if any) keeps delivering, which stores nothing twice.
+                _LOGGER.warning("could not unsubscribe %s (%s)", " ".join(stale), err)
+            else:
+                if recorded:
+                    _LOGGER.info("unsubscribed %s: this receiver no longer takes them", " ".join(stale))
         if set(recorded) != set(wanted):
             record = functools.partial(
                 self._store.record_subscriptions, self._client_id, wanted, replace=True
@@ -458,6 +466,10 @@ class HqReceiver:
             answer.get("status") != "error"
             or not isinstance(error, dict)
             or error.get("code") != "invalid_args"
+            # An old release names the field it does not know; a current one refusing for another reason
+            # (a range out of bounds) must not be slowed to one range per command.
+            or "ranges" not in str(error.get("message"))
+            or "not permitted" not in str(error.get("message"))
         ):
             return
         key = (request.store_id, request.gateway_id)

@@ -38,6 +38,7 @@ from gateway.metrics import Metrics
 from gateway.outbox import (
     STATE,
     TELEMETRY,
+    TRANSACTION,
     ClassState,
     KindClasses,
     eviction_order,
@@ -47,7 +48,9 @@ from gateway.recovery import (
     Salvage,
     SalvagedRow,
     SeqReservation,
+    aside_target,
     clear_damage_mark,
+    clear_salvage_plan,
     corrupt_alert,
     is_blank,
     is_damage,
@@ -58,12 +61,14 @@ from gateway.recovery import (
     probe,
     quick_check,
     ranges_for_alert,
-    read_damage_mark,
+    read_damage_record,
     read_meta,
+    read_salvage_plan,
     salvage_delivered,
     salvage_events,
     salvage_last_seq,
     salvage_watermarks,
+    write_salvage_plan,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -140,8 +145,10 @@ QUICK_CHECK_FIRST_S: Final = 30.0
 damage mark could not be written) is found before the process has run long on it."""
 URGENT_EVICT_BYTES: Final = 512 * 1024
 """Undelivered telemetry evicted per step to make room for sales on a full disk."""
-SALVAGE_PENDING: Final = "salvage_pending"
-"""``meta`` key of a fresh journal whose salvage from the damaged one (named in it) has not committed yet."""
+SALVAGED_FROM: Final = "salvaged_from"
+"""``meta`` key: the damaged journal (file name) whose salvage this fresh journal committed."""
+HANDLED_DAMAGE: Final = "handled_damage"
+"""``meta`` key: ids of the damage records (mark, lock file) this journal's replacement handled."""
 PENDING_ALERT: Final = "pending_alert"
 """``meta`` key of the replacement alert until it is committed as an event (a crash in between loses neither)."""
 STALL_S: Final = 10.0
@@ -308,16 +315,20 @@ class Journal:
         self._failure = "journal_stalled"
         self._ok_since: float | None = None
         """First intake commit that succeeded since the last failure: the stall ends RECOVERED_S after it."""
-        self._busy_since: float | None = None
-        """When the commit in progress started (a commit hung in fsync on a dying card is a stall too)."""
+        self._waiting_since: float | None = None
+        """Since when items have waited in the queue without a commit taking any (None: the queue is empty)."""
         self._damaged: tuple[Path, str, int] | None = None
         """A journal moved aside at open, whose events are salvaged into the fresh one once it exists."""
         self.used_before = False
         """Set by the runtime when the data directory was used before (its lock file was there): a journal missing
         together with its seq reservation is then a loss, not a first start, and the open refuses it."""
-        self.damage_hint: str | None = None
+        self.damage_hint: tuple[str, str] | None = None
         """Set by the runtime when the data directory's lock file says a run stopped on a damaged journal: handled
         like the damage mark (which a failing disk may not have taken)."""
+        self.on_damage_handled: Callable[[], None] | None = None
+        """Called once a damaged journal is replaced (the runtime clears the lock file's record)."""
+        self.damage_id: str | None = None
+        """Names the damage found while running (in ``journal.damaged`` and the lock file)."""
         self.new_journal = False
         """``run --new-journal``: the operator accepts a fresh journal from seq 1 after losing both files."""
         self.last_seq = 0
@@ -370,52 +381,48 @@ class Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._reservation.load()
         self._ballast.ensure(self._outbox.min_free_bytes)
-        try:
-            reason = probe(self.path)
-        except (sqlite3.Error, OSError) as err:  # locked, permissions: not damage, never moved aside
-            raise JournalError(f"cannot open journal {self.path}: {err}") from err
-        mark = read_damage_mark(self.path)
-        if mark is None and self.damage_hint is not None:
-            mark = self.damage_hint
-        marked = mark is not None
-        if mark is not None and reason is None and read_meta(self.path, SALVAGE_PENDING) is not None:
-            # This is the fresh journal that replaced the damaged one, and the start that made it stopped before
-            # its salvage finished: the mark is about the file moved aside. The salvage resumes below.
-            mark = None
-        if reason is None and mark is not None and self.path.exists():
-            reason = f"found damaged while running: {mark}"
-        if reason is not None:
-            self._replace_corrupt(reason)
-        elif not self.path.exists():
-            self._replace_missing()
-        elif is_blank(self.path) and self._reservation.reserved_through > 0:
-            # Zero bytes and no WAL, yet seqs were reserved: the schema (committed before the first reservation)
-            # is gone, so the file lost its contents. Kept aside for a technician, then treated as missing.
-            move_aside(self.path)
-            self._replace_missing()
+        records = [r for r in (read_damage_record(self.path), self.damage_hint) if r is not None]
+        plan = read_salvage_plan(self.path)
+        if plan is not None and self.path.with_name(plan["moved"]).exists():
+            self._resume_replacement(plan)
+        else:
+            try:
+                reason = probe(self.path)
+            except (sqlite3.Error, OSError) as err:  # locked, permissions: not damage, never moved aside
+                raise JournalError(f"cannot open journal {self.path}: {err}") from err
+            if reason is None and plan is not None and self.path.exists():
+                reason = plan["reason"]  # found damaged, and stopped before it was moved aside
+            if reason is None and records and self.path.exists():
+                # A record this journal's own replacement already handled (it could not be cleared) is stale.
+                handled = (read_meta(self.path, HANDLED_DAMAGE) or "").split()
+                live = [r for r in records if not r[0] or r[0] not in handled]
+                if live:
+                    reason = f"found damaged while running: {live[0][1]}"
+            if reason is not None:
+                self._replace_corrupt(reason)
+            elif not self.path.exists():
+                self._replace_missing()
+            elif is_blank(self.path) and self._reservation.reserved_through > 0:
+                # Zero bytes and no WAL, yet seqs were reserved: the schema (committed before the first
+                # reservation) is gone, so the file lost its contents. Kept aside, then treated as missing.
+                move_aside(self.path)
+                self._replace_missing()
         try:
             conn = connect(self.path, self._config.synchronous)
         except sqlite3.DatabaseError as err:
             raise JournalError(f"cannot open journal {self.path}: {err}") from err
         try:
             conn.executescript(SCHEMA)
-            if self.seq_floor:
+            if self.seq_floor or self.replaced is not None:
                 # Durable before anything else is copied in: a crash during the salvage below must not leave a
-                # sound, empty journal that a restart would number from 1. With it, what the next start must
-                # finish: the salvage (from the file moved aside), or the alert.
+                # sound, empty journal that a restart would number from 1. A missing journal's alert is kept
+                # with it until committed as an event.
                 conn.execute("BEGIN IMMEDIATE")
                 conn.execute(
                     "INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)",
                     (str(max(self.seq_floor, _meta_last_seq(conn))),),
                 )
-                if self._damaged is not None:
-                    moved, why, through = self._damaged
-                    pending = {"moved": moved.name, "reason": why, "through": through}
-                    conn.execute(
-                        "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                        (SALVAGE_PENDING, orjson.dumps(pending).decode()),
-                    )
-                elif self.replaced is not None:
+                if self.replaced is not None:
                     conn.execute(
                         "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                         (PENDING_ALERT, orjson.dumps(self.replaced).decode()),
@@ -424,22 +431,11 @@ class Journal:
             self._migrate(conn)
             for proc in self._processors:
                 proc.setup(conn)
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-            if self._damaged is None and SALVAGE_PENDING in meta:
-                pending = orjson.loads(meta[SALVAGE_PENDING])
-                self._damaged = (
-                    self.path.with_name(pending["moved"]),
-                    pending["reason"],
-                    int(pending["through"]),
-                )
-                self.seq_floor = max(self.seq_floor, int(meta.get("last_seq", 0)))
-                _LOGGER.critical(
-                    "resuming the salvage from %s, cut short by the last start", pending["moved"]
-                )
             if self._damaged is not None:
-                self._salvage_into(conn, *self._damaged)
-                self._damaged = None
-                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+                moved = self._damaged[0]
+                if _meta_value(conn, SALVAGED_FROM) != moved.name:  # not committed by a start cut short
+                    self._salvage_into(conn, *self._damaged, handled=[r[0] for r in records if r[0]])
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             if self.replaced is None and PENDING_ALERT in meta:
                 # The alert of a replacement whose start stopped before committing it.
                 self.replaced = orjson.loads(meta[PENDING_ALERT])
@@ -457,16 +453,41 @@ class Journal:
         except BaseException:
             conn.close()
             raise
-        if marked:
-            # Only now: the damaged file is aside and what could be salvaged is committed. A crash before this
-            # line finds the mark again, and the fresh journal's record of its pending salvage.
+        if self._damaged is not None or records:
+            # Only now: the damaged file is aside and what could be salvaged is committed (with the ids of these
+            # records, so one that cannot be cleared is known as handled). The plan goes last: a start cut
+            # short before this line resumes the replacement and finds the salvage committed.
             clear_damage_mark(self.path)
+            if self.on_damage_handled is not None:
+                self.on_damage_handled()
+            clear_salvage_plan(self.path)
+            self._damaged = None
         self._conn = conn
         self._cap_to_disk()
         self._reservation.ensure(self.last_seq)
         self._metrics.last_seq.set(self.last_seq)
         self._metrics.delivered_seq.set(self.delivered_seq)
         self._outbox_gauges()
+
+    def _resume_replacement(self, plan: dict[str, Any]) -> None:
+        """A start moved a damaged journal aside and stopped before the replacement was complete: finish it. The
+        journal file here, if any, is the fresh one (the records of damage are about the file moved aside)."""
+        moved = self.path.with_name(plan["moved"])
+        if self.path.exists():
+            try:
+                fresh_damaged = probe(self.path)
+            except (sqlite3.Error, OSError) as err:
+                raise JournalError(f"cannot open journal {self.path}: {err}") from err
+            if (
+                fresh_damaged is not None
+            ):  # it holds nothing but copies: they are salvaged again from the original
+                move_aside(self.path)
+        self.seq_floor = max(self.seq_floor, plan["floor"])
+        self._damaged = (moved, plan["reason"], plan["through"])
+        _LOGGER.critical(
+            "finishing the replacement of the damaged journal (moved aside to %s), cut short by the last start",
+            moved.name,
+        )
 
     def _cap_to_disk(self) -> None:
         """Lower the cap in force to a safe share of what this disk can give the journal (seen at start)."""
@@ -494,11 +515,18 @@ class Journal:
         """Move an unreadable journal aside; the fresh one starts above every seq the old one may have used, with
         the old one's readable undelivered events copied in (:meth:`_salvage_into`), and the alert
         (``self.replaced``) is committed first thing by the runtime."""
-        moved = move_aside(self.path)
-        last = salvage_last_seq(moved)
+        last = salvage_last_seq(self.path)
         start = self._reservation.start_after_corruption(last)
         self.seq_floor = max(self.seq_floor, start - 1)
-        self._damaged = (moved, reason, last or self.seq_floor)
+        target = aside_target(self.path)
+        through = last or self.seq_floor
+        plan = {"moved": target.name, "reason": reason, "through": through, "floor": self.seq_floor}
+        try:
+            write_salvage_plan(self.path, plan)
+        except OSError as err:  # a failing or full disk: the replacement still goes ahead, resumable or not
+            _LOGGER.error("cannot write the salvage plan next to %s: %s", self.path, err)
+        moved = move_aside(self.path, target=target)
+        self._damaged = (moved, reason, through)
         _LOGGER.critical(
             "journal %s is corrupt (%s): moved aside to %s; a fresh journal starts at seq %d",
             self.path,
@@ -507,7 +535,9 @@ class Journal:
             start,
         )
 
-    def _salvage_into(self, conn: sqlite3.Connection, moved: Path, reason: str, through: int) -> None:
+    def _salvage_into(
+        self, conn: sqlite3.Connection, moved: Path, reason: str, through: int, handled: Sequence[str] = ()
+    ) -> None:
         """Copy the undelivered events still readable in the damaged journal into the fresh one, keeping their
         seqs (all below the fresh start), ids and dedup keys, so the uplink sends them and redeliveries of them
         are still dropped. The per-class delivered watermarks come along; the alert lists the seqs that could
@@ -534,9 +564,13 @@ class Journal:
                 self._write_state(conn, work)
             start = max(self.seq_floor, result.last_seq) + 1
             alert = self._salvage_alert(moved, reason, floor, start, result)
-            conn.execute("DELETE FROM meta WHERE key = ?", (SALVAGE_PENDING,))
-            conn.execute(
-                "INSERT OR REPLACE INTO meta VALUES (?, ?)", (PENDING_ALERT, orjson.dumps(alert).decode())
+            conn.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                [
+                    (SALVAGED_FROM, moved.name),
+                    (HANDLED_DAMAGE, " ".join(handled)),
+                    (PENDING_ALERT, orjson.dumps(alert).decode()),
+                ],
             )
             conn.execute("COMMIT")
         except BaseException:
@@ -722,6 +756,8 @@ class Journal:
                     item.ack()
                 return True
         self._queue.append(item)
+        if self._waiting_since is None:
+            self._waiting_since = time.monotonic()
         self._submitted += 1
         if not self._wakeup.is_set():
             self._wakeup.set()
@@ -736,6 +772,8 @@ class Journal:
         dropped = len(self._queue) - len(kept)
         if dropped:
             self._queue = kept
+            if not kept:
+                self._waiting_since = None
             self._finished += dropped
             self._commit_done.set()
         return dropped
@@ -882,7 +920,6 @@ class Journal:
             return
         started = time.perf_counter()
         self._busy = True
-        self._busy_since = time.monotonic()
         cancelled: asyncio.CancelledError | None = None
         leftover: list[Draft | Rejected] = []
         result: Committed | None = None
@@ -901,7 +938,12 @@ class Journal:
                     cancelled = err
         except sqlite3.Error as err:
             result, leftover = None, items
-            if acks and items and _disk_full(err) and not is_damage(err):
+            if (
+                acks
+                and items
+                and (_disk_full(err) or isinstance(err, SeqReservationError))
+                and not is_damage(err)
+            ):
                 # HQ's acknowledgements must get to disk even when intake cannot: they are what lets the uplink
                 # move on and the delivered events be pruned to make room. Tried alone, they need one page.
                 acks_written, stop = await self._commit_acks_alone(loop, acks)
@@ -911,12 +953,14 @@ class Journal:
             self._commit_failed(err, {} if acks_written else acks)
         finally:
             self._busy = False
-            self._busy_since = None
+        if items and len(leftover) < len(items):
+            self._waiting_since = time.monotonic() if self._queue or leftover else None
         if leftover:
             # Nothing of the leftover was committed or acknowledged: put it back in order, retry after a pause.
             self._queue.extendleft(reversed(leftover))
             items = items[: len(items) - len(leftover)]
             self._failing = True
+            self._note_failure()
         elif items or not self._queue:  # a pruning step alone does not show that intake commits again
             if self._failing_since is not None and self._ok_since is None:
                 self._ok_since = time.monotonic()
@@ -983,12 +1027,13 @@ class Journal:
         if self.corrupt is not None:
             return
         self.corrupt = reason
+        self.damage_id = uuid7()
         self._failure = "journal_corrupt"
         self._note_failure()
         _LOGGER.critical(
             "journal %s is damaged (%s): stopping; the next start replaces it", self.path, reason
         )
-        mark_damaged(self.path, reason)
+        mark_damaged(self.path, reason, self.damage_id)
         self._wakeup.set()
 
     def _note_failure(self) -> None:
@@ -1006,11 +1051,15 @@ class Journal:
         ``disk_full`` or ``journal_stalled``. A stall ends only after RECOVERED_S of commits without a failure:
         a disk that takes one small commit in three is still failing, and /health must not flap."""
         now = time.monotonic()
-        hung = None if self._busy_since is None else now - self._busy_since
         if self._failing_since is not None and not self._recovered(now):
-            return self._failure, now - self._failing_since
-        if hung is not None and hung >= 1.0:
-            return "journal_stalled", hung
+            # Frozen while commits work again: a short blip that healed never grows into a 503 later.
+            until = now if self._ok_since is None else self._ok_since
+            return self._failure, until - self._failing_since
+        # Items waiting with no commit taking them: a commit hung in fsync, or the writer held up by anything else
+        # (a checkpoint, an eviction step, a transaction) on a card that stopped answering.
+        waiting = None if self._waiting_since is None else now - self._waiting_since
+        if waiting is not None and waiting >= 1.0:
+            return "journal_stalled", waiting
         return None
 
     async def watch_integrity(self) -> None:
@@ -1347,8 +1396,9 @@ class Journal:
                 _LOGGER.debug("checkpoint on a low disk failed: %s", err)
         if not (housekeeping or over or grown or self.disk_low):
             return
-        urgent = self._refused_class()
         for _ in range(100_000):  # bounded: each step evicts a chunk or stops
+            # Read again before every step: once the waiting sales commit, nothing more is evicted for them.
+            urgent = self._refused_class()
             step = await loop.run_in_executor(self._writer, self._plan_eviction, housekeeping, urgent)
             if step is None:
                 break
@@ -1413,11 +1463,13 @@ class Journal:
         return int((pages - free) * page_size)
 
     def _refused_class(self) -> int | None:
-        """The highest class (lowest number) waiting in the queue while the disk refuses intake; else None."""
+        """``transaction`` or ``critical`` (the highest waiting) while the full disk keeps such events out of the
+        journal; else None (state and telemetry never make room for each other)."""
         if not (self._failing and self._failure == "disk_full" and self._queue):
             return None
         classes = [self.kind_class(item.kind) for item in self._queue if isinstance(item, Draft)]
-        return min(classes, default=None)
+        urgent = min(classes, default=None)
+        return urgent if urgent is not None and urgent <= TRANSACTION else None
 
     def _plan_eviction(self, housekeeping: bool, urgent: int | None = None) -> Extra | None:
         """On the writer thread: the next eviction step (a function run inside a commit), or None if within
@@ -1795,6 +1847,11 @@ def _merge(total: Committed | None, part: Committed | None) -> Committed | None:
     total.rejected += part.rejected
     total.classes |= part.classes
     return total
+
+
+def _meta_value(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
 
 
 def _meta_last_seq(conn: sqlite3.Connection) -> int:

@@ -217,22 +217,29 @@ def _is_damage(err: sqlite3.DatabaseError) -> bool:
 # --- move aside and salvage -----------------------------------------------------------------------
 
 
-def move_aside(path: Path, now: datetime | None = None) -> Path:
-    """Rename the journal and its ``-wal``/``-shm``/``-journal`` to ``<name>.corrupt-<UTC time>`` (the
-    companions keep their suffix after the new name, so SQLite still pairs them), fsync the directory and
-    return the new path of the main file. An existing file is never overwritten: ``.2``, ``.3``... are added.
-
-    The companions move first: a ``-wal`` left behind next to a fresh database would be replayed into it.
-    Raises ``OSError`` if a rename fails (the journal itself missing included).
-    """
+def aside_target(path: Path, now: datetime | None = None) -> Path:
+    """Where :func:`move_aside` would put the journal now: ``<name>.corrupt-<UTC time>``, with ``.2``, ``.3``...
+    added so that no existing file is ever overwritten."""
     when = (now or datetime.now(UTC)).astimezone(UTC)
     base = f"{path.name}.corrupt-{when:%Y%m%dT%H%M%SZ}"
-    names = [""] + [s for s in SIDECARS if _sidecar(path, s).exists()]
     target = path.with_name(base)
     counter = 1
     while any(_sidecar(target, s).exists() for s in ("", *SIDECARS)):
         counter += 1
         target = path.with_name(f"{base}.{counter}")
+    return target
+
+
+def move_aside(path: Path, now: datetime | None = None, target: Path | None = None) -> Path:
+    """Rename the journal and its ``-wal``/``-shm``/``-journal`` to ``target`` (default :func:`aside_target`;
+    the companions keep their suffix after the new name, so SQLite still pairs them), fsync the directory and
+    return the new path of the main file.
+
+    The companions move first: a ``-wal`` left behind next to a fresh database would be replayed into it.
+    Raises ``OSError`` if a rename fails (the journal itself missing included).
+    """
+    names = [""] + [s for s in SIDECARS if _sidecar(path, s).exists()]
+    target = target or aside_target(path, now)
     for suffix in reversed(names):
         os.rename(_sidecar(path, suffix), _sidecar(target, suffix))
     fsync_dir(path.parent)
@@ -391,12 +398,26 @@ class SeqReservation:
     def _write(self, reserved_through: int) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
         data = json.dumps({"reserved_through": reserved_through}).encode() + b"\n"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            if err.errno != errno.ENOSPC or not self.path.exists():
+                raise
+            # A full disk has no block for a new file, but the sidecar has one: overwrite it in place (a few
+            # dozen bytes in one sector, so a power cut leaves the old number or the new one).
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data.ljust(max(len(data), os.fstat(fd).st_size)), 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return
         os.replace(tmp, self.path)
         fsync_dir(self.path.parent)
 
@@ -519,8 +540,8 @@ class DataDirLock:
         """The lock file was there before this process."""
         self.used = False
         """A journal was opened in this directory before (see the class docstring)."""
-        self.damaged: str | None = None
-        """Why a previous run stopped on a damaged journal, if no start has replaced it since."""
+        self.damaged: tuple[str, str] | None = None
+        """``(id, reason)``: a previous run stopped on a damaged journal, and no start has replaced it since."""
         self._fd: int | None = None
         self._dir_fd: int | None = None
 
@@ -562,8 +583,11 @@ class DataDirLock:
         states = [line[len("state: ") :].strip() for line in previous if line.startswith("state: ")]
         # No state line: an older release's lock file (a pid), so used; an empty one is a first start cut short.
         self.used = states[0] == "used" if states else any(line.strip() for line in previous)
-        damaged = [line[len("damaged: ") :] for line in previous if line.startswith("damaged: ")]
-        self.damaged = damaged[0] if damaged else None
+        damaged = [line[len("damaged: ") :].strip() for line in previous if line.startswith("damaged: ")]
+        self.damaged = None
+        if damaged:
+            first, _, rest = damaged[0].partition(" ")
+            self.damaged = (first[3:], rest) if first.startswith("id=") else ("", damaged[0])
         self._write()
         if not self.existed:
             fsync_dir(self.path.parent)  # the first-start marker must survive a power cut
@@ -574,25 +598,29 @@ class DataDirLock:
             self.used = True
             self._write()
 
-    def note_damaged(self, reason: str) -> None:
+    def note_damaged(self, reason: str, damage_id: str = "") -> None:
         """Best effort (the disk may be failing): the next start replaces the journal even without its mark."""
-        self.damaged = " ".join(reason.split())[:300] or "damaged"
+        self.damaged = ("".join(damage_id.split()), " ".join(reason.split())[:300] or "damaged")
         try:
             self._write()
         except OSError as err:
             _LOGGER.error("cannot record the damaged journal in %s: %s", self.path, err)
 
     def clear_damaged(self) -> None:
+        """Best effort: a record left behind is recognised as handled by the journal that replaced the file."""
         if self.damaged is not None:
             self.damaged = None
-            self._write()
+            try:
+                self._write()
+            except OSError as err:
+                _LOGGER.error("cannot clear the damaged-journal record in %s: %s", self.path, err)
 
     def _write(self) -> None:
         if self._fd is None:
             return
         lines = [str(os.getpid()), f"state: {'used' if self.used else 'fresh'}"]
         if self.damaged is not None:
-            lines.append(f"damaged: {self.damaged}")
+            lines.append(f"damaged: id={self.damaged[0]} {self.damaged[1]}")
         data = ("\n".join(lines) + "\n").encode()
         # Overwritten in place (never truncated first: a crash in between must not lose the state lines).
         os.pwrite(self._fd, data.ljust(max(len(data), os.fstat(self._fd).st_size)), 0)
@@ -620,6 +648,8 @@ class DataDirLock:
 
 # --- corruption found at run time -----------------------------------------------------------------
 
+SALVAGE_PLAN: Final = "journal.salvage"
+"""Written before a damaged journal is moved aside, removed once the replacement is complete."""
 DAMAGE_MARK: Final = "journal.damaged"
 """Written when the running gateway finds the journal damaged; the next start moves the journal aside even if
 :func:`probe` (which reads only the tail) finds nothing wrong."""
@@ -638,11 +668,13 @@ def is_damage(err: sqlite3.Error) -> bool:
     return isinstance(err, sqlite3.DatabaseError) and _is_damage(err)
 
 
-def mark_damaged(path: Path, reason: str) -> None:
-    """Leave the reason next to the journal for the next start; best effort (the disk may be failing too)."""
+def mark_damaged(path: Path, reason: str, damage_id: str = "") -> None:
+    """Leave the reason next to the journal for the next start; best effort (the disk may be failing too).
+    ``damage_id`` names this finding: the fresh journal that replaces the file records it as handled."""
     mark = path.with_name(DAMAGE_MARK)
+    record = {"reason": reason[:500], "at": datetime.now(UTC).isoformat(), "id": damage_id}
     try:
-        mark.write_text(json.dumps({"reason": reason[:500], "at": datetime.now(UTC).isoformat()}) + "\n")
+        mark.write_text(json.dumps(record) + "\n")
         fd = os.open(mark, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -651,6 +683,57 @@ def mark_damaged(path: Path, reason: str) -> None:
         fsync_dir(path.parent)
     except OSError as err:
         _LOGGER.error("cannot write %s: %s", mark, err)
+
+
+def read_damage_record(path: Path) -> tuple[str, str] | None:
+    """``(id, reason)`` of ``journal.damaged`` (id "" for a mark without one), or None if there is no mark."""
+    reason = read_damage_mark(path)
+    if reason is None:
+        return None
+    try:
+        found = json.loads(path.with_name(DAMAGE_MARK).read_bytes()).get("id")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    return (found if isinstance(found, str) else ""), reason
+
+
+def write_salvage_plan(path: Path, plan: dict[str, Any]) -> None:
+    """Record, durably and before the damaged journal is renamed, what replacing it involves: a start cut short
+    anywhere after this resumes the replacement (:data:`SALVAGE_PLAN`) instead of taking the fresh file for the
+    damaged one, or a missing journal for a lost one."""
+    target = path.with_name(SALVAGE_PLAN)
+    tmp = target.with_name(SALVAGE_PLAN + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, json.dumps(plan).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, target)
+    fsync_dir(path.parent)
+
+
+def read_salvage_plan(path: Path) -> dict[str, Any] | None:
+    try:
+        plan = json.loads(path.with_name(SALVAGE_PLAN).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        _LOGGER.error("the salvage plan %s is unreadable (%s): ignored", SALVAGE_PLAN, err)
+        return None
+    keys = {"moved": str, "reason": str, "through": int, "floor": int}
+    if not isinstance(plan, dict) or any(not isinstance(plan.get(k), t) for k, t in keys.items()):
+        _LOGGER.error("the salvage plan %s is malformed: ignored", SALVAGE_PLAN)
+        return None
+    if Path(plan["moved"]).name != plan["moved"]:
+        return None
+    return plan
+
+
+def clear_salvage_plan(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.with_name(SALVAGE_PLAN).unlink()
+        fsync_dir(path.parent)
 
 
 def read_damage_mark(path: Path) -> str | None:

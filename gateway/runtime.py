@@ -157,7 +157,7 @@ class Gateway:
             _LOGGER.critical(
                 "journal damaged while running: exiting with code %d to be restarted", EXIT_JOURNAL_CORRUPT
             )
-            self.lock.note_damaged(self.journal.corrupt or "damaged")
+            self.lock.note_damaged(self.journal.corrupt or "damaged", self.journal.damage_id or "")
             raise SystemExit(EXIT_JOURNAL_CORRUPT) from group
         finally:
             self.lock.release()
@@ -165,11 +165,10 @@ class Gateway:
     async def _run_locked(self, stop: asyncio.Event) -> None:
         self.journal.used_before = self.lock.used
         self.journal.damage_hint = self.lock.damaged
+        self.journal.on_damage_handled = self.lock.clear_damaged
         await self.journal.open()
-        # Only once the journal is open (and a damaged one replaced): a crash before leaves the directory fresh,
-        # or the damage on record for the next start.
+        # Only once a journal is open: a first start cut short before leaves the directory fresh.
         self.lock.mark_used()
-        self.lock.clear_damaged()
         _LOGGER.info(
             "journal %s: last seq %d, delivered to HQ up to %d",
             self.journal.path,

@@ -655,6 +655,7 @@ async def test_a_disk_filled_by_another_program_makes_room_for_sales_by_evicting
                 for (body,) in db.execute("SELECT body FROM events WHERE kind = 'outbox.evicted'")
             ]
     assert sales == 200
+    assert left > 0, "evicted for the sales, and no more"
     evicted = [r["data"] for r in reports if r["data"]["class"] == "telemetry" and r["data"]["ranges"]]
     assert evicted, reports
     assert all(r["reason"] == "disk_low" for r in evicted)
