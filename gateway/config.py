@@ -210,6 +210,13 @@ class JournalConfig(StrictModel):
         le=16 * 1024 * 1024,
         description="Largest event body stored; larger is quarantined.",
     )
+    dedup_retention_days: float = Field(
+        default=35,
+        ge=1,
+        le=3650,
+        description="How long a dedup key (a receipt, a webhook, an HQ command id) is remembered after its event"
+        " committed, whatever TTL or the disk budget removed: longer than any sender's retry horizon.",
+    )
 
 
 OutboxClass = Literal["critical", "transaction", "state", "telemetry"]

@@ -19,6 +19,7 @@ import itertools
 import logging
 import os
 import sqlite3
+import stat
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -66,6 +67,7 @@ from gateway.recovery import (
     read_salvage_plan,
     salvage_delivered,
     salvage_events,
+    salvage_idempotency,
     salvage_last_seq,
     salvage_watermarks,
     write_salvage_plan,
@@ -118,6 +120,12 @@ CREATE TABLE IF NOT EXISTS quarantine(
     payload BLOB
 );
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS idempotency(
+    key TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency(expires_at);
 """
 CLASS_INDEX: Final = "CREATE INDEX IF NOT EXISTS events_cls ON events(cls, seq)"
 
@@ -252,6 +260,9 @@ def connect(path: Path, synchronous: str = "FULL", readonly: bool = False) -> sq
     try:
         if not readonly:
             conn.execute("PRAGMA journal_mode=WAL")
+            # Deleted rows are overwritten with zeros: staff ids and GPS fixes of evicted or expired events do not
+            # linger in free pages.
+            conn.execute("PRAGMA secure_delete=ON")
             conn.execute(f"PRAGMA synchronous={synchronous}")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
@@ -463,6 +474,7 @@ class Journal:
             clear_salvage_plan(self.path)
             self._damaged = None
         self._conn = conn
+        _keep_private(self.path)
         self._cap_to_disk()
         self._reservation.ensure(self.last_seq)
         self._metrics.last_seq.set(self.last_seq)
@@ -552,14 +564,22 @@ class Journal:
         def keep(row: SalvagedRow) -> bool:
             return row[7] in delivered and row[0] > delivered[row[7]]
 
+        expires = time.time() + self._config.dedup_retention_days * 86400
+
         def sink(rows: list[SalvagedRow]) -> None:
             conn.executemany("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?)", rows)
+            keyed = [(row[5], row[0], expires) for row in rows if row[5] is not None]
+            conn.executemany("INSERT OR IGNORE INTO idempotency VALUES (?,?,?)", keyed)
             for row in rows:
                 work[row[7]] = work[row[7]].stored(1, len(row[6]))
 
         conn.execute("BEGIN IMMEDIATE")
         try:
             result = salvage_events(moved, floor, through, keep, sink)
+            # The dedup keys of events HQ already had too: a till's redelivery of a delivered sale stays a
+            # duplicate after the replacement (best effort: what the damaged file still shows).
+            for keys in salvage_idempotency(moved):
+                conn.executemany("INSERT OR IGNORE INTO idempotency VALUES (?,?,?)", keys)
             if result.count:
                 self._write_state(conn, work)
             start = max(self.seq_floor, result.last_seq) + 1
@@ -647,6 +667,22 @@ class Journal:
                 conn.execute("ROLLBACK")
                 raise
         conn.execute(CLASS_INDEX)
+        if _meta_value(conn, "idempotency") is None:
+            # Journals from before the idempotency table: their events' keys go in once, so nothing they hold
+            # is taken twice after the upgrade.
+            expires = time.time() + self._config.dedup_retention_days * 86400
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(
+                    "INSERT OR IGNORE INTO idempotency SELECT dedup_key, seq, ? FROM events"
+                    " WHERE dedup_key IS NOT NULL",
+                    (expires,),
+                )
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('idempotency', '1')")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
 
     def _load_state(self, conn: sqlite3.Connection, legacy_delivered: int) -> None:
         """Per-class counters: read in O(1) from ``outbox_state``; built by one scan only the first time."""
@@ -1180,6 +1216,11 @@ class Journal:
             if extra is not None:
                 seq = self._envelopes(extra(conn, work, moved), seq, now, rows)
             conn.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?,?)", rows)
+            expires = now + self._config.dedup_retention_days * 86400
+            keyed = [(row[5], row[0], expires) for row in rows if row[5] is not None]
+            if keyed:
+                # Kept apart from the events: a replay is still known after TTL or the disk budget removed them.
+                conn.executemany("INSERT OR REPLACE INTO idempotency VALUES (?,?,?)", keyed)
             classes: set[int] = set()
             for row in rows:
                 cls = row[7]
@@ -1286,7 +1327,7 @@ class Journal:
             marks = ",".join("?" * len(chunk))
             seen.update(
                 r[0]
-                for r in conn.execute(f"SELECT dedup_key FROM events WHERE dedup_key IN ({marks})", chunk)  # noqa: S608
+                for r in conn.execute(f"SELECT key FROM idempotency WHERE key IN ({marks})", chunk)  # noqa: S608
             )
         fresh: list[Draft] = []
         duplicates: dict[str, int] = {}
@@ -1413,6 +1454,7 @@ class Journal:
         self._budget_checked_bytes = self.stored_bytes
         if housekeeping:
             await loop.run_in_executor(self._writer, self._trim_quarantine)
+            await loop.run_in_executor(self._writer, self._expire_idempotency)
 
     def _check_disk(self) -> None:
         try:
@@ -1680,6 +1722,45 @@ class Journal:
         reports = eviction_reports(cls, reason, lost)
         return [Draft("outbox.evicted", None, orjson.dumps(r)) for r in reports]
 
+    def _expire_idempotency(self) -> None:
+        """Forget dedup keys older than ``journal.dedup_retention_days``, in bounded steps. A key whose event is
+        still stored is kept for another period instead (the events' UNIQUE dedup_key would otherwise turn a
+        replay into a failed commit): the table never forgets sooner than the events do."""
+        conn = self._conn
+        assert conn is not None
+        now = time.time()
+        later = now + self._config.dedup_retention_days * 86400
+        for _ in range(100):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = conn.execute(
+                    "SELECT key, EXISTS (SELECT 1 FROM events WHERE dedup_key = idempotency.key)"
+                    " FROM idempotency WHERE expires_at < ? ORDER BY expires_at LIMIT ?",
+                    (now, EVICT_CHUNK),
+                ).fetchall()
+                conn.executemany(
+                    "DELETE FROM idempotency WHERE key = ?", [(k,) for k, kept in rows if not kept]
+                )
+                conn.executemany(
+                    "UPDATE idempotency SET expires_at = ? WHERE key = ?",
+                    [(later, k) for k, kept in rows if kept],
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            if len(rows) < EVICT_CHUNK:
+                return
+
+    def dedup_seq(self, key: str) -> int | None:
+        """The seq committed under ``key`` within the dedup retention (its event may be gone), or None. Reader
+        thread: call from :meth:`query`'s executor, or tests."""
+        rconn = self._rconn
+        assert rconn is not None
+        row = rconn.execute("SELECT seq FROM idempotency WHERE key = ?", (key,)).fetchone()
+        return None if row is None else int(row[0])
+
     def _trim_quarantine(self) -> None:
         conn = self._conn
         assert conn is not None
@@ -1847,6 +1928,28 @@ def _merge(total: Committed | None, part: Committed | None) -> Committed | None:
     total.rejected += part.rejected
     total.classes |= part.classes
     return total
+
+
+def _keep_private(path: Path) -> None:
+    """The journal holds staff ids and GPS fixes: its directory 0700 and its files 0600, where this process owns
+    them (SQLite gives the -wal and -shm it creates later the database file's mode). A directory someone else
+    owns (a volume mounted for us) is left as it is, with a warning if others can read it."""
+    directory = path.parent
+    uid = os.geteuid()
+    try:
+        st = directory.stat()
+        if st.st_mode & 0o077:
+            if st.st_uid == uid:
+                directory.chmod(0o700)
+            else:
+                _LOGGER.warning("data directory %s can be read by other users: make it 0700", directory)
+        for name in os.listdir(directory):
+            file = directory / name
+            fst = file.lstat()
+            if stat.S_ISREG(fst.st_mode) and fst.st_mode & 0o077 and fst.st_uid == uid:
+                file.chmod(0o600)
+    except OSError as err:
+        _LOGGER.warning("cannot make the data directory %s private: %s", directory, err)
 
 
 def _meta_value(conn: sqlite3.Connection, key: str) -> str | None:

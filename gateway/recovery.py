@@ -399,7 +399,7 @@ class SeqReservation:
         tmp = self.path.with_name(self.path.name + ".tmp")
         data = json.dumps({"reserved_through": reserved_through}).encode() + b"\n"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 os.write(fd, data)
                 os.fsync(fd)
@@ -564,7 +564,7 @@ class DataDirLock:
         self._dir_fd = dir_fd
         self.existed = self.path.exists()
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except BaseException:
             self.release()
             raise
@@ -703,7 +703,7 @@ def write_salvage_plan(path: Path, plan: dict[str, Any]) -> None:
     damaged one, or a missing journal for a lost one."""
     target = path.with_name(SALVAGE_PLAN)
     tmp = target.with_name(SALVAGE_PLAN + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, json.dumps(plan).encode() + b"\n")
         os.fsync(fd)
@@ -773,6 +773,25 @@ def quick_check(path: Path) -> str | None:
     if rows == [("ok",)]:
         return None
     return str(rows[0][0] if rows else "quick_check returned nothing")[:300]
+
+
+def salvage_idempotency(path: Path, chunk: int = 2000) -> Iterator[list[tuple[str, int, float]]]:
+    """The dedup keys the damaged journal still shows (``idempotency``), in chunks; stops at the first damaged
+    page (best effort: the rest are lost, and a redelivery of one of those events would be taken again)."""
+    after = ""
+    try:
+        with _open_readonly(path, 0.5) as conn:
+            while True:
+                rows = conn.execute(
+                    "SELECT key, seq, expires_at FROM idempotency WHERE key > ? ORDER BY key LIMIT ?",
+                    (after, chunk),
+                ).fetchall()
+                if not rows:
+                    return
+                yield [(str(k), int(s), float(e)) for k, s, e in rows]
+                after = str(rows[-1][0])
+    except (sqlite3.Error, OSError, ValueError, TypeError) as err:
+        _LOGGER.warning("salvage of the dedup keys from %s stopped: %s", path.name, err)
 
 
 def salvage_watermarks(path: Path) -> dict[int, int]:
