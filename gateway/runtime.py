@@ -89,6 +89,17 @@ class Gateway:
         if config.api.token is not None:
             register_secret(config.api.token.get_secret_value())
 
+    @property
+    def warnings(self) -> list[str]:
+        """Settings that weaken security, said at start and in /health for as long as they are in force."""
+        found = []
+        hq = self.config.hq
+        if hq.tls is None:
+            found.append("hq_plain_tcp: events and commands travel to HQ unencrypted (set hq.tls)")
+        elif hq.tls.insecure_skip_verify:
+            found.append("hq_tls_unverified: HQ's certificate is not checked (hq.tls.insecure_skip_verify)")
+        return found
+
     def health(self) -> dict[str, Any]:
         states = self.drivers_ctx.states
         drivers = {i.name: states[i.name].connected if i.name in states else False for i in self.intakes}
@@ -123,6 +134,7 @@ class Gateway:
                 for c, s in self.journal.state.items()
             },
             "disk_low": self.journal.disk_low,
+            "warnings": self.warnings,
             "hq_connected": self.uplink.connected,
             "hq_commands_connected": self.downlink.connected,
             "drivers": drivers,
@@ -163,6 +175,8 @@ class Gateway:
             self.lock.release()
 
     async def _run_locked(self, stop: asyncio.Event) -> None:
+        for warning in self.warnings:
+            _LOGGER.warning("insecure setting: %s", warning)
         self.journal.used_before = self.lock.used
         self.journal.damage_hint = self.lock.damaged
         self.journal.on_damage_handled = self.lock.clear_damaged
