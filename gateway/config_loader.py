@@ -677,8 +677,9 @@ class _Loader:
                 self._problem(
                     path,
                     f"environment variable {target} is not set",
-                    f"set {target} for the gateway (docker compose 'environment:', systemd 'Environment=') "
-                    "or use {file: /run/secrets/NAME}",
+                    f"better, read it from a file: {{file: /run/secrets/NAME}} (compose secrets, systemd "
+                    f"LoadCredential=); an environment variable {target} shows in 'docker inspect' and "
+                    "'systemctl show'",
                 )
                 return _UNRESOLVED
             if not value:
