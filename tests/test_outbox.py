@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,6 +110,12 @@ def check_counters(journal: Journal) -> dict[int, ClassState]:
         assert (state.stored_events, state.stored_bytes, state.pending_events) == (stored, nbytes, pending), (
             CLASS_NAMES[cls]
         )
+        # The writer thread takes its in-memory counters a moment after the COMMIT this connection sees (a step
+        # of housekeeping may be committing right now): give it that moment.
+        for _ in range(500):
+            if journal.state[cls] == state:
+                break
+            time.sleep(0.01)
         assert journal.state[cls] == state, CLASS_NAMES[cls]
     return on_disk
 
@@ -640,6 +647,8 @@ async def test_ttl_never_expires_undelivered_events_stamped_by_an_unsynced_clock
     journal = outbox_journal(tmp_path, OutboxConfig(min_free_bytes=0, housekeeping_interval_s=0.1))
     async with running(journal):
         await until(lambda: seqs_of(journal, TRANSACTION) == [3, 4, 5, 6], "the delivered ones pruned")
+        # The writer thread takes its in-memory counters a moment after the COMMIT another connection sees.
+        await until(lambda: journal.state[TRANSACTION].stored_events == 4, "the counters after the prune")
         await flushed(journal)
         assert reports(journal) == []  # nothing undelivered was evicted
         assert check_counters(journal)[TRANSACTION].pending_events == 4
