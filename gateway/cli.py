@@ -79,6 +79,31 @@ examples:
   store-gateway demo --scenario fridge-failure-night --duration 60 --verbose
 """
 
+_PROVISION_HELP = """\
+Write the store broker's accounts for mosquitto 2 from the store config: its password file and its ACL
+file, DIR/passwd and DIR/acl, both mode 0600. One account per MQTT device (the 'devices' list), named by its
+device id, which may publish only on its own topics (the MQTT routes of its profile, with its id) and
+subscribe to nothing; and the gateway's account (store_broker.username), which may subscribe to the
+routes. Everything else, '#' and '$SYS' included, is denied. Modbus, BLE, serial and webhook devices get
+no account. Secrets in the config are not read.
+
+Each new password is printed once, here, and nowhere else (no log): give each device its own. Run it again
+after adding or removing a device: existing passwords are kept (the tills keep working), new devices get
+one, removed devices lose theirs. --rotate ID gives that account a new password (a till was lost, or its
+password seen). Then make mosquitto read the files again (SIGHUP, or restart it).
+
+exit codes:
+  0  written
+  1  the config has problems, or DIR or its files cannot be used
+  2  usage error
+
+examples:
+  store-gateway broker provision --config /etc/store-gateway/store.yaml --out /etc/mosquitto/store
+  store-gateway broker provision --config store.yaml --out accounts --rotate pos-02
+  store-gateway broker provision --config store.yaml --out accounts \\
+      --gateway-password-file /etc/store-gateway/secrets/store_mqtt_password
+"""
+
 _VERSION_HELP = """\
 Print 'store-gateway VERSION' (the same as 'store-gateway --version').
 
@@ -164,6 +189,38 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print every device message, commit and HQ batch as a line stream instead of the live view",
     )
+    broker = sub.add_parser(
+        "broker",
+        help="the store broker's device accounts (see 'broker provision --help')",
+        description="The store broker (mosquitto): 'provision' writes its device accounts and ACL.",
+        formatter_class=_FORMATTER,
+    )
+    broker_sub = broker.add_subparsers(dest="broker_command", required=True, metavar="COMMAND")
+    provision = broker_sub.add_parser(
+        "provision",
+        help="write mosquitto's password and ACL files: one account per MQTT device",
+        description=_PROVISION_HELP,
+        formatter_class=_FORMATTER,
+    )
+    provision.add_argument("--config", "-c", type=Path, required=True, help="the store config (YAML)")
+    provision.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="folder of the 'passwd' and 'acl' files"
+    )
+    provision.add_argument(
+        "--rotate",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="give this account a new password even if it has one (repeatable)",
+    )
+    provision.add_argument(
+        "--gateway-password-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the gateway's store-broker password (the file store_broker.password reads): its account gets"
+        " it on every run and it is never printed; without it, the gateway's account is made like a device's",
+    )
     sub.add_parser("version", help="print the version", description=_VERSION_HELP, formatter_class=_FORMATTER)
     sub.add_parser("hq-receiver", help="HQ reference receiver (see 'hq-receiver --help')", add_help=False)
     sub.add_parser("simulate", help="device simulators (see 'simulate --help')", add_help=False)
@@ -226,6 +283,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.command == "run":
         return _run(args.config, new_journal=args.new_journal)
+    if args.command == "broker":
+        return _provision(args.config, args.out, args.rotate, args.gateway_password_file)
     if args.command == "demo":
         from gateway.demo import run_demo
 
@@ -271,6 +330,54 @@ def _run(config_path: Path, *, new_journal: bool = False) -> int:
         for failure in known:
             print(f"store-gateway: cannot start: {failure}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _provision(config_path: Path, out: Path, rotate: list[str], gateway_password_file: Path | None) -> int:
+    """``broker provision``: new passwords go to stdout only, once; problems to stderr."""
+    from drivers.mqtt.provision import ACL_FILE, USERS_FILE, ProvisionError, provision, read_secret
+    from gateway.config_loader import ConfigError, _Loader
+
+    try:
+        # Without secrets: provisioning reads none of them, and may run where they are not (systemd hands the
+        # gateway its secrets only while it runs).
+        config = _Loader(config_path, os.environ, no_secrets=True).load()
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        print(
+            f"store-gateway: {len(err.issues)} problem(s) in {config_path}: nothing written", file=sys.stderr
+        )
+        return 1
+    try:
+        gateway_password = None if gateway_password_file is None else read_secret(gateway_password_file)
+        done = provision(
+            config, out, source=str(config_path), rotate=rotate, gateway_password=gateway_password
+        )
+    except (ProvisionError, OSError) as err:
+        print(f"store-gateway: {err}", file=sys.stderr)
+        return 1
+    gateway_user = done.accounts[0].username
+    if done.new_passwords:
+        print("New passwords, shown only this once (give each device its own; nothing else keeps them):")
+        width = max(len(name) for name, _ in done.new_passwords)
+        for name, password in done.new_passwords:
+            note = "   <- the gateway's: store_broker.password" if name == gateway_user else ""
+            print(f"  {name:<{width}}  {password}{note}")
+    if done.kept:
+        print(f"Kept the passwords of: {', '.join(done.kept)}")
+    if gateway_password is not None:
+        print(f"{gateway_user}: the password in {gateway_password_file}")
+    if done.removed:
+        print(f"Removed the accounts of: {', '.join(done.removed)} (no longer in the config)")
+    for name in done.unrouted:
+        print(
+            f"warning: {name}: no MQTT route carries its profile: its account can publish nothing",
+            file=sys.stderr,
+        )
+    print(
+        f"Wrote {out / USERS_FILE} and {out / ACL_FILE} ({len(done.accounts) - 1} device account(s) and"
+        f" {gateway_user}). Make mosquitto read them again: SIGHUP, or restart it."
+    )
     return 0
 
 

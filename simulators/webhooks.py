@@ -4,8 +4,8 @@
 ``/webhooks/<source>``, signed as the real service signs (drivers/http/signatures.py), with the payload
 shapes of drivers/http/{lightspeed,square,generic}.py built from the demo catalog (simulators/catalog.py).
 Some webhooks are sent twice on purpose (``--replay-ratio``), as cloud POS services do when an answer is
-late: the gateway answers 200 and changes nothing. The secret is read from an environment variable, never
-from the command line.
+late, each signed again with the time of sending (generic): the gateway answers 200 and changes nothing. The
+secret is read from an environment variable, never from the command line.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import collections
 import os
 import random
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import httpx
 import orjson
 
 from drivers.http.config import SIGNATURE_HEADERS, Format
-from drivers.http.signatures import sign
+from drivers.http.signatures import TIMESTAMP_HEADER, sign
 from simulators.catalog import CATALOG, CURRENCY, CatalogItem, format_cents
 
 KEY_VARIABLE: Final = "STOREGW_WEBHOOK_SECRET"
@@ -181,13 +182,23 @@ def generic_sale(
 
 
 def headers(
-    fmt: Format, secret: str, webhook: Webhook, notification_url: str | None = None, header: str | None = None
+    fmt: Format,
+    secret: str,
+    webhook: Webhook,
+    notification_url: str | None = None,
+    header: str | None = None,
+    signed_at: int | None = None,
 ) -> dict[str, str]:
-    """The request headers a real sender puts on ``webhook``."""
-    return {
+    """The request headers a real sender puts on ``webhook``; generic with ``signed_at`` (Unix seconds) signs
+    that time with the body and sends it in X-Webhook-Timestamp, as the gateway requires by default."""
+    timestamp = str(signed_at) if signed_at is not None and fmt == "generic" else None
+    signed = {
         "content-type": webhook.content_type,
-        header or SIGNATURE_HEADERS[fmt]: sign(fmt, secret, webhook.body, notification_url),
+        header or SIGNATURE_HEADERS[fmt]: sign(fmt, secret, webhook.body, notification_url, timestamp),
     }
+    if timestamp is not None:
+        signed[TIMESTAMP_HEADER] = timestamp
+    return signed
 
 
 class CloudPos:
@@ -240,7 +251,9 @@ async def run(args: argparse.Namespace, secret: str) -> int:
             reply = await client.post(
                 url,
                 content=webhook.body,
-                headers=headers(args.format, secret, webhook, args.notification_url or url),
+                headers=headers(
+                    args.format, secret, webhook, args.notification_url or url, signed_at=int(time.time())
+                ),
             )
             statuses[reply.status_code] += 1
             print(f"{'replay ' if replay else ''}{reply.status_code} {reply.text[:200]}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import re
 import subprocess
@@ -12,6 +14,7 @@ import pytest
 
 import gateway
 from tests.pki import write_pki
+from tests.security.test_broker_accounts import STORE_CONFIG
 from tests.test_config import EXAMPLE, MINIMAL, REPO
 
 SCRIPT = str(Path(sysconfig.get_path("scripts")) / "store-gateway")
@@ -242,3 +245,123 @@ def test_the_demo_refuses_a_till_rate_it_cannot_play(rate: str) -> None:
     result = cli("demo", "--rate", rate, "--duration", "1")
     assert result.returncode == 2
     assert "argument --rate" in result.stderr
+
+
+# --- broker provision
+
+ACCOUNTS = ["gateway", "pos-01", "pos-02", "kiosk-staff", "fridge-01"]
+"""The store broker's users for STORE_CONFIG: the gateway's (store_broker.username), then its MQTT devices."""
+
+
+def store_config(folder: Path, text: str = STORE_CONFIG) -> Path:
+    path = folder / "store.yaml"
+    path.write_text(text)
+    return path
+
+
+def provision_cli(
+    config: Path, out: Path, *options: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, str]]:
+    """Run ``broker provision``; the new passwords it printed, by account."""
+    result = cli("broker", "provision", "--config", str(config), "--out", str(out), *options)
+    assert result.returncode == 0, result.stdout + result.stderr
+    printed = dict(re.findall(r"^  (\S+) +(\S+)", result.stdout, re.MULTILINE))
+    return result, printed
+
+
+def passwd_entries(out: Path) -> dict[str, str]:
+    return dict(line.split(":", 1) for line in (out / "passwd").read_text().splitlines())
+
+
+def matches(hashed: str, password: str) -> bool:
+    """mosquitto's $7$ check: PBKDF2-SHA512 of the password with the salt, as the broker does it."""
+    _, seven, rounds, salt, digest = hashed.split("$")
+    computed = hashlib.pbkdf2_hmac("sha512", password.encode(), base64.b64decode(salt), int(rounds), 64)
+    return seven == "7" and base64.b64encode(computed).decode() == digest
+
+
+def test_broker_provision_writes_one_account_per_mqtt_device(tmp_path: Path) -> None:
+    out = tmp_path / "accounts"
+    result, printed = provision_cli(store_config(tmp_path), out)
+    assert list(printed) == ACCOUNTS  # Modbus, BLE, serial and webhook devices get none
+    assert len(set(printed.values())) == len(printed)
+    for password in printed.values():
+        assert len(password) >= 32
+        assert result.stdout.count(password) == 1, "each password is printed once"
+        assert password not in result.stderr
+    for name in ("passwd", "acl"):
+        assert (out / name).stat().st_mode & 0o777 == 0o600, name
+    entries = passwd_entries(out)
+    assert list(entries) == ACCOUNTS
+    for user, password in printed.items():
+        assert matches(entries[user], password), user
+        assert password not in (out / "acl").read_text()
+    acl = (out / "acl").read_text()
+    assert "user pos-01\ntopic write store/pos/pos-01/sale\ntopic write store/pos/pos-01/return\n\n" in acl
+    assert "user kiosk-staff\ntopic write store/kiosk/kiosk-staff/checkin\n\n" in acl
+    assert acl.endswith("user fridge-01\ntopic write store/sensor/fridge-01/state\n")
+    assert (
+        "user gateway\n" + "".join(f"topic read {t}\n" for t in ("store/pos/+/sale", "store/pos/+/return"))
+        in acl
+    )
+    assert "pattern" not in acl
+    assert [line for line in acl.splitlines() if "#" in line and not line.startswith("#")] == []
+    assert "chiller-01" not in acl
+
+
+def test_broker_provision_again_keeps_passwords_rotates_on_request_and_drops_removed_devices(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "accounts"
+    config = store_config(tmp_path)
+    _, first = provision_cli(config, out)
+    before = passwd_entries(out)
+    result, printed = provision_cli(config, out)
+    assert printed == {}
+    assert passwd_entries(out) == before
+    assert "Kept the passwords of: gateway, pos-01, " in result.stdout
+    _, printed = provision_cli(config, out, "--rotate", "pos-02")
+    assert list(printed) == ["pos-02"]
+    assert printed["pos-02"] != first["pos-02"]
+    after = passwd_entries(out)
+    assert matches(after["pos-02"], printed["pos-02"])
+    assert {u: h for u, h in after.items() if u != "pos-02"} == {
+        u: h for u, h in before.items() if u != "pos-02"
+    }
+    # A till taken out of the config loses its account; one added gets a password.
+    store_config(tmp_path, STORE_CONFIG.replace("{id: pos-01,", "{id: pos-04,"))
+    result, printed = provision_cli(config, out)
+    assert list(printed) == ["pos-04"]
+    assert "Removed the accounts of: pos-01" in result.stdout
+    assert "pos-01" not in (out / "passwd").read_text() + (out / "acl").read_text()
+    assert (out / "passwd").stat().st_mode & 0o777 == 0o600
+
+
+def test_broker_provision_sets_the_gateway_password_from_its_secret_file(tmp_path: Path) -> None:
+    secret = tmp_path / "store_mqtt_password"
+    secret.write_text("gateway-password-0123456789\n")
+    out = tmp_path / "accounts"
+    result, printed = provision_cli(store_config(tmp_path), out, "--gateway-password-file", str(secret))
+    assert "gateway" not in printed
+    assert "gateway-password-0123456789" not in result.stdout
+    assert matches(passwd_entries(out)["gateway"], "gateway-password-0123456789")
+
+
+def test_broker_provision_refuses_an_unknown_rotation_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "accounts"
+    config = store_config(tmp_path)
+    result = cli("broker", "provision", "--config", str(config), "--out", str(out), "--rotate", "chiller-01")
+    assert result.returncode == 1
+    assert "--rotate chiller-01: no such account" in result.stderr
+    assert not (out / "passwd").exists()
+    result = cli("broker", "provision", "--config", str(config))
+    assert result.returncode == 2
+    assert "--out" in result.stderr
+
+
+def test_broker_provision_has_a_description() -> None:
+    result = cli("broker", "provision", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for fragment in ("printed once", "exit codes:", "--rotate ID", "store-gateway broker provision --config"):
+        assert fragment in text, fragment

@@ -9,7 +9,9 @@ import argparse
 import asyncio
 import contextlib
 import math
+import time
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
@@ -98,7 +100,13 @@ async def post(
 ) -> httpx.Response:
     """POST ``webhook`` signed as the real service signs it (``secret`` overrides the right one)."""
     fmt = FORMATS[source]
-    signed = headers(fmt, secret or SECRETS[source], webhook, SQUARE_URL if fmt == "square" else None)
+    signed = headers(
+        fmt,
+        secret or SECRETS[source],
+        webhook,
+        SQUARE_URL if fmt == "square" else None,
+        signed_at=int(time.time()),
+    )
     return await client.post(f"/webhooks/{source}", content=webhook.body, headers=signed)
 
 
@@ -211,7 +219,10 @@ async def test_malformed_bodies_are_400_and_quarantined_with_the_reason(
             b"payload=%7B%22id%22%3A5%7D&type=sale.update", "application/x-www-form-urlencoded", ()
         ),
         "sq-main": Webhook(
-            b'{"type": "order.updated", "data": {"object": {"order": []}}}', "application/json", ()
+            b'{"type": "order.updated", "created_at": "%s", "data": {"object": {"order": []}}}'
+            % datetime.now(UTC).isoformat().encode(),
+            "application/json",
+            (),
         ),
     }
     async with webhook_gateway(tmp_path, store_broker, hq_broker) as (gateway, client):
@@ -230,6 +241,31 @@ async def test_malformed_bodies_are_400_and_quarantined_with_the_reason(
         assert [bytes(r["payload"]) for r in rows] == [
             w.body for w in bad.values()
         ]  # signed: kept for debugging
+
+
+async def test_duplicate_keys_are_400_and_quarantined(
+    tmp_path: Path, store_broker: Mosquitto, hq_broker: Mosquitto
+) -> None:
+    sale = sale_for("web-shop", 1, [(WATER, 1)]).body
+    assert sale.startswith(b'{"kind":"pos.sale",')
+    as_return = sale[:-1] + b',"kind":"pos.return","original_receipt_no":"W-0"}'  # the last kind would win
+    form = sale_for("ls-main", 1, [(WATER, 1)]).body
+    bad = {
+        "web-shop": Webhook(as_return, "application/json", ()),
+        "ls-main": Webhook(form + b"&type=product.update", "application/x-www-form-urlencoded", ()),
+    }
+    async with webhook_gateway(tmp_path, store_broker, hq_broker) as (gateway, client):
+        for source, webhook in bad.items():
+            reply = await post(client, source, webhook)
+            assert (reply.status_code, reply.json()["reason"]) == (400, "duplicate_key"), reply.text
+        await poll_until(lambda: len(read_quarantine(gateway.config.data_dir)) == 2, "two quarantined bodies")
+        assert [r["reason"] for r in read_quarantine(gateway.config.data_dir)] == ["duplicate_key"] * 2
+        assert not {"pos.sale", "pos.return"} & set(journal_kinds(gateway.config.data_dir))
+        assert on_hand(gateway, WATER.sku) == INITIAL_ON_HAND
+        quarantined = metric_sum(
+            own_metrics(gateway), "storegw_messages_quarantined_total", reason="duplicate_key"
+        )
+        assert quarantined == 2
 
 
 async def test_oversized_bodies_are_413(

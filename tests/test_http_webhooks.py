@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlencode
@@ -16,11 +17,12 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from drivers.base import DecodeError
-from drivers.http.config import HttpDriverConfig, HttpSource
+from drivers.http.config import HttpDriverConfig, HttpSource, Window
+from drivers.http.freshness import check, square_signed_at
 from drivers.http.generic import map_generic
 from drivers.http.lightspeed import map_lightspeed
 from drivers.http.mapped import Ignored, Mapped, Outcome
-from drivers.http.signatures import sign, verify
+from drivers.http.signatures import sign, signed_timestamp, verify
 from drivers.http.square import map_square
 from gateway.events import PosReturn
 from simulators.catalog import CATALOG
@@ -613,3 +615,103 @@ def test_config_errors(fields: dict[str, Any], message: str) -> None:
 def test_config_duplicate_sources() -> None:
     with pytest.raises(ValidationError, match="duplicate"):
         HttpDriverConfig.model_validate({"type": "http", "sources": [_source(), _source()]})
+
+
+# --- signed times and freshness -------------------------------------------------------------------------
+
+
+def test_generic_signs_the_timestamp_with_the_body() -> None:
+    # The message signed is "<timestamp>.<body>" (Stripe's construction): the GitHub vector's HMAC shows the
+    # body alone is no longer what is signed once a timestamp is given.
+    signature = sign("generic", GH_SECRET, GH_BODY, timestamp="1700000000")
+    assert signature == sign("generic", GH_SECRET, b"1700000000." + GH_BODY)
+    verify("generic", GH_SECRET, signature, GH_BODY, timestamp="1700000000")
+    with pytest.raises(DecodeError, match="does not match") as err:
+        verify("generic", GH_SECRET, signature, GH_BODY, timestamp="1700000001")
+    assert err.value.reason == "bad_signature"
+    with pytest.raises(DecodeError):
+        verify("generic", GH_SECRET, GH_SIGNATURE, GH_BODY, timestamp="1700000000")
+
+
+@pytest.mark.parametrize("header", [None, "", " ", "17e8", "-1", "1700000000.5", "１７", "9" * 13])
+def test_an_unreadable_timestamp_header_is_no_timestamp(header: str | None) -> None:
+    with pytest.raises(DecodeError) as err:
+        signed_timestamp(header)
+    assert err.value.reason == "no_timestamp"
+
+
+def test_freshness_window_edges() -> None:
+    window = Window(max_age_s=300, max_ahead_s=60)
+    check(1000.0, 1300.0, window)
+    check(1060.0, 1000.0, window)
+    with pytest.raises(DecodeError) as err:
+        check(1000.0, 1300.5, window)
+    assert err.value.reason == "stale"
+    with pytest.raises(DecodeError) as err:
+        check(1061.0, 1000.0, window)
+    assert err.value.reason == "ahead"
+
+
+def test_square_created_at_is_its_signed_time() -> None:
+    # SQ_BODY (Square's SDK vector) carries nanoseconds: read to the microsecond.
+    assert square_signed_at(SQ_BODY) == pytest.approx(
+        datetime(2022, 7, 13, 20, 30, 59, 37339, tzinfo=UTC).timestamp()
+    )
+    assert square_signed_at(b"not json") is None
+    assert square_signed_at(b"[1]") is None
+    for body in (b"{}", b'{"created_at": 5}', b'{"created_at": "yesterday"}'):
+        with pytest.raises(DecodeError) as err:
+            square_signed_at(body)
+        assert err.value.reason == "no_timestamp"
+
+
+def test_config_freshness_defaults() -> None:
+    generic = HttpSource.model_validate(_source(id="web", format="generic", currency=None))
+    square = HttpSource.model_validate(_source(format="square", notification_url="https://x.example/w"))
+    lightspeed = HttpSource.model_validate(_source())
+    assert generic.freshness == Window(300, 60)
+    assert square.freshness == Window(25 * 3600, 60)  # Square resends for 24 h with the same created_at
+    assert lightspeed.freshness is None  # X-Series signs no time
+    assert HttpSource.model_validate(_source(format="generic", signed_timestamp=False)).freshness is None
+    tuned = HttpSource.model_validate(_source(format="generic", max_age_s=60, max_ahead_s=5))
+    assert tuned.freshness == Window(60, 5)
+    with pytest.raises(ValidationError, match="no signed time"):
+        HttpSource.model_validate(_source(max_age_s=60))
+
+
+# --- duplicate keys ---------------------------------------------------------------------------------------
+
+
+def _reason(call: Any) -> str:
+    with pytest.raises(DecodeError) as err:
+        call()
+    return err.value.reason
+
+
+def test_a_second_kind_is_refused_not_last_wins() -> None:
+    sale = generic_sale("W-1", "web-01", [(WATER, 1)]).body
+    assert _reason(lambda: map_generic(sale[:-1] + b',"kind":"pos.return"}')) == "duplicate_key"
+    # Escaped, the key is still "kind" once decoded.
+    assert _reason(lambda: map_generic(sale[:-1] + b',"\\u006bind":"pos.return"}')) == "duplicate_key"
+
+
+def test_square_duplicate_keys_at_any_depth_are_refused() -> None:
+    body = square_order("ORDER-9", "L1", [(WATER, 3)]).body
+    nested = body.replace(b'"state":"COMPLETED"', b'"state":"OPEN","state":"COMPLETED"')
+    assert nested != body
+    assert _reason(lambda: map_square(nested)) == "duplicate_key"
+
+
+def test_lightspeed_duplicate_fields_and_keys_are_refused() -> None:
+    body = lightspeed_sale("s-1", 1, "r-1", "u-1", [(WATER, 1)]).body
+    assert _reason(lambda: map_lightspeed(body + b"&payload=%7B%7D", "HKD")) == "duplicate_key"
+    doubled = json.dumps(_ls_sale())[:-1] + ', "status": "SAVED"}'
+    raw = urlencode({"payload": doubled, "type": "sale.update"}).encode()
+    assert _reason(lambda: map_lightspeed(raw, "HKD")) == "duplicate_key"
+
+
+def test_deep_nesting_is_refused_not_a_crash() -> None:
+    deep = b'{"kind":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    for mapper in (map_generic, map_square):
+        with pytest.raises(DecodeError):
+            mapper(deep)

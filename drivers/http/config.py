@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -28,6 +29,21 @@ SIGNATURE_HEADERS: Final[dict[str, str]] = {
     "square": "x-square-hmacsha256-signature",
 }
 """Where each format's sender puts its signature (see drivers/http/signatures.py)."""
+
+DEFAULT_MAX_AGE_S: Final[dict[str, float]] = {"generic": 300, "square": 25 * 3600}
+"""How old a signed time may be (drivers/http/freshness.py): a generic sender signs each retry anew; Square
+resends a notification for up to 24 h with its first ``created_at``. Lightspeed signs no time."""
+DEFAULT_MAX_AHEAD_S: Final = 60.0
+MAX_WINDOW_S: Final = 7 * 86_400
+"""Longest window: it must stay well under the journal's dedup_retention_days (35 by default)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Accept a webhook signed at most ``max_age_s`` before the gateway's clock and ``max_ahead_s`` after it."""
+
+    max_age_s: float
+    max_ahead_s: float
 
 
 class HttpProfile(ProfileBase):
@@ -70,6 +86,25 @@ class HttpSource(DeviceLimits):
         default=None, description="square: register id for its sales (default: the order's location_id)."
     )
     profile: str | None = Field(default=None, description="Profile name (default: the format's own).")
+    signed_timestamp: bool = Field(
+        default=True,
+        description="Refuse webhooks whose signed time is outside the freshness window. generic: the sender"
+        " signs '<Unix seconds>.<body>' and sends the time in X-Webhook-Timestamp (false: it signs the body"
+        " alone, GitHub style, and only the dedup keys refuse replays). square: checks created_at. lightspeed"
+        " signs no time: nothing to check.",
+    )
+    max_age_s: Annotated[float, Field(gt=0, le=MAX_WINDOW_S)] | None = Field(
+        default=None,
+        description="Freshness window: the oldest signed time accepted, in seconds before the gateway's clock"
+        " (default: generic 300, square 90000, as Square resends for 24 h). Keep it under the journal's"
+        " dedup_retention_days.",
+    )
+    max_ahead_s: float = Field(
+        default=DEFAULT_MAX_AHEAD_S,
+        ge=0,
+        le=3600,
+        description="Freshness window: how far ahead of the gateway's clock a signed time may be.",
+    )
     offline_after_s: float = Field(
         default=86_400,
         gt=0,
@@ -96,11 +131,20 @@ class HttpSource(DeviceLimits):
             raise ValueError("a square source needs 'notification_url': Square signs the URL with the body")
         if self.format == "lightspeed" and self.currency is None:
             raise ValueError("a lightspeed source needs 'currency' (ISO 4217): X-Series payloads carry none")
+        if self.format == "lightspeed" and self.max_age_s is not None:
+            raise ValueError("lightspeed webhooks carry no signed time: 'max_age_s' cannot apply")
         return self
 
     @property
     def header(self) -> str:
         return self.signature_header or SIGNATURE_HEADERS[self.format]
+
+    @property
+    def freshness(self) -> Window | None:
+        """The window the source's signed times must fall in; None when it has none to check."""
+        if not self.signed_timestamp or self.format not in DEFAULT_MAX_AGE_S:
+            return None
+        return Window(self.max_age_s or DEFAULT_MAX_AGE_S[self.format], self.max_ahead_s)
 
     @property
     def profile_name(self) -> str:

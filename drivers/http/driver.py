@@ -1,13 +1,21 @@
 """The HTTP intake driver: one ``POST /webhooks/<source id>`` route per source on the local API.
 
 Each request is checked in this order: the source's HMAC signature (401, counted, and at most a bounded
-note in the quarantine: never the body of a request nobody authenticated), its size (413), its mapping
-(400 and quarantined with the reason), then the journal. The answer is 200 only once every event the
+note in the quarantine: never the body of a request nobody authenticated), the freshness of its signed time
+(403 ``stale`` or ``ahead``, counted and noted the same way: drivers/http/freshness.py), its size (413), its
+mapping (400 and quarantined with the reason; a JSON key or form field given twice is ``duplicate_key``), then
+the journal. The answer is 200 only once every event the
 webhook carries is committed to disk (422 when the journal quarantined one: too large for it, or a
 processor failed on it); 429 (the source's rate limit) and 503 (journal busy, commit slower
 than ``ack_timeout_s``, or the gateway stopping) carry ``Retry-After`` so the cloud POS sends it again.
 A webhook sent again is harmless: its dedup key (source, kind, register, the sale's identity) makes the
-journal drop it, and the answer is 200 again.
+journal drop it, and the answer is 200 again; the journal remembers dedup keys for ``dedup_retention_days``,
+longer than any freshness window, so a replay is refused by one or the other.
+
+Freshness needs a true clock. Until the gateway's clock is synchronised (gateway/clock.py: a box without a
+real-time clock may boot years off), the window is not applied, since it would refuse every genuine webhook
+or accept every old one at random; each webhook let through unchecked is counted in
+``storegw_webhook_freshness_unchecked_total``, and the dedup keys still refuse replays.
 """
 
 from __future__ import annotations
@@ -16,23 +24,29 @@ import asyncio
 import functools
 import logging
 import math
+import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import orjson
 from fastapi import APIRouter, Request, Response
+from prometheus_client import CollectorRegistry, Counter
+from starlette.requests import ClientDisconnect
 
 from drivers.base import DecodeError, DriverContext
 from drivers.devices import Device, TokenBucket
-from drivers.http.config import HttpDriverConfig, HttpProfile, HttpSource
+from drivers.http import freshness
+from drivers.http.config import HttpDriverConfig, HttpProfile, HttpSource, Window
 from drivers.http.generic import map_generic
 from drivers.http.lightspeed import map_lightspeed
 from drivers.http.mapped import Ignored, Mapper
-from drivers.http.signatures import verify
+from drivers.http.signatures import TIMESTAMP_HEADER, signed_timestamp, verify
 from drivers.http.square import map_square
 from drivers.profiles import get_profile
 from gateway.api import WEBHOOK_PREFIX
+from gateway.clock import ClockState
 from gateway.logs import register_secret
 
 _LOGGER = logging.getLogger(__name__)
@@ -43,6 +57,21 @@ NOTE_BURST: Final = 5
 STOPPING_RETRY_S: Final = 5
 
 _Outcome = Literal["committed", "duplicate", "quarantined"]
+
+_UNCHECKED: Final[weakref.WeakKeyDictionary[CollectorRegistry, Counter]] = weakref.WeakKeyDictionary()
+
+
+def _unchecked_counter(registry: CollectorRegistry) -> Counter:
+    """``storegw_webhook_freshness_unchecked_total``, registered once per registry (one per HTTP driver)."""
+    counter = _UNCHECKED.get(registry)
+    if counter is None:
+        counter = _UNCHECKED[registry] = Counter(
+            "storegw_webhook_freshness_unchecked",
+            "Webhooks whose signed time was not checked because the gateway's clock is not synchronised.",
+            ["driver"],
+            registry=registry,
+        )
+    return counter
 
 
 @dataclass(slots=True)
@@ -64,6 +93,9 @@ class HttpIntake:
         self._ack_timeout = config.ack_timeout_s
         self._accepting = True
         self._dropped: Callable[[str], Any] = functools.partial(ctx.metrics.dropped.labels, config.name)
+        self._unchecked = _unchecked_counter(ctx.metrics.registry).labels(config.name)
+        self.clock = ClockState()
+        """Whether wall time can be trusted for freshness windows (tests replace it)."""
         router = APIRouter()
         for source in config.sources:
             secret = source.secret.get_secret_value()
@@ -113,19 +145,14 @@ class HttpIntake:
     async def _handle(self, source: _Source, request: Request) -> Response:
         if not self._accepting:
             return _reply(503, {"status": "stopping"}, retry_after=STOPPING_RETRY_S)
-        body = await request.body()
-        config, device = source.config, source.device
         try:
-            verify(
-                config.format,
-                source.secret,
-                request.headers.get(config.header),
-                body,
-                config.notification_url,
-            )
-        except DecodeError as err:
-            self._unauthenticated(source, err, len(body), request.client.host if request.client else "?")
-            return _reply(401, {"status": "unauthenticated", "reason": err.reason})
+            body = await request.body()
+        except ClientDisconnect:  # the API closed a request whose body stopped coming (gateway/api.py)
+            return _reply(408, {"status": "timeout"})
+        refusal = self._authenticate(source, request, body)
+        if refusal is not None:
+            return refusal
+        config, device = source.config, source.device
         limits = device.limits
         if len(body) > limits.max_payload_bytes:
             detail = f"{len(body)} bytes > max_payload_bytes {limits.max_payload_bytes}"
@@ -181,8 +208,49 @@ class HttpIntake:
         self._sink.reject(device, reason, detail, body)
         return _reply(400, {"status": "quarantined", "reason": reason, "detail": detail})
 
-    def _unauthenticated(self, source: _Source, err: DecodeError, size: int, client: str) -> None:
-        """Counted always; a quarantine note (reason, size, client address; no body) at most every few s."""
+    def _authenticate(self, source: _Source, request: Request, body: bytes) -> Response | None:
+        """None when the signature is right and the signed time fresh; otherwise the answer (401 or 403)."""
+        config = source.config
+        client = request.client.host if request.client else "?"
+        window = config.freshness
+        signature = request.headers.get(config.header)
+        try:
+            timestamp = None
+            if window is not None and config.format == "generic" and signature:
+                timestamp = signed_timestamp(request.headers.get(TIMESTAMP_HEADER))
+            verify(
+                config.format,
+                source.secret,
+                signature,
+                body,
+                config.notification_url,
+                timestamp,
+            )
+        except DecodeError as err:
+            self._refused(source, err, len(body), client)
+            return _reply(401, {"status": "unauthenticated", "reason": err.reason})
+        if window is None:
+            return None
+        try:
+            signed_at = float(timestamp) if timestamp is not None else freshness.square_signed_at(body)
+            if signed_at is not None:  # None: a square body that is not an object (quarantined as such)
+                self._check_fresh(window, signed_at)
+        except DecodeError as err:
+            self._refused(source, err, len(body), client)
+            return _reply(403, {"status": "refused", "reason": err.reason, "detail": err.detail})
+        return None
+
+    def _check_fresh(self, window: Window, signed_at: float) -> None:
+        """:class:`DecodeError` when ``signed_at`` is outside ``window``; only counted while the clock is not
+        synchronised (see the module's docstring)."""
+        if not self.clock.synced():
+            self._unchecked.inc()
+            return
+        freshness.check(signed_at, time.time(), window)
+
+    def _refused(self, source: _Source, err: DecodeError, size: int, client: str) -> None:
+        """An unauthenticated or replayed webhook: counted always; a quarantine note (reason, size, client
+        address; no body) at most every few s."""
         self._dropped(err.reason).inc()
         if source.notes.take(self._ctx.devices.monotonic()):
             detail = f"{err.detail} (from {client}, {size} bytes; the body is not kept)"

@@ -13,7 +13,7 @@ from typing import Annotated, Final, Literal
 from pydantic import Field, TypeAdapter, ValidationError
 
 from drivers.base import DecodeError
-from drivers.http.mapped import Mapped, Outcome, printable, summarise
+from drivers.http.mapped import Mapped, Outcome, printable, reject_duplicate_keys, summarise
 from drivers.mqtt.decode import PosReturnMessage, PosSaleMessage
 from gateway.events import PosReturn, PosSale
 
@@ -33,6 +33,7 @@ _ADAPTER: Final[TypeAdapter[GenericSale | GenericReturn]] = TypeAdapter(
 
 def map_generic(raw: bytes) -> Outcome:
     """One generic webhook body -> one event."""
+    reject_duplicate_keys(raw)
     try:
         message = _ADAPTER.validate_json(raw)  # JSON mode: the strict occurred_at takes an ISO 8601 string
     except ValidationError as err:

@@ -75,7 +75,8 @@ class RegisterSale(_Model):
 
 
 def parse_form(raw: bytes) -> tuple[str | None, Any]:
-    """(``type``, parsed ``payload`` JSON) of an X-Series webhook body."""
+    """(``type``, parsed ``payload`` JSON) of an X-Series webhook body; a field or JSON key given twice is
+    refused (``duplicate_key``)."""
     try:
         fields = parse_qs(
             raw.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=MAX_FORM_FIELDS
@@ -84,6 +85,12 @@ def parse_form(raw: bytes) -> tuple[str | None, Any]:
         raise DecodeError("not_form", "the body is not UTF-8 form data") from err
     except ValueError as err:
         raise DecodeError("not_form", printable(str(err))) from err
+    repeated = sorted(name for name, values in fields.items() if len(values) > 1)
+    if repeated:
+        # parse_qs keeps every value; taking one would let a second 'payload' or 'type' pick the meaning.
+        raise DecodeError(
+            "duplicate_key", f"form field {printable(repeated[0], 60)!r} appears more than once"
+        )
     payload = fields.get("payload")
     if not payload:
         raise DecodeError("invalid", "no 'payload' field in the form body")

@@ -8,6 +8,7 @@ escapes a mapper: the hypothesis tests in tests/test_http_webhooks.py feed them 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,10 +58,57 @@ Mapper = Callable[[bytes], Outcome]
 
 
 def load_json(raw: bytes | str) -> Any:
+    """Parsed JSON; :class:`DecodeError` ``not_json``, or ``duplicate_key`` (see :func:`reject_duplicate_keys`)."""
     try:
-        return orjson.loads(raw)
+        doc = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
         raise DecodeError("not_json", f"not JSON: {printable(str(err), 200)}") from err
+    reject_duplicate_keys(raw)
+    return doc
+
+
+class _DuplicateKeyError(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> None:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKeyError(key)
+        seen.add(key)
+
+
+def _ignore(_: str) -> None:
+    return None
+
+
+def reject_duplicate_keys(raw: bytes | str) -> None:
+    """:class:`DecodeError` ``duplicate_key`` when an object of the JSON document has a key twice.
+
+    JSON parsers keep the last value (orjson and pydantic do), so ``{"kind": "pos.sale", ..., "kind":
+    "pos.return"}`` would be read as a return; a signed body means what its sender meant, which is unknowable.
+    Keys are compared as decoded (``"\\u006bind"`` is ``"kind"``). A document that is not JSON passes: the
+    parser that reads it next says why.
+    """
+    try:
+        json.loads(
+            raw,
+            object_pairs_hook=_unique_pairs,
+            parse_int=_ignore,  # values are not needed: no int-size limit, no float parsing
+            parse_float=_ignore,
+            parse_constant=_ignore,
+        )
+    except _DuplicateKeyError as err:
+        raise DecodeError(
+            "duplicate_key", f"key {printable(err.key, 60)!r} appears twice in one object"
+        ) from err
+    except RecursionError as err:
+        raise DecodeError("invalid", "JSON nested too deeply") from err
+    except ValueError:
+        return
 
 
 def validate(model: type[M], data: Any, where: str) -> M:
