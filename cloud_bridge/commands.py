@@ -4,19 +4,34 @@ Pure code: bytes and a topic in, a typed :class:`Request` or a :class:`Refusal` 
 The I/O (MQTT session, journal) is :mod:`cloud_bridge.downlink`. Nothing here raises on bad input: every
 malformed command becomes a refusal with a code HQ can act on and a message that names the problem without
 echoing the values (a roster carries staff names).
+
+Every command must carry HQ's Ed25519 signature (:mod:`cloud_bridge.signing`) by one of the keys pinned in the
+config, and be inside its validity (``issued_at`` .. ``not_after``); the topic alone is never trusted.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Final, Literal
 
 import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cloud_bridge.signing import (
+    CLOCK_SKEW_S,
+    MAX_VALIDITY_S,
+    SIGNATURE_FIELDS,
+    CanonicalError,
+    decode_signature,
+    signature_valid,
+    signed_message,
+)
 from cloud_bridge.topics import commands_topic
 from gateway.events import ID_PATTERN, Sku
 from rules.documents import Planogram, Roster, RuleSet
@@ -28,13 +43,26 @@ MAX_RESEND_RANGES: Final = 1000
 costs the gateway a bounded number of journal reads."""
 MAX_ERRORS_SHOWN: Final = 10
 
-ErrorCode = Literal["bad_json", "bad_request", "unknown_command", "invalid_args", "forbidden", "failed"]
+ErrorCode = Literal[
+    "bad_json",
+    "bad_request",
+    "unknown_command",
+    "invalid_args",
+    "forbidden",
+    "failed",
+    "unsigned",
+    "unknown_key",
+    "bad_signature",
+    "expired",
+    "not_yet_valid",
+]
 Status = Literal["ok", "duplicate", "error"]
 
 _REQUEST_ID: Final = re.compile(r"^[^\x00-\x1f\x7f]{1,64}$")
 _COMMAND_NAME: Final = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 """Only a name of this shape is echoed back in a response (an unknown one included)."""
-_ENVELOPE_KEYS: Final = frozenset({"request_id", "command", "args"})
+_ENVELOPE_KEYS: Final = frozenset({"request_id", "command", "args", *SIGNATURE_FIELDS})
+_TIME: Final = re.compile(r"^[0-9]{1,12}$")
 
 
 class _Args(BaseModel):
@@ -130,7 +158,10 @@ class DeviceWrite(_Args):
 
     device_id: Annotated[str, Field(pattern=ID_PATTERN)]
     point: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,47}$")]
-    value: float = Field(description="In the point's engineering units (booleans: 0 or 1).")
+    value: float = Field(
+        strict=True,
+        description='In the point\'s engineering units (booleans: 0 or 1): a JSON number, never "5" or true.',
+    )
 
 
 Args = NoArgs | StockAdjust | Roster | Planogram | RuleSet | Resend | DeviceWrite
@@ -150,11 +181,15 @@ COMMANDS: Final = tuple(ARGS)
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A command that passed every check: from HQ's own topic, well formed, with valid args."""
+    """A command that passed every check: from HQ's own topic, signed by a pinned key, within its validity,
+    well formed, with valid args."""
 
     request_id: str
     command: str
     args: Args
+    key_id: str = ""
+    issued_at: int = 0
+    not_after: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,20 +208,66 @@ def authorised(topic: str, prefix: str, store_id: str, gateway_id: str) -> bool:
     return topic == commands_topic(prefix, store_id, gateway_id)
 
 
+@dataclass(frozen=True, slots=True)
+class Trust:
+    """What a command is checked against: HQ's pinned public keys (key id -> key) and the gateway's idea of
+    the time. ``now`` is the synchronised wall clock, or when it is not synchronised the latest time the
+    gateway can vouch for (None: none yet, so expiry cannot be judged); ``synced`` says which, since only a
+    synchronised clock can call a command future-dated."""
+
+    keys: Mapping[str, Ed25519PublicKey]
+    now: float | None
+    synced: bool
+
+
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKeyError(key[:64])
+        seen[key] = value
+    return seen
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def duplicate_key(payload: bytes) -> str | None:
+    """The first key that appears twice in one object of ``payload`` (already known to be valid JSON), or
+    None. JSON parsers keep the last of two equal keys: {"command": "ping", "command": "config.get"} would run
+    config.get while a reviewer (or a signature over another parse) sees ping."""
+    try:
+        json.loads(payload, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+    except _DuplicateKeyError as err:
+        return str(err)
+    return None
+
+
 def parse_command(
-    payload: bytes, topic: str, prefix: str, store_id: str, gateway_id: str
+    payload: bytes, topic: str, prefix: str, store_id: str, gateway_id: str, trust: Trust
 ) -> Request | Refusal:
-    """Check a command in the order that lets the most useful answer go back: size, JSON, envelope, topic,
-    command name, args. The request id and command are read as early as possible, so a refusal carries them
-    when they are readable (null otherwise)."""
+    """Check a command in the order that lets the most useful answer go back: size, JSON (no duplicate keys),
+    envelope, topic, command name, signature, validity, args. The request id and command are read as early as
+    possible, so a refusal carries them when they are readable (null otherwise). Args are validated only once
+    the signature holds: nothing unauthenticated reaches the validators."""
     allowed = authorised(topic, prefix, store_id, gateway_id)
     if len(payload) > MAX_COMMAND_BYTES:
         code: ErrorCode = "bad_request" if allowed else "forbidden"
         return Refusal(None, None, code, f"command is {len(payload)} bytes; at most {MAX_COMMAND_BYTES}")
     try:
         body = orjson.loads(payload)
-    except orjson.JSONDecodeError as err:
+        twice = duplicate_key(payload)
+    except (orjson.JSONDecodeError, ValueError) as err:
         return Refusal(None, None, "bad_json" if allowed else "forbidden", f"not JSON: {str(err)[:200]}")
+    except RecursionError:
+        return Refusal(None, None, "bad_json" if allowed else "forbidden", "nested too deeply")
+    if twice is not None:
+        return Refusal(None, None, "bad_json" if allowed else "forbidden", f"duplicate key {twice!r}")
     if not isinstance(body, dict):
         return Refusal(None, None, "bad_request" if allowed else "forbidden", "a command is a JSON object")
     raw_id, raw_command = body.get("request_id"), body.get("command")
@@ -210,12 +291,68 @@ def parse_command(
         args = {}
     if not isinstance(args, dict):
         return Refusal(request_id, command, "invalid_args", "args must be a JSON object")
+    checked = check_signature(body, args, topic, request_id, command, trust)
+    if isinstance(checked, Refusal):
+        return checked
+    key_id, issued_at, not_after = checked
     try:
-        return Request(request_id, command, ARGS[command].model_validate(args))
+        return Request(request_id, command, ARGS[command].model_validate(args), key_id, issued_at, not_after)
     except ValidationError as err:
         return Refusal(request_id, command, "invalid_args", describe(err))
     except RecursionError:  # args nested deeper than any validator walks (orjson parses up to 1024 levels)
         return Refusal(request_id, command, "invalid_args", "args are nested too deeply")
+
+
+def _unix_seconds(value: Any) -> int | None:
+    """A JSON integer of Unix seconds (not true, "5" or 5.0), or None."""
+    if isinstance(value, int) and not isinstance(value, bool) and _TIME.match(str(value)):
+        return value
+    return None
+
+
+def check_signature(
+    body: Mapping[str, Any], args: Any, topic: str, request_id: str, command: str, trust: Trust
+) -> tuple[str, int, int] | Refusal:
+    """(key id, issued_at, not_after) of a command signed by a pinned key and valid now, or the refusal.
+
+    The times are checked only once the signature holds: a forged command learns nothing about the clock."""
+
+    def refuse(code: ErrorCode, message: str) -> Refusal:
+        return Refusal(request_id, command, code, message)
+
+    if not trust.keys:
+        return refuse(
+            "forbidden", "this gateway has no HQ command keys (hq.command_keys): it obeys no command"
+        )
+    if all(body.get(f) is None for f in SIGNATURE_FIELDS):
+        return refuse("unsigned", "commands must be signed by HQ (key_id, issued_at, not_after, signature)")
+    key_id, signature = body.get("key_id"), body.get("signature")
+    issued_at, not_after = _unix_seconds(body.get("issued_at")), _unix_seconds(body.get("not_after"))
+    if not isinstance(key_id, str) or not _COMMAND_NAME.match(key_id):
+        return refuse("bad_request", "key_id must be a key id string")
+    if issued_at is None or not_after is None:
+        return refuse("bad_request", "issued_at and not_after must be whole numbers of Unix seconds")
+    if not 0 <= not_after - issued_at <= MAX_VALIDITY_S:
+        return refuse("bad_request", f"not_after must be 0 to {MAX_VALIDITY_S} s after issued_at")
+    key = trust.keys.get(key_id)
+    if key is None:
+        return refuse("unknown_key", f"key {key_id!r} is not one of this gateway's HQ command keys")
+    raw = decode_signature(signature) if isinstance(signature, str) else None
+    if raw is None:
+        return refuse("bad_signature", "signature must be the base64 of a 64-byte Ed25519 signature")
+    try:
+        message = signed_message(topic, key_id, request_id, issued_at, not_after, command, args)
+    except CanonicalError as err:
+        return refuse("bad_request", f"args cannot be signed: {err}")
+    if not signature_valid(key, raw, message):
+        return refuse("bad_signature", f"the signature does not match this command and key {key_id!r}")
+    if trust.now is not None and trust.now > not_after + CLOCK_SKEW_S:
+        return refuse("expired", f"the command expired {int(trust.now - not_after)} s ago (not_after)")
+    if trust.synced and trust.now is not None and issued_at > trust.now + CLOCK_SKEW_S:
+        return refuse(
+            "not_yet_valid", f"issued_at is {int(issued_at - trust.now)} s ahead of the gateway's clock"
+        )
+    return key_id, issued_at, not_after
 
 
 def describe(err: ValidationError) -> str:

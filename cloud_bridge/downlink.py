@@ -6,6 +6,11 @@ when it returns. Commands are handled one at a time, in the order they arrive. A
 (PUBACK) only after its response is published and acknowledged in turn, and after what it changed is committed:
 a crash in between makes the broker deliver it again, and the idempotent commands answer ``duplicate``.
 
+Every command must be signed by one of HQ's keys pinned in ``hq.command_keys`` and be inside its validity
+(:mod:`cloud_bridge.signing`). The request ids of the commands carried out are kept in their own small SQLite
+file (``hq-commands.db`` in the data directory, :class:`CommandLedger`) until their ``not_after`` has passed,
+so a replay is answered ``duplicate`` whatever the journal's retention has done with the events they made.
+
 Parsing and validation are pure (:mod:`cloud_bridge.commands`); state changes go through the journal:
 ``stock.adjust`` as a ``stock.adjusted`` event the stock ledger applies in its commit, the documents through
 :meth:`gateway.journal.Journal.transact` (one transaction with their ``document.updated`` event). Logs name
@@ -17,8 +22,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import orjson
 
 from cloud_bridge.commands import (
     DeviceWrite,
@@ -29,15 +39,17 @@ from cloud_bridge.commands import (
     Resend,
     Status,
     StockAdjust,
+    Trust,
     build_response,
     metric_command,
     parse_command,
     refusal_response,
 )
+from cloud_bridge.signing import CLOCK_SKEW_S, MAX_VALIDITY_S, load_public_key
 from cloud_bridge.topics import commands_topic, responses_topic
 from drivers.base import DriverError
 from gateway import __version__
-from gateway.clock import BOOT_ID
+from gateway.clock import BOOT_ID, ClockState
 from gateway.config import GatewayConfig
 from gateway.events import StockAdjusted
 from gateway.journal import QUEUE_LIMIT, Draft, Journal
@@ -71,6 +83,107 @@ def command_key(request_id: str) -> str:
     return f"cmd:{request_id}"
 
 
+LEDGER_FILE: Final = "hq-commands.db"
+MAX_STORED_RESULT_BYTES: Final = 4096
+"""A result up to this size is kept with its request id and given again with a ``duplicate`` answer."""
+
+
+class WallClock(Protocol):
+    """Whether the wall clock is synchronised (:class:`gateway.clock.ClockState`)."""
+
+    def synced(self) -> bool: ...
+
+
+class CommandLedger:
+    """The request ids of the commands this gateway carried out, each kept until its ``not_after`` is a day
+    past (a replay inside its validity is answered ``duplicate``; after it, the command is expired anyway),
+    and the *time floor*: the latest time the gateway can vouch for (its synchronised clock, or the newest
+    ``issued_at`` HQ signed), which stands in for the wall clock while it is not synchronised.
+
+    Its own SQLite file, apart from the journal: event TTLs, eviction and journal salvage never touch it.
+    Only verified commands are written to it, so its size follows HQ's command rate, not an attacker's."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        self.floor: int | None = None
+
+    def open(self) -> None:
+        if self._conn is not None:
+            return
+        try:
+            self._conn = self._connect()
+        except sqlite3.DatabaseError as err:
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+            _LOGGER.error(
+                "downlink: %s cannot be read (%s): moved to %s; replays of commands already carried out are"
+                " recognised again only from now on",
+                self.path,
+                err,
+                aside.name,
+            )
+            self.path.rename(aside)
+            self._conn = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS commands (request_id TEXT PRIMARY KEY, command TEXT NOT NULL,"
+                " not_after INTEGER NOT NULL, result BLOB)"
+            )
+            conn.execute("CREATE INDEX IF NOT EXISTS commands_not_after ON commands (not_after)")
+            conn.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+            row = conn.execute("SELECT value FROM meta WHERE name='time_floor'").fetchone()
+        except sqlite3.DatabaseError:
+            conn.close()
+            raise
+        self.floor = None if row is None else int(row[0])
+        return conn
+
+    def seen(self, request_id: str) -> tuple[str, Any] | None:
+        """(command, the result first answered or None) of a request id already carried out."""
+        assert self._conn is not None
+        row = self._conn.execute(
+            "SELECT command, result FROM commands WHERE request_id=?", (request_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return str(row[0]), None if row[1] is None else orjson.loads(row[1])
+
+    def raise_floor(self, at: float) -> None:
+        """The floor only goes up (in memory; written with the next record)."""
+        if self.floor is None or int(at) > self.floor:
+            self.floor = int(at)
+
+    def record(self, request_id: str, command: str, not_after: int, result: Any) -> None:
+        """Keep a carried-out command (and the floor), and drop those a day past their not_after."""
+        assert self._conn is not None
+        stored = orjson.dumps(result)
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute(
+                "INSERT OR REPLACE INTO commands (request_id, command, not_after, result) VALUES (?, ?, ?, ?)",
+                (request_id, command, not_after, stored if len(stored) <= MAX_STORED_RESULT_BYTES else None),
+            )
+            if self.floor is not None:
+                self._conn.execute(
+                    "INSERT INTO meta (name, value) VALUES ('time_floor', ?)"
+                    " ON CONFLICT (name) DO UPDATE SET value=max(value, excluded.value)",
+                    (self.floor,),
+                )
+                self._conn.execute(
+                    "DELETE FROM commands WHERE not_after < ?", (self.floor - CLOCK_SKEW_S - MAX_VALIDITY_S,)
+                )
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
 class Downlink:
     """Receives HQ's commands and answers them; one connection at a time, reconnecting with backoff."""
 
@@ -83,8 +196,13 @@ class Downlink:
         resend: Resender,
         status: Callable[[], dict[str, Any]],
         writers: Mapping[str, DeviceWriter] | None = None,
+        *,
+        clock: WallClock | None = None,
     ) -> None:
         self._config = config
+        self._keys = {k.id: load_public_key(k.public_key) for k in config.hq.command_keys}
+        self._clock: WallClock = clock or ClockState()
+        self.ledger = CommandLedger(config.data_dir / LEDGER_FILE)
         self._writers: Mapping[str, DeviceWriter] = writers if writers is not None else {}
         """Device id -> write function of its driver (``DriverContext.device_writers``)."""
         self._hq = config.hq
@@ -105,14 +223,44 @@ class Downlink:
 
     async def run(self) -> None:
         """Stay subscribed until cancelled."""
-        await reconnect_forever(
-            "HQ broker (commands)",
-            self._session,
-            _LOGGER,
-            (MqttError, OSError),
-            Backoff(cap=self._hq.reconnect_max_s),
-            probe=lambda: tcp_reachable(self._hq.host, self._hq.port),
-        )
+        if not self._keys:
+            _LOGGER.warning(
+                "downlink: no HQ command keys are configured (hq.command_keys): every HQ command is refused"
+                " (docs/OUTBOX.md, 'Signed commands')"
+            )
+        else:
+            _LOGGER.info("downlink: HQ command keys %s", ", ".join(sorted(self._keys)))
+        try:
+            await reconnect_forever(
+                "HQ broker (commands)",
+                self._session,
+                _LOGGER,
+                (MqttError, OSError),
+                Backoff(cap=self._hq.reconnect_max_s),
+                probe=lambda: tcp_reachable(self._hq.host, self._hq.port),
+            )
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the command ledger (``run`` does it when it ends)."""
+        self.ledger.close()
+
+    @property
+    def command_keys(self) -> list[str]:
+        """The ids of HQ's pinned command keys; empty: every command is refused (for /health)."""
+        return sorted(self._keys)
+
+    async def _trust(self) -> Trust:
+        """The keys, and the time commands are judged by: the wall clock when synchronised (which also raises
+        the floor), else the ledger's floor (None before any: expiry cannot be judged yet)."""
+        await asyncio.to_thread(self.ledger.open)
+        synced = self._clock.synced()
+        if synced:
+            now = time.time()
+            self.ledger.raise_floor(now)
+            return Trust(self._keys, now, True)
+        return Trust(self._keys, self.ledger.floor, False)
 
     @property
     def connected(self) -> bool:
@@ -169,7 +317,10 @@ class Downlink:
         """The response to one command; never raises (every failure becomes an error response, or a command
         that crashes the handler would come back after every reconnect)."""
         try:
-            parsed = parse_command(payload, topic, self._hq.topic_prefix, self._store_id, self._gateway_id)
+            trust = await self._trust()
+            parsed = parse_command(
+                payload, topic, self._hq.topic_prefix, self._store_id, self._gateway_id, trust
+            )
         except Exception as err:
             _LOGGER.exception("downlink: parsing a command failed")
             return self._refuse(Refusal(None, None, "failed", _reason(err)))
@@ -180,12 +331,31 @@ class Downlink:
             message = "a retained command is never executed (it would replay at every reconnect)"
             return self._refuse(Refusal(parsed.request_id, parsed.command, "bad_request", message))
         try:
+            seen = await asyncio.to_thread(self.ledger.seen, parsed.request_id)
+        except sqlite3.Error as err:
+            _LOGGER.exception("downlink: the command ledger cannot be read")
+            return self._refuse(Refusal(parsed.request_id, parsed.command, "failed", _reason(err)))
+        if seen is not None:
+            # Carried out before (a replay, or HQ sending it again): never twice, whatever the command.
+            return self._answer(parsed, "duplicate", seen[1])
+        try:
             status, result = await self._execute(parsed)
         except CommandError as err:
             return self._refuse(Refusal(parsed.request_id, parsed.command, err.code, str(err)))
         except Exception as err:  # a bug or a failing disk: answered and logged, never fatal to the downlink
             _LOGGER.exception("downlink: %s %s failed", parsed.command, parsed.request_id)
             return self._refuse(Refusal(parsed.request_id, parsed.command, "failed", _reason(err)))
+        self.ledger.raise_floor(parsed.issued_at)
+        try:
+            await asyncio.to_thread(
+                self.ledger.record, parsed.request_id, parsed.command, parsed.not_after, result
+            )
+        except sqlite3.Error:
+            # Carried out already: answered, but a replay is then caught only by the journal's dedup key.
+            _LOGGER.exception("downlink: %s %s could not be recorded", parsed.command, parsed.request_id)
+        return self._answer(parsed, status, result)
+
+    def _answer(self, parsed: Request, status: Status, result: Any) -> bytes:
         self._metrics.commands.labels(parsed.command, status).inc()
         _LOGGER.info("downlink: %s %s: %s", parsed.command, parsed.request_id, status)
         return build_response(

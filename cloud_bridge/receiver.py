@@ -11,7 +11,8 @@ mosquitto; an MQTT shared subscription (``share_group``, ``$share/<group>/...``)
 drops an absent member's shared subscription when it restarts (docs/HQ-RECEIVER.md, "HQ topology"). With
 ``resend_interval_s`` the receiver also asks gateways, quiet ones included, for lost seqs (multi-range
 ``resend`` commands, docs/OUTBOX.md), and reads their answers: a gateway that refuses ``ranges`` (a release of
-before them) is asked one range per command from then on. The subscriptions it makes are recorded in its
+before them) is asked one range per command from then on. Resend commands are signed with HQ's command key
+(``signer``; gateways refuse unsigned commands). The subscriptions it makes are recorded in its
 database, so a restart with other ``stores`` or share group unsubscribes what it no longer wants (a persistent
 session keeps its subscriptions).
 
@@ -54,7 +55,7 @@ from cloud_bridge.receiver_model import (
     ResendRequest,
     StoreResult,
     StoreUnavailableError,
-    resend_ranges_command,
+    resend_args,
 )
 from cloud_bridge.receiver_ranges import size
 from cloud_bridge.receiver_report import format_ranges, print_report, print_summary
@@ -66,6 +67,13 @@ from cloud_bridge.receiver_sql import (
     SqlReceiverStore,
 )
 from cloud_bridge.receiver_store import ReceiverStore
+from cloud_bridge.signing import (
+    DEFAULT_VALIDITY_S,
+    MAX_VALIDITY_S,
+    CommandSigner,
+    SigningKeyError,
+    load_private_key,
+)
 from cloud_bridge.wire import BatchError, decode_batch
 from gateway.config import BrokerConfig, TlsConfig
 from gateway.events import ID_PATTERN, uuid7
@@ -93,6 +101,10 @@ PUBLISH_TIMEOUT_S: Final = 10.0
 MAX_STORES_PER_RECEIVER: Final = 1000
 """``--stores`` entries: one subscription each (brokers cap the topics of one SUBSCRIBE packet and a client's
 subscriptions); more stores per receiver means one receiver for all of them, without ``--stores``."""
+SIGNATURE_REFUSALS: Final = frozenset(
+    {"unsigned", "unknown_key", "bad_signature", "expired", "not_yet_valid"}
+)
+"""Codes of a gateway refusing a command's signature or validity: logged once per gateway and code."""
 
 OnBatch = Callable[[str, str, int, int, int], None]
 """Called after each stored batch is acked: (store_id, gateway_id, first_seq, last_seq, new events)."""
@@ -124,7 +136,8 @@ class HqReceiver:
     ``stores`` limits it to those stores' batches (receivers split the stores); ``share_group`` subscribes
     through an MQTT shared subscription instead of a plain one (not on mosquitto 2.0: see the module docstring).
     ``resend_interval_s`` turns on resend requests for lost seqs, ``resend_ranges`` ranges per command (1: the
-    single-range form, for gateways of before multi-range resends).
+    single-range form, for gateways of before multi-range resends), each signed by ``signer`` (required then:
+    gateways refuse unsigned commands).
     """
 
     def __init__(
@@ -138,6 +151,7 @@ class HqReceiver:
         resend_interval_s: float | None = None,
         resend_ranges: int = MAX_RESEND_RANGES,
         stores: Sequence[str] | None = None,
+        signer: CommandSigner | None = None,
         on_batch: OnBatch | None = None,
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 30.0,
@@ -152,6 +166,10 @@ class HqReceiver:
         if not 1 <= resend_ranges <= MAX_RESEND_RANGES:
             raise ValueError(f"resend_ranges must be 1..{MAX_RESEND_RANGES}")
         self._resend_ranges = resend_ranges
+        if resend_interval_s is not None and signer is None:
+            raise ValueError("resend requests need a signer: gateways refuse unsigned commands")
+        self._signer = signer
+        self._signature_refusals: set[tuple[str, str]] = set()
         if resend_interval_s is not None and resend_ranges > 1:
             # The gateways' answers, to learn which refuse multi-range resends. QoS 0 and never shared: only
             # answers that come while connected matter (a refused ask is refused again at the next one), and
@@ -455,13 +473,27 @@ class HqReceiver:
             return
         if not isinstance(answer, dict) or answer.get("command") != "resend":
             return
+        error = answer.get("error")
+        code = error.get("code") if isinstance(error, dict) else None
+        if (
+            isinstance(code, str)
+            and code in SIGNATURE_REFUSALS
+            and (topic, code) not in self._signature_refusals
+        ):
+            self._signature_refusals.add((topic, code))
+            _LOGGER.warning(
+                "%s refused a signed resend: %s: %s (check --key-id against the gateway's hq.command_keys,"
+                " and both clocks)",
+                topic.removesuffix("/responses"),
+                code,
+                str(error.get("message") if isinstance(error, dict) else "")[:300],
+            )
         request_id = answer.get("request_id")
         request = self._asked.pop(request_id, None) if isinstance(request_id, str) else None
         if request is None or topic != topics.responses_topic(
             self._prefix, request.store_id, request.gateway_id
         ):
             return
-        error = answer.get("error")
         if (
             answer.get("status") != "error"
             or not isinstance(error, dict)
@@ -533,9 +565,14 @@ class HqReceiver:
             or (request.store_id, request.gateway_id) in self._to_mark
         )
         batches = [[r] for r in request.ranges[:MAX_RESEND_COMMANDS]] if single else [request.ranges]
+        signer = self._signer
+        if signer is None:  # refused in __init__ when resends are on
+            return
+        interval = self._resend_interval or 1
+        valid_for = min(MAX_VALIDITY_S, max(DEFAULT_VALIDITY_S, math.ceil(interval)))
         for ranges in batches:
             request_id = f"resend-{uuid7()}"
-            payload = resend_ranges_command(request_id, ranges)
+            payload = signer.sign(topic, request_id, "resend", resend_args(ranges), valid_for_s=valid_for)
             if len(ranges) > 1 and self._resend_interval is not None:
                 self._asked[request_id] = request  # its answer may say the gateway takes one range only
                 while len(self._asked) > MAX_TRACKED_ASKS:
@@ -545,7 +582,7 @@ class HqReceiver:
                 async with asyncio.timeout(PUBLISH_TIMEOUT_S):
                     # Expires with the interval (MQTT 5): a gateway that is away must not find a pile of
                     # resends in its session, crowding out real commands; a fresh one follows if still lost.
-                    expiry = max(1, math.ceil(self._resend_interval or 1))
+                    expiry = max(1, math.ceil(interval))
                     await client.publish(topic, payload, qos=1, message_expiry_s=expiry)
             except (MqttError, TimeoutError) as err:
                 _LOGGER.warning(
@@ -652,8 +689,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resend",
         action="store_true",
-        help="publish a 'resend' command to a gateway for its lost seqs",
+        help="publish a 'resend' command to a gateway for its lost seqs (needs --signing-key and --key-id)",
     )
+    signing_options(parser)
     parser.add_argument(
         "--resend-interval",
         type=_positive,
@@ -675,6 +713,40 @@ def _parser() -> argparse.ArgumentParser:
         help="print the summary and the missing seqs by class, and exit: 0, or 2 if any seq is lost or conflicts",
     )
     return parser
+
+
+def signing_options(parser: argparse.ArgumentParser) -> None:
+    """``--signing-key FILE --key-id ID``: HQ's command key (hq-receiver --resend, hq-command)."""
+    group = parser.add_argument_group("command signing (docs/OUTBOX.md, 'Signed commands')")
+    group.add_argument(
+        "--signing-key",
+        type=Path,
+        metavar="FILE",
+        help="HQ's Ed25519 command key, PEM (openssl genpkey -algorithm ed25519); never logged",
+    )
+    group.add_argument(
+        "--key-id", metavar="ID", help="its id, as pinned in the gateways' hq.command_keys (e.g. hq-2026a)"
+    )
+
+
+def command_signer(args: argparse.Namespace, needed_by: str | None = None) -> CommandSigner | None:
+    """The signer ``--signing-key``/``--key-id`` name (None when neither is given, unless an option that
+    sends commands, ``needed_by``, needs it); raises :class:`CliError`."""
+    if args.signing_key is None and args.key_id is None:
+        if needed_by is not None:
+            raise CliError(
+                f"{needed_by} needs --signing-key FILE and --key-id ID: gateways refuse unsigned commands"
+                " (docs/OUTBOX.md, 'Signed commands')"
+            )
+        return None
+    if args.signing_key is None or args.key_id is None:
+        raise CliError("--signing-key and --key-id go together")
+    if not _ID.fullmatch(args.key_id):
+        raise CliError(f"--key-id {args.key_id[:80]!r} is not an id ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}})")
+    try:
+        return CommandSigner(args.key_id, load_private_key(args.signing_key))
+    except SigningKeyError as err:
+        raise CliError(f"--signing-key: {err}") from err
 
 
 def _database_options(parser: argparse.ArgumentParser) -> None:
@@ -800,7 +872,9 @@ def open_store(args: argparse.Namespace) -> SqlReceiverStore:
         raise StoreUnavailableError(f"cannot open {args.db}: {err}") from err
 
 
-async def _serve(args: argparse.Namespace, broker: BrokerConfig, store: SqlReceiverStore) -> None:
+async def _serve(
+    args: argparse.Namespace, broker: BrokerConfig, store: SqlReceiverStore, signer: CommandSigner | None
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -814,6 +888,7 @@ async def _serve(args: argparse.Namespace, broker: BrokerConfig, store: SqlRecei
         resend_interval_s=args.resend_interval if args.resend else None,
         resend_ranges=args.resend_ranges,
         stores=args.stores,
+        signer=signer,
     )
     if args.share_group is not None and not args.no_share:
         _LOGGER.warning(
@@ -826,6 +901,8 @@ async def _serve(args: argparse.Namespace, broker: BrokerConfig, store: SqlRecei
         )
     if not args.resend:
         _LOGGER.warning("--resend is off: lost seqs are reported (--report) but not asked for again")
+    else:
+        _LOGGER.info("resend commands are signed with key %s", args.key_id)
     try:
         async with asyncio.TaskGroup() as tg:
             if args.summary_every > 0:
@@ -897,6 +974,7 @@ def receiver_main(argv: list[str]) -> int:
         return 1
     try:
         broker = None if args.report else broker_config(args)
+        signer = command_signer(args, "--resend" if args.resend and not args.report else None)
         store = open_store(args)
     except (CliError, StoreUnavailableError) as err:
         print(f"hq-receiver: {err}", file=sys.stderr)
@@ -908,7 +986,7 @@ def receiver_main(argv: list[str]) -> int:
             return 2 if failed or conflicting else 0
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        asyncio.run(_serve(args, broker, store))
+        asyncio.run(_serve(args, broker, store, signer))
     except StoreUnavailableError as err:
         print(f"hq-receiver: {err}", file=sys.stderr)
         return 1

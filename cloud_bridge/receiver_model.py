@@ -400,14 +400,17 @@ def resend_command(request_id: str, first: int, last: int) -> bytes:
     )
 
 
-def resend_ranges_command(request_id: str, ranges: Sequence[Range]) -> bytes:
-    """A ``resend`` command for several ranges (``args.ranges``); one range goes in the original
-    ``from_seq``/``to_seq`` form, so a gateway of before multi-range resends still answers it."""
+def resend_args(ranges: Sequence[Range]) -> dict[str, Any]:
+    """The args of a ``resend`` command for ``ranges``: one range in the original ``from_seq``/``to_seq``
+    form, so a gateway of before multi-range resends still answers it; several as ``ranges``."""
     if len(ranges) == 1:
-        return resend_command(request_id, *ranges[0])
-    return orjson.dumps(
-        {"request_id": request_id, "command": "resend", "args": {"ranges": [list(r) for r in ranges]}}
-    )
+        return {"from_seq": ranges[0][0], "to_seq": ranges[0][1]}
+    return {"ranges": [list(r) for r in ranges]}
+
+
+def resend_ranges_command(request_id: str, ranges: Sequence[Range]) -> bytes:
+    """A ``resend`` command for several ranges (``args.ranges``), unsigned (:func:`resend_args`)."""
+    return orjson.dumps({"request_id": request_id, "command": "resend", "args": resend_args(ranges)})
 
 
 class ReceiverBackend(Protocol):

@@ -13,6 +13,7 @@ from zoneinfo import available_timezones
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from cloud_bridge.signing import SigningKeyError, load_public_key
 from drivers.limits import DeviceLimits
 from drivers.mqtt.profile import SENSOR_READING_PROFILE, MqttProfile, resolve_profile
 from drivers.profiles import check_profile
@@ -94,7 +95,46 @@ class BrokerConfig(StrictModel):
     )
 
 
+class CommandKey(StrictModel):
+    """One of HQ's command-signing public keys (docs/OUTBOX.md, "Signed commands")."""
+
+    id: Identifier = Field(description="The key id HQ puts in each command's key_id, e.g. 'hq-2026a'.")
+    public_key: str = Field(
+        min_length=1,
+        description="HQ's Ed25519 public key: base64 of its 32 raw bytes, or the PEM of 'openssl pkey -pubout';"
+        " or {file: PATH} naming the PEM file.",
+    )
+
+    @field_validator("public_key")
+    @classmethod
+    def _ed25519(cls, value: str) -> str:
+        try:
+            load_public_key(value)
+        except SigningKeyError as err:
+            raise ValueError(str(err)) from err
+        return value
+
+
+MAX_COMMAND_KEYS: Final = 16
+
+
 class HqConfig(BrokerConfig):
+    command_keys: list[CommandKey] = Field(
+        default_factory=list,
+        max_length=MAX_COMMAND_KEYS,
+        description="HQ's pinned command-signing public keys; a command must be signed by one of them. Two during"
+        " a rotation; remove a key to revoke it. None: every HQ command is refused.",
+    )
+
+    @field_validator("command_keys")
+    @classmethod
+    def _unique_key_ids(cls, value: list[CommandKey]) -> list[CommandKey]:
+        ids = [k.id for k in value]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate key id(s) {', '.join(dupes)}: each key needs its own id")
+        return value
+
     topic_prefix: str = Field(
         default="retail",
         pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$",

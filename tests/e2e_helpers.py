@@ -25,12 +25,15 @@ from typing import IO, Any, Final, Literal
 import httpx
 import orjson
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from ruamel.yaml import YAML
 
 from cloud_bridge.receiver import HqReceiver
 from cloud_bridge.receiver_store import ReceiverStore
+from cloud_bridge.signing import CommandSigner, public_key_text
 from cloud_bridge.topics import status_topic
 from gateway.config import BrokerConfig, GatewayConfig
 from gateway.config_loader import config_hash, load_config
@@ -75,6 +78,39 @@ def catalog_stock(on_hand: float = INITIAL_ON_HAND) -> list[StockSeed]:
     return [StockSeed(item.sku, on_hand) for item in CATALOG]
 
 
+HQ_KEY: Final = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+"""HQ's command-signing key in the tests (docs/OUTBOX.md, "Signed commands"); pinned by every test config."""
+HQ_KEY_ID: Final = "hq-test"
+HQ_SIGNER: Final = CommandSigner(HQ_KEY_ID, HQ_KEY)
+
+
+def hq_command_keys() -> list[dict[str, str]]:
+    """The ``hq.command_keys`` that pin HQ_KEY."""
+    return [{"id": HQ_KEY_ID, "public_key": public_key_text(HQ_KEY.public_key())}]
+
+
+def write_signing_key(path: Path) -> Path:
+    """HQ_KEY as the PEM file ``--signing-key`` takes."""
+    path.write_bytes(
+        HQ_KEY.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return path
+
+
+def sign_command(topic: str, body: Any) -> Any:
+    """``body`` signed with HQ_KEY for ``topic`` when it is a command that can be signed (a dict with a string
+    request id and command, dict or no args, no signature yet); anything else as it is (malformed commands)."""
+    if not isinstance(body, dict) or "signature" in body:
+        return body
+    request_id, command, args = body.get("request_id"), body.get("command"), body.get("args")
+    if not isinstance(request_id, str) or not isinstance(command, str) or not isinstance(args, dict | None):
+        return body
+    extra = {k: v for k, v in body.items() if k not in ("request_id", "command", "args")}
+    return {**HQ_SIGNER.envelope(topic, request_id, command, args), **extra}
+
+
 def write_config(
     path: Path,
     *,
@@ -108,7 +144,13 @@ def write_config(
         "store": {"id": store_id, "name": "E2E test store", "timezone": "Asia/Hong_Kong"},
         "data_dir": str(data_dir),
         "store_broker": {"host": "127.0.0.1", "port": store_port},
-        "hq": {"host": "127.0.0.1", "port": hq_port, "topic_prefix": HQ_PREFIX, **(hq or {})},
+        "hq": {
+            "host": "127.0.0.1",
+            "port": hq_port,
+            "topic_prefix": HQ_PREFIX,
+            "command_keys": hq_command_keys(),
+            **(hq or {}),
+        },
         "drivers": [
             {
                 "type": "mqtt",

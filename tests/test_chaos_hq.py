@@ -34,6 +34,7 @@ import pytest
 from simulators.pos import PosMessage, run_terminals
 from tests.brokers import Mosquitto, free_port
 from tests.e2e_helpers import (
+    HQ_KEY_ID,
     HQ_PREFIX,
     TERMINALS,
     GatewayProcess,
@@ -45,6 +46,7 @@ from tests.e2e_helpers import (
     report_figures,
     time_until,
     write_config,
+    write_signing_key,
 )
 
 RecordProperty = Callable[[str, object], None]
@@ -169,6 +171,8 @@ async def test_receiver_away_while_the_hq_broker_restarts_loses_nothing(
     options = ["--lost-grace", "0"]
     if topology == "shared":
         options += ["--share-group", "hq-receivers", "--resend", "--resend-interval", str(RESEND_INTERVAL_S)]
+        key = write_signing_key(tmp_path / "hq-command.key")
+        options += ["--signing-key", str(key), "--key-id", HQ_KEY_ID]
     receiver = ReceiverProcess(hq_broker, hq_db, tmp_path / "receiver.log", options)
     api_port = free_port()
     config_path = write_config(

@@ -637,3 +637,36 @@ def test_serial_devices_must_have_unique_ids(tmp_path: Path) -> None:
     second = "      - {id: rfid-1, port: /dev/serial/by-id/usb-b, profile: chafon-cf-ru5102}\n"
     [issue] = issues_of(write(tmp_path, MINIMAL + SERIAL + second), env={"API_TOKEN": TOKEN})
     assert "each id once: rfid-1 repeated" in issue.message
+
+
+# --- hq.command_keys (docs/OUTBOX.md, "Signed commands")
+
+
+def test_command_keys_take_every_form_and_bad_ones_are_reported_at_once(tmp_path: Path) -> None:
+    pem = tmp_path / "hq-b.pub"
+    pem.write_text(
+        "-----BEGIN PUBLIC KEY-----\n"
+        "MCowBQYDK2VwAyEA11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=\n"
+        "-----END PUBLIC KEY-----\n"
+    )
+    good = MINIMAL.replace(
+        "  host: hq.example.com\n",
+        "  host: hq.example.com\n  command_keys:\n"
+        "    - {id: hq-a, public_key: 11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=}\n"
+        "    - {id: hq-b, public_key: {file: hq-b.pub}}\n",
+    )
+    cfg = load_config(write(tmp_path, good), env={"API_TOKEN": TOKEN})
+    assert [k.id for k in cfg.hq.command_keys] == ["hq-a", "hq-b"]
+    bad = MINIMAL.replace(
+        "  host: hq.example.com\n",
+        "  host: hq.example.com\n  command_keys:\n"
+        "    - {id: hq-a, public_key: not-a-key}\n"
+        "    - {id: hq-b, public_key: {file: missing.pub}}\n",
+    ).replace("id: hk-001", "id: hk/001")
+    path = write(tmp_path, bad, "bad.yaml")
+    issues = by_key(issues_of(path, env={"API_TOKEN": TOKEN}))
+    assert {"store.id", "hq.command_keys[0].public_key", "hq.command_keys[1].public_key"} <= set(issues)
+    key = issues["hq.command_keys[0].public_key"]
+    assert key.line == line_of(path, "not-a-key")
+    assert "not an Ed25519 public key" in key.message
+    assert "openssl pkey" in str(key)

@@ -24,6 +24,7 @@ from tests.brokers import Mosquitto, free_port
 from tests.e2e_helpers import (
     GATEWAY_ID,
     HQ_PREFIX,
+    HQ_SIGNER,
     STORE_ID,
     TERMINALS,
     GatewayProcess,
@@ -35,6 +36,7 @@ from tests.e2e_helpers import (
     report_figures,
     running_receiver,
     sale_payload,
+    sign_command,
     time_until,
     write_config,
 )
@@ -61,7 +63,8 @@ class Hq:
         if args is not None:
             body["args"] = args
         assert self.client is not None
-        await self.client.publish(commands_topic(HQ_PREFIX, STORE_ID, GATEWAY_ID), orjson.dumps(body), qos=1)
+        topic = commands_topic(HQ_PREFIX, STORE_ID, GATEWAY_ID)
+        await self.client.publish(topic, orjson.dumps(sign_command(topic, body)), qos=1)
         async with asyncio.timeout(WITHIN):
             while request_id not in self.answers:
                 self._arrived.clear()
@@ -176,6 +179,7 @@ async def receiver_with(
         prefix=HQ_PREFIX,
         client_id="hq-receiver-resend",
         resend_interval_s=resend_interval_s,
+        signer=HQ_SIGNER if resend_interval_s is not None else None,
         backoff_cap_s=1.0,
     )
     stop = asyncio.Event()

@@ -34,6 +34,7 @@ from gateway.config import BrokerConfig, TlsConfig
 from gateway.events import uuid7
 from gateway.mqtt import MqttClient
 from tests.brokers import Mosquitto
+from tests.e2e_helpers import HQ_SIGNER
 from tests.test_tls import _cert, _key, _write
 
 PREFIX = "retail"
@@ -194,6 +195,7 @@ def make_receiver(
         client_id=client_id,
         share_group=share_group,
         resend_interval_s=resend_interval_s,
+        signer=HQ_SIGNER if resend_interval_s is not None else None,
         on_batch=on_batch,
         backoff_base_s=0.05,
         backoff_cap_s=0.5,
@@ -958,6 +960,9 @@ def test_cli_refuses_unusable_options(tmp_path: Path, capsys: pytest.CaptureFixt
         ("--ca-file", str(tmp_path / "nope.pem")): "--ca-file",
         ("--share-group", "a/b"): "a share group is one topic level",
         ("--session-expiry", "-1"): "session_expiry_s",
+        ("--resend",): "--resend needs --signing-key FILE and --key-id ID",
+        ("--resend", "--key-id", "hq-1"): "--signing-key and --key-id go together",
+        ("--resend", "--key-id", "hq-1", "--signing-key", str(secret)): "--signing-key: ",
     }
     for args, message in cases.items():
         assert receiver_main(["--db", str(tmp_path / "hq.db"), *args]) == 1
