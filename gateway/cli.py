@@ -223,6 +223,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("version", help="print the version", description=_VERSION_HELP, formatter_class=_FORMATTER)
     sub.add_parser("hq-receiver", help="HQ reference receiver (see 'hq-receiver --help')", add_help=False)
+    sub.add_parser(
+        "hq-command", help="send a command to a gateway from HQ (see 'hq-command --help')", add_help=False
+    )
     sub.add_parser("simulate", help="device simulators (see 'simulate --help')", add_help=False)
     return parser
 
@@ -253,6 +256,10 @@ def _main(argv: Sequence[str] | None) -> int:
         from cloud_bridge.receiver import receiver_main
 
         return receiver_main(args_list[1:])
+    if args_list[:1] == ["hq-command"]:
+        from cloud_bridge.hq_command import hq_command_main
+
+        return hq_command_main(args_list[1:])
     if args_list[:1] == ["simulate"]:
         from simulators.cli import simulate_main
 
