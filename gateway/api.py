@@ -9,28 +9,38 @@ handlers, the gateway owns SIGINT/SIGTERM. Everything but ``/health`` needs ``Au
 Journal reads run in FastAPI's threadpool, each on a short-lived read-only SQLite connection beside the
 journal's writer (WAL lets readers and the writer run at once); event bodies are the stored envelope bytes,
 passed on untouched.
+
+uvicorn gives a request unlimited time to arrive, so silent sockets could hold every connection slot
+(slowloris). The server's protocol (:class:`_GuardedH11Protocol`) closes a connection that keeps it waiting
+(:class:`ConnectionLimits`), bounds the connections of one client address, and lets a new connection take the
+slot of the oldest one still waiting for a request head (docs/API.md#connections).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import hmac
 import logging
 import os
 import socket
 import sqlite3
+import weakref
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, ClassVar, Final
 
+import h11
 import orjson
 import uvicorn
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Response
 from fastapi import Path as PathParam
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cloud_bridge.wire import CLASSES
 from gateway.events import ID_PATTERN
@@ -39,10 +49,10 @@ from gateway.metrics import Metrics
 _LOGGER = logging.getLogger(__name__)
 
 MAX_BODY_BYTES: Final = 64 * 1024
+"""Largest request body accepted, on every route (present and future) but webhooks."""
 WEBHOOK_MAX_BODY_BYTES: Final = 512 * 1024
 """Cloud POS webhooks carry whole receipts (about 1-1.5 KB per line, form-encoded); each HTTP source also has
 its own ``max_payload_bytes``, checked after its signature."""
-"""Largest request body accepted, on every route (present and future)."""
 
 MAX_EVENTS: Final = 1000
 """Most events one ``/api/events`` call returns."""
@@ -54,15 +64,25 @@ PREVIEW_BYTES: Final = 512
 """How much of a quarantined payload ``/api/quarantine`` shows."""
 
 MAX_CONNECTIONS: Final = 64
-"""Concurrent connections before uvicorn answers 503: bounds the API's memory on a small box."""
+"""Open connections at most: bounds the API's memory on a small box (docs/API.md#connections)."""
+MAX_CONNECTIONS_PER_CLIENT: Final = 48
+"""Open connections from one client address at most: one address never takes every slot. Three quarters of
+them, because a reverse proxy in front brings every sender under its one address."""
+IDLE_TIMEOUT_S: Final = 5.0
+"""While the API waits for a request's head or body, a connection that sends nothing this long is closed."""
+REQUEST_TIMEOUT_S: Final = 30.0
+"""A request's head and body must arrive within this long (a trickle of bytes is no way around the idle
+deadline): 512 KiB takes 30 s at 17 KB/s."""
+MAX_QUERY_INT: Final = 2**63 - 1
+"""Largest integer a query parameter takes: SQLite's INTEGER range (a larger one would overflow the binding)."""
 
 SHUTDOWN_GRACE_S: Final = 5
 """How long a stopping server waits for requests in flight before cancelling them."""
 
 OPEN_PATHS: Final = frozenset({"/health"})
+"""Paths served without a token."""
 WEBHOOK_PREFIX: Final = "/webhooks/"
 """Paths under this prefix skip the bearer token: HTTP intake verifies each source's HMAC signature."""
-"""Paths served without a token."""
 
 _JSON: Final = "application/json"
 
@@ -117,6 +137,7 @@ def create_app(
     # Added last, so outermost: an oversized request is refused before anything else looks at it.
     app.add_middleware(BearerAuthMiddleware, token=token)
     app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    app.state.api_metrics = api_metrics(metrics.registry)  # serve_api counts its connections there
 
     for router in routers:
         app.include_router(router)
@@ -144,7 +165,7 @@ def create_app(
     def get_events(
         kind: Annotated[str | None, Query(max_length=64)] = None,
         device_id: Annotated[str | None, Query(max_length=64)] = None,
-        after_seq: Annotated[int | None, Query(ge=0)] = None,
+        after_seq: Annotated[int | None, Query(ge=0, le=MAX_QUERY_INT)] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_EVENTS)] = 100,
     ) -> Response:
         """Newest first; with ``after_seq``, oldest first from just after it (for paging forward).
@@ -469,6 +490,206 @@ async def _send_json(
     await send({"type": "http.response.body", "body": content})
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """How the API keeps its connection slots for clients that send requests (docs/API.md#connections)."""
+
+    max_connections: int = MAX_CONNECTIONS
+    per_client: int = MAX_CONNECTIONS_PER_CLIENT
+    idle_timeout_s: float = IDLE_TIMEOUT_S
+    request_timeout_s: float = REQUEST_TIMEOUT_S
+
+
+class ApiMetrics:
+    """The connection defence's own counters, beside the gateway's (gateway/metrics.py)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connections = Gauge(
+            "storegw_api_connections", "Connections open to the local API.", registry=registry
+        )
+        self.dropped = Counter(
+            "storegw_api_connections_dropped",
+            "Connections to the local API refused or closed to keep its slots, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+
+
+_API_METRICS: Final[weakref.WeakKeyDictionary[CollectorRegistry, ApiMetrics]] = weakref.WeakKeyDictionary()
+
+
+def api_metrics(registry: CollectorRegistry) -> ApiMetrics:
+    """The API's counters in ``registry``, registered once however many apps share it."""
+    found = _API_METRICS.get(registry)
+    if found is None:
+        found = _API_METRICS[registry] = ApiMetrics(registry)
+    return found
+
+
+def _raw_response(status: int, reason: str, detail: str, extra: bytes = b"") -> bytes:
+    """A whole HTTP/1.1 answer that closes the connection, written below h11 (no request was parsed)."""
+    body = orjson.dumps({"detail": detail})
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%bconnection: close\r\n\r\n%b"
+        % (status, reason.encode(), len(body), extra, body)
+    )
+
+
+_REFUSED: Final = _raw_response(503, "Service Unavailable", "too many connections", b"retry-after: 1\r\n")
+_TIMED_OUT: Final = _raw_response(408, "Request Timeout", "the request did not arrive in time")
+
+
+class _ConnectionGuard:
+    """Admits, evicts and times out the connections of one server (all on the event loop thread).
+
+    A connection waiting for a request head is the only kind ever evicted: a request being received or answered
+    keeps its slot until its deadlines pass.
+    """
+
+    def __init__(self, limits: ConnectionLimits, metrics: ApiMetrics | None) -> None:
+        self.limits = limits
+        self._metrics = metrics
+        self._open: dict[_GuardedH11Protocol, None] = {}  # admission order: the first is the oldest
+        self._per_client: collections.Counter[str] = collections.Counter()
+
+    def admit(self, conn: _GuardedH11Protocol) -> bool:
+        """Takes a slot for ``conn``, evicting an idle connection when full; False when none can be freed."""
+        if self._per_client[conn.client_host] >= self.limits.per_client and not self._evict(
+            c for c in self._open if c.client_host == conn.client_host
+        ):
+            self.count("client_limit")
+            return False
+        if len(self._open) >= self.limits.max_connections and not self._evict(iter(self._open)):
+            self.count("full")
+            return False
+        self._open[conn] = None
+        self._per_client[conn.client_host] += 1
+        self._gauge()
+        return True
+
+    def release(self, conn: _GuardedH11Protocol) -> None:
+        if self._open.pop(conn, False) is None:
+            self._per_client[conn.client_host] -= 1
+            if self._per_client[conn.client_host] <= 0:
+                del self._per_client[conn.client_host]
+            self._gauge()
+
+    def count(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.dropped.labels(reason).inc()
+
+    def _evict(self, candidates: Iterator[_GuardedH11Protocol]) -> bool:
+        victim = next((c for c in candidates if c.awaiting_request()), None)
+        if victim is None:
+            return False
+        victim.drop("evicted")
+        return True
+
+    def _gauge(self) -> None:
+        if self._metrics is not None:
+            self._metrics.connections.set(len(self._open))
+
+
+class _GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with the slot defence uvicorn lacks: it has no deadline for a request's head or
+    body (``timeout_keep_alive`` only runs between requests) and no per-client limit, so silent sockets held
+    ``limit_concurrency`` for as long as they stayed open (slowloris)."""
+
+    guard: ClassVar[_ConnectionGuard]
+    client_host: str
+    _admitted: bool
+    _wait_started: float
+    _last_data: float
+    _timer: asyncio.TimerHandle | None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        peer = transport.get_extra_info("peername")
+        self.client_host = str(peer[0]) if isinstance(peer, tuple) and peer else "local"
+        self._timer = None
+        self._wait_started = self._last_data = self.loop.time()
+        self._admitted = self.guard.admit(self)
+        if not self._admitted:
+            transport.write(_REFUSED)
+            transport.close()
+            return
+        super().connection_made(transport)
+        self._schedule(self._wait_started + self.guard.limits.idle_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._admitted:
+            return
+        self.guard.release(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_data = self.loop.time()
+        super().data_received(data)
+
+    def on_response_complete(self) -> None:
+        # The wait for the next request on this connection starts now.
+        self._wait_started = self._last_data = self.loop.time()
+        super().on_response_complete()
+
+    def awaiting_request(self) -> bool:
+        """Nothing of a request is being received or answered: the connection may be evicted."""
+        return self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+
+    def drop(self, reason: str) -> None:
+        """Closes the connection to free its slot; a request half received is answered 408."""
+        self.guard.count(reason)
+        self.guard.release(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if not cycle.response_started:
+                self.transport.write(_TIMED_OUT)
+            cycle.disconnected = True  # the app's answer, if it comes, goes nowhere
+        elif self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
+            self.transport.write(_TIMED_OUT)  # part of a request head came
+        self.transport.close()
+
+    def _waiting_for_client(self) -> bool:
+        return self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.flow.read_paused
+
+    def _schedule(self, when: float) -> None:
+        self._timer = self.loop.call_at(when, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        limits = self.guard.limits
+        now = self.loop.time()
+        if not self._waiting_for_client():
+            # Answering, or not reading (flow control): the client is not the one keeping us waiting.
+            self._last_data = now
+            self._schedule(now + min(limits.idle_timeout_s, 1.0))
+            return
+        idle_end = self._last_data + limits.idle_timeout_s
+        request_end = self._wait_started + limits.request_timeout_s
+        if now >= idle_end:
+            self.drop("idle")
+        elif now >= request_end:
+            self.drop("too_slow")
+        else:
+            self._schedule(min(idle_end, request_end))
+
+
+def _guarded_protocol(guard: _ConnectionGuard) -> type[_GuardedH11Protocol]:
+    """A protocol class bound to one server's guard (uvicorn builds its protocols from a class)."""
+
+    class GuardedH11Protocol(_GuardedH11Protocol):
+        pass
+
+    GuardedH11Protocol.guard = guard
+    return GuardedH11Protocol
+
+
 class _EmbeddedServer(uvicorn.Server):
     """uvicorn inside someone else's event loop: installs no signal handlers, reports when it listens."""
 
@@ -493,12 +714,17 @@ async def serve_api(
     port: int,
     started: asyncio.Event | None = None,
     bound_port: list[int] | None = None,
+    *,
+    limits: ConnectionLimits | None = None,
 ) -> None:
     """Serve ``app`` until cancelled, then close the listener and the connections before re-raising.
 
     Port 0 picks a free port; the port actually bound is appended to ``bound_port``, and ``started`` is set
-    once connections are accepted. Raises :class:`ApiError` when the address cannot be bound.
+    once connections are accepted. ``limits`` bound the connections (slowloris): see :class:`ConnectionLimits`.
+    Raises :class:`ApiError` when the address cannot be bound.
     """
+    limits = limits or ConnectionLimits()
+    guard = _ConnectionGuard(limits, getattr(app.state, "api_metrics", None))
     # Binding here rather than in uvicorn: uvicorn answers a bind failure with sys.exit(), which must not
     # escape from one task of the gateway's TaskGroup.
     sock = await _bind(host, port)
@@ -508,14 +734,15 @@ async def serve_api(
             app,
             host=host,
             port=actual_port,
-            http="h11",
+            http=_guarded_protocol(guard),
             ws="none",
             lifespan="off",
             log_config=None,
             access_log=False,
             proxy_headers=False,
             server_header=False,
-            limit_concurrency=MAX_CONNECTIONS,
+            # The guard bounds connections; this bounds requests still running after their connection closed.
+            limit_concurrency=limits.max_connections + 1,
             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         )
 

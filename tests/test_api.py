@@ -322,6 +322,23 @@ async def test_events_sees_what_a_live_writer_commits(journal: tuple[Path, sqlit
         assert [e["device_id"] for e in events] == ["till-3"]
 
 
+async def test_integer_parameters_beyond_sqlite_are_422(journal: tuple[Path, sqlite3.Connection]) -> None:
+    app, _ = make_app(journal[0])
+    too_big = 2**63  # one past SQLite's INTEGER: binding it raised OverflowError, a 500
+    async with running(app) as (base, _), httpx.AsyncClient(base_url=base, headers=AUTH) as client:
+        for url in (
+            f"/api/events?after_seq={too_big}",
+            f"/api/events?limit={too_big}",
+            f"/api/stock?limit={too_big}",
+            f"/api/quarantine?limit={too_big}",
+            "/api/events?after_seq=-1",
+            "/api/events?after_seq=1e3",
+        ):
+            reply = await client.get(url)
+            assert reply.status_code == 422, (url, reply.status_code, reply.text)
+        assert await get_json(client, f"/api/events?after_seq={too_big - 1}") == []
+
+
 async def test_stock_rows_and_low_only(journal: tuple[Path, sqlite3.Connection]) -> None:
     app, _ = make_app(journal[0])
     async with running(app) as (url, _task), httpx.AsyncClient(base_url=url) as client:
