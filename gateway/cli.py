@@ -342,7 +342,14 @@ def _run(config_path: Path, *, new_journal: bool = False) -> int:
 
 def _provision(config_path: Path, out: Path, rotate: list[str], gateway_password_file: Path | None) -> int:
     """``broker provision``: new passwords go to stdout only, once; problems to stderr."""
-    from drivers.mqtt.provision import ACL_FILE, USERS_FILE, ProvisionError, provision, read_secret
+    from drivers.mqtt.provision import (
+        ACL_FILE,
+        BROKER_MAX_PACKET_BYTES,
+        USERS_FILE,
+        ProvisionError,
+        provision,
+        read_secret,
+    )
     from gateway.config_loader import ConfigError, _Loader
 
     try:
@@ -379,6 +386,13 @@ def _provision(config_path: Path, out: Path, rotate: list[str], gateway_password
     for name in done.unrouted:
         print(
             f"warning: {name}: no MQTT route carries its profile: its account can publish nothing",
+            file=sys.stderr,
+        )
+    for name, size in done.too_large:
+        print(
+            f"warning: {name}: the gateway accepts messages from it up to a {size}-byte packet, over the broker's"
+            f" max_packet_size {BROKER_MAX_PACKET_BYTES}: raise max_packet_size in mosquitto.conf, or lower"
+            " max_payload_bytes",
             file=sys.stderr,
         )
     print(

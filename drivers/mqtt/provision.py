@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from drivers.mqtt.config import MqttDriverConfig
-from drivers.mqtt.profile import resolve_profile
+from drivers.mqtt.profile import profile_limits, resolve_profile
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -41,6 +41,11 @@ SALT_BYTES: Final = 12
 HASH_BYTES: Final = 64
 PASSWORD_BYTES: Final = 24
 FILE_MODE: Final = 0o600
+BROKER_MAX_PACKET_BYTES: Final = 262_144
+"""The store broker's max_packet_size (docker/mosquitto/mosquitto.conf, and the systemd install's copy)."""
+PUBLISH_OVERHEAD_BYTES: Final = 16
+"""A PUBLISH packet's bytes besides its topic and payload (fixed header, topic length, packet id, MQTT 5
+property length), rounded up."""
 
 
 class ProvisionError(Exception):
@@ -73,6 +78,8 @@ class Provisioned:
     """Accounts that were in ``passwd`` but are no longer in the config."""
     unrouted: tuple[str, ...]
     """Devices whose profile no MQTT route carries: an account that can publish nothing."""
+    too_large: tuple[tuple[str, int], ...]
+    """(device, bytes): devices whose largest message the gateway accepts is a packet over the broker's limit."""
 
 
 def accounts(config: GatewayConfig) -> list[Account]:
@@ -93,6 +100,27 @@ def accounts(config: GatewayConfig) -> list[Account]:
         profile = resolve_profile(device.profile)
         own = (r.pattern.replace("{device_id}", device.id) for r in routes if r.device_profile == profile)
         found.append(Account(device.id, tuple(_unique(own)), (), device=True))
+    return found
+
+
+def too_large_for_broker(config: GatewayConfig) -> list[tuple[str, int]]:
+    """Devices the gateway accepts larger messages from than the broker lets through (its max_packet_size),
+    with the largest such packet: the broker would close their connection before the gateway saw them."""
+    drivers = [d for d in config.drivers if isinstance(d, MqttDriverConfig)]
+    found: list[tuple[str, int]] = []
+    for device in config.devices:
+        profile = resolve_profile(device.profile)
+        limit = device.limits_over(profile_limits(profile)).max_payload_bytes
+        packets = [
+            min(driver.max_payload_bytes, limit)
+            + len(route.pattern.replace("{device_id}", device.id).encode())
+            + PUBLISH_OVERHEAD_BYTES
+            for driver in drivers
+            for route in driver.routes
+            if route.device_profile == profile
+        ]
+        if packets and max(packets) > BROKER_MAX_PACKET_BYTES:
+            found.append((device.id, max(packets)))
     return found
 
 
@@ -202,6 +230,7 @@ def provision(
         kept=tuple(kept),
         removed=tuple(sorted(set(existing) - names)),
         unrouted=tuple(a.username for a in found if a.device and not a.write),
+        too_large=tuple(too_large_for_broker(config)),
     )
 
 

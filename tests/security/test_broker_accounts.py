@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pydantic import SecretStr
 
-from drivers.mqtt.provision import provision
+from drivers.mqtt.provision import BROKER_MAX_PACKET_BYTES, provision, too_large_for_broker
 from gateway.config import BrokerConfig, GatewayConfig, TlsConfig
 from gateway.config_loader import _Loader
 from gateway.mqtt import Message, MqttClient, MqttError
@@ -329,3 +329,18 @@ async def test_the_gateway_account_reads_the_devices_but_publishes_nothing(store
         async with connected(account(store, "fridge-01"), "fridge-01") as fridge:
             await fridge.publish("store/sensor/fridge-01/state", b'{"temperature": 4.1}')
             await seen.until("store/sensor/fridge-01/state", b'{"temperature": 4.1}')
+
+
+def test_the_broker_takes_every_message_the_gateway_accepts(tmp_path: Path) -> None:
+    assert f"\nmax_packet_size {BROKER_MAX_PACKET_BYTES}\n" in CONF.read_text()
+    assert too_large_for_broker(load(store_config(tmp_path))) == []
+    raised = STORE_CONFIG.replace(
+        "  - type: mqtt\n", "  - type: mqtt\n    max_payload_bytes: 1048576\n"
+    ).replace(
+        "{id: pos-02, profile: pos-terminal}",
+        "{id: pos-02, profile: pos-terminal, max_payload_bytes: 1048576}",
+    )
+    (tmp_path / "store.yaml").write_text(raised)
+    assert too_large_for_broker(load(tmp_path / "store.yaml")) == [
+        ("pos-02", 1048576 + len("store/pos/pos-02/return") + 16)
+    ]
