@@ -479,9 +479,11 @@ async def test_the_sample_mosquitto_acl_keeps_each_store_to_its_own_topics(tmp_p
             with contextlib.suppress(MqttError):
                 await other.publish(TOPIC, b"from another store", qos=1)
             await sender.publish(TOPIC, b"from HQ", qos=1)
+            await sender.publish(TOPIC, b"marker", qos=1)
             async with asyncio.timeout(10):
                 assert await received.get() == b"from HQ"  # in order: the other store's publish never came
-            assert received.empty()
+                assert await received.get() == b"marker"
+            assert received.empty()  # and the other store's account got neither
         finally:
             for client in (own, other, sender):
                 await client.disconnect()
