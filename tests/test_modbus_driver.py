@@ -295,7 +295,7 @@ async def test_writes_land_in_the_server_datastore(rig: Rig, tcp_server: FridgeS
     await write("freezer-1", "setpoint", -22.5)
     assert await tcp_server.read_point(2, "setpoint") == -22.5
     await until(lambda: tcp_server.models[2].setpoint == -22.5, "the controller takes the new setpoint")
-    await rig.ctx.device_writers["fridge-1"]("fridge-1", "defrost_start", 1)
+    await rig.ctx.device_writers["fridge-1"]("fridge-1", "defrost_start", True)
     await until(lambda: tcp_server.models[1].defrosting, "the write starts a defrost")
     with pytest.raises(WriteRefusedError, match="outside"):
         await write("freezer-1", "setpoint", 40)

@@ -273,7 +273,7 @@ def test_writes_encode_to_the_right_function() -> None:
     request = encode_write(setpoint, -5.0)
     assert (request.function, request.address, request.values) == (6, 0x300, (0xFFCE,))
     coil = point(name="defrost_start", function=1, type="bool", write={"min": 0, "max": 1})
-    assert encode_write(coil, 1).function == 5
+    assert encode_write(coil, True).function == 5
     wide = point(name="limit", type="float32", write={"min": -100, "max": 100})
     assert encode_write(wide, 1.0).values == (0x3F80, 0x0000)
     assert encode_write(wide, 1.0).function == 16

@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from drivers.limits import DeviceLimits
-from drivers.modbus.profile import ModbusProfile
+from drivers.modbus.profile import MetricName, ModbusProfile, Writable
 from drivers.profiles import check_profile, get_profile
 
 if TYPE_CHECKING:
     from drivers.base import Driver, DriverContext
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+Limit = Annotated[float, Field(strict=True)]
+"""A YAML number (not "5", not true), like the values HQ may write."""
+
+
+class WriteLimits(BaseModel):
+    """One device's own range for a writable point: inside the profile's range, never wider."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    min: Limit | None = Field(
+        default=None, description="Lowest value this device accepts; at least the profile's min."
+    )
+    max: Limit | None = Field(
+        default=None, description="Highest value this device accepts; at most the profile's max."
+    )
 
 
 class ModbusDeviceConfig(DeviceLimits):
@@ -29,6 +47,11 @@ class ModbusDeviceConfig(DeviceLimits):
         default=5, gt=0, le=100_000, description="Samples per second accepted from this device."
     )
     rate_burst: int = Field(default=20, ge=1, le=1_000_000, description="Samples accepted in a burst.")
+    writable: dict[MetricName, WriteLimits] = Field(
+        default_factory=dict,
+        description="Per writable point, a narrower range than the profile's for this device,"
+        " e.g. {setpoint: {min: 2, max: 6}}.",
+    )
 
     @field_validator("profile")
     @classmethod
@@ -36,15 +59,70 @@ class ModbusDeviceConfig(DeviceLimits):
         return check_profile(value, ModbusProfile)
 
     @model_validator(mode="after")
-    def _known_groups(self) -> ModbusDeviceConfig:
-        groups = get_profile(self.profile, ModbusProfile).groups
-        unknown = sorted(set(self.poll_intervals) - set(groups))
-        if unknown:
-            raise ValueError(
-                f"poll_intervals: no group {', '.join(unknown)} in profile {self.profile}"
-                f" (groups: {', '.join(groups)})"
-            )
+    def _fits_profile(self) -> ModbusDeviceConfig:
+        """Every group and point named here is in the profile, and every range lies inside the profile's:
+        all the problems at once, each at its own key."""
+        profile = get_profile(self.profile, ModbusProfile)
+        problems = list(self._unknown_groups(profile)) + list(self._wider_writes(profile))
+        if problems:
+            raise ValidationError.from_exception_data(type(self).__name__, problems)
         return self
+
+    def _unknown_groups(self, profile: ModbusProfile) -> Iterator[InitErrorDetails]:
+        unknown = sorted(set(self.poll_intervals) - set(profile.groups))
+        if unknown:
+            yield _problem(
+                ("poll_intervals",),
+                self.poll_intervals,
+                f"poll_intervals: no group {', '.join(unknown)} in profile {self.profile}"
+                f" (groups: {', '.join(profile.groups)})",
+            )
+
+    def _wider_writes(self, profile: ModbusProfile) -> Iterator[InitErrorDetails]:
+        names = ", ".join(p.name for p in profile.points if p.write is not None) or "none"
+        for name, narrow in self.writable.items():
+            where = ("writable", name)
+            given = narrow.model_dump(exclude_none=True)
+            point = profile.point(name)
+            if point is None or point.write is None:
+                what = "no point" if point is None else "no writable point"
+                yield _problem(where, given, f"{what} {name} in profile {self.profile} (writable: {names})")
+                continue
+            if not given:
+                yield _problem(where, given, "give min, max or both")
+                continue
+            lo, hi = point.write.min, point.write.max
+            outside = False
+            for key, value in given.items():
+                if not lo <= value <= hi:
+                    outside = True
+                    yield _problem(
+                        (*where, key),
+                        value,
+                        f"outside {lo:g}..{hi:g}, the range profile {self.profile} gives {name}:"
+                        " a device may only narrow it",
+                    )
+            if not outside and narrow.min is not None and narrow.max is not None and narrow.min > narrow.max:
+                yield _problem(where, given, "min is above max")
+
+    def write_limits(self) -> dict[str, Writable]:
+        """This device's range of each point it narrows (the profile's bound where it gives only one)."""
+        profile = get_profile(self.profile, ModbusProfile)
+        limits: dict[str, Writable] = {}
+        for name, narrow in self.writable.items():
+            point = profile.point(name)
+            assert point is not None  # checked by _fits_profile
+            assert point.write is not None
+            limits[name] = Writable(
+                min=point.write.min if narrow.min is None else narrow.min,
+                max=point.write.max if narrow.max is None else narrow.max,
+            )
+        return limits
+
+
+def _problem(loc: tuple[str, ...], given: Any, message: str) -> InitErrorDetails:
+    """A validation error at ``loc`` under the device (the config loader turns it into file:line)."""
+    return {"type": PydanticCustomError("profile_mismatch", message), "loc": loc, "input": given}
 
 
 class ModbusDriverConfig(BaseModel):

@@ -27,7 +27,7 @@ from drivers.devices import Device
 from drivers.limits import DeviceLimits
 from drivers.modbus.bus import BusLock, bus_for
 from drivers.modbus.config import ModbusDeviceConfig, ModbusDriverConfig
-from drivers.modbus.profile import ModbusProfile
+from drivers.modbus.profile import ModbusProfile, Writable
 from drivers.modbus.registers import (
     Decoded,
     ReadBlock,
@@ -115,6 +115,8 @@ class _Polled:
     profile: ModbusProfile
     device: Device
     groups: list[_Group]
+    write_limits: dict[str, Writable]
+    """The device's own narrower ranges (its config's ``writable``), by point."""
 
 
 class ModbusDriver:
@@ -166,7 +168,7 @@ class ModbusDriver:
                 )
                 interval = dev.poll_intervals.get(group_name, group.interval_s)
                 groups.append(_Group(group_name, interval, blocks, now))
-            self._polled.append(_Polled(dev, profile, device, groups))
+            self._polled.append(_Polled(dev, profile, device, groups, dev.write_limits()))
             ctx.device_writers[dev.id] = self.write
         # pymodbus logs every timeout at ERROR through its own logger; this driver reports each failure itself
         # (quietly while an outage lasts), so only pymodbus's critical messages are let through.
@@ -492,9 +494,10 @@ class ModbusDriver:
             if self._rx_seen == seen or loop.time() >= deadline:
                 return
 
-    async def write(self, device_id: str, point_name: str, value: float) -> None:
-        """Write one point of one device (HQ commands, rules). WriteRefusedError for an invalid write, DriverError
-        when the device cannot be reached or refuses it."""
+    async def write(self, device_id: str, point_name: str, value: object) -> None:
+        """Write one point of one device (HQ commands, rules). WriteRefusedError for an invalid write (``value``
+        is checked here, strictly, against the point's type, the profile's range and the device's own),
+        DriverError when the device cannot be reached or refuses it."""
         polled = next((p for p in self._polled if p.config.id == device_id), None)
         if polled is None:
             raise WriteRefusedError("unknown_device", f"{device_id} is not a device of {self.name}")
@@ -504,7 +507,7 @@ class ModbusDriver:
             raise WriteRefusedError(
                 "unknown_point", f"{device_id} has no point {point_name!r}; writable: {', '.join(writable)}"
             )
-        request = encode_write(point, value)
+        request = encode_write(point, value, polled.write_limits.get(point_name))
         client = self._client
         unit = polled.config.unit
         if client is None:
@@ -524,7 +527,7 @@ class ModbusDriver:
         except NoAnswerError as err:
             raise DriverError(f"{device_id}: {err}") from err
         self.stats.writes += 1
-        _LOGGER.info("%s: wrote %s = %g on %s", self.name, point_name, value, device_id)
+        _LOGGER.info("%s: wrote %s = %s on %s", self.name, point_name, value, device_id)
 
 
 def _raise_lost_cancellation() -> None:

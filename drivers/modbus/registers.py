@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from drivers.base import DecodeError, DriverError
-from drivers.modbus.profile import MAX_REASON, Point
+from drivers.modbus.profile import MAX_REASON, Point, Writable
 
 MAX_REGISTERS: Final = 125
 """Modbus Application Protocol v1.1b, 6.3: at most 125 registers per read (function 3 and 4)."""
@@ -175,21 +175,66 @@ def bytes_to_registers(data: bytes, byte_order: str, word_order: str) -> list[in
     return words if word_order == "big" else list(reversed(words))
 
 
-def encode_write(point: Point, value: float) -> WriteRequest:
-    """The request that writes ``value`` (engineering units) to ``point``, or WriteRefusedError."""
-    limits = point.write
-    if limits is None:
+def encode_write(point: Point, value: object, narrowed: Writable | None = None) -> WriteRequest:
+    """The request that writes ``value`` (engineering units) to ``point``, or WriteRefusedError.
+
+    ``value`` is what HQ sent, not yet trusted: a numeric point takes a number only (not true or "5"), a
+    boolean point true or false only (not 1). ``narrowed`` is the device's own range for the point, which the
+    config keeps inside the profile's (:class:`drivers.modbus.config.WriteLimits`)."""
+    if point.write is None:
         raise WriteRefusedError("read_only", f"{point.name} is not writable")
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise WriteRefusedError("invalid_value", f"{point.name}: the value must be a finite number")
-    if not limits.min <= value <= limits.max:
+    number = strict_value(point, value)
+    limits = narrowed if narrowed is not None else point.write
+    if not limits.min <= number <= limits.max:
+        whose = ""
+        if narrowed is not None:
+            whose = f" (this device's range; the profile's is {point.write.min:g}..{point.write.max:g})"
         raise WriteRefusedError(
-            "out_of_range", f"{point.name}: {value:g} is outside {limits.min:g}..{limits.max:g}"
+            "out_of_range",
+            f"{point.name}: {_shown(number)} is outside {limits.min:g}..{limits.max:g}{whose}",
         )
-    words = encode_value(point, value)
+    words = encode_value(point, float(number))
     if point.function == 1:
         return WriteRequest(5, point.address, words)
     return WriteRequest(6 if len(words) == 1 else 16, point.address, words)
+
+
+def strict_value(point: Point, value: object) -> float:
+    """``value`` as a number if its JSON type fits the point, else WriteRefusedError: a boolean point takes
+    true or false (as 1 or 0), any other point a finite number that is not a boolean."""
+    if point.type == "bool":
+        if not isinstance(value, bool):
+            raise WriteRefusedError("invalid_value", f"{point.name}: write true or false, not {_kind(value)}")
+        return 1 if value else 0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise WriteRefusedError("invalid_value", f"{point.name}: write a number, not {_kind(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise WriteRefusedError("invalid_value", f"{point.name}: the value must be a finite number")
+    return value
+
+
+def _kind(value: object) -> str:
+    """What a refused value is, without echoing it (a string from HQ could be anything)."""
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int | float):
+        return "a number"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _shown(value: float) -> str:
+    """A refused number for a message; an integer too large for a float (JSON allows any) by its size."""
+    if isinstance(value, int) and not -(10**15) < value < 10**15:
+        return f"an integer of {value.bit_length()} bits"
+    return f"{value:g}"
 
 
 def encode_value(point: Point, value: float) -> tuple[int, ...]:
