@@ -7,13 +7,22 @@ where its facts come from and how far to trust them (``confidence``).
 
 Profiles are read once per process (shipped with the package as ``firmware_configs/profiles/*.yaml``,
 plus any ``*.yaml`` in the directory named by ``STORE_GATEWAY_PROFILES``, which may override a shipped one).
+
+A profile decides how a device's messages are read, so whoever can write one can change what reaches HQ (or
+turn a kiosk's biometric refusal off). The ``STORE_GATEWAY_PROFILES`` folder, every folder above it and every
+profile in it must therefore belong to root or to the gateway's own user and not be writable by group or
+others (a folder above may be world-writable with the sticky bit, like /tmp), or no profile is read at all.
+Each override of a shipped profile is logged at WARNING, and may not change what kind of device it reads
+(:data:`KEPT_BY_OVERRIDES`).
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import logging
 import os
+import stat
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, cast
@@ -22,8 +31,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+_LOGGER = logging.getLogger(__name__)
+
 PROFILES_ENV: Final = "STORE_GATEWAY_PROFILES"
 PROFILE_NAME: Final = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+KEPT_BY_OVERRIDES: Final = ("family", "decoder")
+"""Fields an override must keep from the shipped profile it replaces: an override changes the details of how a
+kind of device is read, never the kind (the kiosk's ``decoder: checkin`` is what refuses biometric data and
+keeps kiosk payloads out of the quarantine)."""
+_OTHERS_WRITE: Final = stat.S_IWGRP | stat.S_IWOTH
 
 Family = Literal["mqtt", "serial", "modbus", "ble", "http"]
 Confidence = Literal["verified on hardware", "from vendor manual", "third-party map: verify"]
@@ -61,22 +77,81 @@ def profile_dirs() -> list[Path]:
 
 @functools.cache
 def _raw_profiles(dirs: tuple[Path, ...]) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """Every profile by name; the first folder is the shipped one, the others are checked before use."""
     yaml = YAML(typ="safe", pure=True)
     found: dict[str, tuple[Path, dict[str, Any]]] = {}
-    for folder in dirs:
+    for index, folder in enumerate(dirs):
         if not folder.is_dir():
             continue
+        shipped = index == 0
+        if not shipped:
+            _check_folder(folder)
         for path in sorted(folder.glob("*.yaml")):
             try:
-                data = yaml.load(path.read_text(encoding="utf-8"))
+                data = yaml.load(path.read_text(encoding="utf-8") if shipped else _read_checked(path))
             except (OSError, UnicodeDecodeError, YAMLError) as exc:
                 raise ProfileError(f"{path}: cannot read the profile: {exc}") from exc
             if not isinstance(data, dict) or data.get("profile") != path.stem:
                 raise ProfileError(
                     f"{path}: a profile is a mapping whose 'profile' is the file name, {path.stem!r}"
                 )
+            replaced = found.get(path.stem)
+            if replaced is not None:
+                _check_override(path, data, *replaced)
+                _LOGGER.warning("profile %s: %s overrides the shipped %s", path.stem, path, replaced[0])
             found[path.stem] = (path, data)
     return found
+
+
+def _check_folder(folder: Path) -> None:
+    """ProfileError unless only root and this user can change what ``folder`` holds: the folder itself, and the
+    folders above it (as named, and after symlinks), whose writers could swap it for another."""
+    real = folder.resolve()
+    try:
+        _check_owner_and_mode(folder, os.stat(folder), f"the profiles folder {folder}", sticky_ok=False)
+        for parent in dict.fromkeys([*folder.absolute().parents, *real.parents]):
+            where = f"{parent}, a folder above the profiles folder {folder},"
+            _check_owner_and_mode(parent, os.stat(parent), where, sticky_ok=True)
+    except OSError as exc:
+        raise ProfileError(f"the profiles folder {folder} ({PROFILES_ENV}) cannot be checked: {exc}") from exc
+
+
+def _read_checked(path: Path) -> str:
+    """The text of an override profile, checked on the open file (a swap after the check changes nothing)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO named *.yaml must not hang the start
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ProfileError(f"{path}: a profile is a regular file")
+        _check_owner_and_mode(path, info, f"the profile {path}", sticky_ok=False)
+        return fh.read().decode("utf-8")
+
+
+def _check_owner_and_mode(path: Path, info: os.stat_result, name: str, *, sticky_ok: bool) -> None:
+    me = os.geteuid()
+    if info.st_uid not in (0, me):
+        raise ProfileError(
+            f"{name} ({PROFILES_ENV}) belongs to another user (uid {info.st_uid}), who could change how devices"
+            f" are read: give it to root or to the gateway's user (chown {me} {path}), then chmod go-w {path}"
+        )
+    if info.st_mode & _OTHERS_WRITE and not (sticky_ok and info.st_mode & stat.S_ISVTX):
+        raise ProfileError(
+            f"{name} ({PROFILES_ENV}) can be written by other users, who could change how devices are read:"
+            f" chmod go-w {path}"
+        )
+
+
+def _check_override(path: Path, data: dict[str, Any], shipped_path: Path, shipped: dict[str, Any]) -> None:
+    for key in KEPT_BY_OVERRIDES:
+        if key in shipped and data.get(key) != shipped[key]:
+            why = ""
+            if key == "decoder" and shipped[key] == "checkin":
+                why = " (the checkin decoder refuses biometric data and keeps kiosk payloads out of the quarantine)"
+            raise ProfileError(
+                f"{path}: overrides the shipped profile {path.stem} ({shipped_path}) but changes its {key}"
+                f" from {shipped[key]!r} to {data.get(key)!r}{why}: an override may change how a kind of device"
+                f" is read, not the kind; give the profile another name"
+            )
 
 
 def available(family: Family | None = None) -> dict[str, Path]:
