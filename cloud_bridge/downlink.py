@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -101,16 +102,22 @@ class CommandLedger:
     ``issued_at`` HQ signed), which stands in for the wall clock while it is not synchronised.
 
     Its own SQLite file, apart from the journal: event TTLs, eviction and journal salvage never touch it.
-    Only verified commands are written to it, so its size follows HQ's command rate, not an attacker's."""
+    Only verified commands are written to it, so its size follows HQ's command rate, not an attacker's.
+    Methods run on worker threads (``asyncio.to_thread``); a lock keeps :meth:`close` from closing the
+    connection under a record still being written when the downlink is cancelled."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
         self.floor: int | None = None
 
     def open(self) -> None:
-        if self._conn is not None:
-            return
+        with self._lock:
+            if self._conn is None:
+                self._open()
+
+    def _open(self) -> None:
         try:
             self._conn = self._connect()
         except sqlite3.DatabaseError as err:
@@ -145,7 +152,12 @@ class CommandLedger:
 
     def seen(self, request_id: str) -> tuple[str, Any] | None:
         """(command, the result first answered or None) of a request id already carried out."""
-        assert self._conn is not None
+        with self._lock:
+            return self._seen(request_id)
+
+    def _seen(self, request_id: str) -> tuple[str, Any] | None:
+        if self._conn is None:
+            raise sqlite3.ProgrammingError("the command ledger is closed")
         row = self._conn.execute(
             "SELECT command, result FROM commands WHERE request_id=?", (request_id,)
         ).fetchone()
@@ -160,7 +172,12 @@ class CommandLedger:
 
     def record(self, request_id: str, command: str, not_after: int, result: Any) -> None:
         """Keep a carried-out command (and the floor), and drop those a day past their not_after."""
-        assert self._conn is not None
+        with self._lock:
+            self._record(request_id, command, not_after, result)
+
+    def _record(self, request_id: str, command: str, not_after: int, result: Any) -> None:
+        if self._conn is None:
+            raise sqlite3.ProgrammingError("the command ledger is closed")
         stored = orjson.dumps(result)
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -179,9 +196,10 @@ class CommandLedger:
                 )
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
 
 class Downlink:

@@ -998,3 +998,21 @@ def test_cli_says_in_one_line_when_the_database_cannot_be_opened(
     err = capsys.readouterr().err
     assert "install the postgres extra" in err
     assert err.count("\n") == 1, err
+
+
+def test_a_gateway_refusing_a_resend_signature_is_logged_once_per_reason(
+    hq_broker: Mosquitto, store: ReceiverStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = make_receiver(hq_broker, store, resend_interval_s=1.0)
+    topic = topics.responses_topic(PREFIX, "hk-001", "gw-a")
+    refusal = refusal_response(
+        Refusal("resend-1", "resend", "unknown_key", "key 'hq-x' is not one"), "hk-001", "gw-a"
+    )
+    with caplog.at_level(logging.WARNING, logger="cloud_bridge.receiver"):
+        for _ in range(3):
+            receiver._on_response(topic, refusal)
+    warnings = [r.getMessage() for r in caplog.records if "refused a signed resend" in r.getMessage()]
+    assert warnings == [
+        "retail/hk-001/gw-a refused a signed resend: unknown_key: key 'hq-x' is not one (check --key-id against"
+        " the gateway's hq.command_keys, and both clocks)"
+    ]

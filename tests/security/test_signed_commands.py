@@ -489,3 +489,13 @@ async def test_the_sample_mosquitto_acl_keeps_each_store_to_its_own_topics(tmp_p
                 await client.disconnect()
     finally:
         broker.close()
+
+
+async def test_an_unreadable_command_ledger_is_moved_aside_and_commands_go_on(rig: Rig) -> None:
+    (rig.tmp_path / "hq-commands.db").write_bytes(b"not a database" * 100)
+    async with opened(rig.downlink()) as downlink:
+        assert (await answer(downlink, signed("ping", request_id="c-1")))["status"] == "ok"
+        assert (await answer(downlink, signed("ping", request_id="c-1")))["status"] == "duplicate"
+    assert [p.name.split(".corrupt-")[0] for p in rig.tmp_path.glob("hq-commands.db.corrupt-*")] == [
+        "hq-commands.db"
+    ]
