@@ -21,7 +21,17 @@ from typing import Annotated, Any, Final, Literal
 
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
 
 from cloud_bridge.signing import (
     CLOCK_SKEW_S,
@@ -158,9 +168,10 @@ class DeviceWrite(_Args):
 
     device_id: Annotated[str, Field(pattern=ID_PATTERN)]
     point: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,47}$")]
-    value: float = Field(
-        strict=True,
-        description='In the point\'s engineering units (booleans: 0 or 1): a JSON number, never "5" or true.',
+    value: StrictBool | StrictInt | StrictFloat = Field(
+        allow_inf_nan=False,
+        description="In the point's engineering units: a JSON number; true or false for a boolean point"
+        ' (never "5"). The profile (and the device config) say which type and range a point takes.',
     )
 
 

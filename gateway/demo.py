@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_bridge.receiver import HqReceiver
 from cloud_bridge.receiver_store import ReceiverStore
+from cloud_bridge.signing import CommandSigner, public_key_text
 from drivers.ble.driver import BleDriver
-from gateway.config import BrokerConfig
+from gateway.config import BrokerConfig, CommandKey
 from gateway.config_loader import config_hash, demo_config
 from gateway.journal import Committed
 from gateway.logs import setup_logging
@@ -425,6 +427,10 @@ async def _demo(
     hq_broker = await _start_broker(hq_port)
     await store.prepare()
     config = demo_config(data_dir, store_port, hq_port, 0, token, sections=store.gateway_config())
+    # The simulated HQ signs its commands with a key made for this run; the gateway pins its public key.
+    hq_key = Ed25519PrivateKey.generate()
+    pinned = CommandKey(id="demo-hq", public_key=public_key_text(hq_key.public_key()))
+    config = config.model_copy(update={"hq": config.hq.model_copy(update={"command_keys": [pinned]})})
     gateway = Gateway(config, config_hash(config))
     for intake in gateway.intakes:
         if isinstance(intake, BleDriver):
@@ -436,6 +442,7 @@ async def _demo(
         config.gateway_id,
         lead_time_s=1800 / scenario.time_scale,  # half an hour of store time
         on_delivery=view.delivery,
+        signer=CommandSigner("demo-hq", hq_key),
     )
     store.hq = hq
 

@@ -78,6 +78,7 @@ class Gateway:
             self.uplink.resend,
             self.health,
             writers=self.drivers_ctx.device_writers,
+            clock=self.clock,
         )
         self.started = asyncio.Event()
         self._api_bound: list[int] = []
@@ -98,6 +99,8 @@ class Gateway:
             found.append("hq_plain_tcp: events and commands travel to HQ unencrypted (set hq.tls)")
         elif hq.tls.insecure_skip_verify:
             found.append("hq_tls_unverified: HQ's certificate is not checked (hq.tls.insecure_skip_verify)")
+        if not self.downlink.command_keys:
+            found.append("no_hq_command_keys: every HQ command is refused (set hq.command_keys)")
         return found
 
     def health(self) -> dict[str, Any]:
@@ -137,6 +140,7 @@ class Gateway:
             "warnings": self.warnings,
             "hq_connected": self.uplink.connected,
             "hq_commands_connected": self.downlink.connected,
+            "hq_command_keys": self.downlink.command_keys,
             "drivers": drivers,
             "device_drivers_ok": all(drivers[c.name] for c in self.config.drivers if c.type != "mqtt"),
             "driver_errors": errors,

@@ -24,6 +24,7 @@ from typing import Any, Final
 
 import orjson
 
+from cloud_bridge.signing import CommandSigner
 from cloud_bridge.topics import commands_topic
 from gateway.config import BrokerConfig
 from gateway.mqtt import MqttClient, MqttError
@@ -64,6 +65,8 @@ class SimulatedHq:
     order_up_to: int = ORDER_UP_TO
     lead_time_s: float = LEAD_TIME_S
     on_delivery: Callable[[Delivery], None] | None = None
+    signer: CommandSigner | None = None
+    """HQ's command key (the gateway pins its public key in hq.command_keys): gateways obey only signed commands."""
     booked: list[Delivery] = field(default_factory=list)
     _client: MqttClient | None = None
     _ordered: set[str] = field(default_factory=set)
@@ -131,16 +134,17 @@ class SimulatedHq:
         await self._book(sku, units, "replenishment")
 
     async def _book(self, sku: str, units: int, why: str) -> None:
-        command = orjson.dumps(
-            {
-                "request_id": f"sim-{uuid.uuid4()}",
-                "command": "stock.adjust",
-                "args": {"sku": sku, "delta": units, "reason": "receiving", "note": why},
-            }
-        )
+        request_id = f"sim-{uuid.uuid4()}"
+        args = {"sku": sku, "delta": units, "reason": "receiving", "note": why}
         topic = commands_topic(self.prefix, self.store_id, self.gateway_id)
         delay = RETRY_FIRST_S
         while True:
+            # Signed afresh at each attempt (a retry may come after the last one's validity), with the same
+            # request id: the gateway applies it once.
+            if self.signer is not None:
+                command = self.signer.sign(topic, request_id, "stock.adjust", args)
+            else:
+                command = orjson.dumps({"request_id": request_id, "command": "stock.adjust", "args": args})
             try:
                 client = await self._connect()
                 await client.publish(topic, command, qos=1)

@@ -126,7 +126,8 @@ def test_every_command_has_a_valid_example() -> None:
         {"device_id": "fridge-1", "point": "Setpoint", "value": 1},
         {"device_id": "fridge-1", "point": "setpoint", "value": "cold"},
         {"device_id": "fridge-1", "point": "setpoint", "value": "5"},
-        {"device_id": "fridge-1", "point": "setpoint", "value": True},
+        {"device_id": "fridge-1", "point": "setpoint", "value": None},
+        {"device_id": "fridge-1", "point": "setpoint", "value": [5]},
         {"device_id": "fridge-1", "point": "setpoint", "value": 1, "unit": "C"},
     ],
 )

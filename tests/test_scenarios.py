@@ -23,7 +23,14 @@ from simulators.hq import SimulatedHq
 from simulators.scenario import ScenarioRun
 from simulators.scenario_model import Scenario, available, load_scenario
 from tests.brokers import Mosquitto
-from tests.e2e_helpers import API_TOKEN, broker_config, poll_until, running_gateway
+from tests.e2e_helpers import (
+    API_TOKEN,
+    HQ_SIGNER,
+    broker_config,
+    hq_command_keys,
+    poll_until,
+    running_gateway,
+)
 
 REAL_SECONDS = 15.0
 
@@ -79,7 +86,7 @@ async def scenario_store(
                 "store": {"id": "hk-0042", "name": "Scenario store", "timezone": "Asia/Hong_Kong"},
                 "data_dir": str(tmp_path / "data"),
                 "store_broker": {"host": "127.0.0.1", "port": store_broker.port, "protocol": "3.1.1"},
-                "hq": {"host": "127.0.0.1", "port": hq_broker.port},
+                "hq": {"host": "127.0.0.1", "port": hq_broker.port, "command_keys": hq_command_keys()},
                 "api": {"enabled": True, "host": "127.0.0.1", "port": 0, "token": API_TOKEN},
                 "stock": {
                     "items": [
@@ -95,6 +102,7 @@ async def scenario_store(
             config.store.id,
             config.gateway_id,
             lead_time_s=1800 / scenario.time_scale,
+            signer=HQ_SIGNER,
         )
         run.hq = hq
         async with running_gateway(config, wait_drivers=False) as gateway:
