@@ -119,7 +119,8 @@ def pvvx_plain(
     counter: int,
     door_open: bool = False,
 ) -> bytes:
-    """pvvx custom-format service data (after UUID 0x181A); reed contact closed (bit 0) when the door is shut."""
+    """pvvx custom-format service data (after UUID 0x181A); flags bit 0 (the reed input) set while the door is
+    open, as the firmware sends it (src/custom_beacon.c ``p->flags = trg.flg_byte``)."""
     return struct.pack(
         "<6shHHBBB",
         mac[::-1],
@@ -128,7 +129,7 @@ def pvvx_plain(
         millivolts,
         battery_pct,
         counter & 0xFF,
-        0 if door_open else 1,
+        int(door_open),
     )
 
 
@@ -143,9 +144,7 @@ def pvvx_encrypted(
     door_open: bool = False,
 ) -> bytes:
     """pvvx encrypted custom-format service data (11 bytes)."""
-    plain = struct.pack(
-        "<hHBB", round(temperature * 100), round(humidity * 100), battery_pct, 0 if door_open else 1
-    )
+    plain = struct.pack("<hHBB", round(temperature * 100), round(humidity * 100), battery_pct, int(door_open))
     count = counter & 0xFF
     sealed = AESCCM(key, tag_length=4).encrypt(pvvx_nonce(mac, 11, count), plain, PVVX_AAD)
     return bytes((count,)) + sealed

@@ -251,14 +251,43 @@ def test_atc1441_negative_temperature() -> None:
     assert decode_atc1441(frame, ATC_MAC).values["temperature"] == -10.0
 
 
+def test_pvvx_reed_switch_is_flags_bit_0_and_set_means_open() -> None:
+    """pvvx's custom format: flags bit 0 is the reed input, and opening = flags & 1. The firmware's source, at
+    commit 7363cc80 (2026-05-15):
+
+    - README.md line 449, the custom format's ``uint8_t flags``: ``// bit0: Reed Switch, input``
+      https://github.com/pvvx/ATC_MiThermometer/blob/7363cc80e5642157369926f115e5c791977db7f2/README.md?plain=1#L449
+    - src/trigger.h line 16: ``u8 rds1_input : 1; // Reed Switch, input``, the first bit of ``trg.flg_byte``,
+      which src/custom_beacon.c line 116 sends as the flags byte (``p->flags = trg.flg_byte;``)
+      https://github.com/pvvx/ATC_MiThermometer/blob/7363cc80e5642157369926f115e5c791977db7f2/src/custom_beacon.c#L116
+    - src/rds_count.h line 54, ``get_rds1_input()``: the pin's level under a pull-up (``RDS1_PULLUP``), so an
+      open contact reads 1 (the ``rs1_invert`` option flips it on the device itself)
+    - src/bthome_beacon.c line 136: the firmware sends that same bit as BTHome's "opened" (1 = open):
+      ``p->opened1 = trg.flg.rds1_input;``
+      https://github.com/pvvx/ATC_MiThermometer/blob/7363cc80e5642157369926f115e5c791977db7f2/src/bthome_beacon.c#L136
+    """
+    closed = enc.pvvx_plain(
+        ATC_MAC, temperature=4.0, humidity=50.0, millivolts=3000, battery_pct=90, counter=1
+    )
+    opened = enc.pvvx_plain(
+        ATC_MAC, temperature=4.0, humidity=50.0, millivolts=3000, battery_pct=90, counter=2, door_open=True
+    )
+    assert (closed[-1] & 1, opened[-1] & 1) == (0, 1)
+    assert decode_pvvx(closed, ATC_MAC, reed_switch=True).values["opening"] == 0
+    assert decode_pvvx(opened, ATC_MAC, reed_switch=True).values["opening"] == 1
+    for flags, opening in ((0x00, 0), (0x01, 1), (0x0E, 0), (0x0D, 1), (0xFF, 1)):
+        frame = closed[:-1] + bytes((flags,))
+        assert decode_pvvx(frame, ATC_MAC, reed_switch=True).values["opening"] == opening, hex(flags)
+
+
 def test_pvvx_reference_vectors() -> None:
     # ble_monitor tests/test_atc_parser.py test_atc_custom: 17.05 °C, 44.57 %, 2.998 V, 88 %, packet 247.
     frame = bytes.fromhex("f4830238c1a4a9066911b60b58f70d")
     got = decode_pvvx(frame, ATC_MAC)
     assert got.values == {"temperature": 17.05, "humidity": 44.57, "voltage": 2.998, "battery_pct": 88}
     assert got.counter == 247
-    # Its flags byte 0x0d has bit 0 set: with a reed switch fitted, the contact is closed (opening 0).
-    assert decode_pvvx(frame, ATC_MAC, reed_switch=True).values["opening"] == 0
+    # Its flags byte 0x0d has bit 0 set: with a reed switch fitted, the contact is open (see the test above).
+    assert decode_pvvx(frame, ATC_MAC, reed_switch=True).values["opening"] == 1
     # ble_monitor test_atc_custom_v2_9: 20.91 °C, 44.96 %, 2.807 V, 67 %, packet 32.
     got = decode_pvvx(bytes.fromhex("b2188d38c1a42b089011f70a43200f"), PVVX_ENC_MAC)
     assert (got.values["temperature"], got.values["humidity"], got.values["voltage"]) == (20.91, 44.96, 2.807)
@@ -268,8 +297,9 @@ def test_pvvx_reference_vectors() -> None:
 def test_pvvx_encrypted_reference_vector() -> None:
     # ble_monitor tests/test_atc_parser.py test_atc_custom_encrypted (key b9ea895f..., MAC A4:C1:38:8D:18:B2):
     # 23.45 °C, 41.73 %, battery 61 %, packet 17.
+    # Its decrypted flags byte has bit 0 clear: the contact is closed.
     got = decode_pvvx(bytes.fromhex("11d603fbfa7b6dfb1e26fd"), PVVX_ENC_MAC, PVVX_KEY, reed_switch=True)
-    assert got.values == {"temperature": 23.45, "humidity": 41.73, "battery_pct": 61, "opening": 1}
+    assert got.values == {"temperature": 23.45, "humidity": 41.73, "battery_pct": 61, "opening": 0}
     assert got.counter == 17
     without = decode_pvvx(bytes.fromhex("11d603fbfa7b6dfb1e26fd"), PVVX_ENC_MAC, PVVX_KEY)
     assert "opening" not in without.values

@@ -10,8 +10,10 @@ parser does (custom-components/ble_monitor ``ble_parser/atc.py``):
   uint16 * 0.01, battery %, flags, then a 4-byte MIC. Nonce = MAC reversed (6) + the AD header of the frame
   (length, 0x16, ``1A 18``) + counter; associated data is the single byte 0x11.
 
-The reed switch follows ble_monitor: bit 0 set means the contact is closed, so ``opening`` = 1 - bit 0. The bit
-is sent whether or not a switch is wired to the sensor, so ``opening`` is reported only with ``reed_switch``.
+The reed switch follows the firmware: flags bit 0 is the reed input's level (``trigger_flg_t.rds1_input``, read
+with a pull-up, so 1 = contact open), and the firmware's own BTHome frames report that same bit as "opened"
+(src/bthome_beacon.c: ``p->opened1 = trg.flg.rds1_input``). So ``opening`` = flags & 1. The bit is sent whether
+or not a switch is wired to the sensor, so ``opening`` is reported only with ``reed_switch``.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def decode_pvvx(
         "battery_pct": float(battery),
     }
     if reed_switch:
-        values["opening"] = float(1 - (flags & 1))
+        values["opening"] = float(flags & 1)
     return sample(SOURCE_PVVX, values, _UNITS, counter=counter, battery_pct=battery)
 
 
@@ -113,5 +115,5 @@ def _decrypt_pvvx(data: bytes, mac: bytes, key: bytes, reed_switch: bool) -> Sen
         "battery_pct": float(battery),
     }
     if reed_switch:
-        values["opening"] = float(1 - (flags & 1))
+        values["opening"] = float(flags & 1)
     return sample(SOURCE_PVVX, values, _UNITS, counter=counter, battery_pct=battery)
