@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from typing import Final, Literal
 
 import orjson
@@ -24,6 +25,11 @@ from gateway.metrics import Metrics
 _LOGGER = logging.getLogger(__name__)
 
 REDACTED: Final = b"<redacted: the payload may hold biometric or personal data>"
+QUOTA_ROWS: Final = 10
+"""Quarantine rows one source (a device, or a route's unknown ids) gets per window; the rest are summarised."""
+QUOTA_WINDOW_S: Final = 10.0
+QUOTA_MAX_WINDOW_S: Final = 600.0
+"""While a source keeps exceeding its quota, each window is twice the last, up to this."""
 
 
 class DeviceSink:
@@ -93,9 +99,10 @@ class DeviceSink:
         size: int | None = None,
         redact: bool = False,
         origin: object = None,
-    ) -> None:
+    ) -> bool:
         """Quarantine bytes that could not become an event, with a reason code and a human-readable detail.
-        ``redact`` keeps the payload out of the quarantine (it may hold biometric or personal data)."""
+        ``redact`` keeps the payload out of the quarantine (it may hold biometric or personal data). False when
+        the journal is full (counted; not acknowledged, so the device or broker sends it again)."""
         if device is not None:
             device.quarantined()
         kept = REDACTED if redact else raw[:QUARANTINE_KEEP_BYTES]
@@ -112,6 +119,12 @@ class DeviceSink:
         )
         if not self._journal.submit(rejected):
             self._journal_busy.inc()
+            return False
+        return True
+
+    def count_quarantined(self, reason: str) -> None:
+        """Count a message quarantined only as part of a summary row (see :class:`QuarantineQuota`)."""
+        self._metrics.quarantined.labels(self.driver, reason).inc()
 
     def failed(self, device: Device, reason: str) -> None:
         """An I/O error or timeout talking to ``device``, after the driver's own retries."""
@@ -183,3 +196,150 @@ class GarbageBatch:
         self._bytes = 0
         self._sample = b""
         self._detail = ""
+
+
+@dataclass(slots=True)
+class _Spell:
+    """One source's current quota window."""
+
+    allowance: int
+    window_s: float
+    timer: asyncio.TimerHandle | None = None
+    reasons: Counter[str] = field(default_factory=Counter)
+    size: int = 0
+    reason: str = ""
+    """The first summarised message's reason: the summary row's, and the one its commit counts."""
+    sample: bytes = b""
+    detail: str = ""
+    topic: str | None = None
+    device_id: str | None = None
+    redact: bool = False
+
+
+class QuarantineQuota:
+    """Per-source quarantine quota: one source (a device, or all the unknown ids of one route) gets
+    :data:`QUOTA_ROWS` rows per window, each message whole as :meth:`DeviceSink.reject` keeps it; beyond that, its
+    messages are acknowledged at once and summarised in one row at the end of the window (counts by reason, total
+    size, the first one's bytes unless redacted). A source still over its quota gets no fresh rows, and windows
+    twice as long, until a window passes within quota. So one till flooding garbage cannot fill the quarantine
+    and have its row cap evict other devices' evidence.
+
+    Counters stay exact: each message counts on its device at once (``quarantined``), and in
+    ``storegw_messages_quarantined_total`` under its own reason, the first summarised one when its summary row
+    commits (the journal counts every row it commits), the others at once."""
+
+    def __init__(
+        self,
+        sink: DeviceSink,
+        rows: int = QUOTA_ROWS,
+        window_s: float = QUOTA_WINDOW_S,
+        max_window_s: float = QUOTA_MAX_WINDOW_S,
+    ) -> None:
+        self._sink = sink
+        self._rows = rows
+        self._window_s = window_s
+        self._max_window_s = max_window_s
+        self._spells: dict[Hashable, _Spell] = {}
+
+    def reject(
+        self,
+        source: Hashable,
+        device: Device | None,
+        reason: str,
+        detail: str,
+        raw: bytes,
+        *,
+        topic: str | None = None,
+        device_id: str | None = None,
+        ack: Callable[[], None] | None = None,
+        redact: bool = False,
+        origin: object = None,
+    ) -> None:
+        """Quarantine one message of ``source`` (whole, or in the source's summary when over its quota)."""
+        spell = self._spells.get(source)
+        if spell is None:
+            spell = self._spells[source] = _Spell(self._rows, self._window_s)
+        if spell.timer is None:
+            spell.timer = asyncio.get_running_loop().call_later(spell.window_s, self._window_ended, source)
+        if spell.allowance > 0:
+            spell.allowance -= 1
+            self._sink.reject(
+                device,
+                reason,
+                detail,
+                raw,
+                topic=topic,
+                device_id=device_id,
+                ack=ack,
+                redact=redact,
+                origin=origin,
+            )
+            return
+        if device is not None:
+            device.quarantined()
+        if not spell.reasons:
+            spell.reason = reason
+            spell.sample = REDACTED if redact else raw[:QUARANTINE_KEEP_BYTES]
+            spell.detail = "" if redact else detail[:200]
+            spell.topic = topic
+            spell.device_id = device.id if device is not None else device_id
+            spell.redact = redact
+        else:
+            self._sink.count_quarantined(reason)
+            spell.redact = spell.redact or redact
+        spell.reasons[reason] += 1
+        spell.size += len(raw)
+        if ack is not None:
+            ack()  # nothing of it waits for the journal: holding it would only hold the broker's window
+
+    def flush(self) -> None:
+        """Write every pending summary now (shutdown), and forget every window."""
+        for source in list(self._spells):
+            spell = self._spells.pop(source)
+            if spell.timer is not None:
+                spell.timer.cancel()
+            self._summarise(spell)
+
+    def _window_ended(self, source: Hashable) -> None:
+        spell = self._spells[source]
+        spell.timer = None
+        if not spell.reasons:
+            del self._spells[source]  # within quota: the next message starts a fresh allowance
+            return
+        window = spell.window_s
+        self._summarise(spell, window)
+        spell.window_s = min(window * 2, self._max_window_s)
+        spell.timer = asyncio.get_running_loop().call_later(spell.window_s, self._window_ended, source)
+
+    def _summarise(self, spell: _Spell, window: float | None = None) -> None:
+        if not spell.reasons:
+            return
+        counts = ", ".join(f"{n} {r}" for r, n in spell.reasons.most_common())
+        span = f"in {window:g} s " if window is not None else ""
+        kept = (
+            "none kept (redacted route)"
+            if spell.redact
+            else f"the first kept: {spell.detail}"
+            if spell.detail
+            else "the first kept"
+        )
+        detail = (
+            f"{spell.reasons.total()} more message(s) {span}over this source's quarantine quota of {self._rows}"
+            f" rows, counted, not stored ({counts}); {kept}"
+        )
+        sample = REDACTED if spell.redact else spell.sample
+        if not self._sink.reject(
+            None,
+            spell.reason,
+            detail,
+            sample,
+            topic=spell.topic,
+            device_id=spell.device_id,
+            size=spell.size,
+            redact=spell.redact,
+        ):
+            self._sink.count_quarantined(spell.reason)  # no row will commit to count it
+        spell.reasons = Counter()
+        spell.size = 0
+        spell.sample = b""
+        spell.detail = ""

@@ -5,14 +5,14 @@ the ``documents`` table of the journal, one row per name with a version that cou
 document and committing its ``document.updated`` event happen in one SQLite transaction (the journal's
 ``transact``), so the event and the stored document can never disagree.
 
-The roster never holds biometric data: an entry carrying a face template, photo, fingerprint or similar field
-is refused as a whole, before anything is stored.
+The roster never holds biometric data: a roster carrying a face template, photo, fingerprint or similar field,
+an encoded image or an embedding anywhere is refused as a whole, before anything is stored. The policy is
+:mod:`gateway.biometrics`, the one the check-in kiosk's decoder uses.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from typing import Annotated, Any, Final, Literal
 import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gateway.biometrics import find_biometrics
 from gateway.events import ShortText, Sku
 from gateway.journal import Draft
 
@@ -45,21 +46,8 @@ MAX_RULES: Final = 10_000
 MAX_THRESHOLD: Final = 10**6
 """Same bound as a stock quantity."""
 MAX_SHIFT: Final = timedelta(hours=24)
-
-BIOMETRIC_MARKERS: Final = (
-    "biometric",
-    "face",
-    "embedding",
-    "photo",
-    "portrait",
-    "selfie",
-    "fingerprint",
-    "iris",
-    "retina",
-    "voiceprint",
-    "palmprint",
-)
-"""A roster key containing one of these (case and separators ignored) is biometric data: refused."""
+MAX_SHOWN: Final = 6
+"""Biometric findings named in a refused roster's error, at most."""
 
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
@@ -68,20 +56,10 @@ class _Doc(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-def biometric_keys(value: object, path: str = "") -> list[str]:
-    """Paths of every key, at any depth, that names biometric data (``staff[0].face_template``)."""
-    found: list[str] = []
-    if isinstance(value, dict):
-        for key, item in value.items():
-            where = f"{path}.{key}" if path else str(key)
-            folded = re.sub(r"[^a-z]", "", str(key).lower())
-            if any(marker in folded for marker in BIOMETRIC_MARKERS):
-                found.append(where[:100])
-            found += biometric_keys(item, where)
-    elif isinstance(value, list):
-        for n, item in enumerate(value):
-            found += biometric_keys(item, f"{path}[{n}]")
-    return found
+def biometric_keys(value: object) -> list[str]:
+    """Where, at any depth, the document holds biometric data (``staff[0].face_template``), by the policy of
+    :mod:`gateway.biometrics` (the kiosk decoder's too): keys that name it, encoded images, embeddings."""
+    return [(f.path or "(document)")[:100] for f in find_biometrics(value, MAX_SHOWN)]
 
 
 class Shift(_Doc):
@@ -110,9 +88,10 @@ class Roster(_Doc):
     @model_validator(mode="before")
     @classmethod
     def _no_biometrics(cls, data: Any) -> Any:
-        refused = biometric_keys(data)
+        refused = find_biometrics(data, MAX_SHOWN)
         if refused:
-            shown = ", ".join(refused[:5]) + (" ..." if len(refused) > 5 else "")
+            shown = ", ".join(str(f)[:120] for f in refused[: MAX_SHOWN - 1])
+            shown += " ..." if len(refused) >= MAX_SHOWN else ""
             raise ValueError(f"biometric data is never stored; refused field(s): {shown}")
         return data
 

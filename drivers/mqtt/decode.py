@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
@@ -19,7 +19,7 @@ from drivers.base import DecodeError
 from drivers.mqtt.checkin import decode_checkin
 from drivers.mqtt.config import MqttDriverConfig, TopicRoute
 from drivers.mqtt.mapping import Mapper, compile_mapping
-from drivers.mqtt.profile import MqttProfile
+from drivers.mqtt.profile import SENSOR_READING_PROFILE, MqttProfile
 from drivers.mqtt.rfid_reads import TagRead, decode_reads
 from drivers.profiles import get_profile
 from gateway.events import ID_PATTERN, PosReturn, PosSale, SensorReading, SensorSample, StaffCheckin
@@ -91,6 +91,12 @@ class Rejection:
     reason: str
     detail: str
     device_id: str | None = None
+    redact: bool = field(default=False, compare=False)
+    """The topic is on a redacted route (a kiosk's): quarantine without the payload, and the detail quotes
+    nothing from the message (nor an invalid device id)."""
+    bucket: str | None = field(default=None, compare=False)
+    """The route pattern, for messages no registered device answers for (unknown or invalid ids): their
+    quarantine quota is shared per route, since an id is whatever the sender puts in the topic."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +135,14 @@ class TopicRouter:
     route of another profile is refused (``wrong_profile``)."""
 
     def __init__(self, config: MqttDriverConfig, known_devices: frozenset[str] | Mapping[str, str]) -> None:
-        self._routes = [(regex, route_spec(route)) for regex, route in config.topic_regexes()]
+        self._routes = [(regex, route_spec(route), route.pattern) for regex, route in config.topic_regexes()]
+        # A subscription's '+' also matches an empty level, which no route regex does: such a topic on a redacted
+        # route is still that route's (an image on 'store/kiosk//checkin' stays out of the quarantine).
+        self._redacted_shapes = [
+            re.compile(regex.pattern.replace("([^/]+)", "([^/]*)"))
+            for regex, spec, _ in self._routes
+            if spec.redact
+        ]
         self._known = known_devices
         self._profiles = known_devices if isinstance(known_devices, Mapping) else None
         self._accept_unknown = config.unknown_devices == "accept"
@@ -152,25 +165,53 @@ class TopicRouter:
         return routed
 
     def _match(self, topic: str) -> tuple[RouteSpec, str] | Rejection:
-        for regex, spec in self._routes:
+        """Redaction follows the route matched, before any device lookup."""
+        for regex, spec, pattern in self._routes:
             match = regex.fullmatch(topic)
-            if match is not None:
-                device_id = match.group(1)
-                if not _DEVICE_ID.fullmatch(device_id):
-                    return Rejection("bad_device_id", f"device id {device_id[:80]!r} is not a valid id")
-                if device_id not in self._known:
-                    if not self._accept_unknown:
-                        return Rejection(
-                            "unknown_device", f"device {device_id!r} is not configured", device_id
-                        )
-                elif self._profiles is not None and self._profiles[device_id] != spec.profile:
+            if match is None:
+                continue
+            device_id = match.group(1)
+            redact = spec.redact
+            if not _DEVICE_ID.fullmatch(device_id):
+                detail = (
+                    f"a device id of {len(device_id)} characters is not a valid id (not kept: redacted route)"
+                    if redact
+                    else f"device id {device_id[:80]!r} is not a valid id"
+                )
+                return Rejection("bad_device_id", detail, None, redact, pattern)
+            if device_id not in self._known:
+                if not self._accept_unknown:
                     return Rejection(
-                        "wrong_profile",
-                        f"device {device_id!r} is a {self._profiles[device_id]!r}, this topic is for {spec.profile!r}",
+                        "unknown_device",
+                        f"device {device_id!r} is not configured",
                         device_id,
+                        redact,
+                        pattern,
                     )
-                return spec, device_id
-        return Rejection("unknown_topic", f"no route matches topic {topic[:200]!r}")
+            elif self._profiles is not None and self._profiles[device_id] != spec.profile:
+                own = self._profiles[device_id]
+                return Rejection(
+                    "wrong_profile",
+                    f"device {device_id!r} is a {own!r}, this topic is for {spec.profile!r}",
+                    device_id,
+                    redact or _redacts(own),
+                )
+            return spec, device_id
+        if any(shape.fullmatch(topic) for shape in self._redacted_shapes):
+            return Rejection(
+                "unknown_topic", "no route matches this topic (not kept: redacted route)", None, True, ""
+            )
+        return Rejection("unknown_topic", f"no route matches topic {topic[:200]!r}", bucket="")
+
+
+def _redacts(profile: str) -> bool:
+    """Whether a device of this profile sends what must be quarantined without its payload (a kiosk)."""
+    if profile == SENSOR_READING_PROFILE:
+        return False
+    try:
+        return get_profile(profile, MqttProfile).decoder == "checkin"
+    except Exception:  # not an MQTT profile: nothing says it is a kiosk's
+        return False
 
 
 def decode_message(router: TopicRouter, topic: str, payload: bytes) -> Decoded | Rejection:

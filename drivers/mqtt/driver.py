@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Final
 
 import orjson
@@ -36,6 +37,7 @@ from drivers.mqtt.decode import (
 )
 from drivers.mqtt.profile import MqttProfile, RfidWindow, profile_limits, resolve_profile
 from drivers.profiles import get_profile
+from drivers.sink import QuarantineQuota
 from gateway.journal import Draft
 from gateway.mqtt import Message, MqttClient, MqttError
 from gateway.supervise import reconnect_forever
@@ -64,6 +66,7 @@ class MqttIntake:
         profiles = {d.id: resolve_profile(d.profile) for d in ctx.config.devices}
         self._router = TopicRouter(config, profiles)
         self._sink = ctx.sink(self.name)
+        self._quota = QuarantineQuota(self._sink)
         self._ctx = ctx
         self._client: MqttClient | None = None
         self._accepting = True
@@ -135,8 +138,10 @@ class MqttIntake:
             self._rate_limited_pending = 0
 
     def pause(self) -> None:
-        """Stop taking messages (shutdown): those not yet taken stay with the broker for the next start."""
+        """Stop taking messages (shutdown): those not yet taken stay with the broker for the next start. The
+        quarantine summaries still open are written now."""
         self._accepting = False
+        self._quota.flush()
 
     async def disconnect(self) -> None:
         if self._client is not None:
@@ -154,14 +159,27 @@ class MqttIntake:
         try:
             self._take(topic, payload, ack, client if qos else None)
         except Exception as err:  # a decoder bug: quarantine this message, never jam the connection
-            _LOGGER.exception("%s: decoding a message on %r failed", self.name, topic[:200])
-            self._sink.reject(
-                None,
+            source, device, redact = self._source_of(topic)
+            if redact:
+                # Its message and traceback may quote the payload: only the exception's type and where it was
+                # raised leave this handler.
+                where = traceback.extract_tb(err.__traceback__)[-1]
+                at = f"{type(err).__name__} at {where.filename.rsplit('/', 1)[-1]}:{where.lineno}"
+                _LOGGER.error("%s: decoding a message on a redacted route failed: %s", self.name, at)
+                detail = f"{at} (its message is not kept: redacted route)"
+            else:
+                _LOGGER.exception("%s: decoding a message on %r failed", self.name, topic[:200])
+                detail = repr(err)[:300]
+            self._quota.reject(
+                source,
+                device,
                 "internal_error",
-                repr(err)[:300],
+                detail,
                 payload,
                 topic=topic,
+                device_id=None if device is None else device.id,
                 ack=ack,
+                redact=redact,
                 origin=client if qos else None,
             )
         if self._journal.pending >= self._high_water:
@@ -170,24 +188,42 @@ class MqttIntake:
             client.pause_reading()
             self._journal.when_below(max(1, self._high_water // 2), client.resume_reading)
 
+    def _source_of(self, topic: str) -> tuple[Hashable, Device | None, bool]:
+        """The quarantine-quota source of a topic, its device if registered, and whether its route is redacted
+        (True when even routing fails: nothing says it is not a kiosk's)."""
+        try:
+            routed = self._router.match(topic)
+        except Exception:
+            return ("route", None), None, True
+        if isinstance(routed, Rejection):
+            return _rejection_source(routed), None, routed.redact
+        spec, device_id = routed
+        device = self._devices.get(device_id) or self._registry.get(device_id)
+        return ("device", device_id), device, spec.redact
+
     def _take(self, topic: str, payload: bytes, ack: Callable[[], None] | None, origin: object) -> None:
         routed = self._router.match(topic)
         if isinstance(routed, Rejection):
-            self._sink.reject(
+            # Kept topic: on a redacted route, an invalid id (anything the sender chose) is not.
+            kept = (routed.bucket or None) if routed.redact and routed.device_id is None else topic
+            self._quota.reject(
+                _rejection_source(routed),
                 None,
                 routed.reason,
                 routed.detail,
                 payload,
-                topic=topic,
+                topic=kept,
                 device_id=routed.device_id,
                 ack=ack,
+                redact=routed.redact,
                 origin=origin,
             )
             return
         spec, device_id = routed
         device = self._devices.get(device_id) or self._device(device_id, spec)
         if device is None:
-            self._sink.reject(
+            self._quota.reject(
+                ("route", spec.profile),
                 None,
                 "too_many_devices",
                 f"more than {MAX_UNLISTED_DEVICES} devices not under 'devices'",
@@ -210,7 +246,8 @@ class MqttIntake:
                     ack()
                 return
             limit = min(self._router.max_payload, device.limits.max_payload_bytes)
-            self._sink.reject(
+            self._quota.reject(
+                ("device", device.id),
                 device,
                 "too_large",
                 f"{size} bytes > limit {limit}",
@@ -229,7 +266,8 @@ class MqttIntake:
         else:
             decoded = decode_routed(spec, device_id, payload)
         if isinstance(decoded, Rejection):
-            self._sink.reject(
+            self._quota.reject(
+                ("device", device.id),
                 device,
                 decoded.reason,
                 decoded.detail,
@@ -269,8 +307,16 @@ class MqttIntake:
     ) -> None:
         reads = decode_tag_reads(device.id, payload)
         if isinstance(reads, Rejection):
-            self._sink.reject(
-                device, reads.reason, reads.detail, payload, topic=topic, ack=ack, origin=origin
+            self._quota.reject(
+                ("device", device.id),
+                device,
+                reads.reason,
+                reads.detail,
+                payload,
+                topic=topic,
+                ack=ack,
+                redact=spec.redact,
+                origin=origin,
             )
             return
         tracker = self._trackers.get(device.id)
@@ -313,6 +359,13 @@ class MqttIntake:
                     draft = Draft("rfid.inventory", device_id, body, inventory, driver=self.name)
                     if not self._journal.submit(draft):
                         self._journal_busy.inc()
+
+
+def _rejection_source(rejection: Rejection) -> Hashable:
+    """A configured device answers for its own topics; unknown and invalid ids share their route's quota."""
+    if rejection.bucket is None and rejection.device_id is not None:
+        return ("device", rejection.device_id)
+    return ("route", rejection.bucket)
 
 
 def _rfid_windows(config: MqttDriverConfig) -> dict[str, RfidWindow]:
