@@ -11,7 +11,6 @@ config, and be inside its validity (``issued_at`` .. ``not_after``); the topic a
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from cloud_bridge.signing import (
 )
 from cloud_bridge.topics import commands_topic
 from gateway.events import ID_PATTERN, Sku
+from gateway.strict_json import duplicate_key
 from rules.documents import Planogram, Roster, RuleSet
 
 MAX_COMMAND_BYTES: Final = 256 * 1024
@@ -229,34 +229,6 @@ class Trust:
     keys: Mapping[str, Ed25519PublicKey]
     now: float | None
     synced: bool
-
-
-class _DuplicateKeyError(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _DuplicateKeyError(key[:64])
-        seen[key] = value
-    return seen
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def duplicate_key(payload: bytes) -> str | None:
-    """The first key that appears twice in one object of ``payload`` (already known to be valid JSON), or
-    None. JSON parsers keep the last of two equal keys: {"command": "ping", "command": "config.get"} would run
-    config.get while a reviewer (or a signature over another parse) sees ping."""
-    try:
-        json.loads(payload, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
-    except _DuplicateKeyError as err:
-        return str(err)
-    return None
 
 
 def parse_command(

@@ -8,7 +8,6 @@ escapes a mapper: the hypothesis tests in tests/test_http_webhooks.py feed them 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from drivers.base import DecodeError
 from drivers.mqtt.decode import dedup_key
 from gateway.events import PosSale
+from gateway.strict_json import duplicate_key
 
 Kind = Literal["pos.sale", "pos.return"]
 
@@ -67,24 +67,6 @@ def load_json(raw: bytes | str) -> Any:
     return doc
 
 
-class _DuplicateKeyError(Exception):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _unique_pairs(pairs: list[tuple[str, Any]]) -> None:
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise _DuplicateKeyError(key)
-        seen.add(key)
-
-
-def _ignore(_: str) -> None:
-    return None
-
-
 def reject_duplicate_keys(raw: bytes | str) -> None:
     """:class:`DecodeError` ``duplicate_key`` when an object of the JSON document has a key twice.
 
@@ -94,21 +76,11 @@ def reject_duplicate_keys(raw: bytes | str) -> None:
     parser that reads it next says why.
     """
     try:
-        json.loads(
-            raw,
-            object_pairs_hook=_unique_pairs,
-            parse_int=_ignore,  # values are not needed: no int-size limit, no float parsing
-            parse_float=_ignore,
-            parse_constant=_ignore,
-        )
-    except _DuplicateKeyError as err:
-        raise DecodeError(
-            "duplicate_key", f"key {printable(err.key, 60)!r} appears twice in one object"
-        ) from err
+        key = duplicate_key(raw)
     except RecursionError as err:
         raise DecodeError("invalid", "JSON nested too deeply") from err
-    except ValueError:
-        return
+    if key is not None:
+        raise DecodeError("duplicate_key", f"key {printable(key, 60)!r} appears twice in one object")
 
 
 def validate(model: type[M], data: Any, where: str) -> M:

@@ -26,9 +26,9 @@ from pydantic import ValidationError
 
 from drivers.base import DecodeError
 from drivers.mqtt.mapping import device_time
-from drivers.mqtt.strict_json import has_duplicate_keys
 from gateway.biometrics import MAX_BLOB_CHARS, first_biometric, looks_like_image
 from gateway.events import StaffCheckin
+from gateway.strict_json import has_duplicate_keys
 
 MAX_CHECKIN_BYTES: Final = 2048
 _FIELDS: Final = frozenset(

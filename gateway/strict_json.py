@@ -6,10 +6,12 @@ key ends with a quote then a colon (``"\\s*:``), so when the raw bytes hold no m
 document has keys, no key can have been dropped. Only otherwise (a string value containing ``":``, or a real
 duplicate) is the message parsed again, keeping every pair.
 
-Used where the decoder parses with orjson anyway (the kiosk: +6 % of its decode). Tills are not checked: their
-decoder validates straight from the bytes, and the parse this needs would double its cost (bench/duplicate_keys.py,
-figures in docs/DEVICES.md), while what is stored and forwarded is the gateway's own re-serialisation of the
-validated sale, so no reader downstream can see the duplicate.
+The one check, for every input that refuses duplicate keys: HQ commands and webhooks (:func:`duplicate_key`,
+a full parse: their signatures cover bytes whose meaning must be unique) and the kiosk
+(:func:`has_duplicate_keys`, where the decoder parses with orjson anyway: +6 % of its decode). Tills are not
+checked: their decoder validates straight from the bytes, and the parse this needs would double its cost
+(bench/duplicate_keys.py, figures in docs/PERFORMANCE.md), while what is stored and forwarded is the gateway's own
+re-serialisation of the validated sale, so no reader downstream can see the duplicate.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ def has_duplicate_keys(payload: bytes, doc: Any) -> bool:
     """Whether ``payload``, already parsed into ``doc``, repeats a key inside one object."""
     if count_key_ends(payload) <= count_keys(doc):
         return False
-    return _repeats_a_key(payload)
+    try:
+        return duplicate_key(payload) is not None
+    except RecursionError:
+        return False  # the caller's parser accepted it; the standard library's verdict on its depth is moot
 
 
 def count_key_ends(payload: bytes) -> int:
@@ -59,18 +64,39 @@ def count_keys(doc: Any) -> int:
     return count
 
 
-def _repeats_a_key(payload: bytes) -> bool:
-    repeated = False
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
 
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        nonlocal repeated
-        out = dict(items)
-        if len(out) != len(items):
-            repeated = True
-        return out
 
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> None:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKeyError(key)
+        seen.add(key)
+
+
+def _ignore(_: str) -> None:
+    return None
+
+
+def duplicate_key(raw: bytes | str) -> str | None:
+    """The first key that appears twice in one object of ``raw``, compared as decoded (``"\\u006bind"`` is
+    ``"kind"``), or None: also when ``raw`` is not JSON (the parser that reads it next says why). Raises
+    ``RecursionError`` for a document nested deeper than the standard library parses."""
     try:
-        json.loads(payload, object_pairs_hook=pairs)
-    except (ValueError, RecursionError):
-        return False  # the caller's parser accepted it; the standard library's verdict on its syntax is moot
-    return repeated
+        # Values are not needed: no int-size limit, no float parsing, no objects kept.
+        json.loads(
+            raw,
+            object_pairs_hook=_unique_pairs,
+            parse_int=_ignore,
+            parse_float=_ignore,
+            parse_constant=_ignore,
+        )
+    except _DuplicateKeyError as err:
+        return err.key
+    except ValueError:
+        return None
+    return None
