@@ -254,8 +254,8 @@ def parse_command(
     if not isinstance(body, dict):
         return Refusal(None, None, "bad_request" if allowed else "forbidden", "a command is a JSON object")
     raw_id, raw_command = body.get("request_id"), body.get("command")
-    request_id = raw_id if isinstance(raw_id, str) and _REQUEST_ID.match(raw_id) else None
-    command = raw_command if isinstance(raw_command, str) and _COMMAND_NAME.match(raw_command) else None
+    request_id = raw_id if isinstance(raw_id, str) and _REQUEST_ID.fullmatch(raw_id) else None
+    command = raw_command if isinstance(raw_command, str) and _COMMAND_NAME.fullmatch(raw_command) else None
     if not allowed:
         return Refusal(
             request_id, command, "forbidden", "commands are accepted only on this gateway's own topic"
@@ -288,7 +288,7 @@ def parse_command(
 
 def _unix_seconds(value: Any) -> int | None:
     """A JSON integer of Unix seconds (not true, "5" or 5.0), or None."""
-    if isinstance(value, int) and not isinstance(value, bool) and _TIME.match(str(value)):
+    if isinstance(value, int) and not isinstance(value, bool) and _TIME.fullmatch(str(value)):
         return value
     return None
 
@@ -311,7 +311,7 @@ def check_signature(
         return refuse("unsigned", "commands must be signed by HQ (key_id, issued_at, not_after, signature)")
     key_id, signature = body.get("key_id"), body.get("signature")
     issued_at, not_after = _unix_seconds(body.get("issued_at")), _unix_seconds(body.get("not_after"))
-    if not isinstance(key_id, str) or not _COMMAND_NAME.match(key_id):
+    if not isinstance(key_id, str) or not _COMMAND_NAME.fullmatch(key_id):
         return refuse("bad_request", "key_id must be a key id string")
     if issued_at is None or not_after is None:
         return refuse("bad_request", "issued_at and not_after must be whole numbers of Unix seconds")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -134,6 +135,9 @@ class CommandLedger:
             self._conn = self._connect()
 
     def _connect(self) -> sqlite3.Connection:
+        if not self.path.exists():
+            # Created 0600 (request ids, stored results): SQLite would use the process's umask.
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             conn.execute("PRAGMA synchronous=FULL")
@@ -276,9 +280,31 @@ class Downlink:
         synced = self._clock.synced()
         if synced:
             now = time.time()
+            floor = self.ledger.floor
             self.ledger.raise_floor(now)
-            return Trust(self._keys, now, True)
+            # Never far below a time already trusted: a clock set back (a spoofed NTP answer) must not make old
+            # captured commands current again. Within a command's validity of it, the ledger (kept a day past
+            # every not_after) still answers a replay; the slack lets a floor an HQ clock a little ahead raised
+            # stay harmless.
+            return Trust(self._keys, max(now, (floor or 0) - MAX_VALIDITY_S), True)
+        if self.ledger.floor is None:
+            # No command carried out yet (a new or lost ledger): the newest event the journal stamped with a
+            # synchronised clock is a time already trusted, so a captured command older than that is refused.
+            newest = await self._journal_synced_time()
+            if newest is not None:
+                self.ledger.raise_floor(newest)
         return Trust(self._keys, self.ledger.floor, False)
+
+    async def _journal_synced_time(self) -> float | None:
+        rows = await self._journal.query(
+            "SELECT recorded_at FROM events WHERE instr(body, '\"clock_synced\":true') > 0 ORDER BY seq DESC LIMIT 1"
+        )
+        if not rows:
+            return None
+        try:
+            return datetime.fromisoformat(str(rows[0][0]).replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
 
     @property
     def connected(self) -> bool:
@@ -356,6 +382,16 @@ class Downlink:
         if seen is not None:
             # Carried out before (a replay, or HQ sending it again): never twice, whatever the command.
             return self._answer(parsed, "duplicate", seen[1])
+        if parsed.command == "device.write":
+            # A write commits nothing to the journal, so nothing else would stop its replay: on the record
+            # first (at most once: a crash after the write answers a replay "duplicate" with this result).
+            try:
+                await asyncio.to_thread(
+                    self.ledger.record, parsed.request_id, parsed.command, parsed.not_after, {"started": True}
+                )
+            except sqlite3.Error as err:
+                _LOGGER.exception("downlink: the command ledger cannot be written")
+                return self._refuse(Refusal(parsed.request_id, parsed.command, "failed", _reason(err)))
         try:
             status, result = await self._execute(parsed)
         except CommandError as err:

@@ -1733,10 +1733,13 @@ class Journal:
         for _ in range(100):
             conn.execute("BEGIN IMMEDIATE")
             try:
+                # A key that expired more than a whole retention ago was stamped by a clock far behind (a box
+                # that booted near 1970 and synced since), or the box was off that long: kept another period
+                # rather than trusted to be old, like a key whose event is still stored.
                 rows = conn.execute(
-                    "SELECT key, EXISTS (SELECT 1 FROM events WHERE dedup_key = idempotency.key)"
+                    "SELECT key, expires_at < ? OR EXISTS (SELECT 1 FROM events WHERE dedup_key = idempotency.key)"
                     " FROM idempotency WHERE expires_at < ? ORDER BY expires_at LIMIT ?",
-                    (now, EVICT_CHUNK),
+                    (now - self._config.dedup_retention_days * 86400, now, EVICT_CHUNK),
                 ).fetchall()
                 conn.executemany(
                     "DELETE FROM idempotency WHERE key = ?", [(k,) for k, kept in rows if not kept]

@@ -230,7 +230,8 @@ def store_work(
     def work(conn: sqlite3.Connection) -> tuple[Stored, list[Draft]]:
         create_table(conn)
         current = read_document(conn, name)
-        replayed = conn.execute("SELECT 1 FROM events WHERE dedup_key=?", (dedup_key,)).fetchone()
+        # The journal's idempotency table remembers the key after TTL or the disk budget removed the event.
+        replayed = conn.execute("SELECT 1 FROM idempotency WHERE key=?", (dedup_key,)).fetchone()
         if replayed is not None or (current is not None and current[2] == request_id):
             version = 0 if current is None else current[0]
             return Stored(version, _count(name, current), duplicate=True), []

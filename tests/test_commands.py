@@ -5,6 +5,8 @@ The command and response shapes are those of docs/OUTBOX.md, "Downlink commands"
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -45,7 +47,9 @@ TRUST = Trust({HQ_KEY_ID: HQ_KEY.public_key()}, None, False)
 def parse(body: Any, topic: str = OWN) -> Request | Refusal:
     """Parse a command, signed for ``topic`` with HQ's test key when it can be (malformed ones as they are)."""
     payload = body if isinstance(body, bytes) else orjson.dumps(sign_command(topic, body))
-    return parse_command(payload, topic, PREFIX, STORE, GW, TRUST)
+    return parse_command(
+        payload, topic, PREFIX, STORE, GW, dataclasses.replace(TRUST, now=time.time(), synced=True)
+    )
 
 
 def command(name: str, args: Any = None, request_id: str = "r-1") -> dict[str, Any]:
@@ -450,7 +454,10 @@ def test_any_input_gets_a_well_formed_answer(payload: bytes, topic: str) -> None
         "invalid_args",
         "forbidden",
         "unsigned",
+        "unknown_key",
         "bad_signature",
+        "expired",
+        "not_yet_valid",
     )
     assert response["request_id"] is None or isinstance(response["request_id"], str)
     if topic != OWN:

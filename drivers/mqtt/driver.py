@@ -176,7 +176,9 @@ class MqttIntake:
                 "internal_error",
                 detail,
                 payload,
-                topic=topic,
+                # On a redacted route the topic may be all an attacker controls (its id level): only the
+                # registered device's own topic is kept, else the route's bucket.
+                topic=topic if not redact or device is not None else _route_bucket(source),
                 device_id=None if device is None else device.id,
                 ack=ack,
                 redact=redact,
@@ -359,6 +361,13 @@ class MqttIntake:
                     draft = Draft("rfid.inventory", device_id, body, inventory, driver=self.name)
                     if not self._journal.submit(draft):
                         self._journal_busy.inc()
+
+
+def _route_bucket(source: Hashable) -> str | None:
+    """The route pattern a ``("route", bucket)`` quota source stands for (None for any other source)."""
+    if isinstance(source, tuple) and len(source) == 2 and source[0] == "route" and isinstance(source[1], str):
+        return source[1]
+    return None
 
 
 def _rejection_source(rejection: Rejection) -> Hashable:

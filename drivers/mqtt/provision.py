@@ -98,8 +98,13 @@ def accounts(config: GatewayConfig) -> list[Account]:
     found = [Account(gateway_user, (), tuple(_unique(r.subscription for r in routes)), device=False)]
     for device in config.devices:
         profile = resolve_profile(device.profile)
-        own = (r.pattern.replace("{device_id}", device.id) for r in routes if r.device_profile == profile)
-        found.append(Account(device.id, tuple(_unique(own)), (), device=True))
+        own = tuple(
+            _unique(
+                r.pattern.replace("{device_id}", device.id) for r in routes if r.device_profile == profile
+            )
+        )
+        if own:  # a device no MQTT route reads needs no broker login (one would be a password for nothing)
+            found.append(Account(device.id, own, (), device=True))
     return found
 
 
