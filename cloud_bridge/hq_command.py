@@ -19,7 +19,7 @@ import orjson
 
 from cloud_bridge import topics
 from cloud_bridge.commands import COMMANDS
-from cloud_bridge.receiver import CliError, broker_config, command_signer, signing_options
+from cloud_bridge.receiver import CliError, broker_config, command_signer, signing_options, whole_number
 from cloud_bridge.signing import DEFAULT_VALIDITY_S, MAX_VALIDITY_S, CommandSigner
 from gateway.config import BrokerConfig
 from gateway.events import ID_PATTERN, uuid7
@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--request-id", help="the command's request id (default: a new 'cli-<uuid7>')")
     parser.add_argument(
         "--valid-for",
-        type=_validity,
+        type=whole_number(1, MAX_VALIDITY_S),
         default=DEFAULT_VALIDITY_S,
         metavar="SECONDS",
         help=f"the command's validity, not_after - issued_at (default: %(default)s; at most {MAX_VALIDITY_S})",
@@ -88,16 +88,6 @@ def _checked_id(text: str) -> str:
     if not re.fullmatch(ID_PATTERN, text):
         raise argparse.ArgumentTypeError(f"{text[:80]!r} is not an id ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}})")
     return text
-
-
-def _validity(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_VALIDITY_S:
-        raise argparse.ArgumentTypeError(f"must be a whole number 1..{MAX_VALIDITY_S}, not {text[:20]!r}")
-    return value
 
 
 def _command_args(text: str | None) -> Any:

@@ -665,7 +665,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--resend-ranges",
-        type=_ranges_per_command,
+        type=whole_number(1, MAX_RESEND_RANGES),
         default=MAX_RESEND_RANGES,
         metavar=f"1..{MAX_RESEND_RANGES}",
         help="ranges per resend command (default: %(default)s); 1 sends single-range commands, up to"
@@ -784,14 +784,19 @@ def _store_list(text: str) -> list[str]:
     return stores
 
 
-def _ranges_per_command(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_RESEND_RANGES:
-        raise argparse.ArgumentTypeError(f"must be a whole number 1..{MAX_RESEND_RANGES}, not {text[:20]!r}")
-    return value
+def whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number {low}..{high}, not {text[:20]!r}")
+        return value
+
+    return parse
 
 
 def _positive(text: str) -> float:

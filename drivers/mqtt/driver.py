@@ -190,6 +190,30 @@ class MqttIntake:
             client.pause_reading()
             self._journal.when_below(max(1, self._high_water // 2), client.resume_reading)
 
+    def _reject(
+        self,
+        device: Device,
+        spec: RouteSpec,
+        reason: str,
+        detail: str,
+        payload: bytes,
+        topic: str,
+        ack: Callable[[], None] | None,
+        origin: object,
+    ) -> None:
+        """Quarantine one message of a registered device (within its quota; redacted on a kiosk route)."""
+        self._quota.reject(
+            ("device", device.id),
+            device,
+            reason,
+            detail,
+            payload,
+            topic=topic,
+            ack=ack,
+            redact=spec.redact,
+            origin=origin,
+        )
+
     def _source_of(self, topic: str) -> tuple[Hashable, Device | None, bool]:
         """The quarantine-quota source of a topic, its device if registered, and whether its route is redacted
         (True when even routing fails: nothing says it is not a kiosk's)."""
@@ -248,16 +272,8 @@ class MqttIntake:
                     ack()
                 return
             limit = min(self._router.max_payload, device.limits.max_payload_bytes)
-            self._quota.reject(
-                ("device", device.id),
-                device,
-                "too_large",
-                f"{size} bytes > limit {limit}",
-                payload,
-                topic=topic,
-                ack=ack,
-                redact=spec.redact,
-                origin=origin,
+            self._reject(
+                device, spec, "too_large", f"{size} bytes > limit {limit}", payload, topic, ack, origin
             )
             return
         if spec.decoder == "rfid":
@@ -268,17 +284,7 @@ class MqttIntake:
         else:
             decoded = decode_routed(spec, device_id, payload)
         if isinstance(decoded, Rejection):
-            self._quota.reject(
-                ("device", device.id),
-                device,
-                decoded.reason,
-                decoded.detail,
-                payload,
-                topic=topic,
-                ack=ack,
-                redact=spec.redact,
-                origin=origin,
-            )
+            self._reject(device, spec, decoded.reason, decoded.detail, payload, topic, ack, origin)
         elif isinstance(decoded, Decoded):
             self._submit(device, decoded.to_draft(ack, self.name), origin)
         else:
@@ -309,17 +315,7 @@ class MqttIntake:
     ) -> None:
         reads = decode_tag_reads(device.id, payload)
         if isinstance(reads, Rejection):
-            self._quota.reject(
-                ("device", device.id),
-                device,
-                reads.reason,
-                reads.detail,
-                payload,
-                topic=topic,
-                ack=ack,
-                redact=spec.redact,
-                origin=origin,
-            )
+            self._reject(device, spec, reads.reason, reads.detail, payload, topic, ack, origin)
             return
         tracker = self._trackers.get(device.id)
         if tracker is None:
