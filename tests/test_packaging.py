@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -438,10 +439,21 @@ def compose_broker() -> Iterator[Mosquitto]:
         for flags, user in ((["-c"], "gateway"), ([], "pos-01")):
             command = ["mosquitto_passwd", "-b", *flags, str(passwd), user, f"{user}-pw"]
             subprocess.run(command, check=True, capture_output=True, timeout=30)
+        acl = broker.dir / "acl"
+        acl.write_text(
+            "user gateway\ntopic read store/pos/+/sale\n\nuser pos-01\ntopic write store/pos/pos-01/sale\n"
+        )
         conf = MOSQUITTO_CONF.read_text()
+        # The devices' TLS listener is left out here (tests/security/test_broker_accounts.py runs it with certs).
+        tls = re.search(
+            r"^listener 8883\n(?:(?!listener )[^\n]*\n)*?use_username_as_clientid true\n", conf, re.M
+        )
+        assert tls is not None, "the shipped conf has the devices' TLS listener"
+        conf = conf.replace(tls.group(0), "")
         for old, new in {
             "listener 1883\n": f"listener {broker.port} 127.0.0.1\n",
-            "/mosquitto/config/passwd": str(passwd),
+            "/mosquitto/config/accounts/passwd": str(passwd),
+            "/mosquitto/config/accounts/acl": str(acl),
             "/mosquitto/data/": f"{broker.dir}/",
         }.items():
             assert old in conf, old
