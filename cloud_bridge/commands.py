@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Final, Literal
@@ -229,6 +229,8 @@ class Trust:
     keys: Mapping[str, Ed25519PublicKey]
     now: float | None
     synced: bool
+    scopes: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    """Key id -> the commands it may sign; a key not listed may sign every command."""
 
 
 def parse_command(
@@ -329,6 +331,9 @@ def check_signature(
         return refuse("bad_request", f"args cannot be signed: {err}")
     if not signature_valid(key, raw, message):
         return refuse("bad_signature", f"the signature does not match this command and key {key_id!r}")
+    scope = trust.scopes.get(key_id)
+    if scope is not None and command not in scope:
+        return refuse("forbidden", f"key {key_id!r} may not sign {command} (hq.command_keys[].commands)")
     if trust.now is not None and trust.now > not_after + CLOCK_SKEW_S:
         return refuse("expired", f"the command expired {int(trust.now - not_after)} s ago (not_after)")
     if trust.synced and trust.now is not None and issued_at > trust.now + CLOCK_SKEW_S:

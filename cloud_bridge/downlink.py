@@ -223,6 +223,7 @@ class Downlink:
     ) -> None:
         self._config = config
         self._keys = {k.id: load_public_key(k.public_key) for k in config.hq.command_keys}
+        self._scopes = {k.id: frozenset(k.commands) for k in config.hq.command_keys if k.commands is not None}
         self._clock: WallClock = clock or ClockState()
         self.ledger = CommandLedger(config.data_dir / LEDGER_FILE)
         self._writers: Mapping[str, DeviceWriter] = writers if writers is not None else {}
@@ -286,14 +287,14 @@ class Downlink:
             # captured commands current again. Within a command's validity of it, the ledger (kept a day past
             # every not_after) still answers a replay; the slack lets a floor an HQ clock a little ahead raised
             # stay harmless.
-            return Trust(self._keys, max(now, (floor or 0) - MAX_VALIDITY_S), True)
+            return Trust(self._keys, max(now, (floor or 0) - MAX_VALIDITY_S), True, self._scopes)
         if self.ledger.floor is None:
             # No command carried out yet (a new or lost ledger): the newest event the journal stamped with a
             # synchronised clock is a time already trusted, so a captured command older than that is refused.
             newest = await self._journal_synced_time()
             if newest is not None:
                 self.ledger.raise_floor(newest)
-        return Trust(self._keys, self.ledger.floor, False)
+        return Trust(self._keys, self.ledger.floor, False, self._scopes)
 
     async def _journal_synced_time(self) -> float | None:
         rows = await self._journal.query(

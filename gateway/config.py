@@ -95,10 +95,22 @@ class BrokerConfig(StrictModel):
     )
 
 
+CommandName = Literal[
+    "ping", "config.get", "stock.adjust", "roster.set", "planogram.set", "rules.set", "resend", "device.write"
+]
+"""The downlink's commands (cloud_bridge/commands.py ARGS; a test keeps the two in step)."""
+
+
 class CommandKey(StrictModel):
     """One of HQ's command-signing public keys (docs/OUTBOX.md, "Signed commands")."""
 
     id: Identifier = Field(description="The key id HQ puts in each command's key_id, e.g. 'hq-2026a'.")
+    commands: list[CommandName] | None = Field(
+        default=None,
+        min_length=1,
+        description="The commands this key may sign (null: every command). Give the HQ receiver's key only"
+        " [resend]: a host that asks for resends then cannot write setpoints or rosters.",
+    )
     public_key: str = Field(
         min_length=1,
         description="HQ's Ed25519 public key: base64 of its 32 raw bytes, or the PEM of 'openssl pkey -pubout';"

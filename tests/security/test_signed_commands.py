@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import orjson
 import pytest
@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import SecretStr
 
+from cloud_bridge.commands import ARGS
 from cloud_bridge.downlink import Downlink
 from cloud_bridge.signing import (
     CommandSigner,
@@ -36,7 +37,7 @@ from cloud_bridge.signing import (
 )
 from cloud_bridge.topics import commands_topic
 from gateway.clock import ClockState
-from gateway.config import BrokerConfig, GatewayConfig
+from gateway.config import BrokerConfig, CommandName, GatewayConfig
 from gateway.journal import Journal
 from gateway.metrics import Metrics
 from gateway.mqtt import MqttClient, MqttError
@@ -332,6 +333,26 @@ async def test_rotation_two_keys_then_revocation(rig: Rig) -> None:
         assert (await answer(revoked, signed("ping", key=KEY_B, key_id="hq-b", request_id="b-2")))[
             "status"
         ] == "ok"
+
+
+async def test_a_key_scoped_to_resend_signs_nothing_else(rig: Rig) -> None:
+    """The HQ receiver's key, limited to what the receiver does: a host holding it cannot command a store."""
+    scoped = [{**keys(("hq-a", KEY_A))[0], "commands": ["resend"]}, *keys(("hq-b", KEY_B))]
+    async with opened(rig.downlink(scoped)) as downlink:
+        before = rig.on_hand()
+        adjust = signed("stock.adjust", {"sku": "SKU-1", "delta": 5, "reason": "receiving"}, request_id="s-1")
+        response = await answer(downlink, adjust)
+        assert code(response) == "forbidden"
+        assert "may not sign stock.adjust" in response["error"]["message"]
+        assert rig.on_hand() == before
+        resend = signed("resend", {"from_seq": 1, "to_seq": 1}, request_id="s-2")
+        assert (await answer(downlink, resend))["status"] == "ok"
+        other = signed("ping", key=KEY_B, key_id="hq-b", request_id="s-3")
+        assert (await answer(downlink, other))["status"] == "ok"
+
+
+def test_the_config_names_every_command_and_no_other() -> None:
+    assert set(get_args(CommandName)) == set(ARGS)
 
 
 async def test_without_keys_every_command_is_refused(rig: Rig) -> None:
