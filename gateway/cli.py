@@ -261,7 +261,14 @@ def _main(argv: Sequence[str] | None) -> int:
 
         return hq_command_main(args_list[1:])
     if args_list[:1] == ["simulate"]:
-        from simulators.cli import simulate_main
+        try:
+            from simulators.cli import simulate_main
+        except ImportError as err:  # the production image leaves the simulators out
+            print(
+                f"store-gateway simulate is not installed here ({err}): use a development install",
+                file=sys.stderr,
+            )
+            return 2
 
         return simulate_main(args_list[1:])
     parser = _parser()
@@ -293,7 +300,16 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "broker":
         return _provision(args.config, args.out, args.rotate, args.gateway_password_file)
     if args.command == "demo":
-        from gateway.demo import run_demo
+        try:
+            import amqtt  # noqa: F401 - the demo's embedded brokers
+
+            from gateway.demo import run_demo
+        except ImportError as err:  # the production image has neither the demo's brokers nor the simulators
+            print(
+                f"store-gateway demo needs the demo extra ({err}): pip install 'store-gateway[demo]'",
+                file=sys.stderr,
+            )
+            return 2
 
         return run_demo(
             duration=args.duration,

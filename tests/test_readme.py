@@ -40,7 +40,7 @@ ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 SEPARATORS = frozenset({"&&", "||", "|", ";", "&", ">", ">>", "<", "2>", "2>&1"})
 
 DEMO_COMMAND = re.compile(
-    r"^python3 -m venv \.venv && \. \.venv/bin/activate && pip install -e \. && store-gateway demo$"
+    r"^python3 -m venv \.venv && \. \.venv/bin/activate && pip install -e '\.\[demo\]' && store-gateway demo$"
 )
 TEST_COMMAND = "bash .ci/run"
 EXAMPLE_CHECK = "store-gateway check-config --no-secrets firmware_configs/store-example.yaml"
