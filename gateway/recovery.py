@@ -442,16 +442,22 @@ def corrupt_alert(
         f"journal {path.name} could not be read ({reason}); moved aside to {moved_to.name}, "
         f"a fresh journal starts at seq {start_seq}"
     )
+    details = {
+        "moved_to": str(moved_to),
+        "reason": reason,
+        "possibly_lost": [first, last] if last >= first else None,
+    }
+    return _journal_alert("journal.corrupt", path, message, details)
+
+
+def _journal_alert(rule: str, path: Path, message: str, details: dict[str, Any]) -> dict[str, Any]:
+    """A critical ``alert.raised`` payload about the journal at ``path``, validated against the event model."""
     payload: dict[str, Any] = {
-        "rule": "journal.corrupt",
+        "rule": rule,
         "severity": "critical",
         "subject": _printable(path.name)[:64] or "journal",
         "message": message[:500],
-        "details": {
-            "moved_to": str(moved_to),
-            "reason": reason,
-            "possibly_lost": [first, last] if last >= first else None,
-        },
+        "details": details,
     }
     AlertRaised.model_validate(payload)
     return payload
@@ -474,18 +480,11 @@ def missing_alert(
             f"journal {path.name} was missing; a fresh journal starts at seq {start_seq}, above the seq "
             f"reservation {SEQ_FILE} ({reserved_through})"
         )
-    payload: dict[str, Any] = {
-        "rule": "journal.missing",
-        "severity": "critical",
-        "subject": _printable(path.name)[:64] or "journal",
-        "message": message[:500],
-        "details": {
-            "reserved_through": reserved_through,
-            "possibly_lost": [1, reserved_through] if reserved_through >= 1 else None,
-        },
+    details = {
+        "reserved_through": reserved_through,
+        "possibly_lost": [1, reserved_through] if reserved_through >= 1 else None,
     }
-    AlertRaised.model_validate(payload)
-    return payload
+    return _journal_alert("journal.missing", path, message, details)
 
 
 def move_orphans_aside(path: Path, now: datetime | None = None) -> list[Path]:
