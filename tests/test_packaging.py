@@ -246,7 +246,7 @@ def test_check_config_of_the_example_needs_its_secrets(tmp_path: Path) -> None:
 
 def test_dockerfile_shape() -> None:
     assert [f.split()[0] for f in dockerfile_values("FROM")] == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
-    assert dockerfile_values("ARG")[0] == "PYTHON_IMAGE=python:3.11-slim-bookworm"
+    assert dockerfile_values("ARG")[0].startswith("PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:")
     assert dockerfile_values("FROM")[0].endswith(" AS build")
     (user,) = dockerfile_values("USER")
     assert user not in ("root", "0")
@@ -294,6 +294,17 @@ def compose() -> dict[str, Any]:
     data = load_yaml(COMPOSE)
     assert isinstance(data, dict)
     return data
+
+
+def test_base_images_are_pinned_by_digest(compose: dict[str, Any]) -> None:
+    """A tag can be pushed again upstream; a digest cannot. Every image the build or compose pulls is pinned."""
+    digest = re.compile(r"^[a-z0-9./_-]+:[\w.-]+@sha256:[0-9a-f]{64}$")
+    (base,) = [v.split("=", 1)[1] for v in dockerfile_values("ARG") if v.startswith("PYTHON_IMAGE=")]
+    assert digest.match(base), base
+    pulled = [s["image"] for s in compose["services"].values() if "build" not in s]
+    assert pulled
+    for image in pulled:
+        assert digest.match(image), image
 
 
 def is_broker(service: dict[str, Any]) -> bool:
