@@ -2,7 +2,7 @@
 
 A gateway process on real mosquitto brokers, its /health and /metrics read over HTTP, simulated tills as a
 separate process, a lean HQ subscriber that counts events per batch header, and a journal backlog built
-in-process through the real :class:`gateway.journal.Journal` (real envelopes, stock ledger and outbox
+in-process through the real :class:`gateway.kernel.journal.Journal` (real envelopes, stock ledger and outbox
 counters), so a million-event journal takes about half a minute instead of the two to three minutes the
 gateway itself needs to ingest it over MQTT.
 """
@@ -35,14 +35,14 @@ if str(ROOT) not in sys.path:
 from drivers.mqtt.config import MqttDriverConfig, TopicRoute  # noqa: E402
 from drivers.mqtt.decode import Decoded, TopicRouter, decode_message, dedup_key  # noqa: E402
 from gateway.config import BrokerConfig, JournalConfig, StockConfig, StockItem  # noqa: E402
-from gateway.events import PosSale  # noqa: E402
-from gateway.journal import QUEUE_LIMIT, Draft, Journal  # noqa: E402
-from gateway.metrics import Metrics  # noqa: E402
-from gateway.mqtt import Message, MqttClient, MqttError  # noqa: E402
-from rules.stock import StockLedger  # noqa: E402
+from gateway.kernel.events import PosSale  # noqa: E402
+from gateway.kernel.journal import QUEUE_LIMIT, Draft, Journal  # noqa: E402
+from gateway.kernel.metrics import Metrics  # noqa: E402
+from gateway.kernel.mqtt_client import Message, MqttClient, MqttError  # noqa: E402
+from gateway.ledger.stock import StockLedger  # noqa: E402
 from simulators.catalog import CATALOG, CatalogItem  # noqa: E402
 from simulators.pos import PosTerminal  # noqa: E402
-from tests.brokers import free_port  # noqa: E402
+from tests.harness.brokers import free_port  # noqa: E402
 
 TOKEN: Final = "bench-token-0123456789abcdef"
 STORE_ID: Final = "bench-001"

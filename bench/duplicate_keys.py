@@ -4,7 +4,7 @@ For each payload it times the decoder as it was without the check (A) and the ca
 
 - ``A``: pydantic ``validate_json`` straight from the bytes (the sale decoder before the check);
 - ``B``: A + ``orjson.loads`` + counting parsed keys against raw ``"<ws>:`` key endings, with a full
-  duplicate-detecting parse only when they differ (what gateway/strict_json.py does);
+  duplicate-detecting parse only when they differ (what gateway/kernel/strict_json.py does);
 - ``C``: A + ``json.loads(object_pairs_hook=...)`` on every message (the plain way);
 - kiosk: ``decode_checkin`` as shipped (it parses with orjson already, so only the count is added) against the
   same without the check.
@@ -33,8 +33,8 @@ import orjson  # noqa: E402
 
 from drivers.mqtt import checkin  # noqa: E402
 from drivers.mqtt.decode import _ADAPTERS  # noqa: E402
-from gateway import strict_json  # noqa: E402
-from gateway.strict_json import has_duplicate_keys  # noqa: E402
+from gateway.kernel import strict_json  # noqa: E402
+from gateway.kernel.strict_json import has_duplicate_keys  # noqa: E402
 from simulators.kiosk import Kiosk  # noqa: E402
 from simulators.pos import PosTerminal  # noqa: E402
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.mqtt_load import publish_all  # noqa: E402
 from simulators.pos import PosTerminal  # noqa: E402
-from tests.brokers import Mosquitto, free_port  # noqa: E402
+from tests.harness.brokers import Mosquitto, free_port  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef"
 

@@ -29,7 +29,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import GatewayProcess, stop_process, terminals
-from tests.brokers import Mosquitto, free_port
+from tests.harness.brokers import Mosquitto, free_port
 
 
 def idle_drivers(fridge_port: int, scanner_port: str) -> dict[str, Any]:

@@ -35,10 +35,10 @@ from drivers.devices import DeviceRegistry
 from drivers.modbus.config import ModbusDriverConfig
 from drivers.modbus.driver import ModbusDriver
 from drivers.profiles import PROFILES_ENV
-from gateway.clock import ClockState
 from gateway.config import GatewayConfig, JournalConfig
-from gateway.journal import Journal
-from gateway.metrics import Metrics
+from gateway.kernel.clock import ClockState
+from gateway.kernel.journal import Journal
+from gateway.kernel.metrics import Metrics
 
 DEVICES = 20
 REGISTERS = 50

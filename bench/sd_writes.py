@@ -35,7 +35,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import GatewayProcess, metric_total, start_tills, stop_process, terminals
-from tests.brokers import Mosquitto
+from tests.harness.brokers import Mosquitto
 
 SALE_KINDS = (
     'storegw_events_committed_total{kind="pos.sale"}',

@@ -1,7 +1,7 @@
 """Start-up with a big backlog: does a gateway with a million undelivered events on disk start as fast, and
 stay as small, as one with an empty journal?
 
-The backlog journal is built in-process through the real :class:`gateway.journal.Journal` (real envelopes,
+The backlog journal is built in-process through the real :class:`gateway.kernel.journal.Journal` (real envelopes,
 stock ledger, outbox counters) from realistic sales decoded by the MQTT driver's decoder, in large group
 commits (half a minute for a million events). Then, for an empty journal and for the backlog, with real
 mosquitto brokers and the gateway as its own process (`store-gateway run`, default drain limits):
@@ -42,7 +42,7 @@ from bench._common import (
 from bench.mqtt_load import publish_all
 from drivers.mqtt.decode import dedup_key
 from simulators.pos import PosTerminal
-from tests.brokers import Mosquitto, free_port
+from tests.harness.brokers import Mosquitto, free_port
 
 
 @dataclass

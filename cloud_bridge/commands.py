@@ -42,9 +42,9 @@ from cloud_bridge.signing import (
     signed_message,
 )
 from cloud_bridge.topics import commands_topic
-from gateway.events import ID_PATTERN, Sku
-from gateway.strict_json import duplicate_key
-from rules.documents import Planogram, Roster, RuleSet
+from gateway.kernel.events import ID_PATTERN, Sku
+from gateway.kernel.strict_json import duplicate_key
+from gateway.ledger.documents import Planogram, Roster, RuleSet
 
 MAX_COMMAND_BYTES: Final = 256 * 1024
 MAX_RESEND_SEQS: Final = 100_000

@@ -13,7 +13,7 @@ so a replay is answered ``duplicate`` whatever the journal's retention has done 
 
 Parsing and validation are pure (:mod:`cloud_bridge.commands`); state changes go through the journal:
 ``stock.adjust`` as a ``stock.adjusted`` event the stock ledger applies in its commit, the documents through
-:meth:`gateway.journal.Journal.transact` (one transaction with their ``document.updated`` event). Logs name
+:meth:`gateway.kernel.journal.Journal.transact` (one transaction with their ``document.updated`` event). Logs name
 the request id, command and outcome, never arguments or document bodies (a roster holds staff names).
 """
 
@@ -51,15 +51,15 @@ from cloud_bridge.signing import CLOCK_SKEW_S, MAX_VALIDITY_S, load_public_key
 from cloud_bridge.topics import commands_topic, responses_topic
 from drivers.base import DriverError
 from gateway import __version__
-from gateway.clock import BOOT_ID, ClockState
 from gateway.config import GatewayConfig
-from gateway.events import StockAdjusted
-from gateway.journal import QUEUE_LIMIT, Draft, Journal
-from gateway.metrics import Metrics
-from gateway.mqtt import Message, MqttClient, MqttError
-from gateway.supervise import Backoff, reconnect_forever, tcp_reachable
-from rules.documents import DocumentName, Planogram, Roster, RuleSet, store_work
-from rules.stock import apply_rule_thresholds, quantity_text
+from gateway.kernel.clock import BOOT_ID, ClockState
+from gateway.kernel.events import StockAdjusted
+from gateway.kernel.journal import QUEUE_LIMIT, Draft, Journal
+from gateway.kernel.metrics import Metrics
+from gateway.kernel.mqtt_client import Message, MqttClient, MqttError
+from gateway.kernel.supervise import Backoff, reconnect_forever, tcp_reachable
+from gateway.ledger.documents import DocumentName, Planogram, Roster, RuleSet, store_work
+from gateway.ledger.stock import apply_rule_thresholds, quantity_text
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ MAX_STORED_RESULT_BYTES: Final = 4096
 
 
 class WallClock(Protocol):
-    """Whether the wall clock is synchronised (:class:`gateway.clock.ClockState`)."""
+    """Whether the wall clock is synchronised (:class:`gateway.kernel.clock.ClockState`)."""
 
     def synced(self) -> bool: ...
 

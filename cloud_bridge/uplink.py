@@ -30,13 +30,13 @@ from cloud_bridge.commands import MAX_RESEND_SEQS
 from cloud_bridge.topics import events_topic, status_topic
 from cloud_bridge.wire import CLASSES, Compressor, encode_batch, seq_ranges
 from gateway import __version__
-from gateway.clock import BOOT_ID
 from gateway.config import GatewayConfig
-from gateway.journal import Committed, Journal
-from gateway.metrics import Metrics
-from gateway.mqtt import MqttClient, MqttError, Will
-from gateway.outbox import CRITICAL
-from gateway.supervise import Backoff, reconnect_forever, tcp_reachable
+from gateway.kernel.clock import BOOT_ID
+from gateway.kernel.journal import Committed, Journal
+from gateway.kernel.metrics import Metrics
+from gateway.kernel.mqtt_client import MqttClient, MqttError, Will
+from gateway.kernel.outbox import CRITICAL
+from gateway.kernel.supervise import Backoff, reconnect_forever, tcp_reachable
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from drivers.devices import DeviceRegistry
 from drivers.sink import DeviceSink
-from gateway.journal import Journal
-from gateway.metrics import Metrics
+from gateway.kernel.journal import Journal
+from gateway.kernel.metrics import Metrics
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig

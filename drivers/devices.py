@@ -20,8 +20,8 @@ from typing import Any, Final, Literal
 import orjson
 
 from drivers.limits import DeviceLimits
-from gateway.events import DeviceStatus
-from gateway.journal import Draft
+from gateway.kernel.events import DeviceStatus
+from gateway.kernel.journal import Draft
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Used by the serial RFID reader driver and by RFID shelves over MQTT. One tracker per reader (or shelf):
 ``read`` for every raw read, ``due`` to ask whether the window is over, ``close_window`` to get the window's
-:class:`gateway.events.RfidInventory` (tags with read counts, strongest RSSI and its antenna, GTIN and serial
+:class:`gateway.kernel.events.RfidInventory` (tags with read counts, strongest RSSI and its antenna, GTIN and serial
 for SGTINs) and what changed: ``appeared`` (not present before this window) and ``departed`` (not read for
 ``depart_after_s``). Memory is bounded by ``max_tags`` (tags beyond it are counted in ``truncated``).
 """
@@ -13,7 +13,7 @@ import math
 from typing import Final
 
 from drivers.epc import EpcInfo, decode_epc
-from gateway.events import RfidInventory, RfidTag
+from gateway.kernel.events import RfidInventory, RfidTag
 
 MAX_TAGS_LIMIT: Final = 5000
 """RfidInventory carries at most this many tags (and appeared/departed ids)."""

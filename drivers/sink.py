@@ -19,8 +19,8 @@ import orjson
 from pydantic import BaseModel
 
 from drivers.devices import Device
-from gateway.journal import QUARANTINE_KEEP_BYTES, Draft, Journal, Rejected
-from gateway.metrics import Metrics
+from gateway.kernel.journal import QUARANTINE_KEEP_BYTES, Draft, Journal, Rejected
+from gateway.kernel.metrics import Metrics
 
 _LOGGER = logging.getLogger(__name__)
 

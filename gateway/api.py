@@ -43,8 +43,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cloud_bridge.wire import CLASSES
-from gateway.events import ID_PATTERN
-from gateway.metrics import Metrics
+from gateway.kernel.events import ID_PATTERN
+from gateway.kernel.metrics import Metrics
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ MAX_STOCK_ROWS = 5000
 
 RECEIPT_NO_PATTERN: Final = r"^[^\x00-\x1f\x7f]+$"
 MAX_RECEIPT_NO: Final = 64
-"""A receipt number as the gateway accepts it (gateway/events.py ``ShortText``): 1-64 characters, no control
+"""A receipt number as the gateway accepts it (gateway/kernel/events.py ``ShortText``): 1-64 characters, no control
 characters. It may hold ``/``: the route takes the rest of the path (``%2F`` works too)."""
 MAX_RECEIPT_EVENTS: Final = 100
 """Most events ``/api/receipts`` returns per way of matching (a receipt has a sale and a few returns)."""
@@ -501,7 +501,7 @@ class ConnectionLimits:
 
 
 class ApiMetrics:
-    """The connection defence's own counters, beside the gateway's (gateway/metrics.py)."""
+    """The connection defence's own counters, beside the gateway's (gateway/kernel/metrics.py)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.connections = Gauge(

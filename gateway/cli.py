@@ -253,11 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["hq-receiver"]:
-        from cloud_bridge.receiver import receiver_main
+        from cloud_bridge.hq.receiver import receiver_main
 
         return receiver_main(args_list[1:])
     if args_list[:1] == ["hq-command"]:
-        from cloud_bridge.hq_command import hq_command_main
+        from cloud_bridge.hq.command import hq_command_main
 
         return hq_command_main(args_list[1:])
     if args_list[:1] == ["simulate"]:
@@ -287,7 +287,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return code
     if args.command == "config-schema":
         if args.events:
-            from gateway.events import envelope_json_schema
+            from gateway.kernel.events import envelope_json_schema
 
             print(json.dumps(envelope_json_schema(), indent=2))
         else:
@@ -303,7 +303,7 @@ def _main(argv: Sequence[str] | None) -> int:
         try:
             import amqtt  # noqa: F401 - the demo's embedded brokers
 
-            from gateway.demo import run_demo
+            from simulators.demo import run_demo
         except ImportError as err:  # the production image has neither the demo's brokers nor the simulators
             print(
                 f"store-gateway demo needs the demo extra ({err}): pip install 'store-gateway[demo]'",
@@ -323,7 +323,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def _run(config_path: Path, *, new_journal: bool = False) -> int:
     from gateway.config_loader import ConfigError, config_hash, load_config
-    from gateway.logs import setup_logging
+    from gateway.kernel.logs import setup_logging
     from gateway.runtime import Gateway
 
     try:
@@ -421,8 +421,8 @@ def _provision(config_path: Path, out: Path, rotate: list[str], gateway_password
 def _startup_failures(err: BaseException) -> list[BaseException]:
     """The known ways a start fails (port taken, journal unreadable, bad stock CSV), out of exception groups."""
     from gateway.api import ApiError
-    from gateway.journal import JournalError
-    from rules.stock import StockConfigError
+    from gateway.kernel.journal import JournalError
+    from gateway.ledger.stock import StockConfigError
 
     known = (ApiError, JournalError, StockConfigError)
     if isinstance(err, BaseExceptionGroup):

@@ -18,7 +18,7 @@ from drivers.limits import DeviceLimits
 from drivers.mqtt.profile import SENSOR_READING_PROFILE, MqttProfile, resolve_profile
 from drivers.profiles import check_profile
 from drivers.registry import DriverConfig
-from gateway.events import ID_PATTERN
+from gateway.kernel.events import ID_PATTERN
 
 Identifier = Annotated[
     str, Field(pattern=ID_PATTERN, description="Letters, digits, '.', '_' or '-'; max 64.")

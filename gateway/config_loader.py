@@ -214,7 +214,7 @@ def tls_file_problems(
 ) -> list[FileProblem]:
     """Why the TLS files cannot be used, or [] if they can: each must exist, be readable and be PEM (a CA
     certificate, a certificate, an unencrypted private key), the key must match the certificate, and OpenSSL
-    must load them the way ``gateway.mqtt.tls_context`` does. ``folder``: the config file's, for the hint.
+    must load them the way ``gateway.kernel.mqtt_client.tls_context`` does. ``folder``: the config file's, for the hint.
 
     One function for ``check-config``, ``run`` (before anything starts) and ``tls_context`` (on a failure)."""
     import ssl
@@ -296,7 +296,7 @@ def tls_file_problems(
 
 def stock_csv_problems(path: Path, folder: Path | None = None) -> list[FileProblem]:
     """Why the stock CSV cannot be imported at start, or [] if it can (the same reader ``run`` uses)."""
-    from rules.stock import StockConfigError, read_initial_csv
+    from gateway.ledger.stock import StockConfigError, read_initial_csv
 
     problems: list[FileProblem] = []
     if _read_named_file("initial_csv", path, folder, problems) is None:

@@ -20,14 +20,14 @@ from cloud_bridge.wire import CLASSES
 from drivers.base import Driver, DriverContext
 from drivers.devices import DeviceRegistry
 from gateway import __version__
-from gateway.clock import ClockState
-from gateway.clock_watch import ClockWatcher
 from gateway.config import GatewayConfig
-from gateway.journal import STALL_S, Draft, Journal, JournalCorruptError, JournalError
-from gateway.logs import register_secret
-from gateway.metrics import Metrics
-from gateway.recovery import DataDirBusyError, DataDirLock
-from rules.stock import StockLedger
+from gateway.kernel.clock import ClockState
+from gateway.kernel.clock_watch import ClockWatcher
+from gateway.kernel.journal import STALL_S, Draft, Journal, JournalCorruptError, JournalError
+from gateway.kernel.logs import register_secret
+from gateway.kernel.metrics import Metrics
+from gateway.kernel.recovery import DataDirBusyError, DataDirLock
+from gateway.ledger.stock import StockLedger
 
 _LOGGER = logging.getLogger(__name__)
 

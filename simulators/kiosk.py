@@ -21,7 +21,7 @@ from typing import Final
 import orjson
 
 from gateway.config import BrokerConfig
-from gateway.mqtt import MqttClient, MqttError
+from gateway.kernel.mqtt_client import MqttClient, MqttError
 from simulators.cli import add_broker_arguments, broker_from
 
 DEFAULT_TOPIC_TEMPLATE: Final = "store/kiosk/{device_id}/checkin"

@@ -1,7 +1,7 @@
 """Simulated POS terminals: realistic sales and returns published over MQTT, as fast as the broker allows.
 
 A till publishes each completed receipt once, QoS 1, to ``store/pos/<device_id>/sale`` or ``.../return``.
-The payload is the JSON of :class:`gateway.events.PosSale` or :class:`gateway.events.PosReturn` plus an
+The payload is the JSON of :class:`gateway.kernel.events.PosSale` or :class:`gateway.kernel.events.PosReturn` plus an
 optional top-level ``occurred_at`` (ISO 8601 with an offset). Money is a JSON string ("12.50"); quantities
 are numbers.
 
@@ -29,7 +29,7 @@ from typing import Any, Final, Literal, NamedTuple
 import orjson
 
 from gateway.config import BrokerConfig
-from gateway.mqtt import MqttClient, MqttError
+from gateway.kernel.mqtt_client import MqttClient, MqttError
 from simulators.catalog import CATALOG, CURRENCY, CatalogItem, format_cents
 from simulators.cli import add_broker_arguments, broker_from
 

@@ -20,7 +20,7 @@ import orjson
 
 from drivers.epc import encode_sgtin96
 from gateway.config import BrokerConfig
-from gateway.mqtt import MqttClient, MqttError
+from gateway.kernel.mqtt_client import MqttClient, MqttError
 from simulators.cli import add_broker_arguments, broker_from
 
 DEFAULT_TOPIC_TEMPLATE: Final = "store/rfid/{device_id}/reads"

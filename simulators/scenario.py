@@ -29,7 +29,7 @@ from drivers.epc import encode_sgtin96
 from drivers.modbus.profile import ModbusProfile
 from drivers.profiles import get_profile
 from gateway.config import BrokerConfig
-from gateway.mqtt import MqttClient
+from gateway.kernel.mqtt_client import MqttClient
 from simulators.ble import SimulatedSensor
 from simulators.catalog import CATALOG
 from simulators.fridge import FridgeModel, FridgeServer, PtyLine

@@ -1,7 +1,7 @@
 """Scenario files (``firmware_configs/scenarios/*.yaml``): which simulated devices a store has, and a timeline.
 
 A scenario is data, not code: testers write new ones without touching Python. ``store-gateway demo --scenario
-NAME`` runs one (see :mod:`simulators.scenario`); ``tests/test_scenarios.py`` runs each at a fast time scale.
+NAME`` runs one (see :mod:`simulators.scenario`); ``tests/simulators/test_scenarios.py`` runs each at a fast time scale.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ruamel.yaml import YAML
 
-from gateway.events import ID_PATTERN
+from gateway.kernel.events import ID_PATTERN
 
 DeviceId = Annotated[str, Field(pattern=ID_PATTERN)]
 

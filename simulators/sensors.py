@@ -1,7 +1,7 @@
 """Simulated store sensors: telemetry readings (``sensor.reading``) published over MQTT, QoS 1.
 
 A sensor publishes each reading to ``store/sensor/<device_id>/reading``; the payload is the JSON of
-:class:`gateway.events.SensorReading` plus ``occurred_at`` (ISO 8601 with an offset). Readings are the
+:class:`gateway.kernel.events.SensorReading` plus ``occurred_at`` (ISO 8601 with an offset). Readings are the
 telemetry class of the outbox (docs/OUTBOX.md): the first evicted when the gateway's disk budget runs out, so
 tests use this simulator to fill a journal while HQ is down.
 
@@ -22,7 +22,7 @@ from typing import Final
 import orjson
 
 from gateway.config import BrokerConfig
-from gateway.mqtt import MqttClient, MqttError
+from gateway.kernel.mqtt_client import MqttClient, MqttError
 
 DEFAULT_TOPIC_TEMPLATE: Final = "store/sensor/{device_id}/reading"
 HKT: Final = timezone(timedelta(hours=8), "HKT")

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.brokers import Mosquitto
+from tests.harness.brokers import Mosquitto
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ CLOCK_MODULES = frozenset(
 """Modules whose code under test reads the monotonic clock in this process (token buckets, silence watchdogs,
 eviction, uplink pacing, clock anchors, event sizes, serial framing timeouts). They are marked ``clock``: CI
 runs them again with the clock shifted to a freshly booted machine's uptime (``pytest -m clock --uptime 30``;
-see tests/uptime.py). The MQTT-device, HTTP-intake and API modules read the clock too (rate limits, uptime_s)
+see tests/harness/uptime.py). The MQTT-device, HTTP-intake and API modules read the clock too (rate limits, uptime_s)
 and pass at --uptime 0.5 and 30; they stay out of the two extra passes to keep CI under 15 minutes."""
 
 

@@ -7,7 +7,7 @@ from typing import Final
 from pydantic import ValidationError
 
 from drivers.base import DecodeError
-from gateway.events import SensorSample
+from gateway.kernel.events import SensorSample
 
 BINDKEY_BYTES: Final = 16
 BATTERY_RANGE: Final = (0.0, 100.0)

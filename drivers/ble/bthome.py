@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 
 from drivers.base import DecodeError
 from drivers.ble._common import need_key, sample
-from gateway.events import SensorSample
+from gateway.kernel.events import SensorSample
 
 SOURCE: Final = "bthome.v2"
 UUID16: Final = b"\xd2\xfc"

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from drivers.ble.formats import MAC_PATTERN, BleFormat
 from drivers.limits import DeviceLimits
 from drivers.profiles import ProfileBase, check_profile, get_profile
-from gateway.events import ID_PATTERN
+from gateway.kernel.events import ID_PATTERN
 
 if TYPE_CHECKING:
     from drivers.base import Driver, DriverContext

@@ -13,7 +13,7 @@ from drivers.ble import ruuvi
 from drivers.ble.bthome import decode_bthome
 from drivers.ble.formats import BTHOME_UUID, ENVIRONMENTAL_SENSING_UUID, RUUVI_COMPANY_ID, BleFormat
 from drivers.ble.xiaomi import decode_atc1441, decode_pvvx
-from gateway.events import SensorSample
+from gateway.kernel.events import SensorSample
 
 
 def decode_advertisement(

@@ -40,7 +40,7 @@ from drivers.devices import Device
 from drivers.limits import DeviceLimits
 from drivers.profiles import get_profile
 from drivers.sink import GarbageBatch
-from gateway.supervise import Backoff, QuietLog
+from gateway.kernel.supervise import Backoff, QuietLog
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Final
 
 from drivers.base import DecodeError
 from drivers.ble._common import sample
-from gateway.events import SensorSample
+from gateway.kernel.events import SensorSample
 
 SOURCE: Final = "ruuvi.rawv2"
 FORMAT: Final = 5

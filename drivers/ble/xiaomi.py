@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 
 from drivers.base import DecodeError
 from drivers.ble._common import need_key, sample
-from gateway.events import SensorSample
+from gateway.kernel.events import SensorSample
 
 SOURCE_ATC1441: Final = "atc1441"
 SOURCE_PVVX: Final = "pvvx"

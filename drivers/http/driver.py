@@ -12,7 +12,7 @@ A webhook sent again is harmless: its dedup key (source, kind, register, the sal
 journal drop it, and the answer is 200 again; the journal remembers dedup keys for ``dedup_retention_days``,
 longer than any freshness window, so a replay is refused by one or the other.
 
-Freshness needs a true clock. Until the gateway's clock is synchronised (gateway/clock.py: a box without a
+Freshness needs a true clock. Until the gateway's clock is synchronised (gateway/kernel/clock.py: a box without a
 real-time clock may boot years off), the window is not applied, since it would refuse every genuine webhook
 or accept every old one at random; each webhook let through unchecked is counted in
 ``storegw_webhook_freshness_unchecked_total``, and the dedup keys still refuse replays.
@@ -46,8 +46,8 @@ from drivers.http.signatures import TIMESTAMP_HEADER, signed_timestamp, verify
 from drivers.http.square import map_square
 from drivers.profiles import get_profile
 from gateway.api import WEBHOOK_PREFIX
-from gateway.clock import ClockState
-from gateway.logs import register_secret
+from gateway.kernel.clock import ClockState
+from gateway.kernel.logs import register_secret
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """The generic webhook: the gateway's own ``pos.sale`` / ``pos.return`` JSON, for any cloud POS or relay.
 
 The body is one JSON object: ``kind`` (``"pos.sale"`` or ``"pos.return"``), every field of
-:class:`gateway.events.PosSale` (returns: :class:`gateway.events.PosReturn`), and optionally ``occurred_at``
+:class:`~gateway.kernel.events.PosSale` (returns: :class:`~gateway.kernel.events.PosReturn`),
+and optionally ``occurred_at``
 (ISO 8601 with offset). It is the MQTT till contract (firmware_configs/profiles/pos-terminal.yaml) plus
 ``kind``; the identity of a sale is its register and receipt number, as on MQTT.
 """
@@ -15,7 +16,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from drivers.base import DecodeError
 from drivers.http.mapped import Mapped, Outcome, printable, reject_duplicate_keys, summarise
 from drivers.mqtt.decode import PosReturnMessage, PosSaleMessage
-from gateway.events import PosReturn, PosSale
+from gateway.kernel.events import PosReturn, PosSale
 
 
 class GenericSale(PosSaleMessage):

@@ -25,7 +25,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from drivers.base import DecodeError
 from drivers.http.mapped import Ignored, Kind, Mapped, Outcome, load_json, parse_time, printable, validate
-from gateway.events import PosReturn, PosSale
+from gateway.kernel.events import PosReturn, PosSale
 
 COMPLETED: Final = frozenset({"CLOSED", "ONACCOUNT_CLOSED", "LAYBY_CLOSED"})
 """X-Series sale states in which the goods have left and the sale is final."""

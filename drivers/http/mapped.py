@@ -3,7 +3,7 @@
 A mapper turns a raw webhook body into :class:`Mapped` events (usually one; an exchange is a sale and a
 return), or :class:`Ignored` when the body is genuine but not a completed sale (a parked sale, a product
 update, a notification without line items), or raises :class:`drivers.base.DecodeError`. Nothing else
-escapes a mapper: the hypothesis tests in tests/test_http_webhooks.py feed them random bytes.
+escapes a mapper: the hypothesis tests in tests/drivers/test_http_webhooks.py feed them random bytes.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pydantic import BaseModel, ValidationError
 
 from drivers.base import DecodeError
 from drivers.mqtt.decode import dedup_key
-from gateway.events import PosSale
-from gateway.strict_json import duplicate_key
+from gateway.kernel.events import PosSale
+from gateway.kernel.strict_json import duplicate_key
 
 Kind = Literal["pos.sale", "pos.return"]
 
@@ -36,7 +36,7 @@ class Mapped:
 
     kind: Kind
     data: PosSale
-    """A :class:`PosSale`, or a :class:`gateway.events.PosReturn` for ``pos.return``."""
+    """A :class:`PosSale`, or a :class:`gateway.kernel.events.PosReturn` for ``pos.return``."""
     identity: str
     """The sale's identity at its source (Lightspeed sale id, Square order id, generic receipt number)."""
     occurred_at: str | None = None

@@ -24,12 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from drivers.base import DecodeError
 from drivers.http.mapped import Ignored, Kind, Mapped, Outcome, load_json, parse_time, printable, validate
-from gateway.events import PosReturn, PosSale
+from gateway.kernel.events import PosReturn, PosSale
 
 ORDER_EVENTS: Final = frozenset({"order.created", "order.updated"})
 MAX_QUANTITY: Final = Decimal(10**6)
 MIN_QUANTITY_EXPONENT: Final = -12
-"""A line's quantity is at most a million units (gateway.events.Quantity) with a few decimals."""
+"""A line's quantity is at most a million units (gateway.kernel.events.Quantity) with a few decimals."""
 MINOR_UNITS: Final[dict[str, int]] = {
     **dict.fromkeys(
         (

@@ -37,8 +37,8 @@ from drivers.modbus.registers import (
     plan_reads,
 )
 from drivers.profiles import get_profile
-from gateway.events import SensorSample
-from gateway.supervise import Backoff, reconnect_forever, tcp_reachable
+from gateway.kernel.events import SensorSample
+from gateway.kernel.supervise import Backoff, reconnect_forever, tcp_reachable
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ ValueType = Literal["int16", "uint16", "int32", "uint32", "float32", "bool"]
 WIDTH: Final[dict[str, int]] = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "float32": 2, "bool": 1}
 """Registers (or bits, for coils and discrete inputs) a value of each type takes."""
 MAX_METRICS_PER_GROUP: Final = 64
-"""A ``sensor.sample`` carries at most this many values (gateway.events.SensorSample)."""
+"""A ``sensor.sample`` carries at most this many values (gateway.kernel.events.SensorSample)."""
 MAX_REASON: Final = 180
 """A sentinel's reason, short enough that with " (raw 0x...)" it fits SensorSample.faults' 200 characters."""
 

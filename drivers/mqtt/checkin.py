@@ -2,7 +2,7 @@
 
 The kiosk matches the face itself and sends only the score. A message that carries an image, a photo, a
 face template, an embedding, or any base64-looking blob (or a long list of numbers: a feature vector) is
-refused with reason ``biometric_refused``, before any other check (the policy is :mod:`gateway.biometrics`,
+refused with reason ``biometric_refused``, before any other check (the policy is :mod:`gateway.kernel.biometrics`,
 shared with the staff roster). A message larger than :data:`MAX_CHECKIN_BYTES` is refused the same way: a
 check-in is a couple of hundred bytes, and a large one most likely carries an image.
 
@@ -26,9 +26,9 @@ from pydantic import ValidationError
 
 from drivers.base import DecodeError
 from drivers.mqtt.mapping import device_time
-from gateway.biometrics import MAX_BLOB_CHARS, first_biometric, looks_like_image
-from gateway.events import StaffCheckin
-from gateway.strict_json import has_duplicate_keys
+from gateway.kernel.biometrics import MAX_BLOB_CHARS, first_biometric, looks_like_image
+from gateway.kernel.events import StaffCheckin
+from gateway.kernel.strict_json import has_duplicate_keys
 
 MAX_CHECKIN_BYTES: Final = 2048
 _FIELDS: Final = frozenset(

@@ -22,8 +22,8 @@ from drivers.mqtt.mapping import Mapper, compile_mapping
 from drivers.mqtt.profile import SENSOR_READING_PROFILE, MqttProfile
 from drivers.mqtt.rfid_reads import TagRead, decode_reads
 from drivers.profiles import get_profile
-from gateway.events import ID_PATTERN, PosReturn, PosSale, SensorReading, SensorSample, StaffCheckin
-from gateway.journal import Draft
+from gateway.kernel.events import ID_PATTERN, PosReturn, PosSale, SensorReading, SensorSample, StaffCheckin
+from gateway.kernel.journal import Draft
 
 _DEVICE_ID: Final = re.compile(ID_PATTERN)
 ROUTE_CACHE_SIZE: Final = 4096

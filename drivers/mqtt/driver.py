@@ -38,9 +38,9 @@ from drivers.mqtt.decode import (
 from drivers.mqtt.profile import MqttProfile, RfidWindow, profile_limits, resolve_profile
 from drivers.profiles import get_profile
 from drivers.sink import QuarantineQuota
-from gateway.journal import Draft
-from gateway.mqtt import Message, MqttClient, MqttError
-from gateway.supervise import reconnect_forever
+from gateway.kernel.journal import Draft
+from gateway.kernel.mqtt_client import Message, MqttClient, MqttError
+from gateway.kernel.supervise import reconnect_forever
 
 if TYPE_CHECKING:
     from drivers.rfid import InventoryTracker

@@ -27,7 +27,7 @@ from drivers.mqtt.profile import (
     RawMapping,
     parse_path,
 )
-from gateway.events import SensorSample
+from gateway.kernel.events import SensorSample
 
 _NUMBER: Final = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 _TRUE: Final = frozenset({"true", "on", "yes"})

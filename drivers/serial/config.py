@@ -10,7 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from drivers.limits import DeviceLimits
 from drivers.profiles import ProfileBase, ProfileError, check_profile, get_profile
-from gateway.events import ID_PATTERN
+from gateway.kernel.events import ID_PATTERN
 
 if TYPE_CHECKING:
     from drivers.base import Driver, DriverContext

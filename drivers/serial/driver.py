@@ -43,8 +43,8 @@ from drivers.serial.framing import (
 )
 from drivers.serial.lines import Barcode, ScaleFormat, parse_barcode, parse_scale
 from drivers.sink import DeviceSink, GarbageBatch
-from gateway.events import BarcodeScanned, RfidInventory, SensorSample
-from gateway.supervise import Backoff, QuietLog
+from gateway.kernel.events import BarcodeScanned, RfidInventory, SensorSample
+from gateway.kernel.supervise import Backoff, QuietLog
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from prometheus_client import generate_latest
 from starlette.requests import ClientDisconnect
 
 from gateway.api import MAX_CONNECTIONS_PER_CLIENT, ConnectionLimits, create_app, serve_api
-from gateway.metrics import Metrics
-from tests.brokers import Mosquitto
-from tests.e2e_helpers import metric_sum, own_metrics, parse_metrics, poll_until
-from tests.test_api import TOKEN, Health, make_journal
-from tests.test_http_intake import WATER, post, sale_for, webhook_gateway
+from gateway.kernel.metrics import Metrics
+from tests.drivers.test_http_intake import WATER, post, sale_for, webhook_gateway
+from tests.gateway.test_api import TOKEN, Health, make_journal
+from tests.harness.brokers import Mosquitto
+from tests.harness.e2e_helpers import metric_sum, own_metrics, parse_metrics, poll_until
 
 ATTACKERS: Final = 64
 REQUEST_LINE: Final = b"POST /webhooks/web-shop HTTP/1.1\r\n"

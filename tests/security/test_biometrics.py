@@ -4,7 +4,7 @@ Seen live: a JPEG published to ``store/kiosk/<unknown id>/checkin``, ``store/kio
 ``store/kiosk/bad id!/checkin`` was quarantined byte for byte (unknown_device, wrong_profile, bad_device_id);
 the internal_error path never redacted; unknown JSON keys were echoed into the quarantine detail, so a base64
 image used as a key name was stored too. Redaction now follows the route before any device lookup, rejection
-details on a redacted route quote nothing from the message, and one policy (gateway/biometrics.py) serves the
+details on a redacted route quote nothing from the message, and one policy (gateway/kernel/biometrics.py) serves the
 kiosk decoder and the roster.
 """
 
@@ -28,12 +28,12 @@ from drivers.mqtt.checkin import decode_checkin
 from drivers.mqtt.config import MqttDriverConfig
 from drivers.mqtt.decode import Rejection, RouteSpec, TopicRouter, decode_routed
 from drivers.sink import QUOTA_ROWS
-from gateway import biometrics
 from gateway.config import GatewayConfig
-from rules.documents import Roster
+from gateway.kernel import biometrics
+from gateway.ledger.documents import Roster
 from simulators.kiosk import Kiosk
-from tests.brokers import Mosquitto, free_port
-from tests.e2e_helpers import (
+from tests.harness.brokers import Mosquitto, free_port
+from tests.harness.e2e_helpers import (
     journal_db,
     journal_kinds,
     metric_sum,

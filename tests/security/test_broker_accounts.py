@@ -29,8 +29,8 @@ from pydantic import SecretStr
 from drivers.mqtt.provision import BROKER_MAX_PACKET_BYTES, provision, too_large_for_broker
 from gateway.config import BrokerConfig, GatewayConfig, TlsConfig
 from gateway.config_loader import _Loader
-from gateway.mqtt import Message, MqttClient, MqttError
-from tests.brokers import Mosquitto, free_port
+from gateway.kernel.mqtt_client import Message, MqttClient, MqttError
+from tests.harness.brokers import Mosquitto, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "docker" / "mosquitto" / "mosquitto.conf"

@@ -7,8 +7,8 @@ import os
 import stat
 from pathlib import Path
 
-from tests.pos_drafts import pos_draft
-from tests.test_journal import new_journal, running
+from tests.gateway.test_journal import new_journal, running
+from tests.harness.pos_drafts import pos_draft
 
 
 async def test_the_data_directory_is_0700_and_its_files_0600(tmp_path: Path) -> None:

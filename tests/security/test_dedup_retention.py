@@ -11,8 +11,8 @@ from contextlib import closing
 from pathlib import Path
 
 from gateway.config import JournalConfig
-from tests.pos_drafts import pos_draft
-from tests.test_journal import new_journal, running
+from tests.gateway.test_journal import new_journal, running
+from tests.harness.pos_drafts import pos_draft
 
 
 def _sales(path: Path) -> list[str]:

@@ -23,11 +23,11 @@ from drivers.modbus.config import ModbusDeviceConfig, ModbusDriverConfig
 from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.registers import WriteRefusedError
 from gateway.config_loader import ConfigError, check_config, load_config
-from gateway.metrics import Metrics
+from gateway.kernel.metrics import Metrics
 from simulators.fridge import FridgeModel, FridgeServer
-from tests.brokers import free_port
-from tests.driver_harness import running_journal
-from tests.test_modbus_driver import Rig, gateway_config, server_port, tcp_config, until
+from tests.drivers.test_modbus_driver import Rig, gateway_config, server_port, tcp_config, until
+from tests.harness.brokers import free_port
+from tests.harness.driver_harness import running_journal
 
 Writer = Callable[[str, str, Any], Awaitable[None]]
 

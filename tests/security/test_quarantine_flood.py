@@ -20,8 +20,8 @@ from drivers.sink import QUOTA_ROWS
 from gateway.config import GatewayConfig
 from gateway.runtime import Gateway
 from simulators.kiosk import Kiosk
-from tests.brokers import Mosquitto, free_port
-from tests.e2e_helpers import (
+from tests.harness.brokers import Mosquitto, free_port
+from tests.harness.e2e_helpers import (
     journal_db,
     journal_kinds,
     metric_sum,

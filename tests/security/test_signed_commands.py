@@ -36,13 +36,13 @@ from cloud_bridge.signing import (
     signed_message,
 )
 from cloud_bridge.topics import commands_topic
-from gateway.clock import ClockState
 from gateway.config import BrokerConfig, CommandName, GatewayConfig
-from gateway.journal import Journal
-from gateway.metrics import Metrics
-from gateway.mqtt import MqttClient, MqttError
-from rules.stock import StockLedger
-from tests.brokers import Mosquitto
+from gateway.kernel.clock import ClockState
+from gateway.kernel.journal import Journal
+from gateway.kernel.metrics import Metrics
+from gateway.kernel.mqtt_client import MqttClient, MqttError
+from gateway.ledger.stock import StockLedger
+from tests.harness.brokers import Mosquitto
 
 STORE, GW, PREFIX = "hk-001", "gw-1", "retail"
 TOPIC = commands_topic(PREFIX, STORE, GW)

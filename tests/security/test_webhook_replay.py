@@ -16,12 +16,12 @@ import orjson
 
 from drivers.http.driver import HttpIntake
 from drivers.http.signatures import TIMESTAMP_HEADER, sign
-from gateway.clock import ClockState
+from gateway.kernel.clock import ClockState
 from gateway.runtime import Gateway
 from simulators.webhooks import Webhook, headers
-from tests.brokers import Mosquitto
-from tests.e2e_helpers import INITIAL_ON_HAND, journal_kinds, metric_sum, own_metrics
-from tests.test_http_intake import SECRETS, SQUARE_URL, TEA, WATER, on_hand, sale_for, webhook_gateway
+from tests.drivers.test_http_intake import SECRETS, SQUARE_URL, TEA, WATER, on_hand, sale_for, webhook_gateway
+from tests.harness.brokers import Mosquitto
+from tests.harness.e2e_helpers import INITIAL_ON_HAND, journal_kinds, metric_sum, own_metrics
 
 HOUR: Final = 3600
 

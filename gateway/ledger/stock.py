@@ -1,0 +1,279 @@
+"""The stock ledger: on-hand per SKU, moved by sales and returns inside the journal's commit transaction.
+
+Because the ledger is updated in the same SQLite transaction that stores the sale, a sale moves stock exactly
+once: a crash before COMMIT undoes both, a redelivered sale after COMMIT is dropped by the journal's dedup.
+
+HQ's ``stock.adjust`` commands arrive as ``stock.adjusted`` events and move stock the same way, in seq order
+with the sales around them: ``delta`` adds (or removes) units, ``set`` is a stock-take count that replaces the
+on-hand. They apply once per request id, by the journal's dedup key.
+
+After each group commit the ledger emits one ``stock.level`` per SKU it moved, and an ``alert.raised``
+(rule ``stock.low``) when a SKU falls to or below its safety stock. The alert fires once per crossing; the SKU
+re-arms when stock rises above the threshold again.
+
+A SKU's threshold is, first found: its HQ rule (the ``rules`` document, see :mod:`gateway.ledger.documents`), its
+configured ``safety_stock`` (config items or CSV), the rules' default, the config's ``default_safety_stock``.
+The ``stock`` table keeps the SKU's own threshold in ``safety_stock`` (NULL: the default applies) and the
+configured one in ``base_safety_stock``, so a rule that HQ removes gives the configured threshold back.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import sqlite3
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Final
+
+import orjson
+
+from gateway.config import StockConfig
+from gateway.kernel.events import PosReturn, PosSale, StockAdjusted
+from gateway.kernel.journal import Draft
+from gateway.kernel.metrics import Metrics
+from gateway.ledger.documents import RuleSet, create_table, read_rules
+
+_LOGGER = logging.getLogger(__name__)
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS stock(
+    sku TEXT PRIMARY KEY,
+    on_hand REAL NOT NULL,
+    safety_stock REAL,
+    updated_seq INTEGER,
+    low INTEGER NOT NULL DEFAULT 0,
+    base_safety_stock REAL
+);
+"""
+
+
+class StockConfigError(ValueError):
+    """The initial stock CSV cannot be read; the message names the file and row."""
+
+
+@dataclass(slots=True)
+class _Level:
+    on_hand: Decimal
+    safety_stock: Decimal | None
+    low: bool
+    reported: Decimal
+    default_threshold: bool = True
+    """The threshold is the configured default (stored as NULL), not the SKU's own."""
+
+
+def read_initial_csv(path: Path) -> list[tuple[str, float, float | None]]:
+    """Rows of ``sku,on_hand[,safety_stock]`` (a header row is allowed)."""
+    rows: list[tuple[str, float, float | None]] = []
+    try:
+        # utf-8-sig: Excel's "CSV UTF-8" starts the file with a byte-order mark.
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            for lineno, row in enumerate(csv.reader(fh), start=1):
+                if not row or row[0].strip().lower() in ("", "sku") or row[0].startswith("#"):
+                    continue
+                try:
+                    rows.append(_parse_row(row))
+                except (IndexError, ValueError) as err:
+                    raise StockConfigError(
+                        f"{path}:{lineno}: expected sku,on_hand[,safety_stock]: {err}"
+                    ) from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise StockConfigError(f"cannot read {path}: {err}") from err
+    return rows
+
+
+def _parse_row(row: list[str]) -> tuple[str, float, float | None]:
+    safety = float(row[2]) if len(row) > 2 and row[2].strip() else None
+    on_hand = float(row[1])
+    if not math.isfinite(on_hand) or (safety is not None and not (math.isfinite(safety) and safety >= 0)):
+        raise ValueError("on_hand must be a finite number, safety_stock a finite number >= 0")
+    return row[0].strip(), on_hand, safety
+
+
+class StockLedger:
+    """A journal processor (see :class:`gateway.kernel.journal.Processor`)."""
+
+    def __init__(self, config: StockConfig, metrics: Metrics) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._levels: dict[str, _Level] = {}
+        self._sku_rules: dict[str, Decimal] = {}
+        """HQ's per-SKU thresholds, for SKUs the ledger has not seen yet."""
+        self._default: Decimal | None = None
+        self._moved: dict[str, int] = {}
+        self._first_cause: dict[str, int] = {}
+
+    def setup(self, conn: sqlite3.Connection) -> None:
+        conn.executescript(SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(stock)")}
+        initial: list[tuple[str, float, float | None]] = []
+        if self._config.initial_csv is not None:
+            initial += read_initial_csv(self._config.initial_csv)
+        initial += [(i.sku, i.on_hand, i.safety_stock) for i in self._config.items]
+        # Initial levels apply once per SKU: a restart must not reset stock that sales have moved since.
+        # safety_stock NULL means "the configured default", resolved at load, so changing the default works.
+        conn.execute("BEGIN")
+        if "base_safety_stock" not in columns:
+            # A journal from before HQ rules: every threshold it holds was configured.
+            conn.execute("ALTER TABLE stock ADD COLUMN base_safety_stock REAL")
+            conn.execute("UPDATE stock SET base_safety_stock=safety_stock")
+        create_table(conn)
+        conn.executemany(
+            "INSERT OR IGNORE INTO stock(sku, on_hand, low) VALUES (?,?,0)",
+            [(sku, on_hand) for sku, on_hand, _ in initial],
+        )
+        # Configured thresholds are read again at every start; HQ's rules (kept in the journal) override them.
+        conn.executemany(
+            "UPDATE stock SET base_safety_stock=? WHERE sku=?", [(safety, sku) for sku, _, safety in initial]
+        )
+        apply_rule_thresholds(conn, read_rules(conn))
+        conn.execute("COMMIT")
+        self._load(conn)
+
+    def _load(self, conn: sqlite3.Connection) -> None:
+        rules = read_rules(conn)
+        default = self._config.default_safety_stock
+        self._sku_rules = {}
+        if rules is not None:
+            self._sku_rules = {sku: _dec(threshold) for sku, threshold in rules.sku_thresholds.items()}
+            if rules.default_threshold is not None:
+                default = rules.default_threshold
+        self._default = None if default is None else _dec(default)
+        self._levels = {}
+        for sku, on_hand, safety, low in conn.execute("SELECT sku, on_hand, safety_stock, low FROM stock"):
+            threshold = safety if safety is not None else default
+            level = _dec(on_hand)
+            self._levels[sku] = _Level(
+                level, None if threshold is None else _dec(threshold), bool(low), level, safety is None
+            )
+        self._moved.clear()
+        self._first_cause.clear()
+
+    def apply(self, seq: int, draft: Draft) -> None:
+        model = draft.model
+        if draft.kind == "stock.adjusted":
+            self._adjust(seq, model if isinstance(model, StockAdjusted) else _adjustment(draft.data_json))
+            return
+        if isinstance(model, PosReturn):
+            sign = 1
+        elif isinstance(model, PosSale):
+            sign = -1
+        else:
+            return
+        for line in model.lines:
+            level = self._levels.get(line.sku)
+            if level is None:
+                self._metrics.stock_unknown_sku.inc()
+                level = self._new_level(line.sku)
+            level.on_hand += sign * line.quantity
+            self._moved[line.sku] = seq
+            self._first_cause.setdefault(line.sku, seq)
+
+    def _adjust(self, seq: int, adjustment: StockAdjusted) -> None:
+        """HQ receiving, transfers and stock-takes. A SKU new to the ledger is expected here (new goods)."""
+        level = self._levels.get(adjustment.sku)
+        if level is None:
+            level = self._new_level(adjustment.sku)
+        if adjustment.set is not None:
+            level.on_hand = adjustment.set
+        elif adjustment.delta is not None:
+            level.on_hand += adjustment.delta
+        else:
+            return
+        self._moved[adjustment.sku] = seq
+        self._first_cause.setdefault(adjustment.sku, seq)
+
+    def _new_level(self, sku: str) -> _Level:
+        own = self._sku_rules.get(sku)
+        threshold = own if own is not None else self._default
+        level = _Level(Decimal(0), threshold, False, Decimal(0), own is None)
+        self._levels[sku] = level
+        return level
+
+    def flush(self, conn: sqlite3.Connection, first_seq: int, last_seq: int) -> list[Draft]:
+        if not self._moved:
+            return []
+        derived: list[Draft] = []
+        alerts: list[Draft] = []
+        rows = []
+        for sku, seq in self._moved.items():
+            level = self._levels[sku]
+            was_low = level.low
+            level.low = level.safety_stock is not None and level.on_hand <= level.safety_stock
+            own_threshold = None if level.default_threshold else _float(level.safety_stock)
+            rows.append((sku, float(level.on_hand), own_threshold, seq, int(level.low)))
+            data = {
+                "sku": sku,
+                "on_hand": _text(level.on_hand),
+                "delta": _text(level.on_hand - level.reported),
+                "safety_stock": None if level.safety_stock is None else _text(level.safety_stock),
+                "cause_seqs": [self._first_cause[sku], seq],
+            }
+            level.reported = level.on_hand
+            derived.append(Draft("stock.level", None, orjson.dumps(data)))
+            if level.low and not was_low:
+                alerts.append(self._low_stock_alert(sku, level))
+        conn.executemany(
+            "INSERT INTO stock(sku, on_hand, safety_stock, updated_seq, low) VALUES (?,?,?,?,?) "
+            "ON CONFLICT(sku) DO UPDATE SET on_hand=excluded.on_hand, updated_seq=excluded.updated_seq, "
+            "low=excluded.low",
+            rows,
+        )
+        self._moved.clear()
+        self._first_cause.clear()
+        return derived + alerts
+
+    def rollback(self, conn: sqlite3.Connection) -> None:
+        self._load(conn)
+
+    @staticmethod
+    def _low_stock_alert(sku: str, level: _Level) -> Draft:
+        safety = _text(level.safety_stock) if level.safety_stock is not None else None
+        data = {
+            "rule": "stock.low",
+            "severity": "warning",
+            "subject": sku,
+            "message": f"{sku}: on hand {_text(level.on_hand)} is at or below safety stock {safety}",
+            "details": {"on_hand": _text(level.on_hand), "safety_stock": safety},
+        }
+        return Draft("alert.raised", None, orjson.dumps(data))
+
+
+def apply_rule_thresholds(conn: sqlite3.Connection, rules: RuleSet | None) -> None:
+    """Make the ``stock`` table's thresholds those of ``rules`` (configured ones where no rule names the SKU).
+
+    Runs inside the caller's transaction: at start-up, and in ``rules.set`` together with storing the rules, so
+    both commit or neither does. The ledger reloads afterwards (the journal's ``transact`` does that)."""
+    conn.execute(
+        "UPDATE stock SET safety_stock=base_safety_stock WHERE safety_stock IS NOT base_safety_stock"
+    )
+    if rules is not None:
+        conn.executemany(
+            "UPDATE stock SET safety_stock=? WHERE sku=?",
+            [(threshold, sku) for sku, threshold in rules.sku_thresholds.items()],
+        )
+
+
+def _adjustment(data_json: bytes) -> StockAdjusted:
+    return StockAdjusted.model_validate_json(data_json)
+
+
+def quantity_text(value: float) -> str:
+    """A stock quantity read from the ``stock`` table, as events carry it: 12.5 -> '12.5', 3.0 -> '3'."""
+    return _text(_dec(value))
+
+
+def _dec(value: float) -> Decimal:
+    """SQLite REAL back to a Decimal without binary noise (quantities have at most 3 decimals)."""
+    return Decimal(repr(value)).quantize(Decimal("0.001")).normalize() if value % 1 else Decimal(int(value))
+
+
+def _float(value: Decimal | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _text(value: Decimal) -> str:
+    """Decimal as plain text without exponent or trailing zeros: Decimal('199.000') -> '199'."""
+    return format(value.normalize(), "f") if value else "0"
