@@ -34,11 +34,12 @@ if str(ROOT) not in sys.path:
 
 from drivers.mqtt.config import MqttDriverConfig, TopicRoute  # noqa: E402
 from drivers.mqtt.decode import Decoded, TopicRouter, decode_message, dedup_key  # noqa: E402
-from gateway.config import BrokerConfig, JournalConfig, StockConfig, StockItem  # noqa: E402
+from gateway.kernel.config import BrokerConfig, JournalConfig  # noqa: E402
 from gateway.kernel.events import PosSale  # noqa: E402
 from gateway.kernel.journal import QUEUE_LIMIT, Draft, Journal  # noqa: E402
 from gateway.kernel.metrics import Metrics  # noqa: E402
 from gateway.kernel.mqtt_client import Message, MqttClient, MqttError  # noqa: E402
+from gateway.ledger.config import StockConfig, StockItem  # noqa: E402
 from gateway.ledger.stock import StockLedger  # noqa: E402
 from simulators.catalog import CATALOG, CatalogItem  # noqa: E402
 from simulators.pos import PosTerminal  # noqa: E402

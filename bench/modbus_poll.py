@@ -35,8 +35,9 @@ from drivers.devices import DeviceRegistry
 from drivers.modbus.config import ModbusDriverConfig
 from drivers.modbus.driver import ModbusDriver
 from drivers.profiles import PROFILES_ENV
-from gateway.config import GatewayConfig, JournalConfig
+from gateway.config import GatewayConfig
 from gateway.kernel.clock import ClockState
+from gateway.kernel.config import JournalConfig
 from gateway.kernel.journal import Journal
 from gateway.kernel.metrics import Metrics
 

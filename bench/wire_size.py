@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import GATEWAY_ID, STORE_ID, decoded_sales, fill_journal, sale_drafts, terminals
 from bench.mqtt_load import publish_packet
+from cloud_bridge.config import HqConfig
 from cloud_bridge.topics import events_topic
 from cloud_bridge.wire import Compressor, Encoding, encode_batch
-from gateway.config import HqConfig
 from simulators.catalog import CATALOG, CatalogItem, gtin_check_digit
 
 TOPIC = events_topic("retail", STORE_ID, GATEWAY_ID)

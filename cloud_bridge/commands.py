@@ -42,7 +42,8 @@ from cloud_bridge.signing import (
     signed_message,
 )
 from cloud_bridge.topics import commands_topic
-from gateway.kernel.events import ID_PATTERN, Sku
+from gateway.kernel.events import Sku
+from gateway.kernel.model import ID_PATTERN
 from gateway.kernel.strict_json import duplicate_key
 from gateway.ledger.documents import Planogram, Roster, RuleSet
 

@@ -53,6 +53,7 @@ from drivers.base import DriverError
 from gateway import __version__
 from gateway.config import GatewayConfig
 from gateway.kernel.clock import BOOT_ID, ClockState
+from gateway.kernel.errors import StoreGatewayError
 from gateway.kernel.events import StockAdjusted
 from gateway.kernel.journal import QUEUE_LIMIT, Draft, Journal
 from gateway.kernel.metrics import Metrics
@@ -72,7 +73,7 @@ DEVICE_WRITE_TIMEOUT_S: Final = 30.0
 """A ``device.write`` that has not finished by then (a bus busy with retries) is answered as failed."""
 
 
-class CommandError(Exception):
+class CommandError(StoreGatewayError):
     """A valid command that could not be carried out; answered with ``code`` and this message."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:

@@ -24,6 +24,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from gateway.kernel.errors import StoreGatewayError
+
 SIGNING_CONTEXT: Final = "store-gateway.command.v1"
 """The first element of every signed array: a signature made for anything else never verifies here."""
 MAX_VALIDITY_S: Final = 24 * 3600
@@ -37,11 +39,11 @@ MAX_DEPTH: Final = 64
 SIGNATURE_FIELDS: Final = ("key_id", "issued_at", "not_after", "signature")
 
 
-class CanonicalError(ValueError):
+class CanonicalError(StoreGatewayError, ValueError):
     """A value with no canonical form: a big integer, NaN, a non-JSON type, or nested too deeply."""
 
 
-class SigningKeyError(ValueError):
+class SigningKeyError(StoreGatewayError, ValueError):
     """A key that cannot be used; the message says why, without the key material."""
 
 

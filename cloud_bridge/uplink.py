@@ -28,14 +28,14 @@ import orjson
 
 from cloud_bridge.commands import MAX_RESEND_SEQS
 from cloud_bridge.topics import events_topic, status_topic
-from cloud_bridge.wire import CLASSES, Compressor, encode_batch, seq_ranges
+from cloud_bridge.wire import Compressor, encode_batch
 from gateway import __version__
 from gateway.config import GatewayConfig
 from gateway.kernel.clock import BOOT_ID
 from gateway.kernel.journal import Committed, Journal
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.mqtt_client import MqttClient, MqttError, Will
-from gateway.kernel.outbox import CRITICAL
+from gateway.kernel.outbox import CLASSES, CRITICAL, seq_ranges
 from gateway.kernel.supervise import Backoff, reconnect_forever, tcp_reachable
 
 _LOGGER = logging.getLogger(__name__)

@@ -29,11 +29,12 @@ from typing import Any, Final, Literal
 import orjson
 import zstandard
 
+from gateway.kernel.errors import StoreGatewayError
+from gateway.kernel.outbox import CLASSES, seq_ranges
+
 BATCH_FORMAT: Final = "store-gateway.batch"
 BATCH_SCHEMA: Final = 2
 ENCODINGS: Final = ("json", "gzip", "zstd")
-CLASSES: Final = ("critical", "transaction", "state", "telemetry")
-"""Outbox classes, highest priority first; the index is the class number stored in the journal."""
 
 MAX_SEQ: Final = 2**63 - 1
 """Seqs and watermarks are signed 64-bit integers in every database HQ might use."""
@@ -50,7 +51,7 @@ MAX_ZSTD_WINDOW: Final = 8 * 1024 * 1024
 Encoding = Literal["json", "gzip", "zstd"]
 
 
-class BatchError(ValueError):
+class BatchError(StoreGatewayError, ValueError):
     """A batch that does not follow the format; the reason says what is wrong."""
 
 
@@ -68,17 +69,6 @@ class Batch:
     encoding: str = "json"
     raw_bytes: int = 0
     """Size of the uncompressed body."""
-
-
-def seq_ranges(seqs: Sequence[int]) -> list[list[int]]:
-    """Ascending seqs as inclusive runs: [1,2,3,7] -> [[1,3],[7,7]]."""
-    out: list[list[int]] = []
-    for seq in seqs:
-        if out and seq == out[-1][1] + 1:
-            out[-1][1] = seq
-        else:
-            out.append([seq, seq])
-    return out
 
 
 class Compressor:

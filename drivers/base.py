@@ -1,6 +1,6 @@
 """What every driver is and what it is given.
 
-A driver is three things (STYLE.md): a config model with ``type: Literal[...]`` and a ``create`` method (in
+A driver is three things: a config model with ``type: Literal[...]`` and a ``create`` method (in
 ``drivers/<family>/config.py``, listed once in :mod:`drivers.registry`), an async I/O loop (the object
 ``create`` returns, satisfying :class:`Driver`), and pure decode/encode functions that tests call with bytes.
 The config model imports its I/O module inside ``create``, so an unused driver's libraries (bleak, pymodbus,
@@ -9,20 +9,36 @@ pyserial) are never imported.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from drivers.devices import DeviceRegistry
+from drivers.mqtt.devices import DeviceConfig
 from drivers.sink import DeviceSink
+from gateway.kernel.config import ApiConfig, BrokerConfig
+from gateway.kernel.errors import StoreGatewayError
 from gateway.kernel.journal import Journal
 from gateway.kernel.metrics import Metrics
 
-if TYPE_CHECKING:
-    from gateway.config import GatewayConfig
+
+class DriverSettings(Protocol):
+    """What drivers read of the gateway's config. The whole config (:class:`gateway.config.GatewayConfig`, which
+    satisfies this) is assembled above the drivers, from their own sections among others."""
+
+    @property
+    def store_broker(self) -> BrokerConfig: ...
+
+    @property
+    def devices(self) -> Sequence[DeviceConfig]: ...
+
+    @property
+    def api(self) -> ApiConfig: ...
+
+    def client_id(self, role: str, broker: BrokerConfig) -> str: ...
 
 
-class DriverError(Exception):
+class DriverError(StoreGatewayError):
     """Base of every driver's errors: a clear message a technician can act on."""
 
 
@@ -62,8 +78,8 @@ class DriverContext:
     journal: Journal
     metrics: Metrics
     devices: DeviceRegistry
-    config: GatewayConfig
-    """The whole gateway config (store, store broker, top-level MQTT ``devices``)."""
+    config: DriverSettings
+    """The store broker, the top-level MQTT ``devices``, whether the local API serves, client ids."""
     api_routers: list[Any] = field(default_factory=list)
     """FastAPI routers a driver adds to the local API (HTTP intake); mounted when the API starts."""
     states: dict[str, DriverState] = field(default_factory=dict)

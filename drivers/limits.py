@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from gateway.kernel.model import StrictModel
 
 
-class DeviceLimits(BaseModel):
+class DeviceLimits(StrictModel):
     """Per-device limits every driver's device config carries (profiles may set other defaults)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     rate_limit_per_s: float = Field(
         default=50, gt=0, le=100_000, description="Sustained messages per second accepted from this device."

@@ -27,9 +27,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
+
+from gateway.kernel.errors import StoreGatewayError
+from gateway.kernel.model import StrictModel
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -45,10 +48,8 @@ Family = Literal["mqtt", "serial", "modbus", "ble", "http"]
 Confidence = Literal["verified on hardware", "from vendor manual", "third-party map: verify"]
 
 
-class ProfileBase(BaseModel):
+class ProfileBase(StrictModel):
     """Fields every profile has; a family's model adds its own (and narrows ``family``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     profile: str = Field(pattern=PROFILE_NAME, description="The name devices use; the file is <name>.yaml.")
     family: Family = Field(description="Which driver family reads devices of this profile.")
@@ -61,7 +62,7 @@ class ProfileBase(BaseModel):
     confidence: Confidence = Field(description="How far to trust the map before checking it on a device.")
 
 
-class ProfileError(Exception):
+class ProfileError(StoreGatewayError):
     """A profile file that cannot be used (bad YAML, unknown family, invalid fields)."""
 
 

@@ -42,9 +42,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from cloud_bridge.wire import CLASSES
-from gateway.kernel.events import ID_PATTERN
+from gateway.kernel.config import WEBHOOK_PREFIX
+from gateway.kernel.errors import StoreGatewayError
 from gateway.kernel.metrics import Metrics
+from gateway.kernel.model import ID_PATTERN
+from gateway.kernel.outbox import CLASSES
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -81,8 +83,6 @@ SHUTDOWN_GRACE_S: Final = 5
 
 OPEN_PATHS: Final = frozenset({"/health"})
 """Paths served without a token."""
-WEBHOOK_PREFIX: Final = "/webhooks/"
-"""Paths under this prefix skip the bearer token: HTTP intake verifies each source's HMAC signature."""
 
 _JSON: Final = "application/json"
 
@@ -110,7 +110,7 @@ _RETURNS_OF: Final = _RECEIPT_EVENTS.format(
 )
 
 
-class ApiError(Exception):
+class ApiError(StoreGatewayError):
     """The local API cannot start (for example, its port is taken)."""
 
 

@@ -358,7 +358,7 @@ def _run(config_path: Path, *, new_journal: bool = False) -> int:
 
 def _provision(config_path: Path, out: Path, rotate: list[str], gateway_password_file: Path | None) -> int:
     """``broker provision``: new passwords go to stdout only, once; problems to stderr."""
-    from drivers.mqtt.provision import (
+    from gateway.broker_accounts import (
         ACL_FILE,
         BROKER_MAX_PACKET_BYTES,
         USERS_FILE,
@@ -419,16 +419,14 @@ def _provision(config_path: Path, out: Path, rotate: list[str], gateway_password
 
 
 def _startup_failures(err: BaseException) -> list[BaseException]:
-    """The known ways a start fails (port taken, journal unreadable, bad stock CSV), out of exception groups."""
-    from gateway.api import ApiError
-    from gateway.kernel.journal import JournalError
-    from gateway.ledger.stock import StockConfigError
+    """The gateway's own errors (port taken, journal unreadable, bad stock CSV...), out of exception groups. A
+    group with anything else in it is a bug: it keeps its traceback."""
+    from gateway.kernel.errors import StoreGatewayError
 
-    known = (ApiError, JournalError, StockConfigError)
     if isinstance(err, BaseExceptionGroup):
         found = [f for sub in err.exceptions for f in _startup_failures(sub)]
         return found if len(found) == len(err.exceptions) else []
-    return [err] if isinstance(err, known) else []
+    return [err] if isinstance(err, StoreGatewayError) else []
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import orjson
 
 from cloud_bridge.downlink import Downlink
 from cloud_bridge.uplink import Uplink
-from cloud_bridge.wire import CLASSES
 from drivers.base import Driver, DriverContext
 from drivers.devices import DeviceRegistry
 from gateway import __version__
@@ -26,6 +25,7 @@ from gateway.kernel.clock_watch import ClockWatcher
 from gateway.kernel.journal import STALL_S, Draft, Journal, JournalCorruptError, JournalError
 from gateway.kernel.logs import register_secret
 from gateway.kernel.metrics import Metrics
+from gateway.kernel.outbox import CLASSES
 from gateway.kernel.recovery import DataDirBusyError, DataDirLock
 from gateway.ledger.stock import StockLedger
 

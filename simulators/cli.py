@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Final
 
-from gateway.config import BrokerConfig
+from gateway.kernel.config import BrokerConfig
 
 SIMULATORS: Final[dict[str, tuple[str, str]]] = {
     "pos": ("simulators.pos", "POS terminals publishing sales and returns to the store broker (MQTT)."),

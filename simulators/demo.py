@@ -28,12 +28,13 @@ from typing import Any, Final, TextIO
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from cloud_bridge.config import CommandKey
 from cloud_bridge.hq.receiver import HqReceiver
 from cloud_bridge.hq.sqlite import ReceiverStore
 from cloud_bridge.signing import CommandSigner, public_key_text
 from drivers.ble.driver import BleDriver
-from gateway.config import BrokerConfig, CommandKey
 from gateway.config_loader import config_hash, demo_config
+from gateway.kernel.config import BrokerConfig
 from gateway.kernel.journal import Committed
 from gateway.kernel.logs import setup_logging
 from gateway.runtime import Gateway

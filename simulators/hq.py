@@ -26,7 +26,7 @@ import orjson
 
 from cloud_bridge.signing import CommandSigner
 from cloud_bridge.topics import commands_topic
-from gateway.config import BrokerConfig
+from gateway.kernel.config import BrokerConfig
 from gateway.kernel.mqtt_client import MqttClient, MqttError
 
 _LOGGER = logging.getLogger(__name__)

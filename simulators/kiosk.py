@@ -20,7 +20,7 @@ from typing import Final
 
 import orjson
 
-from gateway.config import BrokerConfig
+from gateway.kernel.config import BrokerConfig
 from gateway.kernel.mqtt_client import MqttClient, MqttError
 from simulators.cli import add_broker_arguments, broker_from
 

@@ -28,7 +28,7 @@ from typing import Any, Final, Literal, NamedTuple
 
 import orjson
 
-from gateway.config import BrokerConfig
+from gateway.kernel.config import BrokerConfig
 from gateway.kernel.mqtt_client import MqttClient, MqttError
 from simulators.catalog import CATALOG, CURRENCY, CatalogItem, format_cents
 from simulators.cli import add_broker_arguments, broker_from

@@ -19,7 +19,7 @@ from typing import Final
 import orjson
 
 from drivers.epc import encode_sgtin96
-from gateway.config import BrokerConfig
+from gateway.kernel.config import BrokerConfig
 from gateway.kernel.mqtt_client import MqttClient, MqttError
 from simulators.cli import add_broker_arguments, broker_from
 

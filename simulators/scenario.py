@@ -28,7 +28,7 @@ from drivers.ble.formats import BleFormat
 from drivers.epc import encode_sgtin96
 from drivers.modbus.profile import ModbusProfile
 from drivers.profiles import get_profile
-from gateway.config import BrokerConfig
+from gateway.kernel.config import BrokerConfig
 from gateway.kernel.mqtt_client import MqttClient
 from simulators.ble import SimulatedSensor
 from simulators.catalog import CATALOG

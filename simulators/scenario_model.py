@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ruamel.yaml import YAML
 
-from gateway.kernel.events import ID_PATTERN
+from gateway.kernel.model import ID_PATTERN
 
 DeviceId = Annotated[str, Field(pattern=ID_PATTERN)]
 

@@ -21,7 +21,7 @@ from typing import Final
 
 import orjson
 
-from gateway.config import BrokerConfig
+from gateway.kernel.config import BrokerConfig
 from gateway.kernel.mqtt_client import MqttClient, MqttError
 
 DEFAULT_TOPIC_TEMPLATE: Final = "store/sensor/{device_id}/reading"

@@ -21,8 +21,9 @@ from cloud_bridge import topics
 from cloud_bridge.commands import COMMANDS
 from cloud_bridge.hq.receiver import CliError, broker_config, command_signer, signing_options, whole_number
 from cloud_bridge.signing import DEFAULT_VALIDITY_S, MAX_VALIDITY_S, CommandSigner
-from gateway.config import BrokerConfig
-from gateway.kernel.events import ID_PATTERN, uuid7
+from gateway.kernel.config import BrokerConfig
+from gateway.kernel.events import uuid7
+from gateway.kernel.model import ID_PATTERN
 from gateway.kernel.mqtt_client import Message, MqttClient, MqttError
 
 EXIT_OK: Final = 0

@@ -19,7 +19,8 @@ import orjson
 
 from cloud_bridge.hq.ranges import GapClasses, Range, merge
 from cloud_bridge.wire import MAX_SEQ, Batch, BatchError
-from gateway.kernel.events import ID_PATTERN
+from gateway.kernel.errors import StoreGatewayError
+from gateway.kernel.model import ID_PATTERN
 
 MAX_MONO_NS: Final = 10**18
 """A monotonic reading above this (31 years of uptime) is not believed; it also keeps the clock arithmetic
@@ -47,7 +48,7 @@ class BatchRejectedError(BatchError):
     """A well-formed batch the receiver will not store: it disagrees with its topic, or an event is bad."""
 
 
-class StoreUnavailableError(Exception):
+class StoreUnavailableError(StoreGatewayError):
     """The database cannot take the work now (locked, down, connection lost): ack nothing, retry later."""
 
 
@@ -56,7 +57,7 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
-class ReportError(ValueError):
+class ReportError(StoreGatewayError, ValueError):
     """A report event (eviction, corrupt journal, clock anchor) whose data cannot be used; stored anyway."""
 
 

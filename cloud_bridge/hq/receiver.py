@@ -75,8 +75,10 @@ from cloud_bridge.signing import (
     load_private_key,
 )
 from cloud_bridge.wire import BatchError, decode_batch
-from gateway.config import BrokerConfig, TlsConfig
-from gateway.kernel.events import ID_PATTERN, uuid7
+from gateway.kernel.config import BrokerConfig, TlsConfig
+from gateway.kernel.errors import StoreGatewayError
+from gateway.kernel.events import uuid7
+from gateway.kernel.model import ID_PATTERN
 from gateway.kernel.mqtt_client import Message, MqttClient, MqttError
 
 _LOGGER = logging.getLogger(__name__)
@@ -623,7 +625,7 @@ async def _sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
 # --- CLI ----------------------------------------------------------------------------------------------------
 
 
-class CliError(Exception):
+class CliError(StoreGatewayError):
     """A receiver option that cannot be used; the message is the one line the user sees."""
 
 

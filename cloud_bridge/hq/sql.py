@@ -82,7 +82,8 @@ from cloud_bridge.hq.ranges import (
     size,
     split_gaps,
 )
-from cloud_bridge.wire import MAX_SEQ, Batch, seq_ranges
+from cloud_bridge.wire import MAX_SEQ, Batch
+from gateway.kernel.outbox import seq_ranges
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from drivers.ble.formats import MAC_PATTERN, BleFormat
 from drivers.limits import DeviceLimits
 from drivers.profiles import ProfileBase, check_profile, get_profile
-from gateway.kernel.events import ID_PATTERN
+from gateway.kernel.model import ID_PATTERN, StrictModel
 
 if TYPE_CHECKING:
     from drivers.base import Driver, DriverContext
@@ -85,10 +85,8 @@ class BleDeviceConfig(DeviceLimits):
         return None if self.bindkey is None else bytes.fromhex(self.bindkey.get_secret_value())
 
 
-class BleDriverConfig(BaseModel):
+class BleDriverConfig(StrictModel):
     """Listens to BLE advertisements with one scanner (passive where the adapter allows) and decodes them."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["ble"] = Field(
         default="ble", description="Driver family; selects this driver's settings. Always write it in YAML."

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from drivers.limits import DeviceLimits
 from drivers.profiles import ProfileBase, check_profile
-from gateway.kernel.events import ID_PATTERN
+from gateway.kernel.model import ID_PATTERN, StrictModel
 
 if TYPE_CHECKING:
     from drivers.base import Driver, DriverContext
@@ -156,10 +156,8 @@ class HttpSource(DeviceLimits):
         return DeviceLimits.model_validate({**defaults.model_dump(), **own})
 
 
-class HttpDriverConfig(BaseModel):
+class HttpDriverConfig(StrictModel):
     """Receives cloud POS webhooks on the local API (``api.enabled`` must be true)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["http"] = Field(
         default="http", description="Driver family; selects this driver's settings. Always write it in YAML."

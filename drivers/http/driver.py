@@ -45,8 +45,8 @@ from drivers.http.mapped import Ignored, Mapper
 from drivers.http.signatures import TIMESTAMP_HEADER, signed_timestamp, verify
 from drivers.http.square import map_square
 from drivers.profiles import get_profile
-from gateway.api import WEBHOOK_PREFIX
 from gateway.kernel.clock import ClockState
+from gateway.kernel.config import WEBHOOK_PREFIX
 from gateway.kernel.logs import register_secret
 
 _LOGGER = logging.getLogger(__name__)

@@ -5,26 +5,24 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from drivers.limits import DeviceLimits
 from drivers.modbus.profile import MetricName, ModbusProfile, Writable
 from drivers.profiles import check_profile, get_profile
+from gateway.kernel.model import ID_PATTERN, StrictModel
 
 if TYPE_CHECKING:
     from drivers.base import Driver, DriverContext
 
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 Limit = Annotated[float, Field(strict=True)]
 """A YAML number (not "5", not true), like the values HQ may write."""
 
 
-class WriteLimits(BaseModel):
+class WriteLimits(StrictModel):
     """One device's own range for a writable point: inside the profile's range, never wider."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     min: Limit | None = Field(
         default=None, description="Lowest value this device accepts; at least the profile's min."
@@ -125,10 +123,8 @@ def _problem(loc: tuple[str, ...], given: Any, message: str) -> InitErrorDetails
     return {"type": PydanticCustomError("profile_mismatch", message), "loc": loc, "input": given}
 
 
-class ModbusDriverConfig(BaseModel):
+class ModbusDriverConfig(StrictModel):
     """Polls Modbus controllers over TCP or one RTU (RS-485) bus; one driver instance per bus."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     type: Literal["modbus"] = Field(
         default="modbus",

@@ -10,9 +10,10 @@ import itertools
 import math
 from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from drivers.profiles import ProfileBase
+from gateway.kernel.model import StrictModel
 
 MetricName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,47}$")]
 Function = Literal[1, 2, 3, 4]
@@ -26,11 +27,7 @@ MAX_REASON: Final = 180
 """A sentinel's reason, short enough that with " (raw 0x...)" it fits SensorSample.faults' 200 characters."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class BitField(_Strict):
+class BitField(StrictModel):
     """One bit of a register reported as its own boolean metric (alarm bits, door, defrost, compressor)."""
 
     name: MetricName = Field(description="Metric name of this bit (0 or 1 in the sample).")
@@ -38,7 +35,7 @@ class BitField(_Strict):
     invert: bool = Field(default=False, description="Report 1 when the bit is clear.")
 
 
-class Writable(_Strict):
+class Writable(StrictModel):
     """A point that commands and rules may write, with the range the gateway accepts."""
 
     min: float = Field(description="Lowest value accepted, in engineering units.")
@@ -51,7 +48,7 @@ class Writable(_Strict):
         return self
 
 
-class Point(_Strict):
+class Point(StrictModel):
     """One register (or coil) of the map."""
 
     name: MetricName = Field(description="Metric name (for a bit-field register: the register's name).")
@@ -117,7 +114,7 @@ class Point(_Strict):
         return [b.name for b in self.bits] if self.bits else [self.name]
 
 
-class PollGroup(_Strict):
+class PollGroup(StrictModel):
     interval_s: float = Field(gt=0, le=86_400, description="How often the group's points are read.")
 
 

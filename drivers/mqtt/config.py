@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from drivers.mqtt.profile import SENSOR_READING_PROFILE, MqttProfile, PayloadMapping
 from drivers.profiles import check_profile, get_profile
+from gateway.kernel.model import StrictModel
 
 if TYPE_CHECKING:
     from drivers.base import Driver, DriverContext
@@ -16,9 +17,7 @@ if TYPE_CHECKING:
 TOPIC_TEMPLATE = r"^[^#+]*\{device_id\}[^#+]*$"
 
 
-class TopicRoute(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class TopicRoute(StrictModel):
     pattern: Annotated[str, Field(pattern=TOPIC_TEMPLATE, max_length=200)] = Field(
         description="Topic template with exactly one '{device_id}' level, for example 'store/pos/{device_id}/sale'."
     )
@@ -88,10 +87,8 @@ class TopicRoute(BaseModel):
         return self.pattern.split("/").index("{device_id}")
 
 
-class MqttDriverConfig(BaseModel):
+class MqttDriverConfig(StrictModel):
     """Subscribes on the store broker (``store_broker``) and turns messages into events."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["mqtt"] = Field(
         default="mqtt", description="Driver family; selects this driver's settings. Always write it in YAML."

@@ -22,8 +22,9 @@ from drivers.mqtt.mapping import Mapper, compile_mapping
 from drivers.mqtt.profile import SENSOR_READING_PROFILE, MqttProfile
 from drivers.mqtt.rfid_reads import TagRead, decode_reads
 from drivers.profiles import get_profile
-from gateway.kernel.events import ID_PATTERN, PosReturn, PosSale, SensorReading, SensorSample, StaffCheckin
+from gateway.kernel.events import PosReturn, PosSale, SensorReading, SensorSample, StaffCheckin
 from gateway.kernel.journal import Draft
+from gateway.kernel.model import ID_PATTERN
 
 _DEVICE_ID: Final = re.compile(ID_PATTERN)
 ROUTE_CACHE_SIZE: Final = 4096

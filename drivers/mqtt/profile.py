@@ -15,10 +15,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from drivers.limits import DeviceLimits
 from drivers.profiles import ProfileBase, get_profile
+from gateway.kernel.model import StrictModel
 
 METRIC: Final = r"^[a-z][a-z0-9_]{0,47}$"
 PATH_STEP: Final = re.compile(r"([^.\[\]]+)|\[(\d{1,6})\]")
@@ -44,11 +45,7 @@ def parse_path(path: str) -> Path:
     return tuple(steps)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class _Scaled(_Strict):
+class _Scaled(StrictModel):
     metric: Annotated[str, Field(pattern=METRIC)] = Field(description="Metric name in sensor.sample values.")
     unit: Annotated[str, Field(max_length=16)] | None = Field(default=None, description="Unit, e.g. '°C'.")
     scale: float = Field(default=1.0, description="value * scale + offset (booleans stay 0/1).")
@@ -66,7 +63,7 @@ class JsonField(_Scaled):
         return value
 
 
-class JsonMapping(_Strict):
+class JsonMapping(StrictModel):
     """A JSON object; each field is a number, a numeric string or a boolean (true = 1)."""
 
     format: Literal["json"] = Field(description="The payload is one JSON object.")
@@ -94,7 +91,7 @@ class CsvColumn(_Scaled):
     )
 
 
-class CsvMapping(_Strict):
+class CsvMapping(StrictModel):
     """One or more CSV lines per message; each data line becomes one sample."""
 
     format: Literal["csv"] = Field(description="The payload is CSV text (UTF-8).")
@@ -134,7 +131,7 @@ class RawField(_Scaled):
     )
 
 
-class RawMapping(_Strict):
+class RawMapping(StrictModel):
     """A fixed binary frame (struct-like)."""
 
     format: Literal["raw"] = Field(description="The payload is binary.")
@@ -164,7 +161,7 @@ def _check_unique(metrics: list[str]) -> None:
         raise ValueError(f"metric(s) mapped twice: {', '.join(dupes)}")
 
 
-class RfidWindow(_Strict):
+class RfidWindow(StrictModel):
     window_s: float = Field(
         default=5.0, gt=0, le=3600, description="One rfid.inventory per shelf per window."
     )

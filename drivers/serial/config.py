@@ -6,11 +6,11 @@ import logging
 import re
 from typing import TYPE_CHECKING, Annotated, ClassVar, Final, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from drivers.limits import DeviceLimits
 from drivers.profiles import ProfileBase, ProfileError, check_profile, get_profile
-from gateway.kernel.events import ID_PATTERN
+from gateway.kernel.model import ID_PATTERN, StrictModel
 
 if TYPE_CHECKING:
     from drivers.base import Driver, DriverContext
@@ -30,24 +30,18 @@ StopBits = Annotated[float, AfterValidator(_stopbits)]
 _HEX = r"^([0-9A-Fa-f]{2})*$"
 
 
-class LineFraming(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class LineFraming(StrictModel):
     kind: Literal["line"] = Field(description="Lines ended by CR, LF or CRLF.")
     max_line: int = Field(default=256, ge=8, le=4096, description="Longer lines are quarantined.")
 
 
-class StxEtxFraming(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class StxEtxFraming(StrictModel):
     kind: Literal["stx_etx"] = Field(description="STX payload ETX [BCC], no DLE escaping.")
     max_payload: int = Field(default=256, ge=1, le=4096, description="Longer frames are quarantined.")
     bcc: bool = Field(default=False, description="A BCC byte (XOR of payload and ETX) follows ETX.")
 
 
-class LengthCrcFraming(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class LengthCrcFraming(StrictModel):
     kind: Literal["length_crc"] = Field(description="A length field, the body, then a CRC-16.")
     crc: Literal["modbus", "mcrf4xx"] = Field(description="CRC-16/MODBUS or CRC-16/MCRF4XX.")
     header: Annotated[str, Field(pattern=_HEX, max_length=16)] = Field(
@@ -67,9 +61,7 @@ class LengthCrcFraming(BaseModel):
     max_frame: int = Field(default=256, ge=4, le=65_537, description="Largest valid frame, in bytes.")
 
 
-class FixedFraming(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class FixedFraming(StrictModel):
     kind: Literal["fixed"] = Field(description="Frames of one fixed size.")
     size: int = Field(ge=1, le=4096, description="Bytes per frame, header included.")
     header: Annotated[str, Field(pattern=_HEX, max_length=16)] = Field(
@@ -82,9 +74,7 @@ Framing = Annotated[
 ]
 
 
-class ScaleLine(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class ScaleLine(StrictModel):
     pattern: str = Field(
         max_length=500, description="Regex for a whole line: a 'weight' group, optional 'unit' and 'status'."
     )
@@ -220,10 +210,8 @@ class SerialDevice(DeviceLimits):
         return get_profile(self.profile, SerialProfile)
 
 
-class SerialDriverConfig(BaseModel):
+class SerialDriverConfig(StrictModel):
     """Reads devices on serial ports: RFID readers (polled), barcode scanners and scales (passive)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["serial"] = Field(
         default="serial",

@@ -15,15 +15,14 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AfterValidator, Field, TypeAdapter
+
+from gateway.kernel.model import StrictModel
 
 SCHEMA_VERSION: Final = 1
 """Envelope schema version; bumped on any incompatible change to the envelope or a payload."""
 
 MAX_LINE_ITEMS: Final = 500
-
-ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-"""Store, gateway and device ids end up in MQTT topics: no '+', '#', '/', spaces or control characters."""
 
 Kind = Literal[
     "pos.sale",
@@ -42,10 +41,6 @@ Kind = Literal[
     "staff.checkin",
     "barcode.scanned",
 ]
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 Sku = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")]
@@ -75,7 +70,7 @@ ShortText = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-
 """Ids and receipt numbers: no control characters (they end up in keys, logs and HQ's database)."""
 
 
-class LineItem(_Model):
+class LineItem(StrictModel):
     """One line of a receipt."""
 
     sku: Sku = Field(description="Store SKU; the stock ledger is keyed by it.")
@@ -87,7 +82,7 @@ class LineItem(_Model):
     discount: NonNegativeMoney = Field(default=Decimal(0), description="Discount on this line, total.")
 
 
-class Totals(_Model):
+class Totals(StrictModel):
     """Receipt totals as the till computed them; the gateway does not recompute them."""
 
     subtotal: Money
@@ -95,12 +90,12 @@ class Totals(_Model):
     total: Money
 
 
-class Payment(_Model):
+class Payment(StrictModel):
     method: Literal["cash", "card", "mobile", "voucher", "other"]
     amount: Money
 
 
-class PosSale(_Model):
+class PosSale(StrictModel):
     """``pos.sale``: a completed sale at a till."""
 
     receipt_no: ShortText = Field(description="Receipt number, unique per register; the dedup key.")
@@ -121,7 +116,7 @@ class PosReturn(PosSale):
     reason: Annotated[str, Field(max_length=200)] | None = None
 
 
-class StockLevel(_Model):
+class StockLevel(StrictModel):
     """``stock.level``: the on-hand after a commit changed it (one per SKU per group commit)."""
 
     sku: Sku
@@ -131,7 +126,7 @@ class StockLevel(_Model):
     cause_seqs: tuple[int, int] = Field(description="First and last seq of the events that moved it.")
 
 
-class AlertRaised(_Model):
+class AlertRaised(StrictModel):
     """``alert.raised``: a local rule fired."""
 
     rule: ShortText = Field(description="Rule type, for example 'stock.low'.")
@@ -141,7 +136,7 @@ class AlertRaised(_Model):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
-class DeviceStatus(_Model):
+class DeviceStatus(StrictModel):
     """``device.status``: a device's health changed (emitted on every change, never periodically)."""
 
     status: Literal["online", "offline", "error", "rate_limited"]
@@ -156,7 +151,7 @@ class DeviceStatus(_Model):
     )
 
 
-class GatewayStatus(_Model):
+class GatewayStatus(StrictModel):
     """``gateway.status``: the gateway started or stopped (also sent as the retained status)."""
 
     status: Literal["online", "offline"]
@@ -164,7 +159,7 @@ class GatewayStatus(_Model):
     config_hash: str | None = None
 
 
-class StockAdjusted(_Model):
+class StockAdjusted(StrictModel):
     """``stock.adjusted``: HQ moved stock outside a sale (receiving, transfers, stock-take corrections)."""
 
     sku: Sku
@@ -181,7 +176,7 @@ class StockAdjusted(_Model):
     )
 
 
-class DocumentUpdated(_Model):
+class DocumentUpdated(StrictModel):
     """``document.updated``: HQ replaced a stored document (roster, planogram, rules)."""
 
     name: Literal["roster", "planogram", "rules"]
@@ -190,7 +185,7 @@ class DocumentUpdated(_Model):
     request_id: ShortText
 
 
-class OutboxEvicted(_Model):
+class OutboxEvicted(StrictModel):
     """``outbox.evicted``: undelivered events were dropped from the disk (or refused); explains gaps at HQ."""
 
     class_: Literal["critical", "transaction", "state", "telemetry"] = Field(alias="class")
@@ -200,7 +195,7 @@ class OutboxEvicted(_Model):
     ranges: list[tuple[int, int]] = Field(description="Inclusive runs of the exact seqs evicted.")
 
 
-class ClockSynced(_Model):
+class ClockSynced(StrictModel):
     """``clock.synced``: an anchor pairing this boot's monotonic clock with true UTC (see docs/OUTBOX.md)."""
 
     boot_id: str
@@ -209,7 +204,7 @@ class ClockSynced(_Model):
     step_s: float | None = Field(description="How far the wall clock jumped at sync, if measured.")
 
 
-class SensorReading(_Model):
+class SensorReading(StrictModel):
     """``sensor.reading``: one raw reading (telemetry class)."""
 
     metric: ShortText = Field(description="What was measured, for example 'temperature'.")
@@ -221,7 +216,7 @@ Metric = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,47}$")]
 """A measurement name: 'temperature', 'humidity', 'door_open', 'probe_2', 'alarm_high_temp'."""
 
 
-class SensorSample(_Model):
+class SensorSample(StrictModel):
     """``sensor.sample``: one decoded reading of a device that measures several things (telemetry class).
 
     Booleans (door open, defrost running, alarm bits) are 0 or 1. A metric the device reported as faulty (a
@@ -249,7 +244,7 @@ class SensorSample(_Model):
 Epc = Annotated[str, Field(pattern=r"^[0-9A-F]{4,124}$", description="EPC as upper-case hex.")]
 
 
-class RfidTag(_Model):
+class RfidTag(StrictModel):
     epc: Epc
     gtin: Annotated[str, Field(pattern=r"^\d{14}$")] | None = Field(
         default=None, description="GTIN-14 when the EPC is an SGTIN."
@@ -260,7 +255,7 @@ class RfidTag(_Model):
     antenna: int | None = Field(default=None, ge=0, le=255, description="Antenna of the strongest read.")
 
 
-class RfidInventory(_Model):
+class RfidInventory(StrictModel):
     """``rfid.inventory``: what one reader or shelf saw in one window, and what changed since the last one."""
 
     window_s: float = Field(gt=0, le=3600, allow_inf_nan=False, description="Length of the window.")
@@ -273,7 +268,7 @@ class RfidInventory(_Model):
     truncated: int = Field(default=0, ge=0, description="Tags left out because the window had too many.")
 
 
-class StaffCheckin(_Model):
+class StaffCheckin(StrictModel):
     """``staff.checkin``: a kiosk check-in or check-out. Never a face image or template: only the score."""
 
     employee_id: ShortText
@@ -284,7 +279,7 @@ class StaffCheckin(_Model):
     face_match_score: float = Field(ge=0, le=1, allow_inf_nan=False, description="Kiosk's match score, 0..1.")
 
 
-class BarcodeScanned(_Model):
+class BarcodeScanned(StrictModel):
     """``barcode.scanned``: a scanner read one code (a receiving or stock-take scanner, not a till's sale)."""
 
     code: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\x20-\x7e]+$")] = Field(
@@ -295,7 +290,7 @@ class BarcodeScanned(_Model):
     )
 
 
-PAYLOADS: Final[dict[str, type[_Model]]] = {
+PAYLOADS: Final[dict[str, type[StrictModel]]] = {
     "pos.sale": PosSale,
     "pos.return": PosReturn,
     "stock.level": StockLevel,
@@ -314,7 +309,7 @@ PAYLOADS: Final[dict[str, type[_Model]]] = {
 }
 
 
-class Envelope(_Model):
+class Envelope(StrictModel):
     """The envelope every event carries. Documented for HQ in docs/EVENTS.md."""
 
     id: uuid.UUID = Field(description="UUIDv7: time-ordered, unique; HQ deduplicates by it.")

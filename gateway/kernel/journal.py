@@ -31,12 +31,13 @@ from typing import Any, Final, Protocol, TypeVar
 
 import orjson
 
-from cloud_bridge.wire import CLASSES
-from gateway.config import JournalConfig, OutboxConfig
 from gateway.kernel.clock import BOOT_ID, ClockState
+from gateway.kernel.config import JournalConfig, OutboxConfig
+from gateway.kernel.errors import StoreGatewayError
 from gateway.kernel.events import SCHEMA_VERSION, uuid7
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.outbox import (
+    CLASSES,
     STATE,
     TELEMETRY,
     TRANSACTION,
@@ -241,7 +242,7 @@ class Processor(Protocol):
         ...
 
 
-class JournalError(Exception):
+class JournalError(StoreGatewayError):
     """The journal cannot open or write its database."""
 
 

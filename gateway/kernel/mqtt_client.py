@@ -30,7 +30,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway.config import BrokerConfig
+from gateway.kernel.config import BrokerConfig
+from gateway.kernel.errors import StoreGatewayError
+from gateway.kernel.tls_files import no_passphrase, tls_file_problems
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ Message = InboundMessage | paho.MQTTMessage
 PUBACK: Final = 0x40
 
 
-class MqttError(Exception):
+class MqttError(StoreGatewayError):
     """Any MQTT failure: connect refused, connection lost, publish not acknowledged."""
 
 
@@ -66,7 +68,7 @@ class Will:
     retain: bool = True
 
 
-class TlsFilesError(ssl.SSLError):
+class TlsFilesError(StoreGatewayError, ssl.SSLError):
     """The CA, certificate or key cannot be loaded; the message names each file and why (missing, unreadable,
     not PEM, the key does not match the certificate), as ``check-config`` does."""
 
@@ -78,8 +80,6 @@ def tls_context(broker: BrokerConfig) -> ssl.SSLContext | None:
     """The TLS context for a broker config (CA, client certificate and key), or None for plain TCP.
 
     Raises :class:`TlsFilesError` (an ``ssl.SSLError``, so an ``OSError``) naming the file and the reason."""
-    from gateway.config_loader import no_passphrase, tls_file_problems
-
     tls = broker.tls
     if tls is None:
         return None

@@ -10,8 +10,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
-from cloud_bridge.wire import CLASSES, seq_ranges
-
+CLASSES: Final = ("critical", "transaction", "state", "telemetry")
+"""Outbox classes, highest priority first. The index is the class number the journal stores and the wire
+carries (the numbers below are these indexes, written out for the code that compares them)."""
 CRITICAL: Final = 0
 TRANSACTION: Final = 1
 STATE: Final = 2
@@ -37,6 +38,17 @@ DEFAULT_KIND_CLASSES: Final[Mapping[str, int]] = {
 
 MAX_RANGES_PER_REPORT: Final = 2000
 """Seq runs per ``outbox.evicted`` event; a longer list is split over several events."""
+
+
+def seq_ranges(seqs: Sequence[int]) -> list[list[int]]:
+    """Ascending seqs as inclusive runs: [1,2,3,7] -> [[1,3],[7,7]]."""
+    out: list[list[int]] = []
+    for seq in seqs:
+        if out and seq == out[-1][1] + 1:
+            out[-1][1] = seq
+        else:
+            out.append([seq, seq])
+    return out
 
 
 def class_number(name: str) -> int:

@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from gateway.kernel.errors import StoreGatewayError
 from gateway.kernel.events import AlertRaised
 
 _LOGGER = logging.getLogger(__name__)
@@ -515,7 +516,7 @@ LOCK_FILE: Final = "gateway.lock"
 """Held (``flock``) by the running gateway; its existence also marks a data directory that was used before."""
 
 
-class DataDirBusyError(Exception):
+class DataDirBusyError(StoreGatewayError):
     """Another process holds the data directory's lock."""
 
 

@@ -20,11 +20,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final, Literal
 
 import orjson
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AwareDatetime, Field, ValidationError, model_validator
 
 from gateway.kernel.biometrics import find_biometrics
 from gateway.kernel.events import ShortText, Sku
 from gateway.kernel.journal import Draft
+from gateway.kernel.model import StrictModel
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -52,17 +53,13 @@ MAX_SHOWN: Final = 6
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
-class _Doc(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
 def biometric_keys(value: object) -> list[str]:
     """Where, at any depth, the document holds biometric data (``staff[0].face_template``), by the policy of
     :mod:`gateway.kernel.biometrics` (the kiosk decoder's too): keys that name it, encoded images, embeddings."""
     return [(f.path or "(document)")[:100] for f in find_biometrics(value, MAX_SHOWN)]
 
 
-class Shift(_Doc):
+class Shift(StrictModel):
     start: AwareDatetime = Field(description="Shift start, ISO 8601 with a UTC offset.")
     end: AwareDatetime = Field(description="Shift end; after start, at most 24 h later.")
 
@@ -73,14 +70,14 @@ class Shift(_Doc):
         return self
 
 
-class StaffMember(_Doc):
+class StaffMember(StrictModel):
     staff_id: ShortText
     name: Name
     role: ShortText
     shifts: list[Shift] = Field(default_factory=list, max_length=MAX_SHIFTS)
 
 
-class Roster(_Doc):
+class Roster(StrictModel):
     """``roster.set`` args and the stored roster."""
 
     staff: list[StaffMember] = Field(max_length=MAX_STAFF)
@@ -105,7 +102,7 @@ class Roster(_Doc):
         return len(self.staff)
 
 
-class Shelf(_Doc):
+class Shelf(StrictModel):
     shelf_id: ShortText
     sku: Sku
     facings: int = Field(ge=1, le=1000, description="Product faces visible at the front of the shelf.")
@@ -114,7 +111,7 @@ class Shelf(_Doc):
     )
 
 
-class Planogram(_Doc):
+class Planogram(StrictModel):
     """``planogram.set`` args and the stored planogram."""
 
     shelves: list[Shelf] = Field(max_length=MAX_SHELVES)
@@ -129,7 +126,7 @@ class Planogram(_Doc):
         return len(self.shelves)
 
 
-class StockLowRule(_Doc):
+class StockLowRule(StrictModel):
     """Raise ``stock.low`` at or below ``threshold``: for one SKU, or (sku null) for every SKU without its own."""
 
     id: ShortText
@@ -138,7 +135,7 @@ class StockLowRule(_Doc):
     threshold: float = Field(ge=0, le=MAX_THRESHOLD)
 
 
-class RuleSet(_Doc):
+class RuleSet(StrictModel):
     """``rules.set`` args and the stored rules."""
 
     rules: list[StockLowRule] = Field(max_length=MAX_RULES)

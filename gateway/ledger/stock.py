@@ -30,10 +30,11 @@ from typing import Final
 
 import orjson
 
-from gateway.config import StockConfig
+from gateway.kernel.errors import StoreGatewayError
 from gateway.kernel.events import PosReturn, PosSale, StockAdjusted
 from gateway.kernel.journal import Draft
 from gateway.kernel.metrics import Metrics
+from gateway.ledger.config import StockConfig
 from gateway.ledger.documents import RuleSet, create_table, read_rules
 
 _LOGGER = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ CREATE TABLE IF NOT EXISTS stock(
 """
 
 
-class StockConfigError(ValueError):
+class StockConfigError(StoreGatewayError, ValueError):
     """The initial stock CSV cannot be read; the message names the file and row."""
 
 

@@ -23,8 +23,9 @@ from drivers.devices import DeviceRegistry
 from drivers.modbus.config import ModbusDriverConfig
 from drivers.modbus.driver import ModbusDriver
 from gateway import __version__
-from gateway.config import BrokerConfig, GatewayConfig
+from gateway.config import GatewayConfig
 from gateway.kernel.clock import BOOT_ID, ClockState
+from gateway.kernel.config import BrokerConfig
 from gateway.kernel.journal import Journal
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.mqtt_client import Message, MqttClient

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway.config import BrokerConfig, TlsConfig
+from gateway.kernel.config import BrokerConfig, TlsConfig
 from gateway.kernel.mqtt_client import MqttClient, MqttError
 from tests.harness.brokers import Mosquitto
 

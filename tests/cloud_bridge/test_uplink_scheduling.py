@@ -14,22 +14,16 @@ from typing import Any
 
 import pytest
 
+from cloud_bridge.config import HqConfig
 from cloud_bridge.topics import events_subscription
 from cloud_bridge.uplink import TokenBucket, Uplink
-from cloud_bridge.wire import CLASSES, Batch, decode_batch
-from gateway.config import (
-    ApiConfig,
-    BrokerConfig,
-    ClassBudget,
-    GatewayConfig,
-    HqConfig,
-    OutboxConfig,
-    StoreConfig,
-)
+from cloud_bridge.wire import Batch, decode_batch
+from gateway.config import GatewayConfig
+from gateway.kernel.config import ApiConfig, BrokerConfig, ClassBudget, OutboxConfig, StoreConfig
 from gateway.kernel.journal import Draft, Journal
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.mqtt_client import Message, MqttClient
-from gateway.kernel.outbox import CRITICAL, STATE, TELEMETRY, TRANSACTION
+from gateway.kernel.outbox import CLASSES, CRITICAL, STATE, TELEMETRY, TRANSACTION
 from gateway.kernel.supervise import sleep_or_probe, tcp_reachable
 from tests.gateway.test_journal import flushed, running, until
 from tests.gateway.test_outbox import GATEWAY_ID, STORE_ID, draft, outbox_journal, reading, sale, status

@@ -19,7 +19,8 @@ from pydantic import ValidationError
 
 from drivers.mqtt.config import MqttDriverConfig, TopicRoute
 from drivers.mqtt.decode import Decoded, Rejection, TopicRouter, decode_message
-from gateway.kernel.events import ID_PATTERN, MAX_LINE_ITEMS, PosReturn, PosSale
+from gateway.kernel.events import MAX_LINE_ITEMS, PosReturn, PosSale
+from gateway.kernel.model import ID_PATTERN
 
 SALE_TOPIC = "store/pos/{device_id}/sale"
 RETURN_TOPIC = "store/pos/{device_id}/return"

@@ -19,7 +19,8 @@ from typing import Any
 import orjson
 
 from bench.mqtt_load import publish_all
-from gateway.config import BrokerConfig, GatewayConfig
+from gateway.config import GatewayConfig
+from gateway.kernel.config import BrokerConfig
 from gateway.runtime import Gateway
 from simulators.kiosk import Kiosk, run_kiosk
 from simulators.rfid_shelf import Shelf

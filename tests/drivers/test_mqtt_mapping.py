@@ -23,11 +23,11 @@ from drivers.base import DecodeError
 from drivers.mqtt.checkin import MAX_CHECKIN_BYTES, decode_checkin
 from drivers.mqtt.config import MqttDriverConfig, TopicRoute
 from drivers.mqtt.decode import Decoded, Rejection, TopicRouter, decode_routed, decode_tag_reads
+from drivers.mqtt.devices import DeviceConfig
 from drivers.mqtt.mapping import Mapped, compile_mapping
 from drivers.mqtt.profile import MqttProfile, PayloadMapping, parse_path, profile_limits
 from drivers.mqtt.rfid_reads import TagRead, decode_reads
 from drivers.profiles import available, get_profile
-from gateway.config import DeviceConfig
 from gateway.kernel.events import SensorSample, StaffCheckin
 
 MAPPING: TypeAdapter[Any] = TypeAdapter(PayloadMapping)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import BrokerConfig, TlsConfig
 from gateway.config_loader import (
     ConfigError,
     ConfigIssue,
@@ -26,6 +25,7 @@ from gateway.config_loader import (
     stock_csv_problems,
     tls_file_problems,
 )
+from gateway.kernel.config import BrokerConfig, TlsConfig
 from gateway.kernel.mqtt_client import TlsFilesError, tls_context
 from tests.harness.pki import write_pki
 

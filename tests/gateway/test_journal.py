@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.config import JournalConfig, StockConfig, StockItem
 from gateway.kernel.clock import BOOT_ID, ClockState
+from gateway.kernel.config import JournalConfig
 from gateway.kernel.events import SCHEMA_VERSION, Envelope, payload_adapter
 from gateway.kernel.journal import (
     QUARANTINE_KEEP_BYTES,
@@ -35,6 +35,7 @@ from gateway.kernel.journal import (
 )
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.outbox import STATE
+from gateway.ledger.config import StockConfig, StockItem
 from gateway.ledger.stock import StockLedger
 from tests.harness.pos_drafts import DRIVER, pos_draft
 

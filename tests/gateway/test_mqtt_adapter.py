@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.config import BrokerConfig
+from gateway.kernel.config import BrokerConfig
 from gateway.kernel.mqtt_client import Message, MqttClient, MqttError
 from tests.harness.brokers import Mosquitto
 

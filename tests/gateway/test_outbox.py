@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.config import ClassBudget, JournalConfig, OutboxConfig
 from gateway.kernel.clock import ClockState
+from gateway.kernel.config import ClassBudget, JournalConfig, OutboxConfig
 from gateway.kernel.journal import Committed, Draft, Journal, Rejected
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.outbox import (

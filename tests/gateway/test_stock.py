@@ -15,11 +15,12 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.config import JournalConfig, StockConfig, StockItem
 from gateway.kernel.clock import ClockState
+from gateway.kernel.config import JournalConfig
 from gateway.kernel.events import AlertRaised, StockLevel
 from gateway.kernel.journal import Draft, Journal
 from gateway.kernel.metrics import Metrics
+from gateway.ledger.config import StockConfig, StockItem
 from gateway.ledger.stock import StockConfigError, StockLedger, read_initial_csv
 from tests.harness.pos_drafts import pos_draft
 
@@ -509,7 +510,8 @@ import orjson
 from drivers.mqtt.config import MqttDriverConfig, TopicRoute
 from drivers.mqtt.decode import TopicRouter, decode_message
 from gateway.kernel.clock import ClockState
-from gateway.config import JournalConfig, StockConfig, StockItem
+from gateway.kernel.config import JournalConfig
+from gateway.ledger.config import StockConfig, StockItem
 from gateway.kernel.journal import Draft, Journal
 from gateway.kernel.metrics import Metrics
 from gateway.ledger.stock import StockLedger

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from gateway.config import JournalConfig
 from gateway.kernel.clock import ClockState
+from gateway.kernel.config import JournalConfig
 from gateway.kernel.journal import Journal
 from gateway.kernel.metrics import Metrics
 

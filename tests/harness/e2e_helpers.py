@@ -35,8 +35,9 @@ from cloud_bridge.hq.receiver import HqReceiver
 from cloud_bridge.hq.sqlite import ReceiverStore
 from cloud_bridge.signing import CommandSigner, public_key_text
 from cloud_bridge.topics import status_topic
-from gateway.config import BrokerConfig, GatewayConfig
+from gateway.config import GatewayConfig
 from gateway.config_loader import config_hash, load_config
+from gateway.kernel.config import BrokerConfig
 from gateway.kernel.mqtt_client import Message, MqttClient
 from gateway.runtime import Gateway
 from simulators.catalog import CATALOG, CURRENCY

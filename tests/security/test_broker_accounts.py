@@ -26,9 +26,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pydantic import SecretStr
 
-from drivers.mqtt.provision import BROKER_MAX_PACKET_BYTES, provision, too_large_for_broker
-from gateway.config import BrokerConfig, GatewayConfig, TlsConfig
+from gateway.broker_accounts import BROKER_MAX_PACKET_BYTES, provision, too_large_for_broker
+from gateway.config import GatewayConfig
 from gateway.config_loader import _Loader
+from gateway.kernel.config import BrokerConfig, TlsConfig
 from gateway.kernel.mqtt_client import Message, MqttClient, MqttError
 from tests.harness.brokers import Mosquitto, free_port
 

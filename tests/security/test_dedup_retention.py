@@ -10,7 +10,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
-from gateway.config import JournalConfig
+from gateway.kernel.config import JournalConfig
 from tests.gateway.test_journal import new_journal, running
 from tests.harness.pos_drafts import pos_draft
 

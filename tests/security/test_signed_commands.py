@@ -36,8 +36,9 @@ from cloud_bridge.signing import (
     signed_message,
 )
 from cloud_bridge.topics import commands_topic
-from gateway.config import BrokerConfig, CommandName, GatewayConfig
+from gateway.config import GatewayConfig
 from gateway.kernel.clock import ClockState
+from gateway.kernel.config import BrokerConfig, CommandName
 from gateway.kernel.journal import Journal
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.mqtt_client import MqttClient, MqttError

@@ -14,7 +14,7 @@ import orjson
 import pydantic
 import pytest
 
-from gateway.config import BrokerConfig
+from gateway.kernel.config import BrokerConfig
 from gateway.kernel.events import LineItem, PosReturn, PosSale
 from gateway.kernel.mqtt_client import Message, MqttClient, MqttError
 from simulators.catalog import CATALOG, CATALOG_BY_SKU, format_cents, gtin_check_digit, is_valid_gtin

@@ -621,7 +621,7 @@ async def test_a_disk_filled_by_another_program_makes_room_for_sales_by_evicting
     """HQ away, so nothing is delivered and nothing can be pruned; another program fills the disk. Sales must
     not wait behind telemetry HQ has not taken: the oldest undelivered telemetry is evicted (counted, reported
     with its seqs) until the sales commit. No transaction is ever evicted for it."""
-    from gateway.config import OutboxConfig
+    from gateway.kernel.config import OutboxConfig
     from gateway.kernel.journal import Draft
     from tests.gateway.test_journal import new_journal, running
     from tests.harness.pos_drafts import pos_draft

@@ -31,7 +31,8 @@ from pydantic import SecretStr
 from ruamel.yaml import YAML
 
 import gateway
-from gateway.config import BrokerConfig, GatewayConfig
+from gateway.config import GatewayConfig
+from gateway.kernel.config import BrokerConfig
 from gateway.kernel.mqtt_client import Message, MqttClient, MqttError
 from tests.harness.brokers import Mosquitto, free_port
 from tests.harness.pki import write_pki

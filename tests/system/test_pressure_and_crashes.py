@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import BrokerConfig, JournalConfig, StockConfig, StockItem
+from gateway.kernel.config import BrokerConfig, JournalConfig
 from gateway.kernel.journal import BALLAST_BYTES, BALLAST_FILE, Ballast, Journal
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.mqtt_client import Message, MqttClient
+from gateway.ledger.config import StockConfig, StockItem
 from gateway.ledger.stock import StockLedger
 from tests.harness.brokers import Mosquitto
 from tests.harness.pos_drafts import pos_draft

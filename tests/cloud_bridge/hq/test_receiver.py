@@ -30,7 +30,7 @@ from cloud_bridge.hq.receiver import HqReceiver, _parser, broker_config, conflic
 from cloud_bridge.hq.report import format_summary
 from cloud_bridge.hq.sqlite import ReceiverStore
 from cloud_bridge.wire import MAX_DECODED_BYTES, Batch, Compressor, Encoding, decode_batch, encode_batch
-from gateway.config import BrokerConfig, TlsConfig
+from gateway.kernel.config import BrokerConfig, TlsConfig
 from gateway.kernel.events import uuid7
 from gateway.kernel.mqtt_client import MqttClient
 from tests.cloud_bridge.test_tls import _cert, _key, _write

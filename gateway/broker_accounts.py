@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Final
 
 from drivers.mqtt.config import MqttDriverConfig
 from drivers.mqtt.profile import profile_limits, resolve_profile
+from gateway.kernel.errors import StoreGatewayError
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -48,7 +49,7 @@ PUBLISH_OVERHEAD_BYTES: Final = 16
 property length), rounded up."""
 
 
-class ProvisionError(Exception):
+class ProvisionError(StoreGatewayError):
     """The accounts cannot be made from this config, or the files in the output folder cannot be used."""
 
 
