@@ -22,6 +22,7 @@ import orjson
 from drivers.limits import DeviceLimits
 from gateway.kernel.events import DeviceStatus
 from gateway.kernel.journal import Draft
+from gateway.kernel.ratelimit import TokenBucket as TokenBucket  # drivers.http takes it from here
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -31,28 +32,6 @@ RATE_LIMIT_QUIET_S: Final = 10.0
 """A rate-limited device is back to ``online`` after this long without a drop."""
 WATCH_MAX_INTERVAL_S: Final = 5.0
 """The silence watchdog wakes at most this often (idle CPU stays near zero)."""
-
-
-class TokenBucket:
-    """A token bucket on the monotonic clock: ``rate`` tokens per second, at most ``burst`` saved up."""
-
-    __slots__ = ("_at", "_burst", "_rate", "_tokens")
-
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        self._rate = rate
-        self._burst = float(burst)
-        self._tokens = float(burst)
-        self._at = now
-
-    def take(self, now: float) -> bool:
-        # max(): a clock that went back (a caller switching clocks) refills nothing rather than draining.
-        tokens = min(self._burst, self._tokens + max(0.0, now - self._at) * self._rate)
-        self._at = now
-        if tokens >= 1.0:
-            self._tokens = tokens - 1.0
-            return True
-        self._tokens = tokens
-        return False
 
 
 @dataclass(slots=True)

@@ -15,12 +15,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from drivers.devices import RATE_LIMIT_QUIET_S, DeviceRegistry, TokenBucket
+from drivers.devices import RATE_LIMIT_QUIET_S, DeviceRegistry
 from drivers.limits import DeviceLimits
 from drivers.sink import REDACTED, DeviceSink
 from gateway.kernel.events import DeviceStatus, SensorSample
 from gateway.kernel.journal import Journal
 from gateway.kernel.metrics import Metrics
+from gateway.kernel.ratelimit import TokenBucket
 from tests.harness.driver_harness import query, running_journal
 
 

@@ -1,0 +1,64 @@
+"""The one token bucket, in both its uses: all-or-nothing takes (a device's message rate limit) and spending
+into debt that is waited out (the drain rate limit to HQ, one bucket for events/s and one for bytes/s)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.kernel.ratelimit import TokenBucket
+
+
+def test_take_is_all_or_nothing_and_refills_up_to_the_burst() -> None:
+    bucket = TokenBucket(2, 3, now=10.0)
+    assert [bucket.take(10.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.take(10.5)  # half a second at 2/s: one token
+    assert not bucket.take(10.5)
+    assert [bucket.take(1000.0) for _ in range(4)] == [True, True, True, False]  # capped at the burst
+    assert not bucket.take(1000.0, 0.5)
+    assert bucket.take(1001.0, 2)  # n tokens at once
+    assert not bucket.take(1001.0)
+
+
+def test_a_clock_going_back_refills_nothing() -> None:
+    bucket = TokenBucket(10, 1, now=100.0)
+    assert bucket.take(100.0)
+    assert not bucket.take(50.0)
+    assert not bucket.take(50.05)  # refilling starts again from the last reading
+
+
+def test_spend_goes_into_debt_and_delay_waits_it_out() -> None:
+    """The drain limit's events bucket: one second of burst (burst = rate), a batch may overdraw."""
+    now = 100.0
+    events = TokenBucket(100, 100, now)
+    assert events.delay(now) == 0.0  # a full second of burst to start with
+    events.spend(now, 150)
+    assert events.delay(now) == pytest.approx(0.5)  # 50 events of debt at 100/s
+    now += 0.25
+    assert events.delay(now) == pytest.approx(0.25)
+    now += 0.25
+    assert events.delay(now) == 0.0
+    now += 10
+    events.spend(now, 100)  # the refill is capped at the burst: a long idle does not bank a bigger one
+    assert events.delay(now) == 0.0
+    events.spend(now, 1)
+    assert events.delay(now) == pytest.approx(0.01)
+
+
+def test_events_and_bytes_buckets_side_by_side() -> None:
+    """How the uplink limits a batch by both: spend on each, wait for the longer debt."""
+    now = 100.0
+    events, nbytes = TokenBucket(100, 100, now), TokenBucket(1000, 1000, now)
+    events.spend(now, 150)
+    nbytes.spend(now, 400)
+    assert max(events.delay(now), nbytes.delay(now)) == pytest.approx(0.5)
+    now += 0.5
+    events.spend(now, 0)
+    nbytes.spend(now, 1600)  # 600 + 0.5 s * 1000 refilled = 1000 (capped), minus 1600
+    assert max(events.delay(now), nbytes.delay(now)) == pytest.approx(0.6)
+
+
+def test_rate_zero_means_unlimited() -> None:
+    bucket = TokenBucket(0, 0, now=0.0)
+    assert all(bucket.take(0.0) for _ in range(1000))
+    bucket.spend(0.0, 10**12)
+    assert bucket.delay(0.0) == 0.0
