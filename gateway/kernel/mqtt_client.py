@@ -9,6 +9,9 @@ paho client from the event loop (add_reader/add_writer, like aiomqtt), and gives
 - ``wait_closed()``, which completes when the connection drops, with the reason.
 
 One instance is one connection: on disconnect, create a new one (the supervisor does, with backoff).
+
+What this needs from paho beyond its public API (a buffered reader, a fast path for inbound PUBLISH, batched
+PUBACKs) is in :mod:`gateway.kernel.paho_compat`, with the paho versions it was tested with.
 """
 
 from __future__ import annotations
@@ -18,11 +21,9 @@ import contextlib
 import logging
 import socket
 import ssl
-import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -32,28 +33,15 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.kernel.config import BrokerConfig
 from gateway.kernel.errors import StoreGatewayError
+from gateway.kernel.paho_compat import BufferedPaho, InboundMessage, Message
 from gateway.kernel.tls_files import no_passphrase, tls_file_problems
+
+__all__ = ["InboundMessage", "Message", "MqttClient", "MqttError", "TlsFilesError", "Will", "tls_context"]
 
 _LOGGER = logging.getLogger(__name__)
 
 MAX_PACKET_BYTES: Final = 16 * 1024 * 1024
 """Largest packet we accept (MQTT 5 Maximum Packet Size); the broker drops larger ones for us."""
-
-
-@dataclass(slots=True)
-class InboundMessage:
-    """A received PUBLISH: the fields the gateway uses of paho's MQTTMessage, without its per-message lock."""
-
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
-    retain: bool = False
-    dup: bool = False
-
-
-Message = InboundMessage | paho.MQTTMessage
-PUBACK: Final = 0x40
 
 
 class MqttError(StoreGatewayError):
@@ -101,165 +89,8 @@ def tls_context(broker: BrokerConfig) -> ssl.SSLContext | None:
     return ctx
 
 
-READ_CHUNK: Final = 65536
 PACKETS_PER_WAKEUP: Final = 64
 """Parse at most this many packets per reader callback, then yield to the loop (fairness)."""
-
-
-def _remaining_length(buf: bytearray, i: int, end: int) -> tuple[int, int] | None:
-    """MQTT variable byte integer at buf[i:]: (value, index after it), or None if incomplete or too long."""
-    value, shift = 0, 0
-    while i < end and shift <= 21:
-        byte = buf[i]
-        value |= (byte & 0x7F) << shift
-        i += 1
-        if not byte & 0x80:
-            return value, i
-        shift += 7
-    return None
-
-
-class _BufferedPaho(paho.Client):
-    """paho reads a packet with 3-4 tiny recv() calls and parses one packet per loop_read(); at thousands of
-    messages per second the syscalls dominate. This reads 64 KiB at a time and serves paho from the buffer."""
-
-    _rbuf: bytearray | None = None
-    _rview: memoryview | None = None
-    _rlen = 0
-    _rpos = 0
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._rpos >= self._rlen:
-            if self._rview is None:
-                # One buffer for the life of the connection: recv(64 KiB) per read, shrunk to what arrived,
-                # fragments the C heap badly at high rates (measured: RSS +6 KB per message).
-                self._rbuf = bytearray(READ_CHUNK)
-                self._rview = memoryview(self._rbuf)
-            self._rlen = self._recv_into(self._rview)
-            self._rpos = 0
-            if not self._rlen:
-                return b""
-        start = self._rpos
-        self._rpos = min(start + bufsize, self._rlen)
-        assert self._rview is not None
-        return bytes(self._rview[start : self._rpos])
-
-    def _recv_into(self, view: memoryview) -> int:
-        """paho's _sock_recv error handling, for recv_into."""
-        sock = self._sock
-        if sock is None:
-            raise ConnectionError("socket closed")
-        try:
-            return int(cast(socket.socket, sock).recv_into(view))
-        except ssl.SSLWantReadError as err:
-            raise BlockingIOError from err
-        except ssl.SSLWantWriteError as err:
-            self._call_socket_register_write()
-            raise BlockingIOError from err
-
-    def queue_pubacks(self, mids: list[int]) -> None:
-        """Queue many PUBACKs as ONE out-packet: one write instead of one syscall per acknowledgement.
-
-        The bytes are exactly what paho's ``ack()`` would queue for each mid (0x40, length 2, mid), and paho's own
-        out-queue keeps them in order with everything else it sends."""
-        packet = b"".join(struct.pack("!BBH", PUBACK, 2, mid) for mid in mids)
-        self._packet_queue(PUBACK, packet, mids[-1], 1)
-
-    fast_on_message: Callable[[Message], None] | None = None
-
-    def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
-        """paho's version leaks the TLS socket when the handshake fails (a wrong CA, a refused client
-        certificate). Our contexts always check the host name themselves (or are explicitly insecure), so the
-        rest of paho's version, a second host-name check, never applies."""
-        context = self._ssl_context
-        if context is None:
-            raise ValueError("TLS requested without a context")
-        ssl_sock = context.wrap_socket(tcp_sock, server_hostname=self._host, do_handshake_on_connect=False)
-        try:
-            ssl_sock.settimeout(self._connect_timeout)
-            ssl_sock.do_handshake()
-        except BaseException:
-            ssl_sock.close()
-            raise
-        return ssl_sock
-
-    def _packet_read(self) -> MQTTErrorCode:
-        if self._in_packet["command"] == 0 and self._read_publishes() > 0:
-            return MQTTErrorCode.MQTT_ERR_SUCCESS
-        return super()._packet_read()
-
-    def _read_publishes(self, budget: int = 64) -> int:
-        """Parse complete inbound PUBLISH packets (QoS 0/1, no MQTT 5 properties) straight from the buffer.
-
-        This is the hot path of the gateway: paho's generic reader costs ~38 us per MQTT 5 message (3-4
-        reads per packet, Properties objects, a threading.Condition per message); this costs a few. Anything
-        else, and any packet not complete in the buffer, is left to paho's reader untouched.
-        """
-        buf, pos, end = self._rbuf, self._rpos, self._rlen
-        if buf is None:
-            return 0
-        callback = self.fast_on_message
-        v5 = self._protocol == MQTTProtocolVersion.MQTTv5
-        auto_acks: list[int] = []
-        done = 0
-        while done < budget and end - pos >= 2:
-            command = buf[pos]
-            qos = (command >> 1) & 3
-            if command & 0xF0 != 0x30 or qos == 2 or qos == 3:
-                break
-            header = _remaining_length(buf, pos + 1, end)
-            if header is None:  # incomplete here, or malformed: paho's reader decides
-                break
-            length, i = header
-            packet_end = i + length
-            if packet_end > end:
-                break
-            topic_len = buf[i] << 8 | buf[i + 1] if length >= 2 else -1
-            j = i + 2 + topic_len
-            mid = 0
-            if qos:
-                mid = buf[j] << 8 | buf[j + 1]
-                j += 2
-            if v5:
-                if j >= packet_end or buf[j] != 0:  # properties present: paho parses those
-                    break
-                j += 1
-            if topic_len < 0 or j > packet_end:
-                break
-            view = self._rview
-            assert view is not None
-            message = InboundMessage(
-                str(view[i + 2 : i + 2 + topic_len], "utf-8", "replace"),
-                bytes(view[j:packet_end]),
-                mid,
-                qos,
-                bool(command & 1),
-                bool(command & 8),
-            )
-            pos = self._rpos = packet_end
-            done += 1
-            if callback is not None:
-                callback(message)
-            if qos and not self._manual_ack:
-                auto_acks.append(mid)  # what paho's reader does for clients that do not ack by hand
-        if done:
-            self._last_bytes_received = time.monotonic()
-        if auto_acks:
-            self.queue_pubacks(auto_acks)
-        return done
-
-    def _handle_on_message(self, message: Message) -> None:
-        """Straight to our one callback: paho's version runs a topic matcher and takes two locks per message,
-        for per-topic callbacks and threaded loops we do not use."""
-        callback = self.fast_on_message
-        if callback is not None:
-            callback(message)
-
-    def has_buffered(self) -> bool:
-        if self._rpos < self._rlen:
-            return True
-        sock = self._sock
-        return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
 
 class MqttClient:
@@ -280,7 +111,7 @@ class MqttClient:
         self._loop = asyncio.get_running_loop()
         self._v5 = broker.protocol == "5"
         self._clean_start = clean_start
-        self._client = _BufferedPaho(
+        self._client = BufferedPaho(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
