@@ -12,7 +12,7 @@ config, and be inside its validity (``issued_at`` .. ``not_after``); the topic a
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from cloud_bridge.documents import Planogram, Roster, RuleSet
 from cloud_bridge.signing import (
     CLOCK_SKEW_S,
     MAX_VALIDITY_S,
@@ -42,10 +43,10 @@ from cloud_bridge.signing import (
     signed_message,
 )
 from cloud_bridge.topics import commands_topic
+from gateway.kernel.errors import StoreGatewayError
 from gateway.kernel.events import Sku
 from gateway.kernel.model import ID_PATTERN
 from gateway.kernel.strict_json import duplicate_key
-from gateway.ledger.documents import Planogram, Roster, RuleSet
 
 MAX_COMMAND_BYTES: Final = 256 * 1024
 MAX_RESEND_SEQS: Final = 100_000
@@ -189,6 +190,35 @@ ARGS: Final[dict[str, type[Args]]] = {
     "device.write": DeviceWrite,
 }
 COMMANDS: Final = tuple(ARGS)
+
+
+class CommandError(StoreGatewayError):
+    """A valid command that could not be carried out; answered with ``code`` and this message."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def command_key(request_id: str) -> str:
+    """The journal dedup key of the event a state-changing command commits: it applies once per request id."""
+    return f"cmd:{request_id}"
+
+
+Outcome = tuple[Status, Any]
+"""A carried-out command's status and result (the response's ``result``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """What carries out one command on the gateway. The downlink dispatches to these; each domain registers
+    its own (the stock ledger ``stock.adjust``, the documents ``*.set``, the devices ``device.write``)."""
+
+    run: Callable[[Request], Awaitable[Outcome]]
+    """Carry the command out; raise :class:`CommandError` for a refusal (``invalid_args``, ``failed``)."""
+    record_first: bool = False
+    """Put the request id on the command record before running: for a command that commits nothing to the
+    journal (a device write), the record is the only thing that stops a replay."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,10 +11,11 @@ Every command must be signed by one of HQ's keys pinned in ``hq.command_keys`` a
 file (``hq-commands.db`` in the data directory, :class:`CommandLedger`) until their ``not_after`` has passed,
 so a replay is answered ``duplicate`` whatever the journal's retention has done with the events they made.
 
-Parsing and validation are pure (:mod:`cloud_bridge.commands`); state changes go through the journal:
-``stock.adjust`` as a ``stock.adjusted`` event the stock ledger applies in its commit, the documents through
-:meth:`gateway.kernel.journal.Journal.transact` (one transaction with their ``document.updated`` event). Logs name
-the request id, command and outcome, never arguments or document bodies (a roster holds staff names).
+Parsing and validation are pure (:mod:`cloud_bridge.commands`). The downlink carries out ``ping``,
+``config.get`` and ``resend`` itself and dispatches the others to the handlers the domains register
+(:class:`cloud_bridge.commands.Handler`): the stock ledger and the documents (:mod:`gateway.ledger.commands`),
+the devices (:mod:`drivers.commands`). Logs name the request id, command and outcome, never arguments or
+document bodies (a roster holds staff names).
 """
 
 from __future__ import annotations
@@ -33,14 +34,13 @@ from typing import Any, Final, Protocol
 import orjson
 
 from cloud_bridge.commands import (
-    DeviceWrite,
-    ErrorCode,
-    NoArgs,
+    CommandError,
+    Handler,
+    Outcome,
     Refusal,
     Request,
     Resend,
     Status,
-    StockAdjust,
     Trust,
     build_response,
     metric_command,
@@ -49,18 +49,13 @@ from cloud_bridge.commands import (
 )
 from cloud_bridge.signing import CLOCK_SKEW_S, MAX_VALIDITY_S, load_public_key
 from cloud_bridge.topics import commands_topic, responses_topic
-from drivers.base import DriverError
 from gateway import __version__
 from gateway.config import GatewayConfig
 from gateway.kernel.clock import BOOT_ID, ClockState
-from gateway.kernel.errors import StoreGatewayError
-from gateway.kernel.events import StockAdjusted
-from gateway.kernel.journal import QUEUE_LIMIT, Draft, Journal
+from gateway.kernel.journal import Journal
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.mqtt_client import Message, MqttClient, MqttError
 from gateway.kernel.supervise import Backoff, reconnect_forever, tcp_reachable
-from gateway.ledger.documents import DocumentName, Planogram, Roster, RuleSet, store_work
-from gateway.ledger.stock import apply_rule_thresholds, quantity_text
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -68,22 +63,6 @@ INBOX_HIGH: Final = 32
 """Commands received and waiting: above this we stop reading the socket (TCP holds the rest at the broker)."""
 
 Resender = Callable[[int, int], Awaitable[dict[str, list[list[int]]]]]
-DeviceWriter = Callable[[str, str, float], Awaitable[None]]
-DEVICE_WRITE_TIMEOUT_S: Final = 30.0
-"""A ``device.write`` that has not finished by then (a bus busy with retries) is answered as failed."""
-
-
-class CommandError(StoreGatewayError):
-    """A valid command that could not be carried out; answered with ``code`` and this message."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def command_key(request_id: str) -> str:
-    """The journal dedup key of the event a state-changing command commits: it applies once per request id."""
-    return f"cmd:{request_id}"
 
 
 LEDGER_FILE: Final = "hq-commands.db"
@@ -218,7 +197,7 @@ class Downlink:
         config_hash: str | None,
         resend: Resender,
         status: Callable[[], dict[str, Any]],
-        writers: Mapping[str, DeviceWriter] | None = None,
+        handlers: Mapping[str, Handler] | None = None,
         *,
         clock: WallClock | None = None,
     ) -> None:
@@ -227,8 +206,14 @@ class Downlink:
         self._scopes = {k.id: frozenset(k.commands) for k in config.hq.command_keys if k.commands is not None}
         self._clock: WallClock = clock or ClockState()
         self.ledger = CommandLedger(config.data_dir / LEDGER_FILE)
-        self._writers: Mapping[str, DeviceWriter] = writers if writers is not None else {}
-        """Device id -> write function of its driver (``DriverContext.device_writers``)."""
+        self._handlers: dict[str, Handler] = {
+            "ping": Handler(self._ping),
+            "config.get": Handler(self._config_get),
+            "resend": Handler(self._resend_all),
+            **(handlers or {}),
+        }
+        """Command -> what carries it out: the downlink's own, and those the domains register (the composition
+        root, :func:`gateway.runtime.command_handlers`)."""
         self._hq = config.hq
         self._store_id = config.store.id
         self._gateway_id = config.gateway_id
@@ -384,9 +369,13 @@ class Downlink:
         if seen is not None:
             # Carried out before (a replay, or HQ sending it again): never twice, whatever the command.
             return self._answer(parsed, "duplicate", seen[1])
-        if parsed.command == "device.write":
-            # A write commits nothing to the journal, so nothing else would stop its replay: on the record
-            # first (at most once: a crash after the write answers a replay "duplicate" with this result).
+        handler = self._handlers.get(parsed.command)
+        if handler is None:
+            message = f"this gateway does not carry out {parsed.command}"
+            return self._refuse(Refusal(parsed.request_id, parsed.command, "unknown_command", message))
+        if handler.record_first:
+            # It commits nothing to the journal, so nothing else would stop its replay: on the record first
+            # (at most once: a crash after it ran answers a replay "duplicate" with this result).
             try:
                 await asyncio.to_thread(
                     self.ledger.record, parsed.request_id, parsed.command, parsed.not_after, {"started": True}
@@ -395,7 +384,7 @@ class Downlink:
                 _LOGGER.exception("downlink: the command ledger cannot be written")
                 return self._refuse(Refusal(parsed.request_id, parsed.command, "failed", _reason(err)))
         try:
-            status, result = await self._execute(parsed)
+            status, result = await handler.run(parsed)
         except CommandError as err:
             return self._refuse(Refusal(parsed.request_id, parsed.command, err.code, str(err)))
         except Exception as err:  # a bug or a failing disk: answered and logged, never fatal to the downlink
@@ -435,26 +424,15 @@ class Downlink:
         )
         return refusal_response(refusal, self._store_id, self._gateway_id)
 
-    async def _execute(self, request: Request) -> tuple[Status, Any]:
-        args = request.args
-        if isinstance(args, NoArgs):
-            return "ok", self._ping() if request.command == "ping" else self._config_view()
-        if isinstance(args, StockAdjust):
-            return await self._adjust(request.request_id, args)
-        if isinstance(args, DeviceWrite):
-            return await self._write(args)
-        if isinstance(args, Resend):
-            return "ok", await self._resend_all(args)
-        return await self._store(request.request_id, args)
-
-    async def _resend_all(self, args: Resend) -> dict[str, list[list[int]]]:
+    async def _resend_all(self, request: Request) -> Outcome:
         """Every range of one command in one go, answered once: ``resent`` and ``missing`` list the ranges of
         all of them (merged), so HQ learns the whole outcome from one response. The uplink queues each range;
         the command's bounds (ranges, seqs) bound what is queued."""
         resent: list[list[int]] = []
         missing: list[list[int]] = []
         busy: list[list[int]] = []
-        for first, last in args.merged:
+        assert isinstance(request.args, Resend)
+        for first, last in request.args.merged:
             try:
                 answer = await self._resend(first, last)
             except ValueError as err:
@@ -465,11 +443,11 @@ class Downlink:
         result = {"resent": _joined(resent), "missing": _joined(missing)}
         if busy:
             result["busy"] = _joined(busy)  # already queued in full: not queued again, HQ may ask later
-        return result
+        return "ok", result
 
-    def _ping(self) -> dict[str, Any]:
+    async def _ping(self, _request: Request) -> Outcome:
         status = self._status()
-        return {
+        return "ok", {
             "pong": True,
             "version": __version__,
             "boot_id": BOOT_ID,
@@ -477,96 +455,9 @@ class Downlink:
             "backlog": status.get("backlog"),
         }
 
-    def _config_view(self) -> dict[str, Any]:
+    async def _config_get(self, _request: Request) -> Outcome:
         # JSON mode renders every SecretStr (broker passwords, the API token) as '**********'.
-        return {"config": self._config.model_dump(mode="json"), "config_hash": self._config_hash}
-
-    async def _write(self, args: DeviceWrite) -> tuple[Status, dict[str, Any]]:
-        """Write a device point through its driver; a refused write (unknown point, out of range) is
-        invalid_args, a device that cannot be reached is failed."""
-        writer = self._writers.get(args.device_id)
-        if writer is None:
-            raise CommandError("invalid_args", f"no writable device {args.device_id!r} on this gateway")
-        try:
-            async with asyncio.timeout(DEVICE_WRITE_TIMEOUT_S):
-                await writer(args.device_id, args.point, args.value)
-        except TimeoutError as err:
-            raise CommandError(
-                "failed", f"the write did not finish within {DEVICE_WRITE_TIMEOUT_S:g} s"
-            ) from err
-        except ValueError as err:  # the driver's refusal of an invalid write
-            raise CommandError("invalid_args", str(err)[:300]) from err
-        except DriverError as err:
-            raise CommandError("failed", str(err)[:300]) from err
-        return "ok", {"device_id": args.device_id, "point": args.point, "value": args.value}
-
-    async def _adjust(self, request_id: str, args: StockAdjust) -> tuple[Status, dict[str, Any]]:
-        """Commit a ``stock.adjusted`` event (the ledger moves stock in the same transaction); wait for COMMIT."""
-        event = StockAdjusted(
-            sku=args.sku,
-            delta=args.delta,
-            set=args.set,
-            reason=args.reason,
-            note=args.note,
-            request_id=request_id,
-        )
-        key = command_key(request_id)
-        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        seqs: list[int | None] = []
-
-        def committed() -> None:  # on the loop, after the commit that settled the draft (or quarantined it)
-            if not settled.done():
-                settled.set_result(None)
-
-        draft = Draft(
-            "stock.adjusted",
-            None,
-            event.model_dump_json().encode(),
-            model=event,
-            dedup_key=key,
-            ack=committed,
-            driver="downlink",
-            done=seqs.append,  # on the journal's writer thread, right after COMMIT
-        )
-        while not self._journal.submit(draft):  # over the journal's queue limit: wait until it drains
-            room = asyncio.Event()
-            self._journal.when_below(QUEUE_LIMIT, room.set)
-            await room.wait()
-        await settled
-        if not seqs:
-            raise CommandError(
-                "failed", "the adjustment could not be applied; it is quarantined on the gateway"
-            )
-        seq = seqs[0]
-        if seq is None:
-            found = await self._journal.query("SELECT seq FROM events WHERE dedup_key=?", (key,))
-            seq = found[0][0] if found else None
-        rows = await self._journal.query("SELECT on_hand FROM stock WHERE sku=?", (args.sku,))
-        on_hand = quantity_text(rows[0][0]) if rows else None
-        return ("ok" if seqs[0] is not None else "duplicate"), {"seq": seq, "on_hand": on_hand}
-
-    async def _store(
-        self, request_id: str, document: Roster | Planogram | RuleSet
-    ) -> tuple[Status, dict[str, int]]:
-        """Replace a document; for rules, set the ledger's thresholds in the same transaction."""
-        name: DocumentName
-        if isinstance(document, RuleSet):
-            name = "rules"
-            rules = document
-
-            def thresholds(conn: sqlite3.Connection) -> None:
-                apply_rule_thresholds(conn, rules)
-
-            work = store_work(name, document, request_id, command_key(request_id), thresholds)
-        else:
-            name = "roster" if isinstance(document, Roster) else "planogram"
-            work = store_work(name, document, request_id, command_key(request_id))
-        try:
-            stored = await self._journal.transact(work)
-        except (sqlite3.Error, OSError) as err:
-            # transact rolled everything back: the document, its event and (for rules) the thresholds.
-            raise CommandError("failed", f"not applied, nothing changed: {_reason(err)}") from err
-        return ("duplicate" if stored.duplicate else "ok"), {"version": stored.version, "count": stored.count}
+        return "ok", {"config": self._config.model_dump(mode="json"), "config_hash": self._config_hash}
 
 
 def _joined(ranges: list[list[int]]) -> list[list[int]]:

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from drivers.devices import DeviceRegistry
+from drivers.errors import DecodeError as DecodeError
+from drivers.errors import DriverError as DriverError
 from drivers.mqtt.devices import DeviceConfig
 from drivers.sink import DeviceSink
 from gateway.kernel.config import ApiConfig, BrokerConfig
-from gateway.kernel.errors import StoreGatewayError
 from gateway.kernel.journal import Journal
 from gateway.kernel.metrics import Metrics
 
@@ -36,19 +37,6 @@ class DriverSettings(Protocol):
     def api(self) -> ApiConfig: ...
 
     def client_id(self, role: str, broker: BrokerConfig) -> str: ...
-
-
-class DriverError(StoreGatewayError):
-    """Base of every driver's errors: a clear message a technician can act on."""
-
-
-class DecodeError(DriverError):
-    """Bytes that do not decode. ``reason`` is a short code (a metric label); the message says what was wrong."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 class Driver(Protocol):

@@ -11,7 +11,7 @@ import binascii
 from dataclasses import dataclass
 from typing import Final
 
-from drivers.base import DecodeError
+from drivers.errors import DecodeError
 
 SGTIN_96: Final = 0x30
 SGTIN_198: Final = 0x36

@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
 import orjson
 
+from cloud_bridge.commands import Handler
 from cloud_bridge.downlink import Downlink
 from cloud_bridge.uplink import Uplink
 from drivers.base import Driver, DriverContext
+from drivers.commands import DeviceWriter, device_handlers
 from drivers.devices import DeviceRegistry
 from gateway import __version__
 from gateway.config import GatewayConfig
@@ -27,6 +30,7 @@ from gateway.kernel.logs import register_secret
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.outbox import CLASSES
 from gateway.kernel.recovery import DataDirBusyError, DataDirLock
+from gateway.ledger.commands import ledger_handlers
 from gateway.ledger.stock import StockLedger
 
 _LOGGER = logging.getLogger(__name__)
@@ -77,7 +81,7 @@ class Gateway:
             config_hash,
             self.uplink.resend,
             self.health,
-            writers=self.drivers_ctx.device_writers,
+            command_handlers(self.journal, self.drivers_ctx.device_writers),
             clock=self.clock,
         )
         self.started = asyncio.Event()
@@ -276,3 +280,9 @@ class Gateway:
             routers=self.drivers_ctx.api_routers,
         )
         await serve_api(app, self.config.api.host, self.config.api.port, self._api_started, self._api_bound)
+
+
+def command_handlers(journal: Journal, writers: Mapping[str, DeviceWriter]) -> dict[str, Handler]:
+    """The HQ commands the domains carry out, for the downlink to dispatch: the ledger's (stock, documents) and
+    the devices' (writes through their drivers)."""
+    return {**ledger_handlers(journal), **device_handlers(writers)}

@@ -6,7 +6,7 @@ from typing import Final
 
 from pydantic import ValidationError
 
-from drivers.base import DecodeError
+from drivers.errors import DecodeError
 from gateway.kernel.events import SensorSample
 
 BINDKEY_BYTES: Final = 16

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from drivers.base import DecodeError
 from drivers.ble import ruuvi
 from drivers.ble.bthome import decode_bthome
 from drivers.ble.formats import BTHOME_UUID, ENVIRONMENTAL_SENSING_UUID, RUUVI_COMPANY_ID, BleFormat
 from drivers.ble.xiaomi import decode_atc1441, decode_pvvx
+from drivers.errors import DecodeError
 from gateway.kernel.events import SensorSample
 
 

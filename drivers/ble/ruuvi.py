@@ -11,8 +11,8 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-from drivers.base import DecodeError
 from drivers.ble._common import sample
+from drivers.errors import DecodeError
 from gateway.kernel.events import SensorSample
 
 SOURCE: Final = "ruuvi.rawv2"

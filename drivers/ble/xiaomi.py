@@ -24,8 +24,8 @@ from typing import Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 
-from drivers.base import DecodeError
 from drivers.ble._common import need_key, sample
+from drivers.errors import DecodeError
 from gateway.kernel.events import SensorSample
 
 SOURCE_ATC1441: Final = "atc1441"

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from drivers.base import DecodeError
+from drivers.errors import DecodeError
 from drivers.http.config import Window
 from drivers.http.mapped import parse_time, printable
 

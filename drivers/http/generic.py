@@ -13,7 +13,7 @@ from typing import Annotated, Final, Literal
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-from drivers.base import DecodeError
+from drivers.errors import DecodeError
 from drivers.http.mapped import Mapped, Outcome, printable, reject_duplicate_keys, summarise
 from drivers.mqtt.decode import PosReturnMessage, PosSaleMessage
 from gateway.kernel.events import PosReturn, PosSale

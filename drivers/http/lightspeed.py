@@ -23,7 +23,7 @@ from urllib.parse import parse_qs
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from drivers.base import DecodeError
+from drivers.errors import DecodeError
 from drivers.http.mapped import Ignored, Kind, Mapped, Outcome, load_json, parse_time, printable, validate
 from gateway.kernel.events import PosReturn, PosSale
 

@@ -17,7 +17,7 @@ from typing import Any, Final, Literal, TypeVar
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from drivers.base import DecodeError
+from drivers.errors import DecodeError
 from drivers.mqtt.decode import dedup_key
 from gateway.kernel.events import PosSale
 from gateway.kernel.strict_json import duplicate_key

@@ -22,7 +22,7 @@ import hmac
 import re
 from typing import Final
 
-from drivers.base import DecodeError
+from drivers.errors import DecodeError
 from drivers.http.config import Format
 
 _MAX_HEADER = 1024

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from drivers.base import DecodeError
+from drivers.errors import DecodeError
 from drivers.http.mapped import Ignored, Kind, Mapped, Outcome, load_json, parse_time, printable, validate
 from gateway.kernel.events import PosReturn, PosSale
 

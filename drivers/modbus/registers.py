@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from drivers.base import DecodeError, DriverError
+from drivers.errors import DecodeError, DriverError
 from drivers.modbus.profile import MAX_REASON, Point, Writable
 
 MAX_REGISTERS: Final = 125

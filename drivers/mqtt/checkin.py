@@ -24,7 +24,7 @@ from typing import Final
 import orjson
 from pydantic import ValidationError
 
-from drivers.base import DecodeError
+from drivers.errors import DecodeError
 from drivers.mqtt.mapping import device_time
 from gateway.kernel.biometrics import MAX_BLOB_CHARS, first_biometric, looks_like_image
 from gateway.kernel.events import StaffCheckin

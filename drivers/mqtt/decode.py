@@ -15,7 +15,7 @@ from typing import Any, Final
 import orjson
 from pydantic import AwareDatetime, BaseModel, Field, TypeAdapter, ValidationError
 
-from drivers.base import DecodeError
+from drivers.errors import DecodeError
 from drivers.mqtt.checkin import decode_checkin
 from drivers.mqtt.config import MqttDriverConfig, TopicRoute
 from drivers.mqtt.mapping import Mapper, compile_mapping

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import orjson
 
-from drivers.base import DecodeError
+from drivers.errors import DecodeError
 from drivers.mqtt.profile import (
     CsvMapping,
     JsonMapping,

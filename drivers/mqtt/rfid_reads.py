@@ -13,7 +13,7 @@ from typing import Any, Final
 
 import orjson
 
-from drivers.base import DecodeError
+from drivers.errors import DecodeError
 
 MAX_READS: Final = 1000
 """Reads per message, at most."""

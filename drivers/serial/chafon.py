@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from drivers.base import DecodeError
+from drivers.errors import DecodeError
 from drivers.serial.crc import crc16_mcrf4xx
 from drivers.serial.framing import LengthCrcFramer
 

@@ -13,7 +13,7 @@ import heapq
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
-from drivers.base import DecodeError
+from drivers.errors import DecodeError
 from drivers.serial.crc import CRC16, CrcName
 
 GARBAGE_KEEP_BYTES: Final = 64

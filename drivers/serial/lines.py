@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from drivers.base import DecodeError
 from drivers.epc import gs1_check_digit
+from drivers.errors import DecodeError
 
 _PRINTABLE: Final = re.compile(rb"^[\x20-\x7e]+$")
 _AIM_ID: Final = re.compile(r"^\][A-Za-z][0-9A-Za-z]")

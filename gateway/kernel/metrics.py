@@ -34,6 +34,12 @@ class Metrics:
             ["driver", "reason"],
             registry=r,
         )
+        self.processor_errors = Counter(
+            "storegw_processor_errors",
+            "Failures of a pipeline processor (the stock ledger, the rule engine); the events still committed.",
+            ["processor"],
+            registry=r,
+        )
         self.dropped = Counter(
             "storegw_messages_dropped",
             "Messages dropped without being stored, by reason.",

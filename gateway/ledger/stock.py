@@ -30,12 +30,13 @@ from typing import Final
 
 import orjson
 
+from cloud_bridge.documents import RuleSet
 from gateway.kernel.errors import StoreGatewayError
 from gateway.kernel.events import PosReturn, PosSale, StockAdjusted
 from gateway.kernel.journal import Draft
 from gateway.kernel.metrics import Metrics
 from gateway.ledger.config import StockConfig
-from gateway.ledger.documents import RuleSet, create_table, read_rules
+from gateway.ledger.documents import create_table, read_rules
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from cloud_bridge.commands import (
     parse_command,
     refusal_response,
 )
+from cloud_bridge.documents import Planogram, Roster, RuleSet, biometric_keys
 from cloud_bridge.topics import commands_topic
-from gateway.ledger.documents import Planogram, Roster, RuleSet, biometric_keys
 from tests.harness.e2e_helpers import HQ_KEY, HQ_KEY_ID, sign_command
 
 PREFIX, STORE, GW = "retail", "hk-001", "gw-1"

@@ -16,9 +16,10 @@ from typing import Any
 import orjson
 import pytest
 
-from cloud_bridge.downlink import DeviceWriter, Downlink
+from cloud_bridge.downlink import Downlink
 from cloud_bridge.topics import commands_topic, responses_topic
 from drivers.base import DriverContext
+from drivers.commands import DeviceWriter
 from drivers.devices import DeviceRegistry
 from drivers.modbus.config import ModbusDriverConfig
 from drivers.modbus.driver import ModbusDriver
@@ -30,6 +31,7 @@ from gateway.kernel.journal import Journal
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.mqtt_client import Message, MqttClient
 from gateway.ledger.stock import StockLedger
+from gateway.runtime import command_handlers
 from simulators.fridge import FridgeServer
 from tests.harness.brokers import Mosquitto
 from tests.harness.e2e_helpers import hq_command_keys, sign_command
@@ -87,7 +89,7 @@ class Rig:
             "cfg-hash-1",
             self.resend,
             lambda: {"last_seq": self.journal.last_seq, "backlog": self.journal.backlog, "extra": 1},
-            writers,
+            command_handlers(self.journal, writers or {}),
         )
 
     async def resend(self, first: int, last: int) -> dict[str, list[list[int]]]:

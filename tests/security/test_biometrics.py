@@ -23,6 +23,7 @@ import pytest
 from pydantic import ValidationError
 
 from bench.mqtt_load import publish_all
+from cloud_bridge.documents import Roster
 from drivers.base import DecodeError
 from drivers.mqtt.checkin import decode_checkin
 from drivers.mqtt.config import MqttDriverConfig
@@ -30,7 +31,6 @@ from drivers.mqtt.decode import Rejection, RouteSpec, TopicRouter, decode_routed
 from drivers.sink import QUOTA_ROWS
 from gateway.config import GatewayConfig
 from gateway.kernel import biometrics
-from gateway.ledger.documents import Roster
 from simulators.kiosk import Kiosk
 from tests.harness.brokers import Mosquitto, free_port
 from tests.harness.e2e_helpers import (

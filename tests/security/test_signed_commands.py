@@ -43,6 +43,7 @@ from gateway.kernel.journal import Journal
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.mqtt_client import MqttClient, MqttError
 from gateway.ledger.stock import StockLedger
+from gateway.runtime import command_handlers
 from tests.harness.brokers import Mosquitto
 
 STORE, GW, PREFIX = "hk-001", "gw-1", "retail"
@@ -100,6 +101,7 @@ class Rig:
             None,
             self.resend,
             lambda: {"last_seq": self.journal.last_seq, "backlog": 0},
+            command_handlers(self.journal, {}),
             clock=self.clock,
         )
 
@@ -412,6 +414,7 @@ async def test_hq_command_signs_sends_and_shows_the_answer(
         None,
         rig.resend,
         lambda: {"last_seq": rig.journal.last_seq, "backlog": 0},
+        command_handlers(rig.journal, {}),
         clock=rig.clock,
     )
     task = asyncio.create_task(downlink.run(), name="downlink-under-test")

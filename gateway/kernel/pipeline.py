@@ -1,0 +1,263 @@
+"""The event pipeline: the processors that run inside the journal's commit transaction, one after another.
+
+A processor keeps state derived from events (the stock ledger; the rule engine) in the journal's own SQLite
+file, so an event and what it changed commit together or not at all. The journal's writer hands each group
+commit to :class:`Pipeline`:
+
+- every processor sees every committed event, in seq order, as a typed :class:`Event`: events from devices,
+  events from ``transact`` (a stock adjustment, a document HQ replaced) and from housekeeping (``outbox.evicted``);
+- the events processor *i* emits (:class:`Emit`, event models, never raw dicts) get their seqs at once and are
+  fed to processors *i+1...*: a rule sees the ``stock.level`` the ledger just wrote;
+- a processor that fails is isolated: the event it failed on still commits, the processor's SQL writes of that
+  commit are undone (a savepoint), its state is reloaded, and the failure is counted
+  (``storegw_processor_errors_total``), logged and reported to HQ as an ``alert.raised`` (rule
+  ``gateway.processor_failed``, at most one per processor per :data:`ALERT_EVERY_S`). A sale is never
+  quarantined because a processor has a bug;
+- ``tick(conn, now)`` gives time-driven processors (a fridge warm for 15 minutes) their turn from the writer's
+  maintenance loop, inside a transaction, so what they emit is ordered with everything else;
+- ``rollback`` (the transaction failed: forget what was applied since the last commit) and ``reload`` (the
+  tables changed under the processor, by ``transact``) are separate.
+
+Processors run on the journal's writer thread: they must be quick and do no I/O but SQL on ``conn``. Side effects
+outside the journal (writing a device, notifying someone) belong to consumers that read committed events after
+the commit, with a durable cursor, as the uplink does.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from gateway.kernel.events import PAYLOADS, AlertRaised, Kind
+from gateway.kernel.metrics import Metrics
+from gateway.kernel.model import StrictModel
+
+_LOGGER = logging.getLogger(__name__)
+
+ALERT_EVERY_S: Final = 600.0
+"""A failing processor is reported to HQ at most this often (each failure is counted and logged)."""
+FAILED_RULE: Final = "gateway.processor_failed"
+
+KIND_OF: Final[dict[type[StrictModel], Kind]] = {model: kind for kind, model in PAYLOADS.items()}  # type: ignore[misc]
+"""The event kind of each payload model: what :class:`Emit` needs to become an event."""
+
+
+@dataclass(slots=True)
+class Event:
+    """A committed event as processors see it: its seq, kind, device and validated payload model."""
+
+    seq: int
+    kind: Kind
+    device_id: str | None
+    data_json: bytes
+    """The payload as stored (the envelope's ``data``)."""
+    _model: StrictModel | None = field(default=None, repr=False)
+
+    @property
+    def model(self) -> StrictModel:
+        """The payload model (:data:`gateway.kernel.events.PAYLOADS`); parsed on first use when the event came
+        without one (events other processors emitted keep theirs)."""
+        if self._model is None:
+            self._model = PAYLOADS[self.kind].model_validate_json(self.data_json)
+        return self._model
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """An event a processor derives: its payload model (the kind follows from the model) and its device."""
+
+    model: StrictModel
+    device_id: str | None = None
+
+    @property
+    def kind(self) -> Kind:
+        return KIND_OF[type(self.model)]
+
+
+class Processor:
+    """State derived from events, kept in the journal's file. Subclass and override what you need."""
+
+    name: str = "processor"
+    """Short, stable: a metric label and the alert's subject."""
+
+    def setup(self, conn: sqlite3.Connection) -> None:
+        """Create tables and load state (at open, inside a transaction)."""
+
+    def apply(self, event: Event) -> None:
+        """Take one committed event into the in-memory state (no SQL here)."""
+
+    def flush(self, conn: sqlite3.Connection) -> Sequence[Emit]:
+        """Write the state changed since the last flush; return the events it derives (they commit with it)."""
+        return ()
+
+    def tick(self, conn: sqlite3.Connection, now: float) -> Sequence[Emit]:
+        """Time passed (``now``: wall-clock seconds). Called about every :data:`TICK_S` from the journal's
+        maintenance loop, inside a transaction. Write state and return derived events, or nothing."""
+        return ()
+
+    wants_ticks: bool = False
+    """True for processors that override :meth:`tick`; the journal runs no tick transaction otherwise."""
+
+    def rollback(self, conn: sqlite3.Connection) -> None:
+        """The transaction failed: forget what :meth:`apply` took since the last commit (reload from ``conn``)."""
+
+    def reload(self, conn: sqlite3.Connection) -> None:
+        """The processor's tables changed under it (a ``transact`` wrote them): read its state again."""
+
+
+TICK_S: Final = 1.0
+"""How often processors that want ticks get them."""
+
+Append = Callable[[Sequence[Emit]], list[Event]]
+"""The writer's side: give emitted events their seqs (in this transaction) and return them as :class:`Event`."""
+
+
+@dataclass(slots=True)
+class _Failure:
+    last_alert: float | None = None
+
+
+class Pipeline:
+    """The processors, chained; run by the journal's writer inside each commit transaction."""
+
+    def __init__(self, processors: Sequence[Processor], metrics: Metrics | None = None) -> None:
+        self.processors = list(processors)
+        self._metrics = metrics
+        self._failures: dict[str, _Failure] = {}
+
+    @property
+    def wants_ticks(self) -> bool:
+        return any(p.wants_ticks for p in self.processors)
+
+    def setup(self, conn: sqlite3.Connection) -> None:
+        for proc in self.processors:
+            proc.setup(conn)
+
+    def run(self, conn: sqlite3.Connection, events: Sequence[Event], append: Append) -> None:
+        """Feed ``events`` (already given seqs in this transaction) through the chain. What each processor
+        emits is appended (seqs after everything so far) and fed to the processors after it."""
+        if not self.processors or not events:
+            return
+        feed = list(events)
+        for index, proc in enumerate(self.processors):
+            emitted = self._step(conn, proc, feed, functools.partial(proc.flush, conn))
+            if emitted:
+                new = append(emitted)
+                if index + 1 < len(self.processors):
+                    feed.extend(new)
+
+    def tick(self, conn: sqlite3.Connection, now: float, append: Append) -> None:
+        """Give each processor that wants ticks its turn; what it emits goes down the chain like any event."""
+        for index, proc in enumerate(self.processors):
+            if not proc.wants_ticks:
+                continue
+            emitted = self._step(conn, proc, [], functools.partial(proc.tick, conn, now))
+            if emitted:
+                new = append(emitted)
+                if index + 1 < len(self.processors):
+                    self._downstream(conn, index + 1, new, append)
+
+    def _downstream(self, conn: sqlite3.Connection, start: int, events: list[Event], append: Append) -> None:
+        feed = list(events)
+        for index in range(start, len(self.processors)):
+            proc = self.processors[index]
+            emitted = self._step(conn, proc, feed, functools.partial(proc.flush, conn))
+            if emitted:
+                feed.extend(append(emitted))
+
+    def rollback(self, conn: sqlite3.Connection) -> None:
+        """The commit failed: every processor forgets what it applied."""
+        for proc in self.processors:
+            proc.rollback(conn)
+
+    def reload(self, conn: sqlite3.Connection) -> None:
+        """A ``transact`` may have written the processors' tables: they read their state again."""
+        for proc in self.processors:
+            proc.reload(conn)
+
+    # --- isolation ----------------------------------------------------------------------------------------
+
+    def _step(
+        self,
+        conn: sqlite3.Connection,
+        proc: Processor,
+        feed: Sequence[Event],
+        write: Callable[[], Sequence[Emit]],
+    ) -> list[Emit]:
+        """Apply ``feed`` to ``proc``, then ``write`` (its flush or tick) inside a savepoint. An event it fails on
+        is skipped (the others are applied again on a reloaded state); a failing write is undone. Either way
+        the failure is counted, logged and, at most every ALERT_EVERY_S, reported."""
+        failed: list[tuple[Event | None, BaseException]] = []
+        conn.execute("SAVEPOINT processor")
+        try:
+            applied: list[Event] = []
+            for event in feed:
+                try:
+                    proc.apply(event)
+                except Exception as err:
+                    failed.append((event, err))
+                    if not self._replay(conn, proc, applied):
+                        applied = []
+                        break
+                else:
+                    applied.append(event)
+            try:
+                emitted = list(write())
+            except Exception as err:
+                failed.append((None, err))
+                conn.execute("ROLLBACK TO processor")
+                proc.reload(conn)
+                emitted = []
+        finally:
+            conn.execute("RELEASE processor")
+        if failed:
+            emitted.extend(self._report(proc, failed))
+        return emitted
+
+    @staticmethod
+    def _replay(conn: sqlite3.Connection, proc: Processor, applied: list[Event]) -> bool:
+        """Reload ``proc`` and apply again what it took before the failure; False if that fails too."""
+        proc.reload(conn)
+        try:
+            for event in applied:
+                proc.apply(event)
+        except Exception:
+            proc.reload(conn)
+            return False
+        return True
+
+    def _report(self, proc: Processor, failed: list[tuple[Event | None, BaseException]]) -> list[Emit]:
+        seqs = [event.seq for event, _ in failed if event is not None]
+        first_error = failed[0][1]
+        where = f"events {', '.join(map(str, seqs[:10]))}" if seqs else "writing its state"
+        _LOGGER.error(
+            "processor %s failed on %s (%d failure(s) in this commit); the events are committed, the processor"
+            " skipped them: %s",
+            proc.name,
+            where,
+            len(failed),
+            first_error,
+            exc_info=first_error,
+        )
+        if self._metrics is not None:
+            self._metrics.processor_errors.labels(proc.name).inc(len(failed))
+        state = self._failures.setdefault(proc.name, _Failure())
+        now = time.monotonic()
+        if state.last_alert is not None and now - state.last_alert < ALERT_EVERY_S:
+            return []
+        state.last_alert = now
+        alert = AlertRaised(
+            rule=FAILED_RULE,
+            severity="critical",
+            subject=proc.name[:64],
+            message=f"processor {proc.name} failed on {where}: {type(first_error).__name__}: {first_error}"[
+                :500
+            ],
+            details={"seqs": seqs[:100], "failures": len(failed), "error": type(first_error).__name__},
+        )
+        return [Emit(alert)]
