@@ -366,12 +366,12 @@ def _provision(config_path: Path, out: Path, rotate: list[str], gateway_password
         provision,
         read_secret,
     )
-    from gateway.config_loader import ConfigError, _Loader
+    from gateway.config_loader import ConfigError, load_config
 
     try:
         # Without secrets: provisioning reads none of them, and may run where they are not (systemd hands the
         # gateway its secrets only while it runs).
-        config = _Loader(config_path, os.environ, no_secrets=True).load()
+        config = load_config(config_path, no_secrets=True)
     except ConfigError as err:
         print(err, file=sys.stderr)
         print(

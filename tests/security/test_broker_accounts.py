@@ -28,7 +28,7 @@ from pydantic import SecretStr
 
 from gateway.broker_accounts import BROKER_MAX_PACKET_BYTES, provision, too_large_for_broker
 from gateway.config import GatewayConfig
-from gateway.config_loader import _Loader
+from gateway.config_loader import load_config
 from gateway.kernel.config import BrokerConfig, TlsConfig
 from gateway.kernel.mqtt_client import Message, MqttClient, MqttError
 from tests.harness.brokers import Mosquitto, free_port
@@ -120,7 +120,7 @@ def store_config(folder: Path) -> Path:
 
 def load(config: Path) -> GatewayConfig:
     """The config as ``broker provision`` reads it: without its secrets."""
-    return _Loader(config, {}, no_secrets=True).load()
+    return load_config(config, {}, no_secrets=True)
 
 
 def shipped_conf(folder: Path, plain_port: int, tls_port: int) -> str:
