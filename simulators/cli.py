@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import sys
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Final
 
 from gateway.kernel.config import BrokerConfig
+from gateway.kernel.mqtt_client import MqttError
 
 SIMULATORS: Final[dict[str, tuple[str, str]]] = {
     "pos": ("simulators.pos", "POS terminals publishing sales and returns to the store broker (MQTT)."),
@@ -43,6 +45,24 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
 
 def broker_from(args: argparse.Namespace) -> BrokerConfig:
     return BrokerConfig(host=args.host, port=args.port, protocol=args.protocol)
+
+
+def publish_main(
+    name: str,
+    args: argparse.Namespace,
+    run: Callable[[BrokerConfig], Coroutine[Any, Any, int]],
+    what: str,
+    expected: int,
+) -> int:
+    """Run a device simulator against the broker its arguments name: 0 when the broker acknowledged all
+    ``expected`` messages, 1 when it did not or could not be reached."""
+    try:
+        acked = asyncio.run(run(broker_from(args)))
+    except (MqttError, OSError) as err:
+        print(f"{name}: cannot publish to {args.host}:{args.port}: {err}")
+        return 1
+    print(f"{name} {args.device_id}: {acked} {what} acknowledged by the broker")
+    return 0 if acked == expected else 1
 
 
 def usage() -> str:

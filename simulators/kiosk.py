@@ -14,15 +14,15 @@ import argparse
 import asyncio
 import base64
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Final
+from typing import Any, Final
 
 import orjson
 
 from gateway.kernel.config import BrokerConfig
-from gateway.kernel.mqtt_client import MqttClient, MqttError
-from simulators.cli import add_broker_arguments, broker_from
+from gateway.kernel.mqtt_client import MqttClient
+from simulators.cli import add_broker_arguments, publish_main
 
 DEFAULT_TOPIC_TEMPLATE: Final = "store/kiosk/{device_id}/checkin"
 HKT: Final = timezone(timedelta(hours=8), "HKT")
@@ -127,21 +127,16 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
     """``store-gateway simulate kiosk ...``: 0 when every check-in was acknowledged by the broker."""
     args = _parser().parse_args(list(argv))
-    broker = broker_from(args)
-    try:
-        acked = asyncio.run(
-            run_kiosk(
-                broker,
-                args.device_id,
-                count=args.count,
-                rate_per_s=args.rate,
-                bad_every=args.bad_every,
-                seed=args.seed,
-                topic_template=args.topic_template,
-            )
+
+    def run(broker: BrokerConfig) -> Coroutine[Any, Any, int]:
+        return run_kiosk(
+            broker,
+            args.device_id,
+            count=args.count,
+            rate_per_s=args.rate,
+            bad_every=args.bad_every,
+            seed=args.seed,
+            topic_template=args.topic_template,
         )
-    except (MqttError, OSError) as err:
-        print(f"kiosk: cannot publish to {args.host}:{args.port}: {err}")
-        return 1
-    print(f"kiosk {args.device_id}: {acked} check-ins acknowledged by the broker")
-    return 0 if acked == args.count else 1
+
+    return publish_main("kiosk", args, run, "check-ins", args.count)

@@ -13,15 +13,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Coroutine, Sequence
+from typing import Any, Final
 
 import orjson
 
 from drivers.epc import encode_sgtin96
 from gateway.kernel.config import BrokerConfig
-from gateway.kernel.mqtt_client import MqttClient, MqttError
-from simulators.cli import add_broker_arguments, broker_from
+from gateway.kernel.mqtt_client import MqttClient
+from simulators.cli import add_broker_arguments, publish_main
 
 DEFAULT_TOPIC_TEMPLATE: Final = "store/rfid/{device_id}/reads"
 GTINS: Final = ("80614141123458", "04890008100309", "09501101530003")
@@ -124,21 +124,16 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
     """``store-gateway simulate rfid-shelf ...``: 0 when every scan was acknowledged by the broker."""
     args = _parser().parse_args(list(argv))
-    broker = broker_from(args)
-    try:
-        acked = asyncio.run(
-            run_shelf(
-                broker,
-                args.device_id,
-                scans=args.scans,
-                interval_s=args.interval,
-                tags=args.tags,
-                seed=args.seed,
-                topic_template=args.topic_template,
-            )
+
+    def run(broker: BrokerConfig) -> Coroutine[Any, Any, int]:
+        return run_shelf(
+            broker,
+            args.device_id,
+            scans=args.scans,
+            interval_s=args.interval,
+            tags=args.tags,
+            seed=args.seed,
+            topic_template=args.topic_template,
         )
-    except (MqttError, OSError) as err:
-        print(f"rfid-shelf: cannot publish to {args.host}:{args.port}: {err}")
-        return 1
-    print(f"rfid-shelf {args.device_id}: {acked} scans acknowledged by the broker")
-    return 0 if acked == args.scans else 1
+
+    return publish_main("rfid-shelf", args, run, "scans", args.scans)

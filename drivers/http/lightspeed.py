@@ -24,7 +24,17 @@ from urllib.parse import parse_qs
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from drivers.errors import DecodeError
-from drivers.http.mapped import Ignored, Kind, Mapped, Outcome, load_json, parse_time, printable, validate
+from drivers.http.mapped import (
+    Ignored,
+    Kind,
+    Mapped,
+    Outcome,
+    load_json,
+    parse_time,
+    printable,
+    sale_and_return,
+    validate,
+)
 from gateway.kernel.events import PosReturn, PosSale
 
 COMPLETED: Final = frozenset({"CLOSED", "ONACCOUNT_CLOSED", "LAYBY_CLOSED"})
@@ -113,16 +123,12 @@ def map_lightspeed(raw: bytes, currency: str) -> Outcome:
     if not sold and not returned:
         raise DecodeError("invalid", "payload.register_sale_products: no line with a quantity")
     occurred_at = parse_time(sale.sale_date)
-    exchange = bool(sold) and bool(returned)
-    out: list[Mapped] = []
-    halves: tuple[tuple[Kind, list[SaleProduct]], ...] = (("pos.sale", sold), ("pos.return", returned))
-    for kind, lines in halves:
-        if lines:
-            try:
-                out.append(_event(sale, kind, lines, currency, occurred_at, exact_totals=not exchange))
-            except ArithmeticError as err:  # the Number bounds should leave none: still only DecodeError
-                raise DecodeError("invalid", f"payload: arithmetic: {err!r}") from err
-    return out
+    return sale_and_return(
+        sold,
+        returned,
+        lambda kind, lines, exact: _event(sale, kind, lines, currency, occurred_at, exact_totals=exact),
+        "payload",
+    )
 
 
 def _event(

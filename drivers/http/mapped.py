@@ -28,6 +28,7 @@ _FRACTION: Final = re.compile(r"(\.\d{6})\d+")
 """Square writes nanoseconds; datetime takes microseconds."""
 
 M = TypeVar("M", bound=BaseModel)
+L = TypeVar("L")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,25 @@ class Ignored:
 
 Outcome = list[Mapped] | Ignored
 Mapper = Callable[[bytes], Outcome]
+
+
+def sale_and_return(
+    sold: list[L], returned: list[L], event: Callable[[Kind, list[L], bool], Mapped], where: str
+) -> list[Mapped]:
+    """The ``pos.sale`` of the lines sold and the ``pos.return`` of the lines returned, each if any.
+
+    An exchange (both in one document) becomes both events, and each one's totals are then its own lines' (the
+    third argument of ``event``, ``exact_totals``, is False): the document's totals cover the two together."""
+    exact_totals = not (sold and returned)
+    out: list[Mapped] = []
+    halves: tuple[tuple[Kind, list[L]], ...] = (("pos.sale", sold), ("pos.return", returned))
+    for kind, lines in halves:
+        if lines:
+            try:
+                out.append(event(kind, lines, exact_totals))
+            except ArithmeticError as err:  # the models' number bounds should leave none: still a DecodeError
+                raise DecodeError("invalid", f"{where}: arithmetic: {err!r}") from err
+    return out
 
 
 def load_json(raw: bytes | str) -> Any:

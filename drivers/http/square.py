@@ -23,7 +23,17 @@ from typing import Annotated, Any, Final
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from drivers.errors import DecodeError
-from drivers.http.mapped import Ignored, Kind, Mapped, Outcome, load_json, parse_time, printable, validate
+from drivers.http.mapped import (
+    Ignored,
+    Kind,
+    Mapped,
+    Outcome,
+    load_json,
+    parse_time,
+    printable,
+    sale_and_return,
+    validate,
+)
 from gateway.kernel.events import PosReturn, PosSale
 
 ORDER_EVENTS: Final = frozenset({"order.created", "order.updated"})
@@ -134,16 +144,12 @@ def map_square(raw: bytes, register_id: str | None = None) -> Outcome:
         return Ignored("no catalog items (custom amounts only)")
     occurred_at = parse_time(order.closed_at or order.updated_at)
     register = register_id or order.location_id
-    exchange = bool(sold) and bool(returned)
-    out: list[Mapped] = []
-    halves: tuple[tuple[Kind, list[LineItem]], ...] = (("pos.sale", sold), ("pos.return", returned))
-    for kind, lines in halves:
-        if lines:
-            try:
-                out.append(_event(order, kind, lines, register, occurred_at, exact_totals=not exchange))
-            except ArithmeticError as err:  # the bounds below should leave none: still only DecodeError
-                raise DecodeError("invalid", f"data.object.order: arithmetic: {err!r}") from err
-    return out
+    return sale_and_return(
+        sold,
+        returned,
+        lambda kind, lines, exact: _event(order, kind, lines, register, occurred_at, exact_totals=exact),
+        "data.object.order",
+    )
 
 
 def _event(
