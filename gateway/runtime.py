@@ -26,10 +26,10 @@ from gateway.config import GatewayConfig
 from gateway.kernel.clock import ClockState
 from gateway.kernel.clock_watch import ClockWatcher
 from gateway.kernel.journal import STALL_S, Draft, Journal, JournalCorruptError, JournalError
+from gateway.kernel.journal.datadir import DataDirBusyError, DataDirLock
 from gateway.kernel.logs import register_secret
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.outbox import CLASSES
-from gateway.kernel.recovery import DataDirBusyError, DataDirLock
 from gateway.ledger.commands import ledger_handlers
 from gateway.ledger.stock import StockLedger
 

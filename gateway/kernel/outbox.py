@@ -1,6 +1,6 @@
 """Outbox bookkeeping: which class an event kind belongs to, per-class counters, and eviction order.
 
-Pure code: the journal (gateway/kernel/journal.py) runs it on its writer thread inside its transactions. The
+Pure code: the journal (gateway/kernel/journal/) runs it on its writer thread inside its transactions. The
 contract is docs/OUTBOX.md.
 """
 

@@ -19,21 +19,19 @@ import pytest
 from gateway.kernel import journal as journal_module
 from gateway.kernel.events import AlertRaised
 from gateway.kernel.journal import JournalCorruptError, JournalError
-from gateway.kernel.recovery import (
+from gateway.kernel.journal import health as journal_health
+from gateway.kernel.journal import opening as journal_opening
+from gateway.kernel.journal.datadir import LOCK_FILE, SEQ_FILE, DataDirBusyError, DataDirLock, SeqReservation
+from gateway.kernel.journal.recovery import (
     DAMAGE_MARK,
-    LOCK_FILE,
-    SEQ_FILE,
-    DataDirBusyError,
-    DataDirLock,
-    SeqReservation,
     corrupt_alert,
     mark_damaged,
     move_aside,
     probe,
     read_damage_mark,
-    salvage_delivered,
-    salvage_last_seq,
 )
+from gateway.kernel.journal.salvage import salvage_delivered, salvage_last_seq
+from gateway.kernel.outbox import CLASSES
 from tests.gateway.test_journal import new_journal, running
 from tests.harness.pos_drafts import pos_draft
 
@@ -664,7 +662,7 @@ async def test_a_start_on_a_full_disk_never_caps_the_journal_below_what_it_holds
             (st.f_bsize, st.f_frsize, st.f_blocks, 0, 0, st.f_files, 0, 0, 0, st.f_namemax)
         )
 
-    monkeypatch.setattr(journal_module.os, "statvfs", no_room)
+    monkeypatch.setattr(os, "statvfs", no_room)
     for _ in range(3):
         again = new_journal(tmp_path)
         async with running(again):
@@ -691,7 +689,7 @@ async def test_no_seq_is_committed_past_a_reservation_that_cannot_be_written(
     writing gets past, root included): commits go on inside the reservation already on disk, then intake waits
     unacknowledged, and resumes once the file can be written. The stall then ends only after RECOVERED_S of
     good commits, its length frozen meanwhile (a blip that healed never turns into a 503 later)."""
-    monkeypatch.setattr(journal_module, "RECOVERED_S", 3600.0)
+    monkeypatch.setattr(journal_health, "RECOVERED_S", 3600.0)
     journal = new_journal(tmp_path)
     journal._reservation = SeqReservation(tmp_path, block=10)
     blocker = tmp_path / (SEQ_FILE + ".tmp")
@@ -714,7 +712,7 @@ async def test_no_seq_is_committed_past_a_reservation_that_cannot_be_written(
         assert frozen is not None
         await asyncio.sleep(0.05)
         assert journal.stall == frozen
-        monkeypatch.setattr(journal_module, "RECOVERED_S", 0.0)
+        monkeypatch.setattr(journal_health, "RECOVERED_S", 0.0)
         assert journal.stall is None
     assert SeqReservation(tmp_path).load() >= journal.last_seq
 
@@ -798,7 +796,7 @@ async def test_a_replacement_cut_short_anywhere_is_finished_by_the_next_start(
         raise KeyboardInterrupt("power cut")
 
     target = "connect" if cut == "before_the_fresh_journal" else "clear_damage_mark"
-    monkeypatch.setattr(journal_module, target, power_cut)
+    monkeypatch.setattr(journal_opening, target, power_cut)
     with pytest.raises(KeyboardInterrupt):
         await new_journal(tmp_path).open()
     monkeypatch.undo()
@@ -828,7 +826,7 @@ async def test_a_damaged_page_read_by_the_uplink_stops_the_journal(tmp_path: Pat
     _garble_page(damaged.path, _middle_events_leaf(damaged.path))  # after the start-up probe
     try:
         with pytest.raises(sqlite3.DatabaseError):
-            await damaged.read_class(journal_module.CLASSES.index("transaction"), 0, 1000, 10**8)
+            await damaged.read_class(CLASSES.index("transaction"), 0, 1000, 10**8)
         assert damaged.corrupt is not None
         assert damaged.stall is not None
         assert damaged.stall[0] == "journal_corrupt"

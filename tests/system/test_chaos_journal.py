@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.kernel.recovery import LOCK_FILE, SEQ_FILE
+from gateway.kernel.journal.datadir import LOCK_FILE, SEQ_FILE
 from simulators.pos import SimulationResult, run_terminals
 from tests.harness.brokers import Mosquitto, free_port
 from tests.harness.e2e_helpers import (

@@ -1,0 +1,235 @@
+"""Named reads of the journal, so that nothing outside it writes SQL against its tables.
+
+:class:`Reader` is the journal's own read side: one read-only connection on its own thread (WAL lets it run
+beside the writer), for the uplink, the downlink and tests. The ``*_page`` and :func:`receipt_rows` functions
+serve the local API: each opens a short-lived read-only connection of its own, so any thread may call them
+(FastAPI's threadpool), and raises ``sqlite3.Error`` when the journal cannot be read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Final
+
+from gateway.kernel.journal.recovery import is_damage
+from gateway.kernel.journal.store import connect
+
+SYNCED_TIME: Final = (
+    "SELECT recorded_at FROM events WHERE instr(body, '\"clock_synced\":true') > 0 ORDER BY seq DESC LIMIT 1"
+)
+"""The newest event stamped by a synchronised clock."""
+
+
+class Reader:
+    """Reads on the journal's reader thread; a damaged page found by a read declares the journal corrupt."""
+
+    def __init__(self, path: Path, on_damage: Callable[[str], None]) -> None:
+        self._path = path
+        self._on_damage = on_damage
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-reader")
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._conn = await loop.run_in_executor(self._pool, connect, self._path, "NORMAL", True)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._conn.close)
+        self._pool.shutdown(wait=True)
+
+    async def read_class(
+        self, cls: int, after_seq: int, max_events: int, max_bytes: int
+    ) -> list[tuple[int, bytes]]:
+        """Committed events of one class with seq > after_seq, in order, within the budgets (at least one)."""
+        return await self._read(
+            "SELECT seq, body FROM events WHERE cls=? AND seq>? ORDER BY seq LIMIT ?",
+            (cls, after_seq, max_events),
+            max_bytes,
+        )
+
+    async def read_range(
+        self, first: int, last: int, max_events: int, max_bytes: int
+    ) -> list[tuple[int, bytes]]:
+        """Events (any class) with first <= seq <= last still on disk, in order, within the budgets."""
+        return await self._read(
+            "SELECT seq, body FROM events WHERE seq>=? AND seq<=? ORDER BY seq LIMIT ?",
+            (first, last, max_events),
+            max_bytes,
+        )
+
+    async def seqs_between(self, first: int, last: int) -> list[int]:
+        """The seqs first..last (inclusive) still on disk, in order (no bodies)."""
+        rows = await self.query("SELECT seq FROM events WHERE seq>=? AND seq<=? ORDER BY seq", (first, last))
+        return [int(row[0]) for row in rows]
+
+    async def last_synced_recorded_at(self) -> str | None:
+        """``recorded_at`` of the newest event stamped while the clock was synchronised, or None."""
+        rows = await self.query(SYNCED_TIME)
+        return str(rows[0][0]) if rows else None
+
+    async def seq_of_dedup_key(self, key: str) -> int | None:
+        """The seq of the stored event committed under dedup key ``key``, or None (never, or removed since)."""
+        rows = await self.query("SELECT seq FROM events WHERE dedup_key=?", (key,))
+        return int(rows[0][0]) if rows else None
+
+    async def stock_on_hand(self, sku: str) -> Any:
+        """The stock ledger's on-hand quantity of ``sku`` as stored (its table lives in the journal), or None."""
+        rows = await self.query("SELECT on_hand FROM stock WHERE sku=?", (sku,))
+        return rows[0][0] if rows else None
+
+    def dedup_seq(self, key: str) -> int | None:
+        """The seq committed under ``key`` within the dedup retention (its event may be gone), or None. Reader
+        thread: call from :meth:`query`'s executor, or tests."""
+        conn = self._conn
+        assert conn is not None
+        row = conn.execute("SELECT seq FROM idempotency WHERE key = ?", (key,)).fetchone()
+        return None if row is None else int(row[0])
+
+    async def _read(self, sql: str, params: tuple[int, ...], max_bytes: int) -> list[tuple[int, bytes]]:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, self._read_sync, sql, params, max_bytes)
+        except sqlite3.Error as err:
+            # A damaged page in the backlog: retrying the read for ever would hold HQ's copy back silently. The
+            # journal is replaced like one damaged under a commit (what is still readable is salvaged).
+            if is_damage(err):
+                self._on_damage(f"reading events: {err}")
+            raise
+
+    def _read_sync(self, sql: str, params: tuple[int, ...], max_bytes: int) -> list[tuple[int, bytes]]:
+        assert self._conn is not None
+        out: list[tuple[int, bytes]] = []
+        total = 0
+        cur = self._conn.execute(sql, params)
+        for seq, body in cur:
+            if out and total + len(body) > max_bytes:
+                break
+            out.append((seq, body))
+            total += len(body)
+        cur.close()
+        return out
+
+    async def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """A read-only query on the reader connection (tests and the demo)."""
+        loop = asyncio.get_running_loop()
+        conn = self._conn
+        assert conn is not None
+        return await loop.run_in_executor(self._pool, lambda: conn.execute(sql, params).fetchall())
+
+
+# --- the local API's reads (a connection of their own per call) ---------------------------------------------
+
+_RECEIPT_EVENTS: Final = (
+    "SELECT e.seq, e.id, e.kind, e.device_id, e.recorded_at, e.cls, e.body, s.delivered_seq"
+    " FROM events e LEFT JOIN outbox_state s ON s.cls = e.cls"
+    " WHERE e.kind IN ('pos.sale', 'pos.return') AND {test} ORDER BY e.seq LIMIT ?"
+)
+"""Sales and returns (index events_kind), matched on their body, with their class's delivered watermark."""
+_OWN_RECEIPT: Final = _RECEIPT_EVENTS.format(
+    test="e.device_id = ? AND json_extract(CAST(e.body AS TEXT), '$.data.receipt_no') = ?"
+)
+_RETURNS_OF: Final = _RECEIPT_EVENTS.format(
+    test="e.kind = 'pos.return' AND json_extract(CAST(e.body AS TEXT), '$.data.original_receipt_no') = ?"
+)
+
+ReceiptRow = tuple[int, str, str, str | None, str, int, bytes, int | None]
+"""seq, id, kind, device_id, recorded_at, class, body, the class's delivered watermark (persisted)."""
+StockRow = tuple[str, Any, Any, int, int]
+"""sku, on_hand, safety_stock, updated_seq, low (the stock ledger's table, stored in the journal)."""
+QuarantineRow = tuple[int, str, str, str | None, str | None, str, str | None, int, bytes | str | None]
+"""qid, received_at, driver, device_id, topic, reason, detail, size, payload (its first bytes)."""
+
+
+@contextlib.contextmanager
+def snapshot(db_uri: str) -> Iterator[sqlite3.Connection]:
+    """A fresh read-only connection to the journal at ``db_uri`` (``file:...?mode=ro``; 0.3 ms to open): no
+    state shared between threads."""
+    with contextlib.closing(sqlite3.connect(db_uri, uri=True, timeout=5.0)) as conn:
+        yield conn
+
+
+def events_page(
+    db_uri: str,
+    kind: str | None,
+    device_id: str | None,
+    after_seq: int | None,
+    limit: int,
+    max_bytes: int,
+) -> list[bytes]:
+    """Event bodies, newest first; with ``after_seq``, oldest first from just after it (paging forward). Stops
+    early, after at least one body, once ``max_bytes`` would be passed."""
+    where: list[str] = []
+    params: list[Any] = []
+    if kind is not None:
+        where.append("kind = ?")
+        params.append(kind)
+    if device_id is not None:
+        where.append("device_id = ?")
+        params.append(device_id)
+    if after_seq is not None:
+        where.append("seq > ?")
+        params.append(after_seq)
+    sql = "SELECT body FROM events"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY seq DESC LIMIT ?" if after_seq is None else " ORDER BY seq ASC LIMIT ?"
+    params.append(limit)
+    bodies: list[bytes] = []
+    total = 0
+    with snapshot(db_uri) as conn:
+        for (body,) in conn.execute(sql, params):
+            data = body.encode("utf-8") if isinstance(body, str) else body
+            if bodies and total + len(data) > max_bytes:
+                break
+            bodies.append(data)
+            total += len(data)
+    return bodies
+
+
+def stock_page(
+    db_uri: str, sku: str | None, low_only: bool, after_sku: str | None, limit: int
+) -> list[StockRow]:
+    """One page of the stock ledger in SKU order, after ``after_sku`` when given."""
+    sql = "SELECT sku, on_hand, safety_stock, updated_seq, low FROM stock"
+    where: list[str] = []
+    params: list[Any] = []
+    if sku is not None:
+        where.append("sku = ?")
+        params.append(sku)
+    if low_only:
+        where.append("low != 0")
+    if after_sku is not None:
+        where.append("sku > ?")
+        params.append(after_sku)
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    with snapshot(db_uri) as conn:
+        return conn.execute(sql + " ORDER BY sku LIMIT ?", [*params, limit]).fetchall()
+
+
+def quarantine_page(db_uri: str, limit: int) -> list[QuarantineRow]:
+    """The most recent quarantined messages first."""
+    with snapshot(db_uri) as conn:
+        return conn.execute(
+            "SELECT qid, received_at, driver, device_id, topic, reason, detail, size, payload"
+            " FROM quarantine ORDER BY qid DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+
+
+def receipt_rows(
+    db_uri: str, device_id: str, receipt_no: str, max_events: int
+) -> tuple[list[ReceiptRow], list[ReceiptRow]]:
+    """From one snapshot: the sales and returns of ``device_id`` with this receipt number, and (if there is one)
+    the returns of any device naming it as ``original_receipt_no``; at most ``max_events`` of each."""
+    with snapshot(db_uri) as conn:
+        conn.execute("BEGIN")  # one snapshot for both reads and the watermarks
+        own = conn.execute(_OWN_RECEIPT, (device_id, receipt_no, max_events)).fetchall()
+        returns = conn.execute(_RETURNS_OF, (receipt_no, max_events)).fetchall() if own else []
+    return own, returns

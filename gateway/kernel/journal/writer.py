@@ -1,0 +1,575 @@
+"""The writer: intake queue, group commit on the journal's writer thread, and the processor host.
+
+Drivers hand the journal :class:`~gateway.kernel.journal.items.Draft` events and
+:class:`~gateway.kernel.journal.items.Rejected` messages. The writer takes what has queued (up to
+``commit_max_events``), and in ONE transaction: drops redeliveries already committed (by ``dedup_key``), gives
+each new event the next ``seq``, stores the envelope bytes, stores rejects in the quarantine, runs the
+processors (the stock ledger) which may add derived events, and records the last seq. Only after COMMIT
+returns does it call each item's ``ack`` (the MQTT PUBACK): acknowledge-after-commit.
+
+Every call into a :class:`Processor` is here: ``setup`` at open, ``apply``/``flush`` inside a commit batch,
+``rollback`` after a failed batch and after :meth:`Writer.transact`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Final, Protocol, TypeVar
+
+import orjson
+
+from gateway.kernel.clock import BOOT_ID
+from gateway.kernel.events import SCHEMA_VERSION, uuid7
+from gateway.kernel.journal.backlog import DISK_CHECK_S, Backlog
+from gateway.kernel.journal.items import (
+    Committed,
+    Draft,
+    Extra,
+    Rejected,
+    Row,
+    as_rejected,
+    merge,
+)
+from gateway.kernel.journal.recovery import is_damage
+from gateway.kernel.journal.store import (
+    PENDING_ALERT,
+    JournalCorruptError,
+    SeqReservationError,
+    disk_full,
+    drop_redeliveries,
+    insert_quarantine,
+    write_state,
+)
+from gateway.kernel.outbox import TELEMETRY
+
+_LOGGER = logging.getLogger("gateway.kernel.journal")  # one log name for the whole journal
+
+T = TypeVar("T")
+
+
+QUEUE_LIMIT: Final = 100_000
+"""Items waiting for a commit. QoS 1 intake is bounded far below this by MQTT flow control (receive maximum)."""
+ACK_ONLY_DELAY_S: Final = 0.05
+"""A commit that would only record HQ acknowledgements waits this long for intake to join it (SD wear)."""
+
+
+class Processor(Protocol):
+    """Runs inside the commit transaction (the stock ledger; later the rule engine)."""
+
+    def setup(self, conn: sqlite3.Connection) -> None: ...
+
+    def apply(self, seq: int, draft: Draft) -> None: ...
+
+    def flush(self, conn: sqlite3.Connection, first_seq: int, last_seq: int) -> list[Draft]:
+        """Write state changed since the last flush; return derived events to commit in the same transaction."""
+        ...
+
+    def rollback(self, conn: sqlite3.Connection) -> None:
+        """The transaction failed: reload in-memory state from the database."""
+        ...
+
+
+class Writer(Backlog):
+    """Intake, the group commit and the processors."""
+
+    def _setup(self) -> None:
+        super()._setup()
+        self._intake = asyncio.Event()
+        """Set when an item arrives in an empty queue (ends an acks-only commit's wait for company)."""
+        self._listeners: list[Callable[[Committed], None]] = []
+        self._busy = False
+        self._resume_waiters: list[tuple[int, Callable[[], None]]] = []
+        self._commit_done = asyncio.Event()
+        self._submitted = 0
+        self._finished = 0
+        self._replaced_draft: Draft | None = None
+        """The draft of the replacement alert: committing it clears the alert kept in ``meta``."""
+        prefix = orjson.dumps({"store_id": self._store_id, "gateway_id": self._gateway_id})
+        self._ids_json = prefix[1:-1]
+
+    def _setup_processors(self, conn: sqlite3.Connection) -> None:
+        """At open, before anything is committed: each processor creates its tables and loads its state."""
+        for proc in self._processors:
+            proc.setup(conn)
+
+    # --- intake -----------------------------------------------------------------------------------
+
+    def submit(self, item: Draft | Rejected) -> bool:
+        """Queue an item for the next commit. False (and nothing queued) if the journal is over its limit."""
+        if len(self._queue) >= QUEUE_LIMIT or self._stopping or self.corrupt is not None:
+            return False
+        if isinstance(item, Draft):
+            if len(item.data_json) > self._config.max_payload_bytes:
+                limit = self._config.max_payload_bytes
+                detail = f"event body {len(item.data_json)} bytes > journal.max_payload_bytes {limit}"
+                item = as_rejected(item, ValueError(detail), reason="too_large")
+            elif self.disk_low and self.kind_class(item.kind) == TELEMETRY:
+                # Low disk: telemetry gives way to transactions. Acknowledged, counted, reported to HQ.
+                self._refused += 1
+                self._refused_bytes += len(item.data_json)
+                self._metrics.outbox_refused.inc()
+                if item.ack is not None:
+                    item.ack()
+                return True
+        self._queue.append(item)
+        if self._waiting_since is None:
+            self._waiting_since = time.monotonic()
+        self._submitted += 1
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+        if len(self._queue) == 1:
+            self._intake.set()
+        return True
+
+    def discard(self, origin: object) -> int:
+        """Drop queued items that came in on ``origin``, a connection that died: their acknowledgements can no
+        longer reach the broker, which redelivers them to the next session. Returns how many were dropped."""
+        kept = deque(item for item in self._queue if item.origin is not origin or origin is None)
+        dropped = len(self._queue) - len(kept)
+        if dropped:
+            self._queue = kept
+            if not kept:
+                self._waiting_since = None
+            self._finished += dropped
+            self._commit_done.set()
+        return dropped
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    @property
+    def high_water(self) -> int:
+        """Drivers stop reading from their devices while this many items wait for a commit."""
+        return self._config.commit_max_events
+
+    def when_below(self, level: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, after a commit leaves fewer than ``level`` items waiting."""
+        self._resume_waiters.append((level, callback))
+
+    def _wake_waiters(self) -> None:
+        if not self._resume_waiters:
+            return
+        pending = len(self._queue)
+        ready = [cb for level, cb in self._resume_waiters if pending < level]
+        self._resume_waiters = [(lv, cb) for lv, cb in self._resume_waiters if pending >= lv]
+        for callback in ready:
+            callback()
+
+    def add_listener(self, listener: Callable[[Committed], None]) -> None:
+        self._listeners.append(listener)
+
+    async def flush(self) -> None:
+        """Wait until everything submitted before this call is committed (and acknowledged), or discarded, and
+        the acknowledgements noted so far are persisted. Later submissions do not extend the wait. The writer
+        must be running."""
+        target = self._submitted
+        acks = self._ack_gen
+        while self._finished < target or self._ack_gen_persisted < acks:
+            self._commit_done.clear()
+            await self._commit_done.wait()
+
+    async def transact(self, work: Callable[[sqlite3.Connection], tuple[T, list[Draft]]]) -> T:
+        """Run ``work(conn)`` in its own transaction on the writer thread, between group commits; the drafts it
+        returns are committed in the same transaction. On any error everything rolls back (processors reload
+        their state) and the error is raised. After success, processors reload too (``work`` may have changed
+        their tables, e.g. stock thresholds)."""
+        loop = asyncio.get_running_loop()
+        box: list[T] = []
+
+        def run(conn: sqlite3.Connection) -> list[Draft]:
+            result, drafts = work(conn)
+            box.append(result)
+            return drafts
+
+        committed = await loop.run_in_executor(self._writer, self._transact_sync, run)
+        if committed is not None:
+            self._publish(committed)
+        return box[0]
+
+    def _transact_sync(self, run: Callable[[sqlite3.Connection], list[Draft]]) -> Committed | None:
+        committed = self._commit_batch([], {}, lambda conn, _work, _moved: run(conn))
+        conn = self._conn
+        assert conn is not None
+        for proc in self._processors:
+            proc.rollback(conn)
+        return committed
+
+    # --- the writer ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The writer loop: group-commit what has queued until cancelled; then commit what is left. Between
+        commits it enforces the disk budget and, every ``housekeeping_interval_s``, TTLs and the quarantine cap."""
+        loop = asyncio.get_running_loop()
+        delay = self._config.commit_max_delay_ms / 1000
+        idle = min(DISK_CHECK_S, self._outbox.housekeeping_interval_s)
+        try:
+            while True:
+                if self.corrupt is not None:
+                    raise JournalCorruptError(f"journal {self.path} is damaged: {self.corrupt}")
+                # First thing at start (disk check, TTL), then after every commit or idle second.
+                try:
+                    await self._maintain(loop)
+                except sqlite3.Error as err:
+                    if is_damage(err):
+                        self.declare_corrupt(str(err))
+                        continue
+                    _LOGGER.error("outbox housekeeping failed, retrying later: %s", err)
+                except Exception:  # a bug here must not stop the journal: log it, keep committing
+                    _LOGGER.exception("outbox housekeeping failed, retrying later")
+                if self._queue:
+                    self._wakeup.set()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(idle):
+                        await self._wakeup.wait()
+                if self._wakeup.is_set():
+                    if not self._queue and self._acks and not self._stopping:
+                        # Only HQ acknowledgements to record: give intake a moment to share the commit
+                        # (one fsync instead of two; the uplink's window holds those batches meanwhile).
+                        self._intake.clear()
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(ACK_ONLY_DELAY_S):
+                                await self._intake.wait()  # the first intake item ends the wait
+                    if delay and len(self._queue) < self._config.commit_max_events:
+                        await asyncio.sleep(delay)
+                    self._wakeup.clear()
+                    await self._commit_once(loop)
+        finally:
+            self._stopping = True
+            await asyncio.shield(self._drain(loop))
+
+    async def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.corrupt is not None:
+            _LOGGER.error("journal damaged: %d uncommitted items left (never acknowledged)", len(self._queue))
+            return
+        for _ in range(3 + len(self._queue) // self._config.commit_max_events):
+            if not self._queue and not self._acks:
+                return
+            await self._commit_once(loop)
+        if self._queue:
+            _LOGGER.error("journal stopped with %d uncommitted items (never acknowledged)", len(self._queue))
+
+    async def _commit_once(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        extra: Extra | None = None,
+        intake: bool = True,
+    ) -> None:
+        """One group commit. ``intake=False`` leaves queued items for the next one (a pruning step on a low
+        disk must not fail for the space the sales would take)."""
+        if self.corrupt is not None:
+            return  # a damaged file commits nothing more: what waits is never acknowledged, and is redelivered
+        n = min(len(self._queue), self._config.commit_max_events) if intake else 0
+        items = [self._queue.popleft() for _ in range(n)]
+        acks, self._acks = self._acks, {}
+        ack_gen = self._ack_gen
+        if not items and not acks and extra is None:
+            return
+        started = time.perf_counter()
+        self._busy = True
+        cancelled: asyncio.CancelledError | None = None
+        leftover: list[Draft | Rejected] = []
+        result: Committed | None = None
+        acks_written = False
+        try:
+            future = loop.run_in_executor(self._writer, self._commit_sync, items, acks, extra)
+            while True:
+                try:
+                    result, leftover = await asyncio.shield(future)
+                    # Acks were written by the first transaction, which committed.
+                    self._ack_gen_persisted = max(self._ack_gen_persisted, ack_gen)
+                    acks_written = bool(acks)
+                    break
+                except asyncio.CancelledError as err:
+                    # Once the thread may COMMIT, its acks must follow: finish the bookkeeping, then stop.
+                    cancelled = err
+        except sqlite3.Error as err:
+            result, leftover = None, items
+            if (
+                acks
+                and items
+                and (disk_full(err) or isinstance(err, SeqReservationError))
+                and not is_damage(err)
+            ):
+                # HQ's acknowledgements must get to disk even when intake cannot: they are what lets the uplink
+                # move on and the delivered events be pruned to make room. Tried alone, they need one page.
+                acks_written, stop = await self._commit_acks_alone(loop, acks)
+                cancelled = cancelled or stop
+                if acks_written:
+                    self._ack_gen_persisted = max(self._ack_gen_persisted, ack_gen)
+            self._commit_failed(err, {} if acks_written else acks)
+        finally:
+            self._busy = False
+        if items and len(leftover) < len(items):
+            self._waiting_since = time.monotonic() if self._queue or leftover else None
+        if leftover:
+            # Nothing of the leftover was committed or acknowledged: put it back in order, retry after a pause.
+            self._queue.extendleft(reversed(leftover))
+            items = items[: len(items) - len(leftover)]
+            self._failing = True
+            self._note_failure()
+        elif items or not self._queue:  # a pruning step alone does not show that intake commits again
+            if self._failing_since is not None and self._ok_since is None:
+                self._ok_since = time.monotonic()
+            if self._failing:
+                _LOGGER.warning("journal commits work again")
+                self._failing = False
+        self._metrics.commits.observe(time.perf_counter() - started)
+        for item in items:
+            if item.ack is not None:
+                item.ack()
+        self._finished += len(items)
+        self._wake_waiters()
+        self._commit_done.set()
+        if result is not None:
+            self._publish(result)
+        elif not leftover:
+            self._outbox_gauges()
+        if acks_written:
+            for listener in self._persist_listeners:
+                listener()
+        if cancelled is not None:
+            raise cancelled
+        if leftover:
+            await asyncio.sleep(1)
+
+    async def _commit_acks_alone(
+        self, loop: asyncio.AbstractEventLoop, acks: dict[int, int]
+    ) -> tuple[bool, asyncio.CancelledError | None]:
+        """Commit only ``acks`` (after a combined commit failed on a full disk): (written, a cancellation that
+        arrived meanwhile, to re-raise once the bookkeeping is done)."""
+        future = loop.run_in_executor(self._writer, self._commit_batch, [], acks)
+        cancelled: asyncio.CancelledError | None = None
+        while True:
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError as err:
+                cancelled = err
+                continue
+            except sqlite3.Error as err:
+                _LOGGER.debug("recording HQ acknowledgements alone failed too: %s", err)
+                return False, cancelled
+            _LOGGER.info("disk full: recorded HQ acknowledgements in a commit of their own")
+            return True, cancelled
+
+    def _commit_failed(self, err: sqlite3.Error, acks: dict[int, int]) -> None:
+        for cls, seq in acks.items():  # not persisted: written again by the next commit
+            self._acks[cls] = max(seq, self._acks.get(cls, 0))
+        self._note_failure()
+        if is_damage(err):
+            self._failure = "journal_corrupt"
+            self.declare_corrupt(str(err))
+            return
+        self._failure = "disk_full" if disk_full(err) else "journal_stalled"
+        if disk_full(err):
+            self._ballast.release("a commit found the disk full")
+        if not self._failing:
+            _LOGGER.error("journal commit failed, retrying every second: %s", err)
+        self._failing = True
+
+    def _publish(self, result: Committed) -> None:
+        """Metrics, listeners and ``done`` callbacks, after COMMIT."""
+        for cls, through in result.evicted_through.items():
+            self.delivered[cls] = max(self.delivered[cls], through)
+        self._metrics.last_seq.set(self.last_seq)
+        self._metrics.delivered_seq.set(self.delivered_seq)
+        for kind, count in result.kinds.items():
+            self._metrics.committed.labels(kind).inc(count)
+        for driver, count in result.duplicates_by_driver.items():
+            self._metrics.duplicates.labels(driver).inc(count)
+        for r in result.rejected:
+            self._metrics.quarantined.labels(r.driver, r.reason).inc()
+        self._outbox_gauges()
+        for listener in self._listeners:
+            listener(result)
+
+    def _commit_sync(
+        self,
+        items: list[Draft | Rejected],
+        acks: dict[int, int],
+        extra: Extra | None = None,
+    ) -> tuple[Committed | None, list[Draft | Rejected]]:
+        """Commit the batch; returns what was committed and the items NOT committed (a SQLite failure)."""
+        try:
+            return self._commit_batch(items, acks, extra), []
+        except sqlite3.Error:
+            raise
+        except Exception:
+            if extra is not None and not items:
+                raise
+            _LOGGER.exception("processing a batch of %d failed; committing its items one by one", len(items))
+        # A bug or a poison event must not hold back good data: commit each item alone, and quarantine
+        # (with the error) the ones that fail on their own.
+        merged: Committed | None = None
+        for index, item in enumerate(items):
+            marks = acks if index == 0 else {}
+            try:
+                try:
+                    part = self._commit_batch([item], marks)
+                except sqlite3.Error:
+                    raise
+                except Exception as err:
+                    part = self._commit_batch([as_rejected(item, err)], marks)
+            except sqlite3.Error as err:
+                if index == 0:
+                    raise
+                _LOGGER.error("journal commit failed after %d of %d items: %s", index, len(items), err)
+                return merged, items[index:]
+            merged = merge(merged, part)
+        return merged, []
+
+    def _commit_batch(
+        self,
+        items: list[Draft | Rejected],
+        acks: dict[int, int],
+        extra: Extra | None = None,
+    ) -> Committed | None:
+        conn = self._conn
+        assert conn is not None
+        drafts = [i for i in items if isinstance(i, Draft)]
+        rejected = [i for i in items if isinstance(i, Rejected)]
+        if items:
+            self._check_intake_room(conn, items)
+        work = dict(self.state)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for cls, seq in acks.items():
+                on_disk = conn.execute(
+                    "SELECT COUNT(*) FROM events WHERE cls=? AND seq>? AND seq<=?",
+                    (cls, work[cls].delivered_seq, seq),
+                ).fetchone()[0]
+                work[cls] = work[cls].acknowledged(seq, on_disk)
+            fresh, duplicates = drop_redeliveries(conn, drafts)
+            first = self.last_seq + 1
+            seq = self.last_seq
+            now = time.time()
+            rows: list[Row] = []
+            seq = self._envelopes(fresh, seq, now, rows)
+            for proc in self._processors:
+                for row_draft, row in zip(fresh, rows, strict=True):
+                    proc.apply(row[0], row_draft)
+            for proc in self._processors:
+                derived = proc.flush(conn, first, seq)
+                if derived:
+                    seq = self._envelopes(derived, seq, now, rows)
+            moved: dict[int, int] = {}
+            if extra is not None:
+                seq = self._envelopes(extra(conn, work, moved), seq, now, rows)
+            conn.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?,?)", rows)
+            expires = now + self._config.dedup_retention_days * 86400
+            keyed = [(row[5], row[0], expires) for row in rows if row[5] is not None]
+            if keyed:
+                # Kept apart from the events: a replay is still known after TTL or the disk budget removed them.
+                conn.executemany("INSERT OR REPLACE INTO idempotency VALUES (?,?,?)", keyed)
+            classes: set[int] = set()
+            for row in rows:
+                cls = row[7]
+                work[cls] = work[cls].stored(1, len(row[6]))
+                classes.add(cls)
+            if rejected:
+                insert_quarantine(conn, rejected, now)
+            if self._replaced_draft is not None and any(d is self._replaced_draft for d in fresh):
+                conn.execute("DELETE FROM meta WHERE key = ?", (PENDING_ALERT,))
+                self._after_commit.append(functools.partial(setattr, self, "_replaced_draft", None))
+            changed = {c: s for c, s in work.items() if s is not self.state[c]}
+            if changed:
+                write_state(conn, changed)
+            if seq > self.last_seq:
+                self._within_reservation(seq)
+            conn.execute("COMMIT")
+        except BaseException:
+            self._after_commit.clear()
+            # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR): a ROLLBACK then fails,
+            # and must neither hide the real error nor skip reloading the processors' in-memory state.
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                _LOGGER.debug("ROLLBACK after a failed commit failed too", exc_info=True)
+            finally:
+                for proc in self._processors:
+                    proc.rollback(conn)
+            raise
+        self.state = work
+        for row in rows:  # before last_seq: delivered_seq reads last_seq when no class seems to wait
+            self.class_last_seq[row[7]] = row[0]
+        self.last_seq = seq
+        hooks, self._after_commit = self._after_commit, []
+        for hook in hooks:
+            hook()
+        self._reservation.ensure(seq)
+        seq_of = {id(d): r[0] for d, r in zip(fresh, rows, strict=False)}
+        for draft in drafts:
+            if draft.done is not None:
+                draft.done(seq_of.get(id(draft)))
+        if not rows and not rejected and not duplicates:
+            return None
+        kinds: dict[str, int] = {}
+        for row in rows:
+            kinds[row[2]] = kinds.get(row[2], 0) + 1
+        return Committed(first, seq, kinds, [r[6] for r in rows], rejected, duplicates, classes, moved)
+
+    def _within_reservation(self, seq: int) -> None:
+        """Never commit a seq the reservation on disk does not cover: a journal lost after this commit would
+        restart below it and hand the seq out twice. The reservation is normally a tenth of a block ahead; it
+        runs out only when writing it has kept failing, and then intake waits (a stall /health reports)."""
+        if seq <= self._reservation.reserved_through:
+            return
+        self._reservation.ensure(seq)
+        if seq > self._reservation.reserved_through:
+            raise SeqReservationError(
+                f"seq {seq} is past the seq reservation ({self._reservation.reserved_through}) and "
+                f"{self._reservation.path.name} cannot be written: holding intake back"
+            )
+
+    def _envelopes(self, drafts: list[Draft], seq: int, now: float, rows: list[Row]) -> int:
+        """Give each draft the next seq and build its envelope bytes (the data bytes are spliced in as they are)."""
+        recorded_at = (
+            datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        )
+        common = b'"recorded_at":"%s","boot_id":"%s","clock_synced":%s,"schema":%d,' % (
+            recorded_at.encode(),
+            BOOT_ID.encode(),
+            b"true" if self._clock.synced() else b"false",
+            SCHEMA_VERSION,
+        )
+        mono = time.monotonic_ns()
+        ids = self._ids_json
+        kind_class = self.kind_class
+        entropy = os.urandom(8 * len(drafts))
+        for n, draft in enumerate(drafts):
+            seq += 1
+            event_id = uuid7(int.from_bytes(entropy[8 * n : 8 * n + 8]))
+            head = orjson.dumps(
+                {
+                    "id": event_id,
+                    "seq": seq,
+                    "kind": draft.kind,
+                    "device_id": draft.device_id,
+                    "occurred_at": draft.occurred_at,
+                    "mono_ns": mono,
+                }
+            )
+            body = b"".join((head[:-1], b",", ids, b",", common, b'"data":', draft.data_json, b"}"))
+            rows.append(
+                (
+                    seq,
+                    event_id,
+                    draft.kind,
+                    draft.device_id,
+                    recorded_at,
+                    draft.dedup_key,
+                    body,
+                    kind_class(draft.kind),
+                )
+            )
+        return seq
