@@ -120,6 +120,9 @@ Append = Callable[[Sequence[Emit]], list[Event]]
 @dataclass(slots=True)
 class _Failure:
     last_alert: float | None = None
+    """When the last report committed (monotonic)."""
+    pending: float | None = None
+    """When a report went into the transaction in progress; it counts once that commits."""
 
 
 class Pipeline:
@@ -171,9 +174,18 @@ class Pipeline:
                 feed.extend(append(emitted))
 
     def rollback(self, conn: sqlite3.Connection) -> None:
-        """The commit failed: every processor forgets what it applied."""
+        """The commit failed: every processor forgets what it applied (and a failure report it held is not
+        sent: the next failure reports again)."""
+        for state in self._failures.values():
+            state.pending = None
         for proc in self.processors:
             proc.rollback(conn)
+
+    def committed(self) -> None:
+        """The transaction committed: the failure reports in it were sent."""
+        for state in self._failures.values():
+            if state.pending is not None:
+                state.last_alert, state.pending = state.pending, None
 
     def reload(self, conn: sqlite3.Connection) -> None:
         """A ``transact`` may have written the processors' tables: they read their state again."""
@@ -193,28 +205,32 @@ class Pipeline:
         is skipped (the others are applied again on a reloaded state); a failing write is undone. Either way
         the failure is counted, logged and, at most every ALERT_EVERY_S, reported."""
         failed: list[tuple[Event | None, BaseException]] = []
+        # A SQLite error is not the processor's: the disk or the database is failing, and the whole commit fails
+        # (the writer rolls it back, every processor forgets, and the batch is tried again).
         conn.execute("SAVEPOINT processor")
-        try:
-            applied: list[Event] = []
-            for event in feed:
-                try:
-                    proc.apply(event)
-                except Exception as err:
-                    failed.append((event, err))
-                    if not self._replay(conn, proc, applied):
-                        applied = []
-                        break
-                else:
-                    applied.append(event)
+        applied: list[Event] = []
+        for event in feed:
             try:
-                emitted = list(write())
+                proc.apply(event)
+            except sqlite3.Error:
+                raise
             except Exception as err:
-                failed.append((None, err))
-                conn.execute("ROLLBACK TO processor")
-                proc.reload(conn)
-                emitted = []
-        finally:
-            conn.execute("RELEASE processor")
+                failed.append((event, err))
+                if not self._replay(conn, proc, applied):
+                    applied = []
+                    break
+            else:
+                applied.append(event)
+        try:
+            emitted = list(write())
+        except sqlite3.Error:
+            raise
+        except Exception as err:
+            failed.append((None, err))
+            conn.execute("ROLLBACK TO processor")
+            proc.reload(conn)
+            emitted = []
+        conn.execute("RELEASE processor")
         if failed:
             emitted.extend(self._report(proc, failed))
         return emitted
@@ -226,6 +242,8 @@ class Pipeline:
         try:
             for event in applied:
                 proc.apply(event)
+        except sqlite3.Error:
+            raise
         except Exception:
             proc.reload(conn)
             return False
@@ -248,9 +266,11 @@ class Pipeline:
             self._metrics.processor_errors.labels(proc.name).inc(len(failed))
         state = self._failures.setdefault(proc.name, _Failure())
         now = time.monotonic()
-        if state.last_alert is not None and now - state.last_alert < ALERT_EVERY_S:
+        if state.pending is not None or (
+            state.last_alert is not None and now - state.last_alert < ALERT_EVERY_S
+        ):
             return []
-        state.last_alert = now
+        state.pending = now
         alert = AlertRaised(
             rule=FAILED_RULE,
             severity="critical",

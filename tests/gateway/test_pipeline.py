@@ -97,6 +97,7 @@ def run(conn: sqlite3.Connection, pipeline: Pipeline, events: list[Event]) -> Wr
     conn.execute("BEGIN IMMEDIATE")
     pipeline.run(conn, events, writer.append)
     conn.execute("COMMIT")
+    pipeline.committed()
     return writer
 
 
@@ -151,6 +152,39 @@ def test_a_failing_flush_is_undone_and_reported_at_most_once_per_period(conn: sq
     ]
     again = run(conn, pipeline, [level(7)])
     assert [e.model.rule for e in again.emitted if isinstance(e.model, AlertRaised)] == ["count"]
+
+
+class Locked(Counter):
+    """Its flush hits a SQLite error while ``locked``: the database, not the processor, is in trouble."""
+
+    locked = True
+
+    def flush(self, conn: sqlite3.Connection) -> Sequence[Emit]:
+        if self.locked:
+            raise sqlite3.OperationalError("database is locked")
+        return super().flush(conn)
+
+
+def test_a_sqlite_error_fails_the_whole_commit_and_a_report_it_held_is_made_again(
+    conn: sqlite3.Connection,
+) -> None:
+    broken, locked = Counter("broken", fail_on=1), Locked("locked")
+    pipeline = Pipeline([broken, locked], Metrics())
+    pipeline.setup(conn)
+    writer = Writer(1)
+    conn.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError):
+        pipeline.run(conn, [level(1)], writer.append)
+    conn.execute("ROLLBACK")
+    pipeline.rollback(conn)
+    assert (broken.rollbacks, locked.rollbacks) == (1, 1)
+    # The failure report of the rolled-back attempt was never committed: the retry reports it.
+    locked.locked = False
+    again = run(conn, pipeline, [level(1)])
+    rules = [e.model.rule for e in again.emitted if isinstance(e.model, AlertRaised)]
+    assert rules[:1] == [FAILED_RULE]
+    assert broken.table(conn) == {}
+    assert locked.table(conn) == {"A": 1}
 
 
 class Timer(Processor):
