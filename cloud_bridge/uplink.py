@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -94,6 +94,45 @@ class _Sent:
     last: int
     count: int
     future: asyncio.Future[None]
+
+
+RESEND: Final = -1
+"""The window's next batch is one HQ asked for again (the downlink's resend command), not a class's."""
+
+
+class _Delivery:
+    """One connection's delivery state: how far each class was sent, and the batches awaiting HQ's PUBACK."""
+
+    def __init__(self, delivered: dict[int, int], up: Callable[[], None]) -> None:
+        self.pos = delivered
+        """Per class, the last seq sent (starts at the delivered watermark)."""
+        self.inflight: dict[int, deque[_Sent]] = {c: deque() for c in delivered}
+        self.resending: deque[_Sent] = deque()
+        self.timer: asyncio.Future[None] | None = None
+        """The drain rate limit's wait, while it holds the next batch back."""
+        self._up: Callable[[], None] | None = up
+
+    def healthy(self) -> None:
+        """Call ``up()`` (once per connection)."""
+        if self._up is not None:
+            up, self._up = self._up, None
+            up()
+
+    def in_window(self) -> int:
+        return sum(map(len, self.inflight.values())) + len(self.resending)
+
+    def busy(self) -> bool:
+        return any(self.inflight.values()) or bool(self.resending)
+
+    def cancel(self) -> None:
+        """The connection ended: stop the timer and the batches still waiting (retrieving errors of the others)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        for batch in [b for s in self.inflight.values() for b in s] + list(self.resending):
+            if not batch.future.done():
+                batch.future.cancel()
+            elif not batch.future.cancelled():
+                batch.future.exception()
 
 
 class Uplink:
@@ -177,10 +216,7 @@ class Uplink:
         if not 1 <= first <= last or last - first >= MAX_RESEND_SEQS:
             raise ValueError(f"resend needs 1 <= from_seq <= to_seq and at most {MAX_RESEND_SEQS} seqs")
         # Seqs only: the bodies (up to 100,000 of them) are read batch by batch when they are sent.
-        rows = await self._journal.query(
-            "SELECT seq FROM events WHERE seq>=? AND seq<=? ORDER BY seq", (first, last)
-        )
-        present = [row[0] for row in rows]
+        present = await self._journal.seqs_between(first, last)
         have = set(present)
         missing = [seq for seq in range(first, last + 1) if seq not in have]
         answer: dict[str, list[list[int]]] = {"resent": seq_ranges(present), "missing": seq_ranges(missing)}
@@ -217,8 +253,7 @@ class Uplink:
         Critical first, always, with one slot beyond the window: an anti-starvation turn taken while an alert
         waits would put the alert behind that batch and behind the drain rate limit it is exempt from. The
         turns count non-critical batches only, so alerts do not take telemetry's turn either."""
-        last = self._journal.class_last_seq
-        waiting = [c for c in pos if last[c] > pos[c]]
+        waiting = self._journal.waiting_classes(pos)
         if not waiting:
             return None
         window = self._hq.inflight_batches
@@ -248,96 +283,111 @@ class Uplink:
         """Send batches until the connection ends. ``up()`` (which resets the reconnect backoff) is called once
         HQ has acknowledged a batch or there is nothing to send: a broker that refuses every batch (an ACL
         mistake) keeps us backing off instead of reconnecting several times a second."""
-        journal = self._journal
-        healthy = False
-        pos = dict(journal.delivered)
-        inflight: dict[int, deque[_Sent]] = {c: deque() for c in pos}
-        resending: deque[_Sent] = deque()
+        delivery = _Delivery(self._journal.delivered_watermarks(), up)
         closed = asyncio.ensure_future(client.wait_closed())
-        timer: asyncio.Future[None] | None = None
         loop = asyncio.get_running_loop()
         try:
             while True:
                 self._wake.clear()
-                for cls, sent in inflight.items():
-                    while sent and sent[0].future.done():
-                        batch = sent.popleft()
-                        self._settle(batch)
-                        journal.note_delivered(cls, batch.last)
-                        self._settling.append(journal.ack_generation[0])
-                        if not healthy:
-                            healthy = True
-                            up()
-                while resending and resending[0].future.done():
-                    self._settle(resending.popleft())
-                persisted = journal.ack_generation[1]
-                while self._settling and self._settling[0] <= persisted:
-                    self._settling.popleft()
-                # Fill the window.
-                while True:
-                    used = sum(map(len, inflight.values())) + len(resending) + len(self._settling)
-                    picked = self._pick(pos, used)
-                    if self._resends and picked != CRITICAL and used < self._hq.inflight_batches:
-                        picked = -1  # HQ asked for these: after live alerts, before any backlog
-                    if picked is None:
-                        break
-                    cls = picked
-                    if cls != CRITICAL and self._draining() and (wait := self._limiter.delay()) > 0:
-                        if timer is None or timer.done():
-                            timer = asyncio.ensure_future(asyncio.sleep(wait))
-                        break
-                    if cls == -1:
-                        resent = await self._send_resend(client, loop)
-                        if resent is not None:
-                            resending.append(resent)
-                        continue
-                    seen = journal.class_last_seq[cls]
-                    rows = await journal.read_class(
-                        cls, pos[cls], self._hq.batch_max_events, self._hq.batch_max_bytes
-                    )
-                    if not rows:
-                        pos[cls] = max(pos[cls], seen)  # evicted meanwhile
-                        continue
-                    if cls != CRITICAL and journal.class_last_seq[CRITICAL] > pos[CRITICAL]:
-                        # A critical event (maybe the report of an eviction that ran during this read) goes
-                        # first: this batch's complete_through must not cover seqs HQ cannot explain yet.
-                        continue
-                    # This class's head is the batch's own first seq: anything of the class below it and above pos
-                    # was evicted, and its report (critical, sent first) is already on its way.
-                    through = self._complete_through(
-                        {**pos, cls: rows[0][0] - 1}, journal.class_last_seq, inflight
-                    )
-                    batch = await self._send(client, loop, cls, rows, through)
-                    inflight[cls].append(batch)
-                    pos[cls] = batch.last
-                    if cls != CRITICAL:
-                        self._picks += 1
-                busy = any(inflight.values()) or resending
-                if not busy and not self._resends and all(journal.class_last_seq[c] <= pos[c] for c in pos):
-                    if not healthy:
-                        healthy = True
-                        up()
-                    if journal.caught_up:
-                        self._caught_up.set()
-                waits: list[asyncio.Future[Any]] = [closed, asyncio.ensure_future(self._wake.wait())]
-                waits += [s[0].future for s in inflight.values() if s]
-                if resending:
-                    waits.append(resending[0].future)
-                if timer is not None and not timer.done():
-                    waits.append(timer)
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                waits[1].cancel()
+                self._take_acknowledgements(delivery)
+                await self._fill_window(delivery, client, loop)
+                self._note_if_idle(delivery)
+                await self._wait_for_progress(delivery, closed)
                 if closed.done():
                     return closed.result()
         finally:
             closed.cancel()
-            if timer is not None:
-                timer.cancel()
-            for batch in [b for s in inflight.values() for b in s] + list(resending):
-                if not batch.future.done():
-                    batch.future.cancel()
-                elif not batch.future.cancelled():
-                    batch.future.exception()
+            delivery.cancel()
+
+    def _take_acknowledgements(self, delivery: _Delivery) -> None:
+        """Settle the batches HQ has acknowledged, in order; the journal records their watermarks."""
+        journal = self._journal
+        for cls, sent in delivery.inflight.items():
+            while sent and sent[0].future.done():
+                batch = sent.popleft()
+                self._settle(batch)
+                journal.note_delivered(cls, batch.last)
+                self._settling.append(journal.ack_generation[0])
+                delivery.healthy()
+        while delivery.resending and delivery.resending[0].future.done():
+            self._settle(delivery.resending.popleft())
+        persisted = journal.ack_generation[1]
+        while self._settling and self._settling[0] <= persisted:
+            self._settling.popleft()
+
+    def _next_turn(self, delivery: _Delivery) -> int | None:
+        """The window's next batch: a class, :data:`RESEND`, or None (window full, or nothing waiting)."""
+        used = delivery.in_window() + len(self._settling)
+        picked = self._pick(delivery.pos, used)
+        if self._resends and picked != CRITICAL and used < self._hq.inflight_batches:
+            return RESEND  # HQ asked for these: after live alerts, before any backlog
+        return picked
+
+    async def _fill_window(
+        self, delivery: _Delivery, client: MqttClient, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        while (turn := self._next_turn(delivery)) is not None:
+            if turn != CRITICAL and self._rate_limited(delivery):
+                return
+            if turn == RESEND:
+                resent = await self._send_resend(client, loop)
+                if resent is not None:
+                    delivery.resending.append(resent)
+            else:
+                await self._send_class(delivery, client, loop, turn)
+
+    def _rate_limited(self, delivery: _Delivery) -> bool:
+        """While a backlog drains, the drain rate limit may hold the next batch back; a timer then wakes the
+        loop when it may go."""
+        if not self._draining() or (wait := self._limiter.delay()) <= 0:
+            return False
+        if delivery.timer is None or delivery.timer.done():
+            delivery.timer = asyncio.ensure_future(asyncio.sleep(wait))
+        return True
+
+    async def _send_class(
+        self, delivery: _Delivery, client: MqttClient, loop: asyncio.AbstractEventLoop, cls: int
+    ) -> None:
+        """Send the next batch of class ``cls``, unless there is none after all."""
+        journal = self._journal
+        pos = delivery.pos
+        seen = journal.class_last(cls)
+        rows = await journal.read_class(cls, pos[cls], self._hq.batch_max_events, self._hq.batch_max_bytes)
+        if not rows:
+            pos[cls] = max(pos[cls], seen)  # evicted meanwhile
+            return
+        if cls != CRITICAL and journal.class_last(CRITICAL) > pos[CRITICAL]:
+            # A critical event (maybe the report of an eviction that ran during this read) goes first: this
+            # batch's complete_through must not cover seqs HQ cannot explain yet.
+            return
+        # This class's head is the batch's own first seq: anything of the class below it and above pos was
+        # evicted, and its report (critical, sent first) is already on its way.
+        through = self._complete_through({**pos, cls: rows[0][0] - 1}, journal.last_seqs(), delivery.inflight)
+        batch = await self._send(client, loop, cls, rows, through)
+        delivery.inflight[cls].append(batch)
+        pos[cls] = batch.last
+        if cls != CRITICAL:
+            self._picks += 1
+
+    def _note_if_idle(self, delivery: _Delivery) -> None:
+        """Nothing in flight and nothing waiting: the link is healthy, and HQ may have everything."""
+        if delivery.busy() or self._resends or self._journal.waiting_classes(delivery.pos):
+            return
+        delivery.healthy()
+        if self._journal.caught_up:
+            self._caught_up.set()
+
+    async def _wait_for_progress(self, delivery: _Delivery, closed: asyncio.Future[str]) -> None:
+        """Until the connection closes, a wake-up (commit, resend, persisted acknowledgements), the oldest batch
+        of a class or resend is acknowledged, or the rate limit's timer runs out."""
+        waits: list[asyncio.Future[Any]] = [closed, asyncio.ensure_future(self._wake.wait())]
+        waits += [s[0].future for s in delivery.inflight.values() if s]
+        if delivery.resending:
+            waits.append(delivery.resending[0].future)
+        if delivery.timer is not None and not delivery.timer.done():
+            waits.append(delivery.timer)
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        waits[1].cancel()
 
     def _settle(self, batch: _Sent) -> None:
         error = batch.future.exception()
