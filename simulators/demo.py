@@ -29,8 +29,8 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_bridge.config import CommandKey
-from cloud_bridge.hq.receiver import HqReceiver
-from cloud_bridge.hq.sqlite import ReceiverStore
+from cloud_bridge.hq.service import HqReceiver
+from cloud_bridge.hq.sqlite import SqliteReceiverStore
 from cloud_bridge.signing import CommandSigner, public_key_text
 from drivers.ble.driver import BleDriver
 from gateway.config_loader import config_hash, demo_config
@@ -379,7 +379,9 @@ def run_demo(
     return 0
 
 
-async def _watch_hq(view: LiveView, store: ReceiverStore, gateway: Gateway, stop: asyncio.Event) -> None:
+async def _watch_hq(
+    view: LiveView, store: SqliteReceiverStore, gateway: Gateway, stop: asyncio.Event
+) -> None:
     """Refresh the view's HQ line from HQ's database, and draw the view, until ``stop``."""
     refresh = TTY_REFRESH_S if sys.stdout.isatty() else PIPE_REFRESH_S
     gateway_id = gateway.config.gateway_id
@@ -454,8 +456,8 @@ async def _demo(
                 hq.observe(orjson.loads(body))
 
     gateway.journal.add_listener(on_commit)
-    hq_store = ReceiverStore(data_dir / "hq.db")
-    view_store = ReceiverStore(data_dir / "hq.db")
+    hq_store = SqliteReceiverStore(data_dir / "hq.db")
+    view_store = SqliteReceiverStore(data_dir / "hq.db")
     receiver = HqReceiver(hq_broker_config, hq_store, client_id="demo-hq-receiver", on_batch=view.hq)
     receiver_stop = asyncio.Event()
     gateway_stop = asyncio.Event()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import re
 import sys
 from pathlib import Path
 from typing import Any, Final
@@ -19,11 +18,17 @@ import orjson
 
 from cloud_bridge import topics
 from cloud_bridge.commands import COMMANDS
-from cloud_bridge.hq.receiver import CliError, broker_config, command_signer, signing_options, whole_number
+from cloud_bridge.hq.options import (
+    CliError,
+    broker_config,
+    checked_id,
+    command_signer,
+    signing_options,
+    whole_number,
+)
 from cloud_bridge.signing import DEFAULT_VALIDITY_S, MAX_VALIDITY_S, CommandSigner
 from gateway.kernel.config import BrokerConfig
 from gateway.kernel.events import uuid7
-from gateway.kernel.model import ID_PATTERN
 from gateway.kernel.mqtt_client import Message, MqttClient, MqttError
 
 EXIT_OK: Final = 0
@@ -65,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--username", help="MQTT user name (the HQ command sender's account)")
     broker.add_argument("--password-file", type=Path, help="file holding the MQTT password (never logged)")
     parser.set_defaults(no_share=True, share_group=None, session_expiry=0)
-    parser.add_argument("--store", required=True, type=_checked_id, help="the gateway's store id")
-    parser.add_argument("--gateway", required=True, type=_checked_id, help="the gateway's id")
+    parser.add_argument("--store", required=True, type=checked_id, help="the gateway's store id")
+    parser.add_argument("--gateway", required=True, type=checked_id, help="the gateway's id")
     signing_options(parser)
     parser.add_argument("--request-id", help="the command's request id (default: a new 'cli-<uuid7>')")
     parser.add_argument(
@@ -83,12 +88,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("command", metavar="COMMAND", help="the command, e.g. ping or stock.adjust")
     parser.add_argument("args", metavar="ARGS", nargs="?", help="its args, one JSON object ('-': stdin)")
     return parser
-
-
-def _checked_id(text: str) -> str:
-    if not re.fullmatch(ID_PATTERN, text):
-        raise argparse.ArgumentTypeError(f"{text[:80]!r} is not an id ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}})")
-    return text
 
 
 def _command_args(text: str | None) -> Any:

@@ -1,10 +1,11 @@
-"""Text renderings of the HQ receiver's state: the live summary table and the ``--report`` classification."""
+"""Text renderings of the HQ receiver's state: the live summary table (and its conflict alarms) and the
+``--report`` classification and conflicts."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import TextIO
 
 from cloud_bridge.hq.model import GatewaySummary, ReceiverBackend
@@ -107,3 +108,36 @@ def print_report(store: ReceiverBackend, out: TextIO) -> bool:
         newest = store.rejections(limit=1)[0]
         print(f"rejected messages: {rejected} (newest, on {newest.topic}: {newest.reason})", file=out)
     return failed
+
+
+def conflict_alarms(rows: Sequence[GatewaySummary], seen: dict[tuple[str, str], int]) -> list[str]:
+    """A CONFLICT line per gateway whose conflict count went up since the last summary (``seen`` is updated):
+    a conflict means two different events under one seq, which a person must look at, so the live summary
+    says it in words rather than only as a number in a column."""
+    lines = []
+    for row in rows:
+        key = (row.store_id, row.gateway_id)
+        if row.conflicts > seen.get(key, 0):
+            lines.append(
+                f"CONFLICT {row.store_id}/{row.gateway_id}: {row.conflicts} event(s) came under a seq another"
+                " event id holds; both are kept (table conflicts): see --report"
+            )
+        seen[key] = row.conflicts
+    return lines
+
+
+def print_conflicts(store: ReceiverBackend, out: TextIO, limit: int = 20) -> bool:
+    """The conflicting events kept, for ``--report``; returns whether there are any."""
+    rows = store.conflicts(limit + 1)
+    for c in rows[:limit]:
+        held = (
+            f"seq {c.seq} holds event {c.kept_id}" if c.kept_id else f"event {c.id} is stored at another seq"
+        )
+        print(
+            f"conflict {c.store_id}/{c.gateway_id} seq {c.seq}: {held}; also kept {c.kind} event {c.id}"
+            f" (received {c.received_at.astimezone(UTC).isoformat(timespec='seconds')})",
+            file=out,
+        )
+    if len(rows) > limit:
+        print(f"(more conflicting events in table conflicts than the {limit} shown)", file=out)
+    return bool(rows)

@@ -1,8 +1,8 @@
-"""The HQ reference receiver's SQLite database (the default; PostgreSQL is in receiver_pg).
+"""The HQ reference receiver's SQLite database (the default; PostgreSQL is in postgres.py).
 
 One SQLite file in WAL mode with ``synchronous=FULL``: the receiver sends PUBACK only after a commit, so a
 commit must survive a power cut. Writes take the database lock up front (``BEGIN IMMEDIATE``); reads see one
-snapshot. The tables and the logic are shared with PostgreSQL (receiver_sql).
+snapshot. The tables and the logic are shared with PostgreSQL (sql.py).
 """
 
 from __future__ import annotations
@@ -15,34 +15,11 @@ from typing import Any, Final
 
 import orjson
 
-from cloud_bridge.hq.model import (
-    LOST_GRACE_S,
-    BatchRejectedError,
-    BatchToStore,
-    EventTime,
-    GatewaySummary,
-    RejectedRow,
-    Rejection,
-    StoreResult,
-    StoreUnavailableError,
-    clock_fields,
-    one_line,
-)
-from cloud_bridge.hq.sql import Cursor, Dialect, SqlReceiverStore
+from cloud_bridge.hq.model import LOST_GRACE_S, StoreUnavailableError, clock_fields, one_line
+from cloud_bridge.hq.sql import SqlReceiverStore
+from cloud_bridge.hq.sql_base import Cursor, Dialect
 
 _LOGGER = logging.getLogger(__name__)
-
-__all__ = [
-    "BatchRejectedError",
-    "BatchToStore",
-    "EventTime",
-    "GatewaySummary",
-    "ReceiverStore",
-    "RejectedRow",
-    "Rejection",
-    "StoreResult",
-    "StoreUnavailableError",
-]
 
 SQLITE: Final = Dialect(
     begin_write="BEGIN IMMEDIATE",
@@ -85,7 +62,7 @@ SELECT store_id, gateway_id, min(seq), max(seq) FROM (
 """Contiguous seqs share ``seq - row_number()``: one run per island."""
 
 
-class ReceiverStore(SqlReceiverStore):
+class SqliteReceiverStore(SqlReceiverStore):
     """The receiver's SQLite database (see the module docstring)."""
 
     dialect = SQLITE
@@ -120,7 +97,7 @@ class ReceiverStore(SqlReceiverStore):
         return value.isoformat(timespec="milliseconds")
 
     def _upgrade_v1(self, cur: Cursor) -> None:
-        """Schema 1 (the receiver before issue #3) to 2, in place and in one transaction: new columns (the
+        """Schema 1 (the first receiver) to 2, in place and in one transaction: new columns (the
         clock ones read from the stored envelopes), runs and newest times computed, rejections kept."""
         for column in _V1_EVENT_COLUMNS:
             cur.execute(f"ALTER TABLE events ADD COLUMN {column}")

@@ -15,8 +15,8 @@ from typing import Any
 import orjson
 import pytest
 
-from cloud_bridge.hq.receiver import HqReceiver
-from cloud_bridge.hq.sqlite import ReceiverStore
+from cloud_bridge.hq.service import HqReceiver
+from cloud_bridge.hq.sqlite import SqliteReceiverStore
 from cloud_bridge.topics import commands_topic, events_topic, responses_topic
 from cloud_bridge.wire import decode_batch, encode_batch
 from gateway.kernel.mqtt_client import Message, MqttClient
@@ -169,10 +169,10 @@ RESEND_INTERVAL_S = 10.0
 @contextlib.asynccontextmanager
 async def receiver_with(
     broker: Mosquitto, db_path: Path, resend_interval_s: float | None
-) -> AsyncIterator[tuple[HqReceiver, ReceiverStore]]:
+) -> AsyncIterator[tuple[HqReceiver, SqliteReceiverStore]]:
     """The reference receiver in this loop (one receiver: a missing seq below complete_through is lost at
     once), subscribed before it yields."""
-    store = ReceiverStore(db_path, lost_grace_s=0)
+    store = SqliteReceiverStore(db_path, lost_grace_s=0)
     receiver = HqReceiver(
         broker_config(broker, "5"),
         store,

@@ -25,17 +25,13 @@ import httpx
 import orjson
 import pytest
 
-from cloud_bridge.hq.postgres import PgReceiverStore
+from cloud_bridge.hq.postgres import PostgresReceiverStore
 from cloud_bridge.hq.ranges import GapClasses
-from cloud_bridge.hq.receiver import format_completeness, format_receipt, receipt_status, receiver_main
-from cloud_bridge.hq.sql import (
-    _BY_ORIGINAL,
-    _BY_RECEIPT,
-    _UNFILLED,
-    GatewayCompleteness,
-    SqlReceiverStore,
-)
-from cloud_bridge.hq.sqlite import ReceiverStore
+from cloud_bridge.hq.receipt import format_completeness, format_receipt, receipt_status
+from cloud_bridge.hq.receiver import receiver_main
+from cloud_bridge.hq.sql import SqlReceiverStore
+from cloud_bridge.hq.sql_receipts import _BY_ORIGINAL, _BY_RECEIPT, _UNFILLED, GatewayCompleteness
+from cloud_bridge.hq.sqlite import SqliteReceiverStore
 from gateway.api import create_app
 from gateway.kernel.journal import Draft, Journal
 from gateway.kernel.metrics import Metrics
@@ -86,13 +82,13 @@ def hq(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Hq]:
         args = ["--db", str(path)]
 
         def reopen() -> SqlReceiverStore:
-            return ReceiverStore(path, lost_grace_s=0)
+            return SqliteReceiverStore(path, lost_grace_s=0)
     else:
         dsn = request.getfixturevalue("postgres").fresh_schema()
         args = ["--postgres", dsn]
 
         def reopen() -> SqlReceiverStore:
-            return PgReceiverStore(dsn, lost_grace_s=0)
+            return PostgresReceiverStore(dsn, lost_grace_s=0)
 
     handle = Hq(reopen(), args, reopen)
     yield handle
@@ -304,7 +300,7 @@ def test_the_lookups_are_index_searches(hq: Hq) -> None:
         (_UNFILLED, (S,), "events_receipt_unfilled"),
     ]
     with hq.store._session() as cur:
-        sqlite = isinstance(hq.store, ReceiverStore)
+        sqlite = isinstance(hq.store, SqliteReceiverStore)
         if not sqlite:
             cur.execute("SET enable_seqscan = off")  # an empty table: show which index the planner can use
         for sql, args, index in params:
@@ -419,7 +415,7 @@ def test_the_command_refuses_what_cannot_be_asked(tmp_path: Path, capsys: pytest
 def test_the_store_gateway_command_line(tmp_path: Path) -> None:
     """``store-gateway hq-receiver receipt`` as a real process, next to the receiver's existing modes."""
     path = tmp_path / "hq.db"
-    store = ReceiverStore(path)
+    store = SqliteReceiverStore(path)
     body = pos(1, "R-1")
     store.store_batch(S, G, batch_of(S, G, [body]))
     store.close()

@@ -31,8 +31,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from ruamel.yaml import YAML
 
-from cloud_bridge.hq.receiver import HqReceiver
-from cloud_bridge.hq.sqlite import ReceiverStore
+from cloud_bridge.hq.service import HqReceiver
+from cloud_bridge.hq.sqlite import SqliteReceiverStore
 from cloud_bridge.signing import CommandSigner, public_key_text
 from cloud_bridge.topics import status_topic
 from gateway.config import GatewayConfig
@@ -447,10 +447,10 @@ async def running_receiver(
     client_id: str = "hq-receiver-e2e",
     within: float = 30.0,
     backoff_cap_s: float = 1.0,
-) -> AsyncIterator[ReceiverStore]:
+) -> AsyncIterator[SqliteReceiverStore]:
     """The HQ reference receiver in this loop, subscribed before it yields; stopped and closed on exit.
     ``backoff_cap_s`` caps its reconnect backoff (after an HQ outage)."""
-    store = ReceiverStore(db_path)
+    store = SqliteReceiverStore(db_path)
     receiver = HqReceiver(
         broker_config(broker),
         store,

@@ -205,10 +205,11 @@ def orjson_dumps(value: object) -> bytes:
 
 
 def test_two_stores_may_use_the_same_gateway_id(tmp_path: Path) -> None:
-    from cloud_bridge.hq.sqlite import ReceiverStore, StoreResult
+    from cloud_bridge.hq.model import StoreResult
+    from cloud_bridge.hq.sqlite import SqliteReceiverStore
     from cloud_bridge.wire import decode_batch
 
-    store = ReceiverStore(tmp_path / "hq.db")
+    store = SqliteReceiverStore(tmp_path / "hq.db")
     try:
         first = store.store_batch("hk-001", "gw-01", decode_batch(_batch("hk-001", "gw-01", [1, 2])))
         second = store.store_batch("hk-002", "gw-01", decode_batch(_batch("hk-002", "gw-01", [1, 2])))
@@ -223,7 +224,8 @@ def test_two_stores_may_use_the_same_gateway_id(tmp_path: Path) -> None:
 
 
 def test_a_pathological_batch_is_rejected_not_fatal(tmp_path: Path) -> None:
-    from cloud_bridge.hq.sqlite import BatchToStore, ReceiverStore, Rejection, StoreResult
+    from cloud_bridge.hq.model import BatchToStore, Rejection, StoreResult
+    from cloud_bridge.hq.sqlite import SqliteReceiverStore
     from cloud_bridge.wire import decode_batch
 
     nested = b'{"n":' * 300 + b'"x"' + b"}" * 300  # orjson reads this, but cannot write it back
@@ -231,7 +233,7 @@ def test_a_pathological_batch_is_rejected_not_fatal(tmp_path: Path) -> None:
     body = body.replace(b'"NESTED"', nested)
     bad = re.sub(rb'"raw_bytes":\d+', b'"raw_bytes":%d' % len(body), head) + b"\n" + body
     good = _batch("hk-001", "gw-01", [2])
-    store = ReceiverStore(tmp_path / "hq.db")
+    store = SqliteReceiverStore(tmp_path / "hq.db")
     try:
         results = store.apply(
             [

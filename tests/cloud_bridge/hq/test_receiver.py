@@ -26,9 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from cloud_bridge import topics
 from cloud_bridge.commands import Refusal, build_response, describe, refusal_response
 from cloud_bridge.hq.model import GatewaySummary, ReceiverBackend, StoreUnavailableError
-from cloud_bridge.hq.receiver import HqReceiver, _parser, broker_config, conflict_alarms, receiver_main
-from cloud_bridge.hq.report import format_summary
-from cloud_bridge.hq.sqlite import ReceiverStore
+from cloud_bridge.hq.options import broker_config
+from cloud_bridge.hq.receiver import _parser, receiver_main
+from cloud_bridge.hq.report import conflict_alarms, format_summary
+from cloud_bridge.hq.service import HqReceiver
+from cloud_bridge.hq.sqlite import SqliteReceiverStore
 from cloud_bridge.wire import MAX_DECODED_BYTES, Batch, Compressor, Encoding, decode_batch, encode_batch
 from gateway.kernel.config import BrokerConfig, TlsConfig
 from gateway.kernel.events import uuid7
@@ -204,8 +206,8 @@ def make_receiver(
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[ReceiverStore]:
-    db = ReceiverStore(tmp_path / "hq.db", lost_grace_s=0)  # one receiver: no grace before "lost"
+def store(tmp_path: Path) -> Iterator[SqliteReceiverStore]:
+    db = SqliteReceiverStore(tmp_path / "hq.db", lost_grace_s=0)  # one receiver: no grace before "lost"
     yield db
     db.close()
 
@@ -218,7 +220,7 @@ def summary_of(store: ReceiverBackend, gateway_id: str) -> GatewaySummary:
 # --- through the broker -----------------------------------------------------------------------------------
 
 
-async def test_batches_arrive_and_are_stored(hq_broker: Mosquitto, store: ReceiverStore) -> None:
+async def test_batches_arrive_and_are_stored(hq_broker: Mosquitto, store: SqliteReceiverStore) -> None:
     seen: list[tuple[str, str, int, int, int]] = []
     on_batch = lambda *args: seen.append(args)  # noqa: E731
     encodings: list[Encoding] = ["zstd", "gzip", "json"]
@@ -248,7 +250,7 @@ async def test_batches_arrive_and_are_stored(hq_broker: Mosquitto, store: Receiv
     assert store.gaps("gw-a") == []
 
 
-async def test_duplicate_batches_are_stored_once(hq_broker: Mosquitto, store: ReceiverStore) -> None:
+async def test_duplicate_batches_are_stored_once(hq_broker: Mosquitto, store: SqliteReceiverStore) -> None:
     first = batch_bytes("hk-001", "gw-a", range(1, 11))
     overlap = encode_batch(
         "hk-001",
@@ -297,7 +299,7 @@ def _bad_payloads() -> dict[str, tuple[str, str, bytes]]:
 
 
 async def test_bad_messages_are_rejected_counted_and_receiving_goes_on(
-    hq_broker: Mosquitto, store: ReceiverStore
+    hq_broker: Mosquitto, store: SqliteReceiverStore
 ) -> None:
     bad = _bad_payloads()
     async with running(receiver := make_receiver(hq_broker, store)), publisher(hq_broker) as pub:
@@ -323,7 +325,7 @@ async def test_bad_messages_are_rejected_counted_and_receiving_goes_on(
 
 
 async def test_survives_broker_restart_on_the_same_port(
-    hq_broker: Mosquitto, store: ReceiverStore, caplog: pytest.LogCaptureFixture
+    hq_broker: Mosquitto, store: SqliteReceiverStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="cloud_bridge.hq.receiver")
     receiver = make_receiver(hq_broker, store)
@@ -353,7 +355,7 @@ async def test_survives_broker_restart_on_the_same_port(
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 @pytest.mark.parametrize("share_group", [None, "hq-receivers"])
 async def test_batches_sent_while_away_arrive_after_reconnect(
-    hq_broker: Mosquitto, store: ReceiverStore, protocol: Protocol, share_group: str | None
+    hq_broker: Mosquitto, store: SqliteReceiverStore, protocol: Protocol, share_group: str | None
 ) -> None:
     async with running(make_receiver(hq_broker, store, protocol=protocol, share_group=share_group)):
         pass  # creates the persistent session and its subscription
@@ -373,7 +375,10 @@ async def test_receivers_split_by_store_each_keep_their_stores_across_a_broker_r
     (``stores``). Each receiver gets only its stores, and what is published while both are away and the broker
     restarts is queued for each of them and arrives when they return (a shared subscription loses it)."""
     broker = persistent_hq_broker
-    stores = {"a": ReceiverStore(tmp_path / "a.db", lost_grace_s=0), "b": ReceiverStore(tmp_path / "b.db")}
+    stores = {
+        "a": SqliteReceiverStore(tmp_path / "a.db", lost_grace_s=0),
+        "b": SqliteReceiverStore(tmp_path / "b.db"),
+    }
 
     def receiver(name: str, store_ids: list[str]) -> HqReceiver:
         return HqReceiver(
@@ -427,7 +432,7 @@ async def test_no_ack_before_commit(
 ) -> None:
     """While the database is locked nothing is stored, so nothing is acked: the next session gets it again."""
     db = tmp_path / "hq.db"
-    store = ReceiverStore(db, busy_timeout_s=0.05)
+    store = SqliteReceiverStore(db, busy_timeout_s=0.05)
     locker = sqlite3.connect(db, isolation_level=None)
     try:
         async with running(make_receiver(hq_broker, store)):
@@ -452,7 +457,7 @@ async def test_no_ack_before_commit(
         store.close()
 
 
-async def test_many_batches_in_a_burst(hq_broker: Mosquitto, store: ReceiverStore) -> None:
+async def test_many_batches_in_a_burst(hq_broker: Mosquitto, store: SqliteReceiverStore) -> None:
     payloads = [batch_bytes("hk-001", "gw-a", range(i * 50 + 1, i * 50 + 51)) for i in range(60)]
     async with running(make_receiver(hq_broker, store)), publisher(hq_broker) as pub:
         await asyncio.gather(*(publish(pub, "hk-001", "gw-a", p) for p in payloads))
@@ -489,7 +494,7 @@ async def test_mosquitto_shared_subscription_splits_and_delivers_the_real_topic(
 
 
 async def test_lost_range_is_asked_for_again_until_it_arrives(
-    hq_broker: Mosquitto, store: ReceiverStore
+    hq_broker: Mosquitto, store: SqliteReceiverStore
 ) -> None:
     commands: list[dict[str, Any]] = []
     gateway = MqttClient(cfg(hq_broker), "gw-a-downlink", clean_start=True)
@@ -531,7 +536,7 @@ async def test_lost_range_is_asked_for_again_until_it_arrives(
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_a_gateway_away_finds_at_most_a_couple_of_resends_in_its_session(
-    hq_broker: Mosquitto, store: ReceiverStore, protocol: Protocol
+    hq_broker: Mosquitto, store: SqliteReceiverStore, protocol: Protocol
 ) -> None:
     """The receiver asks quiet gateways too, so commands must not pile up in the persistent session of one
     that is away: on MQTT 5 each expires after the interval (at most about one is outstanding); on 3.1.1
@@ -653,7 +658,7 @@ async def old_gateway(
 
 
 async def test_a_gateway_that_refuses_multi_range_resends_is_asked_one_range_at_a_time(
-    hq_broker: Mosquitto, store: ReceiverStore, caplog: pytest.LogCaptureFixture
+    hq_broker: Mosquitto, store: SqliteReceiverStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A gateway of an older release refuses a multi-range resend (invalid_args): the receiver reads the answer,
     records the gateway as single-range (in its database, for every receiver and restart), logs it once, and
@@ -690,12 +695,15 @@ async def test_a_receiver_restarted_with_other_stores_unsubscribes_the_old_ones(
     """The broker keeps a persistent session's subscriptions: a receiver restarted with fewer ``stores`` must
     unsubscribe the others (recorded in its database), or it goes on storing their batches. A session made
     before the record (nothing recorded) may hold the default all-stores subscription: that goes too."""
-    stores = [ReceiverStore(tmp_path / "split.db", lost_grace_s=0), ReceiverStore(tmp_path / "old.db")]
+    stores = [
+        SqliteReceiverStore(tmp_path / "split.db", lost_grace_s=0),
+        SqliteReceiverStore(tmp_path / "old.db"),
+    ]
 
-    def receiver(store: ReceiverStore, client_id: str, store_ids: list[str]) -> HqReceiver:
+    def receiver(store: SqliteReceiverStore, client_id: str, store_ids: list[str]) -> HqReceiver:
         return HqReceiver(cfg(hq_broker), store, prefix=PREFIX, client_id=client_id, stores=store_ids)
 
-    async def only_a_arrives(store: ReceiverStore) -> None:
+    async def only_a_arrives(store: SqliteReceiverStore) -> None:
         async with publisher(hq_broker) as pub:
             await publish(pub, "hk-b", "gw-1", batch_bytes("hk-b", "gw-1", [1]))
             await publish(pub, "hk-a", "gw-1", batch_bytes("hk-a", "gw-1", [1]))
@@ -750,7 +758,7 @@ def test_format_summary() -> None:
 def test_report_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "hq.db"
     assert receiver_main(["--db", str(db), "--report"]) == 1
-    store = ReceiverStore(db)
+    store = SqliteReceiverStore(db)
     store.store_batch("hk-001", "gw-a", batch("hk-001", "gw-a", range(1, 6)))
     assert receiver_main(["--db", str(db), "--report"]) == 0
     assert "gw-a" in capsys.readouterr().out
@@ -767,7 +775,7 @@ def test_report_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 def test_report_lists_conflicts_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "hq.db"
-    store = ReceiverStore(db)
+    store = SqliteReceiverStore(db)
     first = batch("hk-001", "gw-a", range(1, 4), complete_through=3)
     store.store_batch("hk-001", "gw-a", first)
     assert receiver_main(["--db", str(db), "--report"]) == 0
@@ -885,7 +893,7 @@ def _cli_stored_batch(db: Path) -> bool:
     if not db.exists():
         return False
     try:
-        store = ReceiverStore(db)
+        store = SqliteReceiverStore(db)
     except StoreUnavailableError:
         return False  # the CLI is creating it right now
     try:
@@ -999,7 +1007,7 @@ def test_cli_says_in_one_line_when_the_database_cannot_be_opened(
 
 
 def test_a_gateway_refusing_a_resend_signature_is_logged_once_per_reason(
-    hq_broker: Mosquitto, store: ReceiverStore, caplog: pytest.LogCaptureFixture
+    hq_broker: Mosquitto, store: SqliteReceiverStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     receiver = make_receiver(hq_broker, store, resend_interval_s=1.0)
     topic = topics.responses_topic(PREFIX, "hk-001", "gw-a")

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from cloud_bridge.hq.model import StoreUnavailableError
-from cloud_bridge.hq.postgres import PgReceiverStore
+from cloud_bridge.hq.postgres import PostgresReceiverStore
 from cloud_bridge.hq.receiver import receiver_main
 from tests.cloud_bridge.hq.test_receiver import (
     Protocol,
@@ -40,7 +40,7 @@ async def test_two_receivers_split_the_batches_and_store_each_event_once(
     hq_broker: Mosquitto, postgres: PostgresServer
 ) -> None:
     dsn = postgres.fresh_schema()
-    stores = [PgReceiverStore(dsn), PgReceiverStore(dsn)]
+    stores = [PostgresReceiverStore(dsn), PostgresReceiverStore(dsn)]
     got: Counter[str] = Counter()
     receivers = [
         make_receiver(
@@ -80,7 +80,7 @@ async def test_two_receivers_split_the_batches_and_store_each_event_once(
 
 def test_a_lost_connection_is_retried_then_reconnected(postgres: PostgresServer) -> None:
     dsn = postgres.fresh_schema()
-    store = PgReceiverStore(dsn)
+    store = PostgresReceiverStore(dsn)
     try:
         store.store_batch("hk-001", "gw-1", batch("hk-001", "gw-1", [1, 2]))
         with psycopg.connect(postgres.dsn(), autocommit=True) as admin:
@@ -99,7 +99,7 @@ def test_a_lost_connection_is_retried_then_reconnected(postgres: PostgresServer)
 
 def test_report_on_postgres(postgres: PostgresServer, capsys: pytest.CaptureFixture[str]) -> None:
     dsn = postgres.fresh_schema()
-    store = PgReceiverStore(dsn)
+    store = PostgresReceiverStore(dsn)
     store.store_batch("hk-001", "gw-1", batch("hk-001", "gw-1", [1, 4], complete_through=3))
     store.close()
     assert receiver_main(["--postgres", dsn, "--report", "--lost-grace", "0"]) == 2
@@ -110,7 +110,7 @@ def test_report_on_postgres(postgres: PostgresServer, capsys: pytest.CaptureFixt
     assert err.count("\n") == 1
 
 
-def _socket_options(store: PgReceiverStore) -> tuple[int, int, int, int, int]:
+def _socket_options(store: PostgresReceiverStore) -> tuple[int, int, int, int, int]:
     """(SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT, TCP_USER_TIMEOUT) of the store's connection."""
     sock = socket.socket(fileno=socket.dup(store._conn.pgconn.socket))
     try:
@@ -128,12 +128,12 @@ def _socket_options(store: PgReceiverStore) -> tuple[int, int, int, int, int]:
 def test_the_connection_has_tcp_keepalives_unless_the_dsn_says_otherwise(postgres: PostgresServer) -> None:
     """A vanished database host sends no reset: keepalives and a TCP user timeout end the connection."""
     dsn = postgres.fresh_schema()
-    store = PgReceiverStore(dsn)
+    store = PostgresReceiverStore(dsn)
     try:
         assert _socket_options(store) == (1, 30, 10, 3, 60_000)
     finally:
         store.close()
-    store = PgReceiverStore(f"{dsn} keepalives_idle=7 tcp_user_timeout=9000")
+    store = PostgresReceiverStore(f"{dsn} keepalives_idle=7 tcp_user_timeout=9000")
     try:
         assert _socket_options(store) == (1, 7, 10, 3, 9000)
     finally:

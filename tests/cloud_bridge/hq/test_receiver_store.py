@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from cloud_bridge.hq import sql as receiver_sql
+from cloud_bridge.hq import sql_limits as receiver_sql
 from cloud_bridge.hq.model import (
     BatchRejectedError,
     BatchToStore,
@@ -24,10 +24,11 @@ from cloud_bridge.hq.model import (
     StoreResult,
     StoreUnavailableError,
 )
-from cloud_bridge.hq.postgres import PgReceiverStore
+from cloud_bridge.hq.postgres import PostgresReceiverStore
 from cloud_bridge.hq.ranges import GapClasses
-from cloud_bridge.hq.sql import QUIET_RESEND_S, SqlReceiverStore
-from cloud_bridge.hq.sqlite import ReceiverStore
+from cloud_bridge.hq.sql import SqlReceiverStore
+from cloud_bridge.hq.sql_limits import QUIET_RESEND_S
+from cloud_bridge.hq.sqlite import SqliteReceiverStore
 from cloud_bridge.wire import decode_batch
 from gateway.kernel.events import uuid7
 from tests.cloud_bridge.hq.test_receiver import batch, batch_of, envelope, schema1_bytes, summary_of
@@ -47,9 +48,9 @@ def postgres() -> Iterator[PostgresServer]:
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlReceiverStore]:
     """The database of a single receiver: a missing seq below complete_through is lost at once (no grace)."""
     if request.param == "sqlite":
-        db: SqlReceiverStore = ReceiverStore(tmp_path / "hq.db", lost_grace_s=0)
+        db: SqlReceiverStore = SqliteReceiverStore(tmp_path / "hq.db", lost_grace_s=0)
     else:
-        db = PgReceiverStore(request.getfixturevalue("postgres").fresh_schema(), lost_grace_s=0)
+        db = PostgresReceiverStore(request.getfixturevalue("postgres").fresh_schema(), lost_grace_s=0)
     yield db
     db.close()
 
@@ -116,11 +117,11 @@ def test_a_conflicting_event_is_kept_beside_the_stored_one(store: SqlReceiverSto
 
 def test_a_database_of_before_the_conflicts_table_gets_it(tmp_path: Path) -> None:
     db = tmp_path / "hq.db"
-    ReceiverStore(db).close()
+    SqliteReceiverStore(db).close()
     with contextlib.closing(sqlite3.connect(db)) as conn:
         conn.execute("DROP TABLE conflicts")
         conn.commit()
-    store = ReceiverStore(db)
+    store = SqliteReceiverStore(db)
     try:
         store.store_batch(S, G, batch(S, G, [1]))
         store.store_batch(S, G, batch(S, G, [1], ids={1: str(uuid7())}))
@@ -215,7 +216,7 @@ def test_a_database_size_limit_rejects_the_batch_only(postgres: PostgresServer) 
     """Backstop: should a value get past event_rows and hit a PostgreSQL limit (ProgramLimitExceeded), that
     batch is rejected and counted; the database is fine, so nothing is retried. An index on ~3 KB of
     incompressible text per event makes every insert exceed the btree row limit (2704 bytes)."""
-    store = PgReceiverStore(postgres.fresh_schema())
+    store = PostgresReceiverStore(postgres.fresh_schema())
     try:
         wide = " || ".join(f"md5(id || '{i}')" for i in range(100))
         with store._session() as cur:
@@ -305,9 +306,9 @@ def test_resend_claims_cost_nothing_for_complete_gateways(store: SqlReceiverStor
 def _opener(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], SqlReceiverStore]:
     """Opens a store of this kind (default options), each time on the same database."""
     if kind == "sqlite":
-        return lambda: ReceiverStore(tmp_path / "hq.db")
+        return lambda: SqliteReceiverStore(tmp_path / "hq.db")
     dsn = request.getfixturevalue("postgres").fresh_schema()
-    return lambda: PgReceiverStore(dsn)
+    return lambda: PostgresReceiverStore(dsn)
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
@@ -355,7 +356,7 @@ def test_a_quiet_gateway_is_asked_to_resend_once_per_interval(store: SqlReceiver
 
 
 def test_the_summary_reads_a_gateways_gaps_again_only_when_it_changed(tmp_path: Path) -> None:
-    store = ReceiverStore(tmp_path / "hq.db", lost_grace_s=0)
+    store = SqliteReceiverStore(tmp_path / "hq.db", lost_grace_s=0)
     statements: list[str] = []
     store._conn.set_trace_callback(statements.append)
     try:
@@ -463,7 +464,7 @@ def test_unusable_reports_are_stored_and_counted(
 def test_concurrent_writers_store_every_event_once(postgres: PostgresServer) -> None:
     """Two connections apply the same batches in opposite orders, several gateways per transaction."""
     dsn = postgres.fresh_schema()
-    stores = [PgReceiverStore(dsn), PgReceiverStore(dsn)]
+    stores = [PostgresReceiverStore(dsn), PostgresReceiverStore(dsn)]
     gateways = [f"gw-{n}" for n in range(4)]
     batches = [
         BatchToStore("t", 1, S, gw, batch(S, gw, range(first, first + 20), complete_through=first - 1))
@@ -526,7 +527,7 @@ def test_a_schema_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     old.execute("INSERT INTO rejected VALUES (?, 'retail/x/y/events', 'not JSON', 3)", (received,))
     old.commit()
     old.close()
-    store = ReceiverStore(path, lost_grace_s=0)
+    store = SqliteReceiverStore(path, lost_grace_s=0)
     try:
         row = summary_of(store, G)
         assert (row.events, row.max_seq, row.duplicates, row.missing, row.pending, row.lost) == (
@@ -546,17 +547,17 @@ def test_a_schema_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
         assert store.gaps(G) == []
     finally:
         store.close()
-    ReceiverStore(path).close()  # opens as schema 2 now
+    SqliteReceiverStore(path).close()  # opens as schema 2 now
 
 
 def test_a_newer_schema_is_refused_with_a_reason(tmp_path: Path) -> None:
-    ReceiverStore(tmp_path / "hq.db").close()
+    SqliteReceiverStore(tmp_path / "hq.db").close()
     db = sqlite3.connect(tmp_path / "hq.db")
     db.execute("UPDATE meta SET value = '9' WHERE key = 'schema'")
     db.commit()
     db.close()
     with pytest.raises(StoreUnavailableError, match="database schema 9, this receiver needs 3"):
-        ReceiverStore(tmp_path / "hq.db")
+        SqliteReceiverStore(tmp_path / "hq.db")
 
 
 def test_conflicting_bodies_are_kept_up_to_a_byte_cap_then_counted(
@@ -616,7 +617,7 @@ def test_a_resend_round_skips_gateways_with_nothing_lost_until_they_change(
     """A gateway whose missing seqs are all explained or pending is not read again by each resend round: only
     once its row changes (a batch) or its lost watermark can move (a grace period later)."""
     monkeypatch.setattr(receiver_sql, "GAP_CACHE_MAX_RANGES", 0)  # every classification reads the runs
-    store = ReceiverStore(tmp_path / "hq.db", lost_grace_s=60)
+    store = SqliteReceiverStore(tmp_path / "hq.db", lost_grace_s=60)
     statements: list[str] = []
     store._conn.set_trace_callback(statements.append)
     try:
