@@ -6,7 +6,9 @@ as a subclass of :class:`ProfileBase` and looks profiles up with :func:`get_prof
 where its facts come from and how far to trust them (``confidence``).
 
 Profiles are read once per process (shipped with the package as ``firmware_configs/profiles/*.yaml``,
-plus any ``*.yaml`` in the directory named by ``STORE_GATEWAY_PROFILES``, which may override a shipped one).
+plus any ``*.yaml`` in the directory named by ``STORE_GATEWAY_PROFILES``, which may override a shipped one),
+with the loader the store config uses (:mod:`gateway.kernel.loader`): a broken profile is reported like a
+broken config, every problem with ``file:line:col``, the key path and a hint.
 
 A profile decides how a device's messages are read, so whoever can write one can change what reaches HQ (or
 turn a kiosk's biometric refusal off). The ``STORE_GATEWAY_PROFILES`` folder, every folder above it and every
@@ -23,15 +25,15 @@ import functools
 import logging
 import os
 import stat
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar, cast
+from typing import Any, Final, Literal, NamedTuple, TypeVar, cast
 
-from pydantic import Field, ValidationError
-from ruamel.yaml import YAML
-from ruamel.yaml.error import YAMLError
+from pydantic import Field
 
 from gateway.kernel.errors import StoreGatewayError
+from gateway.kernel.loader import DocumentError, DocumentKind, DocumentLoader, Issue
 from gateway.kernel.model import StrictModel
 
 _LOGGER = logging.getLogger(__name__)
@@ -43,6 +45,9 @@ KEPT_BY_OVERRIDES: Final = ("family", "decoder")
 kind of device is read, never the kind (the kiosk's ``decoder: checkin`` is what refuses biometric data and
 keeps kiosk payloads out of the quarantine)."""
 _OTHERS_WRITE: Final = stat.S_IWGRP | stat.S_IWOTH
+MAX_PROFILE_BYTES: Final = 1024 * 1024
+"""The largest shipped profile is a few KiB."""
+PROFILE: Final = DocumentKind("profile", "a shipped profile in firmware_configs/profiles/", MAX_PROFILE_BYTES)
 
 Family = Literal["mqtt", "serial", "modbus", "ble", "http"]
 Confidence = Literal["verified on hardware", "from vendor manual", "third-party map: verify"]
@@ -63,7 +68,20 @@ class ProfileBase(StrictModel):
 
 
 class ProfileError(StoreGatewayError):
-    """A profile file that cannot be used (bad YAML, unknown family, invalid fields)."""
+    """A profile file that cannot be used (bad YAML, unknown family, invalid fields); ``issues`` lists each
+    problem in the file, with its line, when there are such."""
+
+    def __init__(self, message: str, issues: Sequence[Issue] = ()) -> None:
+        super().__init__(message)
+        self.issues = list(issues)
+
+
+class _Found(NamedTuple):
+    """A profile file as read: its top mapping (positions kept) and its bytes, validated on first use."""
+
+    path: Path
+    data: dict[str, Any]
+    raw: bytes
 
 
 P = TypeVar("P", bound=ProfileBase)
@@ -77,10 +95,9 @@ def profile_dirs() -> list[Path]:
 
 
 @functools.cache
-def _raw_profiles(dirs: tuple[Path, ...]) -> dict[str, tuple[Path, dict[str, Any]]]:
+def _raw_profiles(dirs: tuple[Path, ...]) -> dict[str, _Found]:
     """Every profile by name; the first folder is the shipped one, the others are checked before use."""
-    yaml = YAML(typ="safe", pure=True)
-    found: dict[str, tuple[Path, dict[str, Any]]] = {}
+    found: dict[str, _Found] = {}
     for index, folder in enumerate(dirs):
         if not folder.is_dir():
             continue
@@ -89,19 +106,34 @@ def _raw_profiles(dirs: tuple[Path, ...]) -> dict[str, tuple[Path, dict[str, Any
             _check_folder(folder)
         for path in sorted(folder.glob("*.yaml")):
             try:
-                data = yaml.load(path.read_text(encoding="utf-8") if shipped else _read_checked(path))
-            except (OSError, UnicodeDecodeError, YAMLError) as exc:
+                raw = path.read_bytes() if shipped else _read_checked(path)
+            except OSError as exc:
                 raise ProfileError(f"{path}: cannot read the profile: {exc}") from exc
-            if not isinstance(data, dict) or data.get("profile") != path.stem:
-                raise ProfileError(
-                    f"{path}: a profile is a mapping whose 'profile' is the file name, {path.stem!r}"
-                )
+            profile = _Found(path, _read_profile(path, raw), raw)
             replaced = found.get(path.stem)
             if replaced is not None:
-                _check_override(path, data, *replaced)
-                _LOGGER.warning("profile %s: %s overrides the shipped %s", path.stem, path, replaced[0])
-            found[path.stem] = (path, data)
+                _check_override(path, profile.data, replaced.path, replaced.data)
+                _LOGGER.warning("profile %s: %s overrides the shipped %s", path.stem, path, replaced.path)
+            found[path.stem] = profile
     return found
+
+
+def _read_profile(path: Path, raw: bytes) -> dict[str, Any]:
+    """The profile's top mapping; ProfileError with every located problem if it is not readable YAML or its
+    ``profile`` is not the file's name."""
+    loader = DocumentLoader(path, PROFILE)
+    try:
+        data: dict[str, Any] = loader.read(raw)
+        if data.get("profile") != path.stem:
+            raise loader.fail(
+                ("profile",),
+                f"a profile's 'profile' is its file name, {path.stem!r}",
+                f"write 'profile: {path.stem}', or rename the file",
+                value=data.get("profile"),
+            )
+    except DocumentError as exc:
+        raise ProfileError(str(exc), exc.issues) from exc
+    return data
 
 
 def _check_folder(folder: Path) -> None:
@@ -117,15 +149,15 @@ def _check_folder(folder: Path) -> None:
         raise ProfileError(f"the profiles folder {folder} ({PROFILES_ENV}) cannot be checked: {exc}") from exc
 
 
-def _read_checked(path: Path) -> str:
-    """The text of an override profile, checked on the open file (a swap after the check changes nothing)."""
+def _read_checked(path: Path) -> bytes:
+    """The bytes of an override profile, checked on the open file (a swap after the check changes nothing)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO named *.yaml must not hang the start
     with os.fdopen(fd, "rb") as fh:
         info = os.fstat(fh.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise ProfileError(f"{path}: a profile is a regular file")
         _check_owner_and_mode(path, info, f"the profile {path}", sticky_ok=False)
-        return fh.read().decode("utf-8")
+        return fh.read(MAX_PROFILE_BYTES + 1)
 
 
 def _check_owner_and_mode(path: Path, info: os.stat_result, name: str, *, sticky_ok: bool) -> None:
@@ -158,7 +190,7 @@ def _check_override(path: Path, data: dict[str, Any], shipped_path: Path, shippe
 def available(family: Family | None = None) -> dict[str, Path]:
     """Profile names (of one family, or all) and their files."""
     raw = _raw_profiles(tuple(profile_dirs()))
-    return {n: p for n, (p, d) in raw.items() if family is None or d.get("family") == family}
+    return {n: p.path for n, p in raw.items() if family is None or p.data.get("family") == family}
 
 
 def get_profile(name: str, model: type[P]) -> P:
@@ -171,28 +203,24 @@ def _validated(name: str, model: type[P], dirs: tuple[Path, ...]) -> P:
     raw = _raw_profiles(dirs)
     family = model.model_fields["family"].default
     entry = raw.get(name)
-    if entry is None or (isinstance(family, str) and entry[1].get("family") != family):
+    if entry is None or (isinstance(family, str) and entry.data.get("family") != family):
         names = sorted(
-            n for n, (_, d) in raw.items() if not isinstance(family, str) or d.get("family") == family
+            n for n, p in raw.items() if not isinstance(family, str) or p.data.get("family") == family
         )
         close = difflib.get_close_matches(name, names, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ProfileError(f"no {family or ''} profile {name!r}: {hint}known: {', '.join(names) or 'none'}")
-    path, data = entry
     try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}"
-            for e in exc.errors(include_url=False)
-        )
-        raise ProfileError(f"{path}: {problems}") from exc
+        return DocumentLoader(entry.path, PROFILE).load(model, entry.raw)
+    except DocumentError as exc:
+        raise ProfileError(str(exc), exc.issues) from exc
 
 
 def check_profile(name: str, model: type[P]) -> str:
-    """For a config field validator: the name if the profile exists and is valid, else ValueError with a hint."""
+    """For a config field validator: the name if the profile exists and is valid, else ValueError with a hint
+    (one line: the problems in the profile file, each with its line, are joined with '; ')."""
     try:
         get_profile(name, model)
     except ProfileError as exc:
-        raise ValueError(str(exc)) from exc
+        raise ValueError("; ".join(str(i) for i in exc.issues) if exc.issues else str(exc)) from exc
     return name

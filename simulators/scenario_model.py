@@ -2,27 +2,34 @@
 
 A scenario is data, not code: testers write new ones without touching Python. ``store-gateway demo --scenario
 NAME`` runs one (see :mod:`simulators.scenario`); ``tests/simulators/test_scenarios.py`` runs each at a fast time scale.
+A scenario file is read like the store config (:mod:`gateway.kernel.loader`): every problem at once, each with
+``file:line:col``, the key path and a hint.
 """
 
 from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from ruamel.yaml import YAML
+from pydantic import Field, model_validator
 
-from gateway.kernel.model import ID_PATTERN
+from gateway.kernel.loader import DocumentError, DocumentKind, load_document
+from gateway.kernel.model import Identifier, StrictModel
 
-DeviceId = Annotated[str, Field(pattern=ID_PATTERN)]
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+MAX_SCENARIO_BYTES: Final = 1024 * 1024
+SCENARIO: Final = DocumentKind("scenario", "firmware_configs/scenarios/normal-day.yaml", MAX_SCENARIO_BYTES)
 
 
-class Tills(_Model):
+class ScenarioError(DocumentError, ValueError):
+    """A scenario file that cannot be used; ``issues`` lists every problem, in file order, one line each.
+
+    Also a ValueError, as the validation error it stands for is: callers that catch ValueError still do."""
+
+    noun = "scenario"
+
+
+class Tills(StrictModel):
     count: int = Field(default=3, ge=0, le=50, description="POS terminals pos-01, pos-02...")
     rate_per_s: float = Field(
         default=1.0, gt=0, le=1000, description="Sales and returns per second per till."
@@ -39,42 +46,42 @@ class Tills(_Model):
         return [f"pos-{n:02d}" for n in range(1, self.count + 1)]
 
 
-class Fridge(_Model):
-    id: DeviceId
+class Fridge(StrictModel):
+    id: Identifier
     profile: str = Field(default="dixell-xr", description="Modbus profile the simulated controller serves.")
     transport: Literal["tcp", "rtu"] = "tcp"
     unit: int = Field(default=1, ge=1, le=247)
     setpoint_c: float = Field(default=3.0, ge=-40, le=20)
 
 
-class BleSensor(_Model):
-    id: DeviceId
+class BleSensor(StrictModel):
+    id: Identifier
     format: Literal["bthome-v2", "ruuvi-rawv2", "pvvx-lywsd03mmc", "atc1441-lywsd03mmc"]
     mac: Annotated[str, Field(pattern=r"^([0-9A-F]{2}:){5}[0-9A-F]{2}$")]
     encrypted: bool = Field(default=False, description="BTHome and pvvx only: AES-CCM with a bindkey.")
     temperature_c: float = Field(default=4.0, ge=-40, le=60)
     interval_s: float = Field(default=5.0, gt=0, le=3600, description="Seconds between advertisements.")
-    inside: DeviceId | None = Field(
+    inside: Identifier | None = Field(
         default=None, description="The simulated fridge this logger sits in: it reads that cabinet's air."
     )
 
 
-class RfidReader(_Model):
-    id: DeviceId
+class RfidReader(StrictModel):
+    id: Identifier
     tags: int = Field(default=50, ge=0, le=5000, description="Tags in the reader's field at the start.")
 
 
-class Shelf(_Model):
-    id: DeviceId
+class Shelf(StrictModel):
+    id: Identifier
     tags: int = Field(default=30, ge=0, le=5000)
 
 
-class Kiosk(_Model):
-    id: DeviceId
+class Kiosk(StrictModel):
+    id: Identifier
     staff: int = Field(default=8, ge=0, le=500, description="Employees who check in during the scenario.")
 
 
-class Devices(_Model):
+class Devices(StrictModel):
     tills: Tills = Field(default_factory=Tills)
     fridges: list[Fridge] = Field(default_factory=list)
     ble: list[BleSensor] = Field(default_factory=list)
@@ -111,10 +118,10 @@ Action = Literal[
 ]
 
 
-class Step(_Model):
+class Step(StrictModel):
     at_s: float = Field(ge=0, description="Scenario time (simulated seconds from the start).")
     action: Action
-    device: DeviceId | None = Field(
+    device: Identifier | None = Field(
         default=None, description="The device acted on; none for store-wide ones."
     )
     count: int = Field(
@@ -124,7 +131,7 @@ class Step(_Model):
     for_s: float | None = Field(default=None, gt=0, description="For 'flood' and 'door_open': how long.")
 
 
-class Scenario(_Model):
+class Scenario(StrictModel):
     scenario: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$", description="Its name: the file's stem.")
     description: str = Field(max_length=2000)
     time_scale: float = Field(
@@ -170,11 +177,10 @@ def available() -> list[str]:
 
 
 def load_scenario(name_or_path: str) -> Scenario:
-    """A shipped scenario by name, or a scenario file by path."""
+    """A shipped scenario by name, or a scenario file by path; :class:`ScenarioError` lists every problem in it."""
     path = Path(name_or_path)
     if not path.suffix:
         path = scenario_dir() / f"{name_or_path}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"no scenario {name_or_path!r} (shipped: {', '.join(available())})")
-    data = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
-    return Scenario.model_validate(data)
+    return load_document(path, Scenario, SCENARIO, error=ScenarioError)

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Final, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
+from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.scalarbool import ScalarBoolean
 
 from gateway.kernel.errors import StoreGatewayError
@@ -161,13 +162,18 @@ class DocumentLoader:
         """Where a value stands in for one that is not checked: validation errors under these are not reported."""
         self.values_seen = 0
 
+    def read(self, raw: bytes | None = None) -> CommentedMap:
+        """The document's top mapping, with the position of every key and item (``raw``: its bytes, read by the
+        caller); :attr:`error` if it cannot be read."""
+        try:
+            return self._read(raw)
+        except AbortLoadError:
+            raise self._error() from None
+
     def load(self, model: type[M], raw: bytes | None = None) -> M:
         """The document validated by ``model``; :attr:`error` listing every problem if it cannot be."""
         try:
-            text = decode(
-                read_file(self.path, self.kind, self.issue_at) if raw is None else raw, self.issue_at
-            )
-            self.root = parse(text, self.kind, self.issue_at)
+            self.root = self._read(raw)
             data = self._build(self.root, model, (), 0)
         except AbortLoadError:
             data = None
@@ -186,9 +192,25 @@ class DocumentLoader:
         if result is None and not self.issues:
             self._explain_placeholders()
         if self.issues or result is None:
-            self.issues.sort(key=lambda i: (i.line or 0, i.column or 0))
-            raise self.error(self.issues)
+            raise self._error()
         return result
+
+    def fail(self, path: KeyPath, message: str, hint: str | None, *, value: Any = None) -> DocumentError:
+        """The error to raise for one more problem at ``path`` (with every issue found so far)."""
+        shown = short_repr(value) if value is not None else None
+        self.issue_at(self.position(path), path, shown, message, hint)
+        return self._error()
+
+    def _read(self, raw: bytes | None) -> CommentedMap:
+        if raw is None:
+            raw = read_file(self.path, self.kind, self.issue_at)
+        root = parse(decode(raw, self.kind, self.issue_at), self.kind, self.issue_at)
+        self.root = root
+        return root
+
+    def _error(self) -> DocumentError:
+        self.issues.sort(key=lambda i: (i.line or 0, i.column or 0))
+        return self.error(self.issues)
 
     # -- hooks for a kind of document with more to it
 
@@ -243,13 +265,16 @@ class DocumentLoader:
     def _build_mapping(self, node: Mapping[Any, Any], info: TypeInfo, path: KeyPath, depth: int) -> Any:
         model = info.model_for(node)
         renames: Mapping[str, str] = getattr(model, "DEPRECATED_KEYS", {}) if model is not None else {}
-        out: dict[str, Any] = {}
+        out: dict[Any, Any] = {}
         for written, value in node.items():
             key = written
             if isinstance(written, str) and written in renames:
                 key = renames[written]
                 if not self._rename(node, path, written, key):
                     continue
+            if isinstance(key, int) and not isinstance(key, bool) and info.takes_int_keys():
+                out[int(key)] = self._build(value, None, (*path, int(key)), depth + 1)
+                continue
             if not isinstance(key, str):
                 # Dropped, not a field: nothing downstream to suppress.
                 self.issue_at(

@@ -81,6 +81,11 @@ class TypeInfo:
     def path(self) -> bool:
         return isinstance(self.base, type) and issubclass(self.base, PurePath)
 
+    def takes_int_keys(self) -> bool:
+        """A ``dict`` whose keys are integers (a Modbus profile's ``sentinels: {0x8000: ...}``)."""
+        args = get_args(self.base) if get_origin(self.base) is dict else ()
+        return bool(args) and TypeInfo.of(args[0]).base is int
+
     def item_type(self) -> Any:
         if get_origin(self.base) is list:
             return get_args(self.base)[0]

@@ -63,22 +63,23 @@ class DocumentKind:
 
 
 def read_file(path: Path, kind: DocumentKind, report: Report) -> bytes:
-    """The file's bytes (at most ``kind.max_bytes``), or a reported problem and AbortLoadError."""
+    """The file's bytes (at most one more than ``kind.max_bytes``: :func:`decode` refuses more), or a reported
+    problem and AbortLoadError."""
     try:
         with path.open("rb") as fh:
-            raw = fh.read(kind.max_bytes + 1)
+            return fh.read(kind.max_bytes + 1)
     except OSError as exc:
         report(
             None, (), None, f"cannot read the {kind.noun} file: {exc.strerror or exc}", _read_hint(path, exc)
         )
         raise AbortLoadError from exc
+
+
+def decode(raw: bytes, kind: DocumentKind, report: Report) -> str:
+    """The text of the document, or a reported problem (too large, not UTF-8) and AbortLoadError."""
     if len(raw) > kind.max_bytes:
         report(None, (), None, f"the {kind.noun} file is larger than {kind.max_bytes} bytes", None)
         raise AbortLoadError
-    return raw
-
-
-def decode(raw: bytes, report: Report) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -149,7 +150,7 @@ def position_of(root: Any, path: KeyPath) -> Position | None:
     position = _lc(node)
     for elem in path:
         try:
-            if isinstance(node, CommentedMap) and isinstance(elem, str) and elem in node:
+            if isinstance(node, CommentedMap) and elem in node:
                 try:
                     position = node.lc.key(elem)
                 except KeyError:  # a key merged in with '<<: *anchor'

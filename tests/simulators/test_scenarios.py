@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from drivers.ble.driver import BleDriver
 from drivers.sink import QUOTA_ROWS
@@ -22,7 +23,7 @@ from gateway.config import GatewayConfig
 from gateway.runtime import Gateway
 from simulators.hq import SimulatedHq
 from simulators.scenario import ScenarioRun
-from simulators.scenario_model import Scenario, available, load_scenario
+from simulators.scenario_model import Scenario, ScenarioError, available, load_scenario, scenario_dir
 from tests.harness.brokers import Mosquitto
 from tests.harness.e2e_helpers import (
     API_TOKEN,
@@ -133,6 +134,47 @@ def test_every_shipped_scenario_loads() -> None:
     assert set(available()) >= {"normal-day", "fridge-failure-night", "garbage-flood", "device-unplugged"}
     for name in available():
         assert load_scenario(name).scenario == name
+
+
+def test_a_scenario_with_an_unknown_key_says_where_and_what_was_meant(tmp_path: Path) -> None:
+    text = (scenario_dir() / "normal-day.yaml").read_text(encoding="utf-8")
+    assert "\ntime_scale:" in text
+    path = tmp_path / "my-day.yaml"
+    path.write_text(text.replace("\ntime_scale:", "\ntime_scael:", 1), encoding="utf-8")
+    line = text.splitlines().index(next(x for x in text.splitlines() if x.startswith("time_scale:"))) + 1
+    with pytest.raises(ValueError) as info:  # what the demo catches, as it did for the validation error
+        load_scenario(str(path))
+    error = info.value
+    assert isinstance(error, ScenarioError)
+    [issue] = error.issues
+    assert (issue.file, issue.line, issue.column, issue.key_path) == (str(path), line, 1, "time_scael")
+    assert issue.message == "Extra inputs are not permitted"
+    assert issue.hint == "did you mean 'time_scale'?"
+    assert str(error).startswith(f"{path}:{line}:1: time_scael: ")
+
+
+def test_every_problem_in_a_scenario_is_reported_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text(
+        "scenario: broken\n"
+        "description: two mistakes\n"
+        "duration_s: 60\n"
+        "devices:\n"
+        "  fridges:\n"
+        "    - {id: fridge-1, transport: usb}\n"
+        "steps:\n"
+        "  - {at_s: soon, action: defrost, device: fridge-1}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(str(path))
+    error = info.value
+    assert [(i.line, i.key_path, i.value_repr) for i in error.issues] == [
+        (6, "devices.fridges[0].transport", "'usb'"),
+        (8, "steps[0].at_s", "'soon'"),
+    ]
+    assert error.issues[0].hint == "allowed values: 'tcp', 'rtu'"
+    assert error.issues[1].hint == "Scenario time (simulated seconds from the start)."
 
 
 async def test_normal_day(tmp_path: Path, store_broker: Mosquitto, hq_broker: Mosquitto) -> None:
