@@ -57,11 +57,14 @@ from gateway.kernel.yaml_reader import (
 )
 
 __all__ = [
+    "MASK",
+    "NOT_A_REFERENCE",
     "DocumentError",
     "DocumentKind",
     "DocumentLoader",
     "Issue",
     "KeyPath",
+    "absolute",
     "format_path",
     "load_document",
 ]
