@@ -132,7 +132,6 @@ def shipped_conf(folder: Path, plain_port: int, tls_port: int) -> str:
         "/mosquitto/data/": f"{folder}/data/",
         "listener 1883\n": f"listener {plain_port} 127.0.0.1\n",
         "listener 8883\n": f"listener {tls_port} 127.0.0.1\n",
-        "log_dest stdout\n": "log_dest stderr\n",
     }.items():
         assert old in text, f"{CONF.name} no longer has {old!r}"
         text = text.replace(old, new)
