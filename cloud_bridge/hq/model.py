@@ -415,7 +415,7 @@ def resend_ranges_command(request_id: str, ranges: Sequence[Range]) -> bytes:
 
 
 class ReceiverBackend(Protocol):
-    """What the receiver needs from a database; SQLite (receiver_store) and PostgreSQL (receiver_pg)."""
+    """What the receiver needs from a database; SQLite (sqlite.py) and PostgreSQL (postgres.py)."""
 
     def apply(self, items: Iterable[BatchToStore | Rejection]) -> list[StoreResult | Rejection]:
         """Store several messages in one transaction; raises :class:`StoreUnavailableError` to retry."""

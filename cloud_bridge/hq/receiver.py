@@ -1,7 +1,9 @@
-"""``store-gateway hq-receiver``: run the HQ reference receiver (:class:`~cloud_bridge.hq.service.HqReceiver`),
-print ``--report`` on its database, or prove that a receipt reached HQ (``receipt``, :mod:`cloud_bridge.hq.receipt`).
+"""``store-gateway hq-receiver``: run the HQ reference receiver
+(:class:`~cloud_bridge.hq.service.HqReceiver`), print ``--report`` on its database, or prove that a receipt
+reached HQ (``receipt``: :mod:`cloud_bridge.hq.receipt`).
 
-:func:`receiver_main` is the command; its options and what they turn into are in :mod:`cloud_bridge.hq.options`.
+:func:`receiver_main` is the command; the options it shares with the other HQ tools, and what they turn into,
+are in :mod:`cloud_bridge.hq.options`.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from gateway.kernel.config import BrokerConfig
 from gateway.kernel.mqtt_client import Message, MqttClient, MqttError
 
 _LOGGER = logging.getLogger("cloud_bridge.hq.receiver")
-"""The receiver's one log name, whichever of its modules writes (cloud_bridge.hq.receiver, .service, .resend)."""
+"""The receiver's one log name, whichever of its modules writes (receiver, service, resend)."""
 
 DEFAULT_CLIENT_ID: Final = "hq-receiver"
 DEFAULT_SHARE_GROUP: Final = "hq-receivers"

@@ -36,7 +36,8 @@ _LOGGER = logging.getLogger("cloud_bridge.hq.sql")
 """The SQL store's one log name, whichever of its modules (cloud_bridge.hq.sql*) writes."""
 
 _WATERMARK_COLUMNS: Final = "complete_through, last_received_at, mark_through, mark_at, lost_through"
-"""The columns of :class:`LostWatermark`, in its order (``_LOCK_GATEWAY`` in sql_writes returns them after max_seq)."""
+"""The columns of :class:`LostWatermark`, in its order (``_LOCK_GATEWAY``, in sql_writes, returns them after
+max_seq)."""
 
 GATEWAY_ROW: Final = f"store_id, gateway_id, events, max_seq, {_WATERMARK_COLUMNS}"
 """The columns of :class:`GatewayRow`, in its order."""
