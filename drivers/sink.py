@@ -4,6 +4,10 @@ A driver's I/O loop reads bytes, calls its pure decoder, and then calls exactly 
 :meth:`DeviceSink.emit` (a good reading), :meth:`DeviceSink.reject` (bytes that could not be decoded:
 quarantined with a reason) or :meth:`DeviceSink.failed` (an I/O error or timeout after the driver's own
 retries). ``ack`` callbacks run only after the event is committed to disk (or quarantined).
+
+A driver that must apply the limits before it decodes (the MQTT intake: a flooding device costs no decoding,
+and one message may become several events) uses the two halves of :meth:`DeviceSink.emit` instead:
+:meth:`DeviceSink.admit` for the device's limits, then :meth:`DeviceSink.submit` for each event it decoded.
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ class DeviceSink:
         self._journal = journal
         self._metrics = metrics
         self._received = metrics.received.labels(driver)
+        self._received_pending = 0
         self._rate_limited = metrics.dropped.labels(driver, "rate_limited")
         self._journal_busy = metrics.dropped.labels(driver, "journal_busy")
+        journal.add_listener(self._flush_received)
 
     def emit(
         self,
@@ -64,26 +70,56 @@ class DeviceSink:
         the journal's writer thread after COMMIT with the event's seq, or None for a redelivery; a reading the
         journal itself quarantined (too large, a processor failing on it) is acked without ``done``."""
         self._received.inc()
-        verdict = device.admit(size)
-        if verdict == "rate_limited":
-            self._rate_limited.inc()
-            if ack is not None:
-                ack()
-            return False
+        verdict = self.admit(device, size, ack)
         if verdict == "too_large":
             limit = device.limits.max_payload_bytes
             self.reject(
                 device, "too_large", f"{size} bytes > max_payload_bytes {limit}", raw, ack=ack, size=size
             )
             return False
+        if verdict != "ok":
+            return False
         body = (
             data if isinstance(data, bytes) else orjson.dumps(data.model_dump(mode="json", exclude_none=True))
         )
         draft = Draft(kind, device.id, body, data, occurred_at, dedup_key, ack, self.driver, origin, done)
+        return self.submit(draft, device)
+
+    def note_received(self) -> None:
+        """Count one message in without taking the metric's lock: the count reaches the metric after the
+        journal's next commit, or at once with the next rate-limited drop. For a driver taking thousands of
+        messages a second (:meth:`emit` counts at once)."""
+        self._received_pending += 1
+
+    def _flush_received(self, _: object = None) -> None:
+        if self._received_pending:
+            self._received.inc(self._received_pending)
+            self._received_pending = 0
+
+    def admit(
+        self, device: Device, size: int, ack: Callable[[], None] | None = None
+    ) -> Literal["ok", "rate_limited", "too_large"]:
+        """``device``'s limits for one message of ``size`` bytes (what came off the wire). A rate-limited one is
+        dropped here: counted (on the device, which reports it, and in the metrics, at once: nothing may commit
+        while a device floods, and the counts must show it) and acked, so a flooding device cannot jam a
+        session. A too large one is the caller's to quarantine, with its detail."""
+        verdict = device.admit(size)
+        if verdict == "rate_limited":
+            self._flush_received()
+            self._rate_limited.inc()
+            if ack is not None:
+                ack()
+        return verdict
+
+    def submit(self, draft: Draft, device: Device | None = None) -> bool:
+        """Hand one event to the journal; ``device`` (if any) counts it as a good message. False when the
+        journal is full: counted, and the draft's ``ack`` does not run (the caller keeps it or the device or
+        broker sends it again)."""
         if not self._journal.submit(draft):
             self._journal_busy.inc()
             return False
-        device.seen()
+        if device is not None:
+            device.seen()
         return True
 
     def reject(

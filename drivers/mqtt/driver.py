@@ -1,10 +1,11 @@
 """The MQTT intake driver: a persistent session on the store broker, PUBACK only after the journal commit.
 
-Every message goes through its device's limits (payload size, rate) before it is decoded: the device registry
-(drivers/devices.py) counts and reports what a device's rate limit drops (``device.status`` rate_limited),
-and a dropped QoS 1 message is still acknowledged so that a flooding device cannot jam the session. Each
-configured device is registered once, by the first driver (in config order) with a route for its profile;
-any MQTT driver may then take its messages.
+Every message goes through its device's limits (payload size, rate) before it is decoded, and every event
+into the journal, through the driver's :class:`drivers.sink.DeviceSink`, as for every driver: the device
+registry (drivers/devices.py) counts and reports what a device's rate limit drops (``device.status``
+rate_limited), and a dropped QoS 1 message is still acknowledged so that a flooding device cannot jam the
+session. Each configured device is registered once, by the first driver (in config order) with a route for
+its profile; any MQTT driver may then take its messages.
 
 Memory is bounded by MQTT flow control: with QoS 1 the broker sends at most ``receive_maximum`` messages we
 have not acknowledged, and we acknowledge only after COMMIT. A gateway killed at any moment loses nothing the
@@ -61,7 +62,6 @@ class MqttIntake:
         self._broker = ctx.config.store_broker
         self._client_id = ctx.client_id(f"intake-{config.name}")
         self._journal = journal = ctx.journal
-        self._metrics = metrics = ctx.metrics
         self._registry = ctx.devices
         profiles = {d.id: resolve_profile(d.profile) for d in ctx.config.devices}
         self._router = TopicRouter(config, profiles)
@@ -70,12 +70,6 @@ class MqttIntake:
         self._ctx = ctx
         self._client: MqttClient | None = None
         self._accepting = True
-        self._received = metrics.received.labels(self.name)
-        self._received_pending = 0
-        self._rate_limited = metrics.dropped.labels(self.name, "rate_limited")
-        self._rate_limited_pending = 0
-        self._journal_busy = metrics.dropped.labels(self.name, "journal_busy")
-        journal.add_listener(self._flush_received)
         self._high_water = journal.high_water
         self._devices: dict[str, Device] = {}
         self._unlisted = 0
@@ -129,14 +123,6 @@ class MqttIntake:
                     "%s: %d uncommitted messages left for the broker to redeliver", self.name, dropped
                 )
 
-    def _flush_received(self, _: object = None) -> None:
-        if self._received_pending:
-            self._received.inc(self._received_pending)
-            self._received_pending = 0
-        if self._rate_limited_pending:
-            self._rate_limited.inc(self._rate_limited_pending)
-            self._rate_limited_pending = 0
-
     def pause(self) -> None:
         """Stop taking messages (shutdown): those not yet taken stay with the broker for the next start. The
         quarantine summaries still open are written now."""
@@ -150,8 +136,7 @@ class MqttIntake:
     def _on_message(self, client: MqttClient, message: Message) -> None:
         if not self._accepting:
             return
-        # Counted locally and added to the metric after each commit: a Prometheus inc takes a lock.
-        self._received_pending += 1
+        self._sink.note_received()
         qos = message.qos
         ack = functools.partial(client.ack, message.mid, qos) if qos else None
         topic = message.topic
@@ -262,15 +247,10 @@ class MqttIntake:
             )
             return
         size = len(payload)
-        verdict = "too_large" if size > self._router.max_payload else device.admit(size)
+        verdict = "too_large" if size > self._router.max_payload else self._sink.admit(device, size, ack)
         if verdict != "ok":
             if verdict == "rate_limited":
-                # Counted now: nothing may commit while a device floods, and the counts must show it.
-                self._rate_limited_pending += 1
-                self._flush_received()
-                if ack is not None:
-                    ack()
-                return
+                return  # counted, reported and acked by the sink
             limit = min(self._router.max_payload, device.limits.max_payload_bytes)
             self._reject(
                 device, spec, "too_large", f"{size} bytes > limit {limit}", payload, topic, ack, origin
@@ -297,12 +277,8 @@ class MqttIntake:
     def _submit(self, device: Device, draft: Draft, origin: object) -> bool:
         if origin is not None:
             draft.origin = origin
-        if not self._journal.submit(draft):
-            # Not acknowledged: the broker keeps it and redelivers it to our session.
-            self._journal_busy.inc()
-            return False
-        device.seen()
-        return True
+        # False when the journal is full: not acknowledged, so the broker keeps it and redelivers it to our session.
+        return self._sink.submit(draft, device)
 
     def _take_reads(
         self,
@@ -354,9 +330,7 @@ class MqttIntake:
                 inventory = tracker.close_window(now)
                 if inventory is not None:
                     body = orjson.dumps(inventory.model_dump(mode="json", exclude_none=True))
-                    draft = Draft("rfid.inventory", device_id, body, inventory, driver=self.name)
-                    if not self._journal.submit(draft):
-                        self._journal_busy.inc()
+                    self._sink.submit(Draft("rfid.inventory", device_id, body, inventory, driver=self.name))
 
 
 def _route_bucket(source: Hashable) -> str | None:

@@ -19,7 +19,7 @@ from drivers.devices import RATE_LIMIT_QUIET_S, DeviceRegistry
 from drivers.limits import DeviceLimits
 from drivers.sink import REDACTED, DeviceSink
 from gateway.kernel.events import DeviceStatus, SensorSample
-from gateway.kernel.journal import Journal
+from gateway.kernel.journal import Draft, Journal
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.ratelimit import TokenBucket
 from tests.harness.driver_harness import query, running_journal
@@ -216,3 +216,32 @@ def test_token_bucket_never_admits_more_than_burst_plus_refill(
         now += step
         taken += bucket.take(now)
     assert taken <= burst + rate * now + 1e-6
+
+
+async def test_admit_then_submit_is_emit_in_two_halves(harness: Harness) -> None:
+    """The path of a driver that applies the limits before decoding (one message may become several events):
+    rate-limited drops are counted and acked at once, events are acked only after their commit, and messages
+    counted with note_received reach the metric with the next commit."""
+    device = harness.registry.add("shelf-1", "drv", DeviceLimits(rate_limit_per_s=1, rate_burst=1))
+    received = harness.metrics.received.labels("drv")
+    acked: list[str] = []
+    harness.sink.note_received()
+    assert harness.sink.admit(device, 10, lambda: acked.append("first")) == "ok"
+    for n in range(2):
+        ack = (lambda: acked.append("events")) if n == 1 else None
+        body = orjson.dumps(sample(n).model_dump(mode="json"))
+        assert harness.sink.submit(Draft("sensor.sample", device.id, body, ack=ack, driver="drv"), device)
+    assert acked == []  # the message's ack waits for the commit of its last event
+    harness.sink.note_received()
+    assert harness.sink.admit(device, 10, lambda: acked.append("dropped")) == "rate_limited"
+    assert acked == ["dropped"]
+    assert received._value.get() == 2  # a drop shows in the counts at once, without a commit
+    assert harness.metrics.dropped.labels("drv", "rate_limited")._value.get() == 1
+    assert harness.sink.admit(device, 10**9) == "too_large"  # the caller quarantines it, with its detail
+    harness.sink.note_received()
+    await harness.flush()
+    assert acked == ["dropped", "events"]
+    assert received._value.get() == 3
+    assert device.health.messages == 2
+    assert device.health.rate_limited == 1
+    assert harness.rows("SELECT count(*) FROM events WHERE kind='sensor.sample'") == [(2,)]
