@@ -62,3 +62,11 @@ def test_rate_zero_means_unlimited() -> None:
     assert all(bucket.take(0.0) for _ in range(1000))
     bucket.spend(0.0, 10**12)
     assert bucket.delay(0.0) == 0.0
+
+
+def test_one_limited_one_unlimited_side_by_side() -> None:
+    """A drain limit on events only (bytes/s 0): the bytes bucket never delays."""
+    events, nbytes = TokenBucket(10, 10, now=0.0), TokenBucket(0, 0, now=0.0)
+    events.spend(0.0, 20)
+    nbytes.spend(0.0, 10**12)
+    assert max(events.delay(0.0), nbytes.delay(0.0)) == pytest.approx(1.0)
