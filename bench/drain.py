@@ -183,7 +183,7 @@ WRAPPERS = ("threading.py", "concurrent/futures", "runpy>", "asyncio/runners.py"
 
 
 def _function(frame: str) -> str:
-    """'Journal._commit_batch (gateway/kernel/journal.py:746)' -> the same without ':746'."""
+    """'Journal._commit_batch (gateway/kernel/journal/writer.py:746)' -> the same without ':746'."""
     name, _, where = frame.partition(" (")
     return f"{name} ({where.rsplit(':', 1)[0]})" if where else name
 

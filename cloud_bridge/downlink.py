@@ -283,13 +283,11 @@ class Downlink:
         return Trust(self._keys, self.ledger.floor, False, self._scopes)
 
     async def _journal_synced_time(self) -> float | None:
-        rows = await self._journal.query(
-            "SELECT recorded_at FROM events WHERE instr(body, '\"clock_synced\":true') > 0 ORDER BY seq DESC LIMIT 1"
-        )
-        if not rows:
+        recorded_at = await self._journal.last_synced_recorded_at()
+        if recorded_at is None:
             return None
         try:
-            return datetime.fromisoformat(str(rows[0][0]).replace("Z", "+00:00")).timestamp()
+            return datetime.fromisoformat(recorded_at.replace("Z", "+00:00")).timestamp()
         except ValueError:
             return None
 

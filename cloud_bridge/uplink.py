@@ -36,6 +36,7 @@ from gateway.kernel.journal import Committed, Journal
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.mqtt_client import MqttClient, MqttError, Will
 from gateway.kernel.outbox import CLASSES, CRITICAL, seq_ranges
+from gateway.kernel.ratelimit import TokenBucket
 from gateway.kernel.supervise import Backoff, reconnect_forever, tcp_reachable
 
 _LOGGER = logging.getLogger(__name__)
@@ -54,36 +55,27 @@ def status_payload(status: str, config_hash: str | None, reason: str | None = No
     )
 
 
-class TokenBucket:
-    """Rate limit in events/s and bytes/s (0 = unlimited). A batch may overdraw; the debt is waited out."""
+class DrainLimit:
+    """The drain's rate limit in events/s and bytes/s (0 = unlimited), one second of burst each: a batch may
+    overdraw, and the debt is waited out before the next."""
 
     def __init__(
         self, events_per_s: int, bytes_per_s: int, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self._rates = (events_per_s, bytes_per_s)
-        self._tokens = [float(events_per_s), float(bytes_per_s)]
         self._clock = clock
-        self._at = clock()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        elapsed, self._at = now - self._at, now
-        for i, rate in enumerate(self._rates):
-            if rate:
-                self._tokens[i] = min(float(rate), self._tokens[i] + elapsed * rate)
+        now = clock()
+        self._events = TokenBucket(events_per_s, events_per_s, now)
+        self._bytes = TokenBucket(bytes_per_s, bytes_per_s, now)
 
     def delay(self) -> float:
         """Seconds until a batch may be sent (0: now)."""
-        self._refill()
-        return max(
-            [0.0]
-            + [-self._tokens[i] / rate for i, rate in enumerate(self._rates) if rate and self._tokens[i] < 0]
-        )
+        now = self._clock()
+        return max(self._events.delay(now), self._bytes.delay(now))
 
     def take(self, events: int, nbytes: int) -> None:
-        self._refill()
-        self._tokens[0] -= events
-        self._tokens[1] -= nbytes
+        now = self._clock()
+        self._events.spend(now, events)
+        self._bytes.spend(now, nbytes)
 
 
 @dataclass(slots=True)
@@ -156,7 +148,7 @@ class Uplink:
             else Compressor(self._hq.compression, self._hq.compression_level)
         )
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uplink-encode")
-        self._limiter = TokenBucket(self._hq.drain_max_events_per_s, self._hq.drain_max_bytes_per_s)
+        self._limiter = DrainLimit(self._hq.drain_max_events_per_s, self._hq.drain_max_bytes_per_s)
         self._wake = asyncio.Event()
         self._caught_up = asyncio.Event()
         self._resends: deque[list[int]] = deque()

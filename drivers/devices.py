@@ -22,7 +22,7 @@ import orjson
 from drivers.limits import DeviceLimits
 from gateway.kernel.events import DeviceStatus
 from gateway.kernel.journal import Draft
-from gateway.kernel.ratelimit import TokenBucket as TokenBucket  # drivers.http takes it from here
+from gateway.kernel.ratelimit import TokenBucket
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -39,9 +39,9 @@ EXIT_JOURNAL_CORRUPT: Final = 3
 """Exit code after the journal was found damaged while running: the supervisor restarts the gateway, and the
 start-up path moves the file aside, salvages it and goes on (docs/OUTBOX.md, "Corrupt journal")."""
 SHUTDOWN_DRAIN_S: Final = 3.0
+"""How long a clean shutdown waits for HQ to acknowledge what is committed."""
 SHUTDOWN_FLUSH_S: Final = 10.0
 """How long a clean shutdown waits for the journal to commit what is in hand."""
-"""How long a clean shutdown waits for HQ to acknowledge what is committed."""
 
 
 def journal_path(data_dir: Path) -> Path:

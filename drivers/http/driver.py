@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter
 from starlette.requests import ClientDisconnect
 
 from drivers.base import DecodeError, DriverContext
-from drivers.devices import Device, TokenBucket
+from drivers.devices import Device
 from drivers.http import freshness
 from drivers.http.config import HttpDriverConfig, HttpProfile, HttpSource, Window
 from drivers.http.generic import map_generic
@@ -48,6 +48,7 @@ from drivers.profiles import get_profile
 from gateway.kernel.clock import ClockState
 from gateway.kernel.config import WEBHOOK_PREFIX
 from gateway.kernel.logs import register_secret
+from gateway.kernel.ratelimit import TokenBucket
 
 _LOGGER = logging.getLogger(__name__)
 

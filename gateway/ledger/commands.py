@@ -76,10 +76,9 @@ async def stock_adjust(journal: Journal, request_id: str, args: StockAdjust) -> 
         raise CommandError("failed", "the adjustment could not be applied; it is quarantined on the gateway")
     seq = seqs[0]
     if seq is None:
-        found = await journal.query("SELECT seq FROM events WHERE dedup_key=?", (key,))
-        seq = found[0][0] if found else None
-    rows = await journal.query("SELECT on_hand FROM stock WHERE sku=?", (args.sku,))
-    on_hand = quantity_text(rows[0][0]) if rows else None
+        seq = await journal.seq_of_dedup_key(key)
+    stored = await journal.stock_on_hand(args.sku)
+    on_hand = quantity_text(stored) if stored is not None else None
     return ("ok" if seqs[0] is not None else "duplicate"), {"seq": seq, "on_hand": on_hand}
 
 

@@ -28,13 +28,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Final
 
-import orjson
-
 from cloud_bridge.documents import RuleSet
 from gateway.kernel.errors import StoreGatewayError
-from gateway.kernel.events import PosReturn, PosSale, StockAdjusted
-from gateway.kernel.journal import Draft
+from gateway.kernel.events import AlertRaised, PosReturn, PosSale, StockAdjusted, StockLevel
 from gateway.kernel.metrics import Metrics
+from gateway.kernel.pipeline import Emit, Event, Processor
 from gateway.ledger.config import StockConfig
 from gateway.ledger.documents import create_table, read_rules
 
@@ -94,8 +92,11 @@ def _parse_row(row: list[str]) -> tuple[str, float, float | None]:
     return row[0].strip(), on_hand, safety
 
 
-class StockLedger:
-    """A journal processor (see :class:`gateway.kernel.journal.Processor`)."""
+class StockLedger(Processor):
+    """The first processor of the pipeline (:mod:`gateway.kernel.pipeline`): sales, returns and HQ adjustments
+    move stock; it emits ``stock.level`` and ``alert.raised`` (``stock.low``) for the processors after it."""
+
+    name = "stock"
 
     def __init__(self, config: StockConfig, metrics: Metrics) -> None:
         self._config = config
@@ -153,17 +154,23 @@ class StockLedger:
         self._moved.clear()
         self._first_cause.clear()
 
-    def apply(self, seq: int, draft: Draft) -> None:
-        model = draft.model
-        if draft.kind == "stock.adjusted":
-            self._adjust(seq, model if isinstance(model, StockAdjusted) else _adjustment(draft.data_json))
+    def apply(self, event: Event) -> None:
+        kind = event.kind
+        if kind == "stock.adjusted":
+            adjustment = event.model
+            assert isinstance(adjustment, StockAdjusted)
+            self._adjust(event.seq, adjustment)
             return
+        if kind not in ("pos.sale", "pos.return"):
+            return
+        model = event.model
         if isinstance(model, PosReturn):
             sign = 1
         elif isinstance(model, PosSale):
             sign = -1
         else:
             return
+        seq = event.seq
         for line in model.lines:
             level = self._levels.get(line.sku)
             if level is None:
@@ -194,11 +201,11 @@ class StockLedger:
         self._levels[sku] = level
         return level
 
-    def flush(self, conn: sqlite3.Connection, first_seq: int, last_seq: int) -> list[Draft]:
+    def flush(self, conn: sqlite3.Connection) -> list[Emit]:
         if not self._moved:
             return []
-        derived: list[Draft] = []
-        alerts: list[Draft] = []
+        derived: list[Emit] = []
+        alerts: list[Emit] = []
         rows = []
         for sku, seq in self._moved.items():
             level = self._levels[sku]
@@ -206,15 +213,15 @@ class StockLedger:
             level.low = level.safety_stock is not None and level.on_hand <= level.safety_stock
             own_threshold = None if level.default_threshold else _float(level.safety_stock)
             rows.append((sku, float(level.on_hand), own_threshold, seq, int(level.low)))
-            data = {
-                "sku": sku,
-                "on_hand": _text(level.on_hand),
-                "delta": _text(level.on_hand - level.reported),
-                "safety_stock": None if level.safety_stock is None else _text(level.safety_stock),
-                "cause_seqs": [self._first_cause[sku], seq],
-            }
+            report = StockLevel(
+                sku=sku,
+                on_hand=_plain(level.on_hand),
+                delta=_plain(level.on_hand - level.reported),
+                safety_stock=None if level.safety_stock is None else _plain(level.safety_stock),
+                cause_seqs=(self._first_cause[sku], seq),
+            )
             level.reported = level.on_hand
-            derived.append(Draft("stock.level", None, orjson.dumps(data)))
+            derived.append(Emit(report))
             if level.low and not was_low:
                 alerts.append(self._low_stock_alert(sku, level))
         conn.executemany(
@@ -228,19 +235,25 @@ class StockLedger:
         return derived + alerts
 
     def rollback(self, conn: sqlite3.Connection) -> None:
+        """The commit failed: back to the levels on disk."""
+        self._load(conn)
+
+    def reload(self, conn: sqlite3.Connection) -> None:
+        """Thresholds or levels changed in the tables (HQ's rules, a stock-take): read them again."""
         self._load(conn)
 
     @staticmethod
-    def _low_stock_alert(sku: str, level: _Level) -> Draft:
+    def _low_stock_alert(sku: str, level: _Level) -> Emit:
         safety = _text(level.safety_stock) if level.safety_stock is not None else None
-        data = {
-            "rule": "stock.low",
-            "severity": "warning",
-            "subject": sku,
-            "message": f"{sku}: on hand {_text(level.on_hand)} is at or below safety stock {safety}",
-            "details": {"on_hand": _text(level.on_hand), "safety_stock": safety},
-        }
-        return Draft("alert.raised", None, orjson.dumps(data))
+        return Emit(
+            AlertRaised(
+                rule="stock.low",
+                severity="warning",
+                subject=sku,
+                message=f"{sku}: on hand {_text(level.on_hand)} is at or below safety stock {safety}",
+                details={"on_hand": _text(level.on_hand), "safety_stock": safety},
+            )
+        )
 
 
 def apply_rule_thresholds(conn: sqlite3.Connection, rules: RuleSet | None) -> None:
@@ -258,10 +271,6 @@ def apply_rule_thresholds(conn: sqlite3.Connection, rules: RuleSet | None) -> No
         )
 
 
-def _adjustment(data_json: bytes) -> StockAdjusted:
-    return StockAdjusted.model_validate_json(data_json)
-
-
 def quantity_text(value: float) -> str:
     """A stock quantity read from the ``stock`` table, as events carry it: 12.5 -> '12.5', 3.0 -> '3'."""
     return _text(_dec(value))
@@ -270,6 +279,11 @@ def quantity_text(value: float) -> str:
 def _dec(value: float) -> Decimal:
     """SQLite REAL back to a Decimal without binary noise (quantities have at most 3 decimals)."""
     return Decimal(repr(value)).quantize(Decimal("0.001")).normalize() if value % 1 else Decimal(int(value))
+
+
+def _plain(value: Decimal) -> Decimal:
+    """The same quantity written as :func:`_text` writes it (no exponent, no trailing zeros): how it serialises."""
+    return Decimal(_text(value))
 
 
 def _float(value: Decimal | None) -> float | None:

@@ -16,7 +16,7 @@ import pytest
 
 from cloud_bridge.config import HqConfig
 from cloud_bridge.topics import events_subscription
-from cloud_bridge.uplink import TokenBucket, Uplink
+from cloud_bridge.uplink import DrainLimit, Uplink
 from cloud_bridge.wire import Batch, decode_batch
 from gateway.config import GatewayConfig
 from gateway.kernel.config import ApiConfig, BrokerConfig, ClassBudget, OutboxConfig, StoreConfig
@@ -360,7 +360,7 @@ def test_token_bucket_delays_by_the_debt_and_refills_at_the_rate() -> None:
     def clock() -> float:
         return now[0]
 
-    bucket = TokenBucket(100, 1000, clock=clock)
+    bucket = DrainLimit(100, 1000, clock=clock)
     assert bucket.delay() == 0.0  # a full second of burst to start with
     bucket.take(150, 400)
     assert bucket.delay() == pytest.approx(0.5)  # 50 events of debt at 100/s
@@ -380,10 +380,10 @@ def test_token_bucket_delays_by_the_debt_and_refills_at_the_rate() -> None:
 
 def test_token_bucket_zero_means_unlimited() -> None:
     now = [0.0]
-    bucket = TokenBucket(0, 0, clock=lambda: now[0])
+    bucket = DrainLimit(0, 0, clock=lambda: now[0])
     bucket.take(10**9, 10**12)
     assert bucket.delay() == 0.0
-    events_only = TokenBucket(10, 0, clock=lambda: now[0])
+    events_only = DrainLimit(10, 0, clock=lambda: now[0])
     events_only.take(20, 10**12)
     assert events_only.delay() == pytest.approx(1.0)
 

@@ -35,6 +35,7 @@ from gateway.kernel.journal import (
 )
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.outbox import STATE
+from gateway.kernel.pipeline import Emit, Event
 from gateway.ledger.config import StockConfig, StockItem
 from gateway.ledger.stock import StockLedger
 from tests.harness.pos_drafts import DRIVER, pos_draft
@@ -136,7 +137,7 @@ class AckProbe:
         return ack
 
 
-class FailingProcessor:
+class FailingProcessor(Processor):
     """A processor that raises inside the commit transaction while ``failures`` is above zero.
 
     At rollback it records what another connection can see, and which acks had run, at that moment.
@@ -158,13 +159,13 @@ class FailingProcessor:
             self.failures -= 1
             raise self.error("processor failed on purpose")
 
-    def apply(self, seq: int, draft: Draft) -> None:
-        del seq, draft
+    def apply(self, event: Event) -> None:
+        del event
         if not self.in_flush:
             self._maybe_fail()
 
-    def flush(self, conn: sqlite3.Connection, first_seq: int, last_seq: int) -> list[Draft]:
-        del conn, first_seq, last_seq
+    def flush(self, conn: sqlite3.Connection) -> list[Emit]:
+        del conn
         if self.in_flush:
             self._maybe_fail()
         return []
@@ -177,26 +178,27 @@ class FailingProcessor:
         self.seen_at_rollback.append((events, len(self.probe.calls) if self.probe else 0))
 
 
-class PoisonProcessor:
-    """Raises on any draft whose data mentions 'poison' (an event the processor cannot handle)."""
+class PoisonProcessor(Processor):
+    """Raises on any event whose data mentions 'poison' (an event the processor cannot handle)."""
+
+    name = "poison"
 
     def setup(self, conn: sqlite3.Connection) -> None:
         del conn
 
-    def apply(self, seq: int, draft: Draft) -> None:
-        del seq
-        if b"poison" in draft.data_json:
+    def apply(self, event: Event) -> None:
+        if b"poison" in event.data_json:
             raise RuntimeError("cannot process a poison event")
 
-    def flush(self, conn: sqlite3.Connection, first_seq: int, last_seq: int) -> list[Draft]:
-        del conn, first_seq, last_seq
+    def flush(self, conn: sqlite3.Connection) -> list[Emit]:
+        del conn
         return []
 
     def rollback(self, conn: sqlite3.Connection) -> None:
         del conn
 
 
-class ScriptedProcessor:
+class ScriptedProcessor(Processor):
     """On its n-th apply() raises the n-th error of the script (None: no error); fine after the script."""
 
     def __init__(self, script: list[type[Exception] | None]) -> None:
@@ -205,21 +207,21 @@ class ScriptedProcessor:
     def setup(self, conn: sqlite3.Connection) -> None:
         del conn
 
-    def apply(self, seq: int, draft: Draft) -> None:
-        del seq, draft
+    def apply(self, event: Event) -> None:
+        del event
         error = self.script.pop(0) if self.script else None
         if error is not None:
             raise error("scripted failure")
 
-    def flush(self, conn: sqlite3.Connection, first_seq: int, last_seq: int) -> list[Draft]:
-        del conn, first_seq, last_seq
+    def flush(self, conn: sqlite3.Connection) -> list[Emit]:
+        del conn
         return []
 
     def rollback(self, conn: sqlite3.Connection) -> None:
         del conn
 
 
-class BlockingProcessor:
+class BlockingProcessor(Processor):
     """Holds the writer thread inside the transaction until the test releases it."""
 
     def __init__(self) -> None:
@@ -229,13 +231,13 @@ class BlockingProcessor:
     def setup(self, conn: sqlite3.Connection) -> None:
         del conn
 
-    def apply(self, seq: int, draft: Draft) -> None:
-        del seq, draft
+    def apply(self, event: Event) -> None:
+        del event
         self.entered.set()
         self.release.wait(20)
 
-    def flush(self, conn: sqlite3.Connection, first_seq: int, last_seq: int) -> list[Draft]:
-        del conn, first_seq, last_seq
+    def flush(self, conn: sqlite3.Connection) -> list[Emit]:
+        del conn
         return []
 
     def rollback(self, conn: sqlite3.Connection) -> None:
@@ -703,12 +705,12 @@ async def test_listener_sees_what_one_commit_wrote(tmp_path: Path) -> None:
 # --- failed commits -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("error", [sqlite3.OperationalError, RuntimeError])
+@pytest.mark.parametrize("error", [sqlite3.OperationalError, sqlite3.IntegrityError])
 async def test_processor_error_rolls_back_the_batch_then_commits_it_once(
     tmp_path: Path, error: type[Exception]
 ) -> None:
-    """At the failure nothing of the batch is visible and nothing is acked; then (a retry after a
-    second for SQLite errors, one item at a time for other errors) everything is committed once."""
+    """A SQLite error in a processor fails the commit: at the failure nothing of the batch is visible and
+    nothing is acked; then (a retry after a second) everything is committed once."""
     failing = FailingProcessor(error, failures=1)
     journal = new_journal(tmp_path, processors=[failing])
     failing.path = journal.path
@@ -777,30 +779,41 @@ async def test_failed_commit_does_not_move_stock_twice(tmp_path: Path) -> None:
     assert (level["on_hand"], level["delta"]) == ("7", "-3")
 
 
-async def test_a_poison_event_is_quarantined_and_the_rest_committed(tmp_path: Path) -> None:
-    """A processor that fails on one event (a bug, a poison message) must not hold back the others."""
+async def test_a_processor_failing_on_an_event_is_isolated_and_the_event_still_commits(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A processor that fails on one event (a bug, an event it cannot handle) never holds back or quarantines
+    it: the event commits, the processor skips it, and the failure is counted and reported to HQ."""
+    metrics = Metrics()
     poison = PoisonProcessor()
-    journal = new_journal(tmp_path, processors=[poison])
+    journal = new_journal(tmp_path, metrics=metrics, processors=[poison])
     probe = AckProbe(journal)
     async with running(journal):
         journal.submit(status(0, key="k0", ack=probe.event("k0")))
         poisoned = b'{"status":"error","reason":"poison"}'
-        journal.submit(Draft("device.status", "pos1", poisoned, ack=probe.quarantined("processing_error")))
+        journal.submit(Draft("device.status", "pos1", poisoned, dedup_key="k1", ack=probe.event("k1")))
         journal.submit(status(2, key="k2", ack=probe.event("k2")))
         await flushed(journal)
         journal.submit(status(3, key="k3", ack=probe.event("k3")))
-    assert query(journal, "SELECT seq, dedup_key FROM events ORDER BY seq") == [
-        (1, "k0"),
-        (2, "k2"),
-        (3, "k3"),
+    rows = query(journal, "SELECT seq, kind, dedup_key FROM events ORDER BY seq")
+    assert [r for r in rows if r[1] == "device.status"] == [
+        (1, "device.status", "k0"),
+        (2, "device.status", "k1"),
+        (3, "device.status", "k2"),
+        (5, "device.status", "k3"),
     ]
-    [(reason, detail, payload)] = query(journal, "SELECT reason, detail, payload FROM quarantine")
-    assert reason == "processing_error"
-    assert "RuntimeError" in detail
-    assert "poison" in detail
-    assert b"poison" in payload
-    assert probe.calls == ["k0", "processing_error", "k2", "k3"]
+    [(alert,)] = query(journal, "SELECT body FROM events WHERE kind='alert.raised'")
+    data = orjson.loads(alert)["data"]
+    assert (data["rule"], data["subject"], data["details"]["seqs"]) == (
+        "gateway.processor_failed",
+        "poison",
+        [2],
+    )
+    assert query(journal, "SELECT COUNT(*) FROM quarantine") == [(0,)]
+    assert probe.calls == ["k0", "k1", "k2", "k3"]
     assert all(probe.committed_when_acked.values())
+    assert sample(metrics, "storegw_processor_errors_total", processor="poison") == 1
+    assert any("processor poison failed on events 2" in r.getMessage() for r in caplog.records)
 
 
 async def test_duplicate_metric_counts_once_when_the_commit_is_retried(tmp_path: Path) -> None:

@@ -50,7 +50,8 @@ from gateway.kernel.journal.store import (
     SeqReservationError,
     connect,
 )
-from gateway.kernel.journal.writer import ACK_ONLY_DELAY_S, QUEUE_LIMIT, Processor
+from gateway.kernel.journal.writer import ACK_ONLY_DELAY_S, QUEUE_LIMIT
+from gateway.kernel.pipeline import Event, Processor
 
 __all__ = [
     "ACK_ONLY_DELAY_S",
@@ -129,6 +130,18 @@ class Journal(Opening):
     async def stock_on_hand(self, sku: str) -> Any:
         """The stock ledger's on-hand quantity of ``sku`` as stored in the journal, or None."""
         return await self.reader.stock_on_hand(sku)
+
+    async def events_after(
+        self, seq: int, kinds: frozenset[str] | None, limit: int
+    ) -> tuple[list[Event], int]:
+        """For consumers (:mod:`gateway.kernel.consumer`): committed events above ``seq``, of ``kinds`` (or all),
+        in seq order, at most ``limit``; and the seq through which they were looked for."""
+        return await self.reader.events_after(seq, kinds, limit, self.last_seq)
+
+    async def cursor(self, name: str) -> int | None:
+        """A consumer's cursor: the one waiting for the next commit, else the committed one, else None."""
+        pending = self.pending_cursor(name)
+        return pending if pending is not None else await self.reader.cursor(name)
 
     def dedup_seq(self, key: str) -> int | None:
         """The seq committed under ``key`` within the dedup retention (its event may be gone), or None. Reader

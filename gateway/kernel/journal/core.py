@@ -14,7 +14,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from gateway.kernel.clock import ClockState
 from gateway.kernel.config import JournalConfig, OutboxConfig
@@ -22,9 +21,7 @@ from gateway.kernel.journal.datadir import SeqReservation
 from gateway.kernel.journal.items import Draft, Extra, Rejected
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.outbox import KindClasses
-
-if TYPE_CHECKING:
-    from gateway.kernel.journal.writer import Processor
+from gateway.kernel.pipeline import Pipeline, Processor
 
 
 class Core:
@@ -48,7 +45,7 @@ class Core:
         self._outbox = outbox or OutboxConfig()
         self.kind_class = KindClasses(self._outbox.kinds)
         self._metrics = metrics
-        self._processors = list(processors)
+        self._pipeline = Pipeline(processors, metrics)
         self._clock = clock or ClockState()
         self._queue: deque[Draft | Rejected] = deque()
         self._wakeup = asyncio.Event()

@@ -16,8 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final
 
+import orjson
+
+from gateway.kernel.consumer import CURSOR_PREFIX
+from gateway.kernel.events import PAYLOADS
 from gateway.kernel.journal.recovery import is_damage
 from gateway.kernel.journal.store import connect
+from gateway.kernel.pipeline import Event
 
 SYNCED_TIME: Final = (
     "SELECT recorded_at FROM events WHERE instr(body, '\"clock_synced\":true') > 0 ORDER BY seq DESC LIMIT 1"
@@ -82,6 +87,31 @@ class Reader:
         """The stock ledger's on-hand quantity of ``sku`` as stored (its table lives in the journal), or None."""
         rows = await self.query("SELECT on_hand FROM stock WHERE sku=?", (sku,))
         return rows[0][0] if rows else None
+
+    async def events_after(
+        self, seq: int, kinds: frozenset[str] | None, limit: int, last_seq: int
+    ) -> tuple[list[Event], int]:
+        """Committed events above ``seq`` (of ``kinds``, or all) in seq order, at most ``limit``, parsed; and the
+        seq through which they were looked for (``last_seq``: the journal's when the read began)."""
+        sql = "SELECT seq, kind, device_id, body FROM events WHERE seq > ?"
+        params: list[Any] = [seq]
+        if kinds is not None:
+            sql += f" AND kind IN ({', '.join('?' * len(kinds))})"
+            params += sorted(kinds)
+        rows = await self.query(sql + " ORDER BY seq LIMIT ?", (*params, limit))
+        events = []
+        for found, kind, device_id, body in rows:
+            data = orjson.loads(body)["data"]
+            model = PAYLOADS[kind].model_validate(data)
+            events.append(Event(int(found), kind, device_id, orjson.dumps(data), model))
+        if len(events) == limit:
+            return events, events[-1].seq
+        return events, max(last_seq, events[-1].seq if events else seq)
+
+    async def cursor(self, name: str) -> int | None:
+        """A consumer's committed cursor, or None."""
+        rows = await self.query("SELECT value FROM meta WHERE key = ?", (CURSOR_PREFIX + name,))
+        return int(rows[0][0]) if rows else None
 
     def dedup_seq(self, key: str) -> int | None:
         """The seq committed under ``key`` within the dedup retention (its event may be gone), or None. Reader

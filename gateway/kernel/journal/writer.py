@@ -4,11 +4,13 @@ Drivers hand the journal :class:`~gateway.kernel.journal.items.Draft` events and
 :class:`~gateway.kernel.journal.items.Rejected` messages. The writer takes what has queued (up to
 ``commit_max_events``), and in ONE transaction: drops redeliveries already committed (by ``dedup_key``), gives
 each new event the next ``seq``, stores the envelope bytes, stores rejects in the quarantine, runs the
-processors (the stock ledger) which may add derived events, and records the last seq. Only after COMMIT
-returns does it call each item's ``ack`` (the MQTT PUBACK): acknowledge-after-commit.
+pipeline (:mod:`gateway.kernel.pipeline`: the stock ledger, the rule engine), whose processors may add derived
+events, and records the last seq. Only after COMMIT returns does it call each item's ``ack`` (the MQTT PUBACK):
+acknowledge-after-commit.
 
-Every call into a :class:`Processor` is here: ``setup`` at open, ``apply``/``flush`` inside a commit batch,
-``rollback`` after a failed batch and after :meth:`Writer.transact`.
+Every call into the pipeline is here: ``setup`` at open; ``run`` inside each commit, for the new events and then
+for those from ``transact`` and housekeeping; ``tick`` every :data:`~gateway.kernel.pipeline.TICK_S` when a
+processor wants it; ``rollback`` after a failed commit, ``reload`` after :meth:`Writer.transact`.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ import os
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Final, Protocol, TypeVar
+from typing import Final, TypeVar
 
 import orjson
 
 from gateway.kernel.clock import BOOT_ID
+from gateway.kernel.consumer import CURSOR_PREFIX
 from gateway.kernel.events import SCHEMA_VERSION, uuid7
 from gateway.kernel.journal.backlog import DISK_CHECK_S, Backlog
 from gateway.kernel.journal.items import (
@@ -50,6 +53,7 @@ from gateway.kernel.journal.store import (
     write_state,
 )
 from gateway.kernel.outbox import TELEMETRY
+from gateway.kernel.pipeline import TICK_S, Emit, Event
 
 _LOGGER = logging.getLogger("gateway.kernel.journal")  # one log name for the whole journal
 
@@ -60,22 +64,6 @@ QUEUE_LIMIT: Final = 100_000
 """Items waiting for a commit. QoS 1 intake is bounded far below this by MQTT flow control (receive maximum)."""
 ACK_ONLY_DELAY_S: Final = 0.05
 """A commit that would only record HQ acknowledgements waits this long for intake to join it (SD wear)."""
-
-
-class Processor(Protocol):
-    """Runs inside the commit transaction (the stock ledger; later the rule engine)."""
-
-    def setup(self, conn: sqlite3.Connection) -> None: ...
-
-    def apply(self, seq: int, draft: Draft) -> None: ...
-
-    def flush(self, conn: sqlite3.Connection, first_seq: int, last_seq: int) -> list[Draft]:
-        """Write state changed since the last flush; return derived events to commit in the same transaction."""
-        ...
-
-    def rollback(self, conn: sqlite3.Connection) -> None:
-        """The transaction failed: reload in-memory state from the database."""
-        ...
 
 
 class Writer(Backlog):
@@ -91,6 +79,12 @@ class Writer(Backlog):
         self._commit_done = asyncio.Event()
         self._submitted = 0
         self._finished = 0
+        self._cursors: dict[str, int] = {}
+        """Consumers' cursors to record with the next commit (:meth:`save_cursor`)."""
+        self._cursors_in_commit: dict[str, int] = {}
+        """The cursors the commit in progress records (set before it starts, on the event loop)."""
+        self._next_tick = 0.0
+        """When the pipeline's time-driven processors next get a tick (monotonic)."""
         self._replaced_draft: Draft | None = None
         """The draft of the replacement alert: committing it clears the alert kept in ``meta``."""
         prefix = orjson.dumps({"store_id": self._store_id, "gateway_id": self._gateway_id})
@@ -98,8 +92,7 @@ class Writer(Backlog):
 
     def _setup_processors(self, conn: sqlite3.Connection) -> None:
         """At open, before anything is committed: each processor creates its tables and loads its state."""
-        for proc in self._processors:
-            proc.setup(conn)
+        self._pipeline.setup(conn)
 
     # --- intake -----------------------------------------------------------------------------------
 
@@ -178,11 +171,21 @@ class Writer(Backlog):
             self._commit_done.clear()
             await self._commit_done.wait()
 
+    def pending_cursor(self, name: str) -> int | None:
+        """A consumer's cursor not yet committed, or None."""
+        return self._cursors.get(name, self._cursors_in_commit.get(name))
+
+    async def save_cursor(self, name: str, seq: int) -> None:
+        """Record a consumer's cursor (``meta`` key ``cursor:<name>``) with the next commit, which intake shares
+        when there is any. A crash before that commit makes the consumer see its last events again."""
+        self._cursors[name] = seq
+        self._wakeup.set()
+
     async def transact(self, work: Callable[[sqlite3.Connection], tuple[T, list[Draft]]]) -> T:
         """Run ``work(conn)`` in its own transaction on the writer thread, between group commits; the drafts it
-        returns are committed in the same transaction. On any error everything rolls back (processors reload
-        their state) and the error is raised. After success, processors reload too (``work`` may have changed
-        their tables, e.g. stock thresholds)."""
+        returns are committed in the same transaction, and go through the pipeline like any event. On any error
+        everything rolls back (processors forget what they applied) and the error is raised. After success,
+        processors reload (``work`` may have changed their tables, e.g. stock thresholds)."""
         loop = asyncio.get_running_loop()
         box: list[T] = []
 
@@ -200,8 +203,7 @@ class Writer(Backlog):
         committed = self._commit_batch([], {}, lambda conn, _work, _moved: run(conn))
         conn = self._conn
         assert conn is not None
-        for proc in self._processors:
-            proc.rollback(conn)
+        self._pipeline.reload(conn)
         return committed
 
     # --- the writer ---------------------------------------------------------------------------------
@@ -228,12 +230,16 @@ class Writer(Backlog):
                     _LOGGER.exception("outbox housekeeping failed, retrying later")
                 if self._queue:
                     self._wakeup.set()
+                ticking = self._pipeline.wants_ticks
+                if ticking and time.monotonic() >= self._next_tick:
+                    self._next_tick = time.monotonic() + TICK_S
+                    await self._commit_once(loop, tick=True, intake=False)
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(idle):
+                    async with asyncio.timeout(min(idle, TICK_S) if ticking else idle):
                         await self._wakeup.wait()
                 if self._wakeup.is_set():
-                    if not self._queue and self._acks and not self._stopping:
-                        # Only HQ acknowledgements to record: give intake a moment to share the commit
+                    if not self._queue and (self._acks or self._cursors) and not self._stopping:
+                        # Only HQ acknowledgements or cursors to record: give intake a moment to share the commit
                         # (one fsync instead of two; the uplink's window holds those batches meanwhile).
                         self._intake.clear()
                         with contextlib.suppress(TimeoutError):
@@ -263,16 +269,20 @@ class Writer(Backlog):
         loop: asyncio.AbstractEventLoop,
         extra: Extra | None = None,
         intake: bool = True,
+        tick: bool = False,
     ) -> None:
         """One group commit. ``intake=False`` leaves queued items for the next one (a pruning step on a low
-        disk must not fail for the space the sales would take)."""
+        disk must not fail for the space the sales would take). ``tick``: the pipeline's time-driven processors
+        get their turn in it."""
         if self.corrupt is not None:
             return  # a damaged file commits nothing more: what waits is never acknowledged, and is redelivered
         n = min(len(self._queue), self._config.commit_max_events) if intake else 0
         items = [self._queue.popleft() for _ in range(n)]
         acks, self._acks = self._acks, {}
         ack_gen = self._ack_gen
-        if not items and not acks and extra is None:
+        cursors, self._cursors = self._cursors, {}
+        self._cursors_in_commit = cursors
+        if not items and not acks and extra is None and not tick and not cursors:
             return
         started = time.perf_counter()
         self._busy = True
@@ -281,7 +291,7 @@ class Writer(Backlog):
         result: Committed | None = None
         acks_written = False
         try:
-            future = loop.run_in_executor(self._writer, self._commit_sync, items, acks, extra)
+            future = loop.run_in_executor(self._writer, self._commit_sync, items, acks, extra, tick)
             while True:
                 try:
                     result, leftover = await asyncio.shield(future)
@@ -293,6 +303,8 @@ class Writer(Backlog):
                     # Once the thread may COMMIT, its acks must follow: finish the bookkeeping, then stop.
                     cancelled = err
         except sqlite3.Error as err:
+            for name, seq in cursors.items():  # not recorded: with the next commit, unless newer ones wait
+                self._cursors.setdefault(name, seq)
             result, leftover = None, items
             if (
                 acks
@@ -309,6 +321,7 @@ class Writer(Backlog):
             self._commit_failed(err, {} if acks_written else acks)
         finally:
             self._busy = False
+            self._cursors_in_commit = {}
         if items and len(leftover) < len(items):
             self._waiting_since = time.monotonic() if self._queue or leftover else None
         if leftover:
@@ -397,14 +410,15 @@ class Writer(Backlog):
         items: list[Draft | Rejected],
         acks: dict[int, int],
         extra: Extra | None = None,
+        tick: bool = False,
     ) -> tuple[Committed | None, list[Draft | Rejected]]:
         """Commit the batch; returns what was committed and the items NOT committed (a SQLite failure)."""
         try:
-            return self._commit_batch(items, acks, extra), []
+            return self._commit_batch(items, acks, extra, tick), []
         except sqlite3.Error:
             raise
         except Exception:
-            if extra is not None and not items:
+            if (extra is not None or tick) and not items:
                 raise
             _LOGGER.exception("processing a batch of %d failed; committing its items one by one", len(items))
         # A bug or a poison event must not hold back good data: commit each item alone, and quarantine
@@ -432,6 +446,7 @@ class Writer(Backlog):
         items: list[Draft | Rejected],
         acks: dict[int, int],
         extra: Extra | None = None,
+        tick: bool = False,
     ) -> Committed | None:
         conn = self._conn
         assert conn is not None
@@ -454,16 +469,28 @@ class Writer(Backlog):
             now = time.time()
             rows: list[Row] = []
             seq = self._envelopes(fresh, seq, now, rows)
-            for proc in self._processors:
-                for row_draft, row in zip(fresh, rows, strict=True):
-                    proc.apply(row[0], row_draft)
-            for proc in self._processors:
-                derived = proc.flush(conn, first, seq)
-                if derived:
-                    seq = self._envelopes(derived, seq, now, rows)
+            last = [seq]
+
+            def append_drafts(drafts: list[Draft]) -> list[Event]:
+                """Seqs for drafts (in this transaction); what the pipeline sees of them."""
+                start = len(rows)
+                last[0] = self._envelopes(drafts, last[0], now, rows)
+                return [_event(row, draft) for row, draft in zip(rows[start:], drafts, strict=True)]
+
+            def append(emits: Sequence[Emit]) -> list[Event]:
+                return append_drafts([_draft(emit) for emit in emits])
+
+            pipeline = self._pipeline
+            if fresh and pipeline.processors:
+                pipeline.run(conn, [_event(row, d) for row, d in zip(rows, fresh, strict=True)], append)
             moved: dict[int, int] = {}
             if extra is not None:
-                seq = self._envelopes(extra(conn, work, moved), seq, now, rows)
+                added = append_drafts(extra(conn, work, moved))
+                if added and pipeline.processors:
+                    pipeline.run(conn, added, append)
+            if tick:
+                pipeline.tick(conn, now, append)
+            seq = last[0]
             conn.executemany("INSERT INTO events VALUES (?,?,?,?,?,?,?,?)", rows)
             expires = now + self._config.dedup_retention_days * 86400
             keyed = [(row[5], row[0], expires) for row in rows if row[5] is not None]
@@ -483,6 +510,11 @@ class Writer(Backlog):
             changed = {c: s for c, s in work.items() if s is not self.state[c]}
             if changed:
                 write_state(conn, changed)
+            if self._cursors_in_commit:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                    [(CURSOR_PREFIX + name, str(seq)) for name, seq in self._cursors_in_commit.items()],
+                )
             if seq > self.last_seq:
                 self._within_reservation(seq)
             conn.execute("COMMIT")
@@ -496,9 +528,9 @@ class Writer(Backlog):
             except sqlite3.Error:
                 _LOGGER.debug("ROLLBACK after a failed commit failed too", exc_info=True)
             finally:
-                for proc in self._processors:
-                    proc.rollback(conn)
+                self._pipeline.rollback(conn)
             raise
+        self._pipeline.committed()
         self.state = work
         for row in rows:  # before last_seq: delivered_seq reads last_seq when no class seems to wait
             self.class_last_seq[row[7]] = row[0]
@@ -573,3 +605,14 @@ class Writer(Backlog):
                 )
             )
         return seq
+
+
+def _event(row: Row, draft: Draft) -> Event:
+    """A committed row as the pipeline sees it (the draft's model, when it has one, spares a parse)."""
+    return Event(row[0], row[2], row[3], draft.data_json, draft.model)  # type: ignore[arg-type]
+
+
+def _draft(emit: Emit) -> Draft:
+    """An event a processor emitted, serialised once as its model (aliases: ``outbox.evicted``'s ``class``)."""
+    model = emit.model
+    return Draft(emit.kind, emit.device_id, orjson.dumps(model.model_dump(mode="json", by_alias=True)), model)

@@ -1,0 +1,84 @@
+"""Consumers on a real journal file: after the commit, in seq order, from a cursor that survives a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway.kernel.consumer import run_consumer
+from gateway.kernel.pipeline import Event
+from tests.gateway.test_journal import flushed, new_journal, running, status, until
+
+
+class Recorder:
+    """Keeps what it was handed; fails ``failures`` times first."""
+
+    def __init__(
+        self, name: str = "recorder", kinds: frozenset[str] | None = None, failures: int = 0
+    ) -> None:
+        self.name = name
+        self.kinds = kinds
+        self.failures = failures
+        self.seen: list[tuple[int, str]] = []
+
+    async def handle(self, events: Sequence[Event]) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("the chat endpoint is down")
+        self.seen += [(e.seq, e.kind) for e in events]
+
+
+@contextlib.asynccontextmanager
+async def consuming(journal: object, consumer: Recorder):  # type: ignore[no-untyped-def]
+    task = asyncio.create_task(run_consumer(journal, consumer))  # type: ignore[arg-type]
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_consumer_gets_what_commits_after_it_starts_and_resumes_from_its_cursor(
+    tmp_path: Path,
+) -> None:
+    journal = new_journal(tmp_path)
+    async with running(journal):
+        journal.submit(status(0))  # before the consumer's first start: history, not handed over
+        await flushed(journal)
+        first = Recorder()
+        async with consuming(journal, first):
+            await until(lambda: journal.pending_cursor("recorder") is None, "the first cursor is recorded")
+            for i in range(1, 4):
+                journal.submit(status(i))
+            await until(lambda: len(first.seen) == 3, "three events handed over")
+            await until(lambda: journal.pending_cursor("recorder") is None, "the cursor is committed")
+        assert [seq for seq, _ in first.seen] == [2, 3, 4]
+        assert all(kind == "device.status" for _, kind in first.seen)
+        for i in range(4, 6):  # while no consumer runs
+            journal.submit(status(i))
+        await flushed(journal)
+    reopened = new_journal(tmp_path)
+    async with running(reopened):
+        again = Recorder()
+        async with consuming(reopened, again):
+            await until(lambda: len(again.seen) == 2, "what committed while it was away")
+        assert [seq for seq, _ in again.seen] == [5, 6]
+
+
+async def test_a_failing_consumer_gets_the_same_events_again_and_holds_back_nothing_else(
+    tmp_path: Path,
+) -> None:
+    journal = new_journal(tmp_path)
+    async with running(journal):
+        flaky = Recorder("flaky", kinds=frozenset({"device.status"}), failures=2)
+        async with consuming(journal, flaky):
+            await until(lambda: journal.pending_cursor("flaky") is None, "the first cursor is recorded")
+            for i in range(3):
+                journal.submit(status(i))
+            await flushed(journal)
+            assert journal.last_seq == 3  # intake went on while the consumer failed
+            await until(lambda: len(flaky.seen) == 3, "handed over once the consumer works")
+        assert [seq for seq, _ in flaky.seen] == [1, 2, 3]
