@@ -16,6 +16,7 @@ from prometheus_client import generate_latest
 from gateway.kernel.events import AlertRaised, StockLevel
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.pipeline import FAILED_RULE, Emit, Event, Pipeline, Processor
+from tests.gateway.test_journal import new_journal, query, running, status, until
 
 
 class Writer:
@@ -230,3 +231,44 @@ def test_an_event_without_a_model_is_parsed_once_when_a_processor_asks() -> None
     assert event.model is event.model
     assert isinstance(event.model, StockLevel)
     assert Emit(event.model).kind == "stock.level"
+
+
+# --- in the journal --------------------------------------------------------------------------------
+
+
+class Sweeper(Processor):
+    """Time-driven: on its first tick, one alert; counts what it is fed."""
+
+    wants_ticks = True
+    name = "sweeper"
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self.fed: list[str] = []
+
+    def apply(self, event: Event) -> None:
+        self.fed.append(event.kind)
+
+    def tick(self, conn: sqlite3.Connection, now: float) -> Sequence[Emit]:
+        self.ticks += 1
+        if self.ticks > 1:
+            return ()
+        return [Emit(AlertRaised(rule="sweep", severity="info", subject="s", message=f"at {now:.0f}"))]
+
+
+async def test_the_journal_ticks_a_time_driven_processor_and_commits_what_it_emits_down_the_chain(
+    tmp_path: Path,
+) -> None:
+    sweeper, counter = Sweeper(), Counter("after")
+    journal = new_journal(tmp_path, processors=[sweeper, counter])
+    async with running(journal):
+        await until(lambda: journal.last_seq >= 1, "the first tick's alert is committed")
+        journal.submit(status(1))
+        await until(lambda: journal.last_seq >= 2, "a device event after it")
+        await until(lambda: sweeper.ticks >= 2, "ticks go on")
+    rows = query(journal, "SELECT seq, kind, body FROM events ORDER BY seq")
+    assert [(seq, kind) for seq, kind, _ in rows] == [(1, "alert.raised"), (2, "device.status")]
+    assert orjson.loads(rows[0][2])["data"]["rule"] == "sweep"
+    # The processor after it saw the alert; the ticking one saw the device event (not its own alert).
+    assert counter.seen == [(1, "alert.raised"), (2, "device.status")]
+    assert sweeper.fed == ["device.status"]
