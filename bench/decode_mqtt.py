@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 import orjson  # noqa: E402
 from pydantic import TypeAdapter  # noqa: E402
 
+from bench._common import decode_rate  # noqa: E402
 from drivers.mqtt.checkin import decode_checkin  # noqa: E402
 from drivers.mqtt.decode import decode_pos  # noqa: E402
 from drivers.mqtt.mapping import compile_mapping  # noqa: E402
@@ -97,20 +98,6 @@ def cases() -> dict[str, tuple[Callable[[bytes], object], bytes]]:
     }
 
 
-def rate(run: Callable[[bytes], object], payload: bytes, seconds: float) -> float:
-    run(payload)  # fail loudly here if the vector does not decode
-    count = 0
-    start = time.perf_counter()
-    deadline = start + seconds
-    while True:
-        for _ in range(200):
-            run(payload)
-        count += 200
-        now = time.perf_counter()
-        if now >= deadline:
-            return count / (now - start)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="time per decoder (default 1 s)")
@@ -119,7 +106,8 @@ def main() -> int:
         result = run(payload)
         if hasattr(result, "reason"):
             raise SystemExit(f"{name}: the bench vector does not decode: {result}")
-        print(f"{name:<24} {len(payload):>5} B  {rate(run, payload, args.seconds):>10,.0f} decodes/s")
+        per_s = decode_rate(run, payload, args.seconds, time.perf_counter)
+        print(f"{name:<24} {len(payload):>5} B  {per_s:>10,.0f} decodes/s")
     return 0
 
 

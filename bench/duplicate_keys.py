@@ -21,7 +21,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import orjson  # noqa: E402
 
+from bench._common import decode_rate  # noqa: E402
 from drivers.mqtt import checkin  # noqa: E402
 from drivers.mqtt.decode import _ADAPTERS  # noqa: E402
 from gateway.kernel import strict_json  # noqa: E402
@@ -66,20 +66,6 @@ def variants() -> dict[str, Callable[[bytes], object]]:
     return {"A validate_json": a, "B + orjson count": b, "C + json pairs hook": c}
 
 
-def rate(run: Callable[[bytes], object], payload: bytes, seconds: float) -> float:
-    """Decodes per second of this process's CPU time: other work on a shared machine does not count."""
-    count = 0
-    start = time.process_time()
-    deadline = start + seconds
-    while True:
-        for _ in range(200):
-            run(payload)
-        count += 200
-        now = time.process_time()
-        if now >= deadline:
-            return count / (now - start)
-
-
 def compare(
     title: str,
     runs: Mapping[str, Callable[[bytes], object]],
@@ -93,7 +79,7 @@ def compare(
         for name, run in runs.items():
             if prepare is not None:
                 prepare[name]()
-            per[name].append(1e6 / rate(run, payload, seconds))
+            per[name].append(1e6 / decode_rate(run, payload, seconds))
     base = statistics.median(per[next(iter(runs))])
     print(f"{title} ({len(payload)} B), median of {rounds} rounds:")
     for name, micros in per.items():
