@@ -22,8 +22,6 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     StrictBool,
     StrictFloat,
@@ -45,7 +43,7 @@ from cloud_bridge.signing import (
 from cloud_bridge.topics import commands_topic
 from gateway.kernel.errors import StoreGatewayError
 from gateway.kernel.events import Sku
-from gateway.kernel.model import ID_PATTERN
+from gateway.kernel.model import ID_PATTERN, StrictModel
 from gateway.kernel.strict_json import duplicate_key
 
 MAX_COMMAND_BYTES: Final = 256 * 1024
@@ -77,11 +75,7 @@ _ENVELOPE_KEYS: Final = frozenset({"request_id", "command", "args", *SIGNATURE_F
 _TIME: Final = re.compile(r"^[0-9]{1,12}$")
 
 
-class _Args(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class NoArgs(_Args):
+class NoArgs(StrictModel):
     """``ping`` and ``config.get`` take no arguments."""
 
 
@@ -96,7 +90,7 @@ Adjustment = Annotated[
 ]
 
 
-class StockAdjust(_Args):
+class StockAdjust(StrictModel):
     sku: Sku
     delta: Adjustment | None = Field(default=None, description="Units added (negative: removed).")
     set: Adjustment | None = Field(default=None, description="The counted on-hand (a stock-take).")
@@ -115,7 +109,7 @@ SeqNumber = Annotated[int, Field(ge=1, le=2**63 - 1, strict=True)]
 SeqSpan = tuple[SeqNumber, SeqNumber]
 
 
-class Resend(_Args):
+class Resend(StrictModel):
     """Seqs HQ is missing: one range (``from_seq``/``to_seq``, the original form, which every gateway takes)
     or many (``ranges``: ``[[a, b], ...]``), so one command heals scattered holes (a full disk leaves
     hundreds) instead of one command per hole. Either way at most MAX_RESEND_RANGES ranges and
@@ -164,7 +158,7 @@ def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-class DeviceWrite(_Args):
+class DeviceWrite(StrictModel):
     """Write one point of one device (a fridge setpoint, a defrost start); the device's profile says which
     points are writable and their range."""
 

@@ -68,7 +68,7 @@ class DeviceSink:
         was not taken: rate-limited (counted, reported, and acked), too large (quarantined), or the journal
         is full (not acked: the caller keeps it or the device resends). ``done`` (see :class:`Draft`) runs on
         the journal's writer thread after COMMIT with the event's seq, or None for a redelivery; a reading the
-        journal itself quarantined (too large, a processor failing on it) is acked without ``done``."""
+        journal itself quarantined (too large, a fault storing it) is acked without ``done``."""
         self._received.inc()
         verdict = self.admit(device, size, ack)
         if verdict == "too_large":

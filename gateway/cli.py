@@ -337,17 +337,27 @@ def _run(config_path: Path, *, new_journal: bool = False) -> int:
         return 1
     setup_logging(config.log.level, config.log.format)
 
+    started = False
+
     async def _main() -> None:
+        nonlocal started
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await Gateway(config, config_hash(config), new_journal=new_journal).run(stop)
+        gateway = Gateway(config, config_hash(config), new_journal=new_journal)
+        try:
+            await gateway.run(stop)
+        finally:
+            # Up: every task running, and the local API listening (a port taken is found only there).
+            started = gateway.started.is_set() and (not config.api.enabled or gateway.api_port is not None)
 
     try:
         asyncio.run(_main())
     except BaseException as err:
-        known = _startup_failures(err)
+        # Before the gateway is up, its own errors (a port taken, a journal it cannot open, a bad stock CSV)
+        # are the technician's to fix: said in one line. Anything later, or anything else, keeps its traceback.
+        known = [] if started else _startup_failures(err)
         if not known:
             raise
         for failure in known:

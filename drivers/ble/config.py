@@ -91,7 +91,7 @@ class BleDriverConfig(StrictModel):
     type: Literal["ble"] = Field(
         default="ble", description="Driver family; selects this driver's settings. Always write it in YAML."
     )
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = Field(
+    name: Annotated[str, Field(pattern=ID_PATTERN)] = Field(
         default="ble", description="Driver instance name, used in metrics and logs."
     )
     adapter: Annotated[str, Field(pattern=r"^hci[0-9]{1,2}$")] | None = Field(

@@ -162,7 +162,7 @@ class HttpDriverConfig(StrictModel):
     type: Literal["http"] = Field(
         default="http", description="Driver family; selects this driver's settings. Always write it in YAML."
     )
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = Field(
+    name: Annotated[str, Field(pattern=ID_PATTERN)] = Field(
         default="webhooks", description="Driver instance name, used in metrics and logs."
     )
     sources: list[HttpSource] = Field(min_length=1, max_length=100, description="The webhook senders.")

@@ -130,7 +130,7 @@ class ModbusDriverConfig(StrictModel):
         default="modbus",
         description="Driver family; selects this driver's settings. Always write it in YAML.",
     )
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = Field(
+    name: Annotated[str, Field(pattern=ID_PATTERN)] = Field(
         default="modbus", description="Driver instance name, used in metrics and logs."
     )
     transport: Literal["tcp", "rtu"] = Field(description="'tcp' (Modbus TCP) or 'rtu' (serial RS-485).")

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from drivers.mqtt.profile import SENSOR_READING_PROFILE, MqttProfile, PayloadMapping
 from drivers.profiles import check_profile, get_profile
-from gateway.kernel.model import StrictModel
+from gateway.kernel.model import ID_PATTERN, StrictModel
 
 if TYPE_CHECKING:
     from drivers.base import Driver, DriverContext
@@ -93,7 +93,7 @@ class MqttDriverConfig(StrictModel):
     type: Literal["mqtt"] = Field(
         default="mqtt", description="Driver family; selects this driver's settings. Always write it in YAML."
     )
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = Field(
+    name: Annotated[str, Field(pattern=ID_PATTERN)] = Field(
         default="store-mqtt", description="Driver instance name, used in metrics and logs."
     )
     routes: list[TopicRoute] = Field(

@@ -20,7 +20,7 @@ import functools
 import logging
 import traceback
 from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import orjson
 
@@ -38,13 +38,11 @@ from drivers.mqtt.decode import (
 )
 from drivers.mqtt.profile import MqttProfile, RfidWindow, profile_limits, resolve_profile
 from drivers.profiles import get_profile
+from drivers.rfid import InventoryTracker
 from drivers.sink import QuarantineQuota
 from gateway.kernel.journal import Draft
 from gateway.kernel.mqtt_client import Message, MqttClient, MqttError
 from gateway.kernel.supervise import reconnect_forever
-
-if TYPE_CHECKING:
-    from drivers.rfid import InventoryTracker
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -295,8 +293,6 @@ class MqttIntake:
             return
         tracker = self._trackers.get(device.id)
         if tracker is None:
-            from drivers.rfid import InventoryTracker
-
             window = self._rfid_windows[spec.profile]
             tracker = InventoryTracker(window.window_s, window.depart_after_s, max_tags=window.max_tags)
             self._trackers[device.id] = tracker

@@ -217,7 +217,7 @@ class SerialDriverConfig(StrictModel):
         default="serial",
         description="Driver family; selects this driver's settings. Always write it in YAML.",
     )
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = Field(
+    name: Annotated[str, Field(pattern=ID_PATTERN)] = Field(
         default="serial", description="Driver instance name, used in metrics and logs."
     )
     devices: list[SerialDevice] = Field(min_length=1, max_length=64, description="One entry per serial port.")

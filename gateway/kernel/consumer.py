@@ -78,7 +78,18 @@ async def run_consumer(log: CommittedLog, consumer: Consumer) -> None:
     backoff = Backoff(cap=60.0)
     while True:
         woken.clear()
-        events, through = await log.events_after(cursor, consumer.kinds, BATCH)
+        try:
+            events, through = await log.events_after(cursor, consumer.kinds, BATCH)
+        except Exception:  # a read that fails (a busy or failing disk): the same read again, later
+            delay = backoff.next_delay()
+            _LOGGER.exception(
+                "consumer %s: reading events after seq %d failed; again in %.0f s",
+                consumer.name,
+                cursor,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            continue
         if events:
             try:
                 await consumer.handle(events)

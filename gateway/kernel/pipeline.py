@@ -29,9 +29,12 @@ import functools
 import logging
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
+
+import orjson
 
 from gateway.kernel.events import PAYLOADS, AlertRaised, Kind
 from gateway.kernel.metrics import Metrics
@@ -112,9 +115,35 @@ class Processor:
 
 TICK_S: Final = 1.0
 """How often processors that want ticks get them."""
+SAVEPOINT: Final = "storegw_processor"
+RECENT_SKIPS: Final = 10_000
+"""Seqs a processor skipped, remembered (in memory) for the callers that ask right after their commit."""
 
-Append = Callable[[Sequence[Emit]], list[Event]]
-"""The writer's side: give emitted events their seqs (in this transaction) and return them as :class:`Event`."""
+
+@dataclass(frozen=True, slots=True)
+class Derived:
+    """An emitted event, checked and serialised inside its processor's step (a bad one is the processor's
+    failure, never the commit's)."""
+
+    kind: Kind
+    device_id: str | None
+    model: StrictModel
+    data_json: bytes
+
+
+def derive(emit: object) -> Derived:
+    """Check what a processor emitted and serialise it once, as its model dumps it (aliases included)."""
+    if not isinstance(emit, Emit):
+        raise TypeError(f"a processor emits Emit(model), not {type(emit).__name__}")
+    kind = KIND_OF.get(type(emit.model))
+    if kind is None:
+        raise TypeError(f"{type(emit.model).__name__} is not an event payload model (gateway.kernel.events)")
+    data = orjson.dumps(emit.model.model_dump(mode="json", by_alias=True))
+    return Derived(kind, emit.device_id, emit.model, data)
+
+
+Append = Callable[[Sequence[Derived]], list[Event]]
+"""The writer's side: give derived events their seqs (in this transaction) and return them as :class:`Event`."""
 
 
 @dataclass(slots=True)
@@ -130,12 +159,23 @@ class Pipeline:
 
     def __init__(self, processors: Sequence[Processor], metrics: Metrics | None = None) -> None:
         self.processors = list(processors)
+        names = [p.name for p in self.processors]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"processor names must be unique (metric labels, reports): {', '.join(twice)}")
         self._metrics = metrics
         self._failures: dict[str, _Failure] = {}
+        self._skipping: dict[int, str] = {}
+        """Seqs a processor skipped in the transaction in progress, and which processor."""
+        self._skipped: OrderedDict[int, str] = OrderedDict()
 
     @property
     def wants_ticks(self) -> bool:
         return any(p.wants_ticks for p in self.processors)
+
+    def skipped_by(self, seq: int) -> str | None:
+        """The processor that skipped this recently committed event (it failed on it), or None."""
+        return self._skipped.get(seq)
 
     def setup(self, conn: sqlite3.Connection) -> None:
         for proc in self.processors:
@@ -144,48 +184,42 @@ class Pipeline:
     def run(self, conn: sqlite3.Connection, events: Sequence[Event], append: Append) -> None:
         """Feed ``events`` (already given seqs in this transaction) through the chain. What each processor
         emits is appended (seqs after everything so far) and fed to the processors after it."""
-        if not self.processors or not events:
-            return
-        feed = list(events)
-        for index, proc in enumerate(self.processors):
-            emitted = self._step(conn, proc, feed, functools.partial(proc.flush, conn))
-            if emitted:
-                new = append(emitted)
-                if index + 1 < len(self.processors):
-                    feed.extend(new)
+        if self.processors and events:
+            self._chain(conn, 0, list(events), append)
 
     def tick(self, conn: sqlite3.Connection, now: float, append: Append) -> None:
         """Give each processor that wants ticks its turn; what it emits goes down the chain like any event."""
         for index, proc in enumerate(self.processors):
-            if not proc.wants_ticks:
-                continue
-            emitted = self._step(conn, proc, [], functools.partial(proc.tick, conn, now))
-            if emitted:
-                new = append(emitted)
-                if index + 1 < len(self.processors):
-                    self._downstream(conn, index + 1, new, append)
+            if proc.wants_ticks:
+                derived = self._step(conn, proc, [], functools.partial(proc.tick, conn, now))
+                if derived:
+                    self._chain(conn, index + 1, append(derived), append)
 
-    def _downstream(self, conn: sqlite3.Connection, start: int, events: list[Event], append: Append) -> None:
-        feed = list(events)
-        for index in range(start, len(self.processors)):
-            proc = self.processors[index]
-            emitted = self._step(conn, proc, feed, functools.partial(proc.flush, conn))
-            if emitted:
-                feed.extend(append(emitted))
+    def _chain(self, conn: sqlite3.Connection, start: int, feed: list[Event], append: Append) -> None:
+        for proc in self.processors[start:]:
+            derived = self._step(conn, proc, feed, functools.partial(proc.flush, conn))
+            if derived:
+                feed.extend(append(derived))
 
     def rollback(self, conn: sqlite3.Connection) -> None:
         """The commit failed: every processor forgets what it applied (and a failure report it held is not
         sent: the next failure reports again)."""
+        self._skipping.clear()
         for state in self._failures.values():
             state.pending = None
         for proc in self.processors:
             proc.rollback(conn)
 
     def committed(self) -> None:
-        """The transaction committed: the failure reports in it were sent."""
+        """The transaction committed: the failure reports in it were sent, its skips are final."""
         for state in self._failures.values():
             if state.pending is not None:
                 state.last_alert, state.pending = state.pending, None
+        if self._skipping:
+            self._skipped.update(self._skipping)
+            self._skipping.clear()
+            while len(self._skipped) > RECENT_SKIPS:
+                self._skipped.popitem(last=False)
 
     def reload(self, conn: sqlite3.Connection) -> None:
         """A ``transact`` may have written the processors' tables: they read their state again."""
@@ -200,70 +234,75 @@ class Pipeline:
         proc: Processor,
         feed: Sequence[Event],
         write: Callable[[], Sequence[Emit]],
-    ) -> list[Emit]:
-        """Apply ``feed`` to ``proc``, then ``write`` (its flush or tick) inside a savepoint. An event it fails on
-        is skipped (the others are applied again on a reloaded state); a failing write is undone. Either way
-        the failure is counted, logged and, at most every ALERT_EVERY_S, reported."""
-        failed: list[tuple[Event | None, BaseException]] = []
-        # A SQLite error is not the processor's: the disk or the database is failing, and the whole commit fails
-        # (the writer rolls it back, every processor forgets, and the batch is tried again).
-        conn.execute("SAVEPOINT processor")
-        applied: list[Event] = []
+    ) -> list[Derived]:
+        """Apply ``feed`` to ``proc``, then ``write`` (its flush or tick) and check what it emits, inside a
+        savepoint. Events it fails on are skipped; a failing write (or a bad emit) is undone, and then the
+        processor has skipped the whole feed. Either way the failure is counted, logged and, at most every
+        ALERT_EVERY_S, reported.
+
+        A SQLite error is not the processor's: the disk or the database is failing, and the whole commit fails
+        (the writer rolls it back, every processor forgets, and the batch is tried again)."""
+        conn.execute(f"SAVEPOINT {SAVEPOINT}")
+        skipped, error = self._apply(conn, proc, feed)
+        try:
+            derived = [derive(emit) for emit in write()]
+        except sqlite3.Error:
+            raise
+        except Exception as err:
+            conn.execute(f"ROLLBACK TO {SAVEPOINT}")
+            proc.reload(conn)
+            derived, skipped, error = [], list(feed), error or err
+        conn.execute(f"RELEASE {SAVEPOINT}")
+        if error is None:
+            return derived
+        return derived + self._report(proc, [e.seq for e in skipped], error)
+
+    @staticmethod
+    def _apply(
+        conn: sqlite3.Connection, proc: Processor, feed: Sequence[Event]
+    ) -> tuple[list[Event], BaseException | None]:
+        """Apply the feed; the events it failed on (and the first error). Two passes at most: after failures,
+        the processor is reloaded once and takes the others again; failing then too, it skips the feed."""
+        failed: list[Event] = []
+        first: BaseException | None = None
         for event in feed:
             try:
                 proc.apply(event)
             except sqlite3.Error:
                 raise
             except Exception as err:
-                failed.append((event, err))
-                if not self._replay(conn, proc, applied):
-                    applied = []
-                    break
-            else:
-                applied.append(event)
-        try:
-            emitted = list(write())
-        except sqlite3.Error:
-            raise
-        except Exception as err:
-            failed.append((None, err))
-            conn.execute("ROLLBACK TO processor")
-            proc.reload(conn)
-            emitted = []
-        conn.execute("RELEASE processor")
-        if failed:
-            emitted.extend(self._report(proc, failed))
-        return emitted
-
-    @staticmethod
-    def _replay(conn: sqlite3.Connection, proc: Processor, applied: list[Event]) -> bool:
-        """Reload ``proc`` and apply again what it took before the failure; False if that fails too."""
+                failed.append(event)
+                first = first or err
+        if not failed:
+            return [], None
         proc.reload(conn)
+        skip = {id(event) for event in failed}
         try:
-            for event in applied:
-                proc.apply(event)
+            for event in feed:
+                if id(event) not in skip:
+                    proc.apply(event)
         except sqlite3.Error:
             raise
         except Exception:
             proc.reload(conn)
-            return False
-        return True
+            return list(feed), first
+        return failed, first
 
-    def _report(self, proc: Processor, failed: list[tuple[Event | None, BaseException]]) -> list[Emit]:
-        seqs = [event.seq for event, _ in failed if event is not None]
-        first_error = failed[0][1]
-        where = f"events {', '.join(map(str, seqs[:10]))}" if seqs else "writing its state"
+    def _report(self, proc: Processor, seqs: list[int], error: BaseException) -> list[Derived]:
+        for seq in seqs:
+            self._skipping[seq] = proc.name
+        where = f"events {', '.join(map(str, seqs[:10]))}" if seqs else "a tick"
         _LOGGER.error(
-            "processor %s failed on %s (%d failure(s) in this commit); the events are committed, the processor"
+            "processor %s failed on %s (%d skipped in this commit); the events are committed, the processor"
             " skipped them: %s",
             proc.name,
             where,
-            len(failed),
-            first_error,
-            exc_info=first_error,
+            len(seqs),
+            error,
+            exc_info=error,
         )
         if self._metrics is not None:
-            self._metrics.processor_errors.labels(proc.name).inc(len(failed))
+            self._metrics.processor_errors.labels(proc.name).inc(max(1, len(seqs)))
         state = self._failures.setdefault(proc.name, _Failure())
         now = time.monotonic()
         if state.pending is not None or (
@@ -275,9 +314,7 @@ class Pipeline:
             rule=FAILED_RULE,
             severity="critical",
             subject=proc.name[:64],
-            message=f"processor {proc.name} failed on {where}: {type(first_error).__name__}: {first_error}"[
-                :500
-            ],
-            details={"seqs": seqs[:100], "failures": len(failed), "error": type(first_error).__name__},
+            message=f"processor {proc.name} failed on {where}: {type(error).__name__}: {error}"[:500],
+            details={"seqs": seqs[:100], "skipped": len(seqs), "error": type(error).__name__},
         )
-        return [Emit(alert)]
+        return [derive(Emit(alert))]

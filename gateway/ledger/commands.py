@@ -53,7 +53,7 @@ async def stock_adjust(journal: Journal, request_id: str, args: StockAdjust) -> 
     settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     seqs: list[int | None] = []
 
-    def committed() -> None:  # on the loop, after the commit that settled the draft (or quarantined it)
+    def committed() -> None:  # on the loop, after the commit that settled the draft
         if not settled.done():
             settled.set_result(None)
 
@@ -75,6 +75,12 @@ async def stock_adjust(journal: Journal, request_id: str, args: StockAdjust) -> 
     if not seqs:
         raise CommandError("failed", "the adjustment could not be applied; it is quarantined on the gateway")
     seq = seqs[0]
+    if seq is not None and journal.skipped_by(seq) is not None:
+        raise CommandError(
+            "failed",
+            f"stored as seq {seq}, but the stock ledger failed on it and skipped it (alert"
+            " gateway.processor_failed): the stock did not move",
+        )
     if seq is None:
         seq = await journal.seq_of_dedup_key(key)
     stored = await journal.stock_on_hand(args.sku)

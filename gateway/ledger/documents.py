@@ -19,7 +19,7 @@ import orjson
 from pydantic import ValidationError
 
 from cloud_bridge.documents import MODELS, Document, DocumentName, RuleSet
-from gateway.kernel.journal import Draft
+from gateway.kernel.journal import Draft, key_committed
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -84,9 +84,7 @@ def store_work(
     def work(conn: sqlite3.Connection) -> tuple[Stored, list[Draft]]:
         create_table(conn)
         current = read_document(conn, name)
-        # The journal's idempotency table remembers the key after TTL or the disk budget removed the event.
-        replayed = conn.execute("SELECT 1 FROM idempotency WHERE key=?", (dedup_key,)).fetchone()
-        if replayed is not None or (current is not None and current[2] == request_id):
+        if key_committed(conn, dedup_key) or (current is not None and current[2] == request_id):
             version = 0 if current is None else current[0]
             return Stored(version, _count(name, current), duplicate=True), []
         version = 1 if current is None else current[0] + 1

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import os
 import re
+import socket
 import subprocess
 import sysconfig
 from pathlib import Path
@@ -365,3 +366,27 @@ def test_broker_provision_has_a_description() -> None:
     text = " ".join(result.stdout.split())
     for fragment in ("printed once", "exit codes:", "--rotate ID", "store-gateway broker provision --config"):
         assert fragment in text, fragment
+
+
+# --- run
+
+
+def test_run_says_in_one_line_why_it_cannot_start(tmp_path: Path) -> None:
+    """The gateway's own start-up errors (here: the API's port is taken) are one line and exit 1, no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "store.yaml"
+        config.write_text(
+            MINIMAL.replace(
+                "  token: {env: API_TOKEN}\n", f"  token: {{env: API_TOKEN}}\n  port: {port}\n"
+            ).replace("  host: hq.example.com\n", "  host: 127.0.0.1\n  port: 1\n")
+            + f"data_dir: {tmp_path / 'data'}\n"
+            + "store_broker: {host: 127.0.0.1, port: 1}\n"
+        )
+        result = cli("run", "--config", str(config), env={"API_TOKEN": "t" * 32})
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("store-gateway: cannot start:")]
+    assert str(port) in line

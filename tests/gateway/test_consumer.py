@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.kernel.consumer import run_consumer
+from gateway.kernel.metrics import Metrics
 from gateway.kernel.pipeline import Event
-from tests.gateway.test_journal import flushed, new_journal, running, status, until
+from tests.gateway.test_journal import flushed, new_journal, query, running, sample, status, until
 
 
 class Recorder:
@@ -50,16 +51,17 @@ async def test_a_consumer_gets_what_commits_after_it_starts_and_resumes_from_its
         await flushed(journal)
         first = Recorder()
         async with consuming(journal, first):
-            await until(lambda: journal.pending_cursor("recorder") is None, "the first cursor is recorded")
+            await until(lambda: journal.pending_cursor("recorder") is not None, "the first cursor is taken")
             for i in range(1, 4):
                 journal.submit(status(i))
             await until(lambda: len(first.seen) == 3, "three events handed over")
-            await until(lambda: journal.pending_cursor("recorder") is None, "the cursor is committed")
+            await until(lambda: journal.pending_cursor("recorder") == 4, "the cursor moved")
         assert [seq for seq, _ in first.seen] == [2, 3, 4]
         assert all(kind == "device.status" for _, kind in first.seen)
-        for i in range(4, 6):  # while no consumer runs
+        for i in range(4, 6):  # while no consumer runs; these commits carry the cursor
             journal.submit(status(i))
         await flushed(journal)
+        assert query(journal, "SELECT value FROM meta WHERE key = 'cursor:recorder'") == [("4",)]
     reopened = new_journal(tmp_path)
     async with running(reopened):
         again = Recorder()
@@ -75,10 +77,33 @@ async def test_a_failing_consumer_gets_the_same_events_again_and_holds_back_noth
     async with running(journal):
         flaky = Recorder("flaky", kinds=frozenset({"device.status"}), failures=2)
         async with consuming(journal, flaky):
-            await until(lambda: journal.pending_cursor("flaky") is None, "the first cursor is recorded")
+            await until(lambda: journal.pending_cursor("flaky") is not None, "the first cursor is taken")
             for i in range(3):
                 journal.submit(status(i))
             await flushed(journal)
             assert journal.last_seq == 3  # intake went on while the consumer failed
             await until(lambda: len(flaky.seen) == 3, "handed over once the consumer works")
         assert [seq for seq, _ in flaky.seen] == [1, 2, 3]
+
+
+async def test_a_cursor_alone_makes_no_commit_per_batch_and_is_written_at_a_clean_stop(
+    tmp_path: Path,
+) -> None:
+    """A consumer of kinds that never come moves its cursor past every commit, but its cursor rides the
+    commits that happen anyway: no fsync of its own for each (SD wear); a clean stop writes it."""
+    metrics = Metrics()
+    journal = new_journal(tmp_path, metrics=metrics)
+    commits = "storegw_journal_commit_seconds_count"
+    async with running(journal):
+        idle = Recorder("idle", kinds=frozenset({"alert.raised"}))
+        async with consuming(journal, idle):
+            await until(lambda: journal.pending_cursor("idle") is not None, "the first cursor is taken")
+            before = sample(metrics, commits)
+            for i in range(5):
+                journal.submit(status(i))
+                await flushed(journal)
+                await until(lambda i=i: journal.pending_cursor("idle") == i + 1, "the cursor moved past it")
+            # One commit per event; at most one more if the cursors' own flush came due meanwhile.
+            assert sample(metrics, commits) - before <= 6
+        assert idle.seen == []
+    assert query(journal, "SELECT value FROM meta WHERE key = 'cursor:idle'") == [("5",)]

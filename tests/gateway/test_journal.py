@@ -965,3 +965,64 @@ async def test_last_seq_survives_when_the_newest_events_were_removed(tmp_path: P
         assert journal.last_seq == 10
         journal.submit(status(11))
     assert query(journal, "SELECT seq FROM events") == [(11,)]
+
+
+async def test_an_item_the_journal_cannot_store_is_quarantined_and_the_rest_committed(tmp_path: Path) -> None:
+    """A draft that cannot be stored (a driver bug: here, a time that is not text) is set aside with the error;
+    the rest of its batch commits. (A processor's failure never gets here: the pipeline isolates it.)"""
+    journal = new_journal(tmp_path)
+    probe = AckProbe(journal)
+    async with running(journal):
+        journal.submit(status(0, key="k0", ack=probe.event("k0")))
+        broken = Draft("device.status", "pos1", b'{"status":"online"}', occurred_at=object())  # type: ignore[arg-type]
+        broken.ack = probe.quarantined("processing_error")
+        journal.submit(broken)
+        journal.submit(status(2, key="k2", ack=probe.event("k2")))
+        await flushed(journal)
+    assert query(journal, "SELECT seq, dedup_key FROM events ORDER BY seq") == [(1, "k0"), (2, "k2")]
+    [(reason, detail)] = query(journal, "SELECT reason, detail FROM quarantine")
+    assert reason == "processing_error"
+    assert "TypeError" in detail
+    assert probe.calls == ["k0", "processing_error", "k2"]
+
+
+class Watcher(Processor):
+    """Records what it sees and whether it was reloaded or rolled back."""
+
+    name = "watcher"
+
+    def __init__(self) -> None:
+        self.kinds: list[str] = []
+        self.reloads = 0
+        self.rollbacks = 0
+
+    def apply(self, event: Event) -> None:
+        self.kinds.append(event.kind)
+
+    def reload(self, conn: sqlite3.Connection) -> None:
+        self.reloads += 1
+
+    def rollback(self, conn: sqlite3.Connection) -> None:
+        self.rollbacks += 1
+
+
+async def test_what_transact_commits_goes_through_the_pipeline_and_the_processors_reload(
+    tmp_path: Path,
+) -> None:
+    watcher = Watcher()
+    journal = new_journal(tmp_path, processors=[watcher])
+    async with running(journal):
+
+        def work(conn: sqlite3.Connection) -> tuple[str, list[Draft]]:
+            conn.execute("CREATE TABLE IF NOT EXISTS notes(n TEXT)")
+            return "done", [status(7)]
+
+        assert await journal.transact(work) == "done"
+        assert (watcher.kinds, watcher.reloads, watcher.rollbacks) == (["device.status"], 1, 0)
+
+        def failing(conn: sqlite3.Connection) -> tuple[str, list[Draft]]:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        with pytest.raises(sqlite3.OperationalError):
+            await journal.transact(failing)
+        assert (watcher.reloads, watcher.rollbacks) == (1, 1)

@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 
 from gateway.kernel.events import AlertRaised, StockLevel
 from gateway.kernel.metrics import Metrics
-from gateway.kernel.pipeline import FAILED_RULE, Emit, Event, Pipeline, Processor
+from gateway.kernel.pipeline import FAILED_RULE, Derived, Emit, Event, Pipeline, Processor
 from tests.gateway.test_journal import new_journal, query, running, status, until
 
 
@@ -26,12 +26,11 @@ class Writer:
         self.last_seq = last_seq
         self.emitted: list[Event] = []
 
-    def append(self, emits: Sequence[Emit]) -> list[Event]:
+    def append(self, derived: Sequence[Derived]) -> list[Event]:
         events = []
-        for emit in emits:
+        for emit in derived:
             self.last_seq += 1
-            data = orjson.dumps(emit.model.model_dump(mode="json", by_alias=True))
-            events.append(Event(self.last_seq, emit.kind, emit.device_id, data, emit.model))
+            events.append(Event(self.last_seq, emit.kind, emit.device_id, emit.data_json, emit.model))
         self.emitted += events
         return events
 
@@ -124,9 +123,9 @@ def test_a_processor_failing_on_an_event_skips_that_event_and_the_others_go_on(
     pipeline = Pipeline([broken, after], metrics)
     pipeline.setup(conn)
     writer = run(conn, pipeline, [level(1), level(2), level(3, "B")])
-    # Reloaded, took event 1 again, skipped 2, went on with 3.
+    # Failed on 2 only; reloaded once, then took the others again (two passes, however many failures).
     assert broken.reloads == 1
-    assert broken.seen == [(1, "stock.level"), (1, "stock.level"), (3, "stock.level")]
+    assert broken.seen == [(1, "stock.level"), (3, "stock.level"), (1, "stock.level"), (3, "stock.level")]
     assert broken.table(conn) == {"A": 1, "B": 1}
     assert after.table(conn) == {"A": 2, "B": 1}
     alerts = [
@@ -272,3 +271,75 @@ async def test_the_journal_ticks_a_time_driven_processor_and_commits_what_it_emi
     # The processor after it saw the alert; the ticking one saw the device event (not its own alert).
     assert counter.seen == [(1, "alert.raised"), (2, "device.status")]
     assert sweeper.fed == ["device.status"]
+
+
+class NotAnEvent(Processor):
+    """Emits what is not an event payload: from its flush, or from its tick."""
+
+    name = "not-an-event"
+
+    def __init__(self, ticking: bool = False) -> None:
+        self.wants_ticks = ticking
+        self.reloads = 0
+
+    def setup(self, conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS scratch(n INTEGER)")
+
+    def flush(self, conn: sqlite3.Connection) -> Sequence[Emit]:
+        conn.execute("INSERT INTO scratch VALUES (1)")
+        return [Emit(Metrics())]  # type: ignore[arg-type]
+
+    def tick(self, conn: sqlite3.Connection, now: float) -> Sequence[Emit]:
+        return ["not an Emit"]  # type: ignore[list-item]
+
+    def reload(self, conn: sqlite3.Connection) -> None:
+        self.reloads += 1
+
+
+def test_a_bad_emit_is_the_processors_failure_not_the_commits(conn: sqlite3.Connection) -> None:
+    bad, after = NotAnEvent(), Counter("after")
+    pipeline = Pipeline([bad, after], Metrics())
+    pipeline.setup(conn)
+    writer = run(conn, pipeline, [level(1), level(2)])
+    assert conn.execute("SELECT COUNT(*) FROM scratch").fetchone() == (0,)  # its write was undone
+    assert bad.reloads == 1
+    alerts = [
+        e.model for e in writer.emitted if isinstance(e.model, AlertRaised) and e.model.rule == FAILED_RULE
+    ]
+    assert [(a.subject, a.details["seqs"]) for a in alerts] == [("not-an-event", [1, 2])]
+    assert pipeline.skipped_by(1) == pipeline.skipped_by(2) == "not-an-event"
+    assert after.table(conn) == {"A": 2}
+
+
+def test_a_bad_emit_from_a_tick_is_reported_and_the_tick_commits(conn: sqlite3.Connection) -> None:
+    bad = NotAnEvent(ticking=True)
+    pipeline = Pipeline([bad], Metrics())
+    pipeline.setup(conn)
+    writer = Writer(0)
+    conn.execute("BEGIN IMMEDIATE")
+    pipeline.tick(conn, 1.0, writer.append)
+    conn.execute("COMMIT")
+    assert [e.model.rule for e in writer.emitted if isinstance(e.model, AlertRaised)] == [FAILED_RULE]
+
+
+def test_many_failures_in_one_commit_cost_two_passes_not_one_per_failure(conn: sqlite3.Connection) -> None:
+    class Odd(Counter):
+        def apply(self, event: Event) -> None:
+            if event.seq % 2:
+                raise RuntimeError("odd")
+            super().apply(event)
+
+    odd = Odd("odd")
+    pipeline = Pipeline([odd], Metrics())
+    pipeline.setup(conn)
+    run(conn, pipeline, [level(seq, sku=f"S{seq}") for seq in range(1, 201)])
+    assert odd.reloads == 1
+    assert len(odd.seen) == 200  # 100 in the first pass, the same 100 again after the one reload
+    assert len(odd.table(conn)) == 100
+    assert pipeline.skipped_by(1) == "odd"
+    assert pipeline.skipped_by(2) is None
+
+
+def test_processor_names_are_unique() -> None:
+    with pytest.raises(ValueError, match="unique"):
+        Pipeline([Counter("same"), Counter("same")])

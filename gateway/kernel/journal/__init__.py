@@ -49,6 +49,7 @@ from gateway.kernel.journal.store import (
     JournalError,
     SeqReservationError,
     connect,
+    key_committed,
 )
 from gateway.kernel.journal.writer import ACK_ONLY_DELAY_S, QUEUE_LIMIT
 from gateway.kernel.pipeline import Event, Processor
@@ -89,6 +90,7 @@ __all__ = [
     "Row",
     "SeqReservationError",
     "connect",
+    "key_committed",
 ]
 
 
@@ -137,6 +139,11 @@ class Journal(Opening):
         """For consumers (:mod:`gateway.kernel.consumer`): committed events above ``seq``, of ``kinds`` (or all),
         in seq order, at most ``limit``; and the seq through which they were looked for."""
         return await self.reader.events_after(seq, kinds, limit, self.last_seq)
+
+    def skipped_by(self, seq: int) -> str | None:
+        """The processor that skipped this recently committed event (it failed on it: counted and reported),
+        or None. For a caller that must tell its sender, right after the commit."""
+        return self._pipeline.skipped_by(seq)
 
     async def cursor(self, name: str) -> int | None:
         """A consumer's cursor: the one waiting for the next commit, else the committed one, else None."""

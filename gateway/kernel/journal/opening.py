@@ -35,6 +35,7 @@ from gateway.kernel.journal.salvage import (
     SalvagedRow,
     ranges_for_alert,
     read_meta,
+    salvage_cursors,
     salvage_delivered,
     salvage_events,
     salvage_idempotency,
@@ -274,6 +275,7 @@ class Opening(Writer):
             # duplicate after the replacement (best effort: what the damaged file still shows).
             for keys in salvage_idempotency(moved):
                 conn.executemany("INSERT OR IGNORE INTO idempotency VALUES (?,?,?)", keys)
+            conn.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", salvage_cursors(moved))
             if result.count:
                 write_state(conn, work)
             start = max(self.seq_floor, result.last_seq) + 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,8 @@ from gateway.kernel.events import PAYLOADS
 from gateway.kernel.journal.recovery import is_damage
 from gateway.kernel.journal.store import connect
 from gateway.kernel.pipeline import Event
+
+_LOGGER = logging.getLogger("gateway.kernel.journal")
 
 SYNCED_TIME: Final = (
     "SELECT recorded_at FROM events WHERE instr(body, '\"clock_synced\":true') > 0 ORDER BY seq DESC LIMIT 1"
@@ -101,8 +104,14 @@ class Reader:
         rows = await self.query(sql + " ORDER BY seq LIMIT ?", (*params, limit))
         events = []
         for found, kind, device_id, body in rows:
-            data = orjson.loads(body)["data"]
-            model = PAYLOADS[kind].model_validate(data)
+            try:
+                data = orjson.loads(body)["data"]
+                model = PAYLOADS[kind].model_validate(data)
+            except (ValueError, KeyError) as err:  # stored by an older release under other rules: not for us
+                _LOGGER.warning(
+                    "seq %d (%s) does not read as a %s event today, skipped: %s", found, kind, kind, err
+                )
+                continue
             events.append(Event(int(found), kind, device_id, orjson.dumps(data), model))
         if len(events) == limit:
             return events, events[-1].seq

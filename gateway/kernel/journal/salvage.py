@@ -96,6 +96,18 @@ def salvage_idempotency(path: Path, chunk: int = 2000) -> Iterator[list[tuple[st
         _LOGGER.warning("salvage of the dedup keys from %s stopped: %s", path.name, err)
 
 
+def salvage_cursors(path: Path) -> list[tuple[str, str]]:
+    """The consumers' cursors (``meta`` keys ``cursor:*``) the damaged journal still shows, if readable: a
+    consumer then resumes where it was, and sees the salvaged events after its cursor."""
+    try:
+        with _open_readonly(path, 0.5) as conn:
+            rows = conn.execute("SELECT key, value FROM meta WHERE key LIKE 'cursor:%'").fetchall()
+    except (sqlite3.Error, OSError) as err:
+        _LOGGER.warning("salvage of the consumers' cursors from %s failed: %s", path.name, err)
+        return []
+    return [(str(k), str(v)) for k, v in rows]
+
+
 def salvage_watermarks(path: Path) -> dict[int, int]:
     """Per class, the delivered watermark of the damaged journal (``outbox_state``), if readable."""
     try:

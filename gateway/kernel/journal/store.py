@@ -197,6 +197,12 @@ def meta_last_seq(conn: sqlite3.Connection) -> int:
     return int(row[0]) if row else 0
 
 
+def key_committed(conn: sqlite3.Connection, dedup_key: str) -> bool:
+    """Whether an event was committed under ``dedup_key`` within the dedup retention (the ``idempotency`` table
+    remembers it after TTL or the disk budget removed the event). For work run inside ``transact``."""
+    return conn.execute("SELECT 1 FROM idempotency WHERE key=?", (dedup_key,)).fetchone() is not None
+
+
 def drop_redeliveries(conn: sqlite3.Connection, drafts: list[Draft]) -> tuple[list[Draft], dict[str, int]]:
     """Drafts whose dedup key is not committed yet; and the count of those dropped, per driver."""
     keys = [d.dedup_key for d in drafts if d.dedup_key is not None]

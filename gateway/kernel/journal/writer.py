@@ -19,20 +19,18 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import orjson
 
-from gateway.kernel.clock import BOOT_ID
 from gateway.kernel.consumer import CURSOR_PREFIX
-from gateway.kernel.events import SCHEMA_VERSION, uuid7
+from gateway.kernel.events import PAYLOADS
 from gateway.kernel.journal.backlog import DISK_CHECK_S, Backlog
+from gateway.kernel.journal.envelope import envelopes
 from gateway.kernel.journal.items import (
     Committed,
     Draft,
@@ -53,13 +51,15 @@ from gateway.kernel.journal.store import (
     write_state,
 )
 from gateway.kernel.outbox import TELEMETRY
-from gateway.kernel.pipeline import TICK_S, Emit, Event
+from gateway.kernel.pipeline import TICK_S, Derived, Event
 
 _LOGGER = logging.getLogger("gateway.kernel.journal")  # one log name for the whole journal
 
 T = TypeVar("T")
 
 
+CURSOR_FLUSH_S: Final = 5.0
+"""Consumers' cursors waiting with no commit to ride get one of their own after this long."""
 QUEUE_LIMIT: Final = 100_000
 """Items waiting for a commit. QoS 1 intake is bounded far below this by MQTT flow control (receive maximum)."""
 ACK_ONLY_DELAY_S: Final = 0.05
@@ -81,6 +81,8 @@ class Writer(Backlog):
         self._finished = 0
         self._cursors: dict[str, int] = {}
         """Consumers' cursors to record with the next commit (:meth:`save_cursor`)."""
+        self._cursors_due = 0.0
+        """When cursors waiting alone get a commit of their own (monotonic)."""
         self._cursors_in_commit: dict[str, int] = {}
         """The cursors the commit in progress records (set before it starts, on the event loop)."""
         self._next_tick = 0.0
@@ -176,10 +178,12 @@ class Writer(Backlog):
         return self._cursors.get(name, self._cursors_in_commit.get(name))
 
     async def save_cursor(self, name: str, seq: int) -> None:
-        """Record a consumer's cursor (``meta`` key ``cursor:<name>``) with the next commit, which intake shares
-        when there is any. A crash before that commit makes the consumer see its last events again."""
+        """Record a consumer's cursor (``meta`` key ``cursor:<name>``) with the next commit, or within
+        :data:`CURSOR_FLUSH_S` when nothing else commits (never a commit of its own per batch: SD wear), and at
+        a clean stop. A crash before it is written makes the consumer see its last events again."""
+        if not self._cursors:
+            self._cursors_due = time.monotonic() + CURSOR_FLUSH_S
         self._cursors[name] = seq
-        self._wakeup.set()
 
     async def transact(self, work: Callable[[sqlite3.Connection], tuple[T, list[Draft]]]) -> T:
         """Run ``work(conn)`` in its own transaction on the writer thread, between group commits; the drafts it
@@ -231,15 +235,20 @@ class Writer(Backlog):
                 if self._queue:
                     self._wakeup.set()
                 ticking = self._pipeline.wants_ticks
-                if ticking and time.monotonic() >= self._next_tick:
-                    self._next_tick = time.monotonic() + TICK_S
-                    await self._commit_once(loop, tick=True, intake=False)
+                try:
+                    if ticking and time.monotonic() >= self._next_tick:
+                        self._next_tick = time.monotonic() + TICK_S
+                        await self._commit_once(loop, tick=True, intake=False)
+                    if self._cursors and time.monotonic() >= self._cursors_due:
+                        await self._commit_once(loop, intake=False)
+                except Exception:  # a bug here must not stop the journal: log it, keep committing
+                    _LOGGER.exception("a tick or a cursor commit failed, retrying later")
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(idle, TICK_S) if ticking else idle):
                         await self._wakeup.wait()
                 if self._wakeup.is_set():
-                    if not self._queue and (self._acks or self._cursors) and not self._stopping:
-                        # Only HQ acknowledgements or cursors to record: give intake a moment to share the commit
+                    if not self._queue and self._acks and not self._stopping:
+                        # Only HQ acknowledgements to record: give intake a moment to share the commit
                         # (one fsync instead of two; the uplink's window holds those batches meanwhile).
                         self._intake.clear()
                         with contextlib.suppress(TimeoutError):
@@ -258,7 +267,7 @@ class Writer(Backlog):
             _LOGGER.error("journal damaged: %d uncommitted items left (never acknowledged)", len(self._queue))
             return
         for _ in range(3 + len(self._queue) // self._config.commit_max_events):
-            if not self._queue and not self._acks:
+            if not self._queue and not self._acks and not self._cursors:
                 return
             await self._commit_once(loop)
         if self._queue:
@@ -290,6 +299,7 @@ class Writer(Backlog):
         leftover: list[Draft | Rejected] = []
         result: Committed | None = None
         acks_written = False
+        failed = False
         try:
             future = loop.run_in_executor(self._writer, self._commit_sync, items, acks, extra, tick)
             while True:
@@ -303,6 +313,7 @@ class Writer(Backlog):
                     # Once the thread may COMMIT, its acks must follow: finish the bookkeeping, then stop.
                     cancelled = err
         except sqlite3.Error as err:
+            failed = True
             for name, seq in cursors.items():  # not recorded: with the next commit, unless newer ones wait
                 self._cursors.setdefault(name, seq)
             result, leftover = None, items
@@ -330,7 +341,7 @@ class Writer(Backlog):
             items = items[: len(items) - len(leftover)]
             self._failing = True
             self._note_failure()
-        elif items or not self._queue:  # a pruning step alone does not show that intake commits again
+        elif not failed and (items or not self._queue):  # a pruning step alone does not show intake commits
             if self._failing_since is not None and self._ok_since is None:
                 self._ok_since = time.monotonic()
             if self._failing:
@@ -421,8 +432,9 @@ class Writer(Backlog):
             if (extra is not None or tick) and not items:
                 raise
             _LOGGER.exception("processing a batch of %d failed; committing its items one by one", len(items))
-        # A bug or a poison event must not hold back good data: commit each item alone, and quarantine
-        # (with the error) the ones that fail on their own.
+        # A bug in storing an item (a draft that cannot be serialised) must not hold back good data: commit each
+        # item alone, and quarantine (with the error) the ones that fail on their own. A processor's failure
+        # never gets here: the pipeline isolates it.
         merged: Committed | None = None
         for index, item in enumerate(items):
             marks = acks if index == 0 else {}
@@ -468,17 +480,17 @@ class Writer(Backlog):
             seq = self.last_seq
             now = time.time()
             rows: list[Row] = []
-            seq = self._envelopes(fresh, seq, now, rows)
+            seq = envelopes(fresh, seq, now, rows, **self._envelope_args())
             last = [seq]
 
             def append_drafts(drafts: list[Draft]) -> list[Event]:
                 """Seqs for drafts (in this transaction); what the pipeline sees of them."""
                 start = len(rows)
-                last[0] = self._envelopes(drafts, last[0], now, rows)
+                last[0] = envelopes(drafts, last[0], now, rows, **self._envelope_args())
                 return [_event(row, draft) for row, draft in zip(rows[start:], drafts, strict=True)]
 
-            def append(emits: Sequence[Emit]) -> list[Event]:
-                return append_drafts([_draft(emit) for emit in emits])
+            def append(derived: Sequence[Derived]) -> list[Event]:
+                return append_drafts([Draft(d.kind, d.device_id, d.data_json, d.model) for d in derived])
 
             pipeline = self._pipeline
             if fresh and pipeline.processors:
@@ -550,6 +562,9 @@ class Writer(Backlog):
             kinds[row[2]] = kinds.get(row[2], 0) + 1
         return Committed(first, seq, kinds, [r[6] for r in rows], rejected, duplicates, classes, moved)
 
+    def _envelope_args(self) -> dict[str, Any]:
+        return {"ids_json": self._ids_json, "synced": self._clock.synced(), "kind_class": self.kind_class}
+
     def _within_reservation(self, seq: int) -> None:
         """Never commit a seq the reservation on disk does not cover: a journal lost after this commit would
         restart below it and hand the seq out twice. The reservation is normally a tenth of a block ahead; it
@@ -563,56 +578,12 @@ class Writer(Backlog):
                 f"{self._reservation.path.name} cannot be written: holding intake back"
             )
 
-    def _envelopes(self, drafts: list[Draft], seq: int, now: float, rows: list[Row]) -> int:
-        """Give each draft the next seq and build its envelope bytes (the data bytes are spliced in as they are)."""
-        recorded_at = (
-            datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        )
-        common = b'"recorded_at":"%s","boot_id":"%s","clock_synced":%s,"schema":%d,' % (
-            recorded_at.encode(),
-            BOOT_ID.encode(),
-            b"true" if self._clock.synced() else b"false",
-            SCHEMA_VERSION,
-        )
-        mono = time.monotonic_ns()
-        ids = self._ids_json
-        kind_class = self.kind_class
-        entropy = os.urandom(8 * len(drafts))
-        for n, draft in enumerate(drafts):
-            seq += 1
-            event_id = uuid7(int.from_bytes(entropy[8 * n : 8 * n + 8]))
-            head = orjson.dumps(
-                {
-                    "id": event_id,
-                    "seq": seq,
-                    "kind": draft.kind,
-                    "device_id": draft.device_id,
-                    "occurred_at": draft.occurred_at,
-                    "mono_ns": mono,
-                }
-            )
-            body = b"".join((head[:-1], b",", ids, b",", common, b'"data":', draft.data_json, b"}"))
-            rows.append(
-                (
-                    seq,
-                    event_id,
-                    draft.kind,
-                    draft.device_id,
-                    recorded_at,
-                    draft.dedup_key,
-                    body,
-                    kind_class(draft.kind),
-                )
-            )
-        return seq
-
 
 def _event(row: Row, draft: Draft) -> Event:
-    """A committed row as the pipeline sees it (the draft's model, when it has one, spares a parse)."""
-    return Event(row[0], row[2], row[3], draft.data_json, draft.model)  # type: ignore[arg-type]
-
-
-def _draft(emit: Emit) -> Draft:
-    """An event a processor emitted, serialised once as its model (aliases: ``outbox.evicted``'s ``class``)."""
-    model = emit.model
-    return Draft(emit.kind, emit.device_id, orjson.dumps(model.model_dump(mode="json", by_alias=True)), model)
+    """A committed row as the pipeline sees it. The draft's model spares a parse when it is the kind's payload
+    model (or a subclass of it: the MQTT sale keeps ``occurred_at``); anything else is parsed on demand."""
+    model = draft.model
+    payload = PAYLOADS.get(row[2])
+    if payload is None or not isinstance(model, payload):
+        model = None
+    return Event(row[0], row[2], row[3], draft.data_json, model)  # type: ignore[arg-type]
