@@ -39,7 +39,7 @@ def main() -> int:
 async def run(n: int, label: str) -> None:
     from gateway.kernel.clock import ClockState
     from gateway.kernel.config import JournalConfig
-    from gateway.kernel.journal import Journal
+    from gateway.kernel.journal import QUEUE_LIMIT, Journal
     from gateway.kernel.metrics import Metrics
     from gateway.ledger.config import StockConfig, StockItem
     from gateway.ledger.stock import StockLedger
@@ -64,8 +64,10 @@ async def run(n: int, label: str) -> None:
         writer = asyncio.create_task(journal.run())
         cpu, wall = time.process_time(), time.perf_counter()
         for draft in drafts:
-            while not journal.submit(draft):
-                await asyncio.sleep(0.001)
+            while not journal.submit(draft):  # over the queue limit: wait until it drains
+                room = asyncio.Event()
+                journal.when_below(QUEUE_LIMIT, room.set)
+                await room.wait()
         await journal.flush()
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         writer.cancel()
