@@ -221,6 +221,22 @@ def _parser() -> argparse.ArgumentParser:
         help="the gateway's store-broker password (the file store_broker.password reads): its account gets"
         " it on every run and it is never printed; without it, the gateway's account is made like a device's",
     )
+    rules = sub.add_parser(
+        "rules",
+        help="the store's local rules (see 'rules check --help')",
+        description="The local rule engine's rules (docs/RULES.md): 'check' validates a file of rules.",
+        formatter_class=_FORMATTER,
+    )
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="COMMAND")
+    rules_check = rules_sub.add_parser(
+        "check",
+        help="validate a file of rules; exit 0 if valid, 1 with every error if not",
+        description="Validate a YAML file with a top-level 'rules:' list, as the store config's 'rules:' section"
+        " takes it: every problem at once, with file:line, key path and a hint.\n\nexit codes:\n  0  valid\n"
+        "  1  the file has problems\n  2  usage error\n\nexample:\n  store-gateway rules check rules.yaml",
+        formatter_class=_FORMATTER,
+    )
+    rules_check.add_argument("file", type=Path, help="the rules (YAML, a top-level 'rules:' list)")
     sub.add_parser("version", help="print the version", description=_VERSION_HELP, formatter_class=_FORMATTER)
     sub.add_parser("hq-receiver", help="HQ reference receiver (see 'hq-receiver --help')", add_help=False)
     sub.add_parser(
@@ -297,6 +313,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.command == "run":
         return _run(args.config, new_journal=args.new_journal)
+    if args.command == "rules":
+        return _rules_check(args.file)
     if args.command == "broker":
         return _provision(args.config, args.out, args.rotate, args.gateway_password_file)
     if args.command == "demo":
@@ -319,6 +337,22 @@ def _main(argv: Sequence[str] | None) -> int:
             verbose=args.verbose,
         )
     return 2
+
+
+def _rules_check(path: Path) -> int:
+    from gateway.kernel.loader import DocumentError, DocumentKind, load_document
+    from gateway.kernel.rule_config import RuleFile
+
+    kind = DocumentKind("rules", "docs/RULES.md (examples)", 4 * 1024 * 1024)
+    try:
+        found = load_document(path, RuleFile, kind)
+    except DocumentError as err:
+        print(err)
+        print(f"{len(err.issues)} problem(s) in {path}")
+        return 1
+    types = sorted({r.type for r in found.rules})
+    print(f"OK: {path}: {len(found.rules)} rule(s){': ' + ', '.join(types) if types else ''}")
+    return 0
 
 
 def _run(config_path: Path, *, new_journal: bool = False) -> int:

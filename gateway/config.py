@@ -18,6 +18,7 @@ from drivers.mqtt.devices import DeviceConfig
 from drivers.registry import DriverConfig
 from gateway.kernel.config import ApiConfig, BrokerConfig, JournalConfig, LogConfig, OutboxConfig, StoreConfig
 from gateway.kernel.model import Identifier, StrictModel
+from gateway.kernel.rule_config import RuleDefinition, check_unique_ids
 from gateway.ledger.config import StockConfig
 
 
@@ -42,6 +43,11 @@ class GatewayConfig(StrictModel):
         default_factory=OutboxConfig, description="Outbox classes, disk budget and TTLs (docs/OUTBOX.md)."
     )
     log: LogConfig = Field(default_factory=LogConfig, description="Logging level and format.")
+    rules: list[RuleDefinition] = Field(
+        default_factory=list,
+        max_length=2000,
+        description="The store's local rules: cold chain, silent devices (docs/RULES.md).",
+    )
 
     @model_validator(mode="after")
     def _unique_ids(self) -> GatewayConfig:
@@ -53,6 +59,7 @@ class GatewayConfig(StrictModel):
             dupes = sorted({i for i in ids if ids.count(i) > 1})
             if dupes:
                 raise ValueError(f"{label}: duplicate id(s) {', '.join(dupes)}")
+        check_unique_ids(list(self.rules))
         if self.store_broker.client_id is not None and sum(d.type == "mqtt" for d in self.drivers) > 1:
             raise ValueError(
                 "store_broker.client_id is shared by every driver and they would take over each other's session:"

@@ -32,6 +32,8 @@ from gateway.kernel.metrics import Metrics
 from gateway.kernel.outbox import CLASSES
 from gateway.ledger.commands import ledger_handlers
 from gateway.ledger.stock import StockLedger
+from rules.clock import RuleClock
+from rules.engine import RuleEngine
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -65,7 +67,10 @@ class Gateway:
             config.gateway_id,
             config.journal,
             self.metrics,
-            processors=[StockLedger(config.stock, self.metrics)],
+            processors=[
+                StockLedger(config.stock, self.metrics),
+                RuleEngine(config.rules, RuleClock(self.clock.synced)),
+            ],
             clock=self.clock,
             outbox=config.outbox,
         )

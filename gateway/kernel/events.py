@@ -40,6 +40,7 @@ Kind = Literal[
     "rfid.inventory",
     "staff.checkin",
     "barcode.scanned",
+    "alert.cleared",
 ]
 
 
@@ -132,6 +133,19 @@ class AlertRaised(StrictModel):
     rule: ShortText = Field(description="Rule type, for example 'stock.low'.")
     severity: Literal["info", "warning", "critical"]
     subject: ShortText = Field(description="What the alert is about: a SKU, a device id.")
+    message: Annotated[str, Field(max_length=500)]
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class AlertCleared(StrictModel):
+    """``alert.cleared``: what raised an alert is over (or the rule that raised it changed or was removed)."""
+
+    rule: ShortText = Field(description="Rule type, as in the alert.raised it ends.")
+    subject: ShortText = Field(description="What the alert was about, as in the alert.raised.")
+    alert_id: Annotated[str, Field(max_length=200)] = Field(
+        description="The id of the alert it ends: '<rule id>/<subject>/<episode>'."
+    )
+    reason: Literal["recovered", "rule_changed", "rule_removed"]
     message: Annotated[str, Field(max_length=500)]
     details: dict[str, Any] = Field(default_factory=dict)
 
@@ -306,6 +320,7 @@ PAYLOADS: Final[dict[str, type[StrictModel]]] = {
     "rfid.inventory": RfidInventory,
     "staff.checkin": StaffCheckin,
     "barcode.scanned": BarcodeScanned,
+    "alert.cleared": AlertCleared,
 }
 
 

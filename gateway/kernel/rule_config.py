@@ -1,0 +1,107 @@
+"""Rule definitions: what the store config's ``rules:`` section holds (docs/RULES.md).
+
+One pydantic model per rule type, a discriminated union by ``type``. They live in the kernel because more than
+one layer reads them: the config, the rule engine (:mod:`rules`), and the protocol's ``rules`` document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from gateway.kernel.model import Identifier, StrictModel
+
+Metric = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,47}$")]
+Seconds = Annotated[float, Field(ge=0, le=7 * 86_400)]
+
+
+class Selector(StrictModel):
+    """Which devices a rule watches. Empty: every device that sends what the rule reads."""
+
+    devices: list[Identifier] = Field(default_factory=list, description="Device ids.")
+    sources: list[Annotated[str, Field(max_length=64)]] = Field(
+        default_factory=list,
+        description="Profiles or formats that decoded the readings (a sensor.sample's 'source'), e.g. 'dixell-xr'.",
+    )
+
+    def matches(self, device_id: str | None, source: str | None = None) -> bool:
+        if device_id is None:
+            return False
+        if self.devices and device_id not in self.devices:
+            return False
+        return not self.sources or source in self.sources
+
+
+class RuleBase(StrictModel):
+    id: Identifier = Field(description="Unique among the rules; part of each alert's id.")
+    description: Annotated[str, Field(max_length=500)] | None = Field(default=None, description="For people.")
+    severity: Literal["info", "warning", "critical"] = Field(default="warning", description="Of its alerts.")
+    enabled: bool = Field(default=True, description="False: kept, but evaluates nothing (open alerts clear).")
+    select: Selector = Field(default_factory=Selector, description="The devices it watches.")
+
+    def fingerprint(self) -> str:
+        """Changes when the definition does: a changed rule starts fresh (its open alerts are cleared)."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+class TemperatureRule(RuleBase):
+    """A fridge or freezer too warm for too long: ``max_c`` exceeded for ``for_s``; cleared once readings stay
+    below ``clear_below_c`` for ``clear_for_s`` (hysteresis). Readings during a defrost and for
+    ``post_defrost_grace_s`` after it, and for ``door_grace_s`` after the door closes (and while it is open),
+    count for nothing; neither does a faulty probe (it is not an in-range reading either)."""
+
+    type: Literal["temperature"] = Field(description="A fridge or freezer too warm for too long.")
+    metric: Metric = Field(default="temperature", description="The sensor.sample value to watch.")
+    max_c: float = Field(ge=-100, le=100, description="Above this is too warm.")
+    for_s: Seconds = Field(default=600, description="Too warm for this long raises the alert.")
+    clear_below_c: float | None = Field(
+        default=None, ge=-100, le=100, description="Below this counts as recovered; default max_c."
+    )
+    clear_for_s: Seconds = Field(default=300, description="Recovered for this long clears the alert.")
+    defrost_metric: Metric = Field(default="defrost_active", description="1 while the controller defrosts.")
+    post_defrost_grace_s: Seconds = Field(default=1800, description="Readings ignored after a defrost ends.")
+    door_metric: Metric = Field(default="door_open", description="1 while the door is open.")
+    door_grace_s: Seconds = Field(default=300, description="Readings ignored after the door closes.")
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> TemperatureRule:
+        if self.clear_below_c is not None and self.clear_below_c > self.max_c:
+            raise ValueError("clear_below_c must not be above max_c (it is the recovery threshold)")
+        return self
+
+    @property
+    def clear_c(self) -> float:
+        return self.max_c if self.clear_below_c is None else self.clear_below_c
+
+
+class SilentRule(RuleBase):
+    """A device that went quiet: no reading for ``after_s``, or its driver says it is offline or in error.
+    Cleared by its next reading (or it coming back online)."""
+
+    type: Literal["silent"] = Field(description="A device that went quiet.")
+    after_s: Annotated[float, Field(gt=0, le=7 * 86_400)] = Field(
+        default=900, description="No reading for this long raises the alert."
+    )
+
+
+RuleDefinition = Annotated[TemperatureRule | SilentRule, Field(discriminator="type")]
+
+
+def check_unique_ids(rules: list[RuleBase]) -> None:
+    ids = [r.id for r in rules]
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:
+        raise ValueError(f"rule ids must be unique: {', '.join(twice)}")
+
+
+class RuleFile(StrictModel):
+    """A file of rules (``store-gateway rules check FILE``): the ``rules:`` list, as in the store config."""
+
+    rules: list[RuleDefinition] = Field(default_factory=list, max_length=2000)
+
+    @model_validator(mode="after")
+    def _unique(self) -> RuleFile:
+        check_unique_ids(list(self.rules))
+        return self

@@ -1,0 +1,66 @@
+"""The rules' clock: seconds that run with the monotonic clock and carry on across restarts.
+
+Durations ("above 8 °C for 10 minutes") are measured on it, never on the wall clock, so a wall-clock step at
+NTP sync does not throw a timer. Across a restart it carries on where it was, plus the time the gateway was away:
+that is the wall-clock time since the last reading of the rules' clock was saved, when the wall clock was
+synchronised both then and now. Without that (a box that has not synced yet), the time away is not counted and
+the timers that were waiting fire late, never early.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Final
+
+SCHEMA: Final = (
+    "CREATE TABLE IF NOT EXISTS rule_clock(id INTEGER PRIMARY KEY CHECK (id = 1), at REAL, wall REAL)"
+)
+SAVE_EVERY_S: Final = 60.0
+"""While timers wait, the clock is saved at least this often (so that an unsynchronised restart loses less)."""
+
+
+class RuleClock:
+    """``now()``: the rules' time, in seconds. ``synced``: whether the wall clock can be trusted now."""
+
+    def __init__(
+        self,
+        synced: Callable[[], bool],
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._synced = synced
+        self._monotonic = monotonic
+        self._wall = wall
+        self._base = 0.0
+        self._mono0 = monotonic()
+        self._saved_at: float | None = None
+
+    def synced(self) -> bool:
+        return self._synced()
+
+    def now(self) -> float:
+        return self._base + (self._monotonic() - self._mono0)
+
+    def load(self, conn: sqlite3.Connection) -> float:
+        """Carry on from the saved reading (at start): returns how long the gateway was away, as counted."""
+        conn.execute(SCHEMA)
+        row = conn.execute("SELECT at, wall FROM rule_clock WHERE id = 1").fetchone()
+        away = 0.0
+        if row is not None:
+            at, wall = float(row[0]), row[1]
+            if wall is not None and self._synced():
+                away = max(0.0, self._wall() - float(wall))
+            self._base = at + away
+            self._mono0 = self._monotonic()
+        return away
+
+    def save(self, conn: sqlite3.Connection, force: bool = False) -> None:
+        """Save the reading (inside the caller's transaction); at most every SAVE_EVERY_S unless ``force``."""
+        now = self.now()
+        if not force and self._saved_at is not None and now - self._saved_at < SAVE_EVERY_S:
+            return
+        wall = self._wall() if self._synced() else None
+        conn.execute("INSERT OR REPLACE INTO rule_clock(id, at, wall) VALUES (1, ?, ?)", (now, wall))
+        self._saved_at = now

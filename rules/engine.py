@@ -1,0 +1,286 @@
+"""The rule engine: one pipeline processor that runs every rule of the store (docs/RULES.md).
+
+It sits in the journal's pipeline after the stock ledger, so it sees every committed event in seq order, and
+what it decides commits in the same transaction as the events that decided it: each rule's state (its timers,
+its open alert and episode number) is a row of the ``rule_state`` table, and an ``alert.raised`` or
+``alert.cleared`` is written together with the row that records it. A crash before the COMMIT loses both, and
+the events are committed again by their drivers' redelivery; after it, the row says the alert was raised. So
+each episode (rule id, subject, episode number) raises exactly once and clears at most once, whatever crashes.
+
+Time is the rules' clock (:mod:`rules.clock`): timers wait on it, fire from the journal's ticks (about every
+second), and survive restarts. A rule whose definition changed (or that was removed or disabled) starts fresh:
+its open alerts are cleared with ``reason: rule_changed`` (or ``rule_removed``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+import orjson
+
+from gateway.kernel.events import AlertCleared, AlertRaised
+from gateway.kernel.pipeline import Emit, Event, Processor
+from gateway.kernel.rule_config import RuleDefinition
+from rules.clock import RuleClock
+
+_LOGGER = logging.getLogger(__name__)
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS rule_state(
+    rule_id TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    state TEXT NOT NULL,
+    episode INTEGER NOT NULL,
+    due REAL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (rule_id, subject)
+);
+"""
+IDLE: Final = "idle"
+PENDING: Final = "pending"
+ACTIVE: Final = "active"
+CLEARING: Final = "clearing"
+
+
+@dataclass(slots=True)
+class Track:
+    """One rule's state for one subject (a device): a row of ``rule_state``."""
+
+    rule_id: str
+    subject: str
+    fingerprint: str
+    state: str = IDLE
+    episode: int = 0
+    due: float | None = None
+    """The rules' time its timer fires (pending: raise; clearing: clear; for silence: raise)."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """What the rule type keeps: evidence, grace periods."""
+
+    @property
+    def alert_id(self) -> str:
+        return f"{self.rule_id}/{self.subject}/{self.episode}"
+
+
+class Context:
+    """What a rule type's functions are given: the time, and the way to raise and clear alerts."""
+
+    def __init__(self, engine: RuleEngine, now: float) -> None:
+        self.now = now
+        self._engine = engine
+
+    def raise_alert(self, rule: RuleDefinition, track: Track, message: str, details: dict[str, Any]) -> None:
+        self._engine.raise_alert(rule, track, message, details)
+
+    def clear_alert(self, rule: RuleDefinition, track: Track, message: str, details: dict[str, Any]) -> None:
+        self._engine.clear_alert(rule, track, "recovered", message, details)
+
+    def due_at(self, due: float | None) -> str | None:
+        """The wall-clock time (UTC, ISO 8601) a timer was due, if the wall clock can say."""
+        return None if due is None else self._engine.due_at(due)
+
+
+Observe = Callable[[Context, RuleDefinition, Track, Event], None]
+"""A rule type's reaction to one committed event about ``track``'s subject."""
+Fire = Callable[[Context, RuleDefinition, Track], None]
+"""A rule type's reaction to its timer (``track.due``) coming due."""
+
+
+@dataclass(frozen=True, slots=True)
+class RuleType:
+    kinds: frozenset[str]
+    observe: Observe
+    fire: Fire
+
+
+class RuleEngine(Processor):
+    """Every rule of the store, indexed by the event kinds each reads (unrelated rules cost nothing)."""
+
+    name = "rules"
+
+    def __init__(
+        self,
+        rules: Sequence[RuleDefinition],
+        clock: RuleClock,
+        types: dict[str, RuleType] | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        from rules.types import RULE_TYPES  # the rule types import this module's Track and Context
+
+        self.types = types if types is not None else RULE_TYPES
+        self.rules = {r.id: r for r in rules if r.enabled}
+        self.clock = clock
+        self._wall = wall
+        self.wants_ticks = bool(self.rules)
+        self._by_kind: dict[str, list[RuleDefinition]] = {}
+        for rule in self.rules.values():
+            for kind in self.types[rule.type].kinds:
+                self._by_kind.setdefault(kind, []).append(rule)
+        self._tracks: dict[tuple[str, str], Track] = {}
+        self._dirty: set[tuple[str, str]] = set()
+        self._dropped: set[tuple[str, str]] = set()
+        """Rows of rules that changed or went: deleted (their alerts cleared) with the next write."""
+        self._out: list[Emit] = []
+
+    # --- the processor -----------------------------------------------------------------------------------
+
+    def setup(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN")
+        conn.execute(SCHEMA)
+        away = self.clock.load(conn)
+        self.clock.save(conn, force=True)
+        conn.execute("COMMIT")
+        self._load(conn)
+        if away:
+            _LOGGER.info("rules: the gateway was away %.0f s; the rules' timers count that time", away)
+
+    def apply(self, event: Event) -> None:
+        rules = self._by_kind.get(event.kind)
+        if not rules:
+            return
+        ctx = Context(self, self.clock.now())
+        for rule in rules:
+            if event.device_id is None or not rule.select.matches(event.device_id, _source(event)):
+                continue
+            track = self._track(rule, event.device_id)
+            self.types[rule.type].observe(ctx, rule, track, event)
+            self._dirty.add((track.rule_id, track.subject))
+
+    def flush(self, conn: sqlite3.Connection) -> Sequence[Emit]:
+        self._due(self.clock.now())
+        return self._write(conn)
+
+    def tick(self, conn: sqlite3.Connection, now: float) -> Sequence[Emit]:
+        self._due(self.clock.now())
+        return self._write(conn)
+
+    def rollback(self, conn: sqlite3.Connection) -> None:
+        self._load(conn)
+
+    def reload(self, conn: sqlite3.Connection) -> None:
+        self._load(conn)
+
+    # --- alerts ------------------------------------------------------------------------------------------
+
+    def raise_alert(self, rule: RuleDefinition, track: Track, message: str, details: dict[str, Any]) -> None:
+        track.episode += 1
+        track.state = ACTIVE
+        details = {"alert_id": track.alert_id, "rule_id": rule.id, "episode": track.episode, **details}
+        self._out.append(
+            Emit(
+                AlertRaised(
+                    rule=rule.type,
+                    severity=rule.severity,
+                    subject=track.subject[:64],
+                    message=message[:500],
+                    details=details,
+                ),
+                track.subject,
+            )
+        )
+
+    def clear_alert(
+        self,
+        rule: RuleDefinition | None,
+        track: Track,
+        reason: Literal["recovered", "rule_changed", "rule_removed"],
+        message: str,
+        details: dict[str, Any],
+    ) -> None:
+        kind = rule.type if rule is not None else str(track.data.get("type", "rule"))
+        self._out.append(
+            Emit(
+                AlertCleared(
+                    rule=kind,
+                    subject=track.subject[:64],
+                    alert_id=track.alert_id,
+                    reason=reason,
+                    message=message[:500],
+                    details={"rule_id": track.rule_id, "episode": track.episode, **details},
+                ),
+                track.subject,
+            )
+        )
+        track.state = IDLE
+        track.due = None
+
+    def due_at(self, due: float) -> str | None:
+        """The wall-clock time a timer was due, for an alert's details (None while the clock is unsynced)."""
+        if not self.clock.synced():
+            return None
+        wall = self._wall() - (self.clock.now() - due)
+        return datetime.fromtimestamp(wall, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+    # --- state ---------------------------------------------------------------------------------------------
+
+    def _track(self, rule: RuleDefinition, subject: str) -> Track:
+        key = (rule.id, subject)
+        track = self._tracks.get(key)
+        if track is None:
+            track = Track(rule.id, subject, rule.fingerprint(), data={"type": rule.type})
+            self._tracks[key] = track
+        return track
+
+    def _stale(self, track: Track) -> bool:
+        rule = self.rules.get(track.rule_id)
+        return rule is None or rule.fingerprint() != track.fingerprint
+
+    def _due(self, now: float) -> None:
+        ctx = Context(self, now)
+        for key, track in self._tracks.items():
+            if track.due is not None and track.due <= now:
+                rule = self.rules[track.rule_id]
+                self.types[rule.type].fire(ctx, rule, track)
+                self._dirty.add(key)
+
+    def _write(self, conn: sqlite3.Connection) -> list[Emit]:
+        if self._dropped:
+            conn.executemany("DELETE FROM rule_state WHERE rule_id=? AND subject=?", sorted(self._dropped))
+            self._dropped.clear()
+            self.wants_ticks = bool(self.rules)
+        if self._dirty:
+            rows = []
+            for key in self._dirty:
+                t = self._tracks[key]
+                rows.append(
+                    (t.rule_id, t.subject, t.fingerprint, t.state, t.episode, t.due, orjson.dumps(t.data))
+                )
+            conn.executemany("INSERT OR REPLACE INTO rule_state VALUES (?,?,?,?,?,?,?)", rows)
+            self._dirty.clear()
+            self.clock.save(conn, force=True)
+        elif any(t.due is not None for t in self._tracks.values()):
+            self.clock.save(conn)
+        out, self._out = self._out, []
+        return out
+
+    def _load(self, conn: sqlite3.Connection) -> None:
+        """The state as committed. Tracks of rules that changed, were disabled or removed are dropped, and
+        their open alerts cleared, in the next write (the same transaction as the clears)."""
+        self._tracks = {}
+        self._dirty.clear()
+        self._dropped.clear()
+        self._out = []
+        for rule_id, subject, fp, state, episode, due, data in conn.execute("SELECT * FROM rule_state"):
+            track = Track(rule_id, subject, fp, state, int(episode), due, orjson.loads(data))
+            if not self._stale(track):
+                self._tracks[(rule_id, subject)] = track
+                continue
+            self._dropped.add((rule_id, subject))
+            if track.state in (ACTIVE, CLEARING):
+                rule = self.rules.get(rule_id)
+                why: Literal["rule_changed", "rule_removed"] = (
+                    "rule_changed" if rule is not None else "rule_removed"
+                )
+                self.clear_alert(rule, track, why, f"rule {rule_id} changed: its alert ends here", {})
+        if self._dropped:
+            self.wants_ticks = True
+
+
+def _source(event: Event) -> str | None:
+    return getattr(event.model, "source", None)

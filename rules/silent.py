@@ -1,0 +1,47 @@
+"""``silent``: a device that went quiet (on ``sensor.sample``, ``sensor.reading`` and ``device.status``).
+
+No reading for ``after_s`` raises, and so does its driver saying it is ``offline`` or in ``error``; its next
+reading (or ``online``) clears. The timer starts at the device's first reading the rules see.
+"""
+
+from __future__ import annotations
+
+from gateway.kernel.events import DeviceStatus
+from gateway.kernel.pipeline import Event
+from gateway.kernel.rule_config import RuleDefinition, SilentRule
+from rules.engine import ACTIVE, PENDING, Context, Track
+
+
+def observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
+    assert isinstance(rule, SilentRule)
+    status = event.model if event.kind == "device.status" else None
+    if isinstance(status, DeviceStatus) and status.status in ("offline", "error"):
+        if track.state != ACTIVE:
+            reason = status.reason or status.status
+            track.due = None
+            ctx.raise_alert(
+                rule,
+                track,
+                f"{track.subject}: {status.status} ({reason})"[:500],
+                {"status": status.status, "reason": status.reason, "seq": event.seq, "due_at": None},
+            )
+        return
+    if isinstance(status, DeviceStatus) and status.status != "online":
+        return  # rate_limited: it is talking
+    if track.state == ACTIVE:
+        ctx.clear_alert(rule, track, f"{track.subject}: heard from again", {"seq": event.seq})
+    track.state, track.due = PENDING, ctx.now + rule.after_s
+    track.data["last_seq"] = event.seq
+
+
+def fire(ctx: Context, rule: RuleDefinition, track: Track) -> None:
+    assert isinstance(rule, SilentRule)
+    due = track.due
+    track.due = None
+    if track.state == PENDING:
+        ctx.raise_alert(
+            rule,
+            track,
+            f"{track.subject}: nothing heard for {rule.after_s / 60:g} min",
+            {"after_s": rule.after_s, "last_seq": track.data.get("last_seq"), "due_at": ctx.due_at(due)},
+        )

@@ -1,0 +1,93 @@
+"""The rule engine in the journal's pipeline, on a real journal file with its writer and ticks running: an alert
+commits with the readings that caused it, once, and a restart raises nothing again; and ``rules check``."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import orjson
+from pydantic import TypeAdapter
+
+from gateway.kernel.clock import ClockState
+from gateway.kernel.journal import Draft
+from gateway.kernel.rule_config import RuleDefinition
+from rules.clock import RuleClock
+from rules.engine import RuleEngine
+from tests.gateway.test_cli import SCRIPT
+from tests.gateway.test_journal import flushed, new_journal, query, running, until
+
+RULES = TypeAdapter(list[RuleDefinition]).validate_python(
+    [{"id": "dairy-warm", "type": "temperature", "max_c": 8, "for_s": 0, "clear_for_s": 0}]
+)
+
+
+def sample(value: float, device: str = "fridge-1") -> Draft:
+    body = orjson.dumps(
+        {"values": {"temperature": value}, "units": {"temperature": "°C"}, "source": "dixell-xr"}
+    )
+    return Draft("sensor.sample", device, body, driver="modbus")
+
+
+async def test_an_alert_commits_once_with_its_evidence_and_a_restart_does_not_repeat_it(
+    tmp_path: Path,
+) -> None:
+    def engine() -> RuleEngine:
+        return RuleEngine(RULES, RuleClock(lambda: True))
+
+    journal = new_journal(tmp_path, processors=[engine()])
+    async with running(journal):
+        journal.submit(sample(9.0))
+        await until(lambda: journal.last_seq >= 2, "the alert commits")
+        journal.submit(sample(9.5))
+        await flushed(journal)
+    reopened = new_journal(tmp_path, processors=[engine()])
+    async with running(reopened):
+        reopened.submit(sample(10.0))
+        reopened.submit(sample(5.0))
+        await until(lambda: reopened.last_seq >= 6, "the clear commits")
+    rows = query(reopened, "SELECT seq, kind, device_id, body FROM events ORDER BY seq")
+    kinds = [(seq, kind) for seq, kind, _, _ in rows]
+    assert kinds == [
+        (1, "sensor.sample"),
+        (2, "alert.raised"),
+        (3, "sensor.sample"),
+        (4, "sensor.sample"),
+        (5, "sensor.sample"),
+        (6, "alert.cleared"),
+    ]
+    raised = orjson.loads(rows[1][3])["data"]
+    assert rows[1][2] == "fridge-1"
+    assert raised["details"]["alert_id"] == "dairy-warm/fridge-1/1"
+    assert raised["details"]["first"] == {"seq": 1, "value": 9.0}
+    cleared = orjson.loads(rows[5][3])["data"]
+    assert (cleared["alert_id"], cleared["reason"]) == ("dairy-warm/fridge-1/1", "recovered")
+    assert query(reopened, "SELECT cls FROM events WHERE kind LIKE 'alert.%'") == [(0,), (0,)]  # critical
+
+
+def test_rules_check_names_every_problem_with_its_line(tmp_path: Path) -> None:
+    bad = tmp_path / "rules.yaml"
+    bad.write_text(
+        "rules:\n  - id: dairy-warm\n    type: temperature\n    max_c: eight\n  - {id: q, type: silnet}\n"
+    )
+    result = subprocess.run([SCRIPT, "rules", "check", str(bad)], capture_output=True, text=True, check=False)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{bad}:4:")
+    assert "rules[0].max_c" in lines[0]
+    assert lines[1].startswith(f"{bad}:5:")
+    assert "'silnet'" in lines[1]
+    assert "hint:" in lines[1]
+    assert lines[-1] == f"2 problem(s) in {bad}"
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        "rules:\n  - {id: dairy-warm, type: temperature, max_c: 8}\n  - {id: quiet, type: silent}\n"
+    )
+    result = subprocess.run(
+        [SCRIPT, "rules", "check", str(good)], capture_output=True, text=True, check=False
+    )
+    assert (result.returncode, result.stdout) == (0, f"OK: {good}: 2 rule(s): silent, temperature\n")
+
+
+def test_clock_state_is_what_the_runtime_gives_the_rules() -> None:
+    assert RuleClock(ClockState(override=True).synced).synced()
