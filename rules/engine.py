@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS rule_state(
     PRIMARY KEY (rule_id, subject)
 );
 """
+SKU_RULES: Final = frozenset({"negative_stock"})
+"""Rule types whose subject is a SKU, not a device."""
 IDLE: Final = "idle"
 PENDING: Final = "pending"
 ACTIVE: Final = "active"
@@ -92,11 +94,20 @@ Fire = Callable[[Context, RuleDefinition, Track], None]
 """A rule type's reaction to its timer (``track.due``) coming due."""
 
 
+def device_subject(rule: RuleDefinition, event: Event) -> str | None:
+    """The subject of a device rule: the event's device, when the rule selects it."""
+    if event.device_id is None or not rule.select.matches(event.device_id, _source(event)):
+        return None
+    return event.device_id
+
+
 @dataclass(frozen=True, slots=True)
 class RuleType:
     kinds: frozenset[str]
     observe: Observe
     fire: Fire
+    subject: Callable[[RuleDefinition, Event], str | None] = device_subject
+    """What an event is about for this rule (a device, a SKU), or None: not for it."""
 
 
 class RuleEngine(Processor):
@@ -146,10 +157,12 @@ class RuleEngine(Processor):
             return
         ctx = Context(self, self.clock.now())
         for rule in rules:
-            if event.device_id is None or not rule.select.matches(event.device_id, _source(event)):
+            kind = self.types[rule.type]
+            subject = kind.subject(rule, event)
+            if subject is None:
                 continue
-            track = self._track(rule, event.device_id)
-            self.types[rule.type].observe(ctx, rule, track, event)
+            track = self._track(rule, subject)
+            kind.observe(ctx, rule, track, event)
             self._dirty.add((track.rule_id, track.subject))
 
     def flush(self, conn: sqlite3.Connection) -> Sequence[Emit]:
@@ -181,9 +194,13 @@ class RuleEngine(Processor):
                     message=message[:500],
                     details=details,
                 ),
-                track.subject,
+                self._device(track),
             )
         )
+
+    def _device(self, track: Track) -> str | None:
+        """The events' device id: the subject of a device rule, none for a SKU's."""
+        return None if track.data.get("type") in SKU_RULES else track.subject
 
     def clear_alert(
         self,
@@ -204,7 +221,7 @@ class RuleEngine(Processor):
                     message=message[:500],
                     details={"rule_id": track.rule_id, "episode": track.episode, **details},
                 ),
-                track.subject,
+                self._device(track),
             )
         )
         track.state = IDLE

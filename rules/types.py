@@ -1,15 +1,21 @@
-"""The rule types the engine knows: what each reads, and its two functions (docs/RULES.md)."""
+"""The rule types the engine knows: what each reads, and its functions (docs/RULES.md)."""
 
 from __future__ import annotations
 
 from typing import Final
 
-from rules import silent, temperature
+from rules import cold_chain, silent, stock, temperature
 from rules.engine import RuleType
 
+SAMPLES: Final = frozenset({"sensor.sample"})
+
 RULE_TYPES: Final[dict[str, RuleType]] = {
-    "temperature": RuleType(frozenset({"sensor.sample"}), temperature.observe, temperature.fire),
-    "silent": RuleType(
-        frozenset({"sensor.sample", "sensor.reading", "device.status"}), silent.observe, silent.fire
+    "temperature": RuleType(SAMPLES, temperature.observe, temperature.fire),
+    "silent": RuleType(SAMPLES | {"sensor.reading", "device.status"}, silent.observe, silent.fire),
+    "door_open": RuleType(SAMPLES, cold_chain.door_observe, cold_chain.door_fire),
+    "battery_low": RuleType(SAMPLES, cold_chain.battery_observe, cold_chain.no_timer),
+    "controller_alarm": RuleType(SAMPLES, cold_chain.alarm_observe, cold_chain.no_timer),
+    "negative_stock": RuleType(
+        frozenset({"stock.level"}), stock.negative_observe, cold_chain.no_timer, subject=stock.sku_subject
     ),
 }

@@ -25,6 +25,9 @@ class Selector(StrictModel):
         default_factory=list,
         description="Profiles or formats that decoded the readings (a sensor.sample's 'source'), e.g. 'dixell-xr'.",
     )
+    skus: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, description="SKUs, for the stock rules. Empty: every SKU."
+    )
 
     def matches(self, device_id: str | None, source: str | None = None) -> bool:
         if device_id is None:
@@ -32,6 +35,9 @@ class Selector(StrictModel):
         if self.devices and device_id not in self.devices:
             return False
         return not self.sources or source in self.sources
+
+    def matches_sku(self, sku: str) -> bool:
+        return not self.skus or sku in self.skus
 
 
 class RuleBase(StrictModel):
@@ -86,7 +92,51 @@ class SilentRule(RuleBase):
     )
 
 
-RuleDefinition = Annotated[TemperatureRule | SilentRule, Field(discriminator="type")]
+class DoorOpenRule(RuleBase):
+    """A fridge door left open: open (``metric`` 1) for longer than ``open_s``; closing it clears."""
+
+    type: Literal["door_open"] = Field(description="A door left open.")
+    metric: Metric = Field(default="door_open", description="1 while the door is open.")
+    open_s: Seconds = Field(default=180, description="Open longer than this raises the alert.")
+
+
+class BatteryLowRule(RuleBase):
+    """A battery running out: ``metric`` (percent) at or below ``min_pct``, or the device's own low-battery flag;
+    cleared above ``clear_above_pct`` (a battery reading wobbles with temperature)."""
+
+    type: Literal["battery_low"] = Field(description="A sensor's battery running out.")
+    metric: Metric = Field(default="battery_pct", description="Battery charge, percent.")
+    flag_metric: Metric = Field(
+        default="battery_low", description="1 when the device says its battery is low."
+    )
+    min_pct: float = Field(default=15, ge=0, le=100, description="At or below this raises the alert.")
+    clear_above_pct: float = Field(
+        default=25, ge=0, le=100, description="Above this clears it (a new battery)."
+    )
+
+
+class ControllerAlarmRule(RuleBase):
+    """The fridge controller's own alarm bits: any of ``metrics`` (default: every metric named ``alarm_*`` or
+    ``*_alarm``) set raises; all of them clear clears."""
+
+    type: Literal["controller_alarm"] = Field(description="A controller's own alarm bits.")
+    metrics: list[Metric] = Field(
+        default_factory=list,
+        description="The alarm bits to watch; empty: every 'alarm_*' or '*_alarm' metric.",
+    )
+
+
+class NegativeStockRule(RuleBase):
+    """A data-quality alert: the stock ledger says a SKU's on-hand went below zero (sales of goods it never
+    received, a missed delivery, a wrong count). Cleared when it is back at zero or above."""
+
+    type: Literal["negative_stock"] = Field(description="On-hand below zero.")
+
+
+RuleDefinition = Annotated[
+    TemperatureRule | SilentRule | DoorOpenRule | BatteryLowRule | ControllerAlarmRule | NegativeStockRule,
+    Field(discriminator="type"),
+]
 
 
 def check_unique_ids(rules: list[RuleBase]) -> None:
