@@ -18,6 +18,15 @@ from pydantic import AwareDatetime, Field, model_validator
 from gateway.kernel.biometrics import find_biometrics
 from gateway.kernel.events import ShortText, Sku
 from gateway.kernel.model import StrictModel
+from gateway.kernel.rule_config import (
+    BatteryLowRule,
+    ControllerAlarmRule,
+    DoorOpenRule,
+    NegativeStockRule,
+    RuleDefinition,
+    SilentRule,
+    TemperatureRule,
+)
 
 DocumentName = Literal["roster", "planogram", "rules"]
 
@@ -130,16 +139,39 @@ class StockLowRule(StrictModel):
     threshold: float = Field(ge=0, le=MAX_THRESHOLD)
 
 
+AnyRule = Annotated[
+    StockLowRule
+    | TemperatureRule
+    | SilentRule
+    | DoorOpenRule
+    | BatteryLowRule
+    | ControllerAlarmRule
+    | NegativeStockRule,
+    Field(discriminator="type"),
+]
+"""A rule of HQ's ``rules`` document: the stock ledger's ``stock.low`` thresholds, or a rule of the engine (the
+same models as the store config's ``rules:``)."""
+
+
 class RuleSet(StrictModel):
     """``rules.set`` args and the stored rules."""
 
-    rules: list[StockLowRule] = Field(max_length=MAX_RULES)
+    rules: list[AnyRule] = Field(max_length=MAX_RULES)
 
     @model_validator(mode="after")
     def _unambiguous(self) -> RuleSet:
         _unique("rule id", [r.id for r in self.rules])
-        _unique("stock.low rule per sku (null: the default)", [str(r.sku) for r in self.rules])
+        _unique("stock.low rule per sku (null: the default)", [str(r.sku) for r in self.stock_low])
         return self
+
+    @property
+    def stock_low(self) -> list[StockLowRule]:
+        return [r for r in self.rules if isinstance(r, StockLowRule)]
+
+    @property
+    def engine_rules(self) -> list[RuleDefinition]:
+        """The rules the rule engine runs (everything but the stock ledger's thresholds)."""
+        return [r for r in self.rules if not isinstance(r, StockLowRule)]
 
     @property
     def count(self) -> int:
@@ -148,11 +180,11 @@ class RuleSet(StrictModel):
     @property
     def default_threshold(self) -> float | None:
         """The ``stock.low`` threshold for SKUs without their own, if the rules set one."""
-        return next((r.threshold for r in self.rules if r.sku is None), None)
+        return next((r.threshold for r in self.stock_low if r.sku is None), None)
 
     @property
     def sku_thresholds(self) -> dict[str, float]:
-        return {r.sku: r.threshold for r in self.rules if r.sku is not None}
+        return {r.sku: r.threshold for r in self.stock_low if r.sku is not None}
 
 
 Document = Roster | Planogram | RuleSet

@@ -31,6 +31,7 @@ from gateway.kernel.logs import register_secret
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.outbox import CLASSES
 from gateway.ledger.commands import ledger_handlers
+from gateway.ledger.documents import engine_rules
 from gateway.ledger.stock import StockLedger
 from rules.clock import RuleClock
 from rules.engine import RuleEngine
@@ -69,7 +70,7 @@ class Gateway:
             self.metrics,
             processors=[
                 StockLedger(config.stock, self.metrics),
-                RuleEngine(config.rules, RuleClock(self.clock.synced)),
+                RuleEngine(config.rules, RuleClock(self.clock.synced), hq_rules=engine_rules),
             ],
             clock=self.clock,
             outbox=config.outbox,

@@ -119,20 +119,23 @@ class RuleEngine(Processor):
         self,
         rules: Sequence[RuleDefinition],
         clock: RuleClock,
+        hq_rules: Callable[[sqlite3.Connection], Sequence[RuleDefinition]] | None = None,
+        *,
         types: dict[str, RuleType] | None = None,
         wall: Callable[[], float] = time.time,
     ) -> None:
         from rules.types import RULE_TYPES  # the rule types import this module's Track and Context
 
         self.types = types if types is not None else RULE_TYPES
-        self.rules = {r.id: r for r in rules if r.enabled}
+        self._configured = list(rules)
+        self._hq_rules = hq_rules
+        """HQ's rules (the ``rules`` document), read again at every load: they join the configured ones, and
+        replace a configured rule with the same id."""
         self.clock = clock
         self._wall = wall
-        self.wants_ticks = bool(self.rules)
+        self.rules: dict[str, RuleDefinition] = {}
         self._by_kind: dict[str, list[RuleDefinition]] = {}
-        for rule in self.rules.values():
-            for kind in self.types[rule.type].kinds:
-                self._by_kind.setdefault(kind, []).append(rule)
+        self._index(self._configured)
         self._tracks: dict[tuple[str, str], Track] = {}
         self._dirty: set[tuple[str, str]] = set()
         self._dropped: set[tuple[str, str]] = set()
@@ -236,6 +239,14 @@ class RuleEngine(Processor):
 
     # --- state ---------------------------------------------------------------------------------------------
 
+    def _index(self, rules: Sequence[RuleDefinition]) -> None:
+        self.rules = {r.id: r for r in rules if r.enabled}
+        self._by_kind = {}
+        for rule in self.rules.values():
+            for kind in self.types[rule.type].kinds:
+                self._by_kind.setdefault(kind, []).append(rule)
+        self.wants_ticks = bool(self.rules)
+
     def _track(self, rule: RuleDefinition, subject: str) -> Track:
         key = (rule.id, subject)
         track = self._tracks.get(key)
@@ -279,6 +290,10 @@ class RuleEngine(Processor):
     def _load(self, conn: sqlite3.Connection) -> None:
         """The state as committed. Tracks of rules that changed, were disabled or removed are dropped, and
         their open alerts cleared, in the next write (the same transaction as the clears)."""
+        if self._hq_rules is not None:
+            merged = {r.id: r for r in self._configured}
+            merged.update((r.id, r) for r in self._hq_rules(conn))
+            self._index(list(merged.values()))
         self._tracks = {}
         self._dirty.clear()
         self._dropped.clear()

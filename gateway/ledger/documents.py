@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from cloud_bridge.documents import MODELS, Document, DocumentName, RuleSet
 from gateway.kernel.journal import Draft, key_committed
+from gateway.kernel.rule_config import RuleDefinition
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -65,6 +66,13 @@ def read_rules(conn: sqlite3.Connection) -> RuleSet | None:
             "stored rules version %d are unreadable and ignored: %d error(s)", found[0], err.error_count()
         )
         return None
+
+
+def engine_rules(conn: sqlite3.Connection) -> list[RuleDefinition]:
+    """The rule engine's rules in HQ's ``rules`` document (none before HQ sends one)."""
+    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='documents'").fetchone()
+    rules = read_rules(conn) if exists else None
+    return [] if rules is None else rules.engine_rules
 
 
 def store_work(

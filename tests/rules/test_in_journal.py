@@ -91,3 +91,53 @@ def test_rules_check_names_every_problem_with_its_line(tmp_path: Path) -> None:
 
 def test_clock_state_is_what_the_runtime_gives_the_rules() -> None:
     assert RuleClock(ClockState(override=True).synced).synced()
+
+
+async def test_hq_rules_join_the_configured_ones_and_a_changed_rule_starts_afresh(tmp_path: Path) -> None:
+    """HQ's rules.set document carries engine rules beside the ledger's stock.low thresholds: they apply in the
+    transaction that stores them, replace a configured rule with the same id, and clear its open alert."""
+    from cloud_bridge.documents import RuleSet
+    from gateway.kernel.metrics import Metrics
+    from gateway.ledger.commands import store_document
+    from gateway.ledger.documents import engine_rules
+    from tests.gateway.test_journal import stock_ledger
+
+    metrics = Metrics()
+    engine = RuleEngine(RULES, RuleClock(lambda: True), hq_rules=engine_rules)
+    journal = new_journal(
+        tmp_path, metrics=metrics, processors=[stock_ledger(metrics, TEA=(10, None)), engine]
+    )
+    async with running(journal):
+        journal.submit(sample(9.0))
+        await until(lambda: journal.last_seq >= 2, "the configured rule raises")
+        document = RuleSet.model_validate(
+            {
+                "rules": [
+                    {"id": "tea-low", "type": "stock.low", "sku": "TEA", "threshold": 3},
+                    {"id": "dairy-warm", "type": "temperature", "max_c": 12, "for_s": 0, "clear_for_s": 0},
+                    {"id": "door", "type": "door_open", "open_s": 0},
+                ]
+            }
+        )
+        assert await store_document(journal, "req-rules-1", document) == ("ok", {"version": 1, "count": 3})
+        assert set(engine.rules) == {"dairy-warm", "door"}
+        await until(lambda: journal.last_seq >= 4, "the changed rule's alert is cleared")
+        journal.submit(sample(11.0))  # above the old limit, not the new one
+        journal.submit(Draft("sensor.sample", "fridge-1", b'{"values":{"door_open":1}}', driver="modbus"))
+        await flushed(journal)
+        await until(lambda: journal.last_seq >= 7, "the door rule from HQ raises")
+    kinds = [k for (k,) in query(journal, "SELECT kind FROM events ORDER BY seq")]
+    assert kinds == [
+        "sensor.sample",
+        "alert.raised",
+        "document.updated",
+        "alert.cleared",
+        "sensor.sample",
+        "sensor.sample",
+        "alert.raised",
+    ]
+    cleared = orjson.loads(query(journal, "SELECT body FROM events WHERE kind='alert.cleared'")[0][0])["data"]
+    assert (cleared["alert_id"], cleared["reason"]) == ("dairy-warm/fridge-1/1", "rule_changed")
+    door = orjson.loads(query(journal, "SELECT body FROM events WHERE seq=7")[0][0])["data"]
+    assert door["rule"] == "door_open"
+    assert query(journal, "SELECT safety_stock FROM stock WHERE sku='TEA'") == [(3.0,)]
