@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Final
 
@@ -14,6 +15,11 @@ from gateway.kernel.rule_config import BatteryLowRule, ControllerAlarmRule, Door
 from rules.engine import ACTIVE, IDLE, PENDING, Context, Track
 
 ALARM_BIT: Final = re.compile(r"^alarm_|_alarm$")
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_alarm_bit(name: str) -> bool:
+    return ALARM_BIT.search(name) is not None
 
 
 def _sample(event: Event) -> SensorSample | None:
@@ -88,11 +94,11 @@ def alarm_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event
     sample = _sample(event)
     if sample is None:
         return
-    chosen = set(rule.metrics)
+    chosen = rule.metrics
     watched = {
         name: value
         for name, value in sample.values.items()
-        if (name in chosen if chosen else ALARM_BIT.search(name) is not None)
+        if (name in chosen if chosen else _is_alarm_bit(name))
     }
     if not watched:
         return

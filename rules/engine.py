@@ -15,6 +15,7 @@ its open alerts are cleared with ``reason: rule_changed`` (or ``rule_removed``).
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +46,7 @@ CREATE TABLE IF NOT EXISTS rule_state(
 """
 SKU_RULES: Final = frozenset({"negative_stock"})
 """Rule types whose subject is a SKU, not a device."""
+_UNREAD: Final = object()
 IDLE: Final = "idle"
 PENDING: Final = "pending"
 ACTIVE: Final = "active"
@@ -135,12 +137,16 @@ class RuleEngine(Processor):
         self._wall = wall
         self.rules: dict[str, RuleDefinition] = {}
         self._by_kind: dict[str, list[RuleDefinition]] = {}
+        self._by_device: dict[tuple[str, str], list[RuleDefinition]] = {}
+        self._fingerprints: dict[str, str] = {}
         self._index(self._configured)
         self._tracks: dict[tuple[str, str], Track] = {}
         self._dirty: set[tuple[str, str]] = set()
         self._dropped: set[tuple[str, str]] = set()
         """Rows of rules that changed or went: deleted (their alerts cleared) with the next write."""
         self._out: list[Emit] = []
+        self._earliest = math.inf
+        """The earliest timer of any track (at most: a timer set since may be earlier only if noted here)."""
 
     # --- the processor -----------------------------------------------------------------------------------
 
@@ -155,18 +161,39 @@ class RuleEngine(Processor):
             _LOGGER.info("rules: the gateway was away %.0f s; the rules' timers count that time", away)
 
     def apply(self, event: Event) -> None:
-        rules = self._by_kind.get(event.kind)
+        device = event.device_id
+        rules = self._by_kind.get(event.kind, ())
+        if device is not None:
+            named = self._by_device.get((event.kind, device))
+            if named:
+                rules = [*rules, *named]
         if not rules:
             return
         ctx = Context(self, self.clock.now())
+        source: object = _UNREAD
         for rule in rules:
             kind = self.types[rule.type]
-            subject = kind.subject(rule, event)
-            if subject is None:
-                continue
-            track = self._track(rule, subject)
+            if kind.subject is device_subject:  # the index already matched the device
+                if device is None:
+                    continue
+                if rule.select.sources:
+                    source = _source(event) if source is _UNREAD else source
+                    if source not in rule.select.sources:
+                        continue
+                subject = device
+            else:
+                found = kind.subject(rule, event)
+                if found is None:
+                    continue
+                subject = found
+            key = (rule.id, subject)
+            track = self._tracks.get(key) or self._track(rule, subject)
+            before = (track.state, track.episode, track.due, dict(track.data))
             kind.observe(ctx, rule, track, event)
-            self._dirty.add((track.rule_id, track.subject))
+            if before != (track.state, track.episode, track.due, track.data):
+                self._dirty.add(key)
+                if track.due is not None and track.due < self._earliest:
+                    self._earliest = track.due
 
     def flush(self, conn: sqlite3.Connection) -> Sequence[Emit]:
         self._due(self.clock.now())
@@ -240,32 +267,43 @@ class RuleEngine(Processor):
     # --- state ---------------------------------------------------------------------------------------------
 
     def _index(self, rules: Sequence[RuleDefinition]) -> None:
+        """By event kind, and by device for rules that name theirs: an event costs only the rules that may
+        care about it, however many others there are."""
         self.rules = {r.id: r for r in rules if r.enabled}
+        self._fingerprints = {r.id: r.fingerprint() for r in self.rules.values()}
         self._by_kind = {}
+        self._by_device = {}
         for rule in self.rules.values():
             for kind in self.types[rule.type].kinds:
-                self._by_kind.setdefault(kind, []).append(rule)
+                if rule.select.devices:
+                    for device in rule.select.devices:
+                        self._by_device.setdefault((kind, device), []).append(rule)
+                else:
+                    self._by_kind.setdefault(kind, []).append(rule)
         self.wants_ticks = bool(self.rules)
 
     def _track(self, rule: RuleDefinition, subject: str) -> Track:
         key = (rule.id, subject)
         track = self._tracks.get(key)
         if track is None:
-            track = Track(rule.id, subject, rule.fingerprint(), data={"type": rule.type})
+            track = Track(rule.id, subject, self._fingerprints[rule.id], data={"type": rule.type})
             self._tracks[key] = track
         return track
 
     def _stale(self, track: Track) -> bool:
-        rule = self.rules.get(track.rule_id)
-        return rule is None or rule.fingerprint() != track.fingerprint
+        return self._fingerprints.get(track.rule_id) != track.fingerprint
 
     def _due(self, now: float) -> None:
+        """Fire the timers that came due: a scan of the tracks only when the earliest timer is due."""
+        if now < self._earliest:
+            return
         ctx = Context(self, now)
         for key, track in self._tracks.items():
             if track.due is not None and track.due <= now:
                 rule = self.rules[track.rule_id]
                 self.types[rule.type].fire(ctx, rule, track)
                 self._dirty.add(key)
+        self._earliest = min((t.due for t in self._tracks.values() if t.due is not None), default=math.inf)
 
     def _write(self, conn: sqlite3.Connection) -> list[Emit]:
         if self._dropped:
@@ -312,6 +350,7 @@ class RuleEngine(Processor):
                 self.clear_alert(rule, track, why, f"rule {rule_id} changed: its alert ends here", {})
         if self._dropped:
             self.wants_ticks = True
+        self._earliest = min((t.due for t in self._tracks.values() if t.due is not None), default=math.inf)
 
 
 def _source(event: Event) -> str | None:
