@@ -171,7 +171,15 @@ class DeviceWrite(StrictModel):
     )
 
 
-Args = NoArgs | StockAdjust | Roster | Planogram | RuleSet | Resend | DeviceWrite
+class AlertAck(StrictModel):
+    """Acknowledge an open alert of the store's rules (docs/RULES.md): the note is the corrective action."""
+
+    alert_id: Annotated[str, Field(min_length=1, max_length=200)]
+    note: Annotated[str, Field(max_length=1000)] = ""
+    role: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")] = "hq"
+
+
+Args = NoArgs | StockAdjust | Roster | Planogram | RuleSet | Resend | DeviceWrite | AlertAck
 
 ARGS: Final[dict[str, type[Args]]] = {
     "ping": NoArgs,
@@ -182,6 +190,7 @@ ARGS: Final[dict[str, type[Args]]] = {
     "rules.set": RuleSet,
     "resend": Resend,
     "device.write": DeviceWrite,
+    "alert.ack": AlertAck,
 }
 COMMANDS: Final = tuple(ARGS)
 

@@ -34,6 +34,7 @@ from gateway.ledger.commands import ledger_handlers
 from gateway.ledger.documents import engine_rules
 from gateway.ledger.stock import StockLedger
 from rules.clock import RuleClock
+from rules.commands import rule_handlers
 from rules.engine import RuleEngine
 
 _LOGGER = logging.getLogger(__name__)
@@ -62,22 +63,24 @@ class Gateway:
         self.config_hash = config_hash
         self.metrics = Metrics()
         self.clock = ClockState()
+        self.rules = RuleEngine(config.rules, RuleClock(self.clock.synced), hq_rules=engine_rules)
         self.journal = Journal(
             journal_path(config.data_dir),
             config.store.id,
             config.gateway_id,
             config.journal,
             self.metrics,
-            processors=[
-                StockLedger(config.stock, self.metrics),
-                RuleEngine(config.rules, RuleClock(self.clock.synced), hq_rules=engine_rules),
-            ],
+            processors=[StockLedger(config.stock, self.metrics), self.rules],
             clock=self.clock,
             outbox=config.outbox,
         )
         self.journal.new_journal = new_journal
         self.devices = DeviceRegistry(self.journal.submit)
         self.drivers_ctx = DriverContext(self.journal, self.metrics, self.devices, config)
+        if config.api.enabled:
+            from rules.alerts import alerts_router  # FastAPI is imported only when the API is on
+
+            self.drivers_ctx.api_routers.append(alerts_router(self.journal, self.rules))
         self.intakes: list[Driver] = [d.create(self.drivers_ctx) for d in config.drivers]
         self.uplink = Uplink(config, self.journal, self.metrics, config_hash)
         self.downlink = Downlink(
@@ -289,6 +292,6 @@ class Gateway:
 
 
 def command_handlers(journal: Journal, writers: Mapping[str, DeviceWriter]) -> dict[str, Handler]:
-    """The HQ commands the domains carry out, for the downlink to dispatch: the ledger's (stock, documents) and
-    the devices' (writes through their drivers)."""
-    return {**ledger_handlers(journal), **device_handlers(writers)}
+    """The HQ commands the domains carry out, for the downlink to dispatch: the ledger's (stock, documents), the
+    devices' (writes through their drivers) and the rules' (acknowledging an alert)."""
+    return {**ledger_handlers(journal), **device_handlers(writers), **rule_handlers(journal)}

@@ -25,7 +25,7 @@ from typing import Any, Final, Literal
 
 import orjson
 
-from gateway.kernel.events import AlertCleared, AlertRaised
+from gateway.kernel.events import AlertAcknowledged, AlertCleared, AlertRaised
 from gateway.kernel.pipeline import Emit, Event, Processor
 from gateway.kernel.rule_config import RuleDefinition
 from rules.clock import RuleClock
@@ -161,6 +161,9 @@ class RuleEngine(Processor):
             _LOGGER.info("rules: the gateway was away %.0f s; the rules' timers count that time", away)
 
     def apply(self, event: Event) -> None:
+        if event.kind == "alert.acknowledged":
+            self._acknowledge(event)
+            return
         device = event.device_id
         rules = self._by_kind.get(event.kind, ())
         if device is not None:
@@ -194,6 +197,22 @@ class RuleEngine(Processor):
                 self._dirty.add(key)
                 if track.due is not None and track.due < self._earliest:
                     self._earliest = track.due
+
+    def _acknowledge(self, event: Event) -> None:
+        """Note an acknowledgement (its note is the corrective action) on the open alert it names."""
+        ack = event.model
+        assert isinstance(ack, AlertAcknowledged)
+        found = split_alert_id(ack.alert_id)
+        track = self._tracks.get(found[:2]) if found else None
+        if (
+            track is None
+            or found is None
+            or track.episode != found[2]
+            or track.state not in (ACTIVE, CLEARING)
+        ):
+            return
+        track.data["ack"] = {"seq": event.seq, "note": ack.note, "role": ack.role, "via": ack.via}
+        self._dirty.add((track.rule_id, track.subject))
 
     def flush(self, conn: sqlite3.Connection) -> Sequence[Emit]:
         self._due(self.clock.now())
@@ -355,3 +374,40 @@ class RuleEngine(Processor):
 
 def _source(event: Event) -> str | None:
     return getattr(event.model, "source", None)
+
+
+def split_alert_id(alert_id: str) -> tuple[str, str, int] | None:
+    """``<rule id>/<subject>/<episode>`` -> (rule id, subject, episode); None if it is not one. (A rule id has
+    no '/'; a subject, a SKU, may.)"""
+    rule_id, _, rest = alert_id.partition("/")
+    subject, _, episode = rest.rpartition("/")
+    if not rule_id or not subject or not episode.isdigit():
+        return None
+    return rule_id, subject, int(episode)
+
+
+def open_alerts(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """The open alerts as committed (``rule_state``): raised and not yet cleared, acknowledged or not."""
+    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='rule_state'").fetchone()
+    if not exists:
+        return []
+    rows = conn.execute(
+        "SELECT rule_id, subject, state, episode, data FROM rule_state WHERE state IN (?, ?)"
+        " ORDER BY rule_id, subject",
+        (ACTIVE, CLEARING),
+    ).fetchall()
+    out = []
+    for rule_id, subject, state, episode, data in rows:
+        extra = orjson.loads(data)
+        out.append(
+            {
+                "alert_id": f"{rule_id}/{subject}/{episode}",
+                "rule_id": rule_id,
+                "rule": extra.get("type"),
+                "subject": subject,
+                "episode": int(episode),
+                "recovering": state == CLEARING,
+                "acknowledged": extra.get("ack"),
+            }
+        )
+    return out

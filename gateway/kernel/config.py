@@ -82,7 +82,15 @@ class BrokerConfig(StrictModel):
 
 
 CommandName = Literal[
-    "ping", "config.get", "stock.adjust", "roster.set", "planogram.set", "rules.set", "resend", "device.write"
+    "ping",
+    "config.get",
+    "stock.adjust",
+    "roster.set",
+    "planogram.set",
+    "rules.set",
+    "resend",
+    "device.write",
+    "alert.ack",
 ]
 """The downlink's commands (cloud_bridge/commands.py ARGS; a test keeps the two in step)."""
 

@@ -41,6 +41,7 @@ Kind = Literal[
     "staff.checkin",
     "barcode.scanned",
     "alert.cleared",
+    "alert.acknowledged",
 ]
 
 
@@ -148,6 +149,21 @@ class AlertCleared(StrictModel):
     reason: Literal["recovered", "rule_changed", "rule_removed"]
     message: Annotated[str, Field(max_length=500)]
     details: dict[str, Any] = Field(default_factory=dict)
+
+
+class AlertAcknowledged(StrictModel):
+    """``alert.acknowledged``: someone in the store (or HQ) saw an alert and says what was done about it."""
+
+    alert_id: Annotated[str, Field(min_length=1, max_length=200)] = Field(
+        description="The alert's id: '<rule id>/<subject>/<episode>'."
+    )
+    note: Annotated[str, Field(max_length=1000)] = Field(
+        default="", description="The corrective action (for the HACCP log): 'moved stock to the walk-in'."
+    )
+    role: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")] = Field(
+        description="Who acknowledged it, by role: 'manager', 'technician', 'hq'."
+    )
+    via: Literal["api", "hq"] = Field(description="The local API, or an HQ command.")
 
 
 class DeviceStatus(StrictModel):
@@ -321,6 +337,7 @@ PAYLOADS: Final[dict[str, type[StrictModel]]] = {
     "staff.checkin": StaffCheckin,
     "barcode.scanned": BarcodeScanned,
     "alert.cleared": AlertCleared,
+    "alert.acknowledged": AlertAcknowledged,
 }
 
 

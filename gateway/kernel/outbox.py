@@ -21,6 +21,7 @@ TELEMETRY: Final = 3
 DEFAULT_KIND_CLASSES: Final[Mapping[str, int]] = {
     "alert.raised": CRITICAL,
     "alert.cleared": CRITICAL,
+    "alert.acknowledged": CRITICAL,
     "outbox.evicted": CRITICAL,
     "pos.sale": TRANSACTION,
     "pos.return": TRANSACTION,

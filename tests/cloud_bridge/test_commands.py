@@ -113,6 +113,11 @@ def test_every_command_has_a_valid_example() -> None:
         },
         "resend": {"from_seq": 10, "to_seq": 20},
         "device.write": {"device_id": "fridge-1", "point": "setpoint", "value": -2.5},
+        "alert.ack": {
+            "alert_id": "dairy-warm/fridge-1/3",
+            "note": "milk moved to the walk-in",
+            "role": "manager",
+        },
     }
     assert set(examples) == set(COMMANDS)
     for name, args in examples.items():
