@@ -18,7 +18,7 @@ from drivers.mqtt.devices import DeviceConfig
 from drivers.registry import DriverConfig
 from gateway.kernel.config import ApiConfig, BrokerConfig, JournalConfig, LogConfig, OutboxConfig, StoreConfig
 from gateway.kernel.model import Identifier, StrictModel
-from gateway.kernel.rule_config import RuleDefinition, check_unique_ids
+from gateway.kernel.rule_config import Notifications, RuleDefinition, check_unique_ids
 from gateway.ledger.config import StockConfig
 
 
@@ -43,6 +43,9 @@ class GatewayConfig(StrictModel):
         default_factory=OutboxConfig, description="Outbox classes, disk budget and TTLs (docs/OUTBOX.md)."
     )
     log: LogConfig = Field(default_factory=LogConfig, description="Logging level and format.")
+    notifications: Notifications = Field(
+        default_factory=Notifications, description="Where the rules' alerts are sent (docs/RULES.md)."
+    )
     rules: list[RuleDefinition] = Field(
         default_factory=list,
         max_length=2000,
@@ -60,6 +63,12 @@ class GatewayConfig(StrictModel):
             if dupes:
                 raise ValueError(f"{label}: duplicate id(s) {', '.join(dupes)}")
         check_unique_ids(list(self.rules))
+        channels = {c.id for c in self.notifications.channels}
+        unknown = sorted({c for r in self.rules for c in r.notify if c not in channels})
+        if unknown:
+            raise ValueError(
+                f"rules notify unknown channel(s) {', '.join(unknown)}: add them to notifications.channels"
+            )
         if self.store_broker.client_id is not None and sum(d.type == "mqtt" for d in self.drivers) > 1:
             raise ValueError(
                 "store_broker.client_id is shared by every driver and they would take over each other's session:"

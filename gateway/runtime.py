@@ -102,6 +102,10 @@ class Gateway:
                 register_secret(broker.password.get_secret_value())
         if config.api.token is not None:
             register_secret(config.api.token.get_secret_value())
+        for channel in config.notifications.channels:  # a robot's URL holds its token
+            register_secret(channel.url.get_secret_value())
+            if channel.secret is not None:
+                register_secret(channel.secret.get_secret_value())
 
     @property
     def warnings(self) -> list[str]:
@@ -221,6 +225,8 @@ class Gateway:
                 drivers = [tg.create_task(i.run(), name=f"driver-{i.name}") for i in self.intakes]
                 watchdog = tg.create_task(self.devices.run(), name="device-watchdog")
                 api = tg.create_task(self._serve_api(), name="local-api") if self.config.api.enabled else None
+                if self.config.notifications.channels:
+                    tg.create_task(self._notify(), name="notifications")
                 self.started.set()
                 await stop.wait()
                 _LOGGER.info("stopping: taking no more device messages")
@@ -274,6 +280,26 @@ class Gateway:
             await self._api_started.wait()
         assert self._api_bound
         return self._api_bound[0]
+
+    async def _notify(self) -> None:
+        """One consumer per channel (rules/notify.py): each sends its alerts in order, each once."""
+        import httpx
+
+        from gateway.kernel.consumer import run_consumer
+        from rules.notify import ChannelConsumer
+
+        notifications = self.config.notifications
+        async with httpx.AsyncClient() as client, asyncio.TaskGroup() as tg:
+            for channel in notifications.channels:
+                consumer = ChannelConsumer(
+                    channel,
+                    self.rules,
+                    self.journal,
+                    client,
+                    language=notifications.language,
+                    store=self.config.store.name,
+                )
+                tg.create_task(run_consumer(self.journal, consumer), name=f"notify-{channel.id}")
 
     async def _serve_api(self) -> None:
         from gateway.api import create_app, serve_api  # FastAPI is imported only when the API is on

@@ -42,6 +42,8 @@ Kind = Literal[
     "barcode.scanned",
     "alert.cleared",
     "alert.acknowledged",
+    "notification.sent",
+    "notification.failed",
 ]
 
 
@@ -164,6 +166,21 @@ class AlertAcknowledged(StrictModel):
         description="Who acknowledged it, by role: 'manager', 'technician', 'hq'."
     )
     via: Literal["api", "hq"] = Field(description="The local API, or an HQ command.")
+
+
+class NotificationSent(StrictModel):
+    """``notification.sent``: an alert (raised or cleared) reached a channel; ``notification.failed``: it could
+    not (the channel refused it for good: a wrong URL or secret)."""
+
+    alert_id: Annotated[str, Field(min_length=1, max_length=200)]
+    channel: ShortText
+    level: Literal["raised", "cleared"]
+    attempts: int = Field(ge=1)
+    error: Annotated[str, Field(max_length=500)] | None = None
+
+
+class NotificationFailed(NotificationSent):
+    """``notification.failed``: see :class:`NotificationSent`; ``error`` says why."""
 
 
 class DeviceStatus(StrictModel):
@@ -338,6 +355,8 @@ PAYLOADS: Final[dict[str, type[StrictModel]]] = {
     "barcode.scanned": BarcodeScanned,
     "alert.cleared": AlertCleared,
     "alert.acknowledged": AlertAcknowledged,
+    "notification.sent": NotificationSent,
+    "notification.failed": NotificationFailed,
 }
 
 

@@ -22,6 +22,8 @@ DEFAULT_KIND_CLASSES: Final[Mapping[str, int]] = {
     "alert.raised": CRITICAL,
     "alert.cleared": CRITICAL,
     "alert.acknowledged": CRITICAL,
+    "notification.sent": STATE,
+    "notification.failed": CRITICAL,
     "outbox.evicted": CRITICAL,
     "pos.sale": TRANSACTION,
     "pos.return": TRANSACTION,

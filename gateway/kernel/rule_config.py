@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from gateway.kernel.model import Identifier, StrictModel
 
@@ -46,6 +46,9 @@ class RuleBase(StrictModel):
     severity: Literal["info", "warning", "critical"] = Field(default="warning", description="Of its alerts.")
     enabled: bool = Field(default=True, description="False: kept, but evaluates nothing (open alerts clear).")
     select: Selector = Field(default_factory=Selector, description="The devices it watches.")
+    notify: list[Identifier] = Field(
+        default_factory=list, description="Channels (notifications.channels ids) its alerts are sent to."
+    )
 
     def fingerprint(self) -> str:
         """Changes when the definition does: a changed rule starts fresh (its open alerts are cleared)."""
@@ -154,4 +157,39 @@ class RuleFile(StrictModel):
     @model_validator(mode="after")
     def _unique(self) -> RuleFile:
         check_unique_ids(list(self.rules))
+        return self
+
+
+class Channel(StrictModel):
+    """Where alerts are sent: a chat group's robot, or any HTTPS endpoint."""
+
+    id: Identifier = Field(description="What rules name in 'notify'.")
+    type: Literal["dingtalk", "wecom", "slack", "webhook"] = Field(
+        description="dingtalk (a group robot, signed), wecom (a group robot), slack (an incoming webhook, or"
+        " any Slack-compatible one), webhook (JSON, signed with HMAC-SHA256)."
+    )
+    url: SecretStr = Field(description="The robot's or endpoint's URL (it holds its token): {file: PATH}.")
+    secret: SecretStr | None = Field(
+        default=None, description="dingtalk: the robot's signing secret (SEC...); webhook: the HMAC key."
+    )
+    per_minute: int = Field(default=20, ge=1, le=600, description="At most this many messages a minute.")
+
+
+class Notifications(StrictModel):
+    """Alerts sent to people: each rule names its channels in ``notify`` (docs/RULES.md)."""
+
+    language: Literal["en", "zh-Hant", "zh-Hans"] = Field(default="en", description="Of the messages.")
+    channels: list[Channel] = Field(default_factory=list, max_length=50, description="Where alerts go.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> Notifications:
+        ids = [c.id for c in self.channels]
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        if twice:
+            raise ValueError(f"channel ids must be unique: {', '.join(twice)}")
+        for channel in self.channels:
+            if channel.type == "dingtalk" and channel.secret is None:
+                raise ValueError(
+                    f"channel {channel.id}: a dingtalk robot needs its signing secret ('secret')"
+                )
         return self

@@ -140,6 +140,10 @@ class Journal(Opening):
         in seq order, at most ``limit``; and the seq through which they were looked for."""
         return await self.reader.events_after(seq, kinds, limit, self.last_seq)
 
+    async def key_known(self, key: str) -> bool:
+        """Whether an event was committed under dedup key ``key`` (within the dedup retention)."""
+        return bool(await self.reader.query("SELECT 1 FROM idempotency WHERE key = ?", (key,)))
+
     def skipped_by(self, seq: int) -> str | None:
         """The processor that skipped this recently committed event (it failed on it: counted and reported),
         or None. For a caller that must tell its sender, right after the commit."""

@@ -1,0 +1,220 @@
+"""Alerts sent to people: DingTalk and WeCom group robots, Slack-compatible webhooks, signed JSON webhooks.
+
+One consumer (:mod:`gateway.kernel.consumer`) per channel reads the committed ``alert.raised`` and
+``alert.cleared`` events after its own cursor, in seq order, and sends those of the rules that name the channel.
+A channel that is down only delays itself: intake, the rules and the other channels go on, and when it is back
+every message arrives, in order, once. Each message's outcome is an event: ``notification.sent``, or
+``notification.failed`` when the channel refuses it for good (a wrong URL or secret), under a dedup key of the
+alert, its level and the channel; a message whose key is already committed is never sent again.
+
+The window: a crash after the endpoint took a message but before its ``notification.sent`` committed sends it
+once more at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import time
+import urllib.parse
+from collections.abc import Sequence
+from typing import Any, Final
+
+import httpx
+import orjson
+
+from gateway.kernel.errors import StoreGatewayError
+from gateway.kernel.events import AlertCleared, AlertRaised, NotificationFailed, NotificationSent
+from gateway.kernel.journal import QUEUE_LIMIT, Draft, Journal
+from gateway.kernel.pipeline import Event
+from gateway.kernel.ratelimit import TokenBucket
+from gateway.kernel.rule_config import Channel
+from gateway.kernel.supervise import Backoff
+from rules.engine import RuleEngine
+
+_LOGGER = logging.getLogger(__name__)
+
+TIMEOUT_S: Final = 10.0
+PERMANENT_AFTER: Final = 3
+"""A channel that refuses a message this many times for a reason that will not pass (HTTP 4xx, an error code
+other than a rate limit) gets it recorded as failed; network errors and 5xx are retried for as long as it takes."""
+
+WORDS: Final = {
+    "en": {
+        "raised": "ALERT",
+        "cleared": "CLEARED",
+        "critical": "critical",
+        "warning": "warning",
+        "info": "info",
+    },
+    "zh-Hant": {"raised": "警報", "cleared": "已解除", "critical": "嚴重", "warning": "警告", "info": "提示"},
+    "zh-Hans": {"raised": "警报", "cleared": "已解除", "critical": "严重", "warning": "警告", "info": "提示"},
+}
+
+
+class RefusedError(StoreGatewayError):
+    """The channel answered, and not with success. ``retry``: worth trying again (a rate limit, a 5xx)."""
+
+    def __init__(self, message: str, *, retry: bool) -> None:
+        super().__init__(message)
+        self.retry = retry
+
+
+def dingtalk_url(url: str, secret: str, now_ms: int) -> str:
+    """DingTalk's signed robot URL: ``timestamp`` in ms and ``sign``, the URL-encoded base64 of
+    HMAC-SHA256(secret, "{timestamp}\\n{secret}")."""
+    digest = hmac.new(secret.encode(), f"{now_ms}\n{secret}".encode(), hashlib.sha256).digest()
+    sign = urllib.parse.quote_plus(base64.b64encode(digest))
+    return f"{url}{'&' if '?' in url else '?'}timestamp={now_ms}&sign={sign}"
+
+
+def text_of(event: Event, language: str, store: str) -> str:
+    """The short message: level, severity, the alert's own message, the store."""
+    words = WORDS.get(language, WORDS["en"])
+    model = event.model
+    if isinstance(model, AlertRaised):
+        return f"[{words['raised']}·{words.get(model.severity, model.severity)}] {model.message} ({store})"
+    assert isinstance(model, AlertCleared)
+    return f"[{words['cleared']}] {model.message} ({store})"
+
+
+class ChannelConsumer:
+    """Sends one channel's messages, in seq order, each once."""
+
+    kinds: frozenset[str] | None = frozenset({"alert.raised", "alert.cleared"})
+    retry_base_s: float = 1.0
+    """The first retry waits up to this long; each next one up to twice as long, at most 5 minutes."""
+
+    def __init__(
+        self,
+        channel: Channel,
+        engine: RuleEngine,
+        journal: Journal,
+        client: httpx.AsyncClient,
+        *,
+        language: str = "en",
+        store: str = "",
+    ) -> None:
+        self.channel = channel
+        self.name = f"notify-{channel.id}"
+        self._engine = engine
+        self._journal = journal
+        self._client = client
+        self._language = language
+        self._store = store
+        self._bucket = TokenBucket(channel.per_minute / 60, channel.per_minute, time.monotonic())
+        self._wait_s = 60 / channel.per_minute
+        """Over the channel's rate: one token's time."""
+
+    async def handle(self, events: Sequence[Event]) -> None:
+        for event in events:
+            found = self._wanted(event)
+            if found is None:
+                continue
+            alert_id, level = found
+            key = f"notify:{self.channel.id}:{alert_id}:{level}"
+            if await self._journal.key_known(key):
+                continue  # sent (or refused) before: a restart after its outcome committed
+            attempts, error = await self._deliver(text_of(event, self._language, self._store), event)
+            cls = NotificationSent if error is None else NotificationFailed
+            outcome = cls(
+                alert_id=alert_id, channel=self.channel.id, level=level, attempts=attempts, error=error
+            )
+            await self._record(outcome, key)
+
+    def _wanted(self, event: Event) -> tuple[str, str] | None:
+        model = event.model
+        if isinstance(model, AlertRaised):
+            alert_id, level = model.details.get("alert_id"), "raised"
+        elif isinstance(model, AlertCleared):
+            alert_id, level = model.alert_id, "cleared"
+        else:
+            return None
+        rule = self._engine.rules.get(str(model.details.get("rule_id")))
+        if not isinstance(alert_id, str) or rule is None or self.channel.id not in rule.notify:
+            return None
+        return alert_id, level
+
+    async def _deliver(self, text: str, event: Event) -> tuple[int, str | None]:
+        """Send until it is taken: (attempts, None), or refused for good: (attempts, why)."""
+        backoff = Backoff(base=self.retry_base_s, cap=300.0)
+        attempts = refusals = 0
+        while True:
+            if not self._bucket.take(time.monotonic()):  # over the channel's rate: one token's time, again
+                await asyncio.sleep(self._wait_s)
+                continue
+            attempts += 1
+            try:
+                await self._send(text, event)
+            except RefusedError as err:
+                if not err.retry:
+                    refusals += 1
+                    if refusals >= PERMANENT_AFTER:
+                        _LOGGER.error("notification to %s refused: %s", self.channel.id, err)
+                        return attempts, str(err)[:500]
+                reason = str(err)
+            except httpx.HTTPError as err:
+                reason = f"{type(err).__name__}: {err}"
+            else:
+                return attempts, None
+            delay = backoff.next_delay()
+            _LOGGER.warning(
+                "notification to %s failed (%s), retrying in %.0f s", self.channel.id, reason, delay
+            )
+            await asyncio.sleep(delay)
+
+    async def _send(self, text: str, event: Event) -> None:
+        channel = self.channel
+        url = channel.url.get_secret_value()
+        secret = channel.secret.get_secret_value() if channel.secret is not None else ""
+        headers = {"Content-Type": "application/json"}
+        if channel.type == "dingtalk":
+            url = dingtalk_url(url, secret, int(time.time() * 1000))
+            body = orjson.dumps({"msgtype": "text", "text": {"content": text}})
+        elif channel.type == "wecom":
+            body = orjson.dumps({"msgtype": "markdown", "markdown": {"content": text}})
+        elif channel.type == "slack":
+            body = orjson.dumps({"text": text})
+        else:
+            body = orjson.dumps({"text": text, "kind": event.kind, "seq": event.seq, "alert": _plain(event)})
+            stamp = str(int(time.time()))
+            signature = hmac.new(secret.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+            headers |= {"X-Webhook-Timestamp": stamp, "X-Webhook-Signature": f"sha256={signature}"}
+        response = await self._client.post(url, content=body, headers=headers, timeout=TIMEOUT_S)
+        if response.status_code == 429 or response.status_code >= 500:
+            raise RefusedError(f"HTTP {response.status_code}", retry=True)
+        if response.status_code >= 300:
+            raise RefusedError(f"HTTP {response.status_code}: {response.text[:200]}", retry=False)
+        if channel.type in ("dingtalk", "wecom"):
+            try:
+                answer = orjson.loads(response.content)
+            except orjson.JSONDecodeError as err:
+                raise RefusedError(f"not JSON: {response.text[:200]}", retry=True) from err
+            code = answer.get("errcode", 0) if isinstance(answer, dict) else -1
+            if code != 0:
+                # 130101 (DingTalk) and 45009 (WeCom): sent too fast; anything else will not pass by waiting.
+                raise RefusedError(
+                    f"errcode {code}: {str(answer.get('errmsg'))[:200]}", retry=code in (130101, 45009)
+                )
+
+    async def _record(self, outcome: NotificationSent, key: str) -> None:
+        kind = "notification.failed" if isinstance(outcome, NotificationFailed) else "notification.sent"
+        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def committed() -> None:
+            if not settled.done():
+                settled.set_result(None)
+
+        draft = Draft(kind, None, outcome.model_dump_json().encode(), outcome, dedup_key=key, ack=committed)
+        while not self._journal.submit(draft):
+            room = asyncio.Event()
+            self._journal.when_below(QUEUE_LIMIT, room.set)
+            await room.wait()
+        await settled
+
+
+def _plain(event: Event) -> dict[str, Any]:
+    return event.model.model_dump(mode="json")

@@ -1,0 +1,215 @@
+"""Notifications over real HTTP to local endpoints that check what DingTalk, WeCom and Slack check: each alert
+reaches each channel of its rule once, in order, and a channel that was down gets everything afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from fastapi import FastAPI, Request, Response
+from pydantic import SecretStr, TypeAdapter
+
+from gateway.kernel.consumer import run_consumer
+from gateway.kernel.rule_config import Channel, RuleDefinition
+from rules.clock import RuleClock
+from rules.engine import RuleEngine
+from rules.notify import ChannelConsumer, dingtalk_url
+from tests.gateway.test_api import running
+from tests.gateway.test_journal import new_journal, query, until
+from tests.gateway.test_journal import running as journal_running
+from tests.rules.test_in_journal import sample
+
+SECRET = "SEC0123456789abcdef0123456789abcdef"
+HOOK_KEY = "hook-key-0123456789"
+
+
+class Endpoints:
+    """Chat robots as their makers document them; ``down``: answer 503 to that many requests first."""
+
+    def __init__(self, secret: str = SECRET) -> None:
+        self.secret = secret
+        self.got: dict[str, list[str]] = {"ding": [], "wecom": [], "slack": [], "hook": []}
+        self.down = 0
+        self.app = FastAPI()
+        self.app.post("/ding")(self.ding)
+        self.app.post("/wecom")(self.wecom)
+        self.app.post("/slack")(self.slack)
+        self.app.post("/hook")(self.hook)
+
+    def _down(self) -> bool:
+        if self.down:
+            self.down -= 1
+            return True
+        return False
+
+    async def ding(self, request: Request) -> Response:
+        if self._down():
+            return Response(status_code=503)
+        stamp, sign = request.query_params["timestamp"], request.query_params["sign"]
+        assert abs(int(stamp) - time.time() * 1000) < 3600 * 1000  # DingTalk refuses older than an hour
+        expected = base64.b64encode(
+            hmac.new(self.secret.encode(), f"{stamp}\n{self.secret}".encode(), hashlib.sha256).digest()
+        )
+        if sign.encode() != expected:
+            return Response(orjson.dumps({"errcode": 310000, "errmsg": "sign not match"}))
+        body = orjson.loads(await request.body())
+        assert body["msgtype"] == "text"
+        self.got["ding"].append(body["text"]["content"])
+        return Response(orjson.dumps({"errcode": 0, "errmsg": "ok"}))
+
+    async def wecom(self, request: Request) -> Response:
+        body = orjson.loads(await request.body())
+        assert body["msgtype"] == "markdown"
+        self.got["wecom"].append(body["markdown"]["content"])
+        return Response(orjson.dumps({"errcode": 0, "errmsg": "ok"}))
+
+    async def slack(self, request: Request) -> Response:
+        self.got["slack"].append(orjson.loads(await request.body())["text"])
+        return Response(b"ok")
+
+    async def hook(self, request: Request) -> Response:
+        raw = await request.body()
+        stamp = request.headers["X-Webhook-Timestamp"]
+        mac = hmac.new(HOOK_KEY.encode(), stamp.encode() + b"." + raw, hashlib.sha256).hexdigest()
+        assert request.headers["X-Webhook-Signature"] == f"sha256={mac}"
+        self.got["hook"].append(orjson.loads(raw)["text"])
+        return Response(b"{}")
+
+
+def channels(base: str) -> list[Channel]:
+    return [
+        Channel(
+            id="ding",
+            type="dingtalk",
+            url=SecretStr(f"{base}/ding?access_token=t0k3n"),
+            secret=SecretStr(SECRET),
+        ),
+        Channel(id="wecom", type="wecom", url=SecretStr(f"{base}/wecom?key=k")),
+        Channel(id="slack", type="slack", url=SecretStr(f"{base}/slack")),
+        Channel(id="hook", type="webhook", url=SecretStr(f"{base}/hook"), secret=SecretStr(HOOK_KEY)),
+    ]
+
+
+RULES = TypeAdapter(list[RuleDefinition]).validate_python(
+    [
+        {
+            "id": "dairy-warm",
+            "type": "temperature",
+            "max_c": 8,
+            "for_s": 0,
+            "clear_for_s": 0,
+            "severity": "critical",
+            "notify": ["ding", "wecom", "slack", "hook"],
+        }
+    ]
+)
+
+
+@contextlib.asynccontextmanager
+async def notifying(journal: Any, engine: RuleEngine, base: str) -> AsyncIterator[list[ChannelConsumer]]:
+    async with httpx.AsyncClient() as client:
+        consumers = [
+            ChannelConsumer(c, engine, journal, client, language="zh-Hant", store="Causeway Bay")
+            for c in channels(base)
+        ]
+        for consumer in consumers:
+            consumer.retry_base_s = 0.05
+        tasks = [asyncio.create_task(run_consumer(journal, c)) for c in consumers]
+        try:
+            yield consumers
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+
+async def test_each_alert_reaches_each_channel_once_in_order_even_after_an_outage(tmp_path: Path) -> None:
+    endpoints = Endpoints()
+    engine = RuleEngine(RULES, RuleClock(lambda: True))
+    journal = new_journal(tmp_path, processors=[engine])
+    async with (
+        journal_running(journal),
+        running(endpoints.app) as (base, _),
+        notifying(journal, engine, base),
+    ):
+        endpoints.down = 3  # DingTalk answers 503 three times
+        journal.submit(sample(9.0))
+        journal.submit(sample(5.0))
+        journal.submit(sample(10.0))
+        await until(lambda: all(len(got) == 3 for got in endpoints.got.values()), "every message everywhere")
+        await until(
+            lambda: len(query(journal, "SELECT 1 FROM events WHERE kind='notification.sent'")) == 12, "sent"
+        )
+    assert endpoints.got["ding"] == [
+        "[警報·嚴重] fridge-1: above 8 °C for 0 min (max 9.0 °C) (Causeway Bay)",
+        "[已解除] fridge-1: back below 8 °C (Causeway Bay)",
+        "[警報·嚴重] fridge-1: above 8 °C for 0 min (max 10.0 °C) (Causeway Bay)",
+    ]
+    assert endpoints.got["ding"] == endpoints.got["wecom"] == endpoints.got["slack"] == endpoints.got["hook"]
+    attempts = [
+        orjson.loads(b)["data"]
+        for (b,) in query(journal, "SELECT body FROM events WHERE kind='notification.sent' ORDER BY seq")
+    ]
+    ding = [a for a in attempts if a["channel"] == "ding"]
+    assert [(a["alert_id"], a["level"]) for a in ding] == [
+        ("dairy-warm/fridge-1/1", "raised"),
+        ("dairy-warm/fridge-1/1", "cleared"),
+        ("dairy-warm/fridge-1/2", "raised"),
+    ]
+    assert ding[0]["attempts"] == 4
+    # t0k3n (the robot's token) never reaches the journal
+    assert not query(journal, "SELECT 1 FROM events WHERE CAST(body AS TEXT) LIKE '%t0k3n%'")
+
+
+async def test_a_message_already_recorded_is_not_sent_again(tmp_path: Path) -> None:
+    endpoints = Endpoints()
+    engine = RuleEngine(RULES, RuleClock(lambda: True))
+    journal = new_journal(tmp_path, processors=[engine])
+    async with journal_running(journal), running(endpoints.app) as (base, _):
+        async with notifying(journal, engine, base) as consumers:
+            journal.submit(sample(9.0))
+            await until(lambda: len(endpoints.got["slack"]) == 1, "sent")
+            await until(
+                lambda: len(query(journal, "SELECT 1 FROM events WHERE kind='notification.sent'")) == 4, "rec"
+            )
+        events, _ = await journal.events_after(0, frozenset({"alert.raised"}), 10)
+        await consumers[2].handle(events)  # as after a crash before its cursor was saved
+    assert len(endpoints.got["slack"]) == 1
+
+
+async def test_a_wrong_secret_is_recorded_as_failed_and_the_channel_goes_on(tmp_path: Path) -> None:
+    endpoints = Endpoints(secret="SECanother")  # the robot was given another secret than the config's
+    engine = RuleEngine(RULES, RuleClock(lambda: True))
+    journal = new_journal(tmp_path, processors=[engine])
+    async with (
+        journal_running(journal),
+        running(endpoints.app) as (base, _),
+        notifying(journal, engine, base),
+    ):
+        journal.submit(sample(9.0))
+        await until(
+            lambda: bool(query(journal, "SELECT 1 FROM events WHERE kind='notification.failed'")), "failed"
+        )
+    [(body,)] = query(journal, "SELECT body FROM events WHERE kind='notification.failed'")
+    failed = orjson.loads(body)["data"]
+    assert (failed["channel"], failed["attempts"]) == ("ding", 3)
+    assert "310000" in failed["error"]
+
+
+def test_the_dingtalk_signature_is_the_documented_one() -> None:
+    url = dingtalk_url("https://oapi.dingtalk.com/robot/send?access_token=abc", "SECabc", 1700000000000)
+    digest = hmac.new(b"SECabc", b"1700000000000\nSECabc", hashlib.sha256).digest()
+    from urllib.parse import quote_plus
+
+    assert url.endswith(f"&timestamp=1700000000000&sign={quote_plus(base64.b64encode(digest))}")
