@@ -23,6 +23,7 @@ from gateway.kernel.rule_config import (
     ControllerAlarmRule,
     DoorOpenRule,
     NegativeStockRule,
+    ReturnsSpikeRule,
     RuleDefinition,
     SilentRule,
     TemperatureRule,
@@ -146,7 +147,8 @@ AnyRule = Annotated[
     | DoorOpenRule
     | BatteryLowRule
     | ControllerAlarmRule
-    | NegativeStockRule,
+    | NegativeStockRule
+    | ReturnsSpikeRule,
     Field(discriminator="type"),
 ]
 """A rule of HQ's ``rules`` document: the stock ledger's ``stock.low`` thresholds, or a rule of the engine (the

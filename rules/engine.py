@@ -44,8 +44,8 @@ CREATE TABLE IF NOT EXISTS rule_state(
     PRIMARY KEY (rule_id, subject)
 );
 """
-SKU_RULES: Final = frozenset({"negative_stock"})
-"""Rule types whose subject is a SKU, not a device."""
+SKU_RULES: Final = frozenset({"negative_stock", "returns_spike"})
+"""Rule types whose subject is not a device (a SKU, the store): their alerts carry no device id."""
 _UNREAD: Final = object()
 IDLE: Final = "idle"
 PENDING: Final = "pending"

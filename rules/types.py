@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from rules import cold_chain, silent, stock, temperature
+from rules import cold_chain, sales, silent, stock, temperature
 from rules.engine import RuleType
 
 SAMPLES: Final = frozenset({"sensor.sample"})
@@ -17,5 +17,11 @@ RULE_TYPES: Final[dict[str, RuleType]] = {
     "controller_alarm": RuleType(SAMPLES, cold_chain.alarm_observe, cold_chain.no_timer),
     "negative_stock": RuleType(
         frozenset({"stock.level"}), stock.negative_observe, cold_chain.no_timer, subject=stock.sku_subject
+    ),
+    "returns_spike": RuleType(
+        frozenset({"pos.sale", "pos.return"}),
+        sales.spike_observe,
+        sales.spike_fire,
+        subject=sales.store_subject,
     ),
 }

@@ -136,8 +136,27 @@ class NegativeStockRule(RuleBase):
     type: Literal["negative_stock"] = Field(description="On-hand below zero.")
 
 
+class ReturnsSpikeRule(RuleBase):
+    """Returns out of line with sales: in the last ``window_s``, returns over sales above ``max_ratio`` by count
+    or by amount, once there were at least ``min_sales`` sales (a quiet hour's one return is no spike). The
+    store's example: more than 15 % in 30 minutes. Cleared when both ratios are back at or below it."""
+
+    type: Literal["returns_spike"] = Field(description="Returns out of line with sales (the whole store).")
+    window_s: Annotated[float, Field(ge=60, le=86_400)] = Field(
+        default=1800, description="The sliding window."
+    )
+    max_ratio: float = Field(default=0.15, gt=0, le=10, description="Returns / sales above this is a spike.")
+    min_sales: int = Field(default=10, ge=1, le=100_000, description="Sales in the window before it counts.")
+
+
 RuleDefinition = Annotated[
-    TemperatureRule | SilentRule | DoorOpenRule | BatteryLowRule | ControllerAlarmRule | NegativeStockRule,
+    TemperatureRule
+    | SilentRule
+    | DoorOpenRule
+    | BatteryLowRule
+    | ControllerAlarmRule
+    | NegativeStockRule
+    | ReturnsSpikeRule,
     Field(discriminator="type"),
 ]
 

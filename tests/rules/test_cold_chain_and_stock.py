@@ -67,3 +67,48 @@ def test_negative_stock_is_raised_per_sku_without_a_device(rig_at: Any, time: Ti
     cleared = rig.alerts[1]
     assert isinstance(cleared, AlertCleared)
     assert cleared.alert_id == "neg/TEA/1"
+
+
+def till(rig: Rig, kind: str, total: str, device: str = "pos-01") -> None:
+    from gateway.kernel.events import PosReturn, PosSale
+
+    rig.seq += 1
+    body: dict[str, Any] = {
+        "receipt_no": f"R{rig.seq}",
+        "register_id": "REG1",
+        "currency": "HKD",
+        "lines": [{"sku": "TEA", "quantity": "1", "unit_price": total}],
+        "totals": {"subtotal": total, "total": total},
+    }
+    model: PosSale
+    if kind == "pos.return":
+        model = PosReturn.model_validate({**body, "original_receipt_no": "R1"})
+    else:
+        model = PosSale.model_validate(body)
+    event = Event(rig.seq, kind, device, model.model_dump_json().encode(), model)
+    rig._commit(lambda w: rig.pipeline.run(rig.conn, [event], w.append))
+
+
+def test_a_returns_spike_raises_on_the_ratio_and_clears_as_the_window_slides(rig_at: Any, time: Time) -> None:
+    rig = rig_at(
+        [{"id": "returns", "type": "returns_spike", "window_s": 1800, "max_ratio": 0.15, "min_sales": 10}]
+    )
+    for _ in range(9):
+        till(rig, "pos.sale", "10")
+    till(rig, "pos.return", "10")
+    till(rig, "pos.return", "10")
+    assert rig.alerts == []  # 9 sales: below min_sales
+    till(rig, "pos.sale", "10")  # 10 sales, 2 returns: 20 %
+    [raised] = rig.alerts
+    assert isinstance(raised, AlertRaised)
+    assert (raised.subject, raised.details["sales"], raised.details["returns"]) == ("store", 10, 2)
+    assert raised.details["ratio_by_count"] == 0.2
+    rig.conn.close()
+    rig = rig_at(
+        [{"id": "returns", "type": "returns_spike", "window_s": 1800, "max_ratio": 0.15, "min_sales": 10}]
+    )
+    time.advance(1900)  # the window slid past them, with no receipt: the state was kept, and the timer clears
+    rig.tick()
+    [cleared] = rig.alerts
+    assert isinstance(cleared, AlertCleared)
+    assert cleared.alert_id == "returns/store/1"
