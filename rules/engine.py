@@ -91,7 +91,9 @@ class Context:
 
 
 Observe = Callable[[Context, RuleDefinition, Track, Event], None]
-"""A rule type's reaction to one committed event about ``track``'s subject."""
+"""A rule type's reaction to one committed event about ``track``'s subject. The engine writes the track when its
+state, episode, timer or data compare different afterwards: replace a nested value in ``track.data`` (a new
+dict or list), never change one in place."""
 Fire = Callable[[Context, RuleDefinition, Track], None]
 """A rule type's reaction to its timer (``track.due``) coming due."""
 
