@@ -230,6 +230,11 @@ class RuleEngine(Processor):
     def reload(self, conn: sqlite3.Connection) -> None:
         self._load(conn)
 
+    @property
+    def earliest(self) -> float:
+        """The rules' time of the earliest timer (infinity: none): when a tick will do something."""
+        return self._earliest
+
     # --- alerts ------------------------------------------------------------------------------------------
 
     def raise_alert(self, rule: RuleDefinition, track: Track, message: str, details: dict[str, Any]) -> None:

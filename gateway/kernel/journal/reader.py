@@ -252,6 +252,15 @@ def stock_page(
         return conn.execute(sql + " ORDER BY sku LIMIT ?", [*params, limit]).fetchall()
 
 
+def export_bodies(db_uri: str, since: str | None, until: str | None) -> Iterator[bytes]:
+    """Every stored event body (envelope) in seq order, recorded at or after ``since`` and before ``until``
+    (ISO 8601 UTC, as ``recorded_at`` is written), for ``store-gateway export``."""
+    sql = "SELECT body FROM events WHERE recorded_at >= ? AND recorded_at < ? ORDER BY seq"
+    with snapshot(db_uri) as conn:
+        for (body,) in conn.execute(sql, (since or "", until or "9999")):
+            yield body.encode("utf-8") if isinstance(body, str) else body
+
+
 def quarantine_page(db_uri: str, limit: int) -> list[QuarantineRow]:
     """The most recent quarantined messages first."""
     with snapshot(db_uri) as conn:
