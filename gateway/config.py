@@ -64,7 +64,7 @@ class GatewayConfig(StrictModel):
                 raise ValueError(f"{label}: duplicate id(s) {', '.join(dupes)}")
         check_unique_ids(list(self.rules))
         channels = {c.id for c in self.notifications.channels}
-        unknown = sorted({c for r in self.rules for c in r.notify if c not in channels})
+        unknown = sorted({c for r in self.rules for c in r.channels() if c not in channels})
         if unknown:
             raise ValueError(
                 f"rules notify unknown channel(s) {', '.join(unknown)}: add them to notifications.channels"

@@ -22,13 +22,15 @@ from typing import Any, Final
 
 import orjson
 
-from gateway.kernel.events import PAYLOADS, AlertAcknowledged, AlertCleared, AlertRaised
+from gateway.kernel.events import PAYLOADS, AlertAcknowledged, AlertCleared, AlertEscalated, AlertRaised
 from gateway.kernel.pipeline import Derived, Event, Pipeline
 from gateway.kernel.rule_config import RuleDefinition
 from rules.clock import RuleClock
 from rules.engine import RuleEngine
 
-OUTPUTS: Final = frozenset({"alert.raised", "alert.cleared", "notification.sent", "notification.failed"})
+OUTPUTS: Final = frozenset(
+    {"alert.raised", "alert.cleared", "alert.escalated", "notification.sent", "notification.failed"}
+)
 """What the rules (and their notifications) produced live: not replayed, made again."""
 
 
@@ -124,6 +126,8 @@ def _outcome(at: float, model: Any) -> Outcome:
         return Outcome(at, "alert.raised", str(model.details.get("alert_id")), model.message)
     if isinstance(model, AlertCleared):
         return Outcome(at, "alert.cleared", model.alert_id, model.message)
+    if isinstance(model, AlertEscalated):
+        return Outcome(at, "alert.escalated", model.alert_id, model.message)
     if isinstance(model, AlertAcknowledged):
         return Outcome(at, "alert.acknowledged", model.alert_id, model.note)
     return Outcome(at, type(model).__name__, "", "")

@@ -25,7 +25,7 @@ from typing import Any, Final, Literal
 
 import orjson
 
-from gateway.kernel.events import AlertAcknowledged, AlertCleared, AlertRaised
+from gateway.kernel.events import AlertAcknowledged, AlertCleared, AlertEscalated, AlertRaised
 from gateway.kernel.pipeline import Emit, Event, Processor
 from gateway.kernel.rule_config import RuleDefinition
 from rules.clock import RuleClock
@@ -80,7 +80,7 @@ class Context:
         self._engine = engine
 
     def raise_alert(self, rule: RuleDefinition, track: Track, message: str, details: dict[str, Any]) -> None:
-        self._engine.raise_alert(rule, track, message, details)
+        self._engine.raise_alert(rule, track, message, details, self.now)
 
     def clear_alert(self, rule: RuleDefinition, track: Track, message: str, details: dict[str, Any]) -> None:
         self._engine.clear_alert(rule, track, "recovered", message, details)
@@ -237,9 +237,25 @@ class RuleEngine(Processor):
 
     # --- alerts ------------------------------------------------------------------------------------------
 
-    def raise_alert(self, rule: RuleDefinition, track: Track, message: str, details: dict[str, Any]) -> None:
+    def raise_alert(
+        self,
+        rule: RuleDefinition,
+        track: Track,
+        message: str,
+        details: dict[str, Any],
+        now: float | None = None,
+    ) -> None:
         track.episode += 1
         track.state = ACTIVE
+        at = self.clock.now() if now is None else now
+        track.data = {k: v for k, v in track.data.items() if k not in ("ack", "esc")}
+        if rule.renotify_s is not None or rule.escalate:
+            track.data["esc"] = {
+                "raised": at,
+                "steps": 0,
+                "renotify": None if rule.renotify_s is None else at + rule.renotify_s,
+            }
+            self._earliest = min(self._earliest, _esc_due(rule, track.data["esc"]))
         details = {"alert_id": track.alert_id, "rule_id": rule.id, "episode": track.episode, **details}
         self._out.append(
             Emit(
@@ -282,6 +298,40 @@ class RuleEngine(Processor):
         )
         track.state = IDLE
         track.due = None
+        track.data = {k: v for k, v in track.data.items() if k not in ("ack", "esc")}
+
+    def _escalate(self, rule: RuleDefinition, track: Track, now: float) -> None:
+        """Tell more people about an open alert nobody acknowledged: the next escalation step that came due,
+        or the rule's own channels again (``renotify_s``)."""
+        esc = dict(track.data.get("esc") or {})
+        if not esc or track.state not in (ACTIVE, CLEARING) or "ack" in track.data:
+            track.data = {k: v for k, v in track.data.items() if k != "esc"}
+            return
+        steps = int(esc["steps"])
+        if steps < len(rule.escalate) and esc["raised"] + rule.escalate[steps].after_s <= now:
+            step, channels = steps + 1, rule.escalate[steps].notify
+            esc["steps"] = step
+        elif esc.get("renotify") is not None and esc["renotify"] <= now:
+            step, channels = 0, rule.notify
+            esc["renotify"] = now + (rule.renotify_s or 0)
+        else:
+            return
+        track.data = {**track.data, "esc": esc}
+        minutes = (now - esc["raised"]) / 60
+        self._out.append(
+            Emit(
+                AlertEscalated(
+                    alert_id=track.alert_id,
+                    rule=rule.type,
+                    subject=track.subject[:64],
+                    step=step,
+                    channels=list(channels),
+                    message=f"not acknowledged after {minutes:.0f} min: {track.alert_id}"[:500],
+                    details={"rule_id": rule.id, "episode": track.episode, "step": step},
+                ),
+                self._device(track),
+            )
+        )
 
     def due_at(self, due: float) -> str | None:
         """The wall-clock time a timer was due, for an alert's details (None while the clock is unsynced)."""
@@ -325,11 +375,25 @@ class RuleEngine(Processor):
             return
         ctx = Context(self, now)
         for key, track in self._tracks.items():
+            rule = self.rules[track.rule_id]
             if track.due is not None and track.due <= now:
-                rule = self.rules[track.rule_id]
                 self.types[rule.type].fire(ctx, rule, track)
                 self._dirty.add(key)
-        self._earliest = min((t.due for t in self._tracks.values() if t.due is not None), default=math.inf)
+            esc = track.data.get("esc")
+            if esc and _esc_due(rule, esc) <= now:
+                self._escalate(rule, track, now)
+                self._dirty.add(key)
+        self._earliest = self._earliest_due()
+
+    def _earliest_due(self) -> float:
+        earliest = math.inf
+        for track in self._tracks.values():
+            if track.due is not None:
+                earliest = min(earliest, track.due)
+            esc = track.data.get("esc")
+            if esc:
+                earliest = min(earliest, _esc_due(self.rules[track.rule_id], esc))
+        return earliest
 
     def _write(self, conn: sqlite3.Connection) -> list[Emit]:
         if self._dropped:
@@ -376,7 +440,7 @@ class RuleEngine(Processor):
                 self.clear_alert(rule, track, why, f"rule {rule_id} changed: its alert ends here", {})
         if self._dropped:
             self.wants_ticks = True
-        self._earliest = min((t.due for t in self._tracks.values() if t.due is not None), default=math.inf)
+        self._earliest = self._earliest_due()
 
 
 def _source(event: Event) -> str | None:
@@ -418,3 +482,14 @@ def open_alerts(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _esc_due(rule: RuleDefinition, esc: dict[str, Any]) -> float:
+    """When an open alert's next escalation step or re-notification is due (infinity: none left)."""
+    due = math.inf
+    steps = int(esc.get("steps", 0))
+    if steps < len(rule.escalate):
+        due = esc["raised"] + rule.escalate[steps].after_s
+    if esc.get("renotify") is not None:
+        due = min(due, esc["renotify"])
+    return due

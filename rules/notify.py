@@ -27,7 +27,13 @@ import httpx
 import orjson
 
 from gateway.kernel.errors import StoreGatewayError
-from gateway.kernel.events import AlertCleared, AlertRaised, NotificationFailed, NotificationSent
+from gateway.kernel.events import (
+    AlertCleared,
+    AlertEscalated,
+    AlertRaised,
+    NotificationFailed,
+    NotificationSent,
+)
 from gateway.kernel.journal import QUEUE_LIMIT, Draft, Journal
 from gateway.kernel.pipeline import Event
 from gateway.kernel.ratelimit import TokenBucket
@@ -46,12 +52,27 @@ WORDS: Final = {
     "en": {
         "raised": "ALERT",
         "cleared": "CLEARED",
+        "escalated": "NOT ACKNOWLEDGED",
         "critical": "critical",
         "warning": "warning",
         "info": "info",
     },
-    "zh-Hant": {"raised": "警報", "cleared": "已解除", "critical": "嚴重", "warning": "警告", "info": "提示"},
-    "zh-Hans": {"raised": "警报", "cleared": "已解除", "critical": "严重", "warning": "警告", "info": "提示"},
+    "zh-Hant": {
+        "raised": "警報",
+        "cleared": "已解除",
+        "escalated": "未確認",
+        "critical": "嚴重",
+        "warning": "警告",
+        "info": "提示",
+    },
+    "zh-Hans": {
+        "raised": "警报",
+        "cleared": "已解除",
+        "escalated": "未确认",
+        "critical": "严重",
+        "warning": "警告",
+        "info": "提示",
+    },
 }
 
 
@@ -77,6 +98,8 @@ def text_of(event: Event, language: str, store: str) -> str:
     model = event.model
     if isinstance(model, AlertRaised):
         return f"[{words['raised']}·{words.get(model.severity, model.severity)}] {model.message} ({store})"
+    if isinstance(model, AlertEscalated):
+        return f"[{words['escalated']}] {model.message} ({store})"
     assert isinstance(model, AlertCleared)
     return f"[{words['cleared']}] {model.message} ({store})"
 
@@ -84,7 +107,7 @@ def text_of(event: Event, language: str, store: str) -> str:
 class ChannelConsumer:
     """Sends one channel's messages, in seq order, each once."""
 
-    kinds: frozenset[str] | None = frozenset({"alert.raised", "alert.cleared"})
+    kinds: frozenset[str] | None = frozenset({"alert.raised", "alert.cleared", "alert.escalated"})
     retry_base_s: float = 1.0
     """The first retry waits up to this long; each next one up to twice as long, at most 5 minutes."""
 
@@ -116,6 +139,8 @@ class ChannelConsumer:
                 continue
             alert_id, level = found
             key = f"notify:{self.channel.id}:{alert_id}:{level}"
+            if level == "escalated":  # one alert may be escalated or re-notified many times: each once
+                key += f":{event.seq}"
             if await self._journal.key_known(key):
                 continue  # sent (or refused) before: a restart after its outcome committed
             attempts, error = await self._deliver(text_of(event, self._language, self._store), event)
@@ -131,6 +156,10 @@ class ChannelConsumer:
             alert_id, level = model.details.get("alert_id"), "raised"
         elif isinstance(model, AlertCleared):
             alert_id, level = model.alert_id, "cleared"
+        elif isinstance(model, AlertEscalated):
+            if self.channel.id not in model.channels:
+                return None
+            return model.alert_id, "escalated"
         else:
             return None
         rule = self._engine.rules.get(str(model.details.get("rule_id")))

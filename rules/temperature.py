@@ -81,5 +81,5 @@ def fire(ctx: Context, rule: RuleDefinition, track: Track) -> None:
             f"{track.subject}: back below {rule.clear_c:g} °C",
             {"recovered": data.get("recovered"), "max_c": data.get("max"), "due_at": ctx.due_at(due)},
         )
-        for key in ("first", "last", "max", "recovered"):
-            data.pop(key, None)
+        spent = ("first", "last", "max", "recovered")
+        track.data = {k: v for k, v in track.data.items() if k not in spent}

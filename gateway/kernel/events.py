@@ -44,6 +44,7 @@ Kind = Literal[
     "alert.acknowledged",
     "notification.sent",
     "notification.failed",
+    "alert.escalated",
 ]
 
 
@@ -153,6 +154,19 @@ class AlertCleared(StrictModel):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
+class AlertEscalated(StrictModel):
+    """``alert.escalated``: an open alert nobody acknowledged, told again (``step`` 0: the rule's own channels,
+    re-notified) or to the next channels of its escalation (``step`` 1, 2...)."""
+
+    alert_id: Annotated[str, Field(min_length=1, max_length=200)]
+    rule: ShortText
+    subject: ShortText
+    step: int = Field(ge=0, le=10)
+    channels: list[ShortText] = Field(max_length=50, description="The channels told now.")
+    message: Annotated[str, Field(max_length=500)]
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
 class AlertAcknowledged(StrictModel):
     """``alert.acknowledged``: someone in the store (or HQ) saw an alert and says what was done about it."""
 
@@ -174,7 +188,7 @@ class NotificationSent(StrictModel):
 
     alert_id: Annotated[str, Field(min_length=1, max_length=200)]
     channel: ShortText
-    level: Literal["raised", "cleared"]
+    level: Literal["raised", "cleared", "escalated"]
     attempts: int = Field(ge=1)
     error: Annotated[str, Field(max_length=500)] | None = None
 
@@ -357,6 +371,7 @@ PAYLOADS: Final[dict[str, type[StrictModel]]] = {
     "alert.acknowledged": AlertAcknowledged,
     "notification.sent": NotificationSent,
     "notification.failed": NotificationFailed,
+    "alert.escalated": AlertEscalated,
 }
 
 

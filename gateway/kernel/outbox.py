@@ -22,6 +22,7 @@ DEFAULT_KIND_CLASSES: Final[Mapping[str, int]] = {
     "alert.raised": CRITICAL,
     "alert.cleared": CRITICAL,
     "alert.acknowledged": CRITICAL,
+    "alert.escalated": CRITICAL,
     "notification.sent": STATE,
     "notification.failed": CRITICAL,
     "outbox.evicted": CRITICAL,

@@ -40,6 +40,13 @@ class Selector(StrictModel):
         return not self.skus or sku in self.skus
 
 
+class Escalation(StrictModel):
+    """A step of an alert nobody acknowledged: after ``after_s`` (from the alert), tell these channels too."""
+
+    after_s: Annotated[float, Field(gt=0, le=7 * 86_400)] = Field(description="Seconds after the alert.")
+    notify: list[Identifier] = Field(min_length=1, description="The channels told at this step.")
+
+
 class RuleBase(StrictModel):
     id: Identifier = Field(description="Unique among the rules; part of each alert's id.")
     description: Annotated[str, Field(max_length=500)] | None = Field(default=None, description="For people.")
@@ -49,6 +56,25 @@ class RuleBase(StrictModel):
     notify: list[Identifier] = Field(
         default_factory=list, description="Channels (notifications.channels ids) its alerts are sent to."
     )
+    renotify_s: Annotated[float, Field(ge=60, le=7 * 86_400)] | None = Field(
+        default=None, description="While nobody acknowledges an open alert, tell 'notify' again this often."
+    )
+    escalate: list[Escalation] = Field(
+        default_factory=list,
+        max_length=10,
+        description="Steps for an alert nobody acknowledges, in time order.",
+    )
+
+    @model_validator(mode="after")
+    def _escalation_in_order(self) -> RuleBase:
+        times = [step.after_s for step in self.escalate]
+        if times != sorted(set(times)):
+            raise ValueError("escalate: the steps' after_s must grow from one step to the next")
+        return self
+
+    def channels(self) -> list[str]:
+        """Every channel the rule's alerts may reach."""
+        return [*self.notify, *(c for step in self.escalate for c in step.notify)]
 
     def fingerprint(self) -> str:
         """Changes when the definition does: a changed rule starts fresh (its open alerts are cleared)."""

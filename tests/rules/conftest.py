@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter
 
-from gateway.kernel.events import AlertCleared, AlertRaised, DeviceStatus, SensorSample
+from gateway.kernel.events import AlertCleared, AlertEscalated, AlertRaised, DeviceStatus, SensorSample
 from gateway.kernel.pipeline import Event, Pipeline
 from gateway.kernel.rule_config import RuleDefinition
 from rules.clock import RuleClock
@@ -44,7 +44,7 @@ class Rig:
         self.path = path
         self.time = time
         self.seq = 0
-        self.alerts: list[AlertRaised | AlertCleared] = []
+        self.alerts: list[Any] = []
         self.conn = sqlite3.connect(path, isolation_level=None)
         self.start(rules)
 
@@ -61,7 +61,11 @@ class Rig:
         self.conn.execute("COMMIT")
         self.pipeline.committed()
         self.seq = writer.last_seq
-        self.alerts += [e.model for e in writer.emitted if isinstance(e.model, AlertRaised | AlertCleared)]
+        self.alerts += [
+            e.model
+            for e in writer.emitted
+            if isinstance(e.model, AlertRaised | AlertCleared | AlertEscalated)
+        ]
 
     def sample(self, device: str = "fridge-1", **values: float) -> None:
         self.seq += 1
@@ -79,7 +83,8 @@ class Rig:
         self._commit(lambda w: self.pipeline.tick(self.conn, self.time.wall, w.append))
 
     def kinds(self) -> list[tuple[str, str]]:
-        return [("raised" if isinstance(a, AlertRaised) else "cleared", a.subject) for a in self.alerts]
+        names = {AlertRaised: "raised", AlertCleared: "cleared", AlertEscalated: "escalated"}
+        return [(names[type(a)], a.subject) for a in self.alerts]
 
 
 @pytest.fixture

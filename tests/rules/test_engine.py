@@ -184,3 +184,39 @@ def test_a_selector_keeps_a_rule_to_its_devices(rig_at: Any, time: Time) -> None
     time.advance(1000)
     rig.tick()
     assert rig.alerts == []
+
+
+def test_an_unacknowledged_alert_is_told_again_and_escalated_until_someone_acknowledges(
+    rig_at: Any, time: Time
+) -> None:
+    from gateway.kernel.events import AlertAcknowledged, AlertEscalated
+    from gateway.kernel.pipeline import Event
+
+    rule = {
+        **WARM,
+        "for_s": 0,
+        "notify": ["staff"],
+        "renotify_s": 600,
+        "escalate": [{"after_s": 900, "notify": ["manager"]}, {"after_s": 1800, "notify": ["area"]}],
+    }
+    rig = rig_at([rule])
+    rig.sample(temperature=9.0)
+    for _ in range(20):
+        time.advance(300)
+        rig.tick()
+    escalated = [a for a in rig.alerts if isinstance(a, AlertEscalated)]
+    assert [(e.step, e.channels) for e in escalated[:4]] == [
+        (0, ["staff"]),  # 10 min: the rule's own channel again
+        (1, ["manager"]),  # 15 min: the first escalation step
+        (0, ["staff"]),  # 20 min
+        (2, ["area"]),  # 30 min
+    ]
+    told = len(escalated)
+    ack = AlertAcknowledged(alert_id="dairy-warm/fridge-1/1", note="on it", role="manager", via="api")
+    rig.seq += 1
+    event = Event(rig.seq, "alert.acknowledged", None, ack.model_dump_json().encode(), ack)
+    rig._commit(lambda w: rig.pipeline.run(rig.conn, [event], w.append))
+    for _ in range(10):
+        time.advance(600)
+        rig.tick()
+    assert len([a for a in rig.alerts if isinstance(a, AlertEscalated)]) == told  # acknowledged: quiet
