@@ -47,6 +47,8 @@ CREATE TABLE IF NOT EXISTS rule_state(
 SKU_RULES: Final = frozenset({"negative_stock", "returns_spike"})
 """Rule types whose subject is not a device (a SKU, the store): their alerts carry no device id."""
 _UNREAD: Final = object()
+RETIRED: Final = "-"
+"""The fingerprint of a track whose rule is no longer in force."""
 IDLE: Final = "idle"
 PENDING: Final = "pending"
 ACTIVE: Final = "active"
@@ -144,8 +146,10 @@ class RuleEngine(Processor):
         self._index(self._configured)
         self._tracks: dict[tuple[str, str], Track] = {}
         self._dirty: set[tuple[str, str]] = set()
-        self._dropped: set[tuple[str, str]] = set()
-        """Rows of rules that changed or went: deleted (their alerts cleared) with the next write."""
+        self._rewrite: list[Track] = []
+        """Tracks of rules that changed or went, reset: written (their alerts cleared) with the next write."""
+        self._retired: dict[tuple[str, str], Track] = {}
+        """Tracks of rules no longer in force: kept for their episode numbers, should the rule come back."""
         self._out: list[Emit] = []
         self._earliest = math.inf
         """The earliest timer of any track (at most: a timer set since may be earlier only if noted here)."""
@@ -229,6 +233,11 @@ class RuleEngine(Processor):
 
     def reload(self, conn: sqlite3.Connection) -> None:
         self._load(conn)
+
+    @property
+    def wants_ticks(self) -> bool:  # type: ignore[override]
+        """Ticks only while a timer waits, or clears of changed rules wait to be written."""
+        return self._earliest < math.inf or bool(self._out) or bool(self._rewrite)
 
     @property
     def earliest(self) -> float:
@@ -356,18 +365,18 @@ class RuleEngine(Processor):
                         self._by_device.setdefault((kind, device), []).append(rule)
                 else:
                     self._by_kind.setdefault(kind, []).append(rule)
-        self.wants_ticks = bool(self.rules)
 
     def _track(self, rule: RuleDefinition, subject: str) -> Track:
         key = (rule.id, subject)
         track = self._tracks.get(key)
         if track is None:
-            track = Track(rule.id, subject, self._fingerprints[rule.id], data={"type": rule.type})
+            retired = self._retired.pop(key, None)  # the rule came back: its episode numbers go on
+            episode = retired.episode if retired is not None else 0
+            track = Track(
+                rule.id, subject, self._fingerprints[rule.id], episode=episode, data={"type": rule.type}
+            )
             self._tracks[key] = track
         return track
-
-    def _stale(self, track: Track) -> bool:
-        return self._fingerprints.get(track.rule_id) != track.fingerprint
 
     def _due(self, now: float) -> None:
         """Fire the timers that came due: a scan of the tracks only when the earliest timer is due."""
@@ -396,50 +405,52 @@ class RuleEngine(Processor):
         return earliest
 
     def _write(self, conn: sqlite3.Connection) -> list[Emit]:
-        if self._dropped:
-            conn.executemany("DELETE FROM rule_state WHERE rule_id=? AND subject=?", sorted(self._dropped))
-            self._dropped.clear()
-            self.wants_ticks = bool(self.rules)
-        if self._dirty:
-            rows = []
-            for key in self._dirty:
-                t = self._tracks[key]
-                rows.append(
-                    (t.rule_id, t.subject, t.fingerprint, t.state, t.episode, t.due, orjson.dumps(t.data))
-                )
+        if self._dirty or self._rewrite:
+            tracks = [*self._rewrite, *(self._tracks[key] for key in self._dirty)]
+            self._rewrite = []
+            rows = [
+                (t.rule_id, t.subject, t.fingerprint, t.state, t.episode, t.due, orjson.dumps(t.data))
+                for t in tracks
+            ]
             conn.executemany("INSERT OR REPLACE INTO rule_state VALUES (?,?,?,?,?,?,?)", rows)
             self._dirty.clear()
             self.clock.save(conn, force=True)
-        elif any(t.due is not None for t in self._tracks.values()):
+        elif self._earliest < math.inf:  # timers wait: keep the clock's reading fresh
             self.clock.save(conn)
         out, self._out = self._out, []
         return out
 
     def _load(self, conn: sqlite3.Connection) -> None:
-        """The state as committed. Tracks of rules that changed, were disabled or removed are dropped, and
-        their open alerts cleared, in the next write (the same transaction as the clears)."""
+        """The state as committed. A rule that changed (how it evaluates), was disabled or removed starts afresh:
+        its open alerts are cleared and its tracks reset in the next write (the same transaction as the clears);
+        their episode numbers go on, so an alert id is never used twice."""
         if self._hq_rules is not None:
             merged = {r.id: r for r in self._configured}
             merged.update((r.id, r) for r in self._hq_rules(conn))
             self._index(list(merged.values()))
         self._tracks = {}
+        self._retired = {}
         self._dirty.clear()
-        self._dropped.clear()
+        self._rewrite = []
         self._out = []
         for rule_id, subject, fp, state, episode, due, data in conn.execute("SELECT * FROM rule_state"):
             track = Track(rule_id, subject, fp, state, int(episode), due, orjson.loads(data))
-            if not self._stale(track):
-                self._tracks[(rule_id, subject)] = track
+            key = (rule_id, subject)
+            rule = self.rules.get(rule_id)
+            current = self._fingerprints.get(rule_id, RETIRED)
+            if fp == current:
+                (self._tracks if rule is not None else self._retired)[key] = track
                 continue
-            self._dropped.add((rule_id, subject))
             if track.state in (ACTIVE, CLEARING):
-                rule = self.rules.get(rule_id)
                 why: Literal["rule_changed", "rule_removed"] = (
                     "rule_changed" if rule is not None else "rule_removed"
                 )
                 self.clear_alert(rule, track, why, f"rule {rule_id} changed: its alert ends here", {})
-        if self._dropped:
-            self.wants_ticks = True
+            reset = Track(
+                rule_id, subject, current, IDLE, track.episode, None, {"type": track.data.get("type")}
+            )
+            (self._tracks if rule is not None else self._retired)[key] = reset
+            self._rewrite.append(reset)
         self._earliest = self._earliest_due()
 
 

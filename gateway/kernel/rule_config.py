@@ -7,8 +7,9 @@ one layer reads them: the config, the rule engine (:mod:`rules`), and the protoc
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
+import orjson
 from pydantic import Field, SecretStr, model_validator
 
 from gateway.kernel.model import Identifier, StrictModel
@@ -38,6 +39,10 @@ class Selector(StrictModel):
 
     def matches_sku(self, sku: str) -> bool:
         return not self.skus or sku in self.skus
+
+
+NOT_EVALUATED: Final = frozenset({"description", "severity", "notify", "renotify_s", "escalate", "enabled"})
+"""Rule fields that do not change what the rule decides (left out of its fingerprint)."""
 
 
 class Escalation(StrictModel):
@@ -77,8 +82,10 @@ class RuleBase(StrictModel):
         return [*self.notify, *(c for step in self.escalate for c in step.notify)]
 
     def fingerprint(self) -> str:
-        """Changes when the definition does: a changed rule starts fresh (its open alerts are cleared)."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        """Changes when what the rule decides does (its type, selector and thresholds): such a rule starts fresh
+        (its open alerts are cleared). Its wording, severity and who it tells can change without that."""
+        fields = self.model_dump(mode="json", exclude=set(NOT_EVALUATED))
+        return hashlib.sha256(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
 class TemperatureRule(RuleBase):
@@ -142,6 +149,12 @@ class BatteryLowRule(RuleBase):
     clear_above_pct: float = Field(
         default=25, ge=0, le=100, description="Above this clears it (a new battery)."
     )
+
+    @model_validator(mode="after")
+    def _band(self) -> BatteryLowRule:
+        if self.clear_above_pct < self.min_pct:
+            raise ValueError("clear_above_pct must not be below min_pct (a reading between them would flap)")
+        return self
 
 
 class ControllerAlarmRule(RuleBase):

@@ -16,13 +16,15 @@ from datetime import UTC, datetime
 from typing import Final
 
 import orjson
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from cloud_bridge.documents import MODELS, Document, DocumentName, RuleSet
+from cloud_bridge.documents import MODELS, AnyRule, Document, DocumentName, RuleSet
 from gateway.kernel.journal import Draft, key_committed
 from gateway.kernel.rule_config import RuleDefinition
 
 _LOGGER = logging.getLogger(__name__)
+
+_ANY_RULE: Final[TypeAdapter[AnyRule]] = TypeAdapter(AnyRule)
 
 SCHEMA: Final = """CREATE TABLE IF NOT EXISTS documents(
     name TEXT PRIMARY KEY,
@@ -55,12 +57,35 @@ def read_document(conn: sqlite3.Connection, name: DocumentName) -> tuple[int, by
 
 
 def read_rules(conn: sqlite3.Connection) -> RuleSet | None:
-    """The rules in force. A stored body that no longer validates is logged and ignored (config applies)."""
+    """The rules in force. Each stored rule is read on its own: one that no longer validates (a rule type or
+    a check this release does not know) is logged and left out, and the others, the stock thresholds among them,
+    stay in force."""
     found = read_document(conn, "rules")
     if found is None:
         return None
     try:
         return RuleSet.model_validate_json(found[1])
+    except ValidationError:
+        pass
+    try:
+        items = orjson.loads(found[1]).get("rules", [])
+    except (orjson.JSONDecodeError, AttributeError):
+        _LOGGER.error("stored rules version %d are unreadable and ignored", found[0])
+        return None
+    kept = []
+    for item in items if isinstance(items, list) else []:
+        try:
+            kept.append(_ANY_RULE.validate_python(item))
+        except ValidationError as err:
+            rule_id = item.get("id") if isinstance(item, dict) else None
+            _LOGGER.error(
+                "stored rules version %d: rule %r is not valid here and is left out (%d error(s))",
+                found[0],
+                str(rule_id)[:64],
+                err.error_count(),
+            )
+    try:
+        return RuleSet(rules=kept)
     except ValidationError as err:
         _LOGGER.error(
             "stored rules version %d are unreadable and ignored: %d error(s)", found[0], err.error_count()

@@ -220,3 +220,36 @@ def test_an_unacknowledged_alert_is_told_again_and_escalated_until_someone_ackno
         time.advance(600)
         rig.tick()
     assert len([a for a in rig.alerts if isinstance(a, AlertEscalated)]) == told  # acknowledged: quiet
+
+
+def test_episodes_go_on_across_a_rule_change_and_wording_changes_keep_an_open_alert(
+    rig_at: Any, time: Time
+) -> None:
+    rig = rig_at([WARM])
+    rig.sample(temperature=9.0)
+    time.advance(600)
+    rig.tick()
+    rig.conn.close()
+    reworded = {**WARM, "description": "Dairy", "severity": "critical"}  # says nothing new about the fridge
+    rig2 = rig_at([reworded])
+    rig2.tick()
+    assert rig2.alerts == []  # still open, same timers
+    rig2.conn.close()
+    rig3 = rig_at([{**reworded, "max_c": 7}])  # decides differently: starts afresh
+    rig3.tick()
+    rig3.sample(temperature=9.0)
+    time.advance(600)
+    rig3.tick()
+    assert [a.details.get("alert_id") or a.alert_id for a in rig3.alerts] == [
+        "dairy-warm/fridge-1/1",  # cleared: rule_changed
+        "dairy-warm/fridge-1/2",  # the next episode, never 1 again
+    ]
+    rig3.conn.close()
+    rig4 = rig_at([])  # removed: clears; back later, its numbers go on
+    rig4.tick()
+    rig4.conn.close()
+    rig5 = rig_at([{**reworded, "max_c": 7}])
+    rig5.sample(temperature=9.0)
+    time.advance(600)
+    rig5.tick()
+    assert rig5.alerts[-1].details["alert_id"] == "dairy-warm/fridge-1/3"

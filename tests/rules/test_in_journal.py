@@ -141,3 +141,30 @@ async def test_hq_rules_join_the_configured_ones_and_a_changed_rule_starts_afres
     door = orjson.loads(query(journal, "SELECT body FROM events WHERE seq=7")[0][0])["data"]
     assert door["rule"] == "door_open"
     assert query(journal, "SELECT safety_stock FROM stock WHERE sku='TEA'") == [(3.0,)]
+
+
+def test_a_stored_rule_this_release_cannot_read_is_left_out_and_the_others_stay(tmp_path: Path) -> None:
+    import sqlite3
+
+    from gateway.ledger.documents import create_table, engine_rules, read_rules
+
+    conn = sqlite3.connect(tmp_path / "journal.db", isolation_level=None)
+    create_table(conn)
+    body = orjson.dumps(
+        {
+            "rules": [
+                {"id": "tea-low", "type": "stock.low", "sku": "TEA", "threshold": 3},
+                {"id": "future", "type": "rfid_shelf_gap", "shelf": "A1"},
+                {"id": "dairy-warm", "type": "temperature", "max_c": 8},
+            ]
+        }
+    )
+    conn.execute(
+        "INSERT INTO documents(name, version, body, request_id, updated_at) VALUES ('rules', 4, ?, 'r', '')",
+        (body,),
+    )
+    rules = read_rules(conn)
+    assert rules is not None
+    assert [r.id for r in rules.rules] == ["tea-low", "dairy-warm"]
+    assert rules.sku_thresholds == {"TEA": 3}
+    assert [r.id for r in engine_rules(conn)] == ["dairy-warm"]
