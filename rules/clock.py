@@ -3,8 +3,9 @@
 Durations ("above 8 °C for 10 minutes") are measured on it, never on the wall clock, so a wall-clock step at
 NTP sync does not throw a timer. Across a restart it carries on where it was, plus the time the gateway was away:
 that is the wall-clock time since the last reading of the rules' clock was saved, when the wall clock was
-synchronised both then and now. Without that (a box that has not synced yet), the time away is not counted and
-the timers that were waiting fire late, never early.
+synchronised when it was saved. A box that starts before its clock synchronises (no real-time clock, after a
+power cut) counts the time away when the clock first syncs; until then the timers that were waiting wait on:
+late, never early.
 """
 
 from __future__ import annotations
@@ -36,31 +37,49 @@ class RuleClock:
         self._base = 0.0
         self._mono0 = monotonic()
         self._saved_at: float | None = None
+        self._trusted: tuple[float, float] | None = None
+        """A saved (rules' time, wall time) pair waiting for the wall clock to sync, to count the time away."""
+        self.away = 0.0
+        """The time away counted at the last start (or at the sync after it)."""
 
     def synced(self) -> bool:
         return self._synced()
 
     def now(self) -> float:
+        if self._trusted is not None and self._synced():
+            at, wall = self._trusted
+            self._trusted = None
+            expected = wall + (self._base + (self._monotonic() - self._mono0) - at)  # had it never been away
+            self.away = max(0.0, self._wall() - expected)
+            self._base += self.away
         return self._base + (self._monotonic() - self._mono0)
 
     def load(self, conn: sqlite3.Connection) -> float:
         """Carry on from the saved reading (at start): returns how long the gateway was away, as counted."""
         conn.execute(SCHEMA)
         row = conn.execute("SELECT at, wall FROM rule_clock WHERE id = 1").fetchone()
-        away = 0.0
+        self.away = 0.0
         if row is not None:
             at, wall = float(row[0]), row[1]
-            if wall is not None and self._synced():
-                away = max(0.0, self._wall() - float(wall))
-            self._base = at + away
+            self._base = at
             self._mono0 = self._monotonic()
-        return away
+            if wall is not None and self._synced():
+                self.away = max(0.0, self._wall() - float(wall))
+                self._base += self.away
+            elif wall is not None:
+                self._trusted = (at, float(wall))
+        return self.away
 
     def save(self, conn: sqlite3.Connection, force: bool = False) -> None:
         """Save the reading (inside the caller's transaction); at most every SAVE_EVERY_S unless ``force``."""
         now = self.now()
         if not force and self._saved_at is not None and now - self._saved_at < SAVE_EVERY_S:
             return
-        wall = self._wall() if self._synced() else None
+        if self._synced():
+            wall: float | None = self._wall()
+        elif self._trusted is not None:  # not synced yet: carry the last trusted reading forward
+            wall = self._trusted[1] + (now - self._trusted[0])
+        else:
+            wall = None
         conn.execute("INSERT OR REPLACE INTO rule_clock(id, at, wall) VALUES (1, ?, ?)", (now, wall))
         self._saved_at = now

@@ -114,6 +114,8 @@ class RuleType:
     fire: Fire
     subject: Callable[[RuleDefinition, Event], str | None] = device_subject
     """What an event is about for this rule (a device, a SKU), or None: not for it."""
+    start: Callable[[RuleDefinition, Track, float], None] | None = None
+    """At the gateway's start, for each of its tracks: adjust timers the time away should not count for."""
 
 
 class RuleEngine(Processor):
@@ -151,6 +153,8 @@ class RuleEngine(Processor):
         self._retired: dict[tuple[str, str], Track] = {}
         """Tracks of rules no longer in force: kept for their episode numbers, should the rule come back."""
         self._out: list[Emit] = []
+        self._sources: dict[str, str] = {}
+        """Device -> the format of its readings (a sensor.sample's source), as last seen."""
         self._earliest = math.inf
         """The earliest timer of any track (at most: a timer set since may be earlier only if noted here)."""
 
@@ -163,6 +167,13 @@ class RuleEngine(Processor):
         self.clock.save(conn, force=True)
         conn.execute("COMMIT")
         self._load(conn)
+        now = self.clock.now()
+        for key, track in self._tracks.items():
+            start = self.types[self.rules[track.rule_id].type].start
+            if start is not None and track.due is not None:
+                start(self.rules[track.rule_id], track, now)
+                self._dirty.add(key)
+        self._earliest = self._earliest_due()
         if away:
             _LOGGER.info("rules: the gateway was away %.0f s; the rules' timers count that time", away)
 
@@ -180,13 +191,18 @@ class RuleEngine(Processor):
             return
         ctx = Context(self, self.clock.now())
         source: object = _UNREAD
+        if device is not None:
+            seen = _source(event)
+            if seen is not None:
+                self._sources[device] = seen  # a device.status says nothing of its format: remember it
         for rule in rules:
             kind = self.types[rule.type]
             if kind.subject is device_subject:  # the index already matched the device
                 if device is None:
                     continue
                 if rule.select.sources:
-                    source = _source(event) if source is _UNREAD else source
+                    if source is _UNREAD:
+                        source = _source(event) or self._sources.get(device)
                     if source not in rule.select.sources:
                         continue
                 subject = device

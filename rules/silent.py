@@ -1,7 +1,10 @@
 """``silent``: a device that went quiet (on ``sensor.sample``, ``sensor.reading`` and ``device.status``).
 
 No reading for ``after_s`` raises, and so does its driver saying it is ``offline`` or in ``error``; its next
-reading (or ``online``) clears. The timer starts at the device's first reading the rules see.
+reading (or ``online``) clears. Only devices that send readings are watched: the timer starts at the device's
+first reading the rules see (or at start, for a device the rule names), and ``offline``/``error`` count for
+devices that sent readings before or that the rule names, not for tills and scanners. Time the gateway itself
+was down is not the device's silence: at start each timer waits its full ``after_s`` again.
 """
 
 from __future__ import annotations
@@ -15,19 +18,21 @@ from rules.engine import ACTIVE, PENDING, Context, Track
 def observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
     assert isinstance(rule, SilentRule)
     status = event.model if event.kind == "device.status" else None
-    if isinstance(status, DeviceStatus) and status.status in ("offline", "error"):
-        if track.state != ACTIVE:
+    if isinstance(status, DeviceStatus):
+        watched = "last_seq" in track.data or track.subject in rule.select.devices
+        if status.status in ("offline", "error") and watched and track.state != ACTIVE:
             reason = status.reason or status.status
             track.due = None
             ctx.raise_alert(
                 rule,
                 track,
                 f"{track.subject}: {status.status} ({reason})"[:500],
-                {"status": status.status, "reason": status.reason, "seq": event.seq, "due_at": None},
+                {"status": status.status, "reason": status.reason, "seq": event.seq},
             )
+        elif status.status == "online" and track.state == ACTIVE:
+            ctx.clear_alert(rule, track, f"{track.subject}: back online", {"seq": event.seq})
+            track.state, track.due = PENDING, ctx.now + rule.after_s
         return
-    if isinstance(status, DeviceStatus) and status.status != "online":
-        return  # rate_limited: it is talking
     if track.state == ACTIVE:
         ctx.clear_alert(rule, track, f"{track.subject}: heard from again", {"seq": event.seq})
     track.state, track.due = PENDING, ctx.now + rule.after_s
@@ -45,3 +50,10 @@ def fire(ctx: Context, rule: RuleDefinition, track: Track) -> None:
             f"{track.subject}: nothing heard for {rule.after_s / 60:g} min",
             {"after_s": rule.after_s, "last_seq": track.data.get("last_seq"), "due_at": ctx.due_at(due)},
         )
+
+
+def start(rule: RuleDefinition, track: Track, now: float) -> None:
+    """At the gateway's start: a waiting timer waits its full time again (the gateway was away, not the device)."""
+    assert isinstance(rule, SilentRule)
+    if track.state == PENDING and track.due is not None:
+        track.due = max(track.due, now + rule.after_s)

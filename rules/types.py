@@ -11,7 +11,9 @@ SAMPLES: Final = frozenset({"sensor.sample"})
 
 RULE_TYPES: Final[dict[str, RuleType]] = {
     "temperature": RuleType(SAMPLES, temperature.observe, temperature.fire),
-    "silent": RuleType(SAMPLES | {"sensor.reading", "device.status"}, silent.observe, silent.fire),
+    "silent": RuleType(
+        SAMPLES | {"sensor.reading", "device.status"}, silent.observe, silent.fire, start=silent.start
+    ),
     "door_open": RuleType(SAMPLES, cold_chain.door_observe, cold_chain.door_fire),
     "battery_low": RuleType(SAMPLES, cold_chain.battery_observe, cold_chain.no_timer),
     "controller_alarm": RuleType(SAMPLES, cold_chain.alarm_observe, cold_chain.no_timer),

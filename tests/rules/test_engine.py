@@ -253,3 +253,45 @@ def test_episodes_go_on_across_a_rule_change_and_wording_changes_keep_an_open_al
     time.advance(600)
     rig5.tick()
     assert rig5.alerts[-1].details["alert_id"] == "dairy-warm/fridge-1/3"
+
+
+def test_silent_watches_only_devices_that_send_readings_and_not_the_gateways_own_downtime(
+    rig_at: Any, time: Time
+) -> None:
+    rules = [{"id": "loggers", "type": "silent", "after_s": 900, "select": {"sources": ["dixell-xr"]}}]
+    rig = rig_at(rules)
+    rig.status("online", device="till-1")  # a till: never sends readings
+    rig.status("offline", device="till-1")
+    rig.sample(temperature=4.0)  # fridge-1, format dixell-xr
+    rig.status("offline")  # no 'source' in a device.status: the format its readings had counts
+    assert rig.kinds() == [("raised", "fridge-1")]
+    rig.status("online")
+    assert rig.kinds()[1:] == [("cleared", "fridge-1")]
+    time.advance(600)
+    rig.tick()
+    rig.conn.close()
+    time.advance(3600)  # the gateway is down for an hour
+    rig2 = rig_at(rules)
+    rig2.tick()
+    assert rig2.alerts == []  # the fridge gets its full 15 min after the start
+    time.advance(900)
+    rig2.tick()
+    assert rig2.kinds() == [("raised", "fridge-1")]
+
+
+def test_a_start_before_the_clock_syncs_counts_the_time_away_once_it_syncs(rig_at: Any, time: Time) -> None:
+    """A power cut: the box starts without a real-time clock; the overdue timer fires when NTP syncs."""
+    rig = rig_at([WARM])
+    rig.sample(temperature=9.0)
+    rig.tick()
+    rig.conn.close()
+    time.advance(3600)
+    time.synced = False
+    rig2 = rig_at([WARM])
+    time.advance(5)
+    rig2.tick()
+    assert rig2.alerts == []  # the time away is not known yet
+    time.synced = True
+    rig2.tick()
+    [raised] = rig2.alerts
+    assert raised.details["due_at"] == "2027-01-15T08:10:00Z"
