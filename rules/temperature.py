@@ -25,19 +25,26 @@ def observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> N
     data = track.data
     now = ctx.now
     values = sample.values
+    grace = None
     if values.get(rule.defrost_metric, 0) >= 0.5:
-        data["grace_until"] = max(data.get("grace_until", 0.0), now + rule.post_defrost_grace_s)
-        return
-    if values.get(rule.door_metric, 0) >= 0.5:
-        data["grace_until"] = max(data.get("grace_until", 0.0), now + rule.door_grace_s)
+        grace = now + rule.post_defrost_grace_s
+    elif values.get(rule.door_metric, 0) >= 0.5:
+        grace = now + rule.door_grace_s
+    if grace is not None:
+        data["grace_until"] = max(data.get("grace_until", 0.0), grace)
+        if track.state == PENDING:  # the warmth before a defrost or an open door is not an excursion
+            track.state, track.due = IDLE, None
         return
     if now < data.get("grace_until", 0.0):
         return
     value = values.get(rule.metric)
     if value is None:  # a fault, or a device that does not measure it: not an in-range reading either
+        if track.state == CLEARING:
+            data["fault_at"] = now
         return
     too_warm = value > rule.max_c
     recovered = value < rule.clear_c
+    data["counted_at"] = now
     if too_warm:
         data["max"] = max(value, data.get("max", value))
         data["last"] = {"seq": event.seq, "value": value}
@@ -53,6 +60,9 @@ def observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> N
         data["recovered"] = {"seq": event.seq, "value": value}
     elif state == CLEARING and not recovered:
         track.state, track.due = ACTIVE, None
+        data.pop("confirm", None)
+    elif state == CLEARING and data.get("confirm"):  # the recovery's time is up: this reading confirms it
+        track.due = now
     if track.due is not None and track.due <= now:
         fire(ctx, rule, track)
 
@@ -75,11 +85,19 @@ def fire(ctx: Context, rule: RuleDefinition, track: Track) -> None:
             {"limit_c": rule.max_c, "for_s": rule.for_s, "due_at": ctx.due_at(due), **evidence},
         )
     elif track.state == CLEARING:
+        if ctx.now < data.get("grace_until", 0.0):  # a defrost or an open door: look again after it
+            track.due = data["grace_until"]
+            return
+        if data.get("fault_at", -1.0) > data.get("counted_at", -1.0):
+            # The probe went faulty since the last reading that counted: a broken probe never clears an alert;
+            # the next in-range reading does.
+            track.data = {**data, "confirm": True}
+            return
         ctx.clear_alert(
             rule,
             track,
             f"{track.subject}: back below {rule.clear_c:g} °C",
             {"recovered": data.get("recovered"), "max_c": data.get("max"), "due_at": ctx.due_at(due)},
         )
-        spent = ("first", "last", "max", "recovered")
+        spent = ("first", "last", "max", "recovered", "confirm", "fault_at")
         track.data = {k: v for k, v in track.data.items() if k not in spent}

@@ -295,3 +295,31 @@ def test_a_start_before_the_clock_syncs_counts_the_time_away_once_it_syncs(rig_a
     rig2.tick()
     [raised] = rig2.alerts
     assert raised.details["due_at"] == "2027-01-15T08:10:00Z"
+
+
+def test_a_defrost_during_a_waiting_timer_raises_nothing_and_a_faulty_probe_never_clears(
+    rig_at: Any, time: Time
+) -> None:
+    rig = rig_at([{**WARM, "post_defrost_grace_s": 600}])
+    rig.sample(temperature=8.3)  # just before a defrost
+    time.advance(30)
+    for _ in range(20):
+        rig.sample(temperature=12.0, defrost_active=1)
+        time.advance(60)
+        rig.tick()
+    assert rig.alerts == []
+    time.advance(600)
+    rig.sample(temperature=4.0, defrost_active=0)  # the grace is over, it is cold
+    rig.sample(temperature=9.0)
+    time.advance(600)
+    rig.tick()
+    assert rig.kinds() == [("raised", "fridge-1")]
+    rig.sample(temperature=5.9)  # recovering...
+    for _ in range(10):
+        time.advance(60)
+        rig.sample(humidity=50.0)  # ...and then the probe fails: no temperature
+        rig.tick()
+    assert rig.kinds() == [("raised", "fridge-1")]  # a broken probe never clears
+    rig.sample(temperature=5.0)  # a real reading again
+    rig.tick()
+    assert rig.kinds() == [("raised", "fridge-1"), ("cleared", "fridge-1")]
