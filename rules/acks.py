@@ -9,8 +9,9 @@ from gateway.kernel.events import AlertAcknowledged
 from gateway.kernel.journal import QUEUE_LIMIT, Draft, Journal
 
 
-async def acknowledge(journal: Journal, ack: AlertAcknowledged) -> int | None:
-    """Commit an ``alert.acknowledged`` event; its seq once committed."""
+async def acknowledge(journal: Journal, ack: AlertAcknowledged, dedup_key: str | None = None) -> int | None:
+    """Commit an ``alert.acknowledged`` event; its seq once committed (None: committed before, under
+    ``dedup_key``: an HQ command given again)."""
     settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     seqs: list[int | None] = []
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cloud_bridge.commands import AlertAck, CommandError, Handler, Outcome, Request
+from cloud_bridge.commands import AlertAck, CommandError, Handler, Outcome, Request, command_key
 from gateway.kernel.events import AlertAcknowledged
 from gateway.kernel.journal import Journal
 from gateway.kernel.journal.reader import snapshot
@@ -21,6 +21,7 @@ def rule_handlers(journal: Journal) -> dict[str, Handler]:
         if args.alert_id not in open_ids:
             raise CommandError("invalid_args", f"no open alert {args.alert_id[:200]!r} on this gateway")
         event = AlertAcknowledged(alert_id=args.alert_id, note=args.note, role=args.role, via="hq")
-        return "ok", {"alert_id": args.alert_id, "seq": await acknowledge(journal, event)}
+        seq = await acknowledge(journal, event, command_key(request.request_id))
+        return ("ok" if seq is not None else "duplicate"), {"alert_id": args.alert_id, "seq": seq}
 
     return {"alert.ack": Handler(ack)}

@@ -214,7 +214,14 @@ class RuleEngine(Processor):
             key = (rule.id, subject)
             track = self._tracks.get(key) or self._track(rule, subject)
             before = (track.state, track.episode, track.due, dict(track.data))
-            kind.observe(ctx, rule, track, event)
+            emitted = len(self._out)
+            try:
+                kind.observe(ctx, rule, track, event)
+            except Exception:  # one rule's bug: that rule skips the event (as if unseen), the others take it
+                _LOGGER.exception("rule %s failed on seq %d and skips it", rule.id, event.seq)
+                track.state, track.episode, track.due, track.data = before
+                del self._out[emitted:]
+                continue
             if before != (track.state, track.episode, track.due, track.data):
                 self._dirty.add(key)
                 if track.due is not None and track.due < self._earliest:
@@ -402,7 +409,13 @@ class RuleEngine(Processor):
         for key, track in self._tracks.items():
             rule = self.rules[track.rule_id]
             if track.due is not None and track.due <= now:
-                self.types[rule.type].fire(ctx, rule, track)
+                try:
+                    self.types[rule.type].fire(ctx, rule, track)
+                except Exception:  # one rule type's bug must not stop every other rule's timers
+                    _LOGGER.exception(
+                        "rule %s: its timer for %s failed and is dropped", rule.id, track.subject
+                    )
+                    track.due = None
                 self._dirty.add(key)
             esc = track.data.get("esc")
             if esc and _esc_due(rule, esc) <= now:
