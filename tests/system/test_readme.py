@@ -114,14 +114,14 @@ def gateway_commands() -> list[tuple[str, list[str]]]:
 
 def command_path(args: list[str]) -> tuple[str, ...]:
     """The (sub)command a command line runs: ``()``, ``("demo",)``, ``("hq-receiver", "receipt")``,
-    ``("simulate", "pos")``..."""
+    ``("simulate", "pos")``, ``("rules", "test")``..."""
     if not args or args[0].startswith("-"):
         return ()
     path = [args[0]]
     rest = args[1:]
     if args[0] == "hq-receiver" and rest[:1] == ["receipt"]:
         path.append("receipt")
-    elif args[0] == "simulate" and rest and not rest[0].startswith("-"):
+    elif args[0] in ("simulate", "rules", "broker") and rest and not rest[0].startswith("-"):
         path.append(rest[0])
     return tuple(path)
 
