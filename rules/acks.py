@@ -19,9 +19,8 @@ async def acknowledge(journal: Journal, ack: AlertAcknowledged, dedup_key: str |
         if not settled.done():
             settled.set_result(None)
 
-    draft = Draft(
-        "alert.acknowledged", None, ack.model_dump_json().encode(), ack, ack=committed, done=seqs.append
-    )
+    body = ack.model_dump_json().encode()
+    draft = Draft("alert.acknowledged", None, body, ack, dedup_key=dedup_key, ack=committed, done=seqs.append)
     while not journal.submit(draft):
         room = asyncio.Event()
         journal.when_below(QUEUE_LIMIT, room.set)

@@ -90,3 +90,30 @@ async def test_hq_acknowledges_with_the_alert_ack_command(tmp_path: Path) -> Non
         await asyncio.sleep(0)
     event = orjson.loads(query(journal, "SELECT body FROM events WHERE seq=3")[0][0])["data"]
     assert (event["role"], event["via"], event["note"]) == ("hq", "hq", "door shut")
+
+
+async def test_an_acknowledgement_ends_with_its_episode_and_a_replayed_command_is_a_duplicate(
+    tmp_path: Path,
+) -> None:
+    engine = RuleEngine(RULES, RuleClock(lambda: True))
+    journal = new_journal(tmp_path, processors=[engine])
+    async with journal_running(journal):
+        journal.submit(sample(9.0))
+        await until(lambda: journal.last_seq >= 2, "raised")
+        handler = rule_handlers(journal)["alert.ack"]
+        ack = Request(
+            "req-9", "alert.ack", AlertAck(alert_id="dairy-warm/fridge-1/1", note="n"), "hq-a", 0, 1
+        )
+        assert (await handler.run(ack))[0] == "ok"
+        assert await handler.run(ack) == ("duplicate", {"alert_id": "dairy-warm/fridge-1/1", "seq": None})
+        journal.submit(sample(5.0))
+        journal.submit(sample(9.0))
+        await until(
+            lambda: (
+                ("dairy-warm", "fridge-1") in engine._tracks
+                and engine._tracks[("dairy-warm", "fridge-1")].episode == 2
+            ),
+            "next",
+        )
+        assert "ack" not in engine._tracks[("dairy-warm", "fridge-1")].data
+    assert len(query(journal, "SELECT 1 FROM events WHERE kind='alert.acknowledged'")) == 1
