@@ -127,12 +127,15 @@ def write_config(
     sensors: Sequence[str] = (),
     hq: Mapping[str, Any] | None = None,
     outbox: Mapping[str, Any] | None = None,
+    json_sensors: Sequence[str] = (),
+    rules: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
     """Write a store config (YAML) for brokers on loopback; the API token is read from ``$TOKEN_ENV``.
 
     ``sensors`` adds devices with the ``sensor`` profile and the ``sensor.reading`` route of
     simulators/sensors.py; ``hq`` adds settings to the ``hq`` section (``inflight_batches``, ``keepalive_s``...)
-    and ``outbox`` is the ``outbox`` section (docs/OUTBOX.md).
+    and ``outbox`` is the ``outbox`` section (docs/OUTBOX.md). ``json_sensors`` adds generic-json-sensor devices
+    (``store/sensor/{id}/state``: sensor.sample) and ``rules`` the ``rules`` section (docs/RULES.md).
     """
     items: list[dict[str, Any]] = []
     for seed in catalog_stock() if stock is None else stock:
@@ -160,17 +163,25 @@ def write_config(
                     {"pattern": "store/pos/{device_id}/sale", "kind": "pos.sale"},
                     {"pattern": "store/pos/{device_id}/return", "kind": "pos.return"},
                 ]
-                + ([{"pattern": SENSOR_TOPIC_TEMPLATE, "kind": "sensor.reading"}] if sensors else []),
+                + ([{"pattern": SENSOR_TOPIC_TEMPLATE, "kind": "sensor.reading"}] if sensors else [])
+                + (
+                    [{"pattern": "store/sensor/{device_id}/state", "profile": "generic-json-sensor"}]
+                    if json_sensors
+                    else []
+                ),
             }
         ],
         "devices": [{"id": d, "profile": "pos_terminal"} for d in devices]
-        + [{"id": d, "profile": "sensor"} for d in sensors],
+        + [{"id": d, "profile": "sensor"} for d in sensors]
+        + [{"id": d, "profile": "generic-json-sensor"} for d in json_sensors],
         "stock": {"items": items},
         "api": {"enabled": True, "host": "127.0.0.1", "port": api_port, "token": {"env": TOKEN_ENV}},
         "log": {"level": log_level},
     }
     if outbox is not None:
         doc["outbox"] = dict(outbox)
+    if rules:
+        doc["rules"] = [dict(r) for r in rules]
     yaml = YAML(typ="safe", pure=True)
     yaml.default_flow_style = False
     with path.open("w", encoding="utf-8") as fh:

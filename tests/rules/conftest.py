@@ -28,13 +28,15 @@ class Time:
         self.mono = 1000.0
         self.wall = 1_800_000_000.0
         self.synced = True
+        self.boot = "boot-1"
+        """The machine's boot: a test that reboots it changes this (and the monotonic clock starts elsewhere)."""
 
     def advance(self, seconds: float) -> None:
         self.mono += seconds
         self.wall += seconds
 
     def clock(self) -> RuleClock:
-        return RuleClock(lambda: self.synced, lambda: self.mono, lambda: self.wall)
+        return RuleClock(lambda: self.synced, lambda: self.mono, lambda: self.wall, lambda: self.boot)
 
 
 class Rig:

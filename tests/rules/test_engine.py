@@ -89,8 +89,9 @@ def test_a_timer_survives_a_restart_and_counts_the_time_away(rig_at: Any, time: 
     rig.tick()  # the rules' clock saved at minute 4
     time.advance(120)  # running until minute 6, unsaved
     rig.conn.close()
-    time.advance(120)  # away for 2 min; the monotonic clock of the new boot starts elsewhere
+    time.advance(120)  # away for 2 min: a reboot; the monotonic clock of the new boot starts elsewhere
     time.mono = 5.0
+    time.boot = "boot-2"
     rig2 = rig_at([WARM])
     rig2.tick()
     assert rig2.alerts == []
@@ -287,6 +288,8 @@ def test_a_start_before_the_clock_syncs_counts_the_time_away_once_it_syncs(rig_a
     rig.conn.close()
     time.advance(3600)
     time.synced = False
+    time.boot = "boot-2"  # a power cut: a new boot, no real-time clock
+    time.mono = 7.0
     rig2 = rig_at([WARM])
     time.advance(5)
     rig2.tick()
@@ -323,3 +326,17 @@ def test_a_defrost_during_a_waiting_timer_raises_nothing_and_a_faulty_probe_neve
     rig.sample(temperature=5.0)  # a real reading again
     rig.tick()
     assert rig.kinds() == [("raised", "fridge-1"), ("cleared", "fridge-1")]
+
+
+def test_a_restart_on_the_same_boot_counts_the_time_away_without_ntp(rig_at: Any, time: Time) -> None:
+    """The gateway restarted (a crash, an upgrade), the machine did not: its monotonic clock ran on."""
+    time.synced = False
+    rig = rig_at([WARM])
+    rig.sample(temperature=9.0)
+    time.advance(240)
+    rig.tick()
+    rig.conn.close()
+    time.advance(400)  # down, same boot
+    rig2 = rig_at([WARM])
+    rig2.tick()
+    assert rig2.kinds() == [("raised", "fridge-1")]  # due at 600 s; the clock says 640 s: overdue, fired once
