@@ -225,8 +225,11 @@ class Gateway:
                 drivers = [tg.create_task(i.run(), name=f"driver-{i.name}") for i in self.intakes]
                 watchdog = tg.create_task(self.devices.run(), name="device-watchdog")
                 api = tg.create_task(self._serve_api(), name="local-api") if self.config.api.enabled else None
-                if self.config.notifications.channels:
+                notify = (
                     tg.create_task(self._notify(), name="notifications")
+                    if self.config.notifications.channels
+                    else None
+                )
                 self.started.set()
                 await stop.wait()
                 _LOGGER.info("stopping: taking no more device messages")
@@ -253,6 +256,8 @@ class Gateway:
                 integrity.cancel()
                 if api is not None:
                     api.cancel()
+                if notify is not None:  # what is not sent yet goes next start (each channel's cursor)
+                    notify.cancel()
                 writer.cancel()
         finally:
             await self.journal.close()

@@ -129,6 +129,7 @@ def write_config(
     outbox: Mapping[str, Any] | None = None,
     json_sensors: Sequence[str] = (),
     rules: Sequence[Mapping[str, Any]] = (),
+    notifications: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a store config (YAML) for brokers on loopback; the API token is read from ``$TOKEN_ENV``.
 
@@ -182,6 +183,8 @@ def write_config(
         doc["outbox"] = dict(outbox)
     if rules:
         doc["rules"] = [dict(r) for r in rules]
+    if notifications is not None:
+        doc["notifications"] = dict(notifications)
     yaml = YAML(typ="safe", pure=True)
     yaml.default_flow_style = False
     with path.open("w", encoding="utf-8") as fh:

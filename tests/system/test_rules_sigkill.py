@@ -46,7 +46,16 @@ async def test_sigkill_mid_window_and_while_open_raises_once_on_time_and_still_c
 ) -> None:
     data_dir = tmp_path / "data"
     api_port = free_port()
-    rule = {"id": "dairy-warm", "type": "temperature", "max_c": 8, "for_s": FOR_S, "clear_for_s": 0}
+    rule = {
+        "id": "dairy-warm",
+        "type": "temperature",
+        "max_c": 8,
+        "for_s": FOR_S,
+        "clear_for_s": 0,
+        "notify": ["ops"],
+    }
+    # A chat channel that cannot be reached: its consumer retries all along, and must not hold up a stop.
+    channel = {"id": "ops", "type": "slack", "url": f"http://127.0.0.1:{free_port()}/hook"}
     config = write_config(
         tmp_path / "store.yaml",
         store_port=store_broker.port,
@@ -56,6 +65,7 @@ async def test_sigkill_mid_window_and_while_open_raises_once_on_time_and_still_c
         devices=(),
         json_sensors=(FRIDGE,),
         rules=[rule],
+        notifications={"channels": [channel]},
     )
     gateway = GatewayProcess(config, api_port, tmp_path / "gateway.log")
     journal = data_dir / "journal.db"
@@ -79,11 +89,9 @@ async def test_sigkill_mid_window_and_while_open_raises_once_on_time_and_still_c
             gateway.kill()  # SIGKILL, a third into the window
             gateway.start()
             await gateway.wait_healthy()
+            healthy_after = time.monotonic() - window_opened
             await poll_until(lambda: bool(_kinds(journal, "alert.raised")), "the alert", within=60)
             raised_after = time.monotonic() - window_opened
-            # On time: not a full window after the restart. (Bounds, not a timing assertion: the restart
-            # itself may take long on a slow machine, and then the alert is overdue and fires at once.)
-            restarted_late = raised_after - FOR_S
             record_property("raised_after_s", round(raised_after, 2))
             gateway.kill()  # SIGKILL while the alert is open
             gateway.start()
@@ -96,14 +104,18 @@ async def test_sigkill_mid_window_and_while_open_raises_once_on_time_and_still_c
                 assert view.count("alert.raised") == 1
         finally:
             await sensor.disconnect()
-            await gateway.terminate()
+            code = await gateway.terminate()
             gateway.close()
+    assert code == 0, "a stop with a channel still retrying must be clean"
+    assert "stopped cleanly" in (tmp_path / "gateway.log").read_text()
     found = alerts(journal)
     assert [kind for _, kind, _ in found] == ["alert.raised", "alert.cleared"], found
     raised = found[0][2]
     assert raised["details"]["alert_id"] == "dairy-warm/fridge-dairy/1"  # type: ignore[index]
     assert found[1][2]["alert_id"] == "dairy-warm/fridge-dairy/1"
-    assert restarted_late < FOR_S  # never a whole second window after the restart
+    # The timer carried on across the kill: the alert came before a whole window had passed since the restart
+    # was up (a timer started afresh would need FOR_S after it). An ordering, not a timing bound.
+    assert raised_after < healthy_after + FOR_S, (raised_after, healthy_after)
     print(f"\n[figures] rules across SIGKILL: raised_after_s={raised_after:.2f} (window {FOR_S} s)")
 
 
