@@ -280,7 +280,10 @@ class RuleEngine(Processor):
         track.episode += 1
         track.state = ACTIVE
         at = self.clock.now() if now is None else now
-        track.data = {k: v for k, v in track.data.items() if k not in ("ack", "esc")}
+        track.data = {k: v for k, v in track.data.items() if k not in ("ack", "esc", "channels")}
+        track.data["channels"] = list(
+            rule.notify
+        )  # its clear goes where it went, whatever the rule says later
         if rule.renotify_s is not None or rule.escalate:
             track.data["esc"] = {
                 "raised": at,
@@ -288,7 +291,13 @@ class RuleEngine(Processor):
                 "renotify": None if rule.renotify_s is None else at + rule.renotify_s,
             }
             self._earliest = min(self._earliest, _esc_due(rule, track.data["esc"]))
-        details = {"alert_id": track.alert_id, "rule_id": rule.id, "episode": track.episode, **details}
+        details = {
+            "alert_id": track.alert_id,
+            "rule_id": rule.id,
+            "episode": track.episode,
+            "channels": list(rule.notify),
+            **details,
+        }
         self._out.append(
             Emit(
                 AlertRaised(
@@ -323,14 +332,19 @@ class RuleEngine(Processor):
                     alert_id=track.alert_id,
                     reason=reason,
                     message=message[:500],
-                    details={"rule_id": track.rule_id, "episode": track.episode, **details},
+                    details={
+                        "rule_id": track.rule_id,
+                        "episode": track.episode,
+                        "channels": list(track.data.get("channels", rule.notify if rule is not None else [])),
+                        **details,
+                    },
                 ),
                 self._device(track),
             )
         )
         track.state = IDLE
         track.due = None
-        track.data = {k: v for k, v in track.data.items() if k not in ("ack", "esc")}
+        track.data = {k: v for k, v in track.data.items() if k not in ("ack", "esc", "channels")}
 
     def _escalate(self, rule: RuleDefinition, track: Track, now: float) -> None:
         """Tell more people about an open alert nobody acknowledged: the next escalation step that came due,
@@ -340,6 +354,10 @@ class RuleEngine(Processor):
             track.data = {k: v for k, v in track.data.items() if k != "esc"}
             return
         steps = int(esc["steps"])
+        if rule.renotify_s is None:  # the rule no longer re-notifies (changed while the alert is open)
+            esc["renotify"] = None
+        elif esc.get("renotify") is None:
+            esc["renotify"] = now + rule.renotify_s
         if steps < len(rule.escalate) and esc["raised"] + rule.escalate[steps].after_s <= now:
             step, channels = steps + 1, rule.escalate[steps].notify
             esc["steps"] = step
@@ -347,6 +365,7 @@ class RuleEngine(Processor):
             step, channels = 0, rule.notify
             esc["renotify"] = now + (rule.renotify_s or 0)
         else:
+            track.data = {**track.data, "esc": esc}
             return
         track.data = {**track.data, "esc": esc}
         minutes = (now - esc["raised"]) / 60
@@ -419,7 +438,11 @@ class RuleEngine(Processor):
                 self._dirty.add(key)
             esc = track.data.get("esc")
             if esc and _esc_due(rule, esc) <= now:
-                self._escalate(rule, track, now)
+                try:
+                    self._escalate(rule, track, now)
+                except Exception:  # like a failing timer: logged, dropped, the other rules go on
+                    _LOGGER.exception("rule %s: escalating %s failed and stops", rule.id, track.alert_id)
+                    track.data = {k: v for k, v in track.data.items() if k != "esc"}
                 self._dirty.add(key)
         self._earliest = self._earliest_due()
 
@@ -480,6 +503,18 @@ class RuleEngine(Processor):
             )
             (self._tracks if rule is not None else self._retired)[key] = reset
             self._rewrite.append(reset)
+        now = self.clock.now()
+        for key, track in self._tracks.items():  # open alerts of rules that began re-notifying or escalating
+            rule = self.rules[track.rule_id]
+            wants = rule.renotify_s is not None or bool(rule.escalate)
+            if (
+                wants
+                and track.state in (ACTIVE, CLEARING)
+                and "esc" not in track.data
+                and "ack" not in track.data
+            ):
+                track.data = {**track.data, "esc": {"raised": now, "steps": 0, "renotify": None}}
+                self._dirty.add(key)
         self._earliest = self._earliest_due()
 
 
@@ -532,4 +567,6 @@ def _esc_due(rule: RuleDefinition, esc: dict[str, Any]) -> float:
         due = esc["raised"] + rule.escalate[steps].after_s
     if esc.get("renotify") is not None:
         due = min(due, esc["renotify"])
+    elif rule.renotify_s is not None:
+        due = min(due, esc["raised"])  # the rule started re-notifying while the alert was open: look now
     return due

@@ -162,8 +162,13 @@ class ChannelConsumer:
             return model.alert_id, "escalated"
         else:
             return None
-        rule = self._engine.rules.get(str(model.details.get("rule_id")))
-        if not isinstance(alert_id, str) or rule is None or self.channel.id not in rule.notify:
+        # The channels the alert named when it was raised (its clear carries them too): a rule changed or removed
+        # since does not redirect or drop its messages.
+        channels = model.details.get("channels")
+        if not isinstance(channels, list):  # an alert from before channels were recorded: the rule as it is
+            rule = self._engine.rules.get(str(model.details.get("rule_id")))
+            channels = rule.notify if rule is not None else []
+        if not isinstance(alert_id, str) or self.channel.id not in channels:
             return None
         return alert_id, level
 

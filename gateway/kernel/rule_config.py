@@ -7,10 +7,11 @@ one layer reads them: the config, the rule engine (:mod:`rules`), and the protoc
 from __future__ import annotations
 
 import hashlib
+import urllib.parse
 from typing import Annotated, Final, Literal
 
 import orjson
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway.kernel.model import Identifier, StrictModel
 
@@ -41,6 +42,9 @@ class Selector(StrictModel):
         return not self.skus or sku in self.skus
 
 
+MAX_CHANNELS: Final = 50
+"""Channels a rule (or an escalation step) may name: the alert.escalated event carries at most this many."""
+
 NOT_EVALUATED: Final = frozenset({"description", "severity", "notify", "renotify_s", "escalate", "enabled"})
 """Rule fields that do not change what the rule decides (left out of its fingerprint)."""
 
@@ -48,8 +52,12 @@ NOT_EVALUATED: Final = frozenset({"description", "severity", "notify", "renotify
 class Escalation(StrictModel):
     """A step of an alert nobody acknowledged: after ``after_s`` (from the alert), tell these channels too."""
 
-    after_s: Annotated[float, Field(gt=0, le=7 * 86_400)] = Field(description="Seconds after the alert.")
-    notify: list[Identifier] = Field(min_length=1, description="The channels told at this step.")
+    after_s: Annotated[float, Field(ge=60, le=7 * 86_400)] = Field(
+        description="Seconds after the alert (60+)."
+    )
+    notify: list[Identifier] = Field(
+        min_length=1, max_length=MAX_CHANNELS, description="The channels told at this step."
+    )
 
 
 class RuleBase(StrictModel):
@@ -59,7 +67,9 @@ class RuleBase(StrictModel):
     enabled: bool = Field(default=True, description="False: kept, but evaluates nothing (open alerts clear).")
     select: Selector = Field(default_factory=Selector, description="The devices it watches.")
     notify: list[Identifier] = Field(
-        default_factory=list, description="Channels (notifications.channels ids) its alerts are sent to."
+        default_factory=list,
+        max_length=MAX_CHANNELS,
+        description="Channels (notifications.channels ids) its alerts are sent to.",
     )
     renotify_s: Annotated[float, Field(ge=60, le=7 * 86_400)] | None = Field(
         default=None, description="While nobody acknowledges an open alert, tell 'notify' again this often."
@@ -75,6 +85,9 @@ class RuleBase(StrictModel):
         times = [step.after_s for step in self.escalate]
         if times != sorted(set(times)):
             raise ValueError("escalate: the steps' after_s must grow from one step to the next")
+        for where, ids in [("notify", self.notify), *(("escalate", s.notify) for s in self.escalate)]:
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"{where}: a channel is named twice")
         return self
 
     def channels(self) -> list[str]:
@@ -226,7 +239,28 @@ class Channel(StrictModel):
         description="dingtalk (a group robot, signed), wecom (a group robot), slack (an incoming webhook, or"
         " any Slack-compatible one), webhook (JSON, signed with HMAC-SHA256)."
     )
-    url: SecretStr = Field(description="The robot's or endpoint's URL (it holds its token): {file: PATH}.")
+    url: SecretStr = Field(
+        description="The robot's or endpoint's URL (it holds its token): https (http only to this box),"
+        " as {file: PATH}."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _https(cls, value: SecretStr) -> SecretStr:
+        parts = urllib.parse.urlsplit(value.get_secret_value())
+        loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as err:
+            raise ValueError("not a URL: its port is not a number") from err
+        if (
+            not parts.hostname
+            or parts.scheme not in ("https", "http")
+            or (parts.scheme == "http" and not loopback)
+        ):
+            raise ValueError("an https:// URL (http:// only to this box)")  # the value itself is a secret
+        return value
+
     secret: SecretStr | None = Field(
         default=None, description="dingtalk: the robot's signing secret (SEC...); webhook: the HMAC key."
     )
@@ -246,8 +280,11 @@ class Notifications(StrictModel):
         if twice:
             raise ValueError(f"channel ids must be unique: {', '.join(twice)}")
         for channel in self.channels:
-            if channel.type == "dingtalk" and channel.secret is None:
-                raise ValueError(
-                    f"channel {channel.id}: a dingtalk robot needs its signing secret ('secret')"
+            if channel.type in ("dingtalk", "webhook") and channel.secret is None:
+                what = (
+                    "a dingtalk robot needs its signing secret"
+                    if channel.type == "dingtalk"
+                    else "a webhook is signed"
                 )
+                raise ValueError(f"channel {channel.id}: {what} ('secret')")
         return self

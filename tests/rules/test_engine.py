@@ -340,3 +340,55 @@ def test_a_restart_on_the_same_boot_counts_the_time_away_without_ntp(rig_at: Any
     rig2 = rig_at([WARM])
     rig2.tick()
     assert rig2.kinds() == [("raised", "fridge-1")]  # due at 600 s; the clock says 640 s: overdue, fired once
+
+
+def test_a_rule_that_stops_re_notifying_while_an_alert_is_open_goes_quiet(rig_at: Any, time: Time) -> None:
+    from gateway.kernel.events import AlertEscalated
+
+    rig = rig_at([{**WARM, "for_s": 0, "renotify_s": 600}])
+    rig.sample(temperature=9.0)
+    time.advance(600)
+    rig.tick()
+    assert len([a for a in rig.alerts if isinstance(a, AlertEscalated)]) == 1
+    rig.conn.close()
+    rig2 = rig_at([{**WARM, "for_s": 0}])  # renotify_s removed: a change of who is told, the alert stays open
+    for _ in range(10):
+        time.advance(1)
+        rig2.tick()
+    time.advance(3600)
+    rig2.tick()
+    assert [a for a in rig2.alerts if isinstance(a, AlertEscalated)] == []
+    rig2.conn.close()
+    rig3 = rig_at([{**WARM, "for_s": 0, "renotify_s": 600}])  # and back: it re-notifies again
+    rig3.tick()
+    time.advance(600)
+    rig3.tick()
+    assert len([a for a in rig3.alerts if isinstance(a, AlertEscalated)]) >= 1
+
+
+def test_channel_lists_and_urls_are_checked() -> None:
+    import pytest
+    from pydantic import TypeAdapter, ValidationError
+
+    from gateway.kernel.rule_config import Notifications, RuleDefinition
+
+    adapter = TypeAdapter(RuleDefinition)
+    with pytest.raises(ValidationError, match="at most 50"):
+        adapter.validate_python({**WARM, "notify": [f"c{i}" for i in range(51)]})
+    with pytest.raises(ValidationError, match="named twice"):
+        adapter.validate_python({**WARM, "notify": ["a", "a"]})
+    with pytest.raises(ValidationError, match="60"):
+        adapter.validate_python({**WARM, "escalate": [{"after_s": 0.001, "notify": ["a"]}]})
+    for bad in (
+        "oapi.dingtalk.com/robot/send",
+        "http://hooks.example.com/x",
+        "https://[::1/x",
+        "https://h:x/",
+    ):
+        with pytest.raises(ValidationError):
+            Notifications.model_validate({"channels": [{"id": "c", "type": "slack", "url": bad}]})
+    with pytest.raises(ValidationError, match="signed"):
+        Notifications.model_validate(
+            {"channels": [{"id": "c", "type": "webhook", "url": "https://x.example/h"}]}
+        )
+    Notifications.model_validate({"channels": [{"id": "c", "type": "slack", "url": "http://127.0.0.1:9/h"}]})

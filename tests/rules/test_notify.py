@@ -213,3 +213,24 @@ def test_the_dingtalk_signature_is_the_documented_one() -> None:
     from urllib.parse import quote_plus
 
     assert url.endswith(f"&timestamp=1700000000000&sign={quote_plus(base64.b64encode(digest))}")
+
+
+async def test_a_clear_goes_where_its_alert_went_even_after_its_rule_is_gone(tmp_path: Path) -> None:
+    from gateway.kernel.events import AlertCleared
+    from gateway.kernel.pipeline import Event
+
+    engine = RuleEngine([], RuleClock(lambda: True))  # the rule was removed
+    journal = new_journal(tmp_path, processors=[engine])
+    cleared = AlertCleared(
+        rule="temperature",
+        subject="fridge-1",
+        alert_id="dairy-warm/fridge-1/1",
+        reason="rule_removed",
+        message="m",
+        details={"rule_id": "dairy-warm", "channels": ["slack"]},
+    )
+    event = Event(5, "alert.cleared", "fridge-1", cleared.model_dump_json().encode(), cleared)
+    async with httpx.AsyncClient() as client:
+        consumers = {c.id: ChannelConsumer(c, engine, journal, client) for c in channels("https://x.example")}
+    assert consumers["slack"]._wanted(event) == ("dairy-warm/fridge-1/1", "cleared")
+    assert consumers["ding"]._wanted(event) is None
