@@ -60,5 +60,6 @@ def setup_logging(level: str = "INFO", fmt: str = "plain") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("amqtt", "transitions", "uvicorn.error", "passlib"):
+    # httpx and httpcore log every request's URL at INFO: a chat robot's URL is its token.
+    for noisy in ("amqtt", "transitions", "uvicorn.error", "passlib", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
