@@ -303,6 +303,7 @@ class Gateway:
                     client,
                     language=notifications.language,
                     store=self.config.store.name,
+                    synced=self.clock.synced,
                 )
                 tg.create_task(run_consumer(self.journal, consumer), name=f"notify-{channel.id}")
 

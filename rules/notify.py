@@ -20,7 +20,7 @@ import hmac
 import logging
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import httpx
@@ -46,7 +46,10 @@ _LOGGER = logging.getLogger(__name__)
 TIMEOUT_S: Final = 10.0
 PERMANENT_AFTER: Final = 3
 """A channel that refuses a message this many times for a reason that will not pass (HTTP 4xx, an error code
-other than a rate limit) gets it recorded as failed; network errors and 5xx are retried for as long as it takes."""
+other than a rate limit), over at least :attr:`ChannelConsumer.failed_after_s`, gets it recorded as failed;
+network errors, 408, 425, 429 and 5xx are retried for as long as it takes."""
+RETRY_CODES: Final = frozenset({-1, 130101, 45009})
+"""Robot error codes that pass by waiting: busy (-1), sent too fast (DingTalk 130101, WeCom 45009)."""
 
 WORDS: Final = {
     "en": {
@@ -110,6 +113,9 @@ class ChannelConsumer:
     kinds: frozenset[str] | None = frozenset({"alert.raised", "alert.cleared", "alert.escalated"})
     retry_base_s: float = 1.0
     """The first retry waits up to this long; each next one up to twice as long, at most 5 minutes."""
+    failed_after_s: float = 600.0
+    """A refused message is recorded as failed only after refusals over at least this long: a robot that
+    refuses for a few minutes (its token being rotated, its group being set up) still gets the message."""
 
     def __init__(
         self,
@@ -120,8 +126,12 @@ class ChannelConsumer:
         *,
         language: str = "en",
         store: str = "",
+        synced: Callable[[], bool] = lambda: True,
     ) -> None:
         self.channel = channel
+        self._synced = synced
+        """False while the wall clock is not synchronised: a signature's timestamp may be refused for that,
+        so refusals are retried, not recorded as failed."""
         self.name = f"notify-{channel.id}"
         self._engine = engine
         self._journal = journal
@@ -176,6 +186,7 @@ class ChannelConsumer:
         """Send until it is taken: (attempts, None), or refused for good: (attempts, why)."""
         backoff = Backoff(base=self.retry_base_s, cap=300.0)
         attempts = refusals = 0
+        first_refusal = 0.0
         while True:
             if not self._bucket.take(time.monotonic()):  # over the channel's rate: one token's time, again
                 await asyncio.sleep(self._wait_s)
@@ -184,14 +195,19 @@ class ChannelConsumer:
             try:
                 await self._send(text, event)
             except RefusedError as err:
-                if not err.retry:
+                if not err.retry and self._synced():
                     refusals += 1
-                    if refusals >= PERMANENT_AFTER:
+                    if refusals == 1:
+                        first_refusal = time.monotonic()
+                    if (
+                        refusals >= PERMANENT_AFTER
+                        and time.monotonic() - first_refusal >= self.failed_after_s
+                    ):
                         _LOGGER.error("notification to %s refused: %s", self.channel.id, err)
                         return attempts, str(err)[:500]
                 reason = str(err)
-            except httpx.HTTPError as err:
-                reason = f"{type(err).__name__}: {err}"
+            except (httpx.HTTPError, httpx.InvalidURL) as err:
+                reason = type(err).__name__  # its text may hold the URL, and a robot's URL is its token
             else:
                 return attempts, None
             delay = backoff.next_delay()
@@ -218,21 +234,19 @@ class ChannelConsumer:
             signature = hmac.new(secret.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
             headers |= {"X-Webhook-Timestamp": stamp, "X-Webhook-Signature": f"sha256={signature}"}
         response = await self._client.post(url, content=body, headers=headers, timeout=TIMEOUT_S)
-        if response.status_code == 429 or response.status_code >= 500:
+        # Only the status and the error code are kept: an answer's body may echo the URL or the message.
+        if response.status_code in (408, 425, 429) or response.status_code >= 500:
             raise RefusedError(f"HTTP {response.status_code}", retry=True)
         if response.status_code >= 300:
-            raise RefusedError(f"HTTP {response.status_code}: {response.text[:200]}", retry=False)
+            raise RefusedError(f"HTTP {response.status_code}", retry=False)
         if channel.type in ("dingtalk", "wecom"):
             try:
                 answer = orjson.loads(response.content)
             except orjson.JSONDecodeError as err:
-                raise RefusedError(f"not JSON: {response.text[:200]}", retry=True) from err
+                raise RefusedError("the answer is not JSON", retry=True) from err
             code = answer.get("errcode", 0) if isinstance(answer, dict) else -1
             if code != 0:
-                # 130101 (DingTalk) and 45009 (WeCom): sent too fast; anything else will not pass by waiting.
-                raise RefusedError(
-                    f"errcode {code}: {str(answer.get('errmsg'))[:200]}", retry=code in (130101, 45009)
-                )
+                raise RefusedError(f"errcode {code}", retry=code in RETRY_CODES)
 
     async def _record(self, outcome: NotificationSent, key: str) -> None:
         kind = "notification.failed" if isinstance(outcome, NotificationFailed) else "notification.sent"
