@@ -4,8 +4,8 @@ Durations ("above 8 °C for 10 minutes") are measured on it, never on the wall c
 NTP sync does not throw a timer. Across a restart it carries on where it was, plus the time the gateway was away.
 On the same boot of the machine (the gateway restarted, the box did not) that is the monotonic clock's time since
 the last reading of the rules' clock was saved, exact and needing no NTP. After a reboot it is the wall-clock
-time since then, when the wall clock was
-synchronised when it was saved. A box that starts before its clock synchronises (no real-time clock, after a
+time since then, when the wall clock was synchronised when it was saved (a reading saved while it was not carries
+the last synchronised one forward). A box that starts before its clock synchronises (no real-time clock, after a
 power cut) counts the time away when the clock first syncs; until then the timers that were waiting wait on:
 late, never early.
 """
@@ -56,6 +56,9 @@ class RuleClock:
         self._saved_at: float | None = None
         self._trusted: tuple[float, float] | None = None
         """A saved (rules' time, wall time) pair waiting for the wall clock to sync, to count the time away."""
+        self._carry: tuple[float, float] | None = None
+        """A (rules' time, wall time) pair the saved readings carry forward while the wall clock is not synced,
+        so that a reboot before it syncs can still count the time away."""
         self.away = 0.0
         """The time away counted at the last start (or at the sync after it)."""
 
@@ -89,11 +92,13 @@ class RuleClock:
                     0.0, self._mono0 - float(mono)
                 )  # the machine ran on: its monotonic clock says
                 self._base += self.away
+                if wall is not None and not self._synced():
+                    self._carry = (self._base, float(wall) + self.away)
             elif wall is not None and self._synced():
                 self.away = max(0.0, self._wall() - float(wall))
                 self._base += self.away
             elif wall is not None:
-                self._trusted = (at, float(wall))
+                self._trusted = self._carry = (at, float(wall))
         return self.away
 
     def save(self, conn: sqlite3.Connection, force: bool = False) -> None:
@@ -103,8 +108,8 @@ class RuleClock:
             return
         if self._synced():
             wall: float | None = self._wall()
-        elif self._trusted is not None:  # not synced yet: carry the last trusted reading forward
-            wall = self._trusted[1] + (now - self._trusted[0])
+        elif self._carry is not None:  # not synced yet: carry the last trusted reading forward
+            wall = self._carry[1] + (now - self._carry[0])
         else:
             wall = None
         conn.execute(

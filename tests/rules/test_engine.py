@@ -392,3 +392,30 @@ def test_channel_lists_and_urls_are_checked() -> None:
             {"channels": [{"id": "c", "type": "webhook", "url": "https://x.example/h"}]}
         )
     Notifications.model_validate({"channels": [{"id": "c", "type": "slack", "url": "http://127.0.0.1:9/h"}]})
+
+
+def test_a_same_boot_restart_before_sync_keeps_the_wall_reading_for_a_later_reboot(
+    rig_at: Any, time: Time
+) -> None:
+    """Restarted on the same boot while the clock is not synchronised, then a power cut: the saved wall reading
+    is carried forward, so the time away is still counted once the clock syncs."""
+    rig = rig_at([WARM])
+    rig.sample(temperature=9.0)
+    rig.tick()
+    rig.conn.close()
+    time.advance(100)
+    time.synced = False  # the gateway restarts, same boot; NTP has not answered this time
+    rig2 = rig_at([WARM])
+    time.advance(61)
+    rig2.tick()  # saves the clock, with the wall reading carried forward
+    rig2.conn.close()
+    time.advance(3600)
+    time.boot = "boot-2"  # a power cut
+    time.mono = 7.0
+    rig3 = rig_at([WARM])
+    rig3.tick()
+    assert rig3.alerts == []  # the time away is not known yet
+    time.synced = True
+    rig3.tick()
+    [raised] = rig3.alerts
+    assert raised.details["due_at"] == "2027-01-15T08:10:00Z"
