@@ -64,7 +64,10 @@ def _check(ctx: Context, rule: ReturnsSpikeRule, track: Track, seq: int | None) 
     returns_amount = sum(c[3] for c in buckets.values())
     by_count = returns / sales if sales else 0.0
     by_amount = returns_amount / sales_amount if sales_amount else 0.0
-    spike = sales >= rule.min_sales and max(by_count, by_amount) > rule.max_ratio
+    # Returns with no sale left in the window: no ratio to report, but not calm either.
+    ratio = math.inf if returns and not sales else max(by_count, by_amount)
+    spike = sales >= rule.min_sales and ratio > rule.max_ratio
+    calm = ratio <= rule.clear_at  # whatever the number of sales: a quiet hour does not end a spike
     figures = {
         "sales": int(sales),
         "returns": int(returns),
@@ -81,7 +84,7 @@ def _check(ctx: Context, rule: ReturnsSpikeRule, track: Track, seq: int | None) 
             f" ({int(returns)} returns, {int(sales)} sales)",
             figures,
         )
-    elif not spike and track.state == ACTIVE:
+    elif calm and track.state == ACTIVE:
         ctx.clear_alert(rule, track, f"returns back to {max(by_count, by_amount):.0%} of sales", figures)
     # Look again when the oldest bucket leaves the window (the ratio moves without a receipt).
     track.due = (min(int(s) for s in buckets) + 1) * BUCKET_S + rule.window_s if buckets else None

@@ -112,3 +112,19 @@ def test_a_returns_spike_raises_on_the_ratio_and_clears_as_the_window_slides(rig
     [cleared] = rig.alerts
     assert isinstance(cleared, AlertCleared)
     assert cleared.alert_id == "returns/store/1"
+
+
+def test_a_returns_spike_clears_below_its_clear_ratio_only(rig_at: Any, time: Time) -> None:
+    """Hysteresis: a ratio hovering at the limit does not raise and clear over and over."""
+    rig = rig_at([{"id": "returns", "type": "returns_spike", "max_ratio": 0.15, "min_sales": 10}])
+    for _ in range(10):
+        till(rig, "pos.sale", "10")
+    till(rig, "pos.return", "10")
+    till(rig, "pos.return", "10")  # 20 %: raised
+    assert rig.kinds() == [("raised", "store")]
+    for _ in range(3):
+        till(rig, "pos.sale", "10")  # 2 / 13 = 15.4 %, then 14.3 %, 13.3 %: under the limit, above 12 %
+    assert rig.kinds() == [("raised", "store")]
+    for _ in range(4):
+        till(rig, "pos.sale", "10")  # 2 / 17 = 11.8 %: at or below 0.8 × 15 %
+    assert rig.kinds() == [("raised", "store"), ("cleared", "store")]
