@@ -192,7 +192,7 @@ class ReturnsSpikeRule(RuleBase):
     """Returns out of line with sales: in the last ``window_s``, returns over sales above ``max_ratio`` by count
     or by amount, once there were at least ``min_sales`` sales (a quiet hour's one return is no spike). The
     store's example: more than 15 % in 30 minutes. Cleared when both ratios are back at or below ``clear_ratio``
-    (default 0.8 × ``max_ratio``: hysteresis, so a ratio hovering at the limit does not raise and clear over and
+    (default 0.8 times ``max_ratio``: hysteresis, so a ratio hovering at the limit does not raise and clear over and
     over)."""
 
     type: Literal["returns_spike"] = Field(description="Returns out of line with sales (the whole store).")
@@ -202,7 +202,7 @@ class ReturnsSpikeRule(RuleBase):
     max_ratio: float = Field(default=0.15, gt=0, le=10, description="Returns / sales above this is a spike.")
     min_sales: int = Field(default=10, ge=1, le=100_000, description="Sales in the window before it counts.")
     clear_ratio: float | None = Field(
-        default=None, ge=0, le=10, description="Cleared at or below this (default: 0.8 × max_ratio)."
+        default=None, ge=0, le=10, description="Cleared at or below this (default: 0.8 times max_ratio)."
     )
 
     @model_validator(mode="after")

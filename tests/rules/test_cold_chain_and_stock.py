@@ -126,5 +126,5 @@ def test_a_returns_spike_clears_below_its_clear_ratio_only(rig_at: Any, time: Ti
         till(rig, "pos.sale", "10")  # 2 / 13 = 15.4 %, then 14.3 %, 13.3 %: under the limit, above 12 %
     assert rig.kinds() == [("raised", "store")]
     for _ in range(4):
-        till(rig, "pos.sale", "10")  # 2 / 17 = 11.8 %: at or below 0.8 × 15 %
+        till(rig, "pos.sale", "10")  # 2 / 17 = 11.8 %: at or below 0.8 times 15 %
     assert rig.kinds() == [("raised", "store"), ("cleared", "store")]
