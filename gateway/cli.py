@@ -241,8 +241,9 @@ def _parser() -> argparse.ArgumentParser:
         "test",
         help="replay exported events through rules (a backtest); --against compares two rule sets",
         description="Replay events (one envelope per line, from 'store-gateway export', GET /api/events or HQ)"
-        " through the rules in virtual time and print every alert they raise, clear or see acknowledged, with its"
-        " time. With --against, print only the differences: '-' only with RULES, '+' only with OTHER.\n\n"
+        " through the rules in virtual time and print every alert they raise, clear or escalate, and the recorded"
+        " acknowledgements of them, with their times. With --against, print only the differences: '-' only"
+        " with RULES, '+' only with OTHER.\n\n"
         "exit codes:\n  0  done\n  1  a file has problems\n  2  usage error\n\nexamples:\n"
         "  store-gateway export --config store.yaml --since 2026-11-01 > events.jsonl\n"
         "  store-gateway rules test rules.yaml --events events.jsonl\n"
@@ -261,8 +262,12 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=_FORMATTER,
     )
     export.add_argument("--config", "-c", type=Path, required=True, help="the store config (YAML)")
-    export.add_argument("--since", help="from this UTC time (ISO 8601, e.g. 2026-11-01 or 2026-11-01T08:00)")
-    export.add_argument("--until", help="before this UTC time")
+    export.add_argument(
+        "--since",
+        type=_utc_time,
+        help="from this time (ISO 8601, UTC unless it has an offset: 2026-11-01, 2026-11-01T08:00+08:00)",
+    )
+    export.add_argument("--until", type=_utc_time, help="before this time (as --since)")
     sub.add_parser("version", help="print the version", description=_VERSION_HELP, formatter_class=_FORMATTER)
     sub.add_parser("hq-receiver", help="HQ reference receiver (see 'hq-receiver --help')", add_help=False)
     sub.add_parser(
@@ -391,6 +396,21 @@ def _rules_test(path: Path, events: Path, against: Path | None) -> int:
         print(line)
     print(f"{len(envelopes)} event(s) replayed; {len(lines)} line(s)", file=sys.stderr)
     return 0
+
+
+def _utc_time(text: str) -> str:
+    """An ISO 8601 time (UTC unless it has an offset) written as the journal writes ``recorded_at``."""
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 time: {text!r} (e.g. 2026-11-01, 2026-11-01T08:00 or 2026-11-01T08:00+08:00)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _export(config_path: Path, since: str | None, until: str | None) -> int:

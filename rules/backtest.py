@@ -1,15 +1,17 @@
 """Backtest: replay exported events through the rule engine in virtual time, deterministically.
 
 ``store-gateway rules test RULES.yaml --events events.jsonl`` prints every alert the rules would have raised,
-cleared or had acknowledged, with the time it would have happened; ``--against OTHER.yaml`` prints the difference
-between two rule sets over the same events (what a threshold change would have done last month, before HQ pushes
-it). The events are envelopes as the gateway stores and sends them, one JSON object per line: from
-``store-gateway export``, from ``GET /api/events``, or from HQ's copy.
+cleared or escalated, and the recorded acknowledgements of them, with the time it would have happened;
+``--against OTHER.yaml`` prints the difference between two rule sets over the same events (what a threshold
+change would have done last month, before HQ pushes it). The events are envelopes as the gateway stores and
+sends them, one JSON object per line: from ``store-gateway export``, from ``GET /api/events``, or from HQ's
+copy.
 
 Virtual time is the events' own ``recorded_at`` (the gateway's clock when each was committed); timers fire at
 their due time between events. The engine is the live one, on an in-memory database: live and replay run the
 same code. (Live alerts fire from ticks about a second apart, so their times may differ from the replay's by
-that much; which alerts, in which order, do not.)
+that much; which alerts, in which order, do not, except around the gateway's downtime and clock steps: see
+docs/RULES.md.)
 """
 
 from __future__ import annotations

@@ -95,6 +95,16 @@ def test_a_usage_error_exits_2() -> None:
     assert "the following arguments are required: file" in result.stderr
 
 
+def test_export_reads_times_with_offsets_and_refuses_what_is_not_a_time(tmp_path: Path) -> None:
+    from gateway.cli import _utc_time
+
+    assert _utc_time("2026-11-01") == "2026-11-01T00:00:00.000Z"
+    assert _utc_time("2026-11-01T08:00+08:00") == "2026-11-01T00:00:00.000Z"  # as recorded_at is written
+    result = cli("export", "--config", str(tmp_path / "store.yaml"), "--since", "last tuesday")
+    assert result.returncode == 2
+    assert "not an ISO 8601 time: 'last tuesday'" in result.stderr
+
+
 # --- check-config --no-secrets
 
 

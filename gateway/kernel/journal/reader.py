@@ -113,9 +113,9 @@ class Reader:
                 )
                 continue
             events.append(Event(int(found), kind, device_id, orjson.dumps(data), model))
-        if len(events) == limit:
-            return events, events[-1].seq
-        return events, max(last_seq, events[-1].seq if events else seq)
+        if len(rows) == limit:  # more may follow: through the last row read (some may have been skipped)
+            return events, int(rows[-1][0])
+        return events, max(last_seq, int(rows[-1][0]) if rows else seq)
 
     async def cursor(self, name: str) -> int | None:
         """A consumer's committed cursor, or None."""
