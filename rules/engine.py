@@ -287,6 +287,7 @@ class RuleEngine(Processor):
         if rule.renotify_s is not None or rule.escalate:
             track.data["esc"] = {
                 "raised": at,
+                "message": message[:300],  # told again with each re-notification and escalation
                 "steps": 0,
                 "renotify": None if rule.renotify_s is None else at + rule.renotify_s,
             }
@@ -377,7 +378,9 @@ class RuleEngine(Processor):
                     subject=track.subject[:64],
                     step=step,
                     channels=list(channels),
-                    message=f"not acknowledged after {minutes:.0f} min: {track.alert_id}"[:500],
+                    message=f"not acknowledged after {minutes:.0f} min: {esc.get('message', track.alert_id)}"[
+                        :500
+                    ],
                     details={"rule_id": rule.id, "episode": track.episode, "step": step},
                 ),
                 self._device(track),

@@ -212,6 +212,8 @@ def test_an_unacknowledged_alert_is_told_again_and_escalated_until_someone_ackno
         (0, ["staff"]),  # 20 min
         (2, ["area"]),  # 30 min
     ]
+    raised = next(a for a in rig.alerts if isinstance(a, AlertRaised))
+    assert escalated[1].message == f"not acknowledged after 15 min: {raised.message}"
     told = len(escalated)
     ack = AlertAcknowledged(alert_id="dairy-warm/fridge-1/1", note="on it", role="manager", via="api")
     rig.seq += 1

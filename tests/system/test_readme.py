@@ -329,3 +329,14 @@ def test_user_docs_carry_no_development_history(doc: Path) -> None:
         assert phrase not in text, (
             f"{rel(doc)} mentions {phrase!r}: development history belongs in git, not docs"
         )
+
+
+def test_the_outbox_class_table_lists_every_kind_in_its_default_class() -> None:
+    from gateway.kernel.outbox import CLASSES, DEFAULT_KIND_CLASSES
+
+    table: dict[str, int] = {}
+    for line in (REPO / "docs" / "OUTBOX.md").read_text().splitlines():
+        row = re.match(r"\| (\d) \| `(\w+)` \| (.+?) \|", line)
+        if row and CLASSES[int(row[1])] == row[2]:
+            table |= dict.fromkeys(re.findall(r"`([a-z_.]+)`", row[3]), int(row[1]))
+    assert table == dict(DEFAULT_KIND_CLASSES)
