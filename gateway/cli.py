@@ -253,6 +253,9 @@ def _parser() -> argparse.ArgumentParser:
     rules_test.add_argument("file", type=Path, help="the rules (YAML, a top-level 'rules:' list)")
     rules_test.add_argument("--events", type=Path, required=True, help="events, one JSON envelope per line")
     rules_test.add_argument("--against", type=Path, help="other rules to compare with")
+    rules_test.add_argument(
+        "--config", "-c", type=Path, help="the store's config, for its opening hours (default: always open)"
+    )
     export = sub.add_parser(
         "export",
         help="print the journal's events, one JSON envelope per line",
@@ -346,7 +349,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return _run(args.config, new_journal=args.new_journal)
     if args.command == "rules":
         if args.rules_command == "test":
-            return _rules_test(args.file, args.events, args.against)
+            return _rules_test(args.file, args.events, args.against, args.config)
         return _rules_check(args.file)
     if args.command == "export":
         return _export(args.config, args.since, args.until)
@@ -374,10 +377,19 @@ def _main(argv: Sequence[str] | None) -> int:
     return 2
 
 
-def _rules_test(path: Path, events: Path, against: Path | None) -> int:
+def _rules_test(path: Path, events: Path, against: Path | None, config_path: Path | None) -> int:
+    from gateway.config_loader import ConfigError, load_config
     from gateway.kernel.loader import DocumentError, DocumentKind, load_document
     from gateway.kernel.rule_config import RuleFile
     from rules.backtest import difference, read_envelopes, replay
+
+    hours = None
+    if config_path is not None:
+        try:
+            hours = load_config(config_path, no_secrets=True).store.store_hours()
+        except ConfigError as err:
+            print(err, file=sys.stderr)
+            return 1
 
     kind = DocumentKind("rules", "docs/RULES.md (examples)", 4 * 1024 * 1024)
     try:
@@ -390,7 +402,7 @@ def _rules_test(path: Path, events: Path, against: Path | None) -> int:
     except (OSError, ValueError) as err:
         print(f"store-gateway: {events}: {err}", file=sys.stderr)
         return 1
-    outcomes = [replay(rules, envelopes) for rules in rule_sets]
+    outcomes = [replay(rules, envelopes, hours) for rules in rule_sets]
     lines = difference(*outcomes) if against else [o.line() for o in outcomes[0]]
     for line in lines:
         print(line)

@@ -63,7 +63,12 @@ class Gateway:
         self.config_hash = config_hash
         self.metrics = Metrics()
         self.clock = ClockState()
-        self.rules = RuleEngine(config.rules, RuleClock(self.clock.synced), hq_rules=engine_rules)
+        self.rules = RuleEngine(
+            config.rules,
+            RuleClock(self.clock.synced),
+            hq_rules=engine_rules,
+            hours=config.store.store_hours(),
+        )
         self.journal = Journal(
             journal_path(config.data_dir),
             config.store.id,

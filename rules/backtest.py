@@ -27,6 +27,7 @@ import orjson
 from gateway.kernel.events import PAYLOADS, AlertAcknowledged, AlertCleared, AlertEscalated, AlertRaised
 from gateway.kernel.pipeline import Derived, Event, Pipeline
 from gateway.kernel.rule_config import RuleDefinition
+from gateway.kernel.store_hours import StoreHours
 from rules.clock import RuleClock
 from rules.engine import RuleEngine
 
@@ -62,11 +63,14 @@ def read_envelopes(lines: Iterable[bytes | str]) -> Iterator[dict[str, Any]]:
         yield envelope
 
 
-def replay(rules: Sequence[RuleDefinition], envelopes: Iterable[dict[str, Any]]) -> list[Outcome]:
-    """The alerts ``rules`` make of ``envelopes`` (replayed in seq order), with their virtual times."""
+def replay(
+    rules: Sequence[RuleDefinition], envelopes: Iterable[dict[str, Any]], hours: StoreHours | None = None
+) -> list[Outcome]:
+    """The alerts ``rules`` make of ``envelopes`` (replayed in seq order), with their virtual times; ``hours``:
+    the store's opening hours (the store config's), for the rules that count open time."""
     now = [0.0]
     clock = RuleClock(lambda: True, lambda: now[0], lambda: now[0])
-    engine = RuleEngine(list(rules), clock, wall=lambda: now[0])
+    engine = RuleEngine(list(rules), clock, wall=lambda: now[0], hours=hours)
     pipeline = Pipeline([engine])
     conn = sqlite3.connect(":memory:", isolation_level=None)
     outcomes: list[Outcome] = []

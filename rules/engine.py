@@ -25,10 +25,13 @@ from typing import Any, Final, Literal
 
 import orjson
 
-from gateway.kernel.events import AlertAcknowledged, AlertCleared, AlertEscalated, AlertRaised
+from cloud_bridge.documents import Planogram
+from gateway.kernel.events import AlertAcknowledged, AlertCleared, AlertEscalated, AlertRaised, DocumentUpdated
 from gateway.kernel.pipeline import Emit, Event, Processor
 from gateway.kernel.rule_config import RuleDefinition
+from gateway.kernel.store_hours import StoreHours
 from rules.clock import RuleClock
+from rules.layout import Layout
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -44,8 +47,10 @@ CREATE TABLE IF NOT EXISTS rule_state(
     PRIMARY KEY (rule_id, subject)
 );
 """
-SKU_RULES: Final = frozenset({"negative_stock", "returns_spike"})
-"""Rule types whose subject is not a device (a SKU, the store): their alerts carry no device id."""
+SKU_RULES: Final = frozenset(
+    {"negative_stock", "returns_spike", "shelf_low", "shelf_empty", "possible_shrink", "misplaced"}
+)
+"""Rule types whose subject is not a device (a SKU, the store, a shelf's GTIN): their alerts carry no device id."""
 _UNREAD: Final = object()
 RETIRED: Final = "-"
 """The fingerprint of a track whose rule is no longer in force."""
@@ -91,6 +96,33 @@ class Context:
         """The wall-clock time (UTC, ISO 8601) a timer was due, if the wall clock can say."""
         return None if due is None else self._engine.due_at(due)
 
+    @property
+    def layout(self) -> Layout:
+        """HQ's planogram, as the RFID shelf rules read it."""
+        return self._engine.layout
+
+    def track(self, rule: RuleDefinition, subject: str) -> Track:
+        """The rule's track for a subject, for rule types one event concerns several subjects of
+        (:attr:`RuleType.many`): the engine writes those it changed."""
+        return self._engine.touch(rule, subject)
+
+    def subjects(self, rule: RuleDefinition) -> list[str]:
+        """The subjects the rule has tracks for."""
+        return [subject for rule_id, subject in self._engine._tracks if rule_id == rule.id]
+
+    @property
+    def hours(self) -> StoreHours:
+        return self._engine.hours
+
+    @property
+    def synced(self) -> bool:
+        """Whether the wall clock can be trusted now (the store's hours and dates depend on it)."""
+        return self._engine.clock.synced()
+
+    def wall(self, at: float) -> float:
+        """The wall-clock (Unix) time of the rules' time ``at``, as the wall clock reads now."""
+        return self._engine.wall_of(at)
+
 
 Observe = Callable[[Context, RuleDefinition, Track, Event], None]
 """A rule type's reaction to one committed event about ``track``'s subject. The engine writes the track when its
@@ -116,6 +148,13 @@ class RuleType:
     """What an event is about for this rule (a device, a SKU), or None: not for it."""
     start: Callable[[RuleDefinition, Track, float], None] | None = None
     """At the gateway's start, for each of its tracks: adjust timers the time away should not count for."""
+    many: Callable[[Context, RuleDefinition, Event], None] | None = None
+    """For rules one event concerns several subjects of (a shelf reader's window: each shelf and GTIN it
+    watches): it takes the tracks it changes from ``ctx.track``, and ``subject`` and ``observe`` are unused."""
+    replan: Callable[[Context, RuleDefinition], None] | None = None
+    """After HQ replaced the planogram (``ctx.layout``): look again at the rule's tracks (``ctx.subjects``)."""
+    any_device: frozenset[str] = frozenset()
+    """Kinds it reads from every device, whatever ``select.devices`` names (a shelf rule's tills)."""
 
 
 class RuleEngine(Processor):
@@ -129,8 +168,10 @@ class RuleEngine(Processor):
         clock: RuleClock,
         hq_rules: Callable[[sqlite3.Connection], Sequence[RuleDefinition]] | None = None,
         *,
+        planogram: Callable[[sqlite3.Connection], Planogram | None] | None = None,
         types: dict[str, RuleType] | None = None,
         wall: Callable[[], float] = time.time,
+        hours: StoreHours | None = None,
     ) -> None:
         from rules.types import RULE_TYPES  # the rule types import this module's Track and Context
 
@@ -139,8 +180,16 @@ class RuleEngine(Processor):
         self._hq_rules = hq_rules
         """HQ's rules (the ``rules`` document), read again at every load: they join the configured ones, and
         replace a configured rule with the same id."""
+        self._planogram = planogram
+        """HQ's planogram, read at every load and after a ``document.updated`` says it changed."""
+        self.layout = Layout()
+        self._replan = False
+        self._touched: dict[tuple[str, str], tuple[Any, ...]] | None = None
+        """The tracks a ``many`` rule type took, as they were before."""
         self.clock = clock
         self._wall = wall
+        self.hours = hours if hours is not None else StoreHours()
+        """The store's opening hours, for the rules that count only open time."""
         self.rules: dict[str, RuleDefinition] = {}
         self._by_kind: dict[str, list[RuleDefinition]] = {}
         self._by_device: dict[tuple[str, str], list[RuleDefinition]] = {}
@@ -181,6 +230,9 @@ class RuleEngine(Processor):
         if event.kind == "alert.acknowledged":
             self._acknowledge(event)
             return
+        if event.kind == "document.updated" and self._planogram is not None:
+            updated = event.model
+            self._replan |= isinstance(updated, DocumentUpdated) and updated.name == "planogram"
         device = event.device_id
         rules = self._by_kind.get(event.kind, ())
         if device is not None:
@@ -197,6 +249,9 @@ class RuleEngine(Processor):
                 self._sources[device] = seen  # a device.status says nothing of its format: remember it
         for rule in rules:
             kind = self.types[rule.type]
+            if kind.many is not None:
+                self._each(ctx, rule, kind.many, event)
+                continue
             if kind.subject is device_subject:  # the index already matched the device
                 if device is None:
                     continue
@@ -244,6 +299,8 @@ class RuleEngine(Processor):
         self._dirty.add((track.rule_id, track.subject))
 
     def flush(self, conn: sqlite3.Connection) -> Sequence[Emit]:
+        if self._replan:
+            self._replan_shelves(conn)
         self._due(self.clock.now())
         return self._write(conn)
 
@@ -387,6 +444,9 @@ class RuleEngine(Processor):
             )
         )
 
+    def wall_of(self, at: float) -> float:
+        return self._wall() - (self.clock.now() - at)
+
     def due_at(self, due: float) -> str | None:
         """The wall-clock time a timer was due, for an alert's details (None while the clock is unsynced)."""
         if not self.clock.synced():
@@ -405,7 +465,7 @@ class RuleEngine(Processor):
         self._by_device = {}
         for rule in self.rules.values():
             for kind in self.types[rule.type].kinds:
-                if rule.select.devices:
+                if rule.select.devices and kind not in self.types[rule.type].any_device:
                     for device in rule.select.devices:
                         self._by_device.setdefault((kind, device), []).append(rule)
                 else:
@@ -449,6 +509,56 @@ class RuleEngine(Processor):
                 self._dirty.add(key)
         self._earliest = self._earliest_due()
 
+    def touch(self, rule: RuleDefinition, subject: str) -> Track:
+        """A track for a ``many`` rule type: noted as it was, to write it if it changes (or restore it)."""
+        key = (rule.id, subject)
+        track = self._tracks.get(key) or self._track(rule, subject)
+        if self._touched is not None and key not in self._touched:
+            self._touched[key] = (track.state, track.episode, track.due, dict(track.data))
+        return track
+
+    def _each(self, ctx: Context, rule: RuleDefinition, work: Callable[..., None], *args: Any) -> None:
+        """Run a rule type's work that takes several of its tracks (``ctx.track``): the tracks it changed are
+        written; if it fails (a bug), they stay as they were and what it emitted is dropped."""
+        touched: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._touched = touched
+        emitted = len(self._out)
+        try:
+            work(ctx, rule, *args)
+        except Exception:  # like a failing observe: that rule skips it, the others go on
+            _LOGGER.exception("rule %s failed and skips what it was doing", rule.id)
+            for key, (state, episode, due, data) in touched.items():
+                track = self._tracks[key]
+                track.state, track.episode, track.due, track.data = state, episode, due, data
+            del self._out[emitted:]
+            return
+        finally:
+            self._touched = None
+        for key, before in touched.items():
+            track = self._tracks[key]
+            if before != (track.state, track.episode, track.due, track.data):
+                self._dirty.add(key)
+                if track.due is not None and track.due < self._earliest:
+                    self._earliest = track.due
+
+    def _read_planogram(self, conn: sqlite3.Connection) -> None:
+        self._replan = False
+        if self._planogram is None:
+            return
+        try:
+            self.layout = Layout(self._planogram(conn))
+        except Exception:  # a bug in reading it: the shelf rules keep the planogram they had
+            _LOGGER.exception("rules: the planogram could not be read; the shelf rules keep the one they had")
+
+    def _replan_shelves(self, conn: sqlite3.Connection) -> None:
+        """HQ replaced the planogram: the shelf rules look again at what they watch, in this transaction."""
+        self._read_planogram(conn)
+        ctx = Context(self, self.clock.now())
+        for rule in self.rules.values():
+            replan = self.types[rule.type].replan
+            if replan is not None:
+                self._each(ctx, rule, replan)
+
     def _earliest_due(self) -> float:
         earliest = math.inf
         for track in self._tracks.values():
@@ -479,6 +589,7 @@ class RuleEngine(Processor):
         """The state as committed. A rule that changed (how it evaluates), was disabled or removed starts afresh:
         its open alerts are cleared and its tracks reset in the next write (the same transaction as the clears);
         their episode numbers go on, so an alert id is never used twice."""
+        self._read_planogram(conn)
         if self._hq_rules is not None:
             merged = {r.id: r for r in self._configured}
             merged.update((r.id, r) for r in self._hq_rules(conn))

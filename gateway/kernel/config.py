@@ -13,6 +13,7 @@ from zoneinfo import available_timezones
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway.kernel.model import Identifier, StrictModel
+from gateway.kernel.store_hours import OpeningHours, StoreHours
 
 
 class Location(StrictModel):
@@ -30,6 +31,14 @@ class StoreConfig(StrictModel):
     location: Location | None = Field(
         default=None, description="Where the store is; needed for check-in geofencing."
     )
+    opening_hours: OpeningHours | None = Field(
+        default=None,
+        description="Per weekday (mon..sun), its open spans in the store's timezone, like '09:00-21:30' or"
+        " '22:00-02:00' (past midnight); a day not listed is closed. None: always open.",
+    )
+
+    def store_hours(self) -> StoreHours:
+        return StoreHours(self.timezone, self.opening_hours)
 
     @field_validator("timezone")
     @classmethod

@@ -141,6 +141,16 @@ class SilentRule(RuleBase):
     )
 
 
+class RegisterSilentRule(RuleBase):
+    """A till that went quiet while the store is open: no sale or return for ``after_s`` of opening hours
+    (``store.opening_hours``, in the store's timezone; always open without them). Its next receipt clears."""
+
+    type: Literal["register_silent"] = Field(description="A till that sent nothing during opening hours.")
+    after_s: Annotated[float, Field(ge=60, le=86_400)] = Field(
+        default=1800, description="Opening-hours time without a receipt that raises the alert."
+    )
+
+
 class DoorOpenRule(RuleBase):
     """A fridge door left open: open (``metric`` 1) for longer than ``open_s``; closing it clears."""
 
@@ -216,14 +226,59 @@ class ReturnsSpikeRule(RuleBase):
         return self.max_ratio * 0.8 if self.clear_ratio is None else self.clear_ratio
 
 
+class ShelfLowRule(RuleBase):
+    """A shelf running low, seen by its RFID reader: fewer tags of the shelf's GTIN in the reader's latest window
+    than the planogram's ``min_on_shelf``. Cleared at or above ``min_on_shelf`` (``clear_at: min``) or at or above
+    the larger of ``min_on_shelf`` and ``facings`` (``clear_at: facings``, the default: the shelf was refilled)."""
+
+    type: Literal["shelf_low"] = Field(description="A shelf below its planogram minimum (RFID).")
+    clear_at: Literal["min", "facings"] = Field(
+        default="facings",
+        description="Cleared at or above min_on_shelf ('min'), or the larger of min_on_shelf and facings.",
+    )
+
+
+class ShelfEmptyRule(RuleBase):
+    """A shelf with none of its GTIN in its RFID reader's latest window. Cleared once it holds at least its
+    ``min_on_shelf`` again (at least one): a single unit read or put back does not end it."""
+
+    type: Literal["shelf_empty"] = Field(description="A shelf with none of its goods left (RFID).")
+
+
+class PossibleShrinkRule(RuleBase):
+    """Tagged goods that left their shelf and were not sold: a departed tag with no till sale of its GTIN within
+    ``sale_window_s`` (each sale line consumes one departure per unit). An event alert: it clears when all its
+    tags are seen on the shelf again, or ``clear_after_s`` after it was raised."""
+
+    type: Literal["possible_shrink"] = Field(description="Goods gone from a shelf and not sold (RFID).")
+    sale_window_s: Annotated[float, Field(ge=10, le=86_400)] = Field(
+        default=600, description="A sale of the GTIN within this long after the departure accounts for it."
+    )
+    clear_after_s: Annotated[float, Field(ge=60, le=7 * 86_400)] = Field(
+        default=3600, description="The alert clears this long after it was raised (it reports an event)."
+    )
+
+
+class MisplacedRule(RuleBase):
+    """Goods on the wrong shelf: a GTIN the RFID reader of a shelf sees that the planogram does not put on the
+    shelves it watches. Cleared when the reader no longer sees it there."""
+
+    type: Literal["misplaced"] = Field(description="Goods on a shelf the planogram does not put them on (RFID).")
+
+
 RuleDefinition = Annotated[
     TemperatureRule
     | SilentRule
+    | RegisterSilentRule
     | DoorOpenRule
     | BatteryLowRule
     | ControllerAlarmRule
     | NegativeStockRule
-    | ReturnsSpikeRule,
+    | ReturnsSpikeRule
+    | ShelfLowRule
+    | ShelfEmptyRule
+    | PossibleShrinkRule
+    | MisplacedRule,
     Field(discriminator="type"),
 ]
 
