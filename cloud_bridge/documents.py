@@ -17,14 +17,19 @@ from pydantic import AwareDatetime, Field, model_validator
 
 from gateway.kernel.biometrics import find_biometrics
 from gateway.kernel.events import ShortText, Sku
-from gateway.kernel.model import StrictModel
+from gateway.kernel.model import Identifier, StrictModel
 from gateway.kernel.rule_config import (
     BatteryLowRule,
     ControllerAlarmRule,
     DoorOpenRule,
+    MisplacedRule,
     NegativeStockRule,
+    PossibleShrinkRule,
+    RegisterSilentRule,
     ReturnsSpikeRule,
     RuleDefinition,
+    ShelfEmptyRule,
+    ShelfLowRule,
     SilentRule,
     TemperatureRule,
 )
@@ -114,6 +119,13 @@ class Shelf(StrictModel):
     min_on_shelf: int = Field(
         ge=0, le=MAX_THRESHOLD, description="Units below which the shelf needs filling."
     )
+    gtin: Annotated[str, Field(pattern=r"^\d{14}$")] | None = Field(
+        default=None,
+        description="GTIN-14 of the SKU's tags: the RFID shelf rules watch the shelf for it (none: not watched).",
+    )
+    reader: Identifier | None = Field(
+        default=None, description="Device id of the RFID reader that watches the shelf; default the shelf_id."
+    )
 
 
 class Planogram(StrictModel):
@@ -124,6 +136,7 @@ class Planogram(StrictModel):
     @model_validator(mode="after")
     def _unique_places(self) -> Planogram:
         _unique("(shelf_id, sku)", [f"{s.shelf_id}/{s.sku}" for s in self.shelves])
+        _unique("(shelf_id, gtin)", [f"{s.shelf_id}/{s.gtin}" for s in self.shelves if s.gtin is not None])
         return self
 
     @property
@@ -144,11 +157,16 @@ AnyRule = Annotated[
     StockLowRule
     | TemperatureRule
     | SilentRule
+    | RegisterSilentRule
     | DoorOpenRule
     | BatteryLowRule
     | ControllerAlarmRule
     | NegativeStockRule
-    | ReturnsSpikeRule,
+    | ReturnsSpikeRule
+    | ShelfLowRule
+    | ShelfEmptyRule
+    | PossibleShrinkRule
+    | MisplacedRule,
     Field(discriminator="type"),
 ]
 """A rule of HQ's ``rules`` document: the stock ledger's ``stock.low`` thresholds, or a rule of the engine (the

@@ -168,3 +168,16 @@ def test_a_stored_rule_this_release_cannot_read_is_left_out_and_the_others_stay(
     assert [r.id for r in rules.rules] == ["tea-low", "dairy-warm"]
     assert rules.sku_thresholds == {"TEA": 3}
     assert [r.id for r in engine_rules(conn)] == ["dairy-warm"]
+
+
+def test_hqs_rules_document_takes_every_rule_type_of_the_config() -> None:
+    """One model for both: every engine rule type the config takes, HQ's rules document takes too."""
+    from typing import get_args
+
+    from cloud_bridge.documents import AnyRule, StockLowRule
+    from gateway.kernel.rule_config import RuleDefinition
+    from rules.types import RULE_TYPES
+
+    config_types = set(get_args(get_args(RuleDefinition)[0]))
+    assert set(get_args(get_args(AnyRule)[0])) == config_types | {StockLowRule}
+    assert {t.model_fields["type"].annotation.__args__[0] for t in config_types} <= set(RULE_TYPES)
