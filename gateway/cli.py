@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
 
 from gateway import __version__
@@ -102,6 +103,21 @@ examples:
   store-gateway broker provision --config store.yaml --out accounts --rotate pos-02
   store-gateway broker provision --config store.yaml --out accounts \\
       --gateway-password-file /etc/store-gateway/secrets/store_mqtt_password
+"""
+
+_HACCP_HELP = """\
+Write one fridge's HACCP temperature log for one day in the store's timezone (store.timezone): the limit
+(the max_c of the temperature rules in force that watch it), its readings per interval (min, max, last),
+the gaps, and each excursion with its duration and corrective action (docs/HACCP.md). It only reads the
+journal: the gateway may be running.
+
+exit codes:
+  0  written
+  1  the config has problems, no journal, or the journal knows no such fridge
+  2  usage error (a date that is not YYYY-MM-DD)
+
+example:
+  store-gateway haccp --config store.yaml --device fridge-dairy --date 2026-11-01 --out dairy.csv
 """
 
 _VERSION_HELP = """\
@@ -271,6 +287,21 @@ def _parser() -> argparse.ArgumentParser:
         help="from this time (ISO 8601, UTC unless it has an offset: 2026-11-01, 2026-11-01T08:00+08:00)",
     )
     export.add_argument("--until", type=_utc_time, help="before this time (as --since)")
+    haccp = sub.add_parser(
+        "haccp",
+        help="write one fridge's HACCP temperature log for one day (CSV or JSON)",
+        description=_HACCP_HELP,
+        formatter_class=_FORMATTER,
+    )
+    haccp.add_argument("--config", "-c", type=Path, required=True, help="the store config (YAML)")
+    haccp.add_argument("--device", required=True, help="the fridge's device id")
+    haccp.add_argument(
+        "--date", type=_local_date, required=True, help="the day, in the store's timezone: YYYY-MM-DD"
+    )
+    haccp.add_argument("--format", choices=("csv", "json"), default="csv", help="csv (the default) or json")
+    haccp.add_argument(
+        "--out", type=Path, required=True, metavar="FILE", help="the file to write ('-': stdout)"
+    )
     sub.add_parser("version", help="print the version", description=_VERSION_HELP, formatter_class=_FORMATTER)
     sub.add_parser("hq-receiver", help="HQ reference receiver (see 'hq-receiver --help')", add_help=False)
     sub.add_parser(
@@ -351,6 +382,8 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.rules_command == "test":
             return _rules_test(args.file, args.events, args.against, args.config)
         return _rules_check(args.file)
+    if args.command == "haccp":
+        return _haccp(args.config, args.device, args.date, args.format, args.out)
     if args.command == "export":
         return _export(args.config, args.since, args.until)
     if args.command == "broker":
@@ -443,6 +476,72 @@ def _export(config_path: Path, since: str | None, until: str | None) -> int:
     for body in export_bodies(db.absolute().as_uri() + "?mode=ro", since, until):
         out.write(body + b"\n")
     out.flush()
+    return 0
+
+
+def _local_date(text: str) -> date:
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        day = None
+    if day is None or len(text) != len("YYYY-MM-DD"):
+        raise argparse.ArgumentTypeError(f"not a date: {text!r} (YYYY-MM-DD, e.g. 2026-11-01)")
+    return day
+
+
+def _haccp(config_path: Path, device: str, day: date, fmt: str, out: Path) -> int:
+    import sqlite3
+    import time
+
+    from gateway.config_loader import ConfigError, load_config
+    from gateway.kernel.journal.reader import snapshot
+    from gateway.ledger.documents import engine_rules
+    from gateway.runtime import journal_path
+    from rules.haccp_report import as_csv, as_json, build_report, rules_in_force
+
+    try:
+        config = load_config(config_path, no_secrets=True)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 1
+    db = journal_path(config.data_dir)
+    if not db.exists():
+        print(f"store-gateway: no journal at {db}", file=sys.stderr)
+        return 1
+    try:
+        with snapshot(db.absolute().as_uri() + "?mode=ro") as conn:
+            conn.execute("BEGIN")  # one snapshot: the gateway may be writing
+            report = build_report(
+                conn,
+                device,
+                day,
+                store_id=config.store.id,
+                store_name=config.store.name,
+                timezone=config.store.timezone,
+                config=config.haccp,
+                rules=rules_in_force(config.rules, engine_rules(conn)),
+                now=time.time(),
+            )
+    except sqlite3.Error as err:
+        print(f"store-gateway: cannot read the journal {db}: {err}", file=sys.stderr)
+        return 1
+    if report is None:
+        print(f"store-gateway: no temperature log of device {device!r} in {db}", file=sys.stderr)
+        return 1
+    data = as_json(report) + b"\n" if fmt == "json" else as_csv(report).encode()
+    if str(out) == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return 0
+    try:
+        out.write_bytes(data)
+    except OSError as err:
+        print(f"store-gateway: cannot write {out}: {err}", file=sys.stderr)
+        return 1
+    print(
+        f"{out}: {len(report['intervals'])} interval(s), {len(report['excursions'])} excursion(s)",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -20,6 +20,7 @@ from gateway.kernel.config import ApiConfig, BrokerConfig, JournalConfig, LogCon
 from gateway.kernel.model import Identifier, StrictModel
 from gateway.kernel.rule_config import Notifications, RuleDefinition, check_unique_ids
 from gateway.ledger.config import StockConfig
+from rules.haccp import HaccpConfig
 
 
 class GatewayConfig(StrictModel):
@@ -51,6 +52,10 @@ class GatewayConfig(StrictModel):
         max_length=2000,
         description="The store's local rules: cold chain, silent devices (docs/RULES.md).",
     )
+    haccp: HaccpConfig = Field(
+        default_factory=HaccpConfig,
+        description="The HACCP temperature log: its interval and how long it is kept (docs/HACCP.md).",
+    )
 
     @model_validator(mode="after")
     def _unique_ids(self) -> GatewayConfig:
@@ -64,10 +69,17 @@ class GatewayConfig(StrictModel):
                 raise ValueError(f"{label}: duplicate id(s) {', '.join(dupes)}")
         check_unique_ids(list(self.rules))
         channels = {c.id for c in self.notifications.channels}
-        unknown = sorted({c for r in self.rules for c in r.channels() if c not in channels})
+        rules = [self.stock.low_alert, *self.rules]
+        unknown = sorted({c for r in rules for c in r.channels() if c not in channels})
         if unknown:
             raise ValueError(
                 f"rules notify unknown channel(s) {', '.join(unknown)}: add them to notifications.channels"
+            )
+        fenced = [r.id for r in self.rules if r.type == "attendance"]
+        if fenced and self.store.location is None:
+            raise ValueError(
+                f"attendance rule(s) {', '.join(fenced)} need the store's geofence: add store.location"
+                " (latitude, longitude, geofence_radius_m)"
             )
         if self.store_broker.client_id is not None and sum(d.type == "mqtt" for d in self.drivers) > 1:
             raise ValueError(

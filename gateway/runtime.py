@@ -31,11 +31,12 @@ from gateway.kernel.logs import register_secret
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.outbox import CLASSES
 from gateway.ledger.commands import ledger_handlers
-from gateway.ledger.documents import engine_rules
+from gateway.ledger.documents import engine_rules, planogram, roster
 from gateway.ledger.stock import StockLedger
 from rules.clock import RuleClock
 from rules.commands import rule_handlers
 from rules.engine import RuleEngine
+from rules.haccp import HaccpLog
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -63,11 +64,16 @@ class Gateway:
         self.config_hash = config_hash
         self.metrics = Metrics()
         self.clock = ClockState()
+        ledger = StockLedger(config.stock, self.metrics)
         self.rules = RuleEngine(
-            config.rules,
+            [config.stock.low_alert, *config.rules],
             RuleClock(self.clock.synced),
             hq_rules=engine_rules,
+            planogram=planogram,
             hours=config.store.store_hours(),
+            roster=roster,
+            location=config.store.location,
+            velocity=ledger.velocity,
         )
         self.journal = Journal(
             journal_path(config.data_dir),
@@ -75,7 +81,7 @@ class Gateway:
             config.gateway_id,
             config.journal,
             self.metrics,
-            processors=[StockLedger(config.stock, self.metrics), self.rules],
+            processors=[ledger, self.rules, HaccpLog(config.haccp)],
             clock=self.clock,
             outbox=config.outbox,
         )
@@ -84,8 +90,21 @@ class Gateway:
         self.drivers_ctx = DriverContext(self.journal, self.metrics, self.devices, config)
         if config.api.enabled:
             from rules.alerts import alerts_router  # FastAPI is imported only when the API is on
+            from rules.attendance_api import attendance_router
+            from rules.haccp_api import haccp_router
 
             self.drivers_ctx.api_routers.append(alerts_router(self.journal, self.rules))
+            self.drivers_ctx.api_routers.append(attendance_router(self.journal, self.rules))
+            self.drivers_ctx.api_routers.append(
+                haccp_router(
+                    self.journal.path,
+                    store_id=config.store.id,
+                    store_name=config.store.name,
+                    timezone=config.store.timezone,
+                    config=config.haccp,
+                    rules=lambda: list(self.rules.rules.values()),
+                )
+            )
         self.intakes: list[Driver] = [d.create(self.drivers_ctx) for d in config.drivers]
         self.uplink = Uplink(config, self.journal, self.metrics, config_hash)
         self.downlink = Downlink(

@@ -60,6 +60,11 @@ class Event:
     data_json: bytes
     """The payload as stored (the envelope's ``data``)."""
     _model: StrictModel | None = field(default=None, repr=False)
+    recorded_at: float | None = None
+    """The wall-clock time of its commit (the envelope's ``recorded_at``, Unix seconds); None when the event did
+    not come from the journal's writer (a replay)."""
+    clock_synced: bool = True
+    """Whether the wall clock was synchronised when it committed (the envelope's ``clock_synced``)."""
 
     @property
     def model(self) -> StrictModel:

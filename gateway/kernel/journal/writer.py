@@ -479,22 +479,28 @@ class Writer(Backlog):
             first = self.last_seq + 1
             seq = self.last_seq
             now = time.time()
+            stamp = self._envelope_args()
+            synced = bool(stamp["synced"])  # what the envelopes say, and the pipeline sees
             rows: list[Row] = []
-            seq = envelopes(fresh, seq, now, rows, **self._envelope_args())
+            seq = envelopes(fresh, seq, now, rows, **stamp)
             last = [seq]
 
             def append_drafts(drafts: list[Draft]) -> list[Event]:
                 """Seqs for drafts (in this transaction); what the pipeline sees of them."""
                 start = len(rows)
-                last[0] = envelopes(drafts, last[0], now, rows, **self._envelope_args())
-                return [_event(row, draft) for row, draft in zip(rows[start:], drafts, strict=True)]
+                last[0] = envelopes(drafts, last[0], now, rows, **stamp)
+                return [
+                    _event(row, draft, now, synced) for row, draft in zip(rows[start:], drafts, strict=True)
+                ]
 
             def append(derived: Sequence[Derived]) -> list[Event]:
                 return append_drafts([Draft(d.kind, d.device_id, d.data_json, d.model) for d in derived])
 
             pipeline = self._pipeline
             if fresh and pipeline.processors:
-                pipeline.run(conn, [_event(row, d) for row, d in zip(rows, fresh, strict=True)], append)
+                pipeline.run(
+                    conn, [_event(row, d, now, synced) for row, d in zip(rows, fresh, strict=True)], append
+                )
             moved: dict[int, int] = {}
             if extra is not None:
                 added = append_drafts(extra(conn, work, moved))
@@ -579,11 +585,12 @@ class Writer(Backlog):
             )
 
 
-def _event(row: Row, draft: Draft) -> Event:
-    """A committed row as the pipeline sees it. The draft's model spares a parse when it is the kind's payload
-    model (or a subclass of it: the MQTT sale keeps ``occurred_at``); anything else is parsed on demand."""
+def _event(row: Row, draft: Draft, now: float, synced: bool) -> Event:
+    """A committed row as the pipeline sees it, with its commit's wall-clock time. The draft's model spares a
+    parse when it is the kind's payload model (or a subclass of it: the MQTT sale keeps ``occurred_at``);
+    anything else is parsed on demand."""
     model = draft.model
     payload = PAYLOADS.get(row[2])
     if payload is None or not isinstance(model, payload):
         model = None
-    return Event(row[0], row[2], row[3], draft.data_json, model)  # type: ignore[arg-type]
+    return Event(row[0], row[2], row[3], draft.data_json, model, now, synced)  # type: ignore[arg-type]
