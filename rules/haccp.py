@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS haccp_interval(
     faults INTEGER NOT NULL,
     source TEXT,
     last_seq INTEGER NOT NULL,
+    seconds INTEGER NOT NULL,
     PRIMARY KEY (device_id, start)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS haccp_interval_start ON haccp_interval(start);
@@ -110,6 +111,8 @@ class Interval:
     faults: int = 0
     source: str | None = None
     last_seq: int = 0
+    seconds: int = 900
+    """The interval's length (``haccp.interval_s`` when it was written)."""
 
     def row(self) -> tuple[Any, ...]:
         return (
@@ -124,6 +127,7 @@ class Interval:
             self.faults,
             self.source,
             self.last_seq,
+            self.seconds,
         )
 
 
@@ -211,7 +215,7 @@ class HaccpLog(Processor):
                     newest = max(newest, item.at)
         if dirty:
             conn.executemany(
-                "INSERT OR REPLACE INTO haccp_interval VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO haccp_interval VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 [interval.row() for interval in dirty.values()],
             )
         if newest > -math.inf and newest >= self._next_prune:
@@ -235,7 +239,7 @@ class HaccpLog(Processor):
         start = int(sample.at // size) * size
         interval = self._current.get(sample.device_id)
         if interval is None or interval.start != start:
-            interval = _read_interval(conn, sample.device_id, start)
+            interval = _read_interval(conn, sample.device_id, start, size)
             self._current[sample.device_id] = interval
         if sample.seq <= interval.last_seq:
             return None  # folded before (events fed again)
@@ -330,15 +334,18 @@ def _model(event: Event) -> object:
         return None
 
 
-def _read_interval(conn: sqlite3.Connection, device_id: str, start: int) -> Interval:
+def _read_interval(conn: sqlite3.Connection, device_id: str, start: int, seconds: int) -> Interval:
     row = conn.execute(
         "SELECT min_c, max_c, last_c, last_at, readings, defrost, faults, source, last_seq FROM haccp_interval"
         " WHERE device_id=? AND start=?",
         (device_id, start),
     ).fetchone()
     if row is None:
-        return Interval(device_id, start)
-    return Interval(device_id, start, *row)
+        return Interval(device_id, start, seconds=seconds)
+    min_c, max_c, last_c, last_at, readings, defrost, faults, source, last_seq = row
+    return Interval(
+        device_id, start, min_c, max_c, last_c, last_at, readings, defrost, faults, source, last_seq, seconds
+    )
 
 
 def _number(value: object) -> float | None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from typing import Any, Final
 from zoneinfo import ZoneInfo
@@ -64,7 +66,7 @@ def build_report(
     known = False
     if "haccp_interval" in tables:
         rows = conn.execute(
-            "SELECT start, min_c, max_c, last_c, readings, defrost, faults, source FROM haccp_interval"
+            "SELECT start, min_c, max_c, last_c, readings, defrost, faults, last_at, seconds FROM haccp_interval"
             " WHERE device_id=? AND start>=? AND start<? ORDER BY start",
             (device_id, int(start), end),
         ).fetchall()
@@ -101,23 +103,26 @@ def build_report(
     def local(at: float) -> str:
         return datetime.fromtimestamp(at, zone).isoformat(timespec="seconds")
 
-    by_start = {int(row[0]): row for row in rows}
+    # A day logged with a longer haccp.interval_s than today's keeps its intervals.
+    size = max([size, *(int(row[8]) for row in rows)])
+    buckets = _buckets(rows, start, size)
     intervals: list[dict[str, Any]] = []
     gaps: list[dict[str, Any]] = []
     at = start
     while at < end and at < now:
-        row = by_start.get(int(at))
-        readings = int(row[4]) if row is not None else 0
+        found = buckets.get(int((at - start) // size))
+        readings = found.readings if found is not None else 0
+        peak = found.max_c if found is not None else None
         entry = {
             "start": local(at),
             "end": local(min(at + size, end)),
             "readings": readings,
-            "min_c": row[1] if row is not None else None,
-            "max_c": row[2] if row is not None else None,
-            "last_c": row[3] if row is not None else None,
-            "defrost": int(row[5]) if row is not None else 0,
-            "faults": int(row[6]) if row is not None else 0,
-            "above_limit": None if limit is None or row is None or row[2] is None else row[2] > limit,
+            "min_c": found.min_c if found is not None else None,
+            "max_c": peak,
+            "last_c": found.last_c if found is not None else None,
+            "defrost": found.defrost if found is not None else 0,
+            "faults": found.faults if found is not None else 0,
+            "above_limit": None if limit is None or peak is None else peak > limit,
             "gap": readings == 0,
         }
         intervals.append(entry)
@@ -148,6 +153,34 @@ def build_report(
         "gaps": gaps,
         "excursions": [_excursion(row, local, now) for row in excursions],
     }
+
+
+@dataclass(slots=True)
+class _Bucket:
+    readings: int = 0
+    min_c: float | None = None
+    max_c: float | None = None
+    last_c: float | None = None
+    last_at: float = -math.inf
+    defrost: int = 0
+    faults: int = 0
+
+
+def _buckets(rows: Sequence[tuple[Any, ...]], start: float, size: int) -> dict[int, _Bucket]:
+    """The day's rows gathered into the printed intervals (several rows to one when the interval was shorter)."""
+    found: dict[int, _Bucket] = {}
+    for row_start, min_c, max_c, last_c, readings, defrost, faults, last_at, _ in rows:
+        bucket = found.setdefault(int((row_start - start) // size), _Bucket())
+        bucket.readings += int(readings)
+        bucket.defrost += int(defrost)
+        bucket.faults += int(faults)
+        if min_c is not None:
+            bucket.min_c = min_c if bucket.min_c is None else min(bucket.min_c, min_c)
+        if max_c is not None:
+            bucket.max_c = max_c if bucket.max_c is None else max(bucket.max_c, max_c)
+        if last_c is not None and last_at is not None and last_at >= bucket.last_at:
+            bucket.last_c, bucket.last_at = last_c, last_at
+    return found
 
 
 def _excursion(row: tuple[Any, ...], local: Any, now: float) -> dict[str, Any]:

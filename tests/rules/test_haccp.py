@@ -332,6 +332,29 @@ def test_the_repeated_hour_of_the_autumn_change_is_two_hours_of_the_log(store: S
     assert logged == [("2026-10-25T01:30:00+01:00", 4.0), ("2026-10-25T01:30:00+00:00", 6.0)]
 
 
+def test_a_day_keeps_the_intervals_it_was_logged_with(store: Store) -> None:
+    store.sample(at(DAY, "06:01"), 4.0)
+    store.sample(at(DAY, "06:06"), 5.0)
+    report = store.report(DAY, config=HaccpConfig(interval_s=300))
+    assert report is not None
+    assert (len(report["intervals"]), report["interval_s"], report["intervals"][24]["readings"]) == (
+        96,
+        900,
+        2,
+    )
+    store.start([WARM], HaccpConfig(interval_s=300))
+    after = date(2026, 11, 3)
+    for hhmm, value in (("06:01", 4.0), ("06:06", 5.0), ("06:11", 3.0)):
+        store.sample(at(after, hhmm), value)
+    fine = store.report(after, config=HaccpConfig(interval_s=300))
+    assert fine is not None
+    assert [i["readings"] for i in fine["intervals"][72:75]] == [1, 1, 1]
+    coarse = store.report(after)
+    assert coarse is not None
+    quarter = coarse["intervals"][24]
+    assert (quarter["readings"], quarter["min_c"], quarter["max_c"], quarter["last_c"]) == (3, 3.0, 5.0, 3.0)
+
+
 def test_events_fed_again_after_a_restart_are_not_counted_twice(store: Store) -> None:
     events = []
     for minute, value in ((0, 4.0), (5, 5.0), (20, 6.0)):
