@@ -13,12 +13,13 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import AwareDatetime, Field, model_validator
+from pydantic import AwareDatetime, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from gateway.kernel.biometrics import find_biometrics
 from gateway.kernel.events import ShortText, Sku
 from gateway.kernel.model import Identifier, StrictModel
 from gateway.kernel.rule_config import (
+    AttendanceRule,
     BatteryLowRule,
     ControllerAlarmRule,
     DoorOpenRule,
@@ -26,6 +27,7 @@ from gateway.kernel.rule_config import (
     NegativeStockRule,
     PossibleShrinkRule,
     RegisterSilentRule,
+    ReplenishmentRule,
     ReturnsSpikeRule,
     RuleDefinition,
     ShelfEmptyRule,
@@ -127,6 +129,12 @@ class Shelf(StrictModel):
         default=None, description="Device id of the RFID reader that watches the shelf; default the shelf_id."
     )
 
+    @model_serializer(mode="wrap")
+    def _without_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """An entry without ``gtin`` or ``reader`` is stored (and sent) as it was before they existed."""
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if not (k in ("gtin", "reader") and v is None)}
+
 
 class Planogram(StrictModel):
     """``planogram.set`` args and the stored planogram."""
@@ -157,6 +165,7 @@ AnyRule = Annotated[
     StockLowRule
     | TemperatureRule
     | SilentRule
+    | ReplenishmentRule
     | RegisterSilentRule
     | DoorOpenRule
     | BatteryLowRule
@@ -166,7 +175,8 @@ AnyRule = Annotated[
     | ShelfLowRule
     | ShelfEmptyRule
     | PossibleShrinkRule
-    | MisplacedRule,
+    | MisplacedRule
+    | AttendanceRule,
     Field(discriminator="type"),
 ]
 """A rule of HQ's ``rules`` document: the stock ledger's ``stock.low`` thresholds, or a rule of the engine (the

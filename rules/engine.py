@@ -21,12 +21,21 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, Final, Literal
 
 import orjson
 
-from cloud_bridge.documents import Planogram
-from gateway.kernel.events import AlertAcknowledged, AlertCleared, AlertEscalated, AlertRaised, DocumentUpdated
+from cloud_bridge.documents import Planogram, Roster
+from gateway.kernel.config import Location
+from gateway.kernel.events import (
+    AlertAcknowledged,
+    AlertCleared,
+    AlertEscalated,
+    AlertRaised,
+    DocumentUpdated,
+)
+from gateway.kernel.model import StrictModel
 from gateway.kernel.pipeline import Emit, Event, Processor
 from gateway.kernel.rule_config import RuleDefinition
 from gateway.kernel.store_hours import StoreHours
@@ -48,7 +57,16 @@ CREATE TABLE IF NOT EXISTS rule_state(
 );
 """
 SKU_RULES: Final = frozenset(
-    {"negative_stock", "returns_spike", "shelf_low", "shelf_empty", "possible_shrink", "misplaced"}
+    {
+        "stock.low",
+        "negative_stock",
+        "returns_spike",
+        "shelf_low",
+        "shelf_empty",
+        "possible_shrink",
+        "misplaced",
+        "attendance",
+    }
 )
 """Rule types whose subject is not a device (a SKU, the store, a shelf's GTIN): their alerts carry no device id."""
 _UNREAD: Final = object()
@@ -101,6 +119,25 @@ class Context:
         """HQ's planogram, as the RFID shelf rules read it."""
         return self._engine.layout
 
+    @property
+    def roster(self) -> Roster | None:
+        """HQ's roster (None before HQ sent one), as the attendance rules read it."""
+        return self._engine.roster
+
+    @property
+    def location(self) -> Location | None:
+        """Where the store is (``store.location``): the check-ins' geofence."""
+        return self._engine.location
+
+    def velocity(self, sku: str, days: int) -> Decimal | None:
+        """The SKU's units sold per day over the last ``days`` days, from the stock ledger; None without one."""
+        known = self._engine.velocity
+        return None if known is None else known(sku, days)
+
+    def emit(self, model: StrictModel) -> None:
+        """Commit an event other than an alert (a daily summary) with what the rule writes."""
+        self._engine.emit(model)
+
     def track(self, rule: RuleDefinition, subject: str) -> Track:
         """The rule's track for a subject, for rule types one event concerns several subjects of
         (:attr:`RuleType.many`): the engine writes those it changed."""
@@ -108,7 +145,7 @@ class Context:
 
     def subjects(self, rule: RuleDefinition) -> list[str]:
         """The subjects the rule has tracks for."""
-        return [subject for rule_id, subject in self._engine._tracks if rule_id == rule.id]
+        return self._engine.subjects(rule.id)
 
     @property
     def hours(self) -> StoreHours:
@@ -153,6 +190,11 @@ class RuleType:
     watches): it takes the tracks it changes from ``ctx.track``, and ``subject`` and ``observe`` are unused."""
     replan: Callable[[Context, RuleDefinition], None] | None = None
     """After HQ replaced the planogram (``ctx.layout``): look again at the rule's tracks (``ctx.subjects``)."""
+    reroster: Callable[[Context, RuleDefinition], None] | None = None
+    """At every load (start, a rule change) and after HQ replaced the roster (``ctx.roster``): set the rule's
+    timers for the shifts (it takes its tracks from ``ctx.track``)."""
+    keep: frozenset[str] = frozenset()
+    """Keys of a track's data kept when its rule changes (what happened, not what the rule decided of it)."""
     any_device: frozenset[str] = frozenset()
     """Kinds it reads from every device, whatever ``select.devices`` names (a shelf rule's tills)."""
 
@@ -172,6 +214,9 @@ class RuleEngine(Processor):
         types: dict[str, RuleType] | None = None,
         wall: Callable[[], float] = time.time,
         hours: StoreHours | None = None,
+        velocity: Callable[[str, int], Decimal | None] | None = None,
+        roster: Callable[[sqlite3.Connection], Roster | None] | None = None,
+        location: Location | None = None,
     ) -> None:
         from rules.types import RULE_TYPES  # the rule types import this module's Track and Context
 
@@ -184,11 +229,20 @@ class RuleEngine(Processor):
         """HQ's planogram, read at every load and after a ``document.updated`` says it changed."""
         self.layout = Layout()
         self._replan = False
+        self._roster = roster
+        """HQ's roster, read at every load and after a ``document.updated`` says it changed."""
+        self.roster: Roster | None = None
+        self._reroster = False
+        self.location = location
         self._touched: dict[tuple[str, str], tuple[Any, ...]] | None = None
+        self._by_rule: dict[str, list[str]] | None = None
+        """Rule id -> the subjects of its tracks: built when first asked, kept as tracks are added."""
         """The tracks a ``many`` rule type took, as they were before."""
         self.clock = clock
         self._wall = wall
         self.hours = hours if hours is not None else StoreHours()
+        self.velocity = velocity
+        """A SKU's units sold per day over the last N days (the stock ledger keeps them); None: not known here."""
         """The store's opening hours, for the rules that count only open time."""
         self.rules: dict[str, RuleDefinition] = {}
         self._by_kind: dict[str, list[RuleDefinition]] = {}
@@ -233,6 +287,9 @@ class RuleEngine(Processor):
         if event.kind == "document.updated" and self._planogram is not None:
             updated = event.model
             self._replan |= isinstance(updated, DocumentUpdated) and updated.name == "planogram"
+        if event.kind == "document.updated" and self._roster is not None:
+            updated = event.model
+            self._reroster |= isinstance(updated, DocumentUpdated) and updated.name == "roster"
         device = event.device_id
         rules = self._by_kind.get(event.kind, ())
         if device is not None:
@@ -301,10 +358,14 @@ class RuleEngine(Processor):
     def flush(self, conn: sqlite3.Connection) -> Sequence[Emit]:
         if self._replan:
             self._replan_shelves(conn)
+        if self._reroster:
+            self._read_roster(conn)
         self._due(self.clock.now())
         return self._write(conn)
 
     def tick(self, conn: sqlite3.Connection, now: float) -> Sequence[Emit]:
+        if self._reroster:
+            self._read_roster(conn)
         self._due(self.clock.now())
         return self._write(conn)
 
@@ -317,7 +378,7 @@ class RuleEngine(Processor):
     @property
     def wants_ticks(self) -> bool:  # type: ignore[override]
         """Ticks only while a timer waits, or clears of changed rules wait to be written."""
-        return self._earliest < math.inf or bool(self._out) or bool(self._rewrite)
+        return self._earliest < math.inf or bool(self._out) or bool(self._rewrite) or self._reroster
 
     @property
     def earliest(self) -> float:
@@ -481,6 +542,8 @@ class RuleEngine(Processor):
                 rule.id, subject, self._fingerprints[rule.id], episode=episode, data={"type": rule.type}
             )
             self._tracks[key] = track
+            if self._by_rule is not None:
+                self._by_rule.setdefault(rule.id, []).append(subject)
         return track
 
     def _due(self, now: float) -> None:
@@ -517,6 +580,14 @@ class RuleEngine(Processor):
             self._touched[key] = (track.state, track.episode, track.due, dict(track.data))
         return track
 
+    def subjects(self, rule_id: str) -> list[str]:
+        """The subjects a rule has tracks for (a copy)."""
+        if self._by_rule is None:
+            self._by_rule = {}
+            for owner, subject in self._tracks:
+                self._by_rule.setdefault(owner, []).append(subject)
+        return list(self._by_rule.get(rule_id, ()))
+
     def _each(self, ctx: Context, rule: RuleDefinition, work: Callable[..., None], *args: Any) -> None:
         """Run a rule type's work that takes several of its tracks (``ctx.track``): the tracks it changed are
         written; if it fails (a bug), they stay as they were and what it emitted is dropped."""
@@ -540,6 +611,26 @@ class RuleEngine(Processor):
                 self._dirty.add(key)
                 if track.due is not None and track.due < self._earliest:
                     self._earliest = track.due
+
+    def emit(self, model: StrictModel) -> None:
+        self._out.append(Emit(model))
+
+    def _read_roster(self, conn: sqlite3.Connection) -> None:
+        """HQ's roster, read again: the rules that follow it set their timers for its shifts (the tracks they
+        change are written in this transaction)."""
+        self._reroster = False
+        if self._roster is not None:
+            try:
+                self.roster = self._roster(conn)
+            except Exception:  # a bug in reading it: the attendance rules keep the roster they had
+                _LOGGER.exception(
+                    "rules: the roster could not be read; the attendance rules keep the one they had"
+                )
+        ctx = Context(self, self.clock.now())
+        for rule in self.rules.values():
+            reroster = self.types[rule.type].reroster
+            if reroster is not None:
+                self._each(ctx, rule, reroster)
 
     def _read_planogram(self, conn: sqlite3.Connection) -> None:
         self._replan = False
@@ -590,11 +681,13 @@ class RuleEngine(Processor):
         its open alerts are cleared and its tracks reset in the next write (the same transaction as the clears);
         their episode numbers go on, so an alert id is never used twice."""
         self._read_planogram(conn)
+        self._reroster = True  # the roster is read, and the rules' timers for it set, with the next write
         if self._hq_rules is not None:
             merged = {r.id: r for r in self._configured}
             merged.update((r.id, r) for r in self._hq_rules(conn))
             self._index(list(merged.values()))
         self._tracks = {}
+        self._by_rule = None
         self._retired = {}
         self._dirty.clear()
         self._rewrite = []
@@ -612,8 +705,10 @@ class RuleEngine(Processor):
                     "rule_changed" if rule is not None else "rule_removed"
                 )
                 self.clear_alert(rule, track, why, f"rule {rule_id} changed: its alert ends here", {})
+            kept = self.types.get(str(track.data.get("type")))
+            keep = {k: track.data[k] for k in (kept.keep if kept else ()) if k in track.data}
             reset = Track(
-                rule_id, subject, current, IDLE, track.episode, None, {"type": track.data.get("type")}
+                rule_id, subject, current, IDLE, track.episode, None, {"type": track.data.get("type"), **keep}
             )
             (self._tracks if rule is not None else self._retired)[key] = reset
             self._rewrite.append(reset)

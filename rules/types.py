@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Final
 
-from rules import cold_chain, sales, silent, stock, temperature, tills
+from rules import attendance, cold_chain, sales, shelves, silent, stock, temperature, tills
 from rules.engine import RuleType
 
 SAMPLES: Final = frozenset({"sensor.sample"})
+RFID: Final = frozenset({"rfid.inventory"})
 
 RULE_TYPES: Final[dict[str, RuleType]] = {
     "temperature": RuleType(SAMPLES, temperature.observe, temperature.fire),
@@ -20,6 +21,12 @@ RULE_TYPES: Final[dict[str, RuleType]] = {
     "door_open": RuleType(SAMPLES, cold_chain.door_observe, cold_chain.door_fire),
     "battery_low": RuleType(SAMPLES, cold_chain.battery_observe, cold_chain.no_timer),
     "controller_alarm": RuleType(SAMPLES, cold_chain.alarm_observe, cold_chain.no_timer),
+    "stock.low": RuleType(
+        frozenset({"stock.level"}), stock.low_observe, cold_chain.no_timer, subject=stock.sku_subject
+    ),
+    "replenishment": RuleType(
+        frozenset({"stock.level"}), stock.replenish_observe, cold_chain.no_timer, subject=stock.sku_subject
+    ),
     "negative_stock": RuleType(
         frozenset({"stock.level"}), stock.negative_observe, cold_chain.no_timer, subject=stock.sku_subject
     ),
@@ -28,5 +35,35 @@ RULE_TYPES: Final[dict[str, RuleType]] = {
         sales.spike_observe,
         sales.spike_fire,
         subject=sales.store_subject,
+    ),
+    "shelf_low": RuleType(
+        RFID, shelves.unused, cold_chain.no_timer, many=shelves.levels_observe, replan=shelves.levels_replan
+    ),
+    "shelf_empty": RuleType(
+        RFID, shelves.unused, cold_chain.no_timer, many=shelves.levels_observe, replan=shelves.levels_replan
+    ),
+    "possible_shrink": RuleType(
+        RFID | {"pos.sale"},
+        shelves.unused,
+        shelves.shrink_fire,
+        many=shelves.shrink_observe,
+        replan=shelves.shrink_replan,
+        start=shelves.shrink_start,
+        any_device=frozenset({"pos.sale"}),
+    ),
+    "misplaced": RuleType(
+        RFID,
+        shelves.unused,
+        cold_chain.no_timer,
+        many=shelves.misplaced_observe,
+        replan=shelves.misplaced_replan,
+    ),
+    "attendance": RuleType(
+        frozenset({"staff.checkin"}),
+        attendance.unused,
+        attendance.fire,
+        many=attendance.checkin,
+        reroster=attendance.reroster,
+        keep=attendance.KEEP,
     ),
 }

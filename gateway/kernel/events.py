@@ -45,6 +45,8 @@ Kind = Literal[
     "notification.sent",
     "notification.failed",
     "alert.escalated",
+    "attendance.daily",
+    "stock.replenishment_draft",
 ]
 
 
@@ -129,6 +131,24 @@ class StockLevel(StrictModel):
     delta: Decimal = Field(description="Change since the previous stock.level of this SKU.")
     safety_stock: Decimal | None = None
     cause_seqs: tuple[int, int] = Field(description="First and last seq of the events that moved it.")
+
+
+class StockReplenishmentDraft(StrictModel):
+    """``stock.replenishment_draft``: a SKU reached its reorder point; the order the store should place."""
+
+    draft_id: ShortText = Field(description="<rule id>/<SKU>/<n>: one per draft, never reused.")
+    rule_id: ShortText
+    sku: Sku
+    quantity: Decimal = Field(gt=0, description="Suggested units: a whole number of packs.")
+    on_hand: Decimal
+    reorder_point: Decimal
+    order_up_to: Decimal
+    open_before: Decimal = Field(ge=0, description="Units of this SKU's open drafts before this one.")
+    pack_size: Decimal = Field(gt=0)
+    velocity_per_day: Decimal | None = Field(
+        default=None, description="Units sold per day over the rule's history (when it computes order_up_to)."
+    )
+    seq: int = Field(ge=1, description="The stock.level that reached the reorder point.")
 
 
 class AlertRaised(StrictModel):
@@ -340,6 +360,38 @@ class StaffCheckin(StrictModel):
     face_match_score: float = Field(ge=0, le=1, allow_inf_nan=False, description="Kiosk's match score, 0..1.")
 
 
+AttendanceFlag = Literal["late", "early_leave", "no_show", "needs_review"]
+
+
+class AttendanceShift(StrictModel):
+    """One employee's shift of the day (or, with ``start`` null, check-ins outside any rostered shift)."""
+
+    start: datetime | None = Field(description="The roster's shift start, in the store's local time; null: none.")
+    end: datetime | None = Field(description="The roster's shift end, in the store's local time.")
+    first_in: datetime | None = Field(description="The first accepted check-in, local time; null: none.")
+    last_out: datetime | None = Field(description="The last accepted check-out, local time; null: none.")
+    minutes_worked: float = Field(ge=0, description="Accepted check-in to check-out, summed, in minutes.")
+    flags: list[AttendanceFlag] = Field(max_length=4)
+    needs_review: int = Field(ge=0, description="Check-ins of this shift that were not accepted.")
+
+
+class AttendanceEmployee(StrictModel):
+    employee_id: ShortText
+    shifts: list[AttendanceShift] = Field(max_length=250)
+    minutes_worked: float = Field(ge=0, description="The day's total.")
+    flags: list[AttendanceFlag] = Field(max_length=4, description="Every flag of the day's shifts.")
+
+
+class AttendanceDaily(StrictModel):
+    """``attendance.daily``: one attendance rule's summary of one store-local day, made once after it ended.
+    Employee ids only: no names, no positions, no biometrics."""
+
+    rule_id: ShortText
+    date: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}$", description="The store-local day, YYYY-MM-DD.")
+    timezone: ShortText
+    employees: list[AttendanceEmployee] = Field(max_length=5000)
+
+
 class BarcodeScanned(StrictModel):
     """``barcode.scanned``: a scanner read one code (a receiving or stock-take scanner, not a till's sale)."""
 
@@ -372,6 +424,8 @@ PAYLOADS: Final[dict[str, type[StrictModel]]] = {
     "notification.sent": NotificationSent,
     "notification.failed": NotificationFailed,
     "alert.escalated": AlertEscalated,
+    "attendance.daily": AttendanceDaily,
+    "stock.replenishment_draft": StockReplenishmentDraft,
 }
 
 

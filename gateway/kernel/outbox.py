@@ -30,6 +30,7 @@ DEFAULT_KIND_CLASSES: Final[Mapping[str, int]] = {
     "pos.return": TRANSACTION,
     "stock.level": TRANSACTION,
     "stock.adjusted": TRANSACTION,
+    "stock.replenishment_draft": TRANSACTION,
     "clock.synced": TRANSACTION,
     "device.status": STATE,
     "gateway.status": STATE,
@@ -39,6 +40,7 @@ DEFAULT_KIND_CLASSES: Final[Mapping[str, int]] = {
     "rfid.inventory": STATE,
     "staff.checkin": TRANSACTION,
     "barcode.scanned": STATE,
+    "attendance.daily": TRANSACTION,
 }
 
 MAX_RANGES_PER_REPORT: Final = 2000

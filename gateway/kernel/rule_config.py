@@ -191,6 +191,59 @@ class ControllerAlarmRule(RuleBase):
     )
 
 
+class StockLowAlerts(RuleBase):
+    """The ``stock.low`` alerts: a SKU at or below its safety stock (the stock ledger's threshold, carried by each
+    ``stock.level``) raises; above it again clears. Always in force; ``stock.low_alert`` in the config sets its
+    severity, who it tells and which SKUs (``select.skus``)."""
+
+    id: Identifier = Field(default="stock.low", description="Part of each alert's id.")
+    type: Literal["stock.low"] = Field(default="stock.low", description="The stock ledger's low-stock alert.")
+
+
+class ReplenishmentRule(RuleBase):
+    """Replenishment drafts: a SKU at or below its reorder point gets a ``stock.replenishment_draft`` for the
+    order-up-to level minus on-hand minus its open drafts, rounded up to whole packs. The order-up-to level is
+    ``order_up_to``, or sales velocity over ``velocity_days`` x (``lead_time_days`` + ``review_days``) +
+    ``safety_stock``."""
+
+    type: Literal["replenishment"] = Field(description="Suggested orders at the reorder point.")
+    reorder_point: Annotated[float, Field(ge=0, le=10**6)] | None = Field(
+        default=None, description="At or below this a draft is made (default: the SKU's safety stock)."
+    )
+    order_up_to: Annotated[float, Field(gt=0, le=10**6)] | None = Field(
+        default=None, description="A fixed order-up-to level (or give velocity_days)."
+    )
+    velocity_days: Annotated[int, Field(ge=1, le=90)] | None = Field(
+        default=None, description="Compute the order-up-to level from the units sold per day over these days."
+    )
+    lead_time_days: Annotated[float, Field(ge=0, le=90)] = Field(
+        default=2, description="Days from order to delivery."
+    )
+    review_days: Annotated[float, Field(ge=0, le=90)] = Field(default=7, description="Days between orders.")
+    safety_stock: Annotated[float, Field(ge=0, le=10**6)] | None = Field(
+        default=None, description="Added to the computed level (default: the SKU's safety stock)."
+    )
+    pack_size: Annotated[float, Field(gt=0, le=10**5)] = Field(default=1, description="Orders are whole packs.")
+    open_days: Annotated[float, Field(gt=0, le=90)] | None = Field(
+        default=None,
+        description="A draft counts as open (on order) this long unless stock arrives first (default: lead"
+        " time + review period, at least 1 day).",
+    )
+
+    @model_validator(mode="after")
+    def _one_level(self) -> ReplenishmentRule:
+        if (self.order_up_to is None) == (self.velocity_days is None):
+            raise ValueError("give either order_up_to (a fixed level) or velocity_days (a level from sales)")
+        if self.order_up_to is not None and self.reorder_point is not None and self.order_up_to <= self.reorder_point:
+            raise ValueError("order_up_to must be above reorder_point")
+        return self
+
+    @property
+    def open_s(self) -> float:
+        days = self.open_days if self.open_days is not None else max(1.0, self.lead_time_days + self.review_days)
+        return days * 86_400
+
+
 class NegativeStockRule(RuleBase):
     """A data-quality alert: the stock ledger says a SKU's on-hand went below zero (sales of goods it never
     received, a missed delivery, a wrong count). Cleared when it is back at zero or above."""
@@ -263,11 +316,53 @@ class MisplacedRule(RuleBase):
     """Goods on the wrong shelf: a GTIN the RFID reader of a shelf sees that the planogram does not put on the
     shelves it watches. Cleared when the reader no longer sees it there."""
 
-    type: Literal["misplaced"] = Field(description="Goods on a shelf the planogram does not put them on (RFID).")
+    type: Literal["misplaced"] = Field(
+        description="Goods on a shelf the planogram does not put them on (RFID)."
+    )
+
+
+AttendanceFlag = Literal["late", "early_leave", "no_show", "needs_review"]
+ATTENDANCE_FLAGS: Final[tuple[AttendanceFlag, ...]] = ("late", "early_leave", "no_show", "needs_review")
+
+
+class AttendanceRule(RuleBase):
+    """Staff attendance from the kiosks' ``staff.checkin`` events against HQ's roster, in the store's timezone.
+
+    A check-in is accepted only inside the store's geofence (``store.location``) with a good fix and face match;
+    otherwise it needs review. Accepted check-ins are compared with the roster's shifts (late, early leave, no
+    show), and each store-local day ends with an ``attendance.daily`` summary. ``select.devices``: the kiosks."""
+
+    type: Literal["attendance"] = Field(description="Check-ins against the geofence and HQ's roster.")
+    max_accuracy_m: Annotated[float, Field(gt=0, le=10_000)] = Field(
+        default=50, description="A fix less accurate than this (metres) needs review."
+    )
+    min_face_score: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.8, description="A face-match score below this needs review."
+    )
+    grace_s: Annotated[float, Field(ge=0, le=7200)] = Field(
+        default=300, description="Late: first check-in after shift start + this; early leave: last out before"
+        " shift end - this."
+    )
+    no_show_after_s: Annotated[float, Field(ge=60, le=43_200)] = Field(
+        default=900, description="Nobody checked in this long after a shift's start: no_show."
+    )
+    report_after_s: Annotated[float, Field(ge=0, le=43_200)] = Field(
+        default=3600,
+        description="The day's attendance.daily is made this long after the day (and its last shift) ended.",
+    )
+    alerts: list[AttendanceFlag] = Field(
+        default_factory=lambda: list(ATTENDANCE_FLAGS),
+        description="The findings that raise an alert (all are in the daily summary either way).",
+    )
+    clear_after_s: Annotated[float, Field(ge=60, le=7 * 86_400)] = Field(
+        default=3600, description="An alert clears this long after it was raised (it reports a finding)."
+    )
 
 
 RuleDefinition = Annotated[
-    TemperatureRule
+    StockLowAlerts
+    | ReplenishmentRule
+    | TemperatureRule
     | SilentRule
     | RegisterSilentRule
     | DoorOpenRule
@@ -278,12 +373,20 @@ RuleDefinition = Annotated[
     | ShelfLowRule
     | ShelfEmptyRule
     | PossibleShrinkRule
-    | MisplacedRule,
+    | MisplacedRule
+    | AttendanceRule,
     Field(discriminator="type"),
 ]
 
 
 def check_unique_ids(rules: list[RuleBase]) -> None:
+    """A list of rules as the config and rule files give them: unique ids, and no ``stock.low`` (it is always in
+    force, set under ``stock.low_alert``)."""
+    if any(isinstance(r, StockLowAlerts) for r in rules):
+        raise ValueError(
+            "type 'stock.low' is not set here: the stock.low alerts are always in force; set who they tell under"
+            " stock.low_alert, their thresholds as safety_stock under stock (or HQ's rules)"
+        )
     ids = [r.id for r in rules]
     twice = sorted({i for i in ids if ids.count(i) > 1})
     if twice:

@@ -18,7 +18,7 @@ from typing import Final
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from cloud_bridge.documents import MODELS, AnyRule, Document, DocumentName, RuleSet
+from cloud_bridge.documents import MODELS, AnyRule, Document, DocumentName, Planogram, Roster, RuleSet
 from gateway.kernel.journal import Draft, key_committed
 from gateway.kernel.rule_config import RuleDefinition
 
@@ -98,6 +98,36 @@ def engine_rules(conn: sqlite3.Connection) -> list[RuleDefinition]:
     exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='documents'").fetchone()
     rules = read_rules(conn) if exists else None
     return [] if rules is None else rules.engine_rules
+
+
+def planogram(conn: sqlite3.Connection) -> Planogram | None:
+    """HQ's planogram in force, for the RFID shelf rules (None before HQ sends one, or if it is unreadable)."""
+    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='documents'").fetchone()
+    found = read_document(conn, "planogram") if exists else None
+    if found is None:
+        return None
+    try:
+        return Planogram.model_validate_json(found[1])
+    except ValidationError as err:
+        _LOGGER.error(
+            "stored planogram version %d is unreadable and ignored: %d error(s)", found[0], err.error_count()
+        )
+        return None
+
+
+def roster(conn: sqlite3.Connection) -> Roster | None:
+    """HQ's roster in force, for the attendance rules (None before HQ sends one, or if it is unreadable)."""
+    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='documents'").fetchone()
+    found = read_document(conn, "roster") if exists else None
+    if found is None:
+        return None
+    try:
+        return Roster.model_validate_json(found[1])
+    except ValidationError as err:
+        _LOGGER.error(
+            "stored roster version %d is unreadable and ignored: %d error(s)", found[0], err.error_count()
+        )
+        return None
 
 
 def store_work(
