@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
@@ -103,6 +104,17 @@ def checked_id(text: str) -> str:
     if not _ID.fullmatch(text):
         raise argparse.ArgumentTypeError(f"{text[:80]!r} is not an id ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}})")
     return text
+
+
+def utc_time(text: str) -> datetime:
+    """An argparse type: an ISO 8601 date or time, UTC unless it carries an offset."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 time: {text[:80]!r} (e.g. 2026-11-01, 2026-11-01T08:00 or 2026-11-01T08:00+08:00)"
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def whole_number(low: int, high: int) -> Callable[[str], int]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Final
 
 from cloud_bridge.commands import MAX_RESEND_RANGES
+from cloud_bridge.hq.export import export_main
 from cloud_bridge.hq.model import StoreUnavailableError
 from cloud_bridge.hq.options import (
     CliError,
@@ -50,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
             "HQ reference receiver: stores every gateway's batches once (SQLite, or PostgreSQL for several"
             " receivers), classifies missing seqs (explained, lost, pending) and can ask for lost ones."
         ),
-        epilog="'store-gateway hq-receiver receipt --help': prove that a receipt reached HQ.",
+        epilog="'store-gateway hq-receiver receipt --help': prove that a receipt reached HQ.\n"
+        "'store-gateway hq-receiver export --help': a store's events, for 'store-gateway rules test'.",
     )
     broker = parser.add_argument_group("HQ broker")
     broker.add_argument("--host", default="127.0.0.1", help="HQ broker host (default: %(default)s)")
@@ -191,9 +193,11 @@ async def _print_summaries(receiver: HqReceiver, stop: asyncio.Event, every: flo
 
 def receiver_main(argv: list[str]) -> int:
     """``store-gateway hq-receiver``: run the receiver, or ``--report`` on an existing database, or
-    ``receipt ...`` (:func:`receipt_main`)."""
+    ``receipt ...`` (:func:`receipt_main`), or ``export ...`` (:func:`export_main`)."""
     if argv[:1] == ["receipt"]:
         return receipt_main(argv[1:])
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.report and not args.postgres and not args.db.exists():
         print(f"hq-receiver: no database at {args.db}", file=sys.stderr)

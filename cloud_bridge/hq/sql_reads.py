@@ -52,6 +52,31 @@ class SqlReads(SqlStoreBase):
             )
         return [orjson.loads(bytes(body)) for (body,) in bodies]
 
+    def export_page(
+        self,
+        store_id: str,
+        since: datetime | None,
+        until: datetime | None,
+        after: tuple[str, int] = ("", 0),
+        limit: int = 5000,
+    ) -> list[tuple[str, int, bytes]]:
+        """(gateway, seq, body) of a store's events recorded in [since, until), in (gateway, seq) order, after
+        ``after``: a page of ``hq-receiver export`` (keyset paging, so a long month never sits in memory)."""
+        sql = (
+            "SELECT gateway_id, seq, body FROM events"
+            " WHERE store_id = ? AND (gateway_id > ? OR (gateway_id = ? AND seq > ?))"
+        )
+        params: list[Any] = [store_id, after[0], after[0], after[1]]
+        if since is not None:
+            sql += " AND recorded_at >= ?"
+            params.append(self._time_param(since.astimezone(UTC)))
+        if until is not None:
+            sql += " AND recorded_at < ?"
+            params.append(self._time_param(until.astimezone(UTC)))
+        with self._session() as cur:
+            rows = self._rows(cur, sql + " ORDER BY gateway_id, seq LIMIT ?", (*params, limit))
+        return [(str(g), int(q), bytes(body)) for g, q, body in rows]
+
     def event_times(
         self, gateway_id: str, after_seq: int = 0, limit: int = 1000, store_id: str | None = None
     ) -> list[EventTime]:

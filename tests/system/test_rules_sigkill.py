@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +16,10 @@ import orjson
 import pytest
 
 from gateway.kernel.mqtt_client import MqttClient
+from tests.gateway.test_cli import SCRIPT
 from tests.harness.brokers import Mosquitto, free_port
 from tests.harness.e2e_helpers import (
+    STORE_ID,
     GatewayProcess,
     HqView,
     broker_config,
@@ -102,6 +105,10 @@ async def test_sigkill_mid_window_and_while_open_raises_once_on_time_and_still_c
             with HqView(tmp_path / "hq.db") as view:
                 await poll_until(lambda: view.count("alert.cleared") >= 1, "HQ has the clear", within=60)
                 assert view.count("alert.raised") == 1
+                samples = len(_kinds(journal, "sensor.sample"))
+                await poll_until(
+                    lambda: view.count("sensor.sample") >= samples, "HQ has every reading", within=60
+                )
         finally:
             await sensor.disconnect()
             code = await gateway.terminate()
@@ -117,6 +124,28 @@ async def test_sigkill_mid_window_and_while_open_raises_once_on_time_and_still_c
     # was up (a timer started afresh would need FOR_S after it). An ordering, not a timing bound.
     assert raised_after < healthy_after + FOR_S, (raised_after, healthy_after)
     print(f"\n[figures] rules across SIGKILL: raised_after_s={raised_after:.2f} (window {FOR_S} s)")
+
+    # Live equals replay, from HQ's copy: the alerts the rules make of the store's events as HQ holds them
+    # (crashes and restarts included) are the ones the store raised and cleared.
+    exported = subprocess.run(  # noqa: ASYNC221 - the test is over; nothing else runs
+        [SCRIPT, "hq-receiver", "export", "--store", STORE_ID, "--db", str(tmp_path / "hq.db")],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    (tmp_path / "events.jsonl").write_bytes(exported)
+    (tmp_path / "rules.yaml").write_text(orjson.dumps({"rules": [rule]}).decode())
+    replayed = subprocess.run(  # noqa: ASYNC221
+        [SCRIPT, "rules", "test", str(tmp_path / "rules.yaml"), "--events", str(tmp_path / "events.jsonl")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.splitlines()
+    assert [line.split()[1:3] for line in replayed] == [
+        ["raised", "dairy-warm/fridge-dairy/1"],
+        ["cleared", "dairy-warm/fridge-dairy/1"],
+    ], replayed
 
 
 def _kinds(db: Path, kind: str) -> list[int]:

@@ -1022,3 +1022,55 @@ def test_a_gateway_refusing_a_resend_signature_is_logged_once_per_reason(
         "retail/hk-001/gw-a refused a signed resend: unknown_key: key 'hq-x' is not one (check --key-id against"
         " the gateway's hq.command_keys, and both clocks)"
     ]
+
+
+def fill_for_export(store: ReceiverBackend) -> None:
+    """Two gateways of store hk-001, two events a day each for three days from 2026-11-01; one of another store."""
+    day = datetime(2026, 11, 1, tzinfo=UTC)
+    for gateway in ("gw-b", "gw-a"):
+        bodies = []
+        for seq in range(1, 7):
+            body = orjson.loads(envelope("hk-001", gateway, seq))
+            body["recorded_at"] = (day + timedelta(hours=12 * (seq - 1))).isoformat(timespec="milliseconds")
+            bodies.append(orjson.dumps(body))
+        encoded = encode_batch("hk-001", gateway, list(range(1, 7)), bodies, cls="state", complete_through=0)
+        store.store_batch("hk-001", gateway, decode_batch(encoded))
+    store.store_batch("hk-002", "gw-a", batch("hk-002", "gw-a", [1]))
+    store.close()
+
+
+def check_export(database: list[str], capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    """What fill_for_export stored, exported from day 2 to 08:00 of day 3 in Hong Kong (00:00 UTC)."""
+    argv = [
+        "export",
+        "--store",
+        "hk-001",
+        *database,
+        "--from",
+        "2026-11-02",
+        "--to",
+        "2026-11-03T08:00+08:00",
+    ]
+    assert receiver_main(argv) == 0
+    printed = [orjson.loads(line) for line in capsysbinary.readouterr().out.splitlines()]
+    assert [(e["gateway_id"], e["seq"]) for e in printed] == [
+        ("gw-a", 3),
+        ("gw-a", 4),
+        ("gw-b", 3),
+        ("gw-b", 4),
+    ]
+
+
+def test_export_prints_a_stores_envelopes_of_a_time_range_in_gateway_and_seq_order(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cloud_bridge.hq import export
+
+    monkeypatch.setattr(export, "PAGE", 2)  # several pages
+    db = tmp_path / "hq.db"
+    fill_for_export(SqliteReceiverStore(db))
+    check_export(["--db", str(db)], capsysbinary)
+    assert receiver_main(["export", "--store", "hk-001", "--db", str(tmp_path / "none.db")]) == 1
+    with pytest.raises(SystemExit) as usage:
+        receiver_main(["export", "--store", "hk-001", "--db", str(db), "--from", "yesterday"])
+    assert usage.value.code == 2

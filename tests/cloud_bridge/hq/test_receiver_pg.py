@@ -17,7 +17,9 @@ from tests.cloud_bridge.hq.test_receiver import (
     Protocol,
     batch,
     batch_bytes,
+    check_export,
     eventually,
+    fill_for_export,
     make_receiver,
     publish,
     publisher,
@@ -108,6 +110,12 @@ def test_report_on_postgres(postgres: PostgresServer, capsys: pytest.CaptureFixt
     err = capsys.readouterr().err
     assert err.startswith("hq-receiver: cannot open the PostgreSQL database")
     assert err.count("\n") == 1
+
+
+def test_export_on_postgres(postgres: PostgresServer, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    dsn = postgres.fresh_schema()
+    fill_for_export(PostgresReceiverStore(dsn))
+    check_export(["--postgres", dsn], capsysbinary)
 
 
 def _socket_options(store: PostgresReceiverStore) -> tuple[int, int, int, int, int]:
