@@ -270,7 +270,10 @@ def _parser() -> argparse.ArgumentParser:
     rules_test.add_argument("--events", type=Path, required=True, help="events, one JSON envelope per line")
     rules_test.add_argument("--against", type=Path, help="other rules to compare with")
     rules_test.add_argument(
-        "--config", "-c", type=Path, help="the store's config, for its opening hours (default: always open)"
+        "--config",
+        "-c",
+        type=Path,
+        help="the store's config, for its opening hours (default: always open) and geofence",
     )
     export = sub.add_parser(
         "export",
@@ -417,9 +420,11 @@ def _rules_test(path: Path, events: Path, against: Path | None, config_path: Pat
     from rules.backtest import difference, read_envelopes, replay
 
     hours = None
+    location = None
     if config_path is not None:
         try:
-            hours = load_config(config_path, no_secrets=True).store.store_hours()
+            store = load_config(config_path, no_secrets=True).store
+            hours, location = store.store_hours(), store.location
         except ConfigError as err:
             print(err, file=sys.stderr)
             return 1
@@ -435,7 +440,7 @@ def _rules_test(path: Path, events: Path, against: Path | None, config_path: Pat
     except (OSError, ValueError) as err:
         print(f"store-gateway: {events}: {err}", file=sys.stderr)
         return 1
-    outcomes = [replay(rules, envelopes, hours) for rules in rule_sets]
+    outcomes = [replay(rules, envelopes, hours, location) for rules in rule_sets]
     lines = difference(*outcomes) if against else [o.line() for o in outcomes[0]]
     for line in lines:
         print(line)
@@ -445,17 +450,9 @@ def _rules_test(path: Path, events: Path, against: Path | None, config_path: Pat
 
 def _utc_time(text: str) -> str:
     """An ISO 8601 time (UTC unless it has an offset) written as the journal writes ``recorded_at``."""
-    from datetime import UTC, datetime
+    from cloud_bridge.hq.options import utc_time
 
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not an ISO 8601 time: {text!r} (e.g. 2026-11-01, 2026-11-01T08:00 or 2026-11-01T08:00+08:00)"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return utc_time(text).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _export(config_path: Path, since: str | None, until: str | None) -> int:

@@ -30,7 +30,7 @@ from datetime import date, datetime, timedelta
 from typing import Any, Final
 from zoneinfo import ZoneInfo
 
-from cloud_bridge.documents import Roster
+from cloud_bridge.documents import Roster, Shift
 from gateway.kernel.events import (
     AttendanceDaily,
     AttendanceEmployee,
@@ -102,10 +102,22 @@ class Window:
 
 def windows(roster: Roster | None, employee: str) -> list[Window]:
     """The employee's shifts in the roster, in time order, with the times attributed to each."""
-    member = next((s for s in roster.staff if s.staff_id == employee), None) if roster is not None else None
-    if member is None:
+    if roster is None:
         return []
-    spans = sorted((s.start.timestamp(), s.end.timestamp()) for s in member.shifts)
+    cached = _INDEX[0] if _INDEX else None
+    if cached is not None and cached[0] is roster:
+        return cached[1].get(employee, [])
+    index = {member.staff_id: _windows(member.shifts) for member in roster.staff}
+    _INDEX[:] = [(roster, index)]
+    return index.get(employee, [])
+
+
+_INDEX: list[tuple[Roster, dict[str, list[Window]]]] = []
+"""The windows of the last roster asked about, per employee: a roster is read whole and never changed."""
+
+
+def _windows(shifts: list[Shift]) -> list[Window]:
+    spans = sorted((s.start.timestamp(), s.end.timestamp()) for s in shifts)
     out = []
     for i, (start, end) in enumerate(spans):
         lo, hi = start - ATTACH_S, end + ATTACH_S

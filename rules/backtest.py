@@ -24,7 +24,15 @@ from typing import Any, Final
 
 import orjson
 
-from gateway.kernel.events import PAYLOADS, AlertAcknowledged, AlertCleared, AlertEscalated, AlertRaised
+from gateway.kernel.config import Location
+from gateway.kernel.events import (
+    PAYLOADS,
+    AlertAcknowledged,
+    AlertCleared,
+    AlertEscalated,
+    AlertRaised,
+    AttendanceDaily,
+)
 from gateway.kernel.pipeline import Derived, Event, Pipeline
 from gateway.kernel.rule_config import RuleDefinition
 from gateway.kernel.store_hours import StoreHours
@@ -32,7 +40,14 @@ from rules.clock import RuleClock
 from rules.engine import RuleEngine
 
 OUTPUTS: Final = frozenset(
-    {"alert.raised", "alert.cleared", "alert.escalated", "notification.sent", "notification.failed"}
+    {
+        "alert.raised",
+        "alert.cleared",
+        "alert.escalated",
+        "notification.sent",
+        "notification.failed",
+        "attendance.daily",
+    }
 )
 """What the rules (and their notifications) produced live: not replayed, made again."""
 
@@ -64,13 +79,17 @@ def read_envelopes(lines: Iterable[bytes | str]) -> Iterator[dict[str, Any]]:
 
 
 def replay(
-    rules: Sequence[RuleDefinition], envelopes: Iterable[dict[str, Any]], hours: StoreHours | None = None
+    rules: Sequence[RuleDefinition],
+    envelopes: Iterable[dict[str, Any]],
+    hours: StoreHours | None = None,
+    location: Location | None = None,
 ) -> list[Outcome]:
     """The alerts ``rules`` make of ``envelopes`` (replayed in seq order), with their virtual times; ``hours``:
-    the store's opening hours (the store config's), for the rules that count open time."""
+    the store's opening hours (the store config's), for the rules that count open time; ``location``: the
+    store's geofence, for the attendance rules."""
     now = [0.0]
     clock = RuleClock(lambda: True, lambda: now[0], lambda: now[0])
-    engine = RuleEngine(list(rules), clock, wall=lambda: now[0], hours=hours)
+    engine = RuleEngine(list(rules), clock, wall=lambda: now[0], hours=hours, location=location)
     pipeline = Pipeline([engine])
     conn = sqlite3.connect(":memory:", isolation_level=None)
     outcomes: list[Outcome] = []
@@ -136,4 +155,12 @@ def _outcome(at: float, model: Any) -> Outcome:
         return Outcome(at, "alert.escalated", model.alert_id, model.message)
     if isinstance(model, AlertAcknowledged):
         return Outcome(at, "alert.acknowledged", model.alert_id, model.note)
+    if isinstance(model, AttendanceDaily):
+        flagged = sum(1 for e in model.employees if e.flags)
+        return Outcome(
+            at,
+            "attendance.daily",
+            f"{model.rule_id}/{model.date}",
+            f"{len(model.employees)} employee(s), {flagged} with flags",
+        )
     return Outcome(at, type(model).__name__, "", "")

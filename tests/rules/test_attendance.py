@@ -24,6 +24,7 @@ from gateway.kernel.events import AlertCleared, AlertRaised, AttendanceDaily, St
 from gateway.kernel.pipeline import Event
 from gateway.kernel.store_hours import StoreHours
 from rules.attendance import EARTH_RADIUS_M, haversine_m
+from rules.backtest import replay
 from tests.gateway.test_pipeline import Writer
 from tests.rules.conftest import RULE, Rig, Time
 
@@ -454,3 +455,31 @@ def test_config_errors_come_with_their_line(tmp_path: Path) -> None:
     code, text = check_config(config, no_secrets=True, env={})
     assert code == 1
     assert "store.location" in text
+
+
+def test_a_backtest_replays_the_verdicts_with_the_stores_geofence() -> None:
+    def envelope(seq: int, at: datetime, north_m: float) -> dict[str, Any]:
+        data = {
+            "employee_id": "e1",
+            "direction": "in",
+            "latitude": STORE.latitude + north_m / 111_195.0,
+            "longitude": STORE.longitude,
+            "accuracy_m": 5,
+            "face_match_score": 0.9,
+        }
+        return {
+            "seq": seq,
+            "kind": "staff.checkin",
+            "device_id": "k",
+            "recorded_at": at.isoformat(),
+            "data": data,
+        }
+
+    events = [envelope(1, local(15, 9), 0), envelope(2, local(15, 9, 5), 400), envelope(3, local(16, 9), 0)]
+    rules = [RULE.validate_python({**RULE_DEF, "report_after_s": 0})]
+    lines = [o.line() for o in replay(rules, events, StoreHours(HK), STORE)]
+    assert lines == [
+        "2027-01-15T01:05:00Z raised   att/needs_review:e1/1  e1: check-in needs review (outside_geofence)",
+        "2027-01-15T02:05:00Z cleared  att/needs_review:e1/1  e1: needs_review (reported)",
+        "2027-01-15T16:00:00Z attendance.daily att/2027-01-15  1 employee(s), 1 with flags",
+    ]
