@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS haccp_interval(
     readings INTEGER NOT NULL,
     defrost INTEGER NOT NULL,
     faults INTEGER NOT NULL,
+    unsynced INTEGER NOT NULL,
     source TEXT,
     last_seq INTEGER NOT NULL,
     seconds INTEGER NOT NULL,
@@ -109,6 +110,8 @@ class Interval:
     readings: int = 0
     defrost: int = 0
     faults: int = 0
+    unsynced: int = 0
+    """Readings (or faults) stamped by a clock not synchronised: their time may be wrong."""
     source: str | None = None
     last_seq: int = 0
     seconds: int = 900
@@ -125,6 +128,7 @@ class Interval:
             self.readings,
             self.defrost,
             self.faults,
+            self.unsynced,
             self.source,
             self.last_seq,
             self.seconds,
@@ -140,6 +144,7 @@ class _Sample:
     """None: the probe was reported faulty."""
     defrost: bool
     source: str | None
+    synced: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,9 +187,10 @@ class HaccpLog(Processor):
                 )
 
     def _take_sample(self, event: Event) -> None:
-        # A reading's time is the gateway's clock at its commit; while that clock is not synchronised (a box
-        # without a real-time clock, before NTP) the time is not known, and the reading is not placed.
-        if event.device_id is None or event.recorded_at is None or not event.clock_synced:
+        # A reading's time is the gateway's clock at its commit. While that clock is not synchronised (a box
+        # without a real-time clock, before NTP; NTP blocked) the reading is placed by it all the same, and
+        # counted as such: the log shows it, flagged, rather than a gap.
+        if event.device_id is None or event.recorded_at is None:
             return
         sample = _model(event)
         if not isinstance(sample, SensorSample):
@@ -196,7 +202,15 @@ class HaccpLog(Processor):
             value = None  # a value no probe reads: a fault
         defrost = sample.values.get(DEFROST_METRIC, 0.0) >= 0.5
         self._pending.append(
-            _Sample(event.seq, event.device_id, event.recorded_at, value, defrost, sample.source)
+            _Sample(
+                event.seq,
+                event.device_id,
+                event.recorded_at,
+                value,
+                defrost,
+                sample.source,
+                event.clock_synced,
+            )
         )
 
     def flush(self, conn: sqlite3.Connection) -> Sequence[Emit]:
@@ -208,14 +222,13 @@ class HaccpLog(Processor):
                 interval = self._fold(conn, item)
                 if interval is not None:
                     dirty[(interval.device_id, interval.start)] = interval
-                newest = max(newest, item.at)
             else:
                 self._excursion(conn, item)
-                if item.synced:
-                    newest = max(newest, item.at)
+            if item.synced:  # only a synchronised clock says which rows are past the retention
+                newest = max(newest, item.at)
         if dirty:
             conn.executemany(
-                "INSERT OR REPLACE INTO haccp_interval VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO haccp_interval VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [interval.row() for interval in dirty.values()],
             )
         if newest > -math.inf and newest >= self._next_prune:
@@ -245,6 +258,8 @@ class HaccpLog(Processor):
             return None  # folded before (events fed again)
         interval.last_seq = sample.seq
         interval.source = sample.source or interval.source
+        if not sample.synced:
+            interval.unsynced += 1
         value = sample.value
         if value is None:
             interval.faults += 1
@@ -336,15 +351,28 @@ def _model(event: Event) -> object:
 
 def _read_interval(conn: sqlite3.Connection, device_id: str, start: int, seconds: int) -> Interval:
     row = conn.execute(
-        "SELECT min_c, max_c, last_c, last_at, readings, defrost, faults, source, last_seq FROM haccp_interval"
+        "SELECT min_c, max_c, last_c, last_at, readings, defrost, faults, unsynced, source, last_seq"
+        " FROM haccp_interval"
         " WHERE device_id=? AND start=?",
         (device_id, start),
     ).fetchone()
     if row is None:
         return Interval(device_id, start, seconds=seconds)
-    min_c, max_c, last_c, last_at, readings, defrost, faults, source, last_seq = row
+    min_c, max_c, last_c, last_at, readings, defrost, faults, unsynced, source, last_seq = row
     return Interval(
-        device_id, start, min_c, max_c, last_c, last_at, readings, defrost, faults, source, last_seq, seconds
+        device_id,
+        start,
+        min_c,
+        max_c,
+        last_c,
+        last_at,
+        readings,
+        defrost,
+        faults,
+        unsynced,
+        source,
+        last_seq,
+        seconds,
     )
 
 

@@ -66,7 +66,8 @@ def build_report(
     known = False
     if "haccp_interval" in tables:
         rows = conn.execute(
-            "SELECT start, min_c, max_c, last_c, readings, defrost, faults, last_at, seconds FROM haccp_interval"
+            "SELECT start, min_c, max_c, last_c, readings, defrost, faults, last_at, seconds, unsynced"
+            " FROM haccp_interval"
             " WHERE device_id=? AND start>=? AND start<? ORDER BY start",
             (device_id, int(start), end),
         ).fetchall()
@@ -122,6 +123,7 @@ def build_report(
             "last_c": found.last_c if found is not None else None,
             "defrost": found.defrost if found is not None else 0,
             "faults": found.faults if found is not None else 0,
+            "clock_unsynced": found.unsynced if found is not None else 0,
             "above_limit": None if limit is None or peak is None else peak > limit,
             "gap": readings == 0,
         }
@@ -164,16 +166,18 @@ class _Bucket:
     last_at: float = -math.inf
     defrost: int = 0
     faults: int = 0
+    unsynced: int = 0
 
 
 def _buckets(rows: Sequence[tuple[Any, ...]], start: float, size: int) -> dict[int, _Bucket]:
     """The day's rows gathered into the printed intervals (several rows to one when the interval was shorter)."""
     found: dict[int, _Bucket] = {}
-    for row_start, min_c, max_c, last_c, readings, defrost, faults, last_at, _ in rows:
+    for row_start, min_c, max_c, last_c, readings, defrost, faults, last_at, _, unsynced in rows:
         bucket = found.setdefault(int((row_start - start) // size), _Bucket())
         bucket.readings += int(readings)
         bucket.defrost += int(defrost)
         bucket.faults += int(faults)
+        bucket.unsynced += int(unsynced)
         if min_c is not None:
             bucket.min_c = min_c if bucket.min_c is None else min(bucket.min_c, min_c)
         if max_c is not None:
@@ -248,6 +252,7 @@ def as_csv(report: dict[str, Any]) -> str:
                 ("above_limit", i["above_limit"]),
                 ("defrost", i["defrost"]),
                 ("probe_fault", i["faults"]),
+                ("clock_unsynced", i["clock_unsynced"]),
             )
             if on
         ]

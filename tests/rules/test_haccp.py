@@ -11,7 +11,7 @@ import logging
 import math
 import sqlite3
 from collections.abc import Iterator
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -27,6 +27,7 @@ from gateway.kernel.events import AlertAcknowledged, AlertCleared, AlertRaised, 
 from gateway.kernel.journal import Draft
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.model import StrictModel
+from gateway.kernel.mqtt_client import MqttClient
 from gateway.kernel.pipeline import KIND_OF, Derived, Event, Pipeline
 from gateway.kernel.rule_config import RuleDefinition
 from rules.engine import RuleEngine
@@ -37,6 +38,9 @@ from tests.gateway.test_api import AUTH, TOKEN
 from tests.gateway.test_api import running as api_running
 from tests.gateway.test_cli import cli
 from tests.gateway.test_journal import flushed, new_journal, query, running
+from tests.harness.brokers import Mosquitto
+from tests.harness.e2e_helpers import API_TOKEN as E2E_TOKEN
+from tests.harness.e2e_helpers import broker_config, load, poll_until, running_gateway, write_config
 from tests.rules.conftest import Time
 
 RULES = TypeAdapter(list[RuleDefinition])
@@ -171,6 +175,7 @@ def test_readings_are_summarised_per_interval_in_the_stores_day_with_gaps_and_de
         "last_c": 4.2,
         "defrost": 0,
         "faults": 0,
+        "clock_unsynced": 0,
         "above_limit": False,
         "gap": False,
     }
@@ -381,13 +386,15 @@ def test_rows_past_the_retention_are_pruned_and_the_retention_is_at_least_400_da
     assert len(store.conn.execute("SELECT 1 FROM haccp_excursion").fetchall()) == 1
     store.sample(old + 399 * 86400, 4.0)  # everything still there
     assert len(store.rows()) == 4
+    # A reading stamped by an unsynchronised clock years ahead is logged there, and prunes nothing.
+    store.seq += 1
+    ahead = SensorSample(values={"temperature": 4.0})
+    store.commit([Event(store.seq, "sensor.sample", "fridge-1", b"{}", ahead, old + 900 * 86400, False)])
+    assert len(store.rows()) == 5
     store.start([WARM])  # the prune is due again at start
     store.sample(old + 401 * 86400, 4.0)
-    assert [datetime.fromtimestamp(r[1], ZoneInfo(HK)).date() for r in store.rows()] == [
-        date(2026, 11, 4),
-        date(2027, 12, 6),
-        date(2027, 12, 8),
-    ]
+    days = [datetime.fromtimestamp(r[1], ZoneInfo(HK)).date() for r in store.rows()]
+    assert days == [DAY + timedelta(days=n) for n in (2, 399, 401, 900)]
     assert store.conn.execute("SELECT 1 FROM haccp_excursion").fetchall() == []
     for bad in ({"retention_days": 399}, {"interval_s": 700}, {"interval_s": 30}):
         with pytest.raises(ValidationError):
@@ -442,14 +449,17 @@ def test_bad_input_never_crashes_the_log(store: Store, caplog: pytest.LogCapture
         ),
     ]
     store.commit([*garbage, *stray])
-    store.time.synced = False  # a reading with no trustworthy time is not placed
+    store.time.synced = False  # placed by the clock it has, and flagged
     store.sample(at(DAY, "12:05"), 4.0)
+    store.time.synced = True
     # (The rule engine skips the payloads that do not validate; the log passes over them.)
     assert "haccp" not in {store.pipeline.skipped_by(e.seq) for e in [*garbage, *stray]}
     assert not [r for r in caplog.records if "processor haccp" in r.getMessage()]
-    assert store.rows() == []
+    assert [r[5] for r in store.rows()] == [1]  # none of the garbage, the one good reading
     report = store.report(DAY)
     assert report is not None
+    unsynced = report["intervals"][48]
+    assert (unsynced["readings"], unsynced["clock_unsynced"]) == (1, 1)
     [excursion] = report["excursions"]
     assert (excursion["start"], excursion["limit_c"], excursion["open"]) == (
         "2026-11-02T12:00:00+08:00",
@@ -457,6 +467,7 @@ def test_bad_input_never_crashes_the_log(store: Store, caplog: pytest.LogCapture
         True,
     )
     text = as_csv(report)
+    assert "2026-11-02T12:00:00+08:00,2026-11-02T12:15:00+08:00,1,4,4,4,clock_unsynced" in text
     assert "'=HYPERLINK" in text
     assert "'+chef" in text
 
@@ -625,3 +636,70 @@ def test_a_bad_haccp_section_is_reported_with_its_line(tmp_path: Path) -> None:
     assert "must divide 900" in text
     assert f"{config}:15:" in text
     assert "haccp.retention_days" in text
+
+
+async def test_a_running_gateway_logs_a_fridge_and_serves_its_day(
+    tmp_path: Path, store_broker: Mosquitto, hq_broker: Mosquitto
+) -> None:
+    """The whole gateway: readings over MQTT, the rule engine's excursion acknowledged through the API, and the
+    day's log from GET /api/haccp."""
+    rule = {"id": "dairy-warm", "type": "temperature", "max_c": 8, "for_s": 0, "clear_for_s": 0}
+    config = write_config(
+        tmp_path / "store.yaml",
+        store_port=store_broker.port,
+        hq_port=hq_broker.port,
+        data_dir=tmp_path / "data",
+        devices=(),
+        json_sensors=("fridge-dairy",),
+        rules=[rule],
+    )
+    journal = tmp_path / "data" / "journal.db"
+
+    def kinds() -> list[str]:
+        with contextlib.closing(sqlite3.connect(journal)) as conn:
+            return [
+                k for (k,) in conn.execute("SELECT kind FROM events WHERE kind LIKE 'alert.%' ORDER BY seq")
+            ]
+
+    sensor = MqttClient(broker_config(store_broker), "sensor-fridge-dairy", clean_start=True)
+    async with running_gateway(load(config)) as gateway:
+        port = await gateway.wait_api()
+        await sensor.connect()
+        headers = {"Authorization": f"Bearer {E2E_TOKEN}"}
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+                await sensor.publish("store/sensor/fridge-dairy/state", b'{"temperature": 9.5}', qos=1)
+                await poll_until(lambda: kinds() == ["alert.raised"], "the excursion is raised")
+                body = {"note": "moved the milk to the walk-in", "role": "manager"}
+                done = await client.post(
+                    "/api/alerts/dairy-warm/fridge-dairy/1/ack", json=body, headers=headers
+                )
+                assert done.status_code == 200, done.text
+                await sensor.publish("store/sensor/fridge-dairy/state", b'{"temperature": 4.0}', qos=1)
+                await poll_until(lambda: kinds()[-1:] == ["alert.cleared"], "the excursion is cleared")
+                with contextlib.closing(sqlite3.connect(journal)) as conn:
+                    [(recorded_at,)] = conn.execute(
+                        "SELECT recorded_at FROM events WHERE kind='sensor.sample' ORDER BY seq LIMIT 1"
+                    ).fetchall()
+                day = datetime.fromisoformat(recorded_at).astimezone(ZoneInfo(HK)).date().isoformat()
+                answer = await client.get(f"/api/haccp?device=fridge-dairy&date={day}", headers=headers)
+                assert answer.status_code == 200, answer.text
+                log = answer.json()
+                csv_answer = await client.get(
+                    f"/api/haccp?device=fridge-dairy&date={day}&format=csv", headers=headers
+                )
+                assert csv_answer.status_code == 200
+        finally:
+            await sensor.disconnect()
+    assert (log["limit_c"], log["timezone"]) == (8, HK)
+    [excursion] = log["excursions"]
+    assert (excursion["alert_id"], excursion["corrective_action"], excursion["acknowledged_by"]) == (
+        "dairy-warm/fridge-dairy/1",
+        "moved the milk to the walk-in",
+        "manager",
+    )
+    assert excursion["open"] is False
+    logged = [(i["readings"], i["max_c"]) for i in log["intervals"] if i["readings"]]
+    assert sum(n for n, _ in logged) == 2  # (the two readings may fall in two intervals)
+    assert max(m for _, m in logged) == 9.5
+    assert "moved the milk to the walk-in,manager" in csv_answer.text
