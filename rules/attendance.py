@@ -24,6 +24,7 @@ employee's previous or next shift; the others are the day's unscheduled check-in
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -32,6 +33,7 @@ from zoneinfo import ZoneInfo
 
 from cloud_bridge.documents import Roster, Shift
 from gateway.kernel.events import (
+    MAX_ATTENDANCE_EMPLOYEES,
     AttendanceDaily,
     AttendanceEmployee,
     AttendanceFlag,
@@ -41,6 +43,8 @@ from gateway.kernel.events import (
 from gateway.kernel.pipeline import Event
 from gateway.kernel.rule_config import AttendanceRule, RuleDefinition
 from rules.engine import ACTIVE, Context, Track
+
+_LOGGER = logging.getLogger(__name__)
 
 EARTH_RADIUS_M: Final = 6_371_008.8
 """The mean Earth radius (IUGG), for the haversine distance."""
@@ -416,7 +420,20 @@ def summary(ctx: Context, rule: AttendanceRule, day: date) -> AttendanceDaily:
             out.append(
                 AttendanceEmployee(employee_id=employee, shifts=rows, minutes_worked=worked, flags=flags)
             )
-    return AttendanceDaily(rule_id=rule.id, date=day.isoformat(), timezone=ctx.hours.timezone, employees=out)
+    if len(out) > MAX_ATTENDANCE_EMPLOYEES:
+        _LOGGER.error(
+            "attendance %s: %s had %d employees; the summary lists the first %d",
+            rule.id,
+            day,
+            len(out),
+            MAX_ATTENDANCE_EMPLOYEES,
+        )
+    return AttendanceDaily(
+        rule_id=rule.id,
+        date=day.isoformat(),
+        timezone=ctx.hours.timezone,
+        employees=out[:MAX_ATTENDANCE_EMPLOYEES],
+    )
 
 
 def _shift(

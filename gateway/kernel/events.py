@@ -361,6 +361,7 @@ class StaffCheckin(StrictModel):
 
 
 AttendanceFlag = Literal["late", "early_leave", "no_show", "needs_review"]
+MAX_ATTENDANCE_EMPLOYEES: Final = 10_000
 
 
 class AttendanceShift(StrictModel):
@@ -389,7 +390,7 @@ class AttendanceDaily(StrictModel):
     rule_id: ShortText
     date: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}$", description="The store-local day, YYYY-MM-DD.")
     timezone: ShortText
-    employees: list[AttendanceEmployee] = Field(max_length=5000)
+    employees: list[AttendanceEmployee] = Field(max_length=MAX_ATTENDANCE_EMPLOYEES)
 
 
 class BarcodeScanned(StrictModel):

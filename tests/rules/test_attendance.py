@@ -483,3 +483,21 @@ def test_a_backtest_replays_the_verdicts_with_the_stores_geofence() -> None:
         "2027-01-15T02:05:00Z cleared  att/needs_review:e1/1  e1: needs_review (reported)",
         "2027-01-15T16:00:00Z attendance.daily att/2027-01-15  1 employee(s), 1 with flags",
     ]
+
+
+def test_after_a_reboot_with_an_unsynchronised_clock_the_shift_timers_wait(att: Any, time: Time) -> None:
+    shifts = roster(("e1", local(15, 17), local(15, 21)))
+    rig = start(att, shifts)
+    until(rig, time, local(15, 16, 50))
+    rig.conn.close()
+    time.boot, time.mono, time.synced = "boot-2", 5.0, False  # a power cut: no real-time clock
+    time.wall += 3600  # 17:50 (the box cannot tell yet)
+    rig = start(att, shifts)
+    time.advance(120)
+    rig.tick()
+    assert rig.alerts == []  # late, never early
+    time.synced = True
+    time.advance(60)
+    rig.tick()
+    rig.tick()
+    assert raised(rig) == [("no_show", "no_show:e1")]
