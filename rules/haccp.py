@@ -38,6 +38,8 @@ DEFROST_METRIC: Final = "defrost_active"
 MIN_RETENTION_DAYS: Final = 400
 PRUNE_EVERY_S: Final = 3600.0
 """How often (in the events' time) rows past the retention are deleted."""
+LAST_TIME: Final = 32_503_680_000.0
+"""Year 3000: a time past it in an alert's details is no time."""
 MAX_ACKS: Final = 20
 """Acknowledgements kept per excursion (the latest ones)."""
 SCHEMA: Final = """
@@ -377,9 +379,14 @@ def _read_interval(conn: sqlite3.Connection, device_id: str, start: int, seconds
 
 
 def _number(value: object) -> float | None:
+    """A finite number of an alert's details, or None."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value) if math.isfinite(value) else None
+    try:
+        number = float(value)
+    except OverflowError:  # an int past any float
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _text(value: object) -> str | None:
@@ -392,9 +399,10 @@ def _timestamp(value: object) -> float | None:
         return None
     try:
         moment = datetime.fromisoformat(value)
-    except ValueError:
+        at = moment.timestamp() if moment.tzinfo is not None else None
+    except (ValueError, OverflowError):
         return None
-    return moment.timestamp() if moment.tzinfo is not None else None
+    return at if at is not None and 0 <= at < LAST_TIME else None
 
 
 def _acks(text: object) -> list[dict[str, Any]]:

@@ -429,12 +429,25 @@ def test_bad_input_never_crashes_the_log(store: Store, caplog: pytest.LogCapture
         message="made up",
         details={"alert_id": "x/fridge-1/1", "due_at": "yesterday", "for_s": "long", "limit_c": True},
     )
+    huge = AlertRaised(
+        rule="temperature",
+        severity="critical",
+        subject="fridge-1",
+        message="made up",
+        details={
+            "alert_id": "y/fridge-1/1",
+            "due_at": "9999-12-31T23:59:59-23:59",
+            "for_s": 10**400,
+            "max_c": 10**400,
+        },
+    )
     unnamed = AlertRaised(rule="temperature", severity="critical", subject="fridge-1", message="no id")
     failed = AlertRaised(rule="gateway.processor_failed", severity="critical", subject="rules", message="m")
     stray = [
         store.event(nonsense, "fridge-1"),
         store.event(nonsense, "fridge-1"),  # the same alert id again
         store.event(unnamed, "fridge-1"),
+        store.event(huge, "fridge-1"),
         store.event(failed, None),
         store.event(
             AlertCleared(
@@ -460,12 +473,12 @@ def test_bad_input_never_crashes_the_log(store: Store, caplog: pytest.LogCapture
     assert report is not None
     unsynced = report["intervals"][48]
     assert (unsynced["readings"], unsynced["clock_unsynced"]) == (1, 1)
-    [excursion] = report["excursions"]
-    assert (excursion["start"], excursion["limit_c"], excursion["open"]) == (
-        "2026-11-02T12:00:00+08:00",
-        None,
-        True,
-    )
+    assert [
+        (e["alert_id"], e["start"], e["limit_c"], e["max_c"], e["open"]) for e in report["excursions"]
+    ] == [
+        ("x/fridge-1/1", "2026-11-02T12:00:00+08:00", None, None, True),
+        ("y/fridge-1/1", "2026-11-02T12:00:00+08:00", None, None, True),
+    ]
     text = as_csv(report)
     assert "2026-11-02T12:00:00+08:00,2026-11-02T12:15:00+08:00,1,4,4,4,clock_unsynced" in text
     assert "'=HYPERLINK" in text
