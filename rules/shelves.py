@@ -247,6 +247,23 @@ def shrink_observe(ctx: Context, rule: RuleDefinition, event: Event) -> None:
                 {"seq": event.seq, "cause": "back"},
             )
         _settle(ctx, rule, track)
+    _moved(ctx, rule, reader, seen)
+
+
+def _moved(ctx: Context, rule: PossibleShrinkRule, reader: str, seen: dict[str, set[str]]) -> None:
+    """Departed tags another reader sees before their window ends moved (``misplaced`` says where): no shrink."""
+    for gtin, epcs in seen.items():
+        for place in ctx.layout.by_gtin.get(gtin, ()):
+            if place.reader == reader:
+                continue
+            track = ctx.track(rule, place.subject)
+            pending = [p for p in track.data.get("pending", ()) if p[0] not in epcs]
+            held = [h for h in track.data.get("held", ()) if h[0] not in epcs]
+            if len(pending) + len(held) < len(track.data.get("pending", ())) + len(
+                track.data.get("held", ())
+            ):
+                track.data = {**track.data, "pending": pending, "held": held}
+                _settle(ctx, rule, track)
 
 
 def shrink_fire(ctx: Context, rule: RuleDefinition, track: Track) -> None:

@@ -424,3 +424,17 @@ def test_the_gateways_downtime_does_not_run_out_a_sale_window(shelves_at: Any, t
     time.advance(601)
     rig.tick()
     assert rig.alerts == []
+
+
+def test_a_departed_tag_another_reader_sees_in_time_moved_and_is_no_shrink(
+    shelves_at: Any, time: Time
+) -> None:
+    shelves = [*SHELVES, {"shelf_id": "D-01", "sku": "TEA", "gtin": TEA, "facings": 2, "min_on_shelf": 1}]
+    rig = shelves_at([{"id": "shrink", "type": "possible_shrink", "sale_window_s": 600}], shelves)
+    rig.window("A-01", tea(1, 2, 3))
+    rig.window("A-01", {}, departed=(epc(1), epc(2), epc(3)))
+    rig.window("D-01", tea(1))  # tea's other shelf
+    rig.window("rfid-7", {epc(2): TEA, epc(10): MILK})  # left on the milk shelf
+    time.advance(601)
+    rig.tick()
+    assert [(a.subject, a.details["epcs"]) for a in rig.alerts] == [(f"A-01/{TEA}", [epc(3)])]
