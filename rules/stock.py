@@ -1,10 +1,13 @@
-"""The stock rules, on the stock ledger's ``stock.level``: ``negative_stock`` (data quality)."""
+"""The stock rules, on the stock ledger's ``stock.level``: ``stock.low`` (at or below safety stock) and
+``negative_stock`` (data quality)."""
 
 from __future__ import annotations
 
-from gateway.kernel.events import StockLevel
+from decimal import ROUND_CEILING, Decimal
+
+from gateway.kernel.events import StockLevel, StockReplenishmentDraft
 from gateway.kernel.pipeline import Event
-from gateway.kernel.rule_config import NegativeStockRule, RuleDefinition
+from gateway.kernel.rule_config import NegativeStockRule, ReplenishmentRule, RuleDefinition, StockLowAlerts
 from rules.engine import ACTIVE, Context, Track
 
 
@@ -14,6 +17,28 @@ def sku_subject(rule: RuleDefinition, event: Event) -> str | None:
     if not isinstance(level, StockLevel) or not rule.select.matches_sku(level.sku):
         return None
     return level.sku
+
+
+def low_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
+    """At or below the SKU's safety stock raises; above it (or no threshold any more) clears."""
+    assert isinstance(rule, StockLowAlerts)
+    level = event.model
+    assert isinstance(level, StockLevel)
+    on_hand = format(level.on_hand, "f")
+    safety = None if level.safety_stock is None else format(level.safety_stock, "f")
+    low = level.safety_stock is not None and level.on_hand <= level.safety_stock
+    evidence = {
+        "on_hand": on_hand,
+        "safety_stock": safety,
+        "seq": event.seq,
+        "cause_seqs": list(level.cause_seqs),
+    }
+    if low and track.state != ACTIVE:
+        ctx.raise_alert(
+            rule, track, f"{level.sku}: on hand {on_hand} is at or below safety stock {safety}", evidence
+        )
+    elif not low and track.state == ACTIVE:
+        ctx.clear_alert(rule, track, f"{level.sku}: on hand {on_hand}, above safety stock {safety}", evidence)
 
 
 def negative_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
@@ -29,3 +54,64 @@ def negative_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Ev
         )
     elif level.on_hand >= 0 and track.state == ACTIVE:
         ctx.clear_alert(rule, track, f"{level.sku}: on hand {level.on_hand}", {"seq": event.seq})
+
+
+def replenish_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
+    """At or below the reorder point: a draft for what is missing up to the order-up-to level, counting the
+    drafts still open (on order), in whole packs. Stock back above the reorder point closes the open drafts
+    (the goods arrived); so does time, after ``open_days`` (an order that never came is suggested again)."""
+    assert isinstance(rule, ReplenishmentRule)
+    level = event.model
+    assert isinstance(level, StockLevel)
+    reorder = _dec(rule.reorder_point) if rule.reorder_point is not None else level.safety_stock
+    open_drafts = [d for d in track.data.get("open", []) if ctx.now - float(d[1]) < rule.open_s]
+    if reorder is None or level.on_hand > reorder:
+        if track.data.get("open"):
+            track.data = {**track.data, "open": []}
+        return
+    velocity: Decimal | None = None
+    if rule.order_up_to is not None:
+        up_to = _dec(rule.order_up_to)
+    else:
+        assert rule.velocity_days is not None
+        velocity = ctx.velocity(level.sku, rule.velocity_days)
+        if velocity is None:
+            return  # no sales history here (a backtest without the ledger)
+        safety = (
+            _dec(rule.safety_stock) if rule.safety_stock is not None else level.safety_stock or Decimal(0)
+        )
+        up_to = velocity * _dec(rule.lead_time_days + rule.review_days) + safety
+    on_order = sum((Decimal(d[0]) for d in open_drafts), Decimal(0))
+    missing = up_to - level.on_hand - on_order
+    if missing <= 0:
+        if len(open_drafts) != len(track.data.get("open", [])):
+            track.data = {**track.data, "open": open_drafts}
+        return
+    pack = _dec(rule.pack_size)
+    quantity = (missing / pack).to_integral_value(ROUND_CEILING) * pack
+    number = int(track.data.get("n", 0)) + 1
+    ctx.emit(
+        StockReplenishmentDraft(
+            draft_id=f"{rule.id}/{level.sku}/{number}"[:64],
+            rule_id=rule.id,
+            sku=level.sku,
+            quantity=_plain(quantity),
+            on_hand=level.on_hand,
+            reorder_point=_plain(reorder),
+            order_up_to=_plain(up_to.quantize(Decimal("0.001"))),
+            open_before=_plain(on_order),
+            pack_size=_plain(pack),
+            velocity_per_day=None if velocity is None else _plain(velocity.quantize(Decimal("0.001"))),
+            seq=event.seq,
+        )
+    )
+    track.data = {**track.data, "n": number, "open": [*open_drafts, [format(quantity, "f"), ctx.now]]}
+
+
+def _dec(value: float) -> Decimal:
+    return Decimal(repr(value))
+
+
+def _plain(value: Decimal) -> Decimal:
+    """No exponent, no trailing zeros: 10 not 1E+1, 2.5 not 2.500."""
+    return Decimal(format(value.normalize(), "f")) if value else Decimal(0)

@@ -367,7 +367,9 @@ MAX_ATTENDANCE_EMPLOYEES: Final = 10_000
 class AttendanceShift(StrictModel):
     """One employee's shift of the day (or, with ``start`` null, check-ins outside any rostered shift)."""
 
-    start: datetime | None = Field(description="The roster's shift start, in the store's local time; null: none.")
+    start: datetime | None = Field(
+        description="The roster's shift start, in the store's local time; null: none."
+    )
     end: datetime | None = Field(description="The roster's shift end, in the store's local time.")
     first_in: datetime | None = Field(description="The first accepted check-in, local time; null: none.")
     last_out: datetime | None = Field(description="The last accepted check-out, local time; null: none.")

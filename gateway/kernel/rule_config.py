@@ -223,7 +223,9 @@ class ReplenishmentRule(RuleBase):
     safety_stock: Annotated[float, Field(ge=0, le=10**6)] | None = Field(
         default=None, description="Added to the computed level (default: the SKU's safety stock)."
     )
-    pack_size: Annotated[float, Field(gt=0, le=10**5)] = Field(default=1, description="Orders are whole packs.")
+    pack_size: Annotated[float, Field(gt=0, le=10**5)] = Field(
+        default=1, description="Orders are whole packs."
+    )
     open_days: Annotated[float, Field(gt=0, le=90)] | None = Field(
         default=None,
         description="A draft counts as open (on order) this long unless stock arrives first (default: lead"
@@ -234,13 +236,19 @@ class ReplenishmentRule(RuleBase):
     def _one_level(self) -> ReplenishmentRule:
         if (self.order_up_to is None) == (self.velocity_days is None):
             raise ValueError("give either order_up_to (a fixed level) or velocity_days (a level from sales)")
-        if self.order_up_to is not None and self.reorder_point is not None and self.order_up_to <= self.reorder_point:
+        if (
+            self.order_up_to is not None
+            and self.reorder_point is not None
+            and self.order_up_to <= self.reorder_point
+        ):
             raise ValueError("order_up_to must be above reorder_point")
         return self
 
     @property
     def open_s(self) -> float:
-        days = self.open_days if self.open_days is not None else max(1.0, self.lead_time_days + self.review_days)
+        days = (
+            self.open_days if self.open_days is not None else max(1.0, self.lead_time_days + self.review_days)
+        )
         return days * 86_400
 
 
@@ -305,7 +313,7 @@ class PossibleShrinkRule(RuleBase):
 
     type: Literal["possible_shrink"] = Field(description="Goods gone from a shelf and not sold (RFID).")
     sale_window_s: Annotated[float, Field(ge=10, le=86_400)] = Field(
-        default=600, description="A sale of the GTIN within this long after the departure accounts for it."
+        default=600, description="A sale of the GTIN within this long of the departure accounts for it."
     )
     clear_after_s: Annotated[float, Field(ge=60, le=7 * 86_400)] = Field(
         default=3600, description="The alert clears this long after it was raised (it reports an event)."
@@ -340,8 +348,9 @@ class AttendanceRule(RuleBase):
         default=0.8, description="A face-match score below this needs review."
     )
     grace_s: Annotated[float, Field(ge=0, le=7200)] = Field(
-        default=300, description="Late: first check-in after shift start + this; early leave: last out before"
-        " shift end - this."
+        default=300,
+        description="Late: first check-in after shift start + this; early leave: last out before"
+        " shift end - this.",
     )
     no_show_after_s: Annotated[float, Field(ge=60, le=43_200)] = Field(
         default=900, description="Nobody checked in this long after a shift's start: no_show."

@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import Field
 
 from gateway.kernel.model import StrictModel
+from gateway.kernel.rule_config import StockLowAlerts
 
 
 class StockItem(StrictModel):
@@ -25,4 +26,8 @@ class StockConfig(StrictModel):
     items: list[StockItem] = Field(default_factory=list, description="Initial levels and thresholds inline.")
     default_safety_stock: float | None = Field(
         default=None, ge=0, description="Threshold for SKUs without one."
+    )
+    low_alert: StockLowAlerts = Field(
+        default_factory=StockLowAlerts,
+        description="The stock.low alerts: severity, notify, renotify_s, escalate, select.skus (docs/RULES.md).",
     )

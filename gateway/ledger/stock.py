@@ -7,9 +7,9 @@ HQ's ``stock.adjust`` commands arrive as ``stock.adjusted`` events and move stoc
 with the sales around them: ``delta`` adds (or removes) units, ``set`` is a stock-take count that replaces the
 on-hand. They apply once per request id, by the journal's dedup key.
 
-After each group commit the ledger emits one ``stock.level`` per SKU it moved, and an ``alert.raised``
-(rule ``stock.low``) when a SKU falls to or below its safety stock. The alert fires once per crossing; the SKU
-re-arms when stock rises above the threshold again.
+After each group commit the ledger emits one ``stock.level`` per SKU it moved, carrying the SKU's safety stock;
+the rule engine after it raises ``stock.low`` when a SKU is at or below it, and clears it when it is above it
+again (:mod:`rules.stock`). The ``low`` column says which SKUs are low, for the local API.
 
 A SKU's threshold is, first found: its HQ rule (the ``rules`` document, see :mod:`gateway.ledger.documents`), its
 configured ``safety_stock`` (config items or CSV), the rules' default, the config's ``default_safety_stock``.
@@ -23,6 +23,8 @@ import csv
 import logging
 import math
 import sqlite3
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -30,7 +32,7 @@ from typing import Final
 
 from cloud_bridge.documents import RuleSet
 from gateway.kernel.errors import StoreGatewayError
-from gateway.kernel.events import AlertRaised, PosReturn, PosSale, StockAdjusted, StockLevel
+from gateway.kernel.events import PosReturn, PosSale, StockAdjusted, StockLevel
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.pipeline import Emit, Event, Processor
 from gateway.ledger.config import StockConfig
@@ -47,7 +49,19 @@ CREATE TABLE IF NOT EXISTS stock(
     low INTEGER NOT NULL DEFAULT 0,
     base_safety_stock REAL
 );
+CREATE TABLE IF NOT EXISTS stock_sold_daily(
+    sku TEXT NOT NULL,
+    day INTEGER NOT NULL,
+    sold REAL NOT NULL,
+    PRIMARY KEY (sku, day)
+);
 """
+SOLD_KEEP_DAYS: Final = 100
+"""Units sold per SKU per day (UTC) are kept this long, for the replenishment rules' sales velocity."""
+
+
+def utc_day() -> int:
+    return int(time.time() // 86_400)
 
 
 class StockConfigError(StoreGatewayError, ValueError):
@@ -94,12 +108,17 @@ def _parse_row(row: list[str]) -> tuple[str, float, float | None]:
 
 class StockLedger(Processor):
     """The first processor of the pipeline (:mod:`gateway.kernel.pipeline`): sales, returns and HQ adjustments
-    move stock; it emits ``stock.level`` and ``alert.raised`` (``stock.low``) for the processors after it."""
+    move stock; it emits ``stock.level`` for the processors after it."""
 
     name = "stock"
 
-    def __init__(self, config: StockConfig, metrics: Metrics) -> None:
+    def __init__(self, config: StockConfig, metrics: Metrics, today: Callable[[], int] = utc_day) -> None:
         self._config = config
+        self._today = today
+        self._sold: dict[str, dict[int, Decimal]] = {}
+        """SKU -> UTC day -> units sold that day (returns take off), the last SOLD_KEEP_DAYS days."""
+        self._sold_moved: set[tuple[str, int]] = set()
+        self._pruned: int | None = None
         self._metrics = metrics
         self._levels: dict[str, _Level] = {}
         self._sku_rules: dict[str, Decimal] = {}
@@ -153,6 +172,19 @@ class StockLedger(Processor):
             )
         self._moved.clear()
         self._first_cause.clear()
+        first = self._today() - SOLD_KEEP_DAYS
+        self._sold = {}
+        for sku, day, sold in conn.execute(
+            "SELECT sku, day, sold FROM stock_sold_daily WHERE day > ?", (first,)
+        ):
+            self._sold.setdefault(sku, {})[int(day)] = _dec(sold)
+        self._sold_moved.clear()
+
+    def velocity(self, sku: str, days: int) -> Decimal:
+        """Units of ``sku`` sold per day over the last ``days`` days, today included (returns take off)."""
+        today = self._today()
+        sold = sum((n for day, n in self._sold.get(sku, {}).items() if day > today - days), Decimal(0))
+        return max(Decimal(0), sold) / days
 
     def apply(self, event: Event) -> None:
         kind = event.kind
@@ -171,7 +203,11 @@ class StockLedger(Processor):
         else:
             return
         seq = event.seq
+        today = self._today()
         for line in model.lines:
+            days = self._sold.setdefault(line.sku, {})
+            days[today] = days.get(today, Decimal(0)) - sign * line.quantity
+            self._sold_moved.add((line.sku, today))
             level = self._levels.get(line.sku)
             if level is None:
                 self._metrics.stock_unknown_sku.inc()
@@ -205,11 +241,9 @@ class StockLedger(Processor):
         if not self._moved:
             return []
         derived: list[Emit] = []
-        alerts: list[Emit] = []
         rows = []
         for sku, seq in self._moved.items():
             level = self._levels[sku]
-            was_low = level.low
             level.low = level.safety_stock is not None and level.on_hand <= level.safety_stock
             own_threshold = None if level.default_threshold else _float(level.safety_stock)
             rows.append((sku, float(level.on_hand), own_threshold, seq, int(level.low)))
@@ -222,8 +256,14 @@ class StockLedger(Processor):
             )
             level.reported = level.on_hand
             derived.append(Emit(report))
-            if level.low and not was_low:
-                alerts.append(self._low_stock_alert(sku, level))
+        conn.executemany(
+            "INSERT OR REPLACE INTO stock_sold_daily(sku, day, sold) VALUES (?,?,?)",
+            [(sku, day, float(self._sold[sku][day])) for sku, day in self._sold_moved],
+        )
+        if self._sold_moved and self._pruned != self._today():  # once a day
+            self._pruned = self._today()
+            conn.execute("DELETE FROM stock_sold_daily WHERE day <= ?", (self._pruned - SOLD_KEEP_DAYS,))
+        self._sold_moved.clear()
         conn.executemany(
             "INSERT INTO stock(sku, on_hand, safety_stock, updated_seq, low) VALUES (?,?,?,?,?) "
             "ON CONFLICT(sku) DO UPDATE SET on_hand=excluded.on_hand, updated_seq=excluded.updated_seq, "
@@ -232,7 +272,7 @@ class StockLedger(Processor):
         )
         self._moved.clear()
         self._first_cause.clear()
-        return derived + alerts
+        return derived
 
     def rollback(self, conn: sqlite3.Connection) -> None:
         """The commit failed: back to the levels on disk."""
@@ -241,19 +281,6 @@ class StockLedger(Processor):
     def reload(self, conn: sqlite3.Connection) -> None:
         """Thresholds or levels changed in the tables (HQ's rules, a stock-take): read them again."""
         self._load(conn)
-
-    @staticmethod
-    def _low_stock_alert(sku: str, level: _Level) -> Emit:
-        safety = _text(level.safety_stock) if level.safety_stock is not None else None
-        return Emit(
-            AlertRaised(
-                rule="stock.low",
-                severity="warning",
-                subject=sku,
-                message=f"{sku}: on hand {_text(level.on_hand)} is at or below safety stock {safety}",
-                details={"on_hand": _text(level.on_hand), "safety_stock": safety},
-            )
-        )
 
 
 def apply_rule_thresholds(conn: sqlite3.Connection, rules: RuleSet | None) -> None:

@@ -32,6 +32,8 @@ from gateway.kernel.metrics import Metrics
 from gateway.kernel.mqtt_client import Message, MqttClient
 from gateway.ledger.stock import StockLedger
 from gateway.runtime import command_handlers
+from rules.clock import RuleClock
+from rules.engine import RuleEngine
 from simulators.fridge import FridgeServer
 from tests.harness.brokers import Mosquitto
 from tests.harness.e2e_helpers import hq_command_keys, sign_command
@@ -126,7 +128,8 @@ async def rig(tmp_path: Path, hq_broker: Mosquitto) -> AsyncIterator[Rig]:
         GW,
         config.journal,
         metrics,
-        [StockLedger(config.stock, metrics)],
+        # the ledger, and the rules that raise and clear its stock.low, as the runtime wires them
+        [StockLedger(config.stock, metrics), RuleEngine([config.stock.low_alert], RuleClock(lambda: True))],
         ClockState(override=True),
     )
     await journal.open()

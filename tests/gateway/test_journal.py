@@ -281,15 +281,26 @@ async def test_seq_continues_across_restarts(tmp_path: Path) -> None:
 
 
 async def test_seq_continues_after_derived_events(tmp_path: Path) -> None:
+    from gateway.kernel.rule_config import StockLowAlerts
+    from rules.clock import RuleClock
+    from rules.engine import RuleEngine
+
+    def low_alerts() -> RuleEngine:
+        return RuleEngine([StockLowAlerts()], RuleClock(lambda: True))
+
     metrics = Metrics()
-    journal = new_journal(tmp_path, metrics=metrics, processors=[stock_ledger(metrics, TEA=(3, 2))])
+    journal = new_journal(
+        tmp_path, metrics=metrics, processors=[stock_ledger(metrics, TEA=(3, 2)), low_alerts()]
+    )
     async with running(journal):
         journal.submit(pos_draft("R1", [("TEA", "2")]))
     kinds = query(journal, "SELECT seq, kind FROM events ORDER BY seq")
     assert kinds == [(1, "pos.sale"), (2, "stock.level"), (3, "alert.raised")]
 
     metrics = Metrics()
-    journal = new_journal(tmp_path, metrics=metrics, processors=[stock_ledger(metrics, TEA=(3, 2))])
+    journal = new_journal(
+        tmp_path, metrics=metrics, processors=[stock_ledger(metrics, TEA=(3, 2)), low_alerts()]
+    )
     async with running(journal):
         assert journal.last_seq == 3
         journal.submit(status(1))

@@ -22,6 +22,8 @@ from gateway.kernel.journal import Draft, Journal
 from gateway.kernel.metrics import Metrics
 from gateway.ledger.config import StockConfig, StockItem
 from gateway.ledger.stock import StockConfigError, StockLedger, read_initial_csv
+from rules.clock import RuleClock
+from rules.engine import RuleEngine
 from tests.harness.pos_drafts import pos_draft
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -43,13 +45,14 @@ class Store:
     def __init__(self, path: Path, stock: StockConfig) -> None:
         self.metrics = Metrics()
         self.ledger = StockLedger(stock, self.metrics)
+        self.rules = RuleEngine([stock.low_alert], RuleClock(lambda: True))  # raises and clears stock.low
         self.journal = Journal(
             path / "journal.db",
             "hk-0042",
             "gw-1",
             JournalConfig(),
             self.metrics,
-            [self.ledger],
+            [self.ledger, self.rules],
             ClockState(override=True),
         )
 
@@ -349,7 +352,7 @@ async def test_level_text_has_no_exponent_or_trailing_zeros(
 # --- stock.low alerts -----------------------------------------------------------------------------
 
 
-async def test_low_stock_alert_once_per_downward_crossing(tmp_path: Path) -> None:
+async def test_low_stock_raises_once_per_downward_crossing_and_clears_above_it(tmp_path: Path) -> None:
     async with store(tmp_path, config(("TEA", 10, 5))) as s:
         await s.commit(pos("R1", ("TEA", "4")))
         assert s.alerts() == []
@@ -360,7 +363,16 @@ async def test_low_stock_alert_once_per_downward_crossing(tmp_path: Path) -> Non
                 "severity": "warning",
                 "subject": "TEA",
                 "message": "TEA: on hand 5 is at or below safety stock 5",
-                "details": {"on_hand": "5", "safety_stock": "5"},
+                "details": {
+                    "alert_id": "stock.low/TEA/1",
+                    "rule_id": "stock.low",
+                    "episode": 1,
+                    "channels": [],
+                    "on_hand": "5",
+                    "safety_stock": "5",
+                    "seq": 4,
+                    "cause_seqs": [3, 3],
+                },
             }
         ]
         kinds = [k for _, k in s.rows("SELECT seq, kind FROM events WHERE seq > 2 ORDER BY seq")]
@@ -371,13 +383,20 @@ async def test_low_stock_alert_once_per_downward_crossing(tmp_path: Path) -> Non
         assert len(s.alerts()) == 1
         await s.commit(ret("R4", ("TEA", "3.5")))
         assert s.stock()["TEA"] == (4.5, 5.0, 1)
+        assert s.events("alert.cleared") == []
         await s.commit(ret("R3", ("TEA", "1")))
         assert s.stock()["TEA"] == (5.5, 5.0, 0)
+        [(_, cleared)] = s.events("alert.cleared")
+        assert (cleared["alert_id"], cleared["message"]) == (
+            "stock.low/TEA/1",
+            "TEA: on hand 5.5, above safety stock 5",
+        )
         assert len(s.alerts()) == 1
         await s.commit(pos("R5", ("TEA", "0.5")))
         alerts = s.alerts()
         assert len(alerts) == 2
         assert alerts[1]["message"] == "TEA: on hand 5 is at or below safety stock 5"
+        assert alerts[1]["details"]["alert_id"] == "stock.low/TEA/2"
 
 
 async def test_low_state_survives_a_restart(tmp_path: Path) -> None:
@@ -397,7 +416,7 @@ async def test_low_state_survives_a_restart(tmp_path: Path) -> None:
 async def test_alert_when_the_first_sale_finds_stock_already_low(tmp_path: Path) -> None:
     async with store(tmp_path, config(("TEA", 1, 2))) as s:
         await s.commit(pos("R1", ("TEA", "0.5")))
-        assert [a["details"] for a in s.alerts()] == [{"on_hand": "0.5", "safety_stock": "2"}]
+        assert [(a["details"]["on_hand"], a["details"]["safety_stock"]) for a in s.alerts()] == [("0.5", "2")]
 
 
 async def test_one_alert_per_sku_in_one_commit(tmp_path: Path) -> None:
