@@ -9,15 +9,23 @@ Prints: events/s from the first device publish to the last HQ receipt, the gatew
 checks that HQ got every sale exactly once with no seq gap.
 
     python bench/e2e_throughput.py --sales 50000 --terminals 10
+
+With ``--rules N`` the gateway runs N local rules of mixed types (the tills', the stock's, and cold-chain rules
+for other devices); ``--compare-rounds K`` runs K rounds without rules and K with, interleaved, and prints the
+medians and their ratio (the machine is shared: compare within one run).
+
+    python bench/e2e_throughput.py --sales 20000 --terminals 10 --rules 500 --compare-rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,8 +44,50 @@ from tests.harness.brokers import Mosquitto, free_port  # noqa: E402
 TOKEN = "bench-token-0123456789abcdef"
 
 
+SKUS = 20
+
+
+def mixed_rules(n: int, terminals: list[str]) -> list[dict[str, object]]:
+    """N rules as a store with many fridges has them: one returns_spike and one negative_stock for the store, a
+    register_silent per till and a replenishment per SKU (what the sales touch), and cold-chain rules for 200
+    fridges and loggers for the rest (their cost should not grow with them)."""
+    store: list[dict[str, object]] = [
+        {"type": "returns_spike"},
+        {"type": "negative_stock"},
+        *({"type": "register_silent", "after_s": 1800, "select": {"devices": [t]}} for t in terminals),
+        *(
+            {
+                "type": "replenishment",
+                "order_up_to": 200,
+                "reorder_point": 20,
+                "select": {"skus": [f"SKU-{i:04d}"]},
+            }
+            for i in range(1, SKUS + 1)
+        ),
+    ][:n]
+    cold = [
+        lambda i: {
+            "type": "temperature",
+            "max_c": 8,
+            "for_s": 600,
+            "select": {"devices": [f"fridge-{i % 200}"]},
+        },
+        lambda i: {"type": "silent", "after_s": 900, "select": {"devices": [f"fridge-{i % 200}"]}},
+        lambda i: {"type": "door_open", "open_s": 180, "select": {"devices": [f"fridge-{i % 200}"]}},
+        lambda i: {"type": "battery_low", "select": {"devices": [f"logger-{i % 200}"]}},
+    ]
+    rules = store + [cold[i % len(cold)](i) for i in range(n - len(store))]
+    return [{"id": f"r{i:04d}", **rule} for i, rule in enumerate(rules)]
+
+
 def gateway_config(
-    data_dir: Path, store_port: int, hq_port: int, api_port: int, terminals: list[str], protocol: str
+    data_dir: Path,
+    store_port: int,
+    hq_port: int,
+    api_port: int,
+    terminals: list[str],
+    protocol: str,
+    rules: int = 0,
 ) -> str:
     devices = "\n".join(f"  - {{id: {t}, profile: pos_terminal}}" for t in terminals)
     items = "\n".join(
@@ -64,6 +114,7 @@ stock:
 {items}
 api: {{host: 127.0.0.1, port: {api_port}, token: {{env: BENCH_API_TOKEN}}}}
 log: {{level: WARNING}}
+rules: {json.dumps(mixed_rules(rules, terminals))}
 """
 
 
@@ -120,14 +171,41 @@ def main() -> int:
     ap.add_argument("--terminals", type=int, default=10)
     ap.add_argument("--window", type=int, default=200, help="QoS 1 messages awaiting PUBACK per terminal")
     ap.add_argument("--protocol", choices=["3.1.1", "5"], default="5")
+    ap.add_argument("--rules", type=int, default=0, help="local rules of mixed types the gateway runs")
+    ap.add_argument(
+        "--compare-rounds", type=int, default=0, help="rounds without and with --rules, interleaved"
+    )
     args = ap.parse_args()
+    if not args.compare_rounds:
+        code, _ = run(args, args.rules)
+        return code
+    figures: dict[int, list[float]] = {0: [], args.rules: []}
+    for _ in range(args.compare_rounds):
+        for rules in (0, args.rules):
+            print(f"--- {rules} rules")
+            code, rate = run(args, rules)
+            if code:
+                return code
+            figures[rules].append(rate)
+    without, with_rules = statistics.median(figures[0]), statistics.median(figures[args.rules])
+    print(
+        f"median events/s: no rules {without:,.0f} {figures[0]}; {args.rules} rules {with_rules:,.0f}"
+        f" {figures[args.rules]}; ratio {with_rules / without:.1%}"
+    )
+    return 0
+
+
+def run(args: argparse.Namespace, rules: int) -> tuple[int, float]:
+    """One run: exit code and events/s."""
 
     work = Path(tempfile.mkdtemp(prefix="sg-bench-"))
     store, hq = Mosquitto().start(), Mosquitto().start()
     terminals = [f"till-{i:02d}" for i in range(1, args.terminals + 1)]
     api_port = free_port()
     cfg = work / "store.yaml"
-    cfg.write_text(gateway_config(work / "data", store.port, hq.port, api_port, terminals, args.protocol))
+    cfg.write_text(
+        gateway_config(work / "data", store.port, hq.port, api_port, terminals, args.protocol, rules)
+    )
     env = {**os.environ, "BENCH_API_TOKEN": TOKEN}
     hq_db = work / "hq.db"
     receiver = subprocess.Popen(
@@ -187,7 +265,7 @@ def main() -> int:
         cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
         if last is None:
             print("HQ received nothing", file=sys.stderr)
-            return 1
+            return 1, 0.0
         last_receipt = datetime.fromisoformat(last).timestamp()
         elapsed = last_receipt - wall_start
         gateway.send_signal(signal.SIGTERM)
@@ -212,7 +290,8 @@ def main() -> int:
         print(
             f"gateway exit code after SIGTERM: {code}; HQ gap report exit code: {report.returncode} (0 = no gap)"
         )
-        return 0 if count == args.sales and code == 0 and report.returncode == 0 else 1
+        ok = count == args.sales and code == 0 and report.returncode == 0
+        return (0 if ok else 1), args.sales / elapsed
     finally:
         for proc in (gateway, receiver):
             if proc.poll() is None:

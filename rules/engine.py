@@ -34,6 +34,8 @@ from gateway.kernel.events import (
     AlertEscalated,
     AlertRaised,
     DocumentUpdated,
+    SensorSample,
+    StockLevel,
 )
 from gateway.kernel.model import StrictModel
 from gateway.kernel.pipeline import Emit, Event, Processor
@@ -247,6 +249,8 @@ class RuleEngine(Processor):
         self.rules: dict[str, RuleDefinition] = {}
         self._by_kind: dict[str, list[RuleDefinition]] = {}
         self._by_device: dict[tuple[str, str], list[RuleDefinition]] = {}
+        self._by_sku: dict[str, list[RuleDefinition]] = {}
+        """The stock.level rules that name their SKUs, by SKU."""
         self._fingerprints: dict[str, str] = {}
         self._index(self._configured)
         self._tracks: dict[tuple[str, str], Track] = {}
@@ -294,6 +298,10 @@ class RuleEngine(Processor):
         rules = self._by_kind.get(event.kind, ())
         if device is not None:
             named = self._by_device.get((event.kind, device))
+            if named:
+                rules = [*rules, *named]
+        elif event.kind == "stock.level" and isinstance(event.model, StockLevel):
+            named = self._by_sku.get(event.model.sku)
             if named:
                 rules = [*rules, *named]
         if not rules:
@@ -524,11 +532,15 @@ class RuleEngine(Processor):
         self._fingerprints = {r.id: r.fingerprint() for r in self.rules.values()}
         self._by_kind = {}
         self._by_device = {}
+        self._by_sku = {}
         for rule in self.rules.values():
             for kind in self.types[rule.type].kinds:
                 if rule.select.devices and kind not in self.types[rule.type].any_device:
                     for device in rule.select.devices:
                         self._by_device.setdefault((kind, device), []).append(rule)
+                elif rule.select.skus and kind == "stock.level":
+                    for sku in rule.select.skus:
+                        self._by_sku.setdefault(sku, []).append(rule)
                 else:
                     self._by_kind.setdefault(kind, []).append(rule)
 
@@ -728,7 +740,9 @@ class RuleEngine(Processor):
 
 
 def _source(event: Event) -> str | None:
-    return getattr(event.model, "source", None)
+    """The format that decoded a device's readings (a sensor sample's ``source``), or None."""
+    model = event.model
+    return model.source if isinstance(model, SensorSample) else None  # only samples say their format
 
 
 def split_alert_id(alert_id: str) -> tuple[str, str, int] | None:

@@ -34,10 +34,12 @@ def spike_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event
         return
     amount = float(abs(model.totals.total))
     slot = str(math.floor(ctx.now / BUCKET_S))
-    # A new dict, not the one in place: the engine writes a track whose data compares different.
-    buckets = {s: list(c) for s, c in track.data.get("buckets", {}).items()}
+    # A new dict and a new list for this minute, not the ones in place: the engine writes a track whose data
+    # compares different (the other minutes' lists are shared, unchanged).
+    buckets = dict(track.data.get("buckets", {}))
+    counts = list(buckets.get(slot, (0, 0.0, 0, 0.0)))
+    buckets[slot] = counts
     track.data["buckets"] = buckets
-    counts = buckets.setdefault(slot, [0, 0.0, 0, 0.0])
     if isinstance(model, PosReturn):
         counts[2] += 1
         counts[3] += amount
@@ -54,10 +56,12 @@ def spike_fire(ctx: Context, rule: RuleDefinition, track: Track) -> None:
 
 def _check(ctx: Context, rule: ReturnsSpikeRule, track: Track, seq: int | None) -> None:
     oldest = math.floor((ctx.now - rule.window_s) / BUCKET_S)
-    buckets: dict[str, list[float]] = {
-        s: c for s, c in track.data.get("buckets", {}).items() if int(s) > oldest
-    }
-    track.data["buckets"] = buckets
+    buckets: dict[str, list[float]] = track.data.get("buckets", {})
+    first = min(map(int, buckets), default=None)
+    if first is not None and first <= oldest:  # minutes left the window: drop them (a new dict)
+        buckets = {s: c for s, c in buckets.items() if int(s) > oldest}
+        track.data["buckets"] = buckets
+        first = min(map(int, buckets), default=None)
     sales = sum(c[0] for c in buckets.values())
     sales_amount = sum(c[1] for c in buckets.values())
     returns = sum(c[2] for c in buckets.values())
@@ -87,4 +91,4 @@ def _check(ctx: Context, rule: ReturnsSpikeRule, track: Track, seq: int | None) 
     elif calm and track.state == ACTIVE:
         ctx.clear_alert(rule, track, f"returns back to {max(by_count, by_amount):.0%} of sales", figures)
     # Look again when the oldest bucket leaves the window (the ratio moves without a receipt).
-    track.due = (min(int(s) for s in buckets) + 1) * BUCKET_S + rule.window_s if buckets else None
+    track.due = (first + 1) * BUCKET_S + rule.window_s if first is not None else None

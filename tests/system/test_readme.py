@@ -119,9 +119,9 @@ def command_path(args: list[str]) -> tuple[str, ...]:
         return ()
     path = [args[0]]
     rest = args[1:]
-    if args[0] == "hq-receiver" and rest[:1] in (["receipt"], ["export"]):
-        path.append(rest[0])
-    elif args[0] in ("simulate", "rules", "broker") and rest and not rest[0].startswith("-"):
+    hq_tool = args[0] == "hq-receiver" and rest[:1] in (["receipt"], ["export"])
+    with_sub = args[0] in ("simulate", "rules", "broker") and rest and not rest[0].startswith("-")
+    if hq_tool or with_sub:
         path.append(rest[0])
     return tuple(path)
 
