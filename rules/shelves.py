@@ -34,6 +34,8 @@ MAX_PRESENT: Final = 10_000
 """Tags remembered per shelf and GTIN (to know a departed tag's GTIN)."""
 MAX_UNITS: Final = 10_000
 """Units one sale line accounts for, at most."""
+MAX_CREDITS: Final = 1_000
+"""Units sold ahead of their departures, kept per GTIN, at most."""
 
 
 def unused(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
@@ -236,7 +238,11 @@ def shrink_observe(ctx: Context, rule: RuleDefinition, event: Event) -> None:
         pending = [p for p in track.data.get("pending", ()) if p[0] not in here]  # back in time: not shrink
         held = [h for h in track.data.get("held", ()) if h[0] not in here]
         waiting = {p[0] for p in pending} | {h[0] for h in held}
-        pending += [[epc, event.seq, ctx.now + rule.sale_window_s] for epc in sorted(gone - waiting)]
+        pending += [
+            [epc, event.seq, ctx.now + rule.sale_window_s]
+            for epc in sorted(gone - waiting)
+            if not _use_credit(ctx, rule, place.gtin)  # sold before the reader reported it gone
+        ]
         track.data = {**track.data, "present": sorted(present), "pending": pending, "held": held}
         alerted = track.data.get("alerted")
         if track.state == ACTIVE and alerted and set(alerted) <= here:
@@ -303,7 +309,8 @@ def shrink_replan(ctx: Context, rule: RuleDefinition) -> None:
 
 
 def _sold(ctx: Context, rule: PossibleShrinkRule, event: Event) -> None:
-    """Each unit sold accounts for the oldest departure of its GTIN still waiting, on any shelf."""
+    """Each unit sold accounts for the oldest departure of its GTIN still waiting, on any shelf; units left over
+    account for departures reported within the sale window after it."""
     sale = event.model
     if not isinstance(sale, PosSale) or isinstance(sale, PosReturn):
         return
@@ -325,6 +332,27 @@ def _sold(ctx: Context, rule: PossibleShrinkRule, event: Event) -> None:
             pending = [p for p in track.data.get("pending", ()) if p[0] not in epcs]
             track.data = {**track.data, "pending": pending}
             _settle(ctx, rule, track)
+        left = units - min(units, len(waiting))
+        if left and tracks:  # units sold before their tags were reported gone: kept for the sale window
+            first = tracks[0]
+            credits = [c for c in first.data.get("credits", ()) if c[1] > ctx.now]
+            credits += [[event.seq, ctx.now + rule.sale_window_s]] * min(left, MAX_CREDITS)
+            first.data = {**first.data, "credits": credits[-MAX_CREDITS:]}
+
+
+def _use_credit(ctx: Context, rule: PossibleShrinkRule, gtin: str) -> bool:
+    """A unit of ``gtin`` sold within the sale window before this departure was reported accounts for it."""
+    for place in ctx.layout.by_gtin.get(gtin, ()):
+        track = ctx.track(rule, place.subject)
+        stored = track.data.get("credits")
+        if not stored:
+            continue
+        credits = [c for c in stored if c[1] > ctx.now]
+        used = bool(credits)
+        track.data = {**track.data, "credits": credits[1:]}
+        if used:
+            return True
+    return False
 
 
 def _settle(ctx: Context, rule: PossibleShrinkRule, track: Track) -> None:

@@ -438,3 +438,20 @@ def test_a_departed_tag_another_reader_sees_in_time_moved_and_is_no_shrink(
     time.advance(601)
     rig.tick()
     assert [(a.subject, a.details["epcs"]) for a in rig.alerts] == [(f"A-01/{TEA}", [epc(3)])]
+
+
+def test_a_sale_before_the_reader_reports_the_departure_accounts_for_it_within_the_window(
+    shelves_at: Any, time: Time
+) -> None:
+    rig = shelves_at([{"id": "shrink", "type": "possible_shrink", "sale_window_s": 600}], SHELVES)
+    rig.window("A-01", tea(1, 2, 3))
+    rig.sale("TEA", quantity="2")  # paid for before the reader's departure time passed
+    time.advance(120)
+    rig.window("A-01", tea(3), departed=(epc(1),))
+    rig.window("A-01", tea(3), departed=(epc(2),))
+    time.advance(601)
+    rig.tick()
+    rig.window("A-01", {}, departed=(epc(3),))  # the sale's window has ended: this one is unaccounted for
+    time.advance(601)
+    rig.tick()
+    assert [a.details["epcs"] for a in rig.alerts] == [[epc(3)]]
