@@ -501,3 +501,19 @@ def test_after_a_reboot_with_an_unsynchronised_clock_the_shift_timers_wait(att: 
     rig.tick()
     rig.tick()
     assert raised(rig) == [("no_show", "no_show:e1")]
+
+
+def test_a_25_hour_day_in_autumn(att: Any, time: Time) -> None:
+    london = "Europe/London"
+    time.wall = local(25, 12, zone=london, month=10, year=2025).timestamp()  # 26 October 2025: 25 hours
+    start_, end = local(26, 0, 30, london, 10, 2025), local(26, 3, 30, london, 10, 2025)
+    rig = start(att, roster(("e1", start_, end)), {**RULE_DEF, "report_after_s": 0}, zone=london)
+    until(rig, time, start_)
+    checkin(rig)
+    until(rig, time, end)
+    checkin(rig, direction="out")
+    until(rig, time, local(26, 23, 59, london, 10, 2025), step_s=1800)
+    assert [d.date for d in dailies(rig)] == ["2025-10-25"]  # the 26th has not ended: 25 hours long
+    until(rig, time, local(27, 0, 0, london, 10, 2025), step_s=60)
+    assert [d.date for d in dailies(rig)] == ["2025-10-25", "2025-10-26"]
+    assert dailies(rig)[1].employees[0].minutes_worked == 240  # three hours on the wall clock, four worked
