@@ -76,7 +76,7 @@ def checkin(
     rig.seq += 1
     model = StaffCheckin(
         employee_id=employee,
-        direction=direction,  # type: ignore[arg-type]
+        direction=direction,
         latitude=STORE.latitude + north_m / 111_195.0,
         longitude=STORE.longitude,
         accuracy_m=accuracy_m,
@@ -428,7 +428,7 @@ def test_bad_thresholds_are_refused() -> None:
 
 def _docs_example() -> str:
     text = (Path(__file__).parents[2] / "docs" / "RULES.md").read_text(encoding="utf-8")
-    [block] = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL) if "type: attendance" in b]
+    [block] = [str(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL) if "type: attendance" in b]
     return block
 
 

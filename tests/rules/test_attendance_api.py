@@ -13,6 +13,7 @@ import orjson
 
 from cloud_bridge.documents import Roster
 from gateway.api import create_app
+from gateway.config_loader import load_config
 from gateway.kernel.journal import Draft
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.store_hours import StoreHours
@@ -22,6 +23,7 @@ from rules.engine import RuleEngine
 from tests.gateway.test_api import AUTH, TOKEN, running
 from tests.gateway.test_journal import new_journal, query, until
 from tests.gateway.test_journal import running as journal_running
+from tests.harness.e2e_helpers import running_gateway
 from tests.rules.conftest import RULE, Time
 from tests.rules.test_attendance import HK, RULE_DEF, STORE, local
 
@@ -136,3 +138,32 @@ async def test_a_reported_day_is_served_as_csv(tmp_path: Path) -> None:
                 refused = await client.get("/api/attendance.csv", params={"date": bad}, headers=AUTH)
                 assert refused.status_code == 422, bad
             assert (await client.get("/api/attendance.csv", headers=AUTH)).status_code == 422
+
+
+async def test_the_gateway_wires_the_rule_its_geofence_roster_and_route(tmp_path: Path) -> None:
+    token = "t" * 24
+    config_path = tmp_path / "store.yaml"
+    config_path.write_text(
+        "gateway_id: gw-01\n"
+        "store: {id: hk-001, name: Shop, timezone: Asia/Hong_Kong,"
+        " location: {latitude: 22.28, longitude: 114.184, geofence_radius_m: 60}}\n"
+        "hq: {host: 127.0.0.1, port: 1}\n"  # no HQ: the gateway goes on without it
+        f"data_dir: {tmp_path / 'data'}\n"
+        "api: {port: 0, token: {env: TOKEN}}\n"
+        "rules:\n  - {id: att, type: attendance}\n",
+        encoding="utf-8",
+    )
+    config = load_config(config_path, env={"TOKEN": token})
+    async with running_gateway(config, wait_drivers=False) as gateway:
+        assert gateway.rules.location == config.store.location
+        assert gateway.rules.hours.timezone == HK
+        port = await gateway.wait_api()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            answer = await client.get(
+                "/api/attendance.csv",
+                params={"date": "2027-01-14"},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        assert answer.status_code == 404
+        await gateway.journal.transact(store_work("roster", ROSTER, "req-1", "roster:req-1"))
+        await until(lambda: gateway.rules.roster == ROSTER, "the engine reads HQ's roster")
