@@ -19,6 +19,7 @@ from gateway.kernel.biometrics import find_biometrics
 from gateway.kernel.events import ShortText, Sku
 from gateway.kernel.model import Identifier, StrictModel
 from gateway.kernel.rule_config import (
+    STOCK_LOW_ID,
     AttendanceRule,
     BatteryLowRule,
     ControllerAlarmRule,
@@ -192,6 +193,10 @@ class RuleSet(StrictModel):
     def _unambiguous(self) -> RuleSet:
         _unique("rule id", [r.id for r in self.rules])
         _unique("stock.low rule per sku (null: the default)", [str(r.sku) for r in self.stock_low])
+        if any(r.id == STOCK_LOW_ID for r in self.engine_rules):
+            raise ValueError(
+                f"rule id {STOCK_LOW_ID!r} is the stock.low alerts' own: give this rule another id"
+            )
         return self
 
     @property

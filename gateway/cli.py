@@ -416,18 +416,22 @@ def _main(argv: Sequence[str] | None) -> int:
 def _rules_test(path: Path, events: Path, against: Path | None, config_path: Path | None) -> int:
     from gateway.config_loader import ConfigError, load_config
     from gateway.kernel.loader import DocumentError, DocumentKind, load_document
-    from gateway.kernel.rule_config import RuleFile
+    from gateway.kernel.rule_config import RuleDefinition, RuleFile, StockLowAlerts
     from rules.backtest import difference, read_envelopes, replay
 
     hours = None
     location = None
+    builtin: list[RuleDefinition] = []
     if config_path is not None:
         try:
-            store = load_config(config_path, no_secrets=True).store
-            hours, location = store.store_hours(), store.location
+            config = load_config(config_path, no_secrets=True)
         except ConfigError as err:
             print(err, file=sys.stderr)
             return 1
+        hours, location = config.store.store_hours(), config.store.location
+        builtin = [config.stock.low_alert]  # the stock.low alerts, as the store's config sets them
+    else:
+        builtin = [StockLowAlerts()]
 
     kind = DocumentKind("rules", "docs/RULES.md (examples)", 4 * 1024 * 1024)
     try:
@@ -440,7 +444,11 @@ def _rules_test(path: Path, events: Path, against: Path | None, config_path: Pat
     except (OSError, ValueError) as err:
         print(f"store-gateway: {events}: {err}", file=sys.stderr)
         return 1
-    outcomes = [replay(rules, envelopes, hours, location) for rules in rule_sets]
+    try:
+        outcomes = [replay([*builtin, *rules], envelopes, hours, location) for rules in rule_sets]
+    except ValueError as err:
+        print(f"store-gateway: {events}: {err}", file=sys.stderr)
+        return 1
     lines = difference(*outcomes) if against else [o.line() for o in outcomes[0]]
     for line in lines:
         print(line)

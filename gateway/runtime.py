@@ -32,7 +32,7 @@ from gateway.kernel.metrics import Metrics
 from gateway.kernel.outbox import CLASSES
 from gateway.ledger.commands import ledger_handlers
 from gateway.ledger.documents import engine_rules, planogram, roster
-from gateway.ledger.stock import StockLedger
+from gateway.ledger.stock import StockLedger, utc_day
 from rules.clock import RuleClock
 from rules.commands import rule_handlers
 from rules.engine import RuleEngine
@@ -64,7 +64,10 @@ class Gateway:
         self.config_hash = config_hash
         self.metrics = Metrics()
         self.clock = ClockState()
-        ledger = StockLedger(config.stock, self.metrics)
+        # Sales count for velocity by UTC day only while the clock is synchronised (the day is known then)
+        ledger = StockLedger(
+            config.stock, self.metrics, today=lambda: utc_day() if self.clock.synced() else None
+        )
         self.rules = RuleEngine(
             [config.stock.low_alert, *config.rules],
             RuleClock(self.clock.synced),

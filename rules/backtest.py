@@ -32,6 +32,7 @@ from gateway.kernel.events import (
     AlertEscalated,
     AlertRaised,
     AttendanceDaily,
+    StockReplenishmentDraft,
 )
 from gateway.kernel.pipeline import Derived, Event, Pipeline
 from gateway.kernel.rule_config import RuleDefinition
@@ -47,6 +48,7 @@ OUTPUTS: Final = frozenset(
         "notification.sent",
         "notification.failed",
         "attendance.daily",
+        "stock.replenishment_draft",
     }
 )
 """What the rules (and their notifications) produced live: not replayed, made again."""
@@ -116,6 +118,12 @@ def replay(
         now[0] = max(now[0], to)
 
     ordered = sorted(envelopes, key=lambda e: int(e["seq"]))
+    gateways = {e.get("gateway_id") for e in ordered}
+    if len(gateways) > 1:
+        raise ValueError(
+            f"events of {len(gateways)} gateways ({', '.join(sorted(map(str, gateways)))}): each has its own"
+            " seqs; replay one gateway's events at a time"
+        )
     if ordered:
         now[0] = _time(ordered[0])
     pipeline.setup(conn)
@@ -126,7 +134,10 @@ def replay(
             continue
         seq[0] = max(seq[0], int(envelope["seq"]))
         data = envelope["data"]
-        model = PAYLOADS[kind].model_validate(data)
+        try:
+            model = PAYLOADS[kind].model_validate(data)
+        except ValueError as err:
+            raise ValueError(f"seq {envelope['seq']} ({kind}) is not a valid event: {err}") from err
         event = Event(int(envelope["seq"]), kind, envelope.get("device_id"), orjson.dumps(data), model)
         commit(lambda event=event: pipeline.run(conn, [event], append))
     conn.close()
@@ -163,4 +174,6 @@ def _outcome(at: float, model: Any) -> Outcome:
             f"{model.rule_id}/{model.date}",
             f"{len(model.employees)} employee(s), {flagged} with flags",
         )
+    if isinstance(model, StockReplenishmentDraft):
+        return Outcome(at, "stock.replenishment_draft", model.draft_id, f"order {model.quantity} {model.sku}")
     return Outcome(at, type(model).__name__, "", "")

@@ -353,14 +353,14 @@ def _model(event: Event) -> object:
 
 def _read_interval(conn: sqlite3.Connection, device_id: str, start: int, seconds: int) -> Interval:
     row = conn.execute(
-        "SELECT min_c, max_c, last_c, last_at, readings, defrost, faults, unsynced, source, last_seq"
+        "SELECT min_c, max_c, last_c, last_at, readings, defrost, faults, unsynced, source, last_seq, seconds"
         " FROM haccp_interval"
         " WHERE device_id=? AND start=?",
         (device_id, start),
     ).fetchone()
     if row is None:
         return Interval(device_id, start, seconds=seconds)
-    min_c, max_c, last_c, last_at, readings, defrost, faults, unsynced, source, last_seq = row
+    min_c, max_c, last_c, last_at, readings, defrost, faults, unsynced, source, last_seq, stored = row
     return Interval(
         device_id,
         start,
@@ -374,7 +374,7 @@ def _read_interval(conn: sqlite3.Connection, device_id: str, start: int, seconds
         unsynced,
         source,
         last_seq,
-        seconds,
+        int(stored),  # the row's own length (the configured one may have changed since)
     )
 
 

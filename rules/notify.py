@@ -244,7 +244,9 @@ class ChannelConsumer:
                 answer = orjson.loads(response.content)
             except orjson.JSONDecodeError as err:
                 raise RefusedError("the answer is not JSON", retry=True) from err
-            code = answer.get("errcode", 0) if isinstance(answer, dict) else -1
+            code = answer.get("errcode", 0) if isinstance(answer, dict) else None
+            if not isinstance(code, int) or isinstance(code, bool):  # not a robot's answer: a wrong URL
+                raise RefusedError("the answer has no error code", retry=False)
             if code != 0:
                 raise RefusedError(f"errcode {code}", retry=code in RETRY_CODES)
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from decimal import ROUND_CEILING, Decimal
+from typing import Any
 
 from gateway.kernel.events import StockLevel, StockReplenishmentDraft
 from gateway.kernel.pipeline import Event
@@ -57,17 +58,20 @@ def negative_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Ev
 
 
 def replenish_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
-    """At or below the reorder point: a draft for what is missing up to the order-up-to level, counting the
-    drafts still open (on order), in whole packs. Stock back above the reorder point closes the open drafts
-    (the goods arrived); so does time, after ``open_days`` (an order that never came is suggested again)."""
+    """The inventory position (on-hand plus the open drafts: what is on order) at or below the reorder point: a
+    draft for what is missing up to the order-up-to level, in whole packs. Stock that rises (a delivery, a
+    return) counts against the oldest open drafts, unit for unit; a draft not delivered after ``open_days`` is
+    dropped (an order that never came is suggested again)."""
     assert isinstance(rule, ReplenishmentRule)
     level = event.model
     assert isinstance(level, StockLevel)
     reorder = _dec(rule.reorder_point) if rule.reorder_point is not None else level.safety_stock
-    open_drafts = [d for d in track.data.get("open", []) if ctx.now - float(d[1]) < rule.open_s]
-    if reorder is None or level.on_hand > reorder:
-        if track.data.get("open"):
-            track.data = {**track.data, "open": []}
+    kept = [d for d in track.data.get("open", []) if ctx.now - float(d[1]) < rule.open_s]
+    open_drafts = _received(kept, level.delta) if level.delta > 0 else kept
+    if open_drafts != track.data.get("open", []):
+        track.data = {**track.data, "open": open_drafts}
+    on_order = sum((Decimal(d[0]) for d in open_drafts), Decimal(0))
+    if reorder is None or level.on_hand + on_order > reorder:
         return
     velocity: Decimal | None = None
     if rule.order_up_to is not None:
@@ -81,18 +85,15 @@ def replenish_observe(ctx: Context, rule: RuleDefinition, track: Track, event: E
             _dec(rule.safety_stock) if rule.safety_stock is not None else level.safety_stock or Decimal(0)
         )
         up_to = velocity * _dec(rule.lead_time_days + rule.review_days) + safety
-    on_order = sum((Decimal(d[0]) for d in open_drafts), Decimal(0))
     missing = up_to - level.on_hand - on_order
     if missing <= 0:
-        if len(open_drafts) != len(track.data.get("open", [])):
-            track.data = {**track.data, "open": open_drafts}
         return
     pack = _dec(rule.pack_size)
     quantity = (missing / pack).to_integral_value(ROUND_CEILING) * pack
     number = int(track.data.get("n", 0)) + 1
     ctx.emit(
         StockReplenishmentDraft(
-            draft_id=f"{rule.id}/{level.sku}/{number}"[:64],
+            draft_id=f"{rule.id}/{level.sku}/{number}",
             rule_id=rule.id,
             sku=level.sku,
             quantity=_plain(quantity),
@@ -106,6 +107,18 @@ def replenish_observe(ctx: Context, rule: RuleDefinition, track: Track, event: E
         )
     )
     track.data = {**track.data, "n": number, "open": [*open_drafts, [format(quantity, "f"), ctx.now]]}
+
+
+def _received(drafts: list[list[Any]], units: Decimal) -> list[list[Any]]:
+    """The open drafts after ``units`` arrived: the oldest are delivered first, the last one maybe in part."""
+    left = units
+    out: list[list[Any]] = []
+    for quantity, at in drafts:
+        still = Decimal(str(quantity)) - left
+        left = max(Decimal(0), -still)
+        if still > 0:
+            out.append([format(still, "f"), at])
+    return out
 
 
 def _dec(value: float) -> Decimal:

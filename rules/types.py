@@ -25,7 +25,13 @@ RULE_TYPES: Final[dict[str, RuleType]] = {
         frozenset({"stock.level"}), stock.low_observe, cold_chain.no_timer, subject=stock.sku_subject
     ),
     "replenishment": RuleType(
-        frozenset({"stock.level"}), stock.replenish_observe, cold_chain.no_timer, subject=stock.sku_subject
+        frozenset({"stock.level"}),
+        stock.replenish_observe,
+        cold_chain.no_timer,
+        subject=stock.sku_subject,
+        keep=frozenset(
+            {"n", "open"}
+        ),  # a changed rule goes on numbering its drafts, and knows what is on order
     ),
     "negative_stock": RuleType(
         frozenset({"stock.level"}), stock.negative_observe, cold_chain.no_timer, subject=stock.sku_subject

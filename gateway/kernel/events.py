@@ -136,7 +136,9 @@ class StockLevel(StrictModel):
 class StockReplenishmentDraft(StrictModel):
     """``stock.replenishment_draft``: a SKU reached its reorder point; the order the store should place."""
 
-    draft_id: ShortText = Field(description="<rule id>/<SKU>/<n>: one per draft, never reused.")
+    draft_id: Annotated[str, Field(min_length=1, max_length=200)] = Field(
+        description="<rule id>/<SKU>/<n>: one per draft, never reused."
+    )
     rule_id: ShortText
     sku: Sku
     quantity: Decimal = Field(gt=0, description="Suggested units: a whole number of packs.")

@@ -191,16 +191,30 @@ class ControllerAlarmRule(RuleBase):
     )
 
 
-class StockLowAlerts(RuleBase):
+class SkuRuleBase(RuleBase):
+    """A rule about SKUs (on the stock ledger's stock.level): it selects SKUs, not devices."""
+
+    @model_validator(mode="after")
+    def _skus_not_devices(self) -> SkuRuleBase:
+        if self.select.devices or self.select.sources:
+            raise ValueError("a stock rule selects SKUs (select.skus), not devices or sources")
+        return self
+
+
+STOCK_LOW_ID: Final = "stock.low"
+"""The id of the always-present stock.low alerts (their alert ids are stock.low/<SKU>/<episode>)."""
+
+
+class StockLowAlerts(SkuRuleBase):
     """The ``stock.low`` alerts: a SKU at or below its safety stock (the stock ledger's threshold, carried by each
     ``stock.level``) raises; above it again clears. Always in force; ``stock.low_alert`` in the config sets its
     severity, who it tells and which SKUs (``select.skus``)."""
 
-    id: Identifier = Field(default="stock.low", description="Part of each alert's id.")
+    id: Literal["stock.low"] = Field(default="stock.low", description="Part of each alert's id.")
     type: Literal["stock.low"] = Field(default="stock.low", description="The stock ledger's low-stock alert.")
 
 
-class ReplenishmentRule(RuleBase):
+class ReplenishmentRule(SkuRuleBase):
     """Replenishment drafts: a SKU at or below its reorder point gets a ``stock.replenishment_draft`` for the
     order-up-to level minus on-hand minus its open drafts, rounded up to whole packs. The order-up-to level is
     ``order_up_to``, or sales velocity over ``velocity_days`` x (``lead_time_days`` + ``review_days``) +
@@ -252,7 +266,7 @@ class ReplenishmentRule(RuleBase):
         return days * 86_400
 
 
-class NegativeStockRule(RuleBase):
+class NegativeStockRule(SkuRuleBase):
     """A data-quality alert: the stock ledger says a SKU's on-hand went below zero (sales of goods it never
     received, a missed delivery, a wrong count). Cleared when it is back at zero or above."""
 
@@ -397,6 +411,8 @@ def check_unique_ids(rules: list[RuleBase]) -> None:
             " stock.low_alert, their thresholds as safety_stock under stock (or HQ's rules)"
         )
     ids = [r.id for r in rules]
+    if STOCK_LOW_ID in ids:
+        raise ValueError(f"rule id {STOCK_LOW_ID!r} is the stock.low alerts' own: give this rule another id")
     twice = sorted({i for i in ids if ids.count(i) > 1})
     if twice:
         raise ValueError(f"rule ids must be unique: {', '.join(twice)}")

@@ -60,7 +60,8 @@ SOLD_KEEP_DAYS: Final = 100
 """Units sold per SKU per day (UTC) are kept this long, for the replenishment rules' sales velocity."""
 
 
-def utc_day() -> int:
+def utc_day() -> int | None:
+    """Today (UTC days since 1970); the runtime gives None while the clock is not synchronised."""
     return int(time.time() // 86_400)
 
 
@@ -112,7 +113,9 @@ class StockLedger(Processor):
 
     name = "stock"
 
-    def __init__(self, config: StockConfig, metrics: Metrics, today: Callable[[], int] = utc_day) -> None:
+    def __init__(
+        self, config: StockConfig, metrics: Metrics, today: Callable[[], int | None] = utc_day
+    ) -> None:
         self._config = config
         self._today = today
         self._sold: dict[str, dict[int, Decimal]] = {}
@@ -172,18 +175,20 @@ class StockLedger(Processor):
             )
         self._moved.clear()
         self._first_cause.clear()
-        first = self._today() - SOLD_KEEP_DAYS
         self._sold = {}
-        for sku, day, sold in conn.execute(
-            "SELECT sku, day, sold FROM stock_sold_daily WHERE day > ?", (first,)
-        ):
+        for sku, day, sold in conn.execute("SELECT sku, day, sold FROM stock_sold_daily"):
             self._sold.setdefault(sku, {})[int(day)] = _dec(sold)
         self._sold_moved.clear()
 
-    def velocity(self, sku: str, days: int) -> Decimal:
-        """Units of ``sku`` sold per day over the last ``days`` days, today included (returns take off)."""
+    def velocity(self, sku: str, days: int) -> Decimal | None:
+        """Units of ``sku`` sold per day over the last ``days`` days, today included (returns take off); None
+        while the clock is not synchronised (which days are the last ones is not known)."""
         today = self._today()
-        sold = sum((n for day, n in self._sold.get(sku, {}).items() if day > today - days), Decimal(0))
+        if today is None:
+            return None
+        sold = sum(
+            (n for day, n in self._sold.get(sku, {}).items() if today - days < day <= today), Decimal(0)
+        )
         return max(Decimal(0), sold) / days
 
     def apply(self, event: Event) -> None:
@@ -203,11 +208,12 @@ class StockLedger(Processor):
         else:
             return
         seq = event.seq
-        today = self._today()
+        today = self._today()  # None: the clock is not set, the day is not known: not counted for velocity
         for line in model.lines:
-            days = self._sold.setdefault(line.sku, {})
-            days[today] = days.get(today, Decimal(0)) - sign * line.quantity
-            self._sold_moved.add((line.sku, today))
+            if today is not None:
+                days = self._sold.setdefault(line.sku, {})
+                days[today] = days.get(today, Decimal(0)) - sign * line.quantity
+                self._sold_moved.add((line.sku, today))
             level = self._levels.get(line.sku)
             if level is None:
                 self._metrics.stock_unknown_sku.inc()
@@ -260,9 +266,17 @@ class StockLedger(Processor):
             "INSERT OR REPLACE INTO stock_sold_daily(sku, day, sold) VALUES (?,?,?)",
             [(sku, day, float(self._sold[sku][day])) for sku, day in self._sold_moved],
         )
-        if self._sold_moved and self._pruned != self._today():  # once a day
-            self._pruned = self._today()
-            conn.execute("DELETE FROM stock_sold_daily WHERE day <= ?", (self._pruned - SOLD_KEEP_DAYS,))
+        today = self._today()
+        if self._sold_moved and today is not None and self._pruned != today:  # once a day
+            self._pruned = today
+            # Days out of the window, and days "ahead" that a clock set wrong once recorded
+            conn.execute(
+                "DELETE FROM stock_sold_daily WHERE day <= ? OR day > ?", (today - SOLD_KEEP_DAYS, today)
+            )
+            for days in self._sold.values():
+                for day in [d for d in days if d <= today - SOLD_KEEP_DAYS or d > today]:
+                    del days[day]
+            self._sold = {sku: days for sku, days in self._sold.items() if days}
         self._sold_moved.clear()
         conn.executemany(
             "INSERT INTO stock(sku, on_hand, safety_stock, updated_seq, low) VALUES (?,?,?,?,?) "

@@ -270,3 +270,36 @@ async def test_a_clear_goes_where_its_alert_went_even_after_its_rule_is_gone(tmp
         consumers = {c.id: ChannelConsumer(c, engine, journal, client) for c in channels("https://x.example")}
     assert consumers["slack"]._wanted(event) == ("dairy-warm/fridge-1/1", "cleared")
     assert consumers["ding"]._wanted(event) is None
+
+
+async def test_an_answer_without_a_robots_error_code_is_a_refusal_not_a_crash(tmp_path: Path) -> None:
+    """A URL that is not a robot's (a proxy's page, another API) answers JSON without an integer errcode."""
+    app = FastAPI()
+    answers = [b'{"errcode": []}', b"[1, 2]", b'{"errcode": "0"}']
+
+    seen: list[int] = []
+
+    @app.post("/odd")
+    async def odd() -> Response:
+        seen.append(1)
+        return Response(answers[(len(seen) - 1) % len(answers)], media_type="application/json")
+
+    engine = RuleEngine(RULES, RuleClock(lambda: True))
+    journal = new_journal(tmp_path, processors=[engine])
+    async with journal_running(journal), running(app) as (base, _), httpx.AsyncClient() as client:
+        channel = Channel(id="wecom", type="wecom", url=SecretStr(f"{base}/odd"))
+        consumer = ChannelConsumer(channel, engine, journal, client)
+        consumer.retry_base_s, consumer.failed_after_s = 0.01, 0.0
+        task = asyncio.create_task(run_consumer(journal, consumer))
+        try:
+            journal.submit(sample(9.0))
+            await until(
+                lambda: bool(query(journal, "SELECT 1 FROM events WHERE kind='notification.failed'")),
+                "failed",
+            )
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    [(body,)] = query(journal, "SELECT body FROM events WHERE kind='notification.failed'")
+    assert orjson.loads(body)["data"]["error"] == "the answer has no error code"
