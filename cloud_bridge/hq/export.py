@@ -11,8 +11,8 @@ import argparse
 import sys
 from typing import BinaryIO
 
-from cloud_bridge.hq.model import LOST_GRACE_S, StoreUnavailableError
-from cloud_bridge.hq.options import CliError, checked_id, database_options, open_store, utc_time
+from cloud_bridge.hq.model import LOST_GRACE_S
+from cloud_bridge.hq.options import checked_id, database_options, read_store, utc_time
 from cloud_bridge.hq.sql import SqlReceiverStore
 
 PAGE = 5000
@@ -56,21 +56,9 @@ def write_export(store: SqlReceiverStore, args: argparse.Namespace, out: BinaryI
 def export_main(argv: list[str]) -> int:
     """``store-gateway hq-receiver export``: exit 0, or 1 when the database cannot be read."""
     args = _parser().parse_args(argv)
-    if not args.postgres and not args.db.exists():
-        print(f"hq-receiver: no database at {args.db}", file=sys.stderr)
+    written = read_store(args, lambda store: write_export(store, args, sys.stdout.buffer))
+    if written is None:
         return 1
-    try:
-        store = open_store(args)
-    except (CliError, StoreUnavailableError) as err:
-        print(f"hq-receiver: {err}", file=sys.stderr)
-        return 1
-    try:
-        written = write_export(store, args, sys.stdout.buffer)
-    except StoreUnavailableError as err:
-        print(f"hq-receiver: {err}", file=sys.stderr)
-        return 1
-    finally:
-        store.close()
     sys.stdout.buffer.flush()
     print(f"{written} event(s) of store {args.store}", file=sys.stderr)
     return 0

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from pydantic import SecretStr, ValidationError
 
@@ -191,6 +192,29 @@ def _problem(loc: tuple[int | str, ...], message: str) -> str:
     """A pydantic error as "field: message" (a whole-model check has no field)."""
     message = message.removeprefix("Value error, ")
     return f"{'.'.join(map(str, loc))}: {message}" if loc else message
+
+
+T = TypeVar("T")
+
+
+def read_store(args: argparse.Namespace, read: Callable[[SqlReceiverStore], T]) -> T | None:
+    """Open the database the options name, ``read`` it, close it; None (said on stderr) when it cannot be
+    opened or read: the HQ tools' exit status 1."""
+    if not args.postgres and not args.db.exists():
+        print(f"hq-receiver: no database at {args.db}", file=sys.stderr)
+        return None
+    try:
+        store = open_store(args)
+    except (CliError, StoreUnavailableError) as err:
+        print(f"hq-receiver: {err}", file=sys.stderr)
+        return None
+    try:
+        return read(store)
+    except StoreUnavailableError as err:
+        print(f"hq-receiver: {err}", file=sys.stderr)
+        return None
+    finally:
+        store.close()
 
 
 def open_store(args: argparse.Namespace) -> SqlReceiverStore:

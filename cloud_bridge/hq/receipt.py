@@ -14,8 +14,7 @@ from typing import Any, Final
 
 import orjson
 
-from cloud_bridge.hq.model import StoreUnavailableError
-from cloud_bridge.hq.options import CliError, checked_id, database_options, lost_grace_option, open_store
+from cloud_bridge.hq.options import checked_id, database_options, lost_grace_option, read_store
 from cloud_bridge.hq.report import format_ranges
 from cloud_bridge.hq.sql_receipts import RECEIPT_MATCH, GatewayCompleteness, ReceiptEvent, ReceiptProof
 
@@ -174,21 +173,9 @@ def format_receipt(proof: ReceiptProof) -> str:
 def receipt_main(argv: list[str]) -> int:
     """``store-gateway hq-receiver receipt``: what HQ holds for a receipt; exit 0, 1 or 2 (see the epilog)."""
     args = _receipt_parser().parse_args(argv)
-    if not args.postgres and not args.db.exists():
-        print(f"hq-receiver: no database at {args.db}", file=sys.stderr)
+    proof = read_store(args, lambda store: store.receipt(args.store, args.device, args.receipt))
+    if proof is None:
         return 1
-    try:
-        store = open_store(args)
-    except (CliError, StoreUnavailableError) as err:
-        print(f"hq-receiver: {err}", file=sys.stderr)
-        return 1
-    try:
-        proof = store.receipt(args.store, args.device, args.receipt)
-    except StoreUnavailableError as err:
-        print(f"hq-receiver: {err}", file=sys.stderr)
-        return 1
-    finally:
-        store.close()
     if args.json:
         sys.stdout.write(orjson.dumps(receipt_document(proof), option=orjson.OPT_APPEND_NEWLINE).decode())
         sys.stdout.flush()
