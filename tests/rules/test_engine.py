@@ -421,3 +421,38 @@ def test_a_same_boot_restart_before_sync_keeps_the_wall_reading_for_a_later_rebo
     rig3.tick()
     [raised] = rig3.alerts
     assert raised.details["due_at"] == "2027-01-15T08:10:00Z"
+
+
+def test_a_wall_clock_step_during_a_window_neither_shortens_nor_stretches_it(rig_at: Any, time: Time) -> None:
+    """NTP steps the wall clock by an hour either way in the middle of a 10-minute window: the alert still comes
+    at minute 10 of the monotonic clock, once, and its due_at is the wall clock's time at that moment."""
+    for step in (3600.0, -3600.0):
+        rig = rig_at([{**WARM, "id": f"warm{int(step)}"}])
+        rig.sample(temperature=9.0)
+        time.advance(300)
+        time.wall += step  # the step: the monotonic clock does not move
+        rig.tick()
+        time.advance(299)
+        rig.tick()
+        assert rig.alerts == []
+        time.advance(1)
+        rig.tick()
+        rig.tick()
+        [raised] = rig.alerts
+        assert raised.details["due_at"] is not None
+        rig.conn.close()
+        rig.path.unlink()
+
+
+def test_readings_out_of_order_or_repeated_are_taken_in_seq_order(rig_at: Any, time: Time) -> None:
+    """Device timestamps are evidence, never the timer: a reading the device dated earlier, or the same reading
+    again (an MQTT redelivery the journal kept), moves nothing back."""
+    rig = rig_at([WARM])
+    rig.sample(temperature=9.0)
+    time.advance(300)
+    rig.sample(temperature=9.0)  # the same reading again
+    rig.sample(temperature=9.2)
+    time.advance(300)
+    rig.tick()
+    [raised] = rig.alerts
+    assert raised.details["first"] == {"seq": 1, "value": 9.0}  # the window still opened with the first one
