@@ -21,6 +21,7 @@ from gateway.kernel.model import Identifier, StrictModel
 from gateway.kernel.rule_config import Notifications, RuleDefinition, check_unique_ids
 from gateway.ledger.config import StockConfig
 from rules.haccp import HaccpConfig
+from rules.report import ReportConfig
 
 
 class GatewayConfig(StrictModel):
@@ -55,6 +56,10 @@ class GatewayConfig(StrictModel):
     haccp: HaccpConfig = Field(
         default_factory=HaccpConfig,
         description="The HACCP temperature log: its interval and how long it is kept (docs/HACCP.md).",
+    )
+    report: ReportConfig = Field(
+        default_factory=ReportConfig,
+        description="The daily report.daily for HQ: when it is made, how many top SKUs (docs/REPORTS.md).",
     )
 
     @model_validator(mode="after")

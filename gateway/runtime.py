@@ -37,6 +37,7 @@ from rules.clock import RuleClock
 from rules.commands import rule_handlers
 from rules.engine import RuleEngine
 from rules.haccp import HaccpLog
+from rules.report import DailyReport
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -84,7 +85,17 @@ class Gateway:
             config.gateway_id,
             config.journal,
             self.metrics,
-            processors=[ledger, self.rules, HaccpLog(config.haccp)],
+            processors=[
+                ledger,
+                self.rules,
+                HaccpLog(config.haccp),
+                DailyReport(
+                    config.report,
+                    config.store.timezone,
+                    synced=self.clock.synced,
+                    rules=lambda: list(self.rules.rules.values()),
+                ),
+            ],
             clock=self.clock,
             outbox=config.outbox,
         )
@@ -95,9 +106,11 @@ class Gateway:
             from rules.alerts import alerts_router  # FastAPI is imported only when the API is on
             from rules.attendance_api import attendance_router
             from rules.haccp_api import haccp_router
+            from rules.report_api import report_router
 
             self.drivers_ctx.api_routers.append(alerts_router(self.journal, self.rules))
             self.drivers_ctx.api_routers.append(attendance_router(self.journal, self.rules))
+            self.drivers_ctx.api_routers.append(report_router(self.journal.path))
             self.drivers_ctx.api_routers.append(
                 haccp_router(
                     self.journal.path,

@@ -47,6 +47,7 @@ Kind = Literal[
     "alert.escalated",
     "attendance.daily",
     "stock.replenishment_draft",
+    "report.daily",
 ]
 
 
@@ -397,6 +398,122 @@ class AttendanceDaily(StrictModel):
     employees: list[AttendanceEmployee] = Field(max_length=MAX_ATTENDANCE_EMPLOYEES)
 
 
+class ReportMoney(StrictModel):
+    """Receipts of one currency: how many, and their totals summed (to 3 decimal places)."""
+
+    currency: ShortText
+    count: int = Field(ge=0)
+    amount: Decimal
+
+
+class ReportSku(StrictModel):
+    sku: ShortText
+    units: Decimal = Field(description="Units sold (sales only, returns not netted).")
+    receipts: int = Field(ge=0, description="Sales receipts with this SKU.")
+
+
+class ReportLowStock(StrictModel):
+    sku: ShortText
+    on_hand: Decimal
+    safety_stock: Decimal | None
+
+
+class ReportDraft(StrictModel):
+    """An open replenishment draft: ordered and not yet received (what is left of it)."""
+
+    draft_id: Annotated[str, Field(max_length=200)]
+    rule_id: ShortText
+    sku: ShortText
+    quantity: Decimal = Field(description="Units still on order.")
+
+
+class ReportAlerts(StrictModel):
+    """Alerts of one rule type during the day; ``alert_ids`` lists them when there are few (else null)."""
+
+    rule: ShortText
+    raised: int = Field(ge=0)
+    cleared: int = Field(ge=0)
+    acknowledged: int = Field(ge=0)
+    alert_ids: list[Annotated[str, Field(max_length=200)]] | None = Field(default=None, max_length=20)
+
+
+class ReportExcursion(StrictModel):
+    alert_id: Annotated[str, Field(max_length=200)]
+    start: datetime
+    end: datetime | None = Field(description="When it cleared; null: still open when the report was made.")
+    minutes: float = Field(ge=0, description="Its whole duration (so far, if open).")
+    minutes_in_day: float = Field(ge=0, description="The part of it inside the reported day.")
+    max_c: float | None
+
+
+class ReportFridge(StrictModel):
+    """One fridge's day from the HACCP log: minutes are counted in whole HACCP intervals."""
+
+    device_id: ShortText
+    limit_c: float | None = Field(description="The lowest max_c of the temperature rules watching it.")
+    minutes_with_data: float = Field(ge=0)
+    minutes_in_range: float | None = Field(description="Intervals with data whose maximum <= limit_c.")
+    gap_minutes: float = Field(ge=0)
+    max_c: float | None
+    excursions: list[ReportExcursion] = Field(max_length=100)
+
+
+class ReportAttendance(StrictModel):
+    """One attendance rule's day, from its ``attendance.daily``."""
+
+    rule_id: ShortText
+    employees: int = Field(ge=0)
+    minutes_worked: float = Field(ge=0)
+    flags: dict[ShortText, int] = Field(max_length=8)
+
+
+class ReportDevice(StrictModel):
+    """A device's day from its ``device.status`` changes (online and rate-limited count as up)."""
+
+    device_id: ShortText
+    minutes_known: float = Field(ge=0, description="Minutes of the day its status was known.")
+    minutes_up: float = Field(ge=0)
+    uptime_pct: float | None = Field(description="minutes_up / minutes_known, in %; null: never known.")
+    changes: int = Field(ge=0, description="Status changes during the day.")
+
+
+class ReportOutboxClass(StrictModel):
+    """One outbox class as the report was made (not at the day's end)."""
+
+    class_: Literal["critical", "transaction", "state", "telemetry"] = Field(alias="class")
+    pending: int = Field(ge=0)
+    stored: int = Field(ge=0)
+    evicted: int = Field(ge=0)
+    oldest_undelivered: datetime | None
+
+
+class ReportDaily(StrictModel):
+    """``report.daily``: the store's summary of one store-local day for HQ, made once, at ``report.at`` the day
+    after (or at the gateway's start if that time passed while it was down). See docs/REPORTS.md."""
+
+    date: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}$", description="The store-local day, YYYY-MM-DD.")
+    timezone: ShortText
+    day_start: datetime
+    day_end: datetime
+    late: bool = Field(description="Made after report.at had passed by more than an hour (a downtime).")
+    sales: list[ReportMoney] = Field(max_length=50)
+    returns: list[ReportMoney] = Field(max_length=50)
+    returns_ratio: float | None = Field(description="Return receipts / sale receipts; null without sales.")
+    top_skus: list[ReportSku] = Field(max_length=100)
+    low_stock: list[ReportLowStock] = Field(max_length=500)
+    low_stock_total: int = Field(ge=0)
+    open_drafts: list[ReportDraft] = Field(max_length=500)
+    open_drafts_total: int = Field(ge=0)
+    alerts: list[ReportAlerts] = Field(max_length=200)
+    fridges: list[ReportFridge] = Field(max_length=500)
+    attendance: list[ReportAttendance] = Field(max_length=50)
+    devices: list[ReportDevice] = Field(max_length=1000)
+    outbox: list[ReportOutboxClass] = Field(max_length=4)
+    problems: list[Annotated[str, Field(max_length=300)]] = Field(
+        default_factory=list, max_length=20, description="Sections that could not be read, and why."
+    )
+
+
 class BarcodeScanned(StrictModel):
     """``barcode.scanned``: a scanner read one code (a receiving or stock-take scanner, not a till's sale)."""
 
@@ -431,6 +548,7 @@ PAYLOADS: Final[dict[str, type[StrictModel]]] = {
     "alert.escalated": AlertEscalated,
     "attendance.daily": AttendanceDaily,
     "stock.replenishment_draft": StockReplenishmentDraft,
+    "report.daily": ReportDaily,
 }
 
 

@@ -41,6 +41,7 @@ DEFAULT_KIND_CLASSES: Final[Mapping[str, int]] = {
     "staff.checkin": TRANSACTION,
     "barcode.scanned": STATE,
     "attendance.daily": TRANSACTION,
+    "report.daily": TRANSACTION,
 }
 
 MAX_RANGES_PER_REPORT: Final = 2000
