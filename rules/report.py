@@ -347,8 +347,12 @@ def _top_skus(
 
 
 def _units(value: object) -> Decimal:
+    """A quantity as stored (a float), to 3 decimal places and without a trailing '.0'."""
     number = _num(value)
-    return Decimal(repr(round(number, 3))) if number is not None else Decimal(0)
+    if number is None:
+        return Decimal(0)
+    units = Decimal(repr(round(number, 3)))
+    return units.quantize(Decimal(1)) if units == units.to_integral_value() else units
 
 
 def _num(value: object) -> float | None:
