@@ -11,6 +11,7 @@ an encoded image or an embedding anywhere is refused as a whole, before anything
 from __future__ import annotations
 
 from datetime import timedelta
+from itertools import pairwise
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import AwareDatetime, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
@@ -35,6 +36,7 @@ from gateway.kernel.rule_config import (
     ShelfLowRule,
     SilentRule,
     TemperatureRule,
+    check_one_attendance_rule,
 )
 
 DocumentName = Literal["roster", "planogram", "rules"]
@@ -88,6 +90,16 @@ class StaffMember(StrictModel):
     name: Name
     role: ShortText
     shifts: list[Shift] = Field(default_factory=list, max_length=MAX_SHIFTS)
+
+    @model_validator(mode="after")
+    def _apart(self) -> StaffMember:
+        spans = sorted((s.start, s.end) for s in self.shifts)
+        for (_, end), (start, _) in pairwise(spans):
+            if start < end:
+                raise ValueError(
+                    f"{self.staff_id}: shifts overlap ({start.isoformat()}): merge them into one"
+                )
+        return self
 
 
 class Roster(StrictModel):
@@ -146,6 +158,11 @@ class Planogram(StrictModel):
     def _unique_places(self) -> Planogram:
         _unique("(shelf_id, sku)", [f"{s.shelf_id}/{s.sku}" for s in self.shelves])
         _unique("(shelf_id, gtin)", [f"{s.shelf_id}/{s.gtin}" for s in self.shelves if s.gtin is not None])
+        # A reader counts tags, not shelves: two of its shelves with one GTIN could not be told apart.
+        _unique(
+            "(reader, gtin): one reader's shelves hold a GTIN once",
+            [f"{s.reader or s.shelf_id}/{s.gtin}" for s in self.shelves if s.gtin is not None],
+        )
         return self
 
     @property
@@ -193,6 +210,7 @@ class RuleSet(StrictModel):
     def _unambiguous(self) -> RuleSet:
         _unique("rule id", [r.id for r in self.rules])
         _unique("stock.low rule per sku (null: the default)", [str(r.sku) for r in self.stock_low])
+        check_one_attendance_rule(list(self.engine_rules))
         if any(r.id == STOCK_LOW_ID for r in self.engine_rules):
             raise ValueError(
                 f"rule id {STOCK_LOW_ID!r} is the stock.low alerts' own: give this rule another id"

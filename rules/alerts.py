@@ -24,7 +24,9 @@ from gateway.kernel.model import StrictModel
 from rules.acks import acknowledge
 from rules.engine import RuleEngine, open_alerts
 
-ALERT_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}/[\x21-\x7e]{1,64}/[0-9]{1,9}$"
+ALERT_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}/[^\x00-\x1f\x7f]{1,150}/[0-9]{1,9}$"
+"""<rule id>/<subject>/<episode>; subjects may hold spaces and any script (an employee id, a shelf): percent-encode
+them in the URL."""
 
 
 class Acknowledgement(StrictModel):

@@ -53,6 +53,8 @@ ATTACH_S: Final = 6 * 3600.0
 UNSYNCED_RECHECK_S: Final = 60.0
 """While the box's clock is not synchronised, the shift and day timers look again this often."""
 MAX_CATCH_UP_DAYS: Final = 31
+MAX_LOG: Final = 500
+"""Check-ins kept per employee until their day is reported (a kiosk stuck repeating one is cut to the last)."""
 """After a long downtime, at most this many past days are reported."""
 DAILY: Final = "daily"
 FLAGS: Final[tuple[AttendanceFlag, ...]] = ("late", "early_leave", "no_show", "needs_review")
@@ -141,7 +143,7 @@ def employees(ctx: Context, rule: RuleDefinition) -> set[str]:
 
 def _peek(ctx: Context, rule: RuleDefinition, subject: str) -> dict[str, Any]:
     """A track's data, read only (a timer must not add tracks: the engine is going through them)."""
-    return ctx.track(rule, subject).data if subject in ctx.subjects(rule) else {}
+    return ctx.track(rule, subject).data if ctx.has(rule, subject) else {}
 
 
 # --- check-ins ---------------------------------------------------------------------------------------------
@@ -158,7 +160,7 @@ def checkin(ctx: Context, rule: RuleDefinition, event: Event) -> None:
     accepted = not reasons
     log = ctx.track(rule, f"log:{employee}")
     entries = _pruned(ctx, rule, log)
-    log.data = {**log.data, "log": [*entries, [ctx.now, model.direction, accepted, event.seq]]}
+    log.data = {**log.data, "log": [*entries, [ctx.now, model.direction, accepted, event.seq]][-MAX_LOG:]}
     if not accepted:
         location = ctx.location
         _flag(
@@ -394,6 +396,14 @@ def _report(ctx: Context, rule: AttendanceRule, track: Track) -> None:
         return
     ctx.emit(summary(ctx, rule, day))
     track.data = {**track.data, "reported": day.isoformat()}
+    for subject in ctx.subjects(
+        rule
+    ):  # the reported day's check-ins leave every log, not only the next one's
+        if subject.startswith("log:"):
+            log = ctx.track(rule, subject)
+            entries = _pruned(ctx, rule, log)
+            if len(entries) != len(log.data.get("log", [])):
+                log.data = {**log.data, "log": entries}
     _arm_daily(ctx, rule, track)
 
 

@@ -109,8 +109,20 @@ class Context:
     def raise_alert(self, rule: RuleDefinition, track: Track, message: str, details: dict[str, Any]) -> None:
         self._engine.raise_alert(rule, track, message, details, self.now)
 
-    def clear_alert(self, rule: RuleDefinition, track: Track, message: str, details: dict[str, Any]) -> None:
-        self._engine.clear_alert(rule, track, "recovered", message, details)
+    def clear_alert(
+        self,
+        rule: RuleDefinition,
+        track: Track,
+        message: str,
+        details: dict[str, Any],
+        reason: Literal["recovered", "unwatched"] = "recovered",
+    ) -> None:
+        """End the track's open alert: it recovered, or (``unwatched``) what it watched is no longer watched."""
+        self._engine.clear_alert(rule, track, reason, message, details)
+
+    def has(self, rule: RuleDefinition, subject: str) -> bool:
+        """Whether the rule has a track for the subject (without making one)."""
+        return (rule.id, subject) in self._engine._tracks
 
     def due_at(self, due: float | None) -> str | None:
         """The wall-clock time (UTC, ISO 8601) a timer was due, if the wall clock can say."""
@@ -446,7 +458,7 @@ class RuleEngine(Processor):
         self,
         rule: RuleDefinition | None,
         track: Track,
-        reason: Literal["recovered", "rule_changed", "rule_removed"],
+        reason: Literal["recovered", "rule_changed", "rule_removed", "unwatched"],
         message: str,
         details: dict[str, Any],
     ) -> None:
@@ -566,6 +578,8 @@ class RuleEngine(Processor):
         for key, track in self._tracks.items():
             rule = self.rules[track.rule_id]
             if track.due is not None and track.due <= now:
+                touched: dict[tuple[str, str], tuple[Any, ...]] = {}
+                self._touched = touched  # other tracks the timer changes (ctx.track) are written too
                 try:
                     self.types[rule.type].fire(ctx, rule, track)
                 except Exception:  # one rule type's bug must not stop every other rule's timers
@@ -573,7 +587,13 @@ class RuleEngine(Processor):
                         "rule %s: its timer for %s failed and is dropped", rule.id, track.subject
                     )
                     track.due = None
+                finally:
+                    self._touched = None
                 self._dirty.add(key)
+                for other, before in touched.items():
+                    changed = self._tracks[other]
+                    if before != (changed.state, changed.episode, changed.due, changed.data):
+                        self._dirty.add(other)
             esc = track.data.get("esc")
             if esc and _esc_due(rule, esc) <= now:
                 try:
@@ -696,7 +716,10 @@ class RuleEngine(Processor):
         self._reroster = True  # the roster is read, and the rules' timers for it set, with the next write
         if self._hq_rules is not None:
             merged = {r.id: r for r in self._configured}
-            merged.update((r.id, r) for r in self._hq_rules(conn))
+            hq = list(self._hq_rules(conn))
+            if any(r.type == "attendance" for r in hq):  # HQ's attendance rule replaces the store's own
+                merged = {i: r for i, r in merged.items() if r.type != "attendance"}
+            merged.update((r.id, r) for r in hq)
             self._index(list(merged.values()))
         self._tracks = {}
         self._by_rule = None

@@ -88,6 +88,7 @@ def levels_replan(ctx: Context, rule: RuleDefinition) -> None:
                     track,
                     f"{subject}: no longer watched (planogram changed)",
                     {"count": track.data.get("count"), "seq": None, "cause": "planogram"},
+                    reason="unwatched",
                 )
             track.data = {k: v for k, v in track.data.items() if k != "count"}
         elif isinstance(track.data.get("count"), int):
@@ -209,7 +210,11 @@ def misplaced_replan(ctx: Context, rule: RuleDefinition) -> None:
         )
         if not still:
             ctx.clear_alert(
-                rule, track, f"{subject}: the planogram changed", {"seq": None, "cause": "planogram"}
+                rule,
+                track,
+                f"{subject}: the planogram changed",
+                {"seq": None, "cause": "planogram"},
+                reason="unwatched",
             )
 
 
@@ -303,6 +308,7 @@ def shrink_replan(ctx: Context, rule: RuleDefinition) -> None:
                 track,
                 f"{subject}: no longer watched (planogram changed)",
                 {"seq": None, "cause": "planogram"},
+                reason="unwatched",
             )
         track.data = {"type": track.data.get("type")}
         track.due = None

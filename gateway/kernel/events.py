@@ -172,7 +172,7 @@ class AlertCleared(StrictModel):
     alert_id: Annotated[str, Field(max_length=200)] = Field(
         description="The id of the alert it ends: '<rule id>/<subject>/<episode>'."
     )
-    reason: Literal["recovered", "rule_changed", "rule_removed"]
+    reason: Literal["recovered", "rule_changed", "rule_removed", "unwatched"]
     message: Annotated[str, Field(max_length=500)]
     details: dict[str, Any] = Field(default_factory=dict)
 

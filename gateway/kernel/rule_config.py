@@ -402,6 +402,12 @@ RuleDefinition = Annotated[
 ]
 
 
+def check_one_attendance_rule(rules: list[RuleBase]) -> None:
+    """A store has one attendance rule: its staff's day is one (two would flag one check-in differently)."""
+    if sum(r.type == "attendance" for r in rules if isinstance(r, AttendanceRule)) > 1:
+        raise ValueError("one attendance rule per store: its select.devices can list every kiosk")
+
+
 def check_unique_ids(rules: list[RuleBase]) -> None:
     """A list of rules as the config and rule files give them: unique ids, and no ``stock.low`` (it is always in
     force, set under ``stock.low_alert``)."""
@@ -413,6 +419,7 @@ def check_unique_ids(rules: list[RuleBase]) -> None:
     ids = [r.id for r in rules]
     if STOCK_LOW_ID in ids:
         raise ValueError(f"rule id {STOCK_LOW_ID!r} is the stock.low alerts' own: give this rule another id")
+    check_one_attendance_rule(rules)
     twice = sorted({i for i in ids if ids.count(i) > 1})
     if twice:
         raise ValueError(f"rule ids must be unique: {', '.join(twice)}")

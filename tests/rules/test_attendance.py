@@ -517,3 +517,29 @@ def test_a_25_hour_day_in_autumn(att: Any, time: Time) -> None:
     until(rig, time, local(27, 0, 0, london, 10, 2025), step_s=60)
     assert [d.date for d in dailies(rig)] == ["2025-10-25", "2025-10-26"]
     assert dailies(rig)[1].employees[0].minutes_worked == 240  # three hours on the wall clock, four worked
+
+
+def test_review_fixes_one_rule_apart_shifts_pruned_logs_and_readable_alert_ids(att: Any, time: Time) -> None:
+    """One attendance rule per store; a staff member's shifts may not overlap; every log leaves the reported
+    day's check-ins; alert ids with spaces or any script can be acknowledged through the API."""
+    import orjson
+
+    from gateway.kernel.rule_config import RuleFile
+    from rules.alerts import ALERT_ID
+
+    two = [{"id": "front", "type": "attendance"}, {"id": "back", "type": "attendance"}]
+    with pytest.raises(ValidationError, match="one attendance rule per store"):
+        RuleFile.model_validate({"rules": two})
+    with pytest.raises(ValidationError, match="shifts overlap"):
+        roster(("e1", local(15, 17), local(15, 21)), ("e1", local(15, 18), local(15, 20)))
+    rig = start(att, roster(("e1", local(15, 17), local(15, 21))))
+    checkin(rig, "stranger", score=0.1)  # someone not on the roster, once
+    until(rig, time, local(18, 3), step_s=3600)
+    [(data,)] = rig.conn.execute("SELECT data FROM rule_state WHERE subject = 'log:stranger'").fetchall()
+    assert orjson.loads(data)["log"] == []  # the reported day left this log too, not only the next check-in's
+    for alert_id in (
+        "att/needs_review:Mary Chan/1",
+        "att/late:陳大文/1",
+        "shrink/Aisle 3 Bay 2/00012345678905/1",
+    ):
+        assert re.match(ALERT_ID, alert_id)
