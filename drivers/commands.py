@@ -2,6 +2,12 @@
 
 A driver that can write registers a writer per device in ``DriverContext.device_writers``; the profile (and the
 device's config) say which points are writable and their range, and the driver refuses anything else.
+
+Once per request id: the downlink puts the request id on its command ledger before the write (a replay is
+answered ``duplicate``), and every write that reached the driver is recorded in the journal as ``action.done``
+or ``action.failed`` under the command's dedup key (``cmd:<request_id>``), as the other state-changing commands
+are; a request id found there is answered ``duplicate`` without writing again, also when the command ledger was
+lost (``hq-commands.db`` damaged and set aside).
 """
 
 from __future__ import annotations
@@ -10,23 +16,51 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
 
-from cloud_bridge.commands import CommandError, DeviceWrite, Handler, Outcome, Request
+from cloud_bridge.commands import CommandError, DeviceWrite, Handler, Outcome, Request, command_key
 from drivers.errors import DriverError
+from gateway.kernel.events import ActionDone, ActionFailed
+from gateway.kernel.journal import QUEUE_LIMIT, Draft, Journal
 
 DeviceWriter = Callable[[str, str, float], Awaitable[None]]
 DEVICE_WRITE_TIMEOUT_S: Final = 30.0
 """A ``device.write`` that has not finished by then (a bus busy with retries) is answered as failed."""
 
 
-def device_handlers(writers: Mapping[str, DeviceWriter]) -> dict[str, Handler]:
-    """``device.write`` over the drivers' writers (device id -> write function)."""
+def device_handlers(
+    writers: Mapping[str, DeviceWriter], journal: Journal | None = None
+) -> dict[str, Handler]:
+    """``device.write`` over the drivers' writers (device id -> write function), recorded in ``journal``."""
 
     async def write(request: Request) -> Outcome:
-        assert isinstance(request.args, DeviceWrite)
-        return await device_write(writers, request.args)
+        args = request.args
+        assert isinstance(args, DeviceWrite)
+        if journal is None:
+            return await device_write(writers, args)
+        key = command_key(request.request_id)
+        if await journal.key_known(key):
+            return "duplicate", _result(args)
+        record = {
+            "source": "hq",
+            "action": "device.write",
+            "type": "modbus_write",
+            "request_id": request.request_id,
+            "device_id": args.device_id,
+            "point": args.point,
+            "value": args.value,
+        }
+        try:
+            outcome = await device_write(writers, args)
+        except CommandError as err:
+            if err.code == "failed":  # it reached the driver, and may have reached the device: not again
+                await _record(
+                    journal, ActionFailed(**record, reason="unreachable", error=str(err)[:500]), key
+                )
+            raise
+        seq = await _record(journal, ActionDone(**record), key)
+        return outcome if seq is not None else ("duplicate", _result(args))
 
-    # A write commits nothing to the journal: on the command record first (at most once: a crash after the
-    # write answers a replay "duplicate").
+    # The downlink also puts the request id on its command ledger before the write (at most once: a crash after
+    # the write answers a replay "duplicate"), since the journal's record follows the write.
     return {"device.write": Handler(write, record_first=True)}
 
 
@@ -45,4 +79,30 @@ async def device_write(writers: Mapping[str, DeviceWriter], args: DeviceWrite) -
         raise CommandError("invalid_args", str(err)[:300]) from err
     except DriverError as err:
         raise CommandError("failed", str(err)[:300]) from err
-    return "ok", {"device_id": args.device_id, "point": args.point, "value": args.value}
+    return "ok", _result(args)
+
+
+def _result(args: DeviceWrite) -> dict[str, object]:
+    return {"device_id": args.device_id, "point": args.point, "value": args.value}
+
+
+async def _record(journal: Journal, outcome: ActionDone, key: str) -> int | None:
+    """Commit the write's record under the command's key; its seq, or None when that key was committed before."""
+    kind = "action.failed" if isinstance(outcome, ActionFailed) else "action.done"
+    settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    seqs: list[int | None] = []
+
+    def committed() -> None:
+        if not settled.done():
+            settled.set_result(None)
+
+    body = outcome.model_dump_json().encode()
+    draft = Draft(
+        kind, None, body, outcome, dedup_key=key, ack=committed, driver="downlink", done=seqs.append
+    )
+    while not journal.submit(draft):
+        room = asyncio.Event()
+        journal.when_below(QUEUE_LIMIT, room.set)
+        await room.wait()
+    await settled
+    return seqs[0] if seqs else None

@@ -270,6 +270,7 @@ class Gateway:
                     if self.config.notifications.channels
                     else None
                 )
+                actions = tg.create_task(self._actions(), name="actions")
                 self.started.set()
                 await stop.wait()
                 _LOGGER.info("stopping: taking no more device messages")
@@ -298,6 +299,7 @@ class Gateway:
                     api.cancel()
                 if notify is not None:  # what is not sent yet goes next start (each channel's cursor)
                     notify.cancel()
+                actions.cancel()  # what has not run yet runs next start (each action type's cursor)
                 writer.cancel()
         finally:
             await self.journal.close()
@@ -347,6 +349,32 @@ class Gateway:
                 )
                 tg.create_task(run_consumer(self.journal, consumer), name=f"notify-{channel.id}")
 
+    async def _actions(self) -> None:
+        """One consumer per action type (rules/actions.py): the MQTT messages to the store broker, the Modbus
+        writes through the drivers' writers; each after its alert committed, at most once per episode."""
+        from gateway.kernel.consumer import run_consumer
+        from rules.actions import ActionConsumer, BrokerPublisher
+
+        config = self.config
+        publisher = BrokerPublisher(config.store_broker, config.client_id("actions", config.store_broker))
+        store = config.store.id
+        try:
+            async with asyncio.TaskGroup() as tg:
+                mqtt = ActionConsumer(
+                    "mqtt_publish", self.rules, self.journal, publisher=publisher, store_id=store
+                )
+                modbus = ActionConsumer(
+                    "modbus_write",
+                    self.rules,
+                    self.journal,
+                    writers=self.drivers_ctx.device_writers,
+                    store_id=store,
+                )
+                for consumer in (mqtt, modbus):
+                    tg.create_task(run_consumer(self.journal, consumer), name=consumer.name)
+        finally:
+            await publisher.close()
+
     async def _serve_api(self) -> None:
         from gateway.api import create_app, serve_api  # FastAPI is imported only when the API is on
 
@@ -366,4 +394,4 @@ class Gateway:
 def command_handlers(journal: Journal, writers: Mapping[str, DeviceWriter]) -> dict[str, Handler]:
     """The HQ commands the domains carry out, for the downlink to dispatch: the ledger's (stock, documents), the
     devices' (writes through their drivers) and the rules' (acknowledging an alert)."""
-    return {**ledger_handlers(journal), **device_handlers(writers), **rule_handlers(journal)}
+    return {**ledger_handlers(journal), **device_handlers(writers, journal), **rule_handlers(journal)}

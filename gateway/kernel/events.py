@@ -15,7 +15,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import AfterValidator, Field, TypeAdapter
+from pydantic import AfterValidator, Field, StrictBool, StrictFloat, StrictInt, TypeAdapter
 
 from gateway.kernel.model import StrictModel
 
@@ -48,6 +48,8 @@ Kind = Literal[
     "attendance.daily",
     "stock.replenishment_draft",
     "report.daily",
+    "action.done",
+    "action.failed",
 ]
 
 
@@ -218,6 +220,29 @@ class NotificationSent(StrictModel):
 
 class NotificationFailed(NotificationSent):
     """``notification.failed``: see :class:`NotificationSent`; ``error`` says why."""
+
+
+class ActionDone(StrictModel):
+    """``action.done``: the gateway acted on a device: a rule's local action for an alert (an MQTT message, a
+    Modbus write) or HQ's ``device.write``. ``action.failed``: it did not, and ``reason`` says why."""
+
+    source: Literal["rule", "hq"] = Field(description="A rule's action, or HQ's device.write command.")
+    action: ShortText = Field(description="The action's id in its rule; 'device.write' for HQ's command.")
+    type: Literal["mqtt_publish", "modbus_write"]
+    alert_id: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    level: Literal["raised", "cleared"] | None = None
+    request_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    device_id: ShortText | None = None
+    point: ShortText | None = None
+    value: StrictBool | StrictInt | StrictFloat | None = None
+    topic: Annotated[str, Field(max_length=256)] | None = None
+    attempts: int = Field(default=1, ge=0)
+    reason: Literal["interlock", "refused", "unreachable", "alert_ended", "invalid"] | None = None
+    error: Annotated[str, Field(max_length=500)] | None = None
+
+
+class ActionFailed(ActionDone):
+    """``action.failed``: see :class:`ActionDone`."""
 
 
 class DeviceStatus(StrictModel):
@@ -545,6 +570,8 @@ PAYLOADS: Final[dict[str, type[StrictModel]]] = {
     "alert.acknowledged": AlertAcknowledged,
     "notification.sent": NotificationSent,
     "notification.failed": NotificationFailed,
+    "action.done": ActionDone,
+    "action.failed": ActionFailed,
     "alert.escalated": AlertEscalated,
     "attendance.daily": AttendanceDaily,
     "stock.replenishment_draft": StockReplenishmentDraft,

@@ -25,6 +25,8 @@ DEFAULT_KIND_CLASSES: Final[Mapping[str, int]] = {
     "alert.escalated": CRITICAL,
     "notification.sent": STATE,
     "notification.failed": CRITICAL,
+    "action.done": STATE,
+    "action.failed": CRITICAL,
     "outbox.evicted": CRITICAL,
     "pos.sale": TRANSACTION,
     "pos.return": TRANSACTION,

@@ -14,6 +14,7 @@ import orjson
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway.kernel.model import Identifier, StrictModel
+from gateway.kernel.rule_actions import MAX_ACTIONS, Action, check_action_ids
 
 Metric = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,47}$")]
 Seconds = Annotated[float, Field(ge=0, le=7 * 86_400)]
@@ -45,7 +46,9 @@ class Selector(StrictModel):
 MAX_CHANNELS: Final = 50
 """Channels a rule (or an escalation step) may name: the alert.escalated event carries at most this many."""
 
-NOT_EVALUATED: Final = frozenset({"description", "severity", "notify", "renotify_s", "escalate", "enabled"})
+NOT_EVALUATED: Final = frozenset(
+    {"description", "severity", "notify", "renotify_s", "escalate", "enabled", "actions"}
+)
 """Rule fields that do not change what the rule decides (left out of its fingerprint)."""
 
 
@@ -79,9 +82,15 @@ class RuleBase(StrictModel):
         max_length=10,
         description="Steps for an alert nobody acknowledges, in time order.",
     )
+    actions: list[Action] = Field(
+        default_factory=list,
+        max_length=MAX_ACTIONS,
+        description="Local actions when its alerts are raised or cleared: MQTT messages, Modbus writes.",
+    )
 
     @model_validator(mode="after")
     def _escalation_in_order(self) -> RuleBase:
+        check_action_ids(list(self.actions))
         times = [step.after_s for step in self.escalate]
         if times != sorted(set(times)):
             raise ValueError("escalate: the steps' after_s must grow from one step to the next")
