@@ -7,9 +7,9 @@
   ``ps`` for every local user to read) and no mosquitto is needed where the command runs;
 - ``acl``: one ``user`` block per account. A device may publish only on its own topics: the routes of the
   MQTT drivers for its profile, with its id in place of ``{device_id}``; it may subscribe to nothing (the
-  gateway sends MQTT devices no commands). The gateway's account may subscribe to the routes and publish
-  nothing. Everything else, ``#`` and ``$SYS`` included, is denied: with an ACL file mosquitto denies what
-  it does not grant.
+  MQTT devices the gateway reads take no commands). The gateway's account may subscribe to the routes and
+  publish only on the topics of the rules' ``mqtt_publish`` actions. Everything else, ``#`` and ``$SYS``
+  included, is denied: with an ACL file mosquitto denies what it does not grant.
 
 Passwords already in ``passwd`` are kept (the tills keep working) unless the account is rotated; accounts of
 devices no longer in the config are removed. New passwords are returned to the caller, never logged.
@@ -59,7 +59,8 @@ class Account:
 
     username: str
     write: tuple[str, ...]
-    """Topics it may publish to (no wildcards: a device's own topics)."""
+    """Topics it may publish to: a device's own (no wildcards); the gateway's actions' (a placeholder's level as
+    '+')."""
     read: tuple[str, ...]
     """Topic filters it may subscribe to and receive from."""
     device: bool
@@ -96,7 +97,8 @@ def accounts(config: GatewayConfig) -> list[Account]:
         raise ProvisionError(
             f"device {clash[0]!r} has the gateway's broker user name (store_broker.username): rename one"
         )
-    found = [Account(gateway_user, (), tuple(_unique(r.subscription for r in routes)), device=False)]
+    reads = tuple(_unique(r.subscription for r in routes))
+    found = [Account(gateway_user, action_topics(config), reads, device=False)]
     for device in config.devices:
         profile = resolve_profile(device.profile)
         own = tuple(
@@ -107,6 +109,18 @@ def accounts(config: GatewayConfig) -> list[Account]:
         if own:  # a device no MQTT route reads needs no broker login (one would be a password for nothing)
             found.append(Account(device.id, own, (), device=True))
     return found
+
+
+def action_topics(config: GatewayConfig) -> tuple[str, ...]:
+    """The topics the configured rules' ``mqtt_publish`` actions publish to, a level with a placeholder as '+'
+    (docs/RULES.md, "Actions"): the gateway's only writes on the store broker."""
+    topics = (
+        "/".join("+" if "{" in level else level for level in action.topic.split("/"))
+        for rule in (config.stock.low_alert, *config.rules)
+        for action in rule.actions
+        if action.type == "mqtt_publish"
+    )
+    return tuple(_unique(topics))
 
 
 def too_large_for_broker(config: GatewayConfig) -> list[tuple[str, int]]:

@@ -80,6 +80,16 @@ class GatewayConfig(StrictModel):
             raise ValueError(
                 f"rules notify unknown channel(s) {', '.join(unknown)}: add them to notifications.channels"
             )
+        writable = {
+            d.id for driver in self.drivers if driver.type == "modbus" for d in getattr(driver, "devices", ())
+        }
+        for rule in rules:
+            for action in rule.actions:
+                device = getattr(action, "device", None)
+                if device is not None and device not in writable:
+                    raise ValueError(
+                        f"rule {rule.id}, action {action.id}: {device!r} is not a device of a modbus driver"
+                    )
         fenced = [r.id for r in self.rules if r.type == "attendance"]
         if fenced and self.store.location is None:
             raise ValueError(

@@ -353,3 +353,41 @@ def test_action_ids_are_unique_within_a_rule_and_changing_actions_keeps_the_rule
     with pytest.raises(ValidationError, match="ids must be unique within the rule: defrost"):
         rules(DEFROST, DEFROST)
     assert rules()[0].fingerprint() == rules(DEFROST)[0].fingerprint()
+
+
+def test_a_write_to_a_device_no_modbus_driver_has_is_a_config_error() -> None:
+    from gateway.config import GatewayConfig
+
+    base = gateway_config().model_dump(mode="json", exclude_defaults=True)
+    fridges = tcp_config(1502, [{"id": "fridge-1", "unit": 1, "profile": "dixell-xr"}])
+    rule = {"id": "warm", "type": "temperature", "max_c": 8, "actions": [{**DEFROST, "device": "fridge-2"}]}
+    with pytest.raises(
+        ValidationError, match="action defrost: 'fridge-2' is not a device of a modbus driver"
+    ):
+        GatewayConfig.model_validate({**base, "drivers": [fridges], "rules": [rule]})
+    config = GatewayConfig.model_validate(
+        {**base, "drivers": [fridges], "rules": [{**rule, "actions": [{**DEFROST, "device": "fridge-1"}]}]}
+    )
+    assert config.rules[0].actions[0].id == "defrost"
+
+
+def test_broker_provision_lets_the_gateway_publish_on_its_actions_topics_only() -> None:
+    from gateway.broker_accounts import accounts, acl_text
+    from gateway.config import GatewayConfig
+
+    base = gateway_config().model_dump(mode="json", exclude_defaults=True)
+    buzzer = {"id": "buzzer", "type": "mqtt_publish", "topic": "store/buzzer/{device_id}/set"}
+    display = {"id": "display", "type": "mqtt_publish", "topic": "store/display-{rule_id}"}
+    config = GatewayConfig.model_validate(
+        {
+            **base,
+            "store_broker": {"host": "127.0.0.1", "port": 1883, "username": "gateway"},
+            "rules": [
+                {"id": "warm", "type": "temperature", "max_c": 8, "actions": [buzzer, display]},
+                {"id": "quiet", "type": "silent", "actions": [buzzer]},
+            ],
+        }
+    )
+    gateway = accounts(config)[0]
+    assert gateway.write == ("store/buzzer/+/set", "store/+")
+    assert "user gateway\ntopic write store/buzzer/+/set\ntopic write store/+\n" in acl_text([gateway], "t")
