@@ -391,3 +391,58 @@ def test_broker_provision_lets_the_gateway_publish_on_its_actions_topics_only() 
     gateway = accounts(config)[0]
     assert gateway.write == ("store/buzzer/+/set", "store/+")
     assert "user gateway\ntopic write store/buzzer/+/set\ntopic write store/+\n" in acl_text([gateway], "t")
+
+
+async def test_the_gateway_runs_a_rules_actions(tmp_path: Path, server: CountingFridgeServer) -> None:
+    """The runtime wires both consumers: the store broker's message and the write through the Modbus driver."""
+    from gateway.config_loader import load_config
+    from tests.harness.e2e_helpers import running_gateway
+
+    broker = Mosquitto().start()
+    listener = Listener()
+    client = MqttClient(BrokerConfig(port=broker.port), "buzzer-under-test", clean_start=True)
+    client.on_message = listener.on_message
+    path = tmp_path / "store.yaml"
+    path.write_text(
+        "gateway_id: gw-01\n"
+        "store: {id: hk-001, name: Shop}\n"
+        f"store_broker: {{host: 127.0.0.1, port: {broker.port}}}\n"
+        "hq: {host: 127.0.0.1, port: 1}\n"  # no HQ: the gateway goes on without it
+        f"data_dir: {tmp_path / 'data'}\n"
+        "api: {enabled: false}\n"
+        "drivers:\n"
+        f"  - {{type: modbus, name: fridges, transport: tcp, host: 127.0.0.1, port: {server_port(server)},"
+        " timeout_s: 0.3, devices: [{id: fridge-1, unit: 1, profile: dixell-xr,"
+        " poll_intervals: {temperatures: 3600, alarms: 3600, parameters: 3600}}]}\n"
+        "rules:\n"
+        "  - id: warm\n"
+        "    type: temperature\n"
+        "    max_c: 8\n"
+        "    for_s: 0\n"
+        "    actions:\n"
+        "      - {id: buzzer, type: mqtt_publish, topic: 'store/buzzer/{device_id}', payload: '{level}'}\n"
+        "      - {id: defrost, type: modbus_write, point: defrost_start, value: true,"
+        " interlock: [{metric: door_open, eq: 0}]}\n",
+        encoding="utf-8",
+    )
+    try:
+        await client.connect()
+        await client.subscribe([("store/buzzer/#", 1)])
+        async with running_gateway(load_config(path, env={}), wait_drivers=False) as gateway:
+            journal = gateway.journal
+            for name in ("actions-mqtt_publish", "actions-modbus_write"):
+                async with asyncio.timeout(20):
+                    while await journal.cursor(name) is None:  # noqa: ASYNC110 - set on another task
+                        await asyncio.sleep(0.01)
+            journal.submit(sample(9.0))
+            assert await listener.next() == ("store/buzzer/fridge-1", b"raised", False)
+            await until(lambda: server.models[1].defrosting, "the defrost started")
+            done = await recorded(journal, 2)
+    finally:
+        await client.disconnect()
+        broker.close()
+    assert sorted((d["kind"], d["action"]) for d in done) == [
+        ("action.done", "buzzer"),
+        ("action.done", "defrost"),
+    ]
+    assert server.writes_received == 1
