@@ -26,16 +26,12 @@ DEVICE_WRITE_TIMEOUT_S: Final = 30.0
 """A ``device.write`` that has not finished by then (a bus busy with retries) is answered as failed."""
 
 
-def device_handlers(
-    writers: Mapping[str, DeviceWriter], journal: Journal | None = None
-) -> dict[str, Handler]:
+def device_handlers(writers: Mapping[str, DeviceWriter], journal: Journal) -> dict[str, Handler]:
     """``device.write`` over the drivers' writers (device id -> write function), recorded in ``journal``."""
 
     async def write(request: Request) -> Outcome:
         args = request.args
         assert isinstance(args, DeviceWrite)
-        if journal is None:
-            return await device_write(writers, args)
         key = command_key(request.request_id)
         if await journal.key_known(key):
             return "duplicate", _result(args)
