@@ -58,13 +58,20 @@ class Gateway:
     """One running gateway. ``run(stop)`` returns after ``stop`` is set and the shutdown is complete."""
 
     def __init__(
-        self, config: GatewayConfig, config_hash: str | None = None, *, new_journal: bool = False
+        self,
+        config: GatewayConfig,
+        config_hash: str | None = None,
+        *,
+        new_journal: bool = False,
+        clock: ClockState | None = None,
     ) -> None:
+        """``clock``: whether the wall clock is synchronised (default: ask the kernel); a simulated store
+        (the demo, the scenario tests) trusts its machine's clock."""
         self.config = config
         self.lock = DataDirLock(config.data_dir)
         self.config_hash = config_hash
         self.metrics = Metrics()
-        self.clock = ClockState()
+        self.clock = clock or ClockState()
         # Sales count for velocity by UTC day only while the clock is synchronised (the day is known then)
         ledger = StockLedger(
             config.stock, self.metrics, today=lambda: utc_day() if self.clock.synced() else None

@@ -4,10 +4,13 @@ Two embedded MQTT brokers (amqtt: one for the store, one standing in for HQ), a 
 scenario file (``--scenario``, default ``normal-day``: tills, fridge controllers over Modbus TCP and RTU, BLE
 thermometers, an RFID reader on a pseudo-terminal, an RFID shelf and a check-in kiosk over MQTT), the gateway
 itself (drivers, journal, stock ledger, uplink, local API), the HQ reference receiver, and a simulated HQ that
-books the store's deliveries. The terminal shows a calm live view: what each device did in the last seconds,
-the stock that moved, alerts (the gateway's and the fridge controllers' own alarm bits), and what HQ has.
-``--verbose`` prints every till message, commit and HQ batch as a line stream instead. The scenario repeats
-until Ctrl-C (or ``--duration``), which stops everything cleanly and prints a summary.
+books the store's deliveries. The scenario's rules run in the gateway, and their alerts go to a local chat
+robot (:mod:`simulators.chat`, a DingTalk robot that checks each message's signature) through a ``dingtalk``
+channel. The terminal shows a calm live view: what each device did in the last seconds, the stock that moved,
+alerts as they are raised and cleared (the gateway's, and the fridge controllers' own alarm bits), the chat
+robot's messages, and what HQ has. ``--verbose`` prints every till message, commit, alert, chat message and HQ
+batch as a line stream instead. The scenario repeats until Ctrl-C (or ``--duration``), which stops everything
+cleanly and prints a summary.
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ from cloud_bridge.hq.sqlite import SqliteReceiverStore
 from cloud_bridge.signing import CommandSigner, public_key_text
 from drivers.ble.driver import BleDriver
 from gateway.config_loader import config_hash, demo_config
+from gateway.kernel.clock import ClockState
 from gateway.kernel.config import BrokerConfig
 from gateway.kernel.journal import Committed
 from gateway.kernel.logs import setup_logging
 from gateway.runtime import Gateway
 from simulators.ble import SimulatedRadio
+from simulators.chat import ChatRobot
 from simulators.hq import Delivery, SimulatedHq
 from simulators.pos import PosMessage
 from simulators.scenario import ScenarioRun, StepLog
@@ -53,6 +58,9 @@ TTY_REFRESH_S: Final = 1.0
 PIPE_REFRESH_S: Final = 5.0
 """Written to a pipe or file, the view is a block of lines every this many seconds (nothing is redrawn)."""
 ALERTS_SHOWN: Final = 6
+CHAT_SHOWN: Final = 4
+CHAT_CHANNEL: Final = "demo-chat"
+"""The demo's dingtalk channel: every rule of the scenario, and the stock.low alerts, notify it."""
 
 
 def _free_port() -> int:
@@ -131,6 +139,8 @@ class LiveView:
         self.sent: dict[str, int] = {"pos.sale": 0, "pos.return": 0}
         self.committed = 0
         self.alerts = 0
+        self.cleared = 0
+        self.chat_messages = 0
         self.controller_alarms = 0
         self.hq_events = 0
         self.negative_stock: set[str] = set()
@@ -142,6 +152,9 @@ class LiveView:
         self._moves: deque[tuple[float, str, float]] = deque(maxlen=10_000)
         self._alarm_bits: dict[tuple[str, str], _Alert] = {}
         self._alert_log: deque[_Alert] = deque(maxlen=ALERTS_SHOWN)
+        self._open: dict[str, _Alert] = {}
+        """The gateway's open alerts, by alert id."""
+        self._chat: deque[str] = deque(maxlen=CHAT_SHOWN)
         self._notes: deque[str] = deque(maxlen=4)
         self._last_step = ""
         self._values: dict[str, dict[str, dict[str, Any]]] = {}
@@ -172,10 +185,17 @@ class LiveView:
     def _did(self, device: str, what: str, text: str) -> None:
         self._activity.setdefault(device, deque(maxlen=2000)).append((self._now(), what, text))
 
-    def _alert(self, text: str) -> _Alert:
-        alert = _Alert(self._now(), text)
+    def _alert(self, text: str, active: bool = True) -> _Alert:
+        alert = _Alert(self._now(), text, active)
         self._alert_log.append(alert)
         return alert
+
+    def chat(self, text: str) -> None:
+        """A message the chat robot took (its signature checked)."""
+        self.chat_messages += 1
+        self._chat.append(f"{self._now():6.0f} s  {text}")
+        if self._verbose:
+            self._line("chat", "35", text)
 
     def gateway(self, committed: Committed) -> None:
         self.committed += len(committed.bodies)
@@ -206,8 +226,19 @@ class LiveView:
             return f"stock  {data['sku']} {data.get('reason')} {data.get('delta') or data.get('set')}"
         if kind == "alert.raised":
             self.alerts += 1
-            self._alert(f"{data['rule']}: {data['message']}")
+            alert = self._alert(f"{data['rule']}: {data['message']}")
+            self._open[str(data.get("details", {}).get("alert_id"))] = alert
             return f"ALERT  {data['rule']}: {data['message']}"
+        if kind == "alert.cleared":
+            self.cleared += 1
+            opened = self._open.pop(str(data.get("alert_id")), None)
+            if opened is not None:
+                opened.active = False
+            self._alert(f"{data['rule']} cleared: {data['message']}", active=False)
+            return f"CLEARED {data['rule']}: {data['message']}"
+        if kind in ("notification.sent", "notification.failed"):
+            outcome = "sent to" if kind == "notification.sent" else "FAILED to reach"
+            return f"notify {data['level']} {data['alert_id']} {outcome} {data['channel']}"
         if kind in ("pos.sale", "pos.return"):
             self._did(device, "sales" if kind == "pos.sale" else "returns", "")
             return f"{kind:<10} {device} receipt {data['receipt_no']}"
@@ -335,13 +366,17 @@ class LiveView:
             lines.append("  none")
         lines += ["", f"{bold}Alerts{off}"]
         for alert in self._alert_log:
-            color = red if alert.active and "cleared" not in alert.text else ""
+            color = red if alert.active else ""
             lines.append(f"  {alert.at:6.0f} s  {color}{alert.text}{off}")
         active = [a.text for a in self._alarm_bits.values()]
         if not self._alert_log:
             lines.append("  none")
-        elif active:
+        if self._open:
+            lines.append(f"  {red}{len(self._open)} alert(s) open{off}")
+        if active:
             lines.append(f"  {red}{len(active)} controller alarm(s) active{off}")
+        lines += ["", f"{bold}Chat{off} (the alerts' DingTalk robot, signatures checked)"]
+        lines += [f"  {text}" for text in self._chat] or ["  none"]
         if self._notes:
             lines += ["", f"{bold}Notes{off}"] + [f"  {note}" for note in self._notes]
         lines += ["", f"{bold}{self.hq_line}{off}", *self.footer]
@@ -353,8 +388,9 @@ class LiveView:
         )
         return (
             f"summary: tills sent {self.sent['pos.sale']} sales and {self.sent['pos.return']} returns; "
-            f"the gateway committed {self.committed} events (last seq {last_seq}, {self.alerts} alert(s), "
-            f"{self.controller_alarms} controller alarm(s){negative}); HQ received {self.hq_events}, "
+            f"the gateway committed {self.committed} events (last seq {last_seq}, {self.alerts} alert(s) raised"
+            f" and {self.cleared} cleared, {self.controller_alarms} controller alarm(s){negative}); the chat robot"
+            f" took {self.chat_messages} message(s); HQ received {self.hq_events}, "
             f"seq gaps at HQ: {gaps}"
         )
 
@@ -409,7 +445,7 @@ async def _demo(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    store_port, hq_port = _free_port(), _free_port()
+    store_port = _free_port()
     token = secrets.token_urlsafe(24)
     view = LiveView(sys.stdout, scenario, verbose)
     if rate is not None:
@@ -417,7 +453,6 @@ async def _demo(
         scenario = scenario.model_copy(
             update={"devices": scenario.devices.model_copy(update={"tills": tills})}
         )
-    hq_broker_config = BrokerConfig(port=hq_port, protocol="3.1.1")
     store = ScenarioRun(
         scenario,
         BrokerConfig(port=store_port, protocol="3.1.1"),
@@ -426,15 +461,59 @@ async def _demo(
         on_till=view.till,
         modbus_timeout_s=2.0,
     )
+    robot = ChatRobot(view.chat)
+    async with robot.serving():
+        await _run_store(duration, data_dir, scenario, view, store, robot, token, stop)
+
+
+def demo_sections(store: ScenarioRun, robot: ChatRobot) -> dict[str, Any]:
+    """The scenario's sections of the demo's config, with a dingtalk channel to the chat robot that every rule of
+    the scenario notifies (http to this box is allowed for channels)."""
+    sections = store.gateway_config()
+    sections["rules"] = [
+        {**rule, "notify": [*rule.get("notify", []), CHAT_CHANNEL]} for rule in sections.get("rules", [])
+    ]
+    sections["notifications"] = {
+        "channels": [
+            {
+                "id": CHAT_CHANNEL,
+                "type": "dingtalk",
+                "url": robot.url,
+                "secret": robot.secret,
+                "per_minute": 60,
+            }
+        ]
+    }
+    return sections
+
+
+async def _run_store(
+    duration: float,
+    data_dir: Path,
+    scenario: Scenario,
+    view: LiveView,
+    store: ScenarioRun,
+    robot: ChatRobot,
+    token: str,
+    stop: asyncio.Event,
+) -> None:
+    loop = asyncio.get_running_loop()
+    store_port, hq_port = store.store_broker.port, _free_port()
+    hq_broker_config = BrokerConfig(port=hq_port, protocol="3.1.1")
     store_broker = await _start_broker(store_port)
     hq_broker = await _start_broker(hq_port)
     await store.prepare()
-    config = demo_config(data_dir, store_port, hq_port, 0, token, sections=store.gateway_config())
+    config = demo_config(data_dir, store_port, hq_port, 0, token, sections=demo_sections(store, robot))
+    low_alert = config.stock.low_alert.model_copy(update={"notify": [CHAT_CHANNEL]})
+    config = config.model_copy(update={"stock": config.stock.model_copy(update={"low_alert": low_alert})})
+    store.store_location = config.store.location  # the kiosks check staff in around the store
     # The simulated HQ signs its commands with a key made for this run; the gateway pins its public key.
     hq_key = Ed25519PrivateKey.generate()
     pinned = CommandKey(id="demo-hq", public_key=public_key_text(hq_key.public_key()))
     config = config.model_copy(update={"hq": config.hq.model_copy(update={"command_keys": [pinned]})})
-    gateway = Gateway(config, config_hash(config))
+    # A simulated store's clock is trusted, as a store's synchronised box: the attendance rule reads times of day
+    # only from a synchronised clock.
+    gateway = Gateway(config, config_hash(config), clock=ClockState(override=True))
     for intake in gateway.intakes:
         if isinstance(intake, BleDriver):
             intake.scanner_factory = SimulatedRadio  # the scenario feeds the advertisements: no host radio
@@ -472,8 +551,9 @@ async def _demo(
                 f"store-gateway demo: scenario {scenario.scenario!r} ({scenario.description})\n"
                 f"store broker 127.0.0.1:{store_port}, HQ broker 127.0.0.1:{hq_port} (embedded)\n"
                 f"local API: http://127.0.0.1:{api_port}/health  (token for /api/*, /metrics: {token})\n"
+                f"chat robot (DingTalk, signed): {robot.url.split('?')[0]}\n"
                 f"journal: {data_dir / 'journal.db'}   Ctrl-C stops.\n"
-                + "".join(f"  expect: {line}\n" for line in scenario.expect),
+                + "".join(f"  expect: {line}\n" for line in scenario.expect_text()),
                 flush=True,
             )
             view.footer = ["", f"local API http://127.0.0.1:{api_port}/health (token {token})   Ctrl-C stops"]

@@ -25,9 +25,9 @@ from typing import Any, Final
 import orjson
 
 from cloud_bridge.signing import CommandSigner
-from cloud_bridge.topics import commands_topic
+from cloud_bridge.topics import commands_topic, responses_topic
 from gateway.kernel.config import BrokerConfig
-from gateway.kernel.mqtt_client import MqttClient, MqttError
+from gateway.kernel.mqtt_client import Message, MqttClient, MqttError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -38,6 +38,12 @@ LEAD_TIME_S: Final = 5.0
 RETRY_FIRST_S: Final = 0.5
 RETRY_MAX_S: Final = 10.0
 """A booking that could not be published is retried after 0.5 s, doubling up to this."""
+ANSWER_WAIT_S: Final = 2.0
+"""A command not answered within this long is sent again (same request id: the gateway carries it out once)."""
+
+
+class CommandRefusedError(MqttError):
+    """The gateway answered a command with an error."""
 
 
 @dataclass
@@ -73,6 +79,7 @@ class SimulatedHq:
     """SKUs with an order on its way or not yet seen above their safety stock."""
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _closed: bool = False
+    _answers: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
 
     async def start(self) -> None:
         await self._connect()
@@ -82,9 +89,54 @@ class SimulatedHq:
             return self._client
         if self._client is not None:
             await self._client.disconnect()
-        self._client = MqttClient(self.broker, f"sim-hq-{self.store_id}-{self.gateway_id}", clean_start=True)
+        self._client = MqttClient(
+            self.broker,
+            f"sim-hq-{self.store_id}-{self.gateway_id}",
+            clean_start=True,
+            on_message=self._answered,
+        )
         await self._client.connect()
+        await self._client.subscribe([(responses_topic(self.prefix, self.store_id, self.gateway_id), 1)])
         return self._client
+
+    def _answered(self, message: Message) -> None:
+        try:
+            answer = orjson.loads(message.payload)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(answer, dict):
+            return
+        waiting = self._answers.get(str(answer.get("request_id")))
+        if waiting is not None and not waiting.done():
+            waiting.set_result(answer)
+
+    async def command(self, command: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Send one signed command and return its result once the gateway answers ``ok`` (or ``duplicate``: a
+        repeat of one it carried out). Sent again until answered: the gateway may not be subscribed yet.
+        :class:`CommandRefusedError` for an error answer."""
+        request_id = f"sim-{uuid.uuid4()}"
+        topic = commands_topic(self.prefix, self.store_id, self.gateway_id)
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._answers[request_id] = answer
+        try:
+            while not answer.done():
+                if self.signer is not None:
+                    payload = self.signer.sign(topic, request_id, command, dict(args))
+                else:
+                    payload = orjson.dumps({"request_id": request_id, "command": command, "args": dict(args)})
+                with contextlib.suppress(MqttError):
+                    client = await self._connect()
+                    await client.publish(topic, payload, qos=1)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(ANSWER_WAIT_S):
+                        await asyncio.shield(answer)
+            result = answer.result()
+        finally:
+            del self._answers[request_id]
+        if result.get("status") not in ("ok", "duplicate"):
+            raise CommandRefusedError(f"{command} refused: {result.get('error')}")
+        found = result.get("result")
+        return found if isinstance(found, dict) else {}
 
     async def close(self) -> None:
         self._closed = True

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import math
 import random
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime, timedelta, timezone
@@ -28,6 +29,8 @@ DEFAULT_TOPIC_TEMPLATE: Final = "store/kiosk/{device_id}/checkin"
 HKT: Final = timezone(timedelta(hours=8), "HKT")
 STORE_LAT: Final = 22.2819
 STORE_LON: Final = 114.1585
+METRES_PER_DEGREE: Final = 111_195.0
+"""Along a meridian (mean Earth radius 6,371 km): how far north a latitude step goes."""
 
 
 def _hk_now() -> datetime:
@@ -44,8 +47,11 @@ class Kiosk:
         staff: int = 12,
         seed: int | None = None,
         clock: Callable[[], datetime] = _hk_now,
+        location: tuple[float, float] = (STORE_LAT, STORE_LON),
     ) -> None:
+        """``location``: the store's latitude and longitude; check-ins come from around it."""
         self.device_id = device_id
+        self.latitude, self.longitude = location
         self._rng = random.Random(seed)
         self._staff = [f"E{1000 + n}" for n in range(staff)]
         self._inside: set[str] = set()
@@ -65,8 +71,8 @@ class Kiosk:
         return {
             "employee_id": employee,
             "direction": direction,
-            "latitude": round(STORE_LAT + rng.uniform(-spread, spread), 6),
-            "longitude": round(STORE_LON + rng.uniform(-spread, spread), 6),
+            "latitude": round(self.latitude + rng.uniform(-spread, spread), 6),
+            "longitude": round(self.longitude + rng.uniform(-spread, spread), 6),
             "accuracy_m": round(rng.uniform(3, 40), 1),
             "face_match_score": round(
                 rng.uniform(0.55, 0.8) if rng.random() < 0.05 else rng.uniform(0.85, 0.99), 3
@@ -76,6 +82,24 @@ class Kiosk:
 
     def next_payload(self) -> bytes:
         return orjson.dumps(self.next_body())
+
+    def checkin_payload(self, employee: str, direction: str, distance_m: float = 0.0) -> bytes:
+        """One employee's check-in with a good fix (8 m) and face match, ``distance_m`` north of the store."""
+        self._sent += 1
+        stamp = self._clock() + timedelta(milliseconds=self._sent)
+        latitude = self.latitude + distance_m / METRES_PER_DEGREE
+        body = {
+            "employee_id": employee,
+            "direction": direction,
+            "latitude": round(latitude, 7),
+            "longitude": round(self.longitude, 7),
+            "accuracy_m": 8.0,
+            "face_match_score": 0.95,
+            "kiosk_time": stamp.isoformat(timespec="milliseconds"),
+        }
+        if not math.isfinite(latitude) or abs(latitude) > 90:
+            raise ValueError(f"{distance_m} m north of the store is off the globe")
+        return orjson.dumps(body)
 
     def biometric_payload(self) -> bytes:
         """A check-in that wrongly carries a face image: the gateway must refuse it."""

@@ -128,16 +128,19 @@ class PosTerminal:
             return self.make_return()
         return self.make_sale()
 
-    def make_sale(self) -> PosMessage:
+    def make_sale(self, basket: Sequence[tuple[CatalogItem, int]] | None = None) -> PosMessage:
+        """A receipt of 1 - 4 random lines, or of ``basket``: (item, quantity) pairs."""
         rnd = self._rng.random
         receipt_no = self._next_receipt_no()
-        items = self._rng.sample(self._catalog, 1 + int(rnd() * 4))
+        if basket is None:
+            basket = [
+                (item, 1 + int(rnd() * 3)) for item in self._rng.sample(self._catalog, 1 + int(rnd() * 4))
+            ]
         method = _pick_payment(rnd())
         lines: list[dict[str, Any]] = []
         deltas: list[tuple[str, int]] = []
         subtotal = 0
-        for item in items:
-            qty = 1 + int(rnd() * 3)
+        for item, qty in basket:
             gross = qty * item.unit_price_cents
             line: dict[str, Any] = {"sku": item.sku, "quantity": qty, "unit_price": item.unit_price}
             if rnd() < 0.95:  # the rest were keyed in by hand: no barcode
@@ -270,12 +273,14 @@ async def run_terminals(
     return_ratio: float = 0.1,
     topic_template: str = DEFAULT_TOPIC_TEMPLATE,
     on_publish: Callable[[PosMessage], None] | None = None,
+    terminals: Sequence[PosTerminal] | None = None,
 ) -> SimulationResult:
     """Publish from one MQTT connection per terminal until each sent ``count_per_terminal`` or
     ``duration_s`` passed (whichever comes first), then wait for the outstanding PUBACKs.
 
     ``rate_per_s`` is per terminal; 0 means as fast as the broker acknowledges. ``on_publish`` is called
-    for each acknowledged message (for a live display). Cannot connect: raises :class:`MqttError`. A
+    for each acknowledged message (for a live display). ``terminals``: the tills to drive, one per device id,
+    instead of new ones (a scenario also sells through them). Cannot connect: raises :class:`MqttError`. A
     terminal whose connection drops later stops; the reason lands in ``SimulationResult.errors``.
     """
     if count_per_terminal is None and duration_s is None:
@@ -286,10 +291,13 @@ async def run_terminals(
         raise ValueError("rate_per_s must be >= 0 and max_inflight >= 1")
     if len(set(device_ids)) != len(device_ids):
         raise ValueError("device ids must be unique")
-    terminals = [
-        PosTerminal(d, seed=None if seed is None else f"{seed}:{d}", return_ratio=return_ratio)
-        for d in device_ids
-    ]
+    if terminals is None:
+        terminals = [
+            PosTerminal(d, seed=None if seed is None else f"{seed}:{d}", return_ratio=return_ratio)
+            for d in device_ids
+        ]
+    elif [t.device_id for t in terminals] != list(device_ids):
+        raise ValueError("one terminal per device id, in the same order")
     result = SimulationResult()
     clients: list[MqttClient] = []
     try:

@@ -26,19 +26,18 @@ from typing import Final
 from drivers.epc import encode_sgtin96
 from drivers.serial import chafon
 from drivers.serial.framing import Frame
-from simulators.catalog import CATALOG
+from simulators.catalog import CATALOG, CatalogItem
 
 MAX_QUEUED: Final = 1 << 20
 """Bytes of answers the simulated reader keeps while the pty is full."""
 
 
-def catalog_epcs(count: int, seed: int = 1) -> list[bytes]:
-    """``count`` SGTIN-96 EPCs of items in the simulated catalogue (serials 1, 2, ... per item)."""
+def catalog_epcs(count: int, seed: int = 1, items: Sequence[CatalogItem] = CATALOG) -> list[bytes]:
+    """``count`` SGTIN-96 EPCs of items in the simulated catalogue (``items``; serials 1, 2, ... per item):
+    the n-th is a tag of ``items[n % len(items)]``."""
     rng = random.Random(seed)
     return [
-        encode_sgtin96(
-            "0" + CATALOG[n % len(CATALOG)].gtin.zfill(13), n // len(CATALOG) + 1 + rng.randrange(1000)
-        )
+        encode_sgtin96("0" + items[n % len(items)].gtin.zfill(13), n // len(items) + 1 + rng.randrange(1000))
         for n in range(count)
     ]
 

@@ -8,6 +8,9 @@ tills, check-in kiosks and RFID shelves publish to the store broker (MQTT); BLE 
 through the BLE driver's detection callback, the path bleak would use (there is no radio here).
 
 Step times are store time (simulated seconds); real time is ``at_s / time_scale``. Device rates are real time.
+The scenario's rules get their durations in store time too: the gateway's config has them divided by
+``time_scale`` (:meth:`Scenario.gateway_rules`), since the gateway's timers run on its real clock. HQ's
+documents (planogram, roster) are sent at scenario time 0, through the simulated HQ, before the timeline plays.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import itertools
 import logging
 import random
 import socket
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +32,15 @@ from drivers.ble.formats import BleFormat
 from drivers.epc import encode_sgtin96
 from drivers.modbus.profile import ModbusProfile
 from drivers.profiles import get_profile
-from gateway.kernel.config import BrokerConfig
+from gateway.kernel.config import BrokerConfig, Location
 from gateway.kernel.mqtt_client import MqttClient
 from simulators.ble import SimulatedSensor
-from simulators.catalog import CATALOG
+from simulators.catalog import CATALOG, CATALOG_BY_SKU
 from simulators.fridge import FridgeModel, FridgeServer, PtyLine
 from simulators.hq import SimulatedHq
 from simulators.kiosk import DEFAULT_TOPIC_TEMPLATE as KIOSK_TOPIC
+from simulators.kiosk import STORE_LAT as KIOSK_LAT
+from simulators.kiosk import STORE_LON as KIOSK_LON
 from simulators.kiosk import Kiosk
 from simulators.pos import DEFAULT_TOPIC_TEMPLATE as TILL_TOPIC
 from simulators.pos import PosMessage, PosTerminal, garbage_messages, run_terminals
@@ -115,6 +121,8 @@ class ScenarioRun:
     """The gateway's Modbus timeout for the simulated controllers. Short, so an unplugged one is seen fast; the
     demo, whose controllers share one event loop with the gateway starting up, gives them longer."""
     seed: int = 1
+    store_location: Location | None = None
+    """Where the store is (its config's ``store.location``): the kiosks check staff in around it."""
     log: list[StepLog] = field(default_factory=list)
     published: dict[str, int] = field(default_factory=dict)
     """Messages acknowledged by the store broker, by device kind (tills, kiosk, shelf, garbage, flood)."""
@@ -126,6 +134,8 @@ class ScenarioRun:
     _cases: int = 0
     _shelves: dict[str, Shelf] = field(default_factory=dict)
     _kiosks: dict[str, Kiosk] = field(default_factory=dict)
+    _terminals: dict[str, PosTerminal] = field(default_factory=dict)
+    _clients: int = 0
     _sensors: dict[str, tuple[BleSensor, SimulatedSensor]] = field(default_factory=dict)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -149,11 +159,18 @@ class ScenarioRun:
             else:
                 rig.line = await server.start_rtu(baudrate=19200)
             self._fridges[spec.id] = rig
+        for device_id in devices.tills.ids():
+            self._terminals[device_id] = PosTerminal(
+                device_id, seed=f"{self.seed}:{device_id}", return_ratio=devices.tills.return_ratio
+            )
         for n, reader_spec in enumerate(devices.rfid_readers):
-            population = catalog_epcs(reader_spec.tags + reader_spec.tags // 2 + 10, seed=self.seed + n)
+            items = [CATALOG_BY_SKU[sku] for sku in reader_spec.skus] or list(CATALOG)
+            population = catalog_epcs(
+                reader_spec.tags + reader_spec.tags // 2 + 10, seed=self.seed + n, items=items
+            )
             self._tag_skus.update(
-                (epc, CATALOG[i % len(CATALOG)].sku) for i, epc in enumerate(population)
-            )  # catalog_epcs gives item i % len(CATALOG) the i-th EPC
+                (epc, items[i % len(items)].sku) for i, epc in enumerate(population)
+            )  # catalog_epcs gives item i % len(items) the i-th EPC
             tag_field = TagField(
                 population, present_ratio=reader_spec.tags / max(1, len(population)), seed=self.seed
             )
@@ -164,8 +181,6 @@ class ScenarioRun:
             self._shelves[shelf_spec.id] = Shelf(
                 shelf_spec.id, tags=shelf_spec.tags, leave=0.0, arrive=0.0, seed=self.seed + n
             )
-        for n, kiosk_spec in enumerate(devices.kiosks):
-            self._kiosks[kiosk_spec.id] = Kiosk(kiosk_spec.id, staff=kiosk_spec.staff, seed=self.seed + n)
         for n, ble_spec in enumerate(devices.ble):
             mac = bytes.fromhex(ble_spec.mac.replace(":", ""))
             key = bindkey(ble_spec.id) if ble_spec.encrypted else None
@@ -175,7 +190,8 @@ class ScenarioRun:
             self._sensors[ble_spec.id] = (ble_spec, sensor)
 
     def gateway_config(self) -> dict[str, Any]:
-        """The ``drivers`` and ``devices`` sections that read this scenario's store (merge into a config)."""
+        """The ``drivers`` and ``devices`` sections that read this scenario's store, and its ``rules`` with their
+        durations in real time (merge into a config)."""
         devices = self.scenario.devices
         tills = devices.tills
         mqtt_routes: list[dict[str, Any]] = []
@@ -261,7 +277,10 @@ class ScenarioRun:
                     ],
                 }
             )
-        return {"drivers": drivers, "devices": top_devices}
+        sections: dict[str, Any] = {"drivers": drivers, "devices": top_devices}
+        if self.scenario.rules:
+            sections["rules"] = self.scenario.gateway_rules()
+        return sections
 
     def _fast_polls(self, profile: str) -> dict[str, float]:
         """Poll every group at least every 2 real seconds, so a compressed night shows its curve."""
@@ -277,8 +296,24 @@ class ScenarioRun:
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         start = self.started_at = loop.time()
+        where = self.store_location  # known once the gateway's config is: after prepare()
+        location = (KIOSK_LAT, KIOSK_LON) if where is None else (where.latitude, where.longitude)
+        for n, kiosk_spec in enumerate(self.scenario.devices.kiosks):
+            self._kiosks[kiosk_spec.id] = Kiosk(
+                kiosk_spec.id, staff=kiosk_spec.staff, seed=self.seed + n, location=location
+            )
+        sending = asyncio.create_task(self._send_documents(time.time()), name="scenario-hq-documents")
+        stopping = asyncio.create_task(stop.wait(), name="scenario-stop")
+        try:
+            await asyncio.wait((sending, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not sending.done():
+                sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sending  # raises what went wrong (a document the gateway refused)
         tills = self.scenario.devices.tills
-        if tills.count:
+        if tills.count and tills.rate_per_s > 0:
             self._spawn(
                 run_terminals(
                     self.store_broker,
@@ -288,6 +323,7 @@ class ScenarioRun:
                     return_ratio=tills.return_ratio,
                     seed=self.seed,
                     on_publish=self._count_till,
+                    terminals=list(self._terminals.values()),
                 ),
                 "scenario-tills",
             )
@@ -313,6 +349,22 @@ class ScenarioRun:
         finally:
             await self._cancel_tasks()
         return self.log
+
+    async def _send_documents(self, wall_start: float) -> None:
+        """HQ's planogram and roster (shifts placed on the wall clock from ``wall_start``, scenario time 0)."""
+        documents = self.scenario.hq
+        roster = documents.roster_at(wall_start, self.scenario.time_scale)
+        sent: list[tuple[str, dict[str, Any]]] = []
+        if documents.planogram is not None:
+            sent.append(("planogram.set", documents.planogram.model_dump(mode="json")))
+        if roster is not None:
+            sent.append(("roster.set", roster.model_dump(mode="json")))
+        for command, args in sent:
+            if self.hq is None:
+                self._log(0, command, None, "no simulated HQ: not sent")
+                continue
+            result = await self.hq.command(command, args)
+            self._log(0, command, None, f"stored by the gateway ({result.get('count')} entries)")
 
     async def close(self) -> None:
         await self._cancel_tasks()
@@ -343,15 +395,13 @@ class ScenarioRun:
             self.on_till(message)
 
     def _note(self, step: Step, detail: str = "") -> None:
-        entry = StepLog(step.at_s, step.action, step.device, detail)
+        self._log(step.at_s, step.action, step.device, detail)
+
+    def _log(self, at_s: float, action: str, device: str | None, detail: str) -> None:
+        entry = StepLog(at_s, action, device, detail)
         self.log.append(entry)
         _LOGGER.info(
-            "scenario %s at %g s: %s %s %s",
-            self.scenario.scenario,
-            step.at_s,
-            step.action,
-            step.device or "",
-            detail,
+            "scenario %s at %g s: %s %s %s", self.scenario.scenario, at_s, action, device or "", detail
         )
         if self.on_step is not None:
             self.on_step(entry)
@@ -368,6 +418,14 @@ class ScenarioRun:
         elif device in self._kiosks and action == "checkin_wave":
             self._spawn(self._checkins(self._kiosks[device], step.count), f"scenario-checkins-{device}")
             self._note(step, f"{step.count} check-ins")
+        elif device in self._kiosks and action == "checkin" and step.employee is not None:
+            kiosk = self._kiosks[device]
+            topic = KIOSK_TOPIC.format(device_id=kiosk.device_id)
+            payload = kiosk.checkin_payload(step.employee, step.direction, step.distance_m)
+            self._spawn(self._publish_all("kiosk", [(topic, payload)]), f"scenario-checkin-{device}")
+            self._note(step, f"{step.employee} checks {step.direction} {step.distance_m:g} m from the store")
+        elif action in ("sales", "returns") and (device or "pos-01") in self._terminals:
+            self._spawn(self._receipts(step), f"scenario-{action}-{device}")
         elif action == "garbage":
             sender = device or "pos-01"
             self._spawn(self._garbage(sender, step.count), "scenario-garbage")
@@ -419,15 +477,19 @@ class ScenarioRun:
 
     def _act_reader(self, reader: PtyReader, step: Step) -> None:
         tag_field = reader.field
+
+        def of_step(epc: bytes) -> bool:
+            return step.sku is None or self._tag_skus.get(epc) == step.sku
+
         if step.action == "unplug":
             reader.close()
         elif step.action == "plug":
             reader.open()
         elif step.action == "tags_leave":
-            leaving = sorted(tag_field.present)[: step.count]
+            leaving = [epc for epc in sorted(tag_field.present) if of_step(epc)][: step.count]
             tag_field.present.difference_update(leaving)
         elif step.action == "tags_arrive":
-            absent = [epc for epc in tag_field.population if epc not in tag_field.present]
+            absent = [epc for epc in tag_field.population if epc not in tag_field.present and of_step(epc)]
             tag_field.present.update(absent[: step.count])
         elif step.action == "delivery":
             arriving = self._deliver_cases(step.device or "", tag_field, step.count)
@@ -473,7 +535,8 @@ class ScenarioRun:
         self._note(step, f"{len(shelf.present)} tags on the shelf")
 
     async def _client(self, role: str) -> MqttClient:
-        client = MqttClient(self.store_broker, f"sim-scenario-{role}", clean_start=True)
+        self._clients += 1  # steps at the same time each have their own connection: ids must differ
+        client = MqttClient(self.store_broker, f"sim-scenario-{role}-{self._clients}", clean_start=True)
         await client.connect()
         return client
 
@@ -491,6 +554,27 @@ class ScenarioRun:
                     await asyncio.sleep(1 / rate_per_s)
             await asyncio.gather(*window)
             self._count(role, len(window))
+        finally:
+            await client.disconnect()
+
+    async def _receipts(self, step: Step) -> None:
+        """A till's ``sales`` (``count`` receipts, or one of ``count`` units of ``sku``) or ``returns`` (``count``
+        returns of its earlier sales)."""
+        terminal = self._terminals[step.device or "pos-01"]
+        if step.action == "returns":
+            messages = [terminal.make_return() for _ in range(step.count)]
+        elif step.sku is not None:
+            messages = [terminal.make_sale([(CATALOG_BY_SKU[step.sku], step.count)])]
+        else:
+            messages = [terminal.make_sale() for _ in range(step.count)]
+        returns = sum(m.action == "return" for m in messages)
+        self._note(step, f"{len(messages) - returns} sale(s), {returns} return(s) from {terminal.device_id}")
+        client = await self._client(f"receipts-{terminal.device_id}")
+        try:
+            for message in messages:
+                topic = TILL_TOPIC.format(device_id=message.device_id, action=message.action)
+                await client.publish(topic, message.payload, qos=1)
+                self._count_till(message)
         finally:
             await client.disconnect()
 

@@ -1,9 +1,11 @@
 """Each shipped scenario against an in-process gateway, compressed to ~15 s: real mosquitto brokers, pymodbus
 fridge controllers (TCP and RTU over a pty line), an RFID reader on a pty behind a by-id style link, MQTT
-kiosks and shelves, and BLE advertisement bytes through the BLE driver's detection callback."""
+kiosks and shelves, and BLE advertisement bytes through the BLE driver's detection callback. A scenario's
+alert expectations are checked against the alerts its rules raised and cleared in the journal."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import sqlite3
@@ -20,10 +22,21 @@ import pytest
 from drivers.ble.driver import BleDriver
 from drivers.sink import QUOTA_ROWS
 from gateway.config import GatewayConfig
+from gateway.config_loader import config_hash
+from gateway.kernel.clock import ClockState
 from gateway.runtime import Gateway
 from simulators.hq import SimulatedHq
 from simulators.scenario import ScenarioRun
-from simulators.scenario_model import Scenario, ScenarioError, available, load_scenario, scenario_dir
+from simulators.scenario_model import (
+    AlertExpectation,
+    Scenario,
+    ScenarioError,
+    alert_outcome,
+    available,
+    load_scenario,
+    reached,
+    scenario_dir,
+)
 from tests.harness.brokers import Mosquitto
 from tests.harness.e2e_helpers import (
     API_TOKEN,
@@ -31,10 +44,11 @@ from tests.harness.e2e_helpers import (
     broker_config,
     hq_command_keys,
     poll_until,
-    running_gateway,
 )
 
 REAL_SECONDS = 15.0
+LOCATION = {"latitude": 22.2800, "longitude": 114.1830, "geofence_radius_m": 100}
+"""The scenario store's location, as the demo's: the kiosks check staff in around it."""
 
 
 def events(data_dir: Path, kind: str, device_id: str | None = None) -> list[dict[str, Any]]:
@@ -67,16 +81,62 @@ def air_temperatures(data_dir: Path, device_id: str) -> list[float]:
     ]
 
 
-def compressed(name: str) -> Scenario:
+def compressed(name: str, real_s: float = REAL_SECONDS) -> Scenario:
+    """The scenario played in about ``real_s``; at its own time_scale when its rules' durations, divided by
+    that much, would fall below their rules' minimums (those in real time)."""
     scenario = load_scenario(name)
-    return scenario.model_copy(update={"time_scale": scenario.duration_s / REAL_SECONDS})
+    scale = scenario.duration_s / real_s
+    if scenario.scale_problems(scale):
+        return scenario
+    return scenario.model_copy(update={"time_scale": scale})
+
+
+@contextlib.asynccontextmanager
+async def running_store_gateway(config: GatewayConfig) -> AsyncIterator[Gateway]:
+    """The gateway as a task, trusting this machine's wall clock (a store's synchronised box): the attendance
+    rule reads times of day only from a synchronised clock."""
+    gateway = Gateway(config, config_hash(config), clock=ClockState(override=True))
+    stop = asyncio.Event()
+    task = asyncio.create_task(gateway.run(stop), name="scenario-gateway")
+    try:
+        await poll_until(lambda: task.done() or gateway.started.is_set(), "the gateway to start")
+        if task.done():
+            task.result()
+            raise AssertionError("the gateway returned before it started")
+        yield gateway
+    finally:
+        stop.set()
+        async with asyncio.timeout(30):
+            await task
+
+
+def alert_events(data_dir: Path) -> list[dict[str, Any]]:
+    return events(data_dir, "alert.raised") + events(data_dir, "alert.cleared")
+
+
+async def expected_alerts(scenario: Scenario, data_dir: Path) -> None:
+    """Wait until each expected alert count is reached (the journal may still be committing the last of them),
+    then check every expectation holds exactly, and no rule of the scenario raised anything unexpected."""
+    for expected in scenario.alert_expectations():
+
+        def counted(expected: AlertExpectation = expected) -> bool:
+            return reached(expected, alert_events(data_dir))
+
+        await poll_until(
+            counted, expected.text(), state=lambda: alert_outcome(scenario, alert_events(data_dir))
+        )
+    assert alert_outcome(scenario, alert_events(data_dir)) == []
+    assert not [
+        e for e in events(data_dir, "alert.raised") if e["data"]["rule"] == "gateway.processor_failed"
+    ]
 
 
 @contextlib.asynccontextmanager
 async def scenario_store(
     tmp_path: Path, scenario: Scenario, store_broker: Mosquitto, hq_broker: Mosquitto
 ) -> AsyncIterator[tuple[ScenarioRun, Gateway]]:
-    """The scenario's store, its gateway, and a simulated HQ that books the store's deliveries."""
+    """The scenario's store, its gateway, and a simulated HQ that books the store's deliveries and sends its
+    documents."""
     run = ScenarioRun(scenario, broker_config(store_broker), tmp_path)
     await run.prepare()
     hq: SimulatedHq | None = None
@@ -85,7 +145,12 @@ async def scenario_store(
         config = GatewayConfig.model_validate(
             {
                 "gateway_id": "gw-1",
-                "store": {"id": "hk-0042", "name": "Scenario store", "timezone": "Asia/Hong_Kong"},
+                "store": {
+                    "id": "hk-0042",
+                    "name": "Scenario store",
+                    "timezone": "Asia/Hong_Kong",
+                    "location": LOCATION,
+                },
                 "data_dir": str(tmp_path / "data"),
                 "store_broker": {"host": "127.0.0.1", "port": store_broker.port, "protocol": "3.1.1"},
                 "hq": {"host": "127.0.0.1", "port": hq_broker.port, "command_keys": hq_command_keys()},
@@ -107,7 +172,8 @@ async def scenario_store(
             signer=HQ_SIGNER,
         )
         run.hq = hq
-        async with running_gateway(config, wait_drivers=False) as gateway:
+        run.store_location = config.store.location  # the kiosks check staff in around it
+        async with running_store_gateway(config) as gateway:
 
             def on_commit(committed: Any) -> None:
                 for body in committed.bodies:
@@ -131,7 +197,16 @@ def ble_driver(gateway: Gateway) -> BleDriver | None:
 
 
 def test_every_shipped_scenario_loads() -> None:
-    assert set(available()) >= {"normal-day", "fridge-failure-night", "garbage-flood", "device-unplugged"}
+    assert set(available()) >= {
+        "normal-day",
+        "fridge-failure-night",
+        "garbage-flood",
+        "device-unplugged",
+        "returns-spike",
+        "shelf-shrink",
+        "late-and-absent",
+        "defrost-cycle",
+    }
     for name in available():
         assert load_scenario(name).scenario == name
 
@@ -175,6 +250,38 @@ def test_every_problem_in_a_scenario_is_reported_with_its_line(tmp_path: Path) -
     ]
     assert error.issues[0].hint == "allowed values: 'tcp', 'rtu'"
     assert error.issues[1].hint == "Scenario time (simulated seconds from the start)."
+
+
+def test_a_scenarios_rules_reach_the_gateway_in_real_time() -> None:
+    """Durations are store time in the scenario; the gateway's timers run on its real clock, so it gets them
+    divided by the time scale: defaults too, and nested ones."""
+    scenario = load_scenario("fridge-failure-night")
+    [rule] = scenario.gateway_rules()
+    assert rule["for_s"] == 900 / 480
+    assert rule["clear_for_s"] == 300 / 480
+    assert rule["post_defrost_grace_s"] == 1800 / 480  # the rule's default, in store time too
+    assert rule["max_c"] == 8
+    with_escalation = {
+        **scenario.rules[0].model_dump(),
+        "renotify_s": 600,
+        "escalate": [{"after_s": 900, "notify": ["a"]}],
+    }
+    escalating = Scenario.model_validate(
+        {**scenario.model_dump(), "time_scale": 10, "rules": [with_escalation]}
+    )
+    [rule] = escalating.gateway_rules(time_scale=10)
+    assert (rule["renotify_s"], rule["escalate"][0]["after_s"]) == (60, 90)
+
+
+def test_a_rule_too_short_in_real_time_is_refused_with_its_line(tmp_path: Path) -> None:
+    text = (scenario_dir() / "returns-spike.yaml").read_text(encoding="utf-8")
+    path = tmp_path / "fast.yaml"
+    path.write_text(text.replace("time_scale: 10\n", "time_scale: 120\n", 1), encoding="utf-8")
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(str(path))
+    [issue] = info.value.issues
+    assert "rules[0].window_s: 30.0 s of real time at time_scale 120" in issue.message
+    assert "greater than or equal to 60" in issue.message
 
 
 async def test_normal_day(tmp_path: Path, store_broker: Mosquitto, hq_broker: Mosquitto) -> None:
@@ -238,6 +345,8 @@ async def test_fridge_failure_at_night(tmp_path: Path, store_broker: Mosquitto, 
     scenario = scenario.model_copy(update={"devices": scenario.devices.model_copy(update={"ble": loggers})})
     async with scenario_store(tmp_path, scenario, store_broker, hq_broker) as (run, gateway):
         await run.run(ble_driver(gateway))
+        # One temperature alert: raised while the compressor is down, cleared once the cabinet is cold again.
+        await expected_alerts(scenario, tmp_path / "data")
     data = tmp_path / "data"
     scale = scenario.time_scale
 
@@ -251,7 +360,7 @@ async def test_fridge_failure_at_night(tmp_path: Path, store_broker: Mosquitto, 
     start_mono = run.started_at  # the gateway stamps mono_ns from the same clock, in this process
 
     def store_time(event: dict[str, Any]) -> float:
-        return (event["mono_ns"] / 1e9 - start_mono) * scale
+        return (float(event["mono_ns"]) / 1e9 - start_mono) * scale
 
     before = [air(e) for e in dairy if store_time(e) < 6000]
     failing = [air(e) for e in dairy if 9000 < store_time(e) < 21000]
@@ -314,15 +423,78 @@ async def test_device_unplugged_and_plugged_back(
     async with scenario_store(tmp_path, scenario, store_broker, hq_broker) as (run, gateway):
         await run.run(ble_driver(gateway))
         for device in ("rfid-backroom", "fridge-dairy"):
+
+            def back(device: str = device) -> bool:
+                seen = statuses(tmp_path / "data", device)
+                return seen[-1:] == ["online"] and "error" in seen
+
             await poll_until(
-                lambda device=device: (
-                    statuses(tmp_path / "data", device)[-1:] == ["online"]
-                    and "error" in statuses(tmp_path / "data", device)
-                ),
+                back,
                 f"{device} to fail and come back",
             )
     data = tmp_path / "data"
     assert len(events(data, "pos.sale")) + len(events(data, "pos.return")) == run.published["tills"]
+
+
+async def test_returns_spike(tmp_path: Path, store_broker: Mosquitto, hq_broker: Mosquitto) -> None:
+    scenario = compressed("returns-spike")
+    async with scenario_store(tmp_path, scenario, store_broker, hq_broker) as (run, gateway):
+        await run.run(ble_driver(gateway))
+        await expected_alerts(scenario, tmp_path / "data")
+    data = tmp_path / "data"
+    assert (len(events(data, "pos.sale")), len(events(data, "pos.return"))) == (24, 8)
+    [spike] = [e["data"] for e in events(data, "alert.raised") if e["data"]["rule"] == "returns_spike"]
+    # Raised by the return that took the ratio past 15 % (by count or amount), with every sale in the window.
+    assert spike["details"]["sales"] == 24
+    assert 1 <= spike["details"]["returns"] <= 8
+
+
+async def test_shelf_shrink(tmp_path: Path, store_broker: Mosquitto, hq_broker: Mosquitto) -> None:
+    scenario = compressed("shelf-shrink")
+    async with scenario_store(tmp_path, scenario, store_broker, hq_broker) as (run, gateway):
+        await run.run(ble_driver(gateway))
+        await expected_alerts(scenario, tmp_path / "data")
+    data = tmp_path / "data"
+    assert [e["data"]["name"] for e in events(data, "document.updated")] == ["planogram"]
+    departed = [epc for e in events(data, "rfid.inventory", "rfid-shelf-a7") for epc in e["data"]["departed"]]
+    assert len(departed) == 5
+    [shrink] = [
+        e["data"]["details"] for e in events(data, "alert.raised") if e["data"]["rule"] == "possible_shrink"
+    ]
+    assert (shrink["sku"], shrink["count"]) == ("SKU-0009", 3)
+    assert set(shrink["epcs"]) < set(departed)
+
+
+async def test_late_and_absent(tmp_path: Path, store_broker: Mosquitto, hq_broker: Mosquitto) -> None:
+    scenario = compressed("late-and-absent")  # its own time_scale: no_show_after_s is at its minimum there
+    async with scenario_store(tmp_path, scenario, store_broker, hq_broker) as (run, gateway):
+        await run.run(ble_driver(gateway))
+        await expected_alerts(scenario, tmp_path / "data")
+    data = tmp_path / "data"
+    assert len(events(data, "staff.checkin", "kiosk-staff")) == 4
+    [review] = [
+        e["data"]["details"]
+        for e in events(data, "alert.raised")
+        if e["data"]["subject"] == "needs_review:E1004"
+    ]
+    assert "outside_geofence" in review["reasons"]
+    assert 290 < review["distance_m"] < 310
+    assert [e["data"]["name"] for e in events(data, "document.updated")] == ["roster"]
+
+
+async def test_defrost_cycle(tmp_path: Path, store_broker: Mosquitto, hq_broker: Mosquitto) -> None:
+    # 30 s, not 15: the controller is polled every 2 s of real time, and the defrost must span several polls.
+    scenario = compressed("defrost-cycle", real_s=30)
+    async with scenario_store(tmp_path, scenario, store_broker, hq_broker) as (run, gateway):
+        await run.run(ble_driver(gateway))
+        await expected_alerts(scenario, tmp_path / "data")
+    data = tmp_path / "data"
+    dairy = [e["data"]["values"] for e in events(data, "sensor.sample", "fridge-dairy")]
+    assert any(v.get("defrost_active") == 1 for v in dairy), "no poll saw the defrost"
+    assert max(v["air_temperature"] for v in dairy if "air_temperature" in v) > 8, (
+        "the defrost did not warm it"
+    )
+    assert not events(data, "alert.raised")
 
 
 def run_demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -377,8 +549,9 @@ def test_demo_verbose_streams_every_commit(tmp_path: Path) -> None:
 
 
 def test_demo_shows_the_fridge_controllers_alarm(tmp_path: Path) -> None:
-    """fridge-failure-night: once the dairy fridge's own high-temperature alarm bit is in the journal, the demo
-    shows it as an alert (its last view, printed when it is stopped)."""
+    """fridge-failure-night: once the dairy fridge's own high-temperature alarm bit is in the journal, and the
+    temperature rule's alert has reached the demo's chat robot, the demo shows both (its last view, printed
+    when it is stopped)."""
     command = [sys.executable, "-m", "gateway.cli", "demo", "--scenario", "fridge-failure-night"]
     demo = subprocess.Popen(
         [*command, "--data-dir", str(tmp_path)],
@@ -397,7 +570,11 @@ def test_demo_shows_the_fridge_controllers_alarm(tmp_path: Path) -> None:
                 return False
             return any(e["data"]["values"].get("high_temp_alarm") == 1 for e in samples)
 
+        def alert_sent() -> bool:
+            return any(e["data"]["level"] == "raised" for e in events(tmp_path, "notification.sent"))
+
         wait_for(alarm_committed, "the controller's alarm bit in the journal", demo)
+        wait_for(alert_sent, "the temperature alert sent to the chat robot", demo)
         demo.send_signal(signal.SIGINT)
         out, err = demo.communicate(timeout=120)
     finally:
@@ -405,8 +582,13 @@ def test_demo_shows_the_fridge_controllers_alarm(tmp_path: Path) -> None:
             demo.kill()
             demo.communicate()
     assert demo.returncode == 0, err[-3000:]
-    assert "fridge-dairy controller ALARM high_temp_alarm" in out.split("Devices (last")[-1]
-    assert "controller alarm(s)" in out.strip().splitlines()[-1]
+    view = out.split("Devices (last")[-1]
+    assert "fridge-dairy controller ALARM high_temp_alarm" in view
+    assert "temperature: fridge-dairy: above 8 °C" in view.split("Alerts")[1]
+    assert "[ALERT·warning] fridge-dairy: above 8 °C" in view.split("Chat")[1]  # its signature was checked
+    summary = out.strip().splitlines()[-1]
+    assert "controller alarm(s)" in summary
+    assert "the chat robot took 0 message(s)" not in summary
 
 
 def wait_for(condition: Callable[[], bool], what: str, process: subprocess.Popen[str]) -> None:
