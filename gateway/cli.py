@@ -491,6 +491,8 @@ def _local_date(text: str) -> date:
         day = None
     if day is None or len(text) != len("YYYY-MM-DD"):
         raise argparse.ArgumentTypeError(f"not a date: {text!r} (YYYY-MM-DD, e.g. 2026-11-01)")
+    if not 1970 <= day.year <= 2999:  # rules.haccp_report.check_day (not imported here: the CLI starts fast)
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range (years 1970 to 2999)")
     return day
 
 

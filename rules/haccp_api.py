@@ -15,7 +15,7 @@ from fastapi import APIRouter, HTTPException, Query, Response
 from gateway.kernel.journal.reader import snapshot
 from gateway.kernel.rule_config import RuleDefinition
 from rules.haccp import HaccpConfig
-from rules.haccp_report import as_csv, as_json, build_report
+from rules.haccp_report import as_csv, as_json, build_report, check_day
 
 DEVICE: Final = r"^[\x21-\x7e]{1,64}$"
 DATE: Final = r"^\d{4}-\d{2}-\d{2}$"
@@ -43,9 +43,11 @@ def haccp_router(
     ) -> Response:
         """The log: JSON (default) or CSV; 404 for a device the log knows nothing of."""
         try:
-            day = date.fromisoformat(date_)
+            day = check_day(date.fromisoformat(date_))
         except ValueError as err:
-            raise HTTPException(status_code=422, detail=f"not a date: {date_}") from err
+            raise HTTPException(
+                status_code=422, detail=f"not a date the log can have: {date_} ({err})"
+            ) from err
         try:
             with snapshot(db_uri) as conn:
                 conn.execute("BEGIN")  # one snapshot for intervals and excursions

@@ -20,8 +20,21 @@ from rules.haccp import HaccpConfig
 
 NO_RULE: Final = "no temperature rule watches this device"
 SEVERAL: Final = "several temperature rules watch this device: the lowest max_c is printed"
-FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
-"""A CSV cell starting with one of these is a formula to a spreadsheet: text cells get a leading quote."""
+FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r", "\n")
+"""A CSV cell starting with one of these, after any spaces, is a formula to a spreadsheet: text cells get a
+leading quote."""
+MIN_YEAR: Final = 1970
+MAX_YEAR: Final = 2999
+"""The days a log (or a daily report) may be asked for: years outside these are refused."""
+MAX_EXCURSIONS: Final = 500
+"""Excursions listed in one day's log (a ``truncated`` flag says when there were more)."""
+
+
+def check_day(day: date) -> date:
+    """``day`` if its year is within :data:`MIN_YEAR` to :data:`MAX_YEAR`; ValueError otherwise."""
+    if not MIN_YEAR <= day.year <= MAX_YEAR:
+        raise ValueError(f"{day.isoformat()} is out of range (years {MIN_YEAR} to {MAX_YEAR})")
+    return day
 
 
 def rules_in_force(
@@ -35,7 +48,9 @@ def rules_in_force(
 
 
 def day_bounds(day: date, timezone: str) -> tuple[float, float]:
-    """The Unix times a store-local day starts and ends (23, 24 or 25 hours apart)."""
+    """The Unix times a store-local day starts and ends (23, 24 or 25 hours apart); ValueError for a day
+    :func:`check_day` refuses."""
+    check_day(day)
     zone = ZoneInfo(timezone)
     start = datetime.combine(day, time(0), zone).timestamp()
     end = datetime.combine(day + timedelta(days=1), time(0), zone).timestamp()
@@ -86,8 +101,8 @@ def build_report(
         excursions = conn.execute(
             "SELECT alert_id, rule_id, limit_c, start, raised_at, cleared_at, max_c, reason, acks, clock_synced"
             " FROM haccp_excursion WHERE device_id=? AND start<? AND (cleared_at IS NULL OR cleared_at>=?)"
-            " ORDER BY start, alert_id",
-            (device_id, end, start),
+            " ORDER BY start, alert_id LIMIT ?",
+            (device_id, end, start, MAX_EXCURSIONS + 1),
         ).fetchall()
         known = known or bool(
             conn.execute("SELECT 1 FROM haccp_excursion WHERE device_id=? LIMIT 1", (device_id,)).fetchone()
@@ -101,8 +116,12 @@ def build_report(
         return None
     limit = min((r.max_c for r in watching), default=None)
 
-    def local(at: float) -> str:
-        return datetime.fromtimestamp(at, zone).isoformat(timespec="seconds")
+    def local(at: float) -> str | None:
+        """A Unix time as store-local ISO 8601; None for one no date has (a damaged row)."""
+        try:
+            return datetime.fromtimestamp(at, zone).isoformat(timespec="seconds")
+        except (OverflowError, ValueError, OSError, TypeError):
+            return None
 
     # A day logged with a longer haccp.interval_s than today's keeps its intervals.
     size = max([size, *(int(row[8]) for row in rows)])
@@ -153,7 +172,8 @@ def build_report(
         "readings": sum(i["readings"] for i in intervals),
         "intervals": intervals,
         "gaps": gaps,
-        "excursions": [_excursion(row, local, now) for row in excursions],
+        "excursions": [_excursion(row, local, now) for row in excursions[:MAX_EXCURSIONS]],
+        "excursions_truncated": len(excursions) > MAX_EXCURSIONS,
     }
 
 
@@ -195,6 +215,9 @@ def _excursion(row: tuple[Any, ...], local: Any, now: float) -> dict[str, Any]:
         acks = []
     acks = [a for a in acks if isinstance(a, dict)] if isinstance(acks, list) else []
     until = cleared_at if cleared_at is not None else max(now, start)
+    duration = (
+        (until - start) / 60 if isinstance(until, int | float) and isinstance(start, int | float) else 0.0
+    )
     return {
         "alert_id": alert_id,
         "rule_id": rule_id,
@@ -203,7 +226,7 @@ def _excursion(row: tuple[Any, ...], local: Any, now: float) -> dict[str, Any]:
         "raised_at": local(raised_at),
         "end": local(cleared_at) if cleared_at is not None else None,
         "open": cleared_at is None,
-        "duration_min": round((until - start) / 60, 1),
+        "duration_min": round(duration, 1) if math.isfinite(duration) else None,
         "max_c": max_c,
         "ended_by": reason,
         "corrective_action": "; ".join(str(a.get("note", "")) for a in acks if a.get("note")) or None,
@@ -286,7 +309,7 @@ def as_csv(report: dict[str, Any]) -> str:
             [
                 e["start"],
                 e["end"] or "open",
-                f"{e['duration_min']:g}",
+                "" if e["duration_min"] is None else f"{e['duration_min']:.1f}",
                 _num(e["max_c"]),
                 _num(e["limit_c"]),
                 _cell(e["alert_id"]),
@@ -295,6 +318,8 @@ def as_csv(report: dict[str, Any]) -> str:
                 e["acknowledged_at"] or "",
             ]
         )
+    if report.get("excursions_truncated"):
+        write([f"more excursions than the {MAX_EXCURSIONS} listed"])
     return out.getvalue()
 
 
@@ -303,4 +328,4 @@ def _num(value: float | None) -> str:
 
 
 def _cell(text: str) -> str:
-    return "'" + text if text.startswith(FORMULA_START) else text
+    return "'" + text if text.lstrip(" ").startswith(FORMULA_START) else text

@@ -1,17 +1,22 @@
 """``report.daily``: one summary of each store-local day for HQ, made at ``report.at`` the day after
 (docs/REPORTS.md).
 
-A pipeline processor after the rule engine and the HACCP log. It applies no event: at its tick, once the report
-time of the day after the last one reported has passed (by the wall clock, synchronised), it reads that day from
-the journal's tables in the writer's transaction, aggregating in SQL, and emits one ``report.daily``; the day is
-written as the last one reported in ``report_state`` in the same transaction, so a day is reported exactly once
-whatever crashes and restarts happen. A day whose report time passed while the gateway was down is reported at
-its next start, one day per tick, oldest first (at most :data:`MAX_CATCH_UP_DAYS` back).
+A pipeline processor after the rule engine and the HACCP log. It sees every committed event (seq order): from
+those committed by a synchronised clock, and from its ticks, it records in ``report_state`` the first seq of each
+store-local day (the journal's seq when a synchronised clock first read that day): a day's events are the seqs
+from its start to the next day's, whatever ``recorded_at`` an unsynchronised clock gave them. At its tick, once
+the next day has started and the report time of the day after the last one reported has passed, it reads that day
+from the journal's tables in the writer's transaction, aggregating in SQL, and emits one ``report.daily``; the
+day is written as the last one reported in ``report_state`` in the same transaction, so a day is reported exactly
+once whatever crashes and restarts happen. A day whose report time passed while the gateway was down is reported
+at its next start, one day per tick, oldest first (at most :data:`MAX_CATCH_UP_DAYS` back).
 
 It reads tables other modules own, by SQL, and tolerates any of them missing: ``events`` (the journal), ``stock``
 (the stock ledger, :mod:`gateway.ledger.stock`: its ``low`` flags), ``rule_state`` (the replenishment rules' open
 drafts), ``haccp_interval`` and ``haccp_excursion`` (:mod:`rules.haccp`) and ``outbox_state``. A section that
-fails (a damaged row, a changed table) is left empty and named in ``problems``; the report is made all the same.
+fails (a changed table, a value it cannot read) is left empty and named in ``problems``; the report is made all
+the same. A SQLite error other than malformed JSON (the disk, a corrupt file) fails the commit, as in every
+processor, and the report is tried again.
 """
 
 from __future__ import annotations
@@ -46,8 +51,8 @@ from gateway.kernel.events import (
 )
 from gateway.kernel.model import StrictModel
 from gateway.kernel.outbox import CLASSES
-from gateway.kernel.pipeline import Emit, Processor
-from gateway.kernel.rule_config import RuleDefinition, TemperatureRule
+from gateway.kernel.pipeline import Emit, Event, Processor
+from gateway.kernel.rule_config import STOCK_LOW_ID, RuleDefinition, TemperatureRule
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -55,11 +60,18 @@ MAX_CATCH_UP_DAYS: Final = 31
 """After a long downtime, at most this many past days are reported (the older ones are skipped, logged)."""
 UNSYNCED_RECHECK_S: Final = 60.0
 """While the wall clock is not synchronised no day is reported; it looks again this often."""
-SEQ_MARGIN_S: Final = 86_400.0
-"""The day's events are looked for among seqs committed a day either side of it (by ``recorded_at``, which a
-clock step may put out of seq order): an event recorded further out of order is missed."""
+TICK_AHEAD_S: Final = 3600.0
+"""A synchronised clock's reading (a tick's, a committed event's) starts a day only if it agrees within this with
+the readings before it, less the monotonic time since; the first after a start is trusted. A clock that steps
+ahead (or back) while the gateway runs starts no day, unless the step holds :data:`SETTLE_S`."""
+SETTLE_S: Final = 1800.0
 RETRY_S: Final = 600.0
 """A report that failed (a bug) is tried again this much later."""
+MAX_FAILURES: Final = 3
+"""After this many failed attempts a day gets a report with empty sections and the error in ``problems``, so
+the days after it are not held up."""
+MAX_ABS: Final = 1e10
+"""Amounts and quantities beyond this (a damaged row) are left out."""
 LATE_S: Final = 3600.0
 """A report made this long after its time is ``late`` (the gateway was down, or its clock unsynchronised)."""
 KEEP_DAYS: Final = 92
@@ -71,6 +83,12 @@ MAX_DEVICES: Final = 1000
 MAX_EXCURSIONS: Final = 100
 UP: Final = ("online", "rate_limited")
 STATE_KEY: Final = "last_day"
+MARK_KEY: Final = "mark"
+"""``report_state``: the newest store-local day a synchronised clock read (an event's commit, a tick)."""
+START_KEY: Final = "start:"
+"""``report_state``: ``start:<date>`` -> the first seq of that store-local day."""
+KEEP_STARTS: Final = MAX_CATCH_UP_DAYS + 3
+UNSYNCED: Final = b'"clock_synced":false'
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS report_state(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS report_daily(day TEXT PRIMARY KEY, made_at REAL NOT NULL, body BLOB NOT NULL);
@@ -119,6 +137,7 @@ class DailyReport(Processor):
         synced: Callable[[], bool] = lambda: True,
         rules: Callable[[], Sequence[RuleDefinition]] = list,
         wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.zone = ZoneInfo(timezone)
@@ -127,10 +146,23 @@ class DailyReport(Processor):
         self._rules = rules
         """The rules in force (the temperature rules' limits, the rule types of acknowledged alerts)."""
         self._wall = wall
+        self._monotonic = monotonic
+        self._offset: float | None = None
+        """The synchronised wall clock less the monotonic one, as last trusted in this process."""
+        self._step: tuple[float, float] | None = None
+        """A new offset not trusted yet, and the monotonic time it was first seen."""
         self._last: date | None = None
         """The last day reported, as committed; None: not yet known (the clock was never synchronised)."""
         self._due = 0.0
         """The wall-clock time the next tick has something to do."""
+        self._mark: date | None = None
+        """The newest store-local day a synchronised clock read (committed events, ticks)."""
+        self._starts: dict[date, int] = {}
+        """Days started since the last write: their first seq."""
+        self._dirty = False
+        self._failures: dict[date, int] = {}
+        self._warned_behind: date | None = None
+        self._mark_end_of: tuple[date | None, float] = (None, 0.0)
 
     # --- the processor -------------------------------------------------------------------------------------
 
@@ -150,12 +182,98 @@ class DailyReport(Processor):
 
     @property
     def wants_ticks(self) -> bool:  # type: ignore[override]
-        return self.config.enabled and self._wall() >= self._due
+        if not self.config.enabled:
+            return False
+        wall = self._wall()
+        return wall >= self._due or self._mark is None or wall >= self._mark_end
+
+    @property
+    def _mark_end(self) -> float:
+        """When the newest day seen ends (a tick then starts the next one)."""
+        if self._mark is None:
+            return -math.inf
+        if self._mark_end_of[0] != self._mark:
+            self._mark_end_of = (self._mark, Day.of(self._mark, self.zone).end)
+        return self._mark_end_of[1]
+
+    def apply(self, event: Event) -> None:
+        if (
+            event.clock_synced
+            and event.recorded_at is not None
+            and self.config.enabled
+            and self._trusted(event.recorded_at)
+        ):
+            self._observe(event.recorded_at, event.seq)
+
+    def flush(self, conn: sqlite3.Connection) -> Sequence[Emit]:
+        self._write_marks(conn)
+        return ()
+
+    def _observe(self, at: float, seq: int) -> None:
+        """A synchronised clock read ``at`` when ``seq`` was the next seq: the days it starts begin at ``seq``."""
+        try:
+            day = datetime.fromtimestamp(at, self.zone).date()
+        except (OverflowError, ValueError, OSError):
+            return
+        if self._mark is None or day > self._mark:
+            first = day - timedelta(days=KEEP_STARTS)
+            begin = first if self._mark is None or self._mark < first else self._mark + timedelta(days=1)
+            if self._mark is not None:  # the first day seen (a new journal, a lost state) starts unknown
+                while begin <= day:
+                    self._starts[begin] = seq
+                    begin += timedelta(days=1)
+            self._mark = day
+            self._dirty = True
+
+    def _trusted(self, wall: float) -> bool:
+        """Whether a synchronised clock's reading may start a day: it agrees, within :data:`TICK_AHEAD_S`, with
+        the readings before it (wall-clock time less monotonic time), or a new offset has held for
+        :data:`SETTLE_S` (the clock was corrected). The first reading after a start is trusted."""
+        mono = self._monotonic()
+        offset = wall - mono
+        if self._offset is None or abs(offset - self._offset) <= TICK_AHEAD_S:
+            self._offset, self._step = offset, None
+            return True
+        if self._step is None or abs(offset - self._step[0]) > TICK_AHEAD_S:
+            _LOGGER.warning(
+                "report: the synchronised clock stepped by %.0f s; no day is started by it unless it holds %.0f s",
+                offset - self._offset,
+                SETTLE_S,
+            )
+            self._step = (offset, mono)
+            return False
+        if mono - self._step[1] >= SETTLE_S:
+            _LOGGER.warning("report: the clock's step held %.0f s: taken as a correction", SETTLE_S)
+            self._offset, self._step = offset, None
+            return True
+        return False
+
+    def _write_marks(self, conn: sqlite3.Connection) -> None:
+        if not self._dirty or self._mark is None:
+            return
+        conn.executemany(
+            "INSERT OR REPLACE INTO report_state VALUES (?, ?)",
+            [(START_KEY + d.isoformat(), str(seq)) for d, seq in self._starts.items()],
+        )
+        conn.execute("INSERT OR REPLACE INTO report_state VALUES (?, ?)", (MARK_KEY, self._mark.isoformat()))
+        oldest = self._mark - timedelta(days=KEEP_STARTS)
+        conn.execute(
+            "DELETE FROM report_state WHERE key >= ? AND key < ?", (START_KEY, START_KEY + oldest.isoformat())
+        )
+        self._starts.clear()
+        self._dirty = False
 
     def tick(self, conn: sqlite3.Connection, now: float) -> Sequence[Emit]:
-        if not self.config.enabled or now < self._due:
+        if not self.config.enabled:
             return ()
-        if not self._synced():
+        if self._synced():
+            if not self._trusted(now):  # a clock that just stepped: nothing until it holds or comes back
+                return ()
+            self._observe(now, _last_seq(conn) + 1)
+            self._write_marks(conn)
+        if now < self._due:
+            return ()
+        if not self._synced() or self._mark is None:
             self._due = now + UNSYNCED_RECHECK_S
             return ()
         today = datetime.fromtimestamp(now, self.zone).date()
@@ -163,31 +281,86 @@ class DailyReport(Processor):
             self._save(conn, today - timedelta(days=1))
             self._due = self.report_time(today)
             return ()
+        if self._mark > today + timedelta(days=1) or self._last > today + timedelta(days=1):
+            if self._warned_behind != today:
+                _LOGGER.error(
+                    "report: the clock reads %s but the journal has events of %s (and days up to %s reported)"
+                    " by a synchronised clock: one of them was wrong; no day is reported until the clock"
+                    " reads %s (docs/REPORTS.md)",
+                    today,
+                    self._mark,
+                    self._last,
+                    max(self._mark, self._last),
+                )
+                self._warned_behind = today
+            self._due = now + UNSYNCED_RECHECK_S
+            return ()
         day = self._last + timedelta(days=1)
-        oldest = today - timedelta(days=MAX_CATCH_UP_DAYS)
+        oldest = self._mark - timedelta(days=MAX_CATCH_UP_DAYS)
         if day < oldest:
             _LOGGER.warning("report: days %s to %s were never reported (too long ago)", day, oldest)
             day = oldest
         due = self.report_time(day)
-        if now < due:
-            self._due = due
+        if now < due or day >= self._mark:  # not its time, or the next day has not started in the journal
+            self._due = due if now < due else now + UNSYNCED_RECHECK_S
             return ()
+        report: ReportDaily | None
         try:
             report = self.build(conn, day, now)
-        except Exception:  # a bug: no report now (and no day marked reported); tried again later
-            _LOGGER.exception("report: the report of %s failed; trying again in %.0f s", day, RETRY_S)
+        except sqlite3.Error as err:
+            if not _json_error(err):
+                raise  # the disk or the file: the commit fails, and the tick is tried again
+            report = self._failed(day, now, err)
+        except Exception as err:  # a bug: tried again later, and after MAX_FAILURES made with empty sections
+            report = self._failed(day, now, err)
+        if report is None:
             self._due = now + RETRY_S
             return ()
+        self._failures.pop(day, None)
         body = orjson.dumps(report.model_dump(mode="json", by_alias=True))
         conn.execute("INSERT OR REPLACE INTO report_daily VALUES (?,?,?)", (day.isoformat(), now, body))
-        conn.execute(
-            "DELETE FROM report_daily WHERE day < ?", ((day - timedelta(days=KEEP_DAYS)).isoformat(),)
-        )
+        keep = min(day, today) - timedelta(days=KEEP_DAYS)  # a day reported by a clock ahead purges nothing
+        conn.execute("DELETE FROM report_daily WHERE day < ?", (keep.isoformat(),))
         self._save(conn, day)
         self._due = min(now, self.report_time(day + timedelta(days=1)))  # a missed day after it: next tick
         if report.late:
             _LOGGER.info("report: %s reported late (its time passed while the gateway was down)", day)
         return [Emit(report)]
+
+    def _failed(self, day: date, now: float, err: Exception) -> ReportDaily | None:
+        """The report of ``day`` failed: None (try again later), or after :data:`MAX_FAILURES` attempts the
+        report with empty sections and the error in ``problems``."""
+        count = self._failures[day] = self._failures.get(day, 0) + 1
+        if count < MAX_FAILURES:
+            _LOGGER.error(
+                "report: the report of %s failed; trying again in %.0f s", day, RETRY_S, exc_info=err
+            )
+            return None
+        _LOGGER.error(
+            "report: the report of %s failed %d times; reported with empty sections", day, count, exc_info=err
+        )
+        span = Day.of(day, self.zone)
+        return ReportDaily(
+            date=day.isoformat(),
+            timezone=self.timezone,
+            day_start=datetime.fromtimestamp(span.start, self.zone),
+            day_end=datetime.fromtimestamp(span.end, self.zone),
+            late=now - self.report_time(day) > LATE_S,
+            sales=[],
+            returns=[],
+            returns_ratio=None,
+            top_skus=[],
+            low_stock=[],
+            low_stock_total=0,
+            open_drafts=[],
+            open_drafts_total=0,
+            alerts=[],
+            fridges=[],
+            attendance=[],
+            devices=[],
+            outbox=[],
+            problems=[f"report: {type(err).__name__}: {err}"[:300]],
+        )
 
     def _save(self, conn: sqlite3.Connection, day: date) -> None:
         conn.execute("INSERT OR REPLACE INTO report_state VALUES (?, ?)", (STATE_KEY, day.isoformat()))
@@ -198,8 +371,22 @@ class DailyReport(Processor):
         try:
             self._last = date.fromisoformat(row[0]) if row is not None else None
         except (TypeError, ValueError):
-            _LOGGER.error("report: the last day reported (%r) is not a date; starting from today", row[0])
+            _LOGGER.error("report: the last day reported (%r) is not a date", row[0])
             self._last = None
+        if self._last is None:
+            self._last = _newest_reported(conn)
+            if self._last is not None:
+                _LOGGER.warning(
+                    "report: no last day reported in report_state; the newest report is of %s", self._last
+                )
+        row = conn.execute("SELECT value FROM report_state WHERE key=?", (MARK_KEY,)).fetchone()
+        try:
+            self._mark = date.fromisoformat(row[0]) if row is not None else None
+        except (TypeError, ValueError):
+            _LOGGER.error("report: the newest day seen (%r) is not a date", row[0])
+            self._mark = None
+        self._starts.clear()
+        self._dirty = False
         self._due = 0.0  # the next tick looks (a missed day is reported at start)
 
     def report_time(self, day: date) -> float:
@@ -223,6 +410,8 @@ class DailyReport(Processor):
             try:
                 return work()
             except (sqlite3.Error, ValueError, TypeError, ArithmeticError) as err:
+                if isinstance(err, sqlite3.Error) and not _json_error(err):
+                    raise
                 _LOGGER.exception("report: %s of %s could not be read", name, day)
                 problems.append(f"{name}: {err}"[:300])
                 return empty
@@ -235,7 +424,7 @@ class DailyReport(Processor):
         alerts = section("alerts", lambda: _alerts(conn, span, seqs, rules), [])
         fridges = section("fridges", lambda: _fridges(conn, tables, span, rules, now), [])
         attendance = section("attendance", lambda: _attendance(conn, tables, day), [])
-        devices = section("devices", lambda: _devices(conn, span, seqs), [])
+        devices = section("devices", lambda: _devices(conn, span, seqs, problems), [])
         outbox = section("outbox", lambda: _outbox(conn, tables), [])
         sold = sum(m.count for m in sales)
 
@@ -273,49 +462,96 @@ def _iso(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _first_seq_at(conn: sqlite3.Connection, at: float) -> int:
-    """The first seq recorded at or after ``at`` (the last seq + 1 if none), by a binary search on seq that
-    takes ``recorded_at`` as ordered by seq."""
-    bounds = conn.execute("SELECT MIN(seq), MAX(seq) FROM events").fetchone()
-    if bounds is None or bounds[0] is None:
-        return 1
-    lo, hi = int(bounds[0]), int(bounds[1]) + 1
-    mark = _iso(at)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        row = conn.execute(
-            "SELECT seq, recorded_at FROM events WHERE seq>=? ORDER BY seq LIMIT 1", (mid,)
-        ).fetchone()
-        if row is None or str(row[1]) >= mark:
-            hi = mid
-        else:
-            lo = int(row[0]) + 1
-    return lo
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The seqs of a day's events: from the day's first seq to the next day's, as :class:`DailyReport` recorded
+    them; a bound not known (the first day, a lost state) is taken from ``recorded_at`` on that side."""
+
+    lo: int | None
+    hi: int | None
+    span: Day
+
+    def args(self) -> tuple[Any, ...]:
+        """seq from, seq to, recorded_at from, recorded_at before (the day's events, by seq where known)."""
+        return (
+            self.lo if self.lo is not None else 1,
+            self.hi if self.hi is not None else 2**62,
+            _iso(self.span.start) if self.lo is None else "",
+            _iso(self.span.end) if self.hi is None else "~",
+        )
 
 
-def _seq_range(conn: sqlite3.Connection, span: Day) -> tuple[int, int]:
-    """Seqs (inclusive) among which the day's events are: those recorded a margin either side of it."""
-    return _first_seq_at(conn, span.start - SEQ_MARGIN_S), _first_seq_at(conn, span.end + SEQ_MARGIN_S) - 1
+def _start_seq(conn: sqlite3.Connection, day: date) -> int | None:
+    row = conn.execute(
+        "SELECT value FROM report_state WHERE key=?", (START_KEY + day.isoformat(),)
+    ).fetchone()
+    try:
+        return int(row[0]) if row is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _seq_range(conn: sqlite3.Connection, span: Day) -> Window:
+    """The day's window of seqs (see :class:`Window`)."""
+    lo = _start_seq(conn, span.day)
+    after = _start_seq(conn, span.day + timedelta(days=1))
+    return Window(lo, after - 1 if after is not None else None, span)
+
+
+def _last_seq(conn: sqlite3.Connection) -> int:
+    try:
+        (top,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+    except sqlite3.OperationalError:  # no journal table (a test's bare file)
+        return 0
+    return int(top)
+
+
+def _json_error(err: sqlite3.Error) -> bool:
+    """A row's body is not JSON (a damaged row): the section fails, not the commit."""
+    return "JSON" in str(err)
+
+
+def _newest_reported(conn: sqlite3.Connection) -> date | None:
+    """The newest day with a report (``report_daily``, or a ``report.daily`` event): where to go on from when
+    ``report_state`` lost its row."""
+    found: list[date] = []
+    for sql in (
+        "SELECT MAX(day) FROM report_daily",
+        "SELECT json_extract(CAST(body AS TEXT), '$.data.date') FROM events WHERE kind='report.daily'"
+        " AND json_valid(CAST(body AS TEXT)) ORDER BY seq DESC LIMIT 1",
+    ):
+        try:
+            row = conn.execute(sql).fetchone()
+            if row is not None and row[0] is not None:
+                found.append(date.fromisoformat(str(row[0])))
+        except (sqlite3.OperationalError, ValueError):  # no such table; not a date
+            continue
+    return max(found, default=None)
 
 
 _DAY_EVENTS: Final = (
     "SELECT seq, CAST(body AS TEXT) AS b FROM events"
     " WHERE kind=? AND seq BETWEEN ? AND ? AND recorded_at>=? AND recorded_at<?"
+    " AND instr(body, '\"clock_synced\":false')=0"
 )
 
 
-def _day_args(kind: str, span: Day, seqs: tuple[int, int] | None) -> tuple[Any, ...]:
-    lo, hi = seqs if seqs is not None else (1, 0)
-    return (kind, lo, hi, _iso(span.start), _iso(span.end))
+def _day_args(kind: str, span: Day, seqs: Window | None) -> tuple[Any, ...]:
+    if seqs is None:
+        return (kind, 1, 0, "", "")
+    return (kind, *seqs.args())
 
 
-def _money(conn: sqlite3.Connection, kind: str, span: Day, seqs: tuple[int, int] | None) -> list[ReportMoney]:
+def _money(conn: sqlite3.Connection, kind: str, span: Day, seqs: Window | None) -> list[ReportMoney]:
     """Receipts per currency, totals summed in thousandths (exact to 3 decimal places)."""
+    if seqs is None:
+        return []
     rows = conn.execute(
         f"WITH e AS ({_DAY_EVENTS}) SELECT json_extract(b, '$.data.currency') AS cur, COUNT(*),"  # noqa: S608 (constants)
-        " SUM(CAST(ROUND(CAST(json_extract(b, '$.data.totals.total') AS REAL) * 1000) AS INTEGER))"
-        " FROM e WHERE json_valid(b) GROUP BY cur ORDER BY cur LIMIT 50",
-        _day_args(kind, span, seqs),
+        " SUM(CASE WHEN abs(t) <= ? THEN CAST(ROUND(t * 1000) AS INTEGER) END) FROM (SELECT b,"
+        " CAST(json_extract(b, '$.data.totals.total') AS REAL) AS t FROM e WHERE json_valid(b))"
+        " GROUP BY cur ORDER BY cur LIMIT 50",
+        (*_day_args(kind, span, seqs), MAX_ABS),
     ).fetchall()
     return [
         ReportMoney(
@@ -327,17 +563,16 @@ def _money(conn: sqlite3.Connection, kind: str, span: Day, seqs: tuple[int, int]
     ]
 
 
-def _top_skus(
-    conn: sqlite3.Connection, span: Day, seqs: tuple[int, int] | None, limit: int
-) -> list[ReportSku]:
-    if limit <= 0:
+def _top_skus(conn: sqlite3.Connection, span: Day, seqs: Window | None, limit: int) -> list[ReportSku]:
+    if limit <= 0 or seqs is None:
         return []
     rows = conn.execute(
         f"WITH e AS ({_DAY_EVENTS}), l AS (SELECT e.seq, j.value AS v FROM e, json_each(e.b, '$.data.lines') j"  # noqa: S608
         " WHERE json_valid(e.b) AND j.type='object')"
-        " SELECT json_extract(v, '$.sku') AS sku, SUM(CAST(json_extract(v, '$.quantity') AS REAL)) AS units,"
-        " COUNT(DISTINCT seq) FROM l GROUP BY sku HAVING sku IS NOT NULL ORDER BY units DESC, sku LIMIT ?",
-        (*_day_args("pos.sale", span, seqs), limit),
+        " SELECT json_extract(v, '$.sku') AS sku, SUM(q) AS units, COUNT(DISTINCT seq) FROM"
+        " (SELECT seq, v, CAST(json_extract(v, '$.quantity') AS REAL) AS q FROM l) WHERE abs(q) <= ?"
+        " GROUP BY sku HAVING sku IS NOT NULL ORDER BY units DESC, sku LIMIT ?",
+        (*_day_args("pos.sale", span, seqs), MAX_ABS, limit),
     ).fetchall()
     return [
         ReportSku(sku=str(sku)[:64], units=_units(units), receipts=int(n))
@@ -363,11 +598,15 @@ def _num(value: object) -> float | None:
 
 
 def _alerts(
-    conn: sqlite3.Connection, span: Day, seqs: tuple[int, int] | None, rules: Sequence[RuleDefinition]
+    conn: sqlite3.Connection, span: Day, seqs: Window | None, rules: Sequence[RuleDefinition]
 ) -> list[ReportAlerts]:
     """Per rule type, the alerts raised, cleared and acknowledged during the day (an acknowledgement's rule type
-    is its rule's, by the rule id its alert id starts with)."""
-    types = {r.id: r.type for r in rules}
+    is its rule's, by the rule id its alert id starts with: a rule in force, ``stock.low``, or the rule of an
+    alert raised that day)."""
+    if seqs is None:
+        return []
+    types: dict[str, str] = {STOCK_LOW_ID: "stock.low"}
+    types.update((r.id, r.type) for r in rules)
     counts: dict[str, list[int]] = {}
     ids: dict[str, list[str]] = {}
     for column, kind, path in (
@@ -381,7 +620,10 @@ def _alerts(
             (*_day_args(kind, span, seqs), path),
         )
         for rule, alert_id in cursor:
-            name = str(rule) if rule is not None else types.get(str(alert_id).partition("/")[0], "unknown")
+            rule_id = str(alert_id).partition("/")[0]
+            if rule is not None and column == 0:
+                types.setdefault(rule_id, str(rule))
+            name = str(rule) if rule is not None else types.get(rule_id, "unknown")
             name = name[:64] or "unknown"
             if name not in counts:
                 if len(counts) >= 200:
@@ -404,36 +646,47 @@ def _alerts(
     ]
 
 
-def _devices(conn: sqlite3.Connection, span: Day, seqs: tuple[int, int] | None) -> list[ReportDevice]:
+def _devices(
+    conn: sqlite3.Connection, span: Day, seqs: Window | None, problems: list[str]
+) -> list[ReportDevice]:
     """Each device's up time from its ``device.status`` changes: its status before the day (its last change
-    before it) holds until the next change; before any, its status is unknown and the time is not counted."""
-    lo, hi = seqs if seqs is not None else (1, 0)
-    start_iso, end_iso = _iso(span.start), _iso(span.end)
+    before it) holds until the next change; before any, its status is unknown and the time is not counted. At
+    most :data:`MAX_DEVICES` devices (the first by id; ``problems`` says when there were more)."""
+    if seqs is None:
+        return []
+    lo, hi, after, before = seqs.args()
+    start_iso = _iso(span.start)
     known: dict[str, tuple[float, bool]] = {}
     """Device -> since when (in the day) it has been in its state, and whether that state is up."""
-    rows = conn.execute(
-        "SELECT device_id, body, MAX(seq) FROM events WHERE kind='device.status' AND seq<?"
-        " AND device_id IS NOT NULL GROUP BY device_id LIMIT ?",
-        (lo, MAX_DEVICES),
-    ).fetchall()
-    rows += conn.execute(
-        "SELECT device_id, body, MAX(seq) FROM events WHERE kind='device.status' AND seq BETWEEN ? AND ?"
-        " AND recorded_at<? AND device_id IS NOT NULL GROUP BY device_id LIMIT ?",
-        (lo, hi, start_iso, MAX_DEVICES),
-    ).fetchall()
-    for device, body, _ in sorted(rows, key=lambda r: int(r[2])):
+    unsynced = " AND instr(body, '\"clock_synced\":false')=0"
+    if seqs.lo is not None:  # before the day: before its first seq
+        prior = conn.execute(
+            "SELECT device_id, body, MAX(seq) FROM events WHERE kind='device.status' AND seq<?"  # noqa: S608
+            f" AND device_id IS NOT NULL{unsynced} GROUP BY device_id ORDER BY device_id LIMIT ?",
+            (lo, MAX_DEVICES + 1),
+        ).fetchall()
+    else:  # the day's first seq is not known: by recorded_at
+        prior = conn.execute(
+            "SELECT device_id, body, MAX(seq) FROM events WHERE kind='device.status' AND seq<=? AND recorded_at<?"  # noqa: S608
+            f" AND device_id IS NOT NULL{unsynced} GROUP BY device_id ORDER BY device_id LIMIT ?",
+            (hi, start_iso, MAX_DEVICES + 1),
+        ).fetchall()
+    more = len(prior) > MAX_DEVICES
+    for device, body, _ in prior[:MAX_DEVICES]:
         known[str(device)] = (span.start, _status(body) in UP)
     up: dict[str, float] = dict.fromkeys(known, 0.0)
     total: dict[str, float] = dict.fromkeys(known, 0.0)
     changes: dict[str, int] = {}
     cursor = conn.execute(
-        "SELECT device_id, recorded_at, body FROM events WHERE kind='device.status'"
-        " AND seq BETWEEN ? AND ? AND recorded_at>=? AND recorded_at<? AND device_id IS NOT NULL ORDER BY seq",
-        (lo, hi, start_iso, end_iso),
+        "SELECT device_id, recorded_at, body FROM events WHERE kind='device.status'"  # noqa: S608
+        f" AND seq BETWEEN ? AND ? AND recorded_at>=? AND recorded_at<? AND device_id IS NOT NULL{unsynced}"
+        " ORDER BY seq",
+        (lo, hi, after, before),
     )
     for device_id, recorded, body in cursor:
         device = str(device_id)
         if device not in known and len(known) >= MAX_DEVICES:
+            more = True
             continue
         at = min(max(_parse_iso(recorded, span.start), span.start), span.end)
         if device in known:
@@ -443,6 +696,8 @@ def _devices(conn: sqlite3.Connection, span: Day, seqs: tuple[int, int] | None) 
             up[device] = up.get(device, 0.0) + (at - since if was_up else 0.0)
         known[device] = (at, _status(body) in UP)
         changes[device] = changes.get(device, 0) + 1
+    if more:
+        problems.append(f"devices: more than {MAX_DEVICES}; {MAX_DEVICES} listed")
     out = []
     for device, (since, is_up) in sorted(known.items()):
         seen = total.get(device, 0.0) + span.end - since

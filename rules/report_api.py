@@ -11,6 +11,7 @@ from typing import Annotated, Final
 from fastapi import APIRouter, HTTPException, Query, Response
 
 from gateway.kernel.journal.reader import snapshot
+from rules.haccp_report import check_day
 from rules.report import stored_report
 
 DATE: Final = r"^\d{4}-\d{2}-\d{2}$"
@@ -24,9 +25,11 @@ def report_router(journal_path: Path) -> APIRouter:
     def get_daily_report(date_: Annotated[str, Query(alias="date", pattern=DATE)]) -> Response:
         """The day's report (JSON, the event's ``data``); 404 for a day not (yet) reported."""
         try:
-            day = date.fromisoformat(date_).isoformat()
+            day = check_day(date.fromisoformat(date_)).isoformat()
         except ValueError as err:
-            raise HTTPException(status_code=422, detail=f"not a date: {date_}") from err
+            raise HTTPException(
+                status_code=422, detail=f"not a date a report can have: {date_} ({err})"
+            ) from err
         try:
             with snapshot(db_uri) as conn:
                 body = stored_report(conn, day)

@@ -296,7 +296,7 @@ def test_an_excursion_has_its_duration_its_corrective_action_and_who_acknowledge
     assert row == [
         "2026-11-02T10:05:00+08:00",
         "2026-11-02T10:30:00+08:00",
-        "25",
+        "25.0",
         "10",
         "8",
         "dairy-warm/fridge-1/1",
@@ -584,6 +584,10 @@ async def test_the_api_serves_the_log_as_json_and_csv_over_http(store: Store) ->
             "/api/haccp?device=fridge%201&date=2026-11-02",
             "/api/haccp?date=2026-11-02",
             url + "&format=xml",
+            "/api/haccp?device=fridge-1&date=9999-12-31",
+            "/api/haccp?device=fridge-1&date=0001-01-01",
+            "/api/haccp?device=fridge-1&date=1969-12-31",
+            "/api/haccp?device=fridge-1&date=3000-01-01",
         ):
             assert (await client.get(bad, headers=AUTH)).status_code == 422, bad
         missing = await client.get("/api/haccp?device=fridge-9&date=2026-11-02", headers=AUTH)
@@ -633,6 +637,10 @@ def test_the_cli_writes_the_log_read_only_as_csv_and_json(tmp_path: Path, time: 
         [{"rule_id": "dairy-warm", "max_c": 8.0}],
     )
     assert cli(*args[:-1], "2026-13-01", "--out", str(out)).returncode == 2
+    for far in ("9999-12-31", "0001-01-01"):  # years 1970 to 2999 only
+        refused = cli(*args[:-1], far, "--out", str(out))
+        assert refused.returncode == 2
+        assert "out of range" in refused.stderr
     unknown = cli(*args[:4], "fridge-9", *args[5:], "--out", str(out))
     assert unknown.returncode == 1
     assert "no temperature log of device 'fridge-9'" in unknown.stderr
@@ -716,3 +724,75 @@ async def test_a_running_gateway_logs_a_fridge_and_serves_its_day(
     assert sum(n for n, _ in logged) == 2  # (the two readings may fall in two intervals)
     assert max(m for _, m in logged) == 9.5
     assert "moved the milk to the walk-in,manager" in csv_answer.text
+
+
+def test_a_damaged_excursion_row_and_cells_that_look_like_formulas_are_printed_safely(store: Store) -> None:
+    """An acknowledgement time no date has is left empty (not a crash); a cell a spreadsheet would run as a
+    formula, after spaces or a line break, gets a leading quote; a long duration is printed in minutes."""
+    store.sample(at(DAY, "10:00"), 4.0)
+    store.conn.execute(
+        "INSERT INTO haccp_excursion VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            '=HYPERLINK("http://x")',
+            "fridge-1",
+            "dairy-warm",
+            8.0,
+            at(DAY, "01:00") - 3 * 365 * 86400,
+            at(DAY, "01:00") - 3 * 365 * 86400,
+            None,
+            9.0,
+            None,
+            orjson.dumps(
+                [{"at": 1e300, "note": " =1+1", "role": "\n=cmd"}, {"at": at(DAY, "02:00"), "role": "  @x"}]
+            ).decode(),
+            1,
+            1,
+        ),
+    )
+    log = store.report(DAY, now=at(DAY, "12:00"))
+    assert log is not None
+    [excursion] = log["excursions"]
+    assert (excursion["acknowledged_at"], excursion["acknowledgements"][1]["at"]) == (
+        None,
+        "2026-11-02T02:00:00+08:00",
+    )
+    assert log["excursions_truncated"] is False
+    table = list(csv.reader(io.StringIO(as_csv(log))))
+    row = next(r for r in table if r[5:6] == ['\'=HYPERLINK("http://x")'])
+    assert row[2] == f"{(at(DAY, '12:00') - excursion_start(log)) / 60:.1f}"
+    assert "e+" not in row[2]
+    assert (row[6], row[7]) == ("' =1+1", "'\n=cmd,   @x")
+
+
+def excursion_start(log: dict[str, Any]) -> float:
+    return datetime.fromisoformat(log["excursions"][0]["start"]).timestamp()
+
+
+def test_a_day_lists_at_most_500_excursions_and_says_so(store: Store) -> None:
+    store.sample(at(DAY, "10:00"), 4.0)
+    store.conn.executemany(
+        "INSERT INTO haccp_excursion VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        [
+            (
+                f"dairy-warm/fridge-1/{n}",
+                "fridge-1",
+                "dairy-warm",
+                8.0,
+                at(DAY, "03:00") + n,
+                0,
+                at(DAY, "04:00"),
+                9.0,
+                "recovered",
+                "[]",
+                1,
+                1,
+            )
+            for n in range(501)
+        ],
+    )
+    log = store.report(DAY, now=at(DAY, "12:00"))
+    assert log is not None
+    assert (len(log["excursions"]), log["excursions_truncated"]) == (500, True)
+    assert ["more excursions than the 500 listed"] in list(csv.reader(io.StringIO(as_csv(log))))
+    with pytest.raises(ValueError, match="out of range"):
+        day_bounds(date(9999, 12, 31), HK)

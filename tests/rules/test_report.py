@@ -23,7 +23,7 @@ from gateway.api import create_app
 from gateway.kernel.events import ReportDaily
 from gateway.kernel.journal.store import SCHEMA as JOURNAL_SCHEMA
 from gateway.kernel.metrics import Metrics
-from gateway.kernel.pipeline import Pipeline
+from gateway.kernel.pipeline import Event, Pipeline
 from gateway.kernel.rule_config import RuleDefinition
 from gateway.ledger.stock import SCHEMA as STOCK_SCHEMA
 from rules.engine import SCHEMA as RULE_SCHEMA
@@ -62,6 +62,8 @@ class Rig:
         self.zone = zone
         self.report_at = report_at
         self.wall = at(date(2027, 1, 4), 10)
+        self.skew = 0.0
+        """How far the wall clock stepped from the monotonic one (a clock that jumps)."""
         self.synced = True
         self.start()
 
@@ -72,6 +74,7 @@ class Rig:
             synced=lambda: self.synced,
             rules=lambda: RULES,
             wall=lambda: self.wall,
+            monotonic=lambda: self.wall - self.skew,
         )
         self.pipeline = Pipeline([self.report])
         self.pipeline.setup(self.conn)
@@ -83,10 +86,31 @@ class Rig:
     def event(
         self, kind: str, data: Any, when: float, device: str | None = None, body: bytes | None = None
     ) -> None:
+        """An event committed at ``when`` (by the clock as synchronised or not), seen by the pipeline as the
+        journal's writer feeds it."""
+        wall, self.wall = self.wall, when  # the commit's clock (the monotonic one moves with it)
+        self.conn.execute("BEGIN IMMEDIATE")
+        self.insert(kind, data, when, device, body)
+        event = Event(self.seq, kind, device, orjson.dumps(data), recorded_at=when, clock_synced=self.synced)  # type: ignore[arg-type]
+        self.pipeline.run(self.conn, [event], Writer(self.seq).append)
+        self.conn.execute("COMMIT")
+        self.pipeline.committed()
+        self.wall = wall
+
+    def insert(
+        self, kind: str, data: Any, when: float, device: str | None = None, body: bytes | None = None
+    ) -> None:
         seq = self.seq + 1
         if body is None:
             body = orjson.dumps(
-                {"seq": seq, "kind": kind, "device_id": device, "recorded_at": iso(when), "data": data}
+                {
+                    "seq": seq,
+                    "kind": kind,
+                    "device_id": device,
+                    "recorded_at": iso(when),
+                    "clock_synced": self.synced,
+                    "data": data,
+                }
             )
         self.conn.execute(
             "INSERT INTO events VALUES (?,?,?,?,?,?,?,?)",
@@ -100,7 +124,7 @@ class Rig:
         self.conn.execute("BEGIN IMMEDIATE")
         self.pipeline.tick(self.conn, self.wall, writer.append)
         for e in writer.emitted:
-            self.event(e.kind, orjson.loads(e.data_json), self.wall, e.device_id)
+            self.insert(e.kind, orjson.loads(e.data_json), self.wall, e.device_id)
         if crash:
             self.conn.execute("ROLLBACK")
             return []
@@ -142,31 +166,31 @@ def sale(receipt: str, currency: str, total: str, *lines: tuple[str, str]) -> di
 
 
 def fill_day(rig: Rig, day: date) -> None:
-    """A day of a store in Hong Kong: sales in two currencies, a return, alerts, a fridge, devices, stock."""
-    rig.event("pos.sale", sale("r1", "HKD", "100.50", ("A", "2"), ("B", "1")), at(day, 9))
-    rig.event("pos.sale", sale("r2", "HKD", "20.25", ("A", "1")), at(day, 12))
-    rig.event("pos.sale", sale("r3", "USD", "9.99", ("C", "5")), at(day, 23, 59))
-    rig.event("pos.sale", sale("r0", "HKD", "999", ("A", "9")), at(day, 0) - 1)  # the day before
-    rig.event(
-        "pos.sale", sale("r9", "HKD", "999", ("A", "9")), at(day + timedelta(days=1), 0)
-    )  # the day after
-    rig.event("pos.return", sale("x1", "HKD", "20.25", ("A", "1")), at(day, 15))
+    """A day of a store in Hong Kong: sales in two currencies, a return, alerts, a fridge, devices, stock. The events
+    are committed in time order (seq order), the day before's and the day after's included."""
+    events: list[tuple[Any, ...]] = []
+
+    def add(*args: Any) -> None:
+        events.append(args)
+
+    add("pos.sale", sale("r1", "HKD", "100.50", ("A", "2"), ("B", "1")), at(day, 9))
+    add("pos.sale", sale("r2", "HKD", "20.25", ("A", "1")), at(day, 12))
+    add("pos.sale", sale("r3", "USD", "9.99", ("C", "5")), at(day, 23, 59))
+    add("pos.sale", sale("r0", "HKD", "999", ("A", "9")), at(day, 0) - 1)  # the day before
+    add("pos.sale", sale("r9", "HKD", "999", ("A", "9")), at(day + timedelta(days=1), 0))  # the day after
+    add("pos.return", sale("x1", "HKD", "20.25", ("A", "1")), at(day, 15))
     raised = {"rule": "temperature", "severity": "critical", "subject": "fridge-1", "message": "warm"}
-    rig.event(
-        "alert.raised", {**raised, "details": {"alert_id": "dairy-warm/fridge-1/1"}}, at(day, 10), "fridge-1"
-    )
-    rig.event(
-        "alert.raised", {**raised, "details": {"alert_id": "dairy-warm/fridge-1/2"}}, at(day, 13), "fridge-1"
-    )
+    add("alert.raised", {**raised, "details": {"alert_id": "dairy-warm/fridge-1/1"}}, at(day, 10), "fridge-1")
+    add("alert.raised", {**raised, "details": {"alert_id": "dairy-warm/fridge-1/2"}}, at(day, 13), "fridge-1")
     cleared = {"rule": "temperature", "subject": "fridge-1", "reason": "recovered", "message": "ok"}
-    rig.event("alert.cleared", {**cleared, "alert_id": "dairy-warm/fridge-1/1"}, at(day, 11), "fridge-1")
+    add("alert.cleared", {**cleared, "alert_id": "dairy-warm/fridge-1/1"}, at(day, 11), "fridge-1")
     ack = {"alert_id": "dairy-warm/fridge-1/1", "note": "moved stock", "role": "manager", "via": "api"}
-    rig.event("alert.acknowledged", ack, at(day, 10, 30))
-    rig.event("device.status", {"status": "online"}, at(day, 0) - 3600, "till-1")
-    rig.event("device.status", {"status": "offline"}, at(day, 6), "till-1")
-    rig.event("device.status", {"status": "online"}, at(day, 12), "till-1")
-    rig.event("device.status", {"status": "error"}, at(day, 18), "scale-1")
-    rig.event(
+    add("alert.acknowledged", ack, at(day, 10, 30))
+    add("device.status", {"status": "online"}, at(day, 0) - 3600, "till-1")
+    add("device.status", {"status": "offline"}, at(day, 6), "till-1")
+    add("device.status", {"status": "online"}, at(day, 12), "till-1")
+    add("device.status", {"status": "error"}, at(day, 18), "scale-1")
+    add(
         "attendance.daily",
         {
             "rule_id": "staff",
@@ -179,6 +203,8 @@ def fill_day(rig: Rig, day: date) -> None:
         },
         at(day + timedelta(days=1), 1),
     )
+    for args in sorted(events, key=lambda e: float(e[2])):
+        rig.event(*args)
     start = int(at(day, 0))
     for n in range(96):  # fridge-1: every interval but the last 8 (2 hours) logged; one interval at 9.5 °C
         if n < 88:
@@ -433,7 +459,9 @@ async def test_in_a_real_journal_a_missed_day_is_reported_at_start_once_and_serv
         await until(
             lambda: bool(query(journal, "SELECT 1 FROM report_state")), "the first tick notes the first day"
         )
-    assert query(journal, "SELECT value FROM report_state") == [((today - timedelta(days=1)).isoformat(),)]
+    assert query(journal, "SELECT value FROM report_state WHERE key='last_day'") == [
+        ((today - timedelta(days=1)).isoformat(),)
+    ]
     with contextlib.closing(sqlite3.connect(journal.path, isolation_level=None)) as conn:
         conn.execute("UPDATE report_state SET value=?", ((today - timedelta(days=3)).isoformat(),))
     for _ in range(2):
