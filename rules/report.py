@@ -319,8 +319,10 @@ class DailyReport(Processor):
         self._failures.pop(day, None)
         body = orjson.dumps(report.model_dump(mode="json", by_alias=True))
         conn.execute("INSERT OR REPLACE INTO report_daily VALUES (?,?,?)", (day.isoformat(), now, body))
-        keep = min(day, today) - timedelta(days=KEEP_DAYS)  # a day reported by a clock ahead purges nothing
-        conn.execute("DELETE FROM report_daily WHERE day < ?", (keep.isoformat(),))
+        conn.execute(  # the newest KEEP_DAYS copies (by count: a clock ahead does not purge the real days)
+            "DELETE FROM report_daily WHERE day NOT IN (SELECT day FROM report_daily ORDER BY day DESC LIMIT ?)",
+            (KEEP_DAYS,),
+        )
         self._save(conn, day)
         self._due = min(now, self.report_time(day + timedelta(days=1)))  # a missed day after it: next tick
         if report.late:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -26,9 +27,10 @@ from gateway.kernel.metrics import Metrics
 from gateway.kernel.pipeline import Event, Pipeline
 from gateway.kernel.rule_config import RuleDefinition
 from gateway.ledger.stock import SCHEMA as STOCK_SCHEMA
+from rules import report as report_module
 from rules.engine import SCHEMA as RULE_SCHEMA
 from rules.haccp import SCHEMA as HACCP_SCHEMA
-from rules.report import DailyReport, ReportConfig
+from rules.report import RETRY_S, DailyReport, ReportConfig
 from rules.report_api import report_router
 from tests.gateway.test_api import AUTH, TOKEN
 from tests.gateway.test_api import running as api_running
@@ -487,3 +489,170 @@ async def test_in_a_real_journal_a_missed_day_is_reported_at_start_once_and_serv
         assert answer.json()["date"] == dates[0]
         assert (await client.get("/api/reports/daily?date=2001-01-01", headers=AUTH)).status_code == 404
         assert (await client.get("/api/reports/daily?date=2001-02-30", headers=AUTH)).status_code == 422
+        for far in ("9999-12-31", "0001-01-01"):
+            assert (await client.get(f"/api/reports/daily?date={far}", headers=AUTH)).status_code == 422
+
+
+def test_a_reboot_without_a_real_time_clock_keeps_the_days_events(rig: Rig) -> None:
+    """Events stamped 1970 by a clock not yet synchronised (a box without a real-time clock, rebooted) neither
+    empty the day nor are counted in it: the day is its seqs, from its first to the next day's."""
+    day = date(2027, 1, 4)
+    rig.tick()
+    for k in range(200):
+        rig.event("pos.sale", sale(f"r{k}", "HKD", "10", ("A", "1")), at(day, 10) + k * 60)
+    rig.run_until(at(day, 23, 50))
+    rig.restart()  # rebooted at 23:50; NTP answers at 00:40
+    rig.synced = False
+    for k in range(600):
+        rig.event("sensor.sample", {"x": 1}, 1000.0 + k)
+    rig.event("pos.sale", sale("lost", "HKD", "5", ("A", "1")), 2000.0)
+    rig.wall = 3000.0
+    rig.tick()
+    rig.synced = True
+    rig.wall = at(day + timedelta(days=1), 0, 40)
+    rig.event("pos.sale", sale("next", "HKD", "7", ("A", "1")), at(day + timedelta(days=1), 0, 41))
+    made = rig.run_until(at(day + timedelta(days=1), 3))
+    assert [r.date for r in made] == ["2027-01-04"]
+    assert [(m.currency, m.count, m.amount) for m in made[0].sales] == [("HKD", 200, Decimal(2000))]
+    rig.restart()  # rebooted again after midnight, the clock at 1970 again
+    rig.synced = False
+    rig.event("pos.sale", sale("old", "HKD", "1", ("A", "1")), 5000.0)
+    rig.synced = True
+    made = rig.run_until(at(day + timedelta(days=2), 3))
+    assert [(r.date, [m.count for m in r.sales]) for r in made] == [("2027-01-05", [1])]
+
+
+def test_a_clock_that_steps_a_year_ahead_for_a_minute_reports_nothing_wrong(rig: Rig) -> None:
+    day = date(2027, 1, 4)
+    rig.wall = at(day, 12)
+    rig.tick()
+    rig.event("pos.sale", sale("r1", "HKD", "10", ("A", "1")), at(day, 11))
+    ahead = at(date(2028, 1, 4), 12) - rig.wall
+    rig.wall += ahead
+    rig.skew += ahead  # the wall clock stepped; the monotonic one did not
+    made = []
+    for _ in range(40):
+        made += rig.tick()
+        rig.event("sensor.sample", {"x": 1}, rig.wall)  # committed meanwhile, stamped a year ahead
+        rig.wall += 1
+    assert made == []
+    rig.wall -= ahead
+    rig.skew -= ahead
+    rig.event("pos.sale", sale("r2", "HKD", "10", ("A", "1")), at(day, 14))
+    made = rig.run_until(at(day + timedelta(days=3), 3))
+    assert [(r.date, [m.count for m in r.sales]) for r in made] == [
+        ("2027-01-04", [2]),
+        ("2027-01-05", []),
+        ("2027-01-06", []),
+    ]
+
+
+def test_a_clock_ahead_after_a_start_reports_no_future_day_and_purges_no_copy(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restart with a clock a year ahead (trusted: nothing to compare it with) may report days of a future
+    the journal has events of; once the clock is right again, no day is reported until it reaches them, and the
+    stored copies of the real days are kept."""
+    day = date(2027, 1, 4)
+    rig.wall = at(day, 12)
+    rig.tick()
+    rig.event("pos.sale", sale("r1", "HKD", "10", ("A", "1")), at(day, 13))
+    rig.run_until(at(day + timedelta(days=1), 3))
+    assert [r["date"] for r in rig.reports()] == ["2027-01-04"]
+    rig.restart()
+    rig.wall = at(date(2028, 1, 4), 12)
+    rig.event("sensor.sample", {"x": 1}, rig.wall)
+    rig.run_until(rig.wall + 60, step=1)
+    rig.restart()
+    rig.wall = at(day + timedelta(days=1), 12)
+    rig.skew = 0.0
+    rig.event("sensor.sample", {"x": 1}, rig.wall)
+    with caplog.at_level(logging.ERROR):
+        assert rig.run_until(at(day + timedelta(days=3), 3)) == []
+    assert "one of them was wrong" in caplog.text
+    stored = [d for (d,) in rig.conn.execute("SELECT day FROM report_daily ORDER BY day")]
+    assert stored[0] == "2027-01-04"
+
+
+def test_more_than_1000_devices_are_reported_capped_and_no_day_stalls(rig: Rig) -> None:
+    day = date(2027, 1, 4)
+    rig.tick()
+    for k in range(1000):
+        rig.event("device.status", {"status": "online"}, at(day, 0) - 3 * 86400, f"a-{k:04d}")
+    rig.event("device.status", {"status": "online"}, at(day, 8), "z-new")
+    made = rig.run_until(at(day + timedelta(days=3), 12))
+    assert [r.date for r in made] == ["2027-01-04", "2027-01-05", "2027-01-06"]
+    assert len(made[0].devices) == 1000
+    assert made[0].problems == ["devices: more than 1000; 1000 listed"]
+
+
+def test_a_report_that_keeps_failing_is_made_with_empty_sections(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    day = date(2027, 1, 4)
+    rig.tick()
+
+    def broken(*_: Any) -> ReportDaily:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(rig.report, "build", broken)
+    rig.wall = at(day + timedelta(days=1), 2)
+    made = []
+    for _ in range(3):
+        made += rig.tick()
+        rig.wall += RETRY_S
+    assert [(r.date, r.sales, r.problems) for r in made] == [
+        ("2027-01-04", [], ["report: RuntimeError: a bug"])
+    ]
+    monkeypatch.undo()
+    assert [r.date for r in rig.run_until(at(day + timedelta(days=2), 3))] == ["2027-01-05"]
+
+
+def test_a_sqlite_error_fails_the_commit_and_the_day_is_reported_after(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk or the file failing is not a damaged row: no section is left empty and the day marked reported;
+    the tick's transaction fails, as every processor's does, and the report is made when the error is gone."""
+    day = date(2027, 1, 4)
+    rig.tick()
+    rig.event("pos.sale", sale("r1", "HKD", "10", ("A", "1")), at(day, 13))
+    real = report_module._low_stock
+
+    def failing(*_: Any) -> Any:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(report_module, "_low_stock", failing)
+    rig.wall = at(day + timedelta(days=1), 2)
+    with pytest.raises(sqlite3.OperationalError):
+        rig.tick()
+    rig.conn.execute("ROLLBACK")
+    rig.pipeline.rollback(rig.conn)
+    assert rig.reports() == []
+    monkeypatch.setattr(report_module, "_low_stock", real)
+    made = rig.run_until(rig.wall + 60)
+    assert [(r.date, r.problems, [m.count for m in r.sales]) for r in made] == [("2027-01-04", [], [1])]
+
+
+def test_a_lost_state_row_goes_on_from_the_newest_report(rig: Rig) -> None:
+    day = date(2027, 1, 4)
+    rig.tick()
+    rig.run_until(at(day + timedelta(days=2), 3))
+    assert [r["date"] for r in rig.reports()] == ["2027-01-04", "2027-01-05"]
+    rig.conn.execute("DELETE FROM report_state")
+    rig.restart()
+    rig.run_until(at(day + timedelta(days=3), 3))
+    assert [r["date"] for r in rig.reports()] == ["2027-01-04", "2027-01-05", "2027-01-06"]
+
+
+def test_absurd_amounts_are_left_out_and_stock_low_acknowledgements_have_their_type(rig: Rig) -> None:
+    day = date(2027, 1, 4)
+    rig.tick()
+    rig.event("pos.sale", sale("r1", "HKD", "10", ("A", "1")), at(day, 13))
+    rig.event("pos.sale", sale("r2", "HKD", "1e300", ("A", "1e300"), ("B", "2")), at(day, 14))
+    ack = {"alert_id": "stock.low/A/1", "note": "ordered", "role": "manager", "via": "api"}
+    rig.event("alert.acknowledged", ack, at(day, 15))
+    (report,) = rig.run_until(at(day + timedelta(days=1), 3))
+    assert report.problems == []
+    assert [(m.count, m.amount) for m in report.sales] == [(2, Decimal(10))]
+    assert [(s.sku, s.units) for s in report.top_skus] == [("B", Decimal(2)), ("A", Decimal(1))]
+    assert [(a.rule, a.acknowledged) for a in report.alerts] == [("stock.low", 1)]
