@@ -185,13 +185,13 @@ class DailyReport(Processor):
         if not self.config.enabled:
             return False
         wall = self._wall()
-        return wall >= self._due or self._mark is None or wall >= self._mark_end
+        return wall >= self._due or wall >= self._mark_end
 
     @property
     def _mark_end(self) -> float:
         """When the newest day seen ends (a tick then starts the next one)."""
         if self._mark is None:
-            return -math.inf
+            return math.inf  # the next tick due (_due) sees the first day
         if self._mark_end_of[0] != self._mark:
             self._mark_end_of = (self._mark, Day.of(self._mark, self.zone).end)
         return self._mark_end_of[1]
