@@ -236,6 +236,11 @@ class LiveView:
                 opened.active = False
             self._alert(f"{data['rule']} cleared: {data['message']}", active=False)
             return f"CLEARED {data['rule']}: {data['message']}"
+        if kind == "document.updated":
+            self._notes.append(
+                f"HQ's {data['name']} stored (version {data['version']}, {data['count']} entries)"
+            )
+            return f"HQ's {data['name']} stored: version {data['version']}, {data['count']} entries"
         if kind in ("notification.sent", "notification.failed"):
             outcome = "sent to" if kind == "notification.sent" else "FAILED to reach"
             return f"notify {data['level']} {data['alert_id']} {outcome} {data['channel']}"
@@ -333,7 +338,7 @@ class LiveView:
         off = "\033[0m" if self._color else ""
         lines = [
             f"{bold}store-gateway demo{off}  {scenario.scenario}  {now:5.0f} s running, scenario time"
-            f" {hh:02d}:{mm:02d} of {scenario.duration_s / 3600:g} h",
+            f" {hh:02d}:{mm:02d} of {int(scenario.duration_s // 3600):02d}:{int(scenario.duration_s % 3600 // 60):02d}",
             f"last step: {self._last_step}" if self._last_step else "",
             "",
             f"{bold}Devices{off} (last {WINDOW_S:g} s)",

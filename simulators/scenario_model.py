@@ -1,4 +1,6 @@
-"""Scenario files (``firmware_configs/scenarios/*.yaml``): which simulated devices a store has, and a timeline.
+"""Scenario files (``firmware_configs/scenarios/*.yaml``): which simulated devices a store has, and a timeline;
+the store's local rules (durations in store time), HQ's documents, and what to expect, including the alerts the
+rules must raise and clear (:class:`AlertExpectation`, checked by :func:`alert_outcome`).
 
 A scenario is data, not code: testers write new ones without touching Python. ``store-gateway demo --scenario
 NAME`` runs one (see :mod:`simulators.scenario`); ``tests/simulators/test_scenarios.py`` runs each at a fast time scale.
@@ -340,6 +342,12 @@ class Scenario(StrictModel):
                     f" (fridges: {', '.join(sorted(fridges)) or 'none'})"
                 )
         check_unique_ids(list(self.rules))
+        for n, rule in enumerate(self.rules):
+            if rule.notify or rule.escalate:
+                raise ValueError(
+                    f"rules[{n}]: a scenario's rules name no channels (notify, escalate): the demo sends every"
+                    " alert to its own chat robot"
+                )
         try:
             self.hq.roster_at(0, self.time_scale)
         except ValidationError as err:
