@@ -315,11 +315,35 @@ def parse_command(
         return checked
     key_id, issued_at, not_after = checked
     try:
-        return Request(request_id, command, ARGS[command].model_validate(args), key_id, issued_at, not_after)
+        parsed = ARGS[command].model_validate(args)
     except ValidationError as err:
         return Refusal(request_id, command, "invalid_args", describe(err))
     except RecursionError:  # args nested deeper than any validator walks (orjson parses up to 1024 levels)
         return Refusal(request_id, command, "invalid_args", "args are nested too deeply")
+    beyond = writes_beyond_scope(parsed, key_id, trust)
+    if beyond:
+        return Refusal(
+            request_id,
+            command,
+            "forbidden",
+            f"key {key_id!r} may not sign device.write (hq.command_keys[].commands), and these rules'"
+            f" modbus_write actions write devices: {', '.join(beyond[:5])}",
+        )
+    return Request(request_id, command, parsed, key_id, issued_at, not_after)
+
+
+def writes_beyond_scope(args: Args, key_id: str, trust: Trust) -> list[str]:
+    """The ``rule/action`` ids of a ``rules.set``'s ``modbus_write`` actions when its key may not sign
+    ``device.write``: a rule's write is a device write, so it needs the same grant (empty: nothing beyond)."""
+    scope = trust.scopes.get(key_id)
+    if scope is None or "device.write" in scope or not isinstance(args, RuleSet):
+        return []
+    return [
+        f"{rule.id}/{action.id}"
+        for rule in args.engine_rules
+        for action in rule.actions
+        if action.type == "modbus_write"
+    ]
 
 
 def _unix_seconds(value: Any) -> int | None:

@@ -524,3 +524,33 @@ async def test_an_unreadable_command_ledger_is_moved_aside_and_commands_go_on(ri
     assert [p.name.split(".corrupt-")[0] for p in rig.tmp_path.glob("hq-commands.db.corrupt-*")] == [
         "hq-commands.db"
     ]
+
+
+async def test_a_key_scoped_to_rules_set_cannot_make_the_store_write_devices(rig: Rig) -> None:
+    """A rule's modbus_write action writes a device as device.write does: a rules.set carrying one needs a key
+    that may also sign device.write; its MQTT messages and plain rules need only rules.set."""
+    rule = {"id": "dairy-warm", "type": "temperature", "max_c": 8}
+    defrost = {
+        "id": "defrost",
+        "type": "modbus_write",
+        "device": "fridge-1",
+        "point": "defrost_start",
+        "value": True,
+        "interlock": [{"metric": "door_open", "eq": 0}],
+    }
+    buzzer = {"id": "buzzer", "type": "mqtt_publish", "topic": "store/buzzer/{device_id}"}
+    writing = {"rules": [{**rule, "actions": [buzzer, defrost]}]}
+    only_rules = [{**keys(("hq-a", KEY_A))[0], "commands": ["rules.set"]}]
+    async with opened(rig.downlink(only_rules)) as downlink:
+        response = await answer(downlink, signed("rules.set", writing, request_id="w-1"))
+        assert code(response) == "forbidden"
+        assert response["command"] == "rules.set"
+        assert response["request_id"] == "w-1"
+        assert "may not sign device.write" in response["error"]["message"]
+        assert "dairy-warm/defrost" in response["error"]["message"]
+        assert rig.count("rules.set", "forbidden") == 1
+        quiet = {"rules": [{**rule, "actions": [buzzer]}]}
+        assert (await answer(downlink, signed("rules.set", quiet, request_id="w-2")))["status"] == "ok"
+    both = [{**keys(("hq-a", KEY_A))[0], "commands": ["rules.set", "device.write"]}]
+    async with opened(rig.downlink(both)) as downlink:
+        assert (await answer(downlink, signed("rules.set", writing, request_id="w-3")))["status"] == "ok"
