@@ -17,6 +17,10 @@ recorded as failed with ``alert_ended``), and only when every condition of its i
 latest ``sensor.sample`` of this run of the gateway, no older than the action's ``max_age_s``; otherwise it is
 held back and recorded as failed with ``interlock``. A write the driver refuses (not a writable point, outside
 the range) is failed with ``refused``, a device that does not answer with ``unreachable``; neither is retried.
+
+An MQTT message is retried only while the broker cannot be reached or the connection drops; one the broker refuses
+(MQTT 5 PUBACK reason code >= 0x80) is failed with ``refused``, a topic that is not valid with the alert's values
+with ``invalid``; neither is retried, so the actions after it are not held up.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from gateway.kernel.clock import BOOT_ID
 from gateway.kernel.config import BrokerConfig
 from gateway.kernel.events import ActionDone, ActionFailed, AlertCleared, AlertRaised
 from gateway.kernel.journal import QUEUE_LIMIT, Draft, Journal
-from gateway.kernel.mqtt_client import MqttClient, MqttError
+from gateway.kernel.mqtt_client import MqttClient, MqttError, PublishInvalidError, PublishRefusedError
 from gateway.kernel.pipeline import Event
 from gateway.kernel.rule_actions import PLACEHOLDER, ModbusWriteAction, MqttPublishAction
 from gateway.kernel.supervise import Backoff
@@ -142,14 +146,28 @@ def alert_of(event: Event) -> Alert | None:
     )
 
 
+def _unfit(c: str) -> bool:
+    """A character MQTT forbids in a topic or that brokers refuse (mosquitto drops the connection): controls
+    (U+0000-U+001F, U+007F-U+009F), noncharacters (U+FDD0-U+FDEF, U+xxFFFE, U+xxFFFF) and lone surrogates."""
+    code = ord(c)
+    return (
+        code < 0x20
+        or 0x7F <= code <= 0x9F
+        or 0xFDD0 <= code <= 0xFDEF
+        or code & 0xFFFE == 0xFFFE
+        or 0xD800 <= code <= 0xDFFF
+    )
+
+
 def render_topic(template: str, values: Mapping[str, str]) -> str | None:
     """The topic with its placeholders filled in; None when it is not a topic one may publish to (a value
-    brought a wildcard, a control character, an empty level at an end, or it is too long)."""
+    brought a wildcard, a control character, a noncharacter or a lone surrogate, an empty level at an end, or it
+    is longer than MAX_TOPIC_BYTES of UTF-8, well inside MQTT's 65,535)."""
     topic = PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
     if (
         not topic
         or any(c in topic for c in "+#")
-        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in topic)
+        or any(_unfit(c) for c in topic)
         or topic.startswith("/")
         or topic.endswith("/")
         or len(topic.encode()) > MAX_TOPIC_BYTES
@@ -244,7 +262,16 @@ class ActionConsumer:
             attempts += 1
             try:
                 await self._publisher.publish(topic, payload, action.qos, action.retain)
-            except (MqttError, OSError, TimeoutError) as err:
+            except PublishRefusedError as err:  # the broker's answer (an ACL's 0x87): the same every time
+                _LOGGER.warning("action %s for %s: the broker refused it: %s", action.id, alert.alert_id, err)
+                return ActionFailed(
+                    **common, topic=topic, attempts=attempts, reason="refused", error=str(err)[:500]
+                )
+            except PublishInvalidError as err:
+                return ActionFailed(
+                    **common, topic=topic, attempts=attempts, reason="invalid", error=str(err)[:500]
+                )
+            except (MqttError, OSError, TimeoutError) as err:  # no connection, or it dropped: retried
                 delay = backoff.next_delay()
                 _LOGGER.warning(
                     "action %s for %s: publishing failed (%s), retrying in %.0f s",

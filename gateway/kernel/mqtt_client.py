@@ -48,6 +48,20 @@ class MqttError(StoreGatewayError):
     """Any MQTT failure: connect refused, connection lost, publish not acknowledged."""
 
 
+class PublishRefusedError(MqttError):
+    """The broker answered a publish with a failure reason code (MQTT 5 PUBACK >= 0x80, e.g. 0x87 not
+    authorised): sending it again gets the same answer. (On MQTT 3.1.1 a broker that refuses a publish says
+    nothing: mosquitto acknowledges it and drops it.)"""
+
+    def __init__(self, message: str, reason_code: int) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+
+
+class PublishInvalidError(MqttError):
+    """paho would not send the publish at all (a topic or payload MQTT does not allow)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Will:
     topic: str
@@ -215,8 +229,14 @@ class MqttClient:
         if message_expiry_s is not None and self._v5:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.MessageExpiryInterval = message_expiry_s
-        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_QUEUE_SIZE):
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        except ValueError as err:  # paho's own check: an empty or wildcard topic, a payload too large
+            fut.set_exception(PublishInvalidError(f"publish failed: {err}"))
+            return fut
+        if info.rc in (MQTTErrorCode.MQTT_ERR_INVAL, MQTTErrorCode.MQTT_ERR_PAYLOAD_SIZE):
+            fut.set_exception(PublishInvalidError(f"publish failed: {paho.error_string(info.rc)}"))
+        elif info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_QUEUE_SIZE):
             fut.set_exception(MqttError(f"publish failed: {paho.error_string(info.rc)}"))
         elif qos == 0:
             fut.set_result(None)
@@ -394,7 +414,7 @@ class MqttClient:
         fut = self._pending.pop(mid, None)
         if fut is not None and not fut.done():
             if rc.is_failure:
-                fut.set_exception(MqttError(f"broker refused publish: {rc}"))
+                fut.set_exception(PublishRefusedError(f"broker refused publish: {rc}", int(rc.value)))
             else:
                 fut.set_result(None)
 

@@ -23,7 +23,7 @@ PLACEHOLDERS: Final = frozenset(
 )
 """What ``{name}`` in a topic or payload template is replaced with (the alert's own fields)."""
 PLACEHOLDER: Final = re.compile(r"\{([a-z_]+)\}")
-TOPIC_TEMPLATE: Final = re.compile(r"^[^\x00-\x1f\x7f+#]{1,200}$")
+TOPIC_TEMPLATE: Final = re.compile(r"^[^\x00-\x1f\x7f-\x9f\ufdd0-\ufdef\ufffe\uffff+#]{1,200}$")
 
 
 def template_names(template: str) -> set[str]:

@@ -23,8 +23,9 @@ from gateway.kernel.consumer import run_consumer
 from gateway.kernel.journal import Draft, Journal
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.mqtt_client import Message, MqttClient
+from gateway.kernel.rule_actions import MqttPublishAction
 from gateway.kernel.rule_config import RuleDefinition
-from rules.actions import ActionConsumer, BrokerPublisher, render_payload, render_topic
+from rules.actions import ActionConsumer, Alert, BrokerPublisher, render_payload, render_topic
 from rules.clock import RuleClock
 from rules.engine import RuleEngine
 from simulators.fridge import FridgeModel
@@ -315,6 +316,76 @@ async def test_a_buzzer_gets_its_messages_once_each_even_after_the_broker_was_do
         ("action.done", "cleared", "store/buzzer/fridge-1/set"),
     ]
     assert done[1]["attempts"] > 1
+
+
+async def test_a_topic_the_broker_refuses_is_failed_once_and_the_next_action_still_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL denial is the broker's answer (MQTT 5 PUBACK 0x87), the same on every try: recorded as failed
+    (``refused``) and never retried, so the actions after it are not held up."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic write store/ok/#\ntopic read store/#\n")
+    broker = Mosquitto(extra_conf=f"acl_file {acl}\n").start()
+    denied = {"id": "a-denied", "type": "mqtt_publish", "topic": "store/denied/{device_id}"}
+    allowed = {"id": "b-ok", "type": "mqtt_publish", "topic": "store/ok/{device_id}", "payload": "{level}"}
+    engine = RuleEngine(rules(denied, allowed), RuleClock(lambda: True))
+    journal = new_journal(tmp_path, processors=[engine])
+    listener = Listener()
+    client = MqttClient(BrokerConfig(port=broker.port), "listener", clean_start=True)
+    client.on_message = listener.on_message
+    publisher = BrokerPublisher(BrokerConfig(port=broker.port), "gw-actions")
+    try:
+        await client.connect()
+        await client.subscribe([("store/#", 1)])
+        async with journal_running(journal):
+            consumer = ActionConsumer("mqtt_publish", engine, journal, publisher=publisher)
+            consumer.retry_base_s = 0.01
+            async with consuming(consumer, journal):
+                journal.submit(sample(9.0))
+                assert await listener.next() == ("store/ok/fridge-1", b"raised", False)
+                refused, done = await recorded(journal, 2)
+    finally:
+        await publisher.close()
+        await client.disconnect()
+        broker.close()
+    assert (refused["kind"], refused["action"], refused["reason"]) == ("action.failed", "a-denied", "refused")
+    assert (refused["topic"], refused["attempts"]) == ("store/denied/fridge-1", 1)
+    assert "Not authorized" in refused["error"]
+    assert (done["kind"], done["action"]) == ("action.done", "b-ok")
+    assert "publishing failed" not in caplog.text
+    assert listener.got.empty()
+
+
+@pytest.mark.parametrize("char", ["\u0085", "\u009f", "\ufdd0", "\ufffe", "\uffff", "\U0001ffff"])
+async def test_a_value_that_brings_a_character_brokers_refuse_fails_the_action_as_invalid(
+    tmp_path: Path, char: str
+) -> None:
+    """mosquitto drops a connection whose topic holds such a character (a malformed packet): the topic is
+    refused before it is sent, and recorded as failed (``invalid``), never retried."""
+    assert render_topic("store/display/{subject}", {"subject": f"needs_review:E1{char}"}) is None
+    display = {"id": "display", "type": "mqtt_publish", "topic": "store/display/{subject}"}
+    broker = Mosquitto().start()
+    publisher = BrokerPublisher(BrokerConfig(port=broker.port), "gw-actions")
+    engine = RuleEngine(rules(display), RuleClock(lambda: True))
+    journal = new_journal(tmp_path, processors=[engine])
+    try:
+        async with journal_running(journal):
+            consumer = ActionConsumer("mqtt_publish", engine, journal, publisher=publisher)
+            alert = Alert(f"x/E1{char}/1", "raised", "dairy-warm", f"E1{char}", 1, None, "warning", "m")
+            [action] = engine.rules["dairy-warm"].actions
+            assert isinstance(action, MqttPublishAction)
+            outcome = await consumer._publish(action, alert)
+    finally:
+        await publisher.close()
+        broker.close()
+    assert (outcome.reason, outcome.attempts) == ("invalid", 0)
+
+
+def test_topics_stay_within_what_mqtt_and_the_event_allow() -> None:
+    assert render_topic("store/{subject}", {"subject": "é" * 125}) == "store/" + "é" * 125
+    assert render_topic("store/{subject}", {"subject": "é" * 126}) is None  # 258 bytes of UTF-8
+    assert render_topic("store/{subject}", {"subject": "\u00a0\ufdf0\ufffd"}) is not None
+    assert render_topic("store/{subject}", {"subject": "\ud800"}) is None  # a lone surrogate
 
 
 def test_templates_never_make_a_wildcard_topic_and_payloads_stay_json() -> None:
