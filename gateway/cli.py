@@ -185,7 +185,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--scenario",
         default="normal-day",
-        help="a shipped scenario (normal-day, fridge-failure-night, garbage-flood, device-unplugged) or a file",
+        help="a shipped scenario (normal-day, fridge-failure-night, defrost-cycle, returns-spike, shelf-shrink,"
+        " late-and-absent, garbage-flood, device-unplugged) or a file",
     )
     demo.add_argument(
         "--duration", type=float, default=0, help="stop after N seconds (default: until Ctrl-C)"

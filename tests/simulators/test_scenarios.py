@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sqlite3
 import subprocess
@@ -209,6 +210,19 @@ def test_every_shipped_scenario_loads() -> None:
     }
     for name in available():
         assert load_scenario(name).scenario == name
+
+
+def test_the_demos_help_names_every_shipped_scenario() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "COLUMNS": "400"},  # one line per option: no name is cut at a hyphen
+    )
+    for name in available():
+        assert name in result.stdout, f"{name} missing from demo --help"
 
 
 def test_a_scenario_with_an_unknown_key_says_where_and_what_was_meant(tmp_path: Path) -> None:
