@@ -253,6 +253,10 @@ _DURATION_SUFFIX: Final = "_s"
 """A rule's durations are its fields named ``*_s`` (for_s, window_s, after_s, ...): seconds."""
 
 
+REAL_TIME_KEYS: Final = frozenset({"max_age_s"})
+"""Durations measured against the devices' real polling (an action's interlock reading age): not scaled."""
+
+
 def scale_durations(value: Any, time_scale: float) -> Any:
     """A rule (as JSON) with every duration (a number under a ``*_s`` key, nested ones too) divided by
     ``time_scale``: store seconds become the real seconds the gateway's timers run."""
@@ -261,6 +265,7 @@ def scale_durations(value: Any, time_scale: float) -> Any:
             key: (
                 item / time_scale
                 if key.endswith(_DURATION_SUFFIX)
+                and key not in REAL_TIME_KEYS
                 and isinstance(item, int | float)
                 and not isinstance(item, bool)
                 else scale_durations(item, time_scale)

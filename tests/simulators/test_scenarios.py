@@ -606,3 +606,13 @@ def wait_for(condition: Callable[[], bool], what: str, process: subprocess.Popen
         assert process.poll() is None, f"the demo ended before {what}"
         assert time.monotonic() < deadline, f"gave up waiting for {what}"
         time.sleep(0.2)
+
+
+def test_an_actions_reading_age_is_not_scaled() -> None:
+    from simulators.scenario_model import scale_durations
+
+    rule = {"for_s": 900, "actions": [{"id": "defrost", "max_age_s": 300, "interlock": []}]}
+    assert scale_durations(rule, 480) == {
+        "for_s": 1.875,
+        "actions": [{"id": "defrost", "max_age_s": 300, "interlock": []}],
+    }
