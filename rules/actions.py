@@ -13,8 +13,9 @@ The window: a crash after the action was carried out (the message taken by the b
 but before its ``action.done`` committed runs it once more at the next start.
 
 A Modbus write runs only while the alert is still open (a raised action found after its clear, catching up, is
-recorded as failed with ``alert_ended``), and only when every condition of its interlock holds on the device's
-latest ``sensor.sample`` of this run of the gateway, no older than the action's ``max_age_s``; otherwise it is
+recorded as failed with ``alert_ended``), and only when every condition of its interlock holds on the metric's
+value in the device's newest ``sensor.sample`` that holds it (one per poll group for a controller), of this run of
+the gateway and no older than the action's ``max_age_s``; otherwise it is
 held back and recorded as failed with ``interlock``. A write the driver refuses (not a writable point, outside
 the range) is failed with ``refused``, a device that does not answer with ``unreachable``; neither is retried.
 
@@ -50,7 +51,9 @@ PUBLISH_TIMEOUT_S: Final = 10.0
 WRITE_TIMEOUT_S: Final = 30.0
 """A write that has not finished by then is failed (``unreachable``), as HQ's device.write is."""
 SCAN_EVENTS: Final = 20_000
-"""An interlock looks for the device's latest reading among this many newest events at most."""
+"""An interlock looks for the device's latest readings among this many newest events at most."""
+SCAN_ROWS: Final = 200
+"""The device's samples read at a time while looking for an interlock's metrics."""
 MAX_TOPIC_BYTES: Final = 256
 
 ActionType = Literal["mqtt_publish", "modbus_write"]
@@ -334,11 +337,15 @@ class ActionConsumer:
 
     async def _interlock(self, action: ModbusWriteAction, device: str) -> str | None:
         """None when every condition holds on the latest readings; else why the write is held back."""
-        readings: dict[str, dict[str, float] | None] = {}
+        wanted: dict[str, set[str]] = {}
+        for condition in action.interlock:
+            wanted.setdefault(condition.device or device, set()).add(condition.metric)
+        readings = {
+            source: await self._latest(source, metrics, action.max_age_s)
+            for source, metrics in wanted.items()
+        }
         for condition in action.interlock:
             source = condition.device or device
-            if source not in readings:
-                readings[source] = await self._latest(source, action.max_age_s)
             values = readings[source]
             if values is None:
                 return f"no reading of {source} in the last {action.max_age_s:g} s"
@@ -350,33 +357,56 @@ class ActionConsumer:
                 return f"{source} {condition.metric} is {value:g} (must be {op} {bound:g})"
         return None
 
-    async def _latest(self, device: str, max_age_s: float) -> dict[str, float] | None:
-        """The values of the device's newest ``sensor.sample`` committed by this run of the gateway, if it is no
-        older than ``max_age_s`` (on the monotonic clock: a wall-clock step changes nothing)."""
-        rows = await self._journal.query(
-            "SELECT body FROM events WHERE kind = 'sensor.sample' AND device_id = ? AND seq > ?"
-            " ORDER BY seq DESC LIMIT 1",
-            (device, self._journal.last_seq - SCAN_EVENTS),
-        )
-        if not rows:
-            return None
-        try:
-            envelope = orjson.loads(rows[0][0])
-            values = envelope["data"]["values"]
-            fresh = (
-                envelope["boot_id"] == BOOT_ID
-                and time.monotonic_ns() - int(envelope["mono_ns"]) <= max_age_s * 1e9
+    async def _latest(self, device: str, metrics: set[str], max_age_s: float) -> dict[str, float] | None:
+        """Each metric's value in the device's newest ``sensor.sample`` that holds it, among the samples committed
+        by this run of the gateway no older than ``max_age_s`` (on the monotonic clock: a wall-clock step changes
+        nothing); None when there is no such sample at all. A controller's driver sends one sample per poll group
+        (the door in one, the temperatures in another), so each metric is looked for on its own."""
+        found: dict[str, float] = {}
+        fresh_any = False
+        floor, upper = self._journal.last_seq - SCAN_EVENTS, self._journal.last_seq + 1
+        while len(found) < len(metrics):
+            rows = await self._journal.query(
+                "SELECT seq, body FROM events WHERE kind = 'sensor.sample' AND device_id = ? AND seq > ?"
+                " AND seq < ? ORDER BY seq DESC LIMIT ?",
+                (device, floor, upper, SCAN_ROWS),
             )
-        except (ValueError, KeyError, TypeError):
-            return None
-        if not fresh or not isinstance(values, dict):
-            return None
-        return {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
+            for seq, body in rows:
+                upper = int(seq)
+                values = _fresh_values(body, max_age_s)
+                if values is None:  # too old (every sample before it is older still), or damaged
+                    return found if fresh_any else None
+                fresh_any = True
+                for metric in metrics - found.keys():
+                    if metric in values:
+                        found[metric] = values[metric]
+                if len(found) == len(metrics):
+                    break
+            if len(rows) < SCAN_ROWS:
+                break
+        return found if fresh_any else None
 
     # --- the record ------------------------------------------------------------------------------------------
 
     async def _record(self, outcome: ActionDone, key: str) -> None:
         await record_action(self._journal, outcome, key)
+
+
+def _fresh_values(body: bytes | str, max_age_s: float) -> dict[str, float] | None:
+    """The numeric values of a ``sensor.sample`` envelope committed by this run of the gateway at most
+    ``max_age_s`` ago; None when it is older, of another run, or not readable."""
+    try:
+        envelope = orjson.loads(body)
+        values = envelope["data"]["values"]
+        fresh = (
+            envelope["boot_id"] == BOOT_ID
+            and time.monotonic_ns() - int(envelope["mono_ns"]) <= max_age_s * 1e9
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not fresh or not isinstance(values, dict):
+        return None
+    return {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
 
 
 async def record_action(journal: Journal, outcome: ActionDone, key: str) -> int | None:

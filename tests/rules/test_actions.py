@@ -204,6 +204,59 @@ async def test_a_failing_write_is_recorded_as_failed_and_not_retried(
     assert server.writes_received == 1  # the defrost's one attempt; the refused one never reached the wire
 
 
+def group_sample(values: dict[str, float]) -> Draft:
+    """One poll group's sample of fridge-1, as the Modbus driver sends a controller's readings: dixell-xr's
+    ``alarms`` group (status bits: the door, the defrost) apart from its ``temperatures`` group."""
+    body = orjson.dumps({"values": values, "units": {}, "source": "dixell-xr"})
+    return Draft("sensor.sample", "fridge-1", body, driver="modbus")
+
+
+ALARMS = {"compressor_on": 1.0, "defrost_active": 0.0, "fan_on": 1.0, "door_open": 0.0}
+
+
+async def test_the_interlock_reads_each_metric_from_the_newest_sample_that_holds_it(
+    tmp_path: Path, server: CountingFridgeServer
+) -> None:
+    """The door and the fan are in the alarms group's sample, the warm temperature in the newer temperatures
+    group's: the interlock finds them in the older one, and the newest alarms sample is the one that counts."""
+    defrost = {**DEFROST, "interlock": [{"metric": "door_open", "eq": 0}, {"metric": "fan_on", "eq": 1}]}
+    engine = RuleEngine(rules(defrost), RuleClock(lambda: True))
+    journal = new_journal(tmp_path, processors=[engine])
+    async with journal_running(journal), writing(journal, server) as ctx:
+        consumer = ActionConsumer("modbus_write", engine, journal, writers=ctx.device_writers)
+        async with consuming(consumer, journal):
+            journal.submit(group_sample({**ALARMS, "fan_on": 0.0}))
+            journal.submit(group_sample({**ALARMS, "fan_on": 1.0}))  # the fan runs since
+            journal.submit(group_sample({"temperature": 9.0, "evaporator_temperature": -5.0}))
+            [done] = await recorded(journal, 1)
+            assert (done["kind"], done["action"]) == ("action.done", "defrost")
+            await until(lambda: server.models[1].defrosting, "the write started a defrost")
+
+            journal.submit(group_sample({"temperature": 5.0}))  # clears
+            journal.submit(group_sample({**ALARMS, "fan_on": 0.0}))  # the fan stops
+            journal.submit(group_sample({"temperature": 9.5}))  # episode 2
+            held = (await recorded(journal, 2))[1]
+    assert (held["kind"], held["reason"]) == ("action.failed", "interlock")
+    assert held["error"] == "fridge-1 fan_on is 0 (must be eq 1)"
+    assert server.writes_received == 1
+
+
+async def test_fresh_samples_without_the_metric_hold_the_write_back(
+    tmp_path: Path, server: CountingFridgeServer
+) -> None:
+    """The driver's own poll at start sent every group's sample: none holds a metric the profile lacks."""
+    defrost = {**DEFROST, "interlock": [{"metric": "door_open", "eq": 0}, {"metric": "probe_ok", "eq": 1}]}
+    engine = RuleEngine(rules(defrost), RuleClock(lambda: True))
+    journal = new_journal(tmp_path, processors=[engine])
+    async with journal_running(journal), writing(journal, server) as ctx:
+        consumer = ActionConsumer("modbus_write", engine, journal, writers=ctx.device_writers)
+        async with consuming(consumer, journal):
+            journal.submit(group_sample({"temperature": 9.0}))
+            [held] = await recorded(journal, 1)
+    assert (held["reason"], held["error"]) == ("interlock", "fridge-1 did not report probe_ok (must be eq 1)")
+    assert server.writes_received == 0
+
+
 async def test_no_reading_since_the_start_holds_the_write_back(
     tmp_path: Path, server: CountingFridgeServer
 ) -> None:
