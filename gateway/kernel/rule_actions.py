@@ -146,11 +146,21 @@ class ModbusWriteAction(ActionBase):
     interlock: list[Condition] = Field(
         default_factory=list,
         max_length=10,
-        description="Conditions that must all hold on the latest reading(s), or the write is held back.",
+        description="Conditions that must all hold on the latest reading(s), or the write is held back; at least"
+        " one, so that a write never runs without a fresh reading.",
     )
     max_age_s: Annotated[float, Field(gt=0, le=86_400)] = Field(
         default=300, description="An interlock's reading older than this does not count (held back)."
     )
+
+    @model_validator(mode="after")
+    def _some_interlock(self) -> ModbusWriteAction:
+        if not self.interlock:
+            raise ValueError(
+                "interlock: a modbus_write needs at least one condition, so that it writes only on a fresh"
+                " reading of the device, e.g. interlock: [{metric: door_open, eq: 0}]"
+            )
+        return self
 
 
 Action = Annotated[MqttPublishAction | ModbusWriteAction, Field(discriminator="type")]

@@ -184,7 +184,7 @@ async def test_the_interlock_holds_a_write_back_and_a_write_runs_once_per_episod
 async def test_a_failing_write_is_recorded_as_failed_and_not_retried(
     tmp_path: Path, server: CountingFridgeServer
 ) -> None:
-    too_warm = {"id": "setpoint", "type": "modbus_write", "point": "setpoint", "value": 40}
+    too_warm = {**DEFROST, "id": "setpoint", "point": "setpoint", "value": 40}
     engine = RuleEngine(rules(DEFROST, too_warm), RuleClock(lambda: True))
     journal = new_journal(tmp_path, processors=[engine])
     async with journal_running(journal), writing(journal, server) as ctx:
@@ -459,7 +459,12 @@ def test_templates_never_make_a_wildcard_topic_and_payloads_stay_json() -> None:
         ({"id": "a", "type": "mqtt_publish", "topic": "store/#"}, "String should match pattern"),
         ({"id": "a", "type": "mqtt_publish", "topic": "store/{nope}"}, "unknown placeholder(s) nope"),
         ({"id": "a", "type": "mqtt_publish", "topic": "/store"}, "no leading or trailing '/'"),
-        ({"id": "a", "type": "modbus_write", "point": "setpoint", "value": "5"}, "value"),
+        ({**DEFROST, "value": "5"}, "value"),
+        (
+            {"id": "a", "type": "modbus_write", "point": "setpoint", "value": 5},
+            "a modbus_write needs at least one condition",
+        ),
+        ({**DEFROST, "interlock": []}, "interlock: [{metric: door_open, eq: 0}]"),
         (
             {**DEFROST, "interlock": [{"metric": "door_open", "eq": 0, "lt": 1}]},
             "give exactly one of eq, ne, lt, le, gt, ge",
