@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Final
 from drivers.mqtt.config import MqttDriverConfig
 from drivers.mqtt.profile import profile_limits, resolve_profile
 from gateway.kernel.errors import StoreGatewayError
+from gateway.kernel.rule_actions import PLACEHOLDER, template_names
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -59,8 +60,8 @@ class Account:
 
     username: str
     write: tuple[str, ...]
-    """Topics it may publish to: a device's own (no wildcards); the gateway's actions' (a placeholder's level as
-    '+')."""
+    """Topics it may publish to: a device's own (no wildcards); the gateway's actions' (a level with a
+    placeholder not known at provisioning as '+')."""
     read: tuple[str, ...]
     """Topic filters it may subscribe to and receive from."""
     device: bool
@@ -112,15 +113,31 @@ def accounts(config: GatewayConfig) -> list[Account]:
 
 
 def action_topics(config: GatewayConfig) -> tuple[str, ...]:
-    """The topics the configured rules' ``mqtt_publish`` actions publish to, a level with a placeholder as '+'
-    (docs/RULES.md, "Actions"): the gateway's only writes on the store broker."""
-    topics = (
-        "/".join("+" if "{" in level else level for level in action.topic.split("/"))
-        for rule in (config.stock.low_alert, *config.rules)
-        for action in rule.actions
-        if action.type == "mqtt_publish"
-    )
+    """The topics the configured rules' ``mqtt_publish`` actions publish to (docs/RULES.md, "Actions"): the
+    gateway's only writes on the store broker. What is known now is filled in: ``{rule_id}``, ``{store_id}``,
+    and ``{device_id}`` as each of the rule's ``select.devices`` when it lists some; a level with any other
+    placeholder (or ``{device_id}`` of a rule for every device) is granted as ``+``, that level only."""
+    topics: list[str] = []
+    for rule in (config.stock.low_alert, *config.rules):
+        known = {"rule_id": rule.id, "store_id": config.store.id}
+        devices: list[str | None] = [*rule.select.devices] or [None]
+        for action in rule.actions:
+            if action.type != "mqtt_publish":
+                continue
+            for device in devices:
+                values = known if device is None else {**known, "device_id": device}
+                topics.append("/".join(_grant_level(level, values) for level in action.topic.split("/")))
     return tuple(_unique(topics))
+
+
+def _grant_level(level: str, values: Mapping[str, str]) -> str:
+    """A topic level with its placeholders filled in from ``values``; '+' if one of them is not known."""
+    names = template_names(level)
+    if not names:
+        return level
+    if not names <= values.keys():
+        return "+"
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], level)
 
 
 def too_large_for_broker(config: GatewayConfig) -> list[tuple[str, int]]:

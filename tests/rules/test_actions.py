@@ -501,25 +501,43 @@ def test_a_write_to_a_device_no_modbus_driver_has_is_a_config_error() -> None:
 
 
 def test_broker_provision_lets_the_gateway_publish_on_its_actions_topics_only() -> None:
+    """What is known at provisioning is filled in (the rule id, the store id, each of a rule's select.devices);
+    only a level with a value known when the alert is raised is granted as '+'."""
     from gateway.broker_accounts import accounts, acl_text
     from gateway.config import GatewayConfig
 
     base = gateway_config().model_dump(mode="json", exclude_defaults=True)
+    store = base["store"]["id"]
     buzzer = {"id": "buzzer", "type": "mqtt_publish", "topic": "store/buzzer/{device_id}/set"}
     display = {"id": "display", "type": "mqtt_publish", "topic": "store/display-{rule_id}"}
+    board = {"id": "board", "type": "mqtt_publish", "topic": "{store_id}/board/{subject}/{level}"}
     config = GatewayConfig.model_validate(
         {
             **base,
             "store_broker": {"host": "127.0.0.1", "port": 1883, "username": "gateway"},
             "rules": [
-                {"id": "warm", "type": "temperature", "max_c": 8, "actions": [buzzer, display]},
-                {"id": "quiet", "type": "silent", "actions": [buzzer]},
+                {
+                    "id": "warm",
+                    "type": "temperature",
+                    "max_c": 8,
+                    "select": {"devices": ["fridge-1", "fridge-2"]},
+                    "actions": [buzzer, display, board],
+                },
+                {"id": "quiet", "type": "silent", "actions": [buzzer]},  # every device: its level is '+'
             ],
         }
     )
     gateway = accounts(config)[0]
-    assert gateway.write == ("store/buzzer/+/set", "store/+")
-    assert "user gateway\ntopic write store/buzzer/+/set\ntopic write store/+\n" in acl_text([gateway], "t")
+    assert gateway.write == (
+        "store/buzzer/fridge-1/set",
+        "store/buzzer/fridge-2/set",
+        "store/display-warm",
+        f"{store}/board/+/+",
+        "store/buzzer/+/set",
+    )
+    assert "user gateway\ntopic write store/buzzer/fridge-1/set\ntopic write store/buzzer/fridge-2/set\n" in (
+        acl_text([gateway], "t")
+    )
 
 
 async def test_the_gateway_runs_a_rules_actions(tmp_path: Path, server: CountingFridgeServer) -> None:
