@@ -20,7 +20,7 @@ import hmac
 import logging
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import httpx
@@ -36,7 +36,7 @@ from gateway.kernel.events import (
 )
 from gateway.kernel.journal import QUEUE_LIMIT, Draft, Journal
 from gateway.kernel.pipeline import Event
-from gateway.kernel.ratelimit import TokenBucket
+from gateway.kernel.ratelimit import SlidingWindow
 from gateway.kernel.rule_config import Channel
 from gateway.kernel.supervise import Backoff
 from rules.engine import RuleEngine
@@ -138,9 +138,11 @@ class ChannelConsumer:
         self._client = client
         self._language = language
         self._store = store
-        self._bucket = TokenBucket(channel.per_minute / 60, channel.per_minute, time.monotonic())
-        self._wait_s = 60 / channel.per_minute
-        """Over the channel's rate: one token's time."""
+        self.monotonic: Callable[[], float] = time.monotonic
+        """The clock of its waits (retries, the rate, the refusal window), with :attr:`sleep`."""
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        self._rate = SlidingWindow(channel.per_minute, 60.0)
+        """Every attempt counts (a robot counts the calls it refuses too)."""
 
     async def handle(self, events: Sequence[Event]) -> None:
         for event in events:
@@ -188,9 +190,11 @@ class ChannelConsumer:
         attempts = refusals = 0
         first_refusal = 0.0
         while True:
-            if not self._bucket.take(time.monotonic()):  # over the channel's rate: one token's time, again
-                await asyncio.sleep(self._wait_s)
+            wait = self._rate.wait(self.monotonic())
+            if wait > 0:  # over the channel's rate: until the oldest send in the last minute is a minute old
+                await self.sleep(wait)
                 continue
+            self._rate.use(self.monotonic())
             attempts += 1
             try:
                 await self._send(text, event)
@@ -198,10 +202,10 @@ class ChannelConsumer:
                 if not err.retry and self._synced():
                     refusals += 1
                     if refusals == 1:
-                        first_refusal = time.monotonic()
+                        first_refusal = self.monotonic()
                     if (
                         refusals >= PERMANENT_AFTER
-                        and time.monotonic() - first_refusal >= self.failed_after_s
+                        and self.monotonic() - first_refusal >= self.failed_after_s
                     ):
                         _LOGGER.error("notification to %s refused: %s", self.channel.id, err)
                         return attempts, str(err)[:500]
@@ -214,7 +218,7 @@ class ChannelConsumer:
             _LOGGER.warning(
                 "notification to %s failed (%s), retrying in %.0f s", self.channel.id, reason, delay
             )
-            await asyncio.sleep(delay)
+            await self.sleep(delay)
 
     async def _send(self, text: str, event: Event) -> None:
         channel = self.channel

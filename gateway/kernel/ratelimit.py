@@ -1,4 +1,5 @@
 """The gateway's one token bucket: per-device message limits and the drain rate limit to HQ both use it.
+(And a sliding window, for chat robots that count their calls per minute.)
 
 A bucket holds at most ``burst`` tokens and gains ``rate`` per second; it starts full. Time is given by the
 caller (``now``, seconds on a monotonic clock): each user already has its clock (the device registry's,
@@ -16,6 +17,8 @@ A ``rate`` of 0 means unlimited: every take succeeds and the delay is always 0.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 
 class TokenBucket:
@@ -58,3 +61,25 @@ class TokenBucket:
             return 0.0
         self._tokens = tokens = self._refill(now)
         return -tokens / self._rate if tokens < 0 else 0.0
+
+
+class SlidingWindow:
+    """At most ``limit`` uses in any ``window_s`` seconds: for a service that counts its own calls that way (a
+    chat robot's "20 messages a minute"), where a bucket's burst on top of its rate would overrun it."""
+
+    __slots__ = ("_limit", "_used", "_window_s")
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self._limit = limit
+        self._window_s = window_s
+        self._used: deque[float] = deque(maxlen=limit)
+
+    def wait(self, now: float) -> float:
+        """Seconds until one more use fits (0: now)."""
+        if len(self._used) < self._limit:
+            return 0.0
+        return max(0.0, self._used[0] + self._window_s - now)
+
+    def use(self, now: float) -> None:
+        """Count a use at ``now`` (the oldest falls out: only the last ``limit`` matter)."""
+        self._used.append(now)

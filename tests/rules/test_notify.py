@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import hmac
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,11 @@ class Endpoints:
         self.secret = secret
         self.got: dict[str, list[str]] = {"ding": [], "wecom": [], "slack": [], "hook": []}
         self.down = 0
+        self.unavailable: Callable[[], bool] = lambda: False
+        """While it says so, every request is answered 503."""
+        self.clock: Callable[[], float] = time.monotonic
+        self.ding_at: list[float] = []
+        """When each DingTalk message arrived, on :attr:`clock`."""
         self.ding_requests = 0
         self.app = FastAPI()
         self.app.post("/ding")(self.ding)
@@ -47,6 +52,8 @@ class Endpoints:
         self.app.post("/hook")(self.hook)
 
     def _down(self) -> bool:
+        if self.unavailable():
+            return True
         if self.down:
             self.down -= 1
             return True
@@ -66,6 +73,7 @@ class Endpoints:
         body = orjson.loads(await request.body())
         assert body["msgtype"] == "text"
         self.got["ding"].append(body["text"]["content"])
+        self.ding_at.append(self.clock())
         return Response(orjson.dumps({"errcode": 0, "errmsg": "ok"}))
 
     async def wecom(self, request: Request) -> Response:
@@ -303,3 +311,120 @@ async def test_an_answer_without_a_robots_error_code_is_a_refusal_not_a_crash(tm
                 await task
     [(body,)] = query(journal, "SELECT body FROM events WHERE kind='notification.failed'")
     assert orjson.loads(body)["data"]["error"] == "the answer has no error code"
+
+
+class VirtualTime:
+    """A consumer's clock running ahead of real time: its waits (retries, the rate) take no real time, while its
+    HTTP traffic is real. ``at`` is called with the time since the start whenever the clock moves."""
+
+    def __init__(self, at: Callable[[float], Any]) -> None:
+        self.start = self.now = time.monotonic()
+        self._at = at
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        self.now += delay
+        await self._at(self.now - self.start)
+        await asyncio.sleep(0.001)  # real I/O and the journal go on
+
+
+class Plug:
+    """A TCP port in front of an endpoint that can be pulled: connections are then refused (the robot's host
+    is down), and open ones are cut."""
+
+    def __init__(self, backend: str) -> None:
+        self._backend = int(backend.rsplit(":", 1)[1])
+        self._server: asyncio.Server | None = None
+        self._open: list[asyncio.StreamWriter] = []
+        self.port = 0
+
+    async def plug_in(self) -> None:
+        self._server = await asyncio.start_server(self._pipe, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def pull(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._open:
+            writer.close()
+        self._open.clear()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._backend)
+        self._open += [writer, up_writer]
+
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+
+
+async def test_a_robot_down_for_ten_minutes_gets_every_message_afterwards_in_order_once_within_its_rate(
+    tmp_path: Path,
+) -> None:
+    """Ten minutes (on the consumer's clock) of a DingTalk robot down: five answering 503, five with nothing
+    listening. The 24 messages of the alerts raised and cleared meanwhile all arrive afterwards, in the alerts'
+    order, each once, and never more than 20 in any minute (DingTalk throttles a robot for 10 minutes past that).
+    """
+    endpoints = Endpoints()
+    engine = RuleEngine(RULES, RuleClock(lambda: True))
+    journal = new_journal(tmp_path, processors=[engine])
+    async with journal_running(journal), running(endpoints.app) as (base, _):
+        plug = Plug(base)
+        await plug.plug_in()
+        phases: list[str] = []
+
+        async def at(elapsed: float) -> None:
+            if elapsed >= 300 and "pulled" not in phases:
+                phases.append("pulled")
+                await plug.pull()
+            if elapsed >= 600 and "back" not in phases:
+                phases.append("back")
+                await plug.plug_in()
+
+        clock = VirtualTime(at)
+        endpoints.clock = clock.monotonic
+        endpoints.unavailable = lambda: clock.now - clock.start < 300
+        ding = channels(f"http://127.0.0.1:{plug.port}")[0]
+        async with httpx.AsyncClient() as client:
+            consumer = ChannelConsumer(ding, engine, journal, client, store="Causeway Bay")
+            consumer.monotonic, consumer.sleep = clock.monotonic, clock.sleep
+            task = asyncio.create_task(run_consumer(journal, consumer))
+            try:
+                for i in range(12):
+                    journal.submit(sample(9.0 + i / 10))  # raised
+                    journal.submit(sample(5.0))  # cleared
+                await until(lambda: len(endpoints.got["ding"]) == 24, "every message, after the outage")
+                await until(
+                    lambda: len(query(journal, "SELECT 1 FROM events WHERE kind='notification.sent'")) == 24,
+                    "each recorded as sent",
+                )
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await plug.pull() if "back" in phases else None
+    assert phases == ["pulled", "back"]
+    assert endpoints.ding_requests > 24  # it was tried during the outage
+    assert min(endpoints.ding_at) - clock.start >= 600  # nothing got through before the robot was back
+    expected = []
+    for i in range(12):
+        expected += [
+            f"[ALERT·critical] fridge-1: above 8 °C for 0 min (max {9.0 + i / 10:.1f} °C) (Causeway Bay)",
+            "[CLEARED] fridge-1: back below 8 °C (Causeway Bay)",
+        ]
+    assert endpoints.got["ding"] == expected  # in order, each once
+    assert not query(journal, "SELECT 1 FROM events WHERE kind='notification.failed'")
+    at = endpoints.ding_at
+    assert all(at[i + 20] - at[i] >= 60 for i in range(len(at) - 20)), at  # at most 20 in any minute
