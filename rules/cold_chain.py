@@ -17,9 +17,10 @@ from rules.engine import ACTIVE, IDLE, PENDING, Context, Track
 ALARM_BIT: Final = re.compile(r"^alarm_|_alarm$")
 
 
-@functools.lru_cache(maxsize=4096)
-def _is_alarm_bit(name: str) -> bool:
-    return ALARM_BIT.search(name) is not None
+@functools.lru_cache(maxsize=1024)
+def _alarm_bits(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The alarm bits among a sample's metric names (a device sends the same names every time: cached)."""
+    return tuple(name for name in names if ALARM_BIT.search(name) is not None)
 
 
 def _sample(event: Event) -> SensorSample | None:
@@ -94,15 +95,12 @@ def alarm_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event
     sample = _sample(event)
     if sample is None:
         return
+    values = sample.values
     chosen = rule.metrics
-    watched = {
-        name: value
-        for name, value in sample.values.items()
-        if (name in chosen if chosen else _is_alarm_bit(name))
-    }
+    watched = [name for name in chosen if name in values] if chosen else _alarm_bits(tuple(values))
     if not watched:
         return
-    on = sorted(name for name, value in watched.items() if value >= 0.5)
+    on = sorted({name for name in watched if values[name] >= 0.5})
     if on and track.state != ACTIVE:
         message = f"{track.subject}: controller alarm {', '.join(on)}"
         ctx.raise_alert(rule, track, message, {"bits": on, "seq": event.seq})

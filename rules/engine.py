@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 import orjson
 
@@ -213,6 +213,17 @@ class RuleType:
     """Kinds it reads from every device, whatever ``select.devices`` names (a shelf rule's tills)."""
 
 
+class _Entry(NamedTuple):
+    """A rule as the event index holds it, with what the engine asks of it on every event worked out once."""
+
+    rule: RuleDefinition
+    kind: RuleType
+    by_device: bool
+    """Its subject is the event's device (the index matched it)."""
+    sources: frozenset[str]
+    """The device formats it reads (``select.sources``); empty: any."""
+
+
 class RuleEngine(Processor):
     """Every rule of the store, indexed by the event kinds each reads (unrelated rules cost nothing)."""
 
@@ -259,9 +270,9 @@ class RuleEngine(Processor):
         """A SKU's units sold per day over the last N days (the stock ledger keeps them); None: not known here."""
         """The store's opening hours, for the rules that count only open time."""
         self.rules: dict[str, RuleDefinition] = {}
-        self._by_kind: dict[str, list[RuleDefinition]] = {}
-        self._by_device: dict[tuple[str, str], list[RuleDefinition]] = {}
-        self._by_sku: dict[str, list[RuleDefinition]] = {}
+        self._by_kind: dict[str, list[_Entry]] = {}
+        self._by_device: dict[tuple[str, str], list[_Entry]] = {}
+        self._by_sku: dict[str, list[_Entry]] = {}
         """The stock.level rules that name their SKUs, by SKU."""
         self._fingerprints: dict[str, str] = {}
         self._index(self._configured)
@@ -324,18 +335,18 @@ class RuleEngine(Processor):
             seen = _source(event)
             if seen is not None:
                 self._sources[device] = seen  # a device.status says nothing of its format: remember it
-        for rule in rules:
-            kind = self.types[rule.type]
+        tracks, dirty = self._tracks, self._dirty
+        for rule, kind, by_device, sources in rules:
             if kind.many is not None:
                 self._each(ctx, rule, kind.many, event)
                 continue
-            if kind.subject is device_subject:  # the index already matched the device
+            if by_device:  # the index already matched the device
                 if device is None:
                     continue
-                if rule.select.sources:
+                if sources:
                     if source is _UNREAD:
                         source = _source(event) or self._sources.get(device)
-                    if source not in rule.select.sources:
+                    if source not in sources:
                         continue
                 subject = device
             else:
@@ -344,20 +355,23 @@ class RuleEngine(Processor):
                     continue
                 subject = found
             key = (rule.id, subject)
-            track = self._tracks.get(key) or self._track(rule, subject)
-            before = (track.state, track.episode, track.due, dict(track.data))
+            track = tracks.get(key) or self._track(rule, subject)
+            state, episode, due, data = track.state, track.episode, track.due, track.data
+            before = data.copy()  # to see a change, and to restore it if the rule fails
             emitted = len(self._out)
             try:
                 kind.observe(ctx, rule, track, event)
             except Exception:  # one rule's bug: that rule skips the event (as if unseen), the others take it
                 _LOGGER.exception("rule %s failed on seq %d and skips it", rule.id, event.seq)
-                track.state, track.episode, track.due, track.data = before
+                track.state, track.episode, track.due, track.data = state, episode, due, before
                 del self._out[emitted:]
                 continue
-            if before != (track.state, track.episode, track.due, track.data):
-                self._dirty.add(key)
-                if track.due is not None and track.due < self._earliest:
-                    self._earliest = track.due
+            if key not in dirty and (
+                track.state != state or track.episode != episode or track.due != due or track.data != before
+            ):
+                dirty.add(key)
+            if track.due is not None and track.due < self._earliest:
+                self._earliest = track.due
 
     def _acknowledge(self, event: Event) -> None:
         """Note an acknowledgement (its note is the corrective action) on the open alert it names."""
@@ -546,15 +560,18 @@ class RuleEngine(Processor):
         self._by_device = {}
         self._by_sku = {}
         for rule in self.rules.values():
-            for kind in self.types[rule.type].kinds:
-                if rule.select.devices and kind not in self.types[rule.type].any_device:
+            rule_type = self.types[rule.type]
+            by_device = rule_type.many is None and rule_type.subject is device_subject
+            entry = _Entry(rule, rule_type, by_device, frozenset(rule.select.sources))
+            for kind in rule_type.kinds:
+                if rule.select.devices and kind not in rule_type.any_device:
                     for device in rule.select.devices:
-                        self._by_device.setdefault((kind, device), []).append(rule)
+                        self._by_device.setdefault((kind, device), []).append(entry)
                 elif rule.select.skus and kind == "stock.level":
                     for sku in rule.select.skus:
-                        self._by_sku.setdefault(sku, []).append(rule)
+                        self._by_sku.setdefault(sku, []).append(entry)
                 else:
-                    self._by_kind.setdefault(kind, []).append(rule)
+                    self._by_kind.setdefault(kind, []).append(entry)
 
     def _track(self, rule: RuleDefinition, subject: str) -> Track:
         key = (rule.id, subject)
