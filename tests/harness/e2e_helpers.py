@@ -338,6 +338,8 @@ class GatewayProcess:
     starts: int = 0
     extra_args: list[str] = field(default_factory=list)
     """More ``run`` options (``--new-journal``), used from the next ``start()``."""
+    launcher: list[str] = field(default_factory=lambda: ["-m", "gateway.cli"])
+    """What Python runs before ``run --config``: the CLI, or a script that wraps it (tests/harness/wall_step.py)."""
     _log: IO[bytes] | None = None
 
     @property
@@ -357,7 +359,7 @@ class GatewayProcess:
         self._log.write(f"\n===== start {self.starts + 1}{extra} =====\n".encode())
         self._log.flush()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "run", "--config", str(self.config_path), *self.extra_args],
+            [sys.executable, *self.launcher, "run", "--config", str(self.config_path), *self.extra_args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
