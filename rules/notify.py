@@ -194,10 +194,12 @@ class ChannelConsumer:
             if wait > 0:  # over the channel's rate: until the oldest send in the last minute is a minute old
                 await self.sleep(wait)
                 continue
-            self._rate.use(self.monotonic())
             attempts += 1
             try:
-                await self._send(text, event)
+                try:
+                    await self._send(text, event)
+                finally:  # counted when it ended: a robot counts a message when it gets it, at the latest then
+                    self._rate.use(self.monotonic())
             except RefusedError as err:
                 if not err.retry and self._synced():
                     refusals += 1

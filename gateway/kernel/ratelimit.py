@@ -70,6 +70,8 @@ class SlidingWindow:
     __slots__ = ("_limit", "_used", "_window_s")
 
     def __init__(self, limit: int, window_s: float) -> None:
+        if limit < 1:
+            raise ValueError(f"a sliding window needs a limit of at least 1, not {limit}")
         self._limit = limit
         self._window_s = window_s
         self._used: deque[float] = deque(maxlen=limit)
@@ -78,7 +80,7 @@ class SlidingWindow:
         """Seconds until one more use fits (0: now)."""
         if len(self._used) < self._limit:
             return 0.0
-        return max(0.0, self._used[0] + self._window_s - now)
+        return min(self._window_s, max(0.0, self._used[0] + self._window_s - now))  # min: a clock set back
 
     def use(self, now: float) -> None:
         """Count a use at ``now`` (the oldest falls out: only the last ``limit`` matter)."""

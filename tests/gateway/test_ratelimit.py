@@ -1,11 +1,12 @@
 """The one token bucket, in both its uses: all-or-nothing takes (a device's message rate limit) and spending
-into debt that is waited out (the drain rate limit to HQ, one bucket for events/s and one for bytes/s)."""
+into debt that is waited out (the drain rate limit to HQ, one bucket for events/s and one for bytes/s); and the
+sliding window of the chat channels."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway.kernel.ratelimit import TokenBucket
+from gateway.kernel.ratelimit import SlidingWindow, TokenBucket
 
 
 def test_take_is_all_or_nothing_and_refills_up_to_the_burst() -> None:
@@ -70,3 +71,27 @@ def test_one_limited_one_unlimited_side_by_side() -> None:
     events.spend(0.0, 20)
     nbytes.spend(0.0, 10**12)
     assert max(events.delay(0.0), nbytes.delay(0.0)) == pytest.approx(1.0)
+
+
+def test_a_sliding_window_allows_at_most_its_limit_in_any_window() -> None:
+    window = SlidingWindow(3, 60.0)
+    for at in (0.0, 1.0, 2.0):
+        assert window.wait(at) == 0
+        window.use(at)
+    assert window.wait(2.0) == 58.0  # the oldest (at 0) leaves the window at 60
+    assert window.wait(59.5) == 0.5
+    assert window.wait(60.0) == 0
+    window.use(60.0)
+    assert window.wait(60.0) == 1.0  # now the one at 1 is the oldest of the last three
+
+
+def test_a_sliding_window_of_one_and_a_clock_set_back() -> None:
+    window = SlidingWindow(1, 60.0)
+    window.use(100.0)
+    assert window.wait(130.0) == 30.0
+    assert window.wait(0.0) == 60.0  # never longer than a window, whatever the clock did
+
+
+def test_a_sliding_window_needs_a_limit() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        SlidingWindow(0, 60.0)
