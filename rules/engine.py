@@ -218,6 +218,8 @@ class _Entry(NamedTuple):
 
     rule: RuleDefinition
     kind: RuleType
+    observe: Observe
+    many: Callable[[Context, RuleDefinition, Event], None] | None
     by_device: bool
     """Its subject is the event's device (the index matched it)."""
     sources: frozenset[str]
@@ -335,10 +337,10 @@ class RuleEngine(Processor):
             seen = _source(event)
             if seen is not None:
                 self._sources[device] = seen  # a device.status says nothing of its format: remember it
-        tracks, dirty = self._tracks, self._dirty
-        for rule, kind, by_device, sources in rules:
-            if kind.many is not None:
-                self._each(ctx, rule, kind.many, event)
+        tracks, dirty, out = self._tracks, self._dirty, self._out
+        for rule, kind, observe, many, by_device, sources in rules:
+            if many is not None:
+                self._each(ctx, rule, many, event)
                 continue
             if by_device:  # the index already matched the device
                 if device is None:
@@ -358,13 +360,13 @@ class RuleEngine(Processor):
             track = tracks.get(key) or self._track(rule, subject)
             state, episode, due, data = track.state, track.episode, track.due, track.data
             before = data.copy()  # to see a change, and to restore it if the rule fails
-            emitted = len(self._out)
+            emitted = len(out)
             try:
-                kind.observe(ctx, rule, track, event)
+                observe(ctx, rule, track, event)
             except Exception:  # one rule's bug: that rule skips the event (as if unseen), the others take it
                 _LOGGER.exception("rule %s failed on seq %d and skips it", rule.id, event.seq)
                 track.state, track.episode, track.due, track.data = state, episode, due, before
-                del self._out[emitted:]
+                del out[emitted:]
                 continue
             if key not in dirty and (
                 track.state != state or track.episode != episode or track.due != due or track.data != before
@@ -562,7 +564,9 @@ class RuleEngine(Processor):
         for rule in self.rules.values():
             rule_type = self.types[rule.type]
             by_device = rule_type.many is None and rule_type.subject is device_subject
-            entry = _Entry(rule, rule_type, by_device, frozenset(rule.select.sources))
+            entry = _Entry(
+                rule, rule_type, rule_type.observe, rule_type.many, by_device, frozenset(rule.select.sources)
+            )
             for kind in rule_type.kinds:
                 if rule.select.devices and kind not in rule_type.any_device:
                     for device in rule.select.devices:

@@ -44,11 +44,12 @@ def observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> N
         return
     too_warm = value > rule.max_c
     recovered = value < rule.clear_c
-    data["counted_at"] = now
+    state = track.state
+    if state in (ACTIVE, CLEARING):  # only a recovery reads it (a fault since the last counted reading)
+        data["counted_at"] = now
     if too_warm:
         data["max"] = max(value, data.get("max", value))
         data["last"] = {"seq": event.seq, "value": value}
-    state = track.state
     if state == IDLE and too_warm:
         track.state, track.due = PENDING, now + rule.for_s
         data["first"] = {"seq": event.seq, "value": value}
