@@ -100,7 +100,9 @@ def alarm_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event
     watched = [name for name in chosen if name in values] if chosen else _alarm_bits(tuple(values))
     if not watched:
         return
-    on = sorted({name for name in watched if values[name] >= 0.5})
+    on = [name for name in watched if values[name] >= 0.5]
+    if on:
+        on = sorted(set(on))
     if on and track.state != ACTIVE:
         message = f"{track.subject}: controller alarm {', '.join(on)}"
         ctx.raise_alert(rule, track, message, {"bits": on, "seq": event.seq})
