@@ -23,18 +23,13 @@ def _alarm_bits(names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(name for name in names if ALARM_BIT.search(name) is not None)
 
 
-def _sample(event: Event) -> SensorSample | None:
-    model = event.model
-    return model if isinstance(model, SensorSample) else None
-
-
 # --- door_open
 
 
 def door_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
     assert isinstance(rule, DoorOpenRule)
-    sample = _sample(event)
-    if sample is None or rule.metric not in sample.values:
+    sample = event.model
+    if not isinstance(sample, SensorSample) or rule.metric not in sample.values:
         return
     is_open = sample.values[rule.metric] >= 0.5
     if is_open and track.state == IDLE:
@@ -65,8 +60,8 @@ def door_fire(ctx: Context, rule: RuleDefinition, track: Track) -> None:
 
 def battery_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
     assert isinstance(rule, BatteryLowRule)
-    sample = _sample(event)
-    if sample is None:
+    sample = event.model
+    if not isinstance(sample, SensorSample):
         return
     pct = sample.values.get(rule.metric)
     flag = sample.values.get(rule.flag_metric)
@@ -92,8 +87,8 @@ def battery_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Eve
 
 def alarm_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
     assert isinstance(rule, ControllerAlarmRule)
-    sample = _sample(event)
-    if sample is None:
+    sample = event.model
+    if not isinstance(sample, SensorSample):
         return
     values = sample.values
     chosen = rule.metrics

@@ -217,6 +217,7 @@ class _Entry(NamedTuple):
     """A rule as the event index holds it, with what the engine asks of it on every event worked out once."""
 
     rule: RuleDefinition
+    rule_id: str
     kind: RuleType
     observe: Observe
     many: Callable[[Context, RuleDefinition, Event], None] | None
@@ -338,7 +339,7 @@ class RuleEngine(Processor):
             if seen is not None:
                 self._sources[device] = seen  # a device.status says nothing of its format: remember it
         tracks, dirty, out = self._tracks, self._dirty, self._out
-        for rule, kind, observe, many, by_device, sources in rules:
+        for rule, rule_id, kind, observe, many, by_device, sources in rules:
             if many is not None:
                 self._each(ctx, rule, many, event)
                 continue
@@ -356,7 +357,7 @@ class RuleEngine(Processor):
                 if found is None:
                     continue
                 subject = found
-            key = (rule.id, subject)
+            key = (rule_id, subject)
             track = tracks.get(key) or self._track(rule, subject)
             state, episode, due, data = track.state, track.episode, track.due, track.data
             before = data.copy()  # to see a change, and to restore it if the rule fails
@@ -565,7 +566,13 @@ class RuleEngine(Processor):
             rule_type = self.types[rule.type]
             by_device = rule_type.many is None and rule_type.subject is device_subject
             entry = _Entry(
-                rule, rule_type, rule_type.observe, rule_type.many, by_device, frozenset(rule.select.sources)
+                rule,
+                rule.id,
+                rule_type,
+                rule_type.observe,
+                rule_type.many,
+                by_device,
+                frozenset(rule.select.sources),
             )
             for kind in rule_type.kinds:
                 if rule.select.devices and kind not in rule_type.any_device:
