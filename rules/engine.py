@@ -57,7 +57,11 @@ CREATE TABLE IF NOT EXISTS rule_state(
     data TEXT NOT NULL,
     PRIMARY KEY (rule_id, subject)
 );
+CREATE TABLE IF NOT EXISTS rule_meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+DEFER_S: Final = 60.0
+"""A track whose rule deferred its change (a silence timer restarted by a reading) is written within this long; after
+a crash the rule type's ``recover`` brings it up to date from the events since (``rule_meta.deferred_seq``)."""
 SKU_RULES: Final = frozenset(
     {
         "stock.low",
@@ -93,6 +97,8 @@ class Track:
     """The rules' time its timer fires (pending: raise; clearing: clear; for silence: raise)."""
     data: dict[str, Any] = field(default_factory=dict)
     """What the rule type keeps: evidence, grace periods."""
+    deferred: bool = False
+    """Set by an ``observe`` whose change may be written later (:data:`DEFER_S`); not stored."""
 
     @property
     def alert_id(self) -> str:
@@ -179,6 +185,8 @@ Observe = Callable[[Context, RuleDefinition, Track, Event], None]
 """A rule type's reaction to one committed event about ``track``'s subject. The engine writes the track when its
 state, episode, timer or data compare different afterwards: replace a nested value in ``track.data`` (a new
 dict or list), never change one in place."""
+Recover = Callable[[sqlite3.Connection, list[tuple[RuleDefinition, list[Track]]], int, float], list[Track]]
+"""A rule type's catching up, at a load, with the events committed after a seq (see ``RuleType.recover``)."""
 Fire = Callable[[Context, RuleDefinition, Track], None]
 """A rule type's reaction to its timer (``track.due``) coming due."""
 
@@ -211,6 +219,9 @@ class RuleType:
     """Keys of a track's data kept when its rule changes (what happened, not what the rule decided of it)."""
     any_device: frozenset[str] = frozenset()
     """Kinds it reads from every device, whatever ``select.devices`` names (a shelf rule's tills)."""
+    recover: Recover | None = None
+    """For a type whose ``observe`` defers changes (``track.deferred``): at every load, bring its tracks up to date
+    from the events committed after the seq given (the last write of deferred changes); returns those it changed."""
 
 
 class _Entry(NamedTuple):
@@ -281,6 +292,13 @@ class RuleEngine(Processor):
         self._index(self._configured)
         self._tracks: dict[tuple[str, str], Track] = {}
         self._dirty: set[tuple[str, str]] = set()
+        self._deferred: set[tuple[str, str]] = set()
+        """Tracks changed only in ways their rule type lets wait: written within :data:`DEFER_S`."""
+        self._deferred_at = -math.inf
+        self._deferred_seq = 0
+        """``rule_meta.deferred_seq`` as last read or written."""
+        self._seen_seq = 0
+        """The seq of the last event applied."""
         self._rewrite: list[Track] = []
         """Tracks of rules that changed or went, reset: written (their alerts cleared) with the next write."""
         self._retired: dict[tuple[str, str], Track] = {}
@@ -295,9 +313,13 @@ class RuleEngine(Processor):
 
     def setup(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN")
-        conn.execute(SCHEMA)
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
         away = self.clock.load(conn)
         self.clock.save(conn, force=True)
+        # Nothing is deferred yet: the events before now need no recovery (an older release wrote every change).
+        conn.execute("INSERT OR IGNORE INTO rule_meta VALUES ('deferred_seq', ?)", (_newest_seq(conn),))
         conn.execute("COMMIT")
         self._load(conn)
         now = self.clock.now()
@@ -311,6 +333,7 @@ class RuleEngine(Processor):
             _LOGGER.info("rules: the gateway was away %.0f s; the rules' timers count that time", away)
 
     def apply(self, event: Event) -> None:
+        self._seen_seq = event.seq
         if event.kind == "alert.acknowledged":
             self._acknowledge(event)
             return
@@ -321,15 +344,13 @@ class RuleEngine(Processor):
             updated = event.model
             self._reroster |= isinstance(updated, DocumentUpdated) and updated.name == "roster"
         device = event.device_id
-        rules = self._by_kind.get(event.kind, ())
+        rules: Sequence[_Entry] | None = None
         if device is not None:
-            named = self._by_device.get((event.kind, device))
-            if named:
-                rules = [*rules, *named]
+            rules = self._by_device.get((event.kind, device))
         elif event.kind == "stock.level" and isinstance(event.model, StockLevel):
-            named = self._by_sku.get(event.model.sku)
-            if named:
-                rules = [*rules, *named]
+            rules = self._by_sku.get(event.model.sku)
+        if rules is None:
+            rules = self._by_kind.get(event.kind, ())
         if not rules:
             return
         ctx = Context(self, self.clock.now())
@@ -367,12 +388,17 @@ class RuleEngine(Processor):
             except Exception:  # one rule's bug: that rule skips the event (as if unseen), the others take it
                 _LOGGER.exception("rule %s failed on seq %d and skips it", rule.id, event.seq)
                 track.state, track.episode, track.due, track.data = state, episode, due, before
+                track.deferred = False
                 del out[emitted:]
                 continue
             if key not in dirty and (
                 track.state != state or track.episode != episode or track.due != due or track.data != before
             ):
-                dirty.add(key)
+                if track.deferred:  # the rule type says this change may wait (and can be recovered)
+                    self._deferred.add(key)
+                else:
+                    dirty.add(key)
+            track.deferred = False
             if track.due is not None and track.due < self._earliest:
                 self._earliest = track.due
 
@@ -410,7 +436,25 @@ class RuleEngine(Processor):
         self._load(conn)
 
     def reload(self, conn: sqlite3.Connection) -> None:
+        """Read the state again in the middle of a transaction: the changes this process deferred are not in the
+        tables, and the events that made them may not be either (they are inserted at the end): they are carried
+        over to the tracks that are still as they were, and written with the next write."""
+        carried = {
+            key: (t.fingerprint, t.episode, t.due, t.data)
+            for key in self._deferred
+            if (t := self._tracks.get(key)) is not None and t.state == PENDING
+        }
         self._load(conn)
+        for key, (fingerprint, episode, due, data) in carried.items():
+            track = self._tracks.get(key)
+            if track is not None and (track.fingerprint, track.episode, track.state) == (
+                fingerprint,
+                episode,
+                PENDING,
+            ):
+                track.due, track.data = due, data
+                self._dirty.add(key)
+        self._earliest = self._earliest_due()
 
     @property
     def wants_ticks(self) -> bool:  # type: ignore[override]
@@ -583,6 +627,11 @@ class RuleEngine(Processor):
                         self._by_sku.setdefault(sku, []).append(entry)
                 else:
                     self._by_kind.setdefault(kind, []).append(entry)
+        # The rules for every device (or SKU) first, then those naming it: one list per device, made once.
+        for (kind, device), named in self._by_device.items():
+            self._by_device[kind, device] = [*self._by_kind.get(kind, ()), *named]
+        for sku, named in self._by_sku.items():
+            self._by_sku[sku] = [*self._by_kind.get("stock.level", ()), *named]
 
     def _track(self, rule: RuleDefinition, subject: str) -> Track:
         key = (rule.id, subject)
@@ -720,7 +769,45 @@ class RuleEngine(Processor):
                 earliest = min(earliest, _esc_due(self.rules[track.rule_id], esc))
         return earliest
 
+    def _recover(self, conn: sqlite3.Connection) -> None:
+        """Changes deferred and not yet written when the gateway stopped (or a commit failed): the rule types that
+        defer bring their tracks up to date from the events since the last write of them, in the next write."""
+        self._deferred = set()
+        self._deferred_at = -math.inf
+        row = conn.execute("SELECT value FROM rule_meta WHERE key = 'deferred_seq'").fetchone()
+        if row is None:
+            return
+        since = self._deferred_seq = int(row[0])
+        newest = _newest_seq(conn)
+        self._seen_seq = max(since, newest)  # what was applied and not committed is applied again
+        recovering = {r.id: r for r in self.rules.values() if self.types[r.type].recover is not None}
+        if not recovering or newest <= since:
+            return
+        tracks: dict[str, list[Track]] = {}
+        for (rule_id, _), track in self._tracks.items():
+            if rule_id in recovering:
+                tracks.setdefault(rule_id, []).append(track)
+        by_type: dict[Recover, list[tuple[RuleDefinition, list[Track]]]] = {}
+        for rule_id, rule in recovering.items():
+            recover = self.types[rule.type].recover
+            assert recover is not None
+            by_type.setdefault(recover, []).append((rule, tracks.get(rule_id, [])))
+        now = self.clock.now()
+        for recover, rules in by_type.items():
+            for track in recover(conn, rules, since, now):
+                self._dirty.add((track.rule_id, track.subject))
+
     def _write(self, conn: sqlite3.Connection) -> list[Emit]:
+        now = self.clock.now()
+        if now - self._deferred_at >= DEFER_S:  # the deferred changes too, and from which seq to recover
+            self._deferred_at = now
+            self._dirty |= self._deferred
+            self._deferred = set()
+            if self._seen_seq != self._deferred_seq:
+                conn.execute("UPDATE rule_meta SET value = ? WHERE key = 'deferred_seq'", (self._seen_seq,))
+                self._deferred_seq = self._seen_seq
+        elif self._deferred and self._dirty:
+            self._deferred -= self._dirty
         if self._dirty or self._rewrite:
             tracks = [*self._rewrite, *(self._tracks[key] for key in self._dirty)]
             self._rewrite = []
@@ -753,6 +840,7 @@ class RuleEngine(Processor):
         self._by_rule = None
         self._retired = {}
         self._dirty.clear()
+        self._deferred = set()
         self._rewrite = []
         self._out = []
         for rule_id, subject, fp, state, episode, due, data in conn.execute("SELECT * FROM rule_state"):
@@ -775,6 +863,7 @@ class RuleEngine(Processor):
             )
             (self._tracks if rule is not None else self._retired)[key] = reset
             self._rewrite.append(reset)
+        self._recover(conn)
         now = self.clock.now()
         for key, track in self._tracks.items():  # open alerts of rules that began re-notifying or escalating
             rule = self.rules[track.rule_id]
@@ -794,6 +883,17 @@ def _source(event: Event) -> str | None:
     """The format that decoded a device's readings (a sensor sample's ``source``), or None."""
     model = event.model
     return model.source if isinstance(model, SensorSample) else None  # only samples say their format
+
+
+def _newest_seq(conn: sqlite3.Connection) -> int:
+    """The journal's newest seq (0 without an events table: the engine on a file of its own, as in a backtest)."""
+    if (
+        conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'").fetchone()
+        is None
+    ):
+        return 0
+    (seq,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+    return int(seq)
 
 
 def split_alert_id(alert_id: str) -> tuple[str, str, int] | None:

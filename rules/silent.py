@@ -9,6 +9,8 @@ was down is not the device's silence: at start each timer waits its full ``after
 
 from __future__ import annotations
 
+import sqlite3
+
 from gateway.kernel.events import DeviceStatus
 from gateway.kernel.pipeline import Event
 from gateway.kernel.rule_config import RuleDefinition, SilentRule
@@ -35,6 +37,8 @@ def observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> N
         return
     if track.state == ACTIVE:
         ctx.clear_alert(rule, track, f"{track.subject}: heard from again", {"seq": event.seq})
+    elif track.state == PENDING:  # only the timer restarts: written within a minute, recovered after a crash
+        track.deferred = True
     track.state, track.due = PENDING, ctx.now + rule.after_s
     track.data["last_seq"] = event.seq
 
@@ -50,6 +54,32 @@ def fire(ctx: Context, rule: RuleDefinition, track: Track) -> None:
             f"{track.subject}: nothing heard for {rule.after_s / 60:g} min",
             {"after_s": rule.after_s, "last_seq": track.data.get("last_seq"), "due_at": ctx.due_at(due)},
         )
+
+
+def recover(
+    conn: sqlite3.Connection, rules: list[tuple[RuleDefinition, list[Track]]], since: int, now: float
+) -> list[Track]:
+    """A waiting timer's restarts by readings are written within a minute, not at every reading: after a crash
+    (or a failed commit) each waiting track takes its device's newest reading since ``since`` from the journal,
+    and its timer waits its full time from now (late, never early)."""
+    newest = dict(
+        conn.execute(
+            "SELECT device_id, MAX(seq) FROM events WHERE seq > ? AND kind IN ('sensor.sample', 'sensor.reading')"
+            " AND device_id IS NOT NULL GROUP BY device_id",
+            (since,),
+        ).fetchall()
+    )
+    changed = []
+    for rule, tracks in rules:
+        assert isinstance(rule, SilentRule)
+        for track in tracks:
+            seq = newest.get(track.subject)
+            if track.state != PENDING or seq is None or seq <= track.data.get("last_seq", 0):
+                continue
+            track.data["last_seq"] = seq
+            track.due = max(track.due if track.due is not None else now, now + rule.after_s)
+            changed.append(track)
+    return changed
 
 
 def start(rule: RuleDefinition, track: Track, now: float) -> None:

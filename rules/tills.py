@@ -11,6 +11,7 @@ Time the gateway itself was down is not the till's silence: at start the count b
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Final
 
 from gateway.kernel.pipeline import Event
@@ -26,6 +27,8 @@ def observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> N
     assert isinstance(rule, RegisterSilentRule)
     if track.state == ACTIVE:
         ctx.clear_alert(rule, track, f"{track.subject}: receipts again", {"seq": event.seq})
+    elif track.state == PENDING:  # only the count restarts: written within a minute, recovered after a crash
+        track.deferred = True
     track.data["last_seq"] = event.seq
     track.data["since"] = ctx.now
     track.state = PENDING
@@ -60,6 +63,31 @@ def start(rule: RuleDefinition, track: Track, now: float) -> None:
     if track.state == PENDING and track.due is not None:
         track.data = {**track.data, "since": now}
         track.due = now  # the first tick works out the new due time from the opening hours
+
+
+def recover(
+    conn: sqlite3.Connection, rules: list[tuple[RuleDefinition, list[Track]]], since: int, now: float
+) -> list[Track]:
+    """A waiting till's receipts are written within a minute, not at every receipt: after a crash (or a failed
+    commit) each waiting track takes its till's newest receipt since ``since`` from the journal, and its count
+    begins again now (late, never early)."""
+    newest = dict(
+        conn.execute(
+            "SELECT device_id, MAX(seq) FROM events WHERE seq > ? AND kind IN ('pos.sale', 'pos.return')"
+            " AND device_id IS NOT NULL GROUP BY device_id",
+            (since,),
+        ).fetchall()
+    )
+    changed = []
+    for _, tracks in rules:
+        for track in tracks:
+            seq = newest.get(track.subject)
+            if track.state != PENDING or seq is None or seq <= track.data.get("last_seq", 0):
+                continue
+            track.data = {**track.data, "last_seq": seq, "since": now}
+            track.due = now  # the first tick works out the due time from the opening hours
+            changed.append(track)
+    return changed
 
 
 def _wait(ctx: Context, rule: RegisterSilentRule, track: Track, seconds: float) -> None:

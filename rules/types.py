@@ -13,10 +13,18 @@ RFID: Final = frozenset({"rfid.inventory"})
 RULE_TYPES: Final[dict[str, RuleType]] = {
     "temperature": RuleType(SAMPLES, temperature.observe, temperature.fire),
     "silent": RuleType(
-        SAMPLES | {"sensor.reading", "device.status"}, silent.observe, silent.fire, start=silent.start
+        SAMPLES | {"sensor.reading", "device.status"},
+        silent.observe,
+        silent.fire,
+        start=silent.start,
+        recover=silent.recover,
     ),
     "register_silent": RuleType(
-        frozenset({"pos.sale", "pos.return"}), tills.observe, tills.fire, start=tills.start
+        frozenset({"pos.sale", "pos.return"}),
+        tills.observe,
+        tills.fire,
+        start=tills.start,
+        recover=tills.recover,
     ),
     "door_open": RuleType(SAMPLES, cold_chain.door_observe, cold_chain.door_fire),
     "battery_low": RuleType(SAMPLES, cold_chain.battery_observe, cold_chain.no_timer),

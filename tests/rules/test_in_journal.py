@@ -182,3 +182,71 @@ def test_hqs_rules_document_takes_every_rule_type_of_the_config() -> None:
     # "stock.low" in HQ's document is the ledger's threshold; the alerts' own settings are in the store config
     assert set(get_args(get_args(AnyRule)[0])) == config_types - {StockLowAlerts} | {StockLowRule}
     assert {t.model_fields["type"].annotation.__args__[0] for t in config_types} <= set(RULE_TYPES)
+
+
+async def test_a_silence_timer_restarted_by_each_reading_is_written_later_and_recovered_from_the_journal(
+    tmp_path: Path,
+) -> None:
+    """A reading that only restarts a ``silent`` timer is not written at once (one row per reading would be most
+    of the rules' writes); a start finds the device's newest reading in the journal, and the alert names it."""
+    mono = [1000.0]
+    rules = TypeAdapter(list[RuleDefinition]).validate_python(
+        [{"id": "quiet", "type": "silent", "after_s": 600}]
+    )
+
+    def engine() -> RuleEngine:
+        return RuleEngine(rules, RuleClock(lambda: True, monotonic=lambda: mono[0]))
+
+    journal = new_journal(tmp_path, processors=[engine()])
+    async with running(journal):
+        for value in (4.0, 4.1, 4.2, 4.3, 4.4):
+            journal.submit(sample(value))
+            await flushed(journal)  # a commit each
+    ((stored,),) = query(journal, "SELECT data FROM rule_state WHERE rule_id = 'quiet'")
+    assert orjson.loads(stored)["last_seq"] == 1  # the first reading started the timer; the others waited
+
+    reopened = new_journal(tmp_path, processors=[engine()])  # as after a crash: nothing more was written
+    async with running(reopened):
+        mono[0] += 601  # the device stays quiet past after_s (counted from the start: late, never early)
+        await until(lambda: bool(query(reopened, "SELECT 1 FROM events WHERE kind='alert.raised'")), "alert")
+    ((body,),) = query(reopened, "SELECT body FROM events WHERE kind='alert.raised'")
+    assert orjson.loads(body)["data"]["details"]["last_seq"] == 5  # the newest reading, from the journal
+
+
+async def test_a_tills_receipts_restart_its_count_later_written_and_recovered_from_the_journal(
+    tmp_path: Path,
+) -> None:
+    """``register_silent`` defers the same way: after a stop, the alert names the till's newest receipt."""
+    mono = [1000.0]
+    rules = TypeAdapter(list[RuleDefinition]).validate_python(
+        [{"id": "till-quiet", "type": "register_silent", "after_s": 600}]
+    )
+
+    def engine() -> RuleEngine:
+        return RuleEngine(rules, RuleClock(lambda: True, monotonic=lambda: mono[0]))
+
+    def receipt(n: int) -> Draft:
+        body = {
+            "receipt_no": f"R{n}",
+            "register_id": "pos-01",
+            "currency": "HKD",
+            "lines": [{"sku": "SKU-1", "quantity": "1", "unit_price": "10"}],
+            "totals": {"subtotal": "10", "total": "10"},
+        }
+        return Draft("pos.sale", "pos-01", orjson.dumps(body), driver="mqtt")
+
+    journal = new_journal(tmp_path, processors=[engine()])
+    async with running(journal):
+        for n in range(1, 4):
+            journal.submit(receipt(n))
+            await flushed(journal)
+    ((stored,),) = query(journal, "SELECT data FROM rule_state WHERE rule_id = 'till-quiet'")
+    assert orjson.loads(stored)["last_seq"] == 1
+
+    reopened = new_journal(tmp_path, processors=[engine()])
+    async with running(reopened):
+        await until(lambda: reopened.last_seq >= 3, "started")
+        mono[0] += 601
+        await until(lambda: bool(query(reopened, "SELECT 1 FROM events WHERE kind='alert.raised'")), "alert")
+    ((body,),) = query(reopened, "SELECT body FROM events WHERE kind='alert.raised'")
+    assert orjson.loads(body)["data"]["details"]["last_seq"] == 3
