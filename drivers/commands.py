@@ -19,7 +19,7 @@ from typing import Final
 from cloud_bridge.commands import CommandError, DeviceWrite, Handler, Outcome, Request, command_key
 from drivers.errors import DriverError
 from gateway.kernel.events import ActionDone, ActionFailed
-from gateway.kernel.journal import QUEUE_LIMIT, Draft, Journal
+from gateway.kernel.journal import Journal
 
 DeviceWriter = Callable[[str, str, float], Awaitable[None]]
 DEVICE_WRITE_TIMEOUT_S: Final = 30.0
@@ -83,22 +83,5 @@ def _result(args: DeviceWrite) -> dict[str, object]:
 
 
 async def _record(journal: Journal, outcome: ActionDone, key: str) -> int | None:
-    """Commit the write's record under the command's key; its seq, or None when that key was committed before."""
     kind = "action.failed" if isinstance(outcome, ActionFailed) else "action.done"
-    settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    seqs: list[int | None] = []
-
-    def committed() -> None:
-        if not settled.done():
-            settled.set_result(None)
-
-    body = outcome.model_dump_json().encode()
-    draft = Draft(
-        kind, None, body, outcome, dedup_key=key, ack=committed, driver="downlink", done=seqs.append
-    )
-    while not journal.submit(draft):
-        room = asyncio.Event()
-        journal.when_below(QUEUE_LIMIT, room.set)
-        await room.wait()
-    await settled
-    return seqs[0] if seqs else None
+    return await journal.record(kind, outcome, key, driver="downlink")

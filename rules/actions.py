@@ -38,7 +38,7 @@ import orjson
 from gateway.kernel.clock import BOOT_ID
 from gateway.kernel.config import BrokerConfig
 from gateway.kernel.events import ActionDone, ActionFailed, AlertCleared, AlertRaised
-from gateway.kernel.journal import QUEUE_LIMIT, Draft, Journal
+from gateway.kernel.journal import Journal
 from gateway.kernel.mqtt_client import MqttClient, MqttError, PublishInvalidError, PublishRefusedError
 from gateway.kernel.pipeline import Event
 from gateway.kernel.rule_actions import PLACEHOLDER, ModbusWriteAction, MqttPublishAction
@@ -413,18 +413,4 @@ async def record_action(journal: Journal, outcome: ActionDone, key: str) -> int 
     """Commit ``action.done`` (or ``action.failed``) under ``key``; its seq once committed, None when an event was
     committed under that key before."""
     kind = "action.failed" if isinstance(outcome, ActionFailed) else "action.done"
-    settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    seqs: list[int | None] = []
-
-    def committed() -> None:
-        if not settled.done():
-            settled.set_result(None)
-
-    body = outcome.model_dump_json().encode()
-    draft = Draft(kind, None, body, outcome, dedup_key=key, ack=committed, done=seqs.append)
-    while not journal.submit(draft):
-        room = asyncio.Event()
-        journal.when_below(QUEUE_LIMIT, room.set)
-        await room.wait()
-    await settled
-    return seqs[0] if seqs else None
+    return await journal.record(kind, outcome, key)

@@ -34,7 +34,7 @@ from gateway.kernel.events import (
     NotificationFailed,
     NotificationSent,
 )
-from gateway.kernel.journal import QUEUE_LIMIT, Draft, Journal
+from gateway.kernel.journal import Journal
 from gateway.kernel.pipeline import Event
 from gateway.kernel.ratelimit import SlidingWindow
 from gateway.kernel.rule_config import Channel
@@ -258,18 +258,7 @@ class ChannelConsumer:
 
     async def _record(self, outcome: NotificationSent, key: str) -> None:
         kind = "notification.failed" if isinstance(outcome, NotificationFailed) else "notification.sent"
-        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def committed() -> None:
-            if not settled.done():
-                settled.set_result(None)
-
-        draft = Draft(kind, None, outcome.model_dump_json().encode(), outcome, dedup_key=key, ack=committed)
-        while not self._journal.submit(draft):
-            room = asyncio.Event()
-            self._journal.when_below(QUEUE_LIMIT, room.set)
-            await room.wait()
-        await settled
+        await self._journal.record(kind, outcome, key)
 
 
 def _plain(event: Event) -> dict[str, Any]:

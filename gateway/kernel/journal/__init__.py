@@ -14,6 +14,7 @@ the package runs SQL on the journal's tables: it calls the methods and functions
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,6 +53,7 @@ from gateway.kernel.journal.store import (
     key_committed,
 )
 from gateway.kernel.journal.writer import ACK_ONLY_DELAY_S, QUEUE_LIMIT
+from gateway.kernel.model import StrictModel
 from gateway.kernel.pipeline import Event, Processor
 
 __all__ = [
@@ -132,6 +134,25 @@ class Journal(Opening):
     async def stock_on_hand(self, sku: str) -> Any:
         """The stock ledger's on-hand quantity of ``sku`` as stored in the journal, or None."""
         return await self.reader.stock_on_hand(sku)
+
+    async def record(self, kind: str, model: StrictModel, key: str, driver: str = "gateway") -> int | None:
+        """Commit an event the gateway makes (an outcome) under the dedup key ``key``, waiting for room in the queue
+        and for the commit: its seq, or None when an event was committed under that key before."""
+        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        seqs: list[int | None] = []
+
+        def committed() -> None:
+            if not settled.done():
+                settled.set_result(None)
+
+        body = model.model_dump_json().encode()
+        draft = Draft(kind, None, body, model, dedup_key=key, ack=committed, driver=driver, done=seqs.append)
+        while not self.submit(draft):
+            room = asyncio.Event()
+            self.when_below(QUEUE_LIMIT, room.set)
+            await room.wait()
+        await settled
+        return seqs[0] if seqs else None
 
     async def events_after(
         self, seq: int, kinds: frozenset[str] | None, limit: int
