@@ -26,8 +26,7 @@ def _alarm_bits(names: tuple[str, ...]) -> tuple[str, ...]:
 # --- door_open
 
 
-def door_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
-    assert isinstance(rule, DoorOpenRule)
+def door_observe(ctx: Context, rule: DoorOpenRule, track: Track, event: Event) -> None:
     sample = event.model
     if not isinstance(sample, SensorSample) or rule.metric not in sample.values:
         return
@@ -58,8 +57,7 @@ def door_fire(ctx: Context, rule: RuleDefinition, track: Track) -> None:
 # --- battery_low
 
 
-def battery_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
-    assert isinstance(rule, BatteryLowRule)
+def battery_observe(ctx: Context, rule: BatteryLowRule, track: Track, event: Event) -> None:
     sample = event.model
     if not isinstance(sample, SensorSample):
         return
@@ -85,8 +83,7 @@ def battery_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Eve
 # --- controller_alarm
 
 
-def alarm_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
-    assert isinstance(rule, ControllerAlarmRule)
+def alarm_observe(ctx: Context, rule: ControllerAlarmRule, track: Track, event: Event) -> None:
     sample = event.model
     if not isinstance(sample, SensorSample):
         return

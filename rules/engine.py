@@ -356,9 +356,9 @@ class RuleEngine(Processor):
         ctx = Context(self, self.clock.now())
         source: object = _UNREAD
         if device is not None:
-            seen = _source(event)
-            if seen is not None:
-                self._sources[device] = seen  # a device.status says nothing of its format: remember it
+            model = event.model
+            if isinstance(model, SensorSample) and model.source is not None:  # remembered for device.status
+                self._sources[device] = model.source
         tracks, dirty, out = self._tracks, self._dirty, self._out
         for rule, rule_id, kind, observe, many, by_device, sources in rules:
             if many is not None:
@@ -369,7 +369,7 @@ class RuleEngine(Processor):
                     continue
                 if sources:
                     if source is _UNREAD:
-                        source = _source(event) or self._sources.get(device)
+                        source = self._sources.get(device)
                     if source not in sources:
                         continue
                 subject = device

@@ -17,8 +17,7 @@ from gateway.kernel.rule_config import RuleDefinition, SilentRule
 from rules.engine import ACTIVE, PENDING, Context, Track
 
 
-def observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
-    assert isinstance(rule, SilentRule)
+def observe(ctx: Context, rule: SilentRule, track: Track, event: Event) -> None:
     status = event.model if event.kind == "device.status" else None
     if isinstance(status, DeviceStatus):
         watched = "last_seq" in track.data or track.subject in rule.select.devices

@@ -17,8 +17,7 @@ from gateway.kernel.rule_config import RuleDefinition, TemperatureRule
 from rules.engine import ACTIVE, CLEARING, IDLE, PENDING, Context, Track
 
 
-def observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
-    assert isinstance(rule, TemperatureRule)
+def observe(ctx: Context, rule: TemperatureRule, track: Track, event: Event) -> None:
     sample = event.model
     if not isinstance(sample, SensorSample):
         return

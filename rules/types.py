@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 
+from gateway.kernel.pipeline import Event
 from rules import attendance, cold_chain, sales, shelves, silent, stock, temperature, tills
-from rules.engine import RuleType
+from rules.engine import Context, Observe, RuleType, Track
 
 SAMPLES: Final = frozenset({"sensor.sample"})
 RFID: Final = frozenset({"rfid.inventory"})
 
+
+def on(observe: Callable[[Context, Any, Track, Event], None]) -> Observe:
+    """An ``observe`` that takes its own rule model: the engine only ever gives it the rules of its type (the
+    registry below pairs them), so the hottest functions skip an isinstance check on every reading."""
+    return observe
+
+
 RULE_TYPES: Final[dict[str, RuleType]] = {
-    "temperature": RuleType(SAMPLES, temperature.observe, temperature.fire),
+    "temperature": RuleType(SAMPLES, on(temperature.observe), temperature.fire),
     "silent": RuleType(
         SAMPLES | {"sensor.reading", "device.status"},
-        silent.observe,
+        on(silent.observe),
         silent.fire,
         start=silent.start,
         recover=silent.recover,
@@ -26,9 +35,9 @@ RULE_TYPES: Final[dict[str, RuleType]] = {
         start=tills.start,
         recover=tills.recover,
     ),
-    "door_open": RuleType(SAMPLES, cold_chain.door_observe, cold_chain.door_fire),
-    "battery_low": RuleType(SAMPLES, cold_chain.battery_observe, cold_chain.no_timer),
-    "controller_alarm": RuleType(SAMPLES, cold_chain.alarm_observe, cold_chain.no_timer),
+    "door_open": RuleType(SAMPLES, on(cold_chain.door_observe), cold_chain.door_fire),
+    "battery_low": RuleType(SAMPLES, on(cold_chain.battery_observe), cold_chain.no_timer),
+    "controller_alarm": RuleType(SAMPLES, on(cold_chain.alarm_observe), cold_chain.no_timer),
     "stock.low": RuleType(
         frozenset({"stock.level"}), stock.low_observe, cold_chain.no_timer, subject=stock.sku_subject
     ),
