@@ -25,6 +25,7 @@ from gateway import __version__
 from gateway.config import GatewayConfig
 from gateway.kernel.clock import ClockState
 from gateway.kernel.clock_watch import ClockWatcher
+from gateway.kernel.consumer import Consumer, ConsumerState
 from gateway.kernel.journal import STALL_S, Draft, Journal, JournalCorruptError, JournalError
 from gateway.kernel.journal.datadir import DataDirBusyError, DataDirLock
 from gateway.kernel.logs import register_secret
@@ -144,6 +145,8 @@ class Gateway:
         self._api_bound: list[int] = []
         self._api_started = asyncio.Event()
         self._started_at = time.monotonic()
+        self.consumers: dict[str, tuple[Consumer, ConsumerState]] = {}
+        """The chat channels' and the rules' actions' consumers, by name, with their progress (for /health)."""
         for broker in (config.store_broker, config.hq):
             if broker.password is not None:
                 register_secret(broker.password.get_secret_value())
@@ -178,6 +181,13 @@ class Gateway:
         # A journal that cannot commit acknowledges nothing: every till waits. A blip (a busy SD card) is not
         # worth a 503; STALL_S of failures is.
         stall = self.journal.stall
+        now = time.monotonic()
+        # The chat channels and the rules' actions: one held up (a robot down, the store broker away) is reported,
+        # with status "ok": restarting the gateway would not bring the robot back.
+        consumers = {
+            name: state.report(now, getattr(consumer, "problem", None))
+            for name, (consumer, state) in self.consumers.items()
+        }
         reason = None
         if stall is not None and (stall[1] >= STALL_S or stall[0] == "journal_corrupt"):
             reason = stall[0]
@@ -212,6 +222,8 @@ class Gateway:
                 status: sum(1 for d in self.devices if d.health.status == status)
                 for status in ("unknown", "online", "offline", "error", "rate_limited")
             },
+            "consumers_ok": not any(report["behind"] for report in consumers.values()),
+            "consumers": consumers,
         }
 
     def _status_draft(self, status: str) -> Draft:
@@ -335,6 +347,12 @@ class Gateway:
         assert self._api_bound
         return self._api_bound[0]
 
+    def _watch(self, consumer: Consumer) -> ConsumerState:
+        """A consumer's progress, as /health reports it."""
+        state = ConsumerState()
+        self.consumers[consumer.name] = (consumer, state)
+        return state
+
     async def _notify(self) -> None:
         """One consumer per channel (rules/notify.py): each sends its alerts in order, each once."""
         import httpx
@@ -354,7 +372,8 @@ class Gateway:
                     store=self.config.store.name,
                     synced=self.clock.synced,
                 )
-                tg.create_task(run_consumer(self.journal, consumer), name=f"notify-{channel.id}")
+                state = self._watch(consumer)
+                tg.create_task(run_consumer(self.journal, consumer, state), name=f"notify-{channel.id}")
 
     async def _actions(self) -> None:
         """One consumer per action type (rules/actions.py): the MQTT messages to the store broker, the Modbus
@@ -378,7 +397,8 @@ class Gateway:
                     store_id=store,
                 )
                 for consumer in (mqtt, modbus):
-                    tg.create_task(run_consumer(self.journal, consumer), name=consumer.name)
+                    state = self._watch(consumer)
+                    tg.create_task(run_consumer(self.journal, consumer, state), name=consumer.name)
         finally:
             await publisher.close()
 

@@ -194,6 +194,8 @@ class ActionConsumer:
 
     kinds: frozenset[str] | None = frozenset({"alert.raised", "alert.cleared"})
     retry_base_s: float = 1.0
+    problem: str | None = None
+    """Why the message in hand is being retried (the store broker unreachable), for /health."""
     """MQTT: the first retry waits up to this long; each next one up to twice as long, at most a minute."""
 
     def __init__(
@@ -261,20 +263,24 @@ class ActionConsumer:
             )
         backoff = Backoff(base=self.retry_base_s, cap=60.0)
         attempts = 0
+        self.problem = None
         while True:  # a broker that is down delays only these actions: retried for as long as it takes
             attempts += 1
             try:
                 await self._publisher.publish(topic, payload, action.qos, action.retain)
             except PublishRefusedError as err:  # the broker's answer (an ACL's 0x87): the same every time
                 _LOGGER.warning("action %s for %s: the broker refused it: %s", action.id, alert.alert_id, err)
+                self.problem = None
                 return ActionFailed(
                     **common, topic=topic, attempts=attempts, reason="refused", error=str(err)[:500]
                 )
             except PublishInvalidError as err:
+                self.problem = None
                 return ActionFailed(
                     **common, topic=topic, attempts=attempts, reason="invalid", error=str(err)[:500]
                 )
             except (MqttError, OSError, TimeoutError) as err:  # no connection, or it dropped: retried
+                self.problem = type(err).__name__
                 delay = backoff.next_delay()
                 _LOGGER.warning(
                     "action %s for %s: publishing failed (%s), retrying in %.0f s",
@@ -285,6 +291,7 @@ class ActionConsumer:
                 )
                 await asyncio.sleep(delay)
                 continue
+            self.problem = None
             return ActionDone(**common, topic=topic, attempts=attempts)
 
     # --- Modbus ----------------------------------------------------------------------------------------------

@@ -138,6 +138,8 @@ class ChannelConsumer:
         self._client = client
         self._language = language
         self._store = store
+        self.problem: str | None = None
+        """Why the message in hand is being retried (an HTTP status, a robot's error code, a connection error)."""
         self.monotonic: Callable[[], float] = time.monotonic
         """The clock of its waits (retries, the rate, the refusal window), with :attr:`sleep`."""
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
@@ -210,12 +212,15 @@ class ChannelConsumer:
                         and self.monotonic() - first_refusal >= self.failed_after_s
                     ):
                         _LOGGER.error("notification to %s refused: %s", self.channel.id, err)
+                        self.problem = None
                         return attempts, str(err)[:500]
                 reason = str(err)
             except (httpx.HTTPError, httpx.InvalidURL) as err:
                 reason = type(err).__name__  # its text may hold the URL, and a robot's URL is its token
             else:
+                self.problem = None
                 return attempts, None
+            self.problem = reason
             delay = backoff.next_delay()
             _LOGGER.warning(
                 "notification to %s failed (%s), retrying in %.0f s", self.channel.id, reason, delay

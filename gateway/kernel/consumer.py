@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
-from typing import Final, Protocol
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
 
 from gateway.kernel.pipeline import Event
 from gateway.kernel.supervise import Backoff
@@ -28,6 +30,34 @@ BATCH: Final = 200
 """Events handed to a consumer at once, at most."""
 CURSOR_PREFIX: Final = "cursor:"
 """``meta`` key of a consumer's cursor: ``cursor:<name>``."""
+
+
+STUCK_S: Final = 60.0
+"""A consumer that has held the same events this long (a chat robot down, the store broker away) is reported
+as behind in /health."""
+
+
+@dataclass(slots=True)
+class ConsumerState:
+    """How a consumer is doing, for /health: where its cursor is, and since when it has held its events."""
+
+    cursor: int = 0
+    busy_since: float | None = None
+    """Monotonic time it took the events it is working on (None: waiting for new ones)."""
+    failures: int = 0
+    """Failed attempts in a row at the events it holds."""
+    error: str | None = None
+    """The last failure's type (never its text: it may hold a URL, and a chat robot's URL is its token)."""
+
+    def report(self, now: float, problem: str | None = None) -> dict[str, Any]:
+        busy_s = 0.0 if self.busy_since is None else now - self.busy_since
+        return {
+            "cursor": self.cursor,
+            "busy_s": round(busy_s, 1),
+            "behind": busy_s >= STUCK_S or self.failures > 0,
+            "failures": self.failures,
+            "error": problem or self.error,
+        }
 
 
 class CommittedLog(Protocol):
@@ -66,13 +96,15 @@ class Consumer(Protocol):
         ...
 
 
-async def run_consumer(log: CommittedLog, consumer: Consumer) -> None:
+async def run_consumer(log: CommittedLog, consumer: Consumer, state: ConsumerState | None = None) -> None:
     """Hand ``consumer`` every event committed after its cursor, until cancelled. A failing ``handle`` is
-    logged and retried with backoff, with the same events; it never holds back intake or other consumers."""
+    logged and retried with backoff, with the same events; it never holds back intake or other consumers.
+    ``state`` (for /health) follows its progress."""
+    state = state if state is not None else ConsumerState()
     woken = asyncio.Event()
     log.add_listener(lambda *_: woken.set())
     saved = await log.cursor(consumer.name)
-    cursor = log.last_seq if saved is None else saved
+    cursor = state.cursor = log.last_seq if saved is None else saved
     if saved is None:
         await log.save_cursor(consumer.name, cursor)
     backoff = Backoff(cap=60.0)
@@ -91,9 +123,13 @@ async def run_consumer(log: CommittedLog, consumer: Consumer) -> None:
             await asyncio.sleep(delay)
             continue
         if events:
+            if state.busy_since is None:
+                state.busy_since = time.monotonic()
             try:
                 await consumer.handle(events)
-            except Exception:
+            except Exception as err:
+                state.failures += 1
+                state.error = type(err).__name__
                 delay = backoff.next_delay()
                 _LOGGER.exception(
                     "consumer %s failed on seqs %d-%d; trying again in %.0f s",
@@ -105,8 +141,9 @@ async def run_consumer(log: CommittedLog, consumer: Consumer) -> None:
                 await asyncio.sleep(delay)
                 continue
             backoff.reset()
+            state.busy_since, state.failures, state.error = None, 0, None
         if through > cursor:
-            cursor = through
+            cursor = state.cursor = through
             await log.save_cursor(consumer.name, cursor)
         if len(events) < BATCH:
             await woken.wait()

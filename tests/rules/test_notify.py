@@ -18,7 +18,7 @@ import orjson
 from fastapi import FastAPI, Request, Response
 from pydantic import SecretStr, TypeAdapter
 
-from gateway.kernel.consumer import run_consumer
+from gateway.kernel.consumer import STUCK_S, ConsumerState, run_consumer
 from gateway.kernel.rule_config import Channel, RuleDefinition
 from rules.clock import RuleClock
 from rules.engine import RuleEngine
@@ -439,3 +439,30 @@ async def test_a_robot_down_for_ten_minutes_gets_every_message_afterwards_in_ord
     assert not query(journal, "SELECT 1 FROM events WHERE kind='notification.failed'")
     for at in (endpoints.ding_at, endpoints.ding_tried_at):  # at most 20 in any minute, refused ones included
         assert all(at[i + 20] - at[i] >= 60 for i in range(len(at) - 20)), at
+
+
+async def test_health_sees_a_channel_held_up_and_its_reason_and_then_caught_up(tmp_path: Path) -> None:
+    endpoints = Endpoints()
+    endpoints.down = 10**6  # answers 503 until told otherwise
+    engine = RuleEngine(RULES, RuleClock(lambda: True))
+    journal = new_journal(tmp_path, processors=[engine])
+    async with journal_running(journal), running(endpoints.app) as (base, _), httpx.AsyncClient() as client:
+        consumer = ChannelConsumer(channels(base)[0], engine, journal, client)
+        consumer.retry_base_s = 0.05
+        state = ConsumerState()
+        task = asyncio.create_task(run_consumer(journal, consumer, state))
+        try:
+            journal.submit(sample(9.0))
+            await until(lambda: consumer.problem == "HTTP 503", "retrying")
+            assert state.busy_since is not None
+            held = state.report(state.busy_since + STUCK_S, consumer.problem)
+            assert (held["behind"], held["error"]) == (True, "HTTP 503")  # a minute on: reported as behind
+            endpoints.down = 0
+            await until(lambda: state.busy_since is None, "caught up")
+            fine = state.report(time.monotonic(), consumer.problem)
+            assert (fine["behind"], fine["error"], fine["busy_s"]) == (False, None, 0.0)
+            assert fine["cursor"] >= 2  # past the alert (seq 2)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

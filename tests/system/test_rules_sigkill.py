@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 
@@ -96,6 +97,14 @@ async def test_sigkill_mid_window_and_while_open_raises_once_on_time_and_still_c
             await poll_until(lambda: bool(_kinds(journal, "alert.raised")), "the alert", within=60)
             raised_after = time.monotonic() - window_opened
             record_property("raised_after_s", round(raised_after, 2))
+            # The chat channel cannot be reached: /health names why its message waits (status stays ok).
+            async with httpx.AsyncClient() as client:
+
+                async def held_up() -> bool:
+                    health = (await client.get(f"{gateway.base_url}/health")).json()
+                    return bool(health["consumers"]["notify-ops"]["error"] == "ConnectError")
+
+                await poll_until(held_up, "/health shows the channel held up", within=60)
             gateway.kill()  # SIGKILL while the alert is open
             gateway.start()
             await gateway.wait_healthy()
