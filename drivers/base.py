@@ -18,6 +18,7 @@ from drivers.errors import DecodeError as DecodeError
 from drivers.errors import DriverError as DriverError
 from drivers.mqtt.devices import DeviceConfig
 from drivers.sink import DeviceSink
+from gateway.kernel.clock import ClockState
 from gateway.kernel.config import ApiConfig, BrokerConfig
 from gateway.kernel.journal import Journal
 from gateway.kernel.metrics import Metrics
@@ -73,6 +74,8 @@ class DriverContext:
     states: dict[str, DriverState] = field(default_factory=dict)
     device_writers: dict[str, Callable[[str, str, float], Awaitable[None]]] = field(default_factory=dict)
     """Device id -> ``async write(device_id, point, value)`` for drivers that can write (Modbus setpoints)."""
+    clock: ClockState = field(default_factory=ClockState)
+    """The gateway's answer to "is the wall clock synchronised?" (freshness windows need it)."""
 
     def client_id(self, role: str) -> str:
         """The stable MQTT client id for a role on the store broker (e.g. ``intake-<driver>``)."""

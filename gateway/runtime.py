@@ -109,7 +109,7 @@ class Gateway:
         )
         self.journal.new_journal = new_journal
         self.devices = DeviceRegistry(self.journal.submit)
-        self.drivers_ctx = DriverContext(self.journal, self.metrics, self.devices, config)
+        self.drivers_ctx = DriverContext(self.journal, self.metrics, self.devices, config, clock=self.clock)
         if config.api.enabled:
             from rules.alerts import alerts_router  # FastAPI is imported only when the API is on
             from rules.attendance_api import attendance_router

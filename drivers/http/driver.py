@@ -45,7 +45,6 @@ from drivers.http.mapped import Ignored, Mapper
 from drivers.http.signatures import TIMESTAMP_HEADER, signed_timestamp, verify
 from drivers.http.square import map_square
 from drivers.profiles import get_profile
-from gateway.kernel.clock import ClockState
 from gateway.kernel.config import WEBHOOK_PREFIX
 from gateway.kernel.logs import register_secret
 from gateway.kernel.ratelimit import TokenBucket
@@ -95,8 +94,8 @@ class HttpIntake:
         self._accepting = True
         self._dropped: Callable[[str], Any] = functools.partial(ctx.metrics.dropped.labels, config.name)
         self._unchecked = _unchecked_counter(ctx.metrics.registry).labels(config.name)
-        self.clock = ClockState()
-        """Whether wall time can be trusted for freshness windows (tests replace it)."""
+        self.clock = ctx.clock
+        """Whether wall time can be trusted for freshness windows (the gateway's; tests replace it)."""
         router = APIRouter()
         for source in config.sources:
             secret = source.secret.get_secret_value()
