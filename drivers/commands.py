@@ -83,5 +83,6 @@ def _result(args: DeviceWrite) -> dict[str, object]:
 
 
 async def _record(journal: Journal, outcome: ActionDone, key: str) -> int | None:
+    """Commit the write's record under the command's key; its seq, or None when that key was committed before."""
     kind = "action.failed" if isinstance(outcome, ActionFailed) else "action.done"
     return await journal.record(kind, outcome, key, driver="downlink")

@@ -361,6 +361,9 @@ class Gateway:
         from rules.notify import ChannelConsumer
 
         notifications = self.config.notifications
+        # A channel removed from the config forgets where it was: configured again later, it starts with the
+        # alerts from then on, not with everything since it was removed.
+        await self.journal.forget_cursors("notify-", {f"notify-{c.id}" for c in notifications.channels})
         async with httpx.AsyncClient() as client, asyncio.TaskGroup() as tg:
             for channel in notifications.channels:
                 consumer = ChannelConsumer(

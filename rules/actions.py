@@ -194,9 +194,9 @@ class ActionConsumer:
 
     kinds: frozenset[str] | None = frozenset({"alert.raised", "alert.cleared"})
     retry_base_s: float = 1.0
+    """MQTT: the first retry waits up to this long; each next one up to twice as long, at most a minute."""
     problem: str | None = None
     """Why the message in hand is being retried (the store broker unreachable), for /health."""
-    """MQTT: the first retry waits up to this long; each next one up to twice as long, at most a minute."""
 
     def __init__(
         self,

@@ -112,7 +112,11 @@ async def run_consumer(log: CommittedLog, consumer: Consumer, state: ConsumerSta
         woken.clear()
         try:
             events, through = await log.events_after(cursor, consumer.kinds, BATCH)
-        except Exception:  # a read that fails (a busy or failing disk): the same read again, later
+        except Exception as err:  # a read that fails (a busy or failing disk): the same read again, later
+            if state.busy_since is None:
+                state.busy_since = time.monotonic()
+            state.failures += 1
+            state.error = type(err).__name__
             delay = backoff.next_delay()
             _LOGGER.exception(
                 "consumer %s: reading events after seq %d failed; again in %.0f s",
@@ -141,7 +145,7 @@ async def run_consumer(log: CommittedLog, consumer: Consumer, state: ConsumerSta
                 await asyncio.sleep(delay)
                 continue
             backoff.reset()
-            state.busy_since, state.failures, state.error = None, 0, None
+        state.busy_since, state.failures, state.error = None, 0, None  # read, and handled if any
         if through > cursor:
             cursor = state.cursor = through
             await log.save_cursor(consumer.name, cursor)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.kernel.consumer import run_consumer
+from gateway.kernel.journal import Draft
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.pipeline import Event
 from tests.gateway.test_journal import flushed, new_journal, query, running, sample, status, until
@@ -107,3 +108,20 @@ async def test_a_cursor_alone_makes_no_commit_per_batch_and_is_written_at_a_clea
             assert sample(metrics, commits) - before <= 6
         assert idle.seen == []
     assert query(journal, "SELECT value FROM meta WHERE key = 'cursor:idle'") == [("5",)]
+
+
+async def test_cursors_of_consumers_no_longer_configured_are_forgotten(tmp_path: Path) -> None:
+    """A chat channel removed from the config and added again later starts at the journal's end, not with every
+    alert since it was removed."""
+    journal = new_journal(tmp_path)
+    async with running(journal):
+        for name in ("notify-ding", "notify-gone", "notify_gone", "actions-mqtt_publish"):
+            await journal.save_cursor(name, 1)
+        journal.submit(Draft("sensor.sample", "fridge-1", b'{"values":{"temperature":4.0}}', driver="modbus"))
+        await flushed(journal)  # the cursors commit with it
+        assert query(journal, "SELECT count(*) FROM meta WHERE key LIKE 'cursor:%'") == [(4,)]
+        assert await journal.forget_cursors("notify-", {"notify-ding"}) == 1
+        assert await journal.cursor("notify-gone") is None
+        assert await journal.cursor("notify-ding") == 1
+        assert await journal.cursor("notify_gone") == 1  # not a channel's: "_" is not a wildcard here
+        assert await journal.cursor("actions-mqtt_publish") == 1

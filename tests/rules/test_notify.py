@@ -142,6 +142,7 @@ async def notifying(
         for consumer in consumers:
             consumer.retry_base_s = 0.05
             consumer.failed_after_s = failed_after_s
+            await journal.save_cursor(consumer.name, 0)  # from the start, whenever the tasks get going
         tasks = [asyncio.create_task(run_consumer(journal, c)) for c in consumers]
         try:
             yield consumers
@@ -411,6 +412,7 @@ async def test_a_robot_down_for_ten_minutes_gets_every_message_afterwards_in_ord
         async with httpx.AsyncClient() as client:
             consumer = ChannelConsumer(ding, engine, journal, client, store="Causeway Bay")
             consumer.monotonic, consumer.sleep = clock.monotonic, clock.sleep
+            await journal.save_cursor(consumer.name, 0)
             task = asyncio.create_task(run_consumer(journal, consumer))
             try:
                 for i in range(12):
@@ -450,12 +452,13 @@ async def test_health_sees_a_channel_held_up_and_its_reason_and_then_caught_up(t
         consumer = ChannelConsumer(channels(base)[0], engine, journal, client)
         consumer.retry_base_s = 0.05
         state = ConsumerState()
+        await journal.save_cursor(consumer.name, 0)  # from the start, whenever the task gets going
         task = asyncio.create_task(run_consumer(journal, consumer, state))
         try:
             journal.submit(sample(9.0))
             await until(lambda: consumer.problem == "HTTP 503", "retrying")
             assert state.busy_since is not None
-            held = state.report(state.busy_since + STUCK_S, consumer.problem)
+            held = state.report(state.busy_since + STUCK_S + 1, consumer.problem)
             assert (held["behind"], held["error"]) == (True, "HTTP 503")  # a minute on: reported as behind
             endpoints.down = 0
             await until(lambda: state.busy_since is None, "caught up")

@@ -15,9 +15,11 @@ the package runs SQL on the journal's tables: it calls the methods and functions
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+from gateway.kernel.consumer import CURSOR_PREFIX
 from gateway.kernel.journal.backlog import (
     BUDGET_HEADROOM,
     DISK_CHECK_S,
@@ -174,6 +176,23 @@ class Journal(Opening):
         """A consumer's cursor: the one waiting for the next commit, else the committed one, else None."""
         pending = self.pending_cursor(name)
         return pending if pending is not None else await self.reader.cursor(name)
+
+    async def forget_cursors(self, prefix: str, keep: set[str]) -> int:
+        """Drop the saved cursors of consumers named ``prefix…`` other than ``keep`` (those no longer configured),
+        so that one configured again later starts at the journal's end, not where it stopped long ago. How many
+        were dropped."""
+        start = CURSOR_PREFIX + prefix
+
+        def work(conn: sqlite3.Connection) -> tuple[int, list[Draft]]:
+            names = [
+                key
+                for (key,) in conn.execute("SELECT key FROM meta")
+                if key.startswith(start) and key[len(CURSOR_PREFIX) :] not in keep
+            ]
+            conn.executemany("DELETE FROM meta WHERE key = ?", [(key,) for key in names])
+            return len(names), []
+
+        return await self.transact(work)
 
     def dedup_seq(self, key: str) -> int | None:
         """The seq committed under ``key`` within the dedup retention (its event may be gone), or None. Reader
