@@ -36,6 +36,8 @@ MAX_UNITS: Final = 10_000
 """Units one sale line accounts for, at most."""
 MAX_CREDITS: Final = 1_000
 """Units sold ahead of their departures, kept per GTIN, at most."""
+RESTART_GRACE_S: Final = 120.0
+"""After a restart, a waiting departure waits at least this long for the sales queued meanwhile."""
 
 
 def unused(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
@@ -283,12 +285,13 @@ def shrink_fire(ctx: Context, rule: RuleDefinition, track: Track) -> None:
 
 
 def shrink_start(rule: RuleDefinition, track: Track, now: float) -> None:
-    """At the gateway's start: each waiting departure gets its full sale window again (the tills' sales made
-    while the gateway was down are still on their way)."""
+    """At the gateway's start: each waiting departure waits at least :data:`RESTART_GRACE_S` more (or its whole
+    window, if shorter), so that the tills' sales made while the gateway was down, queued in the store broker
+    and delivered at once, can still account for it. (A full window again would let a gateway restarting more
+    often than the window never raise it.)"""
     assert isinstance(rule, PossibleShrinkRule)
-    pending = [
-        [p[0], p[1], max(float(p[2]), now + rule.sale_window_s)] for p in track.data.get("pending", ())
-    ]
+    grace = min(rule.sale_window_s, RESTART_GRACE_S)
+    pending = [[p[0], p[1], max(float(p[2]), now + grace)] for p in track.data.get("pending", ())]
     track.data = {**track.data, "pending": pending}
     dues = [p[2] for p in pending]
     if track.state == ACTIVE and "until" in track.data:
