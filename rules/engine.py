@@ -885,6 +885,17 @@ def _source(event: Event) -> str | None:
     return model.source if isinstance(model, SensorSample) else None  # only samples say their format
 
 
+def newest_by_device(conn: sqlite3.Connection, kinds: tuple[str, ...], since: int) -> dict[str, int]:
+    """Each device's newest event of ``kinds`` committed after ``since`` (for a rule type's ``recover``)."""
+    marks = ",".join("?" * len(kinds))
+    rows = conn.execute(
+        f"SELECT device_id, MAX(seq) FROM events WHERE seq > ? AND kind IN ({marks})"  # noqa: S608 - marks only
+        " AND device_id IS NOT NULL GROUP BY device_id",
+        (since, *kinds),
+    )
+    return {device: int(seq) for device, seq in rows}
+
+
 def _newest_seq(conn: sqlite3.Connection) -> int:
     """The journal's newest seq (0 without an events table: the engine on a file of its own, as in a backtest)."""
     if (

@@ -14,7 +14,7 @@ import sqlite3
 from gateway.kernel.events import DeviceStatus
 from gateway.kernel.pipeline import Event
 from gateway.kernel.rule_config import RuleDefinition, SilentRule
-from rules.engine import ACTIVE, PENDING, Context, Track
+from rules.engine import ACTIVE, PENDING, Context, Track, newest_by_device
 
 
 def observe(ctx: Context, rule: SilentRule, track: Track, event: Event) -> None:
@@ -61,13 +61,7 @@ def recover(
     """A waiting timer's restarts by readings are written within a minute, not at every reading: after a crash
     (or a failed commit) each waiting track takes its device's newest reading since ``since`` from the journal,
     and its timer waits its full time from now (late, never early)."""
-    newest = dict(
-        conn.execute(
-            "SELECT device_id, MAX(seq) FROM events WHERE seq > ? AND kind IN ('sensor.sample', 'sensor.reading')"
-            " AND device_id IS NOT NULL GROUP BY device_id",
-            (since,),
-        ).fetchall()
-    )
+    newest = newest_by_device(conn, ("sensor.sample", "sensor.reading"), since)
     changed = []
     for rule, tracks in rules:
         assert isinstance(rule, SilentRule)

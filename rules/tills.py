@@ -16,7 +16,7 @@ from typing import Final
 
 from gateway.kernel.pipeline import Event
 from gateway.kernel.rule_config import RegisterSilentRule, RuleDefinition
-from rules.engine import ACTIVE, PENDING, Context, Track
+from rules.engine import ACTIVE, PENDING, Context, Track, newest_by_device
 
 RECHECK_S: Final = 86_400.0
 """With no opening in sight (closed for weeks), look again this much later."""
@@ -71,13 +71,7 @@ def recover(
     """A waiting till's receipts are written within a minute, not at every receipt: after a crash (or a failed
     commit) each waiting track takes its till's newest receipt since ``since`` from the journal, and its count
     begins again now (late, never early)."""
-    newest = dict(
-        conn.execute(
-            "SELECT device_id, MAX(seq) FROM events WHERE seq > ? AND kind IN ('pos.sale', 'pos.return')"
-            " AND device_id IS NOT NULL GROUP BY device_id",
-            (since,),
-        ).fetchall()
-    )
+    newest = newest_by_device(conn, ("pos.sale", "pos.return"), since)
     changed = []
     for _, tracks in rules:
         for track in tracks:

@@ -137,9 +137,12 @@ class Journal(Opening):
         """The stock ledger's on-hand quantity of ``sku`` as stored in the journal, or None."""
         return await self.reader.stock_on_hand(sku)
 
-    async def record(self, kind: str, model: StrictModel, key: str, driver: str = "gateway") -> int | None:
-        """Commit an event the gateway makes (an outcome) under the dedup key ``key``, waiting for room in the queue
-        and for the commit: its seq, or None when an event was committed under that key before."""
+    async def record(
+        self, kind: str, model: StrictModel, key: str | None, driver: str = "gateway"
+    ) -> int | None:
+        """Commit an event the gateway makes (an outcome, an acknowledgement) under the dedup key ``key``, waiting
+        for room in the queue and for the commit: its seq, or None when an event was committed under that key
+        before."""
         settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         seqs: list[int | None] = []
 
