@@ -21,21 +21,8 @@ from gateway.kernel.events import ShortText, Sku
 from gateway.kernel.model import Identifier, StrictModel
 from gateway.kernel.rule_config import (
     STOCK_LOW_ID,
-    AttendanceRule,
-    BatteryLowRule,
-    ControllerAlarmRule,
-    DoorOpenRule,
-    MisplacedRule,
-    NegativeStockRule,
-    PossibleShrinkRule,
-    RegisterSilentRule,
-    ReplenishmentRule,
-    ReturnsSpikeRule,
+    EngineRule,
     RuleDefinition,
-    ShelfEmptyRule,
-    ShelfLowRule,
-    SilentRule,
-    TemperatureRule,
     check_one_attendance_rule,
 )
 
@@ -179,24 +166,7 @@ class StockLowRule(StrictModel):
     threshold: float = Field(ge=0, le=MAX_THRESHOLD)
 
 
-AnyRule = Annotated[
-    StockLowRule
-    | TemperatureRule
-    | SilentRule
-    | ReplenishmentRule
-    | RegisterSilentRule
-    | DoorOpenRule
-    | BatteryLowRule
-    | ControllerAlarmRule
-    | NegativeStockRule
-    | ReturnsSpikeRule
-    | ShelfLowRule
-    | ShelfEmptyRule
-    | PossibleShrinkRule
-    | MisplacedRule
-    | AttendanceRule,
-    Field(discriminator="type"),
-]
+AnyRule = Annotated[StockLowRule | EngineRule, Field(discriminator="type")]
 """A rule of HQ's ``rules`` document: the stock ledger's ``stock.low`` thresholds, or a rule of the engine (the
 same models as the store config's ``rules:``)."""
 

@@ -391,9 +391,8 @@ class AttendanceRule(RuleBase):
     )
 
 
-RuleDefinition = Annotated[
-    StockLowAlerts
-    | ReplenishmentRule
+EngineRule = (
+    ReplenishmentRule
     | TemperatureRule
     | SilentRule
     | RegisterSilentRule
@@ -406,9 +405,11 @@ RuleDefinition = Annotated[
     | ShelfEmptyRule
     | PossibleShrinkRule
     | MisplacedRule
-    | AttendanceRule,
-    Field(discriminator="type"),
-]
+    | AttendanceRule
+)
+"""Every rule type of the engine but ``stock.low``, whose settings differ between the store config
+(:class:`StockLowAlerts`) and HQ's ``rules`` document (its thresholds)."""
+RuleDefinition = Annotated[StockLowAlerts | EngineRule, Field(discriminator="type")]
 
 
 def check_one_attendance_rule(rules: list[RuleBase]) -> None:
