@@ -11,8 +11,12 @@ import sys
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway import __version__
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
 
 MAX_DEMO_RATE = 100.0
 """The demo's fastest till, in sales per second."""
@@ -464,20 +468,31 @@ def _utc_time(text: str) -> str:
     return utc_time(text).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _export(config_path: Path, since: str | None, until: str | None) -> int:
+def _journal_of(config_path: Path) -> tuple[GatewayConfig, Path] | None:
+    """The store config (its secrets not needed) and its journal's file; None, said on stderr, if either is
+    missing or the config is invalid."""
     from gateway.config_loader import ConfigError, load_config
-    from gateway.kernel.journal.reader import export_bodies
     from gateway.runtime import journal_path
 
     try:
         config = load_config(config_path, no_secrets=True)
     except ConfigError as err:
         print(err, file=sys.stderr)
-        return 1
+        return None
     db = journal_path(config.data_dir)
     if not db.exists():
         print(f"store-gateway: no journal at {db}", file=sys.stderr)
+        return None
+    return config, db
+
+
+def _export(config_path: Path, since: str | None, until: str | None) -> int:
+    from gateway.kernel.journal.reader import export_bodies
+
+    found = _journal_of(config_path)
+    if found is None:
         return 1
+    _, db = found
     out = sys.stdout.buffer
     for body in export_bodies(db.absolute().as_uri() + "?mode=ro", since, until):
         out.write(body + b"\n")
@@ -501,21 +516,14 @@ def _haccp(config_path: Path, device: str, day: date, fmt: str, out: Path) -> in
     import sqlite3
     import time
 
-    from gateway.config_loader import ConfigError, load_config
     from gateway.kernel.journal.reader import snapshot
     from gateway.ledger.documents import engine_rules
-    from gateway.runtime import journal_path
     from rules.haccp_report import as_csv, as_json, build_report, rules_in_force
 
-    try:
-        config = load_config(config_path, no_secrets=True)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
+    found = _journal_of(config_path)
+    if found is None:
         return 1
-    db = journal_path(config.data_dir)
-    if not db.exists():
-        print(f"store-gateway: no journal at {db}", file=sys.stderr)
-        return 1
+    config, db = found
     try:
         with snapshot(db.absolute().as_uri() + "?mode=ro") as conn:
             conn.execute("BEGIN")  # one snapshot: the gateway may be writing
