@@ -76,6 +76,9 @@ SKU_RULES: Final = frozenset(
 )
 """Rule types whose subject is not a device (a SKU, the store, a shelf's GTIN): their alerts carry no device id."""
 _UNREAD: Final = object()
+_NO_TRACKS: Final[list[Track | None]] = [None]
+MAX_PLANS: Final = 10_000
+"""The (event kind, device) pairs whose rules and tracks the engine keeps worked out (then it starts again)."""
 RETIRED: Final = "-"
 """The fingerprint of a track whose rule is no longer in force."""
 IDLE: Final = "idle"
@@ -288,6 +291,10 @@ class RuleEngine(Processor):
         self._by_device: dict[tuple[str, str], list[_Entry]] = {}
         self._by_sku: dict[str, list[_Entry]] = {}
         """The stock.level rules that name their SKUs, by SKU."""
+        self._plans: dict[tuple[str, str], tuple[Sequence[_Entry], list[Track | None]]] = {}
+        """(kind, device) -> its rules and their tracks (:meth:`_plan`); forgotten at every load."""
+        self._ctx = Context(self, 0.0)
+        """The context the rules' ``observe`` are given (its time set at every event)."""
         self._fingerprints: dict[str, str] = {}
         self._index(self._configured)
         self._tracks: dict[tuple[str, str], Track] = {}
@@ -344,42 +351,46 @@ class RuleEngine(Processor):
             updated = event.model
             self._reroster |= isinstance(updated, DocumentUpdated) and updated.name == "roster"
         device = event.device_id
-        rules: Sequence[_Entry] | None = None
         if device is not None:
-            rules = self._by_device.get((event.kind, device))
-        elif event.kind == "stock.level" and isinstance(event.model, StockLevel):
-            rules = self._by_sku.get(event.model.sku)
-        if rules is None:
-            rules = self._by_kind.get(event.kind, ())
-        if not rules:
-            return
-        ctx = Context(self, self.clock.now())
-        source: object = _UNREAD
-        if device is not None:
+            plan = self._plans.get((event.kind, device)) or self._plan(event.kind, device)
+            rules, slots = plan
             model = event.model
             if isinstance(model, SensorSample) and model.source is not None:  # remembered for device.status
                 self._sources[device] = model.source
+        else:
+            found_rules: Sequence[_Entry] | None = None
+            if event.kind == "stock.level" and isinstance(event.model, StockLevel):
+                found_rules = self._by_sku.get(event.model.sku)
+            rules = found_rules if found_rules is not None else self._by_kind.get(event.kind, ())
+            slots = _NO_TRACKS * len(rules)
+        if not rules:
+            return
+        ctx = self._ctx
+        ctx.now = self.clock.now()
+        source: object = _UNREAD
         tracks, dirty, out = self._tracks, self._dirty, self._out
-        for rule, rule_id, kind, observe, many, by_device, sources in rules:
-            if many is not None:
-                self._each(ctx, rule, many, event)
-                continue
-            if by_device:  # the index already matched the device
-                if device is None:
+        for (rule, rule_id, kind, observe, many, by_device, sources), track in zip(rules, slots, strict=True):
+            if (
+                track is None
+            ):  # not worked out when the device was first seen: a rule of another kind of subject
+                if many is not None:
+                    self._each(ctx, rule, many, event)
                     continue
-                if sources:
-                    if source is _UNREAD:
-                        source = self._sources.get(device)
-                    if source not in sources:
+                if by_device:  # the index already matched the device
+                    if device is None:
                         continue
-                subject = device
-            else:
-                found = kind.subject(rule, event)
-                if found is None:
-                    continue
-                subject = found
-            key = (rule_id, subject)
-            track = tracks.get(key) or self._track(rule, subject)
+                    if sources:
+                        if source is _UNREAD:
+                            source = self._sources.get(device)
+                        if source not in sources:
+                            continue
+                    subject = device
+                else:
+                    found = kind.subject(rule, event)
+                    if found is None:
+                        continue
+                    subject = found
+                track = tracks.get((rule_id, subject)) or self._track(rule, subject)
             state, episode, due, data = track.state, track.episode, track.due, track.data
             before = data.copy()  # to see a change, and to restore it if the rule fails
             emitted = len(out)
@@ -391,16 +402,32 @@ class RuleEngine(Processor):
                 track.deferred = False
                 del out[emitted:]
                 continue
-            if key not in dirty and (
-                track.state != state or track.episode != episode or track.due != due or track.data != before
-            ):
-                if track.deferred:  # the rule type says this change may wait (and can be recovered)
-                    self._deferred.add(key)
-                else:
-                    dirty.add(key)
+            if track.state != state or track.episode != episode or track.due != due or track.data != before:
+                key = (rule_id, track.subject)
+                if key not in dirty:
+                    if track.deferred:  # the rule type says this change may wait (and can be recovered)
+                        self._deferred.add(key)
+                    else:
+                        dirty.add(key)
+                if track.due is not None and track.due < self._earliest:
+                    self._earliest = track.due
             track.deferred = False
-            if track.due is not None and track.due < self._earliest:
-                self._earliest = track.due
+
+    def _plan(self, kind: str, device: str) -> tuple[Sequence[_Entry], list[Track | None]]:
+        """The rules an event of this kind from this device goes to, and (worked out once) the tracks of those whose
+        subject is the device and that read any format: the same for every such event until the next load."""
+        named = self._by_device.get((kind, device))
+        rules: Sequence[_Entry] = named if named is not None else self._by_kind.get(kind, ())
+        slots: list[Track | None] = [
+            (self._tracks.get((e.rule_id, device)) or self._track(e.rule, device))
+            if e.by_device and not e.sources
+            else None
+            for e in rules
+        ]
+        if len(self._plans) >= MAX_PLANS:  # devices come and go: the plans of those gone are not kept forever
+            self._plans.clear()
+        plan = self._plans[kind, device] = (rules, slots)
+        return plan
 
     def _acknowledge(self, event: Event) -> None:
         """Note an acknowledgement (its note is the corrective action) on the open alert it names."""
@@ -606,6 +633,7 @@ class RuleEngine(Processor):
         self._by_kind = {}
         self._by_device = {}
         self._by_sku = {}
+        self._plans = {}
         for rule in self.rules.values():
             rule_type = self.types[rule.type]
             by_device = rule_type.many is None and rule_type.subject is device_subject
@@ -837,6 +865,7 @@ class RuleEngine(Processor):
             merged.update((r.id, r) for r in hq)
             self._index(list(merged.values()))
         self._tracks = {}
+        self._plans = {}
         self._by_rule = None
         self._retired = {}
         self._dirty.clear()

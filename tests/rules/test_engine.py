@@ -456,3 +456,31 @@ def test_readings_out_of_order_or_repeated_are_taken_in_seq_order(rig_at: Any, t
     rig.tick()
     [raised] = rig.alerts
     assert raised.details["first"] == {"seq": 1, "value": 9.0}  # the window still opened with the first one
+
+
+def test_after_a_rollback_readings_reach_the_tracks_as_reloaded(rig_at: Any, time: Time) -> None:
+    """The engine works out once which tracks a device's readings go to; a failed commit's rollback reloads the
+    tracks, and the readings after it must reach the reloaded ones (a stale track would let this timer fire)."""
+    rig = rig_at([WARM])
+    rig.sample(temperature=9.0)  # a waiting timer, committed
+    rig.engine.rollback(rig.conn)  # as the journal's writer does after a failed commit
+    rig.sample(temperature=5.0)  # back in range: the timer stops
+    time.advance(700)
+    rig.tick()
+    assert rig.alerts == []
+
+
+def test_the_devices_worked_out_are_bounded_and_forgetting_them_changes_nothing(
+    rig_at: Any, time: Time, monkeypatch: Any
+) -> None:
+    import rules.engine
+
+    monkeypatch.setattr(rules.engine, "MAX_PLANS", 3)
+    rig = rig_at([WARM])
+    for n in range(10):
+        rig.sample(f"fridge-{n}", temperature=9.0)
+    assert len(rig.engine._plans) <= 3
+    rig.sample("fridge-0", temperature=5.0)  # its plan was forgotten: worked out again, same track
+    time.advance(600)
+    rig.tick()
+    assert sorted(a.subject for a in rig.alerts) == [f"fridge-{n}" for n in range(1, 10)]
