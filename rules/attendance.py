@@ -40,6 +40,7 @@ from gateway.kernel.events import (
     AttendanceShift,
     StaffCheckin,
 )
+from gateway.kernel.model import StrictModel
 from gateway.kernel.pipeline import Event
 from gateway.kernel.rule_config import AttendanceRule, RuleDefinition
 from rules.engine import ACTIVE, Context, Track
@@ -502,5 +503,5 @@ def _clock(ctx: Context, wall: float) -> str:
     return _local(ctx, wall).strftime("%H:%M")
 
 
-def unused(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
+def unused(ctx: Context, rule: RuleDefinition, track: Track, event: Event, model: StrictModel) -> None:
     """Not called: a check-in concerns several of the rule's tracks (:func:`checkin`)."""

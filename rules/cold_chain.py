@@ -10,6 +10,7 @@ import re
 from typing import Final
 
 from gateway.kernel.events import SensorSample
+from gateway.kernel.model import StrictModel
 from gateway.kernel.pipeline import Event
 from gateway.kernel.rule_config import BatteryLowRule, ControllerAlarmRule, DoorOpenRule, RuleDefinition
 from rules.engine import ACTIVE, IDLE, PENDING, Context, Track
@@ -26,8 +27,8 @@ def _alarm_bits(names: tuple[str, ...]) -> tuple[str, ...]:
 # --- door_open
 
 
-def door_observe(ctx: Context, rule: DoorOpenRule, track: Track, event: Event) -> None:
-    sample = event.model
+def door_observe(ctx: Context, rule: DoorOpenRule, track: Track, event: Event, model: StrictModel) -> None:
+    sample = model
     if not isinstance(sample, SensorSample) or rule.metric not in sample.values:
         return
     is_open = sample.values[rule.metric] >= 0.5
@@ -57,8 +58,10 @@ def door_fire(ctx: Context, rule: RuleDefinition, track: Track) -> None:
 # --- battery_low
 
 
-def battery_observe(ctx: Context, rule: BatteryLowRule, track: Track, event: Event) -> None:
-    sample = event.model
+def battery_observe(
+    ctx: Context, rule: BatteryLowRule, track: Track, event: Event, model: StrictModel
+) -> None:
+    sample = model
     if not isinstance(sample, SensorSample):
         return
     pct = sample.values.get(rule.metric)
@@ -83,8 +86,10 @@ def battery_observe(ctx: Context, rule: BatteryLowRule, track: Track, event: Eve
 # --- controller_alarm
 
 
-def alarm_observe(ctx: Context, rule: ControllerAlarmRule, track: Track, event: Event) -> None:
-    sample = event.model
+def alarm_observe(
+    ctx: Context, rule: ControllerAlarmRule, track: Track, event: Event, model: StrictModel
+) -> None:
+    sample = model
     if not isinstance(sample, SensorSample):
         return
     values = sample.values
@@ -92,7 +97,10 @@ def alarm_observe(ctx: Context, rule: ControllerAlarmRule, track: Track, event: 
     watched = [name for name in chosen if name in values] if chosen else _alarm_bits(tuple(values))
     if not watched:
         return
-    on = [name for name in watched if values[name] >= 0.5]
+    on: list[str] = []
+    for name in watched:  # a loop, not a comprehension: this runs for every reading of every fridge
+        if values[name] >= 0.5:
+            on.append(name)
     if on:
         on = sorted(set(on))
     if on and track.state != ACTIVE:

@@ -184,7 +184,7 @@ class Context:
         return self._engine.wall_of(at)
 
 
-Observe = Callable[[Context, RuleDefinition, Track, Event], None]
+Observe = Callable[[Context, RuleDefinition, Track, Event, StrictModel], None]
 """A rule type's reaction to one committed event about ``track``'s subject. The engine writes the track when its
 state, episode, timer or data compare different afterwards: replace a nested value in ``track.data`` (a new
 dict or list), never change one in place."""
@@ -358,9 +358,10 @@ class RuleEngine(Processor):
             if isinstance(model, SensorSample) and model.source is not None:  # remembered for device.status
                 self._sources[device] = model.source
         else:
+            model = event.model
             found_rules: Sequence[_Entry] | None = None
-            if event.kind == "stock.level" and isinstance(event.model, StockLevel):
-                found_rules = self._by_sku.get(event.model.sku)
+            if event.kind == "stock.level" and isinstance(model, StockLevel):
+                found_rules = self._by_sku.get(model.sku)
             rules = found_rules if found_rules is not None else self._by_kind.get(event.kind, ())
             slots = _NO_TRACKS * len(rules)
         if not rules:
@@ -395,7 +396,7 @@ class RuleEngine(Processor):
             before = data.copy()  # to see a change, and to restore it if the rule fails
             emitted = len(out)
             try:
-                observe(ctx, rule, track, event)
+                observe(ctx, rule, track, event, model)
             except Exception:  # one rule's bug: that rule skips the event (as if unseen), the others take it
                 _LOGGER.exception("rule %s failed on seq %d and skips it", rule.id, event.seq)
                 track.state, track.episode, track.due, track.data = state, episode, due, before

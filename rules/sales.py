@@ -11,6 +11,7 @@ import math
 from typing import Final
 
 from gateway.kernel.events import PosReturn, PosSale
+from gateway.kernel.model import StrictModel
 from gateway.kernel.pipeline import Event
 from gateway.kernel.rule_config import ReturnsSpikeRule, RuleDefinition
 from rules.engine import ACTIVE, Context, Track
@@ -27,9 +28,8 @@ def store_subject(rule: RuleDefinition, event: Event) -> str | None:
     return STORE
 
 
-def spike_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
+def spike_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event, model: StrictModel) -> None:
     assert isinstance(rule, ReturnsSpikeRule)
-    model = event.model
     if not isinstance(model, PosSale):
         return
     amount = float(abs(model.totals.total))

@@ -17,6 +17,7 @@ import math
 from typing import Any, Final
 
 from gateway.kernel.events import PosReturn, PosSale, RfidInventory
+from gateway.kernel.model import StrictModel
 from gateway.kernel.pipeline import Event
 from gateway.kernel.rule_config import (
     MisplacedRule,
@@ -40,7 +41,7 @@ RESTART_GRACE_S: Final = 120.0
 """After a restart, a waiting departure waits at least this long for the sales queued meanwhile."""
 
 
-def unused(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
+def unused(ctx: Context, rule: RuleDefinition, track: Track, event: Event, model: StrictModel) -> None:
     """The per-track ``observe`` these rule types do not use (their ``many`` takes the tracks)."""
 
 

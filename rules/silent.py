@@ -12,13 +12,14 @@ from __future__ import annotations
 import sqlite3
 
 from gateway.kernel.events import DeviceStatus
+from gateway.kernel.model import StrictModel
 from gateway.kernel.pipeline import Event
 from gateway.kernel.rule_config import RuleDefinition, SilentRule
 from rules.engine import ACTIVE, PENDING, Context, Track, newest_by_device
 
 
-def observe(ctx: Context, rule: SilentRule, track: Track, event: Event) -> None:
-    status = event.model if event.kind == "device.status" else None
+def observe(ctx: Context, rule: SilentRule, track: Track, event: Event, model: StrictModel) -> None:
+    status = model if event.kind == "device.status" else None
     if isinstance(status, DeviceStatus):
         watched = "last_seq" in track.data or track.subject in rule.select.devices
         if status.status in ("offline", "error") and watched and track.state != ACTIVE:

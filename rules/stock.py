@@ -7,6 +7,7 @@ from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 from gateway.kernel.events import StockLevel, StockReplenishmentDraft
+from gateway.kernel.model import StrictModel
 from gateway.kernel.pipeline import Event
 from gateway.kernel.rule_config import NegativeStockRule, ReplenishmentRule, RuleDefinition, StockLowAlerts
 from rules.engine import ACTIVE, Context, Track
@@ -20,10 +21,10 @@ def sku_subject(rule: RuleDefinition, event: Event) -> str | None:
     return level.sku
 
 
-def low_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
+def low_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event, model: StrictModel) -> None:
     """At or below the SKU's safety stock raises; above it (or no threshold any more) clears."""
     assert isinstance(rule, StockLowAlerts)
-    level = event.model
+    level = model
     assert isinstance(level, StockLevel)
     on_hand = format(level.on_hand, "f")
     safety = None if level.safety_stock is None else format(level.safety_stock, "f")
@@ -42,9 +43,11 @@ def low_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) 
         ctx.clear_alert(rule, track, f"{level.sku}: on hand {on_hand}, above safety stock {safety}", evidence)
 
 
-def negative_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
+def negative_observe(
+    ctx: Context, rule: RuleDefinition, track: Track, event: Event, model: StrictModel
+) -> None:
     assert isinstance(rule, NegativeStockRule)
-    level = event.model
+    level = model
     assert isinstance(level, StockLevel)
     if level.on_hand < 0 and track.state != ACTIVE:
         ctx.raise_alert(
@@ -57,13 +60,15 @@ def negative_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Ev
         ctx.clear_alert(rule, track, f"{level.sku}: on hand {level.on_hand}", {"seq": event.seq})
 
 
-def replenish_observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
+def replenish_observe(
+    ctx: Context, rule: RuleDefinition, track: Track, event: Event, model: StrictModel
+) -> None:
     """The inventory position (on-hand plus the open drafts: what is on order) at or below the reorder point: a
     draft for what is missing up to the order-up-to level, in whole packs. Stock that rises (a delivery, a
     return) counts against the oldest open drafts, unit for unit; a draft not delivered after ``open_days`` is
     dropped (an order that never came is suggested again)."""
     assert isinstance(rule, ReplenishmentRule)
-    level = event.model
+    level = model
     assert isinstance(level, StockLevel)
     reorder = _dec(rule.reorder_point) if rule.reorder_point is not None else level.safety_stock
     kept = [d for d in track.data.get("open", []) if ctx.now - float(d[1]) < rule.open_s]

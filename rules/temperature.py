@@ -12,13 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.kernel.events import SensorSample
+from gateway.kernel.model import StrictModel
 from gateway.kernel.pipeline import Event
 from gateway.kernel.rule_config import RuleDefinition, TemperatureRule
 from rules.engine import ACTIVE, CLEARING, IDLE, PENDING, Context, Track
 
 
-def observe(ctx: Context, rule: TemperatureRule, track: Track, event: Event) -> None:
-    sample = event.model
+def observe(ctx: Context, rule: TemperatureRule, track: Track, event: Event, model: StrictModel) -> None:
+    sample = model
     if not isinstance(sample, SensorSample):
         return
     data = track.data

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Final
 
+from gateway.kernel.model import StrictModel
 from gateway.kernel.pipeline import Event
 from gateway.kernel.rule_config import RegisterSilentRule, RuleDefinition
 from rules.engine import ACTIVE, PENDING, Context, Track, newest_by_device
@@ -23,7 +24,7 @@ RECHECK_S: Final = 86_400.0
 UNSYNCED_RECHECK_S: Final = 60.0
 
 
-def observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event) -> None:
+def observe(ctx: Context, rule: RuleDefinition, track: Track, event: Event, model: StrictModel) -> None:
     assert isinstance(rule, RegisterSilentRule)
     if track.state == ACTIVE:
         ctx.clear_alert(rule, track, f"{track.subject}: receipts again", {"seq": event.seq})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final
 
+from gateway.kernel.model import StrictModel
 from gateway.kernel.pipeline import Event
 from rules import attendance, cold_chain, sales, shelves, silent, stock, temperature, tills
 from rules.engine import Context, Observe, RuleType, Track
@@ -13,7 +14,7 @@ SAMPLES: Final = frozenset({"sensor.sample"})
 RFID: Final = frozenset({"rfid.inventory"})
 
 
-def on(observe: Callable[[Context, Any, Track, Event], None]) -> Observe:
+def on(observe: Callable[[Context, Any, Track, Event, StrictModel], None]) -> Observe:
     """An ``observe`` that takes its own rule model: the engine only ever gives it the rules of its type (the
     registry below pairs them), so the hottest functions skip an isinstance check on every reading."""
     return observe
