@@ -351,29 +351,34 @@ class RuleEngine(Processor):
             updated = event.model
             self._reroster |= isinstance(updated, DocumentUpdated) and updated.name == "roster"
         device = event.device_id
+        slots: list[Track | None] | None = None
         if device is not None:
-            plan = self._plans.get((event.kind, device)) or self._plan(event.kind, device)
-            rules, slots = plan
-            model = event.model
-            if isinstance(model, SensorSample) and model.source is not None:  # remembered for device.status
-                self._sources[device] = model.source
+            plan = self._plans.get((event.kind, device))
+            if plan is not None:
+                rules, slots = plan
+            else:
+                named = self._by_device.get((event.kind, device))
+                rules = named if named is not None else self._by_kind.get(event.kind, ())
         else:
-            model = event.model
             found_rules: Sequence[_Entry] | None = None
-            if event.kind == "stock.level" and isinstance(model, StockLevel):
-                found_rules = self._by_sku.get(model.sku)
+            if event.kind == "stock.level":
+                level = event.model
+                if isinstance(level, StockLevel):
+                    found_rules = self._by_sku.get(level.sku)
             rules = found_rules if found_rules is not None else self._by_kind.get(event.kind, ())
-            slots = _NO_TRACKS * len(rules)
         if not rules:
             return
+        model = event.model
+        if device is not None and isinstance(model, SensorSample) and model.source is not None:
+            self._sources[device] = model.source  # remembered for device.status
         ctx = self._ctx
         ctx.now = self.clock.now()
         source: object = _UNREAD
         tracks, dirty, out = self._tracks, self._dirty, self._out
-        for (rule, rule_id, kind, observe, many, by_device, sources), track in zip(rules, slots, strict=True):
-            if (
-                track is None
-            ):  # not worked out when the device was first seen: a rule of another kind of subject
+        for (rule, rule_id, kind, observe, many, by_device, sources), track in zip(
+            rules, slots or _NO_TRACKS * len(rules), strict=True
+        ):
+            if track is None:  # found each time: a first event, no device, a format filter, another subject
                 if many is not None:
                     self._each(ctx, rule, many, event)
                     continue
@@ -413,22 +418,18 @@ class RuleEngine(Processor):
                 if track.due is not None and track.due < self._earliest:
                     self._earliest = track.due
             track.deferred = False
+        if device is not None and slots is None:
+            self._plan(event.kind, device, rules)
 
-    def _plan(self, kind: str, device: str) -> tuple[Sequence[_Entry], list[Track | None]]:
-        """The rules an event of this kind from this device goes to, and (worked out once) the tracks of those whose
-        subject is the device and that read any format: the same for every such event until the next load."""
-        named = self._by_device.get((kind, device))
-        rules: Sequence[_Entry] = named if named is not None else self._by_kind.get(kind, ())
-        slots: list[Track | None] = [
-            (self._tracks.get((e.rule_id, device)) or self._track(e.rule, device))
-            if e.by_device and not e.sources
-            else None
-            for e in rules
-        ]
+    def _plan(self, kind: str, device: str, rules: Sequence[_Entry]) -> None:
+        """After the first event of this kind from this device: its rules, and the tracks (made by that event, in
+        the rules' order) of those whose subject is the device and that read any format. The next such events
+        find them here, until the next load."""
+        tracks = self._tracks
+        slots = [tracks.get((e.rule_id, device)) if e.by_device and not e.sources else None for e in rules]
         if len(self._plans) >= MAX_PLANS:  # devices come and go: the plans of those gone are not kept forever
             self._plans.clear()
-        plan = self._plans[kind, device] = (rules, slots)
-        return plan
+        self._plans[kind, device] = (rules, slots)
 
     def _acknowledge(self, event: Event) -> None:
         """Note an acknowledgement (its note is the corrective action) on the open alert it names."""

@@ -484,3 +484,28 @@ def test_the_devices_worked_out_are_bounded_and_forgetting_them_changes_nothing(
     time.advance(600)
     rig.tick()
     assert sorted(a.subject for a in rig.alerts) == [f"fridge-{n}" for n in range(1, 10)]
+
+
+def test_timers_due_in_the_same_tick_fire_in_the_rules_order(rig_at: Any, time: Time) -> None:
+    """A device's tracks are made in the order of its rules (a rule reading one format among them), so timers due
+    together fire, and their alerts take seqs, in that order."""
+    rig = rig_at(
+        [
+            {**WARM, "id": "by-format", "select": {"sources": ["dixell-xr"]}},
+            {**WARM, "id": "any-format"},
+        ]
+    )
+    rig.sample(temperature=9.0)
+    rig.sample(temperature=9.5)  # the second reading meets the tracks the first one made
+    time.advance(600)
+    rig.tick()
+    assert [a.details["rule_id"] for a in rig.alerts] == ["by-format", "any-format"]
+
+
+def test_an_event_no_rule_reads_is_not_parsed(rig_at: Any) -> None:
+    from gateway.kernel.pipeline import Event
+
+    rig = rig_at([WARM])
+    event = Event(1, "barcode.scanned", "scanner-1", b'{"not": "a barcode"}')  # payload parsed only when read
+    rig.engine.apply(event)
+    assert event._model is None
