@@ -9,6 +9,7 @@ pyserial) are never imported.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -76,6 +77,8 @@ class DriverContext:
     """Device id -> ``async write(device_id, point, value)`` for drivers that can write (Modbus setpoints)."""
     clock: ClockState = field(default_factory=ClockState)
     """The gateway's answer to "is the wall clock synchronised?" (freshness windows need it)."""
+    state_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set whenever a driver's connection state is set (who waits for one clears it first)."""
 
     def client_id(self, role: str) -> str:
         """The stable MQTT client id for a role on the store broker (e.g. ``intake-<driver>``)."""
@@ -92,4 +95,5 @@ class DriverContext:
         state = self.state(driver)
         state.connected = connected
         state.error = None if connected else error
+        self.state_changed.set()
         self.metrics.driver_connected.labels(driver).set(1 if connected else 0)

@@ -7,6 +7,7 @@ the uplink a moment to deliver, leave a retained 'offline' status at HQ, close. 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ from gateway.kernel.journal.datadir import DataDirBusyError, DataDirLock
 from gateway.kernel.logs import register_secret
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.outbox import CLASSES
+from gateway.kernel.sd_notify import Notifier
 from gateway.ledger.commands import ledger_handlers
 from gateway.ledger.documents import engine_rules, planogram, roster
 from gateway.ledger.stock import StockLedger, utc_day
@@ -49,6 +51,10 @@ SHUTDOWN_DRAIN_S: Final = 3.0
 """How long a clean shutdown waits for HQ to acknowledge what is committed."""
 SHUTDOWN_FLUSH_S: Final = 10.0
 """How long a clean shutdown waits for the journal to commit what is in hand."""
+READY_WAIT_S: Final = 20.0
+"""At start, systemd hears READY=1 once the store broker's intake is connected, or after this long without it."""
+WEDGED_S: Final = STALL_S
+"""A journal writer stuck (or failing to commit) this long stops the systemd watchdog's pings."""
 
 
 def journal_path(data_dir: Path) -> Path:
@@ -147,6 +153,8 @@ class Gateway:
         self._started_at = time.monotonic()
         self.consumers: dict[str, tuple[Consumer, ConsumerState]] = {}
         """The chat channels' and the rules' actions' consumers, by name, with their progress (for /health)."""
+        self.notifier = Notifier.from_env()
+        """systemd's notify socket (``Type=notify``, ``WatchdogSec=``), when systemd started the gateway."""
         for broker in (config.store_broker, config.hq):
             if broker.password is not None:
                 register_secret(broker.password.get_secret_value())
@@ -290,9 +298,12 @@ class Gateway:
                     else None
                 )
                 actions = tg.create_task(self._actions(), name="actions")
+                systemd = tg.create_task(self._systemd(), name="systemd-notify")
                 self.started.set()
                 await stop.wait()
                 _LOGGER.info("stopping: taking no more device messages")
+                systemd.cancel()
+                self.notifier.stopping("stopping: flushing to HQ")
                 for intake in self.intakes:
                     intake.pause()
                 downlink.cancel()  # a command in progress still commits below; it is answered again next start
@@ -323,6 +334,60 @@ class Gateway:
         finally:
             await self.journal.close()
         _LOGGER.info("stopped cleanly")
+
+    async def _systemd(self) -> None:
+        """systemd's ``Type=notify``: READY=1 once the journal has committed (the writer works), the API listens
+        and the store broker's intake is connected (or READY_WAIT_S has passed: the other devices' intakes work
+        without it, and /health tells); then, with ``WatchdogSec=``, WATCHDOG=1 every half of it for as long as
+        the event loop runs this and the journal's writer is healthy (:meth:`wedged`)."""
+        notifier = self.notifier
+        if not notifier.enabled:
+            return
+        await self.journal.flush()
+        if self.config.api.enabled:
+            await self._api_started.wait()
+        mqtt = [c.name for c in self.config.drivers if c.type == "mqtt"]
+        states = self.drivers_ctx.states
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(READY_WAIT_S):
+                while not all(name in states and states[name].connected for name in mqtt):
+                    self.drivers_ctx.state_changed.clear()
+                    await self.drivers_ctx.state_changed.wait()
+        waiting = [n for n in mqtt if not (n in states and states[n].connected)]
+        status = (
+            "running" if not waiting else f"running; store broker not connected yet ({', '.join(waiting)})"
+        )
+        notifier.ready(status)
+        _LOGGER.info("told systemd: ready (%s)", status)
+        if notifier.watchdog_s is None:
+            return
+        interval = max(0.05, notifier.watchdog_s / 2)
+        sick: str | None = None
+        while True:
+            problem = self.wedged()
+            if problem is None:
+                if sick is not None:
+                    _LOGGER.warning("the journal's writer is healthy again: pinging systemd's watchdog again")
+                    notifier.status("running")
+                notifier.ping()
+            elif problem != sick:
+                _LOGGER.error("%s: no more pings to systemd's watchdog, which restarts the gateway", problem)
+                notifier.status(f"not pinging the watchdog: {problem}")
+            sick = problem
+            await asyncio.sleep(interval)
+
+    def wedged(self) -> str | None:
+        """Why the journal's writer is not healthy, or None: its loop has not gone round for WEDGED_S (a commit
+        or a housekeeping step hung), or commits have failed for WEDGED_S (not for a full disk: a restart would
+        not free space, and the journal already frees what it may). The event loop's own health is that the
+        caller runs at all."""
+        idle = time.monotonic() - self.journal.beat
+        if idle >= WEDGED_S:
+            return f"the journal's writer has not gone round for {idle:.0f} s"
+        stall = self.journal.stall
+        if stall is not None and stall[0] != "disk_full" and stall[1] >= WEDGED_S:
+            return f"the journal has not committed for {stall[1]:.0f} s ({stall[0]})"
+        return None
 
     async def _flush_for_shutdown(self) -> None:
         """Commit and acknowledge what is in hand, but never hang a shutdown on a failing disk."""

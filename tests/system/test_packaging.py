@@ -540,7 +540,9 @@ def test_systemd_unit_has_the_required_settings() -> None:
     service = unit["Service"]
     data_dir = str(GatewayConfig.model_fields["data_dir"].default)
     expected = {
-        "Type": "exec",
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "WatchdogSec": "60",
         "User": "store-gateway",
         "StateDirectory": Path(data_dir).name,
         "Restart": "always",

@@ -45,6 +45,9 @@ class Health(Core):
         """First intake commit that succeeded since the last failure: the stall ends RECOVERED_S after it."""
         self._waiting_since: float | None = None
         """Since when items have waited in the queue without a commit taking any (None: the queue is empty)."""
+        self.beat = time.monotonic()
+        """When the writer's loop last went round (at least every second while it runs): a commit or a
+        housekeeping step hung on a card that stopped answering stops it (the systemd watchdog reads it)."""
 
     def declare_corrupt(self, reason: str) -> None:
         """The database is damaged (a commit, a read or the integrity check said so): acknowledge nothing more,

@@ -220,6 +220,7 @@ class Writer(Backlog):
         idle = min(DISK_CHECK_S, self._outbox.housekeeping_interval_s)
         try:
             while True:
+                self.beat = time.monotonic()
                 if self.corrupt is not None:
                     raise JournalCorruptError(f"journal {self.path} is damaged: {self.corrupt}")
                 # First thing at start (disk check, TTL), then after every commit or idle second.
