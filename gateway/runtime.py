@@ -11,10 +11,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
 import orjson
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 
 from cloud_bridge.commands import Handler
 from cloud_bridge.downlink import Downlink
@@ -29,8 +32,9 @@ from gateway.kernel.clock_watch import ClockWatcher
 from gateway.kernel.consumer import Consumer, ConsumerState
 from gateway.kernel.journal import STALL_S, Draft, Journal, JournalCorruptError, JournalError
 from gateway.kernel.journal.datadir import DataDirBusyError, DataDirLock
+from gateway.kernel.journal.reader import oldest_pending
 from gateway.kernel.logs import register_secret
-from gateway.kernel.metrics import Metrics
+from gateway.kernel.metrics import Metrics, Scraped
 from gateway.kernel.outbox import CLASSES
 from gateway.kernel.sd_notify import Notifier
 from gateway.ledger.commands import ledger_handlers
@@ -154,6 +158,8 @@ class Gateway:
         self.consumers: dict[str, tuple[Consumer, ConsumerState]] = {}
         """The chat channels' and the rules' actions' consumers, by name, with their progress (for /health)."""
         self.notifier = Notifier.from_env()
+        self.metrics.downlink_connected.set_function(lambda: 1.0 if self.downlink.connected else 0.0)
+        self.metrics.registry.register(Scraped(self._scraped))
         """systemd's notify socket (``Type=notify``, ``WatchdogSec=``), when systemd started the gateway."""
         for broker in (config.store_broker, config.hq):
             if broker.password is not None:
@@ -334,6 +340,32 @@ class Gateway:
         finally:
             await self.journal.close()
         _LOGGER.info("stopped cleanly")
+
+    def _scraped(self) -> list[Metric]:
+        """The metrics worked out at each scrape: the rules' evaluations and errors, the outbox's oldest waiting
+        event by class (an age by the wall clock, which the event's ``recorded_at`` is too)."""
+        evaluations = CounterMetricFamily(
+            "storegw_rule_evaluations", "Rules the committed events met (an event and a rule: one)."
+        )
+        evaluations.add_metric([], self.rules.evaluations)
+        errors = CounterMetricFamily(
+            "storegw_rule_errors", "Events (or timers) a rule failed on, by rule id.", labels=["rule_id"]
+        )
+        for rule_id, count in list(self.rules.errors.items()):  # the writer's thread may add one meanwhile
+            errors.add_metric([rule_id], count)
+        age = GaugeMetricFamily(
+            "storegw_outbox_oldest_age_seconds",
+            "Age of the oldest event not yet delivered to HQ, by class (absent: nothing waits).",
+            labels=["class"],
+        )
+        if self.journal.path.exists():
+            now = time.time()
+            for cls, recorded_at in oldest_pending(
+                self.journal.path.absolute().as_uri() + "?mode=ro"
+            ).items():
+                at = datetime.fromisoformat(recorded_at.replace("Z", "+00:00")).timestamp()
+                age.add_metric([CLASSES[cls]], max(0.0, now - at))
+        return [evaluations, errors, age]
 
     async def _systemd(self) -> None:
         """systemd's ``Type=notify``: READY=1 once the journal has committed (the writer works), the API listens

@@ -294,6 +294,10 @@ class RuleEngine(Processor):
         self._plans: dict[tuple[str, str], tuple[Sequence[_Entry], list[Track | None]]] = {}
         """(kind, device) -> its rules and their tracks (:meth:`_plan`); forgotten at every load."""
         self._ctx = Context(self, 0.0)
+        self.evaluations = 0
+        """(Event, rule) pairs the index matched since start (``storegw_rule_evaluations``)."""
+        self.errors: dict[str, int] = {}
+        """Rule id -> events its rule failed on since start (``storegw_rule_errors``)."""
         """The context the rules' ``observe`` are given (its time set at every event)."""
         self._fingerprints: dict[str, str] = {}
         self._index(self._configured)
@@ -368,6 +372,7 @@ class RuleEngine(Processor):
             rules = found_rules if found_rules is not None else self._by_kind.get(event.kind, ())
         if not rules:
             return
+        self.evaluations += len(rules)
         model = event.model
         if device is not None and isinstance(model, SensorSample) and model.source is not None:
             self._sources[device] = model.source  # remembered for device.status
@@ -404,6 +409,7 @@ class RuleEngine(Processor):
                 observe(ctx, rule, track, event, model)
             except Exception:  # one rule's bug: that rule skips the event (as if unseen), the others take it
                 _LOGGER.exception("rule %s failed on seq %d and skips it", rule.id, event.seq)
+                self.errors[rule_id] = self.errors.get(rule_id, 0) + 1
                 track.state, track.episode, track.due, track.data = state, episode, due, before
                 track.deferred = False
                 del out[emitted:]
@@ -737,6 +743,7 @@ class RuleEngine(Processor):
             work(ctx, rule, *args)
         except Exception:  # like a failing observe: that rule skips it, the others go on
             _LOGGER.exception("rule %s failed and skips what it was doing", rule.id)
+            self.errors[rule.id] = self.errors.get(rule.id, 0) + 1
             for key, (state, episode, due, data) in touched.items():
                 track = self._tracks[key]
                 track.state, track.episode, track.due, track.data = state, episode, due, data

@@ -5,9 +5,20 @@ Every drop, rejection and eviction has a counter here: nothing is lost silently.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+_LOGGER = logging.getLogger(__name__)
+
+MAX_RULE_LABELS: Final = 1000
+"""Distinct rule ids ``storegw_alerts`` labels (more are counted as ``other``)."""
 
 
 @dataclass
@@ -52,6 +63,28 @@ class Metrics:
             registry=r,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
         )
+        self.device_events = Counter(
+            "storegw_device_events",
+            "Events committed, by device and kind (the config's devices: a bounded set).",
+            ["device", "kind"],
+            registry=r,
+        )
+        self.alerts = Counter(
+            "storegw_alerts",
+            "Alert events committed, by rule id and what happened (raised, cleared, escalated, acknowledged).",
+            ["rule_id", "event"],
+            registry=r,
+        )
+        self.notifications = Counter(
+            "storegw_notifications",
+            "Chat notifications whose outcome is committed, by channel and outcome (sent, failed).",
+            ["channel", "outcome"],
+            registry=r,
+        )
+        self.downlink_connected = Gauge(
+            "storegw_downlink_connected", "1 while subscribed to HQ's commands.", registry=r
+        )
+        self._rule_ids: set[str] = set()
         self.last_seq = Gauge("storegw_journal_last_seq", "Highest committed seq.", registry=r)
         self.delivered_seq = Gauge(
             "storegw_uplink_delivered_seq", "Every seq up to this one is acked by HQ.", registry=r
@@ -102,3 +135,44 @@ class Metrics:
             ["command", "status"],
             registry=r,
         )
+
+    def count_outcomes(self, bodies: Sequence[bytes]) -> None:
+        """Count the committed alerts (by rule id) and notification outcomes (by channel) among these envelopes."""
+        for body in bodies:
+            try:
+                envelope = orjson.loads(body)
+                kind, data = envelope["kind"], envelope["data"]
+                if kind.startswith("alert."):
+                    alert_id = data.get("alert_id") or data.get("details", {}).get("alert_id")
+                    rule = str(alert_id).partition("/")[0] if alert_id else str(data.get("rule", ""))
+                    self.alerts.labels(self._rule_label(rule), kind.removeprefix("alert.")).inc()
+                elif kind in ("notification.sent", "notification.failed"):
+                    self.notifications.labels(data["channel"], kind.removeprefix("notification.")).inc()
+            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+                continue  # not ours to judge: the event is committed; it is only not counted
+
+    def _rule_label(self, rule_id: str) -> str:
+        """Rule ids come from the config and HQ; an acknowledgement may name any: at most MAX_RULE_LABELS."""
+        if rule_id in self._rule_ids:
+            return rule_id
+        if len(self._rule_ids) >= MAX_RULE_LABELS:
+            return "other"
+        self._rule_ids.add(rule_id)
+        return rule_id
+
+
+class Scraped(Collector):
+    """Metrics worked out when Prometheus scrapes (a read of the journal, counters another part keeps)."""
+
+    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self._collect = collect
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            return list(self._collect())
+        except Exception:  # a scrape must not fail for one of these: the others are still served
+            _LOGGER.exception("metrics: a scraped metric failed")
+            return ()

@@ -69,6 +69,8 @@ class Committed:
     """Outbox classes that got new events."""
     evicted_through: dict[int, int] = field(default_factory=dict)
     """Per class: undelivered events up to this seq were evicted (the delivered watermark moves past them)."""
+    devices: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(device id, kind) -> events committed (events with a device)."""
 
     @property
     def duplicates(self) -> int:
@@ -110,6 +112,8 @@ def merge(total: Committed | None, part: Committed | None) -> Committed | None:
         total.kinds[kind] = total.kinds.get(kind, 0) + count
     for driver, count in part.duplicates_by_driver.items():
         total.duplicates_by_driver[driver] = total.duplicates_by_driver.get(driver, 0) + count
+    for key, count in part.devices.items():
+        total.devices[key] = total.devices.get(key, 0) + count
     total.first_seq = min(total.first_seq, part.first_seq) if total.bodies else part.first_seq
     total.last_seq = max(total.last_seq, part.last_seq)
     total.bodies += part.bodies

@@ -193,6 +193,17 @@ def snapshot(db_uri: str) -> Iterator[sqlite3.Connection]:
         yield conn
 
 
+def oldest_pending(db_uri: str) -> dict[int, str]:
+    """Per outbox class: when its oldest event not yet delivered to HQ was recorded (ISO 8601; classes with none
+    waiting are absent)."""
+    with snapshot(db_uri) as conn:
+        rows = conn.execute(
+            "SELECT s.cls, (SELECT e.recorded_at FROM events e WHERE e.cls = s.cls AND e.seq > s.delivered_seq"
+            " ORDER BY e.seq LIMIT 1) FROM outbox_state s"
+        ).fetchall()
+    return {int(cls): str(at) for cls, at in rows if at is not None}
+
+
 def events_page(
     db_uri: str,
     kind: str | None,

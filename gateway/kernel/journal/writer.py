@@ -409,6 +409,10 @@ class Writer(Backlog):
         self._metrics.delivered_seq.set(self.delivered_seq)
         for kind, count in result.kinds.items():
             self._metrics.committed.labels(kind).inc(count)
+        for (device, kind), count in result.devices.items():
+            self._metrics.device_events.labels(device, kind).inc(count)
+        if any(kind.startswith(("alert.", "notification.")) for kind in result.kinds):
+            self._metrics.count_outcomes(result.bodies)
         for driver, count in result.duplicates_by_driver.items():
             self._metrics.duplicates.labels(driver).inc(count)
         for r in result.rejected:
@@ -565,9 +569,14 @@ class Writer(Backlog):
         if not rows and not rejected and not duplicates:
             return None
         kinds: dict[str, int] = {}
+        devices: dict[tuple[str, str], int] = {}
         for row in rows:
             kinds[row[2]] = kinds.get(row[2], 0) + 1
-        return Committed(first, seq, kinds, [r[6] for r in rows], rejected, duplicates, classes, moved)
+            if row[3] is not None:
+                devices[row[3], row[2]] = devices.get((row[3], row[2]), 0) + 1
+        return Committed(
+            first, seq, kinds, [r[6] for r in rows], rejected, duplicates, classes, moved, devices
+        )
 
     def _envelope_args(self) -> dict[str, Any]:
         return {"ids_json": self._ids_json, "synced": self._clock.synced(), "kind_class": self.kind_class}
