@@ -27,6 +27,7 @@ if [[ -z $root ]]; then
         echo "run this as root (sudo bash $0)" >&2
         exit 1
     fi
+    apt-get update -qq
     apt-get install -y -qq python3-venv mosquitto
     if ! id store-gateway >/dev/null 2>&1; then
         useradd --system --home-dir /var/lib/store-gateway --no-create-home --shell /usr/sbin/nologin \
@@ -36,7 +37,14 @@ fi
 
 echo "installing the gateway in $venv"
 python3 -m venv "$venv"
-"$venv/bin/pip" install --quiet --disable-pip-version-check --upgrade "$src"
+# The dependencies as pinned, each checked against its hash (as the Docker image does); then the gateway itself,
+# built from a clean copy of the checkout (a build/ left in it would bring old modules along).
+"$venv/bin/pip" install --quiet --disable-pip-version-check --require-hashes -r "$src/requirements.lock"
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+tar -C "$src" --exclude=./build --exclude='./*.egg-info' --exclude=./.venv --exclude=./.git -cf - . \
+    | tar -C "$stage" -xf -
+"$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --upgrade "$stage"
 
 install -d -m 0755 "$etc" "$etc/tls"
 install -d -m 0700 "$etc/secrets"
@@ -56,8 +64,9 @@ fi
 (
     umask 077
     for name in store_mqtt_password gateway_api_token; do
-        if [[ ! -e $etc/secrets/$name ]]; then
-            python3 -c 'import secrets; print(secrets.token_urlsafe(32))' >"$etc/secrets/$name"
+        if [[ ! -s $etc/secrets/$name ]]; then  # written whole, then renamed: never left half-written
+            python3 -c 'import secrets; print(secrets.token_urlsafe(32))' >"$etc/secrets/$name.new"
+            mv "$etc/secrets/$name.new" "$etc/secrets/$name"
             echo "generated the secret $name"
         fi
     done
@@ -85,3 +94,6 @@ fi
 echo "- edit $etc/store.yaml; set up the store broker and its accounts (store-gateway broker provision)"
 echo "- sudo -u store-gateway $venv/bin/store-gateway check-config --no-secrets $etc/store.yaml"
 echo "- systemctl start store-gateway; systemctl status store-gateway"
+if [[ -z $root ]] && systemctl is-active --quiet store-gateway; then
+    echo "- the gateway is running the version installed before: systemctl restart store-gateway"
+fi

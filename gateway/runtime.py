@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -158,9 +159,9 @@ class Gateway:
         self.consumers: dict[str, tuple[Consumer, ConsumerState]] = {}
         """The chat channels' and the rules' actions' consumers, by name, with their progress (for /health)."""
         self.notifier = Notifier.from_env()
+        """systemd's notify socket (``Type=notify``, ``WatchdogSec=``), when systemd started the gateway."""
         self.metrics.downlink_connected.set_function(lambda: 1.0 if self.downlink.connected else 0.0)
         self.metrics.registry.register(Scraped(self._scraped))
-        """systemd's notify socket (``Type=notify``, ``WatchdogSec=``), when systemd started the gateway."""
         for broker in (config.store_broker, config.hq):
             if broker.password is not None:
                 register_secret(broker.password.get_secret_value())
@@ -358,67 +359,91 @@ class Gateway:
             "Age of the oldest event not yet delivered to HQ, by class (absent: nothing waits).",
             labels=["class"],
         )
-        if self.journal.path.exists():
-            now = time.time()
-            for cls, recorded_at in oldest_pending(
-                self.journal.path.absolute().as_uri() + "?mode=ro"
-            ).items():
-                at = datetime.fromisoformat(recorded_at.replace("Z", "+00:00")).timestamp()
-                age.add_metric([CLASSES[cls]], max(0.0, now - at))
+        try:
+            waiting = oldest_pending(self.journal.path.absolute().as_uri() + "?mode=ro")
+        except sqlite3.Error:  # not there yet, or busy past the timeout: this scrape shows no ages
+            waiting = {}
+        now = time.time()
+        for cls, recorded_at in waiting.items():
+            at = datetime.fromisoformat(recorded_at.replace("Z", "+00:00")).timestamp()
+            age.add_metric([CLASSES[cls]], max(0.0, now - at))
         return [evaluations, errors, age]
 
     async def _systemd(self) -> None:
         """systemd's ``Type=notify``: READY=1 once the journal has committed (the writer works), the API listens
         and the store broker's intake is connected (or READY_WAIT_S has passed: the other devices' intakes work
-        without it, and /health tells); then, with ``WatchdogSec=``, WATCHDOG=1 every half of it for as long as
-        the event loop runs this and the journal's writer is healthy (:meth:`wedged`)."""
+        without it; STATUS says so until it connects). A full disk at start is ready too: a restart would not free
+        space, and /health tells. Then, with ``WatchdogSec=``, WATCHDOG=1 every quarter of it for as long as the
+        event loop runs this and the journal's writer is healthy (:meth:`wedged`)."""
         notifier = self.notifier
         if not notifier.enabled:
             return
-        await self.journal.flush()
+        flushed = asyncio.ensure_future(self.journal.flush())
+        try:
+            while not flushed.done():
+                await asyncio.wait({flushed}, timeout=1.0)
+                failing = self.journal.failing_now()
+                if failing is not None and failing[0] == "disk_full":
+                    break
+        finally:
+            flushed.cancel()
         if self.config.api.enabled:
             await self._api_started.wait()
-        mqtt = [c.name for c in self.config.drivers if c.type == "mqtt"]
-        states = self.drivers_ctx.states
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(READY_WAIT_S):
-                while not all(name in states and states[name].connected for name in mqtt):
+                while self._systemd_status() != "running":
                     self.drivers_ctx.state_changed.clear()
                     await self.drivers_ctx.state_changed.wait()
-        waiting = [n for n in mqtt if not (n in states and states[n].connected)]
-        status = (
-            "running" if not waiting else f"running; store broker not connected yet ({', '.join(waiting)})"
-        )
+        status = self._systemd_status()
         notifier.ready(status)
         _LOGGER.info("told systemd: ready (%s)", status)
-        if notifier.watchdog_s is None:
-            return
-        interval = max(0.05, notifier.watchdog_s / 2)
+        interval = max(0.05, notifier.watchdog_s / 4) if notifier.watchdog_s is not None else 1.0
         sick: str | None = None
         while True:
+            await asyncio.sleep(interval)
             problem = self.wedged()
             if problem is None:
                 if sick is not None:
                     _LOGGER.warning("the journal's writer is healthy again: pinging systemd's watchdog again")
-                    notifier.status("running")
-                notifier.ping()
-            elif problem != sick:
-                _LOGGER.error("%s: no more pings to systemd's watchdog, which restarts the gateway", problem)
-                notifier.status(f"not pinging the watchdog: {problem}")
-            sick = problem
-            await asyncio.sleep(interval)
+                    sick = None
+                now = self._systemd_status()
+                if now != status:
+                    status = now
+                    notifier.status(status)
+                if notifier.watchdog_s is not None:
+                    notifier.ping()
+            elif problem[0] != sick:
+                sick = problem[0]
+                status = f"not pinging the watchdog: {problem[1]}"
+                _LOGGER.error(
+                    "%s: no more pings to systemd's watchdog, which restarts the gateway", problem[1]
+                )
+                notifier.status(status)
 
-    def wedged(self) -> str | None:
-        """Why the journal's writer is not healthy, or None: its loop has not gone round for WEDGED_S (a commit
-        or a housekeeping step hung), or commits have failed for WEDGED_S (not for a full disk: a restart would
-        not free space, and the journal already frees what it may). The event loop's own health is that the
-        caller runs at all."""
+    def _systemd_status(self) -> str:
+        """The one line ``systemctl status`` shows while the gateway is well."""
+        failing = self.journal.failing_now()
+        if failing is not None and failing[0] == "disk_full":
+            return "running; the disk is full (see /health)"
+        states = self.drivers_ctx.states
+        waiting = [
+            c.name
+            for c in self.config.drivers
+            if c.type == "mqtt" and not (c.name in states and states[c.name].connected)
+        ]
+        return "running" if not waiting else f"running; store broker not connected ({', '.join(waiting)})"
+
+    def wedged(self) -> tuple[str, str] | None:
+        """Why the journal's writer is not healthy (a kind, and words for the log), or None: it has been in one step
+        (a commit, a housekeeping step) for WEDGED_S, or commits have been failing, or items waiting with no commit
+        taking them, for WEDGED_S right now. A full disk is not: a restart would not free space, and the journal
+        already frees what it may. The event loop's own health is that the caller runs at all."""
         idle = time.monotonic() - self.journal.beat
         if idle >= WEDGED_S:
-            return f"the journal's writer has not gone round for {idle:.0f} s"
-        stall = self.journal.stall
-        if stall is not None and stall[0] != "disk_full" and stall[1] >= WEDGED_S:
-            return f"the journal has not committed for {stall[1]:.0f} s ({stall[0]})"
+            return "writer", f"the journal's writer has been in one step for {idle:.0f} s"
+        failing = self.journal.failing_now()
+        if failing is not None and failing[0] != "disk_full" and failing[1] >= WEDGED_S:
+            return failing[0], f"the journal has not committed for {failing[1]:.0f} s ({failing[0]})"
         return None
 
     async def _flush_for_shutdown(self) -> None:

@@ -294,11 +294,12 @@ class RuleEngine(Processor):
         self._plans: dict[tuple[str, str], tuple[Sequence[_Entry], list[Track | None]]] = {}
         """(kind, device) -> its rules and their tracks (:meth:`_plan`); forgotten at every load."""
         self._ctx = Context(self, 0.0)
+        """The context the rules' ``observe`` are given (its time set at every event)."""
         self.evaluations = 0
-        """(Event, rule) pairs the index matched since start (``storegw_rule_evaluations``)."""
+        """(Event, rule) pairs the index matched since start, rolled-back commits included
+        (``storegw_rule_evaluations``)."""
         self.errors: dict[str, int] = {}
         """Rule id -> events its rule failed on since start (``storegw_rule_errors``)."""
-        """The context the rules' ``observe`` are given (its time set at every event)."""
         self._fingerprints: dict[str, str] = {}
         self._index(self._configured)
         self._tracks: dict[tuple[str, str], Track] = {}

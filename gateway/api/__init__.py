@@ -154,7 +154,8 @@ def _status_routes(
     health: Callable[[], dict[str, Any]],
     devices: Callable[[], list[dict[str, Any]]] | None,
 ) -> APIRouter:
-    """``/api/devices``, ``/health`` and ``/metrics``: the gateway's own state, no journal read."""
+    """``/api/devices``, ``/health`` and ``/metrics``: the gateway's own state (``/metrics`` also reads the
+    outbox's oldest waiting events, on a read-only connection of its own)."""
     router = APIRouter()
 
     @router.get("/api/devices")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -68,17 +69,25 @@ async def test_every_metric_the_store_dashboard_names_is_on_a_running_gateway(
         gateway.close()
     exposed: set[str] = set()
     for family in text_string_to_metric_families(answer.text):
-        exposed |= {family.name, f"{family.name}_total", f"{family.name}_bucket"}
-        exposed |= {sample.name for sample in family.samples}
+        # The names a query may use: a counter's with _total, a histogram's series, a gauge's own.
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}.get(
+            family.type, ("",)
+        )
+        exposed |= {family.name + suffix for suffix in suffixes}
     assert sorted(named - exposed) == []
     for wanted in ("storegw_device_events", "storegw_outbox_oldest_age_seconds", "storegw_alerts"):
         assert any(name.startswith(wanted) for name in named), f"the dashboard shows {wanted}"
 
 
 def grafana_macros(sql: str) -> str:
-    """What Grafana's PostgreSQL data source does with the two macros the HQ dashboard uses (a 7-day range)."""
-    sql = re.sub(r"\$__timeFilter\((\w+)\)", r"\1 BETWEEN now() - interval '7 days' AND now()", sql)
-    sql = re.sub(r"\$__timeGroupAlias\((\w+),\s*1h\)", r"date_trunc('hour', \1) AS time", sql)
+    """The two macros the HQ dashboard uses, expanded as Grafana's PostgreSQL data source writes them (a range of
+    the last 7 days, as literal timestamps; hourly buckets in epoch seconds)."""
+    now = datetime.now(UTC) + timedelta(seconds=1)  # Grafana's "now" is when the panel asks: after the events
+    start, end = (now - timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ"), now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    sql = re.sub(r"\$__timeFilter\((\w+)\)", rf"\1 BETWEEN '{start}' AND '{end}'", sql)
+    sql = re.sub(
+        r"\$__timeGroupAlias\((\w+),\s*1h\)", r'floor(extract(epoch from \1)/3600)*3600 AS "time"', sql
+    )
     assert "$__" not in sql, f"a Grafana macro the test does not expand: {sql}"
     return sql
 
@@ -96,20 +105,20 @@ def fill(dsn: str) -> None:
             "message": "fridge-1: above 8 °C for 10 min",
             "details": {"alert_id": "dairy-warm/fridge-1/1"},
         }
-        evicted = {"ranges": [[6, 7]], "reason": "disk_budget"}
+        evicted = {"ranges": [[6, 7], [8, 9]], "reason": "disk_budget"}  # two eviction steps, one gap
         one = [
             envelope("hk-001", "gw-1", 1, kind="gateway.status", data={"status": "online"}),
             envelope("hk-001", "gw-1", 2, kind="pos.sale", data=sale),
             envelope("hk-001", "gw-1", 3, kind="pos.sale", data={**sale, "receipt_no": "R-2"}),
             envelope("hk-001", "gw-1", 4, kind="alert.raised", data=alert),
             envelope("hk-001", "gw-1", 5, kind="pos.sale", data={**sale, "receipt_no": "R-3"}),
-            envelope("hk-001", "gw-1", 8, kind="outbox.evicted", data=evicted),
+            envelope("hk-001", "gw-1", 10, kind="outbox.evicted", data=evicted),
         ]
-        two = [
-            envelope("hk-002", "gw-2", 1, kind="pos.sale", data=sale),
-            envelope("hk-002", "gw-2", 2, kind="pos.sale", data={**sale, "receipt_no": "R-9"}),
+        two = [  # seqs 1 and 2 never came: a gap before the first seq HQ has
+            envelope("hk-002", "gw-2", 3, kind="pos.sale", data=sale),
+            envelope("hk-002", "gw-2", 4, kind="pos.sale", data={**sale, "receipt_no": "R-9"}),
             envelope(
-                "hk-002", "gw-2", 5, kind="gateway.status", data={"status": "online"}, clock_synced=False
+                "hk-002", "gw-2", 7, kind="gateway.status", data={"status": "online"}, clock_synced=False
             ),
         ]
         for store_id, gateway_id, bodies in (("hk-001", "gw-1", one), ("hk-002", "gw-2", two)):
@@ -132,7 +141,13 @@ def test_every_query_of_the_hq_dashboard_runs_on_the_receivers_postgresql_and_re
             assert rows, f"no rows: {query}"
             if "FROM runs" in query:
                 gaps = rows
-    assert {(r[0], r[2], r[3], r[5]) for r in gaps} == {("hk-001", 6, 7, True), ("hk-002", 3, 4, False)}
+    # (store, first, last, missing, explained): one gap explained by two adjacent ranges, one not at all, one
+    # before the first seq HQ has.
+    assert {(r[0], r[2], r[3], r[4], r[5]) for r in gaps} == {
+        ("hk-001", 6, 9, 4, 4),
+        ("hk-002", 1, 2, 2, 0),
+        ("hk-002", 5, 6, 2, 0),
+    }
 
 
 def test_the_monitoring_compose_file_pins_its_images_and_matches_the_dashboards() -> None:
@@ -148,7 +163,7 @@ def test_the_monitoring_compose_file_pins_its_images_and_matches_the_dashboards(
     assert all(port.startswith("127.0.0.1:") for port in grafana["ports"])
     assert "ports" not in compose["services"]["prometheus"]
     scrape = yaml.safe_load((DOCKER / "monitoring" / "prometheus.yml").read_text())["scrape_configs"][0]
-    assert scrape["authorization"]["credentials_file"] == "/run/secrets/gateway_api_token"
+    assert scrape["authorization"]["credentials_file"] == "/run/secrets/prometheus_api_token"
     source = yaml.safe_load(
         (DOCKER / "monitoring" / "grafana" / "provisioning" / "datasources" / "prometheus.yaml").read_text()
     )["datasources"][0]

@@ -46,6 +46,12 @@ def test_the_install_script_installs_and_an_upgrade_keeps_the_stores_settings(tm
         check=True,
     )
     assert version.stdout.startswith("store-gateway ")
+    [site] = (root / "opt/store-gateway/lib").glob("python3*/site-packages")
+    for package in ("gateway", "rules", "drivers", "cloud_bridge"):
+        installed = {p.relative_to(site) for p in (site / package).rglob("*.py")}
+        assert installed == {p.relative_to(ROOT) for p in (ROOT / package).rglob("*.py")}, (
+            "only the checkout's modules"
+        )
 
     config = (etc / "store.yaml").read_text()
     assert "{env:" not in config, "no secret from the environment"

@@ -46,8 +46,9 @@ class Health(Core):
         self._waiting_since: float | None = None
         """Since when items have waited in the queue without a commit taking any (None: the queue is empty)."""
         self.beat = time.monotonic()
-        """When the writer's loop last went round (at least every second while it runs): a commit or a
-        housekeeping step hung on a card that stopped answering stops it (the systemd watchdog reads it)."""
+        """When the writer last finished a step: a commit (or a failed one), or a round of its loop (at least every
+        second while it idles). A commit or a housekeeping step hung on a card that stopped answering stops it
+        (the systemd watchdog reads it)."""
 
     def declare_corrupt(self, reason: str) -> None:
         """The database is damaged (a commit, a read or the integrity check said so): acknowledge nothing more,
@@ -89,6 +90,18 @@ class Health(Core):
         waiting = None if self._waiting_since is None else now - self._waiting_since
         if waiting is not None and waiting >= 1.0:
             return "journal_stalled", waiting
+        return None
+
+    def failing_now(self) -> tuple[str, float] | None:
+        """(reason, seconds) while commits fail right now, or items have waited that long with no commit taking
+        them; unlike :attr:`stall` (which /health keeps showing for RECOVERED_S), None as soon as commits work."""
+        now = time.monotonic()
+        if self.corrupt is not None:
+            return "journal_corrupt", 0.0 if self._failing_since is None else now - self._failing_since
+        if self._failing and self._failing_since is not None:
+            return self._failure, now - self._failing_since
+        if self._waiting_since is not None and now - self._waiting_since >= 1.0:
+            return "journal_stalled", now - self._waiting_since
         return None
 
     async def watch_integrity(self) -> None:

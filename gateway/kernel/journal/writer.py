@@ -334,6 +334,7 @@ class Writer(Backlog):
         finally:
             self._busy = False
             self._cursors_in_commit = {}
+            self.beat = time.monotonic()
         if items and len(leftover) < len(items):
             self._waiting_since = time.monotonic() if self._queue or leftover else None
         if leftover:
