@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 MAX_DEMO_RATE = 100.0
 """The demo's fastest till, in sales per second."""
+MIN_USER_TOKEN = 16
+"""A local page user's token: as long as the API token at least."""
 
 _FORMATTER = argparse.RawDescriptionHelpFormatter
 
@@ -310,6 +312,14 @@ def _parser() -> argparse.ArgumentParser:
     haccp.add_argument(
         "--out", type=Path, required=True, metavar="FILE", help="the file to write ('-': stdout)"
     )
+    hash_token = sub.add_parser(
+        "hash-token",
+        help="the hash of a local page user's token, for api.users (token_sha256)",
+        description="Print the SHA-256 of a token read from standard input (or typed, unseen), as api.users'"
+        " token_sha256 takes it. The config keeps the hash; the user keeps the token. --new makes a token too.",
+        formatter_class=_FORMATTER,
+    )
+    hash_token.add_argument("--new", action="store_true", help="make a new random token and print both")
     sub.add_parser("version", help="print the version", description=_VERSION_HELP, formatter_class=_FORMATTER)
     sub.add_parser("hq-receiver", help="HQ reference receiver (see 'hq-receiver --help')", add_help=False)
     sub.add_parser(
@@ -317,6 +327,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("simulate", help="device simulators (see 'simulate --help')", add_help=False)
     return parser
+
+
+def _hash_token(new: bool) -> int:
+    import getpass
+    import hashlib
+    import secrets
+
+    if new:
+        token = secrets.token_urlsafe(24)
+        print(f"token: {token}")
+    elif sys.stdin.isatty():
+        token = getpass.getpass("token: ")
+    else:
+        token = sys.stdin.readline().strip()
+    if len(token) < MIN_USER_TOKEN:
+        print(f"store-gateway: a token needs {MIN_USER_TOKEN} characters at least", file=sys.stderr)
+        return 2
+    print(f"token_sha256: {hashlib.sha256(token.encode('utf-8')).hexdigest()}")
+    return 0
 
 
 def _till_rate(text: str) -> float:
@@ -368,6 +397,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "version":
         print(f"store-gateway {__version__}")
         return 0
+    if args.command == "hash-token":
+        return _hash_token(args.new)
     if args.command == "check-config":
         from gateway.config_loader import check_config
 
@@ -601,7 +632,7 @@ def _run(config_path: Path, *, new_journal: bool = False) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        gateway = Gateway(config, config_hash(config), new_journal=new_journal)
+        gateway = Gateway(config, config_hash(config), new_journal=new_journal, config_path=config_path)
         try:
             await gateway.run(stop)
         finally:

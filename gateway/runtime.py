@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sqlite3
 import time
@@ -28,8 +29,10 @@ from drivers.commands import DeviceWriter, device_handlers
 from drivers.devices import DeviceRegistry
 from gateway import __version__
 from gateway.config import GatewayConfig
+from gateway.config_loader import check_config
 from gateway.kernel.clock import ClockState
 from gateway.kernel.clock_watch import ClockWatcher
+from gateway.kernel.config import ApiUser
 from gateway.kernel.consumer import Consumer, ConsumerState
 from gateway.kernel.journal import STALL_S, Draft, Journal, JournalCorruptError, JournalError
 from gateway.kernel.journal.datadir import DataDirBusyError, DataDirLock
@@ -76,10 +79,13 @@ class Gateway:
         *,
         new_journal: bool = False,
         clock: ClockState | None = None,
+        config_path: Path | None = None,
     ) -> None:
         """``clock``: whether the wall clock is synchronised (default: ask the kernel); a simulated store
         (the demo, the scenario tests) trusts its machine's clock."""
         self.config = config
+        self.config_path = config_path
+        """The file the config came from (the local page's admin checks it again); None: made in code."""
         self.lock = DataDirLock(config.data_dir)
         self.config_hash = config_hash
         self.metrics = Metrics()
@@ -529,16 +535,35 @@ class Gateway:
 
     async def _serve_api(self) -> None:
         from gateway.api import create_app, serve_api  # FastAPI is imported only when the API is on
+        from gateway.api.session import Sessions, load_key, token_sha256
+        from gateway.api.ui import UiSources, ui_router
 
         token = self.config.api.token
         assert token is not None  # the config model requires it when the API is enabled
+        # The page's logins: the configured users, and the API token as an admin.
+        users = [
+            *self.config.api.users,
+            ApiUser(name="api-token", role="admin", token_sha256=token_sha256(token.get_secret_value())),
+        ]
+        sessions = Sessions(load_key(self.config.data_dir), lambda: users)
+        path = self.config_path
+        page = UiSources(
+            journal=self.journal,
+            engine=self.rules,
+            health=self.health,
+            devices=self.devices.snapshot,
+            clock_synced=self.clock.synced,
+            check_config=None if path is None else functools.partial(check_config, path),
+            store_name=self.config.store.name or "",
+        )
         app = create_app(
             self.journal.path,
             token.get_secret_value(),
             self.metrics,
             self.health,
             devices=self.devices.snapshot,
-            routers=self.drivers_ctx.api_routers,
+            routers=[*self.drivers_ctx.api_routers, ui_router(page, sessions)],
+            session=sessions.check,
         )
         await serve_api(app, self.config.api.host, self.config.api.port, self._api_started, self._api_bound)
 

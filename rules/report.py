@@ -737,6 +737,15 @@ def _parse_iso(text: object, default: float) -> float:
 # --- the other tables ----------------------------------------------------------------------------------------
 
 
+def stock_now(
+    conn: sqlite3.Connection, tables: set[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The low-stock list and the open replenishment drafts as they stand now (the local page shows them)."""
+    low, _ = _low_stock(conn, tables)
+    drafts, _ = _open_drafts(conn, tables)
+    return [item.model_dump(mode="json") for item in low], [item.model_dump(mode="json") for item in drafts]
+
+
 def _low_stock(conn: sqlite3.Connection, tables: set[str]) -> tuple[list[ReportLowStock], int]:
     """The SKUs the stock ledger flags low as the report is made (its ``stock`` table)."""
     if "stock" not in tables:

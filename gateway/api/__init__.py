@@ -128,8 +128,10 @@ def create_app(
     docs: bool = False,
     devices: Callable[[], list[dict[str, Any]]] | None = None,
     routers: Sequence[APIRouter] = (),
+    session: Callable[[str | None], object] | None = None,
 ) -> FastAPI:
-    """The API application. ``health`` runs on the event loop thread, so it must be cheap and never block."""
+    """The API application. ``health`` runs on the event loop thread, so it must be cheap and never block.
+    ``session``: the local page's cookie check, when the page is served (one of ``routers``)."""
     if not token:
         raise ValueError("the API token must not be empty")
     app = FastAPI(
@@ -139,7 +141,7 @@ def create_app(
         openapi_url="/openapi.json" if docs else None,
     )
     # Added last, so outermost: an oversized request is refused before anything else looks at it.
-    app.add_middleware(BearerAuthMiddleware, token=token)
+    app.add_middleware(BearerAuthMiddleware, token=token, session=session)
     app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     app.state.api_metrics = api_metrics(metrics.registry)  # serve_api counts its connections there
     for router in routers:

@@ -13,8 +13,9 @@ import asyncio
 import collections
 import hmac
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from http.cookies import CookieError, SimpleCookie
 from typing import Any, ClassVar, Final
 
 import h11
@@ -25,6 +26,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gateway.kernel.config import WEBHOOK_PREFIX
+
+COOKIE: Final = "sg_session"
+"""The local page's session cookie (gateway/api/session.py)."""
 
 MAX_BODY_BYTES: Final = 64 * 1024
 """Largest request body accepted, on every route (present and future) but webhooks."""
@@ -42,6 +46,19 @@ REQUEST_TIMEOUT_S: Final = 30.0
 """A request's head and body must arrive within this long (a trickle of bytes is no way around the idle
 deadline): 512 KiB takes 30 s at 17 KB/s."""
 OPEN_PATHS: Final = frozenset({"/health"})
+UI_PREFIX: Final = "/ui"
+"""The local page: its own login (a session cookie from the config's tokens), checked by its routes."""
+SESSION_READABLE: Final = (
+    "/api/devices",
+    "/api/alerts",
+    "/api/events",
+    "/api/stock",
+    "/api/quarantine",
+    "/api/haccp",
+    "/api/attendance.csv",
+    "/api/reports",
+)
+"""What a logged-in page may also GET with its cookie instead of the token (the downloads, a device's readings)."""
 """Paths served without a token."""
 
 _JSON: Final = "application/json"
@@ -100,9 +117,13 @@ class BodyLimitMiddleware:
 class BearerAuthMiddleware:
     """Requires ``Authorization: Bearer <token>`` on every path but :data:`OPEN_PATHS`, unknown paths too."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(
+        self, app: ASGIApp, token: str, session: Callable[[str | None], object] | None = None
+    ) -> None:
+        """``session``: the local page's cookie check (None: no page), for :data:`SESSION_READABLE`."""
         self.app = app
         self._expected = b"bearer " + token.encode("utf-8")
+        self._session = session
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -111,7 +132,19 @@ class BearerAuthMiddleware:
             # signature authenticates them instead (drivers/http).
             await self.app(scope, receive, send)
             return
+        if self._session is not None and (path == UI_PREFIX or path.startswith(UI_PREFIX + "/")):
+            await self.app(scope, receive, send)
+            return
         given = _header(scope, b"authorization")
+        if (
+            given is None
+            and self._session is not None
+            and scope.get("method") in ("GET", "HEAD")
+            and path.startswith(SESSION_READABLE)
+            and self._session(cookie(scope, COOKIE)) is not None
+        ):
+            await self.app(scope, receive, send)
+            return
         if given is None:
             await _send_json(
                 send,
@@ -131,6 +164,21 @@ class BearerAuthMiddleware:
             )
             return
         await self.app(scope, receive, send)
+
+
+def cookie(scope: Scope, name: str) -> str | None:
+    """A request's cookie by name (the last one given wins), or None."""
+    found = None
+    for key, value in scope["headers"]:
+        if key == b"cookie":
+            jar = SimpleCookie()
+            try:
+                jar.load(bytes(value).decode("latin-1"))
+            except CookieError:
+                continue
+            if name in jar:
+                found = jar[name].value
+    return found
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -109,6 +109,26 @@ WEBHOOK_PREFIX: Final = "/webhooks/"
 verifies each source's own signature."""
 
 
+Role = Literal["viewer", "technician", "manager", "admin"]
+ROLES: Final[tuple[Role, ...]] = ("viewer", "technician", "manager", "admin")
+"""The local page's roles, least to most: each may do what the ones before it may."""
+
+
+class ApiUser(StrictModel):
+    """Someone who may log in to the local page (``/ui``) with their own token; the config keeps its hash only."""
+
+    name: str = Field(
+        min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$", description="Shown in the audit log."
+    )
+    role: Role = Field(
+        description="viewer: looks; technician and manager: also acknowledge alerts; admin: all."
+    )
+    token_sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of the token, in hex: `store-gateway hash-token` prints it (the token stays with them).",
+    )
+
+
 class ApiConfig(StrictModel):
     enabled: bool = Field(default=True, description="Serve the local HTTP API.")
     host: str = Field(
@@ -119,10 +139,21 @@ class ApiConfig(StrictModel):
         default=None, description="Bearer token for everything but /health. {env: NAME} or {file: PATH}."
     )
 
+    users: list[ApiUser] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Who may log in to the local page, each with a role; the API token logs in as admin too.",
+    )
+
     @model_validator(mode="after")
     def _token_when_enabled(self) -> ApiConfig:
         if self.enabled and (self.token is None or len(self.token.get_secret_value()) < 16):
             raise ValueError("api.token is required (16+ characters) when the API is enabled")
+        for field in ("name", "token_sha256"):
+            seen = [getattr(u, field) for u in self.users]
+            twice = sorted({v for v in seen if seen.count(v) > 1})
+            if twice:
+                raise ValueError(f"api.users: each user needs their own {field} ({', '.join(twice)} twice)")
         return self
 
 

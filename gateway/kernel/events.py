@@ -204,7 +204,10 @@ class AlertAcknowledged(StrictModel):
     role: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")] = Field(
         description="Who acknowledged it, by role: 'manager', 'technician', 'hq'."
     )
-    via: Literal["api", "hq"] = Field(description="The local API, or an HQ command.")
+    via: Literal["api", "hq", "ui"] = Field(description="The local API, an HQ command, or the local page.")
+    by: ShortText | None = Field(
+        default=None, description="Who, by the name their login has (the local page's users); None otherwise."
+    )
 
 
 class NotificationSent(StrictModel):

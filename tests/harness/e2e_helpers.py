@@ -130,6 +130,7 @@ def write_config(
     json_sensors: Sequence[str] = (),
     rules: Sequence[Mapping[str, Any]] = (),
     notifications: Mapping[str, Any] | None = None,
+    api_users: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
     """Write a store config (YAML) for brokers on loopback; the API token is read from ``$TOKEN_ENV``.
 
@@ -185,6 +186,8 @@ def write_config(
         doc["rules"] = [dict(r) for r in rules]
     if notifications is not None:
         doc["notifications"] = dict(notifications)
+    if api_users:
+        doc["api"]["users"] = [dict(u) for u in api_users]
     yaml = YAML(typ="safe", pure=True)
     yaml.default_flow_style = False
     with path.open("w", encoding="utf-8") as fh:
