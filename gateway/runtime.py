@@ -113,7 +113,7 @@ class Gateway:
             processors=[
                 ledger,
                 self.rules,
-                HaccpLog(config.haccp),
+                HaccpLog(config.haccp, lambda: self.rules.rules),
                 DailyReport(
                     config.report,
                     config.store.timezone,

@@ -2,8 +2,8 @@
 corrective actions, kept in the journal's file apart from the outbox (docs/HACCP.md).
 
 A pipeline processor after the rule engine: it sees every committed event in seq order, with its commit's
-wall-clock time, and writes in the same transaction. ``sensor.sample`` events that carry a ``temperature`` are
-folded into one row per device and interval (min, max, last, count), so a fridge costs 96 rows a day at 15 min
+wall-clock time, and writes in the same transaction. ``sensor.sample`` events that carry a ``temperature`` (or
+the metric of the temperature rule watching the device) are folded into one row per device and interval (min, max, last, count), so a fridge costs 96 rows a day at 15 min
 whatever its reading rate; a temperature rule's ``alert.raised`` and ``alert.cleared`` and the
 ``alert.acknowledged`` that names it make an excursion row. Outbox eviction and TTL delete ``events`` rows only:
 this log stays for ``haccp.retention_days`` (400 at least), then it is pruned.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Final
@@ -28,6 +28,7 @@ from pydantic import Field, field_validator
 from gateway.kernel.events import AlertAcknowledged, AlertCleared, AlertRaised, SensorSample
 from gateway.kernel.model import StrictModel
 from gateway.kernel.pipeline import Emit, Event, Processor
+from gateway.kernel.rule_config import RuleDefinition, TemperatureRule
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ PRUNE_EVERY_S: Final = 3600.0
 """How often (in the events' time) rows past the retention are deleted."""
 LAST_TIME: Final = 32_503_680_000.0
 """Year 3000: a time past it in an alert's details is no time."""
+MAX_DEVICES: Final = 10_000
+"""Devices whose metric is remembered (more are worked out at each reading)."""
 MAX_ACKS: Final = 20
 """Acknowledgements kept per excursion (the latest ones)."""
 SCHEMA: Final = """
@@ -163,8 +166,18 @@ class HaccpLog(Processor):
 
     name = "haccp"
 
-    def __init__(self, config: HaccpConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: HaccpConfig | None = None,
+        rules: Callable[[], Mapping[str, RuleDefinition]] | None = None,
+    ) -> None:
+        """``rules``: the rules in force (the engine's, by id): a fridge a ``temperature`` rule watches is logged by
+        that rule's metric (a Modbus controller's ``air_temperature``); any other by ``temperature``."""
         self.config = config or HaccpConfig()
+        self._rules = rules
+        self._rules_seen: Mapping[str, RuleDefinition] | None = None
+        self._metrics: dict[str, str] = {}
+        """Device -> the metric its readings are logged by, worked out once per rule set."""
         self._pending: list[_Sample | _Alert] = []
         """What ``apply`` took since the last flush, in seq order (apply does no SQL)."""
         self._current: dict[str, Interval] = {}
@@ -188,6 +201,20 @@ class HaccpLog(Processor):
                     _Alert(event.seq, event.recorded_at, event.clock_synced, model, event.device_id)
                 )
 
+    def _metric(self, device: str) -> str:
+        rules = self._rules() if self._rules is not None else None
+        if rules is not self._rules_seen:  # the engine read its rules again (a new dict): work them out again
+            self._rules_seen, self._metrics = rules, {}
+        found = self._metrics.get(device)
+        if found is None:
+            watching = [r for r in (rules or {}).values() if isinstance(r, TemperatureRule)]
+            named = [r for r in watching if device in r.select.devices]
+            every = [r for r in watching if not r.select.devices]
+            found = (named or every)[0].metric if named or every else METRIC
+            if len(self._metrics) < MAX_DEVICES:
+                self._metrics[device] = found
+        return found
+
     def _take_sample(self, event: Event) -> None:
         # A reading's time is the gateway's clock at its commit. While that clock is not synchronised (a box
         # without a real-time clock, before NTP; NTP blocked) the reading is placed by it all the same, and
@@ -197,8 +224,9 @@ class HaccpLog(Processor):
         sample = _model(event)
         if not isinstance(sample, SensorSample):
             return
-        value = sample.values.get(METRIC)
-        if value is None and METRIC not in sample.faults:
+        metric = self._metric(event.device_id)
+        value = sample.values.get(metric)
+        if value is None and metric not in sample.faults:
             return  # not a device that measures a temperature
         if value is not None and not math.isfinite(value):
             value = None  # a value no probe reads: a fault

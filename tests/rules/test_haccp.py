@@ -72,7 +72,7 @@ class Store:
         """(Re)start: a fresh engine and log over the same file."""
         self.rules = RULES.validate_python(rules)
         self.engine = RuleEngine(self.rules, self.time.clock(), wall=lambda: self.time.wall)
-        self.log = HaccpLog(config or HaccpConfig())
+        self.log = HaccpLog(config or HaccpConfig(), lambda: self.engine.rules)
         self.pipeline = Pipeline([self.engine, self.log])
         self.pipeline.setup(self.conn)
 
@@ -796,3 +796,28 @@ def test_a_day_lists_at_most_500_excursions_and_says_so(store: Store) -> None:
     assert ["more excursions than the 500 listed"] in list(csv.reader(io.StringIO(as_csv(log))))
     with pytest.raises(ValueError, match="out of range"):
         day_bounds(date(9999, 12, 31), HK)
+
+
+def test_a_fridge_is_logged_by_the_metric_its_temperature_rule_reads(tmp_path: Path, time: Time) -> None:
+    """A Modbus controller reports ``air_temperature``: its temperature rule says so, and the log follows the rule;
+    a device no temperature rule watches is logged by ``temperature``, and nothing else is taken for one."""
+    rule = {**WARM, "id": "cabinet-warm", "metric": "air_temperature", "select": {"devices": ["cabinet-1"]}}
+    store = Store(tmp_path / "journal.db", time, [rule], HaccpConfig())
+    try:
+        store.move_to(at(DAY, "08:00") + 10)
+        samples = [
+            ("cabinet-1", {"air_temperature": 3.5, "evaporator_temperature": -12.0}),
+            ("probe-2", {"temperature": 5.0}),
+            ("scale-3", {"weight_kg": 2.0}),
+        ]
+        store.commit([store.event(SensorSample(values=v, source="dixell-xr"), d) for d, v in samples])
+        cabinet = store.report(DAY, device="cabinet-1")
+        assert cabinet is not None
+        logged = [i for i in cabinet["intervals"] if i["readings"]]
+        assert [(i["last_c"], i["readings"]) for i in logged] == [(3.5, 1)]
+        probe = store.report(DAY, device="probe-2")
+        assert probe is not None
+        assert [i["last_c"] for i in probe["intervals"] if i["readings"]] == [5.0]
+        assert store.report(DAY, device="scale-3") is None
+    finally:
+        store.conn.close()
