@@ -32,7 +32,7 @@ from gateway.config import GatewayConfig
 from gateway.config_loader import check_config
 from gateway.kernel.clock import ClockState
 from gateway.kernel.clock_watch import ClockWatcher
-from gateway.kernel.config import ApiUser
+from gateway.kernel.config import API_TOKEN_USER, ApiUser
 from gateway.kernel.consumer import Consumer, ConsumerState
 from gateway.kernel.journal import STALL_S, Draft, Journal, JournalCorruptError, JournalError
 from gateway.kernel.journal.datadir import DataDirBusyError, DataDirLock
@@ -543,7 +543,7 @@ class Gateway:
         # The page's logins: the configured users, and the API token as an admin.
         users = [
             *self.config.api.users,
-            ApiUser(name="api-token", role="admin", token_sha256=token_sha256(token.get_secret_value())),
+            ApiUser(name=API_TOKEN_USER, role="admin", token_sha256=token_sha256(token.get_secret_value())),
         ]
         sessions = Sessions(load_key(self.config.data_dir), lambda: users)
         path = self.config_path

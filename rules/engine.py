@@ -451,7 +451,13 @@ class RuleEngine(Processor):
             or track.state not in (ACTIVE, CLEARING)
         ):
             return
-        track.data["ack"] = {"seq": event.seq, "note": ack.note, "role": ack.role, "via": ack.via}
+        track.data["ack"] = {
+            "seq": event.seq,
+            "note": ack.note,
+            "role": ack.role,
+            "via": ack.via,
+            "by": ack.by,
+        }
         self._dirty.add((track.rule_id, track.subject))
 
     def flush(self, conn: sqlite3.Connection) -> Sequence[Emit]:

@@ -3,10 +3,11 @@ corrective actions, kept in the journal's file apart from the outbox (docs/HACCP
 
 A pipeline processor after the rule engine: it sees every committed event in seq order, with its commit's
 wall-clock time, and writes in the same transaction. ``sensor.sample`` events that carry a ``temperature`` (or
-the metric of the temperature rule watching the device) are folded into one row per device and interval (min, max, last, count), so a fridge costs 96 rows a day at 15 min
-whatever its reading rate; a temperature rule's ``alert.raised`` and ``alert.cleared`` and the
-``alert.acknowledged`` that names it make an excursion row. Outbox eviction and TTL delete ``events`` rows only:
-this log stays for ``haccp.retention_days`` (400 at least), then it is pruned.
+the metric of the temperature rule watching the device) are folded into one row per device and interval (min,
+max, last, count), so a fridge costs 96 rows a day at 15 min whatever its reading rate; a temperature rule's
+``alert.raised`` and ``alert.cleared`` and the ``alert.acknowledged`` that names it make an excursion row.
+Outbox eviction and TTL delete ``events`` rows only: this log stays for ``haccp.retention_days`` (400 at least),
+then it is pruned.
 
 Each row keeps the seq of the last event folded into it, and an event at or below it is not folded again, so
 feeding events twice (a restart that replays them) never counts a reading twice.
@@ -161,6 +162,16 @@ class _Alert:
     device_id: str | None
 
 
+def watching_rule(rules: Mapping[str, RuleDefinition], device: str) -> TemperatureRule | None:
+    """The temperature rule that speaks for a fridge: the first naming it in ``select.devices``, else the first for
+    every device (its metric is what the log reads, its defrost and door metrics what the page shows)."""
+    watching = [r for r in rules.values() if isinstance(r, TemperatureRule)]
+    named = [r for r in watching if device in r.select.devices]
+    every = [r for r in watching if not r.select.devices]
+    found = named or every
+    return found[0] if found else None
+
+
 class HaccpLog(Processor):
     """Folds temperature readings and temperature excursions into the HACCP log's tables."""
 
@@ -207,10 +218,8 @@ class HaccpLog(Processor):
             self._rules_seen, self._metrics = rules, {}
         found = self._metrics.get(device)
         if found is None:
-            watching = [r for r in (rules or {}).values() if isinstance(r, TemperatureRule)]
-            named = [r for r in watching if device in r.select.devices]
-            every = [r for r in watching if not r.select.devices]
-            found = (named or every)[0].metric if named or every else METRIC
+            rule = watching_rule(rules or {}, device)
+            found = rule.metric if rule is not None else METRIC
             if len(self._metrics) < MAX_DEVICES:
                 self._metrics[device] = found
         return found
@@ -350,7 +359,14 @@ class HaccpLog(Processor):
             return
         acks = _acks(found[1])
         acks.append(
-            {"at": alert.at, "note": model.note, "role": model.role, "via": model.via, "seq": alert.seq}
+            {
+                "at": alert.at,
+                "note": model.note,
+                "role": model.role,
+                "via": model.via,
+                "by": model.by,
+                "seq": alert.seq,
+            }
         )
         conn.execute(
             "UPDATE haccp_excursion SET acks=?, last_seq=? WHERE alert_id=?",

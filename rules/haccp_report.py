@@ -230,7 +230,7 @@ def _excursion(row: tuple[Any, ...], local: Any, now: float) -> dict[str, Any]:
         "max_c": max_c,
         "ended_by": reason,
         "corrective_action": "; ".join(str(a.get("note", "")) for a in acks if a.get("note")) or None,
-        "acknowledged_by": ", ".join(dict.fromkeys(str(a.get("role", "")) for a in acks)) or None,
+        "acknowledged_by": ", ".join(dict.fromkeys(_who(a) for a in acks)) or None,
         "acknowledged_at": local(float(acks[0]["at"]))
         if acks and isinstance(acks[0].get("at"), int | float)
         else None,
@@ -239,12 +239,19 @@ def _excursion(row: tuple[Any, ...], local: Any, now: float) -> dict[str, Any]:
                 "at": local(float(a["at"])) if isinstance(a.get("at"), int | float) else None,
                 "note": a.get("note"),
                 "role": a.get("role"),
+                "by": a.get("by"),
                 "via": a.get("via"),
             }
             for a in acks
         ],
         "clock_synced": bool(synced),
     }
+
+
+def _who(ack: dict[str, Any]) -> str:
+    """Who acknowledged: the local page's user by name with their role, else the role."""
+    role = str(ack.get("role", ""))
+    return f"{ack['by']} ({role})" if ack.get("by") else role
 
 
 def as_json(report: dict[str, Any]) -> bytes:

@@ -49,6 +49,7 @@ from gateway.api.guard import (
     api_metrics,
     guarded_protocol,
 )
+from gateway.api.session import Session
 from gateway.kernel.errors import StoreGatewayError
 from gateway.kernel.journal.reader import (
     QuarantineRow,
@@ -128,7 +129,7 @@ def create_app(
     docs: bool = False,
     devices: Callable[[], list[dict[str, Any]]] | None = None,
     routers: Sequence[APIRouter] = (),
-    session: Callable[[str | None], object] | None = None,
+    session: Callable[[str | None], Session | None] | None = None,
 ) -> FastAPI:
     """The API application. ``health`` runs on the event loop thread, so it must be cheap and never block.
     ``session``: the local page's cookie check, when the page is served (one of ``routers``)."""

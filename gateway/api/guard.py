@@ -15,20 +15,18 @@ import hmac
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from http.cookies import CookieError, SimpleCookie
 from typing import Any, ClassVar, Final
 
 import h11
 import orjson
 from fastapi import HTTPException
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from gateway.kernel.config import WEBHOOK_PREFIX
-
-COOKIE: Final = "sg_session"
-"""The local page's session cookie (gateway/api/session.py)."""
+from gateway.api.session import COOKIE, Session
+from gateway.kernel.config import WEBHOOK_PREFIX, Role
 
 MAX_BODY_BYTES: Final = 64 * 1024
 """Largest request body accepted, on every route (present and future) but webhooks."""
@@ -46,20 +44,21 @@ REQUEST_TIMEOUT_S: Final = 30.0
 """A request's head and body must arrive within this long (a trickle of bytes is no way around the idle
 deadline): 512 KiB takes 30 s at 17 KB/s."""
 OPEN_PATHS: Final = frozenset({"/health"})
+"""Paths served without a token."""
 UI_PREFIX: Final = "/ui"
 """The local page: its own login (a session cookie from the config's tokens), checked by its routes."""
-SESSION_READABLE: Final = (
-    "/api/devices",
-    "/api/alerts",
-    "/api/events",
-    "/api/stock",
-    "/api/quarantine",
-    "/api/haccp",
-    "/api/attendance.csv",
-    "/api/reports",
-)
-"""What a logged-in page may also GET with its cookie instead of the token (the downloads, a device's readings)."""
-"""Paths served without a token."""
+SESSION_READABLE: Final[dict[str, Role]] = {
+    "/api/devices": "viewer",
+    "/api/alerts": "viewer",
+    "/api/stock": "viewer",
+    "/api/haccp": "viewer",
+    "/api/events": "technician",
+    "/api/quarantine": "technician",
+    "/api/attendance.csv": "manager",
+    "/api/reports/daily": "manager",
+}
+"""What a logged-in page may also GET with its cookie instead of the token (the downloads, a device's readings),
+and the least role that may: staff names (attendance) and whole events are not for every viewer."""
 
 _JSON: Final = "application/json"
 
@@ -118,7 +117,7 @@ class BearerAuthMiddleware:
     """Requires ``Authorization: Bearer <token>`` on every path but :data:`OPEN_PATHS`, unknown paths too."""
 
     def __init__(
-        self, app: ASGIApp, token: str, session: Callable[[str | None], object] | None = None
+        self, app: ASGIApp, token: str, session: Callable[[str | None], Session | None] | None = None
     ) -> None:
         """``session``: the local page's cookie check (None: no page), for :data:`SESSION_READABLE`."""
         self.app = app
@@ -136,15 +135,15 @@ class BearerAuthMiddleware:
             await self.app(scope, receive, send)
             return
         given = _header(scope, b"authorization")
-        if (
-            given is None
-            and self._session is not None
-            and scope.get("method") in ("GET", "HEAD")
-            and path.startswith(SESSION_READABLE)
-            and self._session(cookie(scope, COOKIE)) is not None
-        ):
-            await self.app(scope, receive, send)
-            return
+        least = SESSION_READABLE.get(path)
+        if given is None and self._session is not None and least is not None and scope.get("method") == "GET":
+            session = self._session(cookie(scope, COOKIE))
+            if session is not None and session.may(least):
+                await self.app(scope, receive, send)
+                return
+            if session is not None:
+                await _send_json(send, 403, {"detail": f"your role ({session.role}) may not read this"})
+                return
         if given is None:
             await _send_json(
                 send,
@@ -167,17 +166,11 @@ class BearerAuthMiddleware:
 
 
 def cookie(scope: Scope, name: str) -> str | None:
-    """A request's cookie by name (the last one given wins), or None."""
+    """A request's cookie by name, parsed as the routes' requests parse them (Starlette's parser), or None."""
     found = None
     for key, value in scope["headers"]:
         if key == b"cookie":
-            jar = SimpleCookie()
-            try:
-                jar.load(bytes(value).decode("latin-1"))
-            except CookieError:
-                continue
-            if name in jar:
-                found = jar[name].value
+            found = cookie_parser(bytes(value).decode("latin-1")).get(name, found)
     return found
 
 

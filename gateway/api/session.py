@@ -22,12 +22,14 @@ from typing import Final
 
 import orjson
 
-from gateway.api.guard import COOKIE as COOKIE
 from gateway.kernel.config import ROLES, ApiUser, Role
 
 SESSION_S: Final = 12 * 3600
 """A login lasts a working day."""
+COOKIE: Final = "sg_session"
 KEY_FILE: Final = "ui-session.key"
+MAX_REVOKED: Final = 10_000
+"""Logged-out sessions remembered until they would have expired."""
 
 
 def key_id(user: ApiUser) -> str:
@@ -61,12 +63,18 @@ def load_key(data_dir: Path) -> bytes:
     except FileNotFoundError:
         pass
     key = secrets.token_bytes(32)
-    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    path.with_suffix(".tmp").unlink(missing_ok=True)  # a leftover keeps its mode: start afresh with 0600
+    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:
         out.write(key)
         out.flush()
         os.fsync(out.fileno())
     os.replace(path.with_suffix(".tmp"), path)
+    folder = os.open(data_dir, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
     return key
 
 
@@ -87,6 +95,8 @@ class Sessions:
         self._key = key
         self._users = users
         self._clock = clock
+        self._revoked: dict[str, int] = {}
+        """Signatures of logged-out sessions -> when they would have expired."""
 
     def login(self, token: str) -> tuple[Session, str] | None:
         """The session (and its cookie value) for a configured token; None for any other."""
@@ -103,7 +113,11 @@ class Sessions:
         if not cookie or cookie.count(".") != 1 or len(cookie) > 1000:
             return None
         payload, signature = cookie.split(".")
-        if not hmac.compare_digest(signature, self._sign(b"session|" + payload.encode())):
+        if not cookie.isascii() or not hmac.compare_digest(
+            signature.encode(), self._sign(b"session|" + payload.encode()).encode()
+        ):
+            return None
+        if signature in self._revoked:
             return None
         try:
             name, role, kid, expires = orjson.loads(_unb64(payload))
@@ -119,7 +133,19 @@ class Sessions:
         return self._sign(b"csrf|" + cookie.encode())
 
     def csrf_ok(self, cookie: str, given: str | None) -> bool:
-        return given is not None and hmac.compare_digest(given, self.csrf(cookie))
+        return (
+            given is not None
+            and given.isascii()
+            and hmac.compare_digest(given.encode(), self.csrf(cookie).encode())
+        )
+
+    def logout(self, cookie: str) -> None:
+        """This session's cookie no longer logs in (until the gateway restarts: then it lasts until it expires)."""
+        now = self._clock()
+        self._revoked = {sig: until for sig, until in self._revoked.items() if until > now}
+        session = self.check(cookie)
+        if session is not None and len(self._revoked) < MAX_REVOKED:
+            self._revoked[cookie.rpartition(".")[2]] = session.expires
 
     def _sign(self, message: bytes) -> str:
         return _b64(hmac.new(self._key, message, hashlib.sha256).digest())

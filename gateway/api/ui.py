@@ -26,6 +26,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import RedirectResponse
 from pydantic import Field
+from starlette.concurrency import run_in_threadpool
 
 from gateway.api.session import COOKIE, SESSION_S, Session, Sessions
 from gateway.api.ui_text import LANGUAGES, TEXT, pick_language
@@ -36,17 +37,21 @@ from gateway.kernel.journal.reader import oldest_pending, quarantine_page, snaps
 from gateway.kernel.model import StrictModel
 from gateway.kernel.outbox import CLASSES
 from gateway.kernel.ratelimit import SlidingWindow
-from gateway.kernel.rule_config import TemperatureRule
 from rules.acks import acknowledge
 from rules.alerts import ALERT_ID
 from rules.engine import RuleEngine, open_alerts
+from rules.haccp import METRIC as HACCP_METRIC
+from rules.haccp import watching_rule
 from rules.report import stock_now
 
 _LOGGER = logging.getLogger(__name__)
 
 LANG_COOKIE: Final = "sg_lang"
 LOGINS_PER_MINUTE: Final = 10
-"""Failed or not, per client address: a token cannot be guessed at the page's speed."""
+"""Failed logins a minute from one address, then it waits: a token cannot be guessed at the page's speed."""
+LOGIN_FAILURES_ALL: Final = 60
+"""Failed logins a minute from all addresses together."""
+MAX_LOGIN_ADDRESSES: Final = 10_000
 MAX_LOGIN_BODY: Final = 2048
 HISTORY: Final = 30
 SPARK_HOURS: Final = 24
@@ -75,7 +80,8 @@ class UiSources:
 def ui_router(sources: UiSources, sessions: Sessions) -> APIRouter:
     router = APIRouter()
     db_uri = sources.journal.path.absolute().as_uri() + "?mode=ro"
-    logins: dict[str, SlidingWindow] = {}
+    failures: dict[str, SlidingWindow] = {}
+    everyone = SlidingWindow(LOGIN_FAILURES_ALL, 60.0)
 
     def session_of(request: Request) -> tuple[Session, str] | None:
         cookie = request.cookies.get(COOKIE)
@@ -88,8 +94,7 @@ def ui_router(sources: UiSources, sessions: Sessions) -> APIRouter:
             raise HTTPException(status_code=401, detail="log in first")
         session, cookie = found
         if post:
-            origin = request.headers.get("origin")
-            if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host"):
+            if not _same_site(request):
                 raise HTTPException(status_code=403, detail="a request from another site")
             if not sessions.csrf_ok(cookie, request.headers.get("x-csrf-token")):
                 raise HTTPException(status_code=403, detail="missing or wrong CSRF token: reload the page")
@@ -122,19 +127,27 @@ def ui_router(sources: UiSources, sessions: Sessions) -> APIRouter:
 
     @router.post("/ui/login")
     async def login(request: Request) -> Response:
-        client = request.client.host if request.client is not None else "-"
-        window = logins.setdefault(client, SlidingWindow(LOGINS_PER_MINUTE, 60.0))
-        if len(logins) > 1000:  # one entry per address that tried: never more than this many kept
-            logins.clear()
         lang = language(request)
+        if not _same_site(request):  # no logging a browser in from another site, as someone else
+            return _html(_login(lang, failed=True), status=403)
+        client = request.client.host if request.client is not None else "-"
         now = time.monotonic()
-        if window.wait(now) > 0:
+        window = failures.get(client)
+        if (window is not None and window.wait(now) > 0) or everyone.wait(now) > 0:
             return _html(_login(lang, failed=True, slow=True), status=429)
-        window.use(now)
         body = await request.body()
         token = parse_qs(body[:MAX_LOGIN_BODY].decode("utf-8", "replace")).get("token", [""])[0].strip()
         made = sessions.login(token) if token else None
         if made is None:
+            # Failures count, per address and for all: forgetting an address (a full table) never frees a
+            # blocked one, and many addresses together still get LOGIN_FAILURES_ALL a minute.
+            if window is None:
+                if len(failures) >= MAX_LOGIN_ADDRESSES:
+                    for address in [a for a, w in failures.items() if w.wait(now) == 0]:
+                        del failures[address]
+                window = failures.setdefault(client, SlidingWindow(LOGINS_PER_MINUTE, 60.0))
+            window.use(now)
+            everyone.use(now)
             _LOGGER.warning("local page: a login with a token that is not in the config (from %s)", client)
             return _html(_login(lang, failed=True), status=401)
         session, cookie = made
@@ -154,6 +167,7 @@ def ui_router(sources: UiSources, sessions: Sessions) -> APIRouter:
     @router.post("/ui/logout")
     def logout(request: Request) -> Response:
         require(request, post=True)
+        sessions.logout(request.cookies.get(COOKIE, ""))
         response = Response(status_code=204)
         response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict", secure=_secure(request))
         return response
@@ -175,10 +189,11 @@ def ui_router(sources: UiSources, sessions: Sessions) -> APIRouter:
         return Response(body, media_type=STATIC[name], headers={"Cache-Control": "no-cache"})
 
     @router.get("/ui/state")
-    def state(request: Request) -> Response:
+    async def state(request: Request) -> Response:
         session = require(request)
+        health, devices = sources.health(), sources.devices()  # on the event loop, as they must be
         with _read():
-            body = _state(sources, db_uri, session)
+            body = await run_in_threadpool(_state, sources, db_uri, session, health, devices)
         return Response(orjson.dumps(body, default=str), media_type="application/json")
 
     @router.post("/ui/alerts/{alert_id:path}/ack")
@@ -207,8 +222,13 @@ def ui_router(sources: UiSources, sessions: Sessions) -> APIRouter:
     return router
 
 
-def _state(sources: UiSources, db_uri: str, session: Session) -> dict[str, Any]:
-    health = sources.health()
+def _state(
+    sources: UiSources,
+    db_uri: str,
+    session: Session,
+    health: dict[str, Any],
+    devices: list[dict[str, Any]],
+) -> dict[str, Any]:
     now = time.time()
     with snapshot(db_uri) as conn:
         conn.execute("BEGIN")  # one snapshot for everything shown together
@@ -218,9 +238,18 @@ def _state(sources: UiSources, db_uri: str, session: Session) -> dict[str, Any]:
         audit = _audit(conn)
         low, drafts = stock_now(conn, tables)
         fridges = _cold_chain(conn, tables, sources.engine, now)
-    messages = {
-        h["data"].get("details", {}).get("alert_id"): h for h in history if h["kind"] == "alert.raised"
-    }
+        messages = {
+            h["data"].get("details", {}).get("alert_id"): h for h in history if h["kind"] == "alert.raised"
+        }
+        for alert in alerts:  # an alert open for longer than the history shows: its own raise
+            if alert["alert_id"] not in messages:
+                row = conn.execute(
+                    "SELECT body FROM events WHERE kind = 'alert.raised'"
+                    " AND json_extract(body, '$.data.details.alert_id') = ? ORDER BY seq DESC LIMIT 1",
+                    (alert["alert_id"],),
+                ).fetchone()
+                if row is not None:
+                    messages[alert["alert_id"]] = _slim(orjson.loads(row[0]))
     for alert in alerts:
         rule = sources.engine.rules.get(alert["rule_id"])
         alert["severity"] = rule.severity if rule is not None else None
@@ -244,7 +273,12 @@ def _state(sources: UiSources, db_uri: str, session: Session) -> dict[str, Any]:
             "device_id": row[3],
             "reason": row[5],
             "detail": row[6],
-            "payload": row[8][:200] if isinstance(row[8], str) else _preview(row[8]),
+            # What a device sent is for those who fix devices; a viewer sees only why it was refused.
+            "payload": None
+            if not session.may("technician")
+            else row[8][:200]
+            if isinstance(row[8], str)
+            else _preview(row[8]),
         }
         for row in quarantine_page(db_uri, 20)
     ]
@@ -269,7 +303,7 @@ def _state(sources: UiSources, db_uri: str, session: Session) -> dict[str, Any]:
             "outbox": outbox,
             "disk_low": health.get("disk_low"),
         },
-        "devices": sources.devices(),
+        "devices": devices,
         "alerts": alerts,
         "history": history,
         "coldchain": fridges,
@@ -314,9 +348,9 @@ def _audit(conn: sqlite3.Connection) -> list[dict[str, Any]]:
         elif event["kind"] == "document.updated":
             who, what = "HQ", f"{data.get('name')} v{data.get('version')} ({data.get('count')} entries)"
             entry = {"role": "hq", "via": "hq", "note": data.get("request_id")}
-        elif event["seq"] in changed:
-            who, what = "technician", f"config changed ({str(data.get('config_hash'))[:12]})"
-            entry = {"role": "admin", "via": "config", "note": None}
+        elif event["seq"] in changed:  # whoever edited the file on the box: the config does not say
+            who, what = "on the box", f"config changed ({str(data.get('config_hash'))[:12]})"
+            entry = {"role": "-", "via": "config", "note": None}
         else:
             continue
         out.append({"seq": event["seq"], "at": event["recorded_at"], "who": who, "what": what, **entry})
@@ -326,36 +360,42 @@ def _audit(conn: sqlite3.Connection) -> list[dict[str, Any]]:
 def _cold_chain(
     conn: sqlite3.Connection, tables: set[str], engine: RuleEngine, now: float
 ) -> list[dict[str, Any]]:
-    """Each fridge the HACCP log keeps: its last 24 h (one point per interval), limit, and defrost and door now."""
+    """Each fridge the HACCP log keeps: its last 24 h (one point per interval), the limit of the rule watching it,
+    and its defrost and door now (from its latest logged reading: one read by seq, whatever the journal's size)."""
     if "haccp_interval" not in tables:
         return []
     since = int(now - SPARK_HOURS * 3600)
     rows = conn.execute(
-        "SELECT device_id, start, last_c, min_c, max_c FROM haccp_interval WHERE start >= ? ORDER BY device_id, start",
+        "SELECT device_id, start, last_c, last_seq FROM haccp_interval WHERE start >= ? ORDER BY device_id, start",
         (since,),
     ).fetchall()
     series: dict[str, list[tuple[int, float]]] = {}
-    for device, start, last, _low, _high in rows:
+    newest: dict[str, int] = {}
+    for device, start, last, last_seq in rows:
+        newest[device] = int(last_seq)
         if last is not None:
             series.setdefault(device, []).append((int(start), float(last)))
-    limits = [r for r in engine.rules.values() if isinstance(r, TemperatureRule)]
     out = []
     for device, points in sorted(series.items()):
-        limit = next((r.max_c for r in limits if not r.select.devices or device in r.select.devices), None)
+        rule = watching_rule(engine.rules, device)
         latest = conn.execute(
-            "SELECT body, recorded_at FROM events WHERE kind = 'sensor.sample' AND device_id = ?"
-            " ORDER BY seq DESC LIMIT 1",
-            (device,),
+            "SELECT body, recorded_at FROM events WHERE seq = ?", (newest[device],)
         ).fetchone()
         values: dict[str, Any] = orjson.loads(latest[0])["data"].get("values", {}) if latest else {}
+        metric, defrost, door = (
+            (rule.metric, rule.defrost_metric, rule.door_metric)
+            if rule is not None
+            else (HACCP_METRIC, "defrost_active", "door_open")
+        )
+        limit = rule.max_c if rule is not None else None
         out.append(
             {
                 "device_id": device,
-                "last_c": values.get("temperature", points[-1][1]),
+                "last_c": values.get(metric, points[-1][1]),
                 "last_at": latest[1] if latest else None,
                 "limit_c": limit,
-                "defrost": bool(values.get("defrost", 0) >= 0.5),
-                "door_open": bool(values.get("door_open", 0) >= 0.5),
+                "defrost": bool(values.get(defrost, 0) >= 0.5),
+                "door_open": bool(values.get(door, 0) >= 0.5),
                 "spark": _spark(points, limit, since, int(now)),
             }
         )
@@ -396,6 +436,16 @@ def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
+def _same_site(request: Request) -> bool:
+    """A POST the page itself sent: no Origin (not a browser's cross-site POST), or one naming this host (as the
+    browser asked for it, or as a proxy in front says it was asked: X-Forwarded-Host)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    asked = {request.headers.get("host"), request.headers.get("x-forwarded-host")} - {None}
+    return origin.split("://", 1)[-1] in asked
+
+
 def _secure(request: Request) -> bool:
     """Secure cookies when the page is served over TLS (here, or by a reverse proxy in front that says so)."""
     return request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
@@ -418,7 +468,7 @@ def _html(body: str, status: int = 200) -> Response:
             "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self';"
             " script-src 'self'; frame-ancestors 'none'; form-action 'self'",
             "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer",
+            "Referrer-Policy": "same-origin",  # "no-referrer" would make the form's Origin "null"
             "Cache-Control": "no-store",
         },
     )

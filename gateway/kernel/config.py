@@ -6,6 +6,7 @@ drivers, the ledger and the HQ link own; loading, line numbers and secrets live 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Final, Literal
 from zoneinfo import available_timezones
@@ -109,6 +110,8 @@ WEBHOOK_PREFIX: Final = "/webhooks/"
 verifies each source's own signature."""
 
 
+API_TOKEN_USER: Final = "api-token"  # noqa: S105 - a user name, not a password
+"""The name the API token logs in to the local page with (as an admin)."""
 Role = Literal["viewer", "technician", "manager", "admin"]
 ROLES: Final[tuple[Role, ...]] = ("viewer", "technician", "manager", "admin")
 """The local page's roles, least to most: each may do what the ones before it may."""
@@ -154,6 +157,16 @@ class ApiConfig(StrictModel):
             twice = sorted({v for v in seen if seen.count(v) > 1})
             if twice:
                 raise ValueError(f"api.users: each user needs their own {field} ({', '.join(twice)} twice)")
+        if any(u.name == API_TOKEN_USER for u in self.users):
+            raise ValueError(
+                f"api.users: the name {API_TOKEN_USER} is the API token's (it logs in as an admin)"
+            )
+        if self.token is not None:
+            digest = hashlib.sha256(self.token.get_secret_value().encode("utf-8")).hexdigest()
+            if any(u.token_sha256 == digest for u in self.users):
+                raise ValueError(
+                    "api.users: a user's token is the API token: give each person a token of their own"
+                )
         return self
 
 

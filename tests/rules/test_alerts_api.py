@@ -60,6 +60,7 @@ async def test_open_alerts_are_listed_and_acknowledged_once_committed(tmp_path: 
                 "note": "moved the milk to the walk-in",
                 "role": "manager",
                 "via": "api",
+                "by": None,
             }
             bad = await client.post(
                 "/api/alerts/dairy-warm/fridge-1/1/ack", json={"role": "", "x": 1}, headers=AUTH

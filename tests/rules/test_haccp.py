@@ -279,6 +279,7 @@ def test_an_excursion_has_its_duration_its_corrective_action_and_who_acknowledge
                 "at": "2026-11-02T10:20:00+08:00",
                 "note": "moved the milk to the walk-in",
                 "role": "manager",
+                "by": None,
                 "via": "api",
             }
         ],

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import httpx
 import orjson
 import pytest
 
@@ -31,8 +32,8 @@ HAVE_CHROMIUM = os.path.exists(CHROMIUM)
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 MANAGER, VIEWER = "manager-token-0123456789abcdef", "viewer-token-0123456789abcdef"
 USERS = [
-    {"name": "May (manager)", "role": "manager", "token_sha256": token_sha256(MANAGER)},
-    {"name": "Vic (viewer)", "role": "viewer", "token_sha256": token_sha256(VIEWER)},
+    {"name": "May Chan", "role": "manager", "token_sha256": token_sha256(MANAGER)},
+    {"name": "Vic Lee", "role": "viewer", "token_sha256": token_sha256(VIEWER)},
 ]
 WARM = {"id": "dairy-warm", "type": "temperature", "max_c": 8, "for_s": 3, "clear_for_s": 0}
 PHONE = {"width": 390, "height": 844}
@@ -127,7 +128,7 @@ async def test_a_fridge_alert_appears_is_acknowledged_and_the_page_survives_a_re
         await card.locator("button[type=submit]").click()
         await manager.locator("article.alert.acked[data-alert-id='dairy-warm/fridge-dairy/1']").wait_for()
         audit = manager.locator("#audit")
-        await audit.get_by_text("May (manager)").first.wait_for()
+        await audit.get_by_text("May Chan").first.wait_for()
 
         # The note is in the HACCP log the page offers for today (the store's day).
         today = datetime.now(ZoneInfo("Asia/Hong_Kong")).date().isoformat()
@@ -145,7 +146,7 @@ async def test_a_fridge_alert_appears_is_acknowledged_and_the_page_survives_a_re
         await download.save_as(saved)
         csv_text = await asyncio.to_thread(saved.read_text, encoding="utf-8")
         assert note in csv_text
-        assert "manager" in csv_text, "who acknowledged it"
+        assert "May Chan (manager)" in csv_text, "who acknowledged it, by name and role"
 
         # A restart: the page says it lost the gateway, then carries on by itself, same document, same login.
         assert await gateway.terminate() == 0
@@ -198,6 +199,21 @@ async def test_login_refuses_a_wrong_token_and_only_an_admin_sees_the_config(
         cookie = next(c for c in await manager.context.cookies() if c["name"] == "sg_session")
         assert cookie["httpOnly"] is True
         assert cookie["sameSite"] == "Strict"
+
+        # A POST from another site is refused even with the cookie and the CSRF token; so is a login from there.
+        csrf = await manager.evaluate("JSON.parse(document.getElementById('boot').textContent).csrf")
+        sent = {"Cookie": f"sg_session={cookie['value']}", "X-CSRF-Token": csrf}
+        async with httpx.AsyncClient(base_url=gateway.base_url) as client:
+            cross = await client.post("/ui/logout", headers={**sent, "Origin": "http://evil.example"})
+            assert cross.status_code == 403
+            login = await client.post(
+                "/ui/login", data={"token": MANAGER}, headers={"Origin": "http://evil.example"}
+            )
+            assert login.status_code == 403
+            assert (
+                await client.post("/ui/logout", headers={**sent, "Origin": gateway.base_url})
+            ).status_code == 204
+            assert (await client.get("/ui/state", headers=sent)).status_code == 401, "logged out for good"
 
         admin = await log_in(browser, gateway.base_url, API_TOKEN)
         await admin.click("#config button")

@@ -120,7 +120,7 @@
           var path = a.alert_id.split("/").map(encodeURIComponent).join("/");
           post("/ui/alerts/" + path + "/ack", { note: note.value }).then(function (r) {
             message.textContent = r.ok ? T.saved : (r.status === 403 ? T.not_allowed : "HTTP " + r.status);
-            if (r.ok) { note.value = ""; poll(true); }
+            if (r.ok) { note.value = ""; poll(); }
           });
         } }, note, el("button", { type: "submit", text: T.acknowledge }), message);
       }
@@ -128,7 +128,7 @@
         el("h3", { text: a.message || a.alert_id }),
         el("p", { class: "meta", text: a.alert_id + " · " + (a.severity || "") + (a.recovering ? " · " + T.recovering : "") }),
         evidence ? el("details", null, el("summary", { text: "evidence" }), el("pre", { text: evidence })) : null,
-        ack ? el("p", { class: "ackd", text: T.acknowledged_by + ": " + (ack.role || "") + (ack.note ? " — " + ack.note : "") }) : null,
+        ack ? el("p", { class: "ackd", text: T.acknowledged_by + ": " + (ack.by ? ack.by + " (" + ack.role + ")" : ack.role || "") + (ack.note ? " — " + ack.note : "") }) : null,
         form);
     });
     var history = table([T.when, T.what, T.status], state.history.map(function (h) {
@@ -307,17 +307,19 @@
     post("/ui/logout").then(function () { location.href = "/ui/login"; });
   }
 
-  var timer = null;
-  function poll(once) {
-    if (timer !== null && !once) return;
+  // One request at a time: a slow answer is waited for, never overtaken by a newer one (nor piled up).
+  var asking = false;
+  function poll() {
+    if (asking) return;
+    asking = true;
     fetch("/ui/state", { credentials: "same-origin", cache: "no-store" }).then(function (r) {
       if (r.status === 401) { location.href = "/ui/login"; return null; }
       if (!r.ok) throw new Error("HTTP " + r.status);
       return r.json();
     }).then(function (json) {
       if (json) { state = json; setOnline(true); render(); document.body.dataset.ready = "1"; }
-    }).catch(function () { setOnline(false); });
+    }).catch(function () { setOnline(false); }).then(function () { asking = false; });
   }
-  poll(true);
-  timer = setInterval(function () { poll(true); }, POLL_MS);
+  poll();
+  setInterval(poll, POLL_MS);
 })();
