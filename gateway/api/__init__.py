@@ -198,7 +198,7 @@ def _journal_routes(db_uri: str) -> APIRouter:
 
         Stops early, after at least one event, once :data:`MAX_RESPONSE_BYTES` is reached.
         """
-        with _journal_read():
+        with journal_read():
             bodies = events_page(db_uri, kind, device_id, after_seq, limit, MAX_RESPONSE_BYTES)
         return _json_bytes(b"[" + b",".join(bodies) + b"]")
 
@@ -210,7 +210,7 @@ def _journal_routes(db_uri: str) -> APIRouter:
         limit: Annotated[int, Query(ge=1, le=MAX_STOCK_ROWS)] = MAX_STOCK_ROWS,
     ) -> Response:
         """One page of the ledger in SKU order; page on with ``after_sku`` = the last SKU received."""
-        with _journal_read():
+        with journal_read():
             rows = stock_page(db_uri, sku, low_only, after_sku, limit)
         return _json_bytes(orjson.dumps([_stock_item(row) for row in rows]))
 
@@ -230,7 +230,7 @@ def _journal_routes(db_uri: str) -> APIRouter:
     @router.get("/api/quarantine")
     def get_quarantine(limit: Annotated[int, Query(ge=1, le=MAX_EVENTS)] = 100) -> Response:
         """Most recent first; the payload is a preview, as text only when it is plain printable UTF-8."""
-        with _journal_read():
+        with journal_read():
             rows = quarantine_page(db_uri, limit)
         return _json_bytes(orjson.dumps([_quarantined(row) for row in rows]))
 
@@ -265,7 +265,7 @@ def _quarantined(row: QuarantineRow) -> dict[str, Any]:
 
 def receipt_report(db_uri: str, device_id: str, receipt_no: str) -> dict[str, Any]:
     """The body of ``/api/receipts/{device_id}/{receipt_no}`` from one snapshot of the journal; raises 404."""
-    with _journal_read():
+    with journal_read():
         own, returns = receipt_rows(db_uri, device_id, receipt_no, MAX_RECEIPT_EVENTS)
     if not own:
         raise HTTPException(
@@ -340,7 +340,7 @@ def _json_bytes(content: bytes) -> Response:
 
 
 @contextlib.contextmanager
-def _journal_read() -> Iterator[None]:
+def journal_read() -> Iterator[None]:
     """Around a journal read: a database that cannot be read makes the request fail with 503 (logged)."""
     try:
         yield

@@ -8,13 +8,12 @@ for a session cookie (:mod:`gateway.api.session`); every POST carries the CSRF t
 
 from __future__ import annotations
 
-import contextlib
 import html
 import itertools
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -28,6 +27,7 @@ from fastapi.responses import RedirectResponse
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
+from gateway.api import journal_read
 from gateway.api.session import COOKIE, SESSION_S, Session, Sessions
 from gateway.api.ui_text import LANGUAGES, TEXT, pick_language
 from gateway.kernel.config import Role
@@ -192,7 +192,7 @@ def ui_router(sources: UiSources, sessions: Sessions) -> APIRouter:
     async def state(request: Request) -> Response:
         session = require(request)
         health, devices = sources.health(), sources.devices()  # on the event loop, as they must be
-        with _read():
+        with journal_read():
             body = await run_in_threadpool(_state, sources, db_uri, session, health, devices)
         return Response(orjson.dumps(body, default=str), media_type="application/json")
 
@@ -201,7 +201,7 @@ def ui_router(sources: UiSources, sessions: Sessions) -> APIRouter:
         alert_id: Annotated[str, PathParam(max_length=200, pattern=ALERT_ID)], body: UiAck, request: Request
     ) -> Response:
         session = require(request, ACK_ROLE, post=True)
-        with _read(), snapshot(db_uri) as conn:
+        with journal_read(), snapshot(db_uri) as conn:
             found = any(a["alert_id"] == alert_id for a in open_alerts(conn))
         if not found:
             raise HTTPException(status_code=404, detail=f"no open alert {alert_id}")
@@ -449,14 +449,6 @@ def _same_site(request: Request) -> bool:
 def _secure(request: Request) -> bool:
     """Secure cookies when the page is served over TLS (here, or by a reverse proxy in front that says so)."""
     return request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
-
-
-@contextlib.contextmanager
-def _read() -> Iterator[None]:
-    try:
-        yield
-    except sqlite3.Error as err:
-        raise HTTPException(status_code=503, detail="journal not available") from err
 
 
 def _html(body: str, status: int = 200) -> Response:

@@ -62,23 +62,30 @@ async def log_in(browser: Any, base: str, token: str, viewport: dict[str, int] =
     return page
 
 
-@pytest.mark.slow
-async def test_a_fridge_alert_appears_is_acknowledged_and_the_page_survives_a_restart(
-    store_broker: Mosquitto, hq_broker: Mosquitto, tmp_path: Path, browser: Any
-) -> None:
+def store_gateway(
+    tmp_path: Path, store_broker: Mosquitto, hq_broker: Mosquitto, **config: Any
+) -> GatewayProcess:
+    """A gateway process (not started yet) with the page's users, on brokers of this test."""
     api_port = free_port()
-    config = write_config(
+    path = write_config(
         tmp_path / "store.yaml",
         store_port=store_broker.port,
         hq_port=hq_broker.port,
         data_dir=tmp_path / "data",
         api_port=api_port,
-        devices=(),
-        json_sensors=("fridge-dairy",),
-        rules=[WARM],
         api_users=USERS,
+        **config,
     )
-    gateway = GatewayProcess(config, api_port, tmp_path / "gateway.log")
+    return GatewayProcess(path, api_port, tmp_path / "gateway.log")
+
+
+@pytest.mark.slow
+async def test_a_fridge_alert_appears_is_acknowledged_and_the_page_survives_a_restart(
+    store_broker: Mosquitto, hq_broker: Mosquitto, tmp_path: Path, browser: Any
+) -> None:
+    gateway = store_gateway(
+        tmp_path, store_broker, hq_broker, devices=(), json_sensors=("fridge-dairy",), rules=[WARM]
+    )
     sensor = MqttClient(broker_config(store_broker), "sensor-fridge", clean_start=True)
 
     async def reading(celsius: float) -> None:
@@ -166,16 +173,7 @@ async def test_a_fridge_alert_appears_is_acknowledged_and_the_page_survives_a_re
 async def test_login_refuses_a_wrong_token_and_only_an_admin_sees_the_config(
     store_broker: Mosquitto, hq_broker: Mosquitto, tmp_path: Path, browser: Any
 ) -> None:
-    api_port = free_port()
-    config = write_config(
-        tmp_path / "store.yaml",
-        store_port=store_broker.port,
-        hq_port=hq_broker.port,
-        data_dir=tmp_path / "data",
-        api_port=api_port,
-        api_users=USERS,
-    )
-    gateway = GatewayProcess(config, api_port, tmp_path / "gateway.log")
+    gateway = store_gateway(tmp_path, store_broker, hq_broker)
     gateway.start()
     try:
         await gateway.wait_healthy()
