@@ -162,10 +162,17 @@ class _Alert:
     device_id: str | None
 
 
-def watching_rule(rules: Mapping[str, RuleDefinition], device: str) -> TemperatureRule | None:
-    """The temperature rule that speaks for a fridge: the first naming it in ``select.devices``, else the first for
-    every device (its metric is what the log reads, its defrost and door metrics what the page shows)."""
-    watching = [r for r in rules.values() if isinstance(r, TemperatureRule)]
+def watching_rule(
+    rules: Mapping[str, RuleDefinition], device: str, source: str | None = None
+) -> TemperatureRule | None:
+    """The temperature rule that speaks for a fridge (its readings' format ``source``): the first naming it in
+    ``select.devices``, else the first for every device, among those whose ``select.sources`` take that format
+    (its metric is what the log reads, its defrost and door metrics what the page shows)."""
+    watching = [
+        r
+        for r in rules.values()
+        if isinstance(r, TemperatureRule) and (not r.select.sources or source in r.select.sources)
+    ]
     named = [r for r in watching if device in r.select.devices]
     every = [r for r in watching if not r.select.devices]
     found = named or every
@@ -187,8 +194,8 @@ class HaccpLog(Processor):
         self.config = config or HaccpConfig()
         self._rules = rules
         self._rules_seen: Mapping[str, RuleDefinition] | None = None
-        self._metrics: dict[str, str] = {}
-        """Device -> the metric its readings are logged by, worked out once per rule set."""
+        self._metrics: dict[tuple[str, str | None], str] = {}
+        """(Device, format) -> the metric its readings are logged by, worked out once per rule set."""
         self._pending: list[_Sample | _Alert] = []
         """What ``apply`` took since the last flush, in seq order (apply does no SQL)."""
         self._current: dict[str, Interval] = {}
@@ -212,16 +219,16 @@ class HaccpLog(Processor):
                     _Alert(event.seq, event.recorded_at, event.clock_synced, model, event.device_id)
                 )
 
-    def _metric(self, device: str) -> str:
+    def _metric(self, device: str, source: str | None) -> str:
         rules = self._rules() if self._rules is not None else None
         if rules is not self._rules_seen:  # the engine read its rules again (a new dict): work them out again
             self._rules_seen, self._metrics = rules, {}
-        found = self._metrics.get(device)
+        found = self._metrics.get((device, source))
         if found is None:
-            rule = watching_rule(rules or {}, device)
+            rule = watching_rule(rules or {}, device, source)
             found = rule.metric if rule is not None else METRIC
             if len(self._metrics) < MAX_DEVICES:
-                self._metrics[device] = found
+                self._metrics[device, source] = found
         return found
 
     def _take_sample(self, event: Event) -> None:
@@ -233,7 +240,9 @@ class HaccpLog(Processor):
         sample = _model(event)
         if not isinstance(sample, SensorSample):
             return
-        metric = self._metric(event.device_id)
+        metric = self._metric(event.device_id, sample.source)
+        if metric not in sample.values and metric not in sample.faults:
+            metric = METRIC  # the rule's metric is not among these readings: a probe that says 'temperature'
         value = sample.values.get(metric)
         if value is None and metric not in sample.faults:
             return  # not a device that measures a temperature

@@ -166,12 +166,12 @@ class BearerAuthMiddleware:
 
 
 def cookie(scope: Scope, name: str) -> str | None:
-    """A request's cookie by name, parsed as the routes' requests parse them (Starlette's parser), or None."""
-    found = None
+    """A request's cookie by name, as the routes' requests read it (Starlette's parser, the first Cookie header),
+    or None."""
     for key, value in scope["headers"]:
         if key == b"cookie":
-            found = cookie_parser(bytes(value).decode("latin-1")).get(name, found)
-    return found
+            return cookie_parser(bytes(value).decode("latin-1")).get(name)
+    return None
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

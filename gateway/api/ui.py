@@ -14,7 +14,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
 from typing import Annotated, Any, Final
@@ -54,6 +54,7 @@ LOGIN_FAILURES_ALL: Final = 60
 MAX_LOGIN_ADDRESSES: Final = 10_000
 MAX_LOGIN_BODY: Final = 2048
 HISTORY: Final = 30
+MAX_RAISED: Final = 1000
 SPARK_HOURS: Final = 24
 STATIC: Final = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 ACK_ROLE: Final[Role] = "technician"
@@ -75,6 +76,8 @@ class UiSources:
     clock_synced: Callable[[], bool]
     check_config: Callable[[], tuple[int, str]] | None
     store_name: str
+    raised: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    """Open alerts' raises found in the journal (None: gone from it), so each is looked up once."""
 
 
 def ui_router(sources: UiSources, sessions: Sessions) -> APIRouter:
@@ -131,11 +134,12 @@ def ui_router(sources: UiSources, sessions: Sessions) -> APIRouter:
         if not _same_site(request):  # no logging a browser in from another site, as someone else
             return _html(_login(lang, failed=True), status=403)
         client = request.client.host if request.client is not None else "-"
+        body = await request.body()
+        # From here to the failure's count nothing awaits: logins sent together are counted one by one.
         now = time.monotonic()
         window = failures.get(client)
         if (window is not None and window.wait(now) > 0) or everyone.wait(now) > 0:
             return _html(_login(lang, failed=True, slow=True), status=429)
-        body = await request.body()
         token = parse_qs(body[:MAX_LOGIN_BODY].decode("utf-8", "replace")).get("token", [""])[0].strip()
         made = sessions.login(token) if token else None
         if made is None:
@@ -241,15 +245,21 @@ def _state(
         messages = {
             h["data"].get("details", {}).get("alert_id"): h for h in history if h["kind"] == "alert.raised"
         }
-        for alert in alerts:  # an alert open for longer than the history shows: its own raise
-            if alert["alert_id"] not in messages:
-                row = conn.execute(
-                    "SELECT body FROM events WHERE kind = 'alert.raised'"
-                    " AND json_extract(body, '$.data.details.alert_id') = ? ORDER BY seq DESC LIMIT 1",
-                    (alert["alert_id"],),
-                ).fetchone()
-                if row is not None:
-                    messages[alert["alert_id"]] = _slim(orjson.loads(row[0]))
+        for alert in alerts:  # an alert open for longer than the history shows: its own raise, looked up once
+            alert_id = alert["alert_id"]
+            if alert_id not in messages:
+                if alert_id not in sources.raised:
+                    row = conn.execute(
+                        "SELECT body FROM events WHERE kind = 'alert.raised'"
+                        " AND json_extract(body, '$.data.details.alert_id') = ? ORDER BY seq DESC LIMIT 1",
+                        (alert_id,),
+                    ).fetchone()
+                    if len(sources.raised) >= MAX_RAISED:
+                        sources.raised.clear()
+                    sources.raised[alert_id] = _slim(orjson.loads(row[0])) if row is not None else None
+                found = sources.raised[alert_id]
+                if found is not None:
+                    messages[alert_id] = found
     for alert in alerts:
         rule = sources.engine.rules.get(alert["rule_id"])
         alert["severity"] = rule.severity if rule is not None else None
@@ -377,11 +387,12 @@ def _cold_chain(
             series.setdefault(device, []).append((int(start), float(last)))
     out = []
     for device, points in sorted(series.items()):
-        rule = watching_rule(engine.rules, device)
         latest = conn.execute(
             "SELECT body, recorded_at FROM events WHERE seq = ?", (newest[device],)
         ).fetchone()
-        values: dict[str, Any] = orjson.loads(latest[0])["data"].get("values", {}) if latest else {}
+        data: dict[str, Any] = orjson.loads(latest[0])["data"] if latest else {}
+        values: dict[str, Any] = data.get("values", {})
+        rule = watching_rule(engine.rules, device, data.get("source"))
         metric, defrost, door = (
             (rule.metric, rule.defrost_metric, rule.door_metric)
             if rule is not None

@@ -822,3 +822,26 @@ def test_a_fridge_is_logged_by_the_metric_its_temperature_rule_reads(tmp_path: P
         assert store.report(DAY, device="scale-3") is None
     finally:
         store.conn.close()
+
+
+def test_a_rule_for_one_format_does_not_change_how_other_devices_are_logged(
+    tmp_path: Path, time: Time
+) -> None:
+    """A rule for the Modbus controllers' format (``select.sources``) reads ``air_temperature``: a BLE probe that says
+    ``temperature`` is logged by it all the same, and so is a reading without the rule's metric."""
+    rule = {**WARM, "id": "cabinets", "metric": "air_temperature", "select": {"sources": ["dixell-xr"]}}
+    store = Store(tmp_path / "journal.db", time, [rule], HaccpConfig())
+    try:
+        store.move_to(at(DAY, "08:00") + 10)
+        samples = [
+            ("cabinet-1", SensorSample(values={"air_temperature": 3.5}, source="dixell-xr")),
+            ("probe-2", SensorSample(values={"temperature": 5.0}, source="ruuvi-rawv2")),
+            ("cabinet-3", SensorSample(values={"temperature": 6.0}, source="dixell-xr")),
+        ]
+        store.commit([store.event(model, device) for device, model in samples])
+        for device, value in (("cabinet-1", 3.5), ("probe-2", 5.0), ("cabinet-3", 6.0)):
+            report = store.report(DAY, device=device)
+            assert report is not None, device
+            assert [i["last_c"] for i in report["intervals"] if i["readings"]] == [value], device
+    finally:
+        store.conn.close()

@@ -188,11 +188,13 @@
 
   function readings(device) {
     fetch("/api/events?device_id=" + encodeURIComponent(device) + "&limit=10", { credentials: "same-origin" })
-      .then(function (r) { return r.ok ? r.json() : []; })
+      .then(function (r) { return r.ok ? r.json() : r.status; })
       .then(function (events) {
         var box = document.getElementById("readings");
-        replace(box, [el("h3", { text: T.readings + ": " + device }),
-          table([T.when, "kind", "data"], events.map(function (e) { return [ago(e.recorded_at), e.kind, JSON.stringify(e.data)]; })),
+        var shown = Array.isArray(events)
+          ? table([T.when, "kind", "data"], events.map(function (e) { return [ago(e.recorded_at), e.kind, JSON.stringify(e.data)]; }))
+          : el("p", { class: "quiet", text: events === 403 ? T.not_allowed : "HTTP " + events });
+        replace(box, [el("h3", { text: T.readings + ": " + device }), shown,
           el("button", { type: "button", class: "link", text: T.close, onclick: function () { replace(box, []); } })]);
       });
   }
@@ -312,13 +314,16 @@
   function poll() {
     if (asking) return;
     asking = true;
-    fetch("/ui/state", { credentials: "same-origin", cache: "no-store" }).then(function (r) {
+    // An answer that does not come (a connection dropped with the Wi-Fi) is given up after 10 s: asked again.
+    var abort = new AbortController();
+    var given = setTimeout(function () { abort.abort(); }, 10000);
+    fetch("/ui/state", { credentials: "same-origin", cache: "no-store", signal: abort.signal }).then(function (r) {
       if (r.status === 401) { location.href = "/ui/login"; return null; }
       if (!r.ok) throw new Error("HTTP " + r.status);
       return r.json();
     }).then(function (json) {
       if (json) { state = json; setOnline(true); render(); document.body.dataset.ready = "1"; }
-    }).catch(function () { setOnline(false); }).then(function () { asking = false; });
+    }).catch(function () { setOnline(false); }).then(function () { clearTimeout(given); asking = false; });
   }
   poll();
   setInterval(poll, POLL_MS);
