@@ -254,7 +254,8 @@
     day.addEventListener("change", links);
     fridge.addEventListener("change", links);
     body.appendChild(el("div", { class: "row" }, el("label", null, T.day + " ", day), el("label", null, T.fridge + " ", fridge)));
-    body.appendChild(el("p", null, haccp, " · ", attendance));
+    var manager = boot.me.role === "manager" || boot.me.role === "admin";  // staff names: managers up
+    body.appendChild(el("p", null, haccp, manager ? " · " : null, manager ? attendance : null));
     sections.fridgeSelect = fridge;
     sections.links = links;
   }
