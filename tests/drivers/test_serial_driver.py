@@ -358,7 +358,7 @@ def _departed(inventories: list[dict[str, Any]]) -> set[str]:
 async def test_a_silent_reader_departs_no_tags_and_is_not_flipped_online(harness: Harness) -> None:
     link = harness.tmp / "usb-Chafon-if00"
     device_config = rfid_device(
-        link, error_after_timeouts=2, response_timeout_s=0.05, window_s=0.2, depart_after_s=0.3
+        link, error_after_timeouts=2, response_timeout_s=0.25, window_s=0.2, depart_after_s=0.3
     )
     driver = harness.driver([device_config])
     device = harness.ctx.devices.get("rfid-1")
