@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cloud_bridge.hq.postgres import PostgresReceiverStore
 from tests.cloud_bridge.hq.test_receiver import batch_of, envelope
-from tests.harness.brokers import Mosquitto, free_port
-from tests.harness.e2e_helpers import API_TOKEN, GatewayProcess, write_config
+from tests.harness.brokers import Mosquitto
+from tests.harness.e2e_helpers import API_TOKEN, gateway_process
 from tests.harness.pg import PostgresServer, session_server
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
@@ -47,15 +47,7 @@ async def test_every_metric_the_store_dashboard_names_is_on_a_running_gateway(
     store_broker: Mosquitto, hq_broker: Mosquitto, tmp_path: Path
 ) -> None:
     named = {name for target in targets(STORE_DASHBOARD) for name in METRIC.findall(target["expr"])}
-    api_port = free_port()
-    config = write_config(
-        tmp_path / "store.yaml",
-        store_port=store_broker.port,
-        hq_port=hq_broker.port,
-        data_dir=tmp_path / "data",
-        api_port=api_port,
-    )
-    gateway = GatewayProcess(config, api_port, tmp_path / "gateway.log")
+    gateway = gateway_process(tmp_path, store_broker, hq_broker)
     gateway.start()
     try:
         await gateway.wait_healthy()

@@ -22,8 +22,8 @@ import pytest
 
 from gateway.api.session import token_sha256
 from gateway.kernel.mqtt_client import MqttClient
-from tests.harness.brokers import Mosquitto, free_port
-from tests.harness.e2e_helpers import API_TOKEN, GatewayProcess, broker_config, poll_until, write_config
+from tests.harness.brokers import Mosquitto
+from tests.harness.e2e_helpers import API_TOKEN, GatewayProcess, broker_config, gateway_process, poll_until
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
@@ -66,17 +66,7 @@ def store_gateway(
     tmp_path: Path, store_broker: Mosquitto, hq_broker: Mosquitto, **config: Any
 ) -> GatewayProcess:
     """A gateway process (not started yet) with the page's users, on brokers of this test."""
-    api_port = free_port()
-    path = write_config(
-        tmp_path / "store.yaml",
-        store_port=store_broker.port,
-        hq_port=hq_broker.port,
-        data_dir=tmp_path / "data",
-        api_port=api_port,
-        api_users=USERS,
-        **config,
-    )
-    return GatewayProcess(path, api_port, tmp_path / "gateway.log")
+    return gateway_process(tmp_path, store_broker, hq_broker, api_users=USERS, **config)
 
 
 @pytest.mark.slow

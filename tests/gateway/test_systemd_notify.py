@@ -18,8 +18,8 @@ import orjson
 import pytest
 
 from gateway.kernel.mqtt_client import MqttClient
-from tests.harness.brokers import Mosquitto, free_port
-from tests.harness.e2e_helpers import GatewayProcess, broker_config, gateway_env, poll_until, write_config
+from tests.harness.brokers import Mosquitto
+from tests.harness.e2e_helpers import broker_config, gateway_env, gateway_process, poll_until
 
 
 class NotifySocket:
@@ -70,18 +70,10 @@ async def test_ready_then_watchdog_pings_that_stop_while_the_writer_is_wedged(
     store_broker: Mosquitto, hq_broker: Mosquitto, tmp_path: Path, notify: NotifySocket
 ) -> None:
     data_dir = tmp_path / "data"
-    api_port = free_port()
-    config = write_config(
-        tmp_path / "store.yaml",
-        store_port=store_broker.port,
-        hq_port=hq_broker.port,
-        data_dir=data_dir,
-        api_port=api_port,
-        devices=(),
-        json_sensors=("fridge-1",),
-    )
     env = {**gateway_env(), "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"}
-    gateway = GatewayProcess(config, api_port, tmp_path / "gateway.log", env=env)
+    gateway = gateway_process(
+        tmp_path, store_broker, hq_broker, env=env, devices=(), json_sensors=("fridge-1",)
+    )
     sensor = MqttClient(broker_config(store_broker), "sensor-fridge", clean_start=True)
     gateway.start()
     try:

@@ -42,7 +42,7 @@ from gateway.kernel.mqtt_client import Message, MqttClient
 from gateway.runtime import Gateway
 from simulators.catalog import CATALOG, CURRENCY
 from simulators.sensors import DEFAULT_TOPIC_TEMPLATE as SENSOR_TOPIC_TEMPLATE
-from tests.harness.brokers import Mosquitto
+from tests.harness.brokers import Mosquitto, free_port
 
 TOKEN_ENV: Final = "STOREGW_E2E_API_TOKEN"
 API_TOKEN: Final = "e2e-token-0123456789abcdef"
@@ -800,3 +800,27 @@ def metric_sum(metrics: MetricValues, name: str, **labels: str) -> float:
     """Sum of the samples named ``name`` whose labels include ``labels``."""
     wanted = set(labels.items())
     return sum(v for (n, lbls), v in metrics.items() if n == name and wanted <= set(lbls))
+
+
+def gateway_process(
+    tmp_path: Path,
+    store_broker: Mosquitto,
+    hq_broker: Mosquitto,
+    *,
+    env: Mapping[str, str] | None = None,
+    **config: Any,
+) -> GatewayProcess:
+    """A gateway process (not started) on this test's brokers, its config (:func:`write_config`, with ``config``)
+    at ``tmp_path/store.yaml``, its data in ``tmp_path/data``, its log at ``tmp_path/gateway.log``."""
+    api_port = free_port()
+    path = write_config(
+        tmp_path / "store.yaml",
+        store_port=store_broker.port,
+        hq_port=hq_broker.port,
+        data_dir=tmp_path / "data",
+        api_port=api_port,
+        **config,
+    )
+    return GatewayProcess(
+        path, api_port, tmp_path / "gateway.log", env=env if env is not None else gateway_env()
+    )
