@@ -262,10 +262,15 @@ async def test_duplicate_keys_are_400_and_quarantined(
         assert [r["reason"] for r in read_quarantine(gateway.config.data_dir)] == ["duplicate_key"] * 2
         assert not {"pos.sale", "pos.return"} & set(journal_kinds(gateway.config.data_dir))
         assert on_hand(gateway, WATER.sku) == INITIAL_ON_HAND
-        quarantined = metric_sum(
-            own_metrics(gateway), "storegw_messages_quarantined_total", reason="duplicate_key"
+        # Counted once the writer has published the commit, a moment after the rows are visible to a reader.
+        await poll_until(
+            lambda: (
+                metric_sum(own_metrics(gateway), "storegw_messages_quarantined_total", reason="duplicate_key")
+                == 2
+            ),
+            "the two quarantined bodies counted",
+            state=lambda: own_metrics(gateway),
         )
-        assert quarantined == 2
 
 
 async def test_oversized_bodies_are_413(
