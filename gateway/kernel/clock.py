@@ -8,11 +8,11 @@ monotonic timestamp, so HQ can re-place events recorded before the sync (see doc
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 import time
 import uuid
-from typing import Final
+from typing import Any, Final
 
 BOOT_ID: Final = uuid.uuid4().hex[:16]
 """Random per process start: groups the events of one run, whose mono_ns values are comparable."""
@@ -34,15 +34,24 @@ class _Timex(ctypes.Structure):
     ]
 
 
+@functools.cache
+def _adjtimex() -> Any:
+    """libc's adjtimex(2), looked up once in the symbols this process already has loaded (no search of the
+    library path, which forks ``ldconfig -p``); None where there is none (not Linux)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).adjtimex
+    except (OSError, AttributeError):
+        return None
+
+
 def _kernel_says_synced() -> bool | None:
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
+    adjtimex = _adjtimex()
+    if adjtimex is None:
         return None
     try:
-        libc = ctypes.CDLL(libc_name, use_errno=True)
         timex = _Timex()
-        state = libc.adjtimex(ctypes.byref(timex))
-    except (OSError, AttributeError):
+        state = adjtimex(ctypes.byref(timex))
+    except OSError:
         return None
     if state < 0:
         return None

@@ -214,3 +214,22 @@ async def test_the_watcher_commits_an_anchor_into_a_real_journal(tmp_path: Path)
     assert event.data.boot_id == event.boot_id == BOOT_ID
     assert event.data.mono_ns <= event.mono_ns
     assert watch.anchors == 1
+
+
+def test_the_kernel_clock_check_forks_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clock is checked every 10 s for months: asking must not search for libc (``find_library`` forks
+    ``ldconfig -p``) nor start any process, and adjtimex is looked up once."""
+    import ctypes.util
+    import subprocess
+
+    from gateway.kernel import clock
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the clock check started a process")
+
+    monkeypatch.setattr(ctypes.util, "find_library", refuse)
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    state = clock.ClockState(refresh_s=0)
+    answers = {state.synced() for _ in range(5)}
+    assert answers <= {True, False}
+    assert clock._adjtimex.cache_info().currsize == 1
