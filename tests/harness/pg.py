@@ -42,7 +42,9 @@ def pg_bin_dir() -> Path | None:
 class PostgresServer:
     """One postgres process; ``dsn()`` connects as the superuser ``postgres`` (trust auth, loopback only)."""
 
-    def __init__(self, bin_dir: Path) -> None:
+    def __init__(self, bin_dir: Path, settings: dict[str, str] | None = None) -> None:
+        self._settings = dict(settings or {})
+        """Server settings over the fast test ones (a benchmark turns fsync back on)."""
         self._as: dict[str, Any] = {}
         owner = None
         if os.geteuid() == 0:
@@ -101,6 +103,7 @@ class PostgresServer:
             "shared_buffers": "32MB",
             # Concurrent receivers wait on each other's row locks: find a deadlock fast (it is retried).
             "deadlock_timeout": "100ms",
+            **self._settings,
         }
         args = [str(self.bin_dir / "postgres"), "-D", str(self.data)]
         for key, value in settings.items():
