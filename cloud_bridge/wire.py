@@ -21,6 +21,7 @@ Encoding never re-serialises events: the stored envelope bytes are joined as the
 from __future__ import annotations
 
 import gzip
+import threading
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -126,6 +127,19 @@ def encode_batch(
     return b"".join((header, b"\n", body))
 
 
+_DECOMPRESSORS = threading.local()
+"""One zstd decompression context per thread, reused for every message: building one costs more than
+inflating a small live batch. A context is not safe to share between threads."""
+
+
+def _zstd_decompressor() -> zstandard.ZstdDecompressor:
+    decompressor: zstandard.ZstdDecompressor | None = getattr(_DECOMPRESSORS, "zstd", None)
+    if decompressor is None:
+        decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
+        _DECOMPRESSORS.zstd = decompressor
+    return decompressor
+
+
 def _inflate(encoding: str, body: bytes, limit: int) -> bytes:
     """The body as JSON bytes; never more than ``limit + 1`` bytes are produced, whatever the body says."""
     if encoding == "json":
@@ -134,8 +148,9 @@ def _inflate(encoding: str, body: bytes, limit: int) -> bytes:
         try:
             # Across frames: a streaming compressor may emit several; anything after them is an error. A
             # truncated frame ends the output early without an error: the caller's raw_bytes check sees it.
-            decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
-            return decompressor.stream_reader(body, read_across_frames=True).read(limit + 1)
+            reader = _zstd_decompressor().stream_reader(body, read_across_frames=True)
+            with reader:
+                return reader.read(limit + 1)
         except zstandard.ZstdError as err:
             raise BatchError(f"zstd body does not decompress: {err}") from err
     if encoding == "gzip":

@@ -79,13 +79,15 @@ class Rejection:
 
 @dataclass(frozen=True, slots=True)
 class BatchToStore:
-    """A decoded batch and the store/gateway its topic names."""
+    """A decoded batch and the store/gateway its topic names; ``rows``, when given, are its
+    :func:`event_rows`, made ahead (the receiver makes them while the database stores the group before)."""
 
     topic: str
     size: int
     store_id: str
     gateway_id: str
     batch: Batch
+    rows: list[EventRow] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +177,10 @@ class EventRow:
     clock_synced: bool | None
     body: bytes
     event: dict[str, Any]
+    """The envelope as parsed; emptied once ``receipt`` is filled for an event that is not a report
+    (:data:`REPORT_KINDS`), so a batch waiting to be stored holds its bytes, not its parsed form."""
+    receipt: tuple[str | None, str | None] | None = None
+    """(receipt_no, original_receipt_no) when already read from ``event``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,9 @@
 """The HQ reference receiver's PostgreSQL database, for several receivers sharing the load (``--postgres``).
 
 Same tables and logic as SQLite (sql.py); what differs is here: types, snapshot reads, ``= ANY`` for
-lists, an advisory lock while the schema is created, reconnecting after a lost connection, and which errors
-mean "this batch's data" (rejected) rather than "the database" (retried). Needs the ``postgres`` extra
+lists, an advisory lock while the schema is created, reconnecting after a lost connection, which errors
+mean "this batch's data" (rejected) rather than "the database" (retried), and storing a group of batches in
+two round trips (pg_writes.py). Needs the ``postgres`` extra
 (psycopg 3).
 """
 
@@ -18,6 +19,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from cloud_bridge.hq.model import LOST_GRACE_S, StoreUnavailableError, one_line
+from cloud_bridge.hq.pg_writes import PgGroupWrites
 from cloud_bridge.hq.sql import SqlReceiverStore
 from cloud_bridge.hq.sql_base import Cursor, Dialect
 
@@ -52,8 +54,9 @@ these, a dead peer is found in about a minute (idle 30 s + 3 probes 10 s apart),
 60 s (tcp_user_timeout, ms) ends the connection, which the receiver then retries and reconnects."""
 
 
-class PostgresReceiverStore(SqlReceiverStore):
-    """The receiver's PostgreSQL database. ``dsn`` is a libpq connection string or URI; keep the password
+class PostgresReceiverStore(PgGroupWrites, SqlReceiverStore):
+    """The receiver's PostgreSQL database; a group of batches is stored set-based in two round trips
+    (:mod:`cloud_bridge.hq.pg_writes`). ``dsn`` is a libpq connection string or URI; keep the password
     out of it (PGPASSFILE or PGPASSWORD), it is never logged either way."""
 
     dialect = POSTGRES

@@ -76,6 +76,17 @@ _DELETE_TOUCHED_RUNS: Final = (
 )
 
 
+def rows_to_store(store_id: str, gateway_id: str, batch: Batch) -> list[EventRow]:
+    """:func:`event_rows` made ahead of the transaction, holding only what is stored: the receipt columns are
+    read now, and the parsed envelope is let go for every event but a report (the body bytes stay)."""
+    rows = event_rows(store_id, gateway_id, batch)
+    for row in rows:
+        row.receipt = receipt_fields(row.kind, row.event)
+        if row.kind not in REPORT_KINDS:
+            row.event = {}
+    return rows
+
+
 class SqlWrites(SqlStoreBase):
     """Storing batches and rejections (part of :class:`~cloud_bridge.hq.sql.SqlReceiverStore`)."""
 
@@ -142,7 +153,7 @@ class SqlWrites(SqlStoreBase):
     def _store(self, cur: Cursor, item: BatchToStore, now: datetime, received_at: Any) -> StoreResult:
         """One batch; ``received_at`` is ``now`` as the database takes it."""
         key = (item.store_id, item.gateway_id)
-        rows = event_rows(item.store_id, item.gateway_id, item.batch)
+        rows = item.rows if item.rows is not None else event_rows(item.store_id, item.gateway_id, item.batch)
         max_seq, *marks = self._x(cur, _LOCK_GATEWAY, key).fetchone()
         watermark = self._watermark(marks)
         complete_through = watermark.complete_through if marks[0] is not None else None
@@ -223,7 +234,7 @@ class SqlWrites(SqlStoreBase):
             row.mono_ns,
             row.clock_synced,
             row.body,
-            *receipt_fields(row.kind, row.event),
+            *(row.receipt if row.receipt is not None else receipt_fields(row.kind, row.event)),
         )
 
     def _known_ids(self, cur: Cursor, ids: Sequence[str]) -> set[str]:
