@@ -15,6 +15,14 @@ for other devices); ``--compare-rounds K`` runs K rounds without rules and K wit
 medians and their ratio (the machine is shared: compare within one run).
 
     python bench/e2e_throughput.py --sales 20000 --terminals 10 --rules 500 --compare-rounds 3
+
+With ``--drivers all`` the gateway also has a driver of every other family (BLE without an adapter, a webhook
+source, a scanner on a pseudo-terminal, a Modbus TCP fridge on the fridge simulator), so its peak RSS is that of
+a store that loads every family's libraries. ``--broker-ceiling`` then sends the same messages with the same
+publishers through a fresh mosquitto to a lean QoS 1 subscriber that acknowledges at once (bench/mqtt_sink.py):
+the most this machine's broker and loopback carry, against which the gateway's figure reads as a share.
+
+    python bench/e2e_throughput.py --sales 20000 --drivers all --broker-ceiling
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.idle_cpu import idle_drivers  # noqa: E402
 from bench.mqtt_load import publish_all  # noqa: E402
 from simulators.pos import PosTerminal  # noqa: E402
 from tests.harness.brokers import Mosquitto, free_port  # noqa: E402
@@ -88,8 +97,10 @@ def gateway_config(
     terminals: list[str],
     protocol: str,
     rules: int = 0,
+    extra_drivers: list[dict[str, object]] | None = None,
 ) -> str:
     devices = "\n".join(f"  - {{id: {t}, profile: pos_terminal}}" for t in terminals)
+    more = "".join(f"\n  - {json.dumps(d)}" for d in extra_drivers or [])
     items = "\n".join(
         f"    - {{sku: SKU-{i:04d}, on_hand: 100000000, safety_stock: 10}}" for i in range(1, 21)
     )
@@ -106,7 +117,7 @@ drivers:
   - type: mqtt
     routes:
       - {{pattern: "store/pos/{{device_id}}/sale", kind: pos.sale}}
-      - {{pattern: "store/pos/{{device_id}}/return", kind: pos.return}}
+      - {{pattern: "store/pos/{{device_id}}/return", kind: pos.return}}{more}
 devices:
 {devices}
 stock:
@@ -175,9 +186,21 @@ def main() -> int:
     ap.add_argument(
         "--compare-rounds", type=int, default=0, help="rounds without and with --rules, interleaved"
     )
+    ap.add_argument(
+        "--drivers", choices=["mqtt", "all"], default="mqtt", help="'all': a driver of every family besides"
+    )
+    ap.add_argument(
+        "--broker-ceiling", action="store_true", help="also the same load straight through mosquitto"
+    )
     args = ap.parse_args()
     if not args.compare_rounds:
-        code, _ = run(args, args.rules)
+        code, rate = run(args, args.rules)
+        if code == 0 and args.broker_ceiling:
+            ceiling = broker_ceiling(args)
+            print(
+                f"broker ceiling (same publishers, a lean QoS 1 subscriber): {ceiling:,.0f} messages/s;"
+                f" the gateway reached {rate / ceiling:.0%} of it"
+            )
         return code
     figures: dict[int, list[float]] = {0: [], args.rules: []}
     for _ in range(args.compare_rounds):
@@ -195,6 +218,54 @@ def main() -> int:
     return 0
 
 
+def sale_messages(terminals: list[str], sales: int) -> list[list[tuple[str, bytes]]]:
+    """Realistic sales from the simulator's terminals, per terminal (generated before any clock starts)."""
+    per_terminal = sales // len(terminals)
+    messages: list[list[tuple[str, bytes]]] = []
+    for n, device in enumerate(terminals):
+        till = PosTerminal(device, seed=n, return_ratio=0.0)
+        count = per_terminal + (1 if n < sales % len(terminals) else 0)
+        messages.append([(f"store/pos/{device}/sale", till.make_sale().payload) for _ in range(count)])
+    return messages
+
+
+def broker_ceiling(args: argparse.Namespace) -> float:
+    """Messages/s from the first publish to the last receipt, the same sales and publishers as a run, through a
+    fresh mosquitto to bench/mqtt_sink.py (QoS 1, acknowledged on arrival: no decode, no disk)."""
+    terminals = [f"till-{i:02d}" for i in range(1, args.terminals + 1)]
+    messages = sale_messages(terminals, args.sales)
+    broker = Mosquitto().start()
+    sink = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "mqtt_sink.py"), "--port", str(broker.port),
+         "--topic", "store/pos/+/sale", "--count", str(args.sales)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert sink.stdout is not None
+        if sink.stdout.readline().strip() != "subscribed":
+            raise RuntimeError("the sink did not subscribe")
+
+        async def publish() -> None:
+            await asyncio.gather(
+                *(
+                    publish_all("127.0.0.1", broker.port, f"bench-{d}", msgs, args.window)
+                    for d, msgs in zip(terminals, messages, strict=True)
+                )
+            )
+
+        start = time.time()
+        asyncio.run(publish())
+        last = float(sink.stdout.readline().split()[1])
+        sink.wait(30)
+        return args.sales / (last - start)
+    finally:
+        if sink.poll() is None:
+            sink.kill()
+            sink.wait()
+        broker.close()
+
+
 def run(args: argparse.Namespace, rules: int) -> tuple[int, float]:
     """One run: exit code and events/s."""
 
@@ -203,8 +274,20 @@ def run(args: argparse.Namespace, rules: int) -> tuple[int, float]:
     terminals = [f"till-{i:02d}" for i in range(1, args.terminals + 1)]
     api_port = free_port()
     cfg = work / "store.yaml"
+    fridge: subprocess.Popen[bytes] | None = None
+    pty: tuple[int, int] | None = None
+    extra: list[dict[str, object]] = []
+    if args.drivers == "all":
+        fridge_port = free_port()
+        fridge = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "simulate", "fridge", "--port", str(fridge_port)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
+        pty = os.openpty()
+        extra = idle_drivers(fridge_port, os.ttyname(pty[1]))["drivers"]
     cfg.write_text(
-        gateway_config(work / "data", store.port, hq.port, api_port, terminals, args.protocol, rules)
+        gateway_config(work / "data", store.port, hq.port, api_port, terminals, args.protocol, rules, extra)
     )
     env = {**os.environ, "BENCH_API_TOKEN": TOKEN}
     hq_db = work / "hq.db"
@@ -229,13 +312,7 @@ def run(args: argparse.Namespace, rules: int) -> tuple[int, float]:
     )
     try:
         wait_http(f"http://127.0.0.1:{api_port}/health")
-        # Realistic sales from the simulator's terminals, generated before the clock starts.
-        per_terminal = args.sales // len(terminals)
-        messages: list[list[tuple[str, bytes]]] = []
-        for n, device in enumerate(terminals):
-            till = PosTerminal(device, seed=n, return_ratio=0.0)
-            count = per_terminal + (1 if n < args.sales % len(terminals) else 0)
-            messages.append([(f"store/pos/{device}/sale", till.make_sale().payload) for _ in range(count)])
+        messages = sale_messages(terminals, args.sales)
         time.sleep(1.0)  # let the gateway's connections settle (session, subscriptions, birth message)
 
         async def publish() -> list[tuple[float, float, int]]:
@@ -302,6 +379,12 @@ def run(args: argparse.Namespace, rules: int) -> tuple[int, float]:
                     proc.kill()
         store.close()
         hq.close()
+        if fridge is not None:
+            fridge.terminate()
+            fridge.wait(10)
+        if pty is not None:
+            os.close(pty[0])
+            os.close(pty[1])
 
 
 if __name__ == "__main__":
