@@ -1,21 +1,26 @@
-"""SD-card friendliness: bytes the gateway writes to disk per event ingested, at a steady sales rate.
+"""SD-card wear: bytes the gateway writes to disk per event, and per day, for a store's steady load.
 
 Real processes: two mosquitto brokers (store, HQ, no persistence), the gateway (`store-gateway run`, default
-config: synchronous=FULL, zstd, HQ up so the outbox drains as it fills) and the POS simulator
-(`store-gateway simulate pos`) at ``--rates`` sales/s (a tenth of them returns). After ``--warmup`` seconds,
-for ``--seconds``:
+config, HQ up so the outbox drains as it fills), the POS simulator (`store-gateway simulate pos`, a tenth of the
+sales are returns) and the sensor simulator (`store-gateway simulate sensors`, telemetry readings). A profile is
+``SALES`` or ``SALES+SAMPLES`` per second; the three the documentation quotes:
+
+- ``1``: a quiet store, one sale a second;
+- ``1+10``: a normal store, one sale and ten sensor samples a second (a few fridges and probes);
+- ``50``: a rush, fifty sales a second.
+
+After ``--warmup`` seconds, for ``--seconds``:
 
 - ``write_bytes`` from ``/proc/<gateway>/io``: bytes this process caused to be sent to the block device
-  (page-granular: SQLite's WAL frames are 4 KiB + 24 B, so a small commit dirties two pages);
-- the journal's files (``journal.db``, ``-wal``, ``-shm``) before and after;
-- group commits (``storegw_journal_commit_seconds_count``): with WAL and synchronous=FULL each commit is one
-  fsync of the WAL, plus two per checkpoint (WAL, then the database);
-- with ``--strace``, the fsync/fdatasync calls counted by ``strace -c`` (slows the gateway a little).
+  (page-granular; checkpoints included, as they run on the gateway's own threads);
+- the envelope bytes committed (``storegw_outbox_bytes``): what an ideal log would write; the ratio of the two
+  is the write amplification;
+- group commits (``storegw_journal_commit_seconds_count``) and, with ``--strace``, fsync-family calls.
 
 If ``write_bytes`` stays 0 (a filesystem or container that does not account it), the file growth is the
 figure to use, and the script says so.
 
-    python bench/sd_writes.py --rates 200,2000 --seconds 30
+    python bench/sd_writes.py --profiles 1,1+10,50 --seconds 60
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import GatewayProcess, metric_total, start_tills, stop_process, terminals
+from bench._common import ROOT, GatewayProcess, metric_total, start_tills, stop_process, terminals
 from tests.harness.brokers import Mosquitto
 
 SALE_KINDS = (
@@ -73,9 +79,35 @@ class Snapshot:
         )
 
 
+@dataclass(frozen=True)
+class Profile:
+    sales: float
+    """Sales and returns per second."""
+    samples: float
+    """Sensor readings per second (ten sensors share them)."""
+
+    @classmethod
+    def parse(cls, text: str) -> Profile:
+        sales, _, samples = text.partition("+")
+        return cls(float(sales), float(samples or 0))
+
+    def __str__(self) -> str:
+        name = f"{self.sales:g} sale{'s' if self.sales != 1 else ''}/s"
+        return name + (f" + {self.samples:g} samples/s" if self.samples else "")
+
+
+SENSORS: Final = [f"probe-{i:02d}" for i in range(1, 11)]
+SENSOR_DRIVER: Final = {
+    "type": "mqtt",
+    "name": "sensors",
+    "routes": [{"pattern": "store/sensor/{device_id}/reading", "kind": "sensor.reading"}],
+    "unknown_devices": "accept",
+}
+
+
 @dataclass
 class Run:
-    rate: float
+    profile: Profile
     seconds: float
     sales: int
     events: int
@@ -87,6 +119,29 @@ class Run:
     wal_resets: int
     """WAL restarts after a checkpoint (the checkpoint sequence in the WAL header)."""
     fsyncs: dict[str, int] | None
+
+    @property
+    def per_event(self) -> float:
+        return self.write_bytes / max(self.events, 1)
+
+    @property
+    def amplification(self) -> float:
+        return self.write_bytes / max(self.envelope_bytes, 1)
+
+    @property
+    def per_day(self) -> float:
+        return self.write_bytes / self.seconds * 86400
+
+
+def start_sensors(port: int, rate_per_s: float, duration_s: float) -> subprocess.Popen[bytes]:
+    per_sensor = rate_per_s / len(SENSORS)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "simulate", "sensors", "--port", str(port),
+         "--device-ids", ",".join(SENSORS), "--rate", str(per_sensor),
+         "--count", str(int(per_sensor * duration_s) + 1)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
 
 
 def strace_start(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
@@ -112,19 +167,23 @@ def strace_counts(proc: subprocess.Popen[bytes], out: Path) -> dict[str, int]:
     return counts
 
 
-def run_rate(rate: float, args: argparse.Namespace) -> Run:
+def run_profile(profile: Profile, args: argparse.Namespace) -> Run:
     work = Path(tempfile.mkdtemp(prefix="sg-sd-"))
     store, hq = Mosquitto().start(), Mosquitto()
     if args.hq == "up":
         hq.start()
-    tills = terminals(max(1, round(rate / 100)))  # 100 sales/s a till: a busy store has a handful
-    gw = GatewayProcess(work, store.port, hq.port, tills)
-    sim: subprocess.Popen[bytes] | None = None
+    tills = terminals(max(1, round(profile.sales / 100)))  # 100 sales/s a till: a busy store has a handful
+    extra = {"drivers": [SENSOR_DRIVER]} if profile.samples else None
+    gw = GatewayProcess(work, store.port, hq.port, tills, extra=extra)
+    sims: list[subprocess.Popen[bytes]] = []
     tracer: subprocess.Popen[bytes] | None = None
     try:
         gw.start()
         gw.wait_healthy()
-        sim = start_tills(store.port, tills, rate, duration_s=args.warmup + args.seconds + 30)
+        duration = args.warmup + args.seconds + 30
+        sims.append(start_tills(store.port, tills, profile.sales, duration_s=duration))
+        if profile.samples:
+            sims.append(start_sensors(store.port, profile.samples, duration))
         time.sleep(args.warmup)
         trace_out = work / "strace.txt"
         tracer = strace_start(gw.pid, trace_out) if args.strace else None
@@ -132,10 +191,11 @@ def run_rate(rate: float, args: argparse.Namespace) -> Run:
         time.sleep(args.seconds)
         after = Snapshot.take(gw)
         fsyncs = strace_counts(tracer, trace_out) if tracer is not None else None
-        if sim.poll() is not None:
-            raise RuntimeError(f"the simulator stopped early (exit code {sim.returncode})")
+        for sim in sims:
+            if sim.poll() is not None:
+                raise RuntimeError(f"a simulator stopped early (exit code {sim.returncode})")
         return Run(
-            rate,
+            profile,
             after.at - before.at,
             int(after.sales - before.sales),
             int(after.events - before.events),
@@ -148,7 +208,8 @@ def run_rate(rate: float, args: argparse.Namespace) -> Run:
         )
     finally:
         stop_process(tracer)
-        stop_process(sim)
+        for sim in sims:
+            stop_process(sim)
         gw.stop()
         store.close()
         hq.close()
@@ -157,57 +218,57 @@ def run_rate(rate: float, args: argparse.Namespace) -> Run:
 
 def report(r: Run) -> None:
     per_sale = max(r.sales, 1)
+    print(f"\n== {r.profile}: {r.sales / r.seconds:,.1f} sales/s committed over {r.seconds:.1f} s")
     print(
-        f"\n== {r.rate:,.0f} sales/s asked: {r.sales / r.seconds:,.0f} committed per s over {r.seconds:.1f} s"
+        f"events committed: {r.events:,} ({r.events / r.seconds:,.1f}/s; {r.sales:,} sales and returns, the rest"
+        f" sensor readings, the stock ledger's stock.level and alerts), {r.envelope_bytes / max(r.events, 1):,.0f} B"
+        f" of envelope per event"
     )
     print(
-        f"events committed: {r.events:,} ({r.sales:,} sales and returns; the rest the stock ledger's stock.level"
-        f" and alerts), {r.envelope_bytes / per_sale:,.0f} B of envelopes per sale"
-    )
-    print(
-        f"group commits: {r.commits:,} ({r.commits / r.seconds:,.0f}/s, {r.events / max(r.commits, 1):.1f} events"
+        f"group commits: {r.commits:,} ({r.commits / r.seconds:,.2f}/s, {r.events / max(r.commits, 1):.1f} events"
         f" each); WAL restarts after checkpoints: {r.wal_resets}"
     )
     print(
-        f"/proc write_bytes: {r.write_bytes / 2**20:,.1f} MiB = {r.write_bytes / per_sale:,.0f} B per sale,"
-        f" {r.write_bytes / max(r.events, 1):,.0f} B per event, {r.write_bytes / max(r.commits, 1) / 1024:,.0f} KiB"
-        f" per commit, {r.write_bytes / r.seconds / 2**20:,.2f} MiB/s;"
-        f" {r.write_bytes / max(r.envelope_bytes, 1):.1f}x the envelope bytes"
+        f"/proc write_bytes: {r.write_bytes / 2**20:,.2f} MiB = {r.per_event:,.0f} B per event,"
+        f" {r.write_bytes / per_sale:,.0f} B per sale, {r.write_bytes / max(r.commits, 1) / 1024:,.1f} KiB per"
+        f" commit; {r.amplification:.1f}x the envelope bytes"
     )
-    print(f"journal files grew {r.file_growth / 2**20:,.1f} MiB = {r.file_growth / per_sale:,.0f} B per sale")
+    print(f"journal files grew {r.file_growth / 2**20:,.2f} MiB")
     if r.fsyncs is not None:
         total = sum(r.fsyncs.values())
-        print(f"fsync-family calls (strace -c): {r.fsyncs or 'none'}; {total / r.seconds:,.0f}/s")
-    else:
-        print(f"fsyncs: about one per group commit, ~{r.commits / r.seconds:,.0f}/s (--strace counts them)")
+        print(f"fsync-family calls (strace -c): {r.fsyncs or 'none'}; {total / r.seconds:,.1f}/s")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rates", default="200,2000", help="steady sales/s to measure (default 200,2000)")
-    ap.add_argument("--seconds", type=float, default=30, help="measurement window per rate (default 30)")
-    ap.add_argument("--warmup", type=float, default=3, help="seconds before the window opens (default 3)")
+    ap.add_argument(
+        "--profiles",
+        default="1,1+10,50",
+        help="SALES[+SAMPLES] per second, comma-separated (default 1,1+10,50)",
+    )
+    ap.add_argument("--seconds", type=float, default=60, help="measurement window per profile (default 60)")
+    ap.add_argument("--warmup", type=float, default=5, help="seconds before the window opens (default 5)")
     ap.add_argument(
         "--hq", choices=["up", "down"], default="up", help="down: no acknowledgements to record (comparison)"
     )
     ap.add_argument("--strace", action="store_true", help="count fsync/fdatasync calls with strace -c")
     args = ap.parse_args()
 
-    runs = [run_rate(float(r), args) for r in args.rates.split(",")]
+    runs = [run_profile(Profile.parse(p), args) for p in args.profiles.split(",")]
     for r in runs:
         report(r)
     accounted = all(r.write_bytes > 0 for r in runs)
     source = (
         "/proc/<pid>/io write_bytes" if accounted else "journal file growth (write_bytes not accounted here)"
     )
-    print()
+    print(f"\n| profile | written per event | per hour | per day | envelope | amplification |  [{source}]")
     for r in runs:
         written = r.write_bytes if accounted else r.file_growth
-        fsyncs = sum(r.fsyncs.values()) if r.fsyncs is not None else r.commits
+        per_s = written / r.seconds
         print(
-            f"summary: {r.sales / r.seconds:,.0f} sales/s: {written / max(r.sales, 1):,.0f} B written per sale"
-            f" ({written / max(r.events, 1):,.0f} per event, {written / r.seconds / 2**20:.2f} MiB/s),"
-            f" {fsyncs / r.seconds:,.0f} fsyncs/s [{source}]"
+            f"| {r.profile} | {written / max(r.events, 1) / 1000:,.2f} kB | {per_s * 3600 / 2**20:,.1f} MiB"
+            f" | {per_s * 86400 / 2**30:,.2f} GiB | {r.envelope_bytes / max(r.events, 1):,.0f} B"
+            f" | {written / max(r.envelope_bytes, 1):.1f}x |"
         )
     return 0
 

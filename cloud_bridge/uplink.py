@@ -306,6 +306,10 @@ class Uplink:
         persisted = journal.ack_generation[1]
         while self._settling and self._settling[0] <= persisted:
             self._settling.popleft()
+        if len(self._settling) * 2 >= self._hq.inflight_batches:
+            # Half the window waits for watermarks on disk: have the journal write them now rather than when
+            # the next commit or its hold (SD wear) would.
+            journal.hurry_acks()
 
     def _next_turn(self, delivery: _Delivery) -> int | None:
         """The window's next batch: a class, :data:`RESEND`, or None (window full, or nothing waiting)."""

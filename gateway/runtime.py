@@ -226,6 +226,7 @@ class Gateway:
             "outbox": {
                 CLASSES[c]: {
                     "pending": s.pending_events,
+                    "stored": s.stored_events,
                     "bytes": s.stored_bytes,
                     "evicted": s.evicted_events,
                 }

@@ -519,7 +519,7 @@ def _newest_reported(conn: sqlite3.Connection) -> date | None:
     found: list[date] = []
     for sql in (
         "SELECT MAX(day) FROM report_daily",
-        "SELECT json_extract(CAST(body AS TEXT), '$.data.date') FROM events WHERE kind='report.daily'"
+        "SELECT json_extract(CAST(body AS TEXT), '$.data.date') FROM events WHERE kind='report.daily' AND cls < 3"
         " AND json_valid(CAST(body AS TEXT)) ORDER BY seq DESC LIMIT 1",
     ):
         try:
@@ -533,7 +533,7 @@ def _newest_reported(conn: sqlite3.Connection) -> date | None:
 
 _DAY_EVENTS: Final = (
     "SELECT seq, CAST(body AS TEXT) AS b FROM events"
-    " WHERE kind=? AND seq BETWEEN ? AND ? AND recorded_at>=? AND recorded_at<?"
+    " WHERE kind=? AND cls < 3 AND seq BETWEEN ? AND ? AND recorded_at>=? AND recorded_at<?"
     " AND instr(body, '\"clock_synced\":false')=0"
 )
 
@@ -663,13 +663,14 @@ def _devices(
     unsynced = " AND instr(body, '\"clock_synced\":false')=0"
     if seqs.lo is not None:  # before the day: before its first seq
         prior = conn.execute(
-            "SELECT device_id, body, MAX(seq) FROM events WHERE kind='device.status' AND seq<?"  # noqa: S608
+            "SELECT device_id, body, MAX(seq) FROM events WHERE kind='device.status' AND cls < 3 AND seq<?"  # noqa: S608
             f" AND device_id IS NOT NULL{unsynced} GROUP BY device_id ORDER BY device_id LIMIT ?",
             (lo, MAX_DEVICES + 1),
         ).fetchall()
     else:  # the day's first seq is not known: by recorded_at
         prior = conn.execute(
-            "SELECT device_id, body, MAX(seq) FROM events WHERE kind='device.status' AND seq<=? AND recorded_at<?"  # noqa: S608
+            "SELECT device_id, body, MAX(seq) FROM events"  # noqa: S608
+            " WHERE kind='device.status' AND cls < 3 AND seq<=? AND recorded_at<?"
             f" AND device_id IS NOT NULL{unsynced} GROUP BY device_id ORDER BY device_id LIMIT ?",
             (hi, start_iso, MAX_DEVICES + 1),
         ).fetchall()
@@ -680,7 +681,7 @@ def _devices(
     total: dict[str, float] = dict.fromkeys(known, 0.0)
     changes: dict[str, int] = {}
     cursor = conn.execute(
-        "SELECT device_id, recorded_at, body FROM events WHERE kind='device.status'"  # noqa: S608
+        "SELECT device_id, recorded_at, body FROM events WHERE kind='device.status' AND cls < 3"  # noqa: S608
         f" AND seq BETWEEN ? AND ? AND recorded_at>=? AND recorded_at<? AND device_id IS NOT NULL{unsynced}"
         " ORDER BY seq",
         (lo, hi, after, before),
@@ -890,7 +891,7 @@ def _attendance(conn: sqlite3.Connection, tables: set[str], day: date) -> list[R
         return []
     out: dict[str, ReportAttendance] = {}
     cursor = conn.execute(
-        "SELECT body FROM events WHERE kind='attendance.daily' AND json_valid(CAST(body AS TEXT))"
+        "SELECT body FROM events WHERE kind='attendance.daily' AND cls < 3 AND json_valid(CAST(body AS TEXT))"
         " AND json_extract(CAST(body AS TEXT), '$.data.date')=? ORDER BY seq",
         (day.isoformat(),),
     )

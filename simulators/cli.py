@@ -31,6 +31,7 @@ SIMULATORS: Final[dict[str, tuple[str, str]]] = {
         "simulators.fridge",
         "A fridge controller on Modbus TCP or RTU over a pty, with temperature dynamics.",
     ),
+    "sensors": ("simulators.sensors", "Store sensors publishing telemetry readings (MQTT)."),
     "webhooks": ("simulators.webhooks", "Cloud POS sending signed webhooks (Lightspeed, Square, generic)."),
 }
 """Simulator name -> (module with ``main(argv) -> int``, one-line help). A new simulator is one line here."""

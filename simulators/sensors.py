@@ -12,8 +12,10 @@ acknowledged.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -23,6 +25,7 @@ import orjson
 
 from gateway.kernel.config import BrokerConfig
 from gateway.kernel.mqtt_client import MqttClient, MqttError
+from simulators.cli import add_broker_arguments, broker_from
 
 DEFAULT_TOPIC_TEMPLATE: Final = "store/sensor/{device_id}/reading"
 HKT: Final = timezone(timedelta(hours=8), "HKT")
@@ -94,11 +97,20 @@ async def run_sensors(
     try:
         await asyncio.gather(*(c.connect() for c in clients))
         async with asyncio.TaskGroup() as tg:
-            for device_id, client in zip(device_ids, clients, strict=True):
+            for index, (device_id, client) in enumerate(zip(device_ids, clients, strict=True)):
                 probe = SensorProbe(device_id, seed=None if seed is None else f"{seed}:{device_id}")
                 topic = topic_template.format(device_id=device_id)
                 tg.create_task(
-                    _drive(probe, client, topic, result, count_per_sensor, rate_per_s, max_inflight),
+                    _drive(
+                        probe,
+                        client,
+                        topic,
+                        result,
+                        count_per_sensor,
+                        rate_per_s,
+                        max_inflight,
+                        phase=index / len(device_ids),
+                    ),
                     name=f"sim-{device_id}",
                 )
     finally:
@@ -114,11 +126,15 @@ async def _drive(
     count: int,
     rate_per_s: float,
     max_inflight: int,
+    *,
+    phase: float = 0.0,
 ) -> None:
+    """Publish ``count`` readings; with a rate, ``phase`` (a fraction of the interval) staggers the sensors as
+    real ones are, each on its own clock."""
     loop = asyncio.get_running_loop()
     window = asyncio.Semaphore(max_inflight)
     interval = 1.0 / rate_per_s if rate_per_s > 0 else 0.0
-    started = loop.time()
+    started = loop.time() + phase * interval
     error: list[BaseException] = []
 
     def acked(fut: asyncio.Future[None]) -> None:
@@ -141,3 +157,45 @@ async def _drive(
         await window.acquire()
     if error:
         result.errors[probe.device_id] = str(error[0])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="store-gateway simulate sensors",
+        description="Store sensors publishing telemetry readings (sensor.reading) to the store broker, QoS 1.",
+    )
+    add_broker_arguments(parser)
+    parser.add_argument(
+        "--device-ids", default="sensor-01", help="Comma-separated sensor ids (default sensor-01)."
+    )
+    parser.add_argument("--count", type=int, default=100, help="Readings per sensor (default 100).")
+    parser.add_argument("--rate", type=float, default=1.0, help="Readings per second per sensor (default 1).")
+    parser.add_argument("--seed", type=int, help="Seed for reproducible readings.")
+    parser.add_argument("--topic-template", default=DEFAULT_TOPIC_TEMPLATE, help="Default %(default)s.")
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    """``store-gateway simulate sensors ...``: 0 when the broker acknowledged every reading."""
+    args = _parser().parse_args(list(argv))
+    device_ids = [d.strip() for d in args.device_ids.split(",") if d.strip()]
+    try:
+        result = asyncio.run(
+            run_sensors(
+                broker_from(args),
+                device_ids,
+                count_per_sensor=args.count,
+                rate_per_s=args.rate,
+                seed=args.seed,
+                topic_template=args.topic_template,
+            )
+        )
+    except (MqttError, OSError, ValueError) as err:
+        print(f"simulate sensors: {err}", file=sys.stderr)
+        return 1
+    print(
+        f"{result.total} readings acknowledged by the broker from {len(device_ids)} sensors; {result.failed} failed"
+    )
+    for device_id, error in result.errors.items():
+        print(f"  {device_id}: {error}")
+    return 0 if result.total == args.count * len(device_ids) else 1

@@ -238,7 +238,9 @@ def _state(
         conn.execute("BEGIN")  # one snapshot for everything shown together
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         alerts = open_alerts(conn)
-        history = _recent(conn, "kind IN ('alert.raised', 'alert.cleared', 'alert.escalated')", HISTORY)
+        history = _recent(
+            conn, "kind IN ('alert.raised', 'alert.cleared', 'alert.escalated') AND cls < 3", HISTORY
+        )
         audit = _audit(conn)
         low, drafts = stock_now(conn, tables)
         fridges = _cold_chain(conn, tables, sources.engine, now)
@@ -250,7 +252,7 @@ def _state(
             if alert_id not in messages:
                 if alert_id not in sources.raised:
                     row = conn.execute(
-                        "SELECT body FROM events WHERE kind = 'alert.raised'"
+                        "SELECT body FROM events WHERE kind = 'alert.raised' AND cls < 3"
                         " AND json_extract(body, '$.data.details.alert_id') = ? ORDER BY seq DESC LIMIT 1",
                         (alert_id,),
                     ).fetchone()
@@ -341,7 +343,7 @@ def _audit(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """Who did what: acknowledgements (with their note), HQ's documents (rules, roster, planogram), and starts with
     a config other than the start before's. Each is an event, so HQ has the same log."""
     events = _recent(
-        conn, "kind IN ('alert.acknowledged', 'document.updated', 'gateway.status')", HISTORY * 4
+        conn, "kind IN ('alert.acknowledged', 'document.updated', 'gateway.status') AND cls < 3", HISTORY * 4
     )
     out: list[dict[str, Any]] = []
     starts = [e for e in events if e["kind"] == "gateway.status" and e["data"].get("status") == "online"]

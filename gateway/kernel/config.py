@@ -14,6 +14,7 @@ from zoneinfo import available_timezones
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway.kernel.model import Identifier, StrictModel
+from gateway.kernel.outbox import READ_BACK_KINDS
 from gateway.kernel.store_hours import OpeningHours, StoreHours
 
 
@@ -180,6 +181,13 @@ class JournalConfig(StrictModel):
     commit_max_delay_ms: float = Field(
         default=2.0, ge=0, le=1000, description="How long a commit waits for more events to join it."
     )
+    telemetry_commit_window_ms: float = Field(
+        default=1000,
+        ge=0,
+        le=10_000,
+        description="How long telemetry (sensor readings, samples) may wait to share one commit (one fsync) with"
+        " what else comes; anything of another class commits at once. Devices are acknowledged after the commit.",
+    )
     synchronous: Literal["NORMAL", "FULL"] = Field(
         default="FULL",
         description="SQLite synchronous: FULL survives power loss after an ack; NORMAL only process crashes.",
@@ -248,6 +256,12 @@ class OutboxConfig(StrictModel):
     def _reports_stay_critical(cls, value: dict[str, OutboxClass]) -> dict[str, OutboxClass]:
         if value.get("outbox.evicted", "critical") != "critical":
             raise ValueError("outbox.evicted explains gaps at HQ and must stay in the critical class")
+        kept = sorted(k for k, c in value.items() if c == "telemetry" and k in READ_BACK_KINDS)
+        if kept:
+            raise ValueError(
+                f"{', '.join(kept)} cannot be telemetry: the gateway reads these back (page, receipts, reports),"
+                " and telemetry is the first class evicted; pick critical, transaction or state"
+            )
         return value
 
     @field_validator("classes")

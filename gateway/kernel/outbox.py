@@ -46,6 +46,29 @@ DEFAULT_KIND_CLASSES: Final[Mapping[str, int]] = {
     "report.daily": TRANSACTION,
 }
 
+KIND_INDEXED: Final = "cls < 3"
+"""The condition of the journal's ``events_kind`` index: telemetry (class 3, most events at a store) is not in
+it, so a reading's commit writes no index page for it (SD wear). A query by kind names this condition word for
+word to use the index; only kinds that can never be telemetry (:data:`READ_BACK_KINDS`) are looked up so."""
+
+READ_BACK_KINDS: Final = frozenset(
+    {
+        "alert.raised",
+        "alert.cleared",
+        "alert.escalated",
+        "alert.acknowledged",
+        "document.updated",
+        "gateway.status",
+        "device.status",
+        "pos.sale",
+        "pos.return",
+        "attendance.daily",
+        "report.daily",
+    }
+)
+"""Kinds the gateway looks up again by kind (the page, receipts, reports): ``outbox.kinds`` cannot make them
+telemetry, the first class evicted and the one the kind index leaves out."""
+
 MAX_RANGES_PER_REPORT: Final = 2000
 """Seq runs per ``outbox.evicted`` event; a longer list is split over several events."""
 

@@ -19,6 +19,7 @@ import pytest
 from gateway.kernel.clock import ClockState
 from gateway.kernel.config import ClassBudget, JournalConfig, OutboxConfig
 from gateway.kernel.journal import Committed, Draft, Journal, Rejected
+from gateway.kernel.journal.store import state_as_stored
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.outbox import (
     CRITICAL,
@@ -93,12 +94,10 @@ def seqs_of(journal: Journal, cls: int | None = None) -> list[int]:
 
 
 def check_counters(journal: Journal) -> dict[int, ClassState]:
-    """outbox_state (on disk and in memory) matches what COUNT/SUM queries find in the events table."""
-    rows = query(
-        journal,
-        "SELECT cls, delivered_seq, stored_events, stored_bytes, pending_events, evicted_events FROM outbox_state",
-    )
-    on_disk = {cls: ClassState(*values) for cls, *values in rows}
+    """The counters on disk (``outbox_state`` with the events stored since it was written, as the next open reads
+    them) and in memory match what COUNT/SUM queries find in the events table."""
+    with contextlib.closing(sqlite3.connect(journal.path)) as conn:
+        on_disk = state_as_stored(conn)
     assert sorted(on_disk) == [CRITICAL, TRANSACTION, STATE, TELEMETRY]
     for cls, state in on_disk.items():
         stored, nbytes = query(

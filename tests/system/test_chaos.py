@@ -25,7 +25,9 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.kernel.journal import BUDGET_HEADROOM, PAGE_OVERHEAD
+from gateway.kernel.journal import BUDGET_HEADROOM, pages_needed
+from gateway.kernel.journal.store import PAGE_SIZE
+from gateway.kernel.outbox import ClassState
 from simulators.catalog import CATALOG
 from simulators.pos import PosMessage, run_terminals
 from simulators.sensors import run_sensors
@@ -242,8 +244,12 @@ async def _journal_within(gateway: GatewayProcess) -> bool:
     does not chase by evicting sales (docs/OUTBOX.md, "Disk budget")."""
     if journal_used_bytes(gateway.config_path.parent / "data") <= 2 * MIB:
         return True
-    stored = sum(int(c["bytes"]) for c in (await gateway.health())["outbox"].values())
-    return stored * PAGE_OVERHEAD <= 2 * MIB * BUDGET_HEADROOM
+    outbox = (await gateway.health())["outbox"]
+    states = {
+        n: ClassState(stored_events=int(c["stored"]), stored_bytes=int(c["bytes"]))
+        for n, c in enumerate(outbox.values())
+    }
+    return pages_needed(states, PAGE_SIZE) <= 2 * MIB * BUDGET_HEADROOM
 
 
 async def _telemetry_within(gateway: GatewayProcess) -> bool:

@@ -27,6 +27,7 @@ from gateway.kernel.journal.backlog import (
     EVICT_CHUNK,
     PAGE_OVERHEAD,
     URGENT_EVICT_BYTES,
+    pages_needed,
 )
 from gateway.kernel.journal.datadir import BALLAST_BYTES, BALLAST_FILE, Ballast
 from gateway.kernel.journal.health import QUICK_CHECK_FIRST_S, QUICK_CHECK_S, RECOVERED_S, STALL_S
@@ -54,12 +55,12 @@ from gateway.kernel.journal.store import (
     connect,
     key_committed,
 )
-from gateway.kernel.journal.writer import ACK_ONLY_DELAY_S, QUEUE_LIMIT
+from gateway.kernel.journal.writer import ACK_HOLD_S, QUEUE_LIMIT
 from gateway.kernel.model import StrictModel
 from gateway.kernel.pipeline import Event, Processor
 
 __all__ = [
-    "ACK_ONLY_DELAY_S",
+    "ACK_HOLD_S",
     "BALLAST_BYTES",
     "BALLAST_FILE",
     "BUDGET_HEADROOM",
@@ -95,6 +96,7 @@ __all__ = [
     "SeqReservationError",
     "connect",
     "key_committed",
+    "pages_needed",
 ]
 
 
@@ -130,7 +132,8 @@ class Journal(Opening):
         return await self.reader.last_synced_recorded_at()
 
     async def seq_of_dedup_key(self, key: str) -> int | None:
-        """The seq of the stored event committed under dedup key ``key``, or None (never, or removed since)."""
+        """The seq of the event committed under dedup key ``key``, or None (never, or longer ago than
+        ``journal.dedup_retention_days``)."""
         return await self.reader.seq_of_dedup_key(key)
 
     async def stock_on_hand(self, sku: str) -> Any:

@@ -14,7 +14,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Final
 
@@ -43,8 +43,34 @@ EVICT_CHUNK: Final = 2000
 BUDGET_HEADROOM: Final = 0.95
 """Eviction frees space down to this share of a cap, so it does not run again at the next commit."""
 PAGE_OVERHEAD: Final = 1.5
-"""Pages a journal needs per byte of events (table and indexes), for telling data over the cap from
-fragmented pages."""
+"""Pages a journal of 4 KiB pages needs per byte of events (table and indexes), for telling data over the cap
+from fragmented pages."""
+
+
+ROW_EXTRA: Final = 96
+"""Bytes a row stores besides its event's body (seq, id, kind, device, time, key, class, cell header)."""
+INDEX_SHARE: Final = 0.15
+"""Pages of the indexes and the other tables, as a share of the events table's."""
+
+
+def pages_needed(states: Mapping[int, ClassState], page_size: int) -> float:
+    """Bytes of pages the events of ``states`` take without any fragmentation. With 4 KiB pages, a fixed
+    :data:`PAGE_OVERHEAD` per event byte. Smaller pages hold whole rows or not: a row longer than half a page's room
+    takes a page of its own (with 1 KiB pages, every event of about 500 to 990 bytes), so the estimate counts rows
+    per page from each class's average event."""
+    if page_size >= 4096:
+        return sum(s.stored_bytes for s in states.values()) * PAGE_OVERHEAD
+    room = page_size - 8
+    pages = 0.0
+    for state in states.values():
+        if state.stored_events <= 0:
+            continue
+        row = state.stored_bytes / state.stored_events + ROW_EXTRA
+        per_page = room // (row + 4) if row <= page_size - 35 else 1 / -(-row // (page_size - 4))
+        pages += state.stored_events / max(per_page, 1e-9)
+    return float(pages * page_size * (1 + INDEX_SHARE))
+
+
 DISK_CHECK_S: Final = 1.0
 """How often free disk space is read (statvfs)."""
 DISK_SHARE: Final = 0.8
@@ -68,6 +94,8 @@ class Backlog(Health):
         self._acks: dict[int, int] = {}
         self._ack_gen = 0
         self._ack_gen_persisted = 0
+        self._acks_since: float | None = None
+        """When the oldest acknowledgement not yet persisted was noted (monotonic)."""
         self._refused = 0
         self._refused_bytes = 0
         self.disk_low = False
@@ -82,6 +110,10 @@ class Backlog(Health):
         self._fragmented_warned = False
         self._ballast = Ballast(self.path.parent / BALLAST_FILE)
         self._persist_listeners: list[Callable[[], None]] = []
+        self.key_unique = False
+        self.page_size = 4096
+        """The journal's page size (:func:`pages_needed`): set at open."""
+        """The events table has a UNIQUE index on dedup_key (a journal made before it was dropped): set at open."""
 
     # --- outbox views -------------------------------------------------------------------------------
 
@@ -123,6 +155,8 @@ class Backlog(Health):
             self.delivered[cls] = seq
             self._acks[cls] = seq
             self._ack_gen += 1
+            if self._acks_since is None:
+                self._acks_since = time.monotonic()
             self._metrics.delivered_seq.set(self.delivered_seq)
             self._wakeup.set()
 
@@ -360,7 +394,7 @@ class Backlog(Health):
             # back. Undelivered events go only while the event bytes themselves could fill the cap; otherwise
             # the pages are fragmented, and dropping sales would not shrink them (min_free_bytes still guards
             # the disk).
-            undelivered = self.stored_bytes * PAGE_OVERHEAD > limit * BUDGET_HEADROOM
+            undelivered = pages_needed(self.state, self.page_size) > limit * BUDGET_HEADROOM
             if any(self._has_rows(v.cls, v.delivered) for v in eviction_order(self.state, undelivered)):
                 return functools.partial(self._evict_for_disk, free, undelivered)
             if not undelivered and not self._fragmented_warned:
@@ -437,7 +471,7 @@ class Backlog(Health):
         for victim in eviction_order(work, undelivered):
             if free_bytes <= 0 or left <= 0:
                 break
-            if not victim.delivered and sum(s.stored_bytes for s in work.values()) * PAGE_OVERHEAD <= limit:
+            if not victim.delivered and pages_needed(work, self.page_size) <= limit:
                 break  # what is left fits: the rest of the excess is part-full pages (see _plan_eviction)
             before = work[victim.cls].stored_bytes
             stored = work[victim.cls].stored_events
@@ -523,9 +557,9 @@ class Backlog(Health):
         return [Draft("outbox.evicted", None, orjson.dumps(r)) for r in reports]
 
     def _expire_idempotency(self) -> None:
-        """Forget dedup keys older than ``journal.dedup_retention_days``, in bounded steps. A key whose event is
-        still stored is kept for another period instead (the events' UNIQUE dedup_key would otherwise turn a
-        replay into a failed commit): the table never forgets sooner than the events do."""
+        """Forget dedup keys older than ``journal.dedup_retention_days``, in bounded steps. In a journal made
+        with a UNIQUE index on the events' dedup_key (before it was dropped), a key whose event is still stored is
+        kept for another period instead (the index would otherwise turn a replay into a failed commit)."""
         conn = self._conn
         assert conn is not None
         now = time.time()
@@ -536,8 +570,13 @@ class Backlog(Health):
                 # A key that expired more than a whole retention ago was stamped by a clock far behind (a box
                 # that booted near 1970 and synced since), or the box was off that long: kept another period
                 # rather than trusted to be old, like a key whose event is still stored.
+                stored = (
+                    " OR EXISTS (SELECT 1 FROM events WHERE dedup_key = idempotency.key)"
+                    if self.key_unique
+                    else ""
+                )
                 rows = conn.execute(
-                    "SELECT key, expires_at < ? OR EXISTS (SELECT 1 FROM events WHERE dedup_key = idempotency.key)"
+                    f"SELECT key, expires_at < ?{stored}"  # noqa: S608 (no input in the SQL)
                     " FROM idempotency WHERE expires_at < ? ORDER BY expires_at LIMIT ?",
                     (now - self._config.dedup_retention_days * 86400, now, EVICT_CHUNK),
                 ).fetchall()

@@ -50,10 +50,12 @@ from gateway.kernel.journal.store import (
     JournalError,
     connect,
     disk_full,
+    events_key_unique,
     keep_private,
     meta_last_seq,
     meta_value,
     migrate,
+    state_as_stored,
     write_state,
 )
 from gateway.kernel.journal.writer import Writer
@@ -158,6 +160,8 @@ class Opening(Writer):
                     )
                 conn.execute("COMMIT")
             migrate(conn, self.kind_class, self._config.dedup_retention_days)
+            self.key_unique = events_key_unique(conn)
+            self.page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
             self._setup_processors(conn)
             if self._damaged is not None:
                 moved = self._damaged[0]
@@ -277,7 +281,7 @@ class Opening(Writer):
                 conn.executemany("INSERT OR IGNORE INTO idempotency VALUES (?,?,?)", keys)
             conn.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", salvage_cursors(moved))
             if result.count:
-                write_state(conn, work)
+                write_state(conn, work, result.last_seq)
             start = max(self.seq_floor, result.last_seq) + 1
             alert = self._salvage_alert(moved, reason, floor, start, result)
             conn.executemany(
@@ -346,13 +350,11 @@ class Opening(Writer):
             )
 
     def _load_state(self, conn: sqlite3.Connection, legacy_delivered: int) -> None:
-        """Per-class counters: read in O(1) from ``outbox_state``; built by one scan only the first time."""
-        rows = conn.execute(
-            "SELECT cls, delivered_seq, stored_events, stored_bytes, pending_events, evicted_events FROM outbox_state"
-        ).fetchall()
-        if rows:
-            for cls, *values in rows:
-                self.state[cls] = ClassState(*values)
+        """Per-class counters: from ``outbox_state`` and the events stored since it was written (an index range);
+        built by one scan only the first time."""
+        states = state_as_stored(conn)
+        if states:
+            self.state.update(states)
         else:
             conn.execute("BEGIN IMMEDIATE")
             for cls in self.state:
@@ -363,7 +365,9 @@ class Opening(Writer):
                     "SELECT COUNT(*) FROM events WHERE cls=? AND seq>?", (cls, legacy_delivered)
                 ).fetchone()[0]
                 self.state[cls] = ClassState(legacy_delivered, stored, nbytes, pending, 0)
-            write_state(conn, self.state)
+            write_state(
+                conn, self.state, conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+            )
             conn.execute("COMMIT")
         for cls in self.state:
             self.delivered[cls] = self.state[cls].delivered_seq

@@ -82,8 +82,9 @@ class Reader:
         return str(rows[0][0]) if rows else None
 
     async def seq_of_dedup_key(self, key: str) -> int | None:
-        """The seq of the stored event committed under dedup key ``key``, or None (never, or removed since)."""
-        rows = await self.query("SELECT seq FROM events WHERE dedup_key=?", (key,))
+        """The seq of the event committed under dedup key ``key``, or None (never, or longer ago than
+        ``journal.dedup_retention_days``)."""
+        rows = await self.query("SELECT seq FROM idempotency WHERE key=?", (key,))
         return int(rows[0][0]) if rows else None
 
     async def stock_on_hand(self, sku: str) -> Any:
@@ -167,7 +168,7 @@ class Reader:
 _RECEIPT_EVENTS: Final = (
     "SELECT e.seq, e.id, e.kind, e.device_id, e.recorded_at, e.cls, e.body, s.delivered_seq"
     " FROM events e LEFT JOIN outbox_state s ON s.cls = e.cls"
-    " WHERE e.kind IN ('pos.sale', 'pos.return') AND {test} ORDER BY e.seq LIMIT ?"
+    " WHERE e.kind IN ('pos.sale', 'pos.return') AND e.cls < 3 AND {test} ORDER BY e.seq LIMIT ?"
 )
 """Sales and returns (index events_kind), matched on their body, with their class's delivered watermark."""
 _OWN_RECEIPT: Final = _RECEIPT_EVENTS.format(

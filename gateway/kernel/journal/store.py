@@ -23,25 +23,40 @@ _LOGGER = logging.getLogger("gateway.kernel.journal")  # one log name for the wh
 CACHE_KIB: Final = 1024
 """SQLite page cache per connection. Appends and tail reads touch few pages; the default 2 MiB is RSS we skip."""
 
+PAGE_SIZE: Final = 1024
+"""SQLite page size of a new journal. Every commit rewrites each page it touches in the WAL (an append of one
+sale touches about ten: the events, their indexes, the stock row, the header), so small pages write less: 1 KiB
+wrote half of what 4 KiB did per event at a normal store (bench/sd_writes.py). Events of a few hundred bytes
+still fit in a page; a larger one spills into overflow pages. An existing journal keeps its page size."""
+
+CHECKPOINT_PAGES: Final = 4096
+"""WAL pages before SQLite copies them into the database file: 4 MiB of 1 KiB pages, the size the WAL had with
+SQLite's default (1,000 pages of 4 KiB). A page rewritten by many commits (an index's last leaf, the header) is
+copied once per checkpoint: fewer checkpoints, fewer copies."""
+
 SCHEMA: Final = """
+-- No index on id (unique by construction, a UUIDv7, and never looked up) nor on dedup_key (the idempotency table
+-- answers for keys): each index is one more page in every commit. Telemetry is not in events_kind (KIND_INDEXED in
+-- gateway/kernel/outbox.py). Journals made before keep their indexes.
 CREATE TABLE IF NOT EXISTS events(
     seq INTEGER PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
+    id TEXT NOT NULL,
     kind TEXT NOT NULL,
     device_id TEXT,
     recorded_at TEXT NOT NULL,
-    dedup_key TEXT UNIQUE,
+    dedup_key TEXT,
     body BLOB NOT NULL,
     cls INTEGER NOT NULL DEFAULT 1
 );
-CREATE INDEX IF NOT EXISTS events_kind ON events(kind, seq);
+CREATE INDEX IF NOT EXISTS events_kind ON events(kind, seq) WHERE cls < 3;
 CREATE TABLE IF NOT EXISTS outbox_state(
     cls INTEGER PRIMARY KEY,
     delivered_seq INTEGER NOT NULL,
     stored_events INTEGER NOT NULL,
     stored_bytes INTEGER NOT NULL,
     pending_events INTEGER NOT NULL,
-    evicted_events INTEGER NOT NULL
+    evicted_events INTEGER NOT NULL,
+    through_seq INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS quarantine(
     qid INTEGER PRIMARY KEY,
@@ -90,11 +105,14 @@ def connect(path: Path, synchronous: str = "FULL", readonly: bool = False) -> sq
         conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     try:
         if not readonly:
+            # Only a file with no pages yet takes a page size; older journals keep theirs.
+            conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
             conn.execute("PRAGMA journal_mode=WAL")
             # Deleted rows are overwritten with zeros: staff ids and GPS fixes of evicted or expired events do not
             # linger in free pages.
             conn.execute("PRAGMA secure_delete=ON")
             conn.execute(f"PRAGMA synchronous={synchronous}")
+            conn.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     except sqlite3.Error:
@@ -137,6 +155,16 @@ def migrate(conn: sqlite3.Connection, kind_class: Callable[[str], int], dedup_re
             conn.execute("ROLLBACK")
             raise
     conn.execute(CLASS_INDEX)
+    if "through_seq" not in {row[1] for row in conn.execute("PRAGMA table_info(outbox_state)")}:
+        # Journals whose counters were written by every commit: exact as of their highest seq.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("ALTER TABLE outbox_state ADD COLUMN through_seq INTEGER NOT NULL DEFAULT 0")
+            conn.execute("UPDATE outbox_state SET through_seq = (SELECT COALESCE(MAX(seq), 0) FROM events)")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
     if meta_value(conn, "idempotency") is None:
         # Journals from before the idempotency table: their events' keys go in once, so nothing they hold
         # is taken twice after the upgrade.
@@ -155,14 +183,42 @@ def migrate(conn: sqlite3.Connection, kind_class: Callable[[str], int], dedup_re
             raise
 
 
-def write_state(conn: sqlite3.Connection, states: dict[int, ClassState]) -> None:
+def write_state(conn: sqlite3.Connection, states: dict[int, ClassState], through_seq: int) -> None:
+    """Write the classes' counters as they are with every event up to ``through_seq`` stored. Not every commit
+    writes them (SD wear): the next open adds the events stored above ``through_seq`` (:func:`state_as_stored`).
+    Whatever moves a watermark or removes events (acknowledgements, evictions, TTL) writes them in its commit."""
     conn.executemany(
-        "INSERT OR REPLACE INTO outbox_state VALUES (?,?,?,?,?,?)",
+        "INSERT OR REPLACE INTO outbox_state VALUES (?,?,?,?,?,?,?)",
         [
-            (cls, s.delivered_seq, s.stored_events, s.stored_bytes, s.pending_events, s.evicted_events)
+            (
+                cls,
+                s.delivered_seq,
+                s.stored_events,
+                s.stored_bytes,
+                s.pending_events,
+                s.evicted_events,
+                through_seq,
+            )
             for cls, s in states.items()
         ],
     )
+
+
+def state_as_stored(conn: sqlite3.Connection) -> dict[int, ClassState]:
+    """The classes' counters from ``outbox_state``, with the events stored above each row's ``through_seq``
+    added (stored, and waiting for HQ: nothing moved a watermark since, or the row would have been written)."""
+    states: dict[int, ClassState] = {}
+    rows = conn.execute(
+        "SELECT cls, delivered_seq, stored_events, stored_bytes, pending_events, evicted_events, through_seq"
+        " FROM outbox_state"
+    ).fetchall()
+    for cls, *values, through in rows:
+        count, nbytes = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(length(body)), 0) FROM events WHERE cls=? AND seq>?",
+            (cls, through),
+        ).fetchone()
+        states[cls] = ClassState(*values).stored(count, nbytes)
+    return states
 
 
 def keep_private(path: Path) -> None:
@@ -195,6 +251,14 @@ def meta_value(conn: sqlite3.Connection, key: str) -> str | None:
 def meta_last_seq(conn: sqlite3.Connection) -> int:
     row = conn.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
     return int(row[0]) if row else 0
+
+
+def events_key_unique(conn: sqlite3.Connection) -> bool:
+    """Whether the events table has a UNIQUE index on dedup_key (journals made before it was dropped)."""
+    for _, name, unique, *_ in conn.execute("PRAGMA index_list(events)"):
+        if unique and [r[2] for r in conn.execute(f"PRAGMA index_info({name!r})")] == ["dedup_key"]:
+            return True
+    return False
 
 
 def key_committed(conn: sqlite3.Connection, dedup_key: str) -> bool:

@@ -59,11 +59,18 @@ T = TypeVar("T")
 
 
 CURSOR_FLUSH_S: Final = 5.0
-"""Consumers' cursors waiting with no commit to ride get one of their own after this long."""
+"""Consumers' cursors are written at most this often (two pages a time: SD wear): with the first commit after
+this long, or in one of their own."""
 QUEUE_LIMIT: Final = 100_000
 """Items waiting for a commit. QoS 1 intake is bounded far below this by MQTT flow control (receive maximum)."""
-ACK_ONLY_DELAY_S: Final = 0.05
-"""A commit that would only record HQ acknowledgements waits this long for intake to join it (SD wear)."""
+STATE_SAVE_S: Final = 60.0
+"""The outbox counters are written at most this often by commits that only add events (SD wear: a page each
+time); the next open adds what was stored since (:func:`~gateway.kernel.journal.store.state_as_stored`)."""
+ACK_HOLD_S: Final = 5.0
+"""HQ acknowledgements are written at most this often (SD wear: the counters' page each time), with the first
+commit after this long or in one of their own, unless the uplink needs its window slots back
+(:meth:`Writer.hurry_acks`), the disk is low, or the journal stops. Losing them only resends what HQ
+deduplicates (at most the uplink's in-flight window, which counts batches until their watermark is written)."""
 
 
 class Writer(Backlog):
@@ -71,8 +78,19 @@ class Writer(Backlog):
 
     def _setup(self) -> None:
         super()._setup()
-        self._intake = asyncio.Event()
-        """Set when an item arrives in an empty queue (ends an acks-only commit's wait for company)."""
+        self._hurry = asyncio.Event()
+        """Ends a commit's hold (:meth:`_hold`): something arrived that must not wait."""
+        self._urgent = 0
+        """Queued drafts outside the telemetry class: a commit for them starts at once."""
+        self._acks_wanted = False
+        """The uplink needs its window slots back: record the acknowledgements without waiting."""
+        self._flushing = 0
+        """Callers in :meth:`flush`: nothing is held back while one waits."""
+        self._telemetry_window = self._config.telemetry_commit_window_ms / 1000
+        self._state_unsaved = False
+        """The outbox counters in memory are ahead of ``outbox_state`` (only by events added since)."""
+        self._state_due = 0.0
+        """When a commit next writes the counters even if it only adds events (monotonic)."""
         self._listeners: list[Callable[[Committed], None]] = []
         self._busy = False
         self._resume_waiters: list[tuple[int, Callable[[], None]]] = []
@@ -121,9 +139,16 @@ class Writer(Backlog):
         self._submitted += 1
         if not self._wakeup.is_set():
             self._wakeup.set()
-        if len(self._queue) == 1:
-            self._intake.set()
+        if self._urgent_item(item):
+            self._urgent += 1
+            self._hurry.set()
+        elif len(self._queue) >= self._config.commit_max_events:
+            self._hurry.set()
         return True
+
+    def _urgent_item(self, item: Draft | Rejected) -> bool:
+        """A draft that must not wait for the telemetry commit window (a sale, an alert, a check-in)."""
+        return isinstance(item, Draft) and self.kind_class(item.kind) != TELEMETRY
 
     def discard(self, origin: object) -> int:
         """Drop queued items that came in on ``origin``, a connection that died: their acknowledgements can no
@@ -132,6 +157,7 @@ class Writer(Backlog):
         dropped = len(self._queue) - len(kept)
         if dropped:
             self._queue = kept
+            self._urgent = sum(1 for item in kept if self._urgent_item(item))
             if not kept:
                 self._waiting_since = None
             self._finished += dropped
@@ -169,9 +195,32 @@ class Writer(Backlog):
         must be running."""
         target = self._submitted
         acks = self._ack_gen
-        while self._finished < target or self._ack_gen_persisted < acks:
-            self._commit_done.clear()
-            await self._commit_done.wait()
+        self._flushing += 1
+        self._hurry.set()
+        self._wakeup.set()
+        try:
+            while self._finished < target or self._ack_gen_persisted < acks:
+                self._commit_done.clear()
+                await self._commit_done.wait()
+        finally:
+            self._flushing -= 1
+
+    def hurry_acks(self) -> None:
+        """The uplink's window is held by acknowledged batches: record their watermarks with the next commit,
+        now, instead of waiting :data:`ACK_HOLD_S` for one to ride."""
+        if self._acks:
+            self._acks_wanted = True
+            self._hurry.set()
+            self._wakeup.set()
+
+    def _acks_due(self) -> bool:
+        """Whether the acknowledgements noted so far go into the next commit (:data:`ACK_HOLD_S`)."""
+        if not self._acks:
+            return False
+        if self._acks_wanted or self._stopping or self._flushing or self._failing or self.disk_low:
+            return True
+        since = self._acks_since if self._acks_since is not None else time.monotonic()
+        return time.monotonic() >= since + ACK_HOLD_S
 
     def pending_cursor(self, name: str) -> int | None:
         """A consumer's cursor not yet committed, or None."""
@@ -240,7 +289,7 @@ class Writer(Backlog):
                     if ticking and time.monotonic() >= self._next_tick:
                         self._next_tick = time.monotonic() + TICK_S
                         await self._commit_once(loop, tick=True, intake=False)
-                    if self._cursors and time.monotonic() >= self._cursors_due:
+                    if (self._cursors and time.monotonic() >= self._cursors_due) or self._acks_due():
                         await self._commit_once(loop, intake=False)
                 except Exception:  # a bug here must not stop the journal: log it, keep committing
                     _LOGGER.exception("a tick or a cursor commit failed, retrying later")
@@ -248,20 +297,40 @@ class Writer(Backlog):
                     async with asyncio.timeout(min(idle, TICK_S) if ticking else idle):
                         await self._wakeup.wait()
                 if self._wakeup.is_set():
-                    if not self._queue and self._acks and not self._stopping:
-                        # Only HQ acknowledgements to record: give intake a moment to share the commit
-                        # (one fsync instead of two; the uplink's window holds those batches meanwhile).
-                        self._intake.clear()
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(ACK_ONLY_DELAY_S):
-                                await self._intake.wait()  # the first intake item ends the wait
-                    if delay and len(self._queue) < self._config.commit_max_events:
+                    await self._hold()
+                    if self._urgent and delay and len(self._queue) < self._config.commit_max_events:
                         await asyncio.sleep(delay)
                     self._wakeup.clear()
                     await self._commit_once(loop)
         finally:
             self._stopping = True
             await asyncio.shield(self._drain(loop))
+
+    def _may_wait(self) -> float:
+        """How long what waits may wait for company (SD wear: one fsync for many): telemetry for the commit
+        window since its oldest item came, HQ acknowledgements alone for :data:`ACK_HOLD_S`; anything else, a
+        full batch, a flush or a stop commits now (0)."""
+        if self._stopping or self._flushing or self._failing or self.corrupt is not None:
+            return 0.0
+        now = time.monotonic()
+        if self._queue:
+            if self._urgent or len(self._queue) >= self._config.commit_max_events:
+                return 0.0
+            since = self._waiting_since if self._waiting_since is not None else now
+            return since + self._telemetry_window - now
+        if self._acks and not self._acks_due():
+            since = self._acks_since if self._acks_since is not None else now
+            return since + ACK_HOLD_S - now
+        return 0.0
+
+    async def _hold(self) -> None:
+        """Wait while what is queued may wait (:meth:`_may_wait`); an urgent item, a full batch, a flush, the
+        uplink's :meth:`hurry_acks` or a stop ends the wait early."""
+        while (wait := self._may_wait()) > 0:
+            self._hurry.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._hurry.wait()
 
     async def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.corrupt is not None:
@@ -288,9 +357,18 @@ class Writer(Backlog):
             return  # a damaged file commits nothing more: what waits is never acknowledged, and is redelivered
         n = min(len(self._queue), self._config.commit_max_events) if intake else 0
         items = [self._queue.popleft() for _ in range(n)]
-        acks, self._acks = self._acks, {}
-        ack_gen = self._ack_gen
-        cursors, self._cursors = self._cursors, {}
+        if items and self._urgent:
+            self._urgent -= sum(1 for item in items if self._urgent_item(item))
+        # HQ's acknowledgements ride a commit once due (ACK_HOLD_S), and always an eviction step's.
+        acks: dict[int, int] = {}
+        if self._acks_due() or (extra is not None and self._acks):
+            acks, self._acks = self._acks, {}
+            self._acks_since, self._acks_wanted = None, False
+        ack_gen = self._ack_gen if acks else self._ack_gen_persisted  # what this commit persists
+        # Cursors ride a commit only once due (SD wear: two pages each time), or at a stop or flush.
+        cursors: dict[str, int] = {}
+        if self._cursors and (self._stopping or self._flushing or time.monotonic() >= self._cursors_due):
+            cursors, self._cursors = self._cursors, {}
         self._cursors_in_commit = cursors
         if not items and not acks and extra is None and not tick and not cursors:
             return
@@ -340,6 +418,7 @@ class Writer(Backlog):
         if leftover:
             # Nothing of the leftover was committed or acknowledged: put it back in order, retry after a pause.
             self._queue.extendleft(reversed(leftover))
+            self._urgent += sum(1 for item in leftover if self._urgent_item(item))
             items = items[: len(items) - len(leftover)]
             self._failing = True
             self._note_failure()
@@ -531,9 +610,18 @@ class Writer(Backlog):
             if self._replaced_draft is not None and any(d is self._replaced_draft for d in fresh):
                 conn.execute("DELETE FROM meta WHERE key = ?", (PENDING_ALERT,))
                 self._after_commit.append(functools.partial(setattr, self, "_replaced_draft", None))
-            changed = {c: s for c, s in work.items() if s is not self.state[c]}
-            if changed:
-                write_state(conn, changed)
+            changed = any(s is not self.state[c] for c, s in work.items())
+            # Added events alone leave the counters to the next open to recount (STATE_SAVE_S); whatever moved
+            # a watermark or removed events writes them now.
+            save = (changed or self._state_unsaved) and (
+                bool(acks)
+                or extra is not None
+                or self._stopping
+                or self._flushing > 0
+                or time.monotonic() >= self._state_due
+            )
+            if save:
+                write_state(conn, work, seq)
             if self._cursors_in_commit:
                 conn.executemany(
                     "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
@@ -556,6 +644,11 @@ class Writer(Backlog):
             raise
         self._pipeline.committed()
         self.state = work
+        if save:
+            self._state_unsaved = False
+            self._state_due = time.monotonic() + STATE_SAVE_S
+        elif changed:
+            self._state_unsaved = True
         for row in rows:  # before last_seq: delivered_seq reads last_seq when no class seems to wait
             self.class_last_seq[row[7]] = row[0]
         self.last_seq = seq
