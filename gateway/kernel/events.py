@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import AfterValidator, Field, StrictBool, StrictFloat, StrictInt, TypeAdapter
@@ -57,7 +57,16 @@ Sku = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$
 
 
 def _places(limit: int) -> Callable[[Decimal], Decimal]:
+    step = Decimal(1).scaleb(-limit)
+
     def check(value: Decimal) -> Decimal:
+        # The common case first, in one C call: no digit other than 0 past ``limit`` places (a quarter of the
+        # cost of reading the digits, measured in bench/decode_mqtt.py).
+        try:
+            if value.quantize(step) == value:
+                return value
+        except InvalidOperation:
+            pass  # more digits than the context holds: count them below
         _, digits, exponent = value.as_tuple()
         if isinstance(exponent, int) and exponent < -limit:
             # "1.5000" is 1.5: trailing zeros are not decimal places. (normalize() would round tiny values to 0.)
