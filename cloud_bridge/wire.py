@@ -70,6 +70,9 @@ class Batch:
     encoding: str = "json"
     raw_bytes: int = 0
     """Size of the uncompressed body."""
+    bodies: list[bytes] | None = None
+    """Each event's envelope bytes exactly as received, when the body is written as gateways write it
+    (:func:`split_events`); None otherwise."""
 
 
 class Compressor:
@@ -228,6 +231,29 @@ def _int(doc: dict[str, Any], key: str) -> int:
     return value
 
 
+_BOUNDARY: Final = b'},{"'
+
+
+def split_events(raw: bytes, count: int) -> tuple[list[Any], list[bytes]] | None:
+    """The events of a JSON array of ``count`` objects and each one's bytes as received, when it is written as
+    gateways write it (envelopes joined by commas, no whitespace between them); None otherwise (then parse the
+    whole array).
+
+    The array is cut at every ``},{"``. A cut inside an event (after a nested object, or within a string)
+    would leave the piece before it unfinished, and an unfinished piece is not JSON: so when every piece
+    parses, every cut was between two events, and each piece is one event's bytes."""
+    if raw[:2] != b"[{" or raw[-2:] != b"}]" or raw.count(_BOUNDARY) != count - 1:
+        return None
+    parts = raw[1:-1].split(_BOUNDARY)
+    last = len(parts) - 1
+    if last:
+        parts = [b"".join((b'{"' if i else b"", p, b"}" if i < last else b"")) for i, p in enumerate(parts)]
+    try:
+        return [orjson.loads(p) for p in parts], parts
+    except orjson.JSONDecodeError:
+        return None
+
+
 def decode_batch(payload: bytes) -> Batch:
     """Parse and check a batch (schema 2, or schema 1); raises :class:`BatchError` with a reason."""
     newline = payload.find(b"\n", 0, MAX_HEADER_BYTES)
@@ -246,10 +272,15 @@ def decode_batch(payload: bytes) -> Batch:
         raise BatchError(f"'count' must be in 1..{MAX_BATCH_EVENTS}, not {count}")
     allowed = _allowed_seqs(head.get("ranges"), first, last, count)
     raw = _body(head, payload[newline + 1 :])
-    try:
-        events = orjson.loads(raw)
-    except orjson.JSONDecodeError as err:
-        raise BatchError(f"body is not JSON: {err}") from err
+    split = split_events(raw, count)
+    bodies: list[bytes] | None = None
+    if split is not None:
+        events, bodies = split
+    else:
+        try:
+            events = orjson.loads(raw)
+        except orjson.JSONDecodeError as err:
+            raise BatchError(f"body is not JSON: {err}") from err
     if not isinstance(events, list) or not events:
         raise BatchError("body must be a non-empty JSON array of events")
     if count != len(events):
@@ -274,6 +305,7 @@ def decode_batch(payload: bytes) -> Batch:
         head.get("resend") is True,
         str(head["encoding"]),
         len(raw),
+        bodies,
     )
 
 

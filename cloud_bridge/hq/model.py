@@ -286,7 +286,8 @@ def event_rows(store_id: str, gateway_id: str, batch: Batch) -> list[EventRow]:
             f" but the topic says store {store_id!r} gateway {gateway_id!r}"
         )
     rows: list[EventRow] = []
-    for event in batch.events:
+    bodies = batch.bodies
+    for i, event in enumerate(batch.events):
         seq, event_id = event["seq"], event["id"]
         if event.get("store_id") != store_id or event.get("gateway_id") != gateway_id:
             raise BatchRejectedError(
@@ -326,7 +327,7 @@ def event_rows(store_id: str, gateway_id: str, batch: Batch) -> list[EventRow]:
                 boot_id=boot_id,
                 mono_ns=mono_ns,
                 clock_synced=clock_synced,
-                body=orjson.dumps(event),
+                body=orjson.dumps(event) if bodies is None else bodies[i],
                 event=event,
             )
         )

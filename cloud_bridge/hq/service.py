@@ -2,8 +2,11 @@
 
 It keeps a persistent MQTT session (fixed client id, ``clean_start=False``) so the broker queues batches while
 it is away, and sends each PUBACK only after the batch is committed: a crash loses nothing, the broker
-redelivers, and the store deduplicates. Database work runs on one worker thread; messages that queue up while
-a commit is running are stored together in the next transaction.
+redelivers, and the store deduplicates. Messages that queue up while a commit is running are stored together
+in the next transaction. Two stages overlap: a decode thread inflates and checks the next group while the
+database thread stores the one before. What is in hand is bounded: at most MAX_IN_HAND messages (or
+MAX_IN_HAND_BYTES) received and not yet acknowledged (beyond that the receiver stops reading its socket, and the
+broker holds the rest), of which at most three groups decoded (one decoding, one waiting, one being stored).
 
 Several receivers split the load by store (``stores``: plain subscriptions to their stores' topics, each with
 a persistent session) into one PostgreSQL database. That is the default because it survives a restart of
@@ -26,9 +29,9 @@ import contextlib
 import functools
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 from cloud_bridge import topics
@@ -42,6 +45,7 @@ from cloud_bridge.hq.model import (
     StoreUnavailableError,
 )
 from cloud_bridge.hq.resend import ResendRounds, responses_subscriptions
+from cloud_bridge.hq.sql_writes import rows_to_store
 from cloud_bridge.signing import CommandSigner
 from cloud_bridge.wire import BatchError, decode_batch
 from gateway.kernel.config import BrokerConfig
@@ -52,10 +56,15 @@ _LOGGER = logging.getLogger("cloud_bridge.hq.receiver")
 
 DEFAULT_CLIENT_ID: Final = "hq-receiver"
 DEFAULT_SHARE_GROUP: Final = "hq-receivers"
-MAX_GROUP_MESSAGES: Final = 64
-MAX_GROUP_BYTES: Final = 1024 * 1024
-"""A transaction takes waiting messages up to these limits: many small batches share one commit (one fsync),
-while big ones go about alone (holding many decoded batches at once costs more than the commits saved)."""
+MAX_GROUP_MESSAGES: Final = 256
+MAX_GROUP_BYTES: Final = 256 * 1024
+"""A transaction takes waiting messages up to these limits (bytes as received, compressed): many small live
+batches share one commit (one fsync, two round trips in PostgreSQL), while big ones go a dozen at a time."""
+MAX_IN_HAND: Final = 1000
+MAX_IN_HAND_BYTES: Final = 16 * 1024 * 1024
+"""Received and not yet acknowledged: past either limit the receiver stops reading from the broker until half
+of it is acknowledged. MQTT 5's receive maximum should keep the broker within the first already; this holds
+also when a broker sends more than it (mosquitto 2.0 does once acknowledgements flow), and for MQTT 3.1.1."""
 RESEND_CHECK_S: Final = 5.0
 """How often lost ranges are looked for; each gateway is asked at most once per resend interval."""
 
@@ -81,6 +90,15 @@ class _Incoming:
     payload: bytes
     mid: int
     qos: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    """Messages decoded for one transaction: each message's batch (with its rows) or rejection, and its seqs."""
+
+    messages: list[_Incoming]
+    items: list[BatchToStore | Rejection]
+    seqs: list[tuple[str, str, int, int]]
 
 
 class HqReceiver:
@@ -135,6 +153,11 @@ class HqReceiver:
         self._flush_timeout = flush_timeout_s
         self._random = random.SystemRandom()
         self._queue: asyncio.Queue[_Incoming] = asyncio.Queue()
+        """Messages received, not yet taken into a group; bounded by pausing the socket (MAX_IN_HAND)."""
+        self._decoded: asyncio.Queue[_Group] = asyncio.Queue(maxsize=1)
+        self._in_hand = 0
+        self._in_hand_bytes = 0
+        self._decoder: ThreadPoolExecutor | None = None
         self._stopping = False
         self._executor: ThreadPoolExecutor | None = None
         self._client: MqttClient | None = None
@@ -163,9 +186,15 @@ class HqReceiver:
         self._executor = executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"hq-receiver-db-{self._client_id}"
         )
+        self._decoder = decoder = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"hq-receiver-decode-{self._client_id}"
+        )
         try:
             async with asyncio.TaskGroup() as tg:
-                helpers = [tg.create_task(self._consume(), name="hq-receiver-store")]
+                helpers = [
+                    tg.create_task(self._decode_groups(), name="hq-receiver-decode"),
+                    tg.create_task(self._store_groups(), name="hq-receiver-store"),
+                ]
                 if self._resend_interval is not None:
                     helpers.append(
                         tg.create_task(
@@ -181,7 +210,8 @@ class HqReceiver:
                 self._client = None
             # Waits for a transaction still running (it may commit; its messages were not acked, so the
             # broker resends them and they are deduplicated).
-            self._executor = None
+            self._executor = self._decoder = None
+            await asyncio.to_thread(decoder.shutdown, wait=True)
             await asyncio.to_thread(executor.shutdown, wait=True)
 
     async def summary(self) -> list[GatewaySummary]:
@@ -321,13 +351,29 @@ class HqReceiver:
             return
         if self._stopping:
             return  # not acked: the broker resends it in our next session
-        self._queue.put_nowait(
-            _Incoming(client, message.topic, bytes(message.payload), message.mid, message.qos)
-        )
+        payload = bytes(message.payload)
+        self._queue.put_nowait(_Incoming(client, message.topic, payload, message.mid, message.qos))
+        self._in_hand += 1
+        self._in_hand_bytes += len(payload)
+        if self._in_hand >= MAX_IN_HAND or self._in_hand_bytes >= MAX_IN_HAND_BYTES:
+            client.pause_reading()
+
+    def _release(self, item: _Incoming) -> None:
+        """Acknowledge a stored message; read from the broker again once half of what is in hand is acked."""
+        item.client.ack(item.mid, item.qos)
+        self._queue.task_done()
+        self._in_hand -= 1
+        self._in_hand_bytes -= len(item.payload)
+        if self._in_hand <= MAX_IN_HAND // 2 and self._in_hand_bytes <= MAX_IN_HAND_BYTES // 2:
+            client = self._client
+            if client is not None:
+                client.resume_reading()
 
     # --- storing ----------------------------------------------------------------------------------------
 
-    async def _consume(self) -> None:
+    async def _decode_groups(self) -> None:
+        """Take the waiting messages as a group, decode it on the decode thread, hand it to the store stage
+        (which holds at most one decoded group waiting)."""
         loop = asyncio.get_running_loop()
         while True:
             group = [await self._queue.get()]
@@ -337,10 +383,17 @@ class HqReceiver:
                 size += len(group[-1].payload)
             # One order for every receiver: concurrent transactions lock gateways in the same order.
             group.sort(key=self._gateway_key)
+            prepared = await loop.run_in_executor(self._decoder, self._prepare_group, group)
+            await self._decoded.put(prepared)
+
+    async def _store_groups(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            group = await self._decoded.get()
             failures = 0
             while True:
                 try:
-                    outcomes = await loop.run_in_executor(self._executor, self._store_group, group)
+                    results = await loop.run_in_executor(self._executor, self._store.apply, group.items)
                     break
                 except StoreUnavailableError as err:
                     if failures == 0:
@@ -351,38 +404,29 @@ class HqReceiver:
                         _LOGGER.debug("storing received batches still fails: %s", err)
                     failures += 1
                     await asyncio.sleep(self._backoff_delay(failures))
-            for item, outcome in zip(group, outcomes, strict=True):
-                item.client.ack(item.mid, item.qos)
-                self._queue.task_done()
-                if isinstance(outcome.result, StoreResult):
-                    self._report(outcome, outcome.result)
+            for item, result, seqs in zip(group.messages, results, group.seqs, strict=True):
+                self._release(item)
+                if isinstance(result, StoreResult):
+                    self._report(_Outcome(result, *seqs), result)
 
     def _gateway_key(self, item: _Incoming) -> tuple[str, str]:
         return topics.parse_events_topic(self._prefix, item.topic) or ("", "")
 
-    def _store_group(self, group: Sequence[_Incoming]) -> list[_Outcome]:
-        """Worker thread: decode each message and store them all in one transaction.
-
-        Messages are decoded one at a time as the transaction goes, so only one decoded batch is alive.
-        """
-        ranges: list[tuple[str, str, int, int]] = []
-
-        def prepared() -> Iterator[BatchToStore | Rejection]:
-            for item in group:
-                try:
-                    ready = self._prepare(item)
-                except Exception as err:
-                    ready = Rejection(item.topic, f"cannot decode: {err!r}"[:500], len(item.payload))
-                if isinstance(ready, BatchToStore):
-                    ranges.append(
-                        (ready.store_id, ready.gateway_id, ready.batch.first_seq, ready.batch.last_seq)
-                    )
-                else:
-                    ranges.append(("", "", 0, 0))
-                yield ready
-
-        results = self._store.apply(prepared())
-        return [_Outcome(r, *seqs) for r, seqs in zip(results, ranges, strict=True)]
+    def _prepare_group(self, group: list[_Incoming]) -> _Group:
+        """Decode thread: each message decoded and checked, its rows made, the parsed events let go."""
+        items: list[BatchToStore | Rejection] = []
+        seqs: list[tuple[str, str, int, int]] = []
+        for item in group:
+            try:
+                ready = self._prepare(item)
+            except Exception as err:
+                ready = Rejection(item.topic, f"cannot decode: {err!r}"[:500], len(item.payload))
+            if isinstance(ready, BatchToStore):
+                seqs.append((ready.store_id, ready.gateway_id, ready.batch.first_seq, ready.batch.last_seq))
+            else:
+                seqs.append(("", "", 0, 0))
+            items.append(ready)
+        return _Group(group, items, seqs)
 
     def _prepare(self, item: _Incoming) -> BatchToStore | Rejection:
         ids = topics.parse_events_topic(self._prefix, item.topic)
@@ -390,9 +434,10 @@ class HqReceiver:
             return Rejection(item.topic, "not an events topic", len(item.payload))
         try:
             batch = decode_batch(item.payload)
+            rows = rows_to_store(ids[0], ids[1], batch)
         except BatchError as err:
             return Rejection(item.topic, str(err), len(item.payload))
-        return BatchToStore(item.topic, len(item.payload), ids[0], ids[1], batch)
+        return BatchToStore(item.topic, len(item.payload), ids[0], ids[1], replace(batch, events=[]), rows)
 
     def _report(self, outcome: _Outcome, result: StoreResult) -> None:
         _LOGGER.debug(
