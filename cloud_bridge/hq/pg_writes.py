@@ -192,8 +192,8 @@ class PgGroupWrites(SqlWrites):
             if self._is_data_error(err):
                 raise _SharedPath from err
             raise
-        by_batch = {id(b): r for b, r in zip(batches, results, strict=True)}
-        return [item if isinstance(item, Rejection) else by_batch[id(item)] for item in items]
+        stored = iter(results)
+        return [item if isinstance(item, Rejection) else next(stored) for item in items]
 
     def _store_group(
         self,

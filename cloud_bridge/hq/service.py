@@ -157,6 +157,9 @@ class HqReceiver:
         self._decoded: asyncio.Queue[_Group] = asyncio.Queue(maxsize=1)
         self._in_hand = 0
         self._in_hand_bytes = 0
+        self.peak_in_hand = 0
+        """The most messages held at once, received and not yet acknowledged: at most MAX_IN_HAND and what the
+        read that reached it had already taken in (PACKETS_PER_WAKEUP)."""
         self._decoder: ThreadPoolExecutor | None = None
         self._stopping = False
         self._executor: ThreadPoolExecutor | None = None
@@ -355,6 +358,7 @@ class HqReceiver:
         self._queue.put_nowait(_Incoming(client, message.topic, payload, message.mid, message.qos))
         self._in_hand += 1
         self._in_hand_bytes += len(payload)
+        self.peak_in_hand = max(self.peak_in_hand, self._in_hand)
         if self._in_hand >= MAX_IN_HAND or self._in_hand_bytes >= MAX_IN_HAND_BYTES:
             client.pause_reading()
 
