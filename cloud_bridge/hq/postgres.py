@@ -3,7 +3,7 @@
 Same tables and logic as SQLite (sql.py); what differs is here: types, snapshot reads, ``= ANY`` for
 lists, an advisory lock while the schema is created, reconnecting after a lost connection, which errors
 mean "this batch's data" (rejected) rather than "the database" (retried), and storing a group of batches in
-two round trips (pg_writes.py). Needs the ``postgres`` extra
+a few round trips (pg_writes.py). Needs the ``postgres`` extra
 (psycopg 3).
 """
 
@@ -55,7 +55,7 @@ these, a dead peer is found in about a minute (idle 30 s + 3 probes 10 s apart),
 
 
 class PostgresReceiverStore(PgGroupWrites, SqlReceiverStore):
-    """The receiver's PostgreSQL database; a group of batches is stored set-based in two round trips
+    """The receiver's PostgreSQL database; a group of batches is stored set-based in a few round trips
     (:mod:`cloud_bridge.hq.pg_writes`). ``dsn`` is a libpq connection string or URI; keep the password
     out of it (PGPASSFILE or PGPASSWORD), it is never logged either way."""
 
