@@ -565,6 +565,7 @@ class Gateway:
             devices=self.devices.snapshot,
             routers=[*self.drivers_ctx.api_routers, ui_router(page, sessions)],
             session=sessions.check,
+            kind_class=self.journal.kind_class,
         )
         await serve_api(app, self.config.api.host, self.config.api.port, self._api_started, self._api_bound)
 

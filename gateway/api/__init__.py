@@ -62,7 +62,7 @@ from gateway.kernel.journal.reader import (
 )
 from gateway.kernel.metrics import Metrics
 from gateway.kernel.model import ID_PATTERN
-from gateway.kernel.outbox import CLASSES
+from gateway.kernel.outbox import CLASSES, TELEMETRY
 
 __all__ = [
     "IDLE_TIMEOUT_S",
@@ -130,9 +130,11 @@ def create_app(
     devices: Callable[[], list[dict[str, Any]]] | None = None,
     routers: Sequence[APIRouter] = (),
     session: Callable[[str | None], Session | None] | None = None,
+    kind_class: Callable[[str], int] | None = None,
 ) -> FastAPI:
     """The API application. ``health`` runs on the event loop thread, so it must be cheap and never block.
-    ``session``: the local page's cookie check, when the page is served (one of ``routers``)."""
+    ``session``: the local page's cookie check, when the page is served (one of ``routers``). ``kind_class``: the
+    journal's kind-to-class map, for finding events by kind through the kind index."""
     if not token:
         raise ValueError("the API token must not be empty")
     app = FastAPI(
@@ -148,7 +150,7 @@ def create_app(
     for router in routers:
         app.include_router(router)
     app.include_router(_status_routes(metrics, health, devices))
-    app.include_router(_journal_routes(db_path.absolute().as_uri() + "?mode=ro"))
+    app.include_router(_journal_routes(db_path.absolute().as_uri() + "?mode=ro", kind_class))
     return app
 
 
@@ -183,7 +185,7 @@ def _status_routes(
     return router
 
 
-def _journal_routes(db_uri: str) -> APIRouter:
+def _journal_routes(db_uri: str, kind_class: Callable[[str], int] | None) -> APIRouter:
     """The read-only views of the journal at ``db_uri``."""
     router = APIRouter()
 
@@ -199,7 +201,8 @@ def _journal_routes(db_uri: str) -> APIRouter:
         Stops early, after at least one event, once :data:`MAX_RESPONSE_BYTES` is reached.
         """
         with journal_read():
-            bodies = events_page(db_uri, kind, device_id, after_seq, limit, MAX_RESPONSE_BYTES)
+            indexed = kind is not None and kind_class is not None and kind_class(kind) != TELEMETRY
+            bodies = events_page(db_uri, kind, device_id, after_seq, limit, MAX_RESPONSE_BYTES, indexed)
         return _json_bytes(b"[" + b",".join(bodies) + b"]")
 
     @router.get("/api/stock")

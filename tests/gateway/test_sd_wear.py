@@ -189,7 +189,11 @@ async def test_counters_are_recounted_from_what_was_stored_after_they_were_writt
 async def test_a_new_journal_has_the_lean_layout(tmp_path: Path) -> None:
     journal = outbox_journal(tmp_path)
     async with running(journal):
-        pass
+        conn = journal._conn
+        assert conn is not None
+        loop = asyncio.get_running_loop()
+        pragma = await loop.run_in_executor(journal._writer, conn.execute, "PRAGMA wal_autocheckpoint")
+        assert pragma.fetchone()[0] == 4096  # 4 MiB of 1 KiB pages
     with contextlib.closing(sqlite3.connect(journal.path)) as conn:
         assert conn.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE == 1024
         indexes = {row[1]: row for row in conn.execute("PRAGMA index_list(events)")}
@@ -260,3 +264,30 @@ def test_config_refuses_to_make_a_read_back_kind_telemetry(tmp_path: Path) -> No
         load_config(config)
     assert "pos.sale cannot be telemetry" in str(err.value)
     assert OutboxConfig(kinds={"sensor.reading": "state"}).kinds == {"sensor.reading": "state"}
+
+
+async def test_the_uplink_gets_its_watermarks_while_telemetry_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer_module, "ACK_HOLD_S", 3600.0)
+    journal = outbox_journal(tmp_path, config=held())
+    acked: list[str] = []
+    async with running(journal):
+        assert journal.submit(sale(1, acked))
+        await until(lambda: acked == ["sale 1"], "the sale committed")
+        assert journal.submit(reading(1, acked))  # held for an hour
+        journal.note_delivered(TRANSACTION, 1)
+        journal.hurry_acks()
+        await until(lambda: journal.acks_persisted, "the watermark written at once, the reading with it")
+        assert "reading 1" in acked
+
+
+async def test_waiting_for_the_window_is_not_a_stall(tmp_path: Path) -> None:
+    journal = outbox_journal(tmp_path, config=held())
+    acked: list[str] = []
+    async with running(journal):
+        assert journal.submit(reading(1, acked))
+        await asyncio.sleep(1.5)  # longer than a stall takes to show; the window is an hour
+        assert acked == []
+        assert journal.stall is None
+        assert journal.failing_now() is None

@@ -47,27 +47,41 @@ PAGE_OVERHEAD: Final = 1.5
 from fragmented pages."""
 
 
-ROW_EXTRA: Final = 96
-"""Bytes a row stores besides its event's body (seq, id, kind, device, time, key, class, cell header)."""
-INDEX_SHARE: Final = 0.15
+ROW_EXTRA: Final = 90
+"""Bytes a row stores besides its event's body (seq, id, kind, device, time, key, class, record header): 70 to 130
+in a store's journal (a sale's dedup key is the longest)."""
+INDEX_SHARE: Final = 0.08
 """Pages of the indexes and the other tables, as a share of the events table's."""
+
+
+def row_pages(payload: float, page_size: int) -> float:
+    """Pages one row of ``payload`` bytes takes in a table's leaves, by SQLite's cell layout: rows that fit share
+    a leaf whole (a row longer than half a leaf's room has one to itself); a longer row keeps a part in the leaf
+    and the rest in overflow pages."""
+    usable = page_size
+    room = usable - 8  # a leaf's header
+    max_local = usable - 35
+    if payload <= max_local:
+        return 1 / (room // (payload + 8))
+    min_local = (usable - 12) * 32 // 255 - 23
+    local = min_local + (payload - min_local) % (usable - 4)
+    if local > max_local:
+        local = min_local
+    overflow = -(-(payload - local) // (usable - 4))
+    return float(overflow + 1 / (room // (local + 12)))
 
 
 def pages_needed(states: Mapping[int, ClassState], page_size: int) -> float:
     """Bytes of pages the events of ``states`` take without any fragmentation. With 4 KiB pages, a fixed
-    :data:`PAGE_OVERHEAD` per event byte. Smaller pages hold whole rows or not: a row longer than half a page's room
-    takes a page of its own (with 1 KiB pages, every event of about 500 to 990 bytes), so the estimate counts rows
-    per page from each class's average event."""
+    :data:`PAGE_OVERHEAD` per event byte. Smaller pages hold whole rows or not (with 1 KiB pages, an event of
+    about 500 to 990 bytes has a leaf to itself), so the estimate lays out each class's average row."""
     if page_size >= 4096:
         return sum(s.stored_bytes for s in states.values()) * PAGE_OVERHEAD
-    room = page_size - 8
     pages = 0.0
     for state in states.values():
-        if state.stored_events <= 0:
-            continue
-        row = state.stored_bytes / state.stored_events + ROW_EXTRA
-        per_page = room // (row + 4) if row <= page_size - 35 else 1 / -(-row // (page_size - 4))
-        pages += state.stored_events / max(per_page, 1e-9)
+        if state.stored_events > 0:
+            row = state.stored_bytes / state.stored_events + ROW_EXTRA
+            pages += state.stored_events * row_pages(row, page_size)
     return float(pages * page_size * (1 + INDEX_SHARE))
 
 
@@ -260,7 +274,7 @@ class Backlog(Health):
                 self._refused -= count
                 self._refused_bytes -= nbytes
         if self.disk_low:
-            # SQLite checkpoints only once the WAL holds 1000 pages (4 MiB more disk); on a low disk, checkpoint
+            # SQLite checkpoints only once the WAL holds 4 MiB (CHECKPOINT_BYTES); on a low disk, checkpoint
             # now, so the next commit writes the WAL from its start again, in blocks the file already has.
             try:
                 await loop.run_in_executor(self._writer, self._checkpoint)

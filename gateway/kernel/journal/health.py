@@ -87,7 +87,7 @@ class Health(Core):
             return self._failure, until - self._failing_since
         # Items waiting with no commit taking them: a commit hung in fsync, or the writer held up by anything else
         # (a checkpoint, an eviction step, a transaction) on a card that stopped answering.
-        waiting = None if self._waiting_since is None else now - self._waiting_since
+        waiting = None if self._waiting_since is None else now - self._waiting_since - self._hold_allowance()
         if waiting is not None and waiting >= 1.0:
             return "journal_stalled", waiting
         return None
@@ -100,9 +100,15 @@ class Health(Core):
             return "journal_corrupt", 0.0 if self._failing_since is None else now - self._failing_since
         if self._failing and self._failing_since is not None:
             return self._failure, now - self._failing_since
-        if self._waiting_since is not None and now - self._waiting_since >= 1.0:
-            return "journal_stalled", now - self._waiting_since
+        waiting = None if self._waiting_since is None else now - self._waiting_since - self._hold_allowance()
+        if waiting is not None and waiting >= 1.0:
+            return "journal_stalled", waiting
         return None
+
+    def _hold_allowance(self) -> float:
+        """Seconds items may wait in the queue by design (the writer's telemetry commit window) before waiting
+        counts as a stall."""
+        return 0.0
 
     async def watch_integrity(self) -> None:
         """Every ``quick_check_interval_s``, run ``PRAGMA quick_check`` on its own read-only connection and

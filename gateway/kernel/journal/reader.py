@@ -212,13 +212,15 @@ def events_page(
     after_seq: int | None,
     limit: int,
     max_bytes: int,
+    kind_indexed: bool = False,
 ) -> list[bytes]:
     """Event bodies, newest first; with ``after_seq``, oldest first from just after it (paging forward). Stops
-    early, after at least one body, once ``max_bytes`` would be passed."""
+    early, after at least one body, once ``max_bytes`` would be passed. ``kind_indexed``: ``kind`` is not
+    telemetry, so the kind index (which leaves telemetry out) finds its events."""
     where: list[str] = []
     params: list[Any] = []
     if kind is not None:
-        where.append("kind = ?")
+        where.append("kind = ? AND cls < 3" if kind_indexed else "kind = ?")
         params.append(kind)
     if device_id is not None:
         where.append("device_id = ?")

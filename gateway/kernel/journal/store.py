@@ -29,10 +29,10 @@ sale touches about ten: the events, their indexes, the stock row, the header), s
 wrote half of what 4 KiB did per event at a normal store (bench/sd_writes.py). Events of a few hundred bytes
 still fit in a page; a larger one spills into overflow pages. An existing journal keeps its page size."""
 
-CHECKPOINT_PAGES: Final = 4096
-"""WAL pages before SQLite copies them into the database file: 4 MiB of 1 KiB pages, the size the WAL had with
-SQLite's default (1,000 pages of 4 KiB). A page rewritten by many commits (an index's last leaf, the header) is
-copied once per checkpoint: fewer checkpoints, fewer copies."""
+CHECKPOINT_BYTES: Final = 4 * 1024 * 1024
+"""WAL bytes before SQLite copies them into the database file (4,096 pages of 1 KiB): about the size the WAL had
+with SQLite's default (1,000 pages of 4 KiB). A page rewritten by many commits (an index's last leaf, the header)
+is copied once per checkpoint: fewer checkpoints, fewer copies."""
 
 SCHEMA: Final = """
 -- No index on id (unique by construction, a UUIDv7, and never looked up) nor on dedup_key (the idempotency table
@@ -112,7 +112,8 @@ def connect(path: Path, synchronous: str = "FULL", readonly: bool = False) -> sq
             # linger in free pages.
             conn.execute("PRAGMA secure_delete=ON")
             conn.execute(f"PRAGMA synchronous={synchronous}")
-            conn.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
+            page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+            conn.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_BYTES // page_size}")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     except sqlite3.Error:

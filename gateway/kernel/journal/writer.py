@@ -79,7 +79,7 @@ class Writer(Backlog):
     def _setup(self) -> None:
         super()._setup()
         self._hurry = asyncio.Event()
-        """Ends a commit's hold (:meth:`_hold`): something arrived that must not wait."""
+        """Ends a hold for company (:meth:`_may_wait`): something arrived that must not wait."""
         self._urgent = 0
         """Queued drafts outside the telemetry class: a commit for them starts at once."""
         self._acks_wanted = False
@@ -289,7 +289,10 @@ class Writer(Backlog):
                     if ticking and time.monotonic() >= self._next_tick:
                         self._next_tick = time.monotonic() + TICK_S
                         await self._commit_once(loop, tick=True, intake=False)
-                    if (self._cursors and time.monotonic() >= self._cursors_due) or self._acks_due():
+                    # Due cursors or watermarks with nothing queued to ride: a commit of their own.
+                    if not self._queue and (
+                        (self._cursors and time.monotonic() >= self._cursors_due) or self._acks_due()
+                    ):
                         await self._commit_once(loop, intake=False)
                 except Exception:  # a bug here must not stop the journal: log it, keep committing
                     _LOGGER.exception("a tick or a cursor commit failed, retrying later")
@@ -297,7 +300,16 @@ class Writer(Backlog):
                     async with asyncio.timeout(min(idle, TICK_S) if ticking else idle):
                         await self._wakeup.wait()
                 if self._wakeup.is_set():
-                    await self._hold()
+                    wait = self._may_wait()
+                    if wait > 0:
+                        # Held for company (SD wear). The loop goes round meanwhile: the heartbeat, disk checks
+                        # and the rules' ticks go on; an urgent item, a full batch, a flush, the uplink's
+                        # hurry_acks or a stop ends the wait early.
+                        self._hurry.clear()
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(min(wait, TICK_S if ticking else idle)):
+                                await self._hurry.wait()
+                        continue
                     if self._urgent and delay and len(self._queue) < self._config.commit_max_events:
                         await asyncio.sleep(delay)
                     self._wakeup.clear()
@@ -310,7 +322,7 @@ class Writer(Backlog):
         """How long what waits may wait for company (SD wear: one fsync for many): telemetry for the commit
         window since its oldest item came, HQ acknowledgements alone for :data:`ACK_HOLD_S`; anything else, a
         full batch, a flush or a stop commits now (0)."""
-        if self._stopping or self._flushing or self._failing or self.corrupt is not None:
+        if self._stopping or self._flushing or self._failing or self.corrupt is not None or self._acks_due():
             return 0.0
         now = time.monotonic()
         if self._queue:
@@ -323,14 +335,8 @@ class Writer(Backlog):
             return since + ACK_HOLD_S - now
         return 0.0
 
-    async def _hold(self) -> None:
-        """Wait while what is queued may wait (:meth:`_may_wait`); an urgent item, a full batch, a flush, the
-        uplink's :meth:`hurry_acks` or a stop ends the wait early."""
-        while (wait := self._may_wait()) > 0:
-            self._hurry.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await self._hurry.wait()
+    def _hold_allowance(self) -> float:
+        return self._telemetry_window
 
     async def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.corrupt is not None:
@@ -469,6 +475,8 @@ class Writer(Backlog):
     def _commit_failed(self, err: sqlite3.Error, acks: dict[int, int]) -> None:
         for cls, seq in acks.items():  # not persisted: written again by the next commit
             self._acks[cls] = max(seq, self._acks.get(cls, 0))
+        if acks and self._acks_since is None:
+            self._acks_since = time.monotonic()
         self._note_failure()
         if is_damage(err):
             self._failure = "journal_corrupt"
