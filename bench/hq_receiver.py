@@ -53,6 +53,7 @@ if str(ROOT) not in sys.path:
 from bench.mqtt_load import publish_all  # noqa: E402
 from cloud_bridge.wire import Compressor, encode_batch  # noqa: E402
 from gateway.kernel.config import BrokerConfig  # noqa: E402
+from gateway.kernel.events import uuid7  # noqa: E402
 from gateway.kernel.mqtt_client import MqttClient, MqttError  # noqa: E402
 from simulators.pos import PosTerminal  # noqa: E402
 from tests.harness.brokers import Mosquitto  # noqa: E402
@@ -75,30 +76,65 @@ RECEIVER_CODE: Final = (
 
 
 def envelopes(store_id: str, gateway_id: str, first_seq: int, count: int, till: PosTerminal) -> list[bytes]:
-    """``count`` pos.sale envelopes as a gateway commits them (docs/EVENTS.md), recorded now."""
-    now = datetime.now(UTC).isoformat()
-    out = []
-    for seq in range(first_seq, first_seq + count):
-        sale = orjson.loads(till.make_sale().payload)
-        out.append(
-            orjson.dumps(
+    """``count`` envelopes as a gateway commits them (docs/EVENTS.md), recorded now: a ``pos.sale`` in the
+    gateway's own shape, then a ``stock.level`` per line it moved (about two per sale), and so on."""
+    now = datetime.now(UTC)
+    recorded = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    out: list[bytes] = []
+    pending: list[dict[str, Any]] = []
+    seq = first_seq
+    while len(out) < count:
+        common = {
+            "id": uuid7(),
+            "seq": seq,
+            "mono_ns": seq * 1_000_000,
+            "store_id": store_id,
+            "gateway_id": gateway_id,
+            "recorded_at": recorded,
+            "boot_id": "7463fe83a8e149cd",
+            "clock_synced": True,
+            "schema": 1,
+        }
+        if pending:
+            line = pending.pop()
+            event = {"kind": "stock.level", "device_id": None, "occurred_at": None, **common, "data": line}
+        else:
+            sale = orjson.loads(till.make_sale().payload)
+            data = {
+                "receipt_no": sale["receipt_no"],
+                "register_id": till.device_id,
+                "cashier_id": sale.get("cashier_id", "C335"),
+                "currency": "HKD",
+                "lines": [
+                    {
+                        k: str(v)
+                        for k, v in line.items()
+                        if k in ("sku", "gtin", "quantity", "unit_price", "discount")
+                    }
+                    for line in sale.get("lines", [])
+                ],
+                "totals": {k: str(v) for k, v in sale.get("totals", {}).items()},
+                "payments": [{"method": "cash", "amount": str(sale.get("totals", {}).get("total", "0"))}],
+            }
+            pending = [
                 {
-                    "id": str(uuid.uuid4()),
-                    "store_id": store_id,
-                    "gateway_id": gateway_id,
-                    "seq": seq,
-                    "kind": "pos.sale",
-                    "device_id": till.device_id,
-                    "occurred_at": sale.get("ts") or now,
-                    "recorded_at": now,
-                    "boot_id": "b0a7c0ffee000001",
-                    "clock_synced": True,
-                    "mono_ns": seq * 1_000_000,
-                    "schema": 1,
-                    "data": sale,
+                    "sku": line["sku"],
+                    "on_hand": "198",
+                    "delta": f"-{line.get('quantity', '1')}",
+                    "safety_stock": "20",
+                    "cause_seqs": [seq, seq],
                 }
-            )
-        )
+                for line in data["lines"][:2]
+            ]
+            event = {
+                "kind": "pos.sale",
+                "device_id": till.device_id,
+                "occurred_at": now.isoformat(timespec="milliseconds"),
+                **common,
+                "data": data,
+            }
+        out.append(orjson.dumps(event))
+        seq += 1
     return out
 
 
