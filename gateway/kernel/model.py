@@ -18,4 +18,4 @@ Identifier = Annotated[
 class StrictModel(BaseModel):
     """Unknown keys are errors, values are frozen, and NaN or infinity is never a number."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, defer_build=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
