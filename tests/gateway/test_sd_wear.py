@@ -16,7 +16,7 @@ import pytest
 
 from gateway.config_loader import ConfigError, load_config
 from gateway.kernel.config import JournalConfig, OutboxConfig
-from gateway.kernel.journal import Committed, Draft
+from gateway.kernel.journal import Committed, Draft, Journal
 from gateway.kernel.journal import writer as writer_module
 from gateway.kernel.journal.reader import _RECEIPT_EVENTS
 from gateway.kernel.journal.store import PAGE_SIZE, state_as_stored
@@ -31,6 +31,16 @@ HOUR_MS = 3_600_000
 def held(**more: int) -> JournalConfig:
     """A config whose telemetry window is an hour (past the config's limit: a test's way to see what waits)."""
     return JournalConfig(**more).model_copy(update={"telemetry_commit_window_ms": HOUR_MS})
+
+
+def written_watermark(journal: Journal) -> list[tuple[int]]:
+    """The transaction class's delivered watermark as written on disk."""
+    return query(journal, "SELECT delivered_seq FROM outbox_state WHERE cls=?", (TRANSACTION,))
+
+
+async def one_sale_committed(journal: Journal, acked: list[str]) -> None:
+    assert journal.submit(sale(1, acked))
+    await until(lambda: acked == ["sale 1"], "the sale committed")
 
 
 def reading(i: int, acked: list[str]) -> Draft:
@@ -117,11 +127,11 @@ async def test_acknowledgements_wait_to_be_written_until_due_or_asked(
         await until(lambda: len(acked) == 3, "the third sale committed")
         await asyncio.sleep(0.2)  # held for an hour: not written, however slow this machine
         assert journal.ack_generation[1] == persisted
-        assert query(journal, "SELECT delivered_seq FROM outbox_state WHERE cls=?", (TRANSACTION,)) == [(0,)]
+        assert written_watermark(journal) == [(0,)]
         journal.note_delivered(TRANSACTION, 2)
         journal.hurry_acks()  # the uplink's window is half held by them
         await until(lambda: journal.acks_persisted, "the watermarks written when the uplink asked")
-        assert query(journal, "SELECT delivered_seq FROM outbox_state WHERE cls=?", (TRANSACTION,)) == [(2,)]
+        assert written_watermark(journal) == [(2,)]
 
 
 async def test_acknowledgements_ride_the_first_commit_once_due(
@@ -131,11 +141,10 @@ async def test_acknowledgements_ride_the_first_commit_once_due(
     journal = outbox_journal(tmp_path, config=held())
     acked: list[str] = []
     async with running(journal):
-        assert journal.submit(sale(1, acked))
-        await until(lambda: acked == ["sale 1"], "the sale committed")
+        await one_sale_committed(journal, acked)
         journal.note_delivered(TRANSACTION, 1)
         await until(lambda: journal.acks_persisted, "the watermark written in a commit of its own")
-        assert query(journal, "SELECT delivered_seq FROM outbox_state WHERE cls=?", (TRANSACTION,)) == [(1,)]
+        assert written_watermark(journal) == [(1,)]
 
 
 async def test_cursors_ride_a_commit_only_once_due(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -273,8 +282,7 @@ async def test_the_uplink_gets_its_watermarks_while_telemetry_waits(
     journal = outbox_journal(tmp_path, config=held())
     acked: list[str] = []
     async with running(journal):
-        assert journal.submit(sale(1, acked))
-        await until(lambda: acked == ["sale 1"], "the sale committed")
+        await one_sale_committed(journal, acked)
         assert journal.submit(reading(1, acked))  # held for an hour
         journal.note_delivered(TRANSACTION, 1)
         journal.hurry_acks()
