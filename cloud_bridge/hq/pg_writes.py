@@ -6,8 +6,8 @@ overlapping. Here the whole group goes in psycopg's pipeline mode, set-based:
 
 1. ``BEGIN`` and ``COPY`` the group's events into a temporary table (binary, rows made by psycopg's C code).
 2. Lock every gateway of the group (one upsert, in (store, gateway) order, returning their watermarks); insert
-   every event (one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING id``); read the runs the new seqs
-   touch. One round trip.
+   every event (one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``, returning what went in where); read the
+   runs the new seqs touch. One round trip.
 3. What was new, duplicate or a conflict, the merged runs and each gateway's counters and watermarks are worked
    out here exactly as the shared path does batch by batch; then the runs are replaced, the gateways updated
    and the transaction committed in one more round trip.
@@ -74,10 +74,11 @@ _INSERT_EVENTS: Final = (
     "INSERT INTO events (id, store_id, gateway_id, seq, kind, device_id, recorded_at, received_at, boot_id,"
     " mono_ns, clock_synced, body, receipt_no, original_receipt_no)"
     " SELECT id, s, g, seq, kind, dev, rec::timestamptz, %b, boot, mono, synced, body, rno, orno"
-    " FROM hq_incoming ORDER BY n ON CONFLICT DO NOTHING RETURNING id"
+    " FROM hq_incoming ORDER BY n ON CONFLICT DO NOTHING RETURNING store_id, gateway_id, seq, id"
 )
 """Every event of the group in one statement, in the group's order (the first of two rows claiming one id or
-seq is the one stored, as when batches are stored one after the other)."""
+seq is the one stored, as when batches are stored one after the other). What it returns says what was inserted
+where: a row of the group is new only if its own id went in at its own (store, gateway, seq)."""
 _WINDOWS: Final = "unnest(%b::text[], %b::text[], %b::int8[], %b::int8[]) AS w(s, g, lo, hi)"
 _TOUCHED_RUNS: Final = (
     f"SELECT r.store_id, r.gateway_id, r.first_seq, r.last_seq FROM runs r JOIN {_WINDOWS}"  # noqa: S608
@@ -215,22 +216,23 @@ class PgGroupWrites(SqlWrites):
             (s, g): _Gateway(int(m), None if marks[0] is None else int(marks[0]), self._watermark(marks))
             for s, g, m, *marks in lock.fetchall()
         }
-        inserted = {str(r[0]) for r in insert.fetchall()}
+        inserted = {(s, g, int(seq)): str(event_id) for s, g, seq, event_id in insert.fetchall()}
         old_runs: dict[Key, list[tuple[int, int]]] = {}
         for s, g, a, b in runs.fetchall():
             old_runs.setdefault((s, g), []).append((int(a), int(b)))
-        held = self._held(batches, rows_by_batch, inserted)
+        new_rows = self._new_rows(batches, rows_by_batch, inserted)
+        held = self._held(batches, rows_by_batch, new_rows)
         results: list[StoreResult] = []
-        claimed: set[str] = set()
         clashes_by_key: dict[Key, list[tuple[EventRow, str | None]]] = {}
-        for item, (unique, duplicates, conflicts, clashes) in zip(batches, rows_by_batch, strict=True):
+        for b, (item, (unique, duplicates, conflicts, clashes)) in enumerate(
+            zip(batches, rows_by_batch, strict=True)
+        ):
             key = (item.store_id, item.gateway_id)
             gw = gateways[key]
             stored: dict[int, str] = {}
             new = 0
             for row in unique.values():
-                if row.id in inserted and row.id not in claimed:
-                    claimed.add(row.id)
+                if (b, row.seq) in new_rows:
                     stored[row.seq] = row.id
                     new += 1
                 elif (kept := held.get((*key, row.seq))) is not None:
@@ -338,21 +340,37 @@ class PgGroupWrites(SqlWrites):
             [min(spans[k][1] + 1, MAX_SEQ) for k in keys],
         ]
 
+    @staticmethod
+    def _new_rows(
+        batches: Sequence[BatchToStore],
+        rows_by_batch: Sequence[tuple[dict[int, EventRow], int, int, Any]],
+        inserted: dict[tuple[str, str, int], str],
+    ) -> set[tuple[int, int]]:
+        """(batch index, seq) of the rows this group inserted: the first row of the group whose own id went in at
+        its own (store, gateway, seq). Every other row (a redelivery, a seq or an id held by another event) is
+        checked against what holds its seq, as the shared path does."""
+        new: set[tuple[int, int]] = set()
+        claimed: set[tuple[str, str, int]] = set()
+        for b, (item, (unique, *_)) in enumerate(zip(batches, rows_by_batch, strict=True)):
+            for row in unique.values():
+                where = (item.store_id, item.gateway_id, row.seq)
+                if inserted.get(where) == row.id and where not in claimed:
+                    claimed.add(where)
+                    new.add((b, row.seq))
+        return new
+
     def _held(
         self,
         batches: Sequence[BatchToStore],
         rows_by_batch: Sequence[tuple[dict[int, EventRow], int, int, Any]],
-        inserted: set[str],
+        new_rows: set[tuple[int, int]],
     ) -> dict[tuple[str, str, int], str]:
         """What holds the seqs of the events this group did not insert (a redelivery, a conflict): one query,
         and none at all in the usual case."""
         wanted: set[tuple[str, str, int]] = set()
-        seen: set[str] = set()
-        for item, (unique, *_) in zip(batches, rows_by_batch, strict=True):
+        for b, (item, (unique, *_)) in enumerate(zip(batches, rows_by_batch, strict=True)):
             for row in unique.values():
-                if row.id in inserted and row.id not in seen:
-                    seen.add(row.id)
-                else:
+                if (b, row.seq) not in new_rows:
                     wanted.add((item.store_id, item.gateway_id, row.seq))
         if not wanted:
             return {}

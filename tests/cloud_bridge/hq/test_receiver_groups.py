@@ -184,3 +184,34 @@ async def test_the_receiver_stops_reading_while_its_hands_are_full(
     finally:
         store.go.set()
         store.close()
+
+
+@pytest.mark.parametrize("one_batch", [True, False], ids=["one-batch", "two-batches"])
+def test_an_id_whose_seq_is_taken_and_that_goes_in_at_another_seq(
+    postgres: PostgresServer, tmp_path: Path, caplog: pytest.LogCaptureFixture, one_batch: bool
+) -> None:
+    """The database holds event J at seq 5; the group brings event I at seq 5 and again at seq 6: seq 5 is a
+    conflict (kept in conflicts, logged), seq 6 is new, as the shared path says."""
+    j, i = str(uuid7()), str(uuid7())
+    held = [item("gw-c", [envelope(S, "gw-c", 5, j)])]
+    at_5, at_6 = envelope(S, "gw-c", 5, i), envelope(S, "gw-c", 6, i)
+    group: list[BatchToStore | Rejection] = (
+        [item("gw-c", [at_5, at_6])] if one_batch else [item("gw-c", [at_5]), item("gw-c", [at_6])]
+    )
+    grouped = PostgresReceiverStore(postgres.fresh_schema(), lost_grace_s=0)
+    shared = SqliteReceiverStore(tmp_path / "hq.db", lost_grace_s=0)
+    try:
+        for store in (grouped, shared):
+            assert store.apply(held) == [StoreResult(1, 0, 0)]
+        caplog.clear()
+        expected = [StoreResult(1, 0, 1)] if one_batch else [StoreResult(0, 0, 1), StoreResult(1, 0, 0)]
+        assert grouped.apply(group) == expected
+        assert [r.getMessage() for r in caplog.records if "conflict" in r.getMessage()] == [
+            f"conflict: store {S} gateway gw-c seq 5 already holds event {j}; kept event {i} in conflicts"
+        ]
+        assert shared.apply(group) == expected
+        assert state(grouped) == state(shared)
+        assert state(grouped)["conflicts"] == [(S, "gw-c", "5", i, j)]
+    finally:
+        grouped.close()
+        shared.close()
