@@ -42,11 +42,14 @@ from gateway.kernel.outbox import seq_ranges
 
 _LOCK_GATEWAYS: Final = (
     "INSERT INTO gateways (store_id, gateway_id) SELECT s, g FROM unnest(%b::text[], %b::text[]) AS k(s, g)"
-    " ORDER BY s, g ON CONFLICT (store_id, gateway_id) DO UPDATE SET store_id = excluded.store_id"
+    ' ORDER BY s COLLATE "C", g COLLATE "C"'
+    " ON CONFLICT (store_id, gateway_id) DO UPDATE SET store_id = excluded.store_id"
     " RETURNING store_id, gateway_id, max_seq, complete_through, last_received_at, mark_through, mark_at,"
     " lost_through"
 )
-"""Creates or locks every gateway row of the group, in one order for every receiver."""
+"""Creates or locks every gateway row of the group in code-point order (``COLLATE "C"``), the order Python sorts
+``str`` in and so the one the receiver sorts a group in for the shared path: whatever the database's collation,
+two receivers lock gateways in one order."""
 _INCOMING: Final = (
     "CREATE TEMP TABLE IF NOT EXISTS hq_incoming (n int8, id text, s text, g text, seq int8, kind text,"
     " dev text, rec text, boot text, mono int8, synced bool, body bytea, rno text, orno text)"

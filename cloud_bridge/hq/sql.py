@@ -19,10 +19,12 @@ receipt lookup of their store (index ``events_receipt_unfilled``), so a lookup n
 
 Several receivers may share one PostgreSQL database. Each batch first locks its gateway's row (an upsert),
 so the events, runs and counters of one gateway are changed by one transaction at a time; the receiver
-gives a transaction's batches sorted by (store, gateway), so two receivers take their locks in the same
-order, and a deadlock (possible only through an event id forged into another gateway) is retried. Events
-go in with ``ON CONFLICT DO NOTHING``: whoever inserts an event first stores it; everyone else counts a
-duplicate (same id at that seq) or a conflict (a different id holds the seq, or the id is elsewhere).
+gives a transaction's batches sorted by (store, gateway) in code-point order (Python's ``str`` order; the
+set-based PostgreSQL path locks with ``COLLATE "C"``, the same order whatever the database's collation), so
+two receivers take their locks in the same order, and a deadlock (possible only through an event id forged into
+another gateway) is retried. Events go in with ``ON CONFLICT DO NOTHING``: whoever inserts an event first
+stores it; everyone else counts a duplicate (same id at that seq) or a conflict (a different id holds the
+seq, or the id is elsewhere).
 
 A missing seq at or below ``complete_through`` is called lost only once HQ has known that watermark for a
 grace period (:class:`LostWatermark`): with several receivers, the batch holding it may still be in another

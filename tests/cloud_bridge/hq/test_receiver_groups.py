@@ -4,6 +4,7 @@ shared batch-by-batch path gives; event bytes are stored as received; what the r
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import astuple
 from datetime import datetime, timedelta
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 
 from cloud_bridge.hq import service
@@ -215,3 +217,42 @@ def test_an_id_whose_seq_is_taken_and_that_goes_in_at_another_seq(
     finally:
         grouped.close()
         shared.close()
+
+
+async def test_gateways_are_locked_in_code_point_order_whatever_the_collation(
+    postgres: PostgresServer,
+) -> None:
+    """In a database whose collation sorts gw-a before gw-B (ICU), the group path still locks gw-B first, as
+    Python sorts the ids and so as the shared path locks them: with gw-a held elsewhere, the group waits
+    holding gw-B."""
+    name = f"icu_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres.dsn(), autocommit=True) as conn:
+        conn.execute(
+            f"CREATE DATABASE {name} TEMPLATE template0 LOCALE 'C' LOCALE_PROVIDER icu ICU_LOCALE 'und'"
+        )
+        assert conn.execute("SELECT 'gw-a' < 'gw-B' COLLATE \"und-x-icu\"").fetchone() == (True,)
+    dsn = postgres.dsn().replace("dbname=postgres", f"dbname={name}")
+    store = PostgresReceiverStore(dsn, lost_grace_s=0)
+    a = {seq: envelope(S, "gw-a", seq) for seq in (1, 2)}
+    b = {seq: envelope(S, "gw-B", seq) for seq in (1, 2)}
+    results: list[Any] = []
+    group = threading.Thread(
+        target=lambda: results.extend(store.apply([item("gw-B", [b[2]]), item("gw-a", [a[2]])]))
+    )
+    with psycopg.connect(dsn) as holder, psycopg.connect(dsn, autocommit=True) as probe:
+        try:
+            assert store.apply([item("gw-B", [b[1]]), item("gw-a", [a[1]])]) == [StoreResult(1, 0, 0)] * 2
+            holder.execute("SELECT 1 FROM gateways WHERE gateway_id = 'gw-a' FOR UPDATE")
+            group.start()
+            waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = %s"
+            await eventually(
+                lambda: probe.execute(waiting, (name,)).fetchone() == (1,), "the group waits on gw-a"
+            )
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                probe.execute("SELECT 1 FROM gateways WHERE gateway_id = 'gw-B' FOR UPDATE NOWAIT")
+        finally:
+            holder.rollback()
+            if group.is_alive():
+                group.join()
+            store.close()
+    assert results == [StoreResult(1, 0, 0)] * 2
