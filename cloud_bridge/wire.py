@@ -254,6 +254,25 @@ def split_events(raw: bytes, count: int) -> tuple[list[Any], list[bytes]] | None
         return None
 
 
+def declared_size(payload: bytes) -> int:
+    """How many bytes decoding this message may inflate to, read from its header line alone (no inflating):
+    its ``raw_bytes`` when valid, else the body limit for a compressed body without one; a message without a
+    readable header is its own length (schema 1, or refused by :func:`decode_batch`)."""
+    newline = payload.find(b"\n", 0, MAX_HEADER_BYTES)
+    if newline < 0:
+        return len(payload)
+    try:
+        head = orjson.loads(payload[:newline])
+    except orjson.JSONDecodeError:
+        return len(payload)
+    if not isinstance(head, dict):
+        return len(payload)
+    raw_bytes = head.get("raw_bytes")
+    if type(raw_bytes) is int and 0 <= raw_bytes <= MAX_DECODED_BYTES:
+        return max(raw_bytes, len(payload))
+    return len(payload) if head.get("encoding") == "json" else MAX_DECODED_BYTES
+
+
 def decode_batch(payload: bytes) -> Batch:
     """Parse and check a batch (schema 2, or schema 1); raises :class:`BatchError` with a reason."""
     newline = payload.find(b"\n", 0, MAX_HEADER_BYTES)

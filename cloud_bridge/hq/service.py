@@ -6,7 +6,8 @@ redelivers, and the store deduplicates. Messages that queue up while a commit is
 in the next transaction. Two stages overlap: a decode thread inflates and checks the next group while the
 database thread stores the one before. What is in hand is bounded: at most MAX_IN_HAND messages (or
 MAX_IN_HAND_BYTES) received and not yet acknowledged (beyond that the receiver stops reading its socket, and the
-broker holds the rest), of which at most three groups decoded (one decoding, one waiting, one being stored).
+broker holds the rest), of which at most three groups decoded (one decoding, one waiting, one being stored),
+each of at most MAX_GROUP_DECODED_BYTES as declared by its batches' headers, or one message alone.
 
 Several receivers split the load by store (``stores``: plain subscriptions to their stores' topics, each with
 a persistent session) into one PostgreSQL database. That is the default because it survives a restart of
@@ -47,7 +48,7 @@ from cloud_bridge.hq.model import (
 from cloud_bridge.hq.resend import ResendRounds, responses_subscriptions
 from cloud_bridge.hq.sql_writes import rows_to_store
 from cloud_bridge.signing import CommandSigner
-from cloud_bridge.wire import BatchError, decode_batch
+from cloud_bridge.wire import BatchError, declared_size, decode_batch
 from gateway.kernel.config import BrokerConfig
 from gateway.kernel.mqtt_client import Message, MqttClient, MqttError
 
@@ -62,6 +63,10 @@ MAX_GROUP_BYTES: Final = 64 * 1024
 batches share one commit (one fsync, a few round trips in PostgreSQL), while full 500-event batches go about
 three at a time (three decoded groups of 64 KiB as received hold about 30 MB; groups of 256 KiB doubled the
 receiver's peak memory for no measurable gain)."""
+MAX_GROUP_DECODED_BYTES: Final = 4 * 1024 * 1024
+"""And up to this many bytes decoded, as the batches' headers declare them (``raw_bytes``): a message may
+inflate up to MAX_DECODED_BYTES (16 MiB), so 64 KiB as received could otherwise be gigabytes decoded. A message
+declaring more than this goes alone in its group."""
 MAX_IN_HAND: Final = 1000
 MAX_IN_HAND_BYTES: Final = 16 * 1024 * 1024
 """Received and not yet acknowledged: past either limit the receiver stops reading from the broker until half
@@ -156,6 +161,8 @@ class HqReceiver:
         self._random = random.SystemRandom()
         self._queue: asyncio.Queue[_Incoming] = asyncio.Queue()
         """Messages received, not yet taken into a group; bounded by pausing the socket (MAX_IN_HAND)."""
+        self._carried: _Incoming | None = None
+        """Taken from the queue but left for the next group (it would have made this one too big decoded)."""
         self._decoded: asyncio.Queue[_Group] = asyncio.Queue(maxsize=1)
         self._in_hand = 0
         self._in_hand_bytes = 0
@@ -382,11 +389,19 @@ class HqReceiver:
         (which holds at most one decoded group waiting)."""
         loop = asyncio.get_running_loop()
         while True:
-            group = [await self._queue.get()]
+            first, self._carried = self._carried, None
+            group = [first if first is not None else await self._queue.get()]
             size = len(group[0].payload)
+            decoded = declared_size(group[0].payload)
             while len(group) < MAX_GROUP_MESSAGES and size < MAX_GROUP_BYTES and not self._queue.empty():
-                group.append(self._queue.get_nowait())
-                size += len(group[-1].payload)
+                nxt = self._queue.get_nowait()
+                more = declared_size(nxt.payload)
+                if decoded + more > MAX_GROUP_DECODED_BYTES:
+                    self._carried = nxt  # the first of the next group
+                    break
+                group.append(nxt)
+                size += len(nxt.payload)
+                decoded += more
             # One order for every receiver: concurrent transactions lock gateways in the same order.
             group.sort(key=self._gateway_key)
             prepared = await loop.run_in_executor(self._decoder, self._prepare_group, group)

@@ -20,7 +20,7 @@ from cloud_bridge.hq.model import BatchToStore, Rejection, StoreResult
 from cloud_bridge.hq.postgres import PostgresReceiverStore
 from cloud_bridge.hq.sql import SqlReceiverStore
 from cloud_bridge.hq.sqlite import SqliteReceiverStore
-from cloud_bridge.wire import decode_batch, encode_batch, split_events
+from cloud_bridge.wire import Compressor, decode_batch, encode_batch, split_events
 from gateway.kernel.events import uuid7
 from gateway.kernel.mqtt_client import PACKETS_PER_WAKEUP
 from tests.cloud_bridge.hq.test_receiver import (
@@ -256,3 +256,46 @@ async def test_gateways_are_locked_in_code_point_order_whatever_the_collation(
                 group.join()
             store.close()
     assert results == [StoreResult(1, 0, 0)] * 2
+
+
+class _GroupsStore(_HeldStore):
+    """A held store that records, per transaction, how many messages it took and their declared decoded bytes."""
+
+    def __init__(self, path: Path) -> None:
+        self.groups: list[tuple[int, int]] = []
+        super().__init__(path)
+
+    def apply(self, items: Any) -> list[StoreResult | Rejection]:
+        items = list(items)
+        decoded = sum(i.batch.raw_bytes for i in items if isinstance(i, BatchToStore))
+        self.groups.append((len(items), decoded))
+        return super().apply(items)
+
+
+async def test_a_group_is_capped_by_its_decoded_size(hq_broker: Mosquitto, tmp_path: Path) -> None:
+    """Batches that compress to almost nothing are grouped by what they inflate to (their headers' raw_bytes),
+    not by their size as received: with the database stalled while 40 of 300 KiB each queue up, no group of
+    more than one message declares more than MAX_GROUP_DECODED_BYTES; every batch is stored once."""
+    pad = "x" * (300 * 1024)
+    store = _GroupsStore(tmp_path / "hq.db")
+    receiver = make_receiver(hq_broker, store)
+    try:
+        async with running(receiver), publisher(hq_broker) as pub:
+            for seq in range(1, 41):
+                body = envelope(S, "gw-a", seq, data={"pad": pad})
+                payload = encode_batch(
+                    S, "gw-a", [seq], [body], cls="state", complete_through=0, compressor=Compressor("zstd")
+                )
+                assert len(payload) < 1024
+                await publish(pub, S, "gw-a", payload)
+            await eventually(lambda: receiver._in_hand == 40, "every batch in hand behind the stalled store")
+            store.go.set()
+            await eventually(lambda: store.count() == 40, "every batch stored")
+        assert sum(n for n, _ in store.groups) == 40
+        assert all(n == 1 or decoded <= service.MAX_GROUP_DECODED_BYTES for n, decoded in store.groups)
+        assert (
+            max(decoded for _, decoded in store.groups) > 3 * 1024 * 1024
+        )  # groups still fill up to the cap
+    finally:
+        store.go.set()
+        store.close()
