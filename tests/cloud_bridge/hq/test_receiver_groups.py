@@ -299,3 +299,29 @@ async def test_a_group_is_capped_by_its_decoded_size(hq_broker: Mosquitto, tmp_p
     finally:
         store.go.set()
         store.close()
+
+
+def test_a_value_postgresql_refuses_rejects_its_batch_alone(postgres: PostgresServer) -> None:
+    """A timestamp Python takes and PostgreSQL refuses (an ISO week date): the group's other batches are stored,
+    the bad one alone is rejected, and the connection stores the next group."""
+    bad = orjson.dumps({**orjson.loads(envelope(S, "gw-b", 1)), "recorded_at": "2026-W01-1T00:00:00Z"})
+    store = PostgresReceiverStore(postgres.fresh_schema(), lost_grace_s=0)
+    try:
+        results = store.apply(
+            [
+                item("gw-a", [envelope(S, "gw-a", 1)]),
+                item("gw-b", [bad]),
+                item("gw-c", [envelope(S, "gw-c", 1)]),
+            ]
+        )
+        assert results[0] == results[2] == StoreResult(1, 0, 0)
+        assert isinstance(results[1], Rejection)
+        assert results[1].topic == f"retail/{S}/gw-b/events"
+        assert "cannot store" in results[1].reason
+        assert store.apply([item("gw-b", [envelope(S, "gw-b", 1)])]) == [StoreResult(1, 0, 0)]
+        assert store.count_rejected() == 1
+        with store._session() as cur:
+            held = cur.execute("SELECT gateway_id, seq FROM events ORDER BY gateway_id").fetchall()
+        assert held == [("gw-a", 1), ("gw-b", 1), ("gw-c", 1)]
+    finally:
+        store.close()
