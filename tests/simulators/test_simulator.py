@@ -457,3 +457,32 @@ def test_cli_runs_and_prints_a_summary(store_broker: Mosquitto, capsys: pytest.C
 def test_cli_reports_an_unreachable_broker(capsys: pytest.CaptureFixture[str]) -> None:
     assert simulate_main(["pos", "--port", str(free_port()), "--count", "1"]) == 1
     assert "cannot connect" in capsys.readouterr().err
+
+
+async def test_the_sensors_command_publishes_every_reading_as_sensor_reading(store_broker: Mosquitto) -> None:
+    """``store-gateway simulate sensors``: each sensor's readings, QoS 1, valid ``sensor.reading`` payloads."""
+    from gateway.kernel.events import SensorReading
+    from simulators.sensors import main as sensors_main
+
+    collector = _Collector()
+    sub = await _subscriber(store_broker, collector, topic="store/sensor/+/reading")
+    args = [
+        "--port",
+        str(store_broker.port),
+        "--device-ids",
+        "probe-01,probe-02",
+        "--count",
+        "5",
+        "--rate",
+        "0",
+    ]
+    code = await asyncio.to_thread(sensors_main, args)
+    await collector.wait_for_count(10)
+    await sub.disconnect()
+    assert code == 0
+    per_device = Counter(m.topic.split("/")[2] for m in collector.messages)
+    assert per_device == {"probe-01": 5, "probe-02": 5}
+    for m in collector.messages:
+        body = orjson.loads(m.payload)
+        body.pop("occurred_at")
+        SensorReading.model_validate(body)
