@@ -50,7 +50,7 @@ from gateway.kernel.events import (
     ReportSku,
 )
 from gateway.kernel.model import StrictModel
-from gateway.kernel.outbox import CLASSES
+from gateway.kernel.outbox import CLASSES, of_class
 from gateway.kernel.pipeline import Emit, Event, Processor
 from gateway.kernel.rule_config import STOCK_LOW_ID, RuleDefinition, TemperatureRule
 
@@ -930,7 +930,8 @@ def _outbox(conn: sqlite3.Connection, tables: set[str]) -> list[ReportOutboxClas
         oldest = None
         if pending and "events" in tables:
             row = conn.execute(
-                "SELECT recorded_at FROM events WHERE cls=? AND seq>? ORDER BY seq LIMIT 1", (cls, delivered)
+                f"SELECT recorded_at FROM events WHERE {of_class(cls)} AND seq>? ORDER BY seq LIMIT 1",  # noqa: S608
+                (delivered,),
             ).fetchone()
             if row is not None:
                 oldest = datetime.fromtimestamp(_parse_iso(row[0], 0.0), UTC)

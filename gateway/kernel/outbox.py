@@ -69,6 +69,14 @@ READ_BACK_KINDS: Final = frozenset(
 """Kinds the gateway looks up again by kind (the page, receipts, reports): ``outbox.kinds`` cannot make them
 telemetry, the first class evicted and the one the kind index leaves out."""
 
+
+def of_class(cls: int) -> str:
+    """The SQL condition for the journal's events of class ``cls`` (a class number, written into the SQL): through
+    the class index for the classes it holds (naming its condition, ``cls < 3``, word for word, as SQLite needs to
+    use a partial index), by seq for telemetry, which it leaves out."""
+    return f"cls = {int(cls)}" + ("" if cls == TELEMETRY else " AND " + KIND_INDEXED)
+
+
 MAX_RANGES_PER_REPORT: Final = 2000
 """Seq runs per ``outbox.evicted`` event; a longer list is split over several events."""
 
@@ -117,6 +125,9 @@ class ClassState:
     """Events of the class on disk with seq > delivered_seq."""
     evicted_events: int = 0
     """Undelivered events evicted since the journal was created."""
+    floor_seq: int = 0
+    """No event of the class has a lower seq (a lower bound, raised when the class's oldest events go): where a
+    search for its oldest events starts. Telemetry needs it, having no index of its own."""
 
     def stored(self, events: int, nbytes: int) -> ClassState:
         return replace(
@@ -133,11 +144,15 @@ class ClassState:
             self, delivered_seq=through, pending_events=max(0, self.pending_events - events_on_disk)
         )
 
-    def removed(self, events: int, nbytes: int, undelivered: int, through: int | None) -> ClassState:
+    def removed(
+        self, events: int, nbytes: int, undelivered: int, through: int | None, floor: int | None = None
+    ) -> ClassState:
         """Rows deleted: ``undelivered`` of them had not reached HQ (counted as evicted); the delivered watermark
-        moves past them (``through``) so that nobody waits for them."""
+        moves past them (``through``) so that nobody waits for them. ``floor``: they were the class's oldest, and
+        none of its events is below this now."""
         return replace(
             self,
+            floor_seq=self.floor_seq if floor is None else max(self.floor_seq, floor),
             stored_events=max(0, self.stored_events - events),
             stored_bytes=max(0, self.stored_bytes - nbytes),
             pending_events=max(0, self.pending_events - undelivered),

@@ -15,12 +15,12 @@ import orjson
 import pytest
 
 from gateway.config_loader import ConfigError, load_config
-from gateway.kernel.config import JournalConfig, OutboxConfig
+from gateway.kernel.config import ClassBudget, JournalConfig, OutboxConfig
 from gateway.kernel.journal import Committed, Draft, Journal
 from gateway.kernel.journal import writer as writer_module
 from gateway.kernel.journal.reader import _RECEIPT_EVENTS
 from gateway.kernel.journal.store import PAGE_SIZE, state_as_stored
-from gateway.kernel.outbox import TELEMETRY, TRANSACTION
+from gateway.kernel.outbox import TELEMETRY, TRANSACTION, of_class
 from rules.report import _DAY_EVENTS
 from tests.gateway.test_journal import flushed, query, running, until
 from tests.gateway.test_outbox import check_counters, outbox_journal
@@ -299,3 +299,38 @@ async def test_waiting_for_the_window_is_not_a_stall(tmp_path: Path) -> None:
         assert acked == []
         assert journal.stall is None
         assert journal.failing_now() is None
+
+
+async def test_telemetry_is_found_from_its_floor_without_an_index(tmp_path: Path) -> None:
+    """Telemetry is in neither the kind nor the class index: the class budget evicts its oldest readings from the
+    class's floor, which moves past them, is written with the counters and read back at the next open. No
+    reading is ever below it."""
+    cap = 64 * 1024
+    outbox = OutboxConfig(min_free_bytes=0, classes={"telemetry": ClassBudget(max_bytes=cap)})
+    journal = outbox_journal(tmp_path, outbox, config=JournalConfig(telemetry_commit_window_ms=0))
+    acked: list[str] = []
+    async with running(journal):
+        for i in range(600):
+            assert journal.submit(reading(i, acked))
+            if i % 7 == 0:
+                assert journal.submit(sale(i, acked))
+        await until(lambda: len(acked) == 600 + 86, "all committed")
+        await until(lambda: journal.state[TELEMETRY].stored_bytes <= cap, "telemetry back within its budget")
+        await flushed(journal)
+        floor = journal.state[TELEMETRY].floor_seq
+        assert floor > 1
+        (lowest,) = query(journal, "SELECT MIN(seq) FROM events WHERE cls=?", (TELEMETRY,))[0]
+        assert floor <= lowest
+        assert query(journal, "SELECT COUNT(*) FROM events WHERE cls=? AND seq<?", (TELEMETRY, floor)) == [
+            (0,)
+        ]
+        plan = query(
+            journal, f"EXPLAIN QUERY PLAN SELECT seq FROM events WHERE {of_class(TRANSACTION)} AND seq>0"
+        )
+        assert "events_cls" in str(plan)
+    again = outbox_journal(tmp_path, outbox)
+    async with running(again):
+        assert again.state[TELEMETRY].floor_seq == floor
+        check_counters(again)
+    with contextlib.closing(sqlite3.connect(journal.path)) as conn:
+        assert {row[1]: row[4] for row in conn.execute("PRAGMA index_list(events)")}["events_cls"] == 1

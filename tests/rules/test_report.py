@@ -253,7 +253,7 @@ def fill_day(rig: Rig, day: date) -> None:
         "INSERT INTO rule_state VALUES ('reorder','A','fp','idle',0,NULL,?)",
         (orjson.dumps({"type": "replenishment", "n": 3, "open": [["4", 1.0], ["12", 2.0]]}),),
     )
-    rig.conn.execute("INSERT INTO outbox_state VALUES (1, 3, 40, 4000, 37, 0, 0)")
+    rig.conn.execute("INSERT INTO outbox_state VALUES (1, 3, 40, 4000, 37, 0, 0, 0)")
 
 
 def test_the_days_report_at_two_in_the_morning(rig: Rig) -> None:
@@ -435,7 +435,7 @@ def test_bad_data_never_stops_the_report(rig: Rig) -> None:
         "INSERT INTO haccp_interval VALUES ('fridge-1', ?, NULL, 'hot', NULL, NULL, 1, 0, 0, 0, NULL, 1, 900)",
         (int(at(day, 3)),),
     )
-    rig.conn.execute("INSERT INTO outbox_state VALUES (9, 0, 1, 1, 1, 0, 0)")
+    rig.conn.execute("INSERT INTO outbox_state VALUES (9, 0, 1, 1, 1, 0, 0, 0)")
     made = rig.run_until(at(day + timedelta(days=1), 3))
     assert [r.date for r in made] == ["2027-01-05"]  # what could be read; the damaged rows are left out
     assert made[0].problems == []

@@ -33,6 +33,7 @@ from gateway.kernel.outbox import (
     ClassState,
     eviction_order,
     eviction_reports,
+    of_class,
 )
 
 _LOGGER = logging.getLogger("gateway.kernel.journal")  # one log name for the whole journal
@@ -426,14 +427,16 @@ class Backlog(Health):
         conn = self._conn
         assert conn is not None
         op = "<=" if delivered else ">"
-        sql = f"SELECT 1 FROM events WHERE cls=? AND seq{op}? LIMIT 1"  # noqa: S608 - op is one of two literals
-        return conn.execute(sql, (cls, self.state[cls].delivered_seq)).fetchone() is not None
+        sql = f"SELECT 1 FROM events WHERE {of_class(cls)} AND seq>=? AND seq{op}? LIMIT 1"  # noqa: S608 - literals
+        state = self.state[cls]
+        return conn.execute(sql, (state.floor_seq, state.delivered_seq)).fetchone() is not None
 
     def _ttl_step(self, cls: int, cutoff: str) -> Extra | None:
         conn = self._conn
         assert conn is not None
         oldest = conn.execute(
-            "SELECT recorded_at FROM events WHERE cls=? ORDER BY seq LIMIT 1", (cls,)
+            f"SELECT recorded_at FROM events WHERE {of_class(cls)} AND seq>=? ORDER BY seq LIMIT 1",  # noqa: S608
+            (self.state[cls].floor_seq,),
         ).fetchone()
         if oldest is None or oldest[0] >= cutoff:
             return None
@@ -447,11 +450,11 @@ class Backlog(Health):
         work: dict[int, ClassState],
         moved: dict[int, int],
     ) -> list[Draft]:
-        rows = conn.execute(
-            "SELECT seq, length(body), recorded_at, instr(body, '\"clock_synced\":false') > 0"
-            " FROM events WHERE cls=? ORDER BY seq LIMIT ?",
-            (cls, EVICT_CHUNK),
-        ).fetchall()
+        sql = (
+            "SELECT seq, length(body), recorded_at, instr(body, '\"clock_synced\":false') > 0"  # noqa: S608
+            f" FROM events WHERE {of_class(cls)} AND seq>=? ORDER BY seq LIMIT ?"
+        )
+        rows = conn.execute(sql, (work[cls].floor_seq, EVICT_CHUNK)).fetchall()
         delivered = work[cls].delivered_seq
         # Only the expired prefix: a wall-clock step back makes recorded_at non-monotonic in seq, and eviction
         # removes a seq range and moves the delivered watermark past it, so it must never skip a live row. An
@@ -465,7 +468,7 @@ class Backlog(Health):
         ]
         if not expired:
             return []
-        return self._remove(conn, work, moved, cls, expired, "ttl")
+        return self._remove(conn, work, moved, cls, expired, "ttl", oldest=True)
 
     def _evict_for_disk(
         self,
@@ -511,11 +514,12 @@ class Backlog(Health):
         """Remove the oldest events of ``cls`` (delivered ones, or undelivered ones) in one chunk: just enough to
         bring the class's bytes down to ``down_to`` (class budget), or to free ``free_bytes`` (disk budget)."""
         state = work[cls]
-        if delivered:
-            sql = "SELECT seq, length(body) FROM events WHERE cls=? AND seq<=? ORDER BY seq LIMIT ?"
-        else:
-            sql = "SELECT seq, length(body) FROM events WHERE cls=? AND seq>? ORDER BY seq LIMIT ?"
-        rows = conn.execute(sql, (cls, state.delivered_seq, max_rows)).fetchall()
+        op = "<=" if delivered else ">"
+        sql = (
+            f"SELECT seq, length(body) FROM events WHERE {of_class(cls)} AND seq>=? AND seq{op}?"  # noqa: S608
+            " ORDER BY seq LIMIT ?"
+        )
+        rows = conn.execute(sql, (state.floor_seq, state.delivered_seq, max_rows)).fetchall()
         excess = state.stored_bytes - down_to if down_to is not None else free_bytes
         if excess is not None:
             total = 0
@@ -526,7 +530,9 @@ class Backlog(Health):
                     break
         if not rows:
             return []
-        return self._remove(conn, work, moved, cls, rows, reason)
+        # The class's oldest events: its delivered ones, or its undelivered ones when none delivered is left.
+        oldest = delivered or state.stored_events == state.pending_events
+        return self._remove(conn, work, moved, cls, rows, reason, oldest=oldest)
 
     def _remove(
         self,
@@ -536,15 +542,20 @@ class Backlog(Health):
         cls: int,
         rows: list[tuple[int, int]],
         reason: str,
+        *,
+        oldest: bool,
     ) -> list[Draft]:
-        """Delete these rows of class ``cls`` (a seq-ordered prefix of the class). Undelivered ones are counted
-        and reported in ``outbox.evicted`` drafts, committed in the same transaction."""
+        """Delete these rows of class ``cls`` (seq-ordered, every row of the class between the first and the
+        last). Undelivered ones are counted and reported in ``outbox.evicted`` drafts, committed in the same
+        transaction. ``oldest``: no row of the class is below them, so the class's ``floor_seq`` moves past them."""
         state = work[cls]
         first, last = rows[0][0], rows[-1][0]
         conn.execute("DELETE FROM events WHERE cls=? AND seq>=? AND seq<=?", (cls, first, last))
         lost = [(seq, size) for seq, size in rows if seq > state.delivered_seq]
         nbytes = sum(size for _, size in rows)
-        new = state.removed(len(rows), nbytes, len(lost), last if lost else None)
+        new = state.removed(
+            len(rows), nbytes, len(lost), last if lost else None, last + 1 if oldest else None
+        )
         work[cls] = new
         name = CLASSES[cls]
 

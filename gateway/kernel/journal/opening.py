@@ -59,7 +59,7 @@ from gateway.kernel.journal.store import (
     write_state,
 )
 from gateway.kernel.journal.writer import Writer
-from gateway.kernel.outbox import ClassState
+from gateway.kernel.outbox import ClassState, of_class
 
 _LOGGER = logging.getLogger("gateway.kernel.journal")  # one log name for the whole journal
 
@@ -371,9 +371,14 @@ class Opening(Writer):
             conn.execute("COMMIT")
         for cls in self.state:
             self.delivered[cls] = self.state[cls].delivered_seq
-            self.class_last_seq[cls] = conn.execute(
-                "SELECT COALESCE(MAX(seq), 0) FROM events WHERE cls=?", (cls,)
-            ).fetchone()[0]
+            newest = (
+                conn.execute(
+                    f"SELECT seq FROM events WHERE {of_class(cls)} ORDER BY seq DESC LIMIT 1"  # noqa: S608
+                ).fetchone()
+                if self.state[cls].stored_events > 0
+                else None
+            )
+            self.class_last_seq[cls] = int(newest[0]) if newest is not None else 0
         self._budget_checked_bytes = self.stored_bytes
 
     def replaced_draft(self) -> Draft:

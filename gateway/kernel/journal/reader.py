@@ -23,6 +23,7 @@ from gateway.kernel.consumer import CURSOR_PREFIX
 from gateway.kernel.events import PAYLOADS
 from gateway.kernel.journal.recovery import is_damage
 from gateway.kernel.journal.store import connect
+from gateway.kernel.outbox import of_class
 from gateway.kernel.pipeline import Event
 
 _LOGGER = logging.getLogger("gateway.kernel.journal")
@@ -56,8 +57,8 @@ class Reader:
     ) -> list[tuple[int, bytes]]:
         """Committed events of one class with seq > after_seq, in order, within the budgets (at least one)."""
         return await self._read(
-            "SELECT seq, body FROM events WHERE cls=? AND seq>? ORDER BY seq LIMIT ?",
-            (cls, after_seq, max_events),
+            f"SELECT seq, body FROM events WHERE {of_class(cls)} AND seq>? ORDER BY seq LIMIT ?",  # noqa: S608
+            (after_seq, max_events),
             max_bytes,
         )
 
@@ -197,12 +198,20 @@ def snapshot(db_uri: str) -> Iterator[sqlite3.Connection]:
 def oldest_pending(db_uri: str) -> dict[int, str]:
     """Per outbox class: when its oldest event not yet delivered to HQ was recorded (ISO 8601; classes with none
     waiting are absent)."""
+    found: dict[int, str] = {}
     with snapshot(db_uri) as conn:
-        rows = conn.execute(
-            "SELECT s.cls, (SELECT e.recorded_at FROM events e WHERE e.cls = s.cls AND e.seq > s.delivered_seq"
-            " ORDER BY e.seq LIMIT 1) FROM outbox_state s"
+        # Classes with nothing waiting as last written are skipped (telemetry has no index to ask cheaply).
+        states = conn.execute(
+            "SELECT cls, delivered_seq FROM outbox_state WHERE pending_events > 0"
         ).fetchall()
-    return {int(cls): str(at) for cls, at in rows if at is not None}
+        for cls, delivered in states:
+            row = conn.execute(
+                f"SELECT recorded_at FROM events WHERE {of_class(int(cls))} AND seq>? ORDER BY seq LIMIT 1",  # noqa: S608
+                (delivered,),
+            ).fetchone()
+            if row is not None:
+                found[int(cls)] = str(row[0])
+    return found
 
 
 def events_page(

@@ -15,7 +15,7 @@ from typing import Final
 
 from gateway.kernel.errors import StoreGatewayError
 from gateway.kernel.journal.items import QUARANTINE_KEEP_BYTES, QUARANTINE_TOPIC_CHARS, Draft, Rejected
-from gateway.kernel.outbox import ClassState
+from gateway.kernel.outbox import ClassState, of_class
 
 _LOGGER = logging.getLogger("gateway.kernel.journal")  # one log name for the whole journal
 
@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS outbox_state(
     stored_bytes INTEGER NOT NULL,
     pending_events INTEGER NOT NULL,
     evicted_events INTEGER NOT NULL,
-    through_seq INTEGER NOT NULL DEFAULT 0
+    through_seq INTEGER NOT NULL DEFAULT 0,
+    floor_seq INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS quarantine(
     qid INTEGER PRIMARY KEY,
@@ -77,7 +78,10 @@ CREATE TABLE IF NOT EXISTS idempotency(
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency(expires_at);
 """
-CLASS_INDEX: Final = "CREATE INDEX IF NOT EXISTS events_cls ON events(cls, seq)"
+CLASS_INDEX: Final = "CREATE INDEX IF NOT EXISTS events_cls ON events(cls, seq) WHERE cls < 3"
+"""Telemetry (class 3) is not in the class index either (SD wear: a page or more per commit): it is found by seq,
+from its class's ``floor_seq`` (:func:`~gateway.kernel.outbox.of_class`). Journals made before keep an index of
+every class."""
 
 SALVAGED_FROM: Final = "salvaged_from"
 """``meta`` key: the damaged journal (file name) whose salvage this fresh journal committed."""
@@ -156,12 +160,18 @@ def migrate(conn: sqlite3.Connection, kind_class: Callable[[str], int], dedup_re
             conn.execute("ROLLBACK")
             raise
     conn.execute(CLASS_INDEX)
-    if "through_seq" not in {row[1] for row in conn.execute("PRAGMA table_info(outbox_state)")}:
-        # Journals whose counters were written by every commit: exact as of their highest seq.
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox_state)")}
+    if "through_seq" not in columns or "floor_seq" not in columns:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute("ALTER TABLE outbox_state ADD COLUMN through_seq INTEGER NOT NULL DEFAULT 0")
-            conn.execute("UPDATE outbox_state SET through_seq = (SELECT COALESCE(MAX(seq), 0) FROM events)")
+            if "through_seq" not in columns:
+                # Journals whose counters were written by every commit: exact as of their highest seq.
+                conn.execute("ALTER TABLE outbox_state ADD COLUMN through_seq INTEGER NOT NULL DEFAULT 0")
+                conn.execute(
+                    "UPDATE outbox_state SET through_seq = (SELECT COALESCE(MAX(seq), 0) FROM events)"
+                )
+            if "floor_seq" not in columns:
+                conn.execute("ALTER TABLE outbox_state ADD COLUMN floor_seq INTEGER NOT NULL DEFAULT 0")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -189,7 +199,8 @@ def write_state(conn: sqlite3.Connection, states: dict[int, ClassState], through
     writes them (SD wear): the next open adds the events stored above ``through_seq`` (:func:`state_as_stored`).
     Whatever moves a watermark or removes events (acknowledgements, evictions, TTL) writes them in its commit."""
     conn.executemany(
-        "INSERT OR REPLACE INTO outbox_state VALUES (?,?,?,?,?,?,?)",
+        "INSERT OR REPLACE INTO outbox_state(cls, delivered_seq, stored_events, stored_bytes, pending_events,"
+        " evicted_events, through_seq, floor_seq) VALUES (?,?,?,?,?,?,?,?)",
         [
             (
                 cls,
@@ -199,6 +210,7 @@ def write_state(conn: sqlite3.Connection, states: dict[int, ClassState], through
                 s.pending_events,
                 s.evicted_events,
                 through_seq,
+                s.floor_seq,
             )
             for cls, s in states.items()
         ],
@@ -210,13 +222,13 @@ def state_as_stored(conn: sqlite3.Connection) -> dict[int, ClassState]:
     added (stored, and waiting for HQ: nothing moved a watermark since, or the row would have been written)."""
     states: dict[int, ClassState] = {}
     rows = conn.execute(
-        "SELECT cls, delivered_seq, stored_events, stored_bytes, pending_events, evicted_events, through_seq"
-        " FROM outbox_state"
+        "SELECT cls, delivered_seq, stored_events, stored_bytes, pending_events, evicted_events, floor_seq,"
+        " through_seq FROM outbox_state"
     ).fetchall()
     for cls, *values, through in rows:
         count, nbytes = conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(length(body)), 0) FROM events WHERE cls=? AND seq>?",
-            (cls, through),
+            f"SELECT COUNT(*), COALESCE(SUM(length(body)), 0) FROM events WHERE {of_class(cls)} AND seq>?",  # noqa: S608
+            (through,),
         ).fetchone()
         states[cls] = ClassState(*values).stored(count, nbytes)
     return states

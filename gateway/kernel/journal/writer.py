@@ -50,7 +50,7 @@ from gateway.kernel.journal.store import (
     insert_quarantine,
     write_state,
 )
-from gateway.kernel.outbox import TELEMETRY
+from gateway.kernel.outbox import TELEMETRY, of_class
 from gateway.kernel.pipeline import TICK_S, Derived, Event
 
 _LOGGER = logging.getLogger("gateway.kernel.journal")  # one log name for the whole journal
@@ -564,8 +564,8 @@ class Writer(Backlog):
         try:
             for cls, seq in acks.items():
                 on_disk = conn.execute(
-                    "SELECT COUNT(*) FROM events WHERE cls=? AND seq>? AND seq<=?",
-                    (cls, work[cls].delivered_seq, seq),
+                    f"SELECT COUNT(*) FROM events WHERE {of_class(cls)} AND seq>? AND seq<=?",  # noqa: S608
+                    (work[cls].delivered_seq, seq),
                 ).fetchone()[0]
                 work[cls] = work[cls].acknowledged(seq, on_disk)
             fresh, duplicates = drop_redeliveries(conn, drafts)
