@@ -426,14 +426,23 @@ class Backlog(Health):
     def _has_rows(self, cls: int, delivered: bool) -> bool:
         conn = self._conn
         assert conn is not None
-        op = "<=" if delivered else ">"
-        sql = f"SELECT 1 FROM events WHERE {of_class(cls)} AND seq>=? AND seq{op}? LIMIT 1"  # noqa: S608 - literals
         state = self.state[cls]
-        return conn.execute(sql, (state.floor_seq, state.delivered_seq)).fetchone() is not None
+        # The counters are exact in memory: no query (telemetry has no index to ask) when they say there is none.
+        if delivered:
+            if state.stored_events <= state.pending_events:
+                return False
+            sql = f"SELECT 1 FROM events WHERE {of_class(cls)} AND seq>=? AND seq<=? LIMIT 1"  # noqa: S608
+            return conn.execute(sql, (state.floor_seq, state.delivered_seq)).fetchone() is not None
+        if state.pending_events <= 0:
+            return False
+        sql = f"SELECT 1 FROM events WHERE {of_class(cls)} AND seq>=? LIMIT 1"  # noqa: S608
+        return conn.execute(sql, (max(state.floor_seq, state.delivered_seq + 1),)).fetchone() is not None
 
     def _ttl_step(self, cls: int, cutoff: str) -> Extra | None:
         conn = self._conn
         assert conn is not None
+        if self.state[cls].stored_events <= 0:
+            return None
         oldest = conn.execute(
             f"SELECT recorded_at FROM events WHERE {of_class(cls)} AND seq>=? ORDER BY seq LIMIT 1",  # noqa: S608
             (self.state[cls].floor_seq,),
@@ -514,12 +523,17 @@ class Backlog(Health):
         """Remove the oldest events of ``cls`` (delivered ones, or undelivered ones) in one chunk: just enough to
         bring the class's bytes down to ``down_to`` (class budget), or to free ``free_bytes`` (disk budget)."""
         state = work[cls]
-        op = "<=" if delivered else ">"
-        sql = (
-            f"SELECT seq, length(body) FROM events WHERE {of_class(cls)} AND seq>=? AND seq{op}?"  # noqa: S608
-            " ORDER BY seq LIMIT ?"
-        )
-        rows = conn.execute(sql, (state.floor_seq, state.delivered_seq, max_rows)).fetchall()
+        # One lower bound each (SQLite starts a range at the first one it is given).
+        if delivered:
+            sql = f"SELECT seq, length(body) FROM events WHERE {of_class(cls)} AND seq>=? AND seq<=?"  # noqa: S608
+            sql += " ORDER BY seq LIMIT ?"
+            params: tuple[int, ...] = (state.floor_seq, state.delivered_seq, max_rows)
+        else:
+            sql = (
+                f"SELECT seq, length(body) FROM events WHERE {of_class(cls)} AND seq>=? ORDER BY seq LIMIT ?"  # noqa: S608
+            )
+            params = (max(state.floor_seq, state.delivered_seq + 1), max_rows)
+        rows = conn.execute(sql, params).fetchall()
         excess = state.stored_bytes - down_to if down_to is not None else free_bytes
         if excess is not None:
             total = 0
@@ -550,7 +564,7 @@ class Backlog(Health):
         transaction. ``oldest``: no row of the class is below them, so the class's ``floor_seq`` moves past them."""
         state = work[cls]
         first, last = rows[0][0], rows[-1][0]
-        conn.execute("DELETE FROM events WHERE cls=? AND seq>=? AND seq<=?", (cls, first, last))
+        conn.execute(f"DELETE FROM events WHERE {of_class(cls)} AND seq>=? AND seq<=?", (first, last))  # noqa: S608
         lost = [(seq, size) for seq, size in rows if seq > state.delivered_seq]
         nbytes = sum(size for _, size in rows)
         new = state.removed(

@@ -371,11 +371,15 @@ class Opening(Writer):
             conn.execute("COMMIT")
         for cls in self.state:
             self.delivered[cls] = self.state[cls].delivered_seq
+            state = self.state[cls]
+            # Nothing waiting: the newest is at or below the watermark, where a search backwards starts.
+            below = state.delivered_seq if state.pending_events <= 0 else 2**63 - 1
             newest = (
                 conn.execute(
-                    f"SELECT seq FROM events WHERE {of_class(cls)} ORDER BY seq DESC LIMIT 1"  # noqa: S608
+                    f"SELECT seq FROM events WHERE {of_class(cls)} AND seq<=? ORDER BY seq DESC LIMIT 1",  # noqa: S608
+                    (below,),
                 ).fetchone()
-                if self.state[cls].stored_events > 0
+                if state.stored_events > 0
                 else None
             )
             self.class_last_seq[cls] = int(newest[0]) if newest is not None else 0

@@ -200,14 +200,16 @@ def oldest_pending(db_uri: str) -> dict[int, str]:
     waiting are absent)."""
     found: dict[int, str] = {}
     with snapshot(db_uri) as conn:
-        # Classes with nothing waiting as last written are skipped (telemetry has no index to ask cheaply).
+        # The counters on disk may lag the commits that only added events (through_seq): a class that had none
+        # waiting when they were written is looked for only among the events stored since (telemetry has no index).
         states = conn.execute(
-            "SELECT cls, delivered_seq FROM outbox_state WHERE pending_events > 0"
+            "SELECT cls, delivered_seq, pending_events, through_seq FROM outbox_state"
         ).fetchall()
-        for cls, delivered in states:
+        for cls, delivered, pending, through in states:
+            after = delivered if pending > 0 else max(delivered, through)
             row = conn.execute(
                 f"SELECT recorded_at FROM events WHERE {of_class(int(cls))} AND seq>? ORDER BY seq LIMIT 1",  # noqa: S608
-                (delivered,),
+                (after,),
             ).fetchone()
             if row is not None:
                 found[int(cls)] = str(row[0])

@@ -163,8 +163,10 @@ def _check_contents(conn: sqlite3.Connection) -> str | None:
         order = "" if "WITHOUT ROWID" in sql.upper() else " ORDER BY rowid DESC"
         _consume(conn.execute(f"SELECT * FROM {_quote(table)}{order} LIMIT {TAIL_ROWS}"))  # noqa: S608
     for kind, index, table, sql in schema:
-        if kind == "index" and table in tables and " WHERE " not in (sql or "").upper():
-            _walk_index_tail(conn, index, table)
+        if kind == "index" and table in tables:
+            upper = (sql or "").upper()
+            where = (sql or "")[upper.index(" WHERE ") + 7 :] if " WHERE " in upper else None
+            _walk_index_tail(conn, index, table, where)
     if "meta" in tables:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         for key in _SEQ_META_KEYS:
@@ -173,15 +175,18 @@ def _check_contents(conn: sqlite3.Connection) -> str | None:
     return None
 
 
-def _walk_index_tail(conn: sqlite3.Connection, index: str, table: str) -> None:
-    """Read the last entries of an index: its right-most pages, where ascending keys are inserted."""
+def _walk_index_tail(conn: sqlite3.Connection, index: str, table: str, where: str | None = None) -> None:
+    """Read the last entries of an index: its right-most pages, where ascending keys are inserted. A partial
+    index is read with its own condition (``where``, from the schema), which SQLite needs to use it."""
     info = conn.execute(f"PRAGMA index_info({_quote(index)})").fetchall()
     if not info or info[0][2] is None:
         return  # an expression index: no column to order by
     col = _quote(info[0][2])
+    condition = "" if where is None else f" WHERE {where}"
     _consume(
         conn.execute(
-            f"SELECT {col} FROM {_quote(table)} INDEXED BY {_quote(index)} ORDER BY {col} DESC LIMIT {TAIL_ROWS}"  # noqa: S608
+            f"SELECT {col} FROM {_quote(table)} INDEXED BY {_quote(index)}{condition}"  # noqa: S608
+            f" ORDER BY {col} DESC LIMIT {TAIL_ROWS}"
         )
     )
 
