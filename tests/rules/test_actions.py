@@ -198,7 +198,9 @@ async def test_a_failing_write_is_recorded_as_failed_and_not_retried(
         "defrost",
         "unreachable",
     )
-    assert "no response" in unreachable["error"]
+    # The write's own timeout, or (when the driver's polls of the muted unit failed first) the connection given up
+    # on after several unanswered requests: unreachable either way.
+    assert "no response" in unreachable["error"] or "requests in a row" in unreachable["error"]
     assert (refused["kind"], refused["action"], refused["reason"]) == ("action.failed", "setpoint", "refused")
     assert "outside" in refused["error"]
     assert server.writes_received == 1  # the defrost's one attempt; the refused one never reached the wire
